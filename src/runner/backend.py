@@ -1,0 +1,177 @@
+"""The Backend and Session protocols, the values they exchange, and the backend registry.
+
+Front ends (CLI, TUI, parity, bench) talk only to these. A backend lives in its own package
+under `backends/` and imports its heavy stack (torch, mlx) only when it loads a model.
+
+    backend = get_backend("cuda")          # raises BackendUnavailable with the install command
+    session = backend.load(LoadRequest(spec, quant="nf4", context=4096, plan=plan))
+    for chunk in session.stream([Message("user", "Hi")], Sampling(max_tokens=64)):
+        print(chunk.text, end="")
+    session.close()
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
+
+from runner.errors import BackendUnavailable, UserInputError
+
+if TYPE_CHECKING:  # numpy is light, but the core does not need it at import time
+    import numpy as np
+
+    from runner.budget import Plan
+    from runner.model import ModelSpec
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str      # "system", "user" or "assistant"
+    content: str
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to pick tokens. temperature 0 means greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise UserInputError("temperature must be 0 (greedy) or more")
+        if not 0 < self.top_p <= 1:
+            raise UserInputError("top-p must be in (0, 1]")
+        if self.max_tokens < 1:
+            raise UserInputError("max tokens must be at least 1")
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """One step of a streamed reply, the same shape from every backend (after mlx-lm's
+    GenerationResponse). `text` is the new text since the previous chunk (may be empty while a
+    multi-byte character is incomplete); the last chunk has `finish_reason` set."""
+
+    text: str
+    token: int | None                 # the token id produced at this step (None on a final empty chunk)
+    prompt_tokens: int
+    prompt_tps: float                 # prefill tokens per second
+    generation_tokens: int            # tokens generated so far
+    generation_tps: float             # decode tokens per second so far (after the first token)
+    time_to_first_token: float        # seconds from the call to the first generated token
+    peak_memory: int                  # bytes, the backend's own peak measure (0 if unknown)
+    finish_reason: str | None = None  # None while streaming; "stop", "length" or "cancelled"
+
+
+@dataclass(frozen=True)
+class LoadProgress:
+    """Progress of a load, drawn by the CLI and the TUI."""
+
+    stage: str       # what is happening, in the user's words: "reading shards", "quantizing", ...
+    done: int
+    total: int       # 0 when unknown
+    unit: str = ""   # "bytes", "shards", "layers", ...
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    model: "ModelSpec"                    # must have a `path` with weights, except for rehearsals
+    quant: str                            # "bf16", "fp16", "fp32", "nf4", "fp4", "int8", "fp8", "q4", "q8"
+    context: int                          # the longest prompt + reply the session must hold
+    plan: "Plan | None" = None            # the placement to follow; None: the backend plans itself
+    allow_offload: bool = False           # allow CPU/disk offload the plan says is needed
+    trust_remote_code: bool = False
+    on_progress: Callable[[LoadProgress], None] | None = None
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Measured bytes per device after a load ("cuda:0", "cpu", "mlx", ...), next to the plan's."""
+
+    measured: dict[str, int]
+    planned: dict[str, int] = field(default_factory=dict)
+    peak: dict[str, int] = field(default_factory=dict)
+
+
+class Session(Protocol):
+    """A loaded model, ready to answer."""
+
+    backend: str          # "cuda", "mlx", ...
+    quant: str
+    model: "ModelSpec"
+    device_summary: str   # placement in words, e.g. "cuda:0 (all 32 layers), sdpa attention"
+
+    def tokenize(self, messages: Sequence[Message]) -> list[int]:
+        """Token ids of `messages` rendered with the tokenizer's chat template, ready for a reply."""
+
+    def stream(
+        self, messages: Sequence[Message], sampling: Sampling, cancel: threading.Event | None = None
+    ) -> Iterator[GenerationChunk]:
+        """Stream a reply. Setting `cancel` stops between tokens; the last chunk says why it ended."""
+
+    def logits(self, token_ids: Sequence[int]) -> "np.ndarray":
+        """float32 next-token logits for every position: shape (len(token_ids), vocab)."""
+
+    def memory(self) -> MemoryReport:
+        """Measured bytes per device, from the allocator."""
+
+    def close(self) -> None:
+        """Free the model's memory."""
+
+
+@dataclass(frozen=True)
+class Availability:
+    ok: bool
+    reason: str = ""     # why not, in words
+    install: str = ""    # the command that fixes it
+
+
+class Backend(Protocol):
+    name: str
+
+    def availability(self) -> Availability:
+        """Can this backend run here? Cheap: no model is loaded."""
+
+    def load(self, request: LoadRequest) -> Session:
+        """Load the model as planned; raise LoadError / DoesNotFit with a message a user can act on."""
+
+
+# ---- registry -----------------------------------------------------------------------------
+# name -> "module:attribute"; the module is imported only when the backend is asked for.
+BACKENDS: dict[str, str] = {
+    "cuda": "runner_cuda:CudaBackend",
+    "mlx": "runner_mlx:MlxBackend",
+}
+
+INSTALL_HINTS: dict[str, str] = {
+    "cuda": "pip install 'runner[cuda]'",
+    "mlx": "pip install 'runner[mlx]'",
+}
+
+
+def backend_names() -> list[str]:
+    return list(BACKENDS)
+
+
+def get_backend(name: str, *, check: bool = True) -> Backend:
+    """The backend called `name`; with `check`, raise BackendUnavailable if it cannot run here."""
+    if name not in BACKENDS:
+        raise UserInputError(f"unknown backend '{name}' (known: {', '.join(BACKENDS)})")
+    module_name, attribute = BACKENDS[name].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise BackendUnavailable(
+            f"backend '{name}' is not installed ({error}); install it with: {INSTALL_HINTS[name]}"
+        ) from None
+    backend = getattr(module, attribute)()
+    if check:
+        availability = backend.availability()
+        if not availability.ok:
+            hint = f"; {availability.install}" if availability.install else ""
+            raise BackendUnavailable(f"backend '{name}' cannot run here: {availability.reason}{hint}")
+    return backend

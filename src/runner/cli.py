@@ -1,0 +1,72 @@
+"""The `runner` command: argument parsing and dispatch, nothing else.
+
+Each sub-command lives in `runner/commands/<name>.py` with two functions:
+`add_arguments(parser)` and `run(args) -> int`. Those modules import only light things at the
+top; torch and mlx are imported inside the backends, when a model is loaded.
+
+`runner [MODEL] [--backend …]` with no sub-command opens the chat (`runner chat`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from runner import __version__
+from runner.errors import RunnerError
+
+# name -> (module, one-line help). Order is the order of `runner --help`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "chat": ("runner.commands.chat", "chat with a model in the terminal (the default command)"),
+    "generate": ("runner.commands.generate", "generate one reply and print it as it streams"),
+    "plan": ("runner.commands.plan", "will this model fit this machine, and how? (no download, no weights)"),
+    "rehearse": ("runner.commands.rehearse", "load the real architecture with random weights: real memory, real speed"),
+    "parity": ("runner.commands.parity", "do two backends or quantizations give the same answers?"),
+    "launch": ("runner.commands.launch", "run one model across several Macs (mlx.launch)"),
+}
+DEFAULT_COMMAND = "chat"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="runner",
+        description="Run language models that are too big for the machine in front of you: "
+        "plan before you download, load the way that fits, chat.",
+    )
+    parser.add_argument("--version", action="version", version=f"runner {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name == module_name:  # command not written yet
+                continue
+            raise
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
+        argv.insert(0, DEFAULT_COMMAND)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except RunnerError as error:
+        print(f"runner: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("runner: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

