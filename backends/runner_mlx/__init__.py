@@ -1,0 +1,45 @@
+"""The MLX backend: mlx-lm on Apple silicon (Metal) or on Linux (`mlx[cpu]`).
+
+    backend = MlxBackend()
+    session = backend.load(LoadRequest(spec, quant="q8", context=4096))
+
+A Hugging Face (torch) safetensors model is converted once with mlx-lm's own conversion into
+`models_dir()/mlx/<name>-<quant>` (see `runner_mlx.convert`); an MLX folder that is already
+quantized loads directly. Nothing heavy is imported here: mlx and mlx-lm are imported when a model
+is loaded.
+
+Several hosts: `runner launch` starts `runner_mlx.rank` on each host through `mlx.launch`
+(see `runner_mlx.launcher`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from runner.backend import Availability, LoadRequest
+
+INSTALL = "pip install 'runner[mlx]'"
+
+# quant name -> what mlx-lm does with it
+QUANT_BITS = {"q4": 4, "q8": 8}                                      # quantized, group 64
+QUANT_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # not quantized
+MLX_QUANTS = tuple(QUANT_BITS) + tuple(QUANT_DTYPES)
+GROUP_SIZE = 64
+
+
+class MlxBackend:
+    name = "mlx"
+
+    def availability(self) -> Availability:
+        missing = [name for name in ("mlx", "mlx_lm") if importlib.util.find_spec(name) is None]
+        if missing:
+            return Availability(False, f"{' and '.join(missing)} not installed", INSTALL)
+        return Availability(True)
+
+    def load(self, request: LoadRequest):
+        from runner_mlx.session import load_session
+
+        return load_session(request)
+
+
+__all__ = ["MlxBackend", "MLX_QUANTS", "QUANT_BITS", "QUANT_DTYPES", "GROUP_SIZE", "INSTALL"]
