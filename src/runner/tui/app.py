@@ -1,0 +1,73 @@
+"""RunnerApp: the Textual application behind `runner chat`.
+
+    RunnerApp(ModelChoice("path/or/id")).run()
+
+It owns what outlives a screen: the history store, the machine to plan for, the first model
+choice. The chat screen (`screens/chat.py`) does the rest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from textual.app import App
+from textual.geometry import Size
+
+from runner.hardware import Machine
+from runner.tui.history import HistoryStore
+from runner.tui.loading import ModelChoice, this_machine
+from runner.tui.screens.chat import ChatScreen
+from runner.tui.screens.small import MIN_HEIGHT, MIN_WIDTH, TooSmallScreen
+
+
+class RunnerApp(App[None]):
+    CSS_PATH = "runner.tcss"
+    TITLE = "runner"
+    ENABLE_COMMAND_PALETTE = False
+
+    def __init__(
+        self,
+        choice: ModelChoice | None = None,
+        *,
+        pick: bool = False,
+        history_path: Path | None = None,
+        machine: Machine | Callable[[], Machine] | None = None,
+    ) -> None:
+        """`machine`: the Machine to plan for (tests pass a fixed one); None detects this one."""
+        super().__init__()
+        self.choice = choice or ModelChoice()
+        self.pick_at_start = pick
+        self.history = HistoryStore(history_path)
+        self._machine = machine
+        self._detected: Machine | None = None
+
+    def machine(self) -> Machine:
+        """The machine plans are made for; detected once, on first use (from a worker thread)."""
+        if isinstance(self._machine, Machine):
+            return self._machine
+        if self._detected is None:
+            self._detected = self._machine() if callable(self._machine) else this_machine()
+        return self._detected
+
+    def on_mount(self) -> None:
+        self.push_screen(ChatScreen())
+        self.check_size(self.size)
+
+    def on_resize(self, event) -> None:
+        self.check_size(event.size)
+
+    def check_size(self, size: Size) -> None:
+        small = size.width < MIN_WIDTH or size.height < MIN_HEIGHT
+        if small and not isinstance(self.screen, TooSmallScreen):
+            self.push_screen(TooSmallScreen())
+        elif not small and isinstance(self.screen, TooSmallScreen):
+            self.pop_screen()
+
+    def on_unmount(self) -> None:
+        chat = next((s for s in self.screen_stack if isinstance(s, ChatScreen)), None)
+        if chat is not None:
+            chat.stop_reply()
+            if chat.session is not None:
+                chat.session.close()
+        self.history.close()

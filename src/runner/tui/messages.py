@@ -1,0 +1,50 @@
+"""The small messages the workers post to the chat screen (from their threads; posting is
+thread-safe in Textual). Every change to the screen happens in the handlers, on the UI thread."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from textual.message import Message
+
+from runner.backend import GenerationChunk, LoadProgress, MemoryReport, Session
+from runner.budget import Plan
+
+
+@dataclass
+class PlanReady(Message):
+    plan: Plan
+
+
+@dataclass
+class LoadProgressed(Message):
+    progress: LoadProgress
+
+
+@dataclass
+class ModelLoaded(Message):
+    session: Session
+    report: MemoryReport | None
+
+
+@dataclass
+class LoadFailed(Message):
+    error: str
+
+
+@dataclass
+class ReplyChunk(Message):
+    reply_id: int          # the history id of the assistant message
+    chunk: GenerationChunk
+
+
+@dataclass
+class ReplyEnded(Message):
+    reply_id: int
+    finish_reason: str     # "stop", "length" or "cancelled"
+
+
+@dataclass
+class ReplyFailed(Message):
+    reply_id: int
+    error: str

@@ -1,0 +1,510 @@
+"""The main screen: history sidebar, plan panel, conversation, message box, status line.
+
+Two thread workers do the slow work and post messages back (see `runner.tui.messages`):
+  * `load_model`: spec -> plan -> (import the default model) -> backend.load -> Session
+  * `generate`:   Session.stream(...) -> one ReplyChunk per step -> ReplyEnded / ReplyFailed
+Every write to the screen and to the history happens in the handlers, on the UI thread. Each
+chunk is written to the history before it is shown, so what is on the screen is on disk.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import Screen
+from textual.widgets import Footer, Input, Label, OptionList, Static
+from textual.widgets.option_list import Option
+from textual.worker import Worker, get_current_worker
+
+from runner.backend import GenerationChunk, Message, MemoryReport, Sampling, Session
+from runner.budget import FITS, OFFLOAD, Plan
+from runner.errors import RunnerError
+from runner.tui import messages as msg
+from runner.tui.history import COMPLETE, ERROR, PARTIAL, STOPPED, export_file_name, title_from
+from runner.tui.loading import ModelChoice, load_session, resolve, weights_spec
+from runner.tui.screens.confirm import ConfirmScreen
+from runner.tui.screens.help import HelpScreen
+from runner.tui.screens.picker import PickerScreen
+from runner.tui.screens.settings import ChatSettings, SettingsScreen
+from runner.tui.text import human_bytes, short_model_name
+from runner.tui.widgets.conversation import AssistantMessage, Conversation
+from runner.tui.widgets.plan_panel import PlanPanel
+
+# unified memory: warn when the plan uses more than this share of what the GPU may wire
+UNIFIED_PRESSURE = 0.75
+
+
+@dataclass
+class ActiveReply:
+    """The reply being generated now."""
+
+    reply_id: int
+    widget: AssistantMessage
+    cancel: threading.Event = field(default_factory=threading.Event)
+    text: str = ""
+    last_chunk: GenerationChunk | None = None
+
+
+def pressure_warning(plan: Plan | None, report: MemoryReport | None = None) -> str:
+    """The banner text for offload or unified-memory pressure, or '' when there is none."""
+    if plan is None:
+        return ""
+    if plan.verdict == OFFLOAD or any(share.kind in ("cpu", "disk") and share.weights_bytes > 0
+                                      for share in plan.placement if plan.machine.gpus):
+        offloaded = [s.device for s in plan.placement if s.kind in ("cpu", "disk") and s.weights_bytes > 0]
+        where = " and ".join(offloaded) or "CPU or disk"
+        return (
+            f"▲ Part of this model is offloaded to {where}: replies will be many times slower. "
+            f"A smaller quant or a shorter context may fit (Ctrl+O to pick another model)."
+        )
+    for share in plan.placement:
+        if share.kind == "unified" and share.capacity_bytes and share.total_bytes > UNIFIED_PRESSURE * share.capacity_bytes:
+            return (
+                f"▲ Memory pressure: this model uses {human_bytes(share.total_bytes)} of the "
+                f"{human_bytes(share.capacity_bytes)} the GPU may use; macOS may swap and replies slow down sharply."
+            )
+    if report is not None:
+        devices = set(report.measured)
+        if any(d.startswith("cuda") for d in devices) and ({"cpu", "disk"} & devices) and report.measured.get("cpu", 0) + report.measured.get("disk", 0) > 0:
+            return "▲ The backend placed part of the model on the CPU or disk: replies will be slow."
+    return ""
+
+
+class ChatScreen(Screen[None]):
+    BINDINGS = [
+        Binding("escape", "stop", "Stop reply"),
+        Binding("ctrl+n", "new_chat", "New chat"),
+        Binding("ctrl+o", "pick_model", "Model"),
+        Binding("ctrl+s", "settings", "Settings"),
+        Binding("ctrl+b", "toggle_sidebar", "History"),
+        Binding("ctrl+l", "toggle_plan", "Plan"),
+        Binding("ctrl+t", "export", "Export"),
+        Binding("f1", "help", "Help"),
+        Binding("ctrl+q", "app.quit", "Quit"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.session: Session | None = None
+        self.plan: Plan | None = None
+        self.choice: ModelChoice | None = None
+        self.model_state = "none"            # "none", "loading", "ready" or "failed"
+        self.conversation_id: int | None = None
+        self.reply: ActiveReply | None = None
+        self.settings = ChatSettings()
+        self.timing = ""                     # "first token 0.21 s · 17.9 tokens/s" of the last reply
+        self._generation_lock = threading.Lock()   # one stream at a time on a Session
+
+    # ---- layout ----------------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        with Horizontal(id="body"):
+            with Vertical(id="sidebar"):
+                yield Label("History", classes="panel-title")
+                yield OptionList(id="history-list")
+                yield Static("Enter open · Del delete", id="sidebar-hint")
+            with Vertical(id="main"):
+                yield Static("", id="banner")
+                yield PlanPanel(id="plan")
+                yield Conversation(id="conversation")
+                yield Input(placeholder="Message (Enter to send)", id="prompt")
+        yield Static("", id="status")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#banner").display = False
+        self.refresh_history_list()
+        self.update_status()
+        self.query_one("#prompt").focus()
+        history = self.app.history
+        if history.recovered_from is not None:
+            self.notify(
+                f"The chat history could not be read ({history.recovery_reason}). It was kept aside as "
+                f"{history.recovered_from}; a fresh history was started.",
+                title="History database damaged",
+                severity="error",
+                timeout=30,
+            )
+        if self.app.pick_at_start:
+            self.model_state = "none"
+            self.show_empty_hint()
+            self.action_pick_model()
+        else:
+            self.start_load(self.app.choice)
+
+    @property
+    def history(self):
+        return self.app.history
+
+    # ---- loading a model -------------------------------------------------------------------
+    def start_load(self, choice: ModelChoice) -> None:
+        self.choice = choice
+        self.plan = None
+        old, self.session = self.session, None
+        if self.reply is not None:
+            self.stop_reply()
+        self.model_state = "loading"
+        panel = self.query_one(PlanPanel)
+        panel.display = True
+        panel.reset(f"working out the plan for {choice.model_name}…")
+        self.show_banner("")
+        self.show_empty_hint()
+        self.update_status()
+        self.load_model(choice, old)
+
+    @work(thread=True, exclusive=True, group="load")
+    def load_model(self, choice: ModelChoice, old: Session | None) -> None:
+        worker = get_current_worker()
+        if old is not None:
+            with self._generation_lock:   # let a stopping reply finish its last token first
+                old.close()
+
+        def progress(update) -> None:
+            if not worker.is_cancelled:
+                self.post_message(msg.LoadProgressed(update))
+
+        try:
+            spec, plan = resolve(choice, self.app.machine())
+            self.post_message(msg.PlanReady(plan))
+            spec = weights_spec(choice, spec, progress)
+            session = load_session(choice, spec, plan, progress)
+        except RunnerError as error:
+            self.post_message(msg.LoadFailed(str(error)))
+            return
+        except Exception as error:  # a bug or an unforeseen failure: show it, stay usable
+            self.post_message(msg.LoadFailed(f"{type(error).__name__}: {error}"))
+            return
+        if worker.is_cancelled:  # another model was picked meanwhile
+            session.close()
+            return
+        try:
+            report = session.memory()
+        except Exception:  # measuring is a nicety; never lose the session over it
+            report = None
+        self.post_message(msg.ModelLoaded(session, report))
+
+    def on_plan_ready(self, message: msg.PlanReady) -> None:
+        self.plan = message.plan
+        self.query_one(PlanPanel).show_plan(message.plan)
+        self.show_banner(pressure_warning(message.plan))
+        self.update_status()
+
+    def on_load_progressed(self, message: msg.LoadProgressed) -> None:
+        if self.model_state == "loading":
+            self.query_one(PlanPanel).show_progress(message.progress)
+
+    def on_model_loaded(self, message: msg.ModelLoaded) -> None:
+        self.session = message.session
+        self.model_state = "ready"
+        panel = self.query_one(PlanPanel)
+        if self.plan is not None:
+            panel.show_plan(self.plan, message.report)
+        panel.show_loaded(message.session.device_summary)
+        self.show_banner(pressure_warning(self.plan, message.report))
+        self.show_empty_hint()
+        self.update_status()
+
+    def on_load_failed(self, message: msg.LoadFailed) -> None:
+        self.model_state = "failed"
+        panel = self.query_one(PlanPanel)
+        panel.display = True
+        if self.plan is None:
+            panel.show_message("No plan: runner could not read this model's shape.")
+        panel.show_error(message.error + "\n\nPress Ctrl+O to pick another model.")
+        self.show_empty_hint()
+        self.update_status()
+
+    # ---- chatting --------------------------------------------------------------------------
+    @on(Input.Submitted, "#prompt")
+    async def send(self, event: Input.Submitted) -> None:
+        text = event.value.strip()
+        if not text:
+            return
+        if self.session is None:
+            why = "is still loading" if self.model_state == "loading" else "is not loaded"
+            self.notify(f"The model {why}; Ctrl+O picks another.", severity="warning")
+            return
+        if self.reply is not None:
+            self.notify("A reply is being written: Esc stops it.", severity="warning")
+            return
+        event.input.value = ""
+        if self.conversation_id is None:
+            conversation = self.history.create_conversation(
+                title_from(text), self.choice.model_name, self.settings.system_prompt
+            )
+            self.conversation_id = conversation.id
+        # The user's turn is on disk before generation starts; the reply row exists from the start.
+        self.history.add_message(self.conversation_id, "user", text)
+        reply_id = self.history.add_message(self.conversation_id, "assistant", "", PARTIAL)
+        self.refresh_history_list()
+        conversation_view = self.query_one(Conversation)
+        self.query_one(PlanPanel).display = False   # room for the conversation; Ctrl+L shows it
+        await conversation_view.add_user(text)
+        widget = await conversation_view.add_assistant(streaming=True)
+        self.reply = ActiveReply(reply_id, widget)
+        self.timing = ""
+        self.update_status()
+        self.refresh_bindings()
+        self.generate(self.prompt_messages(reply_id), self.settings.sampling(), self.reply)
+
+    def prompt_messages(self, reply_id: int) -> list[Message]:
+        """The conversation as the model sees it: the system prompt, then every turn with text."""
+        conversation = self.history.conversation(self.conversation_id)
+        turns = [Message("system", conversation.system_prompt)] if conversation.system_prompt else []
+        for stored in self.history.messages(self.conversation_id):
+            if stored.id != reply_id and stored.content:
+                turns.append(Message(stored.role, stored.content))
+        return turns
+
+    @work(thread=True, group="reply")
+    def generate(self, turns: list[Message], sampling: Sampling, reply: ActiveReply) -> None:
+        with self._generation_lock:
+            session = self.session
+            if session is None or reply.cancel.is_set():
+                self.post_message(msg.ReplyEnded(reply.reply_id, "cancelled"))
+                return
+            finish = "stop"
+            try:
+                for chunk in session.stream(turns, sampling, reply.cancel):
+                    self.post_message(msg.ReplyChunk(reply.reply_id, chunk))
+                    if chunk.finish_reason:
+                        finish = chunk.finish_reason
+            except Exception as error:  # RunnerError or not: shown in the conversation
+                detail = str(error) if isinstance(error, RunnerError) else f"{type(error).__name__}: {error}"
+                self.post_message(msg.ReplyFailed(reply.reply_id, detail))
+                return
+            self.post_message(msg.ReplyEnded(reply.reply_id, finish))
+
+    def _current(self, reply_id: int) -> ActiveReply | None:
+        reply = self.reply
+        return reply if reply is not None and reply.reply_id == reply_id else None
+
+    async def on_reply_chunk(self, message: msg.ReplyChunk) -> None:
+        reply = self._current(message.reply_id)
+        if reply is None:  # stopped already: the rest is dropped
+            return
+        reply.last_chunk = message.chunk
+        if message.chunk.text:
+            reply.text += message.chunk.text
+            self.history.update_message(reply.reply_id, reply.text, PARTIAL)   # on disk, then on screen
+            await reply.widget.append(message.chunk.text)
+            self.query_one(Conversation).scroll_end(animate=False)
+        self.timing = timing_text(message.chunk)
+        self.update_status()
+
+    async def on_reply_ended(self, message: msg.ReplyEnded) -> None:
+        reply = self._current(message.reply_id)
+        if reply is None:
+            return
+        state = STOPPED if message.finish_reason == "cancelled" else COMPLETE
+        await self.finish_reply(reply, state)
+        if message.finish_reason == "length":
+            self.notify(
+                f"The reply reached the limit of {self.settings.max_tokens} tokens (Ctrl+S to raise it).",
+                severity="warning",
+            )
+
+    async def on_reply_failed(self, message: msg.ReplyFailed) -> None:
+        reply = self._current(message.reply_id)
+        if reply is None:
+            return
+        await self.finish_reply(reply, ERROR, message.error)
+
+    async def finish_reply(self, reply: ActiveReply, state: str, error: str = "") -> None:
+        self.reply = None
+        self.history.update_message(reply.reply_id, reply.text, state, error)
+        await reply.widget.finish(state, error)
+        self.query_one(Conversation).scroll_end(animate=False)
+        self.update_status()
+        self.refresh_bindings()
+
+    def stop_reply(self) -> ActiveReply | None:
+        """Stop the reply now: the backend stops before its next token; the text so far stays."""
+        reply = self.reply
+        if reply is None:
+            return None
+        reply.cancel.set()
+        self.reply = None
+        self.history.update_message(reply.reply_id, reply.text, STOPPED)
+        return reply
+
+    async def action_stop(self) -> None:
+        reply = self.stop_reply()
+        if reply is not None:
+            await reply.widget.finish(STOPPED)
+            self.update_status()
+            self.refresh_bindings()
+
+    def check_action(self, action: str, parameters) -> bool | None:
+        if action == "stop":
+            return True if self.reply is not None else None  # None: shown greyed out
+        return True
+
+    # ---- conversations ---------------------------------------------------------------------
+    def refresh_history_list(self) -> None:
+        options = self.query_one("#history-list", OptionList)
+        highlighted = options.highlighted
+        options.clear_options()
+        for conversation in self.history.conversations():
+            marker = "▸ " if conversation.id == self.conversation_id else "  "
+            options.add_option(Option(marker + conversation.title, id=str(conversation.id)))
+        if options.option_count:
+            options.highlighted = min(highlighted or 0, options.option_count - 1)
+
+    async def open_conversation(self, conversation_id: int) -> None:
+        if self.reply is not None:
+            await self.action_stop()
+        conversation = self.history.conversation(conversation_id)
+        if conversation is None:
+            return
+        self.conversation_id = conversation_id
+        self.settings = ChatSettings(
+            conversation.system_prompt, self.settings.temperature, self.settings.top_p, self.settings.max_tokens
+        )
+        await self.query_one(Conversation).show_messages(self.history.messages(conversation_id))
+        self.show_empty_hint()
+        self.refresh_history_list()
+        self.query_one("#prompt").focus()
+
+    @on(OptionList.OptionSelected, "#history-list")
+    async def history_selected(self, event: OptionList.OptionSelected) -> None:
+        await self.open_conversation(int(event.option.id))
+
+    async def on_key(self, event) -> None:
+        options = self.query_one("#history-list", OptionList)
+        if event.key in ("delete", "d") and self.focused is options and options.highlighted is not None:
+            event.stop()
+            conversation_id = int(options.get_option_at_index(options.highlighted).id)
+            self.confirm_delete(conversation_id)
+
+    def confirm_delete(self, conversation_id: int) -> None:
+        conversation = self.history.conversation(conversation_id)
+        if conversation is None:
+            return
+
+        async def answered(yes: bool | None) -> None:
+            if not yes:
+                return
+            if conversation_id == self.conversation_id:
+                await self.action_new_chat()
+            self.history.delete_conversation(conversation_id)
+            self.refresh_history_list()
+            self.notify(f"Deleted “{conversation.title}”.")
+
+        self.app.push_screen(ConfirmScreen(f"Delete “{conversation.title}”? This cannot be undone.", "Delete"), answered)
+
+    async def action_new_chat(self) -> None:
+        if self.reply is not None:
+            await self.action_stop()
+        self.conversation_id = None
+        await self.query_one(Conversation).clear()
+        self.show_empty_hint()
+        self.refresh_history_list()
+        self.query_one("#prompt").focus()
+
+    def action_export(self) -> None:
+        conversation_id = self.conversation_id
+        options = self.query_one("#history-list", OptionList)
+        if self.focused is options and options.highlighted is not None:
+            conversation_id = int(options.get_option_at_index(options.highlighted).id)
+        if conversation_id is None:
+            self.notify("Nothing to export yet: send a message or open a conversation.", severity="warning")
+            return
+        conversation = self.history.conversation(conversation_id)
+        path = Path.cwd() / export_file_name(conversation)
+        try:
+            path.write_text(self.history.export_markdown(conversation_id))
+        except OSError as error:
+            self.notify(f"Could not write {path}: {error.strerror}", severity="error")
+            return
+        self.notify(f"Exported to {path}", title="Export")
+
+    # ---- other screens ---------------------------------------------------------------------
+    def action_pick_model(self) -> None:
+        current = self.choice.model_name if self.choice else None
+
+        def picked(model: str | None) -> None:
+            if model is None:
+                if self.model_state == "none":
+                    self.show_empty_hint()
+                return
+            base = self.choice or self.app.choice
+            self.start_load(ModelChoice(model, base.backend, None, base.context, base.allow_offload))
+
+        self.app.push_screen(PickerScreen(self.app.machine, current), picked)
+
+    def action_settings(self) -> None:
+        def saved(settings: ChatSettings | None) -> None:
+            if settings is None:
+                return
+            self.settings = settings
+            if self.conversation_id is not None:
+                self.history.set_system_prompt(self.conversation_id, settings.system_prompt)
+            self.notify(
+                f"temperature {settings.temperature} · top-p {settings.top_p} · max tokens {settings.max_tokens}",
+                title="Settings saved",
+            )
+
+        self.app.push_screen(SettingsScreen(self.settings), saved)
+
+    def action_help(self) -> None:
+        self.app.push_screen(HelpScreen(str(self.history.path)))
+
+    def action_toggle_sidebar(self) -> None:
+        sidebar = self.query_one("#sidebar")
+        sidebar.display = not sidebar.display
+
+    def action_toggle_plan(self) -> None:
+        panel = self.query_one(PlanPanel)
+        panel.display = not panel.display
+
+    # ---- status, banner, hints -------------------------------------------------------------
+    def show_banner(self, text: str) -> None:
+        banner = self.query_one("#banner", Static)
+        banner.update(text)
+        banner.display = bool(text)
+
+    def show_empty_hint(self) -> None:
+        name = short_model_name(self.choice.model_name) if self.choice else "a model"
+        hint = {
+            "ready": f"Ask {name} anything.  Enter sends · Esc stops a reply · F1 lists the keys",
+            "loading": f"Loading {name}… you can browse the history meanwhile.",
+            "failed": "No model is loaded. Ctrl+O picks another; the history stays readable.",
+            "none": "No model is loaded. Ctrl+O picks one.",
+        }[self.model_state]
+        self.query_one(Conversation).show_empty_hint(hint)
+
+    def update_status(self) -> None:
+        text = Text()
+        if self.choice is None:
+            text.append("no model", "bold")
+        else:
+            text.append(short_model_name(self.choice.model_name), "bold")
+        if self.model_state == "ready" and self.session is not None:
+            text.append(f" · {self.session.backend} · {self.session.quant} · {self.session.device_summary}")
+        elif self.model_state == "loading":
+            text.append(" · loading…", "yellow")
+        elif self.model_state == "failed":
+            text.append(" · failed to load", "red")
+        if self.reply is not None and not self.timing:
+            text.append("  │ thinking…", "dim")
+        elif self.timing:
+            text.append(f"  │ {self.timing}")
+        text.append("  │ Ctrl+O another model · F1 help", "dim")
+        self.query_one("#status", Static).update(text)
+
+
+def timing_text(chunk: GenerationChunk) -> str:
+    if chunk.generation_tokens == 0:
+        return ""
+    text = f"first token {chunk.time_to_first_token:.2f} s"
+    if chunk.generation_tps > 0:
+        text += f" · {chunk.generation_tps:.1f} tokens/s"
+    return text

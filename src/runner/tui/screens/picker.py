@@ -1,0 +1,94 @@
+"""The model picker: models on this machine and in the catalog, each with its plan verdict here."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual import work
+from textual.worker import get_current_worker
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import ModalScreen
+from textual.widgets import DataTable, Label, Static
+
+from runner.budget import DOES_NOT_FIT, FITS, OFFLOAD
+from runner.errors import RunnerError
+from runner.hardware import Machine
+from runner.tui.loading import ModelChoice, plan_for
+from runner.tui.models import ModelEntry, config_file, find_models
+from runner.tui.text import human_bytes
+
+VERDICT_STYLE = {FITS: ("✔ fits", "green"), OFFLOAD: ("▲ offload", "yellow"), DOES_NOT_FIT: ("✘ too big", "red")}
+
+
+def verdict_cell(entry: ModelEntry, machine: Machine) -> Text:
+    """'✔ fits  nf4 5.61 GB' for this machine, or why there is no plan."""
+    from runner.model import load_spec
+
+    try:
+        spec = load_spec(str(entry.path) if entry.path else entry.name)
+        plan = plan_for(ModelChoice(entry.name), spec, machine)
+    except RunnerError as error:
+        return Text(f"? {error}", "dim")
+    label, style = VERDICT_STYLE.get(plan.verdict, (plan.verdict, ""))
+    text = Text(label, style)
+    text.append(f"  {plan.quant} {human_bytes(plan.total_bytes)}", "dim")
+    return text
+
+
+class PickerScreen(ModalScreen[str | None]):
+    """Returns the chosen model (an id or a folder), or None when cancelled."""
+
+    BINDINGS = [Binding("escape", "dismiss_none", "Cancel")]
+
+    def __init__(self, machine_source, current: str | None = None) -> None:
+        super().__init__()
+        self.machine_source = machine_source   # a callable returning the Machine to plan for
+        self.current = current
+        self.entries: list[ModelEntry] = []
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog", id="picker"):
+            yield Label("Pick a model", classes="dialog-title")
+            yield Static(
+                Text("↑↓ move · Enter load · Esc cancel.  Catalog entries are planned but need a download.", "dim")
+            )
+            table = DataTable(id="models", cursor_type="row", zebra_stripes=True)
+            table.add_columns("Model", "From", "On disk", "Plan on this machine")
+            yield table
+            yield Static("", id="picker-problems")
+
+    def on_mount(self) -> None:
+        self.entries, problems = find_models()
+        table = self.query_one("#models", DataTable)
+        for index, entry in enumerate(self.entries):
+            size = human_bytes(entry.size_bytes) if entry.size_bytes else ("package" if entry.where == "built-in" else "—")
+            table.add_row(Text(entry.name, "bold" if entry.downloaded or entry.where == "built-in" else ""),
+                          entry.where, size, Text("planning…", "dim"), key=str(index))
+        hint = f"Add folders to {config_file()} as model_dirs = [\"~/models\"]"
+        self.query_one("#picker-problems", Static).update(Text("\n".join(problems + [hint]), "dim"))
+        table.focus()
+        self.plan_all()
+
+    @work(thread=True, exclusive=True)
+    def plan_all(self) -> None:
+        machine = self.machine_source()
+        worker = get_current_worker()
+        for index, entry in enumerate(self.entries):
+            if worker.is_cancelled:
+                return
+            cell = verdict_cell(entry, machine)
+            self.app.call_from_thread(self._set_verdict, index, cell)
+
+    def _set_verdict(self, index: int, cell: Text) -> None:
+        if not self.is_attached:
+            return
+        table = self.query_one("#models", DataTable)
+        table.update_cell(str(index), table.ordered_columns[3].key, cell, update_width=True)
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        entry = self.entries[int(event.row_key.value)]
+        self.dismiss(str(entry.path) if entry.where in ("runner", "config") else entry.name)
+
+    def action_dismiss_none(self) -> None:
+        self.dismiss(None)
