@@ -73,8 +73,8 @@ class StoredMessage:
 class HistoryStore:
     """All reads and writes of the history file. Use it from one thread (the UI's)."""
 
-    def __init__(self, path: Path | None = None) -> None:
-        self.path = path or data_dir() / FILE_NAME
+    def __init__(self, path: Path | str | None = None) -> None:
+        self.path = Path(path) if path is not None else data_dir() / FILE_NAME
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.recovered_from: Path | None = None   # the corrupt file moved aside, if any
         try:
