@@ -1,0 +1,806 @@
+"""Parity: do two sessions (backends, quantizations, machines) give the same next-token distributions?
+
+The flow, one session at a time so that only one model is in memory:
+
+    prompts = builtin_prompts()
+    reference = capture(session_a, prompts, token_ids=None, ...)   # tokenizes with session_a
+    other = capture(session_b, prompts, token_ids=reference.prompt_ids(), ...)
+    result = compare(reference, other)                               # PairResult with a verdict
+
+A `Capture` holds, for every prompt, the session's greedy reply (through `Session.stream`) and its
+next-token logits at every position of prompt + reply (through `Session.logits`): in memory the
+full float32 logits, on disk (a `.parity` record) the top-k logits, the logsumexp and the log
+probability of the token that follows. Two captures are compared at the positions whose prefixes
+are the same token ids: the whole prompt, then the replies up to and including the first token
+where they part.
+
+All probabilities are computed from float64 log-softmax. KL is KL(reference || other) in nats per
+position. With full logits on both sides it is exact; when either side is a record it is computed
+over the tokens both top-k lists hold plus one bucket for everything else, which is a lower bound
+of the true KL (coarsening never increases KL) and close to it when the top-k hold most of the
+probability (the result says which one it is).
+
+numpy is imported inside functions: `runner.parity` is imported by the CLI, which must start fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import platform
+import time
+import zipfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from runner.backend import LoadRequest, Message, Sampling, get_backend
+from runner.errors import RunnerError, UserInputError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from runner.backend import Session
+    from runner.model import ModelSpec
+
+RECORD_FORMAT = "runner-parity/1"
+DEFAULT_TOP_K = 64
+DEFAULT_MAX_TOKENS = 32
+
+# ---- thresholds -----------------------------------------------------------------------------
+# Each quant belongs to a precision class; a pair is judged by the looser class of its two sides.
+# The defaults were calibrated on SmolLM2-135M-Instruct and a tiny random Llama on CPU (see the
+# README's parity section for the measured numbers they leave room around).
+PRECISION_CLASS = {
+    "fp32": "fp32",
+    "bf16": "16-bit",
+    "fp16": "16-bit",
+    "fp8": "8-bit",
+    "int8": "8-bit",
+    "q8": "8-bit",
+    "nf4": "4-bit",
+    "nf4-nodq": "4-bit",
+    "fp4": "4-bit",
+    "q4": "4-bit",
+}
+CLASS_ORDER = ("fp32", "16-bit", "8-bit", "4-bit")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    scheme: str        # the precision class the pair is judged as: "fp32", "16-bit", "8-bit", "4-bit"
+    max_kl: float      # the largest mean KL (nats per position) that passes
+    min_top1: float    # the smallest top-1 agreement (a fraction) that passes
+
+    def describe(self) -> str:
+        return f"mean KL <= {self.max_kl:g}, top-1 >= {self.min_top1:.0%}"
+
+
+DEFAULT_THRESHOLDS = {
+    "fp32": Thresholds("fp32", 1e-4, 0.99),
+    "16-bit": Thresholds("16-bit", 0.01, 0.95),
+    "8-bit": Thresholds("8-bit", 0.02, 0.93),
+    "4-bit": Thresholds("4-bit", 0.15, 0.85),
+}
+
+
+def precision_class(quant: str) -> str:
+    if quant not in PRECISION_CLASS:
+        raise UserInputError(f"unknown quant '{quant}' (known: {', '.join(PRECISION_CLASS)})")
+    return PRECISION_CLASS[quant]
+
+
+def thresholds_for(
+    quant_a: str, quant_b: str, max_kl: float | None = None, min_top1: float | None = None
+) -> Thresholds:
+    """The thresholds a pair is judged by: the defaults of its looser side, unless the user set them."""
+    scheme = max(precision_class(quant_a), precision_class(quant_b), key=CLASS_ORDER.index)
+    default = DEFAULT_THRESHOLDS[scheme]
+    return Thresholds(
+        scheme,
+        default.max_kl if max_kl is None else max_kl,
+        default.min_top1 if min_top1 is None else min_top1,
+    )
+
+
+# ---- what is compared -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Prompt:
+    name: str
+    messages: tuple[Message, ...]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One side of a comparison, as the user writes it: `cuda:bf16`, `mlx:q4`."""
+
+    backend: str
+    quant: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend}:{self.quant}"
+
+
+def parse_target(text: str) -> Target:
+    backend, sep, quant = text.partition(":")
+    if not sep or not backend or not quant:
+        raise UserInputError(f"'{text}': write a backend and a quant as BACKEND:QUANT, e.g. cuda:bf16 or mlx:q4")
+    precision_class(quant)  # unknown quant: a clear error before anything loads
+    return Target(backend, quant)
+
+
+def _prompts_from_json(items: Any, source: str) -> list[Prompt]:
+    if not isinstance(items, list):
+        raise UserInputError(f"{source}: expected a JSON list of prompts")
+    prompts = []
+    for index, item in enumerate(items):
+        where = f"{source}: prompt {index + 1}"
+        if isinstance(item, str):
+            item = {"messages": [{"role": "user", "content": item}]}
+        if not isinstance(item, dict):
+            raise UserInputError(f"{where}: expected a string or an object with 'messages'")
+        if "prompt" in item and "messages" not in item:
+            item = {**item, "messages": [{"role": "user", "content": item["prompt"]}]}
+        raw = item.get("messages")
+        if not isinstance(raw, list) or not raw:
+            raise UserInputError(f"{where}: 'messages' must be a non-empty list")
+        messages = []
+        for message in raw:
+            if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+                raise UserInputError(f"{where}: each message needs a 'role' and a 'content' string")
+            if message.get("role") not in ("system", "user", "assistant"):
+                raise UserInputError(f"{where}: role must be system, user or assistant, not {message.get('role')!r}")
+            messages.append(Message(message["role"], message["content"]))
+        prompts.append(Prompt(str(item.get("name") or f"prompt-{index + 1}"), tuple(messages)))
+    return prompts
+
+
+def builtin_prompts() -> list[Prompt]:
+    """The built-in prompt set: short questions with one-line answers, a multi-turn prose prompt."""
+    text = resources.files("runner.prompts").joinpath("builtin.json").read_text()
+    return _prompts_from_json(json.loads(text), "built-in prompts")
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    """Prompts from a file: a JSON list (strings, or objects with 'name' and 'messages'), or plain
+    text where prompts are separated by blank lines (each one becomes a single user message)."""
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise UserInputError(f"{path}: cannot read the prompts file ({error.strerror})") from None
+    if path.suffix == ".json":
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise UserInputError(f"{path}: malformed JSON ({error.msg} at line {error.lineno})") from None
+        prompts = _prompts_from_json(items, str(path))
+    else:
+        blocks = [block.strip() for block in text.split("\n\n") if block.strip()]
+        prompts = [
+            Prompt(f"{path.stem}-{index + 1}", (Message("user", block),)) for index, block in enumerate(blocks)
+        ]
+    if not prompts:
+        raise UserInputError(f"{path}: no prompts in this file")
+    return prompts
+
+
+# ---- identity of a model: what must match for two runs to be comparable -----------------------
+
+# config.json keys that say how a checkpoint is stored, not what it computes.
+CONFIG_KEYS_IGNORED = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "quantization",
+                       "quantization_config", "use_cache")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt")
+
+
+def config_sha256(folder: Path) -> str:
+    """sha256 of config.json with sorted keys, without the keys that only say how it is stored."""
+    config = json.loads((folder / "config.json").read_text())
+    for key in CONFIG_KEYS_IGNORED:
+        config.pop(key, None)
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def tokenizer_sha256(folder: Path) -> str:
+    """sha256 over the tokenizer's vocabulary files; "" when the folder has none."""
+    digest = hashlib.sha256()
+    found = False
+    for name in TOKENIZER_FILES:
+        if (folder / name).is_file():
+            digest.update(name.encode() + b"\0" + (folder / name).read_bytes())
+            found = True
+    return digest.hexdigest() if found else ""
+
+
+def eos_token_ids(folder: Path) -> set[int]:
+    """Every end-of-sequence id from generation_config.json and config.json (Llama 3 has two)."""
+    ids: set[int] = set()
+    for name in ("generation_config.json", "config.json"):
+        if (folder / name).is_file():
+            value = json.loads((folder / name).read_text()).get("eos_token_id")
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, list):
+                ids.update(int(v) for v in value)
+    return ids
+
+
+def stack_versions(backend: str) -> dict[str, str]:
+    """Versions of the packages that compute the numbers, read without importing them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    packages = {"cuda": ("torch", "transformers", "bitsandbytes", "accelerate"), "mlx": ("mlx", "mlx-lm")}
+    versions = {"python": platform.python_version()}
+    for package in ("runner", "numpy") + packages.get(backend, ()):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return versions
+
+
+# ---- capture: one session on the prompts --------------------------------------------------------
+
+
+@dataclass
+class PromptCapture:
+    """One prompt through one session. Arrays cover every position of prompt + greedy reply;
+    position i holds the distribution of the token at i + 1."""
+
+    name: str
+    prompt_ids: "np.ndarray"       # int64 (p,): the prompt's token ids (cut if it was too long)
+    reply_ids: "np.ndarray"        # int64 (r,): the session's greedy reply, up to EOS or max tokens
+    reply_text: str
+    top_ids: "np.ndarray"          # int32 (p + r, k): the k most likely next tokens, most likely first
+    top_logits: "np.ndarray"       # float32 (p + r, k): their logits
+    logsumexp: "np.ndarray"        # float64 (p + r,): log of the softmax denominator
+    next_logprob: "np.ndarray"     # float64 (p + r - 1,): log probability of the token that follows
+    logits: "np.ndarray | None" = None  # float32 (p + r, vocab): full logits, in memory only
+
+    @property
+    def token_ids(self) -> "np.ndarray":
+        import numpy as np
+
+        return np.concatenate([self.prompt_ids, self.reply_ids])
+
+
+@dataclass
+class Capture:
+    meta: dict                      # model, hashes, backend, quant, versions, device, date, ...
+    prompts: list[PromptCapture]
+
+    @property
+    def label(self) -> str:
+        return f"{self.meta['backend']}:{self.meta['quant']}"
+
+    def prompt_ids(self) -> list["np.ndarray"]:
+        return [prompt.prompt_ids for prompt in self.prompts]
+
+    def drop_logits(self) -> None:
+        for prompt in self.prompts:
+            prompt.logits = None
+
+
+def log_softmax64(logits: "np.ndarray") -> "np.ndarray":
+    """float64 log-softmax over the last axis."""
+    import numpy as np
+
+    x = np.asarray(logits, dtype=np.float64)
+    top = np.max(x, axis=-1, keepdims=True)
+    return x - top - np.log(np.sum(np.exp(x - top), axis=-1, keepdims=True))
+
+
+def top_k(logits: "np.ndarray", k: int) -> tuple["np.ndarray", "np.ndarray"]:
+    """The k largest logits of each row, largest first; ties go to the lower token id (as argmax)."""
+    import numpy as np
+
+    k = min(k, logits.shape[-1])
+    candidates = np.sort(np.argpartition(-logits, k - 1, axis=-1)[:, :k], axis=-1)
+    values = np.take_along_axis(logits, candidates, axis=-1)
+    order = np.argsort(-values, axis=-1, kind="stable")
+    return (
+        np.take_along_axis(candidates, order, axis=-1).astype(np.int32),
+        np.take_along_axis(values, order, axis=-1).astype(np.float32),
+    )
+
+
+def summarize_logits(token_ids: "np.ndarray", logits: "np.ndarray", k: int):
+    """(top_ids, top_logits, logsumexp, next_logprob) of full logits for `token_ids`."""
+    import numpy as np
+
+    logprobs = log_softmax64(logits)
+    logsumexp = logits.astype(np.float64)[:, 0] - logprobs[:, 0]
+    next_logprob = logprobs[np.arange(len(token_ids) - 1), token_ids[1:]]
+    top_ids, top_logits = top_k(logits, k)
+    return top_ids, top_logits, logsumexp, next_logprob
+
+
+def greedy_reply(
+    session: "Session", messages: Sequence[Message], max_tokens: int, eos: set[int]
+) -> tuple[list[int], str]:
+    """The session's greedy reply through its real generation path (`stream`), cut at the first EOS."""
+    tokens: list[int] = []
+    text = []
+    for chunk in session.stream(messages, Sampling(temperature=0.0, max_tokens=max_tokens)):
+        if chunk.token is not None:
+            if chunk.token in eos:
+                break
+            tokens.append(int(chunk.token))
+        text.append(chunk.text)
+    return tokens, "".join(text).strip()
+
+
+def capture(
+    session: "Session",
+    prompts: Sequence[Prompt],
+    *,
+    token_ids: Sequence[Sequence[int]] | None = None,
+    context: int,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    top_k_size: int = DEFAULT_TOP_K,
+    keep_logits: bool = True,
+    warn: Callable[[str], None] = lambda message: None,
+) -> Capture:
+    """Run `prompts` through `session`: its greedy reply, then its logits on prompt + reply.
+
+    `token_ids` are the prompts' ids from the reference's tokenizer (None: this session is the
+    reference and tokenizes them). A prompt longer than `context - max_tokens` is cut to that
+    many tokens, with a warning, and gets no greedy reply (the chat template cannot be cut).
+    """
+    import numpy as np
+
+    started = time.perf_counter()
+    spec = session.model
+    folder = Path(spec.path) if spec.path is not None else None
+    eos = eos_token_ids(folder) if folder is not None else set()
+    limit = context - max_tokens
+    if limit < 2:
+        raise UserInputError(f"a context of {context} leaves no room for prompts and {max_tokens} reply tokens")
+    results = []
+    label = f"{session.backend}:{session.quant}"
+    for index, prompt in enumerate(prompts):
+        own_ids = list(session.tokenize(prompt.messages))
+        ids = own_ids if token_ids is None else [int(t) for t in token_ids[index]]
+        if token_ids is not None and own_ids != ids:
+            warn(f"{label} tokenizes prompt '{prompt.name}' differently from the reference; "
+                 "its logits use the reference's ids, its greedy reply its own")
+        cut = len(ids) > limit
+        if cut:
+            warn(f"prompt '{prompt.name}' has {len(ids)} tokens, more than the context allows with "
+                 f"{max_tokens} reply tokens ({limit}): cut to its first {limit} tokens, no greedy reply")
+            ids = ids[:limit]
+        reply, text = ([], "") if cut else greedy_reply(session, prompt.messages, max_tokens, eos)
+        full = np.asarray(ids + reply, dtype=np.int64)
+        logits = np.asarray(session.logits(full.tolist()), dtype=np.float32)
+        if logits.ndim != 2 or logits.shape[0] != len(full):
+            raise RunnerError(f"{label}: logits() returned shape {logits.shape} for {len(full)} tokens")
+        top_ids, top_logits, logsumexp, next_logprob = summarize_logits(full, logits, top_k_size)
+        results.append(PromptCapture(
+            name=prompt.name,
+            prompt_ids=np.asarray(ids, dtype=np.int64),
+            reply_ids=np.asarray(reply, dtype=np.int64),
+            reply_text=text,
+            top_ids=top_ids,
+            top_logits=top_logits,
+            logsumexp=logsumexp,
+            next_logprob=next_logprob,
+            logits=logits if keep_logits else None,
+        ))
+    meta = {
+        "format": RECORD_FORMAT,
+        "model": spec.name,
+        "config_sha256": config_sha256(folder) if folder is not None and (folder / "config.json").is_file() else "",
+        "tokenizer_sha256": tokenizer_sha256(folder) if folder is not None else "",
+        "vocab_size": int(logits.shape[1]) if results else 0,
+        "backend": session.backend,
+        "quant": session.quant,
+        "device": session.device_summary,
+        "machine": f"{platform.system()} {platform.machine()} ({platform.node()})",
+        "versions": stack_versions(session.backend),
+        "memory": dict(session.memory().measured),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "context": context,
+        "max_tokens": max_tokens,
+        "top_k": top_k_size,
+        "seconds": round(time.perf_counter() - started, 2),
+        "prompts": [
+            {"name": p.name, "messages": [{"role": m.role, "content": m.content} for m in p.messages]}
+            for p in prompts
+        ],
+    }
+    return Capture(meta, results)
+
+
+# ---- comparison -------------------------------------------------------------------------------
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def kl_exact(reference_logits: "np.ndarray", other_logits: "np.ndarray") -> "np.ndarray":
+    """KL(P || Q) per row from full logits, float64, in nats."""
+    import numpy as np
+
+    log_p = log_softmax64(reference_logits)
+    log_q = log_softmax64(other_logits)
+    return np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+_ROUNDING = 1e-12
+
+
+def kl_top_k(
+    p_ids: "np.ndarray", p_logprobs: "np.ndarray", q_ids: "np.ndarray", q_logprobs: "np.ndarray"
+) -> "np.ndarray":
+    """A lower bound of KL(P || Q) per row from top-k lists: the tokens both lists hold, each on its
+    own, and one bucket for all other tokens. Exact when the shared tokens hold all the mass."""
+    import numpy as np
+
+    rows = p_ids.shape[0]
+    result = np.empty(rows, dtype=np.float64)
+    for row in range(rows):
+        shared, p_at, q_at = np.intersect1d(p_ids[row], q_ids[row], assume_unique=True, return_indices=True)
+        lp = p_logprobs[row, p_at]
+        lq = q_logprobs[row, q_at]
+        kl = float(np.sum(np.exp(lp) * (lp - lq)))
+        rest_p = 1.0 - float(np.sum(np.exp(lp)))
+        rest_q = 1.0 - float(np.sum(np.exp(lq)))
+        if rest_p > _ROUNDING:  # below that, the bucket is rounding error of the sums
+            kl += rest_p * (np.log(rest_p) - np.log(max(rest_q, _ROUNDING)))
+        result[row] = kl
+    return result
+
+
+@dataclass
+class PairResult:
+    """One session (or record) against the reference."""
+
+    reference: str                  # "cuda:fp32"
+    other: str                      # "mlx:q4"
+    positions: int                  # positions compared (prompt + shared reply prefix, all prompts)
+    kl_mean: float
+    kl_p99: float
+    kl_max: float
+    kl_exact: bool                  # False: a lower bound from top-k lists (a record was involved)
+    top1: float                     # fraction of positions with the same most likely token
+    top5: float                     # mean overlap of the 5 most likely tokens, as a fraction
+    greedy_same: int                # prompts whose greedy replies are identical
+    greedy_prompts: int             # prompts with a greedy reply on both sides
+    greedy_first_diff: list[int | None]  # per prompt: index of the first different reply token, None if same
+    ppl_reference: float            # perplexity of each side on the prompts' tokens
+    ppl_other: float
+    answers: dict[str, tuple[str, str]]  # prompt name -> (reference's reply, other's reply)
+    thresholds: Thresholds
+    passed: bool
+    reasons: list[str] = field(default_factory=list)  # why it failed, in words
+
+    @property
+    def verdict(self) -> str:
+        return "PASS" if self.passed else "FAIL"
+
+    def to_json(self) -> dict:
+        return {
+            "reference": self.reference,
+            "other": self.other,
+            "positions": self.positions,
+            "kl_mean": self.kl_mean,
+            "kl_p99": self.kl_p99,
+            "kl_max": self.kl_max,
+            "kl_exact": self.kl_exact,
+            "top1": self.top1,
+            "top5": self.top5,
+            "greedy_same": self.greedy_same,
+            "greedy_prompts": self.greedy_prompts,
+            "greedy_first_diff": self.greedy_first_diff,
+            "ppl_reference": self.ppl_reference,
+            "ppl_other": self.ppl_other,
+            "answers": {name: {"reference": a, "other": b} for name, (a, b) in self.answers.items()},
+            "thresholds": {"scheme": self.thresholds.scheme, "max_kl": self.thresholds.max_kl,
+                           "min_top1": self.thresholds.min_top1},
+            "verdict": self.verdict,
+            "reasons": self.reasons,
+        }
+
+
+def check_comparable(reference: Capture, other: Capture) -> None:
+    """Refuse, with the reason, two captures that are not of the same model, tokenizer and prompts."""
+    a, b = reference.meta, other.meta
+    for key, what in (("config_sha256", "model config"), ("tokenizer_sha256", "tokenizer")):
+        if a.get(key) and b.get(key) and a[key] != b[key]:
+            raise UserInputError(
+                f"not the same {what}: {reference.label} ran {a['model']} ({what} {a[key][:12]}), "
+                f"{other.label} ran {b['model']} ({what} {b[key][:12]})"
+            )
+    names_a = [p.name for p in reference.prompts]
+    names_b = [p.name for p in other.prompts]
+    if names_a != names_b:
+        raise UserInputError(f"not the same prompts: {', '.join(names_a)} vs {', '.join(names_b)}")
+    for pa, pb in zip(reference.prompts, other.prompts):
+        if pa.prompt_ids.tolist() != pb.prompt_ids.tolist():
+            raise UserInputError(f"prompt '{pa.name}' has different token ids in the two runs (another tokenizer?)")
+
+
+def perplexity(capture_: Capture) -> float:
+    """exp of the mean negative log-likelihood of every prompt token after the first, all prompts."""
+    import numpy as np
+
+    nll = np.concatenate([-p.next_logprob[: len(p.prompt_ids) - 1] for p in capture_.prompts])
+    return float(np.exp(np.mean(nll))) if nll.size else float("nan")
+
+
+def compare(
+    reference: Capture,
+    other: Capture,
+    thresholds: Thresholds | None = None,
+    *,
+    require_same_model: bool = True,
+) -> PairResult:
+    """Compare `other` against `reference` at every position where both saw the same tokens."""
+    import numpy as np
+
+    if require_same_model:
+        check_comparable(reference, other)
+    if thresholds is None:
+        thresholds = thresholds_for(reference.meta["quant"], other.meta["quant"])
+    kls, top1, top5 = [], [], []
+    exact = True
+    first_diffs: list[int | None] = []
+    greedy_same = greedy_prompts = 0
+    answers = {}
+    for pa, pb in zip(reference.prompts, other.prompts):
+        ids_a, ids_b = pa.token_ids, pb.token_ids
+        # position i saw tokens 0..i: the same on both sides while i < the shared prefix; the last
+        # such position is the one that predicts the first token where the two replies part
+        n = common_prefix(ids_a.tolist(), ids_b.tolist())
+        if pa.logits is not None and pb.logits is not None:
+            kls.append(kl_exact(pa.logits[:n], pb.logits[:n]))
+        else:
+            exact = False
+            kls.append(kl_top_k(
+                pa.top_ids[:n], pa.top_logits[:n].astype(np.float64) - pa.logsumexp[:n, None],
+                pb.top_ids[:n], pb.top_logits[:n].astype(np.float64) - pb.logsumexp[:n, None],
+            ))
+        top1.append(pa.top_ids[:n, 0] == pb.top_ids[:n, 0])
+        top5.append(np.array([
+            len(np.intersect1d(pa.top_ids[i, :5], pb.top_ids[i, :5])) / 5 for i in range(n)
+        ]))
+        answers[pa.name] = (pa.reply_text, pb.reply_text)
+        if len(pa.reply_ids) or len(pb.reply_ids) or pa.reply_text or pb.reply_text:
+            greedy_prompts += 1
+            same = common_prefix(pa.reply_ids.tolist(), pb.reply_ids.tolist())
+            if same == len(pa.reply_ids) == len(pb.reply_ids):
+                greedy_same += 1
+                first_diffs.append(None)
+            else:
+                first_diffs.append(same)
+        else:
+            first_diffs.append(None)
+    kl = np.concatenate(kls)
+    top1_rate = float(np.mean(np.concatenate(top1)))
+    kl_mean = float(np.mean(kl))
+    reasons = []
+    if not kl_mean <= thresholds.max_kl:  # written so that NaN fails
+        reasons.append(f"mean KL {kl_mean:.3g} > {thresholds.max_kl:g}")
+    if not top1_rate >= thresholds.min_top1:
+        reasons.append(f"top-1 {top1_rate:.1%} < {thresholds.min_top1:.0%}")
+    return PairResult(
+        reference=reference.label,
+        other=other.label,
+        positions=int(kl.size),
+        kl_mean=kl_mean,
+        kl_p99=float(np.percentile(kl, 99)),
+        kl_max=float(np.max(kl)),
+        kl_exact=exact,
+        top1=top1_rate,
+        top5=float(np.mean(np.concatenate(top5))),
+        greedy_same=greedy_same,
+        greedy_prompts=greedy_prompts,
+        greedy_first_diff=first_diffs,
+        ppl_reference=perplexity(reference),
+        ppl_other=perplexity(other),
+        answers=answers,
+        thresholds=thresholds,
+        passed=not reasons,
+        reasons=reasons,
+    )
+
+
+# ---- records: a capture on disk, to compare across machines --------------------------------------
+# A `.parity` file is a zip: meta.json (readable with `unzip -p FILE meta.json`) and one .npy per
+# array, named "<prompt index>/<array>.npy". No pickles: np.load runs with allow_pickle=False.
+
+_ARRAYS = ("prompt_ids", "reply_ids", "top_ids", "top_logits", "logsumexp", "next_logprob")
+
+
+def write_record(capture_: Capture, path: str | Path) -> Path:
+    import numpy as np
+
+    path = Path(path).expanduser()
+    meta = dict(capture_.meta)
+    meta["replies"] = [p.reply_text for p in capture_.prompts]
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr("meta.json", json.dumps(meta, indent=2, sort_keys=True))
+            for index, prompt in enumerate(capture_.prompts):
+                for name in _ARRAYS:
+                    buffer = io.BytesIO()
+                    np.save(buffer, getattr(prompt, name), allow_pickle=False)
+                    archive.writestr(f"{index}/{name}.npy", buffer.getvalue())
+        tmp.replace(path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise UserInputError(f"{path}: cannot write the record ({error.strerror})") from None
+    return path
+
+
+def read_record(path: str | Path) -> Capture:
+    import numpy as np
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserInputError(f"{path}: no such record file")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            meta = json.loads(archive.read("meta.json"))
+            if meta.get("format") != RECORD_FORMAT:
+                raise UserInputError(f"{path}: format {meta.get('format')!r}, runner reads {RECORD_FORMAT}")
+            prompts = []
+            for index, (spec, reply) in enumerate(zip(meta["prompts"], meta["replies"])):
+                arrays = {
+                    name: np.load(io.BytesIO(archive.read(f"{index}/{name}.npy")), allow_pickle=False)
+                    for name in _ARRAYS
+                }
+                prompts.append(PromptCapture(name=spec["name"], reply_text=reply, **arrays))
+    except (zipfile.BadZipFile, KeyError, ValueError) as error:
+        raise UserInputError(f"{path}: not a runner parity record ({error})") from None
+    return Capture(meta, prompts)
+
+
+# ---- the whole run: load, capture, close, one session at a time ----------------------------------
+
+
+@dataclass
+class Skipped:
+    target: str
+    reason: str
+
+
+@dataclass
+class ParityReport:
+    reference: Capture
+    results: list[PairResult]
+    skipped: list[Skipped]
+    warnings: list[str]
+    others: list[Capture] = field(default_factory=list)  # the other captures' meta (logits dropped)
+
+    @property
+    def passed(self) -> bool:
+        return all(result.passed for result in self.results)
+
+
+def load_session(spec: "ModelSpec", target: Target, context: int) -> "Session":
+    backend = get_backend(target.backend)
+    return backend.load(LoadRequest(spec, quant=target.quant, context=context))
+
+
+def run_parity(
+    spec: "ModelSpec",
+    reference: Target,
+    others: Sequence[Target],
+    prompts: Sequence[Prompt],
+    *,
+    context: int,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    top_k_size: int = DEFAULT_TOP_K,
+    max_kl: float | None = None,
+    min_top1: float | None = None,
+    progress: Callable[[str], None] = lambda message: None,
+) -> ParityReport:
+    """Load the reference, capture it, close it; then each other target in turn. A target that
+    cannot load here (backend missing, quant not offered) is skipped with the reason."""
+    warnings: list[str] = []
+
+    def warn(message: str) -> None:
+        if message not in warnings:
+            warnings.append(message)
+            progress(f"warning: {message}")
+
+    progress(f"loading {reference.label} (reference)")
+    session = load_session(spec, reference, context)
+    try:
+        progress(f"running {len(prompts)} prompts through {reference.label}")
+        ref = capture(session, prompts, context=context, max_tokens=max_tokens, top_k_size=top_k_size, warn=warn)
+    finally:
+        session.close()
+    results, skipped, other_captures = [], [], []
+    for target in others:
+        progress(f"loading {target.label}")
+        try:
+            session = load_session(spec, target, context)
+        except RunnerError as error:
+            skipped.append(Skipped(target.label, str(error)))
+            progress(f"skipped {target.label}: {error}")
+            continue
+        try:
+            progress(f"running {len(prompts)} prompts through {target.label}")
+            other = capture(session, prompts, token_ids=ref.prompt_ids(), context=context, max_tokens=max_tokens,
+                            top_k_size=top_k_size, warn=warn)
+        finally:
+            session.close()
+        results.append(compare(ref, other, thresholds_for(reference.quant, target.quant, max_kl, min_top1)))
+        other.drop_logits()
+        other_captures.append(other)
+    return ParityReport(ref, results, skipped, warnings, other_captures)
+
+
+# ---- output --------------------------------------------------------------------------------------
+
+
+def _short(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def format_table(reference: Capture, results: Sequence[PairResult], skipped: Sequence[Skipped] = (),
+                 answer_prompt: str | None = None) -> str:
+    """The comparison as a plain-text table, one row per session, the reference first."""
+    if answer_prompt is None and reference.prompts:
+        answer_prompt = reference.prompts[0].name
+    positions = results[0].positions if results else sum(len(p.token_ids) for p in reference.prompts)
+    exact = all(r.kl_exact for r in results)
+    lines = [
+        f"model {reference.meta['model']} · reference {reference.label} · {len(reference.prompts)} prompts · "
+        f"KL(reference || session) in nats per position{'' if exact else ', from top-k (a lower bound)'}",
+    ]
+    header = ("session", "scheme", "KL mean", "KL p99", "KL max", "top-1", "top-5", "greedy same", "ppl",
+              f"answer to '{answer_prompt}'", "verdict")
+    ref_answer = next((p.reply_text for p in reference.prompts if p.name == answer_prompt), "")
+    rows = [(reference.label, precision_class(reference.meta["quant"]), "", "", "", "", "", "",
+             f"{results[0].ppl_reference:.2f}" if results else "", _short(ref_answer, 40), "reference")]
+    for r in results:
+        quant = r.other.partition(":")[2]
+        verdict = r.verdict + (": " + "; ".join(r.reasons) if r.reasons else f" ({r.thresholds.describe()})")
+        rows.append((
+            r.other, precision_class(quant) if quant in PRECISION_CLASS else "?",
+            f"{r.kl_mean:.2e}", f"{r.kl_p99:.2e}", f"{r.kl_max:.2e}", f"{r.top1:.1%}", f"{r.top5:.1%}",
+            f"{r.greedy_same}/{r.greedy_prompts}", f"{r.ppl_other:.2f}",
+            _short(r.answers.get(answer_prompt, ("", ""))[1], 40), verdict,
+        ))
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    lines.append(f"{positions} positions compared for the first pair; "
+                 "greedy same = prompts whose greedy replies are token-for-token identical")
+    for skip in skipped:
+        lines.append(f"skipped {skip.target}: {skip.reason}")
+    return "\n".join(lines)
+
+
+def report_json(reference: Capture, results: Sequence[PairResult], skipped: Sequence[Skipped] = (),
+                warnings: Sequence[str] = (), others: Sequence[Capture] = ()) -> dict:
+    def describe(c: Capture) -> dict:
+        keys = ("model", "config_sha256", "tokenizer_sha256", "backend", "quant", "device", "machine", "versions",
+                "memory", "date", "seconds")
+        return {key: c.meta.get(key) for key in keys}
+
+    return {
+        "reference": describe(reference),
+        "sessions": [describe(c) for c in others],
+        "results": [r.to_json() for r in results],
+        "skipped": [{"target": s.target, "reason": s.reason} for s in skipped],
+        "warnings": list(warnings),
+        "passed": all(r.passed for r in results),
+    }

@@ -1,0 +1,1 @@
+"""Prompt sets shipped with runner, as data (`builtin.json`); read by `runner.parity`."""
