@@ -1,22 +1,209 @@
 """Plan: the memory arithmetic. Pure Python: no torch, no mlx.
 
 INTERFACE CONTRACT (other modules rely on these names; the foundation work fills the bodies).
+
+What a plan counts, per device:
+  weights   exact bytes as each library stores them (see `linear_bytes`), checked in
+            tests/test_budget_libraries.py against the real libraries on a tiny model;
+  KV cache  context x batch x 2 (K and V) x layers x KV heads x head_dim x KV dtype bytes;
+  overhead  the CUDA context (per GPU), an activation workspace for one prefill chunk, the
+            dequantized copy of the largest weight (bitsandbytes/FP8 dequantize one matrix at a time),
+            and the logits of one chunk (vocab x chunk x fp32) on the device that holds lm_head.
+Placement follows accelerate's auto device map: whole decoder layers, embeddings first on GPU 0,
+the final norm and lm_head last, headroom left on every GPU for its layers' KV cache and the
+activations; what does not fit goes to CPU RAM, then to disk.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
-from runner.hardware import Machine
-from runner.model import ModelSpec
+from runner.errors import UserInputError
+from runner.hardware import GB, Device, Host, Machine
+from runner.model import Linear, ModelSpec
 
 # quant name -> what it is; the CLI accepts these names
 QUANTS = ("bf16", "fp16", "fp32", "fp8", "int8", "nf4", "nf4-nodq", "fp4", "q8", "q4")
+
+QUANT_DESCRIPTIONS = {
+    "bf16": "bfloat16, 2 bytes per weight",
+    "fp16": "float16, 2 bytes per weight",
+    "fp32": "float32, 4 bytes per weight",
+    "fp8": "FP8 e4m3 weights + fp32 scale per 128x128 block (transformers fine-grained FP8)",
+    "int8": "bitsandbytes LLM.int8: int8 weights + fp32 scale per row",
+    "nf4": "bitsandbytes NF4, double quant: 4-bit + uint8 absmax per 64 (+ fp32 per 256 blocks)",
+    "nf4-nodq": "bitsandbytes NF4 without double quant: 4-bit + fp32 absmax per 64",
+    "fp4": "bitsandbytes FP4, double quant",
+    "q8": "MLX affine 8-bit, group 64: scales + biases per group (embeddings and head too)",
+    "q4": "MLX affine 4-bit, group 64: scales + biases per group (embeddings and head too)",
+}
+
+CUDA_QUANTS = ("bf16", "fp16", "fp32", "fp8", "int8", "nf4", "nf4-nodq", "fp4")
+MLX_QUANTS = ("bf16", "fp16", "q8", "q4")
+BNB_4BIT = ("nf4", "nf4-nodq", "fp4")
 
 FITS = "fits"
 OFFLOAD = "offload"           # fits only with CPU or disk offload
 DOES_NOT_FIT = "does-not-fit"
 
+# ---- the constants of the arithmetic (each one is a fact of a library or a stated assumption) ----
+BNB_BLOCK = 64                 # bitsandbytes 4-bit: one absmax per 64 weights
+BNB_NESTED_BLOCK = 256         # double quant: absmax quantized to uint8 in blocks of 256
+BNB_CODE_4BIT = 16 * 4         # the 16-entry NF4/FP4 code table (fp32), one per weight tensor
+BNB_CODE_NESTED = 256 * 4      # the 256-entry dynamic code table of the nested state (fp32)
+BNB_OFFSET = 4                 # the fp32 mean subtracted from absmax before nesting
+FP8_BLOCK = 128                # fine-grained FP8: one fp32 scale per 128x128 block
+MLX_GROUP = 64                 # mlx-lm's default group size
+
+CUDA_CONTEXT_BYTES = 500 * 1024**2   # CUDA context + cuBLAS workspace per GPU used (torch)
+PREFILL_CHUNK = 2048                 # tokens processed at once while reading the prompt
+GPU_RESERVE = 0.05                   # of each GPU's memory: allocator fragmentation, other users
+RAM_RESERVE = 0.10                   # of RAM: the OS and the rest of the Python process
+MAC_WORKING_SET_SAFE = 0.90          # above ~0.9 x the GPU working set a Mac swaps, 40-150x slower
+PCIE_BANDWIDTH = 25 * GB             # PCIe 4.0 x16 in practice: what CPU-offloaded weights stream at
+DISK_BANDWIDTH = 3 * GB              # a fast NVMe SSD
+MAX_CONTEXT_LIMIT = 10_000_000       # above this a context is a typo
+
+
+def dtype_bytes(dtype: str) -> int:
+    """Bytes of one element of a dtype name as config.json writes it."""
+    name = dtype.lower().replace("torch.", "")
+    return {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2}.get(name, 2)
+
+
+def compute_bytes(model: ModelSpec, quant: str, backend: str) -> int:
+    """Bytes per element of what stays unquantized (embeddings, norms, biases, scales on MLX).
+
+    CUDA: fp32 for the fp32 scheme, else 2 (bitsandbytes and FP8 keep the rest in bf16/fp16).
+    MLX: the checkpoint's dtype (mlx-lm keeps it; scales and biases take it too).
+    """
+    if quant == "fp32":
+        return 4
+    if backend == "mlx" and quant in ("q4", "q8"):
+        return dtype_bytes(model.dtype)
+    return 2
+
+
+# ---- weights ------------------------------------------------------------------------------------
+
+def linear_bytes(linear: Linear, quant: str, unquantized_bytes: int = 2) -> int:
+    """Bytes of one Linear layer as the library stores it under `quant`.
+
+    `unquantized_bytes` is the element size of what stays in the compute dtype (the bias, MLX scales).
+    """
+    n = linear.weight_elements
+    out_features, in_features = linear.out_features, linear.in_features
+    bias = out_features * unquantized_bytes if linear.bias else 0
+    if quant in ("bf16", "fp16"):
+        return n * 2 + bias
+    if quant == "fp32":
+        return n * 4 + bias
+    if quant == "fp8":
+        scales = math.ceil(out_features / FP8_BLOCK) * math.ceil(in_features / FP8_BLOCK) * 4
+        return n + scales + bias
+    if quant == "int8":
+        return n + out_features * 4 + bias           # int8 weights + SCB (fp32 per output row)
+    if quant in BNB_4BIT:
+        blocks = math.ceil(n / BNB_BLOCK)
+        packed = math.ceil(n / 2)                     # two 4-bit weights per uint8
+        if quant == "nf4-nodq":
+            return packed + blocks * 4 + BNB_CODE_4BIT + bias
+        nested = math.ceil(blocks / BNB_NESTED_BLOCK) * 4
+        return packed + blocks + BNB_CODE_4BIT + BNB_OFFSET + nested + BNB_CODE_NESTED + bias
+    if quant in ("q4", "q8"):
+        if in_features % MLX_GROUP:                   # mlx-lm leaves such layers unquantized
+            return n * unquantized_bytes + bias
+        bits = 4 if quant == "q4" else 8
+        packed = out_features * (in_features * bits // 32) * 4   # uint32 words
+        scales_and_biases = 2 * out_features * (in_features // MLX_GROUP) * unquantized_bytes
+        return packed + scales_and_biases + bias
+    raise UserInputError(f"unknown quantization '{quant}' (known: {', '.join(QUANTS)})")
+
+
+@dataclass(frozen=True)
+class WeightsBreakdown:
+    """Where the weight bytes are: the input embeddings, one decoder layer, the head."""
+
+    embeddings: int
+    layer: int            # one decoder layer (all layers are the same size)
+    head: int             # final norm + lm_head (lm_head is 0 when tied to the embeddings)
+    num_layers: int
+    layer_unquantized: int  # one layer kept in the compute dtype (bitsandbytes offload keeps it so)
+
+    @property
+    def total(self) -> int:
+        return self.embeddings + self.num_layers * self.layer + self.head
+
+
+def weights_breakdown(model: ModelSpec, quant: str, backend: str = "cuda") -> WeightsBreakdown:
+    if quant not in QUANTS:
+        raise UserInputError(f"unknown quantization '{quant}' (known: {', '.join(QUANTS)})")
+    plain = compute_bytes(model, quant, backend)
+    mlx_quant = quant in ("q4", "q8")
+    norms = model.layer_norm_elements() * plain
+
+    def layer_with(scheme: str) -> int:
+        total = norms
+        for linear in model.layer_linears():
+            router = linear.name.endswith("block_sparse_moe.gate")
+            # bitsandbytes / FP8 in transformers leave the MoE router in the compute dtype
+            total += linear_bytes(linear, "bf16" if router and not mlx_quant and scheme != "fp32" else scheme, plain)
+        return total
+
+    embedding_linear = Linear("embed_tokens", model.vocab_size, model.hidden_size)
+    if mlx_quant:   # mlx-lm quantizes the embedding (QuantizedEmbedding) and lm_head too
+        embeddings = linear_bytes(embedding_linear, quant, plain)
+        lm_head = 0 if model.tie_embeddings else linear_bytes(embedding_linear, quant, plain)
+    else:           # transformers keeps embeddings and lm_head in the compute dtype
+        embeddings = model.embedding_elements * plain
+        lm_head = model.lm_head_elements * plain
+    return WeightsBreakdown(
+        embeddings=embeddings,
+        layer=layer_with(quant),
+        head=model.hidden_size * plain + lm_head,
+        num_layers=model.num_layers,
+        layer_unquantized=layer_with("fp32" if quant == "fp32" else "bf16"),
+    )
+
+
+def weights_bytes(model: ModelSpec, quant: str, backend: str | None = None) -> int:
+    return weights_breakdown(model, quant, backend or default_backend_for(quant)).total
+
+
+def kv_dtype_bytes(quant: str) -> int:
+    return 4 if quant == "fp32" else 2
+
+
+def kv_cache_bytes(model: ModelSpec, context: int, batch: int = 1, quant: str = "bf16") -> int:
+    return int(model.kv_bytes_per_token(kv_dtype_bytes(quant))) * context * batch
+
+
+# ---- overhead -----------------------------------------------------------------------------------
+
+def activation_bytes(model: ModelSpec, context: int, batch: int, quant: str) -> int:
+    """Activations of one prefill chunk through one layer (flash / memory-efficient attention assumed).
+
+    Residual + normed hidden state, q/k/v and attention output, and the MLP's gate, up and product.
+    bitsandbytes and FP8 also dequantize the weight of the matmul in flight: add the largest one.
+    """
+    tokens = min(context, PREFILL_CHUNK) * batch
+    width = 2 * model.hidden_size
+    width += 2 * model.num_heads * model.head_dim + 2 * model.num_kv_heads * model.head_dim
+    width += 3 * model.intermediate_size * max(1, model.experts_per_token if model.num_experts > 1 else 1)
+    element = 4 if quant == "fp32" else 2
+    workspace = tokens * width * element
+    if quant in BNB_4BIT + ("int8", "fp8"):
+        workspace += max(linear.weight_elements for linear in model.layer_linears()) * 2
+    return workspace
+
+
+def logits_bytes(model: ModelSpec, context: int, batch: int) -> int:
+    """fp32 logits of one prefill chunk."""
+    return model.vocab_size * min(context, PREFILL_CHUNK) * batch * 4
+
+
+# ---- the plan -----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class DeviceShare:
@@ -31,10 +218,15 @@ class DeviceShare:
     layers: tuple[int, int]       # decoder layers [start, stop) placed here; (0, 0) for none
     embeddings: bool = False      # holds the input embeddings
     head: bool = False            # holds the final norm and lm_head
+    bandwidth_bytes_per_s: float = 0.0   # how fast this share's weights are read per token
 
     @property
     def total_bytes(self) -> int:
         return self.weights_bytes + self.kv_cache_bytes + self.overhead_bytes
+
+    @property
+    def num_layers(self) -> int:
+        return self.layers[1] - self.layers[0]
 
 
 @dataclass(frozen=True)
@@ -52,21 +244,412 @@ class Plan:
     verdict: str                  # FITS, OFFLOAD or DOES_NOT_FIT
     warnings: tuple[str, ...]
     roofline_tokens_per_s: float  # decode, batch 1: bandwidth / bytes read per token
+    parallel: str = "single"      # "single", "layers" (accelerate across GPUs), "pipeline", "tensor" (MLX hosts)
+    notes: tuple[str, ...] = ()   # facts worth saying that are not warnings (which MLX split works, ...)
+    layer_bytes: int = 0          # one decoder layer's weights under this scheme
 
     @property
     def total_bytes(self) -> int:
         return self.weights_bytes + self.kv_cache_bytes + self.overhead_bytes
 
+    @property
+    def offloaded(self) -> bool:
+        return any(share.kind in ("cpu", "disk") for share in self.placement) and bool(self.machine.gpus)
+
     def max_memory(self) -> dict[int | str, int]:
-        """accelerate's `max_memory` for this placement: {gpu index: bytes, "cpu": bytes}."""
-        raise NotImplementedError
+        """accelerate's `max_memory` for this placement: {gpu index: bytes, "cpu": bytes}.
+
+        Each device gets the weights the plan puts there plus half a layer of slack, so that
+        accelerate's sequential fill lands on the same layers and leaves the KV cache and the
+        activations the room the plan keeps for them. Pass `device_map=plan.device_map()` too:
+        that is the placement itself.
+        """
+        if self.backend != "cuda":
+            raise ValueError("max_memory() is for the cuda backend (accelerate); this plan is for mlx")
+        slack = self.layer_bytes // 2
+        memory: dict[int | str, int] = {}
+        for share in self.placement:
+            if share.kind == "gpu":
+                memory[int(share.device.split(":")[1])] = share.weights_bytes + slack
+            elif share.kind == "cpu":
+                memory["cpu"] = share.weights_bytes + slack
+        return memory
 
     def device_map(self) -> dict[str, int | str]:
-        """transformers' `device_map`: module name -> gpu index, "cpu" or "disk"."""
-        raise NotImplementedError
+        """transformers' `device_map`: module name -> gpu index, "cpu" or "disk".
+
+        Module names are those of transformers 5's LlamaForCausalLM (also Mistral, Mixtral, Qwen2):
+        model.embed_tokens, model.rotary_emb, model.layers.N, model.norm, lm_head.
+        """
+        if self.backend != "cuda":
+            raise ValueError("device_map() is for the cuda backend (accelerate); this plan is for mlx")
+        if self.verdict == DOES_NOT_FIT:
+            raise ValueError("the plan does not fit: there is no device map to give")
+
+        def target(share: DeviceShare) -> int | str:
+            return int(share.device.split(":")[1]) if share.kind == "gpu" else share.kind
+
+        mapping: dict[str, int | str] = {}
+        first = next(share for share in self.placement if share.embeddings)
+        last = next(share for share in self.placement if share.head)
+        mapping["model.embed_tokens"] = target(first)
+        mapping["model.rotary_emb"] = target(first)
+        for share in self.placement:
+            for layer in range(*share.layers):
+                mapping[f"model.layers.{layer}"] = target(share)
+        mapping["model.norm"] = target(last)
+        # a tied lm_head is the embedding's weight: accelerate keeps tied weights on one device
+        mapping["lm_head"] = target(first) if self.model.tie_embeddings else target(last)
+        return mapping
+
+
+def default_backend_for(quant: str, machine: Machine | None = None) -> str:
+    if quant in ("q4", "q8"):
+        return "mlx"
+    if machine is not None and machine.is_apple and quant in ("bf16", "fp16"):
+        return "mlx"
+    return "cuda"
+
+
+def check_request(model: ModelSpec, quant: str, context: int, batch: int, backend: str) -> None:
+    if quant not in QUANTS:
+        raise UserInputError(f"unknown quantization '{quant}' (known: {', '.join(QUANTS)})")
+    if backend not in ("cuda", "mlx"):
+        raise UserInputError(f"unknown backend '{backend}' (known: cuda, mlx)")
+    if backend == "mlx" and quant not in MLX_QUANTS:
+        raise UserInputError(f"--quant {quant} is a CUDA-stack scheme; the mlx backend takes {', '.join(MLX_QUANTS)}")
+    if backend == "cuda" and quant not in CUDA_QUANTS:
+        raise UserInputError(f"--quant {quant} is an MLX scheme; the cuda backend takes {', '.join(CUDA_QUANTS)}")
+    if context < 1:
+        raise UserInputError(f"--context must be a positive number of tokens, not {context}")
+    if context > MAX_CONTEXT_LIMIT or context > model.max_context:
+        raise UserInputError(
+            f"--context {context:,} is more than {model.name} was trained for ({model.max_context:,} tokens)"
+        )
+    if not 1 <= batch <= 4096:
+        raise UserInputError(f"--batch must be between 1 and 4096, not {batch}")
+
+
+@dataclass
+class _Slot:
+    """A device being filled while placing (mutable scratch; the result is a DeviceShare)."""
+
+    device: str
+    kind: str
+    capacity: int
+    fixed: int                 # overhead always paid on this device if it is used
+    bandwidth: float
+    layers: list[int] = field(default_factory=list)
+    embeddings: bool = False
+    head: bool = False
+    weights: int = 0
+    kv: int = 0
+    extra: int = 0             # overhead paid because of what it holds (activations, logits)
+
+    @property
+    def used(self) -> int:
+        return self.weights + self.kv + self.extra + (self.fixed if self.holds_anything else 0)
+
+    @property
+    def holds_anything(self) -> bool:
+        return bool(self.layers) or self.embeddings or self.head
+
+
+def _fill(slots: list[_Slot], pieces: list[tuple[str, int, int, int, int]], fraction: float = 1.0) -> list[_Slot] | None:
+    """Place pieces in order, each on the first slot (from the current one on) with room.
+
+    A piece is (what, weights bytes, kv bytes, extra overhead when first on a device, layer index).
+    `fraction` scales the accelerators' capacity (to spread layers evenly over GPUs).
+    Returns the filled slots, or None when a piece fits nowhere.
+    """
+    filled = [_Slot(s.device, s.kind, s.capacity, s.fixed, s.bandwidth) for s in slots]
+    current = 0
+    for what, weights, kv, extra, layer in pieces:
+        while current < len(filled):
+            slot = filled[current]
+            limit = slot.capacity * (fraction if slot.kind in ("gpu", "unified") else 1.0)
+            first_layer_here = what == "layer" and not slot.layers and slot.kind != "disk"
+            needs_extra = extra if first_layer_here or what == "head" else 0
+            pay_fixed = 0 if slot.holds_anything else slot.fixed
+            if slot.used + pay_fixed + weights[slot.kind] + kv + needs_extra <= limit:
+                slot.weights += weights[slot.kind]
+                slot.kv += kv
+                slot.extra += needs_extra
+                if what == "embeddings":
+                    slot.embeddings = True
+                elif what == "head":
+                    slot.head = True
+                else:
+                    slot.layers.append(layer)
+                break
+            current += 1
+        else:
+            return None
+    return filled
 
 
 def make_plan(
-    model: ModelSpec, machine: Machine, quant: str, context: int, batch: int = 1, backend: str | None = None
+    model: ModelSpec,
+    machine: Machine,
+    quant: str,
+    context: int,
+    batch: int = 1,
+    backend: str | None = None,
+    parallel: str | None = None,
 ) -> Plan:
-    raise NotImplementedError
+    """Count the bytes, place them over the machine's devices, and judge.
+
+    `parallel` only matters for MLX on several hosts: "pipeline" (default; contiguous layer ranges
+    sized by each host's memory) or "tensor" (equal shares; heads and KV heads must divide).
+    """
+    backend = backend or default_backend_for(quant, machine)
+    check_request(model, quant, context, batch, backend)
+    breakdown = weights_breakdown(model, quant, backend)
+    kv_total = kv_cache_bytes(model, context, batch, quant)
+    kv_per_layer = kv_total // model.num_layers
+    activations = activation_bytes(model, context, batch, quant)
+    logits = logits_bytes(model, context, batch)
+    warnings: list[str] = []
+    notes: list[str] = []
+
+    if backend == "mlx":
+        placement, verdict, parallel_used = _place_mlx(
+            model, machine, breakdown, kv_per_layer, activations, logits, parallel, warnings, notes
+        )
+    else:
+        placement, verdict, parallel_used = _place_cuda(
+            model, machine, quant, breakdown, kv_per_layer, activations, logits, warnings
+        )
+
+    weights_total = sum(s.weights_bytes for s in placement) if verdict != DOES_NOT_FIT else breakdown.total
+    kv_placed = sum(s.kv_cache_bytes for s in placement) if verdict != DOES_NOT_FIT else kv_total
+    overhead = sum(s.overhead_bytes for s in placement) if verdict != DOES_NOT_FIT else activations + logits
+    roofline = _roofline(model, placement, parallel_used) if verdict != DOES_NOT_FIT else 0.0
+    _scheme_warnings(model, machine, quant, backend, warnings)
+    _offload_warnings(placement, verdict, roofline, model, quant, machine, warnings)
+    for host in machine.hosts:
+        if host.swap_used_bytes > 1 * GB and not machine.hypothetical:
+            warnings.append(
+                f"swap in use on {host.name}: {host.swap_used_bytes / GB:.1f} GB. Memory is already short; "
+                f"a model that spills into swap runs 10-100x slower. Close other programs first."
+            )
+    return Plan(
+        model=model, machine=machine, quant=quant, context=context, batch=batch, backend=backend,
+        weights_bytes=weights_total, kv_cache_bytes=kv_placed, overhead_bytes=overhead,
+        placement=tuple(placement), verdict=verdict, warnings=tuple(warnings),
+        roofline_tokens_per_s=roofline, parallel=parallel_used, notes=tuple(notes), layer_bytes=breakdown.layer,
+    )
+
+
+def _layer_pieces(model: ModelSpec, breakdown: WeightsBreakdown, kv_per_layer: int, activations: int,
+                  logits: int, offload_unquantized: bool, embeddings_copy_in_head: bool = False):
+    def sizes(quantized: int, unquantized: int) -> dict[str, int]:
+        off = unquantized if offload_unquantized else quantized
+        return {"gpu": quantized, "unified": quantized, "cpu": off, "disk": off}
+
+    pieces = [("embeddings", sizes(breakdown.embeddings, breakdown.embeddings), 0, 0, -1)]
+    for layer in range(model.num_layers):
+        pieces.append(("layer", sizes(breakdown.layer, breakdown.layer_unquantized), kv_per_layer, activations, layer))
+    head = breakdown.head + (breakdown.embeddings if embeddings_copy_in_head else 0)
+    pieces.append(("head", sizes(head, head), 0, logits, -1))
+    return pieces
+
+
+def _share(slot: _Slot) -> DeviceShare:
+    layers = (min(slot.layers), max(slot.layers) + 1) if slot.layers else (0, 0)
+    return DeviceShare(
+        device=slot.device, kind=slot.kind, capacity_bytes=int(slot.capacity), weights_bytes=slot.weights,
+        kv_cache_bytes=slot.kv, overhead_bytes=slot.extra + (slot.fixed if slot.holds_anything else 0),
+        layers=layers, embeddings=slot.embeddings, head=slot.head, bandwidth_bytes_per_s=slot.bandwidth,
+    )
+
+
+def _ram_capacity(host: Host, hypothetical: bool) -> int:
+    available = host.ram_bytes if hypothetical else host.ram_available_bytes
+    return int(available * (1 - RAM_RESERVE))
+
+
+def _spread(slots: list[_Slot], pieces) -> list[_Slot] | None:
+    """Fill accelerators to the same fraction, the smallest that holds everything on them
+    (accelerate's balanced map); None if they cannot hold it all even when full."""
+    accelerators = [s for s in slots if s.kind in ("gpu", "unified")]
+    if len(accelerators) < 2 or _fill(accelerators, pieces) is None:
+        return None
+    low, high = 0.0, 1.0
+    for _ in range(30):
+        middle = (low + high) / 2
+        if _fill(accelerators, pieces, middle) is None:
+            low = middle
+        else:
+            high = middle
+    return _fill(accelerators, pieces, high)
+
+
+def _place_cuda(model, machine, quant, breakdown, kv_per_layer, activations, logits, warnings):
+    host = next((h for h in machine.hosts if any(d.kind == "cuda" for d in h.devices)), machine.hosts[0])
+    if len([h for h in machine.hosts if any(d.kind == "cuda" for d in h.devices)]) > 1:
+        warnings.append(
+            f"the cuda backend runs on one host: only {host.name}'s GPUs are planned "
+            f"(accelerate does not span computers)"
+        )
+    gpus = [d for d in host.devices if d.kind == "cuda"]
+    slots = []
+    for gpu in gpus:
+        memory = gpu.total_bytes if machine.hypothetical else gpu.free_bytes
+        slots.append(_Slot(gpu.name, "gpu", int(memory * (1 - GPU_RESERVE)), CUDA_CONTEXT_BYTES, gpu.bandwidth_bytes_per_s))
+    cpu_bandwidth = PCIE_BANDWIDTH if gpus else (host.cpu_bandwidth_bytes_per_s or PCIE_BANDWIDTH)
+    slots.append(_Slot("cpu", "cpu", _ram_capacity(host, machine.hypothetical), 0, cpu_bandwidth))
+    slots.append(_Slot("disk", "disk", int(host.disk_free_bytes * 0.9), 0, DISK_BANDWIDTH))
+    # bitsandbytes leaves layers it offloads to CPU/disk unquantized (llm_int8_enable_fp32_cpu_offload)
+    bnb = quant in BNB_4BIT + ("int8",)
+    pieces = _layer_pieces(model, breakdown, kv_per_layer, activations, logits, offload_unquantized=bnb and bool(gpus))
+    filled = _spread(slots, pieces) or _fill(slots, pieces)
+    if filled is None:
+        return [], DOES_NOT_FIT, "single"
+    shares = [_share(slot) for slot in filled if slot.holds_anything]
+    on_gpu_only = all(s.kind == "gpu" for s in shares)
+    on_ram_only = not gpus and all(s.kind == "cpu" for s in shares)
+    verdict = FITS if on_gpu_only or on_ram_only else OFFLOAD
+    parallel = "layers" if len([s for s in shares if s.kind == "gpu"]) > 1 else "single"
+    return shares, verdict, parallel
+
+
+def _place_mlx(model, machine, breakdown, kv_per_layer, activations, logits, parallel, warnings, notes):
+    hosts = list(machine.hosts)
+    slots = []
+    for host in hosts:
+        prefix = f"{host.name}:" if len(hosts) > 1 else ""
+        if host.unified_memory:
+            device = host.devices[0] if host.devices else None
+            limit = host.wired_limit_bytes or (device.total_bytes if device else host.ram_bytes)
+            bandwidth = device.bandwidth_bytes_per_s if device else host.cpu_bandwidth_bytes_per_s
+            capacity = int(limit * MAC_WORKING_SET_SAFE)
+            if not machine.hypothetical:
+                capacity = min(capacity, int(host.ram_available_bytes * (1 - RAM_RESERVE)))
+            slots.append(_Slot(prefix + "metal", "unified", capacity, 0, bandwidth))
+        else:   # Linux: mlx[cpu] runs from RAM
+            slots.append(_Slot(prefix + "cpu", "cpu", _ram_capacity(host, machine.hypothetical), 0,
+                               host.cpu_bandwidth_bytes_per_s or PCIE_BANDWIDTH))
+    host_count = len(hosts)
+    tensor_ok = host_count > 1 and model.num_heads % host_count == 0 and model.num_kv_heads % host_count == 0
+    if host_count > 1:
+        if tensor_ok:
+            notes.append(f"tensor parallel over {host_count} hosts works: {model.num_heads} heads and "
+                         f"{model.num_kv_heads} KV heads divide by {host_count}")
+        else:
+            notes.append(f"tensor parallel over {host_count} hosts does not work: {model.num_heads} heads / "
+                         f"{model.num_kv_heads} KV heads do not divide by {host_count}; pipeline (layers per host) does")
+    mode = parallel or "pipeline"
+    if mode not in ("pipeline", "tensor"):
+        raise UserInputError(f"parallel must be 'pipeline' or 'tensor', not '{parallel}'")
+    if mode == "tensor" and host_count > 1:
+        if not tensor_ok:
+            raise UserInputError(notes[-1])
+        return _place_tensor(model, slots, breakdown, kv_per_layer, activations, logits)
+    # a tied lm_head needs the embedding on the last host too (pipeline: embeddings on the first)
+    pieces = _layer_pieces(model, breakdown, kv_per_layer, activations, logits, offload_unquantized=False,
+                           embeddings_copy_in_head=model.tie_embeddings and host_count > 1)
+    filled = _spread(slots, pieces) or _fill(slots, pieces)
+    if filled is None:
+        # does it fit in RAM beyond the GPU working set? Then raising the wired limit would do.
+        bigger = [_Slot(s.device, s.kind, _ram_capacity(h, machine.hypothetical) - 8 * GB if s.kind == "unified"
+                        else s.capacity, s.fixed, s.bandwidth) for s, h in zip(slots, hosts)]
+        filled = _spread(bigger, pieces) or _fill(bigger, pieces)
+        if filled is None or not all(h.unified_memory for h in hosts):
+            return [], DOES_NOT_FIT, "pipeline" if host_count > 1 else "single"
+        shares = [_share(slot) for slot in filled if slot.holds_anything]
+        return shares, OFFLOAD, "pipeline" if host_count > 1 else "single"
+    shares = [_share(slot) for slot in filled if slot.holds_anything]
+    return shares, FITS, "pipeline" if len(shares) > 1 else "single"
+
+
+def _place_tensor(model, slots, breakdown, kv_per_layer, activations, logits):
+    """Each host holds 1/n of every layer (heads split), and a full copy of embeddings and head."""
+    n = len(slots)
+    shares = []
+    fits = True
+    for slot in slots:
+        weights = breakdown.embeddings + breakdown.head + math.ceil(breakdown.layer * model.num_layers / n)
+        kv = kv_per_layer * model.num_layers // n
+        overhead = activations // n + logits
+        fits = fits and weights + kv + overhead <= slot.capacity
+        shares.append(DeviceShare(slot.device, slot.kind, slot.capacity, weights, kv, overhead,
+                                  (0, model.num_layers), True, True, slot.bandwidth))
+    return (shares if fits else []), (FITS if fits else DOES_NOT_FIT), "tensor"
+
+
+def _roofline(model: ModelSpec, placement, parallel: str) -> float:
+    """Decode tokens/s at batch 1: each device reads its weights and KV cache once per token.
+
+    Devices that run one after another add their times; tensor-parallel hosts work at once.
+    For a mixture of experts only the routed experts' weights are read.
+    """
+    active = model.active_parameter_count() / model.parameter_count()
+    times = []
+    for share in placement:
+        if share.bandwidth_bytes_per_s <= 0:
+            return 0.0
+        bytes_read = share.weights_bytes * active + share.kv_cache_bytes
+        times.append(bytes_read / share.bandwidth_bytes_per_s)
+    if not times:
+        return 0.0
+    seconds = max(times) if parallel == "tensor" else sum(times)
+    return 1 / seconds if seconds > 0 else 0.0
+
+
+def _scheme_warnings(model: ModelSpec, machine: Machine, quant: str, backend: str, warnings: list[str]) -> None:
+    gpus = machine.gpus
+    if quant == "fp8" and backend == "cuda":
+        old = [g for g in gpus if g.compute_capability and g.compute_capability < (8, 9)]
+        if old or not gpus:
+            warnings.append("fp8 needs an NVIDIA GPU with compute capability 8.9+ (Ada, Hopper); "
+                            "here transformers would not run FP8 matmuls")
+        warnings.append("fp8 in transformers needs the `kernels` package, which downloads its kernels from "
+                        "the Hub at run time: it does not work offline")
+    if quant == "bf16" and backend == "cuda" and any(g.compute_capability and g.compute_capability < (8, 0) for g in gpus):
+        warnings.append("these GPUs have no bfloat16 (compute capability below 8.0): use --quant fp16")
+    if quant in ("q4", "fp4", "nf4", "nf4-nodq") and model.parameter_count() < 1_000_000_000:
+        warnings.append(f"{model.name} is small ({model.parameter_count() / 1e6:.0f}M parameters): small models "
+                        "do not survive 4-bit (SmolLM2-135M at MLX 4-bit answered garbage here; 8-bit and bf16 "
+                        "answered right)")
+    if backend == "mlx" and quant in ("q4", "q8") and not machine.is_apple:
+        warnings.append("mlx on a Linux CPU runs quantized matmuls slowly (SmolLM2-135M: 8-bit 1.2 tok/s vs "
+                        "bf16 8.7 tok/s measured here); use the cuda backend (torch, also on CPU) instead")
+    if quant in BNB_4BIT + ("int8",) and backend == "cuda" and not gpus:
+        warnings.append("bitsandbytes on a CPU works but is slow; with no GPU prefer bf16/fp32 if it fits")
+
+
+def _offload_warnings(placement, verdict, roofline, model, quant, machine, warnings) -> None:
+    if verdict != OFFLOAD:
+        return
+    cpu = [s for s in placement if s.kind == "cpu"]
+    disk = [s for s in placement if s.kind == "disk"]
+    unified = [s for s in placement if s.kind == "unified"]
+    speed = f"~{roofline:.2f} tok/s at best" if roofline < 1 else f"~{roofline:.1f} tok/s at best"
+    if cpu and machine.gpus:
+        hbm = max(g.bandwidth_bytes_per_s for g in machine.gpus) / 1e12
+        layers = sum(s.num_layers for s in cpu)
+        warnings.append(
+            f"OFFLOAD: {layers} layers ({sum(s.weights_bytes for s in cpu) / GB:.1f} GB) would sit in CPU RAM and "
+            f"cross PCIe (~{PCIE_BANDWIDTH / GB:.0f} GB/s, vs {hbm:.1f} TB/s GPU memory) for every token: {speed}. "
+            f"runner refuses this unless you pass --allow-offload"
+        )
+        if quant in BNB_4BIT + ("int8",):
+            warnings.append("bitsandbytes does not quantize offloaded layers: they stay in bf16 in RAM "
+                            "(transformers needs llm_int8_enable_fp32_cpu_offload=True)")
+    if disk:
+        warnings.append(
+            f"OFFLOAD TO DISK: {sum(s.weights_bytes for s in disk) / GB:.1f} GB read from disk "
+            f"(~{DISK_BANDWIDTH / GB:.0f} GB/s) for every token: {speed}; practically unusable"
+        )
+    if unified:
+        for share, host in zip(unified, machine.hosts):
+            limit = host.wired_limit_bytes
+            need = share.total_bytes
+            mb = math.ceil(need * 1.1 / 1024**2 / 1024) * 1024
+            warnings.append(
+                f"{share.device}: needs {need / GB:.1f} GB of unified memory, above the GPU working set "
+                f"({limit / GB:.1f} GB x {MAC_WORKING_SET_SAFE}); as is it swaps and runs 40-150x slower. "
+                f"Raise the limit with `sudo sysctl iogpu.wired_limit_mb={mb}` (until reboot). Risk: wiring "
+                f"too much leaves macOS no memory and freezes the machine"
+            )
