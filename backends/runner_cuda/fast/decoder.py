@@ -1,0 +1,243 @@
+"""A decode loop without per-token Python overhead, for Llama-family models loaded by transformers.
+
+`FastDecoder` keeps a static KV cache (one preallocated tensor pair per layer) and runs the
+model's own modules (embedding, norms, projections, MLP, head) in one explicit forward. Because
+every tensor of a decode step has a fixed address, the step is captured once in a CUDA graph and
+then replayed per token: one launch instead of ~1,000 Python-dispatched kernels. The attention
+length is static within a graph, so graphs are captured per length bucket (256, 512, 1024, ...):
+a step at position p attends over the smallest bucket that holds p + 1 positions, masked.
+
+With bitsandbytes NF4 weights on CUDA, each projection of a decode step goes through the fused
+Triton dequantize-GEMV kernel in `nf4.py` instead of bitsandbytes' kernel (same packed weights,
+same memory); prefill keeps bitsandbytes' own path.
+
+    decoder = FastDecoder(model, max_len=4096)
+    logits = decoder.prefill(prompt_ids)          # float32 [vocab], next-token logits
+    logits = decoder.step(token_id)               # one token at the next position
+
+On CPU (tests) the same forward runs eagerly, without graphs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Sequence
+
+from runner_cuda.fast.nf4 import NF4Weight, nf4_gemv, nf4_weight_of
+
+if TYPE_CHECKING:
+    import torch
+
+# config.model_type values whose decoder layer is exactly: norm, q/k/v (bias optional), RoPE,
+# GQA attention, o_proj, norm, gate/up/down MLP.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+FIRST_BUCKET = 256
+
+
+class Unsupported(Exception):
+    """The fast path does not handle this model; the caller keeps the ordinary loop."""
+
+
+class FastDecoder:
+    def __init__(self, model, max_len: int, *, use_graphs: bool | None = None, fused_nf4: bool | None = None):
+        import torch
+
+        config = model.config
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise Unsupported(f"model type {config.model_type!r} (fast path knows {', '.join(SUPPORTED_MODEL_TYPES)})")
+        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) and max_len > config.sliding_window:
+            raise Unsupported("sliding-window attention beyond the window")
+        devices = {p.device for p in model.parameters()} | {b.device for b in model.buffers()}
+        if len(devices) != 1:
+            raise Unsupported(f"model spread over {len(devices)} devices")
+        self.device = devices.pop()
+        self.model = model
+        inner = model.model
+        self.embed = inner.embed_tokens
+        self.layers = list(inner.layers)
+        self.norm = inner.norm
+        self.head = model.lm_head
+        self.dtype = self.embed.weight.dtype
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.scaling = getattr(self.layers[0].self_attn, "scaling", self.head_dim**-0.5)
+        self.max_len = int(max_len)
+        on_cuda = self.device.type == "cuda"
+        self.use_graphs = on_cuda if use_graphs is None else use_graphs
+        fused = on_cuda if fused_nf4 is None else fused_nf4
+
+        # NF4 projections that the fused kernel can read (None: call the module itself)
+        self.nf4: dict[int, NF4Weight] = {}
+        if fused:
+            for layer in self.layers:
+                for module in _projections(layer):
+                    weight = nf4_weight_of(module)
+                    if weight is not None:
+                        self.nf4[id(module)] = weight
+
+        with torch.no_grad():
+            shape = (self.kv_heads, self.max_len, self.head_dim)
+            self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+            self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+            positions = torch.arange(self.max_len, device=self.device)
+            probe = torch.empty(0, dtype=self.dtype, device=self.device)
+            cos, sin = inner.rotary_emb(probe, positions[None])
+            self.cos, self.sin = cos[0], sin[0]                       # [max_len, head_dim]
+            self.positions = positions
+            # the inputs and output of a graphed step: fixed addresses, refilled per token
+            self.token = torch.zeros(1, dtype=torch.long, device=self.device)
+            self.position = torch.zeros(1, dtype=torch.long, device=self.device)
+            self.logits = torch.zeros(config.vocab_size, dtype=torch.float32, device=self.device)
+        self.length = 0        # positions filled in the cache
+        self.graphs: dict[int, object] = {}
+        self.pool = None
+
+    # ---- public -------------------------------------------------------------------------------
+
+    def prefill(self, token_ids: Sequence[int]) -> "torch.Tensor":
+        """Fill the cache with a prompt (from position 0); float32 logits of the next token."""
+        import torch
+
+        count = len(token_ids)
+        if count == 0 or count >= self.max_len:
+            raise ValueError(f"prompt of {count} tokens does not fit a cache of {self.max_len}")
+        with torch.no_grad():
+            ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+            hidden = self._prefill_forward(ids)
+            self.logits.copy_(self.head(self.norm(hidden[-1:]))[0].float())
+        self.length = count
+        return self.logits
+
+    def step(self, token: "int | torch.Tensor") -> "torch.Tensor":
+        """Append one token at the next position; float32 logits of the token after it. The
+        returned tensor is reused by the next call: read or copy it first."""
+        import torch
+
+        if self.length >= self.max_len:
+            raise ValueError(f"the cache of {self.max_len} positions is full")
+        with torch.no_grad():
+            self.token.copy_(torch.as_tensor(token, device=self.device).reshape(1))
+            self.position.fill_(self.length)
+            span = self._bucket(self.length + 1)
+            if self.use_graphs:
+                self._graph(span).replay()
+            else:
+                self.logits.copy_(self._decode_forward(span))
+        self.length += 1
+        return self.logits
+
+    def reset(self) -> None:
+        """Forget the cached positions (the next call must be `prefill`)."""
+        self.length = 0
+
+    # ---- the forward ------------------------------------------------------------------------
+
+    def _linear(self, module, x):
+        weight = self.nf4.get(id(module))
+        if weight is None:
+            return module(x)
+        return nf4_gemv(x, weight)
+
+    def _decode_forward(self, span: int) -> "torch.Tensor":
+        """One token at `self.position`, attending over the first `span` cache positions."""
+        import torch
+
+        cos = self.cos.index_select(0, self.position)                    # [1, head_dim]
+        sin = self.sin.index_select(0, self.position)
+        masked = self.positions[:span] > self.position                   # [span]
+        rep = self.heads // self.kv_heads
+        hidden = self.embed(self.token)                                   # [1, hidden]
+        for layer, keys, values in zip(self.layers, self.keys, self.values):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = self._linear(attn.q_proj, x).view(self.heads, self.head_dim)
+            k = self._linear(attn.k_proj, x).view(self.kv_heads, self.head_dim)
+            v = self._linear(attn.v_proj, x).view(self.kv_heads, self.head_dim)
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            keys.index_copy_(1, self.position, k[:, None])
+            values.index_copy_(1, self.position, v[:, None])
+            scores = torch.matmul(q.view(self.kv_heads, rep, self.head_dim), keys[:, :span].transpose(1, 2))
+            scores = (scores * self.scaling).float().masked_fill(masked, -math.inf)
+            weights = torch.softmax(scores, dim=-1).to(self.dtype)
+            out = torch.matmul(weights, values[:, :span]).reshape(1, self.heads * self.head_dim)
+            hidden = hidden + self._linear(attn.o_proj, out)
+            hidden = hidden + self._mlp(layer.mlp, layer.post_attention_layernorm(hidden))
+        return self.head(self.norm(hidden))[0].float()
+
+    def _mlp(self, mlp, x):
+        return self._linear(mlp.down_proj, mlp.act_fn(self._linear(mlp.gate_proj, x)) * self._linear(mlp.up_proj, x))
+
+    def _prefill_forward(self, ids: "torch.Tensor") -> "torch.Tensor":
+        """The prompt in one pass (bitsandbytes' or torch's own linears), causal attention."""
+        import torch
+
+        count = ids.numel()
+        cos, sin = self.cos[:count, None], self.sin[:count, None]            # [T, 1, head_dim]
+        hidden = self.embed(ids)                                              # [T, hidden]
+        for layer, keys, values in zip(self.layers, self.keys, self.values):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = attn.q_proj(x).view(count, self.heads, self.head_dim)
+            k = attn.k_proj(x).view(count, self.kv_heads, self.head_dim)
+            v = attn.v_proj(x).view(count, self.kv_heads, self.head_dim)
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            keys[:, :count].copy_(k.transpose(0, 1))
+            values[:, :count].copy_(v.transpose(0, 1))
+            rep = self.heads // self.kv_heads
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(0, 1)[None],
+                keys[:, :count].repeat_interleave(rep, dim=0)[None],
+                values[:, :count].repeat_interleave(rep, dim=0)[None],
+                is_causal=True,
+                scale=self.scaling,
+            )[0]
+            hidden = hidden + attn.o_proj(out.transpose(0, 1).reshape(count, self.heads * self.head_dim))
+            mlp = layer.mlp
+            x = layer.post_attention_layernorm(hidden)
+            hidden = hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+        return hidden
+
+    # ---- graphs -------------------------------------------------------------------------------
+
+    def _bucket(self, needed: int) -> int:
+        span = FIRST_BUCKET
+        while span < needed:
+            span *= 2
+        return min(span, self.max_len)
+
+    def _graph(self, span: int):
+        """The CUDA graph of a decode step over `span` positions, captured on first use. The
+        warm-up runs write the current token's K/V at the current position, as the replay will."""
+        import torch
+
+        graph = self.graphs.get(span)
+        if graph is not None:
+            return graph
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):      # compiles Triton kernels, warms cuBLAS outside the capture
+                self.logits.copy_(self._decode_forward(span))
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.logits.copy_(self._decode_forward(span))
+        self.graphs[span] = graph
+        return graph
+
+
+def _rope(x, cos, sin):
+    """Rotary embedding as transformers' Llama applies it (rotate_half convention)."""
+    import torch
+
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _projections(layer):
+    attn, mlp = layer.self_attn, layer.mlp
+    return (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
