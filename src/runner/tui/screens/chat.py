@@ -115,7 +115,9 @@ class ChatScreen(Screen[None]):
                 yield PlanPanel(id="plan")
                 yield Conversation(id="conversation")
                 yield Input(placeholder="Message (Enter to send)", id="prompt")
-        yield Static("", id="status")
+        with Horizontal(id="status"):
+            yield Static("", id="status-model")
+            yield Static("", id="status-speed")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -482,23 +484,24 @@ class ChatScreen(Screen[None]):
         self.query_one(Conversation).show_empty_hint(hint)
 
     def update_status(self) -> None:
-        text = Text()
-        if self.choice is None:
-            text.append("no model", "bold")
-        else:
-            text.append(short_model_name(self.choice.model_name), "bold")
+        """Left: model, backend, quant, placement. Right: speed of the last reply, how to switch."""
+        model = Text(short_model_name(self.choice.model_name) if self.choice else "no model", "bold")
         if self.model_state == "ready" and self.session is not None:
-            text.append(f" · {self.session.backend} · {self.session.quant} · {self.session.device_summary}")
+            model.append(f" · {self.session.backend} · {self.session.quant} · {self.session.device_summary}")
         elif self.model_state == "loading":
-            text.append(" · loading…", "yellow")
+            model.append(" · loading…", "yellow")
         elif self.model_state == "failed":
-            text.append(" · failed to load", "red")
+            model.append(" · did not load", "red")
+        model.no_wrap = True
+        model.overflow = "ellipsis"
+        speed = Text()
         if self.reply is not None and not self.timing:
-            text.append("  │ thinking…", "dim")
+            speed.append("thinking… ", "dim")
         elif self.timing:
-            text.append(f"  │ {self.timing}")
-        text.append("  │ Ctrl+O another model · F1 help", "dim")
-        self.query_one("#status", Static).update(text)
+            speed.append(self.timing + " ")
+        speed.append("│ Ctrl+O another model", "dim")
+        self.query_one("#status-model", Static).update(model)
+        self.query_one("#status-speed", Static).update(speed)
 
 
 def timing_text(chunk: GenerationChunk) -> str:

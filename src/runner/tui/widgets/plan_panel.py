@@ -16,7 +16,7 @@ from runner.backend import LoadProgress, MemoryReport
 from runner.budget import DOES_NOT_FIT, FITS, OFFLOAD, DeviceShare, Plan
 from runner.tui.text import human_bytes, short_model_name
 
-BAR_WIDTH = 40
+BAR_WIDTH = 32
 WEIGHTS_STYLE = "bold #5f87ff"
 KV_STYLE = "bold #d75fd7"
 OVERHEAD_STYLE = "bold #d7af00"
@@ -73,12 +73,19 @@ def render_plan(plan: Plan, report: MemoryReport | None = None) -> Text:
         f"  {plan.quant} · context {plan.context:,} · backend {plan.backend} · "
         f"needs {human_bytes(plan.total_bytes)}\n\n"
     )
-    label_width = max([len(share.device) for share in plan.placement] + [6])
+    label_width = max([len(share.device) for share in plan.placement] + [4])
+    indent = " " * (label_width + 1)
     for share in plan.placement:
         text.append(f"{share.device:<{label_width}} ", "bold")
         text.append_text(device_bar(share))
-        text.append(f" {human_bytes(share.total_bytes)} of {human_bytes(share.capacity_bytes)}\n")
-        text.append(" " * (label_width + 1))
+        text.append(f" planned {human_bytes(share.total_bytes)} of {human_bytes(share.capacity_bytes)}\n")
+        if report is not None:
+            measured = _measured_for(share, plan, report)
+            if measured is not None:
+                text.append(indent)
+                text.append_text(measured_bar(measured, share.capacity_bytes))
+                text.append(f" measured {human_bytes(measured)}\n", "green")
+        text.append(indent)
         text.append("█", WEIGHTS_STYLE)
         text.append(f" weights {human_bytes(share.weights_bytes)}  ")
         text.append("█", KV_STYLE)
@@ -87,12 +94,6 @@ def render_plan(plan: Plan, report: MemoryReport | None = None) -> Text:
         text.append(f" overhead {human_bytes(share.overhead_bytes)}  ")
         text.append("░", FREE_STYLE)
         text.append(f" free {human_bytes(max(0, share.capacity_bytes - share.total_bytes))}\n")
-        if report is not None:
-            measured = _measured_for(share, plan, report)
-            if measured is not None:
-                text.append(f"{'':<{label_width}} ")
-                text.append_text(measured_bar(measured, share.capacity_bytes))
-                text.append(f" measured {human_bytes(measured)} (planned {human_bytes(share.total_bytes)})\n")
     if not plan.placement:
         text.append("no device can hold any of it\n", "red")
     verdict, style = VERDICT_TEXT.get(plan.verdict, (plan.verdict, "bold"))
@@ -110,7 +111,7 @@ class PlanPanel(Vertical):
     """The plan, the load progress and, if the load failed, why."""
 
     def compose(self) -> ComposeResult:
-        yield Label("Plan", classes="panel-title")
+        self.border_title = "Plan"
         yield Static("working out the plan…", id="plan-body")
         yield Label("", id="load-stage")
         yield ProgressBar(id="load-progress", show_eta=False)
