@@ -653,3 +653,115 @@ def _offload_warnings(placement, verdict, roofline, model, quant, machine, warni
                 f"Raise the limit with `sudo sysctl iogpu.wired_limit_mb={mb}` (until reboot). Risk: wiring "
                 f"too much leaves macOS no memory and freezes the machine"
             )
+
+
+# ---- what to use -------------------------------------------------------------------------------
+
+DEFAULT_CONTEXT = 4096
+SMALL_MODEL_PARAMETERS = 1_000_000_000   # below this, 4-bit ruins answers (measured on SmolLM2-135M)
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    backend: str
+    quant: str
+    context: int           # the context the recommendation was judged at
+    max_context: int       # the longest context that still fits with this backend and quant
+    reason: str
+    plan: Plan
+
+
+def max_context_that_fits(model: ModelSpec, machine: Machine, quant: str, backend: str, batch: int = 1,
+                          allowed: tuple[str, ...] = (FITS,)) -> int:
+    """The longest context (up to the model's) whose plan's verdict is in `allowed`; 0 if none."""
+    def ok(context: int) -> bool:
+        return make_plan(model, machine, quant, context, batch, backend).verdict in allowed
+
+    if not ok(1):
+        return 0
+    if ok(model.max_context):
+        return model.max_context
+    low, high = 1, model.max_context
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if ok(middle) else (low, middle)
+    return low
+
+
+def candidate_schemes(model: ModelSpec, machine: Machine) -> list[tuple[str, str, str]]:
+    """(backend, quant, why) in order of preference for this machine."""
+    small = model.parameter_count() < SMALL_MODEL_PARAMETERS
+    if machine.is_apple:
+        options = [("mlx", "bf16", "bf16 on MLX: full quality, Metal reads the weights as they are"),
+                   ("mlx", "q8", "MLX 8-bit: half the bytes of bf16, near-identical answers")]
+        if not small:
+            options.append(("mlx", "q4", "MLX 4-bit (group 64): a quarter of bf16; large models keep their quality"))
+        return options
+    gpus = machine.gpus
+    if gpus:
+        half = "fp16" if any(g.compute_capability and g.compute_capability < (8, 0) for g in gpus) else "bf16"
+        options = [("cuda", half, f"{half} on the GPU: full quality and the fastest path in transformers"),
+                   ("cuda", "nf4", "NF4 with double quant (bitsandbytes): a quarter of bf16 with small loss")]
+        if small:
+            options.append(("cuda", "int8", "LLM.int8: half of bf16 (small models do not survive 4-bit)"))
+        return options
+    # CPU only (Linux): torch runs on CPU too, and fast; mlx's CPU quantized matmul is slow here
+    return [
+        ("cuda", "fp32", "no GPU: torch on CPU in fp32 is the fast CPU path (SmolLM2-135M: ~16 tok/s measured "
+                         "here; mlx on CPU: bf16 8.7, 8-bit 1.2 tok/s)"),
+        ("cuda", "bf16", "no GPU: torch on CPU in bf16 halves the memory of fp32"),
+        ("cuda", "nf4", "no GPU and bf16 does not fit: bitsandbytes NF4 runs on CPU, slowly"),
+    ]
+
+
+def recommend(model: ModelSpec, machine: Machine, context: int | None = None) -> Recommendation:
+    """The backend, quant and context that fit this machine best, and why.
+
+    The first scheme (in the order of `candidate_schemes`) that fits without offload at the asked
+    context (default: 4096 or the model's maximum) wins; if none does, the smallest with offload.
+    """
+    asked = context or min(DEFAULT_CONTEXT, model.max_context)
+    candidates = candidate_schemes(model, machine)
+    for backend, quant, why in candidates:
+        plan = make_plan(model, machine, quant, asked, 1, backend)
+        if plan.verdict == FITS:
+            longest = max_context_that_fits(model, machine, quant, backend)
+            reason = f"{why}; fits with {asked:,} tokens of context (up to {longest:,})"
+            return Recommendation(backend, quant, asked, longest, reason, plan)
+    # nothing fits in fast memory: the smallest scheme, with offload if that is possible at all
+    backend, quant, why = candidates[-1]
+    smallest = "q4" if machine.is_apple else "nf4"
+    backend = "mlx" if machine.is_apple else "cuda"
+    plan = make_plan(model, machine, smallest, asked, 1, backend)
+    if plan.verdict == OFFLOAD:
+        longest = max_context_that_fits(model, machine, smallest, backend, allowed=(FITS, OFFLOAD))
+        reason = (f"nothing fits in {'GPU' if machine.gpus else 'fast'} memory; {smallest} is the smallest and "
+                  f"needs offload: ~{plan.roofline_tokens_per_s:.2f} tok/s at best")
+        return Recommendation(backend, smallest, asked, longest, reason, plan)
+    return Recommendation(backend, smallest, asked, 0,
+                          f"does not fit this machine even as {smallest}: see which set-up would", plan)
+
+
+# the article's three set-ups (shipped as machine files in runner/machines/ too)
+ARTICLE_SETUPS = {
+    "4x A100 80GB": "4xA100-80GB",
+    "8x RTX 4090 24GB": "8xRTX4090",
+    "2x Mac Studio M2 Ultra 192GB": "2xM2Ultra-192GB",
+}
+
+
+def article_setups(model: ModelSpec, context: int | None = None) -> list[tuple[str, Recommendation]]:
+    """Which of the article's set-ups would run this model, and how."""
+    from runner.hardware import parse_machine
+
+    return [(label, recommend(model, parse_machine(spec), context)) for label, spec in ARTICLE_SETUPS.items()]
+
+
+def schemes_for(machine: Machine) -> list[tuple[str, str]]:
+    """(backend, quant) rows worth showing for this machine."""
+    if machine.is_apple:
+        return [("mlx", "bf16"), ("mlx", "q8"), ("mlx", "q4")]
+    rows = [("cuda", "bf16"), ("cuda", "fp8"), ("cuda", "int8"), ("cuda", "nf4"), ("cuda", "nf4-nodq"), ("cuda", "fp4")]
+    if not machine.gpus:
+        rows = [("cuda", "fp32")] + rows + [("mlx", "q8"), ("mlx", "q4")]
+    return rows

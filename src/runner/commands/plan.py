@@ -1,0 +1,227 @@
+"""`runner plan`: will this model fit this machine, and how? No download, no weights, no torch.
+
+    runner plan                                   the default model on this machine
+    runner plan meta-llama/Llama-3.1-405B-Instruct --machine 4xA100-80GB --context 8k
+    runner plan ./my-model --quant nf4 --json
+    runner plan --list                            the models runner knows without a download
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+
+from runner.errors import UserInputError
+
+GB = 10**9
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default=None,
+                        help="a folder with config.json, a Hugging Face id in the local cache or in runner's "
+                             "catalog (default: the built-in SmolLM2-135M-Instruct)")
+    parser.add_argument("--machine", metavar="SPEC|FILE", default=None,
+                        help="plan for a machine you do not own: 4xA100-80GB, 8xRTX4090, 2xM2Ultra-192GB, cpu-64GB, "
+                             "or a .toml/.json machine file (default: this machine)")
+    parser.add_argument("--context", metavar="N", default=None,
+                        help="tokens of prompt + reply to hold (e.g. 8192 or 8k; default 4096 or the model's maximum)")
+    parser.add_argument("--batch", metavar="B", default="1", help="sequences at once (default 1)")
+    parser.add_argument("--quant", metavar="Q", default=None,
+                        help="show the placement for this scheme: bf16, fp16, fp32, fp8, int8, nf4, nf4-nodq, fp4 "
+                             "(cuda) or q8, q4 (mlx) (default: the recommended one)")
+    parser.add_argument("--backend", choices=("cuda", "mlx"), default=None,
+                        help="plan for this backend (default: mlx on a Mac, else cuda)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON, for scripts")
+    parser.add_argument("--list", action="store_true", help="list the models in runner's catalog and exit")
+
+
+def parse_count(text: str, what: str) -> int:
+    """'8192', '8k', '128K', '1m' -> an int; a clear error otherwise."""
+    match = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*([kKmM]?)\s*", text)
+    if not match:
+        raise UserInputError(f"{what} must be a number of tokens like 8192 or 8k, not '{text}'")
+    value = float(match.group(1)) * {"": 1, "k": 1024, "m": 1024**2}[match.group(2).lower()]
+    if value != int(value):
+        raise UserInputError(f"{what} must be a whole number, not '{text}'")
+    return int(value)
+
+
+def run(args: argparse.Namespace) -> int:
+    from runner.model import catalog_ids, load_spec
+
+    if args.list:
+        return _print_catalog(catalog_ids(), args.json)
+
+    from runner import budget
+    from runner.hardware import resolve_machine
+
+    model = load_spec(args.model)
+    machine = resolve_machine(args.machine)
+    context = parse_count(args.context, "--context") if args.context else min(budget.DEFAULT_CONTEXT, model.max_context)
+    batch = parse_count(args.batch, "--batch")
+    if args.quant is not None and args.quant not in budget.QUANTS:
+        raise UserInputError(f"--quant {args.quant}: unknown (known: {', '.join(budget.QUANTS)})")
+    # validate once, with the scheme the user will see in detail
+    budget.check_request(model, args.quant or "bf16", context, batch,
+                         args.backend or budget.default_backend_for(args.quant or "bf16", machine))
+
+    rows = []
+    for backend, quant in budget.schemes_for(machine):
+        if args.backend and backend != args.backend:
+            continue
+        rows.append(budget.make_plan(model, machine, quant, context, batch, backend))
+    recommendation = budget.recommend(model, machine, context)
+    if args.quant:
+        chosen = budget.make_plan(model, machine, args.quant, context, batch, args.backend)
+    elif args.backend and args.backend != recommendation.backend:
+        chosen = rows[0]
+    else:
+        chosen = budget.make_plan(model, machine, recommendation.quant, context, batch, recommendation.backend)
+    setups = budget.article_setups(model, context) if recommendation.plan.verdict != budget.FITS or machine.hypothetical else []
+
+    if args.json:
+        print(json.dumps(_as_json(model, machine, context, batch, rows, chosen, recommendation, setups), indent=2))
+    else:
+        _print_report(model, machine, context, batch, rows, chosen, recommendation, setups)
+    return 0
+
+
+# ---- text ------------------------------------------------------------------------------------
+
+def _gb(value: int | float) -> str:
+    return f"{value / GB:,.1f}"
+
+
+def _speed(tokens_per_s: float) -> str:
+    if tokens_per_s <= 0:
+        return "-"
+    return f"{tokens_per_s:.2f}" if tokens_per_s < 10 else f"{tokens_per_s:,.0f}"
+
+
+VERDICT_WORDS = {"fits": "FITS", "offload": "OFFLOAD", "does-not-fit": "DOES NOT FIT"}
+
+
+def _print_report(model, machine, context, batch, rows, chosen, recommendation, setups) -> None:
+    out = sys.stdout.write
+    params = model.parameter_count()
+    experts = f" · {model.num_experts} experts ({model.experts_per_token} active)" if model.num_experts > 1 else ""
+    out(f"{model.name}  [{model.source}]\n")
+    out(f"  {params / 1e9:,.2f}B parameters · {model.num_layers} layers · hidden {model.hidden_size:,} · "
+        f"{model.num_heads} heads / {model.num_kv_heads} KV heads · vocab {model.vocab_size:,} · "
+        f"max context {model.max_context:,}{experts}\n")
+    kind = "hypothetical" if machine.hypothetical else "detected"
+    out(f"Machine: {machine.label} ({kind}): {machine.describe()}\n")
+    out(f"Context {context:,} tokens x batch {batch} · KV cache {int(model.kv_bytes_per_token(2)):,} bytes/token in "
+        f"bf16 · GB = 10^9 bytes\n\n")
+
+    header = f"  {'scheme':<9} {'backend':<7} {'weights':>9} {'KV':>8} {'overhead':>9} {'total':>9}  {'verdict':<13} {'tok/s*':>7}\n"
+    out(header)
+    for plan in rows:
+        mark = "<" if (plan.quant, plan.backend) == (chosen.quant, chosen.backend) else " "
+        out(f"{mark} {plan.quant:<9} {plan.backend:<7} {_gb(plan.weights_bytes):>9} {_gb(plan.kv_cache_bytes):>8} "
+            f"{_gb(plan.overhead_bytes):>9} {_gb(plan.total_bytes):>9}  {VERDICT_WORDS[plan.verdict]:<13} "
+            f"{_speed(plan.roofline_tokens_per_s):>7}\n")
+    out("  * roofline decode speed at batch 1 (memory bandwidth / bytes read per token): an upper bound\n\n")
+
+    _print_placement(chosen)
+    if chosen.warnings:
+        out("\nWarnings:\n")
+        for warning in chosen.warnings:
+            out(f"  ! {warning}\n")
+    if chosen.notes:
+        out("\nNotes:\n")
+        for note in chosen.notes:
+            out(f"  - {note}\n")
+
+    out("\nRecommendation: ")
+    if recommendation.max_context:
+        out(f"--backend {recommendation.backend} --quant {recommendation.quant} "
+            f"(context up to {recommendation.max_context:,})\n  {recommendation.reason}\n")
+    else:
+        out(f"nothing: {recommendation.reason}\n")
+    if setups:
+        out("\nThe article's set-ups:\n")
+        for label, rec in setups:
+            verdict = VERDICT_WORDS[rec.plan.verdict]
+            how = f"{rec.backend} {rec.quant}, ~{_speed(rec.plan.roofline_tokens_per_s)} tok/s" if rec.max_context else "-"
+            out(f"  {label:<30} {verdict:<13} {how}\n")
+
+
+def _print_placement(plan) -> None:
+    out = sys.stdout.write
+    title = {"layers": "layers split over GPUs (accelerate)", "pipeline": "pipeline: layer ranges per host (mlx.launch)",
+             "tensor": "tensor parallel: every host holds a share of every layer", "single": "one device"}[plan.parallel]
+    out(f"Placement of {plan.quant} on {plan.backend} ({title}): {VERDICT_WORDS[plan.verdict]}\n")
+    if not plan.placement:
+        out(f"  needs {_gb(plan.total_bytes)} GB; this machine cannot hold it, not even with offload\n")
+        return
+    out(f"  {'device':<16} {'layers':<14} {'weights':>9} {'KV':>8} {'overhead':>9} {'total':>9} {'of':>9}\n")
+    for share in plan.placement:
+        layers = f"{share.layers[0]}-{share.layers[1] - 1}" if share.num_layers else "-"
+        extras = [tag for tag, on in (("emb", share.embeddings), ("head", share.head)) if on]
+        if extras:
+            layers += " +" + "+".join(extras)
+        out(f"  {share.device:<16} {layers:<14} {_gb(share.weights_bytes):>9} {_gb(share.kv_cache_bytes):>8} "
+            f"{_gb(share.overhead_bytes):>9} {_gb(share.total_bytes):>9} {_gb(share.capacity_bytes):>9}\n")
+
+
+def _print_catalog(ids: list[str], as_json: bool) -> int:
+
+    specs = [_catalog_spec(model_id) for model_id in ids]
+    if as_json:
+        print(json.dumps([{"id": s.name, "parameters": s.parameter_count(), "layers": s.num_layers,
+                           "max_context": s.max_context} for s in specs], indent=2))
+        return 0
+    print("Models runner knows without a download (runner plan ID):")
+    for spec in specs:
+        print(f"  {spec.name:<42} {spec.parameter_count() / 1e9:>7.2f}B  {spec.num_layers:>3} layers  "
+              f"context {spec.max_context:,}")
+    return 0
+
+
+def _catalog_spec(model_id: str):
+    from runner.model import catalog_config, spec_from_config
+
+    return spec_from_config(catalog_config(model_id), model_id, "catalog")
+
+
+# ---- json ------------------------------------------------------------------------------------
+
+def _plan_json(plan) -> dict:
+    data = {
+        "quant": plan.quant, "backend": plan.backend, "verdict": plan.verdict, "parallel": plan.parallel,
+        "weights_bytes": plan.weights_bytes, "kv_cache_bytes": plan.kv_cache_bytes,
+        "overhead_bytes": plan.overhead_bytes, "total_bytes": plan.total_bytes,
+        "roofline_tokens_per_s": round(plan.roofline_tokens_per_s, 4),
+        "placement": [
+            {"device": s.device, "kind": s.kind, "layers": list(s.layers), "embeddings": s.embeddings, "head": s.head,
+             "weights_bytes": s.weights_bytes, "kv_cache_bytes": s.kv_cache_bytes, "overhead_bytes": s.overhead_bytes,
+             "total_bytes": s.total_bytes, "capacity_bytes": s.capacity_bytes}
+            for s in plan.placement
+        ],
+        "warnings": list(plan.warnings), "notes": list(plan.notes),
+    }
+    if plan.backend == "cuda" and plan.verdict != "does-not-fit":
+        data["max_memory"] = {str(k): v for k, v in plan.max_memory().items()}
+        data["device_map"] = plan.device_map()
+    return data
+
+
+def _as_json(model, machine, context, batch, rows, chosen, recommendation, setups) -> dict:
+    return {
+        "model": {"name": model.name, "source": model.source, "path": str(model.path) if model.path else None,
+                  "parameters": model.parameter_count(), "layers": model.num_layers,
+                  "kv_bytes_per_token_bf16": int(model.kv_bytes_per_token(2)), "max_context": model.max_context},
+        "machine": {"label": machine.label, "hypothetical": machine.hypothetical, "description": machine.describe()},
+        "context": context,
+        "batch": batch,
+        "schemes": [{k: v for k, v in _plan_json(p).items() if k not in ("placement", "device_map", "max_memory")}
+                    for p in rows],
+        "plan": _plan_json(chosen),
+        "recommendation": {"backend": recommendation.backend, "quant": recommendation.quant,
+                           "max_context": recommendation.max_context, "reason": recommendation.reason},
+        "article_setups": [{"setup": label, "verdict": rec.plan.verdict, "backend": rec.backend, "quant": rec.quant}
+                           for label, rec in setups],
+    }
