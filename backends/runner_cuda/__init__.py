@@ -1,0 +1,49 @@
+"""The CUDA backend: transformers + accelerate + bitsandbytes (NF4, LLM.int8), on NVIDIA GPUs.
+
+    backend = CudaBackend()
+    session = backend.load(LoadRequest(spec, quant="nf4", context=4096, plan=plan))
+
+With no CUDA GPU it still runs, on the CPU (bitsandbytes runs NF4 there too): the default model
+must work on any machine, and CI has no GPU. Nothing heavy is imported here; torch, transformers
+and bitsandbytes are imported when a model is loaded (`runner_cuda.loading`).
+
+Modules:
+  loading.py   LoadRequest -> model + tokenizer on the plan's devices; placement and measured bytes
+  session.py   CudaSession: chat template, the decode loop (one function), sampling, logits, memory
+  detokenize.py  incremental decoding of token ids to text (multi-byte characters held back)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from runner.backend import Availability, LoadRequest
+
+INSTALL = "pip install 'runner[cuda]'"
+BITSANDBYTES_INSTALL = "pip install 'bitsandbytes>=0.45'"
+
+# The schemes this backend loads, in the CLI's words.
+CUDA_QUANTS = ("bf16", "fp16", "fp32", "nf4", "nf4-nodq", "fp4", "int8", "fp8")
+BITSANDBYTES_QUANTS = ("nf4", "nf4-nodq", "fp4", "int8")
+
+
+class CudaBackend:
+    name = "cuda"
+
+    def availability(self) -> Availability:
+        """Cheap: looks for the packages without importing torch. No GPU is not a reason to refuse:
+        the backend then runs on the CPU, and the session's `device_summary` says so."""
+        missing = [name for name in ("torch", "transformers", "accelerate", "safetensors") if importlib.util.find_spec(name) is None]
+        if missing:
+            return Availability(False, f"{', '.join(missing)} not installed", INSTALL)
+        if importlib.util.find_spec("bitsandbytes") is None:
+            return Availability(True, f"bitsandbytes not installed: nf4 and int8 are off ({BITSANDBYTES_INSTALL})")
+        return Availability(True)
+
+    def load(self, request: LoadRequest):
+        from runner_cuda.loading import load_session
+
+        return load_session(request)
+
+
+__all__ = ["CudaBackend", "CUDA_QUANTS", "BITSANDBYTES_QUANTS", "INSTALL", "BITSANDBYTES_INSTALL"]

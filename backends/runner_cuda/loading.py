@@ -1,0 +1,501 @@
+"""Load a model as the plan says: the checks before, transformers' `from_pretrained`, the checks after.
+
+    session = load_session(LoadRequest(spec, quant="nf4", context=4096, plan=plan))
+
+Before loading: the quant is one this backend has, the plan does not need offload the user did
+not allow, every safetensors shard is there and its header is sound (a corrupt file fails in a
+second, not after minutes), the tokenizer loads.
+Loading: `AutoModelForCausalLM.from_pretrained` with `use_safetensors=True`, the plan's
+`device_map` and `max_memory`, bitsandbytes' config for nf4/int8, the attention kernel chosen here,
+and transformers' per-tensor loop reported as progress.
+After loading: NF4's compute dtype is what we asked for, the real placement (parameters' devices
+and accelerate's offload hooks) has no offload the user did not allow, and the bytes each device
+holds are measured (the CUDA allocator; on the CPU the bytes of the live tensors, bitsandbytes'
+quantization state included).
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import logging
+import struct
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from runner.backend import LoadProgress, LoadRequest
+from runner.errors import BackendUnavailable, DoesNotFit, LoadError, UserInputError
+from runner_cuda import BITSANDBYTES_INSTALL, BITSANDBYTES_QUANTS, CUDA_QUANTS
+
+if TYPE_CHECKING:
+    import torch
+
+    from runner.budget import Plan
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+# ---- the plan, in one line ------------------------------------------------------------------
+
+
+def plan_line(plan: "Plan") -> str:
+    shares = ", ".join(f"{share.device} {gb(share.total_bytes)}" for share in plan.placement if share.total_bytes)
+    return (
+        f"plan for {plan.quant} at {plan.context} tokens: weights {gb(plan.weights_bytes)} + KV cache "
+        f"{gb(plan.kv_cache_bytes)} + overhead {gb(plan.overhead_bytes)} = {gb(plan.total_bytes)} ({shares}; {plan.verdict})"
+    )
+
+
+def options_that_fit(plan: "Plan") -> list[str]:
+    """Smaller quants, then shorter contexts, that the plan's arithmetic says fit this machine."""
+    try:
+        from runner.budget import FITS, make_plan
+
+        options = []
+        for quant in ("nf4", "int8", "bf16"):
+            if quant != plan.quant and make_plan(plan.model, plan.machine, quant, plan.context, backend="cuda").verdict == FITS:
+                options.append(f"--quant {quant}")
+        for context in (plan.context // 2, plan.context // 4, 2048):
+            if 512 <= context < plan.context and make_plan(plan.model, plan.machine, plan.quant, context, backend="cuda").verdict == FITS:
+                options.append(f"--context {context}")
+                break
+        return options
+    except Exception:  # the plan's arithmetic is advice here; never hide the real error behind it
+        return []
+
+
+def refuse_by_plan(request: LoadRequest) -> None:
+    """Refuse before touching any weight when the plan says it does not fit, or needs offload
+    the user did not allow."""
+    from runner.budget import DOES_NOT_FIT, OFFLOAD
+
+    plan = request.plan
+    if plan is None or plan.verdict not in (DOES_NOT_FIT, OFFLOAD):
+        return
+    options = options_that_fit(plan)
+    fits = f"; options that fit: {', '.join(options)}" if options else "; more GPU memory (or more GPUs) is needed"
+    if plan.verdict == DOES_NOT_FIT:
+        raise DoesNotFit(f"{plan.model.name} does not fit: {plan_line(plan)}{fits}")
+    if not request.allow_offload:
+        raise DoesNotFit(
+            f"{plan.model.name} fits only with CPU/disk offload, which makes each token very slow "
+            f"({plan.roofline_tokens_per_s:.2g} tokens/s at best): {plan_line(plan)}{fits}; or pass --allow-offload"
+        )
+
+
+# ---- checkpoint files -----------------------------------------------------------------------
+
+
+def checkpoint_shards(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder; a clear error if any is missing."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError):
+            raise LoadError(f"{index}: not a valid safetensors index") from None
+        names = sorted(set(weight_map.values()))
+        missing = [name for name in names if not (folder / name).is_file()]
+        if missing:
+            raise LoadError(
+                f"{folder}: {len(missing)} of {len(names)} weight shards missing ({', '.join(missing[:3])}"
+                f"{', …' if len(missing) > 3 else ''}); download the model again"
+            )
+        return [folder / name for name in names]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        raise LoadError(f"{folder}: only PyTorch pickle weights (.bin); runner loads safetensors only")
+    raise LoadError(f"{folder}: no weights (model.safetensors or model.safetensors.index.json)")
+
+
+def tensor_sizes(shard: Path) -> dict[str, int]:
+    """Bytes of each tensor in a safetensors file, from its header; refuses a corrupt or cut file."""
+    size = shard.stat().st_size
+    try:
+        with shard.open("rb") as file:
+            (header_len,) = struct.unpack("<Q", file.read(8))
+            if not 2 <= header_len <= min(size - 8, 100_000_000):
+                raise ValueError("bad header length")
+            header = json.loads(file.read(header_len))
+        header.pop("__metadata__", None)
+        sizes, end = {}, 0
+        for name, info in header.items():
+            start, stop = info["data_offsets"]
+            sizes[name] = stop - start
+            end = max(end, stop)
+    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise LoadError(f"{shard}: not a valid safetensors file (corrupt header); download it again") from None
+    if 8 + header_len + end != size:
+        raise LoadError(
+            f"{shard}: {size} bytes but its header describes {8 + header_len + end}: the file is cut or "
+            "corrupt; download it again"
+        )
+    return sizes
+
+
+# ---- quantization schemes -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scheme:
+    dtype: "torch.dtype"                     # the dtype of everything not quantized (and NF4's compute)
+    quantization_config: object | None      # handed to from_pretrained
+    description: str                         # for device_summary, e.g. "nf4 (double quant, bf16 compute)"
+
+
+def gpu_capabilities() -> list[tuple[str, tuple[int, int]]]:
+    import torch
+
+    return [
+        (torch.cuda.get_device_name(i), torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())
+    ]
+
+
+def scheme_for(quant: str, gpus: list[tuple[str, tuple[int, int]]], allow_offload: bool) -> Scheme:
+    import torch
+
+    if quant in ("q4", "q8"):
+        raise UserInputError(f"--quant {quant} is an MLX quantization; the cuda backend has nf4, int8, fp8, bf16, fp32")
+    if quant not in CUDA_QUANTS:
+        raise UserInputError(f"--quant {quant} is not known to the cuda backend ({', '.join(CUDA_QUANTS)})")
+    if quant in BITSANDBYTES_QUANTS:
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise BackendUnavailable(f"--quant {quant} needs bitsandbytes, which is not installed: {BITSANDBYTES_INSTALL}")
+        # On CPUs with AVX512-BF16, importing bitsandbytes tries to fetch an optional kernel from
+        # the Hub (the `kernels` package) and warns when it cannot; runner never fetches kernels,
+        # and bitsandbytes' built-in CPU path is what runs.
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # BF16 needs Ampere (8.0) or newer; the CPU has it.
+    bf16_ok = all(capability >= (8, 0) for _, capability in gpus)
+    half = torch.bfloat16 if bf16_ok else torch.float16
+    half_name = "bf16" if bf16_ok else "fp16"
+    if quant == "fp32":
+        return Scheme(torch.float32, None, "fp32")
+    if quant == "fp16":
+        return Scheme(torch.float16, None, "fp16")
+    if quant == "bf16":
+        if not bf16_ok:
+            old = next(name for name, capability in gpus if capability < (8, 0))
+            raise UserInputError(f"{old} has no bf16 (compute capability below 8.0): use --quant fp16 or nf4")
+        return Scheme(torch.bfloat16, None, "bf16")
+    if quant in ("nf4", "nf4-nodq", "fp4"):
+        from transformers import BitsAndBytesConfig
+
+        double = quant != "nf4-nodq"
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="fp4" if quant == "fp4" else "nf4",
+            bnb_4bit_use_double_quant=double,
+            bnb_4bit_compute_dtype=half,
+            llm_int8_enable_fp32_cpu_offload=allow_offload,
+        )
+        kind = "fp4" if quant == "fp4" else "nf4"
+        return Scheme(half, config, f"{kind} ({'double quant, ' if double else ''}{half_name} compute)")
+    if quant == "int8":
+        from transformers import BitsAndBytesConfig
+
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=allow_offload)
+        return Scheme(torch.float16, config, "int8 (LLM.int8, fp16 compute)")
+    return fp8_scheme(gpus)
+
+
+def fp8_scheme(gpus: list[tuple[str, tuple[int, int]]]) -> Scheme:
+    """FP8 weights through a route whose kernels ship in an installed package.
+
+    transformers' fine-grained FP8 fetches its kernels from the Hugging Face Hub at run time (the
+    `kernels` package), so it cannot work offline; torchao and fbgemm-gpu ship theirs."""
+    import torch
+
+    if not gpus:
+        raise UserInputError("--quant fp8 needs an NVIDIA GPU with compute capability 8.9 or newer (Ada, Hopper); this machine has none")
+    for name, capability in gpus:
+        if capability < (8, 9):
+            raise UserInputError(
+                f"--quant fp8 needs compute capability 8.9 or newer (Ada, Hopper); {name} is "
+                f"{capability[0]}.{capability[1]}: use --quant nf4, int8 or bf16"
+            )
+    if importlib.util.find_spec("torchao") is not None:
+        from torchao.quantization import Float8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        return Scheme(torch.bfloat16, TorchAoConfig(quant_type=Float8WeightOnlyConfig()), "fp8 (torchao, weight-only e4m3)")
+    if importlib.util.find_spec("fbgemm_gpu") is not None:
+        from transformers import FbgemmFp8Config
+
+        return Scheme(torch.bfloat16, FbgemmFp8Config(), "fp8 (fbgemm, e4m3 per-channel)")
+    raise BackendUnavailable(
+        "--quant fp8 needs torchao or fbgemm-gpu (transformers' own fine-grained FP8 downloads its "
+        "kernels from the Hub at run time, which runner does not do): pip install torchao"
+    )
+
+
+def attention_for(dtype, gpus: list[tuple[str, tuple[int, int]]]) -> str:
+    """flash-attention-2 where it is installed and every GPU is Ampere or newer (fp16/bf16 only); else SDPA."""
+    import torch
+
+    if (
+        gpus
+        and dtype in (torch.float16, torch.bfloat16)
+        and all(capability >= (8, 0) for _, capability in gpus)
+        and importlib.util.find_spec("flash_attn") is not None
+    ):
+        return "flash_attention_2"
+    return "sdpa"
+
+
+# ---- progress -------------------------------------------------------------------------------
+
+
+@contextmanager
+def weight_loading_progress(report: Callable[[LoadProgress], None] | None, sizes: dict[str, int]):
+    """Route transformers' per-tensor loading loop (a `tqdm` in `core_model_loading`) to `report`,
+    in bytes when the checkpoint's tensor names are known, else in tensors."""
+    import transformers.core_model_loading as core_loading
+
+    original = getattr(core_loading, "tqdm", None)
+    total_bytes = sum(sizes.values())
+
+    def with_progress(items, *args, **kwargs):
+        items = list(items)
+        done_bytes = 0
+        for index, item in enumerate(items):
+            yield item
+            if report is None:
+                continue
+            name = item[0] if isinstance(item, tuple) else None
+            done_bytes += sizes.get(name, 0)
+            if total_bytes:
+                report(LoadProgress("loading weights", min(done_bytes, total_bytes), total_bytes, "bytes"))
+            else:
+                report(LoadProgress("loading weights", index + 1, len(items), "tensors"))
+        if report is not None and total_bytes:
+            report(LoadProgress("loading weights", total_bytes, total_bytes, "bytes"))
+
+    if original is not None:
+        core_loading.tqdm = with_progress
+    try:
+        yield
+    finally:
+        if original is not None:
+            core_loading.tqdm = original
+
+
+# ---- after the load: where things are, how many bytes -------------------------------------
+
+
+def decoder_layers(model) -> list:
+    """The model's decoder layers (model.model.layers for Llama, Mistral, Qwen2, Mixtral)."""
+    inner = getattr(model, "model", model)
+    return list(getattr(inner, "layers", []))
+
+
+def module_device(module) -> str:
+    """Where a module computes: accelerate's execution device if hooked, else its first parameter's."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is not None and getattr(hook, "offload", False):
+        return "offload"
+    for param in module.parameters():
+        return "disk" if param.device.type == "meta" else str(param.device)
+    return "none"
+
+
+def offloaded_modules(model) -> list[str]:
+    """Modules whose weights sit off the accelerator: accelerate offload hooks, meta (disk) or CPU
+    parameters while GPUs compute. `hf_device_map` can be absent on one device, so look at both."""
+    import torch
+
+    found = []
+    gpu_run = torch.cuda.is_available()
+    for name, module in model.named_modules():
+        hook = getattr(module, "_hf_hook", None)
+        if hook is not None and getattr(hook, "offload", False):
+            found.append(name or "model")
+            continue
+        for param in module.parameters(recurse=False):
+            if param.device.type == "meta" or (gpu_run and param.device.type == "cpu"):
+                found.append(name or "model")
+                break
+    return found
+
+
+def placement_summary(model) -> str:
+    """'cuda:0 (layers 0-15), cuda:1 (layers 16-31)' or 'cpu (all 30 layers)'."""
+    devices = [module_device(layer) for layer in decoder_layers(model)]
+    if not devices:
+        return module_device(model)
+    if len(set(devices)) == 1:
+        return f"{devices[0]} (all {len(devices)} layers)"
+    runs, start = [], 0
+    for index in range(1, len(devices) + 1):
+        if index == len(devices) or devices[index] != devices[start]:
+            last = index - 1
+            runs.append(f"{devices[start]} (layer{'s' if last > start else ''} {start}{f'-{last}' if last > start else ''})")
+            start = index
+    return ", ".join(runs)
+
+
+def _tensors_with_quant_state(model):
+    """Every tensor the model holds: parameters, buffers, and bitsandbytes' quantization state."""
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        yield tensor
+        state = getattr(tensor, "quant_state", None)  # NF4/FP4: absmax, code, offset, nested state
+        while state is not None:
+            for part in (state.absmax, state.code, getattr(state, "offset", None)):
+                if part is not None:
+                    yield part
+            state = getattr(state, "state2", None)
+        scales = getattr(tensor, "SCB", None)  # LLM.int8: row scales
+        if scales is not None:
+            yield scales
+
+
+def tensor_bytes_by_device(model) -> dict[str, int]:
+    """Bytes of the model's tensors per device, each storage counted once (tied weights, shared
+    codebooks). On the CPU there is no allocator to ask: this is the measure there."""
+    seen: set[tuple[str, int]] = set()
+    totals: dict[str, int] = {}
+    for tensor in _tensors_with_quant_state(model):
+        device = "disk" if tensor.device.type == "meta" else str(tensor.device)
+        if device != "disk":
+            key = (device, tensor.untyped_storage().data_ptr())
+            if key in seen:
+                continue
+            seen.add(key)
+            size = tensor.untyped_storage().nbytes()
+        else:
+            size = tensor.numel() * tensor.element_size()
+        totals[device] = totals.get(device, 0) + size
+    return totals
+
+
+def cuda_allocated() -> dict[str, int]:
+    import torch
+
+    return {f"cuda:{i}": torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count())}
+
+
+def free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---- the load -------------------------------------------------------------------------------
+
+
+def load_session(request: LoadRequest):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from runner_cuda.session import CudaSession
+
+    spec = request.model
+    report = request.on_progress or (lambda progress: None)
+    if request.context < 1:
+        raise UserInputError("the context must be at least 1 token")
+    if request.context > spec.max_context:
+        raise UserInputError(f"{spec.name} handles at most {spec.max_context} tokens of context; asked for {request.context}")
+    gpus = gpu_capabilities() if torch.cuda.is_available() else []
+    scheme = scheme_for(request.quant, gpus, request.allow_offload)
+    refuse_by_plan(request)
+
+    # Where from: a folder (typed, or the HF cache snapshot), else the id (from_pretrained then
+    # looks in the HF cache and downloads unless offline mode is on).
+    source = str(spec.path) if spec.path is not None else spec.name
+    sizes: dict[str, int] = {}
+    if spec.path is not None:
+        shards = checkpoint_shards(spec.path)
+        for index, shard in enumerate(shards):
+            report(LoadProgress("checking shards", index, len(shards), "shards"))
+            sizes.update(tensor_sizes(shard))
+        report(LoadProgress("checking shards", len(shards), len(shards), "shards"))
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=request.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise LoadError(f"{spec.name}: cannot load the tokenizer ({str(error).splitlines()[0]})") from None
+
+    if request.plan is not None:
+        device_map, max_memory = request.plan.device_map(), request.plan.max_memory()
+    else:  # no plan: everything on the first GPU, or on the CPU
+        device_map, max_memory = ({"": 0} if gpus else {"": "cpu"}), None
+    attention = attention_for(scheme.dtype, gpus)
+    baseline = cuda_allocated() if gpus else {}
+    for i in range(len(gpus)):
+        torch.cuda.reset_peak_memory_stats(i)
+
+    model = None
+    try:
+        with weight_loading_progress(request.on_progress, sizes):
+            model = AutoModelForCausalLM.from_pretrained(
+                source,
+                dtype=scheme.dtype,
+                quantization_config=scheme.quantization_config,
+                device_map=device_map,
+                max_memory=max_memory,
+                attn_implementation=attention,
+                use_safetensors=True,
+                trust_remote_code=request.trust_remote_code,
+                low_cpu_mem_usage=True,
+            )
+    except (torch.OutOfMemoryError, MemoryError) as error:
+        model = None
+        free_memory()
+        where = "GPU" if isinstance(error, torch.OutOfMemoryError) else "CPU RAM"
+        plan = request.plan
+        hint = plan_line(plan) if plan is not None else "no plan was given"
+        options = options_that_fit(plan) if plan is not None else []
+        fits = f"; options that fit: {', '.join(options)}" if options else ""
+        raise LoadError(f"out of {where} memory while loading {spec.name} in {request.quant}: {hint}{fits}") from None
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        model = None
+        free_memory()
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if spec.path is None and "offline" in str(error).lower():
+            raise LoadError(f"{spec.name} is not in the Hugging Face cache and offline mode is on: download it first") from None
+        raise LoadError(f"{spec.name}: loading failed ({first_line})") from None
+
+    model.eval()
+    try:
+        check_after_load(model, scheme, request)
+    except BaseException:
+        del model
+        free_memory()
+        raise
+    return CudaSession(
+        model=model,
+        tokenizer=tokenizer,
+        spec=spec,
+        quant=request.quant,
+        context=request.context,
+        plan=request.plan,
+        scheme_description=scheme.description,
+        attention=attention,
+        cuda_baseline=baseline,
+        gpu_names=[name for name, _ in gpus],
+    )
+
+
+def check_after_load(model, scheme: Scheme, request: LoadRequest) -> None:
+    """NF4 computes in the dtype we asked (a float32 compute dtype silently halves the speed), and
+    nothing is offloaded unless the user allowed it."""
+    for name, module in model.named_modules():
+        compute = getattr(module, "compute_dtype", None)
+        if type(module).__name__ == "Linear4bit" and compute is not None and compute != scheme.dtype:
+            raise LoadError(f"{name}: NF4 compute dtype is {compute}, expected {scheme.dtype}; refusing a slow load")
+    offloaded = offloaded_modules(model)
+    if offloaded and not request.allow_offload:
+        shown = ", ".join(offloaded[:3]) + (", …" if len(offloaded) > 3 else "")
+        raise DoesNotFit(
+            f"{request.model.name}: {len(offloaded)} modules ended up off the GPU ({shown}), which makes "
+            "each token very slow; use a smaller --quant or --context, or pass --allow-offload"
+        )

@@ -1,0 +1,289 @@
+"""CudaSession: a loaded transformers model behind runner's Session protocol.
+
+The decode loop is our own, over the model's forward with a KV cache (`DynamicCache`), instead
+of HF `generate` with a streamer thread: one token per step, so cancelling between tokens is a
+flag check and a fresh cache per reply means a cancelled reply leaves nothing behind.
+
+A faster path (static cache, CUDA graphs, fused kernels: `runner_cuda.fast`) replaces two
+methods and nothing else: `new_cache()` and `forward_step(input_ids, cache)`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+from runner.backend import GenerationChunk, MemoryReport, Message, Sampling
+from runner.errors import GenerationError, UserInputError
+from runner_cuda.detokenize import IncrementalDecoder
+from runner_cuda.loading import cuda_allocated, decoder_layers, free_memory, placement_summary, tensor_bytes_by_device
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from runner.budget import Plan
+    from runner.model import ModelSpec
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """Every id that ends a reply: generation_config.json's list (Llama 3 has three), the
+    config's, and the tokenizer's own end-of-sequence token."""
+    ids: set[int] = set()
+    for value in (getattr(model.generation_config, "eos_token_id", None), getattr(model.config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def pick_token(logits: "torch.Tensor", sampling: Sampling, generator: "torch.Generator | None") -> int:
+    """Greedy (temperature 0) or sampled with temperature and nucleus (top-p) from float32 logits."""
+    import torch
+
+    if sampling.temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Keep the smallest set of tokens whose mass reaches top_p (always at least the first).
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < sampling.top_p
+        sorted_probs = sorted_probs * keep
+        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class CudaSession:
+    backend = "cuda"
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        spec: "ModelSpec",
+        quant: str,
+        context: int,
+        plan: "Plan | None",
+        scheme_description: str,
+        attention: str,
+        cuda_baseline: dict[str, int],
+        gpu_names: list[str],
+    ) -> None:
+        import torch
+
+        self.hf_model = model          # the transformers model
+        self.tokenizer = tokenizer
+        self.model = self.spec = spec  # the protocol's `model` is the ModelSpec
+        self.quant = quant
+        self.context = context
+        self.plan = plan
+        self.attention = attention
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self._cuda_baseline = cuda_baseline
+        self._lock = threading.Lock()  # one reply at a time
+        embeddings = model.get_input_embeddings()
+        hook = getattr(embeddings, "_hf_hook", None)
+        self.input_device = getattr(hook, "execution_device", None) or embeddings.weight.device
+        if torch.device(self.input_device).type == "meta":
+            self.input_device = torch.device("cpu")
+        where = placement_summary(model)
+        if gpu_names:
+            gpus = sorted(set(gpu_names))
+            where += f" on {', '.join(gpus)}"
+        else:
+            where += "; no CUDA GPU: running on the CPU"
+        self.device_summary = f"{where}; {scheme_description}; {attention} attention"
+        self._weights_measured = self._measure()
+        # transformers renamed `past_key_values` to `cache` (5.2x); pass the one this version has.
+        parameters = inspect.signature(model.forward).parameters
+        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+
+    # ---- prompt ---------------------------------------------------------------------------
+    def tokenize(self, messages: Sequence[Message]) -> list[int]:
+        if not self.tokenizer.chat_template:
+            raise UserInputError(
+                f"{self.spec.name} has no chat template: it looks like a base model, not a chat (instruct) "
+                "model; runner does not invent a template: use an -Instruct model"
+            )
+        conversation = [{"role": m.role, "content": m.content} for m in messages]
+        ids = self.tokenizer.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+
+    # ---- the two steps a fast path replaces ------------------------------------------------
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.hf_model.config)
+
+    def forward_step(self, input_ids: "torch.Tensor", cache) -> "torch.Tensor":
+        """Run `input_ids` (1, n) through the model, appending to `cache`; float32 logits (vocab,)
+        of the last position."""
+        import torch
+
+        with torch.inference_mode():
+            output = self.hf_model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{self._cache_argument: cache})
+        return output.logits[0, -1].float()
+
+    # ---- streaming -------------------------------------------------------------------------
+    def stream(
+        self, messages: Sequence[Message], sampling: Sampling, cancel: threading.Event | None = None
+    ) -> Iterator[GenerationChunk]:
+        started = time.perf_counter()
+        prompt = self.tokenize(messages)
+        return self.stream_tokens(prompt, sampling, cancel, started)
+
+    def stream_tokens(
+        self, prompt: list[int], sampling: Sampling, cancel: threading.Event | None = None, started: float | None = None
+    ) -> Iterator[GenerationChunk]:
+        """The decode loop, from token ids (checked here, before the generator starts)."""
+        if not prompt:
+            raise UserInputError("the prompt is empty")
+        if len(prompt) >= self.context:
+            raise UserInputError(
+                f"the prompt is {len(prompt)} tokens but the context is {self.context}: shorten it or raise "
+                f"--context (the model handles up to {self.spec.max_context})"
+            )
+        return self._decode(prompt, sampling, cancel, started or time.perf_counter())
+
+    def _decode(self, prompt: list[int], sampling: Sampling, cancel, started: float) -> Iterator[GenerationChunk]:
+        import torch
+
+        if not self._lock.acquire(blocking=False):
+            raise GenerationError("this session is already generating a reply")
+        try:
+            limit = min(sampling.max_tokens, self.context - len(prompt))
+            generator = None
+            if sampling.temperature > 0:
+                device = self.hf_model.lm_head.weight.device if hasattr(self.hf_model, "lm_head") else self.input_device
+                device = torch.device("cpu") if device.type == "meta" else device
+                seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+                generator = torch.Generator(device=device).manual_seed(seed)
+            self._reset_peak()
+            decoder = IncrementalDecoder(self.tokenizer)
+            cache = self.new_cache()
+            ids = torch.tensor([prompt], device=self.input_device)
+            stats = {"prompt_tokens": len(prompt), "prompt_tps": 0.0, "ttft": 0.0}
+            first_token_at = 0.0
+            generated = 0
+            while True:
+                if cancel is not None and cancel.is_set():
+                    yield self._chunk(decoder.flush(), None, generated, stats, first_token_at, "cancelled", cache)
+                    return
+                step_started = time.perf_counter()
+                try:
+                    logits = self.forward_step(ids, cache)
+                except torch.OutOfMemoryError:
+                    del cache
+                    free_memory()
+                    raise GenerationError(
+                        f"out of GPU memory after {len(prompt) + generated} tokens; use a shorter --context or a smaller --quant"
+                    ) from None
+                token = pick_token(logits, sampling, generator)
+                generated += 1
+                if generated == 1:
+                    first_token_at = time.perf_counter()
+                    stats["ttft"] = first_token_at - started
+                    stats["prompt_tps"] = len(prompt) / max(first_token_at - step_started, 1e-9)
+                if token in self.eos_ids:
+                    yield self._chunk(decoder.flush(), token, generated, stats, first_token_at, "stop", cache)
+                    return
+                text = decoder.add(token)
+                if generated >= limit:
+                    yield self._chunk(text + decoder.flush(), token, generated, stats, first_token_at, "length", cache)
+                    return
+                yield self._chunk(text, token, generated, stats, first_token_at, None, cache)
+                ids = torch.tensor([[token]], device=self.input_device)
+        finally:
+            self._lock.release()
+
+    def _chunk(self, text, token, generated, stats, first_token_at, finish, cache) -> GenerationChunk:
+        elapsed = time.perf_counter() - first_token_at if generated > 1 else 0.0
+        return GenerationChunk(
+            text=text,
+            token=token,
+            prompt_tokens=stats["prompt_tokens"],
+            prompt_tps=stats["prompt_tps"],
+            generation_tokens=generated,
+            generation_tps=(generated - 1) / elapsed if elapsed > 0 else 0.0,
+            time_to_first_token=stats["ttft"],
+            peak_memory=self._peak(cache),
+            finish_reason=finish,
+        )
+
+    # ---- memory ----------------------------------------------------------------------------
+    def _reset_peak(self) -> None:
+        import torch
+
+        for device in self._cuda_baseline:
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def _peak(self, cache) -> int:
+        """CUDA: the allocator's peak since the reply started, above what was there before the
+        load. CPU: the weights' bytes plus the KV cache's tensors (the CPU has no allocator stats)."""
+        import torch
+
+        if self._cuda_baseline:
+            return sum(
+                max(0, torch.cuda.max_memory_allocated(device) - base) for device, base in self._cuda_baseline.items()
+            )
+        kv = 0
+        for layer in getattr(cache, "layers", []):
+            for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if tensor is not None:
+                    kv += tensor.numel() * tensor.element_size()
+        return sum(self._weights_measured.values()) + kv
+
+    def _measure(self) -> dict[str, int]:
+        """Bytes per device: the CUDA allocator (above what was allocated before the load) for
+        GPUs; the model's tensors for the CPU (and for disk offload)."""
+        measured = {}
+        if self._cuda_baseline:
+            for device, now in cuda_allocated().items():
+                used = now - self._cuda_baseline.get(device, 0)
+                if used > 0:
+                    measured[device] = used
+        for device, size in tensor_bytes_by_device(self.hf_model).items():
+            if not device.startswith("cuda"):
+                measured[device] = size
+        return measured
+
+    def memory(self) -> MemoryReport:
+        import torch
+
+        planned = {}
+        if self.plan is not None:
+            planned = {share.device: share.weights_bytes for share in self.plan.placement if share.weights_bytes}
+        peak = {}
+        for device, base in self._cuda_baseline.items():
+            peak[device] = max(0, torch.cuda.max_memory_allocated(device) - base)
+        return MemoryReport(measured=self._measure(), planned=planned, peak=peak)
+
+    # ---- parity ----------------------------------------------------------------------------
+    def logits(self, token_ids: Sequence[int]) -> "np.ndarray":
+        import torch
+
+        if len(token_ids) == 0:
+            raise UserInputError("logits() needs at least one token id")
+        if len(token_ids) > self.spec.max_context:
+            raise UserInputError(f"{len(token_ids)} tokens is more than {self.spec.name}'s context ({self.spec.max_context})")
+        ids = torch.tensor([list(token_ids)], device=self.input_device)
+        with torch.inference_mode():
+            output = self.hf_model(input_ids=ids, use_cache=False)
+        return output.logits[0].float().cpu().numpy()
+
+    def close(self) -> None:
+        if self.hf_model is None:
+            return
+        self.hf_model = None
+        self.tokenizer = None
+        free_memory()
+
+
+__all__ = ["CudaSession", "pick_token", "eos_token_ids", "decoder_layers"]
