@@ -404,7 +404,7 @@ def make_plan(
     """
     backend = backend or default_backend_for(quant, machine)
     check_request(model, quant, context, batch, backend)
-    breakdown = weights_breakdown(model, quant, backend)
+    breakdown = weights_breakdown(model, "bf16" if fp8_dequantized(quant, backend, machine) else quant, backend)
     kv_total = kv_cache_bytes(model, context, batch, quant)
     kv_per_layer = kv_total // model.num_layers
     activations = activation_bytes(model, context, batch, quant)
@@ -597,13 +597,20 @@ def _roofline(model: ModelSpec, placement, parallel: str) -> float:
     return 1 / seconds if seconds > 0 else 0.0
 
 
+def fp8_dequantized(quant: str, backend: str, machine: Machine) -> bool:
+    """transformers loads FP8 checkpoints dequantized to bf16 without a GPU of compute capability 8.9+."""
+    if quant != "fp8" or backend != "cuda":
+        return False
+    gpus = machine.gpus
+    return not gpus or any(g.compute_capability is not None and g.compute_capability < (8, 9) for g in gpus)
+
+
 def _scheme_warnings(model: ModelSpec, machine: Machine, quant: str, backend: str, warnings: list[str]) -> None:
     gpus = machine.gpus
     if quant == "fp8" and backend == "cuda":
-        old = [g for g in gpus if g.compute_capability and g.compute_capability < (8, 9)]
-        if old or not gpus:
-            warnings.append("fp8 needs an NVIDIA GPU with compute capability 8.9+ (Ada, Hopper); "
-                            "here transformers would not run FP8 matmuls")
+        if fp8_dequantized(quant, backend, machine):
+            warnings.append("fp8 needs an NVIDIA GPU with compute capability 8.9+ (Ada, Hopper); without one "
+                            "transformers dequantizes FP8 checkpoints to bf16 on load: counted here as bf16")
         warnings.append("fp8 in transformers needs the `kernels` package, which downloads its kernels from "
                         "the Hub at run time: it does not work offline")
     if quant == "bf16" and backend == "cuda" and any(g.compute_capability and g.compute_capability < (8, 0) for g in gpus):

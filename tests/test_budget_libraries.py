@@ -1,0 +1,158 @@
+"""Each scheme's weight bytes in budget.py against the real library, on a tiny real model.
+
+A tiny random LlamaForCausalLM is saved as safetensors to a tmp folder, its ModelSpec is read from
+that folder's config.json, and then:
+  - transformers loads it in bf16 / fp32 and with bitsandbytes nf4 (with and without double
+    quant), fp4 and int8 on the CPU (bitsandbytes 0.50 runs there); we sum the bytes of every
+    parameter and of every quantization-state tensor (absmax, nested absmax, code, offset, SCB);
+  - mlx-lm builds the same model and quantizes it with its own quantize_model (q4, q8, group 64);
+    we sum tree_flatten(model.parameters()) nbytes;
+  - FP8: transformers refuses to quantize FP8 without a GPU ("No GPU or XPU found") and dequantizes
+    FP8 checkpoints to bf16 on a CPU, so the real format cannot be loaded here. We build it with
+    transformers' own `replace_with_fp8_linear` (the FP8Linear modules a checkpoint loads into,
+    lm_head skipped as the quantizer does) and sum those parameters' bytes.
+The budget must equal each number exactly.
+
+The dimensions are chosen to exercise the padding: 192 is not a multiple of 128 (FP8 blocks),
+q_proj has 36,864 weights = 576 absmax blocks = 2.25 nested blocks of 256.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from runner.budget import weights_bytes
+from runner.model import load_spec
+
+TINY = dict(
+    hidden_size=192, intermediate_size=320, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+    vocab_size=1000, max_position_embeddings=512,
+)
+
+
+def _save_tiny(folder, tie: bool, **changes):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**TINY, **changes}, tie_word_embeddings=tie)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def tiny(request, tmp_path_factory):
+    return _save_tiny(tmp_path_factory.mktemp("tiny"), request.param)
+
+
+def torch_bytes(model) -> int:
+    """Bytes of every parameter and bitsandbytes quantization-state tensor, each counted once."""
+    tensors = {}
+
+    def add(tensor):
+        if tensor is not None:
+            tensors[(tensor.data_ptr(), tensor.numel(), str(tensor.dtype))] = tensor.numel() * tensor.element_size()
+
+    for parameter in model.parameters():  # tied weights come once
+        add(parameter)
+        state = getattr(parameter, "quant_state", None)
+        if state is not None:
+            add(state.absmax)
+            add(state.code)
+            add(state.offset)
+            if state.nested:
+                add(state.state2.absmax)
+                add(state.state2.code)
+        add(getattr(parameter, "SCB", None))
+    return sum(tensors.values())
+
+
+def test_bf16_and_fp32_match_transformers(tiny):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    spec = load_spec(str(tiny))
+    for dtype, quant in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        model = LlamaForCausalLM.from_pretrained(tiny, dtype=dtype, device_map="cpu")
+        assert torch_bytes(model) == weights_bytes(spec, quant, "cuda"), quant
+
+
+@pytest.mark.parametrize("quant", ["nf4", "nf4-nodq", "fp4", "int8"])
+def test_bitsandbytes_matches_the_budget(tiny, quant):
+    import torch
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    if quant == "int8":
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="fp4" if quant == "fp4" else "nf4",
+            bnb_4bit_use_double_quant=quant != "nf4-nodq",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    model = LlamaForCausalLM.from_pretrained(tiny, quantization_config=config, dtype=torch.bfloat16, device_map="cpu")
+    # the layers really are quantized (else the test would compare bf16 with bf16)
+    q_proj = model.model.layers[0].self_attn.q_proj.weight
+    assert q_proj.dtype == (torch.int8 if quant == "int8" else torch.uint8)
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    spec = load_spec(str(tiny))
+    assert torch_bytes(model) == weights_bytes(spec, quant, "cuda")
+    # transformers' own footprint misses the quantization state: the budget is right to count it
+    assert model.get_memory_footprint() < weights_bytes(spec, quant, "cuda")
+
+
+def test_fp8_matches_transformers_fp8_linear_format(tiny):
+    import torch
+    from transformers import FineGrainedFP8Config, LlamaConfig, LlamaForCausalLM
+    from transformers.integrations.finegrained_fp8 import FP8Linear, replace_with_fp8_linear
+
+    config = LlamaConfig.from_pretrained(tiny)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    skip = ["lm_head"]  # get_keys_to_not_convert: the output embedding stays in bf16
+    model = replace_with_fp8_linear(model, skip, FineGrainedFP8Config(weight_block_size=[128, 128]))
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, FP8Linear)
+    assert q_proj.weight.dtype == torch.float8_e4m3fn
+    assert tuple(q_proj.weight_scale_inv.shape) == (2, 2)  # 192 / 128 rounds up to 2 blocks
+    real = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert real == weights_bytes(load_spec(str(tiny)), "fp8", "cuda")
+
+
+def _mlx_model(folder):
+    import mlx.core as mx
+    from mlx_lm.models import llama
+
+    config = json.loads((folder / "config.json").read_text())
+    args = llama.ModelArgs.from_dict({**config, "rms_norm_eps": 1e-5})
+    model = llama.Model(args)
+    model.set_dtype(mx.bfloat16)
+    return model
+
+
+@pytest.mark.parametrize("quant,bits", [("q4", 4), ("q8", 8)])
+def test_mlx_quantize_matches_the_budget(tiny, quant, bits):
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import quantize_model
+
+    model, _ = quantize_model(_mlx_model(tiny), {}, group_size=64, bits=bits)
+    params = dict(tree_flatten(model.parameters()))
+    assert params["model.embed_tokens.weight"].dtype == mx.uint32  # embeddings quantized too
+    real = sum(value.nbytes for value in params.values())
+    assert real == weights_bytes(load_spec(str(tiny)), quant, "mlx")
+
+
+def test_mlx_leaves_layers_whose_width_is_not_a_multiple_of_the_group(tmp_path):
+    """intermediate 100: down_proj's input is not a multiple of 64, so mlx-lm keeps it in bf16."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import quantize_model
+
+    folder = _save_tiny(tmp_path / "odd", tie=False, intermediate_size=100)
+    model, _ = quantize_model(_mlx_model(folder), {}, group_size=64, bits=4)
+    params = dict(tree_flatten(model.parameters()))
+    assert "model.layers.0.mlp.down_proj.scales" not in params
+    assert sum(v.nbytes for v in params.values()) == weights_bytes(load_spec(str(folder)), "q4", "mlx")
