@@ -247,6 +247,7 @@ class Plan:
     parallel: str = "single"      # "single", "layers" (accelerate across GPUs), "pipeline", "tensor" (MLX hosts)
     notes: tuple[str, ...] = ()   # facts worth saying that are not warnings (which MLX split works, ...)
     layer_bytes: int = 0          # one decoder layer's weights under this scheme
+    largest_module_bytes: int = 0  # the biggest of a layer, the embeddings, lm_head (accelerate reserves it)
 
     @property
     def total_bytes(self) -> int:
@@ -259,20 +260,28 @@ class Plan:
     def max_memory(self) -> dict[int | str, int]:
         """accelerate's `max_memory` for this placement: {gpu index: bytes, "cpu": bytes}.
 
-        Each device gets the weights the plan puts there plus half a layer of slack, so that
-        accelerate's sequential fill lands on the same layers and leaves the KV cache and the
-        activations the room the plan keeps for them. Pass `device_map=plan.device_map()` too:
-        that is the placement itself.
+        Each device gets exactly the weights the plan puts there, so the KV cache and the
+        activations keep the room the plan leaves them. accelerate also holds back its largest
+        module on its "main" devices (the first GPU and the CPU, for offload buffers): that is added
+        there, so that `infer_auto_device_map(model, max_memory=plan.max_memory())` lands on the
+        plan's placement for unquantized weights (tests/test_budget.py checks it). For quantized
+        weights accelerate sizes modules its own way: pass `device_map=plan.device_map()` too, which
+        is the placement itself.
         """
         if self.backend != "cuda":
             raise ValueError("max_memory() is for the cuda backend (accelerate); this plan is for mlx")
-        slack = self.layer_bytes // 2
+        rotary_buffers = self.model.head_dim // 2 * 4 * 2   # inv_freq and original_inv_freq, fp32
         memory: dict[int | str, int] = {}
+        main_gpu_seen = False
         for share in self.placement:
+            cap = share.weights_bytes + (rotary_buffers if share.head else 0)
             if share.kind == "gpu":
-                memory[int(share.device.split(":")[1])] = share.weights_bytes + slack
+                if not main_gpu_seen:
+                    cap += self.largest_module_bytes
+                    main_gpu_seen = True
+                memory[int(share.device.split(":")[1])] = cap
             elif share.kind == "cpu":
-                memory["cpu"] = share.weights_bytes + slack
+                memory["cpu"] = cap + self.largest_module_bytes
         return memory
 
     def device_map(self) -> dict[str, int | str]:
@@ -293,11 +302,11 @@ class Plan:
         first = next(share for share in self.placement if share.embeddings)
         last = next(share for share in self.placement if share.head)
         mapping["model.embed_tokens"] = target(first)
-        mapping["model.rotary_emb"] = target(first)
         for share in self.placement:
             for layer in range(*share.layers):
                 mapping[f"model.layers.{layer}"] = target(share)
         mapping["model.norm"] = target(last)
+        mapping["model.rotary_emb"] = target(last)   # no weights; accelerate puts it after the norm
         # a tied lm_head is the embedding's weight: accelerate keeps tied weights on one device
         mapping["lm_head"] = target(first) if self.model.tie_embeddings else target(last)
         return mapping
@@ -438,6 +447,7 @@ def make_plan(
         weights_bytes=weights_total, kv_cache_bytes=kv_placed, overhead_bytes=overhead,
         placement=tuple(placement), verdict=verdict, warnings=tuple(warnings),
         roofline_tokens_per_s=roofline, parallel=parallel_used, notes=tuple(notes), layer_bytes=breakdown.layer,
+        largest_module_bytes=max(breakdown.layer, breakdown.embeddings, breakdown.head),
     )
 
 
