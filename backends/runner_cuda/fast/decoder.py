@@ -20,7 +20,6 @@ On CPU (tests) the same forward runs eagerly, without graphs.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Sequence
 
 from runner_cuda.fast.nf4 import NF4Weight, nf4_gemv, nf4_weight_of
@@ -145,8 +144,7 @@ class FastDecoder:
 
         cos = self.cos.index_select(0, self.position)                    # [1, head_dim]
         sin = self.sin.index_select(0, self.position)
-        masked = self.positions[:span] > self.position                   # [span]
-        rep = self.heads // self.kv_heads
+        visible = (self.positions[:span] <= self.position).view(1, 1, 1, span)
         hidden = self.embed(self.token)                                   # [1, hidden]
         for layer, keys, values in zip(self.layers, self.keys, self.values):
             attn = layer.self_attn
@@ -157,10 +155,10 @@ class FastDecoder:
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             keys.index_copy_(1, self.position, k[:, None])
             values.index_copy_(1, self.position, v[:, None])
-            scores = torch.matmul(q.view(self.kv_heads, rep, self.head_dim), keys[:, :span].transpose(1, 2))
-            scores = (scores * self.scaling).float().masked_fill(masked, -math.inf)
-            weights = torch.softmax(scores, dim=-1).to(self.dtype)
-            out = torch.matmul(weights, values[:, :span]).reshape(1, self.heads * self.head_dim)
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q[None, :, None], keys[None, :, :span], values[None, :, :span], attn_mask=visible,
+                scale=self.scaling, enable_gqa=True,
+            ).reshape(1, self.heads * self.head_dim)
             hidden = hidden + self._linear(attn.o_proj, out)
             hidden = hidden + self._mlp(layer.mlp, layer.post_attention_layernorm(hidden))
         return self.head(self.norm(hidden))[0].float()
