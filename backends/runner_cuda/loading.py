@@ -275,7 +275,7 @@ def weight_loading_progress(report: Callable[[LoadProgress], None] | None, sizes
                 report(LoadProgress("loading weights", min(done_bytes, total_bytes), total_bytes, "bytes"))
             else:
                 report(LoadProgress("loading weights", index + 1, len(items), "tensors"))
-        if report is not None and total_bytes:
+        if report is not None and total_bytes and done_bytes < total_bytes:  # names that did not match
             report(LoadProgress("loading weights", total_bytes, total_bytes, "bytes"))
 
     if original is not None:
