@@ -141,13 +141,13 @@ def mlx_folder(source: Path, quant: str, on_progress: Progress | None = None) ->
     if not config_path.is_file():
         raise UserInputError(f"{source}: no config.json in this folder")
     config = read_json(config_path)
-    check_supported(config, source)
     already = quant_of_folder(config)
     if already is not None:
         if already != quant:
             raise UserInputError(
                 f"{source} is an MLX model already quantized to {already}; load it with --quant {already}"
             )
+        check_supported(config, source)
         check_weights(source)
         return source
 
@@ -158,6 +158,7 @@ def mlx_folder(source: Path, quant: str, on_progress: Progress | None = None) ->
         if record.get("fingerprint") == fingerprint:
             return target
         notify(on_progress, LoadProgress(f"{source.name} changed since it was converted; converting again", 0, 0))
+    check_supported(config, source)
     convert(source, target, quant, fingerprint, on_progress)
     return target
 

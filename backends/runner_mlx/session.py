@@ -60,7 +60,7 @@ class MlxSession:
     ) -> Iterator[GenerationChunk]:
         """Stream a reply to ready-made prompt token ids (what `stream` does after the template)."""
         import mlx.core as mx
-        from mlx_lm.generate import stream_generate
+        from mlx_lm.generate import generation_stream, stream_generate
         from mlx_lm.sample_utils import make_sampler
 
         if sampling.seed is not None:
@@ -95,6 +95,9 @@ class MlxSession:
             raise GenerationError(f"mlx failed while generating: {error}") from None
         finally:
             responses.close()  # runs mlx-lm's clean-up (wired limit restored) on cancel too
+            # mlx-lm computes the step after the last token ahead of time: wait for it, so nothing is
+            # left running (on several hosts it talks to the other ranks, which must stay in step)
+            mx.synchronize(generation_stream)
 
     def logits(self, token_ids: Sequence[int]):
         import mlx.core as mx

@@ -1,0 +1,337 @@
+"""Start a model on several hosts through `mlx.launch` (ring backend) and supervise the ranks.
+
+`runner launch` calls `launch(...)`. Before anything starts it checks every host (resolvable,
+reachable over ssh, its memory), plans the split (`runner_mlx.split`) and prints each host's
+share; then it runs
+
+    mlx.launch --backend ring --hostfile H.json --starting-port P -- python -m runner_mlx.rank ...
+
+relays rank 0's reply as it streams, and watches mlx.launch's report of each rank. mlx.launch
+itself exits 0 even when a rank fails, so runner reads "Node with rank N exited with code C"
+and turns it into one clear line and an exit code. When a rank dies, mlx.launch stops the others;
+if that does not end everything within `grace` seconds (a frozen peer ignores SIGTERM), runner kills
+the whole process group: no rank is left behind.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from runner.errors import RunnerError, UserInputError
+
+from runner_mlx.rank import EXIT_STOPPED, EXIT_WATCHDOG
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+NODE_EXIT = re.compile(r"Node with rank (\d+) (?:exited with code (-?\d+)|was killed)")
+
+
+@dataclass(frozen=True)
+class LaunchHost:
+    ssh: str          # what ssh connects to (or 127.0.0.1 for this machine)
+    ip: str           # where the ring connects
+    local: bool
+
+
+# ---- hosts ------------------------------------------------------------------------------------
+
+
+def read_hostfile(path: Path) -> list[tuple[str, list[str]]]:
+    """(ssh name, ips) per host from mlx.launch's JSON hostfile (a list, or {"hosts": [...]})."""
+    try:
+        data = json.loads(Path(path).read_text())
+        hosts = data["hosts"] if isinstance(data, dict) else data
+        return [(str(h["ssh"]), [str(ip) for ip in h.get("ips", [])]) for h in hosts]
+    except OSError as error:
+        raise UserInputError(f"{path}: cannot read the hostfile ({error.strerror})") from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserInputError(f"{path}: not an mlx.launch hostfile ({error}); expected "
+                             '[{"ssh": "host1", "ips": ["10.0.0.1"]}, ...]') from None
+
+
+def is_local_ip(ip: str) -> bool:
+    if ipaddress.ip_address(ip).is_loopback:
+        return True
+    try:
+        return ip in socket.gethostbyname_ex(socket.gethostname())[2]
+    except OSError:
+        return False
+
+
+def resolve_hosts(entries: list[tuple[str, list[str]]]) -> list[LaunchHost]:
+    hosts = []
+    for ssh, ips in entries:
+        if not ips:
+            try:
+                ips = [socket.gethostbyname(ssh)]
+            except OSError:
+                raise UserInputError(f"cannot resolve host '{ssh}': check the name, or give its IP address") from None
+        hosts.append(LaunchHost(ssh, ips[0], is_local_ip(ips[0])))
+    return hosts
+
+
+def ssh_command(host: str, command: str, timeout: int) -> list[str]:
+    return ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={timeout}", host, command]
+
+
+def check_reachable(host: LaunchHost, timeout: int) -> None:
+    """A remote host must answer ssh without a password prompt within `timeout` seconds."""
+    if host.local:
+        return
+    if shutil.which("ssh") is None:
+        raise UserInputError(f"cannot reach {host.ssh}: no ssh client here (mlx.launch starts remote ranks over ssh)")
+    try:
+        done = subprocess.run(ssh_command(host.ssh, "true", timeout), capture_output=True, text=True,
+                              timeout=timeout + 5, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise UserInputError(f"cannot reach {host.ssh}: ssh did not answer within {timeout} s") from None
+    if done.returncode != 0:
+        why = (done.stderr.strip().splitlines() or ["ssh failed"])[-1]
+        raise UserInputError(f"cannot reach {host.ssh} over ssh ({why}); runner launch needs "
+                             "password-less ssh (ssh-copy-id) to every other host")
+
+
+def host_memory(host: LaunchHost, timeout: int) -> int:
+    """Total RAM of `host` in bytes (psutil here, sysctl or /proc/meminfo over ssh)."""
+    if host.local:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    probe = "sysctl -n hw.memsize 2>/dev/null || awk '/MemTotal/ {print $2 * 1024}' /proc/meminfo"
+    done = subprocess.run(ssh_command(host.ssh, probe, timeout), capture_output=True, text=True,
+                          timeout=timeout + 5, stdin=subprocess.DEVNULL)
+    try:
+        return int(float(done.stdout.split()[0]))
+    except (IndexError, ValueError):
+        raise UserInputError(f"cannot read the memory of {host.ssh}; give it with --host-memory") from None
+
+
+def free_port_range(count: int) -> int:
+    """A starting port with `count` free ports after it (the ring listens on port + rank)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            start = probe.getsockname()[1]
+        if start + count >= 65535:
+            continue
+        try:
+            for port in range(start, start + count):
+                with socket.socket() as s:
+                    s.bind(("", port))
+            return start
+        except OSError:
+            continue
+    raise RunnerError("no free ports for the ring")
+
+
+def mlx_launch_path() -> str:
+    beside = Path(sys.executable).parent / "mlx.launch"
+    found = str(beside) if beside.exists() else shutil.which("mlx.launch")
+    if not found:
+        raise UserInputError("mlx.launch not found: pip install 'runner[mlx]'")
+    return found
+
+
+# ---- running and watching -------------------------------------------------------------------
+
+
+class RankReport:
+    """What mlx.launch and the ranks said, read from mlx.launch's stderr as it comes."""
+
+    def __init__(self, hosts: list[LaunchHost], verbose: bool):
+        self.hosts = hosts
+        self.verbose = verbose
+        self.exits: dict[int, int] = {}      # rank -> exit code (-signal when killed)
+        self.first_failure: float | None = None
+
+    def read(self, stream) -> None:
+        for raw in iter(stream.readline, b""):
+            line = ANSI.sub("", raw.decode(errors="replace")).rstrip("\n")
+            match = NODE_EXIT.search(line)
+            if match:
+                rank = int(match.group(1))
+                self.exits[rank] = int(match.group(2)) if match.group(2) else -signal.SIGTERM
+                if self.first_failure is None:
+                    self.first_failure = time.monotonic()
+                if not self.verbose:
+                    continue
+            if line.startswith("[ring]") and not self.verbose:
+                continue             # mlx's own socket chatter; the ranks say what it means
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+
+    def verdict(self) -> tuple[int, str | None]:
+        """(exit code, one line) for the whole run."""
+        if not self.exits:
+            return 0, None
+        # the cause is the rank that failed by itself, not one stopped because of it
+        followers = (EXIT_STOPPED, -signal.SIGTERM, 128 + signal.SIGTERM)
+        causes = [r for r, code in sorted(self.exits.items()) if code not in followers] or sorted(self.exits)
+        rank = causes[0]
+        code = self.exits[rank]
+        host = self.hosts[rank].ssh if rank < len(self.hosts) else f"host {rank}"
+        if code < 0:
+            how = f"died (killed by signal {-code}, {signal.Signals(-code).name})"
+        elif code == EXIT_WATCHDOG:
+            how = "stopped by its watchdog (no answer from the other hosts)"
+        else:
+            how = f"stopped with exit code {code}"
+        return (2 if code == 2 else 1), f"rank {rank} ({host}) {how}; every rank was stopped"
+
+
+def run_ranks(launch_argv: list[str], hosts: list[LaunchHost], grace: float, verbose: bool,
+              on_start=None) -> int:
+    """Run mlx.launch, relay output, stop everything on failure; return the exit code."""
+    process = subprocess.Popen(launch_argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, start_new_session=True)
+    if on_start is not None:
+        on_start(process)
+    report = RankReport(hosts, verbose)
+
+    def relay_stdout() -> None:
+        for chunk in iter(lambda: os.read(process.stdout.fileno(), 4096), b""):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
+
+    threads = [threading.Thread(target=relay_stdout, daemon=True),
+               threading.Thread(target=report.read, args=(process.stderr,), daemon=True)]
+    for thread in threads:
+        thread.start()
+    try:
+        while process.poll() is None:
+            if report.first_failure is not None and time.monotonic() - report.first_failure > grace:
+                kill_group(process, signal.SIGKILL)
+                break
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        kill_group(process, signal.SIGTERM)
+        time.sleep(1)
+        raise
+    finally:
+        kill_group(process, signal.SIGKILL)      # whatever is left of the ranks on this machine
+        process.wait()
+        for thread in threads:
+            thread.join(timeout=2)
+    code, line = report.verdict()
+    if line:
+        print(f"runner: error: {line}", file=sys.stderr, flush=True)
+    return code
+
+
+def kill_group(process: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# ---- the whole launch -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    model: str | None
+    hosts: str | None                # "h1,h2"
+    hostfile: Path | None
+    split: str                       # "auto", "pipeline" or "tensor"
+    quant: str
+    context: int
+    messages: list[dict]
+    sampling: dict
+    host_memory_gb: list[float] | None = None
+    rank_timeout: float = 120.0
+    connect_timeout: int = 5
+    grace: float = 10.0
+    verbose: bool = False
+
+
+def choose_split(spec, quant: str, count: int, wanted: str) -> str:
+    from runner_mlx.split import pipeline_split_problem, tensor_split_problem
+
+    if wanted != "auto":
+        return wanted
+    tensor_problem = tensor_split_problem(spec, count, quant)
+    if tensor_problem is None:
+        return "tensor"
+    if pipeline_split_problem(spec, count) is None:
+        print(f"runner: tensor split impossible ({tensor_problem}): using runner's pipeline split",
+              file=sys.stderr)
+        return "pipeline"
+    raise UserInputError(f"{spec.name} cannot be split over {count} hosts: {tensor_problem}")
+
+
+def launch(request: LaunchRequest, on_start=None) -> int:
+    from runner.model import load_spec
+    from runner_mlx.split import plan_split
+
+    if request.hostfile is not None:
+        entries = read_hostfile(request.hostfile)
+    elif request.hosts:
+        entries = [(h.strip(), []) for h in request.hosts.split(",")]
+        if any(not ssh for ssh, _ in entries):
+            raise UserInputError(f"--hosts '{request.hosts}': empty host name")
+    else:
+        raise UserInputError("say where to run: --hosts HOST1,HOST2 or --hostfile FILE")
+    if len(entries) < 2:
+        raise UserInputError("runner launch needs at least two hosts (for one, use runner generate)")
+    spec = load_spec(request.model)
+    if spec.path is None:
+        raise UserInputError(f"{spec.name}: no local folder with weights; runner launch needs the model "
+                             "folder at the same path on every host")
+    hosts = resolve_hosts(entries)
+    for host in hosts:
+        check_reachable(host, request.connect_timeout)
+    if request.host_memory_gb:
+        if len(request.host_memory_gb) != len(hosts):
+            raise UserInputError(f"--host-memory gives {len(request.host_memory_gb)} sizes for {len(hosts)} hosts")
+        memory = [int(gb * 1024**3) for gb in request.host_memory_gb]
+    else:
+        memory = [host_memory(host, request.connect_timeout) for host in hosts]
+
+    split = choose_split(spec, request.quant, len(hosts), request.split)
+    shares = plan_split(spec, request.quant, request.context, [h.ssh for h in hosts], memory, split)
+    print(f"runner: {spec.name} ({request.quant}) over {len(hosts)} hosts, {split} split:", file=sys.stderr)
+    for share in shares:
+        print(f"runner:   {share.describe(spec.num_layers, split)}", file=sys.stderr)
+    sys.stderr.flush()
+
+    # Convert once here, before the ranks start, when this machine runs one of them.
+    if any(h.local for h in hosts):
+        from runner_mlx.convert import mlx_folder
+
+        mlx_folder(Path(spec.path), request.quant,
+                   lambda p: print(f"runner: {p.stage} {p.done}/{p.total}" if p.total else f"runner: {p.stage}",
+                                   file=sys.stderr, flush=True))
+
+    with tempfile.TemporaryDirectory(prefix="runner-launch-") as scratch:
+        hostfile = Path(scratch) / "hosts.json"
+        # mlx.launch starts a rank without ssh only when its host is spelled "127.0.0.1"
+        hostfile.write_text(json.dumps([{"ssh": "127.0.0.1" if h.local else h.ssh, "ips": [h.ip]} for h in hosts]))
+        rank_command = [
+            sys.executable, "-m", "runner_mlx.rank",
+            "--model", str(spec.path), "--quant", request.quant, "--split", split,
+            "--layers", ",".join(f"{s.layers[0]}:{s.layers[1]}" for s in shares),
+            "--hosts", ",".join(h.ssh for h in hosts),
+            "--request-json", json.dumps({"messages": request.messages, "sampling": request.sampling}),
+            "--rank-timeout", str(request.rank_timeout),
+        ]
+        argv = [mlx_launch_path(), "--backend", "ring", "--hostfile", str(hostfile),
+                "--starting-port", str(free_port_range(len(hosts)))]
+        if os.environ.get("RUNNER_HOME"):
+            argv += ["--env", f"RUNNER_HOME={os.environ['RUNNER_HOME']}"]
+        if request.verbose:
+            argv.append("--verbose")
+        argv += ["--", *rank_command]
+        return run_ranks(argv, hosts, request.grace, request.verbose, on_start)

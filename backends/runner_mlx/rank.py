@@ -1,0 +1,270 @@
+"""One rank of a multi-host run: `python -m runner_mlx.rank ...`, started on every host by
+`mlx.launch` (see `runner_mlx.launcher`; users type `runner launch`).
+
+Every rank:
+ 1. joins the ring (`mx.distributed.init(backend="ring")`),
+ 2. checks that every host holds the same model (a hash of config.json and the weights index),
+ 3. loads its share: mlx-lm's `sharded_load` (tensor split) or runner's pipeline stage,
+ 4. follows rank 0: rank 0 owns the user interface and broadcasts each request (prompt token ids,
+    sampling, seed) with `mx.distributed.all_sum`; every rank then runs the same
+    `mlx_lm.stream_generate` steps, and only rank 0 prints.
+A watchdog thread ends the rank with a clear message when the others stop answering (a host died,
+the network dropped, a peer froze), or when the launcher is gone: no rank waits forever.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from runner.backend import Message, Sampling
+from runner.errors import RunnerError, UserInputError
+
+EXIT_WATCHDOG = 3
+EXIT_STOPPED = 4
+
+
+# ---- the watchdog ----------------------------------------------------------------------------
+
+
+class Watchdog:
+    """Ends this process when the current phase makes no progress within its time limit.
+
+    mlx releases the GIL while it waits on the network, so this thread runs even when the main
+    thread is stuck in `mx.eval` on a peer that will never answer."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.phase = "starting"
+        self.limit: float | None = None
+        self.last_beat = time.monotonic()
+        self.parent = os.getppid()
+        self._lock = threading.Lock()
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        self._signals = read_fd
+        signal.set_wakeup_fd(write_fd)        # SIGTERM is seen here even while mlx blocks
+        signal.signal(signal.SIGTERM, lambda *_: None)
+        threading.Thread(target=self._watch, name="runner-watchdog", daemon=True).start()
+
+    def enter(self, phase: str, limit: float | None) -> None:
+        with self._lock:
+            self.phase, self.limit, self.last_beat = phase, limit, time.monotonic()
+
+    def beat(self) -> None:
+        self.last_beat = time.monotonic()
+
+    def _stop(self, message: str, code: int) -> None:
+        print(f"runner: error: {self.name}: {message}", file=sys.stderr, flush=True)
+        os._exit(code)
+
+    def _watch(self) -> None:
+        import select
+
+        while True:
+            ready, _, _ = select.select([self._signals], [], [], 0.5)
+            if ready:
+                os.read(self._signals, 64)
+                self._stop(f"stopped while {self.phase}: another rank failed or the run was interrupted",
+                           EXIT_STOPPED)
+            if os.getppid() != self.parent:
+                self._stop(f"the launcher is gone; stopping (was {self.phase})", EXIT_STOPPED)
+            with self._lock:
+                phase, limit, quiet = self.phase, self.limit, time.monotonic() - self.last_beat
+            if limit is not None and quiet > limit:
+                self._stop(
+                    f"no progress for {quiet:.0f} s while {phase}: another host died, froze or lost the "
+                    f"network (limit --rank-timeout {limit:g} s); stopping this rank", EXIT_WATCHDOG)
+
+
+# ---- talking to the other ranks -------------------------------------------------------------
+
+
+def broadcast_ints(values: list[int] | None, length: int, group) -> list[int]:
+    """Rank 0's `values` on every rank (the others pass None); `length` must agree."""
+    import mlx.core as mx
+
+    mine = mx.array(values if values is not None else [0] * length, dtype=mx.int32)
+    return mx.distributed.all_sum(mine, group=group, stream=mx.cpu).tolist()
+
+
+def broadcast_request(group, prompt: list[int] | None, sampling: Sampling | None):
+    """Rank 0 sends (prompt, sampling), or (None, None) for "no more requests"; every rank returns it."""
+    is_root = group.rank() == 0
+    header = None
+    if is_root:
+        if prompt is None:
+            header = [0, 0, 0, 0, 0, 0]
+        else:
+            seed = sampling.seed if sampling.seed is not None else random.randrange(2**31)
+            header = [1, len(prompt), sampling.max_tokens, seed,
+                      int(round(sampling.temperature * 1e6)), int(round(sampling.top_p * 1e6))]
+    kind, length, max_tokens, seed, temperature, top_p = broadcast_ints(header, 6, group)
+    if kind == 0:
+        return None, None
+    tokens = broadcast_ints(list(prompt) if is_root else None, length, group)
+    return tokens, Sampling(temperature=temperature / 1e6, top_p=top_p / 1e6, max_tokens=max_tokens, seed=seed)
+
+
+def check_same_model(group, fingerprint: str, hosts: list[str]) -> None:
+    """Every rank holds the same model, or every rank stops with the same clear error."""
+    import mlx.core as mx
+
+    mine = mx.array([int(fingerprint[i:i + 6], 16) for i in range(0, 48, 6)], dtype=mx.int32)
+    everyone = mx.distributed.all_gather(mine[None], group=group, stream=mx.cpu).tolist()
+    for rank, theirs in enumerate(everyone):
+        if theirs != everyone[0]:
+            raise UserInputError(
+                f"rank {rank} ({host_name(hosts, rank)}) has a different model than rank 0 "
+                f"({host_name(hosts, 0)}): config.json or the weight files differ; copy the same model "
+                "folder to every host")
+
+
+def host_name(hosts: list[str], rank: int) -> str:
+    return hosts[rank] if rank < len(hosts) else f"host {rank}"
+
+
+# ---- loading this rank's share --------------------------------------------------------------
+
+
+def load_share(folder: Path, split: str, layers: tuple[int, int], group, on_progress):
+    """(model, tokenizer) of this rank's share."""
+    import contextlib
+    import io
+
+    import mlx.core as mx
+
+    if split == "tensor":
+        from mlx_lm.utils import sharded_load
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            model, tokenizer = sharded_load(str(folder), tensor_group=group,
+                                            tokenizer_config={"trust_remote_code": False})
+        return model, tokenizer
+
+    from runner_mlx.pipeline import PipelineStage, drop_other_layers
+    from runner_mlx.session import load_model_folder
+
+    start, stop = layers
+    model, tokenizer = load_model_folder(folder, on_progress,
+                                         lazy_layers=lambda m: drop_other_layers(m, start, stop))
+    stage = PipelineStage(model, group, start, stop)
+    mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))  # everyone loaded
+    return stage, tokenizer
+
+
+# ---- the rank's main -----------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m runner_mlx.rank")
+    parser.add_argument("--model", required=True, help="model folder (the same path on every host)")
+    parser.add_argument("--quant", default="q4")
+    parser.add_argument("--split", choices=("pipeline", "tensor"), required=True)
+    parser.add_argument("--layers", default="", help="pipeline: start:stop per rank, comma separated")
+    parser.add_argument("--hosts", default="", help="host names by rank, for messages")
+    parser.add_argument("--request-json", default="", help="rank 0's request: {messages, sampling}")
+    parser.add_argument("--rank-timeout", type=float, default=120.0)
+    parser.add_argument("--load-timeout", type=float, default=1800.0)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    hosts = [h for h in args.hosts.split(",") if h]
+    rank_env = int(os.environ.get("MLX_RANK", "0"))
+    watchdog = Watchdog(f"rank {rank_env} ({host_name(hosts, rank_env)})")
+    try:
+        return run_rank(args, hosts, watchdog)
+    except RunnerError as error:
+        print(f"runner: error: {watchdog.name}: {error}", file=sys.stderr, flush=True)
+        return error.exit_code
+    except RuntimeError as error:
+        if "[ring]" in str(error):
+            print(f"runner: error: {watchdog.name}: lost the connection to another host while "
+                  f"{watchdog.phase} (it died or the network dropped): {error}", file=sys.stderr, flush=True)
+            return 1
+        raise
+
+
+def run_rank(args, hosts: list[str], watchdog: Watchdog) -> int:
+    import mlx.core as mx
+
+    from runner.backend import LoadProgress
+    from runner.model import load_spec
+    from runner_mlx.convert import mlx_folder, model_fingerprint
+    from runner_mlx.session import MlxSession, describe_quant, where_it_runs
+
+    watchdog.enter("joining the ring", args.rank_timeout)
+    group = mx.distributed.init(backend="ring", strict=True)
+    rank, size = group.rank(), group.size()
+    is_root = rank == 0
+
+    def progress(event: LoadProgress) -> None:
+        watchdog.beat()
+        if is_root and event.total:
+            print(f"\rrunner: {event.stage} {event.done}/{event.total}", end="", file=sys.stderr, flush=True)
+            if event.done == event.total:
+                print(file=sys.stderr, flush=True)
+        elif is_root:
+            print(f"runner: {event.stage}", file=sys.stderr, flush=True)
+
+    watchdog.enter("preparing the model", None)          # a conversion takes as long as it takes
+    spec = load_spec(args.model)
+    folder = mlx_folder(Path(spec.path), args.quant, progress)
+    watchdog.enter("comparing the model with the other hosts", args.load_timeout)
+    check_same_model(group, model_fingerprint(folder), hosts)
+
+    layers = (0, spec.num_layers)
+    if args.split == "pipeline":
+        ranges = [tuple(int(x) for x in part.split(":")) for part in args.layers.split(",")]
+        if len(ranges) != size:
+            raise UserInputError(f"--layers gives {len(ranges)} ranges for {size} ranks")
+        layers = ranges[rank]
+    watchdog.enter("loading this host's share of the model", args.load_timeout)
+    model, tokenizer = load_share(folder, args.split, layers, group, progress)
+    share = (f"layers {layers[0]}-{layers[1] - 1}" if args.split == "pipeline"
+             else f"1/{size} of every layer")
+    summary = f"mlx {args.split} split over {size} hosts on {where_it_runs()}, {describe_quant(args.quant)}, {share}"
+    session = MlxSession(model, tokenizer, spec, args.quant, folder, summary)
+    active = mx.get_active_memory()
+    print(f"runner: rank {rank} ({host_name(hosts, rank)}): {share}, {active / 2**30:.2f} GB in use",
+          file=sys.stderr, flush=True)
+
+    requests = []
+    if is_root and args.request_json:
+        request = json.loads(args.request_json)
+        messages = [Message(m["role"], m["content"]) for m in request["messages"]]
+        requests.append((session.tokenize(messages), Sampling(**request["sampling"])))
+    while True:
+        watchdog.enter("waiting for rank 0's request", args.rank_timeout)
+        prompt, sampling = broadcast_request(group, *(requests.pop(0) if requests else (None, None)))
+        if prompt is None:
+            break
+        watchdog.enter("generating", args.rank_timeout)
+        last = None
+        for chunk in session.stream_tokens(prompt, sampling):
+            watchdog.beat()
+            last = chunk
+            if is_root:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+        if is_root and last is not None:
+            print(file=sys.stdout, flush=True)
+            print(f"runner: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s over "
+                  f"{size} hosts ({last.finish_reason}); prompt {last.prompt_tokens} tokens at "
+                  f"{last.prompt_tps:.1f} tokens/s", file=sys.stderr, flush=True)
+    watchdog.enter("finishing", args.rank_timeout)
+    mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
