@@ -18,6 +18,7 @@ from runner.hardware import Machine
 from runner.tui.history import HistoryStore
 from runner.tui.loading import ModelChoice, this_machine
 from runner.tui.screens.chat import ChatScreen
+from runner.tui.screens.settings import ChatSettings
 from runner.tui.screens.small import MIN_HEIGHT, MIN_WIDTH, TooSmallScreen
 
 
@@ -33,11 +34,13 @@ class RunnerApp(App[None]):
         pick: bool = False,
         history_path: Path | None = None,
         machine: Machine | Callable[[], Machine] | None = None,
+        settings: ChatSettings | None = None,
     ) -> None:
         """`machine`: the Machine to plan for (tests pass a fixed one); None detects this one."""
         super().__init__()
         self.choice = choice or ModelChoice()
         self.pick_at_start = pick
+        self.initial_settings = settings or ChatSettings()
         self.history = HistoryStore(history_path)
         self._machine = machine
         self._detected: Machine | None = None
@@ -68,6 +71,9 @@ class RunnerApp(App[None]):
         chat = next((s for s in self.screen_stack if isinstance(s, ChatScreen)), None)
         if chat is not None:
             chat.stop_reply()
-            if chat.session is not None:
-                chat.session.close()
+            if chat.session is not None and chat.generation_lock.acquire(timeout=10):
+                try:  # the stopped reply has finished its last token
+                    chat.session.close()
+                finally:
+                    chat.generation_lock.release()
         self.history.close()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from runner.backend import LoadProgress, LoadRequest, Session, get_backend
-from runner.budget import DOES_NOT_FIT, Plan, make_plan
+from runner.budget import DOES_NOT_FIT, Plan, make_plan, recommend
 from runner.errors import DoesNotFit, ModelNotFound
 from runner.hardware import Machine
 from runner.model import DEFAULT_MODEL_ID, ModelSpec, load_spec
@@ -40,14 +40,15 @@ def this_machine() -> Machine:
 
 
 def plan_for(choice: ModelChoice, spec: ModelSpec, machine: Machine) -> Plan:
-    """The plan for this choice on `machine` (the quant and backend the plan recommends if unset)."""
+    """The plan for this choice on `machine`; what is not chosen comes from `recommend`."""
     context = choice.context or min(DEFAULT_CONTEXT, spec.max_context)
-    if choice.quant is None:
-        from runner.budget import recommend
-
-        recommended = recommend(spec, machine, context=context, backend=choice.backend)
-        return recommended
-    return make_plan(spec, machine, choice.quant, context, backend=choice.backend)
+    if choice.quant is not None:
+        return make_plan(spec, machine, choice.quant, context, backend=choice.backend)
+    recommended = recommend(spec, machine, context)
+    if choice.backend is None or choice.backend == recommended.backend:
+        return recommended.plan
+    # another backend than the recommended one: its full-quality scheme
+    return make_plan(spec, machine, "bf16", context, backend=choice.backend)
 
 
 def resolve(choice: ModelChoice, machine: Machine) -> tuple[ModelSpec, Plan]:

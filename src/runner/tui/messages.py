@@ -48,3 +48,9 @@ class ReplyEnded(Message):
 class ReplyFailed(Message):
     reply_id: int
     error: str
+
+
+@dataclass
+class TurnsLeftOut(Message):
+    count: int             # the oldest turns left out of the prompt to fit the context
+    context: int

@@ -29,6 +29,7 @@ from runner.budget import FITS, OFFLOAD, Plan
 from runner.errors import RunnerError
 from runner.tui import messages as msg
 from runner.tui.history import COMPLETE, ERROR, PARTIAL, STOPPED, export_file_name, title_from
+from runner.tui.prompt import fit_to_context
 from runner.tui.loading import ModelChoice, load_session, resolve, weights_spec
 from runner.tui.screens.confirm import ConfirmScreen
 from runner.tui.screens.help import HelpScreen
@@ -99,9 +100,9 @@ class ChatScreen(Screen[None]):
         self.model_state = "none"            # "none", "loading", "ready" or "failed"
         self.conversation_id: int | None = None
         self.reply: ActiveReply | None = None
-        self.settings = ChatSettings()
+        self.settings = self.app.initial_settings
         self.timing = ""                     # "first token 0.21 s · 17.9 tokens/s" of the last reply
-        self._generation_lock = threading.Lock()   # one stream at a time on a Session
+        self.generation_lock = threading.Lock()   # one stream at a time on a Session
 
     # ---- layout ----------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -165,7 +166,7 @@ class ChatScreen(Screen[None]):
     def load_model(self, choice: ModelChoice, old: Session | None) -> None:
         worker = get_current_worker()
         if old is not None:
-            with self._generation_lock:   # let a stopping reply finish its last token first
+            with self.generation_lock:   # let a stopping reply finish its last token first
                 old.close()
 
         def progress(update) -> None:
@@ -267,13 +268,16 @@ class ChatScreen(Screen[None]):
 
     @work(thread=True, group="reply")
     def generate(self, turns: list[Message], sampling: Sampling, reply: ActiveReply) -> None:
-        with self._generation_lock:
+        with self.generation_lock:
             session = self.session
             if session is None or reply.cancel.is_set():
                 self.post_message(msg.ReplyEnded(reply.reply_id, "cancelled"))
                 return
             finish = "stop"
             try:
+                turns, dropped = fit_to_context(turns, session.tokenize, self.plan.context, sampling.max_tokens)
+                if dropped:
+                    self.post_message(msg.TurnsLeftOut(dropped, self.plan.context))
                 for chunk in session.stream(turns, sampling, reply.cancel):
                     self.post_message(msg.ReplyChunk(reply.reply_id, chunk))
                     if chunk.finish_reason:
@@ -300,6 +304,13 @@ class ChatScreen(Screen[None]):
             self.query_one(Conversation).scroll_end(animate=False)
         self.timing = timing_text(message.chunk)
         self.update_status()
+
+    def on_turns_left_out(self, message: msg.TurnsLeftOut) -> None:
+        self.notify(
+            f"The {message.count} oldest turns of this conversation no longer fit the context of "
+            f"{message.context:,} tokens; they are left out of the prompt (still in the history).",
+            severity="warning",
+        )
 
     async def on_reply_ended(self, message: msg.ReplyEnded) -> None:
         reply = self._current(message.reply_id)

@@ -17,8 +17,8 @@ from runner.errors import UserInputError
 @dataclass(frozen=True)
 class ChatSettings:
     system_prompt: str = ""
-    temperature: float = 0.7
-    top_p: float = 0.9
+    temperature: float = 0.0     # greedy: small models answer best without sampling
+    top_p: float = 1.0
     max_tokens: int = 512
 
     def sampling(self) -> Sampling:

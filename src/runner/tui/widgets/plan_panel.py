@@ -104,6 +104,8 @@ def render_plan(plan: Plan, report: MemoryReport | None = None) -> Text:
     for warning in plan.warnings:
         text.append("\n▲ ", "yellow")
         text.append(warning)
+    for note in plan.notes:
+        text.append("\n· " + note, "dim")
     return text
 
 

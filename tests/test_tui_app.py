@@ -1,0 +1,241 @@
+"""The chat app driven by its Pilot over the real torch backend, on a tiny Llama on the CPU.
+
+Each test runs the real RunnerApp: the plan is made for this machine, the model is loaded by the
+`cuda` backend (which runs on the CPU here), replies are really generated and streamed, and the
+history is a real SQLite file in the test's folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from pathlib import Path
+
+import pytest
+
+from runner.tui.app import RunnerApp
+from runner.tui.history import COMPLETE, ERROR, PARTIAL, STOPPED, HistoryStore
+from runner.tui.loading import ModelChoice
+from runner.tui.screens.chat import ChatScreen
+from runner.tui.screens.settings import ChatSettings
+from runner.tui.widgets.conversation import AssistantMessage, UserMessage
+
+SIZE = (110, 36)
+
+
+def run_async(test):
+    """Run an async test in its own event loop (no pytest async plugin needed)."""
+
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        return asyncio.run(test(*args, **kwargs))
+
+    return run
+
+
+async def wait_until(pilot, condition, timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        await pilot.pause(0.02)
+
+
+def chat_screen(app: RunnerApp) -> ChatScreen:
+    return next(s for s in app.screen_stack if isinstance(s, ChatScreen))
+
+
+async def wait_loaded(pilot) -> ChatScreen:
+    chat = chat_screen(pilot.app)
+    await wait_until(pilot, lambda: chat.model_state in ("ready", "failed"), 120, "the model to load")
+    assert chat.model_state == "ready", chat.query_one("#load-error").render()
+    return chat
+
+
+async def send(pilot, text: str) -> None:
+    await pilot.click("#prompt")
+    await pilot.press(*text)
+    await pilot.press("enter")
+
+
+def tiny_app(tiny_llama_dir: Path, history: Path, max_tokens: int = 24) -> RunnerApp:
+    return RunnerApp(
+        ModelChoice(str(tiny_llama_dir), quant="fp32"),
+        history_path=history,
+        settings=ChatSettings(max_tokens=max_tokens),
+    )
+
+
+@run_async
+async def test_reply_streams_and_every_shown_token_is_on_disk(tiny_llama_dir, tmp_path):
+    history_path = tmp_path / "history.db"
+    app = tiny_app(tiny_llama_dir, history_path, max_tokens=40)
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await wait_loaded(pilot)
+        assert "fp32" in str(chat.query_one("#status-model").render())
+        await send(pilot, "hello")
+        await wait_until(pilot, lambda: chat.reply is not None, what="the reply to start")
+        reply = chat.reply
+        # While the reply streams, watch the screen and the file: what is shown is already saved.
+        partial_views = []
+        while chat.reply is not None:
+            shown = reply.widget.content
+            if shown:
+                [stored] = [m for m in app.history.messages(chat.conversation_id) if m.role == "assistant"]
+                assert stored.content.startswith(shown)
+                if stored.state == PARTIAL:
+                    partial_views.append(shown)
+            await pilot.pause(0.005)
+        final = reply.widget.content
+        assert final
+        assert partial_views, "no text was seen before the reply ended"
+        assert any(len(view) < len(final) for view in partial_views), "the text did not grow as it streamed"
+        assert reply.widget.state == COMPLETE
+        user, assistant = app.history.messages(chat.conversation_id)
+        assert (user.role, user.content, user.state) == ("user", "hello", COMPLETE)
+        assert (assistant.content, assistant.state) == (final, COMPLETE)
+        assert "tokens/s" in str(chat.query_one("#status-speed").render())
+        assert [w.content for w in chat.query(UserMessage)] == ["hello"]
+
+
+@run_async
+async def test_escape_stops_the_reply_and_keeps_it_marked(tiny_llama_dir, tmp_path):
+    app = tiny_app(tiny_llama_dir, tmp_path / "history.db", max_tokens=200)
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await wait_loaded(pilot)
+        await send(pilot, "tell me a long story")
+        await wait_until(pilot, lambda: chat.reply is not None and len(chat.reply.widget.content) > 0,
+                         what="the first words")
+        widget = chat.reply.widget
+        await pilot.press("escape")
+        # stopped at once: no reply running, the text so far is kept and marked, on screen and on disk
+        assert chat.reply is None
+        kept = widget.content
+        assert kept and widget.state == STOPPED
+        assert "stopped by you" in str(widget.query_one(".reply-note").render())
+        [_, stored] = app.history.messages(chat.conversation_id)
+        assert (stored.content, stored.state) == (kept, STOPPED)
+        await pilot.pause(0.5)
+        assert widget.content == kept  # tokens the backend made after Esc are not added
+        # the app is usable right away: the next message gets its own reply
+        await send(pilot, "again")
+        await wait_until(pilot, lambda: chat.reply is None and len(chat.query(AssistantMessage)) == 2
+                         and chat.query(AssistantMessage).last().state != PARTIAL, what="the second reply")
+        assert [m.state for m in app.history.messages(chat.conversation_id)] == [COMPLETE, STOPPED, COMPLETE, COMPLETE]
+
+
+@run_async
+async def test_history_is_listed_and_resumed_after_a_restart(tiny_llama_dir, tmp_path):
+    history_path = tmp_path / "history.db"
+    first = tiny_app(tiny_llama_dir, history_path, max_tokens=8)
+    async with first.run_test(size=SIZE) as pilot:
+        chat = await wait_loaded(pilot)
+        await send(pilot, "first question")
+        await wait_until(pilot, lambda: chat.reply is None and chat.query(AssistantMessage)
+                         and chat.query(AssistantMessage).last().state == COMPLETE, what="the reply")
+        reply_text = chat.query(AssistantMessage).last().content
+
+    second = tiny_app(tiny_llama_dir, history_path, max_tokens=8)
+    async with second.run_test(size=SIZE) as pilot:
+        chat = await wait_loaded(pilot)
+        assert not chat.query(UserMessage)  # a new session starts with a new conversation
+        history_list = chat.query_one("#history-list")
+        assert history_list.option_count == 1
+        assert "first question" in str(history_list.get_option_at_index(0).prompt)
+        history_list.focus()
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: len(chat.query(UserMessage)) == 1, what="the conversation to open")
+        assert chat.query_one(UserMessage).content == "first question"
+        assert chat.query_one(AssistantMessage).content == reply_text
+        # the resumed conversation goes on in the same record, with its earlier turns as context
+        await send(pilot, "second question")
+        await wait_until(pilot, lambda: chat.reply is None and len(chat.query(AssistantMessage)) == 2
+                         and chat.query(AssistantMessage).last().state == COMPLETE, what="the second reply")
+        [conversation] = second.history.conversations()
+        assert [m.content for m in second.history.messages(conversation.id)][:3] == [
+            "first question", reply_text, "second question"
+        ]
+
+
+@run_async
+async def test_generation_error_is_shown_in_the_conversation_and_history_kept(tiny_llama_dir, tmp_path):
+    """The tiny model holds 256 tokens: a longer prompt makes the backend fail the reply."""
+    app = tiny_app(tiny_llama_dir, tmp_path / "history.db")
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await wait_loaded(pilot)
+        long_prompt = "word " * 400
+        chat.query_one("#prompt").value = long_prompt
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: chat.reply is None and chat.query(AssistantMessage)
+                         and chat.query(AssistantMessage).last().state == ERROR, what="the error")
+        note = str(chat.query(AssistantMessage).last().query_one(".reply-note").render())
+        assert "generation failed" in note
+        user, assistant = app.history.messages(chat.conversation_id)
+        assert user.content == long_prompt.strip() and assistant.state == ERROR and assistant.error
+        # still usable
+        await send(pilot, "short")
+        await wait_until(pilot, lambda: chat.reply is None and len(chat.query(AssistantMessage)) == 2
+                         and chat.query(AssistantMessage).last().state == COMPLETE, what="a normal reply")
+
+
+@run_async
+async def test_corrupt_history_is_reported_kept_aside_and_replaced(tiny_llama_dir, tmp_path):
+    history_path = tmp_path / "history.db"
+    history_path.write_bytes(b"SQLite format 3\x00" + b"\xff" * 4000)
+    app = tiny_app(tiny_llama_dir, history_path, max_tokens=4)
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await wait_loaded(pilot)
+        messages = [str(n.message) for n in app._notifications]
+        assert any("kept aside" in m and "corrupt" in m for m in messages), messages
+        aside = list(tmp_path.glob("history.db.corrupt-*"))
+        assert len(aside) == 1 and aside[0].read_bytes().startswith(b"SQLite format 3\x00\xff")
+        await send(pilot, "hi")
+        await wait_until(pilot, lambda: chat.reply is None and chat.query(AssistantMessage)
+                         and chat.query(AssistantMessage).last().state == COMPLETE, what="a reply")
+    assert len(HistoryStore(history_path).conversations()) == 1
+
+
+@run_async
+async def test_load_failure_shows_error_and_plan_then_another_model_loads(tiny_llama_dir, tmp_path, monkeypatch):
+    # a model folder whose config is fine but whose weights are damaged
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (tiny_llama_dir / name).exists():
+            (broken / name).write_bytes((tiny_llama_dir / name).read_bytes())
+    (broken / "model.safetensors").write_bytes(b"\x00" * 1000)
+    # the picker finds the tiny model through the config file (in a RUNNER_HOME of this test)
+    home = tmp_path / "home"
+    (home / "config").mkdir(parents=True)
+    (home / "config" / "config.toml").write_text(f'model_dirs = ["{tiny_llama_dir}"]\n')
+    monkeypatch.setenv("RUNNER_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+
+    app = RunnerApp(ModelChoice(str(broken), quant="fp32"), history_path=tmp_path / "h.db",
+                    settings=ChatSettings(max_tokens=4))
+    async with app.run_test(size=SIZE) as pilot:
+        chat = chat_screen(app)
+        await wait_until(pilot, lambda: chat.model_state == "failed", 120, "the load to fail")
+        plan_text = str(chat.query_one("#plan-body").render())
+        assert "fits" in plan_text and "weights" in plan_text  # the plan stays on screen
+        assert "did not load" in str(chat.query_one("#load-stage").render())
+        assert str(chat.query_one("#load-error").render()).strip()
+        # sending now says why not, and nothing is written
+        await send(pilot, "hello?")
+        assert app.history.conversations() == []
+        # pick another model: the tiny one, listed from the config file
+        await pilot.press("ctrl+o")
+        await wait_until(pilot, lambda: app.screen.__class__.__name__ == "PickerScreen", what="the picker")
+        picker = app.screen
+        row = next(i for i, e in enumerate(picker.entries) if e.path == tiny_llama_dir)
+        await wait_until(pilot, lambda: "planning" not in str(picker.query_one("#models").get_cell_at((row, 3))),
+                         what="the verdicts")
+        assert "fits" in str(picker.query_one("#models").get_cell_at((row, 3)))
+        picker.query_one("#models").move_cursor(row=row)
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: chat.model_state == "ready", 120, "the tiny model to load")
+        assert not chat.query_one("#load-error").display
+        await send(pilot, "hello")
+        await wait_until(pilot, lambda: chat.reply is None and chat.query(AssistantMessage)
+                         and chat.query(AssistantMessage).last().state == COMPLETE, what="a reply")
