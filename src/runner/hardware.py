@@ -338,6 +338,8 @@ def example_machine_files() -> dict[str, Path]:
 
 def _nvml_devices() -> list[Device]:
     """CUDA GPUs through nvidia-ml-py (`pynvml`); [] when the library or the driver is missing."""
+    if sys.platform == "linux" and not os.path.exists("/dev/nvidiactl"):
+        return []   # no NVIDIA driver: skip importing pynvml (tens of ms of `runner plan`)
     try:
         import pynvml
     except ImportError:
