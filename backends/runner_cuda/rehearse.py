@@ -1,0 +1,585 @@
+"""Rehearse a load: the model's real architecture with random weights, on the plan's devices.
+
+`rehearse(plan)` answers "will it really run here, and how fast?" before any download:
+
+1. build the architecture from config.json on the meta device (no memory), and for NF4/int8 swap
+   its Linear layers for bitsandbytes' through transformers' own quantizer, as `from_pretrained`
+   does;
+2. place it with the plan's device map, resolved by transformers' own `_get_device_map` (so a
+   string map with `max_memory` is resolved exactly as a real load would);
+3. materialize the weights block by block (embeddings, each decoder layer, the head): each Linear
+   gets a random bf16 matrix on its target device, which transformers' own quantize operation
+   (`Bnb4bitQuantize`: `Params4bit(...).to(device)`, double quant) turns into 4-bit there; the bf16
+   copy is freed before the next. There is never a full-precision copy of the model nor a file;
+4. prefill `context - decode_tokens` random tokens and decode `decode_tokens` more, one at a time,
+   so the KV cache ends holding exactly `context` tokens;
+5. measure: on CUDA the allocator (`torch.cuda.memory_allocated` / `max_memory_allocated` per
+   device), on CPU (which has no allocator statistics) the bytes of the live tensors, quantization
+   state included.
+
+torch, transformers and bitsandbytes are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+from runner.backend import LoadProgress
+from runner.errors import BackendUnavailable, LoadError, UserInputError
+
+if TYPE_CHECKING:
+    import torch
+
+    from runner.budget import Plan
+
+INIT_STD = 0.02          # random weights ~ N(0, 0.02), Llama's initializer_range: activations stay sane
+SEED = 0
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+class RehearsalOutOfMemory(LoadError):
+    """A device ran out of memory during a rehearsal; the message says where and how far it got."""
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """One device: what the plan said, and what the rehearsal measured."""
+
+    device: str                 # "cuda:0", "cpu"
+    planned_weights: int
+    planned_kv_cache: int
+    planned_total: int          # weights + KV cache + overhead (the plan's capacity use)
+    weights: int                # measured after materializing all weights
+    kv_cache: int               # measured: the KV cache holding `context` tokens
+    resident: int               # measured after the decode: weights + KV cache + what else stays live
+    peak: int                   # allocator peak over load, prefill and decode (0 where unknown: CPU)
+    load_peak: int              # allocator peak during materialization alone (0 where unknown)
+
+
+@dataclass(frozen=True)
+class BlockMemory:
+    """Measured bytes of one block of weights (the embeddings, a decoder layer, the head)."""
+
+    name: str                   # "embeddings", "layer 3", "head"
+    device: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class RehearsalResult:
+    model: str
+    quant: str
+    context: int
+    num_layers: int
+    method: str                 # how bytes were measured: "allocator" or "tensor bytes"
+    devices: tuple[DeviceMemory, ...]
+    blocks: tuple[BlockMemory, ...]
+    planned_layer_bytes: float  # the plan's bytes for one decoder layer's weights
+    prefill_tokens: int
+    prefill_seconds: float
+    decode_tokens: int
+    decode_step_seconds: tuple[float, ...]
+    roofline_tokens_per_s: float
+    load_seconds: float
+    versions: dict[str, str] = field(default_factory=dict)
+    device_names: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def layer_bytes(self) -> tuple[int, ...]:
+        return tuple(b.bytes for b in self.blocks if b.name.startswith("layer "))
+
+    @property
+    def measured_layer_bytes(self) -> float:
+        """Mean measured bytes of one decoder layer's weights."""
+        sizes = self.layer_bytes
+        return sum(sizes) / len(sizes) if sizes else 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Warm decode speed: 1 / the median step time (the first step after prefill is slower)."""
+        if not self.decode_step_seconds:
+            return 0.0
+        return 1.0 / statistics.median(self.decode_step_seconds)
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "quant": self.quant,
+            "context": self.context,
+            "num_layers": self.num_layers,
+            "method": self.method,
+            "devices": [vars(d) for d in self.devices],
+            "blocks": [vars(b) for b in self.blocks],
+            "planned_layer_bytes": self.planned_layer_bytes,
+            "measured_layer_bytes": self.measured_layer_bytes,
+            "prefill_tokens": self.prefill_tokens,
+            "prefill_seconds": self.prefill_seconds,
+            "prefill_tokens_per_s": self.prefill_tokens_per_s,
+            "decode_tokens": self.decode_tokens,
+            "decode_step_seconds": list(self.decode_step_seconds),
+            "decode_tokens_per_s": self.decode_tokens_per_s,
+            "roofline_tokens_per_s": self.roofline_tokens_per_s,
+            "load_seconds": self.load_seconds,
+            "versions": self.versions,
+            "device_names": self.device_names,
+        }
+
+
+# ---- building the model on the meta device --------------------------------------------------
+
+
+def model_config(spec) -> dict:
+    """The config.json dict of `spec` (folder, HF cache or catalog), with its layer count."""
+    from runner.model import catalog_config, read_config
+
+    if spec.path is not None:
+        config = read_config(spec.path / "config.json", spec.name)
+    else:
+        config = catalog_config(spec.name)
+        if config is None:
+            raise UserInputError(f"{spec.name}: no config.json to build the architecture from")
+    config = dict(config)
+    config["num_hidden_layers"] = spec.num_layers
+    # A rehearsal measures the planned dtype, not the checkpoint's float32 if any.
+    config.pop("torch_dtype", None)
+    config.pop("dtype", None)
+    config.pop("quantization_config", None)
+    return config
+
+
+def build_meta_model(spec, scheme, attention: str):
+    """The architecture on the meta device, with bitsandbytes Linears for a quantized scheme.
+
+    `scheme` is the CUDA backend's own (`loading.scheme_for`): the same dtype and the same
+    BitsAndBytesConfig a real load uses. Returns (model, hf_quantizer or None); nothing is allocated."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**model_config(spec))
+    quantizer = None
+    if scheme.quantization_config is not None:
+        from transformers.quantizers.auto import AutoHfQuantizer
+
+        quantizer = AutoHfQuantizer.from_config(scheme.quantization_config, pre_quantized=False)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=scheme.dtype, attn_implementation=attention)
+        if quantizer is not None:
+            quantizer.preprocess_model(model=model, dtype=scheme.dtype, device_map=None, checkpoint_files=None,
+                                       use_kernels=False)
+    model.eval()
+    return model, quantizer
+
+
+# ---- placement ------------------------------------------------------------------------------
+
+
+def forced_device_map(spec, gpus: int) -> dict[str, int | str]:
+    """For `--force` when the plan has no placement that fits: every layer on the GPUs anyway
+    (contiguous, even shares; embeddings on the first, head on the last), or all on the CPU."""
+    if gpus == 0:
+        return {"": "cpu"}
+    mapping: dict[str, int | str] = {"model.embed_tokens": 0, "model.rotary_emb": 0}
+    for layer in range(spec.num_layers):
+        mapping[f"model.layers.{layer}"] = layer * gpus // spec.num_layers
+    mapping["model.norm"] = gpus - 1
+    mapping["lm_head"] = 0 if spec.tie_embeddings else gpus - 1
+    return mapping
+
+
+def resolve_device_map(model, plan: "Plan", quantizer) -> dict[str, int | str]:
+    """The plan's device map and max_memory, as the CUDA backend passes them to `from_pretrained`,
+    resolved by transformers' own `_get_device_map`. A plan that does not fit (only with `--force`)
+    has no placement: then `forced_device_map`."""
+    import torch
+    from transformers.integrations.accelerate import _get_device_map
+
+    from runner.budget import FITS
+
+    if plan.verdict == FITS:
+        device_map, max_memory = plan.device_map(), plan.max_memory()
+    else:
+        device_map, max_memory = forced_device_map(plan.model, torch.cuda.device_count()), None
+    device_map = _get_device_map(model, device_map, max_memory, quantizer)
+    if quantizer is not None:
+        quantizer.validate_environment(device_map=device_map)   # refuses NF4 on CPU+GPU, as a load does
+    if "disk" in device_map.values():
+        raise UserInputError("the plan offloads to disk; a rehearsal has no checkpoint to offload from "
+                             "(choose a smaller quant or context)")
+    return device_map
+
+
+def torch_device(value: int | str) -> str:
+    return f"cuda:{value}" if isinstance(value, int) else str(value)
+
+
+def device_of(name: str, device_map: dict[str, int | str]) -> str:
+    """The device of parameter `name`: its longest module prefix in the device map."""
+    candidate = name
+    while True:
+        if candidate in device_map:
+            return torch_device(device_map[candidate])
+        if not candidate:
+            raise LoadError(f"the device map places no module that holds '{name}'")
+        candidate = candidate.rpartition(".")[0]
+
+
+def check_devices_exist(device_map: dict[str, int | str]) -> None:
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for value in set(device_map.values()):
+        if isinstance(value, int) and value >= gpus:
+            raise UserInputError(
+                f"the plan places weights on cuda:{value} but this machine has {gpus} CUDA GPU(s); "
+                "plan for this machine (drop --machine)"
+            )
+
+
+# ---- materializing --------------------------------------------------------------------------
+
+
+def block_of(name: str) -> str:
+    """Which block a parameter belongs to: "embeddings", "layer N" or "head"."""
+    match = _LAYER.search("." + name)
+    if match:
+        return f"layer {match.group(1)}"
+    if "embed" in name:
+        return "embeddings"
+    return "head"
+
+
+def materialize_parameter(model, name: str, device: str, dtype, quantizer, generator) -> None:
+    """Give parameter `name` random values (in `dtype`, as a checkpoint holds them) on `device`,
+    quantized there as transformers would."""
+    import torch
+
+    module_path, _, attribute = name.rpartition(".")
+    module = model.get_submodule(module_path)
+    meta = getattr(module, attribute)
+    if "norm" in type(module).__name__.lower():
+        value = torch.ones(meta.shape, dtype=dtype, device=device)
+    else:
+        value = torch.empty(meta.shape, dtype=dtype, device=device)
+        value.normal_(0.0, INIT_STD, generator=generator.on(device))
+    if quantizer is not None and quantizer.param_needs_quantization(model, name):
+        # transformers' own operation: Params4bit(value, **meta.__dict__).to(device) (or Int8Params)
+        quantized = quantizer.get_quantize_ops().convert({name: [value]}, model=model, full_layer_name=name)
+        new = quantized[name]
+    else:
+        new = torch.nn.Parameter(value, requires_grad=False)
+    del value
+    new._is_hf_initialized = True
+    setattr(module, attribute, new)
+
+
+def materialize_buffers(model, device_map) -> None:
+    """Rotary embeddings hold the only buffers: rebuild them on their device from the config."""
+    import torch
+
+    for name, module in list(model.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            if "RotaryEmbedding" not in type(module).__name__:
+                raise LoadError(f"cannot materialize the buffers of {name} ({type(module).__name__})")
+            with torch.device(device_of(name + ".inv_freq", device_map)):
+                model.set_submodule(name, type(module)(config=module.config))
+
+
+class Generators:
+    """One seeded random generator per device, so that rehearsals are repeatable."""
+
+    def __init__(self) -> None:
+        self.by_device: dict = {}
+
+    def on(self, device: str):
+        import torch
+
+        if device not in self.by_device:
+            self.by_device[device] = torch.Generator(device=device).manual_seed(SEED)
+        return self.by_device[device]
+
+
+# ---- measuring ------------------------------------------------------------------------------
+
+
+def _param_tensors(param):
+    """The tensors a parameter owns: its data and bitsandbytes' quantization state."""
+    yield param
+    state = getattr(param, "quant_state", None)
+    if state is not None:
+        for tensor in (state.absmax, state.code):
+            if tensor is not None:
+                yield tensor
+        nested = getattr(state, "state2", None)
+        if nested is not None:
+            for tensor in (nested.absmax, nested.code):
+                if tensor is not None:
+                    yield tensor
+    scb = getattr(param, "SCB", None)
+    if scb is not None:
+        yield scb
+
+
+def tensor_bytes(tensors) -> dict[str, int]:
+    """Bytes of the distinct storages of `tensors`, per device (tied weights counted once)."""
+    seen = set()
+    per_device: dict[str, int] = {}
+    for tensor in tensors:
+        if tensor is None or tensor.is_meta:
+            continue
+        storage = tensor.untyped_storage()
+        key = (str(tensor.device), storage.data_ptr())
+        if key in seen:
+            continue
+        seen.add(key)
+        per_device[str(tensor.device)] = per_device.get(str(tensor.device), 0) + storage.nbytes()
+    return per_device
+
+
+def model_tensors(model):
+    for param in model.parameters():
+        yield from _param_tensors(param)
+    yield from model.buffers()
+
+
+def cache_tensors(cache):
+    for layer in getattr(cache, "layers", []):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if tensor is not None:
+                yield tensor
+
+
+def allocated(device: str) -> int:
+    import torch
+
+    return torch.cuda.memory_allocated(device) if device.startswith("cuda") else 0
+
+
+def synchronize(devices) -> None:
+    import torch
+
+    for device in devices:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+
+
+def versions() -> dict[str, str]:
+    import platform
+
+    import torch
+    import transformers
+
+    found = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    for name in ("accelerate", "bitsandbytes"):
+        try:
+            found[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    if torch.cuda.is_available():
+        found["cuda"] = str(torch.version.cuda)
+    return found
+
+
+# ---- the rehearsal --------------------------------------------------------------------------
+
+
+def rehearse(
+    plan: "Plan",
+    decode_tokens: int = 16,
+    on_progress: Callable[[LoadProgress], None] | None = None,
+) -> RehearsalResult:
+    """Materialize `plan.model` with random weights as planned, prefill, decode, and measure.
+
+    Out of memory anywhere (a layer's weights, the prefill, a decode step) is caught: the model is
+    freed and RehearsalOutOfMemory says which stage, which device, and the bytes in use then."""
+    try:
+        import torch
+        import transformers  # noqa: F401
+    except ImportError as error:
+        raise BackendUnavailable(f"rehearse needs torch and transformers ({error}); "
+                                 "install them with: pip install 'runner[cuda]'") from None
+    if not 1 <= decode_tokens < plan.context:
+        raise UserInputError(f"--decode-tokens must be between 1 and {plan.context - 1} (the context)")
+    where = {"what": "building the model", "device": "cpu", "layers": 0}
+    try:
+        return _rehearse(plan, decode_tokens, on_progress or (lambda progress: None), where)
+    except torch.OutOfMemoryError:
+        in_use = _cuda_in_use()
+    except RuntimeError as error:  # the CPU allocator's out-of-memory is a plain RuntimeError
+        if "can't allocate memory" not in str(error):
+            raise
+        in_use = _cuda_in_use()
+    # The traceback (and with it the model) is gone once the except clause ends.
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    use = "; ".join(f"{device} had {size / 1e9:.2f} GB in use" for device, size in in_use.items())
+    raise RehearsalOutOfMemory(
+        f"out of memory on {where['device']} while {where['what']} ({where['layers']}/{plan.model.num_layers} "
+        f"layers materialized{'; ' + use if use else ''}); the plan said {plan.verdict} "
+        f"({plan.total_bytes / 1e9:.2f} GB): use fewer --layers, a smaller --quant or a shorter --context"
+    )
+
+
+def _cuda_in_use() -> dict[str, int]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {f"cuda:{i}": torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count())}
+
+
+def _rehearse(plan: "Plan", decode_tokens: int, report, where: dict) -> RehearsalResult:
+    import torch
+    from transformers import DynamicCache
+
+    from runner_cuda.loading import attention_for, gpu_capabilities, scheme_for
+
+    spec = plan.model
+    started = time.perf_counter()
+    gpus = gpu_capabilities() if torch.cuda.is_available() else []
+    scheme = scheme_for(plan.quant, gpus, allow_offload=False)   # the real load's dtype and quantization config
+    model, quantizer = build_meta_model(spec, scheme, attention_for(scheme.dtype, gpus))
+    device_map = resolve_device_map(model, plan, quantizer)
+    check_devices_exist(device_map)
+    devices = sorted({torch_device(v) for v in device_map.values()})
+    on_cuda = any(d.startswith("cuda") for d in devices)
+    for device in devices:
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(device)
+    baseline = {d: allocated(d) for d in devices}
+
+    # Parameters grouped by block, in the order a forward pass meets them.
+    blocks: dict[str, list[str]] = {}
+    for name, _ in model.named_parameters():
+        blocks.setdefault(block_of(name), []).append(name)
+    order = [b for b in ["embeddings"] + [f"layer {i}" for i in range(spec.num_layers)] + ["head"] if b in blocks]
+
+    measured_blocks: list[BlockMemory] = []
+    generators = Generators()
+    materialize_buffers(model, device_map)
+    for index, block in enumerate(order, start=1):
+        names = blocks[block]
+        device = device_of(names[0], device_map)
+        where.update(what=f"materializing {block}", device=device)
+        synchronize(devices)
+        before = allocated(device)
+        for name in names:
+            materialize_parameter(model, name, device_of(name, device_map), scheme.dtype, quantizer, generators)
+        synchronize(devices)
+        if on_cuda:
+            size = allocated(device) - before
+            holds = f"; {device} holds {(allocated(device) - baseline[device]) / 1e9:.2f} GB"
+        else:
+            params = [model.get_parameter(n) for n in names]
+            size = sum(tensor_bytes(t for p in params for t in _param_tensors(p)).values())
+            holds = ""
+        measured_blocks.append(BlockMemory(block, device, size))
+        if block.startswith("layer "):
+            where["layers"] += 1
+        report(LoadProgress(f"{block} on {device}: {size / 1e6:.1f} MB{holds}", index, len(order), "blocks"))
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    if len(set(device_map.values())) > 1:   # several devices: accelerate's hooks, as from_pretrained adds them
+        from transformers.integrations.accelerate import accelerate_dispatch
+
+        accelerate_dispatch(model, quantizer, device_map, None, None, False)
+    if quantizer is not None:
+        model.hf_quantizer = quantizer
+        quantizer.postprocess_model(model)
+    synchronize(devices)
+    load_seconds = time.perf_counter() - started
+    if on_cuda:
+        weights = {d: allocated(d) - baseline[d] for d in devices}
+        load_peak = {d: torch.cuda.max_memory_allocated(d) - baseline[d] for d in devices}
+    else:
+        weights = tensor_bytes(model_tensors(model))
+        load_peak = {d: 0 for d in devices}
+
+    # Prefill, then decode one token at a time, as the CUDA session does: the whole prompt in one
+    # forward, logits of the last position only. The cache ends holding exactly `context` tokens.
+    cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    prefill = plan.context - decode_tokens
+    first_device = device_of(blocks[order[0]][0], device_map)
+    ids = torch.randint(0, spec.vocab_size, (1, prefill), generator=generators.on("cpu")).to(first_device)
+    cache = DynamicCache(config=model.config)
+    step_seconds: list[float] = []
+    with torch.inference_mode():
+        where.update(what=f"prefilling {prefill} tokens", device=first_device)
+        report(LoadProgress(f"prefill of {prefill} tokens", 0, decode_tokens, "tokens"))
+        synchronize(devices)
+        tick = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_argument: cache})
+        synchronize(devices)
+        prefill_seconds = time.perf_counter() - tick
+        for step in range(decode_tokens):
+            where.update(what=f"decoding token {step + 1}/{decode_tokens}")
+            token = out.logits[:, -1:].argmax(-1).to(first_device)
+            del out
+            tick = time.perf_counter()
+            out = model(input_ids=token, use_cache=True, logits_to_keep=1, **{cache_argument: cache})
+            synchronize(devices)
+            step_seconds.append(time.perf_counter() - tick)
+            if (step + 1) % 8 == 0 or step + 1 == decode_tokens:
+                report(LoadProgress(f"decoded {step + 1}/{decode_tokens} tokens", step + 1, decode_tokens, "tokens"))
+        del out, ids, token
+    gc.collect()
+    synchronize(devices)
+    if on_cuda:
+        resident = {d: allocated(d) - baseline[d] for d in devices}
+        kv_cache = {d: resident[d] - weights.get(d, 0) for d in devices}
+        peak = {d: torch.cuda.max_memory_allocated(d) - baseline[d] for d in devices}
+    else:
+        kv_cache = tensor_bytes(cache_tensors(cache))
+        resident = {d: weights.get(d, 0) + kv_cache.get(d, 0) for d in devices}
+        peak = {d: 0 for d in devices}
+    if cache.get_seq_length() != plan.context:
+        raise LoadError(f"the KV cache holds {cache.get_seq_length()} tokens, not the {plan.context} planned")
+
+    shares = {share.device: share for share in plan.placement}
+    device_memory = []
+    for device in devices:
+        share = shares.get(device)
+        device_memory.append(DeviceMemory(
+            device=device,
+            planned_weights=share.weights_bytes if share else 0,
+            planned_kv_cache=share.kv_cache_bytes if share else 0,
+            planned_total=share.total_bytes if share else 0,
+            weights=weights.get(device, 0),
+            kv_cache=kv_cache.get(device, 0),
+            resident=resident.get(device, 0),
+            peak=peak.get(device, 0),
+            load_peak=load_peak.get(device, 0),
+        ))
+    result = RehearsalResult(
+        model=spec.name,
+        quant=plan.quant,
+        context=plan.context,
+        num_layers=spec.num_layers,
+        method="allocator" if on_cuda else "tensor bytes",
+        devices=tuple(device_memory),
+        blocks=tuple(measured_blocks),
+        planned_layer_bytes=float(plan.layer_bytes),
+        prefill_tokens=prefill,
+        prefill_seconds=prefill_seconds,
+        decode_tokens=decode_tokens,
+        decode_step_seconds=tuple(step_seconds),
+        roofline_tokens_per_s=plan.roofline_tokens_per_s,
+        load_seconds=load_seconds,
+        versions=versions(),
+        device_names={d: torch.cuda.get_device_name(d) for d in devices if d.startswith("cuda")},
+    )
+    del model, cache
+    gc.collect()
+    if on_cuda:
+        torch.cuda.empty_cache()
+    return result
