@@ -156,3 +156,20 @@ def test_mlx_leaves_layers_whose_width_is_not_a_multiple_of_the_group(tmp_path):
     params = dict(tree_flatten(model.parameters()))
     assert "model.layers.0.mlp.down_proj.scales" not in params
     assert sum(v.nbytes for v in params.values()) == weights_bytes(load_spec(str(folder)), "q4", "mlx")
+
+
+def test_bitsandbytes_leaves_mixtral_experts_in_bf16(tmp_path):
+    """transformers 5 fuses Mixtral's experts into 3D tensors; bitsandbytes quantizes only nn.Linear."""
+    import torch
+    from transformers import BitsAndBytesConfig, MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=500, num_local_experts=4, num_experts_per_tok=2)
+    MixtralForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "moe")
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.bfloat16)
+    model = MixtralForCausalLM.from_pretrained(tmp_path / "moe", quantization_config=quantization,
+                                               dtype=torch.bfloat16, device_map="cpu")
+    assert model.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+    assert torch_bytes(model) == weights_bytes(load_spec(str(tmp_path / "moe")), "nf4", "cuda")

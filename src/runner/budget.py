@@ -147,8 +147,12 @@ def weights_breakdown(model: ModelSpec, quant: str, backend: str = "cuda") -> We
         total = norms
         for linear in model.layer_linears():
             router = linear.name.endswith("block_sparse_moe.gate")
-            # bitsandbytes / FP8 in transformers leave the MoE router in the compute dtype
-            total += linear_bytes(linear, "bf16" if router and not mlx_quant and scheme != "fp32" else scheme, plain)
+            expert = ".experts." in linear.name
+            kept = scheme != "fp32" and not mlx_quant and (
+                router                                              # the router is not an nn.Linear
+                or (expert and scheme in BNB_4BIT + ("int8",))      # fused 3D experts: bnb skips them
+            )
+            total += linear_bytes(linear, "bf16" if kept else scheme, plain)
         return total
 
     embedding_linear = Linear("embed_tokens", model.vocab_size, model.hidden_size)
@@ -635,6 +639,9 @@ def _scheme_warnings(model: ModelSpec, machine: Machine, quant: str, backend: st
     if backend == "mlx" and quant in ("q4", "q8") and not machine.is_apple:
         warnings.append("mlx on a Linux CPU runs quantized matmuls slowly (SmolLM2-135M: 8-bit 1.2 tok/s vs "
                         "bf16 8.7 tok/s measured here); use the cuda backend (torch, also on CPU) instead")
+    if quant in BNB_4BIT + ("int8",) and backend == "cuda" and model.num_experts > 1:
+        warnings.append(f"transformers 5 stores {model.name}'s experts as fused 3D tensors that bitsandbytes does "
+                        f"not quantize: they stay in bf16 and {quant} shrinks only attention (counted so here)")
     if quant in BNB_4BIT + ("int8",) and backend == "cuda" and not gpus:
         warnings.append("bitsandbytes on a CPU works but is slow; with no GPU prefer bf16/fp32 if it fits")
 
