@@ -100,7 +100,9 @@ def render_plan(plan: Plan, report: MemoryReport | None = None) -> Text:
     text.append("\n")
     text.append(verdict, style)
     if plan.roofline_tokens_per_s > 0:
-        text.append(f"   at most ~{plan.roofline_tokens_per_s:,.0f} tokens/s (memory bandwidth bound)", "dim")
+        speed = plan.roofline_tokens_per_s
+        speed_text = f"{speed:,.0f}" if speed >= 10 else f"{speed:.2g}"
+        text.append(f"   at most ~{speed_text} tokens/s (memory bandwidth bound)", "dim")
     for warning in plan.warnings:
         text.append("\n▲ ", "yellow")
         text.append(warning)
