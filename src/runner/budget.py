@@ -766,7 +766,8 @@ def recommend(model: ModelSpec, machine: Machine, context: int | None = None) ->
                   f"needs offload: ~{plan.roofline_tokens_per_s:.2f} tok/s at best")
         return Recommendation(backend, smallest, asked, longest, reason, plan)
     return Recommendation(backend, smallest, asked, 0,
-                          f"does not fit this machine even as {smallest}: see which set-up would", plan)
+                          f"{model.name} does not fit this machine, not even as {smallest}"
+                          + ("" if backend == "mlx" else " with offload"), plan)
 
 
 # the article's three set-ups (shipped as machine files in runner/machines/ too)
