@@ -1,0 +1,145 @@
+"""The app's screens and keys that need no loaded model: history list, export, delete, settings,
+help, a terminal too small. The model is a catalog entry with no weights here, so its load fails
+at once (and the app must stay usable, which is part of what these tests check)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+
+import pytest
+
+from runner.hardware import parse_machine
+from runner.tui.app import RunnerApp
+from runner.tui.history import COMPLETE, HistoryStore
+from runner.tui.loading import ModelChoice
+from runner.tui.screens.chat import ChatScreen
+from runner.tui.screens.help import HelpScreen
+from runner.tui.screens.settings import SettingsScreen
+from runner.tui.screens.small import TooSmallScreen
+from runner.tui.widgets.conversation import AssistantMessage, UserMessage
+
+SIZE = (110, 36)
+
+
+def run_async(test):
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        return asyncio.run(test(*args, **kwargs))
+
+    return run
+
+
+@pytest.fixture
+def history_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                      # exports land here
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    path = tmp_path / "history.db"
+    store = HistoryStore(path)
+    c = store.create_conversation("Capital cities", "m")
+    store.add_message(c.id, "user", "What is the capital of France?")
+    store.add_message(c.id, "assistant", "**Paris**.", COMPLETE)
+    store.close()
+    return path
+
+
+def make_app(history_path) -> RunnerApp:
+    return RunnerApp(ModelChoice("meta-llama/Llama-3.1-8B-Instruct"), history_path=history_path,
+                     machine=parse_machine("1xRTX4090"))
+
+
+async def settle(pilot) -> ChatScreen:
+    chat = next(s for s in pilot.app.screen_stack if isinstance(s, ChatScreen))
+    deadline = time.monotonic() + 30
+    while chat.model_state != "failed":
+        assert time.monotonic() < deadline
+        await pilot.pause(0.02)
+    return chat
+
+
+async def open_first_conversation(pilot, chat) -> None:
+    chat.query_one("#history-list").focus()
+    await pilot.press("enter")
+    await pilot.pause(0.1)
+
+
+@run_async
+async def test_open_export_and_delete_a_conversation(history_path, tmp_path):
+    app = make_app(history_path)
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await settle(pilot)
+        await open_first_conversation(pilot, chat)
+        assert chat.query_one(UserMessage).content == "What is the capital of France?"
+        assert chat.query_one(AssistantMessage).content == "**Paris**."
+        await pilot.press("ctrl+t")
+        [exported] = tmp_path.glob("chat-*.md")
+        assert "## You\n\nWhat is the capital of France?" in exported.read_text()
+        # delete from the list: asks first; "n" keeps it, "y" deletes it
+        chat.query_one("#history-list").focus()
+        await pilot.press("delete")
+        await pilot.press("n")
+        assert len(app.history.conversations()) == 1
+        await pilot.press("delete")
+        await pilot.press("y")
+        await pilot.pause(0.1)
+        assert app.history.conversations() == []
+        assert chat.query_one("#history-list").option_count == 0
+        assert not chat.query(UserMessage)  # the open conversation was the one deleted
+
+
+@run_async
+async def test_settings_are_checked_and_saved_with_the_conversation(history_path):
+    app = make_app(history_path)
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await settle(pilot)
+        await open_first_conversation(pilot, chat)
+        await pilot.press("ctrl+s")
+        assert isinstance(app.screen, SettingsScreen)
+        app.screen.query_one("#top-p").value = "1.5"
+        await pilot.press("ctrl+s")
+        assert isinstance(app.screen, SettingsScreen)  # refused
+        assert "top-p" in str(app.screen.query_one("#settings-error").render())
+        app.screen.query_one("#top-p").value = "0.8"
+        app.screen.query_one("#temperature").value = "0.3"
+        app.screen.query_one("#max-tokens").value = "64"
+        app.screen.query_one("#system-prompt").text = "Answer in one word."
+        await pilot.press("ctrl+s")
+        assert isinstance(app.screen, ChatScreen)
+        assert (chat.settings.temperature, chat.settings.top_p, chat.settings.max_tokens) == (0.3, 0.8, 64)
+        [conversation] = app.history.conversations()
+        assert conversation.system_prompt == "Answer in one word."
+        # Esc cancels without changing anything
+        await pilot.press("ctrl+s")
+        app.screen.query_one("#max-tokens").value = "9"
+        await pilot.press("escape")
+        assert chat.settings.max_tokens == 64
+
+
+@run_async
+async def test_help_lists_the_keys(history_path):
+    app = make_app(history_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("f1")
+        assert isinstance(app.screen, HelpScreen)
+        text = app.export_screenshot()  # what is on screen (SVG text)
+        for key in ("Esc", "Ctrl+O", "Ctrl+S", "Ctrl+T", "Ctrl+Q"):
+            assert key in text
+        await pilot.press("escape")
+        assert isinstance(app.screen, ChatScreen)
+
+
+@run_async
+async def test_terminal_too_small_shows_a_message_until_it_grows(history_path):
+    app = make_app(history_path)
+    async with app.run_test(size=(40, 10)) as pilot:
+        await pilot.pause(0.1)
+        assert isinstance(app.screen, TooSmallScreen)
+        assert "40×10" in str(app.screen.query_one("#too-small").render())
+        await pilot.resize_terminal(100, 30)
+        await pilot.pause(0.1)
+        assert isinstance(app.screen, ChatScreen)
+        await pilot.resize_terminal(50, 30)
+        await pilot.pause(0.1)
+        assert isinstance(app.screen, TooSmallScreen)
