@@ -33,16 +33,10 @@ from pathlib import Path
 from runner.errors import RunnerError, UserInputError
 
 from runner_mlx.rank import EXIT_STOPPED, EXIT_WATCHDOG
+from runner_mlx.split import LaunchHost
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 NODE_EXIT = re.compile(r"Node with rank (\d+) (?:exited with code (-?\d+)|was killed)")
-
-
-@dataclass(frozen=True)
-class LaunchHost:
-    ssh: str          # what ssh connects to (or 127.0.0.1 for this machine)
-    ip: str           # where the ring connects
-    local: bool
 
 
 # ---- hosts ------------------------------------------------------------------------------------
@@ -70,15 +64,16 @@ def is_local_ip(ip: str) -> bool:
         return False
 
 
-def resolve_hosts(entries: list[tuple[str, list[str]]]) -> list[LaunchHost]:
+def resolve_hosts(entries: list[tuple[str, list[str]]]) -> list[tuple[str, str, bool]]:
+    """(name, ip, local) per host; a name that does not resolve is an error."""
     hosts = []
-    for ssh, ips in entries:
+    for name, ips in entries:
         if not ips:
             try:
-                ips = [socket.gethostbyname(ssh)]
+                ips = [socket.gethostbyname(name)]
             except OSError:
-                raise UserInputError(f"cannot resolve host '{ssh}': check the name, or give its IP address") from None
-        hosts.append(LaunchHost(ssh, ips[0], is_local_ip(ips[0])))
+                raise UserInputError(f"cannot resolve host '{name}': check the name, or give its IP address") from None
+        hosts.append((name, ips[0], is_local_ip(ips[0])))
     return hosts
 
 
@@ -86,36 +81,52 @@ def ssh_command(host: str, command: str, timeout: int) -> list[str]:
     return ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={timeout}", host, command]
 
 
-def check_reachable(host: LaunchHost, timeout: int) -> None:
+def check_reachable(name: str, timeout: int) -> None:
     """A remote host must answer ssh without a password prompt within `timeout` seconds."""
-    if host.local:
-        return
     if shutil.which("ssh") is None:
-        raise UserInputError(f"cannot reach {host.ssh}: no ssh client here (mlx.launch starts remote ranks over ssh)")
+        raise UserInputError(f"cannot reach {name}: no ssh client here (mlx.launch starts remote ranks over ssh)")
     try:
-        done = subprocess.run(ssh_command(host.ssh, "true", timeout), capture_output=True, text=True,
+        done = subprocess.run(ssh_command(name, "true", timeout), capture_output=True, text=True,
                               timeout=timeout + 5, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
-        raise UserInputError(f"cannot reach {host.ssh}: ssh did not answer within {timeout} s") from None
+        raise UserInputError(f"cannot reach {name}: ssh did not answer within {timeout} s") from None
     if done.returncode != 0:
         why = (done.stderr.strip().splitlines() or ["ssh failed"])[-1]
-        raise UserInputError(f"cannot reach {host.ssh} over ssh ({why}); runner launch needs "
+        raise UserInputError(f"cannot reach {name} over ssh ({why}); runner launch needs "
                              "password-less ssh (ssh-copy-id) to every other host")
 
 
-def host_memory(host: LaunchHost, timeout: int) -> int:
-    """Total RAM of `host` in bytes (psutil here, sysctl or /proc/meminfo over ssh)."""
-    if host.local:
-        import psutil
-
-        return int(psutil.virtual_memory().total)
-    probe = "sysctl -n hw.memsize 2>/dev/null || awk '/MemTotal/ {print $2 * 1024}' /proc/meminfo"
-    done = subprocess.run(ssh_command(host.ssh, probe, timeout), capture_output=True, text=True,
+def remote_facts(name: str, timeout: int) -> tuple[int, str]:
+    """(RAM bytes, os) of a remote host, over ssh."""
+    probe = ("uname -s; sysctl -n hw.memsize 2>/dev/null || "
+             "awk '/MemTotal/ {print $2 * 1024}' /proc/meminfo")
+    done = subprocess.run(ssh_command(name, probe, timeout), capture_output=True, text=True,
                           timeout=timeout + 5, stdin=subprocess.DEVNULL)
     try:
-        return int(float(done.stdout.split()[0]))
-    except (IndexError, ValueError):
-        raise UserInputError(f"cannot read the memory of {host.ssh}; give it with --host-memory") from None
+        system, memory = done.stdout.split()[:2]
+        return int(float(memory)), system.lower()
+    except ValueError:
+        raise UserInputError(f"cannot read the memory of {name}; give it with --host-memory") from None
+
+
+def launch_hosts(entries: list[tuple[str, list[str]]], memory_gb: list[float] | None,
+                 timeout: int) -> list[LaunchHost]:
+    """Resolve, reach and measure every host, before anything starts."""
+    import psutil
+
+    if memory_gb is not None and len(memory_gb) != len(entries):
+        raise UserInputError(f"--host-memory gives {len(memory_gb)} sizes for {len(entries)} hosts")
+    hosts = []
+    for rank, (name, ip, local) in enumerate(resolve_hosts(entries)):
+        if local:
+            ram, system = int(psutil.virtual_memory().total), sys.platform
+        else:
+            check_reachable(name, timeout)
+            ram, system = remote_facts(name, timeout)
+        if memory_gb is not None:
+            ram = int(memory_gb[rank] * 1024**3)
+        hosts.append(LaunchHost(name, ip, local, ram, system))
+    return hosts
 
 
 def free_port_range(count: int) -> int:
@@ -181,7 +192,7 @@ class RankReport:
         causes = [r for r, code in sorted(self.exits.items()) if code not in followers] or sorted(self.exits)
         rank = causes[0]
         code = self.exits[rank]
-        host = self.hosts[rank].ssh if rank < len(self.hosts) else f"host {rank}"
+        host = self.hosts[rank].name if rank < len(self.hosts) else f"host {rank}"
         if code < 0:
             how = f"died (killed by signal {-code}, {signal.Signals(-code).name})"
         elif code == EXIT_WATCHDOG:
@@ -257,24 +268,9 @@ class LaunchRequest:
     verbose: bool = False
 
 
-def choose_split(spec, quant: str, count: int, wanted: str) -> str:
-    from runner_mlx.split import pipeline_split_problem, tensor_split_problem
-
-    if wanted != "auto":
-        return wanted
-    tensor_problem = tensor_split_problem(spec, count, quant)
-    if tensor_problem is None:
-        return "tensor"
-    if pipeline_split_problem(spec, count) is None:
-        print(f"runner: tensor split impossible ({tensor_problem}): using runner's pipeline split",
-              file=sys.stderr)
-        return "pipeline"
-    raise UserInputError(f"{spec.name} cannot be split over {count} hosts: {tensor_problem}")
-
-
 def launch(request: LaunchRequest, on_start=None) -> int:
     from runner.model import load_spec
-    from runner_mlx.split import plan_split
+    from runner_mlx.split import choose_split, plan_hosts
 
     if request.hostfile is not None:
         entries = read_hostfile(request.hostfile)
@@ -290,19 +286,11 @@ def launch(request: LaunchRequest, on_start=None) -> int:
     if spec.path is None:
         raise UserInputError(f"{spec.name}: no local folder with weights; runner launch needs the model "
                              "folder at the same path on every host")
-    hosts = resolve_hosts(entries)
-    for host in hosts:
-        check_reachable(host, request.connect_timeout)
-    if request.host_memory_gb:
-        if len(request.host_memory_gb) != len(hosts):
-            raise UserInputError(f"--host-memory gives {len(request.host_memory_gb)} sizes for {len(hosts)} hosts")
-        memory = [int(gb * 1024**3) for gb in request.host_memory_gb]
-    else:
-        memory = [host_memory(host, request.connect_timeout) for host in hosts]
-
-    split = choose_split(spec, request.quant, len(hosts), request.split)
-    shares = plan_split(spec, request.quant, request.context, [h.ssh for h in hosts], memory, split)
-    print(f"runner: {spec.name} ({request.quant}) over {len(hosts)} hosts, {split} split:", file=sys.stderr)
+    split, why = choose_split(spec, request.quant, len(entries), request.split)
+    hosts = launch_hosts(entries, request.host_memory_gb, request.connect_timeout)
+    shares = plan_hosts(spec, request.quant, request.context, hosts, split)
+    print(f"runner: {spec.name} ({request.quant}, {request.context} tokens of context) over "
+          f"{len(hosts)} hosts, {why}:", file=sys.stderr)
     for share in shares:
         print(f"runner:   {share.describe(spec.num_layers, split)}", file=sys.stderr)
     sys.stderr.flush()
@@ -318,12 +306,12 @@ def launch(request: LaunchRequest, on_start=None) -> int:
     with tempfile.TemporaryDirectory(prefix="runner-launch-") as scratch:
         hostfile = Path(scratch) / "hosts.json"
         # mlx.launch starts a rank without ssh only when its host is spelled "127.0.0.1"
-        hostfile.write_text(json.dumps([{"ssh": "127.0.0.1" if h.local else h.ssh, "ips": [h.ip]} for h in hosts]))
+        hostfile.write_text(json.dumps([{"ssh": "127.0.0.1" if h.local else h.name, "ips": [h.ip]} for h in hosts]))
         rank_command = [
             sys.executable, "-m", "runner_mlx.rank",
             "--model", str(spec.path), "--quant", request.quant, "--split", split,
             "--layers", ",".join(f"{s.layers[0]}:{s.layers[1]}" for s in shares),
-            "--hosts", ",".join(h.ssh for h in hosts),
+            "--hosts", ",".join(h.name for h in hosts),
             "--request-json", json.dumps({"messages": request.messages, "sampling": request.sampling}),
             "--rank-timeout", str(request.rank_timeout),
         ]

@@ -209,12 +209,9 @@ def run_rank(args, hosts: list[str], watchdog: Watchdog) -> int:
 
     def progress(event: LoadProgress) -> None:
         watchdog.beat()
-        if is_root and event.total:
-            print(f"\rrunner: {event.stage} {event.done}/{event.total}", end="", file=sys.stderr, flush=True)
-            if event.done == event.total:
-                print(file=sys.stderr, flush=True)
-        elif is_root:
-            print(f"runner: {event.stage}", file=sys.stderr, flush=True)
+        if is_root and (not event.total or event.done == event.total):   # a line per stage: stderr is a pipe
+            count = f" {event.done}/{event.total} {event.unit}" if event.total else ""
+            print(f"runner: {event.stage}{count}", file=sys.stderr, flush=True)
 
     watchdog.enter("preparing the model", None)          # a conversion takes as long as it takes
     spec = load_spec(args.model)

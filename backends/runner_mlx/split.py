@@ -1,12 +1,13 @@
-"""How a model is split over several hosts: pure arithmetic, no mlx.
+"""How a model is split over several hosts: the Plan's placement plus what MLX itself requires.
+Pure arithmetic (runner.budget's numbers), no mlx.
 
 Two splits:
 - tensor: mlx-lm's `shard()`: every layer's attention heads and MLP columns are divided among the
-  hosts. Needs the attention heads and the KV heads divisible by the number of hosts (and, when
-  quantized, each host's slice a whole number of quantization groups).
-- pipeline: runner's own: contiguous layer ranges, one per host, sized by each host's memory.
-  Every host also keeps the embeddings, the final norm and the output head (as mlx-lm's pipelines
-  do), so the sampled token is known everywhere without another message.
+  hosts. Needs the attention heads and the KV heads divisible by the number of hosts and, when
+  quantized, each host's slice a whole number of quantization groups.
+- pipeline: runner's own (`runner_mlx.pipeline`): contiguous layer ranges, one per host, sized by
+  each host's memory. Every host also keeps the embeddings, the final norm and the head (as
+  mlx-lm's pipelines do), so each host can sample the next token itself.
 """
 
 from __future__ import annotations
@@ -18,65 +19,51 @@ from runner.model import ModelSpec
 
 from runner_mlx import GROUP_SIZE, QUANT_BITS
 
-# bits per weight element as mlx stores it: quantized weights carry a 16-bit scale and bias per group
-BITS_PER_ELEMENT = {"q4": 4 + 32 / GROUP_SIZE, "q8": 8 + 32 / GROUP_SIZE, "bf16": 16, "fp16": 16, "fp32": 32}
-USABLE_FRACTION = 0.75     # of a host's RAM that the model may use (macOS' default GPU working set)
 PIPELINE_TYPES = ("llama", "mistral", "qwen2")   # the decoder layout runner's pipeline knows
+TENSOR_TYPES = ("llama", "mistral", "qwen2")     # mlx-lm models with shard() that runner checked
 GB = 1024**3
+
+
+@dataclass(frozen=True)
+class LaunchHost:
+    name: str           # as the user wrote it (ssh name or IP)
+    ip: str             # where the ring connects
+    local: bool         # this machine (started without ssh)
+    ram_bytes: int
+    os: str             # "darwin" or "linux"
 
 
 @dataclass(frozen=True)
 class HostShare:
     host: str
-    layers: tuple[int, int]     # [start, stop)
-    weights_bytes: int
-    kv_cache_bytes: int
-    capacity_bytes: int
-
-    @property
-    def total_bytes(self) -> int:
-        return self.weights_bytes + self.kv_cache_bytes
+    layers: tuple[int, int]      # [start, stop)
+    total_bytes: int             # weights, KV cache for the context, activations
+    capacity_bytes: int          # 0.9 x the host's memory (above that a Mac swaps)
 
     def describe(self, num_layers: int, split: str) -> str:
         start, stop = self.layers
         what = (f"layers {start}-{stop - 1} ({stop - start} of {num_layers})" if split == "pipeline"
                 else f"its slice of all {num_layers} layers")
-        return (f"{self.host}: {what}, {size(self.total_bytes)} (weights {size(self.weights_bytes)} + "
-                f"KV cache {size(self.kv_cache_bytes)}) of {size(self.capacity_bytes)} usable")
+        return f"{self.host}: {what}, {size(self.total_bytes)} of {size(self.capacity_bytes)} usable"
 
 
 def size(count: int) -> str:
     return f"{count / GB:.2f} GB" if count >= GB else f"{count / 1024**2:.1f} MB"
 
 
-def layer_bytes(spec: ModelSpec, quant: str) -> int:
-    elements = sum(lin.weight_elements for lin in spec.layer_linears())
-    return int(elements * BITS_PER_ELEMENT[quant] / 8 + spec.layer_norm_elements() * 2)
-
-
-def shared_bytes(spec: ModelSpec, quant: str) -> int:
-    """Embeddings, final norm and head: held by every host."""
-    return int((spec.embedding_elements + spec.lm_head_elements) * BITS_PER_ELEMENT[quant] / 8)
-
-
-def kv_bytes_per_layer(spec: ModelSpec, quant: str, context: int) -> int:
-    element = 4 if quant == "fp32" else 2
-    return 2 * spec.num_kv_heads * spec.head_dim * element * context
-
-
 def tensor_split_problem(spec: ModelSpec, hosts: int, quant: str) -> str | None:
     """Why mlx-lm's tensor-parallel `shard()` cannot split this model over `hosts`; None if it can."""
-    if spec.model_type not in ("llama", "mistral", "qwen2", "mixtral"):
-        return f"runner has not checked tensor parallelism for model_type '{spec.model_type}'"
+    if spec.model_type not in TENSOR_TYPES:
+        return f"runner has not checked mlx-lm's tensor split for model_type '{spec.model_type}'"
     if spec.num_heads % hosts or spec.num_kv_heads % hosts:
         return (f"{spec.num_heads} attention heads and {spec.num_kv_heads} KV heads do not divide "
-                f"among {hosts} hosts")
+                f"among {hosts} hosts (mlx-lm would shard it anyway and crash in attention)")
     if quant in QUANT_BITS:
         for name, width in (("attention output", spec.num_heads * spec.head_dim),
                             ("MLP", spec.intermediate_size)):
             if (width // hosts) % GROUP_SIZE:
                 return (f"each host's {name} slice ({width // hosts} columns) is not a whole number of "
-                        f"{GROUP_SIZE}-wide quantization groups; use --quant bf16 or the pipeline split")
+                        f"{GROUP_SIZE}-wide quantization groups (use bf16)")
     return None
 
 
@@ -88,23 +75,38 @@ def pipeline_split_problem(spec: ModelSpec, hosts: int) -> str | None:
     return None
 
 
-def pipeline_ranges(num_layers: int, weights: list[float]) -> list[tuple[int, int]]:
-    """Contiguous layer ranges, one per host, in proportion to `weights`, each at least one layer."""
-    total = sum(weights)
-    if total <= 0:
-        raise UserInputError("no host has memory left for layers")
-    exact = [num_layers * w / total for w in weights]
+def choose_split(spec: ModelSpec, quant: str, count: int, wanted: str) -> tuple[str, str]:
+    """(split, why): the one asked for, or with "auto" tensor where it works, else pipeline."""
+    tensor = tensor_split_problem(spec, count, quant)
+    pipeline = pipeline_split_problem(spec, count)
+    problems = {"tensor": tensor, "pipeline": pipeline}
+    if wanted == "auto":
+        if tensor is None:
+            return "tensor", f"tensor split: heads and KV heads divide among {count} hosts"
+        if pipeline is None:
+            return "pipeline", f"pipeline split: the tensor split cannot work ({tensor})"
+        raise UserInputError(f"{spec.name} cannot be split over {count} hosts: {tensor}; {pipeline}")
+    if problems[wanted] is not None:
+        other = "pipeline" if wanted == "tensor" else "tensor"
+        advice = (f"; use --split {other}" if problems[other] is None
+                  else f"; --split {other} does not work either: {problems[other]}")
+        raise UserInputError(f"{spec.name}: the {wanted} split does not work: {problems[wanted]}{advice}")
+    return wanted, f"{wanted} split, as asked"
+
+
+def pipeline_ranges(num_layers: int, room: list[float]) -> list[tuple[int, int]]:
+    """Contiguous layer ranges, one per host, in proportion to each host's `room`, at least one each."""
+    total = sum(room)
+    if total <= 0 or num_layers < len(room):
+        raise DoesNotFit("no room for the layers on these hosts")
+    exact = [num_layers * r / total for r in room]
     counts = [max(1, int(x)) for x in exact]
-    # hand out (or take back) the remaining layers by largest (or smallest) remainder
-    order = sorted(range(len(weights)), key=lambda i: exact[i] - int(exact[i]), reverse=True)
-    while sum(counts) < num_layers:
-        for i in order:
-            if sum(counts) < num_layers:
-                counts[i] += 1
-    while sum(counts) > num_layers:
-        for i in reversed(order):
-            if sum(counts) > num_layers and counts[i] > 1:
-                counts[i] -= 1
+    by_remainder = sorted(range(len(room)), key=lambda i: exact[i] - int(exact[i]), reverse=True)
+    while sum(counts) < num_layers:          # hand out what rounding down left over
+        counts[by_remainder[(num_layers - sum(counts)) % len(room)]] += 1
+    while sum(counts) > num_layers:          # the "at least one" rule can overshoot
+        largest = max(range(len(room)), key=lambda i: counts[i])
+        counts[largest] -= 1
     ranges, start = [], 0
     for count in counts:
         ranges.append((start, start + count))
@@ -112,35 +114,29 @@ def pipeline_ranges(num_layers: int, weights: list[float]) -> list[tuple[int, in
     return ranges
 
 
-def plan_split(spec: ModelSpec, quant: str, context: int, hosts: list[str], ram_bytes: list[int],
-               split: str) -> list[HostShare]:
-    """Each host's share; raise DoesNotFit (with every host's numbers) when one does not fit."""
-    if quant not in BITS_PER_ELEMENT:
-        raise UserInputError(f"runner launch runs {', '.join(BITS_PER_ELEMENT)}; not '{quant}'")
-    n = len(hosts)
-    problem = tensor_split_problem(spec, n, quant) if split == "tensor" else pipeline_split_problem(spec, n)
-    if problem:
-        other = "pipeline" if split == "tensor" else "tensor"
-        other_problem = (pipeline_split_problem(spec, n) if other == "pipeline"
-                         else tensor_split_problem(spec, n, quant))
-        advice = f"; use --split {other}" if other_problem is None else f"; --split {other} fails too: {other_problem}"
-        raise UserInputError(f"{spec.name}: the {split} split does not work: {problem}{advice}")
-    capacities = [int(ram * USABLE_FRACTION) for ram in ram_bytes]
-    per_layer = layer_bytes(spec, quant)
-    kv_layer = kv_bytes_per_layer(spec, quant, context)
-    shared = shared_bytes(spec, quant)
-    shares = []
+def plan_hosts(spec: ModelSpec, quant: str, context: int, hosts: list[LaunchHost], split: str) -> list[HostShare]:
+    """Each host's share, with the Plan's arithmetic (runner.budget); DoesNotFit when one is too full.
+
+    Pipeline: layers in proportion to each host's room after the embeddings and head it keeps, so
+    a 192 GB and a 128 GB Mac share a model that an even split would not fit."""
+    from runner.budget import (MAC_WORKING_SET_SAFE, activation_bytes, kv_cache_bytes, logits_bytes,
+                               weights_breakdown)
+
+    names = [h.name if [x.name for x in hosts].count(h.name) == 1 else f"{h.name}#{rank}"
+             for rank, h in enumerate(hosts)]
+    parts = weights_breakdown(spec, quant, "mlx")
+    kv_per_layer = kv_cache_bytes(spec, context, 1, quant) // spec.num_layers
+    fixed = parts.embeddings + parts.head + activation_bytes(spec, context, 1, quant) + logits_bytes(spec, context, 1)
+    capacities = [int(h.ram_bytes * MAC_WORKING_SET_SAFE) for h in hosts]
     if split == "pipeline":
-        room = [max(c - shared, 0) for c in capacities]
-        for host, capacity, (start, stop) in zip(hosts, capacities, pipeline_ranges(spec.num_layers, room)):
-            count = stop - start
-            shares.append(HostShare(host, (start, stop), shared + count * per_layer, count * kv_layer, capacity))
+        per_layer = parts.layer + kv_per_layer
+        ranges = pipeline_ranges(spec.num_layers, [max(c - fixed, 0) / per_layer for c in capacities])
+        totals = [fixed + (stop - start) * per_layer for start, stop in ranges]
     else:
-        for host, capacity in zip(hosts, capacities):
-            shares.append(HostShare(host, (0, spec.num_layers), shared + spec.num_layers * per_layer // n,
-                                    spec.num_layers * kv_layer // n, capacity))
-    too_big = [s for s in shares if s.total_bytes > s.capacity_bytes]
-    if too_big:
-        lines = "; ".join(s.describe(spec.num_layers, split) for s in shares)
-        raise DoesNotFit(f"{spec.name} ({quant}) does not fit these hosts with the {split} split: {lines}")
+        ranges = [(0, spec.num_layers)] * len(hosts)
+        totals = [fixed + spec.num_layers * (parts.layer + kv_per_layer) // len(hosts)] * len(hosts)
+    shares = [HostShare(n, r, t, c) for n, r, t, c in zip(names, ranges, totals, capacities)]
+    if any(s.total_bytes > s.capacity_bytes for s in shares):
+        raise DoesNotFit(f"{spec.name} ({quant}, {context} tokens of context) does not fit these hosts with "
+                         f"the {split} split: " + "; ".join(s.describe(spec.num_layers, split) for s in shares))
     return shares
