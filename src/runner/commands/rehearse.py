@@ -87,7 +87,7 @@ def make_rehearsal_plan(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from runner.budget import FITS
+    from runner.budget import FITS, OFFLOAD
 
     plan = make_rehearsal_plan(args)
     spec = plan.model
@@ -100,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
         options = options_that_fit(plan)
         fits = f"options that fit: {', '.join(options)}, fewer --layers" if options else "use fewer --layers"
         raise DoesNotFit(
-            f"{spec.name} ({spec.num_layers} layers) does not fit {plan.machine.label} on its GPUs: {plan_line(plan)}; "
+            f"{spec.name} ({spec.num_layers} layers) does not fit {plan.machine.label}"
+            f"{' without offload' if plan.verdict == OFFLOAD else ''}: {plan_line(plan)}; "
             f"nothing was allocated; {fits}, or --force to try anyway"
         )
     if plan.verdict == FITS:
