@@ -136,3 +136,11 @@ def test_detection_does_not_import_torch():
     code = "import sys; from runner.hardware import detect_machine; detect_machine(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_h100_is_what_its_driver_reports():
+    """nvidia-ml-py on a real H100 80GB HBM3 reported 85,520,809,984 bytes (81559 MiB) and a
+    3,352 GB/s memory bus (2619 MHz x 2 x 5120 bits); the preset uses those numbers."""
+    h100 = parse_machine("1xH100-80GB").gpus[0]
+    assert h100.total_bytes == 85_520_809_984
+    assert abs(h100.bandwidth_bytes_per_s - 3_352_320_000_000) / 3.35e12 < 0.001

@@ -165,10 +165,17 @@ def mac_host(name: str, chip: KnownMac, memory_gib: int, os_name: str = "darwin"
     )
 
 
+# What the driver really reports where it was measured (nvidia-ml-py on the card itself);
+# other cards are taken at their vendor size in GiB.
+REPORTED_BYTES = {
+    ("NVIDIA H100", 80): 81559 * 1024**2,   # "NVIDIA H100 80GB HBM3": 85,520,809,984 bytes (measured)
+}
+
+
 def gpu_device(index: int, gpu: KnownGPU, memory_gib: int) -> Device:
     sizes = list(gpu.memory_gib)
     bandwidth = gpu.bandwidth_gb_s[sizes.index(memory_gib)] if memory_gib in sizes else gpu.bandwidth_gb_s[0]
-    total = memory_gib * GiB
+    total = REPORTED_BYTES.get((gpu.model, memory_gib), memory_gib * GiB)
     return Device(
         f"cuda:{index}", f"{gpu.model} {memory_gib}GB", "cuda", total, total, bandwidth * GB, gpu.compute_capability
     )
