@@ -144,3 +144,11 @@ def test_h100_is_what_its_driver_reports():
     h100 = parse_machine("1xH100-80GB").gpus[0]
     assert h100.total_bytes == 85_520_809_984
     assert abs(h100.bandwidth_bytes_per_s - 3_352_320_000_000) / 3.35e12 < 0.001
+
+
+def test_mac_chip_names_from_sysctl():
+    from runner.hardware import _mac_chip
+
+    assert _mac_chip("Apple M2 Ultra").model == "Apple M2 Ultra"
+    assert _mac_chip("Apple M4 Pro").bandwidth_gb_s == 273
+    assert _mac_chip("Intel(R) Core(TM) i9") is None

@@ -61,6 +61,7 @@ PREFILL_CHUNK = 2048                 # tokens processed at once while reading th
 GPU_RESERVE = 0.05                   # of each GPU's memory: allocator fragmentation, other users
 RAM_RESERVE = 0.10                   # of RAM: the OS and the rest of the Python process
 MAC_WORKING_SET_SAFE = 0.90          # above ~0.9 x the GPU working set a Mac swaps, 40-150x slower
+MACOS_RESERVE = 8 * GB               # what macOS itself needs when the wired limit is raised
 PCIE_BANDWIDTH = 25 * GB             # PCIe 4.0 x16 in practice: what CPU-offloaded weights stream at
 DISK_BANDWIDTH = 3 * GB              # a fast NVMe SSD
 MAX_CONTEXT_LIMIT = 10_000_000       # above this a context is a typo
@@ -371,7 +372,9 @@ class _Slot:
 def _fill(slots: list[_Slot], pieces: list[tuple[str, int, int, int, int]], fraction: float = 1.0) -> list[_Slot] | None:
     """Place pieces in order, each on the first slot (from the current one on) with room.
 
-    A piece is (what, weights bytes, kv bytes, extra overhead when first on a device, layer index).
+    A piece is (what, weights bytes by device kind, kv bytes, extra overhead, layer index): its
+    weights may depend on where it lands (bitsandbytes keeps offloaded layers unquantized); the
+    extra overhead (activations, logits) is paid once on a device, by its first layer or the head.
     `fraction` scales the accelerators' capacity (to spread layers evenly over GPUs).
     Returns the filled slots, or None when a piece fits nowhere.
     """
@@ -569,7 +572,7 @@ def _place_mlx(model, machine, breakdown, kv_per_layer, activations, logits, par
     filled = _spread(slots, pieces, balance) or _fill(slots, pieces)
     if filled is None:
         # does it fit in RAM beyond the GPU working set? Then raising the wired limit would do.
-        bigger = [_Slot(s.device, s.kind, _ram_capacity(h, machine.hypothetical) - 8 * GB if s.kind == "unified"
+        bigger = [_Slot(s.device, s.kind, _ram_capacity(h, machine.hypothetical) - MACOS_RESERVE if s.kind == "unified"
                         else s.capacity, s.fixed, s.bandwidth) for s, h in zip(slots, hosts)]
         filled = _spread(bigger, pieces, balance) or _fill(bigger, pieces)
         if filled is None or not all(h.unified_memory for h in hosts):
