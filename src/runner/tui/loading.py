@@ -66,7 +66,7 @@ def weights_spec(choice: ModelChoice, spec: ModelSpec, on_progress: Callable[[Lo
         import_default_model(on_progress)
         return load_spec(choice.model)
     raise ModelNotFound(
-        f"{spec.name}: runner knows its shape (so the plan above is real) but its weights are not on this "
+        f"{spec.name}: runner knows its shape (so its plan is real) but its weights are not on this "
         f"machine; download them first, e.g. `hf download {spec.name}`, then pick it again"
     )
 

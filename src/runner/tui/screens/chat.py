@@ -26,6 +26,7 @@ from textual.worker import Worker, get_current_worker
 
 from runner.backend import GenerationChunk, Message, MemoryReport, Sampling, Session
 from runner.budget import FITS, OFFLOAD, Plan
+from runner.default_model import imported_folder
 from runner.errors import RunnerError
 from runner.tui import messages as msg
 from runner.tui.history import COMPLETE, ERROR, PARTIAL, STOPPED, export_file_name, title_from
@@ -220,7 +221,7 @@ class ChatScreen(Screen[None]):
         panel.display = True
         if self.plan is None:
             panel.show_message("No plan: runner could not read this model's shape.")
-        panel.show_error(message.error + "\n\nPress Ctrl+O to pick another model.")
+        panel.show_error(message.error + "\nPress Ctrl+O to pick another model.")
         self.show_empty_hint()
         self.update_status()
 
@@ -367,9 +368,13 @@ class ChatScreen(Screen[None]):
         options.clear_options()
         for conversation in self.history.conversations():
             marker = "▸ " if conversation.id == self.conversation_id else "  "
-            options.add_option(Option(marker + conversation.title, id=str(conversation.id)))
+            title = Text(marker + conversation.title, no_wrap=True, overflow="ellipsis")
+            options.add_option(Option(title, id=str(conversation.id)))
         if options.option_count:
             options.highlighted = min(highlighted or 0, options.option_count - 1)
+        self.query_one("#sidebar-hint", Static).update(
+            "Enter open · Del delete" if options.option_count else "No conversations yet"
+        )
 
     async def open_conversation(self, conversation_id: int) -> None:
         if self.reply is not None:
@@ -486,9 +491,12 @@ class ChatScreen(Screen[None]):
 
     def show_empty_hint(self) -> None:
         name = short_model_name(self.choice.model_name) if self.choice else "a model"
+        loading = f"Loading {name}… you can browse the history meanwhile."
+        if self.choice is not None and self.choice.model is None and imported_folder() is None:
+            loading += "\nFirst run: runner imports its built-in model once (under a minute); later starts take seconds."
         hint = {
             "ready": f"Ask {name} anything.  Enter sends · Esc stops a reply · F1 lists the keys",
-            "loading": f"Loading {name}… you can browse the history meanwhile.",
+            "loading": loading,
             "failed": "No model is loaded. Ctrl+O picks another; the history stays readable.",
             "none": "No model is loaded. Ctrl+O picks one.",
         }[self.model_state]
@@ -498,7 +506,9 @@ class ChatScreen(Screen[None]):
         """Left: model, backend, quant, placement. Right: speed of the last reply, how to switch."""
         model = Text(short_model_name(self.choice.model_name) if self.choice else "no model", "bold")
         if self.model_state == "ready" and self.session is not None:
-            model.append(f" · {self.session.backend} · {self.session.quant} · {self.session.device_summary}")
+            # the placement's first clause ("cuda:0 (all 32 layers)"); the plan panel has the rest
+            placement = self.session.device_summary.split(";")[0]
+            model.append(f" · {self.session.backend} · {self.session.quant} · {placement}")
         elif self.model_state == "loading":
             model.append(" · loading…", "yellow")
         elif self.model_state == "failed":

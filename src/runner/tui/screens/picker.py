@@ -62,7 +62,10 @@ class PickerScreen(ModalScreen[str | None]):
         self.entries, problems = find_models()
         table = self.query_one("#models", DataTable)
         for index, entry in enumerate(self.entries):
-            size = human_bytes(entry.size_bytes) if entry.size_bytes else ("package" if entry.where == "built-in" else "—")
+            if entry.size_bytes:
+                size = human_bytes(entry.size_bytes)
+            else:
+                size = "package" if entry.where == "built-in" else "not here"
             table.add_row(Text(entry.name, "bold" if entry.downloaded or entry.where == "built-in" else ""),
                           entry.where, size, Text("planning…", "dim"), key=str(index))
         hint = f"Add folders to {config_file()} as model_dirs = [\"~/models\"]"

@@ -73,7 +73,7 @@ class AssistantMessage(Vertical):
             StoredMessage(0, 0, "assistant", self.content, self.state, self.error, 0.0)
         )
         style = {STOPPED: "bold yellow", ERROR: "bold red"}.get(self.state, "bold yellow")
-        symbol = {STOPPED: "⏹ ", ERROR: "✘ "}.get(self.state, "▲ ")
+        symbol = {STOPPED: "■ ", ERROR: "✘ "}.get(self.state, "▲ ")
         note.update(Text(symbol + text, style))
         note.display = True
         self.set_class(self.state == STOPPED, "stopped")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.containers import Vertical
+from textual.containers import VerticalScroll
 from textual.widgets import Label, ProgressBar, Static
 
 from runner.backend import LoadProgress, MemoryReport
@@ -111,15 +111,15 @@ def render_plan(plan: Plan, report: MemoryReport | None = None) -> Text:
     return text
 
 
-class PlanPanel(Vertical):
+class PlanPanel(VerticalScroll):
     """The plan, the load progress and, if the load failed, why."""
 
     def compose(self) -> ComposeResult:
         self.border_title = "Plan"
+        yield Static("", id="load-error")      # first, so that it is seen when the plan is long
         yield Static("working out the plan…", id="plan-body")
         yield Label("", id="load-stage")
         yield ProgressBar(id="load-progress", show_eta=False)
-        yield Static("", id="load-error")
 
     def on_mount(self) -> None:
         self.query_one("#load-error").display = False
@@ -153,10 +153,12 @@ class PlanPanel(Vertical):
 
     def show_error(self, message: str) -> None:
         self.query_one("#load-progress", ProgressBar).display = False
-        self.query_one("#load-stage", Label).update(Text("the model did not load", "bold red"))
-        error = self.query_one("#load-error", Static)
-        error.update(Text(message, "red"))
-        error.display = True
+        self.query_one("#load-stage", Label).update("")
+        error = Text("The model did not load\n", "bold red")
+        error.append(message, "red")
+        self.query_one("#load-error", Static).update(error)
+        self.query_one("#load-error").display = True
+        self.scroll_home(animate=False)
 
     def reset(self, message: str) -> None:
         """Back to the start of a load."""
