@@ -423,6 +423,9 @@ def make_plan(
     """
     backend = backend or default_backend_for(quant, machine)
     check_request(model, quant, context, batch, backend)
+    if backend == "cuda" and machine.is_apple:
+        raise UserInputError(f"--quant {quant}: the cuda backend (bitsandbytes, accelerate) is for NVIDIA GPUs; "
+                             f"on Apple silicon runner uses mlx with {', '.join(MLX_QUANTS)}")
     breakdown = weights_breakdown(model, "bf16" if fp8_dequantized(quant, backend, machine) else quant, backend)
     kv_total = kv_cache_bytes(model, context, batch, quant)
     kv_per_layer = kv_total // model.num_layers
