@@ -124,6 +124,14 @@ def _print_report(model, machine, context, batch, rows, chosen, recommendation, 
             f"{_gb(plan.overhead_bytes):>9} {_gb(plan.total_bytes):>9}  {VERDICT_WORDS[plan.verdict]:<13} "
             f"{_speed(plan.roofline_tokens_per_s):>7}\n")
     out("  * roofline decode speed at batch 1 (memory bandwidth / bytes read per token): an upper bound\n")
+    from runner.budget import fp8_dequantized, weights_bytes
+
+    for plan in rows:
+        scheme = weights_bytes(model, plan.quant, plan.backend)
+        if fp8_dequantized(plan.quant, plan.backend, machine):
+            out(f"    {plan.quant}: needs compute capability 8.9+; transformers loads it dequantized to bf16 here\n")
+        elif plan.verdict == "offload" and plan.weights_bytes > scheme:
+            out(f"    {plan.quant}: {_gb(scheme)} GB as a scheme; bitsandbytes keeps offloaded layers in bf16\n")
     if not machine.gpus and not machine.is_apple:
         cpu = machine.hosts[0].cpu_bandwidth_bytes_per_s
         out(f"    CPU memory bandwidth assumed {cpu / GB:.0f} GB/s. On a CPU quantized matmuls are compute-bound and far\n"
@@ -139,6 +147,15 @@ def _print_report(model, machine, context, batch, rows, chosen, recommendation, 
         out("\nNotes:\n")
         for note in chosen.notes:
             out(f"  - {note}\n")
+        if chosen.parallel == "pipeline" and any("tensor parallel" in n and "works" in n for n in chosen.notes):
+            from runner.budget import make_plan
+
+            tensor = make_plan(model, machine, chosen.quant, context, batch, chosen.backend, parallel="tensor")
+            if tensor.verdict == "fits":
+                per_host = max(s.total_bytes for s in tensor.placement)
+                out(f"  - tensor parallel would need {_gb(per_host)} GB per host and reach ~"
+                    f"{_speed(tensor.roofline_tokens_per_s)} tok/s (pipeline: ~{_speed(chosen.roofline_tokens_per_s)}), "
+                    f"before network time\n")
 
     out("\nRecommendation: ")
     if recommendation.max_context:
