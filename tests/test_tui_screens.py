@@ -143,3 +143,28 @@ async def test_terminal_too_small_shows_a_message_until_it_grows(history_path):
         await pilot.resize_terminal(50, 30)
         await pilot.pause(0.1)
         assert isinstance(app.screen, TooSmallScreen)
+
+
+@run_async
+async def test_pick_at_start_then_a_model_without_weights_is_refused_clearly(history_path):
+    app = RunnerApp(ModelChoice(), pick=True, history_path=history_path, machine=parse_machine("1xRTX4090"))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause(0.1)
+        from runner.tui.screens.picker import PickerScreen
+
+        assert isinstance(app.screen, PickerScreen)
+        await pilot.press("escape")
+        chat = app.screen
+        assert isinstance(chat, ChatScreen) and chat.model_state == "none"
+        assert "Ctrl+O picks one" in str(chat.query_one("#conversation-empty").render())
+        await pilot.press("ctrl+o")
+        picker = app.screen
+        row = next(i for i, e in enumerate(picker.entries) if e.name == "meta-llama/Llama-3.1-8B-Instruct")
+        picker.query_one("#models").move_cursor(row=row)
+        await pilot.press("enter")
+        deadline = time.monotonic() + 30
+        while chat.model_state != "failed":
+            assert time.monotonic() < deadline
+            await pilot.pause(0.02)
+        assert "weights are not on this machine" in str(chat.query_one("#load-error").render())
+        assert "✔ fits" in str(chat.query_one("#plan-body").render())
