@@ -13,22 +13,26 @@ from runner.budget import Plan
 
 @dataclass
 class PlanReady(Message):
+    load_id: int           # which load this is about; messages of an abandoned load are ignored
     plan: Plan
 
 
 @dataclass
 class LoadProgressed(Message):
+    load_id: int           # which load this is about; messages of an abandoned load are ignored
     progress: LoadProgress
 
 
 @dataclass
 class ModelLoaded(Message):
+    load_id: int           # which load this is about; messages of an abandoned load are ignored
     session: Session
     report: MemoryReport | None
 
 
 @dataclass
 class LoadFailed(Message):
+    load_id: int           # which load this is about; messages of an abandoned load are ignored
     error: str
 
 

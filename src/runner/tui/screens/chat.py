@@ -99,6 +99,7 @@ class ChatScreen(Screen[None]):
         self.plan: Plan | None = None
         self.choice: ModelChoice | None = None
         self.model_state = "none"            # "none", "loading", "ready" or "failed"
+        self.load_id = 0                     # counts loads; only the latest one's messages count
         self.conversation_id: int | None = None
         self.reply: ActiveReply | None = None
         self.settings = self.app.initial_settings
@@ -151,6 +152,7 @@ class ChatScreen(Screen[None]):
     def start_load(self, choice: ModelChoice) -> None:
         self.choice = choice
         self.plan = None
+        self.load_id += 1
         old, self.session = self.session, None
         if self.reply is not None:
             self.stop_reply()
@@ -161,10 +163,10 @@ class ChatScreen(Screen[None]):
         self.show_banner("")
         self.show_empty_hint()
         self.update_status()
-        self.load_model(choice, old)
+        self.load_model(self.load_id, choice, old)
 
     @work(thread=True, exclusive=True, group="load")
-    def load_model(self, choice: ModelChoice, old: Session | None) -> None:
+    def load_model(self, load_id: int, choice: ModelChoice, old: Session | None) -> None:
         worker = get_current_worker()
         if old is not None:
             with self.generation_lock:   # let a stopping reply finish its last token first
@@ -172,18 +174,18 @@ class ChatScreen(Screen[None]):
 
         def progress(update) -> None:
             if not worker.is_cancelled:
-                self.post_message(msg.LoadProgressed(update))
+                self.post_message(msg.LoadProgressed(load_id, update))
 
         try:
             spec, plan = resolve(choice, self.app.machine())
-            self.post_message(msg.PlanReady(plan))
+            self.post_message(msg.PlanReady(load_id, plan))
             spec = weights_spec(choice, spec, progress)
             session = load_session(choice, spec, plan, progress)
         except RunnerError as error:
-            self.post_message(msg.LoadFailed(str(error)))
+            self.post_message(msg.LoadFailed(load_id, str(error)))
             return
         except Exception as error:  # a bug or an unforeseen failure: show it, stay usable
-            self.post_message(msg.LoadFailed(f"{type(error).__name__}: {error}"))
+            self.post_message(msg.LoadFailed(load_id, f"{type(error).__name__}: {error}"))
             return
         if worker.is_cancelled:  # another model was picked meanwhile
             session.close()
@@ -192,19 +194,24 @@ class ChatScreen(Screen[None]):
             report = session.memory()
         except Exception:  # measuring is a nicety; never lose the session over it
             report = None
-        self.post_message(msg.ModelLoaded(session, report))
+        self.post_message(msg.ModelLoaded(load_id, session, report))
 
     def on_plan_ready(self, message: msg.PlanReady) -> None:
+        if message.load_id != self.load_id:
+            return
         self.plan = message.plan
         self.query_one(PlanPanel).show_plan(message.plan)
         self.show_banner(pressure_warning(message.plan))
         self.update_status()
 
     def on_load_progressed(self, message: msg.LoadProgressed) -> None:
-        if self.model_state == "loading":
+        if message.load_id == self.load_id and self.model_state == "loading":
             self.query_one(PlanPanel).show_progress(message.progress)
 
     def on_model_loaded(self, message: msg.ModelLoaded) -> None:
+        if message.load_id != self.load_id:  # another model was picked while this one loaded
+            message.session.close()
+            return
         self.session = message.session
         self.model_state = "ready"
         panel = self.query_one(PlanPanel)
@@ -216,6 +223,8 @@ class ChatScreen(Screen[None]):
         self.update_status()
 
     def on_load_failed(self, message: msg.LoadFailed) -> None:
+        if message.load_id != self.load_id:
+            return
         self.model_state = "failed"
         panel = self.query_one(PlanPanel)
         panel.display = True
