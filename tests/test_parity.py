@@ -281,3 +281,14 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_a_prefix_shared_by_prompts_is_counted_once():
+    rng = np.random.default_rng(4)
+    logits = rng.normal(0, 3, (10, VOCAB))
+    first = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
+    second = [5, 6, 7, 8, 1, 2, 3, 4, 13, 14]     # the same first 4 tokens (a system prompt)
+    reference = make_capture([logits, logits], [first, second], [8, 8])
+    other = make_capture([logits + 0.1 * rng.normal(size=logits.shape), logits], [first, second], [8, 8])
+    result = compare(reference, other)
+    assert result.positions == 10 + 6

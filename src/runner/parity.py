@@ -469,7 +469,7 @@ class PairResult:
 
     reference: str                  # "cuda:fp32"
     other: str                      # "mlx:q4"
-    positions: int                  # positions compared (prompt + shared reply prefix, all prompts)
+    positions: int                  # distinct positions compared (prompt + shared reply prefix, all prompts)
     kl_mean: float
     kl_p99: float
     kl_max: float
@@ -532,11 +532,24 @@ def check_comparable(reference: Capture, other: Capture) -> None:
             raise UserInputError(f"prompt '{pa.name}' has different token ids in the two runs (another tokenizer?)")
 
 
+def first_new_positions(capture_: Capture) -> list[int]:
+    """Per prompt, the first position not already seen in an earlier prompt. Prompts rendered with
+    one chat template share a prefix (the default system prompt, ...); positions there have the same
+    prefix, hence the same distribution, and are counted once, with the first prompt."""
+    starts = []
+    for index, prompt in enumerate(capture_.prompts):
+        ids = prompt.prompt_ids.tolist()
+        shared = [common_prefix(ids, earlier.prompt_ids.tolist()) for earlier in capture_.prompts[:index]]
+        starts.append(max(shared, default=0))
+    return starts
+
+
 def perplexity(capture_: Capture) -> float:
-    """exp of the mean negative log-likelihood of every prompt token after the first, all prompts."""
+    """exp of the mean negative log-likelihood of the prompts' tokens (each position counted once)."""
     import numpy as np
 
-    nll = np.concatenate([-p.next_logprob[: len(p.prompt_ids) - 1] for p in capture_.prompts])
+    starts = first_new_positions(capture_)
+    nll = np.concatenate([-p.next_logprob[start: len(p.prompt_ids) - 1] for p, start in zip(capture_.prompts, starts)])
     return float(np.exp(np.mean(nll))) if nll.size else float("nan")
 
 
@@ -559,22 +572,22 @@ def compare(
     first_diffs: list[int | None] = []
     greedy_same = greedy_prompts = 0
     answers = {}
-    for pa, pb in zip(reference.prompts, other.prompts):
+    for pa, pb, start in zip(reference.prompts, other.prompts, first_new_positions(reference)):
         ids_a, ids_b = pa.token_ids, pb.token_ids
         # position i saw tokens 0..i: the same on both sides while i < the shared prefix; the last
         # such position is the one that predicts the first token where the two replies part
         n = common_prefix(ids_a.tolist(), ids_b.tolist())
         if pa.logits is not None and pb.logits is not None:
-            kls.append(kl_exact(pa.logits[:n], pb.logits[:n]))
+            kls.append(kl_exact(pa.logits[start:n], pb.logits[start:n]))
         else:
             exact = False
             kls.append(kl_top_k(
-                pa.top_ids[:n], pa.top_logits[:n].astype(np.float64) - pa.logsumexp[:n, None],
-                pb.top_ids[:n], pb.top_logits[:n].astype(np.float64) - pb.logsumexp[:n, None],
+                pa.top_ids[start:n], pa.top_logits[start:n].astype(np.float64) - pa.logsumexp[start:n, None],
+                pb.top_ids[start:n], pb.top_logits[start:n].astype(np.float64) - pb.logsumexp[start:n, None],
             ))
-        top1.append(pa.top_ids[:n, 0] == pb.top_ids[:n, 0])
+        top1.append(pa.top_ids[start:n, 0] == pb.top_ids[start:n, 0])
         top5.append(np.array([
-            len(np.intersect1d(pa.top_ids[i, :5], pb.top_ids[i, :5])) / 5 for i in range(n)
+            len(np.intersect1d(pa.top_ids[i, :5], pb.top_ids[i, :5])) / 5 for i in range(start, n)
         ]))
         answers[pa.name] = (pa.reply_text, pb.reply_text)
         if len(pa.reply_ids) or len(pb.reply_ids) or pa.reply_text or pb.reply_text:
