@@ -86,6 +86,47 @@ def write_checkpoint(folder: Path, tokenizer: Path, layers: int | None) -> float
     return time.perf_counter() - started
 
 
+def hf_generate_tokens_per_s(session, prompt: list[int], tokens: int) -> list[float]:
+    """The baseline in the same run: transformers' own `generate` (greedy, dynamic cache) on the
+    very model the session holds, timed twice (the first is the cold one)."""
+    import torch
+
+    ids = torch.tensor([prompt], device=session.input_device)
+    rates = []
+    for _ in range(2):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        output = session.hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                                           min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        rates.append(round((output.shape[1] - ids.shape[1]) / (time.perf_counter() - started), 1))
+    return rates
+
+
+def oom_check(folder: Path, context: int) -> None:
+    """An out-of-memory during the load: caught, the model freed, one line with the plan."""
+    import torch
+
+    from runner.backend import LoadRequest, get_backend
+    from runner.budget import make_plan
+    from runner.hardware import detect_machine
+    from runner.errors import RunnerError
+    from runner.model import load_spec
+
+    spec = load_spec(str(folder))
+    plan = make_plan(spec, detect_machine(), "bf16", context, backend="cuda")
+    before = torch.cuda.memory_allocated(0)
+    torch.cuda.set_per_process_memory_fraction(0.12, 0)  # ~9.8 GB: bf16 weights (16 GB) cannot fit
+    try:
+        get_backend("cuda").load(LoadRequest(spec, "bf16", context, plan=plan))
+        print("\n== OOM check: the load did NOT fail (unexpected)", flush=True)
+    except RunnerError as error:
+        print(f"\n== OOM check ({type(error).__name__}): {error}", flush=True)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, 0)
+    print(f"  allocated after the failed load: {(torch.cuda.memory_allocated(0) - before) / 1e6:.1f} MB", flush=True)
+
+
 def measure(folder: Path, quant: str, context: int, tokens: int) -> dict:
     import torch
 
@@ -116,10 +157,12 @@ def measure(folder: Path, quant: str, context: int, tokens: int) -> dict:
     print(f"  loaded in {load_s:.1f} s: {session.device_summary}", flush=True)
     messages = [Message("user", "Write a long story about a lighthouse keeper.")]
     list(session.stream(messages, Sampling(max_tokens=16)))  # warm-up: first CUDA/bitsandbytes calls
-    chunks = list(session.stream(messages, Sampling(max_tokens=tokens)))
-    last = chunks[-1]
+    first_long = list(session.stream(messages, Sampling(max_tokens=tokens)))[-1]
+    last = list(session.stream(messages, Sampling(max_tokens=tokens)))[-1]  # warm
     sampled = list(session.stream(messages, Sampling(max_tokens=tokens, temperature=0.8, top_p=0.95, seed=1)))[-1]
-    logits = session.logits(session.tokenize(messages))
+    prompt = session.tokenize(messages)
+    logits = session.logits(prompt)
+    generate_tps = hf_generate_tokens_per_s(session, prompt, tokens) if gpu else []
     session.close()
     after_close = torch.cuda.memory_allocated(0) - before if gpu else 0
     result = {
@@ -134,7 +177,9 @@ def measure(folder: Path, quant: str, context: int, tokens: int) -> dict:
         "prompt_tokens": last.prompt_tokens,
         "greedy_tokens": last.generation_tokens,
         "greedy_finish": last.finish_reason,
+        "greedy_first_long_tokens_per_s": round(first_long.generation_tps, 1),
         "greedy_tokens_per_s": round(last.generation_tps, 1),
+        "hf_generate_greedy_tokens_per_s": generate_tps,
         "sampled_tokens_per_s": round(sampled.generation_tps, 1),
         "time_to_first_token_s": round(last.time_to_first_token, 3),
         "roofline_tokens_per_s": round(plan.roofline_tokens_per_s, 1),
@@ -145,7 +190,9 @@ def measure(folder: Path, quant: str, context: int, tokens: int) -> dict:
         planned = memory.planned.get(device, 0)
         print(f"  {device}: measured {size / 1e9:.3f} GB, planned weights {planned / 1e9:.3f} GB "
               f"({100 * (size - planned) / planned:+.1f} %)" if planned else f"  {device}: measured {size / 1e9:.3f} GB", flush=True)
-    print(f"  greedy {last.generation_tokens} tokens ({last.finish_reason}): {last.generation_tps:.1f} tok/s, "
+    print(f"  greedy {last.generation_tokens} tokens ({last.finish_reason}): first long run {first_long.generation_tps:.1f} "
+          f"tok/s, warm {last.generation_tps:.1f} tok/s; HF generate on the same model, same run: {generate_tps} tok/s", flush=True)
+    print(f"  "
           f"sampled {sampled.generation_tps:.1f} tok/s, first token {last.time_to_first_token * 1000:.0f} ms, "
           f"peak {last.peak_memory / 1e9:.2f} GB; after close {after_close / 1e6:.1f} MB left", flush=True)
     return result
@@ -179,6 +226,8 @@ def main() -> int:
         except Exception as error:  # report and go on to the next scheme: device time is scarce
             print(f"  {quant} FAILED: {type(error).__name__}: {error}", flush=True)
             results.append({"quant": quant, "error": f"{type(error).__name__}: {error}"})
+    if torch.cuda.is_available():
+        oom_check(args.folder, args.context)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -433,7 +433,9 @@ def load_session(request: LoadRequest):
     for i in range(len(gpus)):
         torch.cuda.reset_peak_memory_stats(i)
 
-    model = None
+    # The error is turned into a message inside `except` and raised outside it: the original
+    # traceback holds the frames of the half-loaded model, and memory is only freed once it is gone.
+    model, failure = None, None
     try:
         with weight_loading_progress(request.on_progress, sizes):
             model = AutoModelForCausalLM.from_pretrained(
@@ -447,22 +449,17 @@ def load_session(request: LoadRequest):
                 trust_remote_code=request.trust_remote_code,
                 low_cpu_mem_usage=True,
             )
-    except (torch.OutOfMemoryError, MemoryError) as error:
-        model = None
+    except (torch.OutOfMemoryError, MemoryError, OSError, ValueError, RuntimeError, KeyError) as error:
+        text = str(error).strip()
+        if isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text.lower():
+            failure = out_of_memory_message(request, "CPU RAM" if isinstance(error, MemoryError) else "GPU")
+        elif spec.path is None and "offline" in text.lower():
+            failure = f"{spec.name} is not in the Hugging Face cache and offline mode is on: download it first"
+        else:
+            failure = f"{spec.name}: loading failed ({text.splitlines()[0] if text else type(error).__name__})"
+    if failure is not None:
         free_memory()
-        where = "GPU" if isinstance(error, torch.OutOfMemoryError) else "CPU RAM"
-        plan = request.plan
-        hint = plan_line(plan) if plan is not None else "no plan was given"
-        options = options_that_fit(plan) if plan is not None else []
-        fits = f"; options that fit: {', '.join(options)}" if options else ""
-        raise LoadError(f"out of {where} memory while loading {spec.name} in {request.quant}: {hint}{fits}") from None
-    except (OSError, ValueError, RuntimeError, KeyError) as error:
-        model = None
-        free_memory()
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if spec.path is None and "offline" in str(error).lower():
-            raise LoadError(f"{spec.name} is not in the Hugging Face cache and offline mode is on: download it first") from None
-        raise LoadError(f"{spec.name}: loading failed ({first_line})") from None
+        raise LoadError(failure)
 
     model.eval()
     try:
@@ -483,6 +480,14 @@ def load_session(request: LoadRequest):
         cuda_baseline=baseline,
         gpu_names=[name for name, _ in gpus],
     )
+
+
+def out_of_memory_message(request: LoadRequest, where: str) -> str:
+    plan = request.plan
+    hint = plan_line(plan) if plan is not None else "no plan was given"
+    options = options_that_fit(plan) if plan is not None else []
+    fits = f"; options that fit: {', '.join(options)}" if options else ""
+    return f"out of {where} memory while loading {request.model.name} in {request.quant}: {hint}{fits}"
 
 
 def check_after_load(model, scheme: Scheme, request: LoadRequest) -> None:

@@ -177,14 +177,17 @@ class CudaSession:
                     yield self._chunk(decoder.flush(), None, generated, stats, first_token_at, "cancelled", cache)
                     return
                 step_started = time.perf_counter()
+                logits = None
                 try:
                     logits = self.forward_step(ids, cache)
                 except torch.OutOfMemoryError:
+                    pass  # raised below, outside `except`, so the failed step's tensors can be freed
+                if logits is None:
                     del cache
                     free_memory()
                     raise GenerationError(
                         f"out of GPU memory after {len(prompt) + generated} tokens; use a shorter --context or a smaller --quant"
-                    ) from None
+                    )
                 token = pick_token(logits, sampling, generator)
                 generated += 1
                 if generated == 1:
