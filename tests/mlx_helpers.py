@@ -55,8 +55,9 @@ def rank_processes(parent_pid: int) -> dict[int, "psutil.Process"]:
     ranks = {}
     for child in psutil.Process(parent_pid).children(recursive=True):
         try:
-            if "runner_mlx.rank" in " ".join(child.cmdline()):
-                ranks[int(child.environ().get("MLX_RANK", "-1"))] = child
+            environ = child.environ()
+            if "runner_mlx.rank" in " ".join(child.cmdline()) and "MLX_RANK" in environ:
+                ranks[int(environ["MLX_RANK"])] = child
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return ranks

@@ -202,20 +202,36 @@ class RankReport:
         return (2 if code == 2 else 1), f"rank {rank} ({host}) {how}; every rank was stopped"
 
 
+class Stopped(Exception):
+    """runner launch itself was asked to stop (SIGTERM, SIGHUP) or its output was closed."""
+
+
 def run_ranks(launch_argv: list[str], hosts: list[LaunchHost], grace: float, verbose: bool,
               on_start=None) -> int:
-    """Run mlx.launch, relay output, stop everything on failure; return the exit code."""
+    """Run mlx.launch, relay output, stop everything on failure; return the exit code.
+
+    mlx.launch and the local ranks run in a process group of their own, which is killed on the way
+    out whatever happens (a failure, Ctrl-C, SIGTERM, a closed pipe): nothing outlives runner."""
     process = subprocess.Popen(launch_argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, start_new_session=True)
     if on_start is not None:
         on_start(process)
     report = RankReport(hosts, verbose)
+    output_closed = threading.Event()
 
     def relay_stdout() -> None:
         for chunk in iter(lambda: os.read(process.stdout.fileno(), 4096), b""):
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.buffer.flush()
+            try:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.buffer.flush()
+            except (BrokenPipeError, ValueError, OSError):
+                output_closed.set()     # whoever read the reply is gone: stop the ranks
+                return
 
+    def stop(signum, _frame):
+        raise Stopped(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
     threads = [threading.Thread(target=relay_stdout, daemon=True),
                threading.Thread(target=report.read, args=(process.stderr,), daemon=True)]
     for thread in threads:
@@ -223,18 +239,22 @@ def run_ranks(launch_argv: list[str], hosts: list[LaunchHost], grace: float, ver
     try:
         while process.poll() is None:
             if report.first_failure is not None and time.monotonic() - report.first_failure > grace:
-                kill_group(process, signal.SIGKILL)
                 break
+            if output_closed.is_set():
+                raise Stopped("the output was closed")
             time.sleep(0.1)
-    except KeyboardInterrupt:
-        kill_group(process, signal.SIGTERM)
+    except (KeyboardInterrupt, Stopped) as why:
+        kill_group(process, signal.SIGTERM)     # the ranks say why they stop
         time.sleep(1)
-        raise
+        print(f"runner: error: stopped ({why or 'interrupted'}); every rank was stopped", file=sys.stderr, flush=True)
+        return 130 if isinstance(why, KeyboardInterrupt) else 1
     finally:
         kill_group(process, signal.SIGKILL)      # whatever is left of the ranks on this machine
         process.wait()
         for thread in threads:
             thread.join(timeout=2)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     code, line = report.verdict()
     if line:
         print(f"runner: error: {line}", file=sys.stderr, flush=True)
@@ -266,6 +286,7 @@ class LaunchRequest:
     connect_timeout: int = 5
     grace: float = 10.0
     verbose: bool = False
+    show_tokens: bool = False
 
 
 def launch(request: LaunchRequest, on_start=None) -> int:
@@ -314,9 +335,12 @@ def launch(request: LaunchRequest, on_start=None) -> int:
             "--hosts", ",".join(h.name for h in hosts),
             "--request-json", json.dumps({"messages": request.messages, "sampling": request.sampling}),
             "--rank-timeout", str(request.rank_timeout),
+            "--launcher", f"{socket.gethostname()}:{os.getpid()}",
         ]
         argv = [mlx_launch_path(), "--backend", "ring", "--hostfile", str(hostfile),
                 "--starting-port", str(free_port_range(len(hosts)))]
+        if request.show_tokens:
+            rank_command.append("--show-tokens")
         if os.environ.get("RUNNER_HOME"):
             argv += ["--env", f"RUNNER_HOME={os.environ['RUNNER_HOME']}"]
         if request.verbose:

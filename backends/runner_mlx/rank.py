@@ -40,8 +40,9 @@ class Watchdog:
     mlx releases the GIL while it waits on the network, so this thread runs even when the main
     thread is stuck in `mx.eval` on a peer that will never answer."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, launcher_pid: int | None = None):
         self.name = name
+        self.launcher_pid = launcher_pid
         self.phase = "starting"
         self.limit: float | None = None
         self.last_beat = time.monotonic()
@@ -74,7 +75,7 @@ class Watchdog:
                 os.read(self._signals, 64)
                 self._stop(f"stopped while {self.phase}: another rank failed or the run was interrupted",
                            EXIT_STOPPED)
-            if os.getppid() != self.parent:
+            if os.getppid() != self.parent or not alive(self.launcher_pid):
                 self._stop(f"the launcher is gone; stopping (was {self.phase})", EXIT_STOPPED)
             with self._lock:
                 phase, limit, quiet = self.phase, self.limit, time.monotonic() - self.last_beat
@@ -82,6 +83,26 @@ class Watchdog:
                 self._stop(
                     f"no progress for {quiet:.0f} s while {phase}: another host died, froze or lost the "
                     f"network (limit --rank-timeout {limit:g} s); stopping this rank", EXIT_WATCHDOG)
+
+
+def alive(pid: int | None) -> bool:
+    if pid is None:
+        return True
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def launcher_pid(launcher: str) -> int | None:
+    """The pid of runner launch when it runs on this host ("HOST:PID"), else None."""
+    import socket
+
+    host, _, pid = launcher.rpartition(":")
+    return int(pid) if host and host == socket.gethostname() and pid.isdigit() else None
 
 
 # ---- talking to the other ranks -------------------------------------------------------------
@@ -173,6 +194,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--request-json", default="", help="rank 0's request: {messages, sampling}")
     parser.add_argument("--rank-timeout", type=float, default=120.0)
     parser.add_argument("--load-timeout", type=float, default=1800.0)
+    parser.add_argument("--launcher", default="", help="HOST:PID of runner launch; ranks on HOST stop when it is gone")
+    parser.add_argument("--show-tokens", action="store_true", help="rank 0 prints the generated token ids")
     return parser.parse_args(argv)
 
 
@@ -180,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     hosts = [h for h in args.hosts.split(",") if h]
     rank_env = int(os.environ.get("MLX_RANK", "0"))
-    watchdog = Watchdog(f"rank {rank_env} ({host_name(hosts, rank_env)})")
+    watchdog = Watchdog(f"rank {rank_env} ({host_name(hosts, rank_env)})", launcher_pid(args.launcher))
     try:
         return run_rank(args, hosts, watchdog)
     except RunnerError as error:
@@ -246,15 +269,19 @@ def run_rank(args, hosts: list[str], watchdog: Watchdog) -> int:
         if prompt is None:
             break
         watchdog.enter("generating", args.rank_timeout)
-        last = None
+        last, tokens = None, []
         for chunk in session.stream_tokens(prompt, sampling):
             watchdog.beat()
             last = chunk
+            if chunk.token is not None:
+                tokens.append(chunk.token)
             if is_root:
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
         if is_root and last is not None:
             print(file=sys.stdout, flush=True)
+            if args.show_tokens:
+                print(f"runner: tokens: {' '.join(map(str, tokens))}", file=sys.stderr, flush=True)
             print(f"runner: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s over "
                   f"{size} hosts ({last.finish_reason}); prompt {last.prompt_tokens} tokens at "
                   f"{last.prompt_tps:.1f} tokens/s", file=sys.stderr, flush=True)

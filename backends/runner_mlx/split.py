@@ -102,8 +102,8 @@ def pipeline_ranges(num_layers: int, room: list[float]) -> list[tuple[int, int]]
     exact = [num_layers * r / total for r in room]
     counts = [max(1, int(x)) for x in exact]
     by_remainder = sorted(range(len(room)), key=lambda i: exact[i] - int(exact[i]), reverse=True)
-    while sum(counts) < num_layers:          # hand out what rounding down left over
-        counts[by_remainder[(num_layers - sum(counts)) % len(room)]] += 1
+    for host in by_remainder[:max(num_layers - sum(counts), 0)]:   # what rounding down left over
+        counts[host] += 1
     while sum(counts) > num_layers:          # the "at least one" rule can overshoot
         largest = max(range(len(room)), key=lambda i: counts[i])
         counts[largest] -= 1

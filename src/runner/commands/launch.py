@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host-memory", help="RAM of each host in GB, e.g. 192,128 (default: measured)")
     parser.add_argument("--rank-timeout", type=float, default=120.0,
                         help="seconds a rank waits for the others before it gives up (default 120)")
+    parser.add_argument("--show-tokens", action="store_true", help="also print the generated token ids")
     parser.add_argument("--verbose", action="store_true", help="show mlx.launch's own messages")
 
 
@@ -79,4 +80,5 @@ def run(args: argparse.Namespace) -> int:
         sampling={"temperature": sampling.temperature, "top_p": sampling.top_p,
                   "max_tokens": sampling.max_tokens, "seed": sampling.seed},
         host_memory_gb=memory, rank_timeout=args.rank_timeout, verbose=args.verbose,
+        show_tokens=args.show_tokens,
     ))
