@@ -272,50 +272,91 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 
 # ---- sections -------------------------------------------------------------------------------
 
+def graph_time_us(call, copies: int) -> float:
+    """GPU time of one call, from replays of a CUDA graph holding `copies` × 10 calls (no launch
+    overhead in the number, as in a graphed decode step), median of 20 replays."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for index in range(copies):
+            call(index)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(10):
+            for index in range(copies):
+                call(index)
+    graph.replay()
+    sync()
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / (10 * copies))
+    times.sort()
+    return times[len(times) // 2]
+
+
 def section_kernels() -> None:
-    """The fused NF4 GEMV against bitsandbytes' kernel and BF16 cuBLAS, per Llama-8B shape."""
+    """The fused NF4 GEMV against bitsandbytes' kernel and BF16 cuBLAS, per Llama-8B shape, timed
+    inside CUDA graphs over enough copies of the weight that L2 (50 MB) cannot hold them."""
     import bitsandbytes as bnb
     import torch
-    import triton.testing
 
-    from runner_cuda.fast.nf4 import linear_reference, nf4_gemv, nf4_weight_of
+    from runner_cuda.fast.nf4 import dequantize_reference, nf4_gemv, nf4_weight_of
 
     bandwidth = RESULTS["machine"]["copy_bandwidth_gb_s"] * 1e9
-    for n, k in ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (128256, 4096)):
-        dense = torch.nn.Linear(k, n, bias=False, dtype=torch.bfloat16, device="cuda")
-        torch.nn.init.normal_(dense.weight, std=0.02)
-        layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
-        layer.weight = bnb.nn.Params4bit(dense.weight.data.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True)
-        layer = layer.cuda()
-        w = nf4_weight_of(layer)
+    for n, k in ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)):
+        copies = max(1, min(8, int(200e6 // (n * k // 2))))
+        denses, layers, weights = [], [], []
+        for _ in range(copies):
+            dense = torch.nn.Linear(k, n, bias=False, dtype=torch.bfloat16, device="cuda")
+            torch.nn.init.normal_(dense.weight, std=0.02)
+            layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
+            layer.weight = bnb.nn.Params4bit(dense.weight.data.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True)
+            layer = layer.cuda()
+            denses.append(dense), layers.append(layer), weights.append(nf4_weight_of(layer))
+        w = weights[0]
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        nf4_bytes = w.packed.numel() + w.absmax.numel()
+        rows = {"shape": f"{n}x{k}", "copies": copies, "nf4_mb": nf4_bytes / 1e6}
         with torch.no_grad():
-            reference = linear_reference(x, w).float()
-            theirs = layer(x).float()
-            rows = {"shape": f"{n}x{k}", "nf4_bytes": w.packed.numel() + w.absmax.numel()}
-            rows["bnb_rel_err"] = ((theirs - reference).norm() / reference.norm()).item()
-            rows["bnb_us"] = triton.testing.do_bench(lambda: layer(x), warmup=50, rep=200, return_mode="median") * 1000
-            rows["bf16_us"] = triton.testing.do_bench(lambda: dense(x), warmup=50, rep=200, return_mode="median") * 1000
+            exact = torch.nn.functional.linear(x.double(), dequantize_reference(w).double())
+            theirs = layers[0](x).float()
+            rows["bnb_rel_err_vs_exact"] = ((theirs - exact).norm() / exact.norm()).item()
+            rows["bnb_us"] = graph_time_us(lambda i: layers[i](x), copies)
+            rows["bnb_tb_s"] = nf4_bytes / rows["bnb_us"] / 1e6
+            rows["bf16_us"] = graph_time_us(lambda i: denses[i](x), copies)
+            rows["bf16_tb_s"] = n * k * 2 / rows["bf16_us"] / 1e6
             best = None
-            for tiles in ((4, 512, 4), (8, 512, 4), (2, 512, 4), (4, 256, 4), (8, 256, 8), (16, 256, 8), (4, 1024, 8), (1, 1024, 4)):
+            for tiles in ((4, 512, 4), (8, 512, 4), (8, 256, 4), (16, 512, 8), (8, 1024, 8), (4, 1024, 4), (2, 1024, 4)):
                 if k % tiles[1]:
                     continue
                 mine = nf4_gemv(x, w, tiles=tiles).float()
-                error = ((mine - reference).norm() / reference.norm()).item()
-                us = triton.testing.do_bench(lambda: nf4_gemv(x, w, tiles=tiles), warmup=50, rep=200, return_mode="median") * 1000
-                rows[f"fused_{tiles[0]}x{tiles[1]}w{tiles[2]}_us"] = round(us, 1)
+                error = ((mine - exact).norm() / exact.norm()).item()
+                us = graph_time_us(lambda i: nf4_gemv(x, weights[i], tiles=tiles), copies)
+                rows[f"fused_{tiles[0]}x{tiles[1]}w{tiles[2]}_us"] = round(us, 2)
                 if error > 1e-2:
                     rows[f"fused_{tiles[0]}x{tiles[1]}w{tiles[2]}_BAD_rel_err"] = error
                 elif best is None or us < best[0]:
                     best = (us, tiles, error)
             if best:
-                rows["fused_best_us"], rows["fused_best_tiles"], rows["fused_rel_err"] = best[0], best[1], best[2]
-                rows["fused_gb_s"] = rows["nf4_bytes"] / (best[0] / 1e6) / 1e9
-                rows["fused_fraction_of_copy_bw"] = rows["nf4_bytes"] / (best[0] / 1e6) / bandwidth
-                rows["fused_vs_bnb"] = rows["bnb_us"] / best[0]
-            rows["default_tiles_us"] = triton.testing.do_bench(lambda: nf4_gemv(x, w), warmup=50, rep=200, return_mode="median") * 1000
+                us, tiles, error = best
+                rows.update(fused_best_us=us, fused_best_tiles=tiles, fused_rel_err_vs_exact=error,
+                            fused_tb_s=nf4_bytes / us / 1e6, fused_fraction_of_copy_bw=nf4_bytes / (us / 1e6) / bandwidth,
+                            fused_vs_bnb=rows["bnb_us"] / us)
+                mimic = nf4_gemv(x, w, tiles=tiles, bnb_rounding=True).float()
+                rows["bnb_rounding_rel_diff_vs_bnb"] = ((mimic - theirs).norm() / theirs.norm()).item()
+                rows["fused_rel_diff_vs_bnb"] = ((nf4_gemv(x, w, tiles=tiles).float() - theirs).norm() / theirs.norm()).item()
+                rows["bnb_rounding_us"] = graph_time_us(lambda i: nf4_gemv(x, weights[i], tiles=tiles, bnb_rounding=True), copies)
+            rows["default_tiles_us"] = graph_time_us(lambda i: nf4_gemv(x, weights[i]), copies)
         record(f"kernel {n}x{k}", **rows)
-        del dense, layer, w
+        del denses, layers, weights, w
         free()
 
 
@@ -337,12 +378,21 @@ def section_nf4(checkpoint: Path) -> None:
     record("nf4 article (HF generate)", **{k: v for k, v in article.items() if k != "tokens"}, **memory(), roofline_tok_s=roofline,
            fraction_of_roofline=article["decode_tok_s"] / roofline)
 
-    variants = (("fast (graphs + fused NF4 GEMV)", True, True), ("graphs + bitsandbytes kernel", True, False), ("fused NF4 GEMV, no graphs", False, True))
-    for name, graphs, fused in variants:
+    variants = (
+        ("fast (graphs, fused ops, NF4 GEMV)", dict()),
+        ("fast, GEMV with bitsandbytes' rounding", dict(bnb_rounding=True)),
+        ("graphs, fused ops, bitsandbytes kernel", dict(fused_nf4=False)),
+        ("graphs only, bitsandbytes kernel", dict(fused_nf4=False, compile_ops=False)),
+    )
+    for name, options in variants:
         try:
             torch.cuda.reset_peak_memory_stats()
-            decoder = FastDecoder(model, max_len=LONG_PROMPT + NEW_TOKENS + 16, use_graphs=graphs, fused_nf4=fused)
+            started = time.perf_counter()
+            decoder = FastDecoder(model, max_len=LONG_PROMPT + NEW_TOKENS + 16, **options)
+            fast_generate(decoder, prompt(SHORT_PROMPT), 300)      # compiles, captures the graphs
+            first_use_s = time.perf_counter() - started
             result = decode_rate(fast_generate, decoder)
+            result["first_use_s"] = first_use_s
             same = first_difference(result["tokens"], article["tokens"])
             record(f"nf4 {name}", **{k: v for k, v in result.items() if k != "tokens"}, **memory(),
                    vs_article=result["decode_tok_s"] / article["decode_tok_s"], ttft_vs_article=article["ttft_1k_s"] / result["ttft_1k_s"],
@@ -406,6 +456,46 @@ def section_reload(checkpoint: Path, work: Path) -> None:
     free()
 
 
+def drop_page_cache() -> bool:
+    """Empty this machine's page cache (root on the lent VM) so the next read comes from disk."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def section_reload_cold(checkpoint: Path, work: Path) -> None:
+    """The same as `reload`, each load after emptying the page cache: weights read from disk."""
+    from runner_cuda.fast import nf4_cache
+    from runner_cuda.fast.decoder import FastDecoder
+
+    os.environ["RUNNER_HOME"] = str(work / "runner-home")
+    long = prompt(LONG_PROMPT, seed=2)
+    folder = nf4_cache.find(checkpoint, "nf4")
+    if folder is None or not drop_page_cache():
+        record("reload cold", skipped="no cache folder or cannot drop the page cache")
+        return
+    times = {}
+    for name in ("quantize_on_load", "cache"):
+        free()
+        drop_page_cache()
+        sync()
+        start = time.perf_counter()
+        if name == "cache":
+            model = nf4_cache.load(folder, device_map="auto")
+        else:
+            model, _ = load(checkpoint, "nf4")
+        int(FastDecoder(model, max_len=LONG_PROMPT + 16).prefill(long).argmax())
+        sync()
+        times[name] = time.perf_counter() - start
+        del model
+    record("reload cold", quantize_on_load_first_token_s=times["quantize_on_load"], cache_first_token_s=times["cache"],
+           speedup=times["quantize_on_load"] / times["cache"], note="page cache dropped before each load")
+    free()
+
+
 def section_bf16(checkpoint: Path) -> None:
     import torch
 
@@ -425,12 +515,19 @@ def section_bf16(checkpoint: Path) -> None:
         decoder = FastDecoder(model, max_len=LONG_PROMPT + NEW_TOKENS + 16)
         result = decode_rate(fast_generate, decoder)
         same = first_difference(result["tokens"], baseline["tokens"])
-        record("bf16 fast (graphs)", **{k: v for k, v in result.items() if k != "tokens"}, **memory(),
+        record("bf16 fast (graphs, fused ops)", **{k: v for k, v in result.items() if k != "tokens"}, **memory(),
                vs_hf=result["decode_tok_s"] / baseline["decode_tok_s"], fraction_of_roofline=result["decode_tok_s"] / roofline,
                greedy_tokens_equal_hf=same is None, first_difference_at=same,
                **teacher_forced_logits(model, decoder, prompt(SHORT_PROMPT), baseline["tokens"][:64]))
     except Exception as error:
-        record("bf16 fast (graphs)", error=repr(error), trace=traceback.format_exc()[-1500:])
+        record("bf16 fast (graphs, fused ops)", error=repr(error), trace=traceback.format_exc()[-1500:])
+    try:
+        decoder = FastDecoder(model, max_len=LONG_PROMPT + NEW_TOKENS + 16, compile_ops=False)
+        result = decode_rate(fast_generate, decoder)
+        record("bf16 graphs only", decode_tok_s=result["decode_tok_s"], fraction_of_roofline=result["decode_tok_s"] / roofline,
+               vs_hf=result["decode_tok_s"] / baseline["decode_tok_s"])
+    except Exception as error:
+        record("bf16 graphs only", error=repr(error), trace=traceback.format_exc()[-1500:])
     del model
     free()
 
@@ -439,7 +536,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--work", default="/tmp/cuda-speed")
-    parser.add_argument("--sections", default="kernels,nf4,reload,bf16")
+    parser.add_argument("--sections", default="kernels,nf4,reload,bf16,cold")
     args = parser.parse_args()
     import bitsandbytes
     import torch
@@ -458,11 +555,11 @@ def main() -> None:
             section_kernels()
         except Exception as error:
             record("kernels", error=repr(error), trace=traceback.format_exc()[-2000:])
-    if {"nf4", "reload", "bf16"} & set(sections):
+    if {"nf4", "reload", "bf16", "cold"} & set(sections):
         write_checkpoint(checkpoint)
         record("checkpoint", folder=str(checkpoint), seconds=time.perf_counter() - started)
     for name, run in (("nf4", lambda: section_nf4(checkpoint)), ("reload", lambda: section_reload(checkpoint, work)),
-                      ("bf16", lambda: section_bf16(checkpoint))):
+                      ("bf16", lambda: section_bf16(checkpoint)), ("cold", lambda: section_reload_cold(checkpoint, work))):
         if name in sections:
             try:
                 run()

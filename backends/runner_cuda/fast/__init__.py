@@ -2,30 +2,37 @@
 dequantize-GEMV Triton kernel, and the NF4 reload cache. Each switches on only where CUDA is
 present; on CPU the ordinary loop runs. Nothing heavy is imported here.
 
-The Session asks once, after loading:
+The backend calls three functions:
 
-    decoder = fast.decoder_for(model, max_len=context)   # a FastDecoder, or None
+    cached = fast.cached_nf4_source(spec.path, quant)   # load from here instead, or None
+    fast.save_nf4_cache(model, spec.path, quant)        # after quantizing on load (CUDA only)
+    fast.attach(session)                                # swap in the graphed decode step
+
+RUNNER_FAST=0 turns all three off (to measure or debug the ordinary path).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 
 def enabled() -> bool:
-    """False when RUNNER_FAST=0 (to measure or debug the ordinary loop)."""
     return os.environ.get("RUNNER_FAST", "1") != "0"
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def decoder_for(model, max_len: int):
     """A FastDecoder for `model` (static cache, CUDA graphs, fused NF4 GEMV), or None where the
     fast path does not apply: no CUDA, a model spread over devices, an architecture it does not
     know, or RUNNER_FAST=0."""
-    if not enabled():
-        return None
-    import torch
-
-    if not torch.cuda.is_available():
+    if not enabled() or not _cuda():
         return None
     from runner_cuda.fast.decoder import FastDecoder, Unsupported
 
@@ -36,3 +43,67 @@ def decoder_for(model, max_len: int):
     if decoder.device.type != "cuda":
         return None
     return decoder
+
+
+class FastSteps:
+    """The session's two replaceable steps over a FastDecoder: `new_cache()` starts a reply
+    (the static cache is reused from position 0), `forward_step(ids, cache)` prefills the prompt
+    on the first call and runs one graphed step per token after it."""
+
+    def __init__(self, decoder):
+        self.decoder = decoder
+
+    def new_cache(self):
+        self.decoder.reset()
+        return self.decoder
+
+    def forward_step(self, input_ids, cache):
+        ids = input_ids.reshape(-1)
+        if cache.length == 0:
+            return cache.prefill(ids.tolist())
+        logits = None
+        for token in ids:
+            logits = cache.step(token)
+        return logits
+
+
+def attach(session) -> bool:
+    """Give a CudaSession the fast decode step where it applies; True if it did."""
+    decoder = decoder_for(session.hf_model, session.context)
+    if decoder is None:
+        return False
+    decoder.warm_up()
+    steps = FastSteps(decoder)
+    session.new_cache = steps.new_cache
+    session.forward_step = steps.forward_step
+    session.device_summary += "; fast decode (static KV cache, CUDA graphs" + (", fused NF4 GEMV)" if decoder.nf4 else ")")
+    return True
+
+
+def cached_nf4_source(path, quant: str) -> Path | None:
+    """The NF4 cache folder to load instead of `path` (quantized earlier), or None."""
+    if path is None or not enabled() or not _cuda():
+        return None
+    from runner_cuda.fast import nf4_cache
+
+    return nf4_cache.find(Path(path), quant)
+
+
+def save_nf4_cache(model, path, quant: str) -> Path | None:
+    """After quantizing `path` on load: keep the quantized weights for next time (CUDA only,
+    where disk space allows; a failure to save never fails the load)."""
+    if path is None or not enabled() or not _cuda():
+        return None
+    from runner_cuda.fast import nf4_cache
+
+    if quant not in nf4_cache.QUANTS or nf4_cache.find(Path(path), quant) is not None:
+        return None
+    weights = sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
+    root = nf4_cache.cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    if shutil.disk_usage(root).free < weights // 2:      # NF4 is under a third of BF16
+        return None
+    try:
+        return nf4_cache.save(model, Path(path), quant)
+    except (OSError, ValueError):
+        return None

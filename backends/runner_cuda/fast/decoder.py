@@ -38,7 +38,8 @@ class Unsupported(Exception):
 
 
 class FastDecoder:
-    def __init__(self, model, max_len: int, *, use_graphs: bool | None = None, fused_nf4: bool | None = None):
+    def __init__(self, model, max_len: int, *, use_graphs: bool | None = None, fused_nf4: bool | None = None,
+                 compile_ops: bool | None = None, bnb_rounding: bool = False):
         import torch
 
         config = model.config
@@ -65,6 +66,7 @@ class FastDecoder:
         on_cuda = self.device.type == "cuda"
         self.use_graphs = on_cuda if use_graphs is None else use_graphs
         fused = on_cuda if fused_nf4 is None else fused_nf4
+        self.bnb_rounding = bnb_rounding
 
         # NF4 projections that the fused kernel can read (None: call the module itself)
         self.nf4: dict[int, NF4Weight] = {}
@@ -76,10 +78,11 @@ class FastDecoder:
                         self.nf4[id(module)] = weight
 
         with torch.no_grad():
-            shape = (self.kv_heads, self.max_len, self.head_dim)
+            capacity = -(-self.max_len // FIRST_BUCKET) * FIRST_BUCKET     # buckets end on 256s
+            shape = (self.kv_heads, capacity, self.head_dim)
             self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
             self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-            positions = torch.arange(self.max_len, device=self.device)
+            positions = torch.arange(capacity, device=self.device)
             probe = torch.empty(0, dtype=self.dtype, device=self.device)
             cos, sin = inner.rotary_emb(probe, positions[None])
             self.cos, self.sin = cos[0], sin[0]                       # [max_len, head_dim]
@@ -88,6 +91,10 @@ class FastDecoder:
             self.token = torch.zeros(1, dtype=torch.long, device=self.device)
             self.position = torch.zeros(1, dtype=torch.long, device=self.device)
             self.logits = torch.zeros(config.vocab_size, dtype=torch.float32, device=self.device)
+        self.eps = _norm_eps(self.norm)
+        if config.hidden_act != "silu" or any(_norm_eps(n) != self.eps for l in self.layers for n in (l.input_layernorm, l.post_attention_layernorm)):
+            raise Unsupported("activation other than SiLU or mixed norm epsilons")
+        self.ops = FusedOps(compiled=on_cuda if compile_ops is None else compile_ops)
         self.length = 0        # positions filled in the cache
         self.graphs: dict[int, object] = {}
         self.pool = None
@@ -126,6 +133,13 @@ class FastDecoder:
         self.length += 1
         return self.logits
 
+    def warm_up(self) -> None:
+        """Compile the fused ops and capture the first graph now rather than in the first reply."""
+        self.reset()
+        self.prefill([0])
+        self.step(0)
+        self.reset()
+
     def reset(self) -> None:
         """Forget the cached positions (the next call must be `prefill`)."""
         self.length = 0
@@ -136,35 +150,41 @@ class FastDecoder:
         weight = self.nf4.get(id(module))
         if weight is None:
             return module(x)
-        return nf4_gemv(x, weight)
+        return nf4_gemv(x, weight, bnb_rounding=self.bnb_rounding)
 
     def _decode_forward(self, span: int) -> "torch.Tensor":
-        """One token at `self.position`, attending over the first `span` cache positions."""
+        """One token at `self.position`, attending over the first `span` cache positions. The
+        residual add and the next RMSNorm are one fused step, as are RoPE on q and k, and the
+        MLP's SiLU × up (fused by torch.compile on CUDA: ~15 kernels a layer instead of ~45)."""
         import torch
 
+        ops = self.ops
         cos = self.cos.index_select(0, self.position)                    # [1, head_dim]
         sin = self.sin.index_select(0, self.position)
         visible = (self.positions[:span] <= self.position).view(1, 1, 1, span)
+        rep = self.heads // self.kv_heads
         hidden = self.embed(self.token)                                   # [1, hidden]
-        for layer, keys, values in zip(self.layers, self.keys, self.values):
-            attn = layer.self_attn
-            x = layer.input_layernorm(hidden)
+        first = self.layers[0].input_layernorm
+        x = ops.rms_norm(hidden, first.weight, self.eps)
+        norms = [layer.post_attention_layernorm for layer in self.layers]
+        following = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+        for layer, keys, values, middle, after in zip(self.layers, self.keys, self.values, norms, following):
+            attn, mlp = layer.self_attn, layer.mlp
             q = self._linear(attn.q_proj, x).view(self.heads, self.head_dim)
             k = self._linear(attn.k_proj, x).view(self.kv_heads, self.head_dim)
             v = self._linear(attn.v_proj, x).view(self.kv_heads, self.head_dim)
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            q, k = ops.rope(q, k, cos, sin)
             keys.index_copy_(1, self.position, k[:, None])
             values.index_copy_(1, self.position, v[:, None])
+            # grouped-query attention as `rep` queries per KV head: no K/V repeat
             out = torch.nn.functional.scaled_dot_product_attention(
-                q[None, :, None], keys[None, :, :span], values[None, :, :span], attn_mask=visible,
-                scale=self.scaling, enable_gqa=True,
+                q.view(1, self.kv_heads, rep, self.head_dim), keys[None, :, :span], values[None, :, :span],
+                attn_mask=visible, scale=self.scaling,
             ).reshape(1, self.heads * self.head_dim)
-            hidden = hidden + self._linear(attn.o_proj, out)
-            hidden = hidden + self._mlp(layer.mlp, layer.post_attention_layernorm(hidden))
-        return self.head(self.norm(hidden))[0].float()
-
-    def _mlp(self, mlp, x):
-        return self._linear(mlp.down_proj, mlp.act_fn(self._linear(mlp.gate_proj, x)) * self._linear(mlp.up_proj, x))
+            hidden, x = ops.add_rms_norm(hidden, self._linear(attn.o_proj, out), middle.weight, self.eps)
+            gated = ops.silu_mul(self._linear(mlp.gate_proj, x), self._linear(mlp.up_proj, x))
+            hidden, x = ops.add_rms_norm(hidden, self._linear(mlp.down_proj, gated), after.weight, self.eps)
+        return self.head(x)[0].float()
 
     def _prefill_forward(self, ids: "torch.Tensor") -> "torch.Tensor":
         """The prompt in one pass (bitsandbytes' or torch's own linears), causal attention."""
@@ -202,7 +222,7 @@ class FastDecoder:
         span = FIRST_BUCKET
         while span < needed:
             span *= 2
-        return min(span, self.max_len)
+        return min(span, self.positions.numel())
 
     def _graph(self, span: int):
         """The CUDA graph of a decode step over `span` positions, captured on first use. The
@@ -239,3 +259,51 @@ def _rope(x, cos, sin):
 def _projections(layer):
     attn, mlp = layer.self_attn, layer.mlp
     return (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+
+
+def _norm_eps(norm) -> float:
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+
+def _rms_norm(x, weight, eps: float):
+    """transformers' LlamaRMSNorm: float32 statistics, cast back, then the weight."""
+    import torch
+
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    return weight * (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+def _add_rms_norm(hidden, delta, weight, eps: float):
+    hidden = hidden + delta
+    return hidden, _rms_norm(hidden, weight, eps)
+
+
+def _rope_qk(q, k, cos, sin):
+    return _rope(q, cos, sin), _rope(k, cos, sin)
+
+
+def _silu_mul(gate, up):
+    import torch
+
+    return torch.nn.functional.silu(gate) * up
+
+
+class FusedOps:
+    """The elementwise pieces of a decode step. `compiled`: each is fused into one kernel by
+    torch.compile (compiled once, on first use, for the shapes of a decode step), keeping
+    eager's bf16 rounding points (emulate_precision_casts); else plain torch."""
+
+    def __init__(self, compiled: bool):
+        self.compiled = compiled
+        if compiled:
+            import torch
+
+            def compile(fn):
+                return torch.compile(fn, dynamic=False, fullgraph=True, options={"emulate_precision_casts": True})
+        else:
+            def compile(fn):
+                return fn
+        self.rms_norm = compile(_rms_norm)
+        self.add_rms_norm = compile(_add_rms_norm)
+        self.rope = compile(_rope_qk)
+        self.silu_mul = compile(_silu_mul)

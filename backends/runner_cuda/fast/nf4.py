@@ -105,7 +105,14 @@ _KERNEL = None
 
 def _kernel():
     """Compile-on-first-use Triton kernel: one program computes BLOCK_N outputs, walking K in
-    chunks of BLOCK_K elements; each chunk is BLOCK_K/64 quantization blocks of 32 bytes."""
+    chunks of BLOCK_K elements, each chunk BLOCK_K/64 quantization blocks of 32 bytes. A byte
+    (two weights) is decoded by one load from a 256-entry table of code pairs; products are
+    accumulated per element and reduced once at the end.
+
+    BNB_ROUNDING reproduces bitsandbytes' own batch-1 kernel (gemm_4bit_simt): the scale is
+    rounded to bf16, each weight (code × scale) and each product (x × weight) to bf16, and
+    the products summed in float32. Without it the products stay in float32 (closer to the
+    exact result, and cheaper)."""
     global _KERNEL
     if _KERNEL is not None:
         return _KERNEL
@@ -114,9 +121,9 @@ def _kernel():
 
     @triton.jit
     def nf4_gemv_kernel(
-        x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
-        bias_ptr, out_ptr, N, K,
-        NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCKSIZE: tl.constexpr,
+        x_ptr, packed_ptr, pairs_ptr, absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
+        bias_ptr, out_ptr, N, K: tl.constexpr,
+        NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, BNB_ROUNDING: tl.constexpr, BLOCKSIZE: tl.constexpr,
         NESTED_BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -126,18 +133,23 @@ def _kernel():
         HALF: tl.constexpr = BLOCKSIZE // 2                          # bytes per quant block
         b = tl.arange(0, BLOCKS)                                     # [NB]
         j = tl.arange(0, HALF)                                       # [H]
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCKS, HALF], dtype=tl.float32)
+        row_start = rows.to(tl.int64) * K
         for k0 in range(0, K, BLOCK_K):
             # x: even and odd elements of each quant block, [NB, H]
             x_even = tl.load(x_ptr + k0 + b[:, None] * BLOCKSIZE + 2 * j[None, :]).to(tl.float32)
             x_odd = tl.load(x_ptr + k0 + b[:, None] * BLOCKSIZE + 2 * j[None, :] + 1).to(tl.float32)
-            # packed bytes [BN, NB, H]
-            byte_index = (rows[:, None, None] * K + k0 + b[None, :, None] * BLOCKSIZE) // 2 + j[None, None, :]
-            q = tl.load(packed_ptr + byte_index, mask=row_ok[:, None, None], other=0).to(tl.int32)
-            w_hi = tl.load(code_ptr + (q >> 4))
-            w_lo = tl.load(code_ptr + (q & 0xF))
-            partial = tl.sum(w_hi * x_even[None, :, :] + w_lo * x_odd[None, :, :], axis=2)  # [BN, NB]
-            block = (rows[:, None] * K + k0) // BLOCKSIZE + b[None, :]                    # [BN, NB]
+            # packed bytes [BN, NB, H]; element 2i in the high nibble of byte i
+            byte_index = (row_start[:, None, None] + k0 + b[None, :, None] * BLOCKSIZE) // 2 + j[None, None, :]
+            q = tl.load(packed_ptr + byte_index, mask=row_ok[:, None, None], other=0, eviction_policy="evict_first")
+            pair = tl.load(pairs_ptr + q.to(tl.int32))           # the two weights' codes
+            if BNB_ROUNDING:                                     # int32: bf16 bits, high | low
+                w_hi = (pair & -65536).to(tl.float32, bitcast=True)
+                w_lo = (pair << 16).to(tl.float32, bitcast=True)
+            else:                                                # int64: float32 bits, high | low
+                w_hi = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+                w_lo = pair.to(tl.int32).to(tl.float32, bitcast=True)
+            block = (row_start[:, None] + k0) // BLOCKSIZE + b[None, :]                 # [BN, NB]
             if NESTED:
                 a8 = tl.load(absmax_ptr + block, mask=row_ok[:, None], other=0).to(tl.int32)
                 scale = tl.load(nested_code_ptr + a8) * tl.load(
@@ -145,25 +157,59 @@ def _kernel():
                 ) + tl.load(offset_ptr)
             else:
                 scale = tl.load(absmax_ptr + block, mask=row_ok[:, None], other=0.0)
-            acc += tl.sum(partial * scale, axis=1)
+            if BNB_ROUNDING:
+                s = scale.to(tl.bfloat16).to(tl.float32)[:, :, None]
+                b_hi = (w_hi * s).to(tl.bfloat16).to(tl.float32)
+                b_lo = (w_lo * s).to(tl.bfloat16).to(tl.float32)
+                acc += (b_hi * x_even[None, :, :]).to(tl.bfloat16).to(tl.float32) + (
+                    b_lo * x_odd[None, :, :]
+                ).to(tl.bfloat16).to(tl.float32)
+            else:
+                acc += (w_hi * x_even[None, :, :] + w_lo * x_odd[None, :, :]) * scale[:, :, None]
+        total = tl.sum(tl.sum(acc, axis=2), axis=1)
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=row_ok)
+            total += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_ok)
 
     _KERNEL = nf4_gemv_kernel
     return _KERNEL
 
 
+_PAIRS: dict = {}
+
+
+def pair_table(code: "torch.Tensor", bf16: bool) -> "torch.Tensor":
+    """For each byte value, the codes of its two nibbles in one word: float32 bits in an int64
+    (high nibble in the upper half), or with `bf16` the bf16 bits in an int32, the table that
+    bitsandbytes' batch-1 kernel uses."""
+    import torch
+
+    key = (code.data_ptr(), code.device, bf16)
+    table = _PAIRS.get(key)
+    if table is None:
+        byte = torch.arange(256, device=code.device)
+        if bf16:
+            bits = code.float().to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
+            table = ((bits[byte >> 4] << 16) | bits[byte & 15]).to(torch.int32)
+        else:
+            bits = code.float().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+            table = (bits[byte >> 4] << 32) | bits[byte & 15]
+        table = table.contiguous()
+        _PAIRS[key] = table
+    return table
+
+
 def pick_tiles(out_features: int, in_features: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) for batch-1 decode: enough programs to fill an H100's 132
-    multiprocessors several times over, and 16 bytes or more of packed weight per thread."""
+    """(BLOCK_N, BLOCK_K, num_warps) for batch-1 decode on an H100 (measured in bench/cuda_speed.py)."""
     block_k = next(size for size in (512, 256, 128, 64) if in_features % size == 0)
     block_n = 8 if out_features >= 8192 else 4
     return block_n, block_k, 4
 
 
-def nf4_gemv(x: "torch.Tensor", w: NF4Weight, out: "torch.Tensor | None" = None, tiles=None) -> "torch.Tensor":
-    """y = x @ W.T + bias for one token (x: [..., in_features] with one row), on CUDA."""
+def nf4_gemv(x: "torch.Tensor", w: NF4Weight, out: "torch.Tensor | None" = None, tiles=None,
+             bnb_rounding: bool = False) -> "torch.Tensor":
+    """y = x @ W.T + bias for one token (x: [..., in_features] with one row), on CUDA (or on
+    CPU under TRITON_INTERPRET=1)."""
     import torch
 
     if x.numel() != w.in_features:
@@ -174,18 +220,14 @@ def nf4_gemv(x: "torch.Tensor", w: NF4Weight, out: "torch.Tensor | None" = None,
     if out is None:
         out = torch.empty(w.out_features, dtype=x.dtype, device=x.device)
     block_n, block_k, warps = tiles or pick_tiles(w.out_features, w.in_features)
-    grid = (triton_cdiv(w.out_features, block_n),)
+    grid = ((w.out_features + block_n - 1) // block_n,)
     dummy = w.absmax
     _kernel()[grid](
-        x_flat, w.packed, w.code, w.absmax,
+        x_flat, w.packed, pair_table(w.code, bnb_rounding), w.absmax,
         w.nested_code if w.nested else dummy, w.nested_absmax if w.nested else dummy,
         w.offset if w.nested else dummy, w.bias if w.bias is not None else dummy, out,
         w.out_features, w.in_features,
-        NESTED=w.nested, HAS_BIAS=w.bias is not None, BLOCKSIZE=w.blocksize,
+        NESTED=w.nested, HAS_BIAS=w.bias is not None, BNB_ROUNDING=bnb_rounding, BLOCKSIZE=w.blocksize,
         NESTED_BLOCKSIZE=max(w.nested_blocksize, 1), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
     )
     return out.view(*x.shape[:-1], w.out_features)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
