@@ -82,3 +82,63 @@ def test_graph_decoder_greedy_equals_hf_generate(tmp_path):
     steps = [decoder.prefill(prompt).clone()] + [decoder.step(t).clone() for t in expected[:63]]
     fast = torch.stack(steps)
     assert ((fast - hf).norm() / hf.norm()).item() < 2e-2
+
+
+def _session(folder, quant, context=256):
+    from runner.backend import LoadRequest, get_backend
+    from runner.model import load_spec
+
+    return get_backend("cuda").load(LoadRequest(load_spec(str(folder)), quant, context))
+
+
+def test_session_streams_through_the_fast_path(tiny_llama_dir):
+    """The CUDA backend's session with the graphed step attached: the reply is the model's own
+    greedy continuation (one full forward per token, bitsandbytes' path), and a second reply
+    starts cleanly from position 0 of the static cache."""
+    import numpy as np
+
+    from runner.backend import Message, Sampling
+    from runner_cuda import fast
+
+    session = _session(tiny_llama_dir, "nf4")
+    try:
+        if "fast decode" not in session.device_summary:
+            assert fast.attach(session)
+        assert "fast decode" in session.device_summary
+        question = [Message("user", "What is the capital of France?")]
+        prompt = session.tokenize(question)
+        ids = list(prompt)
+        for _ in range(6):
+            ids.append(int(np.argmax(session.logits(ids)[-1])))
+        first = [c.token for c in session.stream(question, Sampling(max_tokens=6))]
+        second = [c.token for c in session.stream(question, Sampling(max_tokens=6))]
+        assert first == ids[len(prompt):]
+        assert second == first
+    finally:
+        session.close()
+
+
+def test_nf4_reload_cache_through_the_backend(tiny_llama_dir, tmp_path, monkeypatch):
+    """Quantize on load, save, and the next load reads the cache: the same logits."""
+    import shutil
+
+    import numpy as np
+
+    from runner_cuda import fast
+
+    source = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, source)
+    monkeypatch.setenv("RUNNER_HOME", str(tmp_path / "home"))
+    assert fast.cached_nf4_source(source, "nf4") is None
+    first = _session(source, "nf4")
+    try:
+        folder = fast.cached_nf4_source(source, "nf4") or fast.save_nf4_cache(first.hf_model, source, "nf4")
+        assert folder is not None and fast.cached_nf4_source(source, "nf4") == folder
+        expected = first.logits(list(range(5, 40)))
+    finally:
+        first.close()
+    second = _session(source, "nf4")
+    try:
+        np.testing.assert_array_equal(second.logits(list(range(5, 40))), expected)
+    finally:
+        second.close()
