@@ -281,3 +281,29 @@ def test_nf4_on_the_gpu(tiny_llama_dir):
         assert chunks[-1].peak_memory >= memory.measured["cuda:0"]
     finally:
         session.close()
+
+
+# ---- where models come from -----------------------------------------------------------------
+
+def test_model_in_the_hugging_face_cache_loads_offline(tiny_llama_dir, tmp_path, monkeypatch):
+    """A Hugging Face id found in the HF cache (its snapshot layout) loads from there, offline."""
+    repo = tmp_path / "hub" / "models--someone--tiny-llama"
+    shutil.copytree(tiny_llama_dir, repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    spec = load_spec("someone/tiny-llama")
+    assert spec.source == "hf-cache"
+    session = get_backend("cuda").load(LoadRequest(spec, "bf16", 128))
+    try:
+        assert [c.token for c in session.stream(QUESTION, Sampling(max_tokens=3))]
+    finally:
+        session.close()
+
+
+def test_model_not_downloaded_while_offline_says_so(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache, whatever this machine has
+    spec = load_spec("meta-llama/Llama-3.2-1B-Instruct")  # the catalog knows it; no weights here
+    with pytest.raises(LoadError, match="not downloaded .* offline mode is on"):
+        get_backend("cuda").load(LoadRequest(spec, "bf16", 1024))

@@ -392,6 +392,13 @@ def free_memory() -> None:
 # ---- the load -------------------------------------------------------------------------------
 
 
+def offline_mode() -> bool:
+    """huggingface_hub's offline switch (HF_HUB_OFFLINE, or the older TRANSFORMERS_OFFLINE)."""
+    import os
+
+    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on") for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
 def load_session(request: LoadRequest):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -411,6 +418,11 @@ def load_session(request: LoadRequest):
     # Where from: a folder (typed, or the HF cache snapshot), else the id (from_pretrained then
     # looks in the HF cache and downloads unless offline mode is on).
     source = str(spec.path) if spec.path is not None else spec.name
+    if spec.path is None and offline_mode():
+        raise LoadError(
+            f"{spec.name} is not downloaded (runner knows its config, but its weights are not in the Hugging Face "
+            "cache) and offline mode is on (HF_HUB_OFFLINE): download it first, or unset HF_HUB_OFFLINE"
+        )
     sizes: dict[str, int] = {}
     if spec.path is not None:
         shards = checkpoint_shards(spec.path)
