@@ -118,12 +118,23 @@ def summary(record: dict, bandwidth: float) -> list[str]:
             f"({(d['weights'] / d['planned_weights'] - 1) * 100:+.2f}%); KV plan {d['planned_kv_cache'] / 1e9:.3f} "
             f"measured {d['kv_cache'] / 1e9:.3f} GB; resident plan {planned_resident / 1e9:.3f} measured "
             f"{d['resident'] / 1e9:.3f} GB ({(d['resident'] / planned_resident - 1) * 100:+.2f}%); peak "
-            f"{d['peak'] / 1e9:.3f} GB (load peak {d['load_peak'] / 1e9:.3f}) vs plan total {d['planned_total'] / 1e9:.3f} GB"
+            f"{d['peak'] / 1e9:.3f} GB (load peak {d['load_peak'] / 1e9:.3f}, reserved peak "
+            f"{d.get('reserved_peak', 0) / 1e9:.3f}) vs plan total {d['planned_total'] / 1e9:.3f} GB"
         )
     layer_plan, layer_measured = result["planned_layer_bytes"], result["measured_layer_bytes"]
     sizes = [b["bytes"] for b in result["blocks"] if b["name"].startswith("layer ")]
     lines.append(f"  one layer: plan {layer_plan / 1e6:.3f} MB measured {layer_measured / 1e6:.3f} MB "
                  f"({(layer_measured / layer_plan - 1) * 100:+.3f}%; min {min(sizes) / 1e6:.3f} max {max(sizes) / 1e6:.3f})")
+    if "--layers" in record["arguments"]:   # extrapolate the measured blocks to the full-size model
+        from runner.budget import weights_bytes
+        from runner.model import load_spec
+
+        full = load_spec(plan["model"])
+        blocks = {b["name"]: b["bytes"] for b in result["blocks"]}
+        measured_full = blocks.get("embeddings", 0) + blocks.get("head", 0) + layer_measured * full.num_layers
+        planned_full = weights_bytes(full, plan["quant"], "cuda")
+        lines.append(f"  full size ({full.num_layers} layers): weights plan {planned_full / 1e9:.2f} GB, measured blocks "
+                     f"extrapolated {measured_full / 1e9:.2f} GB ({(measured_full / planned_full - 1) * 100:+.2f}%)")
     read_per_token = sum(d["weights"] + d["kv_cache"] for d in result["devices"])
     measured_roofline = bandwidth / read_per_token if bandwidth else 0.0
     steps = sorted(result["decode_step_seconds"])

@@ -56,10 +56,12 @@ class DeviceMemory:
     planned_kv_cache: int
     planned_total: int          # weights + KV cache + overhead (the plan's capacity use)
     weights: int                # measured after materializing all weights
-    kv_cache: int               # measured: the KV cache holding `context` tokens
-    resident: int               # measured after the decode: weights + KV cache + what else stays live
+    kv_cache: int               # measured: the bytes of the KV cache's tensors, holding `context` tokens
+    resident: int               # measured after the decode: all the allocator holds for us (weights, KV
+                                # cache, and what else stays live, e.g. cuBLAS' workspace); CPU: weights + KV
     peak: int                   # allocator peak over load, prefill and decode (0 where unknown: CPU)
     load_peak: int              # allocator peak during materialization alone (0 where unknown)
+    reserved_peak: int = 0      # peak of what the caching allocator took from the GPU (fragmentation included)
 
 
 @dataclass(frozen=True)
@@ -457,6 +459,7 @@ def _rehearse(plan: "Plan", decode_tokens: int, report, where: dict) -> Rehearsa
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(device)
     baseline = {d: allocated(d) for d in devices}
+    baseline_reserved = {d: torch.cuda.memory_reserved(d) if d.startswith("cuda") else 0 for d in devices}
 
     # Parameters grouped by block, in the order a forward pass meets them.
     blocks: dict[str, list[str]] = {}
@@ -534,14 +537,14 @@ def _rehearse(plan: "Plan", decode_tokens: int, report, where: dict) -> Rehearsa
         del out, ids, token
     gc.collect()
     synchronize(devices)
+    kv_cache = tensor_bytes(cache_tensors(cache))
     if on_cuda:
         resident = {d: allocated(d) - baseline[d] for d in devices}
-        kv_cache = {d: resident[d] - weights.get(d, 0) for d in devices}
         peak = {d: torch.cuda.max_memory_allocated(d) - baseline[d] for d in devices}
+        reserved_peak = {d: torch.cuda.max_memory_reserved(d) - baseline_reserved[d] for d in devices}
     else:
-        kv_cache = tensor_bytes(cache_tensors(cache))
         resident = {d: weights.get(d, 0) + kv_cache.get(d, 0) for d in devices}
-        peak = {d: 0 for d in devices}
+        peak = reserved_peak = {d: 0 for d in devices}
     if cache.get_seq_length() != plan.context:
         raise LoadError(f"the KV cache holds {cache.get_seq_length()} tokens, not the {plan.context} planned")
 
@@ -559,6 +562,7 @@ def _rehearse(plan: "Plan", decode_tokens: int, report, where: dict) -> Rehearsa
             resident=resident.get(device, 0),
             peak=peak.get(device, 0),
             load_peak=load_peak.get(device, 0),
+            reserved_peak=reserved_peak.get(device, 0),
         ))
     result = RehearsalResult(
         model=spec.name,

@@ -162,6 +162,10 @@ def render(plan, result) -> str:
             f"{_diff(d.resident, d.planned_weights + d.planned_kv_cache):>7}   "
             f"{(_gb(d.peak) if d.peak else 'n/a'):>9} {_gb(d.planned_total):>10}"
         )
+    if result.method == "allocator":
+        lines.append("resident: what the allocator holds after the decode (cuBLAS' workspace included); peak: the "
+                     "allocator's peak with the prefill's activations; the plan's total also counts the CUDA context "
+                     "(~0.5 GB per GPU), which the allocator does not see")
     lines += [
         "",
         f"one decoder layer: plan {result.planned_layer_bytes / 1e6:.2f} MB, measured "
