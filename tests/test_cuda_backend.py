@@ -307,3 +307,20 @@ def test_model_not_downloaded_while_offline_says_so(monkeypatch, tmp_path):
     spec = load_spec("meta-llama/Llama-3.2-1B-Instruct")  # the catalog knows it; no weights here
     with pytest.raises(LoadError, match="not downloaded .* offline mode is on"):
         get_backend("cuda").load(LoadRequest(spec, "bf16", 1024))
+
+
+def test_cpu_threads_leave_busy_cores_alone(monkeypatch):
+    import os
+
+    from runner_cuda.loading import cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+    assert cpu_threads() == 4
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.6, 1.0, 1.0))
+    assert cpu_threads() == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    assert cpu_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cpu_threads() == 3

@@ -96,7 +96,8 @@ class CudaSession:
             gpus = sorted(set(gpu_names))
             where += f" on {', '.join(gpus)}"
         else:
-            where += "; no CUDA GPU: running on the CPU"
+            threads = torch.get_num_threads()
+            where += f"; no CUDA GPU: running on the CPU ({threads} thread{'s' if threads != 1 else ''})"
         self.device_summary = f"{where}; {scheme_description}; {attention} attention"
         self._weights_measured = self._measure()
         # transformers renamed `past_key_values` to `cache` (5.2x); pass the one this version has.
