@@ -416,7 +416,7 @@ def offline_mode() -> bool:
 
 def load_session(request: LoadRequest):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from runner_cuda.session import CudaSession
 
@@ -462,30 +462,25 @@ def load_session(request: LoadRequest):
     for i in range(len(gpus)):
         torch.cuda.reset_peak_memory_stats(i)
 
-    # The error is turned into a message inside `except` and raised outside it: the original
-    # traceback holds the frames of the half-loaded model, and memory is only freed once it is gone.
+    # NF4 quantized on an earlier load (runner_cuda.fast's reload cache, CUDA only): its folder's
+    # config.json carries the quantization, so no quantization_config is passed for it. A cache
+    # that fails to load for any reason but memory is skipped, and the checkpoint is quantized again.
+    from runner_cuda import fast
+
+    load = dict(dtype=scheme.dtype, device_map=device_map, max_memory=max_memory, attention=attention, request=request)
+    cached = fast.cached_nf4_source(spec.path, request.quant) if gpus else None
     model, failure = None, None
-    try:
-        with weight_loading_progress(request.on_progress, sizes):
-            model = AutoModelForCausalLM.from_pretrained(
-                source,
-                dtype=scheme.dtype,
-                quantization_config=scheme.quantization_config,
-                device_map=device_map,
-                max_memory=max_memory,
-                attn_implementation=attention,
-                use_safetensors=True,
-                trust_remote_code=request.trust_remote_code,
-                low_cpu_mem_usage=True,
-            )
-    except (torch.OutOfMemoryError, MemoryError, OSError, ValueError, RuntimeError, KeyError) as error:
-        text = str(error).strip()
-        if isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text.lower():
-            failure = out_of_memory_message(request, "CPU RAM" if isinstance(error, MemoryError) else "GPU")
-        elif spec.path is None and "offline" in text.lower():
-            failure = f"{spec.name} is not in the Hugging Face cache and offline mode is on: download it first"
-        else:
-            failure = f"{spec.name}: loading failed ({text.splitlines()[0] if text else type(error).__name__})"
+    if cached is not None:
+        try:
+            cached_sizes = {name: size for shard in checkpoint_shards(cached) for name, size in tensor_sizes(shard).items()}
+            model, failure = load_weights(str(cached), None, cached_sizes, **load)
+        except LoadError as error:
+            failure = str(error)
+        if failure is not None and "out of" not in failure:
+            free_memory()
+            model, failure, cached = None, None, None
+    if model is None and failure is None:
+        model, failure = load_weights(source, scheme.quantization_config, sizes, **load)
     if failure is not None:
         free_memory()
         raise LoadError(failure)
@@ -497,7 +492,10 @@ def load_session(request: LoadRequest):
         del model
         free_memory()
         raise
-    return CudaSession(
+    if gpus and cached is None and fast.enabled() and request.quant in BITSANDBYTES_QUANTS:
+        report(LoadProgress("saving the quantized weights for faster loads next time", 0, 0))
+        fast.save_nf4_cache(model, spec.path, request.quant)  # before any forward; never fails the load
+    session = CudaSession(
         model=model,
         tokenizer=tokenizer,
         spec=spec,
@@ -509,6 +507,47 @@ def load_session(request: LoadRequest):
         cuda_baseline=baseline,
         gpu_names=[name for name, _ in gpus],
     )
+    if cached is not None:
+        session.device_summary += "; NF4 from the reload cache"
+    if gpus:  # static KV cache + CUDA graphs (+ fused NF4 GEMV) where runner_cuda.fast applies
+        try:
+            fast.attach(session)
+        except Exception as error:  # the ordinary loop still works: say so instead of failing
+            session.device_summary += f"; fast decode off ({type(error).__name__}: {str(error)[:80]})"
+    return session
+
+
+def load_weights(weights: str, quantization_config, sizes: dict[str, int], *, dtype, device_map, max_memory,
+                 attention: str, request: LoadRequest):
+    """transformers' from_pretrained, with progress; returns (model, None) or (None, one-line message).
+
+    The message is made inside `except` and the caller raises it outside: the original traceback
+    holds the frames of the half-loaded model, and its memory is only freed once that is gone."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    spec = request.model
+    try:
+        with weight_loading_progress(request.on_progress, sizes):
+            model = AutoModelForCausalLM.from_pretrained(
+                weights,
+                dtype=dtype,
+                quantization_config=quantization_config,
+                device_map=device_map,
+                max_memory=max_memory,
+                attn_implementation=attention,
+                use_safetensors=True,
+                trust_remote_code=request.trust_remote_code,
+                low_cpu_mem_usage=True,
+            )
+        return model, None
+    except (torch.OutOfMemoryError, MemoryError, OSError, ValueError, RuntimeError, KeyError) as error:
+        text = str(error).strip()
+        if isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text.lower():
+            return None, out_of_memory_message(request, "CPU RAM" if isinstance(error, MemoryError) else "GPU")
+        if spec.path is None and "offline" in text.lower():
+            return None, f"{spec.name} is not in the Hugging Face cache and offline mode is on: download it first"
+        return None, f"{spec.name}: loading failed ({text.splitlines()[0] if text else type(error).__name__})"
 
 
 def out_of_memory_message(request: LoadRequest, where: str) -> str:
