@@ -104,10 +104,14 @@ def choose(spec, machine, backend: str | None, quant: str | None, context: int):
         recommendation = recommend(spec, machine, context)
         return recommendation.backend, recommendation.quant
     if quant is None:
-        for candidate_backend, candidate_quant, _ in candidate_schemes(spec, machine):
-            if candidate_backend == backend and make_plan(spec, machine, candidate_quant, context, backend=backend).verdict == FITS:
-                return backend, candidate_quant
-        return backend, "q4" if backend == "mlx" else "nf4"
+        # The plan's candidates for this machine that use this backend, then the backend's own
+        # schemes from best quality to smallest; the first that fits wins, else the smallest.
+        fallback = ("bf16", "q8", "q4") if backend == "mlx" else ("bf16", "int8", "nf4")
+        candidates = [q for b, q, _ in candidate_schemes(spec, machine) if b == backend] + list(fallback)
+        for candidate in candidates:
+            if make_plan(spec, machine, candidate, context, backend=backend).verdict == FITS:
+                return backend, candidate
+        return backend, fallback[-1]
     return backend or default_backend_for(quant, machine), quant
 
 
