@@ -184,3 +184,16 @@ def test_torch_and_mlx_float32_agree_on_smollm2(default_model_dir, smollm2_fp32)
     mlx = run_capture(default_model_dir, "mlx:fp32", token_ids=smollm2_fp32.prompt_ids())
     result = compare(smollm2_fp32, mlx)
     assert result.passed, result.reasons
+
+
+def test_in_process_run_cuts_long_prompts_and_skips_what_cannot_load(tiny_llama_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("What is the capital of France? " * 3 + "\n\nHi.\n")
+    argv = ["parity", str(tiny_llama_dir), "--a", "cuda:fp32", "--b", "mlx:fp32", "--b", "cuda:q4",
+            "--prompts", str(prompts), "--no-builtin-prompts", "--context", "48", "--max-tokens", "8"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "prompt 'prompts-1' has" in captured.err and "cut to its first 40 tokens" in captured.err
+    assert "skipped cuda:q4:" in captured.out
+    row = next(line for line in captured.out.splitlines() if line.startswith("mlx:fp32"))
+    assert "PASS" in row and "100.0%" in row
