@@ -492,10 +492,12 @@ def _rehearse(plan: "Plan", decode_tokens: int, report, where: dict) -> Rehearsa
         report(LoadProgress(f"{block} on {device}: {size / 1e6:.1f} MB{holds}", index, len(order), "blocks"))
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-    if len(set(device_map.values())) > 1:   # several devices: accelerate's hooks, as from_pretrained adds them
-        from transformers.integrations.accelerate import accelerate_dispatch
+    if len(set(device_map.values())) > 1:
+        # Several GPUs: accelerate's hooks move activations between them, as from_pretrained adds
+        # them (its `accelerate_dispatch` is this call when nothing is offloaded).
+        from accelerate import dispatch_model
 
-        accelerate_dispatch(model, quantizer, device_map, None, None, False)
+        dispatch_model(model, device_map=device_map, skip_keys=model._skip_keys_device_placement)
     if quantizer is not None:
         model.hf_quantizer = quantizer
         quantizer.postprocess_model(model)
