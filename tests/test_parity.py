@@ -156,6 +156,7 @@ def test_positions_stop_after_the_first_different_reply_token(pair):
     # prompt 0: positions 0..15 (position 14 predicted token 15, where they part); others: all 20
     assert result.positions == 15 + 20 + 20
     assert result.greedy_first_diff == [3, None, None]
+    assert result.greedy_matched == [3, 8, 8]
     assert result.greedy_same == 2
 
 

@@ -479,6 +479,7 @@ class PairResult:
     greedy_same: int                # prompts whose greedy replies are identical
     greedy_prompts: int             # prompts with a greedy reply on both sides
     greedy_first_diff: list[int | None]  # per prompt: index of the first different reply token, None if same
+    greedy_matched: list[int]       # per prompt with replies: tokens the two replies share before they part
     ppl_reference: float            # perplexity of each side on the prompts' tokens
     ppl_other: float
     answers: dict[str, tuple[str, str]]  # prompt name -> (reference's reply, other's reply)
@@ -504,6 +505,7 @@ class PairResult:
             "greedy_same": self.greedy_same,
             "greedy_prompts": self.greedy_prompts,
             "greedy_first_diff": self.greedy_first_diff,
+            "greedy_matched": self.greedy_matched,
             "ppl_reference": self.ppl_reference,
             "ppl_other": self.ppl_other,
             "answers": {name: {"reference": a, "other": b} for name, (a, b) in self.answers.items()},
@@ -570,6 +572,7 @@ def compare(
     kls, top1, top5 = [], [], []
     exact = True
     first_diffs: list[int | None] = []
+    matched: list[int] = []
     greedy_same = greedy_prompts = 0
     answers = {}
     for pa, pb, start in zip(reference.prompts, other.prompts, first_new_positions(reference)):
@@ -593,6 +596,7 @@ def compare(
         if len(pa.reply_ids) or len(pb.reply_ids) or pa.reply_text or pb.reply_text:
             greedy_prompts += 1
             same = common_prefix(pa.reply_ids.tolist(), pb.reply_ids.tolist())
+            matched.append(same)
             if same == len(pa.reply_ids) == len(pb.reply_ids):
                 greedy_same += 1
                 first_diffs.append(None)
@@ -621,6 +625,7 @@ def compare(
         greedy_same=greedy_same,
         greedy_prompts=greedy_prompts,
         greedy_first_diff=first_diffs,
+        greedy_matched=matched,
         ppl_reference=perplexity(reference),
         ppl_other=perplexity(other),
         answers=answers,
@@ -789,14 +794,15 @@ def format_table(reference: Capture, results: Sequence[PairResult], skipped: Seq
         rows.append((
             r.other, precision_class(quant) if quant in PRECISION_CLASS else "?",
             f"{r.kl_mean:.2e}", f"{r.kl_p99:.2e}", f"{r.kl_max:.2e}", f"{r.top1:.1%}", f"{r.top5:.1%}",
-            f"{r.greedy_same}/{r.greedy_prompts}", f"{r.ppl_other:.2f}",
+            f"{r.greedy_same}/{r.greedy_prompts} ({sum(r.greedy_matched) / max(1, len(r.greedy_matched)):.1f})",
+            f"{r.ppl_other:.2f}",
             _short(r.answers.get(answer_prompt, ("", ""))[1], 40), verdict,
         ))
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    lines.append(f"{positions} positions compared for the first pair; "
-                 "greedy same = prompts whose greedy replies are token-for-token identical")
+    lines.append(f"{positions} positions compared for the first pair; greedy same = prompts whose greedy replies "
+                 "are token-for-token identical (mean tokens shared before the first difference)")
     for skip in skipped:
         lines.append(f"skipped {skip.target}: {skip.reason}")
     return "\n".join(lines)
