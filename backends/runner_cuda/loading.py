@@ -400,8 +400,8 @@ def cpu_threads() -> int:
     with 1. An explicit OMP_NUM_THREADS is respected."""
     import os
 
-    if os.environ.get("OMP_NUM_THREADS"):
-        return int(os.environ["OMP_NUM_THREADS"])
+    if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     return max(1, min(cores, round(cores - busy)))
@@ -467,7 +467,13 @@ def load_session(request: LoadRequest):
     # that fails to load for any reason but memory is skipped, and the checkpoint is quantized again.
     from runner_cuda import fast
 
-    load = dict(dtype=scheme.dtype, device_map=device_map, max_memory=max_memory, attention=attention, request=request)
+    offload_folder = None
+    if isinstance(device_map, dict) and "disk" in device_map.values():  # only with --allow-offload
+        from runner.paths import models_dir
+
+        offload_folder = str(models_dir() / "offload")
+    load = dict(dtype=scheme.dtype, device_map=device_map, max_memory=max_memory, attention=attention,
+                offload_folder=offload_folder, request=request)
     cached = fast.cached_nf4_source(spec.path, request.quant) if gpus else None
     model, failure = None, None
     if cached is not None:
@@ -518,7 +524,7 @@ def load_session(request: LoadRequest):
 
 
 def load_weights(weights: str, quantization_config, sizes: dict[str, int], *, dtype, device_map, max_memory,
-                 attention: str, request: LoadRequest):
+                 attention: str, offload_folder: str | None, request: LoadRequest):
     """transformers' from_pretrained, with progress; returns (model, None) or (None, one-line message).
 
     The message is made inside `except` and the caller raises it outside: the original traceback
@@ -539,6 +545,7 @@ def load_weights(weights: str, quantization_config, sizes: dict[str, int], *, dt
                 use_safetensors=True,
                 trust_remote_code=request.trust_remote_code,
                 low_cpu_mem_usage=True,
+                offload_folder=offload_folder,
             )
         return model, None
     except (torch.OutOfMemoryError, MemoryError, OSError, ValueError, RuntimeError, KeyError) as error:
