@@ -2,26 +2,31 @@
 # Drive `runner chat` in a real terminal (tmux) as a person would: start it, wait for the model,
 # type a message, wait for the reply to finish, and save the screen as text.
 #
-#   scripts/tui_tmux.sh [-m MESSAGE] [-o FILE] [-s WIDTHxHEIGHT] [-t SECONDS] [-- RUNNER CHAT ARGS...]
+#   scripts/tui_tmux.sh [-m MESSAGE] [-o FILE] [-p PLAN_FILE] [-s WIDTHxHEIGHT] [-t SECONDS] [-- RUNNER CHAT ARGS...]
 #
 #   scripts/tui_tmux.sh                                   # default model, "What is the capital of France?"
 #   scripts/tui_tmux.sh -m "Write a haiku" -o /tmp/haiku.txt -- --quant fp32
+#   scripts/tui_tmux.sh -p plan.txt -- ~/models/llama-3.1-8b   # also keep the screen once loaded
 #
-# The capture goes to FILE (default tui-capture.txt); FILE.ansi keeps the colours (view with
-# `cat`). RUNNER_HOME is left as it is, so the chat lands in your real history unless you set it.
+# The capture after the reply goes to FILE (default tui-capture.txt); FILE.ansi keeps the colours
+# (view with `cat`). With -p, the screen as soon as the model is loaded (plan, measured memory)
+# goes to PLAN_FILE. RUNNER_HOME is left as it is, so the chat lands in your real history unless
+# you set it.
 set -euo pipefail
 
 message="What is the capital of France?"
 out="tui-capture.txt"
+plan_out=""
 size="120x40"
 timeout_s=300
-while getopts "m:o:s:t:h" flag; do
+while getopts "m:o:p:s:t:h" flag; do
     case "$flag" in
         m) message="$OPTARG" ;;
         o) out="$OPTARG" ;;
+        p) plan_out="$OPTARG" ;;
         s) size="$OPTARG" ;;
         t) timeout_s="$OPTARG" ;;
-        *) sed -n '2,12p' "$0"; exit 2 ;;
+        *) sed -n '2,16p' "$0"; exit 2 ;;
     esac
 done
 shift $((OPTIND - 1))
@@ -53,24 +58,22 @@ until screen | grep -q "Ask .* anything"; do
     sleep 0.5
 done
 started=$SECONDS
+if [ -n "$plan_out" ]; then
+    sleep 0.5
+    screen > "$plan_out"
+fi
 
 tmux send-keys -t "$session" -l "$message"
 tmux send-keys -t "$session" Enter
 
-# The reply is over when the status line shows the speed and the screen stops changing.
-previous=""
-stable=0
-while [ $stable -lt 4 ]; do
+# The reply is over when the status line no longer says "● thinking…" or "● writing" and
+# shows the speed; then wait for the screen to settle.
+sleep 1
+until screen | tail -2 | grep -q "tokens/s" && ! screen | tail -2 | grep -q "● thinking…\|● writing"; do
     [ $SECONDS -lt $deadline ] || { echo "tui_tmux.sh: the reply did not finish in time" >&2; break; }
     sleep 0.5
-    current="$(screen)"
-    if [ "$current" = "$previous" ] && grep -q "tokens/s" <<<"$current" && ! grep -q "thinking…" <<<"$current"; then
-        stable=$((stable + 1))
-    else
-        stable=0
-    fi
-    previous="$current"
 done
+sleep 0.5
 
 screen > "$out"
 tmux capture-pane -p -e -t "$session" > "$out.ansi"

@@ -244,11 +244,11 @@ async def test_load_failure_shows_error_and_plan_then_another_model_loads(tiny_l
 @run_async
 async def test_no_model_named_opens_the_default_model_which_answers(default_model_dir, tmp_path):
     """`runner` alone: no choice to make, the built-in SmolLM2-135M-Instruct answers a real question."""
-    app = RunnerApp(history_path=tmp_path / "history.db", settings=ChatSettings(max_tokens=24))
+    app = RunnerApp(history_path=tmp_path / "history.db", settings=ChatSettings(max_tokens=24))  # greedy
     async with app.run_test(size=SIZE) as pilot:
         chat = await wait_loaded(pilot)
         assert "SmolLM2-135M-Instruct" in str(chat.query_one("#status-model").render())
-        assert "another model" in str(chat.query_one("#status-speed").render())
+        assert "Ctrl+O other model" in str(chat.query_one("#status-speed").render())
         await send(pilot, "What is the capital of France?")
         await wait_until(pilot, lambda: chat.reply is None and chat.query(AssistantMessage)
                          and chat.query(AssistantMessage).last().state == COMPLETE, 120, "the answer")

@@ -77,6 +77,7 @@ class HistoryStore:
         self.path = Path(path) if path is not None else data_dir() / FILE_NAME
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.recovered_from: Path | None = None   # the corrupt file moved aside, if any
+        self.recovery_reason = ""                  # what SQLite said about it
         try:
             self._db = self._open()
         except sqlite3.DatabaseError as error:

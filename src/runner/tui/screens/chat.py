@@ -525,11 +525,11 @@ class ChatScreen(Screen[None]):
         model.no_wrap = True
         model.overflow = "ellipsis"
         speed = Text()
-        if self.reply is not None and not self.timing:
-            speed.append("thinking… ", "dim")
-        elif self.timing:
+        if self.reply is not None:
+            speed.append("● writing · " if self.timing else "● thinking… ", "bold green")
+        if self.timing:
             speed.append(self.timing + " ")
-        speed.append("│ Ctrl+O another model", "dim")
+        speed.append("│ Ctrl+O other model", "dim")
         self.query_one("#status-model", Static).update(model)
         self.query_one("#status-speed", Static).update(speed)
 
@@ -539,5 +539,5 @@ def timing_text(chunk: GenerationChunk) -> str:
         return ""
     text = f"first token {chunk.time_to_first_token:.2f} s"
     if chunk.generation_tps > 0:
-        text += f" · {chunk.generation_tps:.1f} tokens/s"
+        text = f"{chunk.generation_tps:.1f} tokens/s · " + text
     return text

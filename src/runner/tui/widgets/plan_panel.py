@@ -10,7 +10,7 @@ from __future__ import annotations
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import VerticalScroll
-from textual.widgets import Label, ProgressBar, Static
+from textual.widgets import ProgressBar, Static
 
 from runner.backend import LoadProgress, MemoryReport
 from runner.budget import DOES_NOT_FIT, FITS, OFFLOAD, DeviceShare, Plan
@@ -67,12 +67,11 @@ def _measured_for(share: DeviceShare, plan: Plan, report: MemoryReport) -> int |
 
 
 def render_plan(plan: Plan, report: MemoryReport | None = None) -> Text:
+    """The plan as text: a title, then per device the planned bar (and the measured one after the
+    load) and what the bytes are; the verdict, the speed ceiling, the warnings and notes."""
     text = Text()
-    text.append(f"{short_model_name(plan.model.name)}", "bold")
-    text.append(
-        f"  {plan.quant} · context {plan.context:,} · backend {plan.backend} · "
-        f"needs {human_bytes(plan.total_bytes)}\n\n"
-    )
+    text.append(short_model_name(plan.model.name), "bold")
+    text.append(f" · {plan.quant} · context {plan.context:,} · {plan.backend} backend\n\n")
     label_width = max([len(share.device) for share in plan.placement] + [4])
     indent = " " * (label_width + 1)
     for share in plan.placement:
@@ -86,23 +85,22 @@ def render_plan(plan: Plan, report: MemoryReport | None = None) -> Text:
                 text.append_text(measured_bar(measured, share.capacity_bytes))
                 text.append(f" measured {human_bytes(measured)}\n", "green")
         text.append(indent)
-        text.append("█", WEIGHTS_STYLE)
-        text.append(f" weights {human_bytes(share.weights_bytes)}  ")
-        text.append("█", KV_STYLE)
-        text.append(f" KV cache {human_bytes(share.kv_cache_bytes)}  ")
-        text.append("█", OVERHEAD_STYLE)
-        text.append(f" overhead {human_bytes(share.overhead_bytes)}  ")
-        text.append("░", FREE_STYLE)
-        text.append(f" free {human_bytes(max(0, share.capacity_bytes - share.total_bytes))}\n")
+        text.append("weights", WEIGHTS_STYLE)
+        text.append(f" {human_bytes(share.weights_bytes)} · ")
+        text.append("KV cache", KV_STYLE)
+        text.append(f" {human_bytes(share.kv_cache_bytes)} · ")
+        text.append("overhead", OVERHEAD_STYLE)
+        text.append(f" {human_bytes(share.overhead_bytes)}\n")
     if not plan.placement:
         text.append("no device can hold any of it\n", "red")
     verdict, style = VERDICT_TEXT.get(plan.verdict, (plan.verdict, "bold"))
     text.append("\n")
     text.append(verdict, style)
+    text.append(f" · needs {human_bytes(plan.total_bytes)}")
     if plan.roofline_tokens_per_s > 0:
         speed = plan.roofline_tokens_per_s
         speed_text = f"{speed:,.0f}" if speed >= 10 else f"{speed:.2g}"
-        text.append(f"   at most ~{speed_text} tokens/s (memory bandwidth bound)", "dim")
+        text.append(f" · at most ~{speed_text} tokens/s (memory bandwidth bound)", "dim")
     for warning in plan.warnings:
         text.append("\n▲ ", "yellow")
         text.append(warning)
@@ -118,7 +116,7 @@ class PlanPanel(VerticalScroll):
         self.border_title = "Plan"
         yield Static("", id="load-error")      # first, so that it is seen when the plan is long
         yield Static("working out the plan…", id="plan-body")
-        yield Label("", id="load-stage")
+        yield Static("", id="load-stage")
         yield ProgressBar(id="load-progress", show_eta=False)
 
     def on_mount(self) -> None:
@@ -141,7 +139,7 @@ class PlanPanel(VerticalScroll):
                 stage += f" ({human_bytes(done)} of {human_bytes(total)})"
             else:
                 stage += f" ({done} of {total} {progress.unit})"
-        self.query_one("#load-stage", Label).update(stage)
+        self.query_one("#load-stage", Static).update(stage)
         if progress.total:
             bar.update(total=progress.total, progress=progress.done)
         else:
@@ -149,11 +147,11 @@ class PlanPanel(VerticalScroll):
 
     def show_loaded(self, summary: str) -> None:
         self.query_one("#load-progress", ProgressBar).display = False
-        self.query_one("#load-stage", Label).update(Text("loaded: " + summary, "green"))
+        self.query_one("#load-stage", Static).update(Text("loaded: " + summary, "green"))
 
     def show_error(self, message: str) -> None:
         self.query_one("#load-progress", ProgressBar).display = False
-        self.query_one("#load-stage", Label).update("")
+        self.query_one("#load-stage", Static).update("")
         error = Text("The model did not load\n", "bold red")
         error.append(message, "red")
         self.query_one("#load-error", Static).update(error)
@@ -164,5 +162,5 @@ class PlanPanel(VerticalScroll):
         """Back to the start of a load."""
         self.query_one("#load-error").display = False
         self.query_one("#load-progress", ProgressBar).display = False
-        self.query_one("#load-stage", Label).update("")
+        self.query_one("#load-stage", Static).update("")
         self.show_message(message)
