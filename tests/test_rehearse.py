@@ -93,6 +93,18 @@ def test_prefill_and_decode_ran(nf4_run):
     assert result.decode_tokens_per_s > 0 and result.prefill_tokens_per_s > 0
 
 
+def test_int8_weights_and_row_scales_match_the_plan():
+    from runner_cuda.rehearse import rehearse
+
+    plan = plan_for("int8", layers=1, context=8)
+    result = rehearse(plan, decode_tokens=1)
+    (device,) = result.devices
+    assert within(device.weights, device.planned_weights, WEIGHTS_TOLERANCE), device
+    # int8 weights + one fp32 scale per output row (SCB) + the two fp16 norms
+    rows = 2048 + 512 + 512 + 2048 + 8192 + 8192 + 2048
+    assert result.measured_layer_bytes == (2048 * 2048 * 2 + 512 * 2048 * 2 + 3 * 8192 * 2048) + rows * 4 + 2 * 2048 * 2
+
+
 def test_progress_per_layer(nf4_run):
     stages = [progress.stage for progress in nf4_run[2]]
     assert [s.split(" on ")[0] for s in stages[:4]] == ["embeddings", "layer 0", "layer 1", "head"]
