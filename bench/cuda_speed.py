@@ -263,6 +263,34 @@ def teacher_forced_logits(model, decoder, ids: list[int], reference_tokens: list
     }
 
 
+def profile_step(decoder, steps: int = 20) -> dict:
+    """GPU time of one decode step by kernel, from torch.profiler over eager (ungraphed) steps:
+    where the time goes, without launch gaps (a graphed step adds the gaps between kernels)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    graphs, decoder.use_graphs = decoder.use_graphs, False
+    decoder.reset()
+    decoder.prefill(prompt(SHORT_PROMPT))
+    for _ in range(3):
+        decoder.step(5)
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as trace:
+        for _ in range(steps):
+            decoder.step(5)
+        sync()
+    decoder.use_graphs = graphs
+    totals, counts = {}, {}
+    for event in trace.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            name = event.name[:60]
+            totals[name] = totals.get(name, 0.0) + event.device_time_total
+            counts[name] = counts.get(name, 0) + 1
+    top = sorted(totals.items(), key=lambda item: -item[1])[:10]
+    return {"gpu_us_per_token": sum(totals.values()) / steps, "kernels_per_token": sum(counts.values()) / steps,
+            "top": [(name, round(us / steps, 1), counts[name] // steps) for name, us in top]}
+
+
 def first_difference(a: list[int], b: list[int]) -> int | None:
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
@@ -350,10 +378,12 @@ def section_kernels() -> None:
                 rows.update(fused_best_us=us, fused_best_tiles=tiles, fused_rel_err_vs_exact=error,
                             fused_tb_s=nf4_bytes / us / 1e6, fused_fraction_of_copy_bw=nf4_bytes / (us / 1e6) / bandwidth,
                             fused_vs_bnb=rows["bnb_us"] / us)
-                mimic = nf4_gemv(x, w, tiles=tiles, bnb_rounding=True).float()
-                rows["bnb_rounding_rel_diff_vs_bnb"] = ((mimic - theirs).norm() / theirs.norm()).item()
-                rows["fused_rel_diff_vs_bnb"] = ((nf4_gemv(x, w, tiles=tiles).float() - theirs).norm() / theirs.norm()).item()
-                rows["bnb_rounding_us"] = graph_time_us(lambda i: nf4_gemv(x, weights[i], tiles=tiles, bnb_rounding=True), copies)
+                for mode in ("bf16-table", "bnb"):
+                    other = nf4_gemv(x, w, tiles=tiles, mode=mode).float()
+                    rows[f"{mode}_rel_diff_vs_bnb"] = ((other - theirs).norm() / theirs.norm()).item()
+                    rows[f"{mode}_bit_equal_bnb"] = bool(torch.equal(other, theirs))
+                    rows[f"{mode}_us"] = graph_time_us(lambda i: nf4_gemv(x, weights[i], tiles=tiles, mode=mode), copies)
+                rows["exact_rel_diff_vs_bnb"] = ((nf4_gemv(x, w, tiles=tiles).float() - theirs).norm() / theirs.norm()).item()
             rows["default_tiles_us"] = graph_time_us(lambda i: nf4_gemv(x, weights[i]), copies)
         record(f"kernel {n}x{k}", **rows)
         del denses, layers, weights, w
@@ -379,10 +409,11 @@ def section_nf4(checkpoint: Path) -> None:
            fraction_of_roofline=article["decode_tok_s"] / roofline)
 
     variants = (
-        ("fast (graphs, fused ops, NF4 GEMV)", dict()),
-        ("fast, GEMV with bitsandbytes' rounding", dict(bnb_rounding=True)),
-        ("graphs, fused ops, bitsandbytes kernel", dict(fused_nf4=False)),
-        ("graphs only, bitsandbytes kernel", dict(fused_nf4=False, compile_ops=False)),
+        ("fast (graphs, fused ops, bitsandbytes kernel)", dict()),
+        ("fast, Triton GEMV (bitsandbytes rounding)", dict(nf4_kernel="triton-bnb-rounding")),
+        ("fast, Triton GEMV (bf16 table)", dict(nf4_kernel="triton-bf16-table")),
+        ("fast, Triton GEMV (exact)", dict(nf4_kernel="triton")),
+        ("graphs only, bitsandbytes kernel", dict(compile_ops=False)),
     )
     for name, options in variants:
         try:
@@ -393,6 +424,8 @@ def section_nf4(checkpoint: Path) -> None:
             first_use_s = time.perf_counter() - started
             result = decode_rate(fast_generate, decoder)
             result["first_use_s"] = first_use_s
+            if not options:
+                record("nf4 profile (eager step, GPU time per token)", **profile_step(decoder))
             same = first_difference(result["tokens"], article["tokens"])
             record(f"nf4 {name}", **{k: v for k, v in result.items() if k != "tokens"}, **memory(),
                    vs_article=result["decode_tok_s"] / article["decode_tok_s"], ttft_vs_article=article["ttft_1k_s"] / result["ttft_1k_s"],
@@ -447,6 +480,26 @@ def section_reload(checkpoint: Path, work: Path) -> None:
     cached_s = time.perf_counter() - start
     with torch.no_grad():
         logits_cached = model(torch.tensor([long[:64]], device="cuda")).logits.float()
+    del model
+    free()
+    start = time.perf_counter()
+    model = nf4_cache.load(cached_folder, device_map={"": 0})
+    sync()
+    cache_load_one_device_s = time.perf_counter() - start
+    del model
+    free()
+    from safetensors import safe_open
+
+    start = time.perf_counter()
+    tensors = []
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt", device="cuda:0") as handle:
+            tensors.extend(handle.get_tensor(name) for name in handle.keys())
+    sync()
+    raw_read_s = time.perf_counter() - start
+    del tensors
+    model = nf4_cache.load(cached_folder, device_map={"": 0})
+    record("reload parts", cache_load_device_map_cuda0_s=cache_load_one_device_s, raw_safetensors_to_gpu_s=raw_read_s)
     size = sum(p.stat().st_size for p in folder.iterdir())
     record("reload", quantize_on_load_first_token_s=quantized_s, quantize_load_s=load_s, cache_first_token_s=cached_s,
            cache_load_s=cache_load_s, speedup=quantized_s / cached_s, cache_save_s=save_s, cache_gb=size / 1e9,
@@ -511,23 +564,25 @@ def section_bf16(checkpoint: Path) -> None:
     baseline = decode_rate(hf_generate, model)
     record("bf16 HF generate", **{k: v for k, v in baseline.items() if k != "tokens"}, **memory(), fraction_of_roofline=baseline["decode_tok_s"] / roofline)
     try:
+        decoder = FastDecoder(model, max_len=LONG_PROMPT + NEW_TOKENS + 16, compile_ops=False, fuse_dense=False)
+        result = decode_rate(fast_generate, decoder)
+        record("bf16 graphs only", decode_tok_s=result["decode_tok_s"], fraction_of_roofline=result["decode_tok_s"] / roofline,
+               vs_hf=result["decode_tok_s"] / baseline["decode_tok_s"])
+        del decoder
+    except Exception as error:
+        record("bf16 graphs only", error=repr(error), trace=traceback.format_exc()[-1500:])
+    try:
         torch.cuda.reset_peak_memory_stats()
         decoder = FastDecoder(model, max_len=LONG_PROMPT + NEW_TOKENS + 16)
         result = decode_rate(fast_generate, decoder)
         same = first_difference(result["tokens"], baseline["tokens"])
-        record("bf16 fast (graphs, fused ops)", **{k: v for k, v in result.items() if k != "tokens"}, **memory(),
+        record("bf16 fast (graphs, fused ops, fused q/k/v and gate/up)", **{k: v for k, v in result.items() if k != "tokens"}, **memory(),
                vs_hf=result["decode_tok_s"] / baseline["decode_tok_s"], fraction_of_roofline=result["decode_tok_s"] / roofline,
                greedy_tokens_equal_hf=same is None, first_difference_at=same,
                **teacher_forced_logits(model, decoder, prompt(SHORT_PROMPT), baseline["tokens"][:64]))
+        record("bf16 profile (eager step, GPU time per token)", **profile_step(decoder))
     except Exception as error:
-        record("bf16 fast (graphs, fused ops)", error=repr(error), trace=traceback.format_exc()[-1500:])
-    try:
-        decoder = FastDecoder(model, max_len=LONG_PROMPT + NEW_TOKENS + 16, compile_ops=False)
-        result = decode_rate(fast_generate, decoder)
-        record("bf16 graphs only", decode_tok_s=result["decode_tok_s"], fraction_of_roofline=result["decode_tok_s"] / roofline,
-               vs_hf=result["decode_tok_s"] / baseline["decode_tok_s"])
-    except Exception as error:
-        record("bf16 graphs only", error=repr(error), trace=traceback.format_exc()[-1500:])
+        record("bf16 fast", error=repr(error), trace=traceback.format_exc()[-1500:])
     del model
     free()
 

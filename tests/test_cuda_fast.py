@@ -81,7 +81,7 @@ def test_decoder_matches_transformers_forward(tiny_llama_dir):
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
     ids = _prompt(24, model.config.vocab_size)
     expected = _hf_logits(model, ids)[9:]
-    decoder = FastDecoder(model, max_len=300, use_graphs=False, fused_nf4=False)
+    decoder = FastDecoder(model, max_len=300, use_graphs=False)
     got = _decoder_logits(decoder, ids[:10], ids[10:])
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() < 1e-4
@@ -89,6 +89,27 @@ def test_decoder_matches_transformers_forward(tiny_llama_dir):
     decoder.reset()
     again = _decoder_logits(decoder, ids[:10], ids[10:])
     assert torch.equal(again, got)
+
+
+def test_fused_dense_projections_keep_the_model_and_its_memory(tiny_llama_dir):
+    """q/k/v and gate/up fused into one weight each: the decoder's logits and the model's own
+    forward are unchanged, and the modules' weights are views into the fused tensors."""
+    from transformers import AutoModelForCausalLM
+
+    from runner_cuda.fast.decoder import FastDecoder
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
+    ids = _prompt(20, model.config.vocab_size, seed=5)
+    expected = _hf_logits(model, ids)
+    before = sum(p.numel() for p in model.parameters())
+    decoder = FastDecoder(model, max_len=64, use_graphs=False, fuse_dense=True)
+    assert decoder.qkv is not None and decoder.gate_up is not None
+    attn = model.model.layers[1].self_attn
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == decoder.qkv[1][0].untyped_storage().data_ptr()
+    assert sum(p.numel() for p in model.parameters()) == before
+    assert torch.equal(_hf_logits(model, ids), expected)
+    got = _decoder_logits(decoder, ids[:8], ids[8:-1])
+    assert (got - expected[7:-1]).abs().max().item() < 1e-4
 
 
 def test_decoder_refuses_a_full_cache(tiny_llama_dir):
@@ -180,7 +201,7 @@ def test_decoder_on_nf4_model_matches_its_forward(tiny_llama_dir):
     model = _load_nf4(tiny_llama_dir)
     ids = _prompt(20, model.config.vocab_size, seed=3)
     expected = _hf_logits(model, ids)[7:]
-    decoder = FastDecoder(model, max_len=64, use_graphs=False, fused_nf4=False)
+    decoder = FastDecoder(model, max_len=64, use_graphs=False)
     got = _decoder_logits(decoder, ids[:8], ids[8:])
     # bfloat16 activations: the one-token and the whole-prompt paths round differently
     relative = ((got - expected).norm() / expected.norm()).item()

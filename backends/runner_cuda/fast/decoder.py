@@ -20,6 +20,7 @@ On CPU (tests) the same forward runs eagerly, without graphs.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Sequence
 
 from runner_cuda.fast.nf4 import NF4Weight, nf4_gemv, nf4_weight_of
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 # GQA attention, o_proj, norm, gate/up/down MLP.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 FIRST_BUCKET = 256
+# RUNNER_NF4_KERNEL: name -> nf4_gemv mode (None: the bitsandbytes module's own kernel)
+NF4_KERNELS = {"bitsandbytes": None, "triton": "exact", "triton-bf16-table": "bf16-table", "triton-bnb-rounding": "bnb"}
 
 
 class Unsupported(Exception):
@@ -38,8 +41,8 @@ class Unsupported(Exception):
 
 
 class FastDecoder:
-    def __init__(self, model, max_len: int, *, use_graphs: bool | None = None, fused_nf4: bool | None = None,
-                 compile_ops: bool | None = None, bnb_rounding: bool = False):
+    def __init__(self, model, max_len: int, *, use_graphs: bool | None = None, nf4_kernel: str | None = None,
+                 compile_ops: bool | None = None, fuse_dense: bool | None = None):
         import torch
 
         config = model.config
@@ -65,12 +68,14 @@ class FastDecoder:
         self.max_len = int(max_len)
         on_cuda = self.device.type == "cuda"
         self.use_graphs = on_cuda if use_graphs is None else use_graphs
-        fused = on_cuda if fused_nf4 is None else fused_nf4
-        self.bnb_rounding = bnb_rounding
-
-        # NF4 projections that the fused kernel can read (None: call the module itself)
-        self.nf4: dict[int, NF4Weight] = {}
-        if fused:
+        # NF4 decode GEMV: bitsandbytes' own batch-1 kernel (it reads the packed weights and the
+        # double-quant state itself), or the Triton kernel of nf4.py in one of its modes
+        self.nf4_kernel = nf4_kernel or os.environ.get("RUNNER_NF4_KERNEL", "bitsandbytes")
+        if self.nf4_kernel not in NF4_KERNELS:
+            raise ValueError(f"nf4 kernel {self.nf4_kernel!r}: one of {', '.join(NF4_KERNELS)}")
+        self.nf4_mode = NF4_KERNELS[self.nf4_kernel]
+        self.nf4: dict[int, NF4Weight] = {}      # projections the Triton kernel reads
+        if self.nf4_mode is not None:
             for layer in self.layers:
                 for module in _projections(layer):
                     weight = nf4_weight_of(module)
@@ -95,6 +100,15 @@ class FastDecoder:
         if config.hidden_act != "silu" or any(_norm_eps(n) != self.eps for l in self.layers for n in (l.input_layernorm, l.post_attention_layernorm)):
             raise Unsupported("activation other than SiLU or mixed norm epsilons")
         self.ops = FusedOps(compiled=on_cuda if compile_ops is None else compile_ops)
+        # BF16 (plain Linear) q/k/v and gate/up: one weight each, the modules' weights views into
+        # it (no extra memory): one GEMV instead of three (two), and small GEMVs run below bandwidth
+        self.qkv, self.gate_up = None, None
+        if (on_cuda if fuse_dense is None else fuse_dense) and all(
+            type(m) is torch.nn.Linear for layer in self.layers for m in _projections(layer)
+        ):
+            with torch.no_grad():
+                self.qkv = [_fuse_rows([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in self.layers]
+                self.gate_up = [_fuse_rows([l.mlp.gate_proj, l.mlp.up_proj]) for l in self.layers]
         self.length = 0        # positions filled in the cache
         self.graphs: dict[int, object] = {}
         self.pool = None
@@ -150,7 +164,7 @@ class FastDecoder:
         weight = self.nf4.get(id(module))
         if weight is None:
             return module(x)
-        return nf4_gemv(x, weight, bnb_rounding=self.bnb_rounding)
+        return nf4_gemv(x, weight, mode=self.nf4_mode)
 
     def _decode_forward(self, span: int) -> "torch.Tensor":
         """One token at `self.position`, attending over the first `span` cache positions. The
@@ -168,22 +182,27 @@ class FastDecoder:
         x = ops.rms_norm(hidden, first.weight, self.eps)
         norms = [layer.post_attention_layernorm for layer in self.layers]
         following = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
-        for layer, keys, values, middle, after in zip(self.layers, self.keys, self.values, norms, following):
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        for index, (layer, keys, values, middle, after) in enumerate(zip(self.layers, self.keys, self.values, norms, following)):
             attn, mlp = layer.self_attn, layer.mlp
-            q = self._linear(attn.q_proj, x).view(self.heads, self.head_dim)
-            k = self._linear(attn.k_proj, x).view(self.kv_heads, self.head_dim)
-            v = self._linear(attn.v_proj, x).view(self.kv_heads, self.head_dim)
-            q, k = ops.rope(q, k, cos, sin)
+            if self.qkv is not None:
+                q, k, v = torch.nn.functional.linear(x, *self.qkv[index]).split([q_size, kv_size, kv_size], dim=-1)
+            else:
+                q, k, v = self._linear(attn.q_proj, x), self._linear(attn.k_proj, x), self._linear(attn.v_proj, x)
+            q, k = ops.rope(q.view(self.heads, self.head_dim), k.view(self.kv_heads, self.head_dim), cos, sin)
             keys.index_copy_(1, self.position, k[:, None])
-            values.index_copy_(1, self.position, v[:, None])
+            values.index_copy_(1, self.position, v.view(self.kv_heads, 1, self.head_dim))
             # grouped-query attention as `rep` queries per KV head: no K/V repeat
             out = torch.nn.functional.scaled_dot_product_attention(
                 q.view(1, self.kv_heads, rep, self.head_dim), keys[None, :, :span], values[None, :, :span],
                 attn_mask=visible, scale=self.scaling,
             ).reshape(1, self.heads * self.head_dim)
             hidden, x = ops.add_rms_norm(hidden, self._linear(attn.o_proj, out), middle.weight, self.eps)
-            gated = ops.silu_mul(self._linear(mlp.gate_proj, x), self._linear(mlp.up_proj, x))
-            hidden, x = ops.add_rms_norm(hidden, self._linear(mlp.down_proj, gated), after.weight, self.eps)
+            if self.gate_up is not None:
+                gate, up = torch.nn.functional.linear(x, *self.gate_up[index]).chunk(2, dim=-1)
+            else:
+                gate, up = self._linear(mlp.gate_proj, x), self._linear(mlp.up_proj, x)
+            hidden, x = ops.add_rms_norm(hidden, self._linear(mlp.down_proj, ops.silu_mul(gate, up)), after.weight, self.eps)
         return self.head(x)[0].float()
 
     def _prefill_forward(self, ids: "torch.Tensor") -> "torch.Tensor":
@@ -259,6 +278,23 @@ def _rope(x, cos, sin):
 def _projections(layer):
     attn, mlp = layer.self_attn, layer.mlp
     return (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+
+
+def _fuse_rows(linears):
+    """One [sum of outputs, in] weight (and bias) holding `linears`' weights; each module's
+    weight becomes a view into it, so the old tensors are freed and memory stays the same."""
+    import torch
+
+    weight = torch.cat([m.weight.data for m in linears])
+    bias = torch.cat([m.bias.data for m in linears]) if linears[0].bias is not None else None
+    start = 0
+    for module in linears:
+        rows = module.weight.shape[0]
+        module.weight.data = weight[start:start + rows]
+        if bias is not None:
+            module.bias.data = bias[start:start + rows]
+        start += rows
+    return weight, bias
 
 
 def _norm_eps(norm) -> float:

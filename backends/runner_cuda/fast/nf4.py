@@ -109,10 +109,10 @@ def _kernel():
     (two weights) is decoded by one load from a 256-entry table of code pairs; products are
     accumulated per element and reduced once at the end.
 
-    BNB_ROUNDING reproduces bitsandbytes' own batch-1 kernel (gemm_4bit_simt): the scale is
-    rounded to bf16, each weight (code × scale) and each product (x × weight) to bf16, and
-    the products summed in float32. Without it the products stay in float32 (closer to the
-    exact result, and cheaper)."""
+    MODE 0 ("exact"): float32 codes, float32 products (the closest to the exact result).
+    MODE 1 ("bf16-table"): the codes rounded to bf16 as bitsandbytes holds them, float32 math.
+    MODE 2 ("bnb"): bitsandbytes' own batch-1 kernel (gemm_4bit_simt) reproduced: scale, each
+    weight (code × scale) and each product (x × weight) rounded to bf16, summed in float32."""
     global _KERNEL
     if _KERNEL is not None:
         return _KERNEL
@@ -123,7 +123,7 @@ def _kernel():
     def nf4_gemv_kernel(
         x_ptr, packed_ptr, pairs_ptr, absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
         bias_ptr, out_ptr, N, K: tl.constexpr,
-        NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, BNB_ROUNDING: tl.constexpr, BLOCKSIZE: tl.constexpr,
+        NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr, BLOCKSIZE: tl.constexpr,
         NESTED_BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -143,7 +143,7 @@ def _kernel():
             byte_index = (row_start[:, None, None] + k0 + b[None, :, None] * BLOCKSIZE) // 2 + j[None, None, :]
             q = tl.load(packed_ptr + byte_index, mask=row_ok[:, None, None], other=0, eviction_policy="evict_first")
             pair = tl.load(pairs_ptr + q.to(tl.int32))           # the two weights' codes
-            if BNB_ROUNDING:                                     # int32: bf16 bits, high | low
+            if MODE != 0:                                        # int32: bf16 bits, high | low
                 w_hi = (pair & -65536).to(tl.float32, bitcast=True)
                 w_lo = (pair << 16).to(tl.float32, bitcast=True)
             else:                                                # int64: float32 bits, high | low
@@ -157,7 +157,7 @@ def _kernel():
                 ) + tl.load(offset_ptr)
             else:
                 scale = tl.load(absmax_ptr + block, mask=row_ok[:, None], other=0.0)
-            if BNB_ROUNDING:
+            if MODE == 2:
                 s = scale.to(tl.bfloat16).to(tl.float32)[:, :, None]
                 b_hi = (w_hi * s).to(tl.bfloat16).to(tl.float32)
                 b_lo = (w_lo * s).to(tl.bfloat16).to(tl.float32)
@@ -202,12 +202,16 @@ def pair_table(code: "torch.Tensor", bf16: bool) -> "torch.Tensor":
 def pick_tiles(out_features: int, in_features: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps) for batch-1 decode on an H100 (measured in bench/cuda_speed.py)."""
     block_k = next(size for size in (512, 256, 128, 64) if in_features % size == 0)
-    block_n = 8 if out_features >= 8192 else 4
-    return block_n, block_k, 4
+    if out_features >= 8192:
+        return 16, 512, 8
+    return (8, 512, 4) if in_features >= 8192 else (8, 1024, 8) if in_features % 1024 == 0 else (8, block_k, 4)
+
+
+MODES = {"exact": 0, "bf16-table": 1, "bnb": 2}
 
 
 def nf4_gemv(x: "torch.Tensor", w: NF4Weight, out: "torch.Tensor | None" = None, tiles=None,
-             bnb_rounding: bool = False) -> "torch.Tensor":
+             mode: str = "exact") -> "torch.Tensor":
     """y = x @ W.T + bias for one token (x: [..., in_features] with one row), on CUDA (or on
     CPU under TRITON_INTERPRET=1)."""
     import torch
@@ -223,11 +227,11 @@ def nf4_gemv(x: "torch.Tensor", w: NF4Weight, out: "torch.Tensor | None" = None,
     grid = ((w.out_features + block_n - 1) // block_n,)
     dummy = w.absmax
     _kernel()[grid](
-        x_flat, w.packed, pair_table(w.code, bnb_rounding), w.absmax,
+        x_flat, w.packed, pair_table(w.code, bf16=mode != "exact"), w.absmax,
         w.nested_code if w.nested else dummy, w.nested_absmax if w.nested else dummy,
         w.offset if w.nested else dummy, w.bias if w.bias is not None else dummy, out,
         w.out_features, w.in_features,
-        NESTED=w.nested, HAS_BIAS=w.bias is not None, BNB_ROUNDING=bnb_rounding, BLOCKSIZE=w.blocksize,
+        NESTED=w.nested, HAS_BIAS=w.bias is not None, MODE=MODES[mode], BLOCKSIZE=w.blocksize,
         NESTED_BLOCKSIZE=max(w.nested_blocksize, 1), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
     )
     return out.view(*x.shape[:-1], w.out_features)
