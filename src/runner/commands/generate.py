@@ -197,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
                 "measured_bytes": memory.measured,
                 "planned_weights_bytes": memory.planned,
                 "peak_bytes": memory.peak,
+                "peak_during_reply_bytes": last.peak_memory,  # the backend's own measure, 0 if unknown
                 "plan_total_bytes": plan.total_bytes,
                 "plan_verdict": plan.verdict,
             },
