@@ -398,8 +398,12 @@ def rehearse(
     plan: "Plan",
     decode_tokens: int = 16,
     on_progress: Callable[[LoadProgress], None] | None = None,
+    prefill_chunk: int | None = None,
 ) -> RehearsalResult:
     """Materialize `plan.model` with random weights as planned, prefill, decode, and measure.
+
+    The prefill is one forward over the whole prompt, as the CUDA session does it; `prefill_chunk`
+    feeds it that many tokens at a time instead (what the Plan's activation estimate assumes).
 
     Out of memory anywhere (a layer's weights, the prefill, a decode step) is caught: the model is
     freed and RehearsalOutOfMemory says which stage, which device, and the bytes in use then."""
@@ -413,7 +417,7 @@ def rehearse(
         raise UserInputError(f"--decode-tokens must be between 1 and {plan.context - 1} (the context)")
     where = {"what": "building the model", "device": "cpu", "layers": 0}
     try:
-        return _rehearse(plan, decode_tokens, on_progress or (lambda progress: None), where)
+        return _rehearse(plan, decode_tokens, on_progress or (lambda progress: None), where, prefill_chunk)
     except torch.OutOfMemoryError:
         in_use = _cuda_in_use()
     except RuntimeError as error:  # the CPU allocator's out-of-memory is a plain RuntimeError
@@ -440,7 +444,7 @@ def _cuda_in_use() -> dict[str, int]:
     return {f"cuda:{i}": torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count())}
 
 
-def _rehearse(plan: "Plan", decode_tokens: int, report, where: dict) -> RehearsalResult:
+def _rehearse(plan: "Plan", decode_tokens: int, report, where: dict, prefill_chunk: int | None) -> RehearsalResult:
     import torch
     from transformers import DynamicCache
 
@@ -520,10 +524,14 @@ def _rehearse(plan: "Plan", decode_tokens: int, report, where: dict) -> Rehearsa
     step_seconds: list[float] = []
     with torch.inference_mode():
         where.update(what=f"prefilling {prefill} tokens", device=first_device)
-        report(LoadProgress(f"prefill of {prefill} tokens", 0, decode_tokens, "tokens"))
+        report(LoadProgress(f"prefill of {prefill} tokens" + (f" in chunks of {prefill_chunk}" if prefill_chunk else ""),
+                            0, decode_tokens, "tokens"))
         synchronize(devices)
         tick = time.perf_counter()
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_argument: cache})
+        chunk = prefill_chunk or prefill
+        for start in range(0, prefill, chunk):
+            out = model(input_ids=ids[:, start:start + chunk], use_cache=True, logits_to_keep=1,
+                        **{cache_argument: cache})
         synchronize(devices)
         prefill_seconds = time.perf_counter() - tick
         for step in range(decode_tokens):

@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "architecture on a small machine")
     parser.add_argument("--decode-tokens", type=int, default=DEFAULT_DECODE_TOKENS,
                         help=f"tokens decoded one at a time after the prefill (default: {DEFAULT_DECODE_TOKENS})")
+    parser.add_argument("--prefill-chunk", type=int, default=None,
+                        help="prefill this many tokens per forward (default: the whole prompt at once, "
+                             "as runner's CUDA session does)")
     parser.add_argument("--machine", default=None,
                         help="plan for this machine description or file instead of the detected one "
                              "(its devices must exist here)")
@@ -66,6 +69,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UserInputError("--context must be at least 2 tokens")
     if args.decode_tokens < 1:
         raise UserInputError("--decode-tokens must be at least 1")
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise UserInputError("--prefill-chunk must be at least 1 token")
     if args.decode_tokens >= args.context:
         raise UserInputError(f"--decode-tokens ({args.decode_tokens}) must be smaller than --context ({args.context})")
 
@@ -114,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"runner: rehearsing {spec.name}: {spec.num_layers} layers, {plan.quant}, context {plan.context}, "
           f"random weights on {where}; the plan says {plan.verdict} ({_gb(plan.total_bytes)})",
           file=sys.stderr, flush=True)
-    result = rehearse(plan, decode_tokens=args.decode_tokens, on_progress=_progress)
+    result = rehearse(plan, decode_tokens=args.decode_tokens, on_progress=_progress, prefill_chunk=args.prefill_chunk)
     if args.json:
         print(json.dumps({"plan": plan_summary(plan), "rehearsal": result.to_dict()}, indent=2))
     else:
