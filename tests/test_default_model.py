@@ -81,3 +81,13 @@ def test_tiny_llama_fixture_is_a_real_checkpoint(tiny_llama_dir):
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(str(tiny_llama_dir)).chat_template
+
+
+def test_an_abandoned_import_is_cleaned_up(tmp_path):
+    abandoned = tmp_path / f".{default_model.FOLDER_NAME}.importing-999999999"  # no such process
+    abandoned.mkdir()
+    (abandoned / "model.safetensors").write_bytes(b"half")
+    running = tmp_path / f".{default_model.FOLDER_NAME}.importing-{__import__('os').getpid()}"
+    running.mkdir()
+    default_model._remove_abandoned_imports(tmp_path)
+    assert not abandoned.exists() and running.exists()

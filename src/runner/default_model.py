@@ -88,6 +88,18 @@ def _check_sha256(path: Path, report: Callable[[str, int, int, str], None]) -> N
         )
 
 
+def _remove_abandoned_imports(folder: Path) -> None:
+    """Half-written folders of imports whose process is gone (killed, crashed)."""
+    for staging in folder.glob(f".{FOLDER_NAME}.importing-*"):
+        pid = staging.name.rsplit("-", 1)[-1]
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(staging, ignore_errors=True)
+        except PermissionError:  # it exists, owned by someone else
+            pass
+
+
 def import_default_model(on_progress: Callable | None = None) -> Path:
     """Import the default model once and return its folder; later calls return it at once.
 
@@ -134,6 +146,7 @@ def import_default_model(on_progress: Callable | None = None) -> Path:
 
     final = default_model_folder()
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_imports(final.parent)
     staging = final.parent / f".{FOLDER_NAME}.importing-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
