@@ -395,6 +395,8 @@ class ChatScreen(Screen[None]):
         self.settings = ChatSettings(
             conversation.system_prompt, self.settings.temperature, self.settings.top_p, self.settings.max_tokens
         )
+        if self.model_state == "ready":
+            self.query_one(PlanPanel).display = False   # room for the conversation; Ctrl+L shows it
         await self.query_one(Conversation).show_messages(self.history.messages(conversation_id))
         self.show_empty_hint()
         self.refresh_history_list()
