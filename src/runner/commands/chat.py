@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from runner.budget import QUANTS
 from runner.errors import UserInputError
@@ -27,6 +28,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError(f"--context {args.context} is too small to chat (at least 16 tokens)")
     if args.pick and args.model:
         raise UserInputError("give a model or --pick, not both")
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise UserInputError(
+            "runner chat needs a terminal (stdin and stdout are not one); "
+            "for scripts use `runner generate MODEL -p PROMPT`"
+        )
     from runner.tui.app import RunnerApp  # Textual is imported only when the chat really opens
     from runner.tui.loading import ModelChoice
 
