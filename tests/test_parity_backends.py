@@ -144,9 +144,11 @@ def test_a_model_with_another_rope_theta_fails(default_model_dir, smollm2_fp32, 
     other = run_capture(wrong, "cuda:fp32", token_ids=smollm2_fp32.prompt_ids())
     # the config check would refuse this pair outright; turn it off to judge the numbers alone
     result = compare(smollm2_fp32, other, require_same_model=False)
-    assert not result.passed
-    # it fails even the loosest (4-bit) thresholds
-    assert not compare(smollm2_fp32, other, DEFAULT_THRESHOLDS["4-bit"], require_same_model=False).passed
+    assert not result.passed and result.thresholds.scheme == "fp32"
+    # measured on these two short prompts: mean KL 0.07, far above float32 noise (1e-12 between
+    # torch and MLX); short prompts hide much of it (rotations differ most at long distances), so
+    # against 4-bit thresholds it would pass: compare like with like
+    assert result.kl_mean > 100 * DEFAULT_THRESHOLDS["fp32"].max_kl
 
 
 @pytest.mark.slow
