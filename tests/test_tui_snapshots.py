@@ -69,12 +69,13 @@ def test_offload_banner(snap_compare, fresh_home):
 
 
 def test_resumed_conversation(snap_compare, fresh_home):
-    """A conversation from the history: Markdown replies, one stopped, one failed."""
+    """A conversation from the history: Markdown replies (a single newline is a line break), one
+    stopped, one failed."""
     store = HistoryStore(fresh_home / "history.db")
     store.create_conversation("An older chat", LLAMA_8B)
     c = store.create_conversation("Capital cities", LLAMA_8B)
     store.add_message(c.id, "user", "What is the capital of France?")
-    store.add_message(c.id, "assistant", "The capital of France is **Paris**.\n\n- population: about 2.1 million\n- river: the Seine", COMPLETE)
+    store.add_message(c.id, "assistant", "The capital of France is **Paris**.\nIt lies on the Seine.\n\n- population: about 2.1 million\n- area: 105 km²", COMPLETE)
     store.add_message(c.id, "user", "Write it in Python")
     store.add_message(c.id, "assistant", "```python\ncapitals = {\"France\": \"Paris\",", STOPPED)
     store.add_message(c.id, "user", "And Spain?")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from markdown_it import MarkdownIt
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
@@ -9,6 +10,21 @@ from textual.widgets import Markdown, Static
 from textual.widgets._markdown import MarkdownStream
 
 from runner.tui.history import COMPLETE, ERROR, PARTIAL, STOPPED, StoredMessage, state_note
+
+
+def chat_markdown() -> MarkdownIt:
+    """GitHub-flavoured Markdown where a single newline is a line break, as models mean it
+    ("Red\nBlue\nYellow" is three lines, not one paragraph)."""
+    parser = MarkdownIt("gfm-like")
+
+    def newlines_are_line_breaks(state) -> None:
+        for token in state.tokens:
+            for child in token.children or ():
+                if child.type == "softbreak":
+                    child.type = "hardbreak"
+
+    parser.core.ruler.push("newlines_are_line_breaks", newlines_are_line_breaks)
+    return parser
 
 
 class UserMessage(Static):
@@ -31,7 +47,7 @@ class AssistantMessage(Vertical):
         self._stream: MarkdownStream | None = None
 
     def compose(self) -> ComposeResult:
-        yield Markdown(self.content or "", classes="reply")
+        yield Markdown(self.content or "", classes="reply", parser_factory=chat_markdown)
         yield Static("", classes="reply-note")
 
     def on_mount(self) -> None:
