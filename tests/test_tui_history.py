@@ -104,3 +104,12 @@ def test_export_markdown(tmp_path):
 def test_title_is_one_short_line():
     assert title_from("a\n\nb   c") == "a b c"
     assert len(title_from("x" * 200)) == 48
+
+
+def test_settings_are_stored_as_json(tmp_path):
+    store = HistoryStore(tmp_path / "history.db")
+    assert store.setting("chat", {}) == {}
+    store.set_setting("chat", {"temperature": 0.3})
+    store.set_setting("chat", {"temperature": 0.5, "max_tokens": 9})
+    store.close()
+    assert HistoryStore(tmp_path / "history.db").setting("chat") == {"temperature": 0.5, "max_tokens": 9}

@@ -114,6 +114,12 @@ async def test_settings_are_checked_and_saved_with_the_conversation(history_path
         app.screen.query_one("#max-tokens").value = "9"
         await pilot.press("escape")
         assert chat.settings.max_tokens == 64
+    # saved settings are the defaults of the next session
+    again = make_app(history_path)
+    async with again.run_test(size=SIZE) as pilot:
+        chat = await settle(pilot)
+        assert (chat.settings.temperature, chat.settings.top_p, chat.settings.max_tokens) == (0.3, 0.8, 64)
+        assert chat.settings.system_prompt == "Answer in one word."
 
 
 @run_async

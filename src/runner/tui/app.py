@@ -18,7 +18,7 @@ from runner.hardware import Machine
 from runner.tui.history import HistoryStore
 from runner.tui.loading import ModelChoice, this_machine
 from runner.tui.screens.chat import ChatScreen
-from runner.tui.screens.settings import ChatSettings
+from runner.tui.screens.settings import ChatSettings, settings_from_dict
 from runner.tui.screens.small import MIN_HEIGHT, MIN_WIDTH, TooSmallScreen
 
 
@@ -40,8 +40,9 @@ class RunnerApp(App[None]):
         super().__init__()
         self.choice = choice or ModelChoice()
         self.pick_at_start = pick
-        self.initial_settings = settings or ChatSettings()
         self.history = HistoryStore(history_path)
+        # the settings saved last time (Ctrl+S), unless the caller gives some
+        self.initial_settings = settings or settings_from_dict(self.history.setting("chat"))
         self._machine = machine
         self._detected: Machine | None = None
 

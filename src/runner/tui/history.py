@@ -11,6 +11,7 @@ A file SQLite cannot read is moved aside (`history.db.corrupt-<time>`) and a fre
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 import time
@@ -46,6 +47,10 @@ CREATE TABLE IF NOT EXISTS messages (
     created_at      REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages (conversation_id, id);
+CREATE TABLE IF NOT EXISTS settings (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL          -- JSON
+);
 """
 
 
@@ -174,6 +179,23 @@ class HistoryStore:
             "SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)
         ).fetchall()
         return [StoredMessage(**dict(row)) for row in rows]
+
+    # ---- settings (the chat settings the user saved, as JSON) --------------------------------
+    def setting(self, name: str, default=None):
+        row = self._db.execute("SELECT value FROM settings WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            return default
+        try:
+            return json.loads(row["value"])
+        except json.JSONDecodeError:
+            return default
+
+    def set_setting(self, name: str, value) -> None:
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                (name, json.dumps(value)),
+            )
 
     # ---- export ----------------------------------------------------------------------------
     def export_markdown(self, conversation_id: int) -> str:

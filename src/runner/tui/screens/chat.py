@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rich.text import Text
@@ -474,6 +474,7 @@ class ChatScreen(Screen[None]):
             if settings is None:
                 return
             self.settings = settings
+            self.history.set_setting("chat", asdict(settings))   # the defaults next time
             if self.conversation_id is not None:
                 self.history.set_system_prompt(self.conversation_id, settings.system_prompt)
             self.notify(

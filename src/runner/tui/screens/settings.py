@@ -25,6 +25,21 @@ class ChatSettings:
         return Sampling(temperature=self.temperature, top_p=self.top_p, max_tokens=self.max_tokens)
 
 
+def settings_from_dict(saved: object) -> ChatSettings:
+    """Settings saved earlier (a dict), or the defaults where something is missing or wrong."""
+    if not isinstance(saved, dict):
+        return ChatSettings()
+    try:
+        return parse_settings(
+            str(saved.get("system_prompt", "")),
+            str(saved.get("temperature", ChatSettings.temperature)),
+            str(saved.get("top_p", ChatSettings.top_p)),
+            str(saved.get("max_tokens", ChatSettings.max_tokens)),
+        )
+    except UserInputError:
+        return ChatSettings()
+
+
 def parse_settings(system_prompt: str, temperature: str, top_p: str, max_tokens: str) -> ChatSettings:
     """Settings from the form's text; UserInputError with a message naming the field otherwise."""
     try:
