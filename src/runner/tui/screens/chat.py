@@ -91,6 +91,8 @@ class ChatScreen(Screen[None]):
         Binding("ctrl+t", "export", "Export"),
         Binding("f1", "help", "Help"),
         Binding("ctrl+q", "app.quit", "Quit"),
+        Binding("pageup", "scroll_conversation(-1)", "Scroll up", show=False),
+        Binding("pagedown", "scroll_conversation(1)", "Scroll down", show=False),
     ]
 
     def __init__(self) -> None:
@@ -490,6 +492,13 @@ class ChatScreen(Screen[None]):
     def action_toggle_sidebar(self) -> None:
         sidebar = self.query_one("#sidebar")
         sidebar.display = not sidebar.display
+
+    def action_scroll_conversation(self, pages: int) -> None:
+        conversation = self.query_one(Conversation)
+        if pages < 0:
+            conversation.scroll_page_up()
+        else:
+            conversation.scroll_page_down()
 
     def action_toggle_plan(self) -> None:
         panel = self.query_one(PlanPanel)
