@@ -52,7 +52,8 @@ def test_triton_gemv_matches_bitsandbytes(shape, nested):
 
 def test_graph_decoder_greedy_equals_hf_generate(tmp_path):
     """A small random Llama in NF4: HF generate (bitsandbytes' path) and the fast decoder (CUDA
-    graphs, fused kernel) pick the same greedy tokens; logits agree within bf16 rounding."""
+    graphs, fused ops, bitsandbytes' batch-1 kernel) pick the same greedy tokens until a near-tie,
+    with the same logits within bf16 rounding."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
     from runner_cuda.fast import decoder_for
@@ -69,25 +70,33 @@ def test_graph_decoder_greedy_equals_hf_generate(tmp_path):
     assert decoder is not None and decoder.use_graphs
     prompt = torch.randint(0, 4096, (1, 40), generator=torch.Generator().manual_seed(1)).tolist()[0]
     new = 300                                                # crosses the 256 → 512 graph bucket
-    expected = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=new, min_new_tokens=new,
-                              do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+    generated = model.generate(torch.tensor([prompt], device="cuda"), max_new_tokens=new, min_new_tokens=new,
+                               do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    expected = generated.sequences[0, len(prompt):].tolist()
+    hf_step_logits = torch.stack([step[0].float() for step in generated.logits])
     logits = decoder.prefill(prompt)
-    got = []
+    got, got_logits = [], []
     for _ in range(new):
+        got_logits.append(logits.clone())
         got.append(int(logits.argmax()))
         logits = decoder.step(got[-1])
     agree = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), new)
     # random weights leave near-ties that bf16 rounding order can flip; the first tokens agree
     assert agree >= 16, f"first greedy difference at token {agree}"
-    # teacher-forced logits on HF's tokens against HF's own forward
+    # up to there, the same logits as HF generate's own steps (the same bitsandbytes kernel)
+    fast = torch.stack(got_logits[:agree])
+    hf = hf_step_logits[:agree]
+    assert ((fast - hf).norm() / hf.norm()).item() < 1e-2
+    # teacher-forced on HF's tokens, against HF's whole-sequence forward (which dequantizes to
+    # bf16 and multiplies with cuBLAS: other rounding than the batch-1 kernel, 2.5 % seen on an H200)
     sequence = prompt + expected[:64]
     with torch.no_grad():
-        hf = model(torch.tensor([sequence], device="cuda")).logits[0, len(prompt) - 1:-1].float()
+        whole = model(torch.tensor([sequence], device="cuda")).logits[0, len(prompt) - 1:-1].float()
     decoder.reset()
     steps = [decoder.prefill(prompt).clone()] + [decoder.step(t).clone() for t in expected[:63]]
-    fast = torch.stack(steps)
-    assert ((fast - hf).norm() / hf.norm()).item() < 2e-2
-    assert (fast.argmax(-1) == hf.argmax(-1)).float().mean().item() >= 0.9
+    forced = torch.stack(steps)
+    assert ((forced - whole).norm() / whole.norm()).item() < 5e-2
+    assert (forced.argmax(-1) == whole.argmax(-1)).float().mean().item() >= 0.85
 
 
 @pytest.fixture(scope="module")
