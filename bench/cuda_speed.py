@@ -34,6 +34,7 @@ NEW_TOKENS = 256
 LONG_PROMPT = 1024
 SHORT_PROMPT = 16
 RESULTS: dict = {}
+QUICK = False          # --quick: runner's default fast path only, no ablation variants
 
 
 def log(*parts) -> None:
@@ -415,7 +416,7 @@ def section_nf4(checkpoint: Path) -> None:
         ("fast, Triton GEMV (exact)", dict(nf4_kernel="triton")),
         ("graphs only, bitsandbytes kernel", dict(compile_ops=False)),
     )
-    for name, options in variants:
+    for name, options in variants[:1] if QUICK else variants:
         try:
             torch.cuda.reset_peak_memory_stats()
             started = time.perf_counter()
@@ -564,6 +565,8 @@ def section_bf16(checkpoint: Path) -> None:
     baseline = decode_rate(hf_generate, model)
     record("bf16 HF generate", **{k: v for k, v in baseline.items() if k != "tokens"}, **memory(), fraction_of_roofline=baseline["decode_tok_s"] / roofline)
     try:
+        if QUICK:
+            raise RuntimeError("skipped (--quick)")
         decoder = FastDecoder(model, max_len=LONG_PROMPT + NEW_TOKENS + 16, compile_ops=False, fuse_dense=False)
         result = decode_rate(fast_generate, decoder)
         record("bf16 graphs only", decode_tok_s=result["decode_tok_s"], fraction_of_roofline=result["decode_tok_s"] / roofline,
@@ -592,7 +595,10 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--work", default="/tmp/cuda-speed")
     parser.add_argument("--sections", default="kernels,nf4,reload,bf16,cold")
+    parser.add_argument("--quick", action="store_true", help="runner's default fast path only, no ablation variants")
     args = parser.parse_args()
+    global QUICK
+    QUICK = args.quick
     import bitsandbytes
     import torch
     import transformers
