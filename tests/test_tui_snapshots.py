@@ -15,7 +15,7 @@ import pytest
 
 from runner.hardware import parse_machine
 from runner.tui.app import RunnerApp
-from runner.tui.history import COMPLETE, ERROR, STOPPED, HistoryStore
+from runner.tui.history import COMPLETE, ERROR, PARTIAL, STOPPED, HistoryStore
 from runner.tui.loading import ModelChoice
 from runner.tui.screens.chat import ChatScreen
 
@@ -70,7 +70,7 @@ def test_offload_banner(snap_compare, fresh_home):
 
 def test_resumed_conversation(snap_compare, fresh_home):
     """A conversation from the history: Markdown replies (a single newline is a line break), one
-    stopped, one failed."""
+    stopped, one failed, one interrupted (runner was killed while writing it)."""
     store = HistoryStore(fresh_home / "history.db")
     store.create_conversation("An older chat", LLAMA_8B)
     c = store.create_conversation("Capital cities", LLAMA_8B)
@@ -81,6 +81,8 @@ def test_resumed_conversation(snap_compare, fresh_home):
     store.add_message(c.id, "user", "And Spain?")
     store.add_message(c.id, "assistant", "", ERROR)
     store.update_message(store.messages(c.id)[-1].id, "", ERROR, "out of GPU memory after 4096 tokens")
+    store.add_message(c.id, "user", "Tell me a story")
+    store.add_message(c.id, "assistant", "Once upon a time", PARTIAL)   # runner was killed here
     store.close()
 
     async def open_it(pilot):
