@@ -12,7 +12,6 @@ import functools
 import time
 from pathlib import Path
 
-import pytest
 
 from runner.tui.app import RunnerApp
 from runner.tui.history import COMPLETE, ERROR, PARTIAL, STOPPED, HistoryStore

@@ -10,7 +10,6 @@ chunk is written to the history before it is shown, so what is on the screen is 
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,16 +21,16 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Input, Label, OptionList, Static
 from textual.widgets.option_list import Option
-from textual.worker import Worker, get_current_worker
+from textual.worker import get_current_worker
 
 from runner.backend import GenerationChunk, Message, MemoryReport, Sampling, Session
-from runner.budget import FITS, OFFLOAD, Plan
+from runner.budget import OFFLOAD, Plan
 from runner.default_model import imported_folder
 from runner.errors import RunnerError
 from runner.tui import messages as msg
 from runner.tui.history import COMPLETE, ERROR, PARTIAL, STOPPED, export_file_name, title_from
-from runner.tui.prompt import fit_to_context
 from runner.tui.loading import ModelChoice, load_session, resolve, weights_spec
+from runner.tui.prompt import fit_to_context
 from runner.tui.screens.confirm import ConfirmScreen
 from runner.tui.screens.help import HelpScreen
 from runner.tui.screens.picker import PickerScreen
@@ -59,23 +58,21 @@ def pressure_warning(plan: Plan | None, report: MemoryReport | None = None) -> s
     """The banner text for offload or unified-memory pressure, or '' when there is none."""
     if plan is None:
         return ""
-    if plan.verdict == OFFLOAD or any(share.kind in ("cpu", "disk") and share.weights_bytes > 0
-                                      for share in plan.placement if plan.machine.gpus):
-        offloaded = [s.device for s in plan.placement if s.kind in ("cpu", "disk") and s.weights_bytes > 0]
-        where = " and ".join(offloaded) or "CPU or disk"
+    offloaded = [share.device for share in plan.placement if share.kind in ("cpu", "disk") and share.weights_bytes]
+    if plan.verdict == OFFLOAD or (plan.machine.gpus and offloaded):
         return (
-            f"▲ Part of this model is offloaded to {where}: replies will be many times slower. "
-            f"A smaller quant or a shorter context may fit (Ctrl+O to pick another model)."
+            f"▲ Part of this model is offloaded to {' and '.join(offloaded) or 'CPU or disk'}: replies will be "
+            f"many times slower. A smaller quant or a shorter context may fit (Ctrl+O to pick another model)."
         )
     for share in plan.placement:
-        if share.kind == "unified" and share.capacity_bytes and share.total_bytes > UNIFIED_PRESSURE * share.capacity_bytes:
+        if share.kind == "unified" and share.total_bytes > UNIFIED_PRESSURE * share.capacity_bytes:
             return (
                 f"▲ Memory pressure: this model uses {human_bytes(share.total_bytes)} of the "
                 f"{human_bytes(share.capacity_bytes)} the GPU may use; macOS may swap and replies slow down sharply."
             )
-    if report is not None:
-        devices = set(report.measured)
-        if any(d.startswith("cuda") for d in devices) and ({"cpu", "disk"} & devices) and report.measured.get("cpu", 0) + report.measured.get("disk", 0) > 0:
+    # measured: a backend that put weights on the CPU or disk beside a GPU (the plan did not)
+    if report is not None and any(device.startswith("cuda") for device in report.measured):
+        if report.measured.get("cpu", 0) + report.measured.get("disk", 0) > 0:
             return "▲ The backend placed part of the model on the CPU or disk: replies will be slow."
     return ""
 
