@@ -66,8 +66,10 @@ class PickerScreen(ModalScreen[str | None]):
                 size = human_bytes(entry.size_bytes)
             else:
                 size = "package" if entry.where == "built-in" else "not here"
-            table.add_row(Text(entry.name, "bold" if entry.downloaded or entry.where == "built-in" else ""),
-                          entry.where, size, Text("planning…", "dim"), key=str(index))
+            name = Text(entry.name, "bold" if entry.downloaded or entry.where == "built-in" else "")
+            if self.current and self.current in (entry.name, str(entry.path)):
+                name.append(" (current)", "italic")
+            table.add_row(name, entry.where, size, Text("planning…", "dim"), key=str(index))
         hint = f"Add folders to {config_file()} as model_dirs = [\"~/models\"]"
         self.query_one("#picker-problems", Static).update(Text("\n".join(problems + [hint]), "dim"))
         table.focus()
