@@ -332,6 +332,7 @@ def launch(request: LaunchRequest, on_start=None) -> int:
             sys.executable, "-m", "runner_mlx.rank",
             "--model", str(spec.path), "--quant", request.quant, "--split", split,
             "--layers", ",".join(f"{s.layers[0]}:{s.layers[1]}" for s in shares),
+            "--share-bytes", ",".join(str(s.total_bytes) for s in shares),
             "--hosts", ",".join(h.name for h in hosts),
             "--request-json", json.dumps({"messages": request.messages, "sampling": request.sampling}),
             "--rank-timeout", str(request.rank_timeout),

@@ -190,6 +190,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quant", default="q4")
     parser.add_argument("--split", choices=("pipeline", "tensor"), required=True)
     parser.add_argument("--layers", default="", help="pipeline: start:stop per rank, comma separated")
+    parser.add_argument("--share-bytes", default="", help="planned bytes per rank, comma separated")
     parser.add_argument("--hosts", default="", help="host names by rank, for messages")
     parser.add_argument("--request-json", default="", help="rank 0's request: {messages, sampling}")
     parser.add_argument("--rank-timeout", type=float, default=120.0)
@@ -223,7 +224,7 @@ def run_rank(args, hosts: list[str], watchdog: Watchdog) -> int:
     from runner.backend import LoadProgress
     from runner.model import load_spec
     from runner_mlx.convert import mlx_folder, model_fingerprint
-    from runner_mlx.session import MlxSession, describe_quant, where_it_runs
+    from runner_mlx.session import MlxSession, check_wired_limit, describe_quant, where_it_runs
 
     watchdog.enter("joining the ring", args.rank_timeout)
     group = mx.distributed.init(backend="ring", strict=True)
@@ -248,6 +249,8 @@ def run_rank(args, hosts: list[str], watchdog: Watchdog) -> int:
         if len(ranges) != size:
             raise UserInputError(f"--layers gives {len(ranges)} ranges for {size} ranks")
         layers = ranges[rank]
+    if args.share_bytes:   # on a Mac: warn when this host's share will not sit in wired memory
+        check_wired_limit(int(args.share_bytes.split(",")[rank]))
     watchdog.enter("loading this host's share of the model", args.load_timeout)
     model, tokenizer = load_share(folder, args.split, layers, group, progress)
     share = (f"layers {layers[0]}-{layers[1] - 1}" if args.split == "pipeline"
