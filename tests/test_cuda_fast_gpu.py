@@ -86,7 +86,7 @@ def test_graph_decoder_greedy_equals_hf_generate(tmp_path):
     # up to there, the same logits as HF generate's own steps (the same bitsandbytes kernel)
     fast = torch.stack(got_logits[:agree])
     hf = hf_step_logits[:agree]
-    assert ((fast - hf).norm() / hf.norm()).item() < 1e-2
+    assert ((fast - hf).norm() / hf.norm()).item() < 2e-2       # 1.1 % seen on an H100 (bf16 rounding order)
     # teacher-forced on HF's tokens, against HF's whole-sequence forward (which dequantizes to
     # bf16 and multiplies with cuBLAS: other rounding than the batch-1 kernel, 2.5 % seen on an H200)
     sequence = prompt + expected[:64]

@@ -1,5 +1,6 @@
-"""Fast paths for the CUDA backend: a static KV cache with CUDA-graph decode steps, a fused NF4
-dequantize-GEMV Triton kernel, and the NF4 reload cache. Each switches on only where CUDA is
+"""Fast paths for the CUDA backend: a static KV cache with CUDA-graph decode steps (fused
+elementwise ops; NF4 GEMV by bitsandbytes' batch-1 kernel, or the Triton kernel in nf4.py), and
+the NF4 reload cache. Each switches on only where CUDA is
 present; on CPU the ordinary loop runs. Nothing heavy is imported here.
 
 The backend calls three functions:
@@ -29,7 +30,7 @@ def _cuda() -> bool:
 
 
 def decoder_for(model, max_len: int):
-    """A FastDecoder for `model` (static cache, CUDA graphs, fused NF4 GEMV), or None where the
+    """A FastDecoder for `model` (static cache, CUDA graphs, fused ops), or None where the
     fast path does not apply: no CUDA, a model spread over devices, an architecture it does not
     know, or RUNNER_FAST=0."""
     if not enabled() or not _cuda():
@@ -76,7 +77,8 @@ def attach(session) -> bool:
     steps = FastSteps(decoder)
     session.new_cache = steps.new_cache
     session.forward_step = steps.forward_step
-    session.device_summary += "; fast decode (static KV cache, CUDA graphs" + (", fused NF4 GEMV)" if decoder.nf4 else ")")
+    kernel = f", {decoder.nf4_kernel} NF4 GEMV" if decoder.nf4 else ""
+    session.device_summary += f"; fast decode (static KV cache, CUDA graphs{kernel})"
     return True
 
 

@@ -7,9 +7,13 @@ then replayed per token: one launch instead of ~1,000 Python-dispatched kernels.
 length is static within a graph, so graphs are captured per length bucket (256, 512, 1024, ...):
 a step at position p attends over the smallest bucket that holds p + 1 positions, masked.
 
-With bitsandbytes NF4 weights on CUDA, each projection of a decode step goes through the fused
-Triton dequantize-GEMV kernel in `nf4.py` instead of bitsandbytes' kernel (same packed weights,
-same memory); prefill keeps bitsandbytes' own path.
+The elementwise pieces of a step (residual add + RMSNorm, RoPE on q and k, SiLU × up) are
+fused by torch.compile, and for BF16 models q/k/v and gate/up become one GEMV each (the modules'
+weights turned into views of one tensor: no extra memory). With bitsandbytes NF4 weights, each
+projection of a decode step runs bitsandbytes' own batch-1 kernel by default (it reads the packed
+weights and the double-quant state itself, and was the fastest measured on an H100); the Triton
+kernel of `nf4.py` is there as `nf4_kernel="triton..."` / RUNNER_NF4_KERNEL. Prefill keeps
+bitsandbytes' (or torch's) own path.
 
     decoder = FastDecoder(model, max_len=4096)
     logits = decoder.prefill(prompt_ids)          # float32 [vocab], next-token logits
