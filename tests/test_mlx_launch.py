@@ -181,7 +181,7 @@ def test_tensor_split_of_smollm2_is_refused_before_launch(default_model_dir):
     assert done.returncode == 2
     assert done.stderr.strip() == (
         "runner: error: HuggingFaceTB/SmolLM2-135M-Instruct: the tensor split does not work: 9 attention heads "
-        "and 3 KV heads do not divide among 2 hosts (mlx-lm would shard it anyway and crash in attention); "
+        "and 3 KV heads do not divide among 2 hosts, and mlx-lm would shard it anyway and crash in attention; "
         "use --split pipeline")
 
 

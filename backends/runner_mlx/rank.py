@@ -207,15 +207,15 @@ def main(argv: list[str] | None = None) -> int:
     watchdog = Watchdog(f"rank {rank_env} ({host_name(hosts, rank_env)})", launcher_pid(args.launcher))
     try:
         return run_rank(args, hosts, watchdog)
-    except RunnerError as error:
+    except (RunnerError, RuntimeError) as error:
+        if "[ring]" in str(error):     # mlx's ring backend lost a peer
+            print(f"runner: error: {watchdog.name}: lost the connection to another host while "
+                  f"{watchdog.phase} (it died or the network dropped)", file=sys.stderr, flush=True)
+            return 1
+        if not isinstance(error, RunnerError):
+            raise
         print(f"runner: error: {watchdog.name}: {error}", file=sys.stderr, flush=True)
         return error.exit_code
-    except RuntimeError as error:
-        if "[ring]" in str(error):
-            print(f"runner: error: {watchdog.name}: lost the connection to another host while "
-                  f"{watchdog.phase} (it died or the network dropped): {error}", file=sys.stderr, flush=True)
-            return 1
-        raise
 
 
 def run_rank(args, hosts: list[str], watchdog: Watchdog) -> int:

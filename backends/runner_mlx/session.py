@@ -37,7 +37,7 @@ class MlxSession:
         self.quant = quant
         self.folder = folder               # the MLX folder actually loaded
         self.device_summary = device_summary
-        self.planned_bytes = planned_bytes
+        self.planned_bytes = planned_bytes     # the plan's weights, next to the measured bytes
         self.warnings = warnings
 
     # ---- the protocol ----------------------------------------------------------------------
@@ -137,8 +137,9 @@ def where_it_runs() -> str:
     return "Metal GPU" if mx.metal.is_available() else "CPU (mlx[cpu])"
 
 
-def planned_bytes(request: LoadRequest, folder: Path) -> int:
-    """The plan's total for this model, or the size of the weight files when there is no plan."""
+def needed_bytes(request: LoadRequest, folder: Path) -> int:
+    """What must fit in memory: the plan's total (weights, KV cache, activations), or without a
+    plan the size of the weight files."""
     if request.plan is not None:
         return int(request.plan.total_bytes)
     return sum(f.stat().st_size for f in check_weights(folder))
@@ -184,9 +185,9 @@ def load_session(request: LoadRequest) -> MlxSession:
     if request.trust_remote_code:
         raise UserInputError("the mlx backend does not run a repository's own code (--trust-remote-code)")
     folder = mlx_folder(Path(spec.path), request.quant, request.on_progress)
-    model_bytes = planned_bytes(request, folder)
-    warnings = tuple(w for w in [check_wired_limit(model_bytes)] if w)
+    warnings = tuple(w for w in [check_wired_limit(needed_bytes(request, folder))] if w)
     model, tokenizer = load_model_folder(folder, request.on_progress)
     summary = f"mlx on {where_it_runs()}, {describe_quant(request.quant)}, all {spec.num_layers} layers"
+    planned_weights = sum(s.weights_bytes for s in request.plan.placement) if request.plan is not None else 0
     return MlxSession(model, tokenizer, spec, request.quant, folder, summary,
-                      planned_bytes=model_bytes if request.plan is not None else 0, warnings=warnings)
+                      planned_bytes=planned_weights, warnings=warnings)

@@ -57,7 +57,7 @@ def tensor_split_problem(spec: ModelSpec, hosts: int, quant: str) -> str | None:
         return f"runner has not checked mlx-lm's tensor split for model_type '{spec.model_type}'"
     if spec.num_heads % hosts or spec.num_kv_heads % hosts:
         return (f"{spec.num_heads} attention heads and {spec.num_kv_heads} KV heads do not divide "
-                f"among {hosts} hosts (mlx-lm would shard it anyway and crash in attention)")
+                f"among {hosts} hosts, and mlx-lm would shard it anyway and crash in attention")
     if quant in QUANT_BITS:
         for name, width in (("attention output", spec.num_heads * spec.head_dim),
                             ("MLP", spec.intermediate_size)):
@@ -84,7 +84,7 @@ def choose_split(spec: ModelSpec, quant: str, count: int, wanted: str) -> tuple[
         if tensor is None:
             return "tensor", f"tensor split: heads and KV heads divide among {count} hosts"
         if pipeline is None:
-            return "pipeline", f"pipeline split: the tensor split cannot work ({tensor})"
+            return "pipeline", f"pipeline split, because {tensor}"
         raise UserInputError(f"{spec.name} cannot be split over {count} hosts: {tensor}; {pipeline}")
     if problems[wanted] is not None:
         other = "pipeline" if wanted == "tensor" else "tensor"
