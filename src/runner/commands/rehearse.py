@@ -56,7 +56,7 @@ def _gb(value: float) -> str:
 def _diff(measured: float, planned: float) -> str:
     if planned <= 0:
         return "n/a"
-    return f"{(measured - planned) / planned * 100:+.1f}%"
+    return f"{(measured - planned) / planned * 100:+.2f}%"
 
 
 def _progress(progress) -> None:
@@ -168,6 +168,10 @@ def render(plan, result) -> str:
             f"{(_gb(d.peak) if d.peak else 'n/a'):>9} {_gb(d.planned_total):>10}"
         )
     if result.method == "allocator":
+        for d in result.devices:
+            if d.reserved_peak:
+                lines.append(f"{d.device}: the caching allocator reserved up to {_gb(d.reserved_peak)} "
+                             f"({_gb(d.reserved_peak - d.peak)} above the allocated peak: fragmentation)")
         lines.append("resident: what the allocator holds after the decode (cuBLAS' workspace included); peak: the "
                      "allocator's peak with the prefill's activations; the plan's total also counts the CUDA context "
                      "(~0.5 GB per GPU), which the allocator does not see")
