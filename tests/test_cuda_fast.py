@@ -208,3 +208,25 @@ def test_decoder_on_nf4_model_matches_its_forward(tiny_llama_dir):
     print("relative error", relative)
     assert relative < 1e-2       # transformers itself, cached vs whole prompt: 0.65 % here
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean().item() >= 0.9
+
+
+def test_session_with_fast_steps_streams_the_same_reply(tiny_llama_dir):
+    """The adapter the backend attaches on CUDA (FastSteps: new_cache / forward_step), run here
+    eagerly on the CPU inside the real CudaSession: the same greedy reply as the ordinary loop,
+    twice in a row (the static cache restarts from position 0)."""
+    from runner.backend import LoadRequest, Message, Sampling, get_backend
+    from runner.model import load_spec
+    from runner_cuda.fast import FastSteps
+    from runner_cuda.fast.decoder import FastDecoder
+
+    session = get_backend("cuda").load(LoadRequest(load_spec(str(tiny_llama_dir)), "fp32", 128))
+    try:
+        question = [Message("user", "What is the capital of France?")]
+        ordinary = [c.token for c in session.stream(question, Sampling(max_tokens=8))]
+        steps = FastSteps(FastDecoder(session.hf_model, session.context, use_graphs=False))
+        session.new_cache, session.forward_step = steps.new_cache, steps.forward_step
+        first = [c.token for c in session.stream(question, Sampling(max_tokens=8))]
+        second = [c.token for c in session.stream(question, Sampling(max_tokens=8))]
+        assert first == ordinary and second == ordinary
+    finally:
+        session.close()
