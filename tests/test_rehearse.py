@@ -177,3 +177,41 @@ def test_unknown_model_and_quant(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["rehearse", MODEL, "--quant", "fp7"])
     assert exit_info.value.code == 2
+
+
+def test_two_gpu_plan_places_every_parameter_of_the_405b_where_the_plan_says():
+    """Issue 9's placement without its GPUs: the 405B built on the meta device (no memory), the
+    2 x H200 plan's device map resolved by transformers as a real load does, and each parameter's
+    target device: what the rehearsal materializes where."""
+    from runner.budget import make_plan
+    from runner.hardware import parse_machine
+    from runner.model import load_spec
+    from runner_cuda.loading import scheme_for
+    from runner_cuda.rehearse import block_of, build_meta_model, device_of, resolve_device_map
+
+    plan = make_plan(load_spec("meta-llama/Llama-3.1-405B-Instruct"), parse_machine("2xH200"), "nf4", 8192,
+                     backend="cuda")
+    assert plan.verdict == "fits"
+    model, quantizer = build_meta_model(plan.model, scheme_for("nf4", [], allow_offload=False), "sdpa")
+    device_map = resolve_device_map(model, plan, quantizer)
+    blocks_per_device: dict[str, set[str]] = {}
+    for name, _ in model.named_parameters():
+        blocks_per_device.setdefault(device_of(name, device_map), set()).add(block_of(name))
+    shares = {share.device: share for share in plan.placement}
+    assert set(blocks_per_device) == {"cuda:0", "cuda:1"} == set(shares)
+    for device, blocks in blocks_per_device.items():
+        start, stop = shares[device].layers
+        assert {b for b in blocks if b.startswith("layer ")} == {f"layer {i}" for i in range(start, stop)}
+    assert "embeddings" in blocks_per_device["cuda:0"] and "head" in blocks_per_device["cuda:1"]
+    assert len(set(device_map.values())) == 2     # so rehearse() adds accelerate's hooks (dispatch_model)
+
+
+def test_forced_placement_spreads_layers_over_the_gpus():
+    from runner.model import load_spec
+    from runner_cuda.rehearse import forced_device_map
+
+    spec = load_spec("meta-llama/Llama-3.1-70B-Instruct")
+    mapping = forced_device_map(spec, 2)
+    assert [mapping[f"model.layers.{i}"] for i in (0, 39, 40, 79)] == [0, 0, 1, 1]
+    assert mapping["model.embed_tokens"] == 0 and mapping["lm_head"] == 1 and mapping["model.norm"] == 1
+    assert forced_device_map(spec, 0) == {"": "cpu"}
