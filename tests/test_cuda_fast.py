@@ -230,3 +230,15 @@ def test_session_with_fast_steps_streams_the_same_reply(tiny_llama_dir):
         assert first == ordinary and second == ordinary
     finally:
         session.close()
+
+
+def test_decoder_refuses_int8_projections(tiny_llama_dir):
+    """LLM.int8 layers synchronise with the host inside their forward: no graphs for them."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from runner_cuda.fast.decoder import FastDecoder, Unsupported
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+                                                 device_map="cpu").eval()
+    with pytest.raises(Unsupported, match="Linear8bitLt"):
+        FastDecoder(model, max_len=64, use_graphs=False)

@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 # GQA attention, o_proj, norm, gate/up/down MLP.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 FIRST_BUCKET = 256
+# projection types whose forward runs inside a CUDA graph (no host synchronisation): plain
+# Linear and bitsandbytes' 4-bit Linear; LLM.int8 and FP8 layers keep the ordinary loop
+GRAPH_SAFE_LINEARS = ("Linear", "Linear4bit", "LinearNF4", "LinearFP4")
 # RUNNER_NF4_KERNEL: name -> nf4_gemv mode (None: the bitsandbytes module's own kernel)
 NF4_KERNELS = {"bitsandbytes": None, "triton": "exact", "triton-bf16-table": "bf16-table", "triton-bnb-rounding": "bnb"}
 
@@ -58,6 +61,11 @@ class FastDecoder:
         if len(devices) != 1:
             raise Unsupported(f"model spread over {len(devices)} devices")
         self.device = devices.pop()
+        for layer in model.model.layers:
+            for module in _projections(layer):
+                kind = type(module).__name__
+                if kind not in GRAPH_SAFE_LINEARS:
+                    raise Unsupported(f"{kind} projections (the fast path captures {', '.join(GRAPH_SAFE_LINEARS)})")
         self.model = model
         inner = model.model
         self.embed = inner.embed_tokens
