@@ -392,7 +392,6 @@ def section_kernels() -> None:
 
 
 def section_nf4(checkpoint: Path) -> None:
-    import bitsandbytes as bnb
     import torch
 
     from runner_cuda.fast.decoder import FastDecoder
