@@ -284,7 +284,7 @@ class LaunchRequest:
     host_memory_gb: list[float] | None = None
     rank_timeout: float = 120.0
     connect_timeout: int = 5
-    grace: float = 10.0
+    grace: float = 5.0                # after a rank fails, how long mlx.launch gets to stop the rest
     verbose: bool = False
     show_tokens: bool = False
 
