@@ -51,7 +51,9 @@ def copy_with_config(folder: Path, destination: Path, **changes) -> Path:
             (destination / item.name).symlink_to(item.resolve())
     config = json.loads((folder / "config.json").read_text())
     for key, value in changes.items():
-        if key == "rope_theta" and "rope_parameters" in config:   # transformers 5 keeps it there
+        if key == "rope_theta_top_level":
+            config["rope_theta"] = config["rope_parameters"]["rope_theta"]
+        elif key == "rope_theta" and "rope_parameters" in config:   # transformers 5 keeps it there
             config["rope_parameters"]["rope_theta"] = value
         else:
             config[key] = value
@@ -162,21 +164,29 @@ def test_a_model_with_two_layers_swapped_fails(default_model_dir, smollm2_fp32, 
 
 
 @pytest.mark.slow
-def test_nf4_against_float32_is_within_the_4bit_thresholds(default_model_dir, smollm2_fp32):
+def test_nf4_against_float32_is_measured_and_judged(default_model_dir, smollm2_fp32):
     nf4 = run_capture(default_model_dir, "cuda:nf4", token_ids=smollm2_fp32.prompt_ids())
     result = compare(smollm2_fp32, nf4)
     assert result.thresholds.scheme == "4-bit"
-    assert result.passed, result.reasons
-    assert 0 < result.kl_mean
+    # measured on these two prompts: mean KL 0.97, top-1 65 % (0.37 and 79 % on the 8 built-in
+    # prompts); it keeps "Paris" but fails the default 4-bit verdict on this 135M model. A user
+    # who accepts that much says so:
+    assert 1e-2 < result.kl_mean < 3.0
+    assert "Paris" in result.answers["capital"][1]
+    assert not result.passed
+    assert compare(smollm2_fp32, nf4, thresholds_for("fp32", "nf4", max_kl=3.0, min_top1=0.4)).passed
 
 
 @pytest.mark.slow
-def test_mlx_q4_against_mlx_float32_is_measured(default_model_dir):
-    reference = run_capture(default_model_dir, "mlx:fp32")
-    q4 = run_capture(default_model_dir, "mlx:q4", token_ids=reference.prompt_ids())
-    result = compare(reference, q4)
+def test_mlx_q4_against_float32_loses_the_answer_and_fails(default_model_dir, smollm2_fp32, tmp_path):
+    # rope_theta also at the top of config.json, where mlx-lm 0.32 reads it (see the xfail below)
+    folder = copy_with_config(default_model_dir, tmp_path / "top-level-theta", rope_theta_top_level=True)
+    q4 = run_capture(folder, "mlx:q4", token_ids=smollm2_fp32.prompt_ids())
+    result = compare(smollm2_fp32, q4, require_same_model=False)   # the config differs by that key only
+    # measured: mean KL 0.87, top-1 57 %, the answer "L'Alogue, the AI assistant designed by Smol"
     assert result.thresholds.scheme == "4-bit"
-    assert 0 < result.kl_mean
+    assert "Paris" in result.answers["capital"][0] and "Paris" not in result.answers["capital"][1]
+    assert not result.passed
 
 
 @pytest.mark.slow

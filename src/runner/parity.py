@@ -52,8 +52,7 @@ DEFAULT_MAX_TOKENS = 32
 
 # ---- thresholds -----------------------------------------------------------------------------
 # Each quant belongs to a precision class; a pair is judged by the looser class of its two sides.
-# The defaults were calibrated on SmolLM2-135M-Instruct and a tiny random Llama on CPU (see the
-# README's parity section for the measured numbers they leave room around).
+# The defaults were calibrated on SmolLM2-135M-Instruct and a tiny random Llama on CPU.
 PRECISION_CLASS = {
     "fp32": "fp32",
     "bf16": "16-bit",
@@ -79,10 +78,19 @@ class Thresholds:
         return f"mean KL <= {self.max_kl:g}, top-1 >= {self.min_top1:.0%}"
 
 
+# Measured on SmolLM2-135M-Instruct against torch float32, 8 built-in prompts (README):
+#   MLX float32      mean KL 3.6e-11, top-1 100 %   (tiny Llama: 1.8e-12)
+#   torch / MLX bf16 mean KL 1.1e-3 / 1.5e-3, top-1 97.1 % / 98.0 %
+#   MLX q8           mean KL 1.8e-3, top-1 98.5 %;  torch int8 (LLM.int8) 2.3e-2, 94.5 %
+#   NF4 / MLX q4     mean KL 0.37 / 0.46, top-1 79 % / 73 %: both fail; on this small model 4-bit
+#                    moves the answers (MLX q4 loses "Paris"). The 4-bit bound is what a 4-bit
+#                    quant that keeps a model's answers reaches on larger models, not a bound
+#                    stretched to let these pass.
+#   wrong RoPE theta (10000 for 100000): mean KL 0.09, top-1 89 %: fails float32 by 4 orders.
 DEFAULT_THRESHOLDS = {
-    "fp32": Thresholds("fp32", 1e-4, 0.99),
+    "fp32": Thresholds("fp32", 1e-5, 0.99),
     "16-bit": Thresholds("16-bit", 0.01, 0.95),
-    "8-bit": Thresholds("8-bit", 0.02, 0.93),
+    "8-bit": Thresholds("8-bit", 0.05, 0.92),
     "4-bit": Thresholds("4-bit", 0.15, 0.85),
 }
 
