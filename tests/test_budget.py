@@ -60,6 +60,24 @@ def test_unknown_quant_is_a_user_error(llama405):
         weights_bytes(llama405, "int3")
 
 
+# ---- overhead: one prefill chunk ------------------------------------------------------------
+
+def test_prefill_overhead_is_one_chunk_with_last_position_logits_on_cuda(llama405):
+    """The CUDA session prefills in PREFILL_CHUNK-token chunks and computes the lm_head for each
+    chunk's last position only; mlx-lm computes a whole chunk's logits."""
+    activations = budget.activation_bytes(llama405, 8192, 1, "nf4")
+    assert activations == budget.activation_bytes(llama405, budget.PREFILL_CHUNK, 1, "nf4")
+    # 2048 tokens x (2 x hidden + q/o + k/v + 3 x intermediate) x bf16, + one dequantized MLP matrix
+    width = 2 * 16384 + 2 * 128 * 128 + 2 * 8 * 128 + 3 * 53248
+    assert activations == 2048 * width * 2 + 53248 * 16384 * 2
+    vocab = 128256
+    assert budget.logits_bytes(llama405, 8192, 1, last_position_only=True) == vocab * (2 + 4)
+    assert budget.logits_bytes(llama405, 8192, 1) == vocab * 2048 * 4
+    cuda = make_plan(llama405.with_layers(8), parse_machine("1xH200"), "nf4", 8192, backend="cuda")
+    (share,) = cuda.placement
+    assert share.overhead_bytes == budget.CUDA_CONTEXT_BYTES + activations + vocab * 6
+
+
 # ---- placement -------------------------------------------------------------------------------
 
 def _layers_once(plan):

@@ -10,6 +10,7 @@ import threading
 import numpy as np
 import pytest
 
+from runner import budget
 from runner.backend import LoadRequest, Message, Sampling, get_backend
 from runner.budget import make_plan
 from runner.errors import DoesNotFit, LoadError, UserInputError
@@ -160,6 +161,46 @@ def test_eos_ids_come_from_generation_config(tiny_llama_dir, tmp_path):
         session.close()
 
 
+# ---- prefill in chunks ----------------------------------------------------------------------
+
+SMALL_CHUNK = 16
+
+
+def greedy_tokens(session, prefill_chunk: int, count: int) -> list[int]:
+    """The greedy reply to QUESTION with the prompt fed `prefill_chunk` tokens per forward."""
+    session.prefill_chunk = prefill_chunk
+    try:
+        return [c.token for c in session.stream(QUESTION, Sampling(max_tokens=count))]
+    finally:
+        session.prefill_chunk = budget.PREFILL_CHUNK
+
+
+def test_session_prefills_in_the_plans_chunks(tiny_fp32):
+    assert tiny_fp32.prefill_chunk == budget.PREFILL_CHUNK
+
+
+def test_chunked_prefill_gives_the_one_forward_logits_and_reply(tiny_fp32):
+    """The prompt in chunks of 16 tokens (3 chunks, the last one partial) through the cache gives
+    the logits of one forward over the whole prompt, to float32 rounding, and the same reply."""
+    import torch
+    from transformers import DynamicCache
+
+    from runner_cuda.session import forward_in_chunks
+
+    prompt = tiny_fp32.tokenize(QUESTION)
+    assert 2 * SMALL_CHUNK < len(prompt) and len(prompt) % SMALL_CHUNK
+    ids = torch.tensor([prompt])
+    model, name = tiny_fp32.hf_model, tiny_fp32._cache_argument
+    config = model.config
+    chunked_cache, whole_cache = DynamicCache(config=config), DynamicCache(config=config)
+    chunked = forward_in_chunks(model, ids, chunked_cache, SMALL_CHUNK, name)
+    whole = forward_in_chunks(model, ids, whole_cache, len(prompt), name)
+    assert chunked.shape == whole.shape == (1, 1, config.vocab_size)
+    assert chunked_cache.get_seq_length() == whole_cache.get_seq_length() == len(prompt)
+    assert (chunked - whole).abs().max().item() < 1e-4
+    assert greedy_tokens(tiny_fp32, SMALL_CHUNK, 8) == greedy_tokens(tiny_fp32, len(prompt), 8)
+
+
 # ---- logits ---------------------------------------------------------------------------------
 
 def test_logits_match_transformers_forward(tiny_fp32, tiny_llama_dir):
@@ -183,6 +224,9 @@ def test_default_model_answers_paris_and_stops_at_eos(default_model_dir):
         chunks = list(session.stream(QUESTION, Sampling(max_tokens=24)))
         text = "".join(c.text for c in chunks)
         assert "Paris" in text
+        # the same reply with the prompt fed in chunks of 16 tokens
+        assert greedy_tokens(session, SMALL_CHUNK, 24) == [c.token for c in chunks]
+        assert len(session.tokenize(QUESTION)) > 2 * SMALL_CHUNK
         assert chunks[-1].finish_reason == "stop" and chunks[-1].token == 2  # <|im_end|>
         memory = session.memory()
         assert memory.measured["cpu"] == pytest.approx(memory.planned["cpu"], rel=0.01)

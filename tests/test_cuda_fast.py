@@ -91,6 +91,25 @@ def test_decoder_matches_transformers_forward(tiny_llama_dir):
     assert torch.equal(again, got)
 
 
+def test_decoder_prefills_in_chunks_as_in_one_pass(tiny_llama_dir):
+    """A 34-token prompt in chunks of 16 (16, 16, 2: later chunks attend over the cache before
+    them): the same logits as transformers' whole-sequence forward, and as a one-pass prefill."""
+    from transformers import AutoModelForCausalLM
+
+    from runner.budget import PREFILL_CHUNK
+    from runner_cuda.fast.decoder import FastDecoder
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
+    assert FastDecoder(model, max_len=64, use_graphs=False).prefill_chunk == PREFILL_CHUNK
+    ids = _prompt(40, model.config.vocab_size, seed=7)
+    expected = _hf_logits(model, ids)[33:]
+    chunked = _decoder_logits(FastDecoder(model, max_len=64, use_graphs=False, prefill_chunk=16), ids[:34], ids[34:])
+    one_pass = _decoder_logits(FastDecoder(model, max_len=64, use_graphs=False, prefill_chunk=64), ids[:34], ids[34:])
+    assert (chunked - expected).abs().max().item() < 1e-4
+    assert (chunked - one_pass).abs().max().item() < 1e-4
+    assert torch.equal(chunked.argmax(-1), one_pass.argmax(-1))
+
+
 def test_fused_dense_projections_keep_the_model_and_its_memory(tiny_llama_dir):
     """q/k/v and gate/up fused into one weight each: the decoder's logits and the model's own
     forward are unchanged, and the modules' weights are views into the fused tensors."""

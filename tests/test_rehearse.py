@@ -93,6 +93,20 @@ def test_prefill_and_decode_ran(nf4_run):
     assert result.decode_tokens_per_s > 0 and result.prefill_tokens_per_s > 0
 
 
+def test_prefill_in_chunks_fills_the_cache_to_the_context():
+    """--prefill-chunk 16: the 45-token prompt goes in as 16 + 16 + 13 tokens through the session's
+    own forward_in_chunks; the cache still ends holding exactly the context (the rehearsal checks
+    it and fails otherwise), with the bytes the plan gives it."""
+    from runner_cuda.rehearse import rehearse
+
+    plan = plan_for("bf16", layers=1)
+    progress = []
+    result = rehearse(plan, decode_tokens=DECODE, on_progress=progress.append, prefill_chunk=16)
+    assert f"prefill of {CONTEXT - DECODE} tokens in chunks of 16" in [p.stage for p in progress]
+    (device,) = result.devices
+    assert device.kv_cache == device.planned_kv_cache == plan.kv_cache_bytes
+
+
 def test_int8_weights_and_row_scales_match_the_plan():
     from runner_cuda.rehearse import rehearse
 

@@ -414,7 +414,30 @@ def offline_mode() -> bool:
     return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on") for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
+# The caching allocator maps memory in pages of growing segments instead of fixed-size blocks, so
+# freed activations merge and fragmentation stays small: one forward's activations at 405B widths
+# left 7.25 GB reserved above what was allocated on an H200 without it (bench/RESULTS.md).
+ALLOCATOR_SETTING = "expandable_segments:True"
+
+
+def use_expandable_segments() -> str | None:
+    """Ask torch's CUDA allocator for expandable segments, unless the user set the allocator up
+    (PYTORCH_CUDA_ALLOC_CONF or PYTORCH_ALLOC_CONF) or torch is already imported (then the setting
+    may have been read already: nothing is changed). Returns the setting in force, if known."""
+    import os
+    import sys
+
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        if name in os.environ:
+            return os.environ[name]
+    if "torch" in sys.modules:
+        return None
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATOR_SETTING
+    return ALLOCATOR_SETTING
+
+
 def load_session(request: LoadRequest):
+    use_expandable_segments()   # before torch is imported: the allocator reads it once
     import torch
     from transformers import AutoTokenizer
 

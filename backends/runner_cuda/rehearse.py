@@ -11,8 +11,9 @@
    gets a random bf16 matrix on its target device, which transformers' own quantize operation
    (`Bnb4bitQuantize`: `Params4bit(...).to(device)`, double quant) turns into 4-bit there; the bf16
    copy is freed before the next. There is never a full-precision copy of the model nor a file;
-4. prefill `context - decode_tokens` random tokens and decode `decode_tokens` more, one at a time,
-   so the KV cache ends holding exactly `context` tokens;
+4. prefill `context - decode_tokens` random tokens (in chunks of budget.PREFILL_CHUNK, through the
+   CUDA session's own `forward_in_chunks`) and decode `decode_tokens` more, one at a time, so the KV
+   cache ends holding exactly `context` tokens;
 5. measure: on CUDA the allocator (`torch.cuda.memory_allocated` / `max_memory_allocated` per
    device), on CPU (which has no allocator statistics) the bytes of the live tensors, quantization
    state included.
@@ -23,7 +24,7 @@ torch, transformers and bitsandbytes are imported inside the functions.
 from __future__ import annotations
 
 import gc
-import inspect
+import os
 import re
 import statistics
 import time
@@ -388,6 +389,7 @@ def versions() -> dict[str, str]:
             pass
     if torch.cuda.is_available():
         found["cuda"] = str(torch.version.cuda)
+        found["allocator"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF") or "default"
     return found
 
 
@@ -402,11 +404,16 @@ def rehearse(
 ) -> RehearsalResult:
     """Materialize `plan.model` with random weights as planned, prefill, decode, and measure.
 
-    The prefill is one forward over the whole prompt, as the CUDA session does it; `prefill_chunk`
-    feeds it that many tokens at a time instead (what the Plan's activation estimate assumes).
+    The prefill feeds `prefill_chunk` tokens per forward (default budget.PREFILL_CHUNK: what the
+    CUDA session does and what the Plan's activation estimate counts), through the session's own
+    `forward_in_chunks`.
 
     Out of memory anywhere (a layer's weights, the prefill, a decode step) is caught: the model is
     freed and RehearsalOutOfMemory says which stage, which device, and the bytes in use then."""
+    from runner.budget import PREFILL_CHUNK
+    from runner_cuda.loading import use_expandable_segments
+
+    use_expandable_segments()   # before torch is imported, as a real load does
     try:
         import torch
         import transformers  # noqa: F401
@@ -415,6 +422,9 @@ def rehearse(
                                  "install them with: pip install 'runner[cuda]'") from None
     if not 1 <= decode_tokens < plan.context:
         raise UserInputError(f"--decode-tokens must be between 1 and {plan.context - 1} (the context)")
+    prefill_chunk = prefill_chunk or PREFILL_CHUNK
+    if prefill_chunk < 1:
+        raise UserInputError("--prefill-chunk must be at least 1 token")
     where = {"what": "building the model", "device": "cpu", "layers": 0}
     try:
         return _rehearse(plan, decode_tokens, on_progress or (lambda progress: None), where, prefill_chunk)
@@ -444,11 +454,12 @@ def _cuda_in_use() -> dict[str, int]:
     return {f"cuda:{i}": torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count())}
 
 
-def _rehearse(plan: "Plan", decode_tokens: int, report, where: dict, prefill_chunk: int | None) -> RehearsalResult:
+def _rehearse(plan: "Plan", decode_tokens: int, report, where: dict, prefill_chunk: int) -> RehearsalResult:
     import torch
     from transformers import DynamicCache
 
     from runner_cuda.loading import attention_for, gpu_capabilities, scheme_for
+    from runner_cuda.session import cache_argument, forward_in_chunks
 
     spec = plan.model
     started = time.perf_counter()
@@ -514,37 +525,33 @@ def _rehearse(plan: "Plan", decode_tokens: int, report, where: dict, prefill_chu
         weights = tensor_bytes(model_tensors(model))
         load_peak = {d: 0 for d in devices}
 
-    # Prefill, then decode one token at a time, as the CUDA session does: the whole prompt in one
-    # forward, logits of the last position only. The cache ends holding exactly `context` tokens.
-    cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    # Prefill in chunks, then decode one token at a time, through the CUDA session's own forward
+    # (logits of the last position only). The cache ends holding exactly `context` tokens.
+    cache_name = cache_argument(model)
     prefill = plan.context - decode_tokens
     first_device = device_of(blocks[order[0]][0], device_map)
     ids = torch.randint(0, spec.vocab_size, (1, prefill), generator=generators.on("cpu")).to(first_device)
     cache = DynamicCache(config=model.config)
     step_seconds: list[float] = []
-    with torch.inference_mode():
-        where.update(what=f"prefilling {prefill} tokens", device=first_device)
-        report(LoadProgress(f"prefill of {prefill} tokens" + (f" in chunks of {prefill_chunk}" if prefill_chunk else ""),
-                            0, decode_tokens, "tokens"))
-        synchronize(devices)
+    where.update(what=f"prefilling {prefill} tokens", device=first_device)
+    chunks = f" in chunks of {prefill_chunk}" if prefill > prefill_chunk else ""
+    report(LoadProgress(f"prefill of {prefill} tokens{chunks}", 0, decode_tokens, "tokens"))
+    synchronize(devices)
+    tick = time.perf_counter()
+    logits = forward_in_chunks(model, ids, cache, prefill_chunk, cache_name)
+    synchronize(devices)
+    prefill_seconds = time.perf_counter() - tick
+    for step in range(decode_tokens):
+        where.update(what=f"decoding token {step + 1}/{decode_tokens}")
+        token = logits[:, -1:].argmax(-1).to(first_device)
+        del logits
         tick = time.perf_counter()
-        chunk = prefill_chunk or prefill
-        for start in range(0, prefill, chunk):
-            out = model(input_ids=ids[:, start:start + chunk], use_cache=True, logits_to_keep=1,
-                        **{cache_argument: cache})
+        logits = forward_in_chunks(model, token, cache, prefill_chunk, cache_name)
         synchronize(devices)
-        prefill_seconds = time.perf_counter() - tick
-        for step in range(decode_tokens):
-            where.update(what=f"decoding token {step + 1}/{decode_tokens}")
-            token = out.logits[:, -1:].argmax(-1).to(first_device)
-            del out
-            tick = time.perf_counter()
-            out = model(input_ids=token, use_cache=True, logits_to_keep=1, **{cache_argument: cache})
-            synchronize(devices)
-            step_seconds.append(time.perf_counter() - tick)
-            if (step + 1) % 8 == 0 or step + 1 == decode_tokens:
-                report(LoadProgress(f"decoded {step + 1}/{decode_tokens} tokens", step + 1, decode_tokens, "tokens"))
-        del out, ids, token
+        step_seconds.append(time.perf_counter() - tick)
+        if (step + 1) % 8 == 0 or step + 1 == decode_tokens:
+            report(LoadProgress(f"decoded {step + 1}/{decode_tokens} tokens", step + 1, decode_tokens, "tokens"))
+    del logits, ids, token
     gc.collect()
     synchronize(devices)
     kv_cache = tensor_bytes(cache_tensors(cache))

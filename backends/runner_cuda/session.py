@@ -4,6 +4,10 @@ The decode loop is our own, over the model's forward with a KV cache (`DynamicCa
 of HF `generate` with a streamer thread: one token per step, so cancelling between tokens is a
 flag check and a fresh cache per reply means a cancelled reply leaves nothing behind.
 
+The prompt goes through the model in chunks of `budget.PREFILL_CHUNK` tokens (`forward_in_chunks`,
+which `runner rehearse` calls too), the lm_head only for each chunk's last position: the prefill's
+activations are those of one chunk, which is what the Plan counts, whatever the prompt's length.
+
 A faster path (static cache, CUDA graphs, fused kernels: `runner_cuda.fast`) replaces two
 methods and nothing else: `new_cache()` and `forward_step(input_ids, cache)`.
 """
@@ -17,6 +21,7 @@ import time
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 from runner.backend import GenerationChunk, MemoryReport, Message, Sampling
+from runner.budget import PREFILL_CHUNK
 from runner.errors import GenerationError, UserInputError
 from runner_cuda.detokenize import IncrementalDecoder
 from runner_cuda.loading import cuda_allocated, decoder_layers, free_memory, placement_summary, tensor_bytes_by_device
@@ -39,6 +44,32 @@ def eos_token_ids(model, tokenizer) -> set[int]:
         elif isinstance(value, (list, tuple)):
             ids.update(int(v) for v in value)
     return ids
+
+
+def cache_argument(model) -> str:
+    """transformers renamed `past_key_values` to `cache` (5.2x): the name this version's forward takes."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def forward_in_chunks(model, input_ids: "torch.Tensor", cache, chunk: int, cache_name: str) -> "torch.Tensor":
+    """Run `input_ids` (1, n) through `model` `chunk` tokens at a time, appending each chunk to
+    `cache` before the next; the logits (1, 1, vocab, the model's dtype) of the last position.
+
+    Each forward computes the lm_head for its last position only (`logits_to_keep=1`), so the
+    activations alive at once are those of one chunk: what the Plan counts (budget.PREFILL_CHUNK).
+    The CUDA session's prompt and decode steps and `runner rehearse` all go through here."""
+    import torch
+
+    if chunk < 1:
+        raise ValueError(f"chunk must be at least 1 token, not {chunk}")
+    logits = None
+    with torch.inference_mode():
+        for start in range(0, input_ids.shape[1], chunk):
+            output = model(input_ids=input_ids[:, start:start + chunk], use_cache=True, logits_to_keep=1,
+                           **{cache_name: cache})
+            logits = output.logits
+            del output
+    return logits
 
 
 def pick_token(logits: "torch.Tensor", sampling: Sampling, generator: "torch.Generator | None") -> int:
@@ -100,9 +131,8 @@ class CudaSession:
             where += f"; no CUDA GPU: running on the CPU ({threads} thread{'s' if threads != 1 else ''})"
         self.device_summary = f"{where}; {scheme_description}; {attention} attention"
         self._weights_measured = self._measure()
-        # transformers renamed `past_key_values` to `cache` (5.2x); pass the one this version has.
-        parameters = inspect.signature(model.forward).parameters
-        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        self._cache_argument = cache_argument(model)
+        self.prefill_chunk = PREFILL_CHUNK   # tokens per forward while reading the prompt (the Plan's)
 
     # ---- prompt ---------------------------------------------------------------------------
     def tokenize(self, messages: Sequence[Message]) -> list[int]:
@@ -124,13 +154,10 @@ class CudaSession:
         return DynamicCache(config=self.hf_model.config)
 
     def forward_step(self, input_ids: "torch.Tensor", cache) -> "torch.Tensor":
-        """Run `input_ids` (1, n) through the model, appending to `cache`; float32 logits (vocab,)
-        of the last position."""
-        import torch
-
-        with torch.inference_mode():
-            output = self.hf_model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{self._cache_argument: cache})
-        return output.logits[0, -1].float()
+        """Run `input_ids` (1, n) through the model in chunks of `prefill_chunk` tokens, appending
+        to `cache`; float32 logits (vocab,) of the last position."""
+        logits = forward_in_chunks(self.hf_model, input_ids, cache, self.prefill_chunk, self._cache_argument)
+        return logits[0, -1].float()
 
     # ---- streaming -------------------------------------------------------------------------
     def stream(
@@ -290,4 +317,4 @@ class CudaSession:
         free_memory()
 
 
-__all__ = ["CudaSession", "pick_token", "eos_token_ids", "decoder_layers"]
+__all__ = ["CudaSession", "forward_in_chunks", "cache_argument", "pick_token", "eos_token_ids", "decoder_layers"]

@@ -6,9 +6,11 @@ What a plan counts, per device:
   weights   exact bytes as each library stores them (see `linear_bytes`), checked in
             tests/test_budget_libraries.py against the real libraries on a tiny model;
   KV cache  context x batch x 2 (K and V) x layers x KV heads x head_dim x KV dtype bytes;
-  overhead  the CUDA context (per GPU), an activation workspace for one prefill chunk, the
-            dequantized copy of the largest weight (bitsandbytes/FP8 dequantize one matrix at a time),
-            and the logits of one chunk (vocab x chunk x fp32) on the device that holds lm_head.
+  overhead  the CUDA context (per GPU), an activation workspace for one prefill chunk of
+            PREFILL_CHUNK tokens (both backends prefill in such chunks), the dequantized copy of the
+            largest weight (bitsandbytes/FP8 dequantize one matrix at a time), and the logits on the
+            device that holds lm_head: of the last position only on CUDA (the session asks
+            transformers for `logits_to_keep=1`), of a whole chunk on MLX (mlx-lm computes them).
 Placement follows accelerate's auto device map: whole decoder layers, embeddings first on GPU 0,
 the final norm and lm_head last, headroom left on every GPU for its layers' KV cache and the
 activations; what does not fit goes to CPU RAM, then to disk.
@@ -57,8 +59,9 @@ FP8_BLOCK = 128                # fine-grained FP8: one fp32 scale per 128x128 bl
 MLX_GROUP = 64                 # mlx-lm's default group size
 
 CUDA_CONTEXT_BYTES = 500 * 1024**2   # CUDA context + cuBLAS workspace per GPU used (torch)
-PREFILL_CHUNK = 2048                 # tokens processed at once while reading the prompt
+PREFILL_CHUNK = 2048                 # tokens processed at once while reading the prompt (CUDA session, mlx-lm)
 GPU_RESERVE = 0.05                   # of each GPU's memory: allocator fragmentation, other users
+                                     # (measured at the prefill peak, 405B widths: bench/RESULTS.md)
 RAM_RESERVE = 0.10                   # of RAM: the OS and the rest of the Python process
 MAC_WORKING_SET_SAFE = 0.90          # above ~0.9 x the GPU working set a Mac swaps, 40-150x slower
 MACOS_RESERVE = 8 * GB               # what macOS itself needs when the wired limit is raised
@@ -203,8 +206,11 @@ def activation_bytes(model: ModelSpec, context: int, batch: int, quant: str) -> 
     return workspace
 
 
-def logits_bytes(model: ModelSpec, context: int, batch: int) -> int:
-    """fp32 logits of one prefill chunk."""
+def logits_bytes(model: ModelSpec, context: int, batch: int, last_position_only: bool = False) -> int:
+    """fp32 logits of one prefill chunk; with `last_position_only` (the CUDA session) of one
+    position per sequence: the lm_head's output in the compute dtype and its fp32 copy."""
+    if last_position_only:
+        return model.vocab_size * batch * (2 + 4)
     return model.vocab_size * min(context, PREFILL_CHUNK) * batch * 4
 
 
@@ -430,7 +436,7 @@ def make_plan(
     kv_total = kv_cache_bytes(model, context, batch, quant)
     kv_per_layer = kv_total // model.num_layers
     activations = activation_bytes(model, context, batch, quant)
-    logits = logits_bytes(model, context, batch)
+    logits = logits_bytes(model, context, batch, last_position_only=backend == "cuda")
     warnings: list[str] = []
     notes: list[str] = []
 

@@ -13,7 +13,8 @@ weights turned into views of one tensor: no extra memory). With bitsandbytes NF4
 projection of a decode step runs bitsandbytes' own batch-1 kernel by default (it reads the packed
 weights and the double-quant state itself, and was the fastest measured on an H100); the Triton
 kernel of `nf4.py` is there as `nf4_kernel="triton..."` / RUNNER_NF4_KERNEL. Prefill keeps
-bitsandbytes' (or torch's) own path.
+bitsandbytes' (or torch's) own path, eagerly, `prefill_chunk` tokens at a time (budget.PREFILL_CHUNK,
+what the Plan counts activations for), the lm_head for the last position only.
 
     decoder = FastDecoder(model, max_len=4096)
     logits = decoder.prefill(prompt_ids)          # float32 [vocab], next-token logits
@@ -27,6 +28,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Sequence
 
+from runner.budget import PREFILL_CHUNK
 from runner_cuda.fast.nf4 import NF4Weight, nf4_gemv, nf4_weight_of
 
 if TYPE_CHECKING:
@@ -49,8 +51,12 @@ class Unsupported(Exception):
 
 class FastDecoder:
     def __init__(self, model, max_len: int, *, use_graphs: bool | None = None, nf4_kernel: str | None = None,
-                 compile_ops: bool | None = None, fuse_dense: bool | None = None):
+                 compile_ops: bool | None = None, fuse_dense: bool | None = None, prefill_chunk: int = PREFILL_CHUNK):
         import torch
+
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1 token, not {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
 
         config = model.config
         if config.model_type not in SUPPORTED_MODEL_TYPES:
@@ -128,7 +134,8 @@ class FastDecoder:
     # ---- public -------------------------------------------------------------------------------
 
     def prefill(self, token_ids: Sequence[int]) -> "torch.Tensor":
-        """Fill the cache with a prompt (from position 0); float32 logits of the next token."""
+        """Fill the cache with a prompt (from position 0), `prefill_chunk` tokens at a time; float32
+        logits of the next token."""
         import torch
 
         count = len(token_ids)
@@ -136,7 +143,8 @@ class FastDecoder:
             raise ValueError(f"prompt of {count} tokens does not fit a cache of {self.max_len}")
         with torch.no_grad():
             ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
-            hidden = self._prefill_forward(ids)
+            for start in range(0, count, self.prefill_chunk):
+                hidden = self._prefill_forward(ids[start:start + self.prefill_chunk], start)
             self.logits.copy_(self.head(self.norm(hidden[-1:]))[0].float())
         self.length = count
         return self.logits
@@ -217,12 +225,16 @@ class FastDecoder:
             hidden, x = ops.add_rms_norm(hidden, self._linear(mlp.down_proj, ops.silu_mul(gate, up)), after.weight, self.eps)
         return self.head(x)[0].float()
 
-    def _prefill_forward(self, ids: "torch.Tensor") -> "torch.Tensor":
-        """The prompt in one pass (bitsandbytes' or torch's own linears), causal attention."""
+    def _prefill_forward(self, ids: "torch.Tensor", start: int = 0) -> "torch.Tensor":
+        """Prompt tokens at positions start, start + 1, ... in one pass (bitsandbytes' or torch's own
+        linears), writing their K/V into the cache; causal attention over the cache up to them."""
         import torch
 
         count = ids.numel()
-        cos, sin = self.cos[:count, None], self.sin[:count, None]            # [T, 1, head_dim]
+        end = start + count
+        cos, sin = self.cos[start:end, None], self.sin[start:end, None]      # [T, 1, head_dim]
+        # the first chunk is plain causal; a later one also sees every earlier position
+        mask = None if start == 0 else self.positions[:end][None, :] <= self.positions[start:end][:, None]
         hidden = self.embed(ids)                                              # [T, hidden]
         for layer, keys, values in zip(self.layers, self.keys, self.values):
             attn = layer.self_attn
@@ -231,14 +243,15 @@ class FastDecoder:
             k = attn.k_proj(x).view(count, self.kv_heads, self.head_dim)
             v = attn.v_proj(x).view(count, self.kv_heads, self.head_dim)
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-            keys[:, :count].copy_(k.transpose(0, 1))
-            values[:, :count].copy_(v.transpose(0, 1))
+            keys[:, start:end].copy_(k.transpose(0, 1))
+            values[:, start:end].copy_(v.transpose(0, 1))
             rep = self.heads // self.kv_heads
             out = torch.nn.functional.scaled_dot_product_attention(
                 q.transpose(0, 1)[None],
-                keys[:, :count].repeat_interleave(rep, dim=0)[None],
-                values[:, :count].repeat_interleave(rep, dim=0)[None],
-                is_causal=True,
+                keys[:, :end].repeat_interleave(rep, dim=0)[None],
+                values[:, :end].repeat_interleave(rep, dim=0)[None],
+                attn_mask=mask,
+                is_causal=mask is None,
                 scale=self.scaling,
             )[0]
             hidden = hidden + attn.o_proj(out.transpose(0, 1).reshape(count, self.heads * self.head_dim))

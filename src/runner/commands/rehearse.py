@@ -23,6 +23,8 @@ DEFAULT_DECODE_TOKENS = 16
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from runner.budget import PREFILL_CHUNK
+
     parser.add_argument("model", nargs="?", default=None,
                         help="model id (catalog or Hugging Face cache) or folder with config.json; "
                              "only config.json is read")
@@ -36,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-tokens", type=int, default=DEFAULT_DECODE_TOKENS,
                         help=f"tokens decoded one at a time after the prefill (default: {DEFAULT_DECODE_TOKENS})")
     parser.add_argument("--prefill-chunk", type=int, default=None,
-                        help="prefill this many tokens per forward (default: the whole prompt at once, "
-                             "as runner's CUDA session does)")
+                        help=f"prefill this many tokens per forward (default: {PREFILL_CHUNK}, as runner's CUDA session "
+                             "does and the plan counts activations for)")
     parser.add_argument("--machine", default=None,
                         help="plan for this machine description or file instead of the detected one "
                              "(its devices must exist here)")
