@@ -1,7 +1,10 @@
 """GPU proof runs for `runner rehearse` (issue 8), made for one call on the device machine.
 
     python3 bench/rehearse_gpu.py h100     # Llama 3.2 1B smoke, Llama 3.1 70B NF4 at 8k, 70B BF16 --force (OOM)
-    python3 bench/rehearse_gpu.py h200     # Llama 3.1 405B-shaped NF4 at 8k, shrunk with --layers to fit
+    python3 bench/rehearse_gpu.py h200     # Llama 3.1 405B-shaped NF4 at 8k, shrunk with --layers to fit:
+                                           # as runner does it (2048-token prefill chunks, expandable
+                                           # allocator segments), then without expandable segments,
+                                           # then with the whole prompt in one forward
 
 First it measures the GPU's copy bandwidth (a device-to-device copy, bytes read + written), so
 decode tokens/s can be held against both the plan's roofline (from the GPU's datasheet bandwidth)
@@ -20,6 +23,7 @@ import time
 from pathlib import Path
 
 OUT = Path(os.environ.get("OUT") or "bench-out")
+CUDA_CONTEXT = 500 * 1024**2   # budget.CUDA_CONTEXT_BYTES
 
 CASES = {
     "h100": [
@@ -87,11 +91,13 @@ def one(arguments: list[str]) -> int:
         return error.exit_code
 
 
-def run_case(name: str, arguments: list[str]) -> dict:
-    print(f"== {name}: runner rehearse {' '.join(arguments)}", flush=True)
+def run_case(name: str, arguments: list[str], env: dict[str, str] | None = None) -> dict:
+    print(f"== {name}: {' '.join(f'{k}={v}' for k, v in (env or {}).items())} runner rehearse {' '.join(arguments)}",
+          flush=True)
     started = time.perf_counter()
-    process = subprocess.run([sys.executable, __file__, "--one", *arguments], capture_output=True, text=True)
-    record = {"case": name, "arguments": arguments, "exit_code": process.returncode,
+    process = subprocess.run([sys.executable, __file__, "--one", *arguments], capture_output=True, text=True,
+                             env={**os.environ, **(env or {})})
+    record = {"case": name, "arguments": arguments, "env": env or {}, "exit_code": process.returncode,
               "wall_seconds": time.perf_counter() - started, "log": process.stderr[-20000:]}
     try:
         record.update(json.loads(process.stdout))
@@ -113,6 +119,14 @@ def summary(record: dict, bandwidth: float) -> list[str]:
              f" ({plan['verdict']}), load {result['load_seconds']:.1f} s, wall {record['wall_seconds']:.0f} s"]
     for d in result["devices"]:
         planned_resident = d["planned_weights"] + d["planned_kv_cache"]
+        planned_overhead = d["planned_total"] - planned_resident
+        reserved = d.get("reserved_peak", 0)
+        lines.append(
+            f"  {d['device']}: prefill activations (peak - resident) {(d['peak'] - d['resident']) / 1e9:.3f} GB vs the "
+            f"plan's overhead {planned_overhead / 1e9:.3f} GB (incl. {CUDA_CONTEXT / 1e9:.3f} GB CUDA context); "
+            f"fragmentation (reserved peak - peak) {(reserved - d['peak']) / 1e9:.3f} GB; allocator "
+            f"{result['versions'].get('allocator', '?')}"
+        )
         lines.append(
             f"  {d['device']}: weights plan {d['planned_weights'] / 1e9:.3f} GB measured {d['weights'] / 1e9:.3f} GB "
             f"({(d['weights'] / d['planned_weights'] - 1) * 100:+.2f}%); KV plan {d['planned_kv_cache'] / 1e9:.3f} "
@@ -158,21 +172,22 @@ def main() -> int:
 
     bandwidth = copy_bandwidth() if torch.cuda.is_available() else 0.0
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write) on {torch.cuda.get_device_name(0)}", flush=True)
-    cases = list(CASES[which])
+    cases = [(name, arguments, None) for name, arguments in CASES[which]]
+    free, total = torch.cuda.mem_get_info(0) if torch.cuda.is_available() else (0, 0)
+    lines = [f"copy bandwidth {bandwidth / 1e12:.3f} TB/s; cuda:0 free {free / 1e9:.2f} of {total / 1e9:.2f} GB "
+             f"(after this process's own CUDA context)"]
     if which == "h200":
         layers = largest_405b_layers()
         print(f"the plan says {layers} of 126 layers of Llama 3.1 405B fit in NF4 at 8k", flush=True)
-        cases = [(f"llama405b-{layers}layers-nf4-8k",
-                  ["meta-llama/Llama-3.1-405B-Instruct", "--layers", str(layers), "--quant", "nf4",
-                   "--context", "8192", "--decode-tokens", "16"])]
-    lines = [f"copy bandwidth {bandwidth / 1e12:.3f} TB/s"]
-    for name, arguments in cases:
-        record = run_case(name, arguments)
-        if which == "h200" and record["exit_code"] != 0:   # the plan was too bold: measure fewer layers
-            lines += summary(record, bandwidth)
-            at = arguments.index("--layers") + 1
-            retry = arguments[:at] + [str(int(arguments[at]) - 8)] + arguments[at + 1:]
-            record = run_case(f"llama405b-{retry[at]}layers-nf4-8k", retry)
+        lines.append(f"the plan says {layers} of 126 layers fit")
+        arguments = ["meta-llama/Llama-3.1-405B-Instruct", "--layers", str(layers), "--quant", "nf4",
+                     "--context", "8192", "--decode-tokens", "16"]
+        name = f"llama405b-{layers}layers-nf4-8k"
+        cases = [(name, arguments, None),
+                 (name + "-no-expandable", arguments, {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}),
+                 (name + "-one-forward", arguments + ["--prefill-chunk", str(8192 - 16)], None)]
+    for name, arguments, env in cases:
+        record = run_case(name, arguments, env)
         lines += summary(record, bandwidth)
     text = "\n".join(lines)
     (OUT / "summary.txt").write_text(text + "\n")
