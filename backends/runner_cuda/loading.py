@@ -415,8 +415,9 @@ def offline_mode() -> bool:
 
 
 # The caching allocator maps memory in pages of growing segments instead of fixed-size blocks, so
-# freed activations merge and fragmentation stays small: one forward's activations at 405B widths
-# left 7.25 GB reserved above what was allocated on an H200 without it (bench/RESULTS.md).
+# freed activations merge and fragmentation stays smaller: a 405B-shaped NF4 prefill of 8k tokens
+# in 2048-token chunks on an H200 peaked at 3.6 GB reserved above allocated with it, 6.3 GB
+# without (bench/RESULTS.md); budget.GPU_RESERVE (5 %) is what holds that.
 ALLOCATOR_SETTING = "expandable_segments:True"
 
 

@@ -60,8 +60,9 @@ MLX_GROUP = 64                 # mlx-lm's default group size
 
 CUDA_CONTEXT_BYTES = 500 * 1024**2   # CUDA context + cuBLAS workspace per GPU used (torch)
 PREFILL_CHUNK = 2048                 # tokens processed at once while reading the prompt (CUDA session, mlx-lm)
-GPU_RESERVE = 0.05                   # of each GPU's memory: allocator fragmentation, other users
-                                     # (measured at the prefill peak, 405B widths: bench/RESULTS.md)
+GPU_RESERVE = 0.05                   # of each GPU's free memory: allocator fragmentation, other users
+                                     # (measured at a 405B-shaped prefill peak on an H200: 3.6 GB with the
+                                     # CUDA backend's expandable segments, 6.3 GB without; 5 % = 7.5 GB there)
 RAM_RESERVE = 0.10                   # of RAM: the OS and the rest of the Python process
 MAC_WORKING_SET_SAFE = 0.90          # above ~0.9 x the GPU working set a Mac swaps, 40-150x slower
 MACOS_RESERVE = 8 * GB               # what macOS itself needs when the wired limit is raised
