@@ -209,3 +209,25 @@ def test_default_model_answers_paris_in_bf16_and_q8(default_model_dir):
         assert done.returncode == 0, done.stderr
         assert "Paris" in done.stdout, (quant, done.stdout)
         assert f"mlx on CPU (mlx[cpu]), " in done.stderr
+
+
+def test_fp32_logits_match_transformers_with_rope_parameters(tiny_llama_dir, tmp_path):
+    """transformers 5 writes RoPE as rope_parameters (SmolLM2: theta 100000); mlx-lm 0.32 reads only
+    a top-level rope_theta. The MLX session must still compute what transformers computes."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = copy_model(tiny_llama_dir, tmp_path / "tiny-rope")
+    config = json.loads((source / "config.json").read_text())
+    config.pop("rope_theta", None)
+    config["rope_parameters"] = {"rope_theta": 100000.0, "rope_type": "default"}
+    (source / "config.json").write_text(json.dumps(config))
+    ids = list(range(100, 160))                       # long enough for the rotation to matter
+    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0].numpy()
+    session = load(source, "fp32")
+    got = session.logits(ids)
+    session.close()
+    assert np.abs(got - expected).max() < 1e-3

@@ -123,6 +123,21 @@ def check_supported(config: dict, folder: Path) -> None:
         ) from None
 
 
+def config_fixes(config: dict) -> dict:
+    """Settings mlx-lm would miss in this config.json, to pass to its loader as `model_config`.
+
+    transformers 5 writes RoPE as "rope_parameters" ({"rope_theta": ..., "rope_type": ...}); mlx-lm
+    0.32's Llama reads only a top-level "rope_theta" and "rope_scaling", and would silently fall
+    back to theta 10000 (SmolLM2 uses 100000: every logit changes)."""
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" in config:
+        return {}
+    fixes = {"rope_theta": rope["rope_theta"]} if "rope_theta" in rope else {}
+    if rope.get("rope_type", "default") != "default" and not config.get("rope_scaling"):
+        fixes["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return fixes
+
+
 def mlx_lm_version() -> str:
     from importlib.metadata import version
 
@@ -183,7 +198,8 @@ def convert(source: Path, target: Path, quant: str, fingerprint: str, on_progres
     try:
         with contextlib.redirect_stdout(quiet):
             try:
-                model, tokenizer, config = load(str(source), lazy=True, return_config=True)
+                model, tokenizer, config = load(str(source), lazy=True, return_config=True,
+                                                model_config=config_fixes(read_json(source / "config.json")))
             except (ValueError, RuntimeError, OSError) as error:
                 raise CorruptWeights(f"{source}: mlx-lm cannot read these weights ({error})") from None
             dtype_name = QUANT_DTYPES.get(quant) or config.get("torch_dtype")

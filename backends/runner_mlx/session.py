@@ -22,7 +22,7 @@ from runner.errors import GenerationError, UserInputError
 from runner.model import ModelSpec
 
 from runner_mlx import QUANT_BITS, QUANT_DTYPES
-from runner_mlx.convert import CorruptWeights, check_weights, mlx_folder, notify
+from runner_mlx.convert import CorruptWeights, check_weights, config_fixes, mlx_folder, notify, read_json
 from runner_mlx.memory import measured, metal_limits, wired_limit_warning
 
 
@@ -165,7 +165,8 @@ def load_model_folder(folder: Path, on_progress=None, *, lazy_layers=None):
 
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            model, tokenizer = load(str(folder), lazy=True)
+            model, tokenizer = load(str(folder), lazy=True,
+                                    model_config=config_fixes(read_json(folder / "config.json")))
         if lazy_layers is not None:
             lazy_layers(model)
         layers = [layer for layer in model.layers if layer is not None]
