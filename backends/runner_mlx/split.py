@@ -129,6 +129,10 @@ def plan_hosts(spec: ModelSpec, quant: str, context: int, hosts: list[LaunchHost
     fixed = parts.embeddings + parts.head + activation_bytes(spec, context, 1, quant) + logits_bytes(spec, context, 1)
     capacities = [int(h.ram_bytes * MAC_WORKING_SET_SAFE) for h in hosts]
     if split == "pipeline":
+        if all(c <= fixed for c in capacities):
+            raise DoesNotFit(f"{spec.name} ({quant}, {context} tokens of context): the embeddings, head and "
+                             f"activations alone ({size(fixed)}) fill every host's usable memory "
+                             f"({', '.join(size(c) for c in capacities)})")
         per_layer = parts.layer + kv_per_layer
         ranges = pipeline_ranges(spec.num_layers, [max(c - fixed, 0) / per_layer for c in capacities])
         totals = [fixed + (stop - start) * per_layer for start, stop in ranges]
