@@ -49,7 +49,7 @@ def test_q4_conversion_is_mlx_lm_format_with_progress_and_is_reused(tiny_llama_d
     weights.write_bytes(bytes(raw))
     progress.clear()
     session = load(source, "q4", progress)
-    assert any("changed since it was converted" in p.stage for p in progress)
+    assert any("tiny-reuse-q4 is out of date (the source or runner changed)" in p.stage for p in progress)
     session.close()
 
 

@@ -28,6 +28,7 @@ from runner.paths import models_dir
 from runner_mlx import GROUP_SIZE, MLX_QUANTS, QUANT_BITS, QUANT_DTYPES
 
 SOURCE_RECORD = "runner-source.json"
+CONVERSION = 2   # raise when runner's conversion changes, so older conversions are made again
 
 Progress = Callable[[LoadProgress], None]
 
@@ -170,9 +171,10 @@ def mlx_folder(source: Path, quant: str, on_progress: Progress | None = None) ->
     fingerprint = model_fingerprint(source, with_times=True)
     if (target / SOURCE_RECORD).is_file():
         record = read_json(target / SOURCE_RECORD)
-        if record.get("fingerprint") == fingerprint:
+        if record.get("fingerprint") == fingerprint and record.get("conversion") == CONVERSION:
             return target
-        notify(on_progress, LoadProgress(f"{source.name} changed since it was converted; converting again", 0, 0))
+        notify(on_progress, LoadProgress(
+            f"{target.name} is out of date (the source or runner changed); converting again", 0, 0))
     check_supported(config, source)
     convert(source, target, quant, fingerprint, on_progress)
     return target
@@ -223,7 +225,7 @@ def convert(source: Path, target: Path, quant: str, fingerprint: str, on_progres
             save(temporary, source, model, tokenizer, config)
         (temporary / SOURCE_RECORD).write_text(
             json.dumps({"source": str(source.resolve()), "quant": quant, "fingerprint": fingerprint,
-                        "mlx_lm": mlx_lm_version()}, indent=2)
+                        "conversion": CONVERSION, "mlx_lm": mlx_lm_version()}, indent=2)
         )
         replace_folder(temporary, target)
     finally:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from runner.errors import RunnerError, UserInputError
 
-from runner_mlx.rank import EXIT_STOPPED, EXIT_WATCHDOG
+from runner_mlx.rank import EXIT_LOST_PEER, EXIT_STOPPED, EXIT_WATCHDOG
 from runner_mlx.split import LaunchHost
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -188,7 +188,7 @@ class RankReport:
         if not self.exits:
             return 0, None
         # the cause is the rank that failed by itself, not one stopped because of it
-        followers = (EXIT_STOPPED, -signal.SIGTERM, 128 + signal.SIGTERM)
+        followers = (EXIT_STOPPED, EXIT_LOST_PEER, -signal.SIGTERM, 128 + signal.SIGTERM)
         causes = [r for r, code in sorted(self.exits.items()) if code not in followers] or sorted(self.exits)
         rank = causes[0]
         code = self.exits[rank]
@@ -197,6 +197,8 @@ class RankReport:
             how = f"died (killed by signal {-code}, {signal.Signals(-code).name})"
         elif code == EXIT_WATCHDOG:
             how = "stopped by its watchdog (no answer from the other hosts)"
+        elif code == EXIT_LOST_PEER:
+            how = "lost the connection to the other hosts"
         else:
             how = f"stopped with exit code {code}"
         return (2 if code == 2 else 1), f"rank {rank} ({host}) {how}; every rank was stopped"

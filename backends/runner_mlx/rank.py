@@ -27,8 +27,9 @@ from pathlib import Path
 from runner.backend import Message, Sampling
 from runner.errors import RunnerError, UserInputError
 
-EXIT_WATCHDOG = 3
-EXIT_STOPPED = 4
+EXIT_WATCHDOG = 3     # no progress within the time limit
+EXIT_STOPPED = 4      # stopped by the launcher (another rank failed) or the launcher is gone
+EXIT_LOST_PEER = 5    # the ring lost a peer: a consequence of another rank's failure
 
 
 # ---- the watchdog ----------------------------------------------------------------------------
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         if "[ring]" in str(error):     # mlx's ring backend lost a peer
             print(f"runner: error: {watchdog.name}: lost the connection to another host while "
                   f"{watchdog.phase} (it died or the network dropped)", file=sys.stderr, flush=True)
-            return 1
+            return EXIT_LOST_PEER
         if not isinstance(error, RunnerError):
             raise
         print(f"runner: error: {watchdog.name}: {error}", file=sys.stderr, flush=True)
