@@ -293,3 +293,19 @@ def test_a_prefix_shared_by_prompts_is_counted_once():
     other = make_capture([logits + 0.1 * rng.normal(size=logits.shape), logits], [first, second], [8, 8])
     result = compare(reference, other)
     assert result.positions == 10 + 6
+
+
+def test_model_identity_ignores_how_transformers_wrote_the_config(tmp_path):
+    from runner.parity import config_sha256
+
+    v4 = {"model_type": "llama", "hidden_size": 576, "rope_theta": 100000, "rope_scaling": None,
+          "torch_dtype": "bfloat16", "transformers_version": "4.42.3"}
+    v5 = {"model_type": "llama", "hidden_size": 576, "dtype": "float32", "transformers_version": "5.24.0",
+          "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}
+    other_theta = dict(v4, rope_theta=10000)
+    hashes = []
+    for name, config in (("v4", v4), ("v5", v5), ("theta", other_theta)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        hashes.append(config_sha256(tmp_path / name))
+    assert hashes[0] == hashes[1] != hashes[2]

@@ -201,18 +201,43 @@ def read_prompts(path: str | Path) -> list[Prompt]:
 
 # ---- identity of a model: what must match for two runs to be comparable -----------------------
 
-# config.json keys that say how a checkpoint is stored, not what it computes.
-CONFIG_KEYS_IGNORED = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "quantization",
-                       "quantization_config", "use_cache")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt")
+# The config.json keys that decide what a decoder computes. Only these make a model's identity:
+# the rest of a config.json changes with the transformers version that wrote it (`dtype` or
+# `torch_dtype`, `rope_parameters` or `rope_theta` + `rope_scaling`, defaults it spells out).
+IDENTITY_KEYS = (
+    "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "rms_norm_eps", "hidden_act",
+    "tie_word_embeddings", "attention_bias", "mlp_bias", "sliding_window", "num_local_experts",
+    "num_experts_per_tok", "rope_theta", "rope_scaling",
+)
+
+
+def model_identity(config: dict) -> dict:
+    """The identity keys of a config.json, with RoPE written one way whichever transformers wrote it."""
+    config = dict(config)
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict):                          # transformers 5
+        rope = dict(rope)
+        config.setdefault("rope_theta", rope.pop("rope_theta", None))
+        if rope.get("rope_type", "default") != "default":
+            config["rope_scaling"] = rope
+    scaling = config.get("rope_scaling")
+    if isinstance(scaling, dict):
+        scaling = {k: v for k, v in scaling.items() if k != "type"}
+        scaling.setdefault("rope_type", config["rope_scaling"].get("type", "default"))
+        config["rope_scaling"] = scaling
+    if config.get("rope_theta") is not None:
+        config["rope_theta"] = float(config["rope_theta"])
+    return {key: config[key] for key in IDENTITY_KEYS if config.get(key) is not None}
 
 
 def config_sha256(folder: Path) -> str:
-    """sha256 of config.json with sorted keys, without the keys that only say how it is stored."""
+    """sha256 of the model's identity keys (see IDENTITY_KEYS) in its config.json."""
     config = json.loads((folder / "config.json").read_text())
-    for key in CONFIG_KEYS_IGNORED:
-        config.pop(key, None)
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(model_identity(config), sort_keys=True).encode()).hexdigest()
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt")
 
 
 def tokenizer_sha256(folder: Path) -> str:
