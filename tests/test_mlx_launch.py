@@ -29,17 +29,10 @@ def launched_tokens(stderr: str) -> list[int]:
     return [int(t) for t in match.group(1).split()]
 
 
-def no_rank_left(before: set[int]) -> bool:
-    left = []
-    for process in psutil.process_iter(["pid", "cmdline"]):
-        if process.info["pid"] not in before and "runner_mlx.rank" in " ".join(process.info["cmdline"] or []):
-            left.append(process.info["pid"])
-    return not left
-
-
-def rank_pids() -> set[int]:
-    return {p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"])
-            if "runner_mlx.rank" in " ".join(p.info["cmdline"] or [])}
+def all_gone(processes: list[psutil.Process]) -> bool:
+    """Every process of a run (mlx.launch, the ranks) has ended within a few seconds."""
+    _, alive = psutil.wait_procs(processes, timeout=5)
+    return not alive
 
 
 @pytest.mark.slow
@@ -71,7 +64,6 @@ def test_tensor_split_gives_the_single_process_greedy_tokens_fp32(tiny_llama_dir
 
 
 def start_long_run(model_dir, *extra: str):
-    before = rank_pids()
     process = launch_popen(str(model_dir), "--hosts", LOOPBACK, "--split", "pipeline", "--quant", "q4",
                            "-p", PROMPT, "--max-tokens", "100000", *extra)
     lines: list[str] = []
@@ -84,7 +76,9 @@ def start_long_run(model_dir, *extra: str):
             pytest.fail("the ranks did not start: " + "".join(lines))
         time.sleep(0.2)
     time.sleep(1.5)                                            # now generating
-    return process, lines, before
+    children = psutil.Process(process.pid).children(recursive=True)
+    assert len(children) >= 3, children                        # mlx.launch and two ranks
+    return process, lines, children
 
 
 def finish(process: subprocess.Popen, limit: float) -> float:
@@ -101,7 +95,7 @@ def finish(process: subprocess.Popen, limit: float) -> float:
 
 @pytest.fixture
 def long_run(tiny_llama_dir):
-    """start(*extra) -> (process, stderr lines, rank pids before); the run is always ended."""
+    """start(*extra) -> (process, stderr lines, its child processes); the run is always ended."""
     started = []
 
     def start(*extra: str):
@@ -118,7 +112,7 @@ def long_run(tiny_llama_dir):
 
 @pytest.mark.slow
 def test_a_rank_that_dies_mid_generation_stops_every_rank_with_a_clear_error(long_run):
-    process, lines, before = long_run()
+    process, lines, children = long_run()
     ranks = rank_processes(process.pid)
     assert set(ranks) == {0, 1}
     ranks[1].kill()
@@ -128,12 +122,12 @@ def test_a_rank_that_dies_mid_generation_stops_every_rank_with_a_clear_error(lon
     assert seconds < 30, text
     assert "runner: error: rank 1 (127.0.0.1) died (killed by signal 9, SIGKILL); every rank was stopped" in text
     assert "Traceback" not in text
-    assert no_rank_left(before)
+    assert all_gone(children)
 
 
 @pytest.mark.slow
 def test_a_frozen_rank_is_caught_by_the_watchdog_and_nothing_is_left(long_run):
-    process, lines, before = long_run("--rank-timeout", "4")
+    process, lines, children = long_run("--rank-timeout", "4")
     ranks = rank_processes(process.pid)
     ranks[1].send_signal(signal.SIGSTOP)                      # alive, but answers nothing: a frozen host
     try:
@@ -148,7 +142,7 @@ def test_a_frozen_rank_is_caught_by_the_watchdog_and_nothing_is_left(long_run):
     assert re.search(r"runner: error: rank 0 \(127\.0\.0\.1\): no progress for \d+ s while generating: another "
                      r"host died, froze or lost the network", text), text
     assert "runner: error: rank 0 (127.0.0.1) stopped by its watchdog" in text
-    assert no_rank_left(before)
+    assert all_gone(children)
 
 
 @pytest.mark.slow
@@ -213,12 +207,12 @@ def test_a_malformed_hostfile_is_refused(tiny_llama_dir, tmp_path):
 
 @pytest.mark.slow
 def test_stopping_runner_launch_stops_every_rank(long_run):
-    process, lines, before = long_run()
+    process, lines, children = long_run()
     process.terminate()                                        # as `timeout` or a closed terminal would
     assert finish(process, 30) < 20
     assert process.returncode == 1
     assert "runner: error: stopped (SIGTERM); every rank was stopped" in "".join(lines)
-    assert no_rank_left(before)
+    assert all_gone(children)
 
 
 def test_a_split_that_does_not_fit_a_host_is_refused_with_every_share(default_model_dir):
