@@ -56,8 +56,11 @@ def read_hostfile(path: Path) -> list[tuple[str, list[str]]]:
 
 
 def is_local_ip(ip: str) -> bool:
-    if ipaddress.ip_address(ip).is_loopback:
-        return True
+    try:
+        if ipaddress.ip_address(ip).is_loopback:
+            return True
+    except ValueError:
+        raise UserInputError(f"'{ip}' is not an IP address (the ring backend connects to IPs)") from None
     try:
         return ip in socket.gethostbyname_ex(socket.gethostname())[2]
     except OSError:
