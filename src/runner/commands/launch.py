@@ -25,8 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=("auto", "pipeline", "tensor"), default="auto",
                         help="tensor: mlx-lm's sharding (heads must divide); pipeline: runner's layer ranges "
                              "sized by each host's memory; auto: tensor when it works (default)")
-    parser.add_argument("--quant", default="q4", choices=("q4", "q8", "bf16", "fp16", "fp32"),
-                        help="q4/q8: mlx-lm quantization, group 64; bf16: none (default: q4)")
+    parser.add_argument("--quant", choices=("q4", "q8", "bf16", "fp16", "fp32"),
+                        help="q4/q8: mlx-lm quantization, group 64; bf16: none "
+                             "(default: q4, or q8 for models under 1B parameters, which 4-bit ruins)")
     parser.add_argument("-p", "--prompt", help="the message to answer (without it: read one from stdin)")
     parser.add_argument("--system", help="a system message")
     parser.add_argument("--max-tokens", type=int, default=256)
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError("give --hosts or --hostfile, not both")
     if args.rank_timeout <= 0:
         raise UserInputError("--rank-timeout must be more than 0 seconds")
+    quant = args.quant or default_quant(args.model)
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
     memory = None
     if args.host_memory:
@@ -75,10 +77,18 @@ def run(args: argparse.Namespace) -> int:
     from runner_mlx.launcher import LaunchRequest, launch
 
     return launch(LaunchRequest(
-        model=args.model, hosts=args.hosts, hostfile=args.hostfile, split=args.split, quant=args.quant,
+        model=args.model, hosts=args.hosts, hostfile=args.hostfile, split=args.split, quant=quant,
         context=args.context, messages=messages,
         sampling={"temperature": sampling.temperature, "top_p": sampling.top_p,
                   "max_tokens": sampling.max_tokens, "seed": sampling.seed},
         host_memory_gb=memory, rank_timeout=args.rank_timeout, verbose=args.verbose,
         show_tokens=args.show_tokens,
     ))
+
+
+def default_quant(model: str | None) -> str:
+    """q4 spreads a big model over the fewest hosts; small models do not survive it (budget's threshold)."""
+    from runner.budget import SMALL_MODEL_PARAMETERS
+    from runner.model import load_spec
+
+    return "q8" if load_spec(model).parameter_count() < SMALL_MODEL_PARAMETERS else "q4"
