@@ -9,8 +9,10 @@ scheme whose backend cannot run here is listed as skipped.
 --rope-theta-top-level runs on a copy of the model folder (weights linked, not copied) whose
 config.json also carries `rope_theta` at the top level, as transformers 4 wrote it. transformers 5
 writes it only inside `rope_parameters`, which mlx-lm 0.32 does not read: it then runs the model
-with its default theta (10000 instead of SmolLM2's 100000). The flag shows the MLX numbers as
-they are once the MLX backend reads `rope_parameters`.
+with its default theta (10000 instead of SmolLM2's 100000). The MLX backend has lifted
+`rope_parameters` to `rope_theta` since commit 642fc34, so the flag no longer changes the numbers;
+it stays to reproduce the comparison (without the fix, MLX float32 vs torch float32: mean KL 0.09,
+top-1 89 %, FAIL).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shutil
 import sys
 import time
 from datetime import datetime, timezone
