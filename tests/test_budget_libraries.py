@@ -7,14 +7,13 @@ that folder's config.json, and then:
     parameter and of every quantization-state tensor (absmax, nested absmax, code, offset, SCB);
   - mlx-lm builds the same model and quantizes it with its own quantize_model (q4, q8, group 64);
     we sum tree_flatten(model.parameters()) nbytes;
-  - FP8: transformers refuses to quantize FP8 without a GPU ("No GPU or XPU found") and dequantizes
-    FP8 checkpoints to bf16 on a CPU, so the real format cannot be loaded here. We build it with
-    transformers' own `replace_with_fp8_linear` (the FP8Linear modules a checkpoint loads into,
-    lm_head skipped as the quantizer does) and sum those parameters' bytes.
+  - FP8 (torchao, per-row): torchao quantizes only on a GPU of compute capability 8.9+, so the
+    Linears are converted with torchao's own Float8Tensor.from_hp (what the config calls), lm_head
+    skipped as transformers' quantizer does, and their bytes summed (skipped without torchao).
 The budget must equal each number exactly.
 
-The dimensions are chosen to exercise the padding: 192 is not a multiple of 128 (FP8 blocks),
-q_proj has 36,864 weights = 576 absmax blocks = 2.25 nested blocks of 256.
+The dimensions are chosen to exercise the padding: q_proj has 36,864 weights = 576 absmax blocks
+= 2.25 nested blocks of 256.
 """
 
 from __future__ import annotations
@@ -104,22 +103,32 @@ def test_bitsandbytes_matches_the_budget(tiny, quant):
     assert model.get_memory_footprint() < weights_bytes(spec, quant, "cuda")
 
 
-def test_fp8_matches_transformers_fp8_linear_format(tiny):
+def test_fp8_matches_torchao_float8_format(tiny):
+    """runner's fp8 is torchao's Float8DynamicActivationFloat8WeightConfig(PerRow): each decoder
+    Linear becomes a Float8Tensor (e4m3 qdata + fp32 scale per output row); transformers' torchao
+    quantizer converts nn.Linear only and skips lm_head. Quantizing through transformers needs a
+    GPU of compute capability 8.9+ (torchao asserts it), so the Linears are converted here with
+    the same Float8Tensor.from_hp the config calls."""
+    pytest.importorskip("torchao")
     import torch
-    from transformers import FineGrainedFP8Config, LlamaConfig, LlamaForCausalLM
-    from transformers.integrations.finegrained_fp8 import FP8Linear, replace_with_fp8_linear
+    from torchao.quantization import PerRow
+    from torchao.quantization.quantize_.workflows.float8.float8_tensor import Float8Tensor
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig.from_pretrained(tiny)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    skip = ["lm_head"]  # get_keys_to_not_convert: the output embedding stays in bf16
-    model = replace_with_fp8_linear(model, skip, FineGrainedFP8Config(weight_block_size=[128, 128]))
-    q_proj = model.model.layers[0].self_attn.q_proj
-    assert isinstance(q_proj, FP8Linear)
-    assert q_proj.weight.dtype == torch.float8_e4m3fn
-    assert tuple(q_proj.weight_scale_inv.shape) == (2, 2)  # 192 / 128 rounds up to 2 blocks
-    real = sum(p.numel() * p.element_size() for p in model.parameters())
-    assert real == weights_bytes(load_spec(str(tiny)), "fp8", "cuda")
+    model = LlamaForCausalLM.from_pretrained(tiny, dtype=torch.bfloat16)
+    total, seen = 0, set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            weight = Float8Tensor.from_hp(module.weight.data, granularity=PerRow())
+            assert weight.qdata.dtype == torch.float8_e4m3fn
+            assert tuple(weight.scale.shape) == (module.out_features, 1) and weight.scale.dtype == torch.float32
+            total += weight.qdata.nbytes + weight.scale.nbytes
+        else:
+            for parameter in module.parameters(recurse=False):  # a tied lm_head is the embedding
+                if parameter.data_ptr() not in seen:
+                    seen.add(parameter.data_ptr())
+                    total += parameter.numel() * parameter.element_size()
+    assert total == weights_bytes(load_spec(str(tiny)), "fp8", "cuda")
 
 
 def _mlx_model(folder):

@@ -299,6 +299,29 @@ def test_quants_this_backend_does_not_have(tiny_llama_dir):
         load(tiny_llama_dir, "fp32", context=1000, plan=False)
 
 
+def test_fp8_scheme_names_the_gpu_and_the_missing_package(monkeypatch):
+    """fp8's refusals, without a GPU: below compute capability 8.9 the GPU is named; without
+    torchao the install command is given; with torchao the scheme is its per-row FP8 config."""
+    import importlib.util
+
+    from runner.errors import BackendUnavailable
+    from runner_cuda.loading import fp8_scheme
+
+    with pytest.raises(UserInputError, match=r"NVIDIA A100-SXM4-80GB is 8\.0: use --quant nf4"):
+        fp8_scheme([("NVIDIA H100 80GB HBM3", (9, 0)), ("NVIDIA A100-SXM4-80GB", (8, 0))])
+    h100 = [("NVIDIA H100 80GB HBM3", (9, 0))]
+    if importlib.util.find_spec("torchao") is not None:
+        scheme = fp8_scheme(h100)
+        quant_type = scheme.quantization_config.quant_type
+        assert type(quant_type).__name__ == "Float8DynamicActivationFloat8WeightConfig"
+        assert [type(g).__name__ for g in quant_type.granularity] == ["PerRow", "PerRow"]
+        assert "torchao" in scheme.description
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real_find_spec(name, *a))
+    with pytest.raises(BackendUnavailable, match=r"fp8 needs torchao, which is not installed .*: pip install torchao"):
+        fp8_scheme(h100)
+
+
 def test_plan_that_needs_offload_is_refused_with_its_numbers():
     spec = load_spec("meta-llama/Llama-3.1-70B-Instruct")  # catalog: no weights, none are read
     plan = make_plan(spec, parse_machine("1xH100-80GB"), "bf16", 4096, backend="cuda")
@@ -326,6 +349,36 @@ def test_nf4_on_the_gpu(tiny_llama_dir):
         chunks = list(session.stream(QUESTION, Sampling(max_tokens=6)))
         assert [c.token for c in chunks] == argmax_continuation(session, prompt, 6)
         assert chunks[-1].peak_memory >= memory.measured["cuda:0"]
+    finally:
+        session.close()
+
+
+@pytest.mark.gpu
+def test_fp8_on_the_gpu(tiny_llama_dir):
+    """torchao FP8 (compute capability 8.9+, torchao installed): decoder Linears hold Float8Tensor
+    weights, lm_head stays bf16, the reply is the model's own argmax, the bytes are the plan's."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("torchao")
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability(0) < (8, 9):
+        pytest.skip("no CUDA GPU of compute capability 8.9+")
+    session = load(tiny_llama_dir, "fp8")
+    try:
+        model = session.hf_model
+        assert type(model.model.layers[0].mlp.down_proj.weight.data).__name__ == "Float8Tensor"
+        assert model.lm_head.weight.dtype == torch.bfloat16
+        # the model's own tensors (Float8Tensor: qdata + scale) are the plan's weights, to its
+        # buffers (rotary inv_freq); the allocator's count also holds the fast path's static KV
+        # cache, CUDA graph pool and cuBLAS workspace (+37 MB here on an H200), so it is only >=
+        from runner_cuda.loading import tensor_bytes_by_device
+
+        memory = session.memory()
+        planned = memory.planned["cuda:0"]
+        held = tensor_bytes_by_device(model)["cuda:0"]
+        assert planned <= held <= planned + 4096
+        assert memory.measured["cuda:0"] >= held
+        prompt = session.tokenize(QUESTION)
+        chunks = list(session.stream(QUESTION, Sampling(max_tokens=6)))
+        assert [c.token for c in chunks] == argmax_continuation(session, prompt, 6)
     finally:
         session.close()
 

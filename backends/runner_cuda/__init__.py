@@ -1,4 +1,4 @@
-"""The CUDA backend: transformers + accelerate + bitsandbytes (NF4, LLM.int8), on NVIDIA GPUs.
+"""The CUDA backend: transformers + accelerate + bitsandbytes (NF4, LLM.int8) + torchao (FP8), on NVIDIA GPUs.
 
     backend = CudaBackend()
     session = backend.load(LoadRequest(spec, quant="nf4", context=4096, plan=plan))
@@ -21,6 +21,8 @@ from runner.backend import Availability, LoadRequest
 
 INSTALL = "pip install 'runner[cuda]'"
 BITSANDBYTES_INSTALL = "pip install 'bitsandbytes>=0.45'"
+# torchao ships no torch pin: take the release built for the installed torch (0.18 for torch 2.11)
+FP8_INSTALL = "pip install torchao (the release built for your torch: 0.18 for torch 2.11)"
 
 # The schemes this backend loads, in the CLI's words.
 CUDA_QUANTS = ("bf16", "fp16", "fp32", "nf4", "nf4-nodq", "fp4", "int8", "fp8")
@@ -46,4 +48,4 @@ class CudaBackend:
         return load_session(request)
 
 
-__all__ = ["CudaBackend", "CUDA_QUANTS", "BITSANDBYTES_QUANTS", "INSTALL", "BITSANDBYTES_INSTALL"]
+__all__ = ["CudaBackend", "CUDA_QUANTS", "BITSANDBYTES_QUANTS", "INSTALL", "BITSANDBYTES_INSTALL", "FP8_INSTALL"]

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Callable
 
 from runner.backend import LoadProgress, LoadRequest
 from runner.errors import BackendUnavailable, DoesNotFit, LoadError, UserInputError
-from runner_cuda import BITSANDBYTES_INSTALL, BITSANDBYTES_QUANTS, CUDA_QUANTS
+from runner_cuda import BITSANDBYTES_INSTALL, BITSANDBYTES_QUANTS, CUDA_QUANTS, FP8_INSTALL
 
 if TYPE_CHECKING:
     import torch
@@ -207,10 +207,14 @@ def scheme_for(quant: str, gpus: list[tuple[str, tuple[int, int]]], allow_offloa
 
 
 def fp8_scheme(gpus: list[tuple[str, tuple[int, int]]]) -> Scheme:
-    """FP8 weights through a route whose kernels ship in an installed package.
+    """FP8 through torchao: e4m3 weights with one fp32 scale per output row, activations quantized
+    per token on the fly, products by `torch._scaled_mm` (FP8 tensor cores; it ships with torch).
 
-    transformers' fine-grained FP8 fetches its kernels from the Hugging Face Hub at run time (the
-    `kernels` package), so it cannot work offline; torchao and fbgemm-gpu ship theirs."""
+    transformers' own fine-grained FP8 fetches its kernels from the Hugging Face Hub at run time
+    (the `kernels` package), so it cannot work offline. torchao's weight-only FP8 dequantizes each
+    weight to bf16 before every product (slower than bf16 at decode). embed_tokens and lm_head stay
+    bf16 (transformers' torchao quantizer converts nn.Linear only, and skips the output head), as
+    do Linears whose sides are not multiples of 16 (`_scaled_mm` needs them)."""
     import torch
 
     if not gpus:
@@ -222,17 +226,23 @@ def fp8_scheme(gpus: list[tuple[str, tuple[int, int]]]) -> Scheme:
                 f"{capability[0]}.{capability[1]}: use --quant nf4, int8 or bf16"
             )
     if importlib.util.find_spec("torchao") is not None:
-        from torchao.quantization import Float8WeightOnlyConfig
+        from transformers.utils import is_torchao_available
+
+        if not is_torchao_available():  # installed, but older than transformers accepts
+            from importlib.metadata import version
+
+            raise BackendUnavailable(
+                f"--quant fp8: torchao {version('torchao')} is too old for transformers (it needs 0.15 or newer): "
+                f"{FP8_INSTALL}"
+            )
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
         from transformers import TorchAoConfig
 
-        return Scheme(torch.bfloat16, TorchAoConfig(quant_type=Float8WeightOnlyConfig()), "fp8 (torchao, weight-only e4m3)")
-    if importlib.util.find_spec("fbgemm_gpu") is not None:
-        from transformers import FbgemmFp8Config
-
-        return Scheme(torch.bfloat16, FbgemmFp8Config(), "fp8 (fbgemm, e4m3 per-channel)")
+        config = TorchAoConfig(quant_type=Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+        return Scheme(torch.bfloat16, config, "fp8 (torchao: e4m3 weights and activations, per-row scales, torch._scaled_mm)")
     raise BackendUnavailable(
-        "--quant fp8 needs torchao or fbgemm-gpu (transformers' own fine-grained FP8 downloads its "
-        "kernels from the Hub at run time, which runner does not do): pip install torchao"
+        "--quant fp8 needs torchao, which is not installed (transformers' own fine-grained FP8 downloads "
+        f"its kernels from the Hub at run time, which runner does not do): {FP8_INSTALL}"
     )
 
 
@@ -341,10 +351,24 @@ def placement_summary(model) -> str:
     return ", ".join(runs)
 
 
-def _tensors_with_quant_state(model):
-    """Every tensor the model holds: parameters, buffers, and bitsandbytes' quantization state."""
-    for tensor in list(model.parameters()) + list(model.buffers()):
+def _plain_tensors(tensor):
+    """A tensor subclass that wraps others (torchao's Float8Tensor: qdata + scale) has no storage
+    of its own: its inner tensors, recursively; any other tensor is itself."""
+    flatten = getattr(tensor.data if hasattr(tensor, "data") else tensor, "__tensor_flatten__", None)
+    if flatten is None:
         yield tensor
+        return
+    inner = tensor.data
+    for name in flatten()[0]:
+        yield from _plain_tensors(getattr(inner, name))
+
+
+def _tensors_with_quant_state(model):
+    """Every tensor the model holds: parameters, buffers, torchao's inner tensors, and
+    bitsandbytes' quantization state."""
+    for held in list(model.parameters()) + list(model.buffers()):
+        yield from _plain_tensors(held)
+        tensor = held
         state = getattr(tensor, "quant_state", None)  # NF4/FP4: absmax, code, offset, nested state
         while state is not None:
             for part in (state.absmax, state.code, getattr(state, "offset", None)):

@@ -32,7 +32,7 @@ QUANT_DESCRIPTIONS = {
     "bf16": "bfloat16, 2 bytes per weight",
     "fp16": "float16, 2 bytes per weight",
     "fp32": "float32, 4 bytes per weight",
-    "fp8": "FP8 e4m3 weights + fp32 scale per 128x128 block (transformers fine-grained FP8)",
+    "fp8": "FP8 e4m3 weights + fp32 scale per output row (torchao; embeddings and lm_head bf16)",
     "int8": "bitsandbytes LLM.int8: int8 weights + fp32 scale per row",
     "nf4": "bitsandbytes NF4, double quant: 4-bit + uint8 absmax per 64 (+ fp32 per 256 blocks)",
     "nf4-nodq": "bitsandbytes NF4 without double quant: 4-bit + fp32 absmax per 64",
@@ -55,7 +55,7 @@ BNB_NESTED_BLOCK = 256         # double quant: absmax quantized to uint8 in bloc
 BNB_CODE_4BIT = 16 * 4         # the 16-entry NF4/FP4 code table (fp32), one per weight tensor
 BNB_CODE_NESTED = 256 * 4      # the 256-entry dynamic code table of the nested state (fp32)
 BNB_OFFSET = 4                 # the fp32 mean subtracted from absmax before nesting
-FP8_BLOCK = 128                # fine-grained FP8: one fp32 scale per 128x128 block
+FP8_ALIGN = 16                 # torchao FP8: Linears with a side not a multiple of 16 stay bf16 (_scaled_mm)
 MLX_GROUP = 64                 # mlx-lm's default group size
 
 CUDA_CONTEXT_BYTES = 500 * 1024**2   # CUDA context + cuBLAS workspace per GPU used (torch)
@@ -104,9 +104,10 @@ def linear_bytes(linear: Linear, quant: str, unquantized_bytes: int = 2) -> int:
         return n * 2 + bias
     if quant == "fp32":
         return n * 4 + bias
-    if quant == "fp8":
-        scales = math.ceil(out_features / FP8_BLOCK) * math.ceil(in_features / FP8_BLOCK) * 4
-        return n + scales + bias
+    if quant == "fp8":   # torchao Float8Tensor, per-row: e4m3 weights + one fp32 scale per output row
+        if out_features % FP8_ALIGN or in_features % FP8_ALIGN:
+            return n * unquantized_bytes + bias
+        return n + out_features * 4 + bias
     if quant == "int8":
         return n + out_features * 4 + bias           # int8 weights + SCB (fp32 per output row)
     if quant in BNB_4BIT:
@@ -641,8 +642,8 @@ def _scheme_warnings(model: ModelSpec, machine: Machine, quant: str, backend: st
         if fp8_dequantized(quant, backend, machine):
             warnings.append("fp8 needs an NVIDIA GPU with compute capability 8.9+ (Ada, Hopper); without one "
                             "transformers dequantizes FP8 checkpoints to bf16 on load: counted here as bf16")
-        warnings.append("fp8 in transformers needs the `kernels` package, which downloads its kernels from "
-                        "the Hub at run time: it does not work offline")
+        warnings.append("fp8 on the cuda backend is torchao's (e4m3 weights and activations, per-row scales): "
+                        "it needs torchao installed (pip install torchao)")
     if quant == "bf16" and backend == "cuda" and any(g.compute_capability and g.compute_capability < (8, 0) for g in gpus):
         warnings.append("these GPUs have no bfloat16 (compute capability below 8.0): use --quant fp16")
     if quant in ("q4", "fp4", "nf4", "nf4-nodq") and model.parameter_count() < 1_000_000_000:

@@ -121,8 +121,10 @@ class FastDecoder:
         # BF16 (plain Linear) q/k/v and gate/up: one weight each, the modules' weights views into
         # it (no extra memory): one GEMV instead of three (two), and small GEMVs run below bandwidth
         self.qkv, self.gate_up = None, None
+        # (plain weights only: torchao's FP8 keeps nn.Linear but its weight is a tensor subclass)
         if (on_cuda if fuse_dense is None else fuse_dense) and all(
-            type(m) is torch.nn.Linear for layer in self.layers for m in _projections(layer)
+            type(m) is torch.nn.Linear and type(m.weight.data) is torch.Tensor
+            for layer in self.layers for m in _projections(layer)
         ):
             with torch.no_grad():
                 self.qkv = [_fuse_rows([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in self.layers]
