@@ -261,3 +261,25 @@ def test_decoder_refuses_int8_projections(tiny_llama_dir):
                                                  device_map="cpu").eval()
     with pytest.raises(Unsupported, match="Linear8bitLt"):
         FastDecoder(model, max_len=64, use_graphs=False)
+
+
+def test_close_releases_the_fast_decoder(tiny_llama_dir):
+    """close() must drop the attached fast steps: their decoder holds the static KV cache, the CUDA
+    graphs and views of the weights (on a GPU, an FP8 session kept ~3.1 GB after close without this)."""
+    import gc
+    import weakref
+
+    from runner.backend import LoadRequest, get_backend
+    from runner.model import load_spec
+    from runner_cuda.fast import FastSteps
+    from runner_cuda.fast.decoder import FastDecoder
+
+    session = get_backend("cuda").load(LoadRequest(load_spec(str(tiny_llama_dir)), "fp32", 64))
+    decoder = FastDecoder(session.hf_model, session.context, use_graphs=False)
+    steps = FastSteps(decoder)
+    session.new_cache, session.forward_step = steps.new_cache, steps.forward_step
+    gone = weakref.ref(decoder)
+    del decoder, steps
+    session.close()
+    gc.collect()
+    assert gone() is None

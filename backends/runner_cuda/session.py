@@ -314,6 +314,11 @@ class CudaSession:
             return
         self.hf_model = None
         self.tokenizer = None
+        # A fast path (runner_cuda.fast.attach) replaces these two methods with bound methods of an
+        # object that holds the static KV cache, the CUDA graphs and views of the weights: drop them,
+        # or the GPU memory stays allocated after close.
+        self.__dict__.pop("new_cache", None)
+        self.__dict__.pop("forward_step", None)
         free_memory()
 
 
