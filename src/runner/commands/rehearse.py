@@ -2,11 +2,13 @@
 
     runner rehearse meta-llama/Llama-3.1-70B-Instruct --quant nf4 --context 8192
     runner rehearse meta-llama/Llama-3.1-405B-Instruct --layers 60 --context 8192 --json
+    runner rehearse --backend mlx meta-llama/Llama-3.1-8B-Instruct --quant q4 --layers 2 --context 1024
 
 It plans first (the same Plan as `runner plan`), refuses a plan that does not fit unless
 `--force`, then builds the model layer by layer with random weights in the target quantization on
 the plan's devices, prefills `context - decode_tokens` tokens, decodes `decode_tokens` more, and
 prints measured memory per device next to the plan's, and tokens/s next to the roofline.
+`--backend mlx` does the same with mlx-lm's own model class and quantization (runner_mlx.rehearse).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import sys
 
 from runner.errors import BackendUnavailable, DoesNotFit, UserInputError
 
-QUANT_CHOICES = ("nf4", "bf16", "int8")
+QUANT_CHOICES = ("nf4", "bf16", "int8", "q4", "q8")
+BACKEND_QUANTS = {"cuda": ("nf4", "bf16", "int8"), "mlx": ("q4", "q8", "bf16")}   # the first is the default
 DEFAULT_CONTEXT = 4096
 DEFAULT_DECODE_TOKENS = 16
 
@@ -28,8 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", default=None,
                         help="model id (catalog or Hugging Face cache) or folder with config.json; "
                              "only config.json is read")
-    parser.add_argument("--quant", choices=QUANT_CHOICES, default="nf4",
-                        help="weights as the CUDA backend would load them (default: nf4, double quant, bf16 compute)")
+    parser.add_argument("--backend", choices=tuple(BACKEND_QUANTS), default="cuda",
+                        help="rehearse the CUDA load (transformers + bitsandbytes, default) or the MLX one (mlx-lm)")
+    parser.add_argument("--quant", choices=QUANT_CHOICES, default=None,
+                        help="weights as the backend would load them: cuda nf4 (default; double quant, bf16 "
+                             "compute), bf16, int8; mlx q4 (default; 4-bit, group 64), q8, bf16")
     parser.add_argument("--context", type=int, default=DEFAULT_CONTEXT,
                         help=f"tokens the KV cache must hold: prefill + decode (default: {DEFAULT_CONTEXT})")
     parser.add_argument("--layers", type=int, default=None,
@@ -39,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"tokens decoded one at a time after the prefill (default: {DEFAULT_DECODE_TOKENS})")
     parser.add_argument("--prefill-chunk", type=int, default=None,
                         help=f"prefill this many tokens per forward (default: {PREFILL_CHUNK}, as runner's CUDA session "
-                             "does and the plan counts activations for)")
+                             "and mlx-lm's prefill_step_size do, and the plan counts activations for)")
     parser.add_argument("--machine", default=None,
                         help="plan for this machine description or file instead of the detected one "
                              "(its devices must exist here)")
@@ -67,6 +73,12 @@ def _progress(progress) -> None:
 
 
 def check_arguments(args: argparse.Namespace) -> None:
+    backend = getattr(args, "backend", "cuda")
+    if args.quant is None:
+        args.quant = BACKEND_QUANTS[backend][0]
+    if args.quant not in BACKEND_QUANTS[backend]:
+        raise UserInputError(f"--quant {args.quant} is not a {backend} scheme; --backend {backend} takes "
+                             f"{', '.join(BACKEND_QUANTS[backend])}")
     if args.context < 2:
         raise UserInputError("--context must be at least 2 tokens")
     if args.decode_tokens < 1:
@@ -90,13 +102,15 @@ def make_rehearsal_plan(args: argparse.Namespace):
     if args.context > spec.max_context:
         raise UserInputError(f"--context {args.context} is longer than {spec.name}'s {spec.max_context} tokens")
     machine = resolve_machine(args.machine)
-    return make_plan(spec, machine, args.quant, args.context, backend="cuda")
+    return make_plan(spec, machine, args.quant, args.context, backend=getattr(args, "backend", "cuda"))
 
 
 def run(args: argparse.Namespace) -> int:
     from runner.budget import FITS, OFFLOAD
 
     plan = make_rehearsal_plan(args)
+    if plan.backend == "mlx":
+        return run_mlx(args, plan)
     spec = plan.model
     try:
         from runner_cuda.loading import options_that_fit, plan_line
@@ -129,6 +143,37 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_mlx(args: argparse.Namespace, plan) -> int:
+    """`--backend mlx`: the same refusal, report and JSON, through runner_mlx.rehearse."""
+    from runner.budget import FITS, make_plan
+
+    try:
+        from runner_mlx.rehearse import rehearse
+    except ImportError as error:
+        raise BackendUnavailable(f"rehearse --backend mlx needs the MLX backend ({error}); "
+                                 "install it with: pip install 'runner[mlx]'") from None
+    spec = plan.model
+    if plan.verdict != FITS and not args.force:
+        others = [q for q in BACKEND_QUANTS["mlx"] if q != plan.quant
+                  and make_plan(spec, plan.machine, q, plan.context, backend="mlx").verdict == FITS]
+        fits = f"--quant {' or '.join(others)} fits, or use fewer --layers" if others else "use fewer --layers"
+        raise DoesNotFit(
+            f"{spec.name} ({spec.num_layers} layers, mlx {plan.quant}) does not fit {plan.machine.label}: "
+            f"the plan needs {_gb(plan.total_bytes)} ({_gb(plan.weights_bytes)} weights, "
+            f"{_gb(plan.kv_cache_bytes)} KV cache); nothing was allocated; {fits}, or --force to try anyway"
+        )
+    where = plan.placement[0].device if plan.placement else "this machine (--force)"
+    print(f"runner: rehearsing {spec.name}: {spec.num_layers} layers, mlx {plan.quant}, context {plan.context}, "
+          f"random weights on {where}; the plan says {plan.verdict} ({_gb(plan.total_bytes)})",
+          file=sys.stderr, flush=True)
+    result = rehearse(plan, decode_tokens=args.decode_tokens, on_progress=_progress, prefill_chunk=args.prefill_chunk)
+    if args.json:
+        print(json.dumps({"plan": plan_summary(plan), "rehearsal": result.to_dict()}, indent=2))
+    else:
+        print(render(plan, result))
+    return 0
+
+
 def plan_summary(plan) -> dict:
     return {
         "model": plan.model.name,
@@ -151,8 +196,10 @@ def plan_summary(plan) -> dict:
 
 
 def render(plan, result) -> str:
-    how = ("the CUDA allocator (torch.cuda.memory_allocated)" if result.method == "allocator"
-           else "the bytes of live tensors, quantization state included (the CPU has no allocator statistics)")
+    how = {
+        "allocator": "the CUDA allocator (torch.cuda.memory_allocated)",
+        "mlx allocator": "mlx's allocator (mx.get_active_memory, mx.get_peak_memory)",
+    }.get(result.method, "the bytes of live tensors, quantization state included (the CPU has no allocator statistics)")
     lines = [
         f"{result.model}: {result.num_layers} layers, {result.quant}, context {result.context} "
         f"(random weights; measured with {how})",
@@ -177,6 +224,7 @@ def render(plan, result) -> str:
         lines.append("resident: what the allocator holds after the decode (cuBLAS' workspace included); peak: the "
                      "allocator's peak with the prefill's activations; the plan's total also counts the CUDA context "
                      "(~0.5 GB per GPU), which the allocator does not see")
+    lines += list(getattr(result, "notes", ()))
     lines += [
         "",
         f"one decoder layer: plan {result.planned_layer_bytes / 1e6:.2f} MB, measured "

@@ -1,0 +1,572 @@
+"""Rehearse an MLX load: the model's real architecture (mlx-lm's own class) with random weights.
+
+`rehearse(plan)` answers "will it run here under mlx, and how fast?" before any download:
+
+1. build mlx-lm's model class from the config dict (catalog or config.json, `--layers` applied).
+   mlx is lazy: the class's own initializers (float32 `mx.random.uniform`) are graphs, not memory;
+2. quantize it with mlx-lm's own `quantize_model` (group 64, 4 or 8 bits, mlx-lm's predicate):
+   still lazy, so the float32 weights are never computed;
+3. block by block (embeddings, each decoder layer, the head) replace every array with random
+   values of its final shape and dtype (packed uint32 words, bf16 scales and biases, bf16 norms)
+   and evaluate that block alone. The lazy float32 graph each array replaces is dropped unevaluated,
+   so the only memory ever allocated is the target weights, one block at a time; the values are
+   made from random bits (`mx.random.split` is mlx's RandomBits primitive) with no wider temporary,
+   so the load's peak is the weights themselves;
+4. prefill `context - decode_tokens` random tokens as mlx-lm's `generate_step` does (all but the
+   last in chunks of `prefill_step_size`, evaluating only the KV cache; then the last token with
+   its logits), decode `decode_tokens` more, so mlx-lm's KVCache ends holding `context` tokens;
+5. measure with mlx's allocator: `mx.get_active_memory` after each block, after the prefill and
+   after the decode, `mx.get_peak_memory` per stage.
+
+mlx and mlx-lm are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+import math
+import platform
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+from runner.backend import LoadProgress
+from runner.errors import BackendUnavailable, LoadError, UserInputError
+
+from runner_mlx import GROUP_SIZE, INSTALL, QUANT_BITS, QUANT_DTYPES
+
+if TYPE_CHECKING:
+    from runner.budget import Plan
+
+INIT_STD = 0.02            # random weights ~ N(0, 0.02), Llama's initializer_range: activations stay sane
+SEED = 0
+PREFILL_STEP = 2048        # mlx-lm's generate_step default prefill_step_size
+KV_STEP = 256              # mlx-lm's KVCache grows its buffers in steps of this many tokens
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+class RehearsalOutOfMemory(LoadError):
+    """mlx ran out of memory during a rehearsal; the message says where and how far it got."""
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """mlx's one memory pool (Metal's unified memory or the CPU's RAM): plan against measured.
+
+    The same fields as the CUDA rehearsal's, so `runner rehearse` prints both alike."""
+
+    device: str                 # the plan's name for it: "metal" or "cpu"
+    planned_weights: int
+    planned_kv_cache: int
+    planned_total: int          # weights + KV cache + overhead
+    weights: int                # mx.get_active_memory() after all blocks, minus before
+    kv_cache: int               # bytes of the KVCache's arrays: the slots allocated (steps of 256 tokens)
+    resident: int               # active memory after the decode (weights + KV cache + what stays live)
+    peak: int                   # mx.get_peak_memory() over load, prefill and decode
+    load_peak: int              # peak while materializing the weights
+    reserved_peak: int = 0      # (CUDA only)
+
+
+@dataclass(frozen=True)
+class BlockMemory:
+    name: str                   # "embeddings", "layer 3", "head"
+    device: str
+    bytes: int                  # active-memory growth when this block was evaluated
+
+
+@dataclass(frozen=True)
+class RehearsalResult:
+    model: str
+    quant: str
+    context: int
+    num_layers: int
+    method: str                 # "mlx allocator"
+    devices: tuple[DeviceMemory, ...]
+    blocks: tuple[BlockMemory, ...]
+    planned_layer_bytes: float
+    prefill_tokens: int
+    prefill_seconds: float
+    decode_tokens: int
+    decode_step_seconds: tuple[float, ...]
+    roofline_tokens_per_s: float
+    load_seconds: float
+    kv_tokens: int              # tokens the cache holds (its offset): the context
+    kv_slots: int               # tokens it has room for (mlx-lm allocates in steps of 256)
+    kv_cache_tokens_bytes: int  # bytes of the `kv_tokens` held: what the plan counts
+    prefill_peak: int           # peak active memory during prefill and decode
+    versions: dict[str, str] = field(default_factory=dict)
+    device_names: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def layer_bytes(self) -> tuple[int, ...]:
+        return tuple(b.bytes for b in self.blocks if b.name.startswith("layer "))
+
+    @property
+    def measured_layer_bytes(self) -> float:
+        sizes = self.layer_bytes
+        return sum(sizes) / len(sizes) if sizes else 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Warm decode speed: 1 / the median step time."""
+        if not self.decode_step_seconds:
+            return 0.0
+        return 1.0 / statistics.median(self.decode_step_seconds)
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What the shared report adds below its table for an MLX rehearsal."""
+        (device,) = self.devices
+        lines = [
+            f"KV cache: {self.kv_tokens} tokens held ({self.kv_cache_tokens_bytes / 1e6:.1f} MB, the plan's count) in "
+            f"{self.kv_slots} slots: mlx-lm's KVCache grows in steps of {KV_STEP} tokens, so it allocates "
+            f"{_percent(device.kv_cache, self.kv_cache_tokens_bytes)} of that",
+            f"peak: mx.get_peak_memory over the load ({device.load_peak / 1e6:.1f} MB), the prefill in chunks as "
+            f"mlx-lm's generate_step does and the decode ({self.prefill_peak / 1e6:.1f} MB); the plan's total also "
+            "counts the fp32 logits of a whole prefill chunk, which mlx-lm never evaluates",
+        ]
+        return tuple(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "quant": self.quant,
+            "context": self.context,
+            "num_layers": self.num_layers,
+            "method": self.method,
+            "devices": [vars(d) for d in self.devices],
+            "blocks": [vars(b) for b in self.blocks],
+            "planned_layer_bytes": self.planned_layer_bytes,
+            "measured_layer_bytes": self.measured_layer_bytes,
+            "prefill_tokens": self.prefill_tokens,
+            "prefill_seconds": self.prefill_seconds,
+            "prefill_tokens_per_s": self.prefill_tokens_per_s,
+            "prefill_peak": self.prefill_peak,
+            "decode_tokens": self.decode_tokens,
+            "decode_step_seconds": list(self.decode_step_seconds),
+            "decode_tokens_per_s": self.decode_tokens_per_s,
+            "roofline_tokens_per_s": self.roofline_tokens_per_s,
+            "load_seconds": self.load_seconds,
+            "kv_tokens": self.kv_tokens,
+            "kv_slots": self.kv_slots,
+            "kv_cache_tokens_bytes": self.kv_cache_tokens_bytes,
+            "versions": self.versions,
+            "device_names": self.device_names,
+        }
+
+
+def _percent(measured: float, planned: float) -> str:
+    return f"{measured / planned * 100:.0f}%" if planned > 0 else "n/a"
+
+
+# ---- building the model, lazily ---------------------------------------------------------------
+
+
+def model_config(spec) -> dict:
+    """The config.json dict of `spec` (folder, HF cache or catalog) with its (shrunk) layer count,
+    and the settings mlx-lm would miss (transformers 5's rope_parameters)."""
+    from runner.model import catalog_config, read_config
+
+    from runner_mlx.convert import config_fixes
+
+    if spec.path is not None:
+        config = read_config(spec.path / "config.json", spec.name)
+    else:
+        config = catalog_config(spec.name)
+        if config is None:
+            raise UserInputError(f"{spec.name}: no config.json to build the architecture from")
+    config = dict(config)
+    config.update(config_fixes(config))
+    config["num_hidden_layers"] = spec.num_layers
+    for key in ("quantization", "quantization_config"):   # the rehearsal quantizes as planned
+        config.pop(key, None)
+    return config
+
+
+def compute_dtype(spec, quant: str):
+    """The dtype of everything that is not packed: as mlx_lm.convert casts it (bf16 for --quant bf16;
+    the checkpoint's float dtype for q4/q8, which the scales and biases then take)."""
+    import mlx.core as mx
+
+    name = QUANT_DTYPES.get(quant) or spec.dtype
+    return getattr(mx, name) if name in ("float16", "bfloat16", "float32") else mx.bfloat16
+
+
+def build_lazy_model(spec, quant: str):
+    """mlx-lm's model class for this config, quantized by mlx-lm's own `quantize_model`.
+
+    Nothing is evaluated: every parameter is still an unevaluated graph (mlx is lazy)."""
+    from mlx_lm.utils import _get_classes, quantize_model
+
+    config = model_config(spec)
+    try:
+        model_class, args_class = _get_classes(config)
+    except (ValueError, KeyError):
+        from runner_mlx.convert import mlx_lm_version
+
+        raise UserInputError(f"{spec.name}: mlx-lm {mlx_lm_version()} cannot run model_type "
+                             f"'{config.get('model_type')}'") from None
+    model = model_class(args_class.from_dict(config))
+    if quant in QUANT_BITS:
+        with contextlib.redirect_stdout(io.StringIO()):   # mlx-lm prints "[INFO] Quantized ..."
+            model, _ = quantize_model(model, config, GROUP_SIZE, QUANT_BITS[quant])
+    return model
+
+
+def block_of(path: str) -> str:
+    """Which block a module belongs to: "embeddings", "layer N" or "head"."""
+    match = _LAYER.search("." + path + ".")
+    if match:
+        return f"layer {match.group(1)}"
+    if "embed" in path:
+        return "embeddings"
+    return "head"
+
+
+def blocks_of(model) -> dict[str, list[tuple[str, object]]]:
+    """The modules that own arrays, grouped by block, in the order a forward pass meets them."""
+    import mlx.core as mx
+
+    blocks: dict[str, list[tuple[str, object]]] = {}
+    for path, module in model.named_modules():
+        if any(isinstance(v, mx.array) and not k.startswith("_") for k, v in module.items()):
+            blocks.setdefault(block_of(path), []).append((path, module))
+    layers = sorted((b for b in blocks if b.startswith("layer ")), key=lambda b: int(b.split()[1]))
+    order = [b for b in ["embeddings", *layers, "head"] if b in blocks]
+    return {b: blocks[b] for b in order}
+
+
+# ---- random weights in the target format --------------------------------------------------------
+
+
+class Keys:
+    """A seeded chain of mlx random keys, so that rehearsals are repeatable."""
+
+    def __init__(self, seed: int = SEED) -> None:
+        import mlx.core as mx
+
+        self.key = mx.random.key(seed)
+        mx.eval(self.key)
+
+    def next(self):
+        import mlx.core as mx
+
+        self.key, sub = mx.random.split(self.key)
+        return sub
+
+
+def random_words(shape, keys: Keys):
+    """Uniformly random uint32 words (packed 4- or 8-bit codes), with no wider temporary.
+
+    `mx.random.split(key, n)` is mlx's RandomBits primitive: n x 2 random uint32 words."""
+    import mlx.core as mx
+
+    count = math.prod(shape)
+    words = mx.random.split(keys.next(), (count + 1) // 2).reshape(-1)
+    if count % 2:
+        words = words[:count]
+    return words.reshape(shape)
+
+
+def random_like(module, name: str, value, dtype, keys: Keys):
+    """A random array with the shape and final dtype that `module.<name>` has after a real load."""
+    import mlx.core as mx
+
+    bits = getattr(module, "bits", None)
+    quantized = bits is not None and hasattr(module, "scales")
+    if quantized and name == "weight":
+        return random_words(value.shape, keys)           # packed codes, uniform in [0, 2^bits - 1]
+    if quantized and name in ("scales", "biases"):
+        # affine dequantization w = scale * code + bias: codes uniform in [0, 2^bits - 1] have std
+        # 2^bits / sqrt(12), so scales near INIT_STD * sqrt(12) / 2^bits give weights of std ~INIT_STD;
+        # the biases centre them on 0. Made from the scales' own random bits: no float32 temporary.
+        scale = INIT_STD * math.sqrt(12) / (2 ** bits)
+        if name == "scales":
+            return random_half(value.shape, dtype, keys, magnitude=scale, signed=False)
+        return module.scales * mx.array(-(2 ** bits - 1) / 2, dtype)   # materialize_block sets scales first
+    if not mx.issubdtype(value.dtype, mx.floating):
+        return mx.zeros(value.shape, value.dtype)
+    if "norm" in type(module).__name__.lower():
+        return mx.ones(value.shape, dtype=dtype)
+    if name == "bias":
+        return mx.zeros(value.shape, dtype=dtype)
+    if half_layout(dtype) is not None:
+        return random_half(value.shape, dtype, keys, magnitude=INIT_STD / 2)
+    return mx.random.normal(value.shape, dtype=dtype, scale=INIT_STD, key=keys.next())
+
+
+def half_layout(dtype) -> tuple[int, int, int] | None:
+    """(sign bit, mantissa bits, exponent bias and shift) of a 16-bit float dtype; None otherwise."""
+    import mlx.core as mx
+
+    if dtype == mx.bfloat16:      # 1 sign, 8 exponent (bias 127), 7 mantissa bits
+        return 0x8000, 0x007F, 127, 7
+    if dtype == mx.float16:       # 1 sign, 5 exponent (bias 15), 10 mantissa bits
+        return 0x8000, 0x03FF, 15, 10
+    return None
+
+
+def random_half(shape, dtype, keys: Keys, magnitude: float, signed: bool = True):
+    """Random bf16/fp16 values in [m, 2m) (m: `magnitude` rounded down to a power of two), with a
+    random sign if `signed`, built from random bits: no float32 temporary (mx.random.normal in bf16
+    goes through one, doubling the peak while a large vocabulary's 0.5-1 GB embeddings are made)."""
+    import mlx.core as mx
+
+    sign, mantissa, bias, shift = half_layout(dtype)
+    exponent = (bias + math.floor(math.log2(magnitude))) << shift
+    keep = mantissa | (sign if signed else 0)
+    count = math.prod(shape)
+    words = mx.random.split(keys.next(), (count + 3) // 4).reshape(-1)
+    halves = mx.view(words, mx.uint16)
+    if count % 4:
+        halves = halves[:count]
+    halves = mx.bitwise_or(mx.bitwise_and(halves, mx.array(keep, mx.uint16)), mx.array(exponent, mx.uint16))
+    return mx.view(halves, dtype).reshape(shape)
+
+
+def materialize_block(modules, dtype, keys: Keys) -> None:
+    """Replace every array of these modules with its random final value, and evaluate them.
+
+    The lazy float32 initializer (and mlx-lm's lazy `mx.quantize` of it) that each array replaces
+    is dropped unevaluated: it never takes memory."""
+    import mlx.core as mx
+
+    fresh = []
+    for _, module in modules:
+        arrays = [(n, v) for n, v in module.items() if isinstance(v, mx.array) and not n.startswith("_")]
+        for name, value in sorted(arrays, key=lambda item: item[0] == "biases"):   # biases follow scales
+            new = random_like(module, name, value, dtype, keys)
+            setattr(module, name, new)
+            fresh.append(new)
+    mx.eval(fresh, keys.key)   # the key too, so that the next block's measurement starts clean
+
+
+# ---- measuring ------------------------------------------------------------------------------------
+
+
+def active() -> int:
+    import mlx.core as mx
+
+    return int(mx.get_active_memory())
+
+
+def peak() -> int:
+    import mlx.core as mx
+
+    return int(mx.get_peak_memory())
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    found = {"python": platform.python_version()}
+    for name in ("mlx", "mlx-lm"):
+        try:
+            found[name] = version(name)
+        except Exception:   # noqa: BLE001 - a version we cannot read is left out
+            pass
+    return found
+
+
+def where_it_runs() -> str:
+    import mlx.core as mx
+
+    return "Metal GPU" if mx.metal.is_available() else "CPU (mlx[cpu])"
+
+
+def plan_device(plan: "Plan") -> str:
+    """The plan's name for mlx's memory pool on this host."""
+    import mlx.core as mx
+
+    if plan.placement:
+        if len(plan.placement) > 1:
+            raise UserInputError(
+                f"the plan spreads the model over {len(plan.placement)} hosts; a rehearsal runs on this one "
+                "(use --layers to rehearse one host's share)"
+            )
+        return plan.placement[0].device
+    return "metal" if mx.metal.is_available() else "cpu"
+
+
+# ---- the rehearsal --------------------------------------------------------------------------------
+
+
+def rehearse(
+    plan: "Plan",
+    decode_tokens: int = 16,
+    on_progress: Callable[[LoadProgress], None] | None = None,
+    prefill_chunk: int | None = None,
+) -> RehearsalResult:
+    """Build `plan.model` under mlx-lm with random weights in `plan.quant`, prefill, decode, measure.
+
+    The prefill takes `prefill_chunk` tokens per forward (default 2048, mlx-lm's prefill_step_size).
+    Out of memory anywhere is caught: RehearsalOutOfMemory says which stage and the bytes in use."""
+    try:
+        import mlx.core as mx
+        import mlx_lm  # noqa: F401
+    except ImportError as error:
+        raise BackendUnavailable(f"rehearse --backend mlx needs mlx and mlx-lm ({error}); "
+                                 f"install them with: {INSTALL}") from None
+    if plan.backend != "mlx":
+        raise UserInputError(f"this plan is for the {plan.backend} backend, not mlx")
+    if plan.quant not in QUANT_BITS and plan.quant not in QUANT_DTYPES:
+        raise UserInputError(f"the mlx backend runs {', '.join([*QUANT_BITS, *QUANT_DTYPES])}; not '{plan.quant}'")
+    if not 1 <= decode_tokens < plan.context:
+        raise UserInputError(f"--decode-tokens must be between 1 and {plan.context - 1} (the context)")
+    prefill_chunk = prefill_chunk or PREFILL_STEP
+    if prefill_chunk < 1:
+        raise UserInputError("--prefill-chunk must be at least 1 token")
+    where = {"what": "building the model", "layers": 0}
+    try:
+        return _rehearse(plan, decode_tokens, on_progress or (lambda progress: None), where, prefill_chunk)
+    except (RuntimeError, MemoryError) as error:
+        text = str(error).lower()
+        if not isinstance(error, MemoryError) and not any(w in text for w in ("alloc", "out of memory", "memory")):
+            raise
+        in_use = active()
+    gc.collect()
+    mx.clear_cache()
+    raise RehearsalOutOfMemory(
+        f"out of memory while {where['what']} ({where['layers']}/{plan.model.num_layers} layers materialized; "
+        f"mlx had {in_use / 1e9:.2f} GB active); the plan said {plan.verdict} ({plan.total_bytes / 1e9:.2f} GB): "
+        "use fewer --layers, a smaller --quant or a shorter --context"
+    )
+
+
+def _rehearse(plan: "Plan", decode_tokens: int, report, where: dict, prefill_chunk: int) -> RehearsalResult:
+    import mlx.core as mx
+    from mlx_lm.generate import wired_limit
+    from mlx_lm.models.cache import make_prompt_cache
+
+    spec = plan.model
+    device = plan_device(plan)
+    gc.collect()
+    mx.clear_cache()
+    started = time.perf_counter()
+    baseline = active()
+    mx.reset_peak_memory()
+    model = build_lazy_model(spec, plan.quant)
+    dtype = compute_dtype(spec, plan.quant)
+    keys = Keys()
+    blocks = blocks_of(model)
+    measured_blocks: list[BlockMemory] = []
+    for index, (block, modules) in enumerate(blocks.items(), start=1):
+        where["what"] = f"materializing {block}"
+        before = active()
+        materialize_block(modules, dtype, keys)
+        size = active() - before
+        measured_blocks.append(BlockMemory(block, device, size))
+        if block.startswith("layer "):
+            where["layers"] += 1
+        report(LoadProgress(f"{block} on {device}: {size / 1e6:.1f} MB; mlx holds "
+                            f"{(active() - baseline) / 1e6:.1f} MB", index, len(blocks), "blocks"))
+    mx.eval(model.parameters())   # nothing left to compute: every array was replaced above
+    load_seconds = time.perf_counter() - started
+    weights = active() - baseline
+    load_peak = peak() - baseline
+
+    # Prefill and decode as mlx-lm's generate_step does.
+    prefill = plan.context - decode_tokens
+    tokens = mx.random.randint(0, spec.vocab_size, (prefill,), key=keys.next()).astype(mx.uint32)
+    mx.eval(tokens)
+    cache = make_prompt_cache(model)
+    step_seconds: list[float] = []
+    if not mx.metal.is_available() and plan.quant in QUANT_BITS and prefill > 64:
+        # mlx's CPU quantized matmul does not gain from batching: a long prefill can take minutes.
+        # One token through the layers (into a throwaway cache, evaluated as a prefill chunk is:
+        # the head is not computed) says how long; tell the user before they wait.
+        where["what"] = "timing one token"
+        probe = make_prompt_cache(model)
+        tick = time.perf_counter()
+        model(tokens[:1][None], cache=probe)
+        mx.eval([c.state for c in probe])
+        per_token = time.perf_counter() - tick
+        del probe
+        if per_token * prefill > 30:
+            report(LoadProgress(f"mlx's quantized matmul on this CPU: {1 / per_token:.2f} tokens/s, so the prefill "
+                                f"of {prefill} tokens takes about {per_token * prefill / 60:.0f} min (a shorter "
+                                "--context, or --quant bf16, rehearses faster)", 0, 0))
+    mx.reset_peak_memory()
+    chunks = f" in chunks of {prefill_chunk}" if prefill - 1 > prefill_chunk else ""
+    report(LoadProgress(f"prefill of {prefill} tokens{chunks}", 0, decode_tokens, "tokens"))
+    with wired_limit(model):
+        tick = time.perf_counter()
+        done = 0
+        while prefill - done > 1:
+            where["what"] = f"prefilling tokens {done}-{min(done + prefill_chunk, prefill - 1)} of {prefill}"
+            n = min(prefill_chunk, prefill - 1 - done)
+            model(tokens[done:done + n][None], cache=cache)
+            mx.eval([c.state for c in cache])
+            done += n
+            mx.clear_cache()
+        where["what"] = "computing the first token's logits"
+        token = model(tokens[done:][None], cache=cache)[:, -1, :].argmax(axis=-1)
+        mx.eval(token)
+        prefill_seconds = time.perf_counter() - tick
+        for step in range(decode_tokens):
+            where["what"] = f"decoding token {step + 1}/{decode_tokens}"
+            tick = time.perf_counter()
+            token = model(token[None], cache=cache)[:, -1, :].argmax(axis=-1)
+            mx.eval(token)
+            step_seconds.append(time.perf_counter() - tick)
+            if (step + 1) % 8 == 0 or step + 1 == decode_tokens:
+                report(LoadProgress(f"decoded {step + 1}/{decode_tokens} tokens", step + 1, decode_tokens, "tokens"))
+    del token, tokens
+    gc.collect()
+    mx.clear_cache()
+    prefill_peak = peak() - baseline
+    resident = active() - baseline
+    held = {c.offset for c in cache}
+    if held != {plan.context}:
+        raise LoadError(f"the KV cache holds {sorted(held)} tokens, not the {plan.context} planned")
+    kv_cache = sum(c.keys.nbytes + c.values.nbytes for c in cache)
+    kv_slots = cache[0].keys.shape[2]
+    kv_tokens_bytes = sum(
+        (c.keys.nbytes + c.values.nbytes) // c.keys.shape[2] * c.offset for c in cache
+    )
+    share = plan.placement[0] if plan.placement else None
+    memory = DeviceMemory(
+        device=device,
+        planned_weights=share.weights_bytes if share else plan.weights_bytes,
+        planned_kv_cache=share.kv_cache_bytes if share else plan.kv_cache_bytes,
+        planned_total=share.total_bytes if share else plan.total_bytes,
+        weights=weights,
+        kv_cache=kv_cache,
+        resident=resident,
+        peak=max(load_peak, prefill_peak),
+        load_peak=load_peak,
+    )
+    result = RehearsalResult(
+        model=spec.name,
+        quant=plan.quant,
+        context=plan.context,
+        num_layers=spec.num_layers,
+        method="mlx allocator",
+        devices=(memory,),
+        blocks=tuple(measured_blocks),
+        planned_layer_bytes=float(plan.layer_bytes),
+        prefill_tokens=prefill,
+        prefill_seconds=prefill_seconds,
+        decode_tokens=decode_tokens,
+        decode_step_seconds=tuple(step_seconds),
+        roofline_tokens_per_s=plan.roofline_tokens_per_s,
+        load_seconds=load_seconds,
+        kv_tokens=plan.context,
+        kv_slots=kv_slots,
+        kv_cache_tokens_bytes=kv_tokens_bytes,
+        prefill_peak=prefill_peak,
+        versions=versions(),
+        device_names={device: f"mlx, {where_it_runs()}"},
+    )
+    del model, cache
+    gc.collect()
+    mx.clear_cache()
+    return result
