@@ -7,8 +7,9 @@ Tolerances.
   CPU), so the measured active memory equals the plan's bytes up to a few hundred bytes of small
   arrays that are not weights: the scalar constants mlx-lm's initializers made (4-byte arrays, freed
   as each block replaces them) and the 8-byte random key. WEIGHTS_TOLERANCE_BYTES = 1 KiB, for
-  ~200 MB to 770 MB of weights. (On Metal the allocator rounds buffers up to whole pages, so a
-  Metal rehearsal would differ by up to a page per array; not tested here.)
+  ~200 MB to 770 MB of weights. (On Metal the allocator may align buffers to pages and keep small
+  ones in a heap, so a Metal rehearsal could differ by up to a page per array; not checked: no Mac
+  here, and mlx 0.32's Metal allocator was not read for this.)
 - KV cache: the plan counts `context` tokens exactly; mlx-lm's KVCache allocates its buffers in
   steps of 256 tokens, so after a prefill in 2048-token chunks the cache holds `context` tokens in
   ceil(context / 256) x 256 slots. The tests check both: the tokens held times the bytes per token
