@@ -72,8 +72,7 @@ def test_prefill_overhead_is_one_chunk_with_last_position_logits_on_cuda(llama40
     width = 2 * 16384 + 2 * 128 * 128 + 2 * 8 * 128 + 3 * 53248
     assert activations == 2048 * width * 2 + 53248 * 16384 * 2
     vocab = 128256
-    assert budget.logits_bytes(llama405, 8192, 1, last_position_only=True) == vocab * (2 + 4)
-    assert budget.logits_bytes(llama405, 8192, 1) == vocab * 2048 * 4
+    assert budget.logits_bytes(llama405, 1) == vocab * (2 + 4)
     cuda = make_plan(llama405.with_layers(8), parse_machine("1xH200"), "nf4", 8192, backend="cuda")
     (share,) = cuda.placement
     assert share.overhead_bytes == budget.CUDA_CONTEXT_BYTES + activations + vocab * 6

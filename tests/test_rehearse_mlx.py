@@ -98,12 +98,12 @@ def test_quantized_layers_hold_packed_words_and_bf16_scales(q4_run, q8_run, bf16
 def test_kv_cache_holds_the_context_in_steps_of_256(run_name, context, request):
     plan, result, _ = request.getfixturevalue(run_name)
     (device,) = result.devices
-    assert plan.kv_cache_bytes == device.planned_kv_cache == context * KV_BYTES_PER_TOKEN
-    assert result.kv_tokens == context
-    assert result.kv_cache_tokens_bytes == plan.kv_cache_bytes          # the tokens held: exactly the plan
     slots = -(-context // 256) * 256
+    assert plan.kv_cache_bytes == device.planned_kv_cache == slots * KV_BYTES_PER_TOKEN   # the plan counts the slots
+    assert result.kv_tokens == context
+    assert result.kv_cache_tokens_bytes == context * KV_BYTES_PER_TOKEN  # the tokens held
     assert result.kv_slots == slots
-    assert device.kv_cache == slots * KV_BYTES_PER_TOKEN                 # what mlx-lm allocates for them
+    assert device.kv_cache == plan.kv_cache_bytes                        # what mlx-lm allocates: the plan
     # the allocator agrees: after the decode mlx holds the weights and the cache's buffers
     assert abs(device.resident - (device.weights + device.kv_cache)) <= WEIGHTS_TOLERANCE_BYTES, device
 

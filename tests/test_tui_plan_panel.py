@@ -34,6 +34,6 @@ def test_render_plan_shows_verdict_parts_and_measured_memory():
 
 def test_banner_for_offload_and_for_unified_memory_pressure():
     assert "offloaded" in pressure_warning(plan("meta-llama/Llama-3.1-70B-Instruct", "1xRTX4090", "nf4"))
-    assert "Memory pressure" in pressure_warning(plan("meta-llama/Llama-3.2-3B-Instruct", "M2-16GB", "bf16", "mlx"))
+    assert "Memory pressure" in pressure_warning(plan(LLAMA_8B, "M2-16GB", "q8", "mlx"))   # 9.3 of 10.3 GB
     assert pressure_warning(plan(LLAMA_8B, "M2-16GB", "q4", "mlx")) == ""
     assert pressure_warning(plan(LLAMA_8B, "1xRTX4090", "bf16")) == ""

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Callable
 from runner.backend import LoadProgress
 from runner.errors import BackendUnavailable, LoadError, UserInputError
 
+from runner.budget import MLX_KV_STEP as KV_STEP  # mlx-lm's KVCache grows in steps of this many tokens
 from runner_mlx import GROUP_SIZE, INSTALL, QUANT_BITS, QUANT_DTYPES
 
 if TYPE_CHECKING:
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
 INIT_STD = 0.02            # random weights ~ N(0, 0.02), Llama's initializer_range: activations stay sane
 SEED = 0
 PREFILL_STEP = 2048        # mlx-lm's generate_step default prefill_step_size
-KV_STEP = 256              # mlx-lm's KVCache grows its buffers in steps of this many tokens
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -126,12 +126,11 @@ class RehearsalResult:
         """What the shared report adds below its table for an MLX rehearsal."""
         (device,) = self.devices
         lines = [
-            f"KV cache: {self.kv_tokens} tokens held ({self.kv_cache_tokens_bytes / 1e6:.1f} MB, the plan's count) in "
-            f"{self.kv_slots} slots: mlx-lm's KVCache grows in steps of {KV_STEP} tokens, so it allocates "
-            f"{_percent(device.kv_cache, self.kv_cache_tokens_bytes)} of that",
+            f"KV cache: {self.kv_tokens} tokens held ({self.kv_cache_tokens_bytes / 1e6:.1f} MB) in "
+            f"{self.kv_slots} slots: mlx-lm's KVCache grows in steps of {KV_STEP} tokens, and the plan counts "
+            f"those slots",
             f"peak: mx.get_peak_memory over the load ({device.load_peak / 1e6:.1f} MB), the prefill in chunks as "
-            f"mlx-lm's generate_step does and the decode ({self.prefill_peak / 1e6:.1f} MB); the plan's total also "
-            "counts the fp32 logits of a whole prefill chunk, which mlx-lm never evaluates",
+            f"mlx-lm's generate_step does and the decode ({self.prefill_peak / 1e6:.1f} MB)",
         ]
         return tuple(lines)
 

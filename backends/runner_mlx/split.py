@@ -125,8 +125,8 @@ def plan_hosts(spec: ModelSpec, quant: str, context: int, hosts: list[LaunchHost
     names = [h.name if [x.name for x in hosts].count(h.name) == 1 else f"{h.name}#{rank}"
              for rank, h in enumerate(hosts)]
     parts = weights_breakdown(spec, quant, "mlx")
-    kv_per_layer = kv_cache_bytes(spec, context, 1, quant) // spec.num_layers
-    fixed = parts.embeddings + parts.head + activation_bytes(spec, context, 1, quant) + logits_bytes(spec, context, 1)
+    kv_per_layer = kv_cache_bytes(spec, context, 1, quant, "mlx") // spec.num_layers
+    fixed = parts.embeddings + parts.head + activation_bytes(spec, context, 1, quant) + logits_bytes(spec, 1)
     capacities = [int(h.ram_bytes * MAC_WORKING_SET_SAFE) for h in hosts]
     if split == "pipeline":
         if all(c <= fixed for c in capacities):

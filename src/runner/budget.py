@@ -185,8 +185,13 @@ def kv_dtype_bytes(quant: str) -> int:
     return 4 if quant == "fp32" else 2
 
 
-def kv_cache_bytes(model: ModelSpec, context: int, batch: int = 1, quant: str = "bf16") -> int:
-    return int(model.kv_bytes_per_token(kv_dtype_bytes(quant))) * context * batch
+MLX_KV_STEP = 256                    # mlx-lm's KVCache grows in steps of this many tokens
+
+
+def kv_cache_bytes(model: ModelSpec, context: int, batch: int = 1, quant: str = "bf16", backend: str = "cuda") -> int:
+    """K and V for `context` tokens; mlx-lm allocates its cache in whole steps of MLX_KV_STEP tokens."""
+    tokens = -(-context // MLX_KV_STEP) * MLX_KV_STEP if backend == "mlx" else context
+    return int(model.kv_bytes_per_token(kv_dtype_bytes(quant))) * tokens * batch
 
 
 # ---- overhead -----------------------------------------------------------------------------------
@@ -208,12 +213,10 @@ def activation_bytes(model: ModelSpec, context: int, batch: int, quant: str) -> 
     return workspace
 
 
-def logits_bytes(model: ModelSpec, context: int, batch: int, last_position_only: bool = False) -> int:
-    """fp32 logits of one prefill chunk; with `last_position_only` (the CUDA session) of one
-    position per sequence: the lm_head's output in the compute dtype and its fp32 copy."""
-    if last_position_only:
-        return model.vocab_size * batch * (2 + 4)
-    return model.vocab_size * min(context, PREFILL_CHUNK) * batch * 4
+def logits_bytes(model: ModelSpec, batch: int) -> int:
+    """Logits of a prefill chunk: runner's CUDA session and mlx-lm both compute them for the last
+    position only: the lm_head's output in the compute dtype and its fp32 copy."""
+    return model.vocab_size * batch * (2 + 4)
 
 
 # ---- the plan -----------------------------------------------------------------------------------
@@ -435,10 +438,10 @@ def make_plan(
         raise UserInputError(f"--quant {quant}: the cuda backend (bitsandbytes, accelerate) is for NVIDIA GPUs; "
                              f"on Apple silicon runner uses mlx with {', '.join(MLX_QUANTS)}")
     breakdown = weights_breakdown(model, "bf16" if fp8_dequantized(quant, backend, machine) else quant, backend)
-    kv_total = kv_cache_bytes(model, context, batch, quant)
+    kv_total = kv_cache_bytes(model, context, batch, quant, backend)
     kv_per_layer = kv_total // model.num_layers
     activations = activation_bytes(model, context, batch, quant)
-    logits = logits_bytes(model, context, batch, last_position_only=backend == "cuda")
+    logits = logits_bytes(model, batch)
     warnings: list[str] = []
     notes: list[str] = []
 
