@@ -26,13 +26,12 @@ from __future__ import annotations
 import gc
 import os
 import re
-import statistics
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from runner.backend import LoadProgress
 from runner.errors import BackendUnavailable, LoadError, UserInputError
+from runner.rehearsal import BlockMemory, DeviceMemory, RehearsalResult
 
 if TYPE_CHECKING:
     import torch
@@ -46,96 +45,6 @@ _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 class RehearsalOutOfMemory(LoadError):
     """A device ran out of memory during a rehearsal; the message says where and how far it got."""
-
-
-@dataclass(frozen=True)
-class DeviceMemory:
-    """One device: what the plan said, and what the rehearsal measured."""
-
-    device: str                 # "cuda:0", "cpu"
-    planned_weights: int
-    planned_kv_cache: int
-    planned_total: int          # weights + KV cache + overhead (the plan's capacity use)
-    weights: int                # measured after materializing all weights
-    kv_cache: int               # measured: the bytes of the KV cache's tensors, holding `context` tokens
-    resident: int               # measured after the decode: all the allocator holds for us (weights, KV
-                                # cache, and what else stays live, e.g. cuBLAS' workspace); CPU: weights + KV
-    peak: int                   # allocator peak over load, prefill and decode (0 where unknown: CPU)
-    load_peak: int              # allocator peak during materialization alone (0 where unknown)
-    reserved_peak: int = 0      # peak of what the caching allocator took from the GPU (fragmentation included)
-
-
-@dataclass(frozen=True)
-class BlockMemory:
-    """Measured bytes of one block of weights (the embeddings, a decoder layer, the head)."""
-
-    name: str                   # "embeddings", "layer 3", "head"
-    device: str
-    bytes: int
-
-
-@dataclass(frozen=True)
-class RehearsalResult:
-    model: str
-    quant: str
-    context: int
-    num_layers: int
-    method: str                 # how bytes were measured: "allocator" or "tensor bytes"
-    devices: tuple[DeviceMemory, ...]
-    blocks: tuple[BlockMemory, ...]
-    planned_layer_bytes: float  # the plan's bytes for one decoder layer's weights
-    prefill_tokens: int
-    prefill_seconds: float
-    decode_tokens: int
-    decode_step_seconds: tuple[float, ...]
-    roofline_tokens_per_s: float
-    load_seconds: float
-    versions: dict[str, str] = field(default_factory=dict)
-    device_names: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def layer_bytes(self) -> tuple[int, ...]:
-        return tuple(b.bytes for b in self.blocks if b.name.startswith("layer "))
-
-    @property
-    def measured_layer_bytes(self) -> float:
-        """Mean measured bytes of one decoder layer's weights."""
-        sizes = self.layer_bytes
-        return sum(sizes) / len(sizes) if sizes else 0.0
-
-    @property
-    def prefill_tokens_per_s(self) -> float:
-        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        """Warm decode speed: 1 / the median step time (the first step after prefill is slower)."""
-        if not self.decode_step_seconds:
-            return 0.0
-        return 1.0 / statistics.median(self.decode_step_seconds)
-
-    def to_dict(self) -> dict:
-        return {
-            "model": self.model,
-            "quant": self.quant,
-            "context": self.context,
-            "num_layers": self.num_layers,
-            "method": self.method,
-            "devices": [vars(d) for d in self.devices],
-            "blocks": [vars(b) for b in self.blocks],
-            "planned_layer_bytes": self.planned_layer_bytes,
-            "measured_layer_bytes": self.measured_layer_bytes,
-            "prefill_tokens": self.prefill_tokens,
-            "prefill_seconds": self.prefill_seconds,
-            "prefill_tokens_per_s": self.prefill_tokens_per_s,
-            "decode_tokens": self.decode_tokens,
-            "decode_step_seconds": list(self.decode_step_seconds),
-            "decode_tokens_per_s": self.decode_tokens_per_s,
-            "roofline_tokens_per_s": self.roofline_tokens_per_s,
-            "load_seconds": self.load_seconds,
-            "versions": self.versions,
-            "device_names": self.device_names,
-        }
 
 
 # ---- building the model on the meta device --------------------------------------------------

@@ -29,13 +29,13 @@ import io
 import math
 import platform
 import re
-import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from runner.backend import LoadProgress
 from runner.errors import BackendUnavailable, LoadError, UserInputError
+from runner.rehearsal import BlockMemory, DeviceMemory, RehearsalResult
 
 from runner.budget import MLX_KV_STEP as KV_STEP  # mlx-lm's KVCache grows in steps of this many tokens
 from runner_mlx import GROUP_SIZE, INSTALL, QUANT_BITS, QUANT_DTYPES
@@ -53,73 +53,14 @@ class RehearsalOutOfMemory(LoadError):
     """mlx ran out of memory during a rehearsal; the message says where and how far it got."""
 
 
-@dataclass(frozen=True)
-class DeviceMemory:
-    """mlx's one memory pool (Metal's unified memory or the CPU's RAM): plan against measured.
+@dataclass(frozen=True, kw_only=True)
+class MlxRehearsalResult(RehearsalResult):
+    """The shared result (runner.rehearsal) plus what mlx-lm's KV cache and mlx's peak add."""
 
-    The same fields as the CUDA rehearsal's, so `runner rehearse` prints both alike."""
-
-    device: str                 # the plan's name for it: "metal" or "cpu"
-    planned_weights: int
-    planned_kv_cache: int
-    planned_total: int          # weights + KV cache + overhead
-    weights: int                # mx.get_active_memory() after all blocks, minus before
-    kv_cache: int               # bytes of the KVCache's arrays: the slots allocated (steps of 256 tokens)
-    resident: int               # active memory after the decode (weights + KV cache + what stays live)
-    peak: int                   # mx.get_peak_memory() over load, prefill and decode
-    load_peak: int              # peak while materializing the weights
-    reserved_peak: int = 0      # (CUDA only)
-
-
-@dataclass(frozen=True)
-class BlockMemory:
-    name: str                   # "embeddings", "layer 3", "head"
-    device: str
-    bytes: int                  # active-memory growth when this block was evaluated
-
-
-@dataclass(frozen=True)
-class RehearsalResult:
-    model: str
-    quant: str
-    context: int
-    num_layers: int
-    method: str                 # "mlx allocator"
-    devices: tuple[DeviceMemory, ...]
-    blocks: tuple[BlockMemory, ...]
-    planned_layer_bytes: float
-    prefill_tokens: int
-    prefill_seconds: float
-    decode_tokens: int
-    decode_step_seconds: tuple[float, ...]
-    roofline_tokens_per_s: float
-    load_seconds: float
     kv_tokens: int              # tokens the cache holds (its offset): the context
     kv_slots: int               # tokens it has room for (mlx-lm allocates in steps of 256)
-    kv_cache_tokens_bytes: int  # bytes of the `kv_tokens` held: what the plan counts
+    kv_cache_tokens_bytes: int  # bytes of the `kv_tokens` held (the plan counts the slots)
     prefill_peak: int           # peak active memory during prefill and decode
-    versions: dict[str, str] = field(default_factory=dict)
-    device_names: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def layer_bytes(self) -> tuple[int, ...]:
-        return tuple(b.bytes for b in self.blocks if b.name.startswith("layer "))
-
-    @property
-    def measured_layer_bytes(self) -> float:
-        sizes = self.layer_bytes
-        return sum(sizes) / len(sizes) if sizes else 0.0
-
-    @property
-    def prefill_tokens_per_s(self) -> float:
-        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        """Warm decode speed: 1 / the median step time."""
-        if not self.decode_step_seconds:
-            return 0.0
-        return 1.0 / statistics.median(self.decode_step_seconds)
 
     @property
     def notes(self) -> tuple[str, ...]:
@@ -135,35 +76,12 @@ class RehearsalResult:
         return tuple(lines)
 
     def to_dict(self) -> dict:
-        return {
-            "model": self.model,
-            "quant": self.quant,
-            "context": self.context,
-            "num_layers": self.num_layers,
-            "method": self.method,
-            "devices": [vars(d) for d in self.devices],
-            "blocks": [vars(b) for b in self.blocks],
-            "planned_layer_bytes": self.planned_layer_bytes,
-            "measured_layer_bytes": self.measured_layer_bytes,
-            "prefill_tokens": self.prefill_tokens,
-            "prefill_seconds": self.prefill_seconds,
-            "prefill_tokens_per_s": self.prefill_tokens_per_s,
+        return super().to_dict() | {
             "prefill_peak": self.prefill_peak,
-            "decode_tokens": self.decode_tokens,
-            "decode_step_seconds": list(self.decode_step_seconds),
-            "decode_tokens_per_s": self.decode_tokens_per_s,
-            "roofline_tokens_per_s": self.roofline_tokens_per_s,
-            "load_seconds": self.load_seconds,
             "kv_tokens": self.kv_tokens,
             "kv_slots": self.kv_slots,
             "kv_cache_tokens_bytes": self.kv_cache_tokens_bytes,
-            "versions": self.versions,
-            "device_names": self.device_names,
         }
-
-
-def _percent(measured: float, planned: float) -> str:
-    return f"{measured / planned * 100:.0f}%" if planned > 0 else "n/a"
 
 
 # ---- building the model, lazily ---------------------------------------------------------------
@@ -403,7 +321,7 @@ def rehearse(
     decode_tokens: int = 16,
     on_progress: Callable[[LoadProgress], None] | None = None,
     prefill_chunk: int | None = None,
-) -> RehearsalResult:
+) -> MlxRehearsalResult:
     """Build `plan.model` under mlx-lm with random weights in `plan.quant`, prefill, decode, measure.
 
     The prefill takes `prefill_chunk` tokens per forward (default 2048, mlx-lm's prefill_step_size).
@@ -440,7 +358,7 @@ def rehearse(
     )
 
 
-def _rehearse(plan: "Plan", decode_tokens: int, report, where: dict, prefill_chunk: int) -> RehearsalResult:
+def _rehearse(plan: "Plan", decode_tokens: int, report, where: dict, prefill_chunk: int) -> MlxRehearsalResult:
     import mlx.core as mx
     from mlx_lm.generate import wired_limit
     from mlx_lm.models.cache import make_prompt_cache
@@ -543,7 +461,7 @@ def _rehearse(plan: "Plan", decode_tokens: int, report, where: dict, prefill_chu
         peak=max(load_peak, prefill_peak),
         load_peak=load_peak,
     )
-    result = RehearsalResult(
+    result = MlxRehearsalResult(
         model=spec.name,
         quant=plan.quant,
         context=plan.context,

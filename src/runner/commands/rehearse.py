@@ -224,7 +224,7 @@ def render(plan, result) -> str:
         lines.append("resident: what the allocator holds after the decode (cuBLAS' workspace included); peak: the "
                      "allocator's peak with the prefill's activations; the plan's total also counts the CUDA context "
                      "(~0.5 GB per GPU), which the allocator does not see")
-    lines += list(getattr(result, "notes", ()))
+    lines += list(result.notes)
     lines += [
         "",
         f"one decoder layer: plan {result.planned_layer_bytes / 1e6:.2f} MB, measured "
