@@ -29,11 +29,16 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from runner.errors import RunnerError, UserInputError
 
 from runner_mlx.rank import EXIT_LOST_PEER, EXIT_STOPPED, EXIT_WATCHDOG
-from runner_mlx.split import LaunchHost
+from runner_mlx.split import HostShare, LaunchHost
+
+if TYPE_CHECKING:
+    from runner.budget import Plan
+    from runner.model import ModelSpec
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 NODE_EXIT = re.compile(r"Node with rank (\d+) (?:exited with code (-?\d+)|was killed)")
@@ -164,11 +169,18 @@ def mlx_launch_path() -> str:
 class RankReport:
     """What mlx.launch and the ranks said, read from mlx.launch's stderr as it comes."""
 
-    def __init__(self, hosts: list[LaunchHost], verbose: bool):
+    def __init__(self, hosts: list[LaunchHost], verbose: bool, echo=None):
+        """`echo(line)` receives what is worth showing (default: this process's stderr)."""
         self.hosts = hosts
         self.verbose = verbose
+        self.echo = echo or self._to_stderr
         self.exits: dict[int, int] = {}      # rank -> exit code (-signal when killed)
         self.first_failure: float | None = None
+
+    @staticmethod
+    def _to_stderr(line: str) -> None:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
 
     def read(self, stream) -> None:
         for raw in iter(stream.readline, b""):
@@ -183,8 +195,7 @@ class RankReport:
                     continue
             if line.startswith("[ring]") and not self.verbose:
                 continue             # mlx's own socket chatter; the ranks say what it means
-            sys.stderr.write(line + "\n")
-            sys.stderr.flush()
+            self.echo(line)
 
     def verdict(self) -> tuple[int, str | None]:
         """(exit code, one line) for the whole run."""
@@ -294,62 +305,130 @@ class LaunchRequest:
     show_tokens: bool = False
 
 
-def launch(request: LaunchRequest, on_start=None) -> int:
-    from runner.model import load_spec
-    from runner_mlx.split import choose_split, plan_hosts
+@dataclass(frozen=True)
+class LaunchPlan:
+    """How one model is split over the hosts, worked out before any rank starts."""
 
-    if request.hostfile is not None:
-        entries = read_hostfile(request.hostfile)
-    elif request.hosts:
-        entries = [(h.strip(), []) for h in request.hosts.split(",")]
+    spec: "ModelSpec"
+    quant: str
+    context: int
+    split: str                       # "pipeline" or "tensor"
+    why: str                         # why this split, in words
+    hosts: tuple[LaunchHost, ...]
+    shares: tuple[HostShare, ...]
+
+    def describe(self) -> list[str]:
+        lines = [f"{self.spec.name} ({self.quant}, {self.context} tokens of context) over "
+                 f"{len(self.hosts)} hosts, {self.why}:"]
+        return lines + [f"  {share.describe(self.spec.num_layers, self.split)}" for share in self.shares]
+
+    def as_plan(self) -> "Plan":
+        """The same split as a runner Plan, one device per host, for the chat app's plan panel."""
+        from runner.budget import FITS, DeviceShare, Plan
+        from runner.hardware import Host, Machine
+
+        machine = Machine(tuple(Host(share.host, host.os, host.ram_bytes, host.ram_bytes, 0, 0, 0, (),
+                                     unified_memory=host.os == "darwin")
+                                for host, share in zip(self.hosts, self.shares)),
+                          "the hosts of runner launch")
+        last = len(self.shares) - 1
+        placement = tuple(
+            DeviceShare(share.host, "unified" if host.os == "darwin" else "cpu", share.capacity_bytes,
+                        share.weights_bytes, share.kv_cache_bytes, share.overhead_bytes, share.layers,
+                        embeddings=True, head=self.split == "tensor" or rank == last)
+            for rank, (host, share) in enumerate(zip(self.hosts, self.shares)))
+        return Plan(
+            model=self.spec, machine=machine, quant=self.quant, context=self.context, batch=1, backend="mlx",
+            weights_bytes=sum(s.weights_bytes for s in placement),
+            kv_cache_bytes=sum(s.kv_cache_bytes for s in placement),
+            overhead_bytes=sum(s.overhead_bytes for s in placement),
+            placement=placement, verdict=FITS, warnings=(), roofline_tokens_per_s=0.0, parallel=self.split,
+            notes=(self.why,))
+
+
+def request_hosts(hosts: str | None, hostfile: Path | None, memory_gb: list[float] | None,
+                  connect_timeout: int, rank0_here: bool = False) -> list[LaunchHost]:
+    """The hosts of --hosts or --hostfile, resolved, reached and measured. `rank0_here`: the first
+    host must be this machine (the chat app talks to rank 0 over 127.0.0.1)."""
+    if hostfile is not None:
+        entries = read_hostfile(hostfile)
+    elif hosts:
+        entries = [(h.strip(), []) for h in hosts.split(",")]
         if any(not ssh for ssh, _ in entries):
-            raise UserInputError(f"--hosts '{request.hosts}': empty host name")
+            raise UserInputError(f"--hosts '{hosts}': empty host name")
     else:
         raise UserInputError("say where to run: --hosts HOST1,HOST2 or --hostfile FILE")
     if len(entries) < 2:
         raise UserInputError("runner launch needs at least two hosts (for one, use runner generate)")
-    spec = load_spec(request.model)
+    if rank0_here:
+        name, _, local = resolve_hosts(entries[:1])[0]
+        if not local:
+            raise UserInputError(
+                f"the chat needs the first host to be this machine (rank 0 serves the app over 127.0.0.1), "
+                f"and {name} is not: put this machine first, or give -p for a one-shot reply")
+    return launch_hosts(entries, memory_gb, connect_timeout)
+
+
+def plan_launch(spec: "ModelSpec", quant: str, context: int, hosts: list[LaunchHost], wanted: str) -> LaunchPlan:
+    """The split and each host's share; UserInputError or DoesNotFit when it cannot work."""
+    from runner_mlx.split import choose_split, plan_hosts
+
     if spec.path is None:
         raise UserInputError(f"{spec.name}: no local folder with weights; runner launch needs the model "
                              "folder at the same path on every host")
-    split, why = choose_split(spec, request.quant, len(entries), request.split)
-    hosts = launch_hosts(entries, request.host_memory_gb, request.connect_timeout)
-    shares = plan_hosts(spec, request.quant, request.context, hosts, split)
-    print(f"runner: {spec.name} ({request.quant}, {request.context} tokens of context) over "
-          f"{len(hosts)} hosts, {why}:", file=sys.stderr)
-    for share in shares:
-        print(f"runner:   {share.describe(spec.num_layers, split)}", file=sys.stderr)
-    sys.stderr.flush()
+    split, why = choose_split(spec, quant, len(hosts), wanted)
+    shares = plan_hosts(spec, quant, context, hosts, split)
+    return LaunchPlan(spec, quant, context, split, why, tuple(hosts), tuple(shares))
 
-    # Convert once here, before the ranks start, when this machine runs one of them.
-    if any(h.local for h in hosts):
+
+def mlx_launch_argv(plan: LaunchPlan, scratch: Path, rank_timeout: float, verbose: bool,
+                    rank_options: list[str]) -> list[str]:
+    """The mlx.launch command that starts `runner_mlx.rank` on every host (its hostfile goes in `scratch`)."""
+    hostfile = Path(scratch) / "hosts.json"
+    # mlx.launch starts a rank without ssh only when its host is spelled "127.0.0.1"
+    hostfile.write_text(json.dumps([{"ssh": "127.0.0.1" if h.local else h.name, "ips": [h.ip]}
+                                    for h in plan.hosts]))
+    rank_command = [
+        sys.executable, "-m", "runner_mlx.rank",
+        "--model", str(plan.spec.path), "--quant", plan.quant, "--split", plan.split,
+        "--layers", ",".join(f"{s.layers[0]}:{s.layers[1]}" for s in plan.shares),
+        "--share-bytes", ",".join(str(s.total_bytes) for s in plan.shares),
+        "--hosts", ",".join(h.name for h in plan.hosts),
+        "--rank-timeout", str(rank_timeout),
+        "--launcher", f"{socket.gethostname()}:{os.getpid()}",
+        *rank_options,
+    ]
+    argv = [mlx_launch_path(), "--backend", "ring", "--hostfile", str(hostfile),
+            "--starting-port", str(free_port_range(len(plan.hosts)))]
+    if os.environ.get("RUNNER_HOME"):
+        argv += ["--env", f"RUNNER_HOME={os.environ['RUNNER_HOME']}"]
+    if verbose:
+        argv.append("--verbose")
+    return argv + ["--", *rank_command]
+
+
+def convert_here(plan: LaunchPlan, on_progress) -> None:
+    """Convert once here, before the ranks start, when this machine runs one of them."""
+    if any(h.local for h in plan.hosts):
         from runner_mlx.convert import mlx_folder
 
-        mlx_folder(Path(spec.path), request.quant,
-                   lambda p: print(f"runner: {p.stage} {p.done}/{p.total}" if p.total else f"runner: {p.stage}",
-                                   file=sys.stderr, flush=True))
+        mlx_folder(Path(plan.spec.path), plan.quant, on_progress)
 
+
+def launch(request: LaunchRequest, on_start=None) -> int:
+    """One-shot: answer `request.messages` over the hosts, printing the reply as it streams."""
+    from runner.model import load_spec
+
+    hosts = request_hosts(request.hosts, request.hostfile, request.host_memory_gb, request.connect_timeout)
+    plan = plan_launch(load_spec(request.model), request.quant, request.context, hosts, request.split)
+    for line in plan.describe():
+        print(f"runner: {line}", file=sys.stderr)
+    sys.stderr.flush()
+    convert_here(plan, lambda p: print(f"runner: {p.stage} {p.done}/{p.total}" if p.total else f"runner: {p.stage}",
+                                       file=sys.stderr, flush=True))
+    options = ["--request-json", json.dumps({"messages": request.messages, "sampling": request.sampling})]
+    if request.show_tokens:
+        options.append("--show-tokens")
     with tempfile.TemporaryDirectory(prefix="runner-launch-") as scratch:
-        hostfile = Path(scratch) / "hosts.json"
-        # mlx.launch starts a rank without ssh only when its host is spelled "127.0.0.1"
-        hostfile.write_text(json.dumps([{"ssh": "127.0.0.1" if h.local else h.name, "ips": [h.ip]} for h in hosts]))
-        rank_command = [
-            sys.executable, "-m", "runner_mlx.rank",
-            "--model", str(spec.path), "--quant", request.quant, "--split", split,
-            "--layers", ",".join(f"{s.layers[0]}:{s.layers[1]}" for s in shares),
-            "--share-bytes", ",".join(str(s.total_bytes) for s in shares),
-            "--hosts", ",".join(h.name for h in hosts),
-            "--request-json", json.dumps({"messages": request.messages, "sampling": request.sampling}),
-            "--rank-timeout", str(request.rank_timeout),
-            "--launcher", f"{socket.gethostname()}:{os.getpid()}",
-        ]
-        argv = [mlx_launch_path(), "--backend", "ring", "--hostfile", str(hostfile),
-                "--starting-port", str(free_port_range(len(hosts)))]
-        if request.show_tokens:
-            rank_command.append("--show-tokens")
-        if os.environ.get("RUNNER_HOME"):
-            argv += ["--env", f"RUNNER_HOME={os.environ['RUNNER_HOME']}"]
-        if request.verbose:
-            argv.append("--verbose")
-        argv += ["--", *rank_command]
+        argv = mlx_launch_argv(plan, Path(scratch), request.rank_timeout, request.verbose, options)
         return run_ranks(argv, hosts, request.grace, request.verbose, on_start)

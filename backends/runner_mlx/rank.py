@@ -7,7 +7,10 @@ Every rank:
  3. loads its share: mlx-lm's `sharded_load` (tensor split) or runner's pipeline stage,
  4. follows rank 0: rank 0 owns the user interface and broadcasts each request (prompt token ids,
     sampling, seed) with `mx.distributed.all_sum`; every rank then runs the same
-    `mlx_lm.stream_generate` steps, and only rank 0 prints.
+    `mlx_lm.stream_generate` steps, and only rank 0 prints (one-shot) or streams the reply to
+    runner launch's chat app over a socket on its machine (`--serve`, see `runner_mlx.link`).
+    After each token rank 0 also broadcasts whether to stop (Esc in the app): all ranks stop at the
+    same step and wait for the next request; while idle, rank 0 sends a heartbeat every few seconds.
 A watchdog thread ends the rank with a clear message when the others stop answering (a host died,
 the network dropped, a peer froze), or when the launcher is gone: no rank waits forever.
 """
@@ -117,22 +120,39 @@ def broadcast_ints(values: list[int] | None, length: int, group) -> list[int]:
     return mx.distributed.all_sum(mine, group=group, stream=mx.cpu).tolist()
 
 
-def broadcast_request(group, prompt: list[int] | None, sampling: Sampling | None):
-    """Rank 0 sends (prompt, sampling), or (None, None) for "no more requests"; every rank returns it."""
-    is_root = group.rank() == 0
+# what rank 0 broadcasts before each step of the conversation
+CLOSE, GENERATE, IDLE = 0, 1, 2     # no more requests / a reply to generate / "still here" (a heartbeat)
+
+
+def broadcast_request(group, request: tuple | None):
+    """Rank 0 sends (kind, prompt, sampling); the others pass None. Every rank returns it."""
     header = None
-    if is_root:
-        if prompt is None:
-            header = [0, 0, 0, 0, 0, 0]
-        else:
+    if group.rank() == 0:
+        kind, prompt, sampling = request
+        if kind == GENERATE:
             seed = sampling.seed if sampling.seed is not None else random.randrange(2**31)
-            header = [1, len(prompt), sampling.max_tokens, seed,
+            header = [kind, len(prompt), sampling.max_tokens, seed,
                       int(round(sampling.temperature * 1e6)), int(round(sampling.top_p * 1e6))]
+        else:
+            header = [kind, 0, 0, 0, 0, 0]
     kind, length, max_tokens, seed, temperature, top_p = broadcast_ints(header, 6, group)
-    if kind == 0:
-        return None, None
-    tokens = broadcast_ints(list(prompt) if is_root else None, length, group)
-    return tokens, Sampling(temperature=temperature / 1e6, top_p=top_p / 1e6, max_tokens=max_tokens, seed=seed)
+    if kind != GENERATE:
+        return kind, None, None
+    tokens = broadcast_ints(list(request[1]) if request is not None else None, length, group)
+    return kind, tokens, Sampling(temperature=temperature / 1e6, top_p=top_p / 1e6, max_tokens=max_tokens,
+                                  seed=seed)
+
+
+def agree_to_stop(group, stop: bool) -> bool:
+    """After each token: does rank 0 want the reply stopped? Every rank gets the same answer at the
+    same step, so all stop together. It runs on mlx-lm's generation stream, behind the step that
+    stream_generate already queued, so the ring never carries two collectives at once."""
+    import mlx.core as mx
+    from mlx_lm.generate import generation_stream
+
+    flag = mx.distributed.all_sum(mx.array([1 if stop else 0], dtype=mx.int32), group=group,
+                                  stream=generation_stream)
+    return bool(flag.item())
 
 
 def check_same_model(group, fingerprint: str, hosts: list[str]) -> None:
@@ -151,6 +171,118 @@ def check_same_model(group, fingerprint: str, hosts: list[str]) -> None:
 
 def host_name(hosts: list[str], rank: int) -> str:
     return hosts[rank] if rank < len(hosts) else f"host {rank}"
+
+
+# ---- where rank 0's requests come from ------------------------------------------------------
+
+
+class CommandLineRequest:
+    """One-shot: the request given with --request-json; the reply goes to stdout."""
+
+    def __init__(self, request_json: str, session, show_tokens: bool, size: int):
+        self.requests = []
+        if request_json:
+            request = json.loads(request_json)
+            messages = [Message(m["role"], m["content"]) for m in request["messages"]]
+            self.requests.append((GENERATE, session.tokenize(messages), Sampling(**request["sampling"])))
+        self.show_tokens = show_tokens
+        self.size = size
+        self.tokens: list[int] = []
+
+    def next_request(self, wait: float) -> tuple:
+        self.tokens = []
+        return self.requests.pop(0) if self.requests else (CLOSE, None, None)
+
+    def stop_wanted(self) -> bool:
+        return False
+
+    def send_chunk(self, chunk) -> None:
+        if chunk.token is not None:
+            self.tokens.append(chunk.token)
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+        if chunk.finish_reason is None:
+            return
+        print(file=sys.stdout, flush=True)
+        if self.show_tokens:
+            print(f"runner: tokens: {' '.join(map(str, self.tokens))}", file=sys.stderr, flush=True)
+        print(f"runner: {chunk.generation_tokens} tokens, {chunk.generation_tps:.1f} tokens/s over "
+              f"{self.size} hosts ({chunk.finish_reason}); prompt {chunk.prompt_tokens} tokens at "
+              f"{chunk.prompt_tps:.1f} tokens/s", file=sys.stderr, flush=True)
+
+
+class ChatServer:
+    """Rank 0 serving runner launch's chat app over the link (`runner_mlx.link`).
+
+    A thread reads the link: a cancel is noted at once (the generation loop asks `stop_wanted()`
+    after each token); everything else is queued for `next_request`. A lost link counts as "close",
+    and stops a reply being generated: the ranks then finish together."""
+
+    def __init__(self, link):
+        import queue
+
+        self.link = link
+        self.session = None
+        self.inbox: queue.Queue = queue.Queue()
+        self.reply_id = None
+        self.cancelled: set = set()
+        self.closed = False
+        threading.Thread(target=self._read, name="runner-chat-link", daemon=True).start()
+
+    def _read(self) -> None:
+        from runner_mlx.link import LinkClosed
+
+        try:
+            while True:
+                message = self.link.receive(None)
+                if "cancel" in message:
+                    self.cancelled.add(message["cancel"])
+                else:
+                    self.inbox.put(message)
+        except (LinkClosed, ValueError):
+            self.closed = True
+            self.inbox.put({"close": True})
+
+    def send(self, message: dict) -> None:
+        from runner_mlx.link import LinkClosed
+
+        try:
+            self.link.send(message)
+        except LinkClosed:
+            self.closed = True
+
+    def next_request(self, wait: float) -> tuple:
+        """The next reply to generate, CLOSE, or IDLE when nothing came within `wait` seconds."""
+        import queue
+
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                message = self.inbox.get(timeout=max(deadline - time.monotonic(), 0))
+            except queue.Empty:
+                return IDLE, None, None
+            if message.get("close"):
+                return CLOSE, None, None
+            try:
+                messages = [Message(m["role"], m["content"]) for m in message.get("messages", [])]
+                prompt = self.session.tokenize(messages)
+                if "tokenize" in message:
+                    self.send({"tokens": prompt})
+                    continue
+                sampling = Sampling(**message["sampling"])
+            except RunnerError as error:
+                self.send({"error": str(error)})
+                continue
+            self.reply_id = message["generate"]
+            return GENERATE, prompt, sampling
+
+    def stop_wanted(self) -> bool:
+        return self.closed or self.reply_id in self.cancelled
+
+    def send_chunk(self, chunk) -> None:
+        from dataclasses import asdict
+
+        self.send({"chunk": self.reply_id, **asdict(chunk)})
 
 
 # ---- loading this rank's share --------------------------------------------------------------
@@ -198,6 +330,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--load-timeout", type=float, default=1800.0)
     parser.add_argument("--launcher", default="", help="HOST:PID of runner launch; ranks on HOST stop when it is gone")
     parser.add_argument("--show-tokens", action="store_true", help="rank 0 prints the generated token ids")
+    parser.add_argument("--serve", default="",
+                        help="HOST:PORT of runner launch's chat app: rank 0 takes its requests from there")
     return parser.parse_args(argv)
 
 
@@ -225,23 +359,33 @@ def run_rank(args, hosts: list[str], watchdog: Watchdog) -> int:
     from runner.backend import LoadProgress
     from runner.model import load_spec
     from runner_mlx.convert import mlx_folder, model_fingerprint
+    from runner_mlx.link import JsonLink
     from runner_mlx.session import MlxSession, check_wired_limit, describe_quant, where_it_runs
 
-    watchdog.enter("joining the ring", args.rank_timeout)
-    group = mx.distributed.init(backend="ring", strict=True)
-    rank, size = group.rank(), group.size()
-    is_root = rank == 0
+    is_root = int(os.environ.get("MLX_RANK", "0")) == 0
+    chat = None
+    if args.serve and is_root:
+        chat = ChatServer(JsonLink.connect(args.serve))   # first, so the app sees every stage
 
     def progress(event: LoadProgress) -> None:
         watchdog.beat()
-        if is_root and (not event.total or event.done == event.total):   # a line per stage: stderr is a pipe
+        if chat is not None:
+            chat.send({"progress": {"stage": event.stage, "done": event.done, "total": event.total,
+                                    "unit": event.unit}})
+        elif is_root and (not event.total or event.done == event.total):   # a line per stage: stderr is a pipe
             count = f" {event.done}/{event.total} {event.unit}" if event.total else ""
             print(f"runner: {event.stage}{count}", file=sys.stderr, flush=True)
+
+    progress(LoadProgress("joining the other hosts", 0, 0))
+    watchdog.enter("joining the ring", args.rank_timeout)
+    group = mx.distributed.init(backend="ring", strict=True)
+    rank, size = group.rank(), group.size()
 
     watchdog.enter("preparing the model", None)          # a conversion takes as long as it takes
     spec = load_spec(args.model)
     folder = mlx_folder(Path(spec.path), args.quant, progress)
     watchdog.enter("comparing the model with the other hosts", args.load_timeout)
+    progress(LoadProgress("comparing the model with the other hosts", 0, 0))
     check_same_model(group, model_fingerprint(folder), hosts)
 
     layers = (0, spec.num_layers)
@@ -261,34 +405,34 @@ def run_rank(args, hosts: list[str], watchdog: Watchdog) -> int:
     active = mx.get_active_memory()
     print(f"runner: rank {rank} ({host_name(hosts, rank)}): {share}, {active / 2**30:.2f} GB in use",
           file=sys.stderr, flush=True)
+    # every rank's memory, in KiB (int32 holds 2 TiB), for the chat app's plan panel
+    memory = mx.distributed.all_gather(mx.array([[active // 1024, mx.get_peak_memory() // 1024]], dtype=mx.int32),
+                                       group=group, stream=mx.cpu).tolist()
 
-    requests = []
-    if is_root and args.request_json:
-        request = json.loads(args.request_json)
-        messages = [Message(m["role"], m["content"]) for m in request["messages"]]
-        requests.append((session.tokenize(messages), Sampling(**request["sampling"])))
+    if chat is not None:
+        chat.session = session
+        chat.send({"ready": {"summary": (f"mlx {args.split} split over {size} hosts on {where_it_runs()}, "
+                                         f"{describe_quant(args.quant)}"),
+                             "memory": [a * 1024 for a, _ in memory], "peak": [p * 1024 for _, p in memory]}})
+        requests = chat
+    else:
+        requests = CommandLineRequest(args.request_json, session, args.show_tokens, size) if is_root else None
+    heartbeat = min(5.0, args.rank_timeout / 3)   # followers hear from rank 0 at least this often
     while True:
         watchdog.enter("waiting for rank 0's request", args.rank_timeout)
-        prompt, sampling = broadcast_request(group, *(requests.pop(0) if requests else (None, None)))
-        if prompt is None:
+        kind, prompt, sampling = broadcast_request(group, requests.next_request(heartbeat) if is_root else None)
+        if kind == CLOSE:
             break
+        if kind == IDLE:
+            continue
         watchdog.enter("generating", args.rank_timeout)
-        last, tokens = None, []
-        for chunk in session.stream_tokens(prompt, sampling):
+        cancel = threading.Event()
+        for chunk in session.stream_tokens(prompt, sampling, cancel):
             watchdog.beat()
-            last = chunk
-            if chunk.token is not None:
-                tokens.append(chunk.token)
             if is_root:
-                sys.stdout.write(chunk.text)
-                sys.stdout.flush()
-        if is_root and last is not None:
-            print(file=sys.stdout, flush=True)
-            if args.show_tokens:
-                print(f"runner: tokens: {' '.join(map(str, tokens))}", file=sys.stderr, flush=True)
-            print(f"runner: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s over "
-                  f"{size} hosts ({last.finish_reason}); prompt {last.prompt_tokens} tokens at "
-                  f"{last.prompt_tps:.1f} tokens/s", file=sys.stderr, flush=True)
+                requests.send_chunk(chunk)
+            if chunk.finish_reason is None and agree_to_stop(group, is_root and requests.stop_wanted()):
+                cancel.set()
     watchdog.enter("finishing", args.rank_timeout)
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))
     return 0

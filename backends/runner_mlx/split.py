@@ -37,8 +37,14 @@ class LaunchHost:
 class HostShare:
     host: str
     layers: tuple[int, int]      # [start, stop)
-    total_bytes: int             # weights, KV cache for the context, activations
+    weights_bytes: int           # its layers (or slice of every layer), the embeddings and the head
+    kv_cache_bytes: int          # for the context
+    overhead_bytes: int          # activations and logits
     capacity_bytes: int          # 0.9 x the host's memory (above that a Mac swaps)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_cache_bytes + self.overhead_bytes
 
     def describe(self, num_layers: int, split: str) -> str:
         start, stop = self.layers
@@ -49,6 +55,13 @@ class HostShare:
 
 def size(count: int) -> str:
     return f"{count / GB:.2f} GB" if count >= GB else f"{count / 1024**2:.1f} MB"
+
+
+def default_launch_quant(spec: ModelSpec) -> str:
+    """q4 spreads a big model over the fewest hosts; small models do not survive it (budget's threshold)."""
+    from runner.budget import SMALL_MODEL_PARAMETERS
+
+    return "q8" if spec.parameter_count() < SMALL_MODEL_PARAMETERS else "q4"
 
 
 def tensor_split_problem(spec: ModelSpec, hosts: int, quant: str) -> str | None:
@@ -126,7 +139,8 @@ def plan_hosts(spec: ModelSpec, quant: str, context: int, hosts: list[LaunchHost
              for rank, h in enumerate(hosts)]
     parts = weights_breakdown(spec, quant, "mlx")
     kv_per_layer = kv_cache_bytes(spec, context, 1, quant, "mlx") // spec.num_layers
-    fixed = parts.embeddings + parts.head + activation_bytes(spec, context, 1, quant) + logits_bytes(spec, 1)
+    overhead = activation_bytes(spec, context, 1, quant) + logits_bytes(spec, 1)
+    fixed = parts.embeddings + parts.head + overhead
     capacities = [int(h.ram_bytes * MAC_WORKING_SET_SAFE) for h in hosts]
     if split == "pipeline":
         if all(c <= fixed for c in capacities):
@@ -135,11 +149,14 @@ def plan_hosts(spec: ModelSpec, quant: str, context: int, hosts: list[LaunchHost
                              f"({', '.join(size(c) for c in capacities)})")
         per_layer = parts.layer + kv_per_layer
         ranges = pipeline_ranges(spec.num_layers, [max(c - fixed, 0) / per_layer for c in capacities])
-        totals = [fixed + (stop - start) * per_layer for start, stop in ranges]
+        counts = [stop - start for start, stop in ranges]
+        weights = [parts.embeddings + parts.head + count * parts.layer for count in counts]
+        kv = [count * kv_per_layer for count in counts]
     else:
         ranges = [(0, spec.num_layers)] * len(hosts)
-        totals = [fixed + spec.num_layers * (parts.layer + kv_per_layer) // len(hosts)] * len(hosts)
-    shares = [HostShare(n, r, t, c) for n, r, t, c in zip(names, ranges, totals, capacities)]
+        weights = [parts.embeddings + parts.head + spec.num_layers * parts.layer // len(hosts)] * len(hosts)
+        kv = [spec.num_layers * kv_per_layer // len(hosts)] * len(hosts)
+    shares = [HostShare(n, r, w, k, overhead, c) for n, r, w, k, c in zip(names, ranges, weights, kv, capacities)]
     if any(s.total_bytes > s.capacity_bytes for s in shares):
         raise DoesNotFit(f"{spec.name} ({quant}, {context} tokens of context) does not fit these hosts with "
                          f"the {split} split: " + "; ".join(s.describe(spec.num_layers, split) for s in shares))

@@ -16,7 +16,7 @@ from textual.geometry import Size
 
 from runner.hardware import Machine
 from runner.tui.history import HistoryStore
-from runner.tui.loading import ModelChoice, this_machine
+from runner.tui.loading import LocalSource, ModelChoice, ModelSource, this_machine
 from runner.tui.screens.chat import ChatScreen
 from runner.tui.screens.settings import ChatSettings, settings_from_dict
 from runner.tui.screens.small import MIN_HEIGHT, MIN_WIDTH, TooSmallScreen
@@ -35,10 +35,13 @@ class RunnerApp(App[None]):
         history_path: Path | None = None,
         machine: Machine | Callable[[], Machine] | None = None,
         settings: ChatSettings | None = None,
+        source: ModelSource | None = None,
     ) -> None:
-        """`machine`: the Machine to plan for (tests pass a fixed one); None detects this one."""
+        """`machine`: the Machine to plan for (tests pass a fixed one); None detects this one.
+        `source`: where sessions come from; None loads them here (`runner launch` passes its ranks)."""
         super().__init__()
         self.choice = choice or ModelChoice()
+        self.source = source or LocalSource()
         self.pick_at_start = pick
         self.history = HistoryStore(history_path)
         # the settings saved last time (Ctrl+S), unless the caller gives some

@@ -2,12 +2,15 @@
 
 Plain functions with no Textual in them; the chat screen runs them in a thread worker and turns
 their progress callbacks into messages. The backend, not this module, imports torch or mlx.
+
+Where the session comes from is a `ModelSource`: this machine (`LocalSource`, what `runner chat`
+uses), or the ranks that `runner launch` starts on several hosts (`runner_mlx.remote.LaunchSource`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 from runner.backend import LoadProgress, LoadRequest, Session, get_backend
 from runner.budget import DOES_NOT_FIT, Plan, make_plan, recommend
@@ -86,3 +89,25 @@ def load_session(
         on_progress=on_progress,
     )
     return backend.load(request)
+
+
+class ModelSource(Protocol):
+    """Where the chat app's sessions come from."""
+
+    def plan(self, choice: ModelChoice, machine: Machine) -> tuple[ModelSpec, Plan]:
+        """The spec and the plan to show before loading (pure arithmetic, quick)."""
+
+    def load(self, choice: ModelChoice, spec: ModelSpec, plan: Plan,
+             on_progress: Callable[[LoadProgress], None]) -> Session:
+        """A loaded session, as planned (the spec has its weights: see `weights_spec`)."""
+
+
+class LocalSource:
+    """Models loaded by a backend in this process, on this machine."""
+
+    def plan(self, choice: ModelChoice, machine: Machine) -> tuple[ModelSpec, Plan]:
+        return resolve(choice, machine)
+
+    def load(self, choice: ModelChoice, spec: ModelSpec, plan: Plan,
+             on_progress: Callable[[LoadProgress], None]) -> Session:
+        return load_session(choice, spec, plan, on_progress)

@@ -1,7 +1,7 @@
 """The main screen: history sidebar, plan panel, conversation, message box, status line.
 
 Two thread workers do the slow work and post messages back (see `runner.tui.messages`):
-  * `load_model`: spec -> plan -> (import the default model) -> backend.load -> Session
+  * `load_model`: spec -> plan -> (import the default model) -> the app's source loads -> Session
   * `generate`:   Session.stream(...) -> one ReplyChunk per step -> ReplyEnded / ReplyFailed
 Every write to the screen and to the history happens in the handlers, on the UI thread. Each
 chunk is written to the history before it is shown, so what is on the screen is on disk.
@@ -29,7 +29,7 @@ from runner.default_model import imported_folder
 from runner.errors import RunnerError
 from runner.tui import messages as msg
 from runner.tui.history import COMPLETE, ERROR, PARTIAL, STOPPED, export_file_name, title_from
-from runner.tui.loading import ModelChoice, load_session, resolve, weights_spec
+from runner.tui.loading import ModelChoice, weights_spec
 from runner.tui.prompt import fit_to_context
 from runner.tui.screens.confirm import ConfirmScreen
 from runner.tui.screens.help import HelpScreen
@@ -176,10 +176,10 @@ class ChatScreen(Screen[None]):
                 self.post_message(msg.LoadProgressed(load_id, update))
 
         try:
-            spec, plan = resolve(choice, self.app.machine())
+            spec, plan = self.app.source.plan(choice, self.app.machine())
             self.post_message(msg.PlanReady(load_id, plan))
             spec = weights_spec(choice, spec, progress)
-            session = load_session(choice, spec, plan, progress)
+            session = self.app.source.load(choice, spec, plan, progress)
         except RunnerError as error:
             self.post_message(msg.LoadFailed(load_id, str(error)))
             return
