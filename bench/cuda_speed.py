@@ -333,23 +333,30 @@ def graph_time_us(call, copies: int) -> float:
 
 def section_kernels() -> None:
     """The fused NF4 GEMV against bitsandbytes' kernel and BF16 cuBLAS, per Llama-8B shape, timed
-    inside CUDA graphs over enough copies of the weight that L2 (50 MB) cannot hold them."""
+    inside CUDA graphs over enough copies of the weight that L2 (50 MB) cannot hold them; then
+    q/k/v and gate/up as one launch against bitsandbytes' three (two) launches."""
     import bitsandbytes as bnb
     import torch
 
-    from runner_cuda.fast.nf4 import dequantize_reference, nf4_gemv, nf4_weight_of
+    from runner_cuda.fast.nf4 import dequantize_reference, nf4_gemv, nf4_weight_of, pick_tiles
 
     bandwidth = RESULTS["machine"]["copy_bandwidth_gb_s"] * 1e9
-    for n, k in ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)):
-        copies = max(1, min(8, int(200e6 // (n * k // 2))))
-        denses, layers, weights = [], [], []
+
+    def nf4_layers(n, k, copies):
+        layers = []
         for _ in range(copies):
             dense = torch.nn.Linear(k, n, bias=False, dtype=torch.bfloat16, device="cuda")
             torch.nn.init.normal_(dense.weight, std=0.02)
             layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
             layer.weight = bnb.nn.Params4bit(dense.weight.data.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True)
-            layer = layer.cuda()
-            denses.append(dense), layers.append(layer), weights.append(nf4_weight_of(layer))
+            layers.append(layer.cuda())
+        return layers
+
+    tile_choices = [(bn, bk, warps) for bn in (2, 4, 8) for bk in (512, 1024) for warps in (4, 8)]
+    for n, k in ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)):
+        copies = max(1, min(8, int(200e6 // (n * k // 2))))
+        layers = nf4_layers(n, k, copies)
+        weights = [nf4_weight_of(layer) for layer in layers]
         w = weights[0]
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         nf4_bytes = w.packed.numel() + w.absmax.numel()
@@ -360,34 +367,69 @@ def section_kernels() -> None:
             rows["bnb_rel_err_vs_exact"] = ((theirs - exact).norm() / exact.norm()).item()
             rows["bnb_us"] = graph_time_us(lambda i: layers[i](x), copies)
             rows["bnb_tb_s"] = nf4_bytes / rows["bnb_us"] / 1e6
-            rows["bf16_us"] = graph_time_us(lambda i: denses[i](x), copies)
+            dense = [torch.empty(n, k, dtype=torch.bfloat16, device="cuda") for _ in range(copies)]
+            rows["bf16_us"] = graph_time_us(lambda i: torch.nn.functional.linear(x, dense[i]), copies)
             rows["bf16_tb_s"] = n * k * 2 / rows["bf16_us"] / 1e6
-            best = None
-            for tiles in ((4, 512, 4), (8, 512, 4), (8, 256, 4), (16, 512, 8), (8, 1024, 8), (4, 1024, 4), (2, 1024, 4)):
-                if k % tiles[1]:
-                    continue
-                mine = nf4_gemv(x, w, tiles=tiles).float()
-                error = ((mine - exact).norm() / exact.norm()).item()
-                us = graph_time_us(lambda i: nf4_gemv(x, weights[i], tiles=tiles), copies)
-                rows[f"fused_{tiles[0]}x{tiles[1]}w{tiles[2]}_us"] = round(us, 2)
-                if error > 1e-2:
-                    rows[f"fused_{tiles[0]}x{tiles[1]}w{tiles[2]}_BAD_rel_err"] = error
-                elif best is None or us < best[0]:
-                    best = (us, tiles, error)
-            if best:
-                us, tiles, error = best
-                rows.update(fused_best_us=us, fused_best_tiles=tiles, fused_rel_err_vs_exact=error,
-                            fused_tb_s=nf4_bytes / us / 1e6, fused_fraction_of_copy_bw=nf4_bytes / (us / 1e6) / bandwidth,
-                            fused_vs_bnb=rows["bnb_us"] / us)
-                for mode in ("bf16-table", "bnb"):
-                    other = nf4_gemv(x, w, tiles=tiles, mode=mode).float()
-                    rows[f"{mode}_rel_diff_vs_bnb"] = ((other - theirs).norm() / theirs.norm()).item()
-                    rows[f"{mode}_bit_equal_bnb"] = bool(torch.equal(other, theirs))
-                    rows[f"{mode}_us"] = graph_time_us(lambda i: nf4_gemv(x, weights[i], tiles=tiles, mode=mode), copies)
-                rows["exact_rel_diff_vs_bnb"] = ((nf4_gemv(x, w, tiles=tiles).float() - theirs).norm() / theirs.norm()).item()
-            rows["default_tiles_us"] = graph_time_us(lambda i: nf4_gemv(x, weights[i]), copies)
+            del dense
+            for mode in ("exact", "bnb"):
+                best = None
+                for tiles in tile_choices:
+                    if k % tiles[1]:
+                        continue
+                    try:
+                        mine = nf4_gemv(x, w, tiles=tiles, mode=mode).float()
+                        us = graph_time_us(lambda i: nf4_gemv(x, weights[i], tiles=tiles, mode=mode), copies)
+                    except Exception as error:  # a tile the compiler refuses (registers, shared memory)
+                        rows[f"{mode}_{tiles}_error"] = repr(error)[:120]
+                        continue
+                    error = ((mine - exact).norm() / exact.norm()).item()
+                    rows[f"{mode}_{tiles[0]}x{tiles[1]}w{tiles[2]}_us"] = round(us, 2)
+                    if error > 2e-2:
+                        rows[f"{mode}_{tiles[0]}x{tiles[1]}w{tiles[2]}_BAD_rel_err"] = error
+                    elif best is None or us < best[0]:
+                        best = (us, tiles, error, mine)
+                if best:
+                    us, tiles, error, mine = best
+                    rows.update({f"{mode}_best_us": us, f"{mode}_best_tiles": tiles, f"{mode}_rel_err_vs_exact": error,
+                                 f"{mode}_tb_s": nf4_bytes / us / 1e6, f"{mode}_fraction_of_copy_bw": nf4_bytes / (us / 1e6) / bandwidth,
+                                 f"{mode}_vs_bnb": rows["bnb_us"] / us,
+                                 f"{mode}_rel_diff_vs_bnb": ((mine - theirs).norm() / theirs.norm()).item(),
+                                 f"{mode}_bit_equal_bnb": bool(torch.equal(mine, theirs))})
+                rows[f"{mode}_default_tiles"] = pick_tiles(n, k)
+                rows[f"{mode}_default_tiles_us"] = graph_time_us(lambda i: nf4_gemv(x, weights[i], mode=mode), copies)
         record(f"kernel {n}x{k}", **rows)
-        del denses, layers, weights, w
+        del layers, weights, w
+        free()
+
+    # one launch for q/k/v (gate/up) against bitsandbytes' separate launches
+    for name, shapes in (("qkv", ((4096, 4096), (1024, 4096), (1024, 4096))), ("gate_up", ((14336, 4096), (14336, 4096)))):
+        copies = max(1, min(8, int(200e6 // sum(n * k // 2 for n, k in shapes))))
+        groups = [[nf4_layers(n, k, 1)[0] for n, k in shapes] for _ in range(copies)]
+        x = torch.randn(1, shapes[0][1], device="cuda", dtype=torch.bfloat16)
+        nf4_bytes = sum(nf4_weight_of(l).packed.numel() + nf4_weight_of(l).absmax.numel() for l in groups[0])
+        rows = {"copies": copies, "nf4_mb": nf4_bytes / 1e6}
+        with torch.no_grad():
+            rows["bnb_us"] = graph_time_us(lambda i: [layer(x) for layer in groups[i]], copies)
+            theirs = torch.cat([layer(x).float() for layer in groups[0]], dim=-1)
+            weights = [[nf4_weight_of(layer) for layer in group] for group in groups]
+            for mode in ("exact", "bnb"):
+                best = None
+                for tiles in tile_choices:
+                    if shapes[0][1] % tiles[1]:
+                        continue
+                    try:
+                        us = graph_time_us(lambda i: nf4_gemv(x, weights[i], tiles=tiles, mode=mode), copies)
+                    except Exception:
+                        continue
+                    if best is None or us < best[0]:
+                        best = (us, tiles)
+                mine = nf4_gemv(x, weights[0], mode=mode).float()
+                rows.update({f"{mode}_best_us": best[0], f"{mode}_best_tiles": best[1],
+                             f"{mode}_default_us": graph_time_us(lambda i: nf4_gemv(x, weights[i], mode=mode), copies),
+                             f"{mode}_tb_s": nf4_bytes / best[0] / 1e6, f"{mode}_vs_bnb": rows["bnb_us"] / best[0],
+                             f"{mode}_rel_diff_vs_bnb": ((mine - theirs).norm() / theirs.norm()).item()})
+        record(f"kernel one launch {name}", **rows)
+        del groups, weights
         free()
 
 
@@ -410,9 +452,8 @@ def section_nf4(checkpoint: Path) -> None:
 
     variants = (
         ("fast (graphs, fused ops, bitsandbytes kernel)", dict()),
-        ("fast, Triton GEMV (bitsandbytes rounding)", dict(nf4_kernel="triton-bnb-rounding")),
-        ("fast, Triton GEMV (bf16 table)", dict(nf4_kernel="triton-bf16-table")),
         ("fast, Triton GEMV (exact)", dict(nf4_kernel="triton")),
+        ("fast, Triton GEMV (bitsandbytes rounding)", dict(nf4_kernel="triton-bnb-rounding")),
         ("graphs only, bitsandbytes kernel", dict(compile_ops=False)),
     )
     for name, options in variants[:1] if QUICK else variants:
@@ -469,23 +510,31 @@ def section_reload(checkpoint: Path, work: Path) -> None:
     del model
     free()
 
+    # the cache as runner loads it (one GPU: its own threaded reader, tensors handed to transformers)
     sync()
+    torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     cached_folder = nf4_cache.find(checkpoint, "nf4")
-    model = nf4_cache.load(cached_folder, device_map="auto")
+    model = nf4_cache.load(cached_folder, device_map={"": 0})
     sync()
     cache_load_s = time.perf_counter() - start
+    load_peak = torch.cuda.max_memory_allocated()
     token_cached = first_token(model)
     sync()
     cached_s = time.perf_counter() - start
     with torch.no_grad():
         logits_cached = model(torch.tensor([long[:64]], device="cuda")).logits.float()
+    resident = torch.cuda.memory_allocated()
     del model
     free()
+    # the same folder through transformers' own reader
     start = time.perf_counter()
-    model = nf4_cache.load(cached_folder, device_map={"": 0})
+    model = nf4_cache.load(cached_folder, device_map="auto")
     sync()
-    cache_load_one_device_s = time.perf_counter() - start
+    transformers_load_s = time.perf_counter() - start
+    token_transformers = first_token(model)
+    sync()
+    transformers_first_token_s = time.perf_counter() - start
     del model
     free()
     from safetensors import safe_open
@@ -498,14 +547,21 @@ def section_reload(checkpoint: Path, work: Path) -> None:
     sync()
     raw_read_s = time.perf_counter() - start
     del tensors
-    model = nf4_cache.load(cached_folder, device_map={"": 0})
-    record("reload parts", cache_load_device_map_cuda0_s=cache_load_one_device_s, raw_safetensors_to_gpu_s=raw_read_s)
+    start = time.perf_counter()
+    tensors = [nf4_cache.read_safetensors(shard, "cuda:0") for shard in sorted(folder.glob("*.safetensors"))]
+    sync()
+    runner_read_s = time.perf_counter() - start
+    del tensors
+    free()
     size = sum(p.stat().st_size for p in folder.iterdir())
+    record("reload parts", transformers_reader_load_s=transformers_load_s, transformers_reader_first_token_s=transformers_first_token_s,
+           transformers_reader_same_token=token_transformers == token_quantized,
+           safe_open_to_gpu_s=raw_read_s, runner_reader_to_gpu_s=runner_read_s, runner_reader_gb_s=size / runner_read_s / 1e9,
+           cache_load_peak_gb=load_peak / 1e9, cache_resident_gb=resident / 1e9)
     record("reload", quantize_on_load_first_token_s=quantized_s, quantize_load_s=load_s, cache_first_token_s=cached_s,
            cache_load_s=cache_load_s, speedup=quantized_s / cached_s, cache_save_s=save_s, cache_gb=size / 1e9,
            same_first_token=token_quantized == token_cached, logits_identical=bool(torch.equal(logits_quantized, logits_cached)),
            note="checkpoint and cache both just written: both read from the page cache", **memory())
-    del model
     free()
 
 
@@ -537,7 +593,7 @@ def section_reload_cold(checkpoint: Path, work: Path) -> None:
         sync()
         start = time.perf_counter()
         if name == "cache":
-            model = nf4_cache.load(folder, device_map="auto")
+            model = nf4_cache.load(folder, device_map={"": 0})
         else:
             model, _ = load(checkpoint, "nf4")
         int(FastDecoder(model, max_len=LONG_PROMPT + 16).prefill(long).argmax())

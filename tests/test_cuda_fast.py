@@ -177,10 +177,36 @@ def test_nf4_cache_round_trip_gives_identical_logits(tiny_llama_dir, runner_home
     assert nf4_cache.find(tiny_llama_dir, "fp4") is None        # another scheme is another entry
     assert not list(folder.parent.glob("*.partial-*"))
 
-    cached = nf4_cache.load(folder, device_map="cpu").eval()
-    assert type(cached.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
     ids = _prompt(16, quantized.config.vocab_size)
-    assert torch.equal(_hf_logits(quantized, ids), _hf_logits(cached, ids))
+    expected = _hf_logits(quantized, ids)
+    # "cpu": transformers reads the folder; {"": "cpu"}: runner's reader hands it the tensors
+    for device_map in ("cpu", {"": "cpu"}):
+        cached = nf4_cache.load(folder, device_map=device_map).eval()
+        assert type(cached.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+        assert torch.equal(expected, _hf_logits(cached, ids))
+
+
+def test_reader_gives_the_tensors_safetensors_gives(tmp_path):
+    """runner's reader against safetensors' own, on a file with every alignment case: a tensor
+    after an odd-sized one (copied out instead of viewed), several dtypes, pieces smaller than
+    tensors, and a progress count that ends at the data size."""
+    from safetensors.torch import load_file, save_file
+
+    from runner_cuda.fast.nf4_cache import one_device, read_safetensors
+
+    tensors = {"a_odd": torch.arange(7, dtype=torch.uint8), "b_bf16": torch.randn(33, 5).to(torch.bfloat16),
+               "c_f32": torch.randn(1000), "d_i64": torch.arange(5), "e_bool": torch.tensor([True, False, True])}
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path))
+    seen = []
+    got = read_safetensors(path, "cpu", chunk=100, on_bytes=seen.append)
+    expected = load_file(str(path))
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert got[name].dtype == expected[name].dtype and torch.equal(got[name], expected[name]), name
+    assert seen == sorted(seen) and seen[-1] == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert one_device({"": 0}) == "cuda:0" and one_device({"model.layers.0": 1, "lm_head": 1}) == "cuda:1"
+    assert one_device({"model.layers.0": 0, "lm_head": "cpu"}) is None and one_device("auto") is None
 
 
 def test_nf4_cache_refuses_cpu_repacked_weights(tiny_llama_dir, tmp_path):

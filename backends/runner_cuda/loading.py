@@ -16,6 +16,8 @@ quantization state included).
 
 from __future__ import annotations
 
+import functools
+
 import gc
 import importlib.util
 import json
@@ -527,8 +529,18 @@ def load_session(request: LoadRequest):
     if cached is not None:
         try:
             cached_sizes = {name: size for shard in checkpoint_shards(cached) for name, size in tensor_sizes(shard).items()}
-            model, failure = load_weights(str(cached), None, cached_sizes, **load)
-        except LoadError as error:
+            from runner_cuda.fast import nf4_cache
+
+            state_dict = None
+            device = nf4_cache.one_device(device_map)
+            if device is not None:      # one GPU: runner's threaded reader, straight into its memory
+                state_dict = nf4_cache.read_folder(cached, device, lambda done, total: report(
+                    LoadProgress("reading the NF4 cache", done, total, "bytes")))
+            model, failure = load_weights(str(cached), None, cached_sizes, **load, state_dict=state_dict)
+            del state_dict
+        except torch.OutOfMemoryError:
+            failure = f"out of GPU memory while reading the NF4 cache {cached}"
+        except (LoadError, OSError) as error:
             failure = str(error)
         if failure is not None and "out of" not in failure:
             free_memory()
@@ -572,8 +584,10 @@ def load_session(request: LoadRequest):
 
 
 def load_weights(weights: str, quantization_config, sizes: dict[str, int], *, dtype, device_map, max_memory,
-                 attention: str, offload_folder: str | None, request: LoadRequest):
+                 attention: str, offload_folder: str | None, request: LoadRequest, state_dict: dict | None = None):
     """transformers' from_pretrained, with progress; returns (model, None) or (None, one-line message).
+    `state_dict`: the checkpoint's tensors already read (the NF4 cache on one GPU): transformers
+    builds the model from them and the config in `weights`.
 
     The message is made inside `except` and the caller raises it outside: the original traceback
     holds the frames of the half-loaded model, and its memory is only freed once that is gone."""
@@ -583,8 +597,13 @@ def load_weights(weights: str, quantization_config, sizes: dict[str, int], *, dt
     spec = request.model
     try:
         with weight_loading_progress(request.on_progress, sizes):
-            model = AutoModelForCausalLM.from_pretrained(
-                weights,
+            if state_dict is not None:
+                from runner_cuda.fast.nf4_cache import from_state_dict
+
+                load_from = functools.partial(from_state_dict, weights, state_dict)
+            else:
+                load_from = functools.partial(AutoModelForCausalLM.from_pretrained, weights)
+            model = load_from(
                 dtype=dtype,
                 quantization_config=quantization_config,
                 device_map=device_map,

@@ -11,8 +11,8 @@ The elementwise pieces of a step (residual add + RMSNorm, RoPE on q and k, SiLU 
 fused by torch.compile, and for BF16 models q/k/v and gate/up become one GEMV each (the modules'
 weights turned into views of one tensor: no extra memory). With bitsandbytes NF4 weights, each
 projection of a decode step runs bitsandbytes' own batch-1 kernel by default (it reads the packed
-weights and the double-quant state itself, and was the fastest measured on an H100); the Triton
-kernel of `nf4.py` is there as `nf4_kernel="triton..."` / RUNNER_NF4_KERNEL. Prefill keeps
+weights and the double-quant state itself); the Triton kernel of `nf4.py` (q/k/v and gate/up one
+launch each) is there as `nf4_kernel="triton..."` / RUNNER_NF4_KERNEL. Prefill keeps
 bitsandbytes' (or torch's) own path, eagerly, `prefill_chunk` tokens at a time (budget.PREFILL_CHUNK,
 what the Plan counts activations for), the lm_head for the last position only.
 
@@ -42,7 +42,7 @@ FIRST_BUCKET = 256
 # Linear and bitsandbytes' 4-bit Linear; LLM.int8 and FP8 layers keep the ordinary loop
 GRAPH_SAFE_LINEARS = ("Linear", "Linear4bit", "LinearNF4", "LinearFP4")
 # RUNNER_NF4_KERNEL: name -> nf4_gemv mode (None: the bitsandbytes module's own kernel)
-NF4_KERNELS = {"bitsandbytes": None, "triton": "exact", "triton-bf16-table": "bf16-table", "triton-bnb-rounding": "bnb"}
+NF4_KERNELS = {"bitsandbytes": None, "triton": "exact", "triton-bnb-rounding": "bnb"}
 
 
 class Unsupported(Exception):
@@ -99,6 +99,9 @@ class FastDecoder:
                     weight = nf4_weight_of(module)
                     if weight is not None:
                         self.nf4[id(module)] = weight
+        # with the Triton kernel, q/k/v and gate/up are one launch each (they read the same input)
+        self.nf4_qkv = self._nf4_groups(lambda l: (l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj))
+        self.nf4_gate_up = self._nf4_groups(lambda l: (l.mlp.gate_proj, l.mlp.up_proj))
 
         with torch.no_grad():
             capacity = -(-self.max_len // FIRST_BUCKET) * FIRST_BUCKET     # buckets end on 256s
@@ -182,6 +185,17 @@ class FastDecoder:
 
     # ---- the forward ------------------------------------------------------------------------
 
+    def _nf4_groups(self, members):
+        """Per layer, the NF4 weights of `members(layer)` for one Triton launch; None unless every
+        layer's members are NF4 weights the kernel reads with the same input size, blocks and bias."""
+        groups = []
+        for layer in self.layers:
+            weights = [self.nf4.get(id(module)) for module in members(layer)]
+            if any(w is None for w in weights) or len({(w.in_features, w.blocksize, w.nested, w.bias is None) for w in weights}) != 1:
+                return None
+            groups.append(weights)
+        return groups
+
     def _linear(self, module, x):
         weight = self.nf4.get(id(module))
         if weight is None:
@@ -209,6 +223,8 @@ class FastDecoder:
             attn, mlp = layer.self_attn, layer.mlp
             if self.qkv is not None:
                 q, k, v = torch.nn.functional.linear(x, *self.qkv[index]).split([q_size, kv_size, kv_size], dim=-1)
+            elif self.nf4_qkv is not None:
+                q, k, v = nf4_gemv(x, self.nf4_qkv[index], mode=self.nf4_mode).split([q_size, kv_size, kv_size], dim=-1)
             else:
                 q, k, v = self._linear(attn.q_proj, x), self._linear(attn.k_proj, x), self._linear(attn.v_proj, x)
             q, k = ops.rope(q.view(self.heads, self.head_dim), k.view(self.kv_heads, self.head_dim), cos, sin)
@@ -222,6 +238,8 @@ class FastDecoder:
             hidden, x = ops.add_rms_norm(hidden, self._linear(attn.o_proj, out), middle.weight, self.eps)
             if self.gate_up is not None:
                 gate, up = torch.nn.functional.linear(x, *self.gate_up[index]).chunk(2, dim=-1)
+            elif self.nf4_gate_up is not None:
+                gate, up = nf4_gemv(x, self.nf4_gate_up[index], mode=self.nf4_mode).chunk(2, dim=-1)
             else:
                 gate, up = self._linear(mlp.gate_proj, x), self._linear(mlp.up_proj, x)
             hidden, x = ops.add_rms_norm(hidden, self._linear(mlp.down_proj, ops.silu_mul(gate, up)), after.weight, self.eps)

@@ -12,7 +12,7 @@ of `blocksize` (64) consecutive elements has one scale, `absmax`. With double qu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -69,8 +69,6 @@ def nf4_weight_of(module) -> NF4Weight | None:
 
 def block_scales(w: NF4Weight) -> "torch.Tensor":
     """float32 scale of every block, double quantization undone."""
-    import torch
-
     if not w.nested:
         return w.absmax.float()
     blocks = w.absmax.numel()
@@ -100,138 +98,72 @@ def linear_reference(x: "torch.Tensor", w: NF4Weight) -> "torch.Tensor":
 
 # ---- the fused kernel (CUDA, Triton) ---------------------------------------------------------
 
-_KERNEL = None
+_KERNELS: dict = {}
 
 
 def _kernel():
-    """Compile-on-first-use Triton kernel: one program computes BLOCK_N outputs, walking K in
-    chunks of BLOCK_K elements, each chunk BLOCK_K/64 quantization blocks of 32 bytes. A byte
-    (two weights) is decoded by one load from a 256-entry table of code pairs; products are
-    accumulated per element and reduced once at the end.
+    """The Triton kernel (runner_cuda/fast/nf4_kernel.py), compiled per shape on first use."""
+    from runner_cuda.fast.nf4_kernel import nf4_gemv_kernel
 
-    MODE 0 ("exact"): float32 codes, float32 products (the closest to the exact result).
-    MODE 1 ("bf16-table"): the codes rounded to bf16 as bitsandbytes holds them, float32 math.
-    MODE 2 ("bnb"): bitsandbytes' own batch-1 kernel (gemm_4bit_simt) reproduced: scale, each
-    weight (code × scale) and each product (x × weight) rounded to bf16, summed in float32."""
-    global _KERNEL
-    if _KERNEL is not None:
-        return _KERNEL
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def nf4_gemv_kernel(
-        x_ptr, packed_ptr, pairs_ptr, absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
-        bias_ptr, out_ptr, N, K: tl.constexpr,
-        NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr, BLOCKSIZE: tl.constexpr,
-        NESTED_BLOCKSIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):
-        pid = tl.program_id(0)
-        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)                  # [BN]
-        row_ok = rows < N
-        BLOCKS: tl.constexpr = BLOCK_K // BLOCKSIZE                   # quant blocks per chunk
-        HALF: tl.constexpr = BLOCKSIZE // 2                          # bytes per quant block
-        b = tl.arange(0, BLOCKS)                                     # [NB]
-        j = tl.arange(0, HALF)                                       # [H]
-        acc = tl.zeros([BLOCK_N, BLOCKS, HALF], dtype=tl.float32)
-        row_start = rows.to(tl.int64) * K
-        for k0 in range(0, K, BLOCK_K):
-            # x: even and odd elements of each quant block, [NB, H]
-            x_even = tl.load(x_ptr + k0 + b[:, None] * BLOCKSIZE + 2 * j[None, :]).to(tl.float32)
-            x_odd = tl.load(x_ptr + k0 + b[:, None] * BLOCKSIZE + 2 * j[None, :] + 1).to(tl.float32)
-            # packed bytes [BN, NB, H]; element 2i in the high nibble of byte i
-            byte_index = (row_start[:, None, None] + k0 + b[None, :, None] * BLOCKSIZE) // 2 + j[None, None, :]
-            q = tl.load(packed_ptr + byte_index, mask=row_ok[:, None, None], other=0, eviction_policy="evict_first")
-            pair = tl.load(pairs_ptr + q.to(tl.int32))           # the two weights' codes
-            if MODE != 0:                                        # int32: bf16 bits, high | low
-                w_hi = (pair & -65536).to(tl.float32, bitcast=True)
-                w_lo = (pair << 16).to(tl.float32, bitcast=True)
-            else:                                                # int64: float32 bits, high | low
-                w_hi = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-                w_lo = pair.to(tl.int32).to(tl.float32, bitcast=True)
-            block = (row_start[:, None] + k0) // BLOCKSIZE + b[None, :]                 # [BN, NB]
-            if NESTED:
-                a8 = tl.load(absmax_ptr + block, mask=row_ok[:, None], other=0).to(tl.int32)
-                scale = tl.load(nested_code_ptr + a8) * tl.load(
-                    nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=row_ok[:, None], other=0.0
-                ) + tl.load(offset_ptr)
-            else:
-                scale = tl.load(absmax_ptr + block, mask=row_ok[:, None], other=0.0)
-            if MODE == 2:
-                s = scale.to(tl.bfloat16).to(tl.float32)[:, :, None]
-                b_hi = (w_hi * s).to(tl.bfloat16).to(tl.float32)
-                b_lo = (w_lo * s).to(tl.bfloat16).to(tl.float32)
-                acc += (b_hi * x_even[None, :, :]).to(tl.bfloat16).to(tl.float32) + (
-                    b_lo * x_odd[None, :, :]
-                ).to(tl.bfloat16).to(tl.float32)
-            else:
-                acc += (w_hi * x_even[None, :, :] + w_lo * x_odd[None, :, :]) * scale[:, :, None]
-        total = tl.sum(tl.sum(acc, axis=2), axis=1)
-        if HAS_BIAS:
-            total += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_ok)
-
-    _KERNEL = nf4_gemv_kernel
-    return _KERNEL
+    return nf4_gemv_kernel
 
 
-_PAIRS: dict = {}
-
-
-def pair_table(code: "torch.Tensor", bf16: bool) -> "torch.Tensor":
-    """For each byte value, the codes of its two nibbles in one word: float32 bits in an int64
-    (high nibble in the upper half), or with `bf16` the bf16 bits in an int32, the table that
-    bitsandbytes' batch-1 kernel uses."""
+def code_table(code: "torch.Tensor", bf16: bool) -> "torch.Tensor":
+    """The 16 NF4 values as float32, or with `bf16` rounded to bf16 first (as bitsandbytes'
+    batch-1 kernel holds them). Cached per code tensor."""
     import torch
 
-    key = (code.data_ptr(), code.device, bf16)
-    table = _PAIRS.get(key)
+    key = ("code", code.data_ptr(), code.device, bf16)
+    table = _KERNELS.get(key)
     if table is None:
-        byte = torch.arange(256, device=code.device)
-        if bf16:
-            bits = code.float().to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
-            table = ((bits[byte >> 4] << 16) | bits[byte & 15]).to(torch.int32)
-        else:
-            bits = code.float().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-            table = (bits[byte >> 4] << 32) | bits[byte & 15]
-        table = table.contiguous()
-        _PAIRS[key] = table
+        table = code.float().to(torch.bfloat16).float() if bf16 else code.float().contiguous()
+        _KERNELS[key] = table
     return table
 
 
 def pick_tiles(out_features: int, in_features: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) for batch-1 decode on an H100 (measured in bench/cuda_speed.py)."""
-    block_k = next(size for size in (512, 256, 128, 64) if in_features % size == 0)
-    if out_features >= 8192:
-        return 16, 512, 8
-    return (8, 512, 4) if in_features >= 8192 else (8, 1024, 8) if in_features % 1024 == 0 else (8, block_k, 4)
+    """(BLOCK_N, BLOCK_K, num_warps) for batch-1 decode (measured on an H100 in bench/cuda_speed.py)."""
+    block_k = next(size for size in (1024, 512, 256, 128, 64) if in_features % size == 0)
+    return 4, block_k, 4
 
 
-MODES = {"exact": 0, "bf16-table": 1, "bnb": 2}
+MODES = {"exact": False, "bnb": True}
 
 
-def nf4_gemv(x: "torch.Tensor", w: NF4Weight, out: "torch.Tensor | None" = None, tiles=None,
-             mode: str = "exact") -> "torch.Tensor":
+def nf4_gemv(x: "torch.Tensor", w: "NF4Weight | Sequence[NF4Weight]", out: "torch.Tensor | None" = None,
+             tiles=None, mode: str = "exact") -> "torch.Tensor":
     """y = x @ W.T + bias for one token (x: [..., in_features] with one row), on CUDA (or on
-    CPU under TRITON_INTERPRET=1)."""
+    CPU under TRITON_INTERPRET=1). Given several weights (at most three, same input size and
+    quantization settings, e.g. q/k/v), one launch computes them all: their outputs side by side."""
     import torch
 
-    if x.numel() != w.in_features:
-        raise ValueError(f"nf4_gemv takes one row of {w.in_features} features, got shape {tuple(x.shape)}")
+    weights = [w] if isinstance(w, NF4Weight) else list(w)
+    first = weights[0]
+    if not 1 <= len(weights) <= 3:
+        raise ValueError(f"nf4_gemv takes one to three weights, not {len(weights)}")
+    if any((v.in_features, v.blocksize, v.nested, v.nested_blocksize, v.bias is None) !=
+           (first.in_features, first.blocksize, first.nested, first.nested_blocksize, first.bias is None) for v in weights):
+        raise ValueError("nf4_gemv: the weights of one launch need the same input size, blocks and bias")
+    if x.numel() != first.in_features:
+        raise ValueError(f"nf4_gemv takes one row of {first.in_features} features, got shape {tuple(x.shape)}")
+    total = sum(v.out_features for v in weights)
     x_flat = x.reshape(-1)
     if not x_flat.is_contiguous():
         x_flat = x_flat.contiguous()
     if out is None:
-        out = torch.empty(w.out_features, dtype=x.dtype, device=x.device)
-    block_n, block_k, warps = tiles or pick_tiles(w.out_features, w.in_features)
-    grid = ((w.out_features + block_n - 1) // block_n,)
-    dummy = w.absmax
+        out = torch.empty(total, dtype=x.dtype, device=x.device)
+    block_n, block_k, warps = tiles or pick_tiles(max(v.out_features for v in weights), first.in_features)
+    grid = (sum(-(-v.out_features // block_n) for v in weights),)
+    args = []
+    for v in (weights + [first] * 3)[:3]:
+        dummy = v.absmax
+        args += [v.packed.view(torch.int32), v.absmax, v.nested_code if v.nested else dummy,
+                 v.nested_absmax if v.nested else dummy, v.offset if v.nested else dummy,
+                 v.bias if v.bias is not None else dummy, v.out_features]
     _kernel()[grid](
-        x_flat, w.packed, pair_table(w.code, bf16=mode != "exact"), w.absmax,
-        w.nested_code if w.nested else dummy, w.nested_absmax if w.nested else dummy,
-        w.offset if w.nested else dummy, w.bias if w.bias is not None else dummy, out,
-        w.out_features, w.in_features,
-        NESTED=w.nested, HAS_BIAS=w.bias is not None, MODE=MODES[mode], BLOCKSIZE=w.blocksize,
-        NESTED_BLOCKSIZE=max(w.nested_blocksize, 1), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        x_flat, code_table(first.code, bf16=MODES[mode]), out, *args,
+        K=first.in_features, WEIGHTS=len(weights), NESTED=first.nested, HAS_BIAS=first.bias is not None,
+        ROUND_BNB=MODES[mode], BLOCKSIZE=first.blocksize, NESTED_BLOCKSIZE=max(first.nested_blocksize, 1),
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
     )
-    return out.view(*x.shape[:-1], w.out_features)
+    return out.view(*x.shape[:-1], total)

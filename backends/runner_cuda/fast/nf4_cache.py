@@ -91,7 +91,153 @@ def save(model, source: Path, quant: str) -> Path:
 
 
 def load(folder: Path, **from_pretrained_kwargs):
-    """The cached model: transformers reads the packed weights and quantization state as saved."""
+    """The cached model: transformers reads the packed weights and quantization state as saved.
+    When everything goes to one device (`one_device(device_map)`), runner reads the files itself
+    (`read_folder`) and hands transformers the tensors."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(folder), **from_pretrained_kwargs)
+    device = one_device(from_pretrained_kwargs.get("device_map"))
+    if device is None:
+        return AutoModelForCausalLM.from_pretrained(str(folder), **from_pretrained_kwargs)
+    return from_state_dict(folder, read_folder(folder, device), **from_pretrained_kwargs)
+
+
+def from_state_dict(folder: Path, state_dict: dict, **from_pretrained_kwargs):
+    """from_pretrained on tensors already read (its config from `folder`)."""
+    import transformers
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(folder))
+    model_class = getattr(transformers, (config.architectures or ["LlamaForCausalLM"])[0])
+    return model_class.from_pretrained(None, config=config, state_dict=state_dict, **from_pretrained_kwargs)
+
+
+def one_device(device_map) -> str | None:
+    """"cuda:N" (or "cpu") when `device_map` puts every module on that one device, else None."""
+    if not isinstance(device_map, dict) or not device_map:
+        return None
+    devices = set(device_map.values())
+    if len(devices) != 1:
+        return None
+    device = devices.pop()
+    if isinstance(device, int):
+        return f"cuda:{device}"
+    return device if isinstance(device, str) and (device == "cpu" or device.startswith("cuda")) else None
+
+
+def read_folder(folder: Path, device: str, on_bytes=None) -> dict:
+    """Every tensor of the folder's safetensors files, on `device` (`read_safetensors`);
+    `on_bytes(done, total)` after each piece read."""
+    shards = sorted(Path(folder).glob("*.safetensors"))
+    total = sum(shard.stat().st_size for shard in shards)
+    done = 0
+    state_dict = {}
+    for shard in shards:
+        def progress(count, base=done):
+            if on_bytes is not None:
+                on_bytes(base + count, total)
+        state_dict.update(read_safetensors(shard, device, on_bytes=progress))
+        done += shard.stat().st_size
+    return state_dict
+
+
+SAFETENSORS_DTYPES = {
+    "BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "U8": "uint8", "I8": "int8",
+    "I16": "int16", "I32": "int32", "I64": "int64", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}
+
+
+def read_safetensors(path: Path, device: str, threads: int = 8, chunk: int = 64 << 20, on_bytes=None) -> dict:
+    """Every tensor of one safetensors file on `device`, as views into one buffer of the file's
+    size (a tensor whose offset does not suit its dtype's alignment is copied out). On CUDA the
+    file is read in `chunk`-byte pieces by `threads` threads into pinned staging buffers, each
+    copied to the GPU on the thread's own stream while the next piece is read: the speed of the
+    page cache or the disk, where safetensors' per-tensor reads go at a fraction of it.
+    `on_bytes(done)` after each piece (from the reading threads)."""
+    import json
+    import os
+    import threading
+
+    import torch
+
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        header_size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_size))
+    header.pop("__metadata__", None)
+    start = 8 + header_size
+    device = torch.device(device)
+    buffer = torch.empty(size - start, dtype=torch.uint8, device=device)
+    pieces = [(offset, min(chunk, size - offset)) for offset in range(start, size, chunk)]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if device.type != "cuda":
+            view = memoryview(buffer.numpy())
+            for offset, length in pieces:
+                _read_fully(fd, view[offset - start:offset - start + length], offset)
+                if on_bytes is not None:
+                    on_bytes(offset + length - start)
+        else:
+            queue = list(reversed(pieces))
+            lock = threading.Lock()
+            errors = []
+            read = [0]
+
+            def worker():
+                staging = [torch.empty(chunk, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+                done = [None, None]
+                stream = torch.cuda.Stream(device=device)
+                turn = 0
+                try:
+                    while True:
+                        with lock:
+                            if not queue or errors:
+                                break
+                            offset, length = queue.pop()
+                        if done[turn] is not None:
+                            done[turn].synchronize()          # the previous copy out of this buffer
+                        _read_fully(fd, memoryview(staging[turn].numpy())[:length], offset)
+                        with torch.cuda.stream(stream):
+                            buffer[offset - start:offset - start + length].copy_(staging[turn][:length], non_blocking=True)
+                            done[turn] = torch.cuda.Event()
+                            done[turn].record(stream)
+                        turn = 1 - turn
+                        with lock:
+                            read[0] += length
+                            if on_bytes is not None:
+                                on_bytes(read[0])
+                    stream.synchronize()
+                except BaseException as error:  # reported by the caller's thread
+                    errors.append(error)
+
+            workers = [threading.Thread(target=worker, daemon=True) for _ in range(min(threads, len(pieces)))]
+            for thread in workers:
+                thread.start()
+            for thread in workers:
+                thread.join()
+            if errors:
+                raise errors[0]
+    finally:
+        os.close(fd)
+    tensors = {}
+    for name, entry in header.items():
+        dtype = getattr(torch, SAFETENSORS_DTYPES[entry["dtype"]])
+        begin, end = entry["data_offsets"]
+        raw = buffer[begin:end]
+        width = torch.empty(0, dtype=dtype).element_size()
+        if begin % width:
+            raw = raw.clone()
+        tensors[name] = raw.view(dtype).view(entry["shape"])
+    return tensors
+
+
+def _read_fully(fd: int, into: memoryview, offset: int) -> None:
+    import os
+
+    done = 0
+    while done < len(into):
+        count = os.preadv(fd, [into[done:]], offset + done)
+        if count == 0:
+            raise OSError(f"unexpected end of file at byte {offset + done}")
+        done += count
