@@ -352,7 +352,31 @@ def section_kernels() -> None:
             layers.append(layer.cuda())
         return layers
 
-    tile_choices = [(bn, bk, warps) for bn in (2, 4, 8) for bk in (512, 1024) for warps in (4, 8)]
+    from runner_cuda.fast.nf4_cuda import NF4Gemv
+
+    tile_choices = [(8, 1024, 4), (4, 1024, 4)]             # the Triton kernel's best on an H100 (earlier run)
+    cuda_choices = [(rows, threads) for rows in (1, 2, 4) for threads in (64, 128, 256)]
+
+    def time_cuda(rows_out: dict, name: str, x, weight_sets, reference, nf4_bytes, copies):
+        """Every (rows per warp, threads) of the CUDA kernel on `weight_sets` (one per copy)."""
+        best = None
+        for rows, threads in cuda_choices:
+            if any(w.out_features % rows for w in weight_sets[0]):
+                continue
+            calls = [NF4Gemv(weights, rows=rows, threads=threads) for weights in weight_sets]
+            mine = calls[0](x).float()
+            error = ((mine - reference).norm() / reference.norm()).item()
+            us = graph_time_us(lambda i: calls[i](x), copies)
+            rows_out[f"{name}_r{rows}t{threads}_us"] = round(us, 2)
+            if error > 2e-2:
+                rows_out[f"{name}_r{rows}t{threads}_BAD_rel_err"] = error
+            elif best is None or us < best[0]:
+                best = (us, (rows, threads), error)
+        if best:
+            rows_out.update({f"{name}_best_us": best[0], f"{name}_best": best[1], f"{name}_rel_err": best[2],
+                             f"{name}_tb_s": nf4_bytes / best[0] / 1e6, f"{name}_vs_bnb": rows_out["bnb_us"] / best[0]})
+        default = [NF4Gemv(weights) for weights in weight_sets]
+        rows_out[f"{name}_default_us"] = graph_time_us(lambda i: default[i](x), copies)
     for n, k in ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)):
         copies = max(1, min(8, int(200e6 // (n * k // 2))))
         layers = nf4_layers(n, k, copies)
@@ -371,6 +395,7 @@ def section_kernels() -> None:
             rows["bf16_us"] = graph_time_us(lambda i: torch.nn.functional.linear(x, dense[i]), copies)
             rows["bf16_tb_s"] = n * k * 2 / rows["bf16_us"] / 1e6
             del dense
+            time_cuda(rows, "cuda", x, [[v] for v in weights], exact, nf4_bytes, copies)
             for mode in ("exact", "bnb"):
                 best = None
                 for tiles in tile_choices:
@@ -412,6 +437,8 @@ def section_kernels() -> None:
             rows["bnb_us"] = graph_time_us(lambda i: [layer(x) for layer in groups[i]], copies)
             theirs = torch.cat([layer(x).float() for layer in groups[0]], dim=-1)
             weights = [[nf4_weight_of(layer) for layer in group] for group in groups]
+            exact = torch.cat([torch.nn.functional.linear(x.double(), dequantize_reference(w).double()) for w in weights[0]], dim=-1)
+            time_cuda(rows, "cuda", x, weights, exact, nf4_bytes, copies)
             for mode in ("exact", "bnb"):
                 best = None
                 for tiles in tile_choices:
@@ -452,6 +479,7 @@ def section_nf4(checkpoint: Path) -> None:
 
     variants = (
         ("fast (graphs, fused ops, bitsandbytes kernel)", dict()),
+        ("fast, CUDA GEMV", dict(nf4_kernel="cuda")),
         ("fast, Triton GEMV (exact)", dict(nf4_kernel="triton")),
         ("fast, Triton GEMV (bitsandbytes rounding)", dict(nf4_kernel="triton-bnb-rounding")),
         ("graphs only, bitsandbytes kernel", dict(compile_ops=False)),

@@ -50,6 +50,32 @@ def test_triton_gemv_matches_bitsandbytes(shape, nested):
                 assert ((mine.float() - theirs.float()).norm() / theirs.float().norm()).item() < 1e-3
 
 
+@pytest.mark.parametrize("shape", [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (1000, 192)])
+@pytest.mark.parametrize("nested", [True, False])
+def test_cuda_gemv_matches_reference(shape, nested):
+    """The NVRTC-compiled kernel: within bf16 rounding of the float32 reference (closer than
+    bitsandbytes' own kernel), every output written, in one launch or as a group of three."""
+    from runner_cuda.fast.nf4 import linear_reference, nf4_weight_of
+    from runner_cuda.fast.nf4_cuda import NF4Gemv
+
+    layers = [cuda_nf4_layer(shape[0] + 8 * i, shape[1], nested=nested, bias=shape[0] == 1000, seed=i) for i in range(3)]
+    weights = [nf4_weight_of(layer) for layer in layers]
+    for rows in (1, 2, 4):
+        for trial in range(2):
+            x = torch.randn(1, shape[1], device="cuda", dtype=torch.bfloat16)
+            reference = torch.cat([linear_reference(x, w).float() for w in weights], dim=-1)
+            with torch.no_grad():
+                theirs = torch.cat([layer(x).float() for layer in layers], dim=-1)
+            out = torch.full((reference.shape[-1],), float("nan"), device="cuda", dtype=torch.bfloat16)
+            mine = NF4Gemv(weights, rows=rows)(x, out=out).float()
+            assert not mine.isnan().any()
+            error = ((mine - reference).norm() / reference.norm()).item()
+            assert error < 5e-3, error
+            assert error <= ((theirs - reference).norm() / reference.norm()).item() + 1e-4
+            alone = NF4Gemv(weights[1:2], rows=rows)(x).float()
+            assert torch.equal(alone, mine[..., weights[0].out_features:weights[0].out_features + weights[1].out_features])
+
+
 def test_one_launch_for_several_weights_equals_separate_launches():
     """q/k/v in one launch: the same bits as three launches, each weight's outputs in its place."""
     from runner_cuda.fast.nf4 import nf4_gemv, nf4_weight_of
@@ -63,7 +89,7 @@ def test_one_launch_for_several_weights_equals_separate_launches():
             assert torch.equal(together, apart)
 
 
-@pytest.mark.parametrize("kernel", ["bitsandbytes", "triton"])
+@pytest.mark.parametrize("kernel", ["bitsandbytes", "cuda", "triton"])
 def test_graph_decoder_greedy_equals_hf_generate(tmp_path, monkeypatch, kernel):
     """A small random Llama in NF4: HF generate (bitsandbytes' path) and the fast decoder (CUDA
     graphs, fused ops, bitsandbytes' batch-1 kernel or runner's) pick the same greedy tokens until
@@ -101,7 +127,9 @@ def test_graph_decoder_greedy_equals_hf_generate(tmp_path, monkeypatch, kernel):
     # up to there, the same logits as HF generate's own steps (the same bitsandbytes kernel)
     fast = torch.stack(got_logits[:agree])
     hf = hf_step_logits[:agree]
-    assert ((fast - hf).norm() / hf.norm()).item() < 2e-2       # 1.1 % seen on an H100 (bf16 rounding order)
+    step_difference = ((fast - hf).norm() / hf.norm()).item()
+    print(kernel, "first difference", agree, "step logits", step_difference)
+    assert step_difference < 2e-2, step_difference       # 1.1 % seen on an H100 (bf16 rounding order)
     # teacher-forced on HF's tokens, against HF's whole-sequence forward (which dequantizes to
     # bf16 and multiplies with cuBLAS: other rounding than the batch-1 kernel, 2.5 % seen on an H200)
     sequence = prompt + expected[:64]
@@ -110,8 +138,10 @@ def test_graph_decoder_greedy_equals_hf_generate(tmp_path, monkeypatch, kernel):
     decoder.reset()
     steps = [decoder.prefill(prompt).clone()] + [decoder.step(t).clone() for t in expected[:63]]
     forced = torch.stack(steps)
-    assert ((forced - whole).norm() / whole.norm()).item() < 5e-2
-    assert (forced.argmax(-1) == whole.argmax(-1)).float().mean().item() >= 0.85
+    forced_difference = ((forced - whole).norm() / whole.norm()).item()
+    agreement = (forced.argmax(-1) == whole.argmax(-1)).float().mean().item()
+    print(kernel, "teacher-forced logits", forced_difference, "argmax agreement", agreement)
+    assert forced_difference < 5e-2 and agreement >= 0.85, (forced_difference, agreement)
 
 
 def test_graph_decoder_prefills_in_chunks_like_one_pass(tmp_path):

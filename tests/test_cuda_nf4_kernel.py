@@ -101,7 +101,7 @@ for kernel in ("triton", "triton-bnb-rounding", "bitsandbytes"):
     model = AutoModelForCausalLM.from_pretrained(FOLDER, quantization_config=config, dtype=torch.bfloat16,
                                                  device_map="cpu").eval()
     decoder = FastDecoder(model, max_len=64, use_graphs=False, nf4_kernel=kernel)
-    assert (decoder.nf4_qkv is not None) == (kernel != "bitsandbytes")
+    assert (decoder.nf4 is not None) == (kernel != "bitsandbytes")
     steps = [decoder.prefill(ids[:6]).clone()] + [decoder.step(t).clone() for t in ids[6:]]
     results[kernel] = torch.stack(steps)
 theirs = results["bitsandbytes"]
@@ -125,4 +125,36 @@ def test_decoder_with_the_kernel_matches_bitsandbytes_modules(tiny_llama_dir):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     print(result.stdout)
+    assert result.stdout.strip().endswith("ok")
+
+
+COMPILE = r"""
+import itertools
+import triton
+from triton.backends.compiler import GPUTarget
+from runner_cuda.fast.nf4_kernel import nf4_gemv_kernel
+
+names = nf4_gemv_kernel.arg_names
+for weights, nested, bias, round_bnb in itertools.product((1, 2, 3), (True, False), (False, True), (False, True)):
+    types = {"x_ptr": "*bf16", "code_ptr": "*fp32", "out_ptr": "*bf16"}
+    for i in range(3):
+        types.update({f"w{i}": "*i32", f"a{i}": "*u8" if nested else "*fp32", f"nc{i}": "*fp32", f"na{i}": "*fp32",
+                      f"o{i}": "*fp32", f"bias{i}": "*bf16", f"N{i}": "i32"})
+    constants = dict(K=4096, WEIGHTS=weights, NESTED=nested, HAS_BIAS=bias, ROUND_BNB=round_bnb, BLOCKSIZE=64,
+                     NESTED_BLOCKSIZE=256, BLOCK_N=4, BLOCK_K=1024)
+    source = triton.compiler.ASTSource(fn=nf4_gemv_kernel, signature={n: types.get(n, "constexpr") for n in names},
+                                       constexprs={(names.index(k),): v for k, v in constants.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    assert compiled.asm["cubin"], constants
+print("ok")
+"""
+
+
+def test_kernel_compiles_for_hopper_without_a_gpu():
+    """Triton's real compiler (not the interpreter) down to an sm_90 cubin, every variant: what the
+    interpreter accepts, the compiler may refuse (a constexpr reassigned in a loop did, on a GPU)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "backends")]))
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run([sys.executable, "-c", COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert result.stdout.strip().endswith("ok")

@@ -11,8 +11,8 @@ The elementwise pieces of a step (residual add + RMSNorm, RoPE on q and k, SiLU 
 fused by torch.compile, and for BF16 models q/k/v and gate/up become one GEMV each (the modules'
 weights turned into views of one tensor: no extra memory). With bitsandbytes NF4 weights, each
 projection of a decode step runs bitsandbytes' own batch-1 kernel by default (it reads the packed
-weights and the double-quant state itself); the Triton kernel of `nf4.py` (q/k/v and gate/up one
-launch each) is there as `nf4_kernel="triton..."` / RUNNER_NF4_KERNEL. Prefill keeps
+weights and the double-quant state itself); runner's own kernels (`nf4_cuda.py`, `nf4.py`; q/k/v
+and gate/up one launch each) are there as `nf4_kernel=` / RUNNER_NF4_KERNEL. Prefill keeps
 bitsandbytes' (or torch's) own path, eagerly, `prefill_chunk` tokens at a time (budget.PREFILL_CHUNK,
 what the Plan counts activations for), the lm_head for the last position only.
 
@@ -25,11 +25,12 @@ On CPU (tests) the same forward runs eagerly, without graphs.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import TYPE_CHECKING, Sequence
 
 from runner.budget import PREFILL_CHUNK
-from runner_cuda.fast.nf4 import NF4Weight, nf4_gemv, nf4_weight_of
+from runner_cuda.fast.nf4 import nf4_gemv, nf4_weight_of
 
 if TYPE_CHECKING:
     import torch
@@ -41,8 +42,10 @@ FIRST_BUCKET = 256
 # projection types whose forward runs inside a CUDA graph (no host synchronisation): plain
 # Linear and bitsandbytes' 4-bit Linear; LLM.int8 and FP8 layers keep the ordinary loop
 GRAPH_SAFE_LINEARS = ("Linear", "Linear4bit", "LinearNF4", "LinearFP4")
-# RUNNER_NF4_KERNEL: name -> nf4_gemv mode (None: the bitsandbytes module's own kernel)
-NF4_KERNELS = {"bitsandbytes": None, "triton": "exact", "triton-bnb-rounding": "bnb"}
+# RUNNER_NF4_KERNEL: the NF4 decode GEMV. "bitsandbytes": the module's own batch-1 kernel; "cuda":
+# nf4_cuda.py (CUDA C++ compiled by NVRTC); "triton", "triton-bnb-rounding": nf4.py in that mode
+NF4_KERNELS = ("bitsandbytes", "cuda", "triton", "triton-bnb-rounding")
+TRITON_MODES = {"triton": "exact", "triton-bnb-rounding": "bnb"}
 
 
 class Unsupported(Exception):
@@ -91,17 +94,9 @@ class FastDecoder:
         self.nf4_kernel = nf4_kernel or os.environ.get("RUNNER_NF4_KERNEL", "bitsandbytes")
         if self.nf4_kernel not in NF4_KERNELS:
             raise ValueError(f"nf4 kernel {self.nf4_kernel!r}: one of {', '.join(NF4_KERNELS)}")
-        self.nf4_mode = NF4_KERNELS[self.nf4_kernel]
-        self.nf4: dict[int, NF4Weight] = {}      # projections the Triton kernel reads
-        if self.nf4_mode is not None:
-            for layer in self.layers:
-                for module in _projections(layer):
-                    weight = nf4_weight_of(module)
-                    if weight is not None:
-                        self.nf4[id(module)] = weight
-        # with the Triton kernel, q/k/v and gate/up are one launch each (they read the same input)
-        self.nf4_qkv = self._nf4_groups(lambda l: (l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj))
-        self.nf4_gate_up = self._nf4_groups(lambda l: (l.mlp.gate_proj, l.mlp.up_proj))
+        # per layer, runner's GEMV for q/k/v, o, gate/up and down (one launch per group), where
+        # every layer's projections are NF4 weights the chosen kernel reads; else None
+        self.nf4 = self._nf4_calls() if self.nf4_kernel != "bitsandbytes" else None
 
         with torch.no_grad():
             capacity = -(-self.max_len // FIRST_BUCKET) * FIRST_BUCKET     # buckets end on 256s
@@ -185,22 +180,36 @@ class FastDecoder:
 
     # ---- the forward ------------------------------------------------------------------------
 
-    def _nf4_groups(self, members):
-        """Per layer, the NF4 weights of `members(layer)` for one Triton launch; None unless every
-        layer's members are NF4 weights the kernel reads with the same input size, blocks and bias."""
-        groups = []
-        for layer in self.layers:
-            weights = [self.nf4.get(id(module)) for module in members(layer)]
-            if any(w is None for w in weights) or len({(w.in_features, w.blocksize, w.nested, w.bias is None) for w in weights}) != 1:
-                return None
-            groups.append(weights)
-        return groups
+    def _nf4_calls(self) -> "list[dict] | None":
+        """{"qkv", "o", "gate_up", "down"} -> a call x -> outputs, per layer, with the kernel of
+        `self.nf4_kernel`; None if some projection is not an NF4 weight that kernel reads."""
+        from runner_cuda.fast import nf4_cuda
 
-    def _linear(self, module, x):
-        weight = self.nf4.get(id(module))
-        if weight is None:
-            return module(x)
-        return nf4_gemv(x, weight, mode=self.nf4_mode)
+        groups = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
+                  "down": ("down_proj",)}
+        calls = []
+        for layer in self.layers:
+            modules = {name: getattr(layer.self_attn, name, None) or getattr(layer.mlp, name) for name in
+                       ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+            layer_calls = {}
+            for group, names in groups.items():
+                weights = [nf4_weight_of(modules[name]) for name in names]
+                if any(w is None for w in weights):
+                    return None
+                if self.nf4_kernel == "cuda":
+                    call = nf4_cuda.NF4Gemv.for_weights(weights)
+                    if call is None:
+                        return None
+                else:
+                    if len({(w.in_features, w.blocksize, w.nested, w.bias is None) for w in weights}) != 1:
+                        return None
+                    call = functools.partial(nf4_gemv, w=weights, mode=TRITON_MODES[self.nf4_kernel])
+                layer_calls[group] = call
+            calls.append(layer_calls)
+        return calls
+
+    def _down(self, index: int, mlp, x):
+        return self.nf4[index]["down"](x) if self.nf4 is not None else mlp.down_proj(x)
 
     def _decode_forward(self, span: int) -> "torch.Tensor":
         """One token at `self.position`, attending over the first `span` cache positions. The
@@ -223,10 +232,10 @@ class FastDecoder:
             attn, mlp = layer.self_attn, layer.mlp
             if self.qkv is not None:
                 q, k, v = torch.nn.functional.linear(x, *self.qkv[index]).split([q_size, kv_size, kv_size], dim=-1)
-            elif self.nf4_qkv is not None:
-                q, k, v = nf4_gemv(x, self.nf4_qkv[index], mode=self.nf4_mode).split([q_size, kv_size, kv_size], dim=-1)
+            elif self.nf4 is not None:
+                q, k, v = self.nf4[index]["qkv"](x).split([q_size, kv_size, kv_size], dim=-1)
             else:
-                q, k, v = self._linear(attn.q_proj, x), self._linear(attn.k_proj, x), self._linear(attn.v_proj, x)
+                q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
             q, k = ops.rope(q.view(self.heads, self.head_dim), k.view(self.kv_heads, self.head_dim), cos, sin)
             keys.index_copy_(1, self.position, k[:, None])
             values.index_copy_(1, self.position, v.view(self.kv_heads, 1, self.head_dim))
@@ -235,14 +244,14 @@ class FastDecoder:
                 q.view(1, self.kv_heads, rep, self.head_dim), keys[None, :, :span], values[None, :, :span],
                 attn_mask=visible, scale=self.scaling,
             ).reshape(1, self.heads * self.head_dim)
-            hidden, x = ops.add_rms_norm(hidden, self._linear(attn.o_proj, out), middle.weight, self.eps)
+            hidden, x = ops.add_rms_norm(hidden, (self.nf4[index]["o"](out) if self.nf4 is not None else attn.o_proj(out)), middle.weight, self.eps)
             if self.gate_up is not None:
                 gate, up = torch.nn.functional.linear(x, *self.gate_up[index]).chunk(2, dim=-1)
-            elif self.nf4_gate_up is not None:
-                gate, up = nf4_gemv(x, self.nf4_gate_up[index], mode=self.nf4_mode).chunk(2, dim=-1)
+            elif self.nf4 is not None:
+                gate, up = self.nf4[index]["gate_up"](x).chunk(2, dim=-1)
             else:
-                gate, up = self._linear(mlp.gate_proj, x), self._linear(mlp.up_proj, x)
-            hidden, x = ops.add_rms_norm(hidden, self._linear(mlp.down_proj, ops.silu_mul(gate, up)), after.weight, self.eps)
+                gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+            hidden, x = ops.add_rms_norm(hidden, self._down(index, mlp, ops.silu_mul(gate, up)), after.weight, self.eps)
         return self.head(x)[0].float()
 
     def _prefill_forward(self, ids: "torch.Tensor", start: int = 0) -> "torch.Tensor":

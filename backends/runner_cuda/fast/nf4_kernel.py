@@ -47,7 +47,7 @@ def rows_of_one_weight(
             s = scale.to(tl.bfloat16).to(tl.float32)[:, :, None]
         part = tl.zeros([BLOCK_N, BLOCKS, WORDS], dtype=tl.float32)
         for m in tl.static_range(8):                                    # weight m of each word
-            shift: tl.constexpr = (m // 2) * 8 + (1 - m % 2) * 4        # high nibble first
+            shift = (m // 2) * 8 + (1 - m % 2) * 4                        # high nibble first
             w = tl.load(code_ptr + ((word >> shift) & 15))
             xv = tl.load(x_ptr + k0 + x_at + m).to(tl.float32)[None, :, :]
             if ROUND_BNB:
