@@ -89,7 +89,7 @@ async def test_a_reply_streams_from_two_ranks_with_the_single_process_greedy_tok
             chat = await wait_loaded(pilot)
             assert set(rank_processes(os.getpid())) == {0, 1}
             status = str(chat.query_one("#status-model").render())
-            assert f"mlx · {quant} · mlx {split} split over 2 hosts" in status, status
+            assert f"mlx · {quant} · {split} split over 2 hosts on CPU" in status, status
             await send(pilot, "hello")
             await wait_until(pilot, lambda: chat.reply is None and chat.query(AssistantMessage)
                              and chat.query(AssistantMessage).last().state == COMPLETE, 120, "the reply")

@@ -343,7 +343,8 @@ class LaunchPlan:
             kv_cache_bytes=sum(s.kv_cache_bytes for s in placement),
             overhead_bytes=sum(s.overhead_bytes for s in placement),
             placement=placement, verdict=FITS, warnings=(), roofline_tokens_per_s=0.0, parallel=self.split,
-            notes=(self.why,))
+            notes=(self.why, *(f"{share.host}: layers {share.layers[0]}-{share.layers[1] - 1}" if self.split == "pipeline"
+                               else f"{share.host}: 1/{len(self.shares)} of every layer" for share in self.shares)))
 
 
 def request_hosts(hosts: str | None, hostfile: Path | None, memory_gb: list[float] | None,
@@ -373,9 +374,6 @@ def plan_launch(spec: "ModelSpec", quant: str, context: int, hosts: list[LaunchH
     """The split and each host's share; UserInputError or DoesNotFit when it cannot work."""
     from runner_mlx.split import choose_split, plan_hosts
 
-    if spec.path is None:
-        raise UserInputError(f"{spec.name}: no local folder with weights; runner launch needs the model "
-                             "folder at the same path on every host")
     split, why = choose_split(spec, quant, len(hosts), wanted)
     shares = plan_hosts(spec, quant, context, hosts, split)
     return LaunchPlan(spec, quant, context, split, why, tuple(hosts), tuple(shares))
@@ -420,7 +418,11 @@ def launch(request: LaunchRequest, on_start=None) -> int:
     from runner.model import load_spec
 
     hosts = request_hosts(request.hosts, request.hostfile, request.host_memory_gb, request.connect_timeout)
-    plan = plan_launch(load_spec(request.model), request.quant, request.context, hosts, request.split)
+    spec = load_spec(request.model)
+    if spec.path is None:
+        raise UserInputError(f"{spec.name}: no local folder with weights; runner launch needs the model "
+                             "folder at the same path on every host")
+    plan = plan_launch(spec, request.quant, request.context, hosts, request.split)
     for line in plan.describe():
         print(f"runner: {line}", file=sys.stderr)
     sys.stderr.flush()

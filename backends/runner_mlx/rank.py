@@ -10,7 +10,7 @@ Every rank:
     `mlx_lm.stream_generate` steps, and only rank 0 prints (one-shot) or streams the reply to
     runner launch's chat app over a socket on its machine (`--serve`, see `runner_mlx.link`).
     After each token rank 0 also broadcasts whether to stop (Esc in the app): all ranks stop at the
-    same step and wait for the next request; while idle, rank 0 sends a heartbeat every few seconds.
+    same step and wait for the next request; while idle, rank 0 sends a heartbeat 10 times a second.
 A watchdog thread ends the rank with a clear message when the others stop answering (a host died,
 the network dropped, a peer froze), or when the launcher is gone: no rank waits forever.
 """
@@ -122,6 +122,9 @@ def broadcast_ints(values: list[int] | None, length: int, group) -> list[int]:
 
 # what rank 0 broadcasts before each step of the conversation
 CLOSE, GENERATE, IDLE = 0, 1, 2     # no more requests / a reply to generate / "still here" (a heartbeat)
+# While the chat is idle, rank 0 broadcasts IDLE this often and the others sleep as long in between:
+# a rank waiting inside a collective spins a CPU core, so nobody waits there long.
+IDLE_TICK = 0.1
 
 
 def broadcast_request(group, request: tuple | None):
@@ -411,19 +414,20 @@ def run_rank(args, hosts: list[str], watchdog: Watchdog) -> int:
 
     if chat is not None:
         chat.session = session
-        chat.send({"ready": {"summary": (f"mlx {args.split} split over {size} hosts on {where_it_runs()}, "
-                                         f"{describe_quant(args.quant)}"),
+        chat.send({"ready": {"summary": f"{args.split} split over {size} hosts on {where_it_runs()}, "
+                                        f"{describe_quant(args.quant)}",
                              "memory": [a * 1024 for a, _ in memory], "peak": [p * 1024 for _, p in memory]}})
         requests = chat
     else:
         requests = CommandLineRequest(args.request_json, session, args.show_tokens, size) if is_root else None
-    heartbeat = min(5.0, args.rank_timeout / 3)   # followers hear from rank 0 at least this often
     while True:
         watchdog.enter("waiting for rank 0's request", args.rank_timeout)
-        kind, prompt, sampling = broadcast_request(group, requests.next_request(heartbeat) if is_root else None)
+        kind, prompt, sampling = broadcast_request(group, requests.next_request(IDLE_TICK) if is_root else None)
         if kind == CLOSE:
             break
         if kind == IDLE:
+            if not is_root:   # rank 0 waits as long for a request: both reach the next broadcast together
+                time.sleep(IDLE_TICK)
             continue
         watchdog.enter("generating", args.rank_timeout)
         cancel = threading.Event()

@@ -101,8 +101,7 @@ class RemoteSession:
         self.model = plan.spec
         self.quant = plan.quant
         self.plan = plan
-        self.device_summary = ready["summary"] + "; " + "; ".join(
-            share.describe(plan.spec.num_layers, plan.split) for share in plan.shares)
+        self.device_summary = ready["summary"]     # "pipeline split over 2 hosts on Metal GPU, 8-bit, group 64"
         names = [share.host for share in plan.shares]
         self._memory = MemoryReport(measured=dict(zip(names, ready["memory"])),
                                     planned={share.host: share.weights_bytes for share in plan.shares},
