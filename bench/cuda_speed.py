@@ -332,130 +332,69 @@ def graph_time_us(call, copies: int) -> float:
 
 
 def section_kernels() -> None:
-    """The fused NF4 GEMV against bitsandbytes' kernel and BF16 cuBLAS, per Llama-8B shape, timed
-    inside CUDA graphs over enough copies of the weight that L2 (50 MB) cannot hold them; then
-    q/k/v and gate/up as one launch against bitsandbytes' three (two) launches."""
+    """runner's NF4 GEMV (nf4_cuda.py) against bitsandbytes' batch-1 kernel and BF16 cuBLAS, per
+    Llama-8B shape, timed inside CUDA graphs over enough copies of the weight that L2 (50 MB)
+    cannot hold them; then q/k/v and gate/up as one launch against bitsandbytes' three (two)."""
     import bitsandbytes as bnb
     import torch
 
-    from runner_cuda.fast.nf4 import dequantize_reference, nf4_gemv, nf4_weight_of, pick_tiles
+    from runner_cuda.fast.nf4 import dequantize_reference, nf4_weight_of
+    from runner_cuda.fast.nf4_cuda import NF4Gemv, rows_per_warp
 
     bandwidth = RESULTS["machine"]["copy_bandwidth_gb_s"] * 1e9
+    choices = [(rows, threads) for rows in (1, 2, 4) for threads in (64, 128, 256)]
 
-    def nf4_layers(n, k, copies):
-        layers = []
-        for _ in range(copies):
-            dense = torch.nn.Linear(k, n, bias=False, dtype=torch.bfloat16, device="cuda")
-            torch.nn.init.normal_(dense.weight, std=0.02)
-            layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
-            layer.weight = bnb.nn.Params4bit(dense.weight.data.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True)
-            layers.append(layer.cuda())
-        return layers
+    def nf4_layer(n, k):
+        dense = torch.nn.Linear(k, n, bias=False, dtype=torch.bfloat16, device="cuda")
+        torch.nn.init.normal_(dense.weight, std=0.02)
+        layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(dense.weight.data.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True)
+        return layer.cuda()
 
-    from runner_cuda.fast.nf4_cuda import NF4Gemv
-
-    tile_choices = [(8, 1024, 4), (4, 1024, 4)]             # the Triton kernel's best on an H100 (earlier run)
-    cuda_choices = [(rows, threads) for rows in (1, 2, 4) for threads in (64, 128, 256)]
-
-    def time_cuda(rows_out: dict, name: str, x, weight_sets, reference, nf4_bytes, copies):
-        """Every (rows per warp, threads) of the CUDA kernel on `weight_sets` (one per copy)."""
-        best = None
-        for rows, threads in cuda_choices:
-            if any(w.out_features % rows for w in weight_sets[0]):
-                continue
-            calls = [NF4Gemv(weights, rows=rows, threads=threads) for weights in weight_sets]
-            mine = calls[0](x).float()
-            error = ((mine - reference).norm() / reference.norm()).item()
-            us = graph_time_us(lambda i: calls[i](x), copies)
-            rows_out[f"{name}_r{rows}t{threads}_us"] = round(us, 2)
-            if error > 2e-2:
-                rows_out[f"{name}_r{rows}t{threads}_BAD_rel_err"] = error
-            elif best is None or us < best[0]:
-                best = (us, (rows, threads), error)
-        if best:
-            rows_out.update({f"{name}_best_us": best[0], f"{name}_best": best[1], f"{name}_rel_err": best[2],
-                             f"{name}_tb_s": nf4_bytes / best[0] / 1e6, f"{name}_vs_bnb": rows_out["bnb_us"] / best[0]})
-        default = [NF4Gemv(weights) for weights in weight_sets]
-        rows_out[f"{name}_default_us"] = graph_time_us(lambda i: default[i](x), copies)
-    for n, k in ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)):
-        copies = max(1, min(8, int(200e6 // (n * k // 2))))
-        layers = nf4_layers(n, k, copies)
-        weights = [nf4_weight_of(layer) for layer in layers]
-        w = weights[0]
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        nf4_bytes = w.packed.numel() + w.absmax.numel()
-        rows = {"shape": f"{n}x{k}", "copies": copies, "nf4_mb": nf4_bytes / 1e6}
-        with torch.no_grad():
-            exact = torch.nn.functional.linear(x.double(), dequantize_reference(w).double())
-            theirs = layers[0](x).float()
-            rows["bnb_rel_err_vs_exact"] = ((theirs - exact).norm() / exact.norm()).item()
-            rows["bnb_us"] = graph_time_us(lambda i: layers[i](x), copies)
-            rows["bnb_tb_s"] = nf4_bytes / rows["bnb_us"] / 1e6
-            dense = [torch.empty(n, k, dtype=torch.bfloat16, device="cuda") for _ in range(copies)]
-            rows["bf16_us"] = graph_time_us(lambda i: torch.nn.functional.linear(x, dense[i]), copies)
-            rows["bf16_tb_s"] = n * k * 2 / rows["bf16_us"] / 1e6
-            del dense
-            time_cuda(rows, "cuda", x, [[v] for v in weights], exact, nf4_bytes, copies)
-            for mode in ("exact", "bnb"):
-                best = None
-                for tiles in tile_choices:
-                    if k % tiles[1]:
-                        continue
-                    try:
-                        mine = nf4_gemv(x, w, tiles=tiles, mode=mode).float()
-                        us = graph_time_us(lambda i: nf4_gemv(x, weights[i], tiles=tiles, mode=mode), copies)
-                    except Exception as error:  # a tile the compiler refuses (registers, shared memory)
-                        rows[f"{mode}_{tiles}_error"] = repr(error)[:120]
-                        continue
-                    error = ((mine - exact).norm() / exact.norm()).item()
-                    rows[f"{mode}_{tiles[0]}x{tiles[1]}w{tiles[2]}_us"] = round(us, 2)
-                    if error > 2e-2:
-                        rows[f"{mode}_{tiles[0]}x{tiles[1]}w{tiles[2]}_BAD_rel_err"] = error
-                    elif best is None or us < best[0]:
-                        best = (us, tiles, error, mine)
-                if best:
-                    us, tiles, error, mine = best
-                    rows.update({f"{mode}_best_us": us, f"{mode}_best_tiles": tiles, f"{mode}_rel_err_vs_exact": error,
-                                 f"{mode}_tb_s": nf4_bytes / us / 1e6, f"{mode}_fraction_of_copy_bw": nf4_bytes / (us / 1e6) / bandwidth,
-                                 f"{mode}_vs_bnb": rows["bnb_us"] / us,
-                                 f"{mode}_rel_diff_vs_bnb": ((mine - theirs).norm() / theirs.norm()).item(),
-                                 f"{mode}_bit_equal_bnb": bool(torch.equal(mine, theirs))})
-                rows[f"{mode}_default_tiles"] = pick_tiles(n, k)
-                rows[f"{mode}_default_tiles_us"] = graph_time_us(lambda i: nf4_gemv(x, weights[i], mode=mode), copies)
-        record(f"kernel {n}x{k}", **rows)
-        del layers, weights, w
-        free()
-
-    # one launch for q/k/v (gate/up) against bitsandbytes' separate launches
-    for name, shapes in (("qkv", ((4096, 4096), (1024, 4096), (1024, 4096))), ("gate_up", ((14336, 4096), (14336, 4096)))):
+    cases = [(f"{n}x{k}", ((n, k),)) for n, k in ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336))]
+    cases += [("one launch qkv", ((4096, 4096), (1024, 4096), (1024, 4096))), ("one launch gate_up", ((14336, 4096), (14336, 4096)))]
+    for name, shapes in cases:
+        k = shapes[0][1]
         copies = max(1, min(8, int(200e6 // sum(n * k // 2 for n, k in shapes))))
-        groups = [[nf4_layers(n, k, 1)[0] for n, k in shapes] for _ in range(copies)]
-        x = torch.randn(1, shapes[0][1], device="cuda", dtype=torch.bfloat16)
-        nf4_bytes = sum(nf4_weight_of(l).packed.numel() + nf4_weight_of(l).absmax.numel() for l in groups[0])
+        groups = [[nf4_layer(n, k) for n, k in shapes] for _ in range(copies)]
+        weights = [[nf4_weight_of(layer) for layer in group] for group in groups]
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        nf4_bytes = sum(w.packed.numel() + w.absmax.numel() for w in weights[0])
         rows = {"copies": copies, "nf4_mb": nf4_bytes / 1e6}
         with torch.no_grad():
-            rows["bnb_us"] = graph_time_us(lambda i: [layer(x) for layer in groups[i]], copies)
-            theirs = torch.cat([layer(x).float() for layer in groups[0]], dim=-1)
-            weights = [[nf4_weight_of(layer) for layer in group] for group in groups]
             exact = torch.cat([torch.nn.functional.linear(x.double(), dequantize_reference(w).double()) for w in weights[0]], dim=-1)
-            time_cuda(rows, "cuda", x, weights, exact, nf4_bytes, copies)
-            for mode in ("exact", "bnb"):
-                best = None
-                for tiles in tile_choices:
-                    if shapes[0][1] % tiles[1]:
-                        continue
-                    try:
-                        us = graph_time_us(lambda i: nf4_gemv(x, weights[i], tiles=tiles, mode=mode), copies)
-                    except Exception:
-                        continue
-                    if best is None or us < best[0]:
-                        best = (us, tiles)
-                mine = nf4_gemv(x, weights[0], mode=mode).float()
-                rows.update({f"{mode}_best_us": best[0], f"{mode}_best_tiles": best[1],
-                             f"{mode}_default_us": graph_time_us(lambda i: nf4_gemv(x, weights[i], mode=mode), copies),
-                             f"{mode}_tb_s": nf4_bytes / best[0] / 1e6, f"{mode}_vs_bnb": rows["bnb_us"] / best[0],
-                             f"{mode}_rel_diff_vs_bnb": ((mine - theirs).norm() / theirs.norm()).item()})
-        record(f"kernel one launch {name}", **rows)
+            theirs = torch.cat([layer(x).float() for layer in groups[0]], dim=-1)
+            rows["bnb_rel_err_vs_exact"] = ((theirs - exact).norm() / exact.norm()).item()
+            rows["bnb_us"] = graph_time_us(lambda i: [layer(x) for layer in groups[i]], copies)
+            rows["bnb_tb_s"] = nf4_bytes / rows["bnb_us"] / 1e6
+            if len(shapes) == 1:
+                dense = [torch.empty(*shapes[0], dtype=torch.bfloat16, device="cuda") for _ in range(copies)]
+                rows["bf16_us"] = graph_time_us(lambda i: torch.nn.functional.linear(x, dense[i]), copies)
+                rows["bf16_tb_s"] = shapes[0][0] * k * 2 / rows["bf16_us"] / 1e6
+                del dense
+            best = None
+            for rows_per, threads in choices:
+                if any(w.out_features % rows_per for w in weights[0]):
+                    continue
+                calls = [NF4Gemv(group, rows=rows_per, threads=threads) for group in weights]
+                mine = calls[0](x).float()
+                error = ((mine - exact).norm() / exact.norm()).item()
+                us = graph_time_us(lambda i: calls[i](x), copies)
+                rows[f"cuda_r{rows_per}t{threads}_us"] = round(us, 2)
+                if error > 2e-2:
+                    rows[f"cuda_r{rows_per}t{threads}_BAD_rel_err"] = error
+                elif best is None or us < best[0]:
+                    best = (us, (rows_per, threads), error)
+            default = [NF4Gemv(group) for group in weights]
+            mine = default[0](x).float()
+            rows.update(cuda_best_us=best[0], cuda_best=best[1], cuda_default=(rows_per_warp(weights[0]), default[0].threads),
+                        cuda_default_us=graph_time_us(lambda i: default[i](x), copies),
+                        cuda_rel_err_vs_exact=((mine - exact).norm() / exact.norm()).item(),
+                        cuda_rel_diff_vs_bnb=((mine - theirs).norm() / theirs.norm()).item())
+            rows.update(cuda_tb_s=nf4_bytes / rows["cuda_default_us"] / 1e6,
+                        cuda_fraction_of_copy_bw=nf4_bytes / (rows["cuda_default_us"] / 1e6) / bandwidth,
+                        cuda_vs_bnb=rows["bnb_us"] / rows["cuda_default_us"])
+        record(f"kernel {name}", **rows)
         del groups, weights
         free()
 
@@ -480,8 +419,6 @@ def section_nf4(checkpoint: Path) -> None:
     variants = (
         ("fast (graphs, fused ops, bitsandbytes kernel)", dict()),
         ("fast, CUDA GEMV", dict(nf4_kernel="cuda")),
-        ("fast, Triton GEMV (exact)", dict(nf4_kernel="triton")),
-        ("fast, Triton GEMV (bitsandbytes rounding)", dict(nf4_kernel="triton-bnb-rounding")),
         ("graphs only, bitsandbytes kernel", dict(compile_ops=False)),
     )
     for name, options in variants[:1] if QUICK else variants:

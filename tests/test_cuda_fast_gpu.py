@@ -1,4 +1,4 @@
-"""The CUDA fast path on a GPU: the fused NF4 GEMV kernel against bitsandbytes' own kernel and a
+"""The CUDA fast path on a GPU: runner's NF4 GEMV kernel against bitsandbytes' own kernel and a
 float32 reference, and the CUDA-graph decoder against HF generate on the same NF4 model.
 Skipped without CUDA (CI has none); run on the GPU machine with `pytest -m gpu`."""
 
@@ -29,29 +29,6 @@ def cuda_nf4_layer(out_features, in_features, nested=True, bias=False, seed=0):
 
 @pytest.mark.parametrize("shape", [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (1000, 192)])
 @pytest.mark.parametrize("nested", [True, False])
-def test_triton_gemv_matches_bitsandbytes(shape, nested):
-    """Exact mode: within bf16 rounding of the float32 reference and of bitsandbytes; bnb mode:
-    the same bits as bitsandbytes' own batch-1 kernel."""
-    from runner_cuda.fast.nf4 import linear_reference, nf4_gemv, nf4_weight_of
-
-    layer = cuda_nf4_layer(*shape, nested=nested, bias=shape[0] == 1000, seed=shape[0] + nested)
-    weight = nf4_weight_of(layer)
-    for trial in range(3):                                   # fresh inputs each time
-        x = torch.randn(1, shape[1], device="cuda", dtype=torch.bfloat16)
-        reference = linear_reference(x, weight).float()
-        with torch.no_grad():
-            theirs = layer(x)
-        for mode in ("exact", "bnb"):
-            out = torch.full((shape[0],), float("nan"), device="cuda", dtype=torch.bfloat16)
-            mine = nf4_gemv(x, weight, out=out, mode=mode)
-            assert not mine.isnan().any()                   # every output written
-            assert ((mine.float() - reference).norm() / reference.norm()).item() < 1e-2
-            if mode == "bnb" and shape[1] % 1024 == 0:      # bnb sums in the same order only then
-                assert ((mine.float() - theirs.float()).norm() / theirs.float().norm()).item() < 1e-3
-
-
-@pytest.mark.parametrize("shape", [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (1000, 192)])
-@pytest.mark.parametrize("nested", [True, False])
 def test_cuda_gemv_matches_reference(shape, nested):
     """The NVRTC-compiled kernel: within bf16 rounding of the float32 reference (closer than
     bitsandbytes' own kernel), every output written, in one launch or as a group of three."""
@@ -76,20 +53,7 @@ def test_cuda_gemv_matches_reference(shape, nested):
             assert torch.equal(alone, mine[..., weights[0].out_features:weights[0].out_features + weights[1].out_features])
 
 
-def test_one_launch_for_several_weights_equals_separate_launches():
-    """q/k/v in one launch: the same bits as three launches, each weight's outputs in its place."""
-    from runner_cuda.fast.nf4 import nf4_gemv, nf4_weight_of
-
-    weights = [nf4_weight_of(cuda_nf4_layer(n, 4096, seed=n)) for n in (4096, 1024, 1024)]
-    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
-    for mode in ("exact", "bnb"):
-        for count in (2, 3):
-            together = nf4_gemv(x, weights[:count], mode=mode)
-            apart = torch.cat([nf4_gemv(x, w, mode=mode) for w in weights[:count]], dim=-1)
-            assert torch.equal(together, apart)
-
-
-@pytest.mark.parametrize("kernel", ["bitsandbytes", "cuda", "triton"])
+@pytest.mark.parametrize("kernel", ["bitsandbytes", "cuda"])
 def test_graph_decoder_greedy_equals_hf_generate(tmp_path, monkeypatch, kernel):
     """A small random Llama in NF4: HF generate (bitsandbytes' path) and the fast decoder (CUDA
     graphs, fused ops, bitsandbytes' batch-1 kernel or runner's) pick the same greedy tokens until
@@ -129,7 +93,9 @@ def test_graph_decoder_greedy_equals_hf_generate(tmp_path, monkeypatch, kernel):
     hf = hf_step_logits[:agree]
     step_difference = ((fast - hf).norm() / hf.norm()).item()
     print(kernel, "first difference", agree, "step logits", step_difference)
-    assert step_difference < 2e-2, step_difference       # 1.1 % seen on an H100 (bf16 rounding order)
+    # seen on an H100: 1.1 % (bitsandbytes' kernel, other bf16 rounding order) and 2.5 % (runner's
+    # kernel: float32 products where bitsandbytes rounds each to bf16)
+    assert step_difference < 3e-2, step_difference
     # teacher-forced on HF's tokens, against HF's whole-sequence forward (which dequantizes to
     # bf16 and multiplies with cuBLAS: other rounding than the batch-1 kernel, 2.5 % seen on an H200)
     sequence = prompt + expected[:64]

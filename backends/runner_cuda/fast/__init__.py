@@ -1,5 +1,5 @@
 """Fast paths for the CUDA backend: a static KV cache with CUDA-graph decode steps (fused
-elementwise ops; NF4 GEMV by bitsandbytes' batch-1 kernel, or the Triton kernel in nf4.py), and
+elementwise ops; NF4 GEMV by bitsandbytes' batch-1 kernel or runner's own in nf4_cuda.py), and
 the NF4 reload cache. Each switches on only where CUDA is
 present; on CPU the ordinary loop runs. Nothing heavy is imported here.
 

@@ -11,8 +11,8 @@ The elementwise pieces of a step (residual add + RMSNorm, RoPE on q and k, SiLU 
 fused by torch.compile, and for BF16 models q/k/v and gate/up become one GEMV each (the modules'
 weights turned into views of one tensor: no extra memory). With bitsandbytes NF4 weights, each
 projection of a decode step runs bitsandbytes' own batch-1 kernel by default (it reads the packed
-weights and the double-quant state itself); runner's own kernels (`nf4_cuda.py`, `nf4.py`; q/k/v
-and gate/up one launch each) are there as `nf4_kernel=` / RUNNER_NF4_KERNEL. Prefill keeps
+weights and the double-quant state itself); runner's own kernel (`nf4_cuda.py`; q/k/v and gate/up
+one launch each) is `nf4_kernel="cuda"` / RUNNER_NF4_KERNEL=cuda. Prefill keeps
 bitsandbytes' (or torch's) own path, eagerly, `prefill_chunk` tokens at a time (budget.PREFILL_CHUNK,
 what the Plan counts activations for), the lm_head for the last position only.
 
@@ -25,12 +25,11 @@ On CPU (tests) the same forward runs eagerly, without graphs.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import TYPE_CHECKING, Sequence
 
 from runner.budget import PREFILL_CHUNK
-from runner_cuda.fast.nf4 import nf4_gemv, nf4_weight_of
+from runner_cuda.fast.nf4 import nf4_weight_of
 
 if TYPE_CHECKING:
     import torch
@@ -43,9 +42,8 @@ FIRST_BUCKET = 256
 # Linear and bitsandbytes' 4-bit Linear; LLM.int8 and FP8 layers keep the ordinary loop
 GRAPH_SAFE_LINEARS = ("Linear", "Linear4bit", "LinearNF4", "LinearFP4")
 # RUNNER_NF4_KERNEL: the NF4 decode GEMV. "bitsandbytes": the module's own batch-1 kernel; "cuda":
-# nf4_cuda.py (CUDA C++ compiled by NVRTC); "triton", "triton-bnb-rounding": nf4.py in that mode
-NF4_KERNELS = ("bitsandbytes", "cuda", "triton", "triton-bnb-rounding")
-TRITON_MODES = {"triton": "exact", "triton-bnb-rounding": "bnb"}
+# nf4_cuda.py (CUDA C++ compiled by NVRTC; q/k/v and gate/up one launch each)
+NF4_KERNELS = ("bitsandbytes", "cuda")
 
 
 class Unsupported(Exception):
@@ -181,8 +179,8 @@ class FastDecoder:
     # ---- the forward ------------------------------------------------------------------------
 
     def _nf4_calls(self) -> "list[dict] | None":
-        """{"qkv", "o", "gate_up", "down"} -> a call x -> outputs, per layer, with the kernel of
-        `self.nf4_kernel`; None if some projection is not an NF4 weight that kernel reads."""
+        """{"qkv", "o", "gate_up", "down"} -> a call x -> outputs, per layer (nf4_cuda.NF4Gemv);
+        None if some projection is not an NF4 weight that kernel reads."""
         from runner_cuda.fast import nf4_cuda
 
         groups = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
@@ -196,14 +194,9 @@ class FastDecoder:
                 weights = [nf4_weight_of(modules[name]) for name in names]
                 if any(w is None for w in weights):
                     return None
-                if self.nf4_kernel == "cuda":
-                    call = nf4_cuda.NF4Gemv.for_weights(weights)
-                    if call is None:
-                        return None
-                else:
-                    if len({(w.in_features, w.blocksize, w.nested, w.bias is None) for w in weights}) != 1:
-                        return None
-                    call = functools.partial(nf4_gemv, w=weights, mode=TRITON_MODES[self.nf4_kernel])
+                call = nf4_cuda.NF4Gemv.for_weights(weights)
+                if call is None:
+                    return None
                 layer_calls[group] = call
             calls.append(layer_calls)
         return calls

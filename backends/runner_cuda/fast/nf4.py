@@ -1,6 +1,6 @@
-"""NF4 weights as bitsandbytes stores them, read as they are: a reference dequantization in
-plain torch (runs anywhere, checks the layout) and a fused dequantize-GEMV Triton kernel for
-batch-1 decode on CUDA.
+"""NF4 weights as bitsandbytes stores them, read as they are, and a reference dequantization in
+plain torch (runs anywhere, checks the layout); the batch-1 decode kernel that reads them on CUDA
+is `nf4_cuda.py`.
 
 bitsandbytes' `Linear4bit.weight` is packed uint8 of shape [n*k/2, 1]: element 2i of the
 flattened [n, k] weight in the high nibble of byte i, element 2i+1 in the low nibble. Each block
@@ -12,7 +12,7 @@ of `blocksize` (64) consecutive elements has one scale, `absmax`. With double qu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -94,76 +94,3 @@ def linear_reference(x: "torch.Tensor", w: NF4Weight) -> "torch.Tensor":
     if w.bias is not None:
         out = out + w.bias.float()
     return out.to(x.dtype)
-
-
-# ---- the fused kernel (CUDA, Triton) ---------------------------------------------------------
-
-_KERNELS: dict = {}
-
-
-def _kernel():
-    """The Triton kernel (runner_cuda/fast/nf4_kernel.py), compiled per shape on first use."""
-    from runner_cuda.fast.nf4_kernel import nf4_gemv_kernel
-
-    return nf4_gemv_kernel
-
-
-def code_table(code: "torch.Tensor", bf16: bool) -> "torch.Tensor":
-    """The 16 NF4 values as float32, or with `bf16` rounded to bf16 first (as bitsandbytes'
-    batch-1 kernel holds them). Cached per code tensor."""
-    import torch
-
-    key = ("code", code.data_ptr(), code.device, bf16)
-    table = _KERNELS.get(key)
-    if table is None:
-        table = code.float().to(torch.bfloat16).float() if bf16 else code.float().contiguous()
-        _KERNELS[key] = table
-    return table
-
-
-def pick_tiles(out_features: int, in_features: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) for batch-1 decode (measured on an H100 in bench/cuda_speed.py)."""
-    block_k = next(size for size in (1024, 512, 256, 128, 64) if in_features % size == 0)
-    return 4, block_k, 4
-
-
-MODES = {"exact": False, "bnb": True}
-
-
-def nf4_gemv(x: "torch.Tensor", w: "NF4Weight | Sequence[NF4Weight]", out: "torch.Tensor | None" = None,
-             tiles=None, mode: str = "exact") -> "torch.Tensor":
-    """y = x @ W.T + bias for one token (x: [..., in_features] with one row), on CUDA (or on
-    CPU under TRITON_INTERPRET=1). Given several weights (at most three, same input size and
-    quantization settings, e.g. q/k/v), one launch computes them all: their outputs side by side."""
-    import torch
-
-    weights = [w] if isinstance(w, NF4Weight) else list(w)
-    first = weights[0]
-    if not 1 <= len(weights) <= 3:
-        raise ValueError(f"nf4_gemv takes one to three weights, not {len(weights)}")
-    if any((v.in_features, v.blocksize, v.nested, v.nested_blocksize, v.bias is None) !=
-           (first.in_features, first.blocksize, first.nested, first.nested_blocksize, first.bias is None) for v in weights):
-        raise ValueError("nf4_gemv: the weights of one launch need the same input size, blocks and bias")
-    if x.numel() != first.in_features:
-        raise ValueError(f"nf4_gemv takes one row of {first.in_features} features, got shape {tuple(x.shape)}")
-    total = sum(v.out_features for v in weights)
-    x_flat = x.reshape(-1)
-    if not x_flat.is_contiguous():
-        x_flat = x_flat.contiguous()
-    if out is None:
-        out = torch.empty(total, dtype=x.dtype, device=x.device)
-    block_n, block_k, warps = tiles or pick_tiles(max(v.out_features for v in weights), first.in_features)
-    grid = (sum(-(-v.out_features // block_n) for v in weights),)
-    args = []
-    for v in (weights + [first] * 3)[:3]:
-        dummy = v.absmax
-        args += [v.packed.view(torch.int32), v.absmax, v.nested_code if v.nested else dummy,
-                 v.nested_absmax if v.nested else dummy, v.offset if v.nested else dummy,
-                 v.bias if v.bias is not None else dummy, v.out_features]
-    _kernel()[grid](
-        x_flat, code_table(first.code, bf16=MODES[mode]), out, *args,
-        K=first.in_features, WEIGHTS=len(weights), NESTED=first.nested, HAS_BIAS=first.bias is not None,
-        ROUND_BNB=MODES[mode], BLOCKSIZE=first.blocksize, NESTED_BLOCKSIZE=max(first.nested_blocksize, 1),
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-    )
-    return out.view(*x.shape[:-1], total)

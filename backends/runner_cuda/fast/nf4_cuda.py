@@ -26,10 +26,8 @@ if TYPE_CHECKING:
     import torch
 
 SOURCE = r"""
-#ifndef ROWS
-#define ROWS 4
-#endif
-
+// ROWS: outputs per warp; BLOCKSIZE, NESTED_BLOCKSIZE: bitsandbytes' quant block sizes (compile-time,
+// so block indices are shifts, not 64-bit divisions); NESTED: double quantization
 __device__ __forceinline__ float bf16_to_float(unsigned int bits) { return __uint_as_float(bits << 16); }
 
 __device__ __forceinline__ unsigned short float_to_bf16(float value) {
@@ -38,12 +36,39 @@ __device__ __forceinline__ unsigned short float_to_bf16(float value) {
     return (unsigned short)(bits >> 16);
 }
 
+__device__ __forceinline__ float scale_of(const void* absmax, const float* ncode, const float* nabs, float shift,
+                                          unsigned int block) {
+#if NESTED
+    return ncode[((const unsigned char*)absmax)[block]] * nabs[block / NESTED_BLOCKSIZE] + shift;
+#else
+    return ((const float*)absmax)[block];
+#endif
+}
+
+// sum over 32 weights (one 16-byte word group) times their inputs (4 x 16 bytes of bf16)
+__device__ __forceinline__ float dot32(const float* table, uint4 w, const uint4* xs) {
+    const unsigned int ws[4] = {w.x, w.y, w.z, w.w};
+    float sum = 0.0f;
+    #pragma unroll
+    for (int h = 0; h < 4; ++h) {
+        const unsigned int xw[4] = {xs[h].x, xs[h].y, xs[h].z, xs[h].w};
+        #pragma unroll
+        for (int b = 0; b < 4; ++b) {
+            const unsigned int byte = (ws[h] >> (8 * b)) & 0xFFu;      // weight 2i high nibble, 2i+1 low
+            const unsigned int pair = xw[b];                             // inputs 2i (low half), 2i+1
+            sum = fmaf(table[byte >> 4], __uint_as_float(pair << 16), sum);
+            sum = fmaf(table[byte & 15u], __uint_as_float(pair & 0xFFFF0000u), sum);
+        }
+    }
+    return sum;
+}
+
 extern "C" __global__ void nf4_gemv(
     const unsigned short* __restrict__ x, const float* __restrict__ code, unsigned short* __restrict__ out,
     const uint4* p0, const void* a0, const float* nc0, const float* na0, const float* o0, const unsigned short* b0, int n0,
     const uint4* p1, const void* a1, const float* nc1, const float* na1, const float* o1, const unsigned short* b1, int n1,
     const uint4* p2, const void* a2, const float* nc2, const float* na2, const float* o2, const unsigned short* b2, int n2,
-    int K, int blocksize, int nested_blocksize, int nested, int has_bias)
+    int K, int has_bias)
 {
     __shared__ float table[16];
     if (threadIdx.x < 16) table[threadIdx.x] = code[threadIdx.x];
@@ -51,7 +76,7 @@ extern "C" __global__ void nf4_gemv(
 
     const int lane = threadIdx.x & 31;
     int row = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * ROWS;   // over all weights
-    int out_row = row;
+    const int out_row = row;
     const uint4* packed; const void* absmax; const float* ncode; const float* nabs; const float* offset;
     const unsigned short* bias;
     if (row < n0) {
@@ -63,48 +88,45 @@ extern "C" __global__ void nf4_gemv(
     } else {
         return;                                                          // past the last row
     }
-    const float shift = nested ? offset[0] : 0.0f;
-    const int chunks = K >> 5;                                           // 32 weights a chunk
-    const long long row_chunk = (long long)row * chunks;
+    const float shift = NESTED ? offset[0] : 0.0f;
+    const unsigned int chunks = K >> 5;                                  // 32 weights a chunk
+    const uint4* rows_packed = packed + (size_t)row * chunks;
+    const unsigned int first_block = (unsigned int)(((size_t)row * K) / BLOCKSIZE);
+    const unsigned int blocks_per_row = K / BLOCKSIZE;
+    const uint4* xv = reinterpret_cast<const uint4*>(x);
     float acc[ROWS];
     #pragma unroll
     for (int r = 0; r < ROWS; ++r) acc[r] = 0.0f;
 
-    #pragma unroll 2
-    for (int c = lane; c < chunks; c += 32) {
-        float xf[32];
-        const uint4* xv = reinterpret_cast<const uint4*>(x) + c * 4;
-        #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            uint4 v = xv[q];
-            unsigned int words[4] = {v.x, v.y, v.z, v.w};
-            #pragma unroll
-            for (int h = 0; h < 4; ++h) {
-                xf[q * 8 + h * 2] = __uint_as_float(words[h] << 16);
-                xf[q * 8 + h * 2 + 1] = __uint_as_float(words[h] & 0xFFFF0000u);
-            }
-        }
-        uint4 w[ROWS];
-        #pragma unroll
-        for (int r = 0; r < ROWS; ++r) w[r] = __ldcs(packed + row_chunk + (long long)r * chunks + c);   // streamed once
+    unsigned int c = lane;
+    for (; c + 32 < chunks; c += 64) {                     // two chunks a lane: all loads first
+        uint4 w0[ROWS], w1[ROWS];
+        float s0[ROWS], s1[ROWS];
         #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
-            unsigned int words[4] = {w[r].x, w[r].y, w[r].z, w[r].w};
-            float sum = 0.0f;
-            #pragma unroll
-            for (int h = 0; h < 4; ++h) {
-                #pragma unroll
-                for (int b = 0; b < 4; ++b) {
-                    unsigned int byte = (words[h] >> (8 * b)) & 0xFFu;   // weight 2i high nibble, 2i+1 low
-                    sum = fmaf(table[byte >> 4], xf[h * 8 + b * 2], sum);
-                    sum = fmaf(table[byte & 15u], xf[h * 8 + b * 2 + 1], sum);
-                }
-            }
-            long long block = ((long long)(row + r) * K + (long long)c * 32) / blocksize;
-            float scale = nested
-                ? ncode[((const unsigned char*)absmax)[block]] * nabs[block / nested_blocksize] + shift
-                : ((const float*)absmax)[block];
-            acc[r] = fmaf(sum, scale, acc[r]);
+            w0[r] = __ldcs(rows_packed + r * chunks + c);               // streamed: read once
+            w1[r] = __ldcs(rows_packed + r * chunks + c + 32);
+            s0[r] = scale_of(absmax, ncode, nabs, shift, first_block + r * blocks_per_row + (c * 32) / BLOCKSIZE);
+            s1[r] = scale_of(absmax, ncode, nabs, shift, first_block + r * blocks_per_row + ((c + 32) * 32) / BLOCKSIZE);
+        }
+        uint4 x0[4], x1[4];
+        #pragma unroll
+        for (int q = 0; q < 4; ++q) { x0[q] = xv[c * 4 + q]; x1[q] = xv[(c + 32) * 4 + q]; }
+        #pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            acc[r] = fmaf(dot32(table, w0[r], x0), s0[r], acc[r]);
+            acc[r] = fmaf(dot32(table, w1[r], x1), s1[r], acc[r]);
+        }
+    }
+    if (c < chunks) {                                      // an odd chunk left
+        uint4 x0[4];
+        #pragma unroll
+        for (int q = 0; q < 4; ++q) x0[q] = xv[c * 4 + q];
+        #pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            const uint4 w0 = __ldcs(rows_packed + r * chunks + c);
+            const float s0 = scale_of(absmax, ncode, nabs, shift, first_block + r * blocks_per_row + (c * 32) / BLOCKSIZE);
+            acc[r] = fmaf(dot32(table, w0, x0), s0, acc[r]);
         }
     }
     #pragma unroll
@@ -130,13 +152,15 @@ def available() -> bool:
     return torch.cuda.is_available() and hasattr(torch.cuda, "_compile_kernel")
 
 
-def compiled(rows: int):
-    """The kernel for ROWS outputs per warp, compiled once per process and device capability."""
+def compiled(rows: int, blocksize: int, nested_blocksize: int, nested: bool):
+    """The kernel for ROWS outputs per warp and these quant blocks, compiled once per process."""
     import torch
 
-    key = (rows, torch.cuda.get_device_capability())
+    key = (rows, blocksize, nested_blocksize, nested, torch.cuda.current_device())
     if key not in _COMPILED:
-        _COMPILED[key] = torch.cuda._compile_kernel(SOURCE, "nf4_gemv", nvcc_options=[f"-DROWS={rows}", "-std=c++17"])
+        options = [f"-DROWS={rows}", f"-DBLOCKSIZE={blocksize}", f"-DNESTED_BLOCKSIZE={nested_blocksize}",
+                   f"-DNESTED={int(nested)}", "-std=c++17"]
+        _COMPILED[key] = torch.cuda._compile_kernel(SOURCE, "nf4_gemv", nvcc_options=options)
     return _COMPILED[key]
 
 
@@ -160,21 +184,27 @@ def fits(weights: Sequence[NF4Weight], x_dtype=None) -> bool:
 
 
 def rows_per_warp(weights: Sequence[NF4Weight]) -> int:
-    """The most rows per warp (4, 2 or 1) that divides every weight's outputs (a warp's rows must
-    not straddle two weights)."""
-    return next(r for r in (4, 2, 1) if all(w.out_features % r == 0 for w in weights))
+    """Outputs per warp: 2 (each lane's inputs serve two rows), or 1 for long rows and small
+    weights (more warps in flight), as measured fastest on an H100 (bench/cuda_speed.py). A warp's
+    rows must not straddle two weights: 2 only where it divides every weight's outputs."""
+    long_rows = weights[0].in_features > 8192
+    small = sum(w.out_features for w in weights) <= 2048
+    if long_rows or small or any(w.out_features % 2 for w in weights):
+        return 1
+    return 2
 
 
 class NF4Gemv:
     """One launch computing x @ W.T (+ bias) for one to three NF4 weights; callable inside a
     CUDA graph capture (the launch goes to the current stream)."""
 
-    def __init__(self, weights: Sequence[NF4Weight], rows: int | None = None, threads: int = 128):
+    def __init__(self, weights: Sequence[NF4Weight], rows: int | None = None, threads: int = 64):
         self.weights = list(weights)
         self.rows = rows or rows_per_warp(self.weights)
         self.threads = threads
         self.total = sum(w.out_features for w in self.weights)
-        self.kernel = compiled(self.rows)
+        first = self.weights[0]
+        self.kernel = compiled(self.rows, first.blocksize, max(first.nested_blocksize, 1), first.nested)
         warps = -(-self.total // self.rows)
         self.grid = (-(-warps // (threads // 32)), 1, 1)
         first = self.weights[0]
@@ -186,8 +216,7 @@ class NF4Gemv:
             self.args += [w.packed, w.absmax, w.nested_code if w.nested else dummy, w.nested_absmax if w.nested else dummy,
                           w.offset if w.nested else dummy, w.bias if w.bias is not None else dummy,
                           w.out_features if slot < len(self.weights) else 0]
-        self.tail = [first.in_features, first.blocksize, max(first.nested_blocksize, 1), int(first.nested),
-                     int(first.bias is not None)]
+        self.tail = [first.in_features, int(first.bias is not None)]
 
     @classmethod
     def for_weights(cls, weights: Sequence[NF4Weight]) -> "NF4Gemv | None":
