@@ -492,6 +492,18 @@ def section_reload(checkpoint: Path, work: Path) -> None:
     resident = torch.cuda.memory_allocated()
     del model
     free()
+    if os.environ.get("BENCH_PROFILE_RELOAD"):      # where the cache load's time goes
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        model = nf4_cache.load(cached_folder, device_map={"": 0})
+        sync()
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(35)
+        del model
+        free()
     # the same folder through transformers' own reader
     start = time.perf_counter()
     model = nf4_cache.load(cached_folder, device_map="auto")

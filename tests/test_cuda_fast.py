@@ -187,9 +187,9 @@ def test_nf4_cache_round_trip_gives_identical_logits(tiny_llama_dir, runner_home
 
 
 def test_reader_gives_the_tensors_safetensors_gives(tmp_path):
-    """runner's reader against safetensors' own, on a file with every alignment case: a tensor
-    after an odd-sized one (copied out instead of viewed), several dtypes, pieces smaller than
-    tensors, and a progress count that ends at the data size."""
+    """runner's reader against safetensors' own: several dtypes, a tensor after an odd-sized one,
+    pieces smaller than tensors; every tensor starts on a 256-byte boundary of the buffer, and
+    the progress count ends at the data size."""
     from safetensors.torch import load_file, save_file
 
     from runner_cuda.fast.nf4_cache import one_device, read_safetensors
@@ -202,8 +202,10 @@ def test_reader_gives_the_tensors_safetensors_gives(tmp_path):
     got = read_safetensors(path, "cpu", chunk=100, on_bytes=seen.append)
     expected = load_file(str(path))
     assert got.keys() == expected.keys()
+    base = min(t.data_ptr() for t in got.values())
     for name in expected:
         assert got[name].dtype == expected[name].dtype and torch.equal(got[name], expected[name]), name
+        assert (got[name].data_ptr() - base) % 256 == 0, name
     assert seen == sorted(seen) and seen[-1] == sum(t.numel() * t.element_size() for t in tensors.values())
     assert one_device({"": 0}) == "cuda:0" and one_device({"model.layers.0": 1, "lm_head": 1}) == "cuda:1"
     assert one_device({"model.layers.0": 0, "lm_head": "cpu"}) is None and one_device("auto") is None

@@ -184,14 +184,18 @@ def fits(weights: Sequence[NF4Weight], x_dtype=None) -> bool:
 
 
 def rows_per_warp(weights: Sequence[NF4Weight]) -> int:
-    """Outputs per warp: 2 (each lane's inputs serve two rows), or 1 for long rows and small
-    weights (more warps in flight), as measured fastest on an H100 (bench/cuda_speed.py). A warp's
-    rows must not straddle two weights: 2 only where it divides every weight's outputs."""
-    long_rows = weights[0].in_features > 8192
-    small = sum(w.out_features for w in weights) <= 2048
-    if long_rows or small or any(w.out_features % 2 for w in weights):
-        return 1
-    return 2
+    """Outputs per warp, as measured fastest on an H100 (bench/cuda_speed.py, bench/RESULTS.md):
+    1 for small weights (more warps in flight), 2 for long rows (4096 x 14336) and mid sizes,
+    4 where there are many outputs (each lane's inputs then serve four rows). A warp's rows must
+    not straddle two weights: only a count that divides every weight's outputs."""
+    total = sum(w.out_features for w in weights)
+    if total <= 2048:
+        wanted = 1
+    elif weights[0].in_features > 8192 or total < 6144:
+        wanted = 2
+    else:
+        wanted = 4
+    return next(r for r in (4, 2, 1) if r <= wanted and all(w.out_features % r == 0 for w in weights))
 
 
 class NF4Gemv:
