@@ -417,9 +417,9 @@ def section_nf4(checkpoint: Path) -> None:
            fraction_of_roofline=article["decode_tok_s"] / roofline)
 
     variants = (
-        ("fast (graphs, fused ops, bitsandbytes kernel)", dict()),
-        ("fast, CUDA GEMV", dict(nf4_kernel="cuda")),
-        ("graphs only, bitsandbytes kernel", dict(compile_ops=False)),
+        ("fast (graphs, fused ops, runner's CUDA GEMV)", dict()),
+        ("fast, bitsandbytes kernel", dict(nf4_kernel="bitsandbytes")),
+        ("graphs only, bitsandbytes kernel", dict(compile_ops=False, nf4_kernel="bitsandbytes")),
     )
     for name, options in variants[:1] if QUICK else variants:
         try:

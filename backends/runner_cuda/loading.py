@@ -16,7 +16,6 @@ quantization state included).
 
 from __future__ import annotations
 
-import functools
 
 import gc
 import importlib.util
@@ -586,8 +585,8 @@ def load_session(request: LoadRequest):
 def load_weights(weights: str, quantization_config, sizes: dict[str, int], *, dtype, device_map, max_memory,
                  attention: str, offload_folder: str | None, request: LoadRequest, state_dict: dict | None = None):
     """transformers' from_pretrained, with progress; returns (model, None) or (None, one-line message).
-    `state_dict`: the checkpoint's tensors already read (the NF4 cache on one GPU): transformers
-    builds the model from them and the config in `weights`.
+    `state_dict`: the checkpoint's tensors already read (the NF4 cache on one GPU): the model is
+    built from them and the config in `weights` (nf4_cache.assemble).
 
     The message is made inside `except` and the caller raises it outside: the original traceback
     holds the frames of the half-loaded model, and its memory is only freed once that is gone."""
@@ -596,14 +595,13 @@ def load_weights(weights: str, quantization_config, sizes: dict[str, int], *, dt
 
     spec = request.model
     try:
-        with weight_loading_progress(request.on_progress, sizes):
-            if state_dict is not None:
-                from runner_cuda.fast.nf4_cache import from_state_dict
+        if state_dict is not None:      # the NF4 cache, read by runner: built from its tensors
+            from runner_cuda.fast.nf4_cache import assemble, one_device
 
-                load_from = functools.partial(from_state_dict, weights, state_dict)
-            else:
-                load_from = functools.partial(AutoModelForCausalLM.from_pretrained, weights)
-            model = load_from(
+            return assemble(weights, state_dict, one_device(device_map), dtype=dtype, attn_implementation=attention), None
+        with weight_loading_progress(request.on_progress, sizes):
+            model = AutoModelForCausalLM.from_pretrained(
+                weights,
                 dtype=dtype,
                 quantization_config=quantization_config,
                 device_map=device_map,

@@ -9,10 +9,10 @@ a step at position p attends over the smallest bucket that holds p + 1 positions
 
 The elementwise pieces of a step (residual add + RMSNorm, RoPE on q and k, SiLU × up) are
 fused by torch.compile, and for BF16 models q/k/v and gate/up become one GEMV each (the modules'
-weights turned into views of one tensor: no extra memory). With bitsandbytes NF4 weights, each
-projection of a decode step runs bitsandbytes' own batch-1 kernel by default (it reads the packed
-weights and the double-quant state itself); runner's own kernel (`nf4_cuda.py`; q/k/v and gate/up
-one launch each) is `nf4_kernel="cuda"` / RUNNER_NF4_KERNEL=cuda. Prefill keeps
+weights turned into views of one tensor: no extra memory). With bitsandbytes NF4 weights, the
+projections of a decode step run runner's own batch-1 kernel (`nf4_cuda.py`, reading bitsandbytes'
+packed weights and double-quant state as they are; q/k/v and gate/up one launch each), or
+bitsandbytes' own with `nf4_kernel="bitsandbytes"` / RUNNER_NF4_KERNEL=bitsandbytes. Prefill keeps
 bitsandbytes' (or torch's) own path, eagerly, `prefill_chunk` tokens at a time (budget.PREFILL_CHUNK,
 what the Plan counts activations for), the lm_head for the last position only.
 
@@ -41,8 +41,9 @@ FIRST_BUCKET = 256
 # projection types whose forward runs inside a CUDA graph (no host synchronisation): plain
 # Linear and bitsandbytes' 4-bit Linear; LLM.int8 and FP8 layers keep the ordinary loop
 GRAPH_SAFE_LINEARS = ("Linear", "Linear4bit", "LinearNF4", "LinearFP4")
-# RUNNER_NF4_KERNEL: the NF4 decode GEMV. "bitsandbytes": the module's own batch-1 kernel; "cuda":
-# nf4_cuda.py (CUDA C++ compiled by NVRTC; q/k/v and gate/up one launch each)
+# RUNNER_NF4_KERNEL: the NF4 decode GEMV. "cuda" (default): nf4_cuda.py, CUDA C++ compiled by NVRTC,
+# q/k/v and gate/up one launch each (1.4x bitsandbytes' decode, bench/RESULTS.md), where it applies;
+# "bitsandbytes": the modules' own batch-1 kernel
 NF4_KERNELS = ("bitsandbytes", "cuda")
 
 
@@ -89,12 +90,14 @@ class FastDecoder:
         self.use_graphs = on_cuda if use_graphs is None else use_graphs
         # NF4 decode GEMV: bitsandbytes' own batch-1 kernel (it reads the packed weights and the
         # double-quant state itself), or the Triton kernel of nf4.py in one of its modes
-        self.nf4_kernel = nf4_kernel or os.environ.get("RUNNER_NF4_KERNEL", "bitsandbytes")
+        self.nf4_kernel = nf4_kernel or os.environ.get("RUNNER_NF4_KERNEL", "cuda")
         if self.nf4_kernel not in NF4_KERNELS:
             raise ValueError(f"nf4 kernel {self.nf4_kernel!r}: one of {', '.join(NF4_KERNELS)}")
         # per layer, runner's GEMV for q/k/v, o, gate/up and down (one launch per group), where
         # every layer's projections are NF4 weights the chosen kernel reads; else None
         self.nf4 = self._nf4_calls() if self.nf4_kernel != "bitsandbytes" else None
+        if self.nf4 is None:
+            self.nf4_kernel = "bitsandbytes"      # what runs: the modules' own kernel
 
         with torch.no_grad():
             capacity = -(-self.max_len // FIRST_BUCKET) * FIRST_BUCKET     # buckets end on 256s
