@@ -480,9 +480,20 @@ def section_reload(checkpoint: Path, work: Path) -> None:
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     cached_folder = nf4_cache.find(checkpoint, "nf4")
+    profiler = None
+    if os.environ.get("BENCH_PROFILE_RELOAD"):      # where the cache load's time goes
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     model = nf4_cache.load(cached_folder, device_map={"": 0})
     sync()
     cache_load_s = time.perf_counter() - start
+    if profiler is not None:
+        import pstats
+
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
     load_peak = torch.cuda.max_memory_allocated()
     token_cached = first_token(model)
     sync()
@@ -492,18 +503,6 @@ def section_reload(checkpoint: Path, work: Path) -> None:
     resident = torch.cuda.memory_allocated()
     del model
     free()
-    if os.environ.get("BENCH_PROFILE_RELOAD"):      # where the cache load's time goes
-        import cProfile
-        import pstats
-
-        profiler = cProfile.Profile()
-        profiler.enable()
-        model = nf4_cache.load(cached_folder, device_map={"": 0})
-        sync()
-        profiler.disable()
-        pstats.Stats(profiler).sort_stats("cumulative").print_stats(35)
-        del model
-        free()
     # the same folder through transformers' own reader
     start = time.perf_counter()
     model = nf4_cache.load(cached_folder, device_map="auto")

@@ -198,7 +198,7 @@ SAFETENSORS_DTYPES = {
 ALIGNMENT = 256     # bytes; each tensor starts on it in the buffer (CUDA kernels load 16-byte vectors)
 
 
-def read_safetensors(path: Path, device: str, threads: int = 8, chunk: int = 64 << 20, on_bytes=None) -> dict:
+def read_safetensors(path: Path, device: str, threads: int = 8, chunk: int = 16 << 20, on_bytes=None) -> dict:
     """Every tensor of one safetensors file on `device`, as views into one buffer about the file's
     size, each tensor starting on a 256-byte boundary (in the file they are packed end to end, and
     a view at an odd offset breaks kernels that load aligned vectors). On CUDA the tensors are read
