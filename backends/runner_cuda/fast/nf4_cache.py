@@ -126,15 +126,18 @@ def assemble(folder: Path, state_dict: dict, device: str, dtype=None, attn_imple
                  for name in state_dict if name.endswith(".weight.quant_state.bitsandbytes__nf4")}
     quantized |= {name[: -len(".weight.quant_state.bitsandbytes__fp4")]
                   for name in state_dict if name.endswith(".weight.quant_state.bitsandbytes__fp4")}
+    stats_of: dict[str, dict] = {name: {} for name in quantized}     # "absmax", "quant_map", ... per Linear
+    for key, value in state_dict.items():
+        owner, marker, stat = key.partition(".weight.")
+        if marker and owner in stats_of:
+            stats_of[owner][stat] = value
     for name, module in list(model.named_modules()):
         if name not in quantized:
             continue
         with init_empty_weights():
             layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
                                       compute_dtype=compute_dtype, quant_storage=torch.uint8)
-        prefix = f"{name}.weight."
-        stats = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
-        layer.weight = bnb.nn.Params4bit.from_prequantized(state_dict[f"{name}.weight"], stats, requires_grad=False,
+        layer.weight = bnb.nn.Params4bit.from_prequantized(state_dict[f"{name}.weight"], stats_of[name], requires_grad=False,
                                                            device=device, module=layer)
         if module.bias is not None:
             layer.bias = torch.nn.Parameter(state_dict[f"{name}.bias"], requires_grad=False)
