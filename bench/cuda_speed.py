@@ -391,6 +391,11 @@ def section_kernels() -> None:
                         cuda_default_us=graph_time_us(lambda i: default[i](x), copies),
                         cuda_rel_err_vs_exact=((mine - exact).norm() / exact.norm()).item(),
                         cuda_rel_diff_vs_bnb=((mine - theirs).norm() / theirs.norm()).item())
+            rounded = [NF4Gemv(group, rounding="bitsandbytes") for group in weights]
+            mine_rounded = rounded[0](x).float()
+            rows.update(cuda_bnb_rounding_us=graph_time_us(lambda i: rounded[i](x), copies),
+                        cuda_bnb_rounding_rel_diff_vs_bnb=((mine_rounded - theirs).norm() / theirs.norm()).item(),
+                        cuda_bnb_rounding_outputs_equal_bnb=(mine_rounded == theirs).float().mean().item())
             rows.update(cuda_tb_s=nf4_bytes / rows["cuda_default_us"] / 1e6,
                         cuda_fraction_of_copy_bw=nf4_bytes / (rows["cuda_default_us"] / 1e6) / bandwidth,
                         cuda_vs_bnb=rows["bnb_us"] / rows["cuda_default_us"])
@@ -418,6 +423,7 @@ def section_nf4(checkpoint: Path) -> None:
 
     variants = (
         ("fast (graphs, fused ops, runner's CUDA GEMV)", dict()),
+        ("fast, runner's CUDA GEMV rounding as bitsandbytes", dict(nf4_kernel="cuda-bnb-rounding")),
         ("fast, bitsandbytes kernel", dict(nf4_kernel="bitsandbytes")),
         ("graphs only, bitsandbytes kernel", dict(compile_ops=False, nf4_kernel="bitsandbytes")),
     )

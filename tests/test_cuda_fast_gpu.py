@@ -51,9 +51,14 @@ def test_cuda_gemv_matches_reference(shape, nested):
             assert error <= ((theirs - reference).norm() / reference.norm()).item() + 1e-4
             alone = NF4Gemv(weights[1:2], rows=rows)(x).float()
             assert torch.equal(alone, mine[..., weights[0].out_features:weights[0].out_features + weights[1].out_features])
+            # rounding as bitsandbytes' kernel: the same bf16 products, summed in another order
+            rounded = NF4Gemv(weights, rows=rows, rounding="bitsandbytes")(x).float()
+            difference = ((rounded - theirs).norm() / theirs.norm()).item()
+            assert difference < 2e-3, difference
+            assert (rounded == theirs).float().mean().item() > 0.9
 
 
-@pytest.mark.parametrize("kernel", ["bitsandbytes", "cuda"])
+@pytest.mark.parametrize("kernel", ["bitsandbytes", "cuda", "cuda-bnb-rounding"])
 def test_graph_decoder_greedy_equals_hf_generate(tmp_path, monkeypatch, kernel):
     """A small random Llama in NF4: HF generate (bitsandbytes' path) and the fast decoder (CUDA
     graphs, fused ops, bitsandbytes' batch-1 kernel or runner's) pick the same greedy tokens until

@@ -43,8 +43,9 @@ FIRST_BUCKET = 256
 GRAPH_SAFE_LINEARS = ("Linear", "Linear4bit", "LinearNF4", "LinearFP4")
 # RUNNER_NF4_KERNEL: the NF4 decode GEMV. "cuda" (default): nf4_cuda.py, CUDA C++ compiled by NVRTC,
 # q/k/v and gate/up one launch each (1.4x bitsandbytes' decode, bench/RESULTS.md), where it applies;
+# "cuda-bnb-rounding": the same kernel rounding as bitsandbytes' does (bf16 weights and products);
 # "bitsandbytes": the modules' own batch-1 kernel
-NF4_KERNELS = ("bitsandbytes", "cuda")
+NF4_KERNELS = {"cuda": "float32", "cuda-bnb-rounding": "bitsandbytes", "bitsandbytes": None}   # -> rounding
 
 
 class Unsupported(Exception):
@@ -197,7 +198,7 @@ class FastDecoder:
                 weights = [nf4_weight_of(modules[name]) for name in names]
                 if any(w is None for w in weights):
                     return None
-                call = nf4_cuda.NF4Gemv.for_weights(weights)
+                call = nf4_cuda.NF4Gemv.for_weights(weights, rounding=NF4_KERNELS[self.nf4_kernel])
                 if call is None:
                     return None
                 layer_calls[group] = call

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
 SOURCE = r"""
 // ROWS: outputs per warp; BLOCKSIZE, NESTED_BLOCKSIZE: bitsandbytes' quant block sizes (compile-time,
-// so block indices are shifts, not 64-bit divisions); NESTED: double quantization
+// so block indices are shifts, not 64-bit divisions); NESTED: double quantization; BNB_ROUNDING:
+// round as bitsandbytes' kernel does (else float32 products, the scale applied per 32 weights)
 __device__ __forceinline__ float bf16_to_float(unsigned int bits) { return __uint_as_float(bits << 16); }
 
 __device__ __forceinline__ unsigned short float_to_bf16(float value) {
@@ -63,6 +64,41 @@ __device__ __forceinline__ float dot32(const float* table, uint4 w, const uint4*
     return sum;
 }
 
+// bitsandbytes' batch-1 kernel's rounding: the scale rounded to bf16, each weight (code x scale)
+// and each product (input x weight) rounded to bf16, two at a time (fma.rn.bf16x2 with a -0 addend
+// is one rounding of the product, as bitsandbytes' bf16 multiplies), summed in float32
+__device__ __forceinline__ unsigned int mul_bf16x2(unsigned int a, unsigned int b) {
+    unsigned int d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
+    return d;
+}
+
+__device__ __forceinline__ float sum32_rounded(const unsigned int* bits, uint4 w, const uint4* xs, float scale) {
+    unsigned int s = float_to_bf16(scale);
+    s |= s << 16;
+    const unsigned int ws[4] = {w.x, w.y, w.z, w.w};
+    float sum = 0.0f;
+    #pragma unroll
+    for (int h = 0; h < 4; ++h) {
+        const unsigned int xw[4] = {xs[h].x, xs[h].y, xs[h].z, xs[h].w};
+        #pragma unroll
+        for (int b = 0; b < 4; ++b) {
+            const unsigned int byte = (ws[h] >> (8 * b)) & 0xFFu;
+            const unsigned int weights = bits[byte >> 4] | (bits[byte & 15u] << 16);   // weight 2i low, 2i+1 high
+            const unsigned int products = mul_bf16x2(mul_bf16x2(weights, s), xw[b]);
+            sum += __uint_as_float(products << 16);
+            sum += __uint_as_float(products & 0xFFFF0000u);
+        }
+    }
+    return sum;
+}
+
+#if BNB_ROUNDING
+#define ADD_CHUNK(acc, w, xs, scale) acc += sum32_rounded(bits, w, xs, scale)
+#else
+#define ADD_CHUNK(acc, w, xs, scale) acc = fmaf(dot32(table, w, xs), scale, acc)
+#endif
+
 extern "C" __global__ void nf4_gemv(
     const unsigned short* __restrict__ x, const float* __restrict__ code, unsigned short* __restrict__ out,
     const uint4* p0, const void* a0, const float* nc0, const float* na0, const float* o0, const unsigned short* b0, int n0,
@@ -70,8 +106,13 @@ extern "C" __global__ void nf4_gemv(
     const uint4* p2, const void* a2, const float* nc2, const float* na2, const float* o2, const unsigned short* b2, int n2,
     int K, int has_bias)
 {
-    __shared__ float table[16];
+#if BNB_ROUNDING
+    __shared__ unsigned int bits[16];                                    // the NF4 values' bf16 bits
+    if (threadIdx.x < 16) bits[threadIdx.x] = __float_as_uint(code[threadIdx.x]) >> 16;
+#else
+    __shared__ float table[16];                                          // the NF4 values
     if (threadIdx.x < 16) table[threadIdx.x] = code[threadIdx.x];
+#endif
     __syncthreads();
 
     const int lane = threadIdx.x & 31;
@@ -114,8 +155,8 @@ extern "C" __global__ void nf4_gemv(
         for (int q = 0; q < 4; ++q) { x0[q] = xv[c * 4 + q]; x1[q] = xv[(c + 32) * 4 + q]; }
         #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
-            acc[r] = fmaf(dot32(table, w0[r], x0), s0[r], acc[r]);
-            acc[r] = fmaf(dot32(table, w1[r], x1), s1[r], acc[r]);
+            ADD_CHUNK(acc[r], w0[r], x0, s0[r]);
+            ADD_CHUNK(acc[r], w1[r], x1, s1[r]);
         }
     }
     if (c < chunks) {                                      // an odd chunk left
@@ -126,7 +167,7 @@ extern "C" __global__ void nf4_gemv(
         for (int r = 0; r < ROWS; ++r) {
             const uint4 w0 = __ldcs(rows_packed + r * chunks + c);
             const float s0 = scale_of(absmax, ncode, nabs, shift, first_block + r * blocks_per_row + (c * 32) / BLOCKSIZE);
-            acc[r] = fmaf(dot32(table, w0, x0), s0, acc[r]);
+            ADD_CHUNK(acc[r], w0, x0, s0);
         }
     }
     #pragma unroll
@@ -152,14 +193,15 @@ def available() -> bool:
     return torch.cuda.is_available() and hasattr(torch.cuda, "_compile_kernel")
 
 
-def compiled(rows: int, blocksize: int, nested_blocksize: int, nested: bool):
-    """The kernel for ROWS outputs per warp and these quant blocks, compiled once per process."""
+def compiled(rows: int, blocksize: int, nested_blocksize: int, nested: bool, bnb_rounding: bool):
+    """The kernel for ROWS outputs per warp, these quant blocks and this rounding, compiled once
+    per process."""
     import torch
 
-    key = (rows, blocksize, nested_blocksize, nested, torch.cuda.current_device())
+    key = (rows, blocksize, nested_blocksize, nested, bnb_rounding, torch.cuda.current_device())
     if key not in _COMPILED:
         options = [f"-DROWS={rows}", f"-DBLOCKSIZE={blocksize}", f"-DNESTED_BLOCKSIZE={nested_blocksize}",
-                   f"-DNESTED={int(nested)}", "-std=c++17"]
+                   f"-DNESTED={int(nested)}", f"-DBNB_ROUNDING={int(bnb_rounding)}", "-std=c++17"]
         _COMPILED[key] = torch.cuda._compile_kernel(SOURCE, "nf4_gemv", nvcc_options=options)
     return _COMPILED[key]
 
@@ -202,17 +244,26 @@ class NF4Gemv:
     """One launch computing x @ W.T (+ bias) for one to three NF4 weights; callable inside a
     CUDA graph capture (the launch goes to the current stream)."""
 
-    def __init__(self, weights: Sequence[NF4Weight], rows: int | None = None, threads: int = 64):
+    ROUNDINGS = ("float32", "bitsandbytes")
+
+    def __init__(self, weights: Sequence[NF4Weight], rows: int | None = None, threads: int = 64,
+                 rounding: str = "float32"):
+        if rounding not in self.ROUNDINGS:
+            raise ValueError(f"rounding {rounding!r}: one of {', '.join(self.ROUNDINGS)}")
+        import torch
+
         self.weights = list(weights)
         self.rows = rows or rows_per_warp(self.weights)
         self.threads = threads
         self.total = sum(w.out_features for w in self.weights)
         first = self.weights[0]
-        self.kernel = compiled(self.rows, first.blocksize, max(first.nested_blocksize, 1), first.nested)
+        bnb_rounding = rounding == "bitsandbytes"
+        self.kernel = compiled(self.rows, first.blocksize, max(first.nested_blocksize, 1), first.nested, bnb_rounding)
         warps = -(-self.total // self.rows)
         self.grid = (-(-warps // (threads // 32)), 1, 1)
-        first = self.weights[0]
-        self.code = first.code.float().contiguous()
+        # bitsandbytes' kernel holds the NF4 values in bf16
+        code = first.code.float()
+        self.code = (code.to(torch.bfloat16).float() if bnb_rounding else code).contiguous()
         self.args = []
         for slot in range(3):          # unused slots repeat the first weight with no rows
             w = self.weights[slot] if slot < len(self.weights) else first
@@ -223,10 +274,10 @@ class NF4Gemv:
         self.tail = [first.in_features, int(first.bias is not None)]
 
     @classmethod
-    def for_weights(cls, weights: Sequence[NF4Weight]) -> "NF4Gemv | None":
+    def for_weights(cls, weights: Sequence[NF4Weight], rounding: str = "float32") -> "NF4Gemv | None":
         if not available() or not fits(weights):
             return None
-        return cls(weights)
+        return cls(weights, rounding=rounding)
 
     def __call__(self, x: "torch.Tensor", out: "torch.Tensor | None" = None) -> "torch.Tensor":
         import torch
