@@ -55,7 +55,8 @@ def test_cuda_gemv_matches_reference(shape, nested):
             rounded = NF4Gemv(weights, rows=rows, rounding="bitsandbytes")(x).float()
             difference = ((rounded - theirs).norm() / theirs.norm()).item()
             assert difference < 2e-3, difference
-            assert (rounded == theirs).float().mean().item() > 0.9
+            if weights[0].bias is None:         # (bitsandbytes adds the bias in bf16 afterwards)
+                assert (rounded == theirs).float().mean().item() > 0.9
 
 
 @pytest.mark.parametrize("kernel", ["bitsandbytes", "cuda", "cuda-bnb-rounding"])
