@@ -132,15 +132,7 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         where = "the GPUs anyway (--force; layers split evenly), or the CPU if there is none"
-    print(f"runner: rehearsing {spec.name}: {spec.num_layers} layers, {plan.quant}, context {plan.context}, "
-          f"random weights on {where}; the plan says {plan.verdict} ({_gb(plan.total_bytes)})",
-          file=sys.stderr, flush=True)
-    result = rehearse(plan, decode_tokens=args.decode_tokens, on_progress=_progress, prefill_chunk=args.prefill_chunk)
-    if args.json:
-        print(json.dumps({"plan": plan_summary(plan), "rehearsal": result.to_dict()}, indent=2))
-    else:
-        print(render(plan, result))
-    return 0
+    return rehearse_and_report(args, plan, rehearse, plan.quant, where)
 
 
 def run_mlx(args: argparse.Namespace, plan) -> int:
@@ -163,7 +155,13 @@ def run_mlx(args: argparse.Namespace, plan) -> int:
             f"{_gb(plan.kv_cache_bytes)} KV cache); nothing was allocated; {fits}, or --force to try anyway"
         )
     where = plan.placement[0].device if plan.placement else "this machine (--force)"
-    print(f"runner: rehearsing {spec.name}: {spec.num_layers} layers, mlx {plan.quant}, context {plan.context}, "
+    return rehearse_and_report(args, plan, rehearse, f"mlx {plan.quant}", where)
+
+
+def rehearse_and_report(args: argparse.Namespace, plan, rehearse, scheme: str, where: str) -> int:
+    """Say what is about to happen, run the backend's `rehearse`, print the report (or JSON)."""
+    spec = plan.model
+    print(f"runner: rehearsing {spec.name}: {spec.num_layers} layers, {scheme}, context {plan.context}, "
           f"random weights on {where}; the plan says {plan.verdict} ({_gb(plan.total_bytes)})",
           file=sys.stderr, flush=True)
     result = rehearse(plan, decode_tokens=args.decode_tokens, on_progress=_progress, prefill_chunk=args.prefill_chunk)
