@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from mlx_helpers import load, rank_processes, runner
-from test_tui_app import SIZE, chat_screen, run_async, send, wait_loaded, wait_until
+from tui_helpers import SIZE, run_async, send, wait_loaded, wait_until
 
 pytest.importorskip("mlx_lm")
 

@@ -4,8 +4,6 @@ at once (and the app must stay usable, which is part of what these tests check).
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import time
 
 import pytest
@@ -19,17 +17,7 @@ from runner.tui.screens.help import HelpScreen
 from runner.tui.screens.settings import SettingsScreen
 from runner.tui.screens.small import TooSmallScreen
 from runner.tui.widgets.conversation import AssistantMessage, UserMessage
-
-SIZE = (110, 36)
-
-
-def run_async(test):
-    @functools.wraps(test)
-    def run(*args, **kwargs):
-        return asyncio.run(test(*args, **kwargs))
-
-    return run
-
+from tui_helpers import SIZE, run_async
 
 @pytest.fixture
 def history_path(tmp_path, monkeypatch):

@@ -1,0 +1,47 @@
+"""Driving the chat app with its Pilot: shared by the TUI tests and the `runner launch` chat tests."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+
+from runner.tui.app import RunnerApp
+from runner.tui.screens.chat import ChatScreen
+
+SIZE = (110, 36)
+
+
+def run_async(test):
+    """Run an async test in its own event loop (no pytest async plugin needed)."""
+
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        return asyncio.run(test(*args, **kwargs))
+
+    return run
+
+
+async def wait_until(pilot, condition, timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        await pilot.pause(0.02)
+
+
+def chat_screen(app: RunnerApp) -> ChatScreen:
+    return next(s for s in app.screen_stack if isinstance(s, ChatScreen))
+
+
+async def wait_loaded(pilot) -> ChatScreen:
+    chat = chat_screen(pilot.app)
+    await wait_until(pilot, lambda: chat.model_state in ("ready", "failed"), 120, "the model to load")
+    assert chat.model_state == "ready", chat.query_one("#load-error").render()
+    return chat
+
+
+async def send(pilot, text: str) -> None:
+    await pilot.click("#prompt")
+    await pilot.press(*text)
+    await pilot.press("enter")
