@@ -198,7 +198,7 @@ class FastDecoder:
                 weights = [nf4_weight_of(modules[name]) for name in names]
                 if any(w is None for w in weights):
                     return None
-                call = nf4_cuda.NF4Gemv.for_weights(weights, rounding=NF4_KERNELS[self.nf4_kernel])
+                call = nf4_cuda.NF4Gemv.for_weights(weights, rounding=NF4_KERNELS[self.nf4_kernel], x_dtype=self.dtype)
                 if call is None:
                     return None
                 layer_calls[group] = call

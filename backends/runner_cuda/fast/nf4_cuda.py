@@ -14,6 +14,8 @@ the same input (q/k/v, gate/up) run in one launch, their outputs side by side.
 
 Products and sums are float32 with the scale applied per 32 weights: within bf16 rounding of the
 float32 reference, closer to it than bitsandbytes' own kernel (which rounds each product to bf16).
+With rounding="bitsandbytes" it rounds as that kernel does, and its outputs were bit-identical to
+bitsandbytes' on every Llama-8B shape measured (bench/RESULTS.md), at some of the speed.
 """
 
 from __future__ import annotations
@@ -274,8 +276,9 @@ class NF4Gemv:
         self.tail = [first.in_features, int(first.bias is not None)]
 
     @classmethod
-    def for_weights(cls, weights: Sequence[NF4Weight], rounding: str = "float32") -> "NF4Gemv | None":
-        if not available() or not fits(weights):
+    def for_weights(cls, weights: Sequence[NF4Weight], rounding: str = "float32", x_dtype=None) -> "NF4Gemv | None":
+        """The launch for these weights and inputs of `x_dtype`, or None where the kernel does not apply."""
+        if not available() or not fits(weights, x_dtype):
             return None
         return cls(weights, rounding=rounding)
 
