@@ -155,12 +155,14 @@ def free_port_range(count: int) -> int:
     raise RunnerError("no free ports for the ring")
 
 
-def mlx_launch_path() -> str:
-    beside = Path(sys.executable).parent / "mlx.launch"
-    found = str(beside) if beside.exists() else shutil.which("mlx.launch")
-    if not found:
+def mlx_launch_command() -> list[str]:
+    """mlx.launch, run through runner_mlx.quiet_launch (the same program without the busy loop
+    that spins a CPU core per rank)."""
+    import importlib.util
+
+    if importlib.util.find_spec("mlx") is None or importlib.util.find_spec("mlx._distributed_utils.launch") is None:
         raise UserInputError("mlx.launch not found: pip install 'runner[mlx]'")
-    return found
+    return [sys.executable, "-m", "runner_mlx.quiet_launch"]
 
 
 # ---- running and watching -------------------------------------------------------------------
@@ -396,7 +398,7 @@ def mlx_launch_argv(plan: LaunchPlan, scratch: Path, rank_timeout: float, verbos
         "--launcher", f"{socket.gethostname()}:{os.getpid()}",
         *rank_options,
     ]
-    argv = [mlx_launch_path(), "--backend", "ring", "--hostfile", str(hostfile),
+    argv = [*mlx_launch_command(), "--backend", "ring", "--hostfile", str(hostfile),
             "--starting-port", str(free_port_range(len(plan.hosts)))]
     if os.environ.get("RUNNER_HOME"):
         argv += ["--env", f"RUNNER_HOME={os.environ['RUNNER_HOME']}"]
