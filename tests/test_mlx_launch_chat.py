@@ -210,3 +210,17 @@ def test_the_chat_needs_the_first_host_to_be_this_machine(tiny_llama_dir):
     assert output.strip() == (
         "runner: error: the chat needs the first host to be this machine (rank 0 serves the app over "
         "127.0.0.1), and 192.0.2.1 is not: put this machine first, or give -p for a one-shot reply")
+
+
+def test_sampling_flags_become_the_chats_starting_settings():
+    """`runner launch --temperature 0.7 --system ...` in the chat: the flags given override the saved
+    settings, the others stay as saved; a bad value is refused like in a one-shot run."""
+    from runner.commands.launch import ONE_SHOT, starting_settings
+
+    saved = ChatSettings(system_prompt="be brief", temperature=0.0, top_p=0.9, max_tokens=100)
+    merged = starting_settings(saved, {"temperature": 0.7}, "answer in French")
+    assert merged == ChatSettings(system_prompt="answer in French", temperature=0.7, top_p=0.9, max_tokens=100)
+    assert starting_settings(saved, {}, None) == saved
+    assert set(ONE_SHOT) <= {f for f in ChatSettings.__dataclass_fields__}
+    done = runner("launch", "--hosts", "127.0.0.1,127.0.0.1", "--temperature", "-1", timeout=60)
+    assert done.returncode == 2 and "temperature" in done.stderr and "Traceback" not in done.stderr
