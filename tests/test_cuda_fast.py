@@ -186,6 +186,34 @@ def test_nf4_cache_round_trip_gives_identical_logits(tiny_llama_dir, runner_home
         assert torch.equal(expected, _hf_logits(cached, ids))
 
 
+def test_backend_loads_the_cache_through_runners_reader(tiny_llama_dir, runner_home):
+    """The backend's cache path (load_weights with a cache device: runner's reader and assemble),
+    on the CPU: the same logits as the model quantized on load, the reading reported in bytes, and
+    a broken cache a one-line failure (the backend then quantizes again) instead of a traceback."""
+    from runner.backend import LoadRequest
+    from runner.model import load_spec
+    from runner_cuda.fast import nf4_cache
+    from runner_cuda.loading import load_weights
+
+    quantized = _load_nf4(tiny_llama_dir)
+    folder = nf4_cache.save(quantized, tiny_llama_dir, "nf4")
+    seen = []
+    request = LoadRequest(load_spec(str(tiny_llama_dir)), "nf4", 64, on_progress=seen.append)
+    options = dict(dtype=torch.bfloat16, device_map={"": "cpu"}, max_memory=None, attention="sdpa",
+                   offload_folder=None, request=request, cache_device="cpu")
+    model, failure = load_weights(str(folder), None, {}, **options)
+    assert failure is None and type(model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    ids = _prompt(16, quantized.config.vocab_size)
+    assert torch.equal(_hf_logits(quantized, ids), _hf_logits(model.eval(), ids))
+    size = sum(shard.stat().st_size for shard in folder.glob("*.safetensors"))
+    assert seen and seen[-1].stage == "reading the NF4 cache" and seen[-1].total < size
+    assert seen[-1].done == seen[-1].total
+    shard = next(folder.glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])     # cut short
+    model, failure = load_weights(str(folder), None, {}, **options)
+    assert model is None and failure.startswith(f"{request.model.name}: loading failed (")
+
+
 def test_reader_gives_the_tensors_safetensors_gives(tmp_path):
     """runner's reader against safetensors' own: several dtypes, a tensor after an odd-sized one,
     pieces smaller than tensors; every tensor starts on a 256-byte boundary of the buffer, and

@@ -530,15 +530,8 @@ def load_session(request: LoadRequest):
             cached_sizes = {name: size for shard in checkpoint_shards(cached) for name, size in tensor_sizes(shard).items()}
             from runner_cuda.fast import nf4_cache
 
-            state_dict = None
-            device = nf4_cache.one_device(device_map)
-            if device is not None:      # one GPU: runner's threaded reader, straight into its memory
-                state_dict = nf4_cache.read_folder(cached, device, lambda done, total: report(
-                    LoadProgress("reading the NF4 cache", done, total, "bytes")))
-            model, failure = load_weights(str(cached), None, cached_sizes, **load, state_dict=state_dict)
-            del state_dict
-        except torch.OutOfMemoryError:
-            failure = f"out of GPU memory while reading the NF4 cache {cached}"
+            model, failure = load_weights(str(cached), None, cached_sizes, **load,
+                                          cache_device=nf4_cache.one_device(device_map))
         except (LoadError, OSError) as error:
             failure = str(error)
         if failure is not None and "out of" not in failure:
@@ -583,10 +576,10 @@ def load_session(request: LoadRequest):
 
 
 def load_weights(weights: str, quantization_config, sizes: dict[str, int], *, dtype, device_map, max_memory,
-                 attention: str, offload_folder: str | None, request: LoadRequest, state_dict: dict | None = None):
+                 attention: str, offload_folder: str | None, request: LoadRequest, cache_device: str | None = None):
     """transformers' from_pretrained, with progress; returns (model, None) or (None, one-line message).
-    `state_dict`: the checkpoint's tensors already read (the NF4 cache on one GPU): the model is
-    built from them and the config in `weights` (nf4_cache.assemble).
+    `cache_device`: `weights` is runner's NF4 cache and all of it goes to this one device: runner
+    reads the files and builds the model itself (nf4_cache.load_on_device).
 
     The message is made inside `except` and the caller raises it outside: the original traceback
     holds the frames of the half-loaded model, and its memory is only freed once that is gone."""
@@ -595,10 +588,14 @@ def load_weights(weights: str, quantization_config, sizes: dict[str, int], *, dt
 
     spec = request.model
     try:
-        if state_dict is not None:      # the NF4 cache, read by runner: built from its tensors
-            from runner_cuda.fast.nf4_cache import assemble, one_device
+        if cache_device is not None:
+            from runner_cuda.fast.nf4_cache import load_on_device
 
-            return assemble(weights, state_dict, one_device(device_map), dtype=dtype, attn_implementation=attention), None
+            def reading(done: int, total: int) -> None:
+                if request.on_progress is not None:
+                    request.on_progress(LoadProgress("reading the NF4 cache", done, total, "bytes"))
+
+            return load_on_device(weights, cache_device, dtype=dtype, attn_implementation=attention, on_bytes=reading), None
         with weight_loading_progress(request.on_progress, sizes):
             model = AutoModelForCausalLM.from_pretrained(
                 weights,

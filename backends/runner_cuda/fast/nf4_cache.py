@@ -99,8 +99,15 @@ def load(folder: Path, **from_pretrained_kwargs):
     device = one_device(from_pretrained_kwargs.get("device_map"))
     if device is None:
         return AutoModelForCausalLM.from_pretrained(str(folder), **from_pretrained_kwargs)
-    return assemble(folder, read_folder(folder, device), device, dtype=from_pretrained_kwargs.get("dtype"),
-                    attn_implementation=from_pretrained_kwargs.get("attn_implementation"))
+    return load_on_device(folder, device, dtype=from_pretrained_kwargs.get("dtype"),
+                          attn_implementation=from_pretrained_kwargs.get("attn_implementation"))
+
+
+def load_on_device(folder: Path, device: str, dtype=None, attn_implementation: str | None = None, on_bytes=None):
+    """The cached model, all of it on `device`: read by runner (`read_folder`, `on_bytes(done, total)`
+    as it goes) and built from the tensors (`assemble`)."""
+    return assemble(folder, read_folder(folder, device, on_bytes), device, dtype=dtype,
+                    attn_implementation=attn_implementation)
 
 
 def assemble(folder: Path, state_dict: dict, device: str, dtype=None, attn_implementation: str | None = None):
@@ -178,18 +185,21 @@ def one_device(device_map) -> str | None:
 
 def read_folder(folder: Path, device: str, on_bytes=None) -> dict:
     """Every tensor of the folder's safetensors files, on `device` (`read_safetensors`);
-    `on_bytes(done, total)` after each piece read."""
+    `on_bytes(done, total)` after each piece read, in bytes of tensor data."""
     shards = sorted(Path(folder).glob("*.safetensors"))
-    total = sum(shard.stat().st_size for shard in shards)
-    done = 0
+    sizes = [shard.stat().st_size - 8 - _header_size(shard) for shard in shards]
     state_dict = {}
-    for shard in shards:
-        def progress(count, base=done):
+    for index, shard in enumerate(shards):
+        def progress(count, base=sum(sizes[:index])):
             if on_bytes is not None:
-                on_bytes(base + count, total)
+                on_bytes(base + count, sum(sizes))
         state_dict.update(read_safetensors(shard, device, on_bytes=progress))
-        done += shard.stat().st_size
     return state_dict
+
+
+def _header_size(path: Path) -> int:
+    with Path(path).open("rb") as handle:
+        return int.from_bytes(handle.read(8), "little")
 
 
 SAFETENSORS_DTYPES = {
@@ -216,8 +226,9 @@ def read_safetensors(path: Path, device: str, threads: int = 8, chunk: int = 16 
     import torch
 
     path = Path(path)
+    header_size = _header_size(path)
     with path.open("rb") as handle:
-        header_size = int.from_bytes(handle.read(8), "little")
+        handle.seek(8)
         header = json.loads(handle.read(header_size))
     header.pop("__metadata__", None)
     start = 8 + header_size
