@@ -27,6 +27,21 @@ def cuda_nf4_layer(out_features, in_features, nested=True, bias=False, seed=0):
     return layer.cuda()
 
 
+def small_nf4_llama(folder):
+    """A random 4-layer Llama (hidden 512, 8 heads, 2 KV heads) saved in bf16 to `folder`, loaded
+    on the GPU in NF4 with double quant, as the article's recipe loads."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+                         num_key_value_heads=2, vocab_size=4096, max_position_embeddings=2048, initializer_range=0.05)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(str(folder))
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    return AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=quant, dtype=torch.bfloat16,
+                                                device_map="cuda").eval()
+
+
 @pytest.mark.parametrize("shape", [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (1000, 192)])
 @pytest.mark.parametrize("nested", [True, False])
 def test_cuda_gemv_matches_reference(shape, nested):
@@ -65,18 +80,9 @@ def test_graph_decoder_greedy_equals_hf_generate(tmp_path, monkeypatch, kernel):
     graphs, fused ops, bitsandbytes' batch-1 kernel or runner's) pick the same greedy tokens until
     a near-tie, with the same logits within bf16 rounding."""
     monkeypatch.setenv("RUNNER_NF4_KERNEL", kernel)
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
-
     from runner_cuda.fast import decoder_for
 
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
-                         num_key_value_heads=2, vocab_size=4096, max_position_embeddings=2048, initializer_range=0.05)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(str(tmp_path))
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(str(tmp_path), quantization_config=quant, dtype=torch.bfloat16,
-                                                 device_map="cuda").eval()
+    model = small_nf4_llama(tmp_path)
     decoder = decoder_for(model, max_len=600)
     assert decoder is not None and decoder.use_graphs
     prompt = torch.randint(0, 4096, (1, 40), generator=torch.Generator().manual_seed(1)).tolist()[0]
@@ -120,18 +126,9 @@ def test_graph_decoder_prefills_in_chunks_like_one_pass(tmp_path):
     """On the GPU a later prefill chunk attends through a boolean mask over the static cache (no
     flash kernel): a 300-token prompt in chunks of 64 gives the one-pass prefill's next-token
     logits within bf16 rounding, and the same first greedy tokens after it."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
-
     from runner_cuda.fast.decoder import FastDecoder
 
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
-                         num_key_value_heads=2, vocab_size=4096, max_position_embeddings=2048, initializer_range=0.05)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(str(tmp_path))
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(str(tmp_path), quantization_config=quant, dtype=torch.bfloat16,
-                                                 device_map="cuda").eval()
+    model = small_nf4_llama(tmp_path)
     prompt = torch.randint(0, 4096, (300,), generator=torch.Generator().manual_seed(2)).tolist()
     replies = []
     for chunk in (64, 4096):

@@ -205,8 +205,9 @@ class FastDecoder:
             calls.append(layer_calls)
         return calls
 
-    def _down(self, index: int, mlp, x):
-        return self.nf4[index]["down"](x) if self.nf4 is not None else mlp.down_proj(x)
+    def _project(self, index: int, group: str, module, x):
+        """o_proj or down_proj of layer `index`: runner's NF4 kernel where it runs, else the module."""
+        return self.nf4[index][group](x) if self.nf4 is not None else module(x)
 
     def _decode_forward(self, span: int) -> "torch.Tensor":
         """One token at `self.position`, attending over the first `span` cache positions. The
@@ -241,14 +242,14 @@ class FastDecoder:
                 q.view(1, self.kv_heads, rep, self.head_dim), keys[None, :, :span], values[None, :, :span],
                 attn_mask=visible, scale=self.scaling,
             ).reshape(1, self.heads * self.head_dim)
-            hidden, x = ops.add_rms_norm(hidden, (self.nf4[index]["o"](out) if self.nf4 is not None else attn.o_proj(out)), middle.weight, self.eps)
+            hidden, x = ops.add_rms_norm(hidden, self._project(index, "o", attn.o_proj, out), middle.weight, self.eps)
             if self.gate_up is not None:
                 gate, up = torch.nn.functional.linear(x, *self.gate_up[index]).chunk(2, dim=-1)
             elif self.nf4 is not None:
                 gate, up = self.nf4[index]["gate_up"](x).chunk(2, dim=-1)
             else:
                 gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-            hidden, x = ops.add_rms_norm(hidden, self._down(index, mlp, ops.silu_mul(gate, up)), after.weight, self.eps)
+            hidden, x = ops.add_rms_norm(hidden, self._project(index, "down", mlp.down_proj, ops.silu_mul(gate, up)), after.weight, self.eps)
         return self.head(x)[0].float()
 
     def _prefill_forward(self, ids: "torch.Tensor", start: int = 0) -> "torch.Tensor":
