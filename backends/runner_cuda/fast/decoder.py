@@ -305,17 +305,32 @@ class FastDecoder:
             return graph
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream(device=self.device)
+        side = _capture_stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):      # compiles Triton kernels, warms cuBLAS outside the capture
                 self.logits.copy_(self._decode_forward(span))
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, stream=side):
             self.logits.copy_(self._decode_forward(span))
         self.graphs[span] = graph
         return graph
+
+
+_CAPTURE_STREAMS: dict = {}
+
+
+def _capture_stream(device):
+    """The one side stream per GPU on which every decoder warms up and captures its graphs. cuBLAS
+    keeps a 32 MiB workspace for each stream it ran on, for the life of the process: a new stream
+    per graph left 32 MiB behind each time (a session closed, the next loaded)."""
+    import torch
+
+    key = str(device)
+    if key not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[key] = torch.cuda.Stream(device=device)
+    return _CAPTURE_STREAMS[key]
 
 
 def _rope(x, cos, sin):
