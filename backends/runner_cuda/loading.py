@@ -570,6 +570,8 @@ def load_session(request: LoadRequest):
     if cached is not None:
         session.device_summary += "; NF4 from the reload cache"
     if gpus:  # static KV cache + CUDA graphs (+ fused NF4 GEMV) where runner_cuda.fast applies
+        if fast.enabled():  # seconds: kernels compiled (once per process), graphs captured
+            report(LoadProgress("preparing fast decoding (compiling kernels, capturing CUDA graphs)", 0, 0))
         try:
             fast.attach(session)
         except Exception as error:  # the ordinary loop still works: say so instead of failing

@@ -205,13 +205,27 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     print()
-    measured = ", ".join(
-        f"{device} {size / 1e9:.2f} GB measured / {memory.planned.get(device, 0) / 1e9:.2f} GB planned"
-        for device, size in memory.measured.items()
-    )
     print(
         f"runner: {stats['tokens']} tokens ({stats['finish_reason']}), {stats['tokens_per_s']:.1f} tokens/s, "
-        f"first token after {stats['time_to_first_token_s']:.2f} s; weights {measured}",
+        f"first token after {stats['time_to_first_token_s']:.2f} s; memory {memory_line(memory, plan)}",
         file=sys.stderr,
     )
     return 0
+
+
+def memory_line(memory, plan) -> str:
+    """Per device, what the backend measured next to the plan's total for that device and its
+    weights. A GPU's measure is everything its allocator holds for the model (weights, KV cache,
+    CUDA graphs, workspaces), so it is set against the plan's total, not the weights alone."""
+    shares = {share.device: share for share in plan.placement}
+    parts = []
+    for device, size in memory.measured.items():
+        share = shares.get(device)
+        if share is None and len(shares) == 1 and len(memory.measured) == 1:
+            share = next(iter(shares.values()))      # one device under another name ("metal" / "mlx")
+        if share is None:
+            parts.append(f"{device} {size / 1e9:.2f} GB measured (not in the plan)")
+        else:
+            parts.append(f"{device} {size / 1e9:.2f} GB measured / {share.total_bytes / 1e9:.2f} GB planned "
+                         f"(weights {share.weights_bytes / 1e9:.2f} GB)")
+    return ", ".join(parts)
