@@ -365,7 +365,7 @@ def section_kernels() -> None:
             exact = torch.cat([torch.nn.functional.linear(x.double(), dequantize_reference(w).double()) for w in weights[0]], dim=-1)
             theirs = torch.cat([layer(x).float() for layer in groups[0]], dim=-1)
             rows["bnb_rel_err_vs_exact"] = ((theirs - exact).norm() / exact.norm()).item()
-            rows["bnb_us"] = graph_time_us(lambda i: [layer(x) for layer in groups[i]], copies)
+            rows["bnb_us"] = graph_time_us(lambda i, groups=groups: [layer(x) for layer in groups[i]], copies)
             rows["bnb_tb_s"] = nf4_bytes / rows["bnb_us"] / 1e6
             if len(shapes) == 1:
                 dense = [torch.empty(*shapes[0], dtype=torch.bfloat16, device="cuda") for _ in range(copies)]

@@ -475,21 +475,18 @@ def _rehearse(plan: "Plan", decode_tokens: int, report, where: dict, prefill_chu
         raise LoadError(f"the KV cache holds {cache.get_seq_length()} tokens, not the {plan.context} planned")
 
     shares = {share.device: share for share in plan.placement}
-    device_memory = []
-    for device in devices:
-        share = shares.get(device)
-        device_memory.append(DeviceMemory(
-            device=device,
-            planned_weights=share.weights_bytes if share else 0,
-            planned_kv_cache=share.kv_cache_bytes if share else 0,
-            planned_total=share.total_bytes if share else 0,
+    device_memory = [
+        DeviceMemory.against(
+            device, shares.get(device),
             weights=weights.get(device, 0),
             kv_cache=kv_cache.get(device, 0),
             resident=resident.get(device, 0),
             peak=peak.get(device, 0),
             load_peak=load_peak.get(device, 0),
             reserved_peak=reserved_peak.get(device, 0),
-        ))
+        )
+        for device in devices
+    ]
     result = RehearsalResult(
         model=spec.name,
         quant=plan.quant,

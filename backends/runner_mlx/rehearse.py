@@ -449,12 +449,8 @@ def _rehearse(plan: "Plan", decode_tokens: int, report, where: dict, prefill_chu
     kv_tokens_bytes = sum(
         (c.keys.nbytes + c.values.nbytes) // c.keys.shape[2] * c.offset for c in cache
     )
-    share = plan.placement[0] if plan.placement else None
-    memory = DeviceMemory(
-        device=device,
-        planned_weights=share.weights_bytes if share else plan.weights_bytes,
-        planned_kv_cache=share.kv_cache_bytes if share else plan.kv_cache_bytes,
-        planned_total=share.total_bytes if share else plan.total_bytes,
+    memory = DeviceMemory.against(
+        device, plan.placement[0] if plan.placement else plan,
         weights=weights,
         kv_cache=kv_cache,
         resident=resident,

@@ -24,6 +24,18 @@ class DeviceMemory:
     load_peak: int              # allocator peak during materialization alone (0 where unknown)
     reserved_peak: int = 0      # CUDA: peak of what the caching allocator took (fragmentation included)
 
+    @classmethod
+    def against(cls, device: str, planned, **measured) -> "DeviceMemory":
+        """`measured` on `device` next to `planned`: the plan's share for the device (a DeviceShare,
+        or the Plan itself for one device; None: nothing was planned there)."""
+        return cls(
+            device=device,
+            planned_weights=planned.weights_bytes if planned else 0,
+            planned_kv_cache=planned.kv_cache_bytes if planned else 0,
+            planned_total=planned.total_bytes if planned else 0,
+            **measured,
+        )
+
 
 @dataclass(frozen=True)
 class BlockMemory:
