@@ -216,25 +216,29 @@ def test_backend_loads_the_cache_through_runners_reader(tiny_llama_dir, runner_h
 
 def test_reader_gives_the_tensors_safetensors_gives(tmp_path):
     """runner's reader against safetensors' own: several dtypes, a tensor after an odd-sized one,
-    pieces smaller than tensors; every tensor starts on a 256-byte boundary of the buffer, and
-    the progress count ends at the data size."""
+    pieces smaller than tensors, two files read as one queue; every tensor starts on a 256-byte
+    boundary of its file's buffer, and the progress count ends at the data size of both files."""
     from safetensors.torch import load_file, save_file
 
     from runner_cuda.fast.nf4_cache import one_device, read_safetensors
 
-    tensors = {"a_odd": torch.arange(7, dtype=torch.uint8), "b_bf16": torch.randn(33, 5).to(torch.bfloat16),
-               "c_f32": torch.randn(1000), "d_i64": torch.arange(5), "e_bool": torch.tensor([True, False, True])}
-    path = tmp_path / "t.safetensors"
-    save_file(tensors, str(path))
+    first = {"a_odd": torch.arange(7, dtype=torch.uint8), "b_bf16": torch.randn(33, 5).to(torch.bfloat16),
+             "c_f32": torch.randn(1000), "d_i64": torch.arange(5), "e_bool": torch.tensor([True, False, True])}
+    second = {"f_u8": torch.arange(301, dtype=torch.uint8) % 7, "g_f16": torch.randn(17, 3).to(torch.float16)}
+    paths = [tmp_path / "1.safetensors", tmp_path / "2.safetensors"]
+    save_file(first, str(paths[0]))
+    save_file(second, str(paths[1]))
     seen = []
-    got = read_safetensors(path, "cpu", chunk=100, on_bytes=seen.append)
-    expected = load_file(str(path))
+    got = read_safetensors(paths, "cpu", chunk=100, on_bytes=lambda done, total: seen.append((done, total)))
+    expected = load_file(str(paths[0])) | load_file(str(paths[1]))
     assert got.keys() == expected.keys()
-    base = min(t.data_ptr() for t in got.values())
     for name in expected:
         assert got[name].dtype == expected[name].dtype and torch.equal(got[name], expected[name]), name
-        assert (got[name].data_ptr() - base) % 256 == 0, name
-    assert seen == sorted(seen) and seen[-1] == sum(t.numel() * t.element_size() for t in tensors.values())
+        base = got["a_odd"] if name in first else got["f_u8"]          # a tensor of the same buffer
+        assert (got[name].data_ptr() - base.data_ptr()) % 256 == 0, name
+    size = sum(t.numel() * t.element_size() for t in (first | second).values())
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen) and seen[-1] == (size, size)
+    assert read_safetensors(paths[1], "cpu").keys() == second.keys()
     assert one_device({"": 0}) == "cuda:0" and one_device({"model.layers.0": 1, "lm_head": 1}) == "cuda:1"
     assert one_device({"model.layers.0": 0, "lm_head": "cpu"}) is None and one_device("auto") is None
 

@@ -104,24 +104,33 @@ def load(folder: Path, **from_pretrained_kwargs):
 
 
 def load_on_device(folder: Path, device: str, dtype=None, attn_implementation: str | None = None, on_bytes=None):
-    """The cached model, all of it on `device`: read by runner (`read_folder`, `on_bytes(done, total)`
-    as it goes) and built from the tensors (`assemble`)."""
-    return assemble(folder, read_folder(folder, device, on_bytes), device, dtype=dtype,
-                    attn_implementation=attn_implementation)
+    """The cached model, all of it on `device`: the files read by runner (`read_folder`, in threads,
+    `on_bytes(done, total)` as it goes) while the model's skeleton is built (`skeleton`: ~0.3-0.6 s
+    for an 8B model, which would otherwise come after the reading), then the tensors put in place
+    (`fill`)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:    # on leaving, waits for the reading even if skeleton() failed
+        reading = pool.submit(read_folder, folder, device, on_bytes)
+        model = skeleton(folder, dtype=dtype, attn_implementation=attn_implementation)
+        state_dict = reading.result()
+    return fill(model, folder, state_dict, device)
 
 
 def assemble(folder: Path, state_dict: dict, device: str, dtype=None, attn_implementation: str | None = None):
-    """The cached model built from tensors already on `device`, without transformers' loader (its
-    per-tensor bookkeeping took ~1 s for an 8B model, longer than reading the 5.7 GB): the
-    architecture on the meta device, each Linear that the cache holds in 4 bits becomes
-    bitsandbytes' Linear4bit around the saved packed weight and quantization state
-    (`Params4bit.from_prequantized`, as transformers does), every other weight is the saved
-    tensor itself. Tied weights are tied again; the buffers computed at construction (RoPE
-    frequencies) move to `device`."""
+    """The cached model built from tensors already on `device` (`skeleton`, then `fill`)."""
+    return fill(skeleton(folder, dtype=dtype, attn_implementation=attn_implementation), folder, state_dict, device)
+
+
+def skeleton(folder: Path, dtype=None, attn_implementation: str | None = None):
+    """The cached model without its weights, built without transformers' loader (its per-tensor
+    bookkeeping took ~1 s for an 8B model, longer than reading the 5.7 GB): the architecture on the
+    meta device, each Linear that the cache holds in 4 bits (a `...weight.quant_state.bitsandbytes__*`
+    tensor in the files' headers) replaced by bitsandbytes' Linear4bit, still empty."""
     import bitsandbytes as bnb
     import torch
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(folder))
     quant = config.quantization_config if isinstance(config.quantization_config, dict) else config.quantization_config.to_dict()
@@ -129,34 +138,52 @@ def assemble(folder: Path, state_dict: dict, device: str, dtype=None, attn_imple
     dtype = dtype if dtype not in (None, "auto") else compute_dtype
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
-    quantized = {name[: -len(".weight.quant_state.bitsandbytes__nf4")]
-                 for name in state_dict if name.endswith(".weight.quant_state.bitsandbytes__nf4")}
-    quantized |= {name[: -len(".weight.quant_state.bitsandbytes__fp4")]
-                  for name in state_dict if name.endswith(".weight.quant_state.bitsandbytes__fp4")}
+    quantized = quantized_linears(name for shard in sorted(Path(folder).glob("*.safetensors")) for name in _header(shard))
+    for name in quantized:
+        module = model.get_submodule(name)
+        with init_empty_weights():
+            layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                      compute_dtype=compute_dtype, quant_storage=torch.uint8)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer)
+    return model
+
+
+def quantized_linears(tensor_names) -> set[str]:
+    """The Linear modules that a cache holds in 4 bits, from its tensor names."""
+    suffixes = (".weight.quant_state.bitsandbytes__nf4", ".weight.quant_state.bitsandbytes__fp4")
+    return {name[: -len(suffix)] for name in tensor_names for suffix in suffixes if name.endswith(suffix)}
+
+
+def fill(model, folder: Path, state_dict: dict, device: str):
+    """`skeleton(folder)` with the cache's tensors (on `device`) put in place: each Linear4bit gets
+    its packed weight and quantization state (`Params4bit.from_prequantized`, as transformers does),
+    every other weight is the saved tensor itself. Tied weights are tied again; the buffers computed
+    at construction (RoPE frequencies) move to `device`."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers import GenerationConfig
+
+    quantized = quantized_linears(state_dict)
     stats_of: dict[str, dict] = {name: {} for name in quantized}     # "absmax", "quant_map", ... per Linear
     for key, value in state_dict.items():
         owner, marker, stat = key.partition(".weight.")
         if marker and owner in stats_of:
             stats_of[owner][stat] = value
-    for name, module in list(model.named_modules()):
-        if name not in quantized:
-            continue
-        with init_empty_weights():
-            layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                      compute_dtype=compute_dtype, quant_storage=torch.uint8)
+    for name in quantized:
+        layer = model.get_submodule(name)
+        if not isinstance(layer, bnb.nn.Linear4bit):
+            raise ValueError(f"{folder}: {name} is not a 4-bit layer in the model's skeleton")
         layer.weight = bnb.nn.Params4bit.from_prequantized(state_dict[f"{name}.weight"], stats_of[name], requires_grad=False,
                                                            device=device, module=layer)
-        if module.bias is not None:
+        if layer.bias is not None:
             layer.bias = torch.nn.Parameter(state_dict[f"{name}.bias"], requires_grad=False)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer)
     for name, param in list(model.named_parameters()):
         owner_name, _, attribute = name.rpartition(".")
-        owner = model.get_submodule(owner_name)
-        if f"{owner_name}" in quantized:
+        if owner_name in quantized:
             continue
         if name in state_dict:
-            setattr(owner, attribute, torch.nn.Parameter(state_dict[name], requires_grad=False))
+            setattr(model.get_submodule(owner_name), attribute, torch.nn.Parameter(state_dict[name], requires_grad=False))
     model.tie_weights()
     missing = [name for name, param in model.named_parameters() if param.device.type == "meta"]
     if missing:
@@ -184,22 +211,19 @@ def one_device(device_map) -> str | None:
 
 
 def read_folder(folder: Path, device: str, on_bytes=None) -> dict:
-    """Every tensor of the folder's safetensors files, on `device` (`read_safetensors`);
-    `on_bytes(done, total)` after each piece read, in bytes of tensor data."""
-    shards = sorted(Path(folder).glob("*.safetensors"))
-    sizes = [shard.stat().st_size - 8 - _header_size(shard) for shard in shards]
-    state_dict = {}
-    for index, shard in enumerate(shards):
-        def progress(count, base=sum(sizes[:index])):
-            if on_bytes is not None:
-                on_bytes(base + count, sum(sizes))
-        state_dict.update(read_safetensors(shard, device, on_bytes=progress))
-    return state_dict
+    """Every tensor of the folder's safetensors files, on `device` (`read_safetensors`)."""
+    return read_safetensors(sorted(Path(folder).glob("*.safetensors")), device, on_bytes=on_bytes)
 
 
-def _header_size(path: Path) -> int:
+def _header(path: Path) -> dict:
+    """A safetensors file's header: {tensor name: {"dtype", "shape", "data_offsets"}}, plus "__data__":
+    where the tensor data starts in the file."""
     with Path(path).open("rb") as handle:
-        return int.from_bytes(handle.read(8), "little")
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+    header.pop("__metadata__", None)
+    header["__data__"] = 8 + size
+    return header
 
 
 SAFETENSORS_DTYPES = {
@@ -211,51 +235,47 @@ SAFETENSORS_DTYPES = {
 ALIGNMENT = 256     # bytes; each tensor starts on it in the buffer (CUDA kernels load 16-byte vectors)
 
 
-def read_safetensors(path: Path, device: str, threads: int = 8, chunk: int = 16 << 20, on_bytes=None) -> dict:
-    """Every tensor of one safetensors file on `device`, as views into one buffer about the file's
-    size, each tensor starting on a 256-byte boundary (in the file they are packed end to end, and
-    a view at an odd offset breaks kernels that load aligned vectors). On CUDA the tensors are read
-    in pieces of at most `chunk` bytes by `threads` threads into pinned staging buffers, each piece
-    copied to the GPU on the thread's own stream while the next is read: the speed of the page
-    cache or the disk, where safetensors' per-tensor reads go at a fraction of it.
-    `on_bytes(done)` after each piece (from the reading threads)."""
-    import json
+def read_safetensors(paths, device: str, threads: int = 8, chunk: int = 16 << 20, on_bytes=None) -> dict:
+    """Every tensor of the safetensors files `paths` (one path or several) on `device`, as views into
+    one buffer per file about the file's size, each tensor starting on a 256-byte boundary (in the
+    file they are packed end to end, and a view at an odd offset breaks kernels that load aligned
+    vectors). On CUDA the files are cut into pieces of at most `chunk` bytes, read by `threads`
+    threads from one queue (so the disk stays busy across the end of one file and the start of the
+    next) into pinned staging buffers, each piece copied to the GPU on the thread's own stream while
+    the next is read: the speed of the page cache or the disk, where safetensors' per-tensor reads
+    go at a fraction of it. `on_bytes(done, total)` after each piece (from the reading threads)."""
     import os
     import threading
 
     import torch
 
-    path = Path(path)
-    header_size = _header_size(path)
-    with path.open("rb") as handle:
-        handle.seek(8)
-        header = json.loads(handle.read(header_size))
-    header.pop("__metadata__", None)
-    start = 8 + header_size
-    # where each tensor goes: (name, entry, its place in the buffer)
-    layout, size = [], 0
-    for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-        size = -(-size // ALIGNMENT) * ALIGNMENT
-        layout.append((name, entry, size))
-        size += entry["data_offsets"][1] - entry["data_offsets"][0]
+    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(path) for path in paths]
     device = torch.device(device)
-    buffer = torch.empty(size, dtype=torch.uint8, device=device)
-    # pieces: (file offset, length, buffer offset)
-    pieces = []
-    for name, entry, place in layout:
-        begin, end = entry["data_offsets"]
-        for part in range(0, end - begin, chunk):
-            pieces.append((start + begin + part, min(chunk, end - begin - part), place + part))
-    fd = os.open(path, os.O_RDONLY)
+    # where each tensor goes: (file index, name, entry, its place in that file's buffer)
+    layout, buffers, pieces = [], [], []      # pieces: (file index, file offset, length, buffer offset)
+    for index, path in enumerate(paths):
+        header = _header(path)
+        start = header.pop("__data__")
+        size = 0
+        for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            size = -(-size // ALIGNMENT) * ALIGNMENT
+            layout.append((index, name, entry, size))
+            begin, end = entry["data_offsets"]
+            for part in range(0, end - begin, chunk):
+                pieces.append((index, start + begin + part, min(chunk, end - begin - part), size + part))
+            size += end - begin
+        buffers.append(torch.empty(size, dtype=torch.uint8, device=device))
+    total = sum(length for _, _, length, _ in pieces)
+    fds = [os.open(path, os.O_RDONLY) for path in paths]
     try:
         if device.type != "cuda":
-            view = memoryview(buffer.numpy())
+            views = [memoryview(buffer.numpy()) for buffer in buffers]
             done = 0
-            for offset, length, place in pieces:
-                _read_fully(fd, view[place:place + length], offset)
+            for index, offset, length, place in pieces:
+                _read_fully(fds[index], views[index][place:place + length], offset)
                 done += length
                 if on_bytes is not None:
-                    on_bytes(done)
+                    on_bytes(done, total)
         else:
             queue = list(reversed(pieces))
             lock = threading.Lock()
@@ -272,19 +292,19 @@ def read_safetensors(path: Path, device: str, threads: int = 8, chunk: int = 16 
                         with lock:
                             if not queue or errors:
                                 break
-                            offset, length, place = queue.pop()
+                            index, offset, length, place = queue.pop()
                         if copied[turn] is not None:
                             copied[turn].synchronize()          # the last copy out of this buffer
-                        _read_fully(fd, memoryview(staging[turn].numpy())[:length], offset)
+                        _read_fully(fds[index], memoryview(staging[turn].numpy())[:length], offset)
                         with torch.cuda.stream(stream):
-                            buffer[place:place + length].copy_(staging[turn][:length], non_blocking=True)
+                            buffers[index][place:place + length].copy_(staging[turn][:length], non_blocking=True)
                             copied[turn] = torch.cuda.Event()
                             copied[turn].record(stream)
                         turn = 1 - turn
                         with lock:
                             read[0] += length
                             if on_bytes is not None:
-                                on_bytes(read[0])
+                                on_bytes(read[0], total)
                     stream.synchronize()
                 except BaseException as error:  # reported by the caller's thread
                     errors.append(error)
@@ -297,12 +317,13 @@ def read_safetensors(path: Path, device: str, threads: int = 8, chunk: int = 16 
             if errors:
                 raise errors[0]
     finally:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
     tensors = {}
-    for name, entry, place in layout:
+    for index, name, entry, place in layout:
         dtype = getattr(torch, SAFETENSORS_DTYPES[entry["dtype"]])
         length = entry["data_offsets"][1] - entry["data_offsets"][0]
-        tensors[name] = buffer[place:place + length].view(dtype).view(entry["shape"])
+        tensors[name] = buffers[index][place:place + length].view(dtype).view(entry["shape"])
     return tensors
 
 
