@@ -567,8 +567,7 @@ def drop_page_cache() -> bool:
 
 def section_reload_cold(checkpoint: Path, work: Path, rounds: int = 2) -> None:
     """The same as `reload`, each load after emptying the page cache: weights read from disk. Beside
-    the two paths, where the cache path's time goes: the files alone read to the GPU, and the model
-    built after the reading instead of during it."""
+    the two paths, where the cache path's time goes: the files alone read to the GPU."""
     from runner_cuda.fast import nf4_cache
     from runner_cuda.fast.decoder import FastDecoder
 
@@ -582,7 +581,6 @@ def section_reload_cold(checkpoint: Path, work: Path, rounds: int = 2) -> None:
     cases = {
         "quantize_on_load": lambda: load(checkpoint, "nf4")[0],
         "cache": lambda: nf4_cache.load(folder, device_map={"": 0}),
-        "cache_built_after_reading": lambda: nf4_cache.assemble(folder, nf4_cache.read_folder(folder, "cuda:0"), "cuda:0"),
         "cache_files_only": lambda: nf4_cache.read_folder(folder, "cuda:0"),
     }
     times = {name: [] for name in cases}
@@ -605,7 +603,6 @@ def section_reload_cold(checkpoint: Path, work: Path, rounds: int = 2) -> None:
     del model
     best = {name: min(values) for name, values in times.items()}
     record("reload cold", quantize_on_load_first_token_s=times["quantize_on_load"], cache_first_token_s=times["cache"],
-           cache_built_after_reading_first_token_s=times["cache_built_after_reading"],
            cache_files_only_s=times["cache_files_only"], cache_files_gb_s=size / best["cache_files_only"] / 1e9,
            skeleton_warm_s=skeleton_s, speedup_per_round=[q / c for q, c in zip(times["quantize_on_load"], times["cache"])],
            speedup=sum(times["quantize_on_load"]) / sum(times["cache"]), note="page cache dropped before each load")

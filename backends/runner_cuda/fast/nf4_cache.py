@@ -104,21 +104,17 @@ def load(folder: Path, **from_pretrained_kwargs):
 
 
 def load_on_device(folder: Path, device: str, dtype=None, attn_implementation: str | None = None, on_bytes=None):
-    """The cached model, all of it on `device`: the files read by runner (`read_folder`, in threads,
-    `on_bytes(done, total)` as it goes) while the model's skeleton is built (`skeleton`: ~0.3-0.6 s
-    for an 8B model, which would otherwise come after the reading), then the tensors put in place
-    (`fill`)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=1) as pool:    # on leaving, waits for the reading even if skeleton() failed
-        reading = pool.submit(read_folder, folder, device, on_bytes)
-        model = skeleton(folder, dtype=dtype, attn_implementation=attn_implementation)
-        state_dict = reading.result()
-    return fill(model, folder, state_dict, device)
+    """The cached model, all of it on `device`: the files read by runner (`read_folder`,
+    `on_bytes(done, total)` as it goes), the model built around the tensors (`assemble`).
+    (Building the model's skeleton while the files are read saved nothing measurable on an H100,
+    from the page cache or from disk: bench/RESULTS.md, fourth session.)"""
+    return assemble(folder, read_folder(folder, device, on_bytes), device, dtype=dtype,
+                    attn_implementation=attn_implementation)
 
 
 def assemble(folder: Path, state_dict: dict, device: str, dtype=None, attn_implementation: str | None = None):
-    """The cached model built from tensors already on `device` (`skeleton`, then `fill`)."""
+    """The cached model built from tensors already on `device`: its skeleton (`skeleton`), then
+    the tensors put in place (`fill`)."""
     return fill(skeleton(folder, dtype=dtype, attn_implementation=attn_implementation), folder, state_dict, device)
 
 
