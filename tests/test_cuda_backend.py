@@ -70,9 +70,34 @@ def test_load_reports_progress(tiny_llama_dir):
     session = load(tiny_llama_dir, "bf16", on_progress=seen.append)
     session.close()
     stages = [p.stage for p in seen]
-    assert "checking shards" in stages and "loading weights" in stages
+    assert "starting torch and transformers" not in stages          # torch is imported in this process
+    assert stages.index("checking shards") < stages.index("loading the tokenizer") < stages.index("loading weights")
     last = [p for p in seen if p.stage == "loading weights"][-1]
     assert last.unit == "bytes" and last.done == last.total > 0
+
+
+def test_fresh_process_says_it_is_starting_torch(tiny_llama_dir):
+    """In a fresh process the imports take seconds (18 s on the lent H100 machine): the load says so
+    before anything else."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from runner.backend import LoadRequest\n"
+        "from runner.model import load_spec\n"
+        "from runner_cuda.loading import load_session\n"
+        "assert 'torch' not in sys.modules\n"
+        "stages = []\n"
+        "def seen(p):\n"
+        "    if not stages or stages[-1] != p.stage: stages.append(p.stage)\n"
+        "load_session(LoadRequest(load_spec(sys.argv[1]), 'bf16', 64, on_progress=seen)).close()\n"
+        "print('|'.join(stages))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tiny_llama_dir)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    stages = done.stdout.strip().splitlines()[-1].split("|")
+    assert stages[:3] == ["starting torch and transformers", "checking shards", "loading the tokenizer"], stages
 
 
 def test_nf4_quantizes_with_bf16_compute_and_measures_quant_state(tiny_nf4):

@@ -463,6 +463,11 @@ def use_expandable_segments() -> str | None:
 
 
 def load_session(request: LoadRequest):
+    import sys
+
+    report = request.on_progress or (lambda progress: None)
+    if "torch" not in sys.modules:  # seconds in a fresh process (~18 s on the lent H100 machine)
+        report(LoadProgress("starting torch and transformers", 0, 0))
     use_expandable_segments()   # before torch is imported: the allocator reads it once
     import torch
     from transformers import AutoTokenizer
@@ -470,7 +475,6 @@ def load_session(request: LoadRequest):
     from runner_cuda.session import CudaSession
 
     spec = request.model
-    report = request.on_progress or (lambda progress: None)
     if request.context < 1:
         raise UserInputError("the context must be at least 1 token")
     if request.context > spec.max_context:
@@ -497,6 +501,7 @@ def load_session(request: LoadRequest):
             sizes.update(tensor_sizes(shard))
         report(LoadProgress("checking shards", len(shards), len(shards), "shards"))
 
+    report(LoadProgress("loading the tokenizer", 0, 0))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=request.trust_remote_code)
     except (OSError, ValueError) as error:
