@@ -596,15 +596,10 @@ def section_reload_cold(checkpoint: Path, work: Path, rounds: int = 2) -> None:
             sync()
             times[name].append(time.perf_counter() - start)
             del model
-    free()
-    start = time.perf_counter()
-    model = nf4_cache.skeleton(folder)
-    skeleton_s = time.perf_counter() - start
-    del model
     best = {name: min(values) for name, values in times.items()}
     record("reload cold", quantize_on_load_first_token_s=times["quantize_on_load"], cache_first_token_s=times["cache"],
            cache_files_only_s=times["cache_files_only"], cache_files_gb_s=size / best["cache_files_only"] / 1e9,
-           skeleton_warm_s=skeleton_s, speedup_per_round=[q / c for q, c in zip(times["quantize_on_load"], times["cache"])],
+           speedup_per_round=[q / c for q, c in zip(times["quantize_on_load"], times["cache"])],
            speedup=sum(times["quantize_on_load"]) / sum(times["cache"]), note="page cache dropped before each load")
     free()
 

@@ -115,14 +115,16 @@ def load_on_device(folder: Path, device: str, dtype=None, attn_implementation: s
 def assemble(folder: Path, state_dict: dict, device: str, dtype=None, attn_implementation: str | None = None):
     """The cached model built from tensors already on `device`: its skeleton (`skeleton`), then
     the tensors put in place (`fill`)."""
-    return fill(skeleton(folder, dtype=dtype, attn_implementation=attn_implementation), folder, state_dict, device)
+    quantized = quantized_linears(state_dict)
+    model = skeleton(folder, quantized, dtype=dtype, attn_implementation=attn_implementation)
+    return fill(model, folder, state_dict, quantized, device)
 
 
-def skeleton(folder: Path, dtype=None, attn_implementation: str | None = None):
+def skeleton(folder: Path, quantized: set[str], dtype=None, attn_implementation: str | None = None):
     """The cached model without its weights, built without transformers' loader (its per-tensor
     bookkeeping took ~1 s for an 8B model, longer than reading the 5.7 GB): the architecture on the
-    meta device, each Linear that the cache holds in 4 bits (a `...weight.quant_state.bitsandbytes__*`
-    tensor in the files' headers) replaced by bitsandbytes' Linear4bit, still empty."""
+    meta device, each Linear named in `quantized` (the cache holds it in 4 bits) replaced by
+    bitsandbytes' Linear4bit, still empty."""
     import bitsandbytes as bnb
     import torch
     from accelerate import init_empty_weights
@@ -134,7 +136,6 @@ def skeleton(folder: Path, dtype=None, attn_implementation: str | None = None):
     dtype = dtype if dtype not in (None, "auto") else compute_dtype
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
-    quantized = quantized_linears(name for shard in sorted(Path(folder).glob("*.safetensors")) for name in _header(shard))
     for name in quantized:
         module = model.get_submodule(name)
         with init_empty_weights():
@@ -151,16 +152,15 @@ def quantized_linears(tensor_names) -> set[str]:
     return {name[: -len(suffix)] for name in tensor_names for suffix in suffixes if name.endswith(suffix)}
 
 
-def fill(model, folder: Path, state_dict: dict, device: str):
-    """`skeleton(folder)` with the cache's tensors (on `device`) put in place: each Linear4bit gets
-    its packed weight and quantization state (`Params4bit.from_prequantized`, as transformers does),
-    every other weight is the saved tensor itself. Tied weights are tied again; the buffers computed
-    at construction (RoPE frequencies) move to `device`."""
+def fill(model, folder: Path, state_dict: dict, quantized: set[str], device: str):
+    """`skeleton(folder, quantized)` with the cache's tensors (on `device`) put in place: each
+    Linear4bit gets its packed weight and quantization state (`Params4bit.from_prequantized`, as
+    transformers does), every other weight is the saved tensor itself. Tied weights are tied again;
+    the buffers computed at construction (RoPE frequencies) move to `device`."""
     import bitsandbytes as bnb
     import torch
     from transformers import GenerationConfig
 
-    quantized = quantized_linears(state_dict)
     stats_of: dict[str, dict] = {name: {} for name in quantized}     # "absmax", "quant_map", ... per Linear
     for key, value in state_dict.items():
         owner, marker, stat = key.partition(".weight.")
@@ -168,8 +168,6 @@ def fill(model, folder: Path, state_dict: dict, device: str):
             stats_of[owner][stat] = value
     for name in quantized:
         layer = model.get_submodule(name)
-        if not isinstance(layer, bnb.nn.Linear4bit):
-            raise ValueError(f"{folder}: {name} is not a 4-bit layer in the model's skeleton")
         layer.weight = bnb.nn.Params4bit.from_prequantized(state_dict[f"{name}.weight"], stats_of[name], requires_grad=False,
                                                            device=device, module=layer)
         if layer.bias is not None:
