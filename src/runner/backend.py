@@ -86,6 +86,9 @@ class LoadRequest:
     allow_offload: bool = False           # allow CPU/disk offload the plan says is needed
     trust_remote_code: bool = False
     on_progress: Callable[[LoadProgress], None] | None = None
+    kv_bits: int | None = None            # None: the KV cache in the compute dtype; 8 or 4: quantized
+    fast_decode: bool = True              # the backend's own fast decode path where it has one
+    kernel: str | None = None             # a backend's named kernel choice (e.g. cuda's NF4 GEMV); None: its default
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,7 @@ class Session(Protocol):
     quant: str
     model: "ModelSpec"
     device_summary: str   # placement in words, e.g. "cuda:0 (all 32 layers), sdpa attention"
+    warnings: tuple[str, ...]  # what the user must know about this load (wired limit, offload...), in words
 
     def tokenize(self, messages: Sequence[Message]) -> list[int]:
         """Token ids of `messages` rendered with the tokenizer's chat template, ready for a reply."""
