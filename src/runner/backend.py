@@ -65,6 +65,7 @@ class GenerationChunk:
     time_to_first_token: float        # seconds from the call to the first generated token
     peak_memory: int                  # bytes, the backend's own peak measure (0 if unknown)
     finish_reason: str | None = None  # None while streaming; "stop", "length" or "cancelled"
+    reused_tokens: int = 0            # prompt tokens whose KV cache was kept from the previous reply (not prefilled)
 
 
 @dataclass(frozen=True)
@@ -145,15 +146,13 @@ class Backend(Protocol):
 
 
 # ---- registry -----------------------------------------------------------------------------
-# name -> "module:attribute"; the module is imported only when the backend is asked for.
+# The one place that names the backends: name -> "module:class". The module is a backend package's
+# light __init__ (no torch, no mlx); the class says what the backend takes (`quants`,
+# `quality_order`, `rehearse_quants`, `install`, `packages`). Adding a backend is one package and
+# one line here.
 BACKENDS: dict[str, str] = {
     "cuda": "runner_cuda:CudaBackend",
     "mlx": "runner_mlx:MlxBackend",
-}
-
-INSTALL_HINTS: dict[str, str] = {
-    "cuda": "pip install 'runner[cuda]'",
-    "mlx": "pip install 'runner[mlx]'",
 }
 
 
@@ -161,18 +160,32 @@ def backend_names() -> list[str]:
     return list(BACKENDS)
 
 
-def get_backend(name: str, *, check: bool = True) -> Backend:
-    """The backend called `name`; with `check`, raise BackendUnavailable if it cannot run here."""
+def backend_class(name: str):
+    """The backend's class, for what it declares; imports only the backend package's light __init__."""
     if name not in BACKENDS:
         raise UserInputError(f"unknown backend '{name}' (known: {', '.join(BACKENDS)})")
     module_name, attribute = BACKENDS[name].split(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise BackendUnavailable(
-            f"backend '{name}' is not installed ({error}); install it with: {INSTALL_HINTS[name]}"
-        ) from None
-    backend = getattr(module, attribute)()
+        raise BackendUnavailable(f"backend '{name}' is not installed ({error}); "
+                                 f"install it with: pip install 'runner[{name}]'") from None
+    return getattr(module, attribute)
+
+
+def backend_quants(name: str) -> tuple[str, ...]:
+    """The schemes backend `name` loads, in the CLI's words."""
+    return tuple(backend_class(name).quants)
+
+
+def all_quants() -> tuple[str, ...]:
+    """Every scheme some backend loads, each once, in registry order."""
+    return tuple(dict.fromkeys(q for name in BACKENDS for q in backend_quants(name)))
+
+
+def get_backend(name: str, *, check: bool = True) -> Backend:
+    """The backend called `name`; with `check`, raise BackendUnavailable if it cannot run here."""
+    backend = backend_class(name)()
     if check:
         availability = backend.availability()
         if not availability.ok:
