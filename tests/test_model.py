@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from runner.errors import ModelNotFound, UnsupportedModel, UserInputError
-from runner.model import DEFAULT_MODEL_ID, catalog_config, catalog_ids, load_spec
+from runner.model import DEFAULT_MODEL_ID, catalog_config, catalog_ids, load_spec, spec_from_config
 
 
 def test_llama_405b_from_catalog():
@@ -98,3 +99,76 @@ def test_with_layers_bounds():
     assert spec.with_layers(2).num_layers == 2
     with pytest.raises(UserInputError, match="between 1 and 16"):
         spec.with_layers(17)
+
+
+# ---- every number the plan reads is checked before any arithmetic (issue 21) ----------------------
+
+def _default_config(**changes):
+    return dict(catalog_config(DEFAULT_MODEL_ID), **changes)
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"num_hidden_layers": 10**12}, "num_hidden_layers is 1000000000000; runner takes 1 to 1,024"),
+    ({"num_hidden_layers": -3}, "num_hidden_layers is -3"),
+    ({"num_local_experts": 10**12, "model_type": "mixtral"}, "num_local_experts is 1000000000000"),
+    ({"num_local_experts": 0}, "num_local_experts is 0"),
+    ({"hidden_size": -1}, "hidden_size is -1"),
+    ({"vocab_size": 0}, "vocab_size is 0"),
+    ({"num_attention_heads": 0}, "num_attention_heads is 0"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads is 0"),
+    ({"head_dim": -64}, "head_dim is -64"),
+    ({"head_dim": 63}, "rotary positions need an even head_dim"),
+    ({"intermediate_size": 2**40}, "intermediate_size is 1099511627776"),
+    ({"max_position_embeddings": 0}, "max_position_embeddings is 0"),
+    ({"hidden_size": 10**5000}, "hidden_size is a number of 16610 bits"),
+    ({"hidden_size": "576"}, "hidden_size must be a whole number, not '576'"),
+    ({"hidden_size": 576.0}, "hidden_size must be a whole number, not 576.0"),
+    ({"hidden_size": float("nan")}, "hidden_size must be a whole number, not NaN"),
+    ({"num_hidden_layers": True}, "num_hidden_layers must be a whole number, not true"),
+    ({"vocab_size": [49152]}, "vocab_size must be a whole number, not a list"),
+    ({"num_key_value_heads": 4}, "num_attention_heads (9) is not a multiple of num_key_value_heads (4)"),
+    ({"num_key_value_heads": 18}, "num_attention_heads (9) is not a multiple of num_key_value_heads (18)"),
+    ({"head_dim": None, "hidden_size": 580}, "hidden_size (580) does not divide by num_attention_heads (9)"),
+    ({"model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 5}, "to 5 experts"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, not 'false'"),
+    ({"torch_dtype": "int4"}, "torch_dtype is 'int4'; runner knows float32, float16, bfloat16"),
+    ({"model_type": ["llama"]}, "model_type a list is not supported"),
+])
+def test_config_numbers_are_checked_with_the_field_named(changes, message):
+    with pytest.raises(UnsupportedModel, match=re.escape(message)):
+        spec_from_config(_default_config(**changes), "m", "folder")
+
+
+def test_config_that_is_not_an_object_is_refused():
+    for value in ([1, 2], "llama", None, 5):
+        with pytest.raises(UnsupportedModel, match="not an object of settings"):
+            spec_from_config(value, "m", "folder")
+
+
+def test_defaults_and_real_values_still_read():
+    spec = spec_from_config(_default_config(num_key_value_heads=None, head_dim=None, torch_dtype="torch.float32"),
+                            "m", "folder")
+    assert (spec.num_kv_heads, spec.head_dim, spec.dtype) == (9, 64, "float32")
+    mixtral = load_spec("mistralai/Mixtral-8x7B-Instruct-v0.1")
+    assert (mixtral.num_experts, mixtral.experts_per_token) == (8, 2)
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"[1, 2]", "holds a list, not an object of settings"),
+    (b'"llama"', "holds a string, not an object"),
+    (b"null", "holds null, not an object"),
+    (b'{"hidden_size": NaN}', "NaN is not a number JSON allows"),
+    (b'{"hidden_size": -Infinity}', "-Infinity is not a number JSON allows"),
+    (b'{"hidden_size": ' + b"9" * 5000 + b"}", "malformed JSON (Exceeds the limit (4300 digits)"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b'\xff\xfe{"model_type": "llama"}', "not UTF-8 text (byte 0)"),
+])
+def test_config_json_of_the_wrong_shape_is_one_clear_error(tmp_path, content, message):
+    (tmp_path / "config.json").write_bytes(content)
+    with pytest.raises(UserInputError, match=re.escape(message)):
+        load_spec(str(tmp_path))
+
+
+def test_overlong_path_is_a_clear_error():
+    with pytest.raises(UserInputError, match="File name too long"):
+        load_spec("/" + "a" * 5000)

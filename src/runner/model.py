@@ -134,51 +134,157 @@ class ModelSpec:
 
 _REQUIRED = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
 
+# The range each number of config.json must lie in: far beyond any real model (Llama 3.1 405B has
+# 126 layers, hidden size 16,384, 53,248 MLP width; vocabularies reach ~256k), and small enough
+# that the plan's arithmetic (which walks layers and experts one by one) takes seconds at most.
+LIMITS = {
+    "num_hidden_layers": (1, 1024),
+    "hidden_size": (1, 1 << 17),
+    "num_attention_heads": (1, 1024),
+    "num_key_value_heads": (1, 1024),
+    "head_dim": (2, 4096),
+    "intermediate_size": (1, 1 << 20),
+    "vocab_size": (1, 1 << 24),
+    "num_local_experts": (1, 1024),
+    "num_experts_per_tok": (1, 1024),
+    "max_position_embeddings": (1, 10_000_000),   # budget.MAX_CONTEXT_LIMIT: above it a context is a typo
+}
+
+# config.json's dtype names (transformers writes "torch_dtype", or "dtype" since version 5)
+DTYPES = ("float32", "float16", "bfloat16")
+
+CONFIG_MAX_BYTES = 16 * 1024 * 1024   # a real config.json is a few kB; this is not one
+
+
+def _shown(value) -> str:
+    """A config value as an error message shows it: short, whatever it is."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"a number of {value.bit_length()} bits"
+    if isinstance(value, str):
+        return f"'{value}'" if len(value) <= 40 else f"'{value[:39]}…'"
+    if value is None or isinstance(value, (int, float)):
+        return json.dumps(value)
+    return json_kind(value)
+
+
+def json_kind(value) -> str:
+    """What a JSON value is, in JSON's words: "a list", "a string", "null", ..."""
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "true/false", int: "a number",
+             float: "a number", type(None): "null"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _whole(config: dict, key: str, name: str, default: int | None = None) -> int:
+    """config[key] as an int within LIMITS[key]; `default` when it is absent or null."""
+    value = config.get(key)
+    if value is None and default is not None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UnsupportedModel(f"{name}: config.json's {key} must be a whole number, not {_shown(value)}")
+    low, high = LIMITS[key]
+    if not low <= value <= high:
+        raise UnsupportedModel(f"{name}: config.json's {key} is {_shown(value)}; runner takes {low} to {high:,}")
+    return value
+
+
+def _flag(config: dict, key: str, name: str, default: bool) -> bool:
+    value = config.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise UnsupportedModel(f"{name}: config.json's {key} must be true or false, not {_shown(value)}")
+    return value
+
+
+def _dtype(config: dict, name: str) -> str:
+    key = "torch_dtype" if config.get("torch_dtype") is not None else "dtype"
+    value = config.get(key)
+    if value is None:
+        return "bfloat16"
+    if not isinstance(value, str) or value.lower().removeprefix("torch.") not in DTYPES:
+        raise UnsupportedModel(f"{name}: config.json's {key} is {_shown(value)}; runner knows {', '.join(DTYPES)}")
+    return value.lower().removeprefix("torch.")
+
 
 def spec_from_config(config: dict, name: str, source: str, path: Path | None = None) -> ModelSpec:
-    """Build a ModelSpec from the dict of a config.json; clear errors for what is missing."""
+    """Build a ModelSpec from the dict of a config.json, every number checked (type, range,
+    divisibility) before any arithmetic; errors name the field."""
+    if not isinstance(config, dict):
+        raise UnsupportedModel(f"{name}: config.json holds {json_kind(config)}, not an object of settings")
     missing = [key for key in _REQUIRED if config.get(key) is None]
     if missing:
         raise UnsupportedModel(f"{name}: config.json lacks {', '.join(missing)}")
     model_type = config["model_type"]
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModel(
-            f"{name}: model_type '{model_type}' is not supported (runner knows {', '.join(SUPPORTED_MODEL_TYPES)})"
+            f"{name}: model_type {_shown(model_type)} is not supported (runner knows {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
-    heads = int(config["num_attention_heads"])
-    hidden = int(config["hidden_size"])
-    head_dim = config.get("head_dim") or hidden // heads
-    max_context = config.get("max_position_embeddings")
-    if max_context is None:
+    if config.get("max_position_embeddings") is None:
         raise UnsupportedModel(f"{name}: config.json lacks max_position_embeddings")
+    hidden = _whole(config, "hidden_size", name)
+    heads = _whole(config, "num_attention_heads", name)
+    kv_heads = _whole(config, "num_key_value_heads", name, default=heads)
+    if kv_heads > heads or heads % kv_heads:
+        raise UnsupportedModel(f"{name}: config.json's num_attention_heads ({heads}) is not a multiple of "
+                               f"num_key_value_heads ({kv_heads})")
+    if config.get("head_dim") is None and hidden % heads:
+        raise UnsupportedModel(f"{name}: config.json's hidden_size ({hidden}) does not divide by "
+                               f"num_attention_heads ({heads}), and there is no head_dim")
+    head_dim = _whole(config, "head_dim", name, default=hidden // heads)
+    if head_dim % 2:
+        raise UnsupportedModel(f"{name}: config.json's head_dim is {head_dim}; rotary positions need an even head_dim")
+    experts = _whole(config, "num_local_experts", name, default=1)
+    experts_per_token = _whole(config, "num_experts_per_tok", name, default=1)
+    if experts > 1 and experts_per_token > experts:
+        raise UnsupportedModel(f"{name}: config.json routes each token to {experts_per_token} experts "
+                               f"(num_experts_per_tok) of only {experts} (num_local_experts)")
     return ModelSpec(
         name=name,
         model_type=model_type,
-        num_layers=int(config["num_hidden_layers"]),
+        num_layers=_whole(config, "num_hidden_layers", name),
         hidden_size=hidden,
         num_heads=heads,
-        num_kv_heads=int(config.get("num_key_value_heads") or heads),
-        head_dim=int(head_dim),
-        intermediate_size=int(config["intermediate_size"]),
-        vocab_size=int(config["vocab_size"]),
-        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        num_experts=int(config.get("num_local_experts") or 1),
-        experts_per_token=int(config.get("num_experts_per_tok") or 1),
-        max_context=int(max_context),
-        dtype=str(config.get("torch_dtype") or config.get("dtype") or "bfloat16"),
-        attention_bias=bool(config.get("attention_bias", model_type == "qwen2")),
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=_whole(config, "intermediate_size", name),
+        vocab_size=_whole(config, "vocab_size", name),
+        tie_embeddings=_flag(config, "tie_word_embeddings", name, False),
+        num_experts=experts,
+        experts_per_token=experts_per_token if experts > 1 else 1,
+        max_context=_whole(config, "max_position_embeddings", name),
+        dtype=_dtype(config, name),
+        attention_bias=_flag(config, "attention_bias", name, model_type == "qwen2"),
         source=source,
         path=path,
     )
 
 
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
 def read_config(path: Path, name: str) -> dict:
+    """The object in a config.json; one clear error for anything else (not UTF-8, not JSON, NaN,
+    numbers too long to read, nesting too deep, a list or a string instead of an object)."""
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise UserInputError(f"{path}: malformed JSON ({error.msg} at line {error.lineno})") from None
+        with path.open("rb") as file:
+            data = file.read(CONFIG_MAX_BYTES + 1)
     except OSError as error:
         raise UserInputError(f"{path}: cannot read ({error.strerror})") from None
+    if len(data) > CONFIG_MAX_BYTES:
+        raise UserInputError(f"{path}: more than {CONFIG_MAX_BYTES // 1024**2} MB; not a config.json")
+    try:
+        config = json.loads(data.decode("utf-8"), parse_constant=_no_constants)
+    except UnicodeDecodeError as error:
+        raise UserInputError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise UserInputError(f"{path}: malformed JSON ({error.msg} at line {error.lineno})") from None
+    except (ValueError, RecursionError) as error:   # NaN/Infinity, 5000-digit numbers, deep nesting
+        reason = "nested too deeply" if isinstance(error, RecursionError) else str(error).split(";")[0]
+        raise UserInputError(f"{path}: malformed JSON ({reason})") from None
+    if not isinstance(config, dict):
+        raise UserInputError(f"{path}: holds {json_kind(config)}, not an object of settings")
+    return config
 
 
 # ---- where config.json can be -------------------------------------------------------------
@@ -202,7 +308,7 @@ def hf_cache_snapshot(model_id: str) -> Path | None:
         return None
     ref = repo / "refs" / "main"
     if ref.is_file():
-        candidate = snapshots / ref.read_text().strip()
+        candidate = snapshots / ref.read_bytes()[:200].decode("ascii", "replace").strip()
         if (candidate / "config.json").is_file():
             return candidate
     with_config = [s for s in snapshots.iterdir() if (s / "config.json").is_file()]
@@ -231,6 +337,14 @@ def load_spec(model: str | None) -> ModelSpec:
     """
     if model is None:
         model = DEFAULT_MODEL_ID
+    try:
+        return _find_spec(model)
+    except OSError as error:   # a name too long for the filesystem, a folder we may not read, ...
+        shown = model if len(model) <= 80 else model[:79] + "…"
+        raise UserInputError(f"{shown}: {error.strerror or error}") from None
+
+
+def _find_spec(model: str) -> ModelSpec:
     folder = Path(model).expanduser()
     if folder.exists():
         config = folder / "config.json" if folder.is_dir() else folder
