@@ -88,15 +88,14 @@ def test_cuda_gemv_matches_reference(shape, nested):
 
 
 @pytest.mark.parametrize("kernel", ["bitsandbytes", "cuda", "cuda-bnb-rounding"])
-def test_graph_decoder_greedy_equals_hf_generate(tmp_path, monkeypatch, kernel):
+def test_graph_decoder_greedy_equals_hf_generate(tmp_path, kernel):
     """A small random Llama in NF4: HF generate (bitsandbytes' path) and the fast decoder (CUDA
     graphs, fused ops, bitsandbytes' batch-1 kernel or runner's) pick the same greedy tokens until
     a near-tie, with the same logits within bf16 rounding."""
-    monkeypatch.setenv("RUNNER_NF4_KERNEL", kernel)
     from runner_cuda.fast import decoder_for
 
     model = small_nf4_llama(tmp_path)
-    decoder = decoder_for(model, max_len=600)
+    decoder = decoder_for(model, max_len=600, kernel=kernel)
     assert decoder is not None and decoder.use_graphs
     prompt = torch.randint(0, 4096, (1, 40), generator=torch.Generator().manual_seed(1)).tolist()[0]
     new = 300                                                # crosses the 256 → 512 graph bucket
@@ -296,20 +295,19 @@ def hf_reference(default_model_nf4):
 
 
 @pytest.mark.parametrize("kernel", ["bitsandbytes", "cuda-bnb-rounding", "cuda"])
-def test_default_model_follows_hf_generate(default_model_nf4, hf_reference, monkeypatch, kernel):
+def test_default_model_follows_hf_generate(default_model_nf4, hf_reference, kernel):
     """A trained model, NF4 weights: the fast decoder (each NF4 kernel) against HF generate on the
     same weights (the article's recipe). Fed HF's tokens, its step logits are HF's within bf16
     rounding and it picks HF's token wherever HF's top two are more than a rounding apart; left
     to itself it keeps to HF's greedy tokens until HF's pick is such a tie. (HF's own variants on
     the same weights, a static cache or eager attention, part from its tokens at such ties too.)"""
-    monkeypatch.setenv("RUNNER_NF4_KERNEL", kernel)
     from runner_cuda.fast import decoder_for
 
     model, prompt = default_model_nf4
     tokens, hf_logits, hf_agreement = hf_reference
     eos = model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
-    decoder = decoder_for(model, max_len=len(prompt) + NEW_TOKENS + 8)
+    decoder = decoder_for(model, max_len=len(prompt) + NEW_TOKENS + 8, kernel=kernel)
     assert decoder is not None and decoder.use_graphs
 
     def pick(logits):

@@ -31,6 +31,12 @@ BITSANDBYTES_QUANTS = ("nf4", "nf4-nodq", "fp4", "int8")
 
 class CudaBackend:
     name = "cuda"
+    quants = CUDA_QUANTS
+    # asked for this backend without a quant: the first of these that fits (best quality first)
+    quality_order = ("bf16", "int8", "nf4")
+    rehearse_quants = ("nf4", "bf16", "int8")
+    install = INSTALL
+    packages = ("torch", "transformers", "bitsandbytes", "accelerate")   # what computes its numbers
 
     def availability(self) -> Availability:
         """Cheap: looks for the packages without importing torch. No GPU is not a reason to refuse:

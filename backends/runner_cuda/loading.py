@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from runner.backend import LoadProgress, LoadRequest
+from runner.choice import options_that_fit, plan_line, refuse_by_plan
 from runner.errors import BackendUnavailable, DoesNotFit, LoadError, UserInputError
 from runner_cuda import BITSANDBYTES_INSTALL, BITSANDBYTES_QUANTS, CUDA_QUANTS, FP8_INSTALL
 
@@ -35,58 +36,6 @@ if TYPE_CHECKING:
     import torch
 
     from runner.budget import Plan
-
-
-def gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB"
-
-
-# ---- the plan, in one line ------------------------------------------------------------------
-
-
-def plan_line(plan: "Plan") -> str:
-    shares = ", ".join(f"{share.device} {gb(share.total_bytes)}" for share in plan.placement if share.total_bytes)
-    return (
-        f"plan for {plan.quant} at {plan.context} tokens: weights {gb(plan.weights_bytes)} + KV cache "
-        f"{gb(plan.kv_cache_bytes)} + overhead {gb(plan.overhead_bytes)} = {gb(plan.total_bytes)} ({shares}; {plan.verdict})"
-    )
-
-
-def options_that_fit(plan: "Plan") -> list[str]:
-    """Smaller quants, then shorter contexts, that the plan's arithmetic says fit this machine."""
-    try:
-        from runner.budget import FITS, make_plan
-
-        options = []
-        for quant in ("nf4", "int8", "bf16"):
-            if quant != plan.quant and make_plan(plan.model, plan.machine, quant, plan.context, backend="cuda").verdict == FITS:
-                options.append(f"--quant {quant}")
-        for context in (plan.context // 2, plan.context // 4, 2048):
-            if 512 <= context < plan.context and make_plan(plan.model, plan.machine, plan.quant, context, backend="cuda").verdict == FITS:
-                options.append(f"--context {context}")
-                break
-        return options
-    except Exception:  # the plan's arithmetic is advice here; never hide the real error behind it
-        return []
-
-
-def refuse_by_plan(request: LoadRequest) -> None:
-    """Refuse before touching any weight when the plan says it does not fit, or needs offload
-    the user did not allow."""
-    from runner.budget import DOES_NOT_FIT, OFFLOAD
-
-    plan = request.plan
-    if plan is None or plan.verdict not in (DOES_NOT_FIT, OFFLOAD):
-        return
-    options = options_that_fit(plan)
-    fits = f"; options that fit: {', '.join(options)}" if options else "; more GPU memory (or more GPUs) is needed"
-    if plan.verdict == DOES_NOT_FIT:
-        raise DoesNotFit(f"{plan.model.name} does not fit: {plan_line(plan)}{fits}")
-    if not request.allow_offload:
-        raise DoesNotFit(
-            f"{plan.model.name} fits only with CPU/disk offload, which makes each token very slow "
-            f"({plan.roofline_tokens_per_s:.2g} tokens/s at best): {plan_line(plan)}{fits}; or pass --allow-offload"
-        )
 
 
 # ---- checkpoint files -----------------------------------------------------------------------
@@ -483,7 +432,8 @@ def load_session(request: LoadRequest):
     if not gpus:
         torch.set_num_threads(cpu_threads())
     scheme = scheme_for(request.quant, gpus, request.allow_offload)
-    refuse_by_plan(request)
+    if request.plan is not None:
+        refuse_by_plan(request.plan, request.allow_offload)
 
     # Where from: a folder (typed, or the HF cache snapshot), else the id (from_pretrained then
     # looks in the HF cache and downloads unless offline mode is on).
@@ -530,7 +480,7 @@ def load_session(request: LoadRequest):
         offload_folder = str(models_dir() / "offload")
     load = dict(dtype=scheme.dtype, device_map=device_map, max_memory=max_memory, attention=attention,
                 offload_folder=offload_folder, request=request)
-    cached = fast.cached_nf4_source(spec.path, request.quant) if gpus else None
+    cached = fast.cached_nf4_source(spec.path, request.quant) if gpus and request.fast_decode else None
     model, failure = None, None
     if cached is not None:
         try:
@@ -557,7 +507,7 @@ def load_session(request: LoadRequest):
         model = None        # let go of the weights before freeing
         free_memory()
         raise
-    if gpus and cached is None and fast.enabled() and request.quant in BITSANDBYTES_QUANTS:
+    if gpus and cached is None and request.fast_decode and request.quant in BITSANDBYTES_QUANTS:
         report(LoadProgress("saving the quantized weights for faster loads next time", 0, 0))
         fast.save_nf4_cache(model, spec.path, request.quant)  # before any forward; never fails the load
     session = CudaSession(
@@ -574,11 +524,11 @@ def load_session(request: LoadRequest):
     )
     if cached is not None:
         session.device_summary += "; NF4 from the reload cache"
-    if gpus:  # static KV cache + CUDA graphs (+ fused NF4 GEMV) where runner_cuda.fast applies
-        if fast.enabled():  # seconds: kernels compiled (once per process), graphs captured
-            report(LoadProgress("preparing fast decoding (compiling kernels, capturing CUDA graphs)", 0, 0))
+    if gpus and request.fast_decode:  # static KV cache + CUDA graphs (+ fused NF4 GEMV) where it applies
+        # seconds: kernels compiled (once per process), graphs captured
+        report(LoadProgress("preparing fast decoding (compiling kernels, capturing CUDA graphs)", 0, 0))
         try:
-            fast.attach(session)
+            fast.attach(session, request.kernel)
         except Exception as error:  # the ordinary loop still works: say so instead of failing
             session.device_summary += f"; fast decode off ({type(error).__name__}: {str(error)[:80]})"
     return session

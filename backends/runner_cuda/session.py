@@ -130,6 +130,7 @@ class CudaSession:
             threads = torch.get_num_threads()
             where += f"; no CUDA GPU: running on the CPU ({threads} thread{'s' if threads != 1 else ''})"
         self.device_summary = f"{where}; {scheme_description}; {attention} attention"
+        self.warnings: tuple[str, ...] = ()   # set by the loader (offload the user allowed, ...)
         self._weights_measured = self._measure()
         self._cache_argument = cache_argument(model)
         self.prefill_chunk = PREFILL_CHUNK   # tokens per forward while reading the prompt (the Plan's)

@@ -29,6 +29,12 @@ GROUP_SIZE = 64
 
 class MlxBackend:
     name = "mlx"
+    quants = MLX_QUANTS
+    # asked for this backend without a quant: the first of these that fits (best quality first)
+    quality_order = ("bf16", "q8", "q4")
+    rehearse_quants = ("q4", "q8", "bf16")
+    install = INSTALL
+    packages = ("mlx", "mlx-lm")   # what computes its numbers
 
     def availability(self) -> Availability:
         missing = [name for name in ("mlx", "mlx_lm") if importlib.util.find_spec(name) is None]

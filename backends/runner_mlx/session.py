@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
-import sys
 import threading
 import time
 from pathlib import Path
@@ -30,7 +29,8 @@ class MlxSession:
     backend = "mlx"
 
     def __init__(self, model, tokenizer, spec: ModelSpec, quant: str, folder: Path,
-                 device_summary: str, planned_bytes: int = 0, warnings: tuple[str, ...] = ()):
+                 device_summary: str, planned_bytes: int = 0, warnings: tuple[str, ...] = (),
+                 device: str = "mlx"):
         self._model = model
         self._tokenizer = tokenizer
         self.model = spec
@@ -39,6 +39,7 @@ class MlxSession:
         self.device_summary = device_summary
         self.planned_bytes = planned_bytes     # the plan's weights, next to the measured bytes
         self.warnings = warnings
+        self.device = device                   # the plan's name for where it runs ("cpu", "metal", ...)
 
     # ---- the protocol ----------------------------------------------------------------------
     def tokenize(self, messages: Sequence[Message]) -> list[int]:
@@ -110,8 +111,8 @@ class MlxSession:
 
     def memory(self) -> MemoryReport:
         active, peak = measured()
-        planned = {"mlx": self.planned_bytes} if self.planned_bytes else {}
-        return MemoryReport(measured={"mlx": active}, planned=planned, peak={"mlx": peak})
+        planned = {self.device: self.planned_bytes} if self.planned_bytes else {}
+        return MemoryReport(measured={self.device: active}, planned=planned, peak={self.device: peak})
 
     def close(self) -> None:
         import mlx.core as mx
@@ -146,14 +147,11 @@ def needed_bytes(request: LoadRequest, folder: Path) -> int:
 
 
 def check_wired_limit(model_bytes: int) -> str | None:
-    """Warn (on stderr, and returned) when the model will not fit the GPU's wired memory."""
+    """A warning, for the front end to show, when the model will not fit the GPU's wired memory."""
     limits = metal_limits()
     if limits is None:
         return None
-    warning = wired_limit_warning(model_bytes, *limits)
-    if warning:
-        print(f"runner: warning: {warning}", file=sys.stderr)
-    return warning
+    return wired_limit_warning(model_bytes, *limits)
 
 
 def load_model_folder(folder: Path, on_progress=None, *, lazy_layers=None):
@@ -191,4 +189,10 @@ def load_session(request: LoadRequest) -> MlxSession:
     summary = f"mlx on {where_it_runs()}, {describe_quant(request.quant)}, all {spec.num_layers} layers"
     planned_weights = sum(s.weights_bytes for s in request.plan.placement) if request.plan is not None else 0
     return MlxSession(model, tokenizer, spec, request.quant, folder, summary,
-                      planned_bytes=planned_weights, warnings=warnings)
+                      planned_bytes=planned_weights, warnings=warnings, device=plan_device(request))
+
+
+def plan_device(request: LoadRequest) -> str:
+    """The plan's name for the one device this process runs on, so that memory reports line up."""
+    shares = request.plan.placement if request.plan is not None else ()
+    return shares[0].device if len(shares) == 1 else "mlx"

@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, field
 
 from runner.errors import UserInputError
-from runner.hardware import GB, Device, Host, Machine
+from runner.hardware import GB, Host, Machine
 from runner.model import Linear, ModelSpec
 
 # quant name -> what it is; the CLI accepts these names
@@ -41,8 +41,6 @@ QUANT_DESCRIPTIONS = {
     "q4": "MLX affine 4-bit, group 64: scales + biases per group (embeddings and head too)",
 }
 
-CUDA_QUANTS = ("bf16", "fp16", "fp32", "fp8", "int8", "nf4", "nf4-nodq", "fp4")
-MLX_QUANTS = ("bf16", "fp16", "q8", "q4")
 BNB_4BIT = ("nf4", "nf4-nodq", "fp4")
 
 FITS = "fits"
@@ -328,6 +326,11 @@ class Plan:
         return mapping
 
 
+def preferred_backend(machine: Machine) -> str:
+    """The backend whose schemes `candidate_schemes` offers on this machine."""
+    return "mlx" if machine.is_apple else "cuda"
+
+
 def default_backend_for(quant: str, machine: Machine | None = None) -> str:
     if quant in ("q4", "q8"):
         return "mlx"
@@ -337,14 +340,16 @@ def default_backend_for(quant: str, machine: Machine | None = None) -> str:
 
 
 def check_request(model: ModelSpec, quant: str, context: int, batch: int, backend: str) -> None:
-    if quant not in QUANTS:
-        raise UserInputError(f"unknown quantization '{quant}' (known: {', '.join(QUANTS)})")
-    if backend not in ("cuda", "mlx"):
-        raise UserInputError(f"unknown backend '{backend}' (known: cuda, mlx)")
-    if backend == "mlx" and quant not in MLX_QUANTS:
-        raise UserInputError(f"--quant {quant} is a CUDA-stack scheme; the mlx backend takes {', '.join(MLX_QUANTS)}")
-    if backend == "cuda" and quant not in CUDA_QUANTS:
-        raise UserInputError(f"--quant {quant} is an MLX scheme; the cuda backend takes {', '.join(CUDA_QUANTS)}")
+    from runner.backend import all_quants, backend_names, backend_quants
+
+    if backend not in backend_names():
+        raise UserInputError(f"unknown backend '{backend}' (known: {', '.join(backend_names())})")
+    if quant not in all_quants():
+        raise UserInputError(f"unknown quantization '{quant}' (known: {', '.join(all_quants())})")
+    takes = backend_quants(backend)
+    if quant not in takes:
+        others = [name for name in backend_names() if quant in backend_quants(name)]
+        raise UserInputError(f"--quant {quant} is a {'/'.join(others)} scheme; the {backend} backend takes {', '.join(takes)}")
     if context < 1:
         raise UserInputError(f"--context must be a positive number of tokens, not {context}")
     if context > MAX_CONTEXT_LIMIT or context > model.max_context:
@@ -436,7 +441,7 @@ def make_plan(
     check_request(model, quant, context, batch, backend)
     if backend == "cuda" and machine.is_apple:
         raise UserInputError(f"--quant {quant}: the cuda backend (bitsandbytes, accelerate) is for NVIDIA GPUs; "
-                             f"on Apple silicon runner uses mlx with {', '.join(MLX_QUANTS)}")
+                             "on Apple silicon runner uses mlx")
     breakdown = weights_breakdown(model, "bf16" if fp8_dequantized(quant, backend, machine) else quant, backend)
     kv_total = kv_cache_bytes(model, context, batch, quant, backend)
     kv_per_layer = kv_total // model.num_layers
@@ -802,8 +807,13 @@ def article_setups(model: ModelSpec, context: int | None = None) -> list[tuple[s
     return [(label, recommend(model, parse_machine(spec), context)) for label, spec in ARTICLE_SETUPS.items()]
 
 
-def schemes_for(machine: Machine) -> list[tuple[str, str]]:
-    """(backend, quant) rows worth showing for this machine."""
+def schemes_for(machine: Machine, backend: str | None = None) -> list[tuple[str, str]]:
+    """(backend, quant) rows worth showing for this machine; with `backend`, all of its schemes
+    the plan counts."""
+    if backend is not None:
+        from runner.backend import backend_quants
+
+        return [(backend, quant) for quant in QUANTS if quant in backend_quants(backend)]
     if machine.is_apple:
         return [("mlx", "bf16"), ("mlx", "q8"), ("mlx", "q4")]
     rows = [("cuda", "bf16"), ("cuda", "fp8"), ("cuda", "int8"), ("cuda", "nf4"), ("cuda", "nf4-nodq"), ("cuda", "fp4")]

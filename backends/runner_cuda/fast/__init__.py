@@ -9,18 +9,13 @@ The backend calls three functions:
     fast.save_nf4_cache(model, spec.path, quant)        # after quantizing on load (CUDA only)
     fast.attach(session)                                # swap in the graphed decode step
 
-RUNNER_FAST=0 turns all three off (to measure or debug the ordinary path).
+`--no-fast-decode` (LoadRequest.fast_decode=False) turns all three off (to measure or debug the ordinary path).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
-
-
-def enabled() -> bool:
-    return os.environ.get("RUNNER_FAST", "1") != "0"
 
 
 def _cuda() -> bool:
@@ -29,16 +24,16 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def decoder_for(model, max_len: int):
+def decoder_for(model, max_len: int, kernel: str | None = None):
     """A FastDecoder for `model` (static cache, CUDA graphs, fused ops), or None where the
     fast path does not apply: no CUDA, a model spread over devices, an architecture it does not
-    know, or RUNNER_FAST=0."""
-    if not enabled() or not _cuda():
+    know. `kernel` names the NF4 GEMV (decoder.NF4_KERNELS; None: runner's own)."""
+    if not _cuda():
         return None
     from runner_cuda.fast.decoder import FastDecoder, Unsupported
 
     try:
-        decoder = FastDecoder(model, max_len)
+        decoder = FastDecoder(model, max_len, nf4_kernel=kernel)
     except Unsupported:
         return None
     if decoder.device.type != "cuda":
@@ -47,9 +42,10 @@ def decoder_for(model, max_len: int):
 
 
 class FastSteps:
-    """The session's two replaceable steps over a FastDecoder: `new_cache()` starts a reply
-    (the static cache is reused from position 0), `forward_step(ids, cache)` prefills the prompt
-    on the first call and runs one graphed step per token after it."""
+    """The session's three replaceable steps over a FastDecoder: `new_cache()` starts a reply
+    (the static cache is reused from position 0), `forward_step(ids, cache)` prefills a prompt (or
+    the part of it after a kept prefix) and runs one graphed step per token after it,
+    `trim_cache(cache, length)` keeps a prefix for the next request."""
 
     def __init__(self, decoder):
         self.decoder = decoder
@@ -60,23 +56,22 @@ class FastSteps:
 
     def forward_step(self, input_ids, cache):
         ids = input_ids.reshape(-1)
-        if cache.length == 0:
+        if cache.length == 0 or ids.numel() > 1:
             return cache.prefill(ids.tolist())
-        logits = None
-        for token in ids:
-            logits = cache.step(token)
-        return logits
+        return cache.step(ids[0])
+
+    def trim_cache(self, cache, length: int) -> bool:
+        pass
+        return True
 
 
-def attach(session) -> bool:
+def attach(session, kernel: str | None = None) -> bool:
     """Give a CudaSession the fast decode step where it applies; True if it did."""
-    decoder = decoder_for(session.hf_model, session.context)
+    decoder = decoder_for(session.hf_model, session.context, kernel)
     if decoder is None:
         return False
     decoder.warm_up()
-    steps = FastSteps(decoder)
-    session.new_cache = steps.new_cache
-    session.forward_step = steps.forward_step
+    session.use_steps(FastSteps(decoder))
     kernel = f", {decoder.nf4_kernel} NF4 GEMV" if decoder.nf4 else ""
     session.device_summary += f"; fast decode (static KV cache, CUDA graphs{kernel})"
     return True
@@ -84,7 +79,7 @@ def attach(session) -> bool:
 
 def cached_nf4_source(path, quant: str) -> Path | None:
     """The NF4 cache folder to load instead of `path` (quantized earlier), or None."""
-    if path is None or not enabled() or not _cuda():
+    if path is None or not _cuda():
         return None
     from runner_cuda.fast import nf4_cache
 
@@ -94,7 +89,7 @@ def cached_nf4_source(path, quant: str) -> Path | None:
 def save_nf4_cache(model, path, quant: str) -> Path | None:
     """After quantizing `path` on load: keep the quantized weights for next time (CUDA only,
     where disk space allows; a failure to save never fails the load)."""
-    if path is None or not enabled() or not _cuda():
+    if path is None or not _cuda():
         return None
     from runner_cuda.fast import nf4_cache
 

@@ -12,7 +12,7 @@ fused by torch.compile, and for BF16 models q/k/v and gate/up become one GEMV ea
 weights turned into views of one tensor: no extra memory). With bitsandbytes NF4 weights, the
 projections of a decode step run runner's own batch-1 kernel (`nf4_cuda.py`, reading bitsandbytes'
 packed weights and double-quant state as they are; q/k/v and gate/up one launch each), or
-bitsandbytes' own with `nf4_kernel="bitsandbytes"` / RUNNER_NF4_KERNEL=bitsandbytes. Prefill keeps
+bitsandbytes' own with `nf4_kernel="bitsandbytes"` (`--kernel bitsandbytes`). Prefill keeps
 bitsandbytes' (or torch's) own path, eagerly, `prefill_chunk` tokens at a time (budget.PREFILL_CHUNK,
 what the Plan counts activations for), the lm_head for the last position only.
 
@@ -25,7 +25,6 @@ On CPU (tests) the same forward runs eagerly, without graphs.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Sequence
 
 from runner.budget import PREFILL_CHUNK
@@ -41,7 +40,7 @@ FIRST_BUCKET = 256
 # projection types whose forward runs inside a CUDA graph (no host synchronisation): plain
 # Linear and bitsandbytes' 4-bit Linear; LLM.int8 and FP8 layers keep the ordinary loop
 GRAPH_SAFE_LINEARS = ("Linear", "Linear4bit", "LinearNF4", "LinearFP4")
-# RUNNER_NF4_KERNEL: the NF4 decode GEMV. "cuda" (default): nf4_cuda.py, CUDA C++ compiled by NVRTC,
+# The NF4 decode GEMV (LoadRequest.kernel, `--kernel`). "cuda" (default): nf4_cuda.py, CUDA C++ compiled by NVRTC,
 # q/k/v and gate/up one launch each (1.4x bitsandbytes' decode, bench/RESULTS.md), where it applies;
 # "cuda-bnb-rounding": the same kernel rounding as bitsandbytes' does (bf16 weights and products);
 # "bitsandbytes": the modules' own batch-1 kernel
@@ -91,7 +90,7 @@ class FastDecoder:
         self.use_graphs = on_cuda if use_graphs is None else use_graphs
         # NF4 decode GEMV: bitsandbytes' own batch-1 kernel (it reads the packed weights and the
         # double-quant state itself), or the Triton kernel of nf4.py in one of its modes
-        self.nf4_kernel = nf4_kernel or os.environ.get("RUNNER_NF4_KERNEL", "cuda")
+        self.nf4_kernel = nf4_kernel or "cuda"
         if self.nf4_kernel not in NF4_KERNELS:
             raise ValueError(f"nf4 kernel {self.nf4_kernel!r}: one of {', '.join(NF4_KERNELS)}")
         # per layer, runner's GEMV for q/k/v, o, gate/up and down (one launch per group), where

@@ -5,21 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from runner.budget import QUANTS
+from runner.commands.options import add_model_arguments
 from runner.errors import UserInputError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "model", nargs="?", default=None,
-        help="a model id (Hugging Face cache or catalog) or a folder; default: the built-in SmolLM2-135M-Instruct",
-    )
-    parser.add_argument("--backend", choices=["cuda", "mlx"], default=None, help="default: what the plan recommends")
-    parser.add_argument("--quant", choices=QUANTS, default=None, help="default: what the plan recommends")
-    parser.add_argument("--context", type=int, default=None, metavar="N",
-                        help="tokens of prompt + reply to plan for (default: 4096, or less if the model holds less)")
-    parser.add_argument("--allow-offload", action="store_true",
-                        help="load even if part of the model must sit in CPU RAM or on disk (slow)")
+    add_model_arguments(parser)
     parser.add_argument("--pick", action="store_true", help="start with the model picker")
 
 
@@ -36,6 +27,9 @@ def run(args: argparse.Namespace) -> int:
     from runner.tui.app import RunnerApp  # Textual is imported only when the chat really opens
     from runner.tui.loading import ModelChoice
 
-    choice = ModelChoice(args.model, args.backend, args.quant, args.context, args.allow_offload)
+    if args.trust_remote_code:
+        raise UserInputError("the chat does not run a repository's own code; use `runner generate --trust-remote-code`")
+    choice = ModelChoice(args.model, args.backend, args.quant, args.context, args.allow_offload,
+                         kv_bits=args.kv_bits, fast_decode=args.fast_decode, kernel=args.kernel)
     RunnerApp(choice, pick=args.pick).run()
     return 0

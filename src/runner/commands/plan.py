@@ -10,81 +10,44 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 
-from runner.errors import UserInputError
+from runner.commands.options import add_model_arguments, choose, parse_count
 
 GB = 10**9
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", default=None,
-                        help="a folder with config.json, a Hugging Face id in the local cache or in runner's "
-                             "catalog (default: the built-in SmolLM2-135M-Instruct)")
+    add_model_arguments(parser, load=False, backend_help="plan for this backend (default: the plan's choice)",
+                        quant_help="show the placement for this scheme (default: the recommended one)")
     parser.add_argument("--machine", metavar="SPEC|FILE", default=None,
                         help="plan for a machine you do not own: 4xA100-80GB, 8xRTX4090, 2xM2Ultra-192GB, cpu-64GB, "
                              "or a .toml/.json machine file (default: this machine)")
-    parser.add_argument("--context", metavar="N", default=None,
-                        help="tokens of prompt + reply to hold (e.g. 8192 or 8k; default 4096 or the model's maximum)")
     parser.add_argument("--batch", metavar="B", default="1", help="sequences at once (default 1)")
-    parser.add_argument("--quant", metavar="Q", default=None,
-                        help="show the placement for this scheme: bf16, fp16, fp32, fp8, int8, nf4, nf4-nodq, fp4 "
-                             "(cuda) or q8, q4 (mlx) (default: the recommended one)")
-    parser.add_argument("--backend", choices=("cuda", "mlx"), default=None,
-                        help="plan for this backend (default: mlx on a Mac, else cuda)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON, for scripts")
     parser.add_argument("--list", action="store_true", help="list the models in runner's catalog and exit")
 
 
-def parse_count(text: str, what: str) -> int:
-    """'8192', '8k', '128K', '1m' -> an int; a clear error otherwise."""
-    match = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*([kKmM]?)\s*", text)
-    if not match:
-        raise UserInputError(f"{what} must be a number of tokens like 8192 or 8k, not '{text}'")
-    value = float(match.group(1)) * {"": 1, "k": 1024, "m": 1024**2}[match.group(2).lower()]
-    if value != int(value):
-        raise UserInputError(f"{what} must be a whole number, not '{text}'")
-    return int(value)
-
-
 def run(args: argparse.Namespace) -> int:
-    from runner.model import catalog_ids, load_spec
+    from runner.model import catalog_ids
 
     if args.list:
         return _print_catalog(catalog_ids(), args.json)
 
     from runner import budget
-    from runner.hardware import resolve_machine
 
-    model = load_spec(args.model)
-    machine = resolve_machine(args.machine)
-    context = parse_count(args.context, "--context") if args.context else min(budget.DEFAULT_CONTEXT, model.max_context)
     batch = parse_count(args.batch, "--batch")
-    if args.quant is not None and args.quant not in budget.QUANTS:
-        raise UserInputError(f"--quant {args.quant}: unknown (known: {', '.join(budget.QUANTS)})")
-    # validate once, with the scheme the user will see in detail
-    budget.check_request(model, args.quant or "bf16", context, batch,
-                         args.backend or budget.default_backend_for(args.quant or "bf16", machine))
-
-    rows = []
-    for backend, quant in budget.schemes_for(machine):
-        if args.backend and backend != args.backend:
-            continue
-        rows.append(budget.make_plan(model, machine, quant, context, batch, backend))
+    choice = choose(args, batch=batch)
+    model, machine, context = choice.spec, choice.machine, choice.context
+    rows = [budget.make_plan(model, machine, quant, context, batch, backend)
+            for backend, quant in budget.schemes_for(machine, args.backend)]
     recommendation = budget.recommend(model, machine, context)
-    if args.quant:
-        chosen = budget.make_plan(model, machine, args.quant, context, batch, args.backend)
-    elif args.backend and args.backend != recommendation.backend:
-        chosen = rows[0]
-    else:
-        chosen = budget.make_plan(model, machine, recommendation.quant, context, batch, recommendation.backend)
     setups = budget.article_setups(model, context) if recommendation.plan.verdict != budget.FITS or machine.hypothetical else []
 
     if args.json:
-        print(json.dumps(_as_json(model, machine, context, batch, rows, chosen, recommendation, setups), indent=2))
+        print(json.dumps(_as_json(model, machine, context, batch, rows, choice, recommendation, setups), indent=2))
     else:
-        _print_report(model, machine, context, batch, rows, chosen, recommendation, setups)
+        _print_report(model, machine, context, batch, rows, choice, recommendation, setups)
     return 0
 
 
@@ -103,8 +66,9 @@ def _speed(tokens_per_s: float) -> str:
 VERDICT_WORDS = {"fits": "FITS", "offload": "OFFLOAD", "does-not-fit": "DOES NOT FIT"}
 
 
-def _print_report(model, machine, context, batch, rows, chosen, recommendation, setups) -> None:
+def _print_report(model, machine, context, batch, rows, choice, recommendation, setups) -> None:
     out = sys.stdout.write
+    chosen = choice.plan
     params = model.parameter_count()
     experts = f" · {model.num_experts} experts ({model.experts_per_token} active)" if model.num_experts > 1 else ""
     out(f"{model.name}  [{model.source}]\n")
@@ -139,6 +103,7 @@ def _print_report(model, machine, context, batch, rows, chosen, recommendation, 
     out("\n")
 
     _print_placement(chosen)
+    out(f"  chosen because: {choice.reason}\n")
     if chosen.warnings:
         out("\nWarnings:\n")
         for warning in chosen.warnings:
@@ -239,7 +204,8 @@ def _plan_json(plan) -> dict:
     return data
 
 
-def _as_json(model, machine, context, batch, rows, chosen, recommendation, setups) -> dict:
+def _as_json(model, machine, context, batch, rows, choice, recommendation, setups) -> dict:
+    chosen = choice.plan
     return {
         "model": {"name": model.name, "source": model.source, "path": str(model.path) if model.path else None,
                   "parameters": model.parameter_count(), "layers": model.num_layers,
@@ -250,6 +216,7 @@ def _as_json(model, machine, context, batch, rows, chosen, recommendation, setup
         "schemes": [{k: v for k, v in _plan_json(p).items() if k not in ("placement", "device_map", "max_memory")}
                     for p in rows],
         "plan": _plan_json(chosen),
+        "reason": choice.reason,
         "recommendation": {"backend": recommendation.backend, "quant": recommendation.quant,
                            "max_context": recommendation.max_context, "reason": recommendation.reason},
         "article_setups": [{"setup": label, "verdict": rec.plan.verdict, "backend": rec.backend, "quant": rec.quant}

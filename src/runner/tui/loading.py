@@ -1,4 +1,5 @@
-"""From what the user asked for to a loaded Session: spec, plan, (default model import), load.
+"""From what the user asked for to a loaded Session, through the core's `resolve` and
+`open_session` (runner.choice): the chat decides nothing itself.
 
 Plain functions with no Textual in them; the chat screen runs them in a thread worker and turns
 their progress callbacks into messages. The backend, not this module, imports torch or mlx.
@@ -12,14 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from runner.backend import LoadProgress, LoadRequest, Session, get_backend
-from runner.budget import DOES_NOT_FIT, Plan, make_plan, recommend
-from runner.errors import DoesNotFit, ModelNotFound
+from runner.backend import LoadProgress, Session
+from runner.budget import Plan
+from runner.choice import Choice, LoadOptions, open_session, resolve, spec_with_weights
 from runner.hardware import Machine
 from runner.model import DEFAULT_MODEL_ID, ModelSpec, load_spec
-
-DEFAULT_CONTEXT = 4096   # enough for a chat; the model's maximum is often far more than fits
-
 
 @dataclass(frozen=True)
 class ModelChoice:
@@ -30,6 +28,9 @@ class ModelChoice:
     quant: str | None = None          # None: the plan's choice
     context: int | None = None        # None: min(DEFAULT_CONTEXT, the model's maximum)
     allow_offload: bool = False
+    kv_bits: int | None = None
+    fast_decode: bool = True
+    kernel: str | None = None
 
     @property
     def model_name(self) -> str:
@@ -42,53 +43,32 @@ def this_machine() -> Machine:
     return detect_machine()
 
 
+def core_choice(choice: ModelChoice, spec: ModelSpec, machine: Machine) -> Choice:
+    """The core's resolution of what the user asked for (the same as every other front end's)."""
+    return resolve(spec, machine, choice.backend, choice.quant, choice.context)
+
+
 def plan_for(choice: ModelChoice, spec: ModelSpec, machine: Machine) -> Plan:
-    """The plan for this choice on `machine`; what is not chosen comes from `recommend`."""
-    context = choice.context or min(DEFAULT_CONTEXT, spec.max_context)
-    if choice.quant is not None:
-        return make_plan(spec, machine, choice.quant, context, backend=choice.backend)
-    recommended = recommend(spec, machine, context)
-    if choice.backend is None or choice.backend == recommended.backend:
-        return recommended.plan
-    # another backend than the recommended one: its full-quality scheme
-    return make_plan(spec, machine, "bf16", context, backend=choice.backend)
+    return core_choice(choice, spec, machine).plan
 
 
-def resolve(choice: ModelChoice, machine: Machine) -> tuple[ModelSpec, Plan]:
+def spec_and_plan(choice: ModelChoice, machine: Machine) -> tuple[ModelSpec, Plan]:
     spec = load_spec(choice.model)
     return spec, plan_for(choice, spec, machine)
 
 
 def weights_spec(choice: ModelChoice, spec: ModelSpec, on_progress: Callable[[LoadProgress], None]) -> ModelSpec:
     """The spec to load: imports the default model on first use; refuses a catalog-only entry."""
-    if spec.path is not None:
-        return spec
-    if choice.model is None or choice.model.lower() == DEFAULT_MODEL_ID.lower():
-        from runner.default_model import import_default_model
-
-        import_default_model(on_progress)
-        return load_spec(choice.model)
-    raise ModelNotFound(
-        f"{spec.name}: runner knows its shape (so its plan is real) but its weights are not on this "
-        f"machine; download them first, e.g. `hf download {spec.name}`, then pick it again"
-    )
+    return spec_with_weights(spec, on_progress)
 
 
 def load_session(
     choice: ModelChoice, spec: ModelSpec, plan: Plan, on_progress: Callable[[LoadProgress], None]
 ) -> Session:
-    if plan.verdict == DOES_NOT_FIT:
-        raise DoesNotFit(f"{spec.name} does not fit this machine as planned ({plan.quant}, context {plan.context:,})")
-    backend = get_backend(plan.backend)
-    request = LoadRequest(
-        spec,
-        quant=plan.quant,
-        context=plan.context,
-        plan=plan,
-        allow_offload=choice.allow_offload,
-        on_progress=on_progress,
-    )
-    return backend.load(request)
+    planned = Choice(spec, plan.machine, plan.backend, plan.quant, plan.context, plan, "as planned")
+    options = LoadOptions(allow_offload=choice.allow_offload, kv_bits=choice.kv_bits,
+                          fast_decode=choice.fast_decode, kernel=choice.kernel)
+    return open_session(planned, options, on_progress)
 
 
 class ModelSource(Protocol):
@@ -106,7 +86,7 @@ class LocalSource:
     """Models loaded by a backend in this process, on this machine."""
 
     def plan(self, choice: ModelChoice, machine: Machine) -> tuple[ModelSpec, Plan]:
-        return resolve(choice, machine)
+        return spec_and_plan(choice, machine)
 
     def load(self, choice: ModelChoice, spec: ModelSpec, plan: Plan,
              on_progress: Callable[[LoadProgress], None]) -> Session:

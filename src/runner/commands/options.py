@@ -1,0 +1,85 @@
+"""The options every model command shares, declared once: MODEL, --backend, --quant, --context,
+and the load switches; and the step from parsed arguments to the core's `resolve`."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from runner.errors import UserInputError
+
+
+def parse_count(text: str, what: str) -> int:
+    """'8192', '8k', '128K', '1m' -> an int; a clear error otherwise."""
+    match = re.fullmatch(r"\s*(-?\d{1,12}(?:\.\d{1,6})?)\s*([kKmM]?)\s*", text)
+    if not match:
+        raise UserInputError(f"{what} must be a number of tokens like 8192 or 8k, not '{text[:40]}'")
+    value = float(match.group(1)) * {"": 1, "k": 1024, "m": 1024**2}[match.group(2).lower()]
+    if value != int(value):
+        raise UserInputError(f"{what} must be a whole number, not '{text}'")
+    return int(value)
+
+
+def context_count(text: str) -> int:
+    """argparse type for --context: '8192' or '8k'; at least 1 token (the model's maximum is
+    checked by the plan, which knows the model)."""
+    try:
+        value = parse_count(text, "--context")
+    except UserInputError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number of tokens, not {text}")
+    return value
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, load: bool = True,
+                        backend_help: str = "default: what the plan recommends for this machine",
+                        quant_help: str = "default: what the plan recommends for this machine") -> None:
+    """MODEL, --backend, --quant, --context; with `load`, the switches of a real load too."""
+    from runner.backend import all_quants, backend_names
+
+    parser.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                        help="a folder with config.json, a Hugging Face id (local cache or runner's catalog), "
+                             "or nothing for the built-in SmolLM2-135M-Instruct")
+    parser.add_argument("--backend", choices=backend_names(), default=None, help=backend_help)
+    parser.add_argument("--quant", choices=all_quants(), default=None, metavar="Q",
+                        help=f"{', '.join(all_quants())}; {quant_help}")
+    parser.add_argument("--context", type=context_count, default=None, metavar="N",
+                        help="tokens of prompt + reply to plan for, e.g. 8192 or 8k (default: 4096 or the model's maximum)")
+    if not load:
+        return
+    parser.add_argument("--allow-offload", action="store_true",
+                        help="load even when the plan needs CPU/disk offload (very slow)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the model repository's own Python code (off by default)")
+    parser.add_argument("--kv-bits", type=int, choices=(8, 4), default=None,
+                        help="store the KV cache quantized to 8 or 4 bits (default: the compute dtype)")
+    parser.add_argument("--no-fast-decode", dest="fast_decode", action="store_false",
+                        help="decode through the library's ordinary loop instead of the backend's fast path")
+    parser.add_argument("--kernel", default=None,
+                        help="a backend's named kernel (cuda NF4 GEMV: cuda, cuda-bnb-rounding, bitsandbytes)")
+
+
+def load_options(args: argparse.Namespace, *, chat: bool = True):
+    from runner.choice import LoadOptions
+
+    return LoadOptions(
+        allow_offload=getattr(args, "allow_offload", False),
+        trust_remote_code=getattr(args, "trust_remote_code", False),
+        kv_bits=getattr(args, "kv_bits", None),
+        fast_decode=getattr(args, "fast_decode", True),
+        kernel=getattr(args, "kernel", None),
+        chat=chat,
+    )
+
+
+def choose(args: argparse.Namespace, *, machine=None, schemes=None, batch: int = 1):
+    """The core's Choice for what the user typed (the spec, the machine, resolve)."""
+    from runner.choice import resolve
+    from runner.hardware import resolve_machine
+    from runner.model import load_spec
+
+    spec = load_spec(args.model)
+    if machine is None:
+        machine = resolve_machine(getattr(args, "machine", None))
+    return resolve(spec, machine, args.backend, args.quant, args.context, batch=batch, schemes=schemes)
