@@ -303,7 +303,7 @@ def test_session_with_fast_steps_streams_the_same_reply(tiny_llama_dir):
         question = [Message("user", "What is the capital of France?")]
         ordinary = [c.token for c in session.stream(question, Sampling(max_tokens=8))]
         steps = FastSteps(FastDecoder(session.hf_model, session.context, use_graphs=False))
-        session.new_cache, session.forward_step = steps.new_cache, steps.forward_step
+        session.use_steps(steps)
         first = [c.token for c in session.stream(question, Sampling(max_tokens=8))]
         second = [c.token for c in session.stream(question, Sampling(max_tokens=8))]
         assert first == ordinary and second == ordinary
@@ -337,7 +337,7 @@ def test_close_releases_the_fast_decoder(tiny_llama_dir):
     session = get_backend("cuda").load(LoadRequest(load_spec(str(tiny_llama_dir)), "fp32", 64))
     decoder = FastDecoder(session.hf_model, session.context, use_graphs=False)
     steps = FastSteps(decoder)
-    session.new_cache, session.forward_step = steps.new_cache, steps.forward_step
+    session.use_steps(steps)
     gone = weakref.ref(decoder)
     del decoder, steps
     session.close()

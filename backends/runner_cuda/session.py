@@ -2,14 +2,21 @@
 
 The decode loop is our own, over the model's forward with a KV cache (`DynamicCache`), instead
 of HF `generate` with a streamer thread: one token per step, so cancelling between tokens is a
-flag check and a fresh cache per reply means a cancelled reply leaves nothing behind.
+flag check.
+
+The session keeps the KV cache of its last reply with the token ids in it (`_kept`): the next
+request's prompt usually starts with them (a chat's next turn), so only the rest is prefilled;
+otherwise the cache is cut back to the common prefix (`runner.prefix_cache`), or dropped where it
+cannot be cut. A cancelled reply keeps what it had. The ids are recorded only after each forward
+has completed, so a reply that fails half-way through a forward leaves no cache behind.
 
 The prompt goes through the model in chunks of `budget.PREFILL_CHUNK` tokens (`forward_in_chunks`,
 which `runner rehearse` calls too), the lm_head only for each chunk's last position: the prefill's
 activations are those of one chunk, which is what the Plan counts, whatever the prompt's length.
 
-A faster path (static cache, CUDA graphs, fused kernels: `runner_cuda.fast`) replaces two
-methods and nothing else: `new_cache()` and `forward_step(input_ids, cache)`.
+A faster path (static cache, CUDA graphs, fused kernels: `runner_cuda.fast`) replaces three
+methods and nothing else (`use_steps`): `new_cache()`, `forward_step(input_ids, cache)` and
+`trim_cache(cache, length)`.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 from runner.backend import GenerationChunk, MemoryReport, Message, Sampling
 from runner.budget import PREFILL_CHUNK
 from runner.errors import GenerationError, UserInputError
+from runner.prefix_cache import reusable_prefix
 from runner_cuda.detokenize import IncrementalDecoder
 from runner_cuda.loading import cuda_allocated, decoder_layers, free_memory, placement_summary, tensor_bytes_by_device
 
@@ -134,6 +142,7 @@ class CudaSession:
         self._weights_measured = self._measure()
         self._cache_argument = cache_argument(model)
         self.prefill_chunk = PREFILL_CHUNK   # tokens per forward while reading the prompt (the Plan's)
+        self._kept: tuple[object, list[int]] | None = None   # the last reply's cache and the ids in it
 
     # ---- prompt ---------------------------------------------------------------------------
     def tokenize(self, messages: Sequence[Message]) -> list[int]:
@@ -148,17 +157,43 @@ class CudaSession:
             ids = ids["input_ids"]
         return [int(i) for i in ids]
 
-    # ---- the two steps a fast path replaces ------------------------------------------------
+    # ---- the three steps a fast path replaces ----------------------------------------------
     def new_cache(self):
         from transformers import DynamicCache
 
         return DynamicCache(config=self.hf_model.config)
+
+    def trim_cache(self, cache, length: int) -> bool:
+        """Cut `cache` back to its first `length` positions; False where it cannot be cut (sliding
+        windows). transformers 5.24's `crop` takes minus the number of positions to remove."""
+        if not cache.is_croppable or any(cache.is_sliding):
+            return False
+        cache.crop(length - cache.get_seq_length())
+        return True
 
     def forward_step(self, input_ids: "torch.Tensor", cache) -> "torch.Tensor":
         """Run `input_ids` (1, n) through the model in chunks of `prefill_chunk` tokens, appending
         to `cache`; float32 logits (vocab,) of the last position."""
         logits = forward_in_chunks(self.hf_model, input_ids, cache, self.prefill_chunk, self._cache_argument)
         return logits[0, -1].float()
+
+    def use_steps(self, steps) -> None:
+        """Take a fast path's three steps (`runner_cuda.fast.FastSteps`); a cache kept by the old
+        ones is dropped."""
+        self.new_cache, self.forward_step, self.trim_cache = steps.new_cache, steps.forward_step, steps.trim_cache
+        self._kept = None
+
+    def _cache_for(self, prompt: list[int]) -> tuple[object, int]:
+        """The cache to answer `prompt` from and how many of its first tokens that cache already
+        holds: the last reply's, cut back to the common prefix, or a new one."""
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            cache, held = kept
+            reused = reusable_prefix(held, prompt)
+            if reused > 0 and (reused == len(held) or self.trim_cache(cache, reused)):
+                return cache, reused
+            del cache, kept      # let go of its memory before a new cache is made
+        return self.new_cache(), 0
 
     # ---- streaming -------------------------------------------------------------------------
     def stream(
@@ -196,9 +231,10 @@ class CudaSession:
                 generator = torch.Generator(device=device).manual_seed(seed)
             self._reset_peak()
             decoder = IncrementalDecoder(self.tokenizer)
-            cache = self.new_cache()
-            ids = torch.tensor([prompt], device=self.input_device)
-            stats = {"prompt_tokens": len(prompt), "prompt_tps": 0.0, "ttft": 0.0}
+            cache, reused = self._cache_for(prompt)
+            held = list(prompt[:reused])             # the ids whose K/V are in `cache`
+            ids = torch.tensor([prompt[reused:]], device=self.input_device)
+            stats = {"prompt_tokens": len(prompt), "prompt_tps": 0.0, "ttft": 0.0, "reused": reused}
             first_token_at = 0.0
             generated = 0
             while True:
@@ -206,6 +242,7 @@ class CudaSession:
                     yield self._chunk(decoder.flush(), None, generated, stats, first_token_at, "cancelled", cache)
                     return
                 step_started = time.perf_counter()
+                self._kept = None                    # a forward cut short leaves the cache half-written
                 logits = None
                 try:
                     logits = self.forward_step(ids, cache)
@@ -217,12 +254,14 @@ class CudaSession:
                     raise GenerationError(
                         f"out of GPU memory after {len(prompt) + generated} tokens; use a shorter --context or a smaller --quant"
                     )
+                held.extend(ids[0].tolist())
+                self._kept = (cache, held)           # what a next request may start from
                 token = pick_token(logits, sampling, generator)
                 generated += 1
                 if generated == 1:
                     first_token_at = time.perf_counter()
                     stats["ttft"] = first_token_at - started
-                    stats["prompt_tps"] = len(prompt) / max(first_token_at - step_started, 1e-9)
+                    stats["prompt_tps"] = (len(prompt) - reused) / max(first_token_at - step_started, 1e-9)
                 if token in self.eos_ids:
                     yield self._chunk(decoder.flush(), token, generated, stats, first_token_at, "stop", cache)
                     return
@@ -247,6 +286,7 @@ class CudaSession:
             time_to_first_token=stats["ttft"],
             peak_memory=self._peak(cache),
             finish_reason=finish,
+            reused_tokens=stats["reused"],
         )
 
     # ---- memory ----------------------------------------------------------------------------
@@ -315,11 +355,12 @@ class CudaSession:
             return
         self.hf_model = None
         self.tokenizer = None
-        # A fast path (runner_cuda.fast.attach) replaces these two methods with bound methods of an
+        # A fast path (runner_cuda.fast.attach) replaces these three methods with bound methods of an
         # object that holds the static KV cache, the CUDA graphs and views of the weights: drop them,
         # or the GPU memory stays allocated after close.
-        self.__dict__.pop("new_cache", None)
-        self.__dict__.pop("forward_step", None)
+        self._kept = None
+        for step in ("new_cache", "forward_step", "trim_cache"):
+            self.__dict__.pop(step, None)
         free_memory()
 
 

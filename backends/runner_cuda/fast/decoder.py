@@ -19,6 +19,8 @@ what the Plan counts activations for), the lm_head for the last position only.
     decoder = FastDecoder(model, max_len=4096)
     logits = decoder.prefill(prompt_ids)          # float32 [vocab], next-token logits
     logits = decoder.step(token_id)               # one token at the next position
+    decoder.trim(n)                               # keep the first n positions (the next turn's prefix)
+    logits = decoder.prefill(more_ids)            # appended after them
 
 On CPU (tests) the same forward runs eagerly, without graphs.
 """
@@ -135,19 +137,19 @@ class FastDecoder:
     # ---- public -------------------------------------------------------------------------------
 
     def prefill(self, token_ids: Sequence[int]) -> "torch.Tensor":
-        """Fill the cache with a prompt (from position 0), `prefill_chunk` tokens at a time; float32
-        logits of the next token."""
+        """Append a prompt's tokens after the cached positions (from position 0 after `reset`),
+        `prefill_chunk` tokens at a time; float32 logits of the next token."""
         import torch
 
-        count = len(token_ids)
-        if count == 0 or count >= self.max_len:
-            raise ValueError(f"prompt of {count} tokens does not fit a cache of {self.max_len}")
+        count, first = len(token_ids), self.length
+        if count == 0 or first + count >= self.max_len:
+            raise ValueError(f"prompt of {count} tokens after {first} does not fit a cache of {self.max_len}")
         with torch.no_grad():
             ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
             for start in range(0, count, self.prefill_chunk):
-                hidden = self._prefill_forward(ids[start:start + self.prefill_chunk], start)
+                hidden = self._prefill_forward(ids[start:start + self.prefill_chunk], first + start)
             self.logits.copy_(self.head(self.norm(hidden[-1:]))[0].float())
-        self.length = count
+        self.length = first + count
         return self.logits
 
     def step(self, token: "int | torch.Tensor") -> "torch.Tensor":
@@ -178,6 +180,13 @@ class FastDecoder:
     def reset(self) -> None:
         """Forget the cached positions (the next call must be `prefill`)."""
         self.length = 0
+
+    def trim(self, length: int) -> None:
+        """Keep the first `length` cached positions: the next token goes at `length`, and the
+        attention masks hide whatever is left beyond it until it is overwritten."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot keep {length} positions of {self.length}")
+        self.length = length
 
     # ---- the forward ------------------------------------------------------------------------
 
