@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import psutil
@@ -152,3 +153,49 @@ def test_mac_chip_names_from_sysctl():
     assert _mac_chip("Apple M2 Ultra").model == "Apple M2 Ultra"
     assert _mac_chip("Apple M4 Pro").bandwidth_gb_s == 273
     assert _mac_chip("Intel(R) Core(TM) i9") is None
+
+
+# ---- hostile machine strings and files: one clear error, bounded work (issue 21) ------------------
+
+@pytest.mark.parametrize("text,message", [
+    ("9" * 5000 + "xA100", "devices? runner plans for 1 to 64 devices"),
+    ("cpu-" + "9" * 5000 + "GB", "GB? runner plans for 1 to 1048576 GB"),
+    ("cpu-0GB", "0 GB? runner plans for 1 to 1048576 GB"),
+    ("M2Ultra-0GB", "0 GB?"),
+    ("cpu,ram=0GB", "'0GB' is not a size runner plans for"),
+    ("cpu,ram=" + "9" * 400 + "GB", "is not a size runner plans for"),
+    ("a" * 5000, "unknown device 'aaaa"),
+], ids=["count", "size", "cpu-0GB", "mac-0GB", "ram-0", "ram-inf", "name"])
+def test_absurd_machine_strings(text, message):
+    with pytest.raises(UserInputError, match=re.escape(message)) as caught:
+        parse_machine(text)
+    assert len(str(caught.value)) < 1000
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("self.toml", b'[[hosts]]\ngpus = "self.toml"\n', "gpus names a file"),
+    ("self.json", b'{"hosts": [{"mac": "self.json"}]}', "mac names a file"),
+    ("list.json", b'{"hosts": [{"gpus": ["A100", "list.json"]}]}', "gpus names a file"),
+    ("bytes.toml", b"\xff[[hosts]]", "not UTF-8 text"),
+    ("deep.json", b"[" * 5000 + b"]" * 5000, "malformed JSON (nested too deeply)"),
+    ("deep.toml", b"a = " + b"[" * 5000 + b"]" * 5000, "malformed TOML (nested too deeply)"),
+    ("long.json", b'{"hosts": [{"ram": ' + b"9" * 5000 + b"}]}", "malformed JSON (Exceeds the limit"),
+    ("hosts.json", b'{"hosts": {"a": 1}}', "needs a list of"),
+    ("list.json", b"[1]", "needs a list of"),
+    ("many.json", b'{"hosts": [' + b",".join([b'{"ram": "8GB"}'] * 65) + b"]}", "65 hosts?"),
+    ("gpus.json", b'{"hosts": [{"gpus": ["64xA100", "A100"]}]}', "more than 64 GPUs"),
+    ("ram.json", b'{"hosts": [{"ram": "0GB"}]}', "host 'host1': ram: '0GB' is not a size"),
+    ("huge.json", b'{"hosts": [' + b" " * (2 << 20) + b"]}", "more than 1 MB"),
+])
+def test_hostile_machine_files(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(UserInputError, match=re.escape(message)):
+        resolve_machine(str(path))
+
+
+def test_overlong_machine_paths():
+    with pytest.raises(UserInputError, match="cannot read \\(File name too long\\)"):
+        resolve_machine("/" + "a" * 5000 + ".toml")
+    with pytest.raises(UserInputError, match="no such file"):
+        resolve_machine("/" + "a" * 5000)

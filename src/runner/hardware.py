@@ -186,6 +186,10 @@ def gpu_device(index: int, gpu: KnownGPU, memory_gib: int) -> Device:
 _SPEC = re.compile(r"^(?:(\d+)\s*[xX]\s*)?([A-Za-z][A-Za-z0-9]*?)(?:[-_ ]?(\d+)\s*GB?)?$", re.IGNORECASE)
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*(GB|TB|GIB|TIB)?$", re.IGNORECASE)
 
+MAX_SIZE = 1024 * 1024 * GiB        # 1 PiB: above this a RAM, disk or GPU size is a typo
+MAX_DEVICES = 64                    # GPUs (or Macs) in one machine string, GPUs of one host, hosts in a file
+MACHINE_FILE_MAX_BYTES = 1024 * 1024
+
 
 def known_machine_names() -> str:
     return (
@@ -194,12 +198,26 @@ def known_machine_names() -> str:
     )
 
 
+def _shown(text: str) -> str:
+    return text if len(text) <= 60 else text[:59] + "…"
+
+
 def _size_bytes(text: str, what: str) -> int:
     match = _SIZE.match(text.strip())
     if not match:
-        raise UserInputError(f"{what}: '{text}' is not a size (write e.g. 512GB or 2TB)")
+        raise UserInputError(f"{what}: '{_shown(text)}' is not a size (write e.g. 512GB or 2TB)")
     value, unit = float(match.group(1)), (match.group(2) or "GB").upper()
-    return int(value * {"GB": GiB, "GIB": GiB, "TB": 1024 * GiB, "TIB": 1024 * GiB}[unit])
+    size = value * {"GB": GiB, "GIB": GiB, "TB": 1024 * GiB, "TIB": 1024 * GiB}[unit]
+    if not 0 < size <= MAX_SIZE:   # also a 400-digit number, which is infinity as a float
+        raise UserInputError(f"{what}: '{_shown(text)}' is not a size runner plans for (more than 0, at most 1024TB)")
+    return int(size)
+
+
+def _whole(digits: str, what: str, high: int, unit: str) -> int:
+    """A count or a size written in a machine string, 1 to `high` (checked before int() reads 5000 digits)."""
+    if len(digits.lstrip("0")) > len(str(high)) or not 1 <= int(digits) <= high:
+        raise UserInputError(f"{what}: {_shown(digits)} {unit}? runner plans for 1 to {high} {unit}")
+    return int(digits)
 
 
 def _lookup(table: dict, name: str):
@@ -217,27 +235,36 @@ def parse_machine(text: str) -> Machine:
     """
     text = text.strip()
     path = Path(text).expanduser()
-    if text.lower().endswith((".toml", ".json")) or path.is_file():
+    try:
+        is_file = path.is_file()
+    except OSError:          # a name too long to be a path is no file
+        is_file = False
+    if text.lower().endswith((".toml", ".json")) or is_file:
         return load_machine_file(path)
+    return parse_machine_string(text)
+
+
+def parse_machine_string(text: str, where: str = "") -> Machine:
+    """A machine from a short string only, never a file (a machine file's hosts are strings, so
+    a file cannot include itself). `where` begins error messages: by default "--machine TEXT"."""
+    where = where or f"{where}"
     spec, *options = [part.strip() for part in text.split(",")]
     extra: dict[str, int] = {}
     for option in options:
         key, _, value = option.partition("=")
         if key.lower() not in ("ram", "disk") or not value:
-            raise UserInputError(f"--machine {text}: unknown option '{option}' (use ram=512GB or disk=2TB)")
-        extra[key.lower()] = _size_bytes(value, f"--machine {key}")
+            raise UserInputError(f"{where}: unknown option '{_shown(option)}' (use ram=512GB or disk=2TB)")
+        extra[key.lower()] = _size_bytes(value, f"{where}: {key}")
     match = _SPEC.match(spec)
     if not match:
-        raise UserInputError(f"--machine {text}: not understood. Known: {known_machine_names()}")
-    count = int(match.group(1) or 1)
+        raise UserInputError(f"{where}: not understood. Known: {known_machine_names()}")
+    count = _whole(match.group(1) or "1", f"{where}", MAX_DEVICES, "devices")
     name = match.group(2)
-    size_gib = int(match.group(3)) if match.group(3) else None
-    if not 1 <= count <= 64:
-        raise UserInputError(f"--machine {text}: {count} devices? runner plans for 1 to 64")
+    size_gib = _whole(match.group(3), f"{where}", MAX_SIZE // GiB, "GB") if match.group(3) else None
 
     if name.lower() == "cpu":
         if match.group(1):
-            raise UserInputError(f"--machine {text}: write 'cpu' or 'cpu-64GB' (no count)")
+            raise UserInputError(f"{where}: write 'cpu' or 'cpu-64GB' (no count)")
         ram = extra.get("ram", (size_gib or DEFAULT_CPU_ONLY_RAM_GIB) * GiB)
         host = Host("localhost", "linux", ram, ram, 0, 0, extra.get("disk", DEFAULT_DISK_FREE), (),
                     cpu_bandwidth_bytes_per_s=DEFAULT_CPU_BANDWIDTH)
@@ -254,11 +281,11 @@ def parse_machine(text: str) -> Machine:
 
     gpu = _lookup(KNOWN_GPUS, name)
     if gpu is None:
-        raise UserInputError(f"--machine {text}: unknown device '{name}'. Known: {known_machine_names()}")
+        raise UserInputError(f"{where}: unknown device '{_shown(name)}'. Known: {known_machine_names()}")
     memory = size_gib or gpu.memory_gib[0]
     if memory not in gpu.memory_gib:
         sold = ", ".join(f"{m}GB" for m in gpu.memory_gib)
-        raise UserInputError(f"--machine {text}: {gpu.model} comes with {sold}, not {memory}GB")
+        raise UserInputError(f"{where}: {gpu.model} comes with {sold}, not {memory}GB")
     devices = tuple(gpu_device(i, gpu, memory) for i in range(count))
     # A GPU server usually has at least twice its GPU memory as RAM; say so in the label.
     ram = extra.get("ram", max(64 * GiB, 2 * count * memory * GiB))
@@ -283,31 +310,26 @@ def load_machine_file(path: Path) -> Machine:
         disk = "2TB"                      # optional
         wired_limit = "180GB"             # optional, Macs: after `sysctl iogpu.wired_limit_mb=...`
     """
-    if not path.is_file():
-        raise UserInputError(f"--machine {path}: no such file")
-    text = path.read_text()
-    try:
-        if path.suffix.lower() == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
-        else:
-            data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise UserInputError(f"{path}: malformed JSON ({error.msg} at line {error.lineno})") from None
-    except Exception as error:  # tomllib.TOMLDecodeError
-        raise UserInputError(f"{path}: malformed TOML ({error})") from None
+    data = _read_machine_file(path)
     hosts_data = data.get("hosts") if isinstance(data, dict) else None
     if not isinstance(hosts_data, list) or not hosts_data:
         raise UserInputError(f"{path}: a machine file needs a list of [[hosts]]")
+    if len(hosts_data) > MAX_DEVICES:
+        raise UserInputError(f"{path}: {len(hosts_data)} hosts? runner plans for 1 to {MAX_DEVICES}")
     hosts = []
     for number, entry in enumerate(hosts_data, start=1):
         if not isinstance(entry, dict):
             raise UserInputError(f"{path}: host {number} is not a table")
         name = str(entry.get("name", f"host{number}"))
         options = "".join(f",{key}={entry[key]}" for key in ("ram", "disk") if key in entry)
+        def parse(key: str, value, options: str = "") -> Host:
+            where = f"{path}: host '{_shown(name)}'" + (f": {key}" if key else "")
+            if str(value).lower().endswith((".toml", ".json")):
+                raise UserInputError(f"{where} names a file; a machine file's hosts take strings like 4xA100-80GB")
+            return parse_machine_string(f"{value}{options}", where).hosts[0]
+
         if "mac" in entry:
-            host = parse_machine(f"{entry['mac']}{options}").hosts[0]
+            host = parse("mac", entry["mac"], options)
             if "wired_limit" in entry:
                 limit = _size_bytes(str(entry["wired_limit"]), f"{path}: wired_limit")
                 device = replace(host.devices[0], total_bytes=limit, free_bytes=limit)
@@ -315,24 +337,57 @@ def load_machine_file(path: Path) -> Machine:
         elif "gpus" in entry:
             gpus = entry["gpus"]
             if isinstance(gpus, str):
-                host = parse_machine(f"{gpus}{options}").hosts[0]
+                host = parse("gpus", gpus, options)
             elif isinstance(gpus, list) and gpus:
                 devices = []
                 for gpu_text in gpus:
-                    one = parse_machine(str(gpu_text)).hosts[0].devices
+                    one = parse("gpus", gpu_text).devices
                     devices += [replace(d, name=f"cuda:{len(devices) + i}") for i, d in enumerate(one)]
-                base = parse_machine(f"{gpus[0]}{options}").hosts[0]
+                    if len(devices) > MAX_DEVICES:
+                        raise UserInputError(f"{path}: host '{name}': more than {MAX_DEVICES} GPUs")
+                base = parse("gpus", gpus[0], options)
                 ram = base.ram_bytes if "ram" in entry else max(64 * GiB, 2 * sum(d.total_bytes for d in devices))
                 host = replace(base, devices=tuple(devices), ram_bytes=ram, ram_available_bytes=ram)
             else:
                 raise UserInputError(f"{path}: host '{name}': gpus must be a string or a list")
         elif "cpu" in entry or "ram" in entry:
-            host = parse_machine(f"cpu{options}").hosts[0]
+            host = parse("", "cpu", options)
         else:
             raise UserInputError(f"{path}: host '{name}' needs mac = ..., gpus = ... or ram = ...")
         hosts.append(replace(host, name=name))
     label = str(data.get("label") or path.name)
     return Machine(tuple(hosts), label, hypothetical=True)
+
+
+def _read_machine_file(path: Path):
+    """The TOML or JSON value in a machine file; one clear error for what cannot be read."""
+    shown = _shown(str(path))
+    try:
+        if not path.is_file():
+            raise UserInputError(f"--machine {shown}: no such file")
+        with path.open("rb") as file:
+            raw = file.read(MACHINE_FILE_MAX_BYTES + 1)
+    except OSError as error:
+        raise UserInputError(f"--machine {shown}: cannot read ({error.strerror})") from None
+    if len(raw) > MACHINE_FILE_MAX_BYTES:
+        raise UserInputError(f"{shown}: more than 1 MB; not a machine file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UserInputError(f"{shown}: not UTF-8 text (byte {error.start})") from None
+    kind = "TOML" if path.suffix.lower() == ".toml" else "JSON"
+    try:
+        if kind == "TOML":
+            import tomllib
+
+            return tomllib.loads(text)
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UserInputError(f"{shown}: malformed JSON ({error.msg} at line {error.lineno})") from None
+    except RecursionError:
+        raise UserInputError(f"{shown}: malformed {kind} (nested too deeply)") from None
+    except ValueError as error:   # tomllib.TOMLDecodeError; numbers of more than 4300 digits
+        raise UserInputError(f"{shown}: malformed {kind} ({str(error).split(';')[0]})") from None
 
 
 def example_machine_files() -> dict[str, Path]:
@@ -422,8 +477,10 @@ def _mac_chip(brand: str) -> KnownMac | None:
 
 def _disk_free(path: Path) -> int:
     for candidate in [path, *path.parents]:
-        if candidate.exists():
+        try:
             return shutil.disk_usage(candidate).free
+        except OSError:   # not there yet (or not a path this system takes): its parent's disk
+            continue
     return 0
 
 
@@ -476,6 +533,11 @@ def resolve_machine(text: str | None) -> Machine:
     """`--machine` as the user typed it: None is this computer."""
     if text is None or text.strip().lower() in ("", "this", "local", "localhost"):
         return detect_machine()
-    if os.sep in text and not text.lower().endswith((".toml", ".json")) and not Path(text).exists():
-        raise UserInputError(f"--machine {text}: no such file")
+    if os.sep in text and not text.lower().endswith((".toml", ".json")):
+        try:
+            exists = Path(text).exists()
+        except OSError:
+            exists = False
+        if not exists:
+            raise UserInputError(f"--machine {_shown(text)}: no such file")
     return parse_machine(text)
