@@ -141,7 +141,7 @@ def test_config_numbers_are_checked_with_the_field_named(changes, message):
 
 def test_config_that_is_not_an_object_is_refused():
     for value in ([1, 2], "llama", None, 5):
-        with pytest.raises(UnsupportedModel, match="not an object of settings"):
+        with pytest.raises(UnsupportedModel, match="not a JSON object"):
             spec_from_config(value, "m", "folder")
 
 
@@ -154,9 +154,9 @@ def test_defaults_and_real_values_still_read():
 
 
 @pytest.mark.parametrize("content,message", [
-    (b"[1, 2]", "holds a list, not an object of settings"),
-    (b'"llama"', "holds a string, not an object"),
-    (b"null", "holds null, not an object"),
+    (b"[1, 2]", "holds a list, not a JSON object"),
+    (b'"llama"', "holds a string, not a JSON object"),
+    (b"null", "holds null, not a JSON object"),
     (b'{"hidden_size": NaN}', "NaN is not a number JSON allows"),
     (b'{"hidden_size": -Infinity}', "-Infinity is not a number JSON allows"),
     (b'{"hidden_size": ' + b"9" * 5000 + b"}", "malformed JSON (Exceeds the limit (4300 digits)"),

@@ -44,3 +44,9 @@ class LoadError(RunnerError):
 
 class GenerationError(RunnerError):
     """Generation failed part-way through."""
+
+
+class CorruptWeights(LoadError):
+    """A weights file cannot be read: truncated, damaged, or not what its name says."""
+
+    exit_code = 2

