@@ -179,17 +179,38 @@ def weights_bytes(model: ModelSpec, quant: str, backend: str | None = None) -> i
     return weights_breakdown(model, quant, backend or default_backend_for(quant)).total
 
 
-def kv_dtype_bytes(quant: str) -> int:
-    return 4 if quant == "fp32" else 2
+KV_BITS = (8, 4)                     # a quantized KV cache: bits per stored K or V value
+KV_GROUP_SIZE = 64                   # ... with one scale and one bias (compute dtype) per 64 values
+
+
+def kv_dtype_bytes(quant: str, kv_bits: int | None = None) -> float:
+    """Bytes per cached K or V value: the compute dtype's; with `kv_bits`, the packed value and its
+    share of its group's scale and bias (mlx-lm's QuantizedKVCache, and the cuda backend's own)."""
+    plain = 4 if quant == "fp32" else 2
+    if kv_bits is None:
+        return plain
+    return kv_bits / 8 + 2 * plain / KV_GROUP_SIZE
+
+
+def check_kv_bits(model: ModelSpec, kv_bits: int | None) -> None:
+    if kv_bits is None:
+        return
+    if kv_bits not in KV_BITS:
+        raise UserInputError(f"--kv-bits must be {' or '.join(map(str, KV_BITS))}, not {kv_bits}")
+    if model.head_dim % KV_GROUP_SIZE:
+        raise UserInputError(f"--kv-bits quantizes the KV cache in groups of {KV_GROUP_SIZE} values; "
+                             f"{model.name}'s head size {model.head_dim} is not a multiple of {KV_GROUP_SIZE}")
 
 
 MLX_KV_STEP = 256                    # mlx-lm's KVCache grows in steps of this many tokens
 
 
-def kv_cache_bytes(model: ModelSpec, context: int, batch: int = 1, quant: str = "bf16", backend: str = "cuda") -> int:
+def kv_cache_bytes(model: ModelSpec, context: int, batch: int = 1, quant: str = "bf16", backend: str = "cuda",
+                   kv_bits: int | None = None) -> int:
     """K and V for `context` tokens; mlx-lm allocates its cache in whole steps of MLX_KV_STEP tokens."""
+    check_kv_bits(model, kv_bits)
     tokens = -(-context // MLX_KV_STEP) * MLX_KV_STEP if backend == "mlx" else context
-    return int(model.kv_bytes_per_token(kv_dtype_bytes(quant))) * tokens * batch
+    return round(model.kv_bytes_per_token(kv_dtype_bytes(quant, kv_bits))) * tokens * batch
 
 
 # ---- overhead -----------------------------------------------------------------------------------
@@ -262,6 +283,7 @@ class Plan:
     notes: tuple[str, ...] = ()   # facts worth saying that are not warnings (which MLX split works, ...)
     layer_bytes: int = 0          # one decoder layer's weights under this scheme
     largest_module_bytes: int = 0  # the biggest of a layer, the embeddings, lm_head (accelerate reserves it)
+    kv_bits: int | None = None    # None: the KV cache in the compute dtype; 8 or 4: quantized
 
     @property
     def total_bytes(self) -> int:
@@ -429,13 +451,15 @@ def make_plan(
     backend: str | None = None,
     parallel: str | None = None,
     balance: bool = True,
+    kv_bits: int | None = None,
 ) -> Plan:
     """Count the bytes, place them over the machine's devices, and judge.
 
     `parallel` only matters for MLX on several hosts: "pipeline" (default; contiguous layer ranges
     sized by each host's memory) or "tensor" (equal shares; heads and KV heads must divide).
     `balance=False` fills devices one after another instead of evenly: the same verdict, faster
-    (used when searching for the longest context that fits).
+    (used when searching for the longest context that fits). `kv_bits` (8 or 4) counts the KV
+    cache quantized (`kv_dtype_bytes`); None counts it in the compute dtype.
     """
     backend = backend or default_backend_for(quant, machine)
     check_request(model, quant, context, batch, backend)
@@ -443,7 +467,7 @@ def make_plan(
         raise UserInputError(f"--quant {quant}: the cuda backend (bitsandbytes, accelerate) is for NVIDIA GPUs; "
                              "on Apple silicon runner uses mlx")
     breakdown = weights_breakdown(model, "bf16" if fp8_dequantized(quant, backend, machine) else quant, backend)
-    kv_total = kv_cache_bytes(model, context, batch, quant, backend)
+    kv_total = kv_cache_bytes(model, context, batch, quant, backend, kv_bits)
     kv_per_layer = kv_total // model.num_layers
     activations = activation_bytes(model, context, batch, quant)
     logits = logits_bytes(model, batch)
@@ -476,7 +500,7 @@ def make_plan(
         weights_bytes=weights_total, kv_cache_bytes=kv_placed, overhead_bytes=overhead,
         placement=tuple(placement), verdict=verdict, warnings=tuple(warnings),
         roofline_tokens_per_s=roofline, parallel=parallel_used, notes=tuple(notes), layer_bytes=breakdown.layer,
-        largest_module_bytes=max(breakdown.layer, breakdown.embeddings, breakdown.head),
+        largest_module_bytes=max(breakdown.layer, breakdown.embeddings, breakdown.head), kv_bits=kv_bits,
     )
 
 
@@ -721,10 +745,10 @@ class Recommendation:
 
 
 def max_context_that_fits(model: ModelSpec, machine: Machine, quant: str, backend: str, batch: int = 1,
-                          allowed: tuple[str, ...] = (FITS,)) -> int:
+                          allowed: tuple[str, ...] = (FITS,), kv_bits: int | None = None) -> int:
     """The longest context (up to the model's) whose plan's verdict is in `allowed`; 0 if none."""
     def ok(context: int) -> bool:
-        return make_plan(model, machine, quant, context, batch, backend, balance=False).verdict in allowed
+        return make_plan(model, machine, quant, context, batch, backend, balance=False, kv_bits=kv_bits).verdict in allowed
 
     if not ok(1):
         return 0
