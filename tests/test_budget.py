@@ -198,7 +198,7 @@ def test_bad_context_is_a_user_error(llama405, context):
 def test_quant_backend_mismatch_is_a_user_error(llama405):
     with pytest.raises(UserInputError, match="mlx backend takes"):
         make_plan(llama405, parse_machine("4xA100-80GB"), "nf4", 4096, backend="mlx")
-    with pytest.raises(UserInputError, match="MLX scheme"):
+    with pytest.raises(UserInputError, match="not a cuda scheme"):
         make_plan(llama405, parse_machine("4xA100-80GB"), "q4", 4096, backend="cuda")
 
 

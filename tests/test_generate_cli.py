@@ -64,18 +64,3 @@ def test_bad_input_is_one_line_and_exit_2(tiny_llama_dir, tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("runner: error:") and message in err[-1], (argv, err)
-
-
-def test_backend_and_quant_come_from_the_plan_when_not_given():
-    from runner.commands.generate import choose
-    from runner.hardware import parse_machine
-    from runner.model import load_spec
-
-    smollm2 = load_spec("HuggingFaceTB/SmolLM2-135M-Instruct")
-    cpu = parse_machine("cpu")
-    assert choose(smollm2, cpu, None, None, 4096) == ("cuda", "fp32")   # torch on the CPU, full precision
-    assert choose(smollm2, cpu, "mlx", None, 4096) == ("mlx", "bf16")
-    assert choose(smollm2, cpu, None, "q4", 4096) == ("mlx", "q4")
-    llama70b = load_spec("meta-llama/Llama-3.1-70B-Instruct")
-    assert choose(llama70b, parse_machine("1xH100-80GB"), None, None, 4096) == ("cuda", "nf4")
-    assert choose(llama70b, parse_machine("1xH100-80GB"), "cuda", None, 4096) == ("cuda", "nf4")

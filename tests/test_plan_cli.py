@@ -123,7 +123,7 @@ def _write_config(tmp_path, text):
     ([L405, "--machine", "4xZ9000"], "unknown device 'Z9000'"),
     ([L405, "--machine", "/no/machine.toml"], "no such file"),
     ([L405, "--quant", "int3"], "unknown"),
-    ([L405, "--quant", "q4", "--backend", "cuda", "--machine", "1xH100"], "MLX scheme"),
+    ([L405, "--quant", "q4", "--backend", "cuda", "--machine", "1xH100"], "is not a cuda scheme"),
     ([L405, "--quant", "nf4", "--machine", "2xM2Ultra-192GB"], "on Apple silicon runner uses mlx"),
 ])
 def test_bad_input_is_one_line_and_exit_2(env, args, message):

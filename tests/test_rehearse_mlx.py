@@ -182,5 +182,5 @@ def test_bad_input_is_one_line_and_exit_2(capsys, arguments, message):
 
 
 def test_cuda_stays_the_default_and_refuses_mlx_quants(capsys):
-    assert main(["rehearse", MODEL, "--quant", "q4"]) == 2
+    assert main(["rehearse", MODEL, "--backend", "cuda", "--quant", "q4"]) == 2
     assert "--quant q4 is not a cuda scheme" in capsys.readouterr().err

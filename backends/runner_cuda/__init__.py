@@ -53,5 +53,11 @@ class CudaBackend:
 
         return load_session(request)
 
+    def rehearse(self, plan, **options):
+        """The plan's model with random weights: real memory, real speed (`runner_cuda.rehearse`)."""
+        from runner_cuda.rehearse import rehearse
+
+        return rehearse(plan, **options)
+
 
 __all__ = ["CudaBackend", "CUDA_QUANTS", "BITSANDBYTES_QUANTS", "INSTALL", "BITSANDBYTES_INSTALL", "FP8_INSTALL"]

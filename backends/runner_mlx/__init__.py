@@ -47,5 +47,11 @@ class MlxBackend:
 
         return load_session(request)
 
+    def rehearse(self, plan, **options):
+        """The plan's model with random weights: real memory, real speed (`runner_mlx.rehearse`)."""
+        from runner_mlx.rehearse import rehearse
+
+        return rehearse(plan, **options)
+
 
 __all__ = ["MlxBackend", "MLX_QUANTS", "QUANT_BITS", "QUANT_DTYPES", "GROUP_SIZE", "INSTALL"]

@@ -371,7 +371,8 @@ def check_request(model: ModelSpec, quant: str, context: int, batch: int, backen
     takes = backend_quants(backend)
     if quant not in takes:
         others = [name for name in backend_names() if quant in backend_quants(name)]
-        raise UserInputError(f"--quant {quant} is a {'/'.join(others)} scheme; the {backend} backend takes {', '.join(takes)}")
+        raise UserInputError(f"--quant {quant} is not a {backend} scheme (it is {'/'.join(others)}'s); "
+                             f"the {backend} backend takes {', '.join(takes)}")
     if context < 1:
         raise UserInputError(f"--context must be a positive number of tokens, not {context}")
     if context > MAX_CONTEXT_LIMIT or context > model.max_context:

@@ -99,8 +99,7 @@ def _backend_for_quant(quant: str, backend: str | None, machine: "Machine",
     takers = [name for name in _preferred_backends(machine) if quant in _quants_or_none(name, allowed)]
     if backend is not None:
         if quant not in _quants_or_none(backend, allowed):
-            where = f" (a {'/'.join(takers)} scheme)" if takers else ""
-            raise UserInputError(f"--quant {quant}{where}: the {backend} backend takes "
+            raise UserInputError(f"--quant {quant} is not a {backend} scheme; --backend {backend} takes "
                                  f"{', '.join(allowed(backend))}")
         return backend, f"you asked for {backend} {quant}"
     if not takers:

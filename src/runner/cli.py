@@ -54,11 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, DEFAULT_COMMAND)
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not hasattr(args, "run"):
-        parser.print_help()
-        return 2
     try:
+        args = parser.parse_args(argv)   # inside: a value's own check (e.g. --context 8k) is one line too
+        if not hasattr(args, "run"):
+            parser.print_help()
+            return 2
         return int(args.run(args) or 0)
     except RunnerError as error:
         print(f"runner: error: {error}", file=sys.stderr)

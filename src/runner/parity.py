@@ -37,7 +37,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from runner.backend import LoadRequest, Message, Sampling, get_backend
+from runner.backend import Message, Sampling, backend_class
 from runner.errors import RunnerError, UserInputError
 
 if TYPE_CHECKING:
@@ -268,9 +268,12 @@ def stack_versions(backend: str) -> dict[str, str]:
     """Versions of the packages that compute the numbers, read without importing them."""
     from importlib.metadata import PackageNotFoundError, version
 
-    packages = {"cuda": ("torch", "transformers", "bitsandbytes", "accelerate"), "mlx": ("mlx", "mlx-lm")}
+    try:
+        packages = tuple(backend_class(backend).packages)
+    except RunnerError:   # a record of a backend this install does not have
+        packages = ()
     versions = {"python": platform.python_version()}
-    for package in ("runner", "numpy") + packages.get(backend, ()):
+    for package in ("runner", "numpy") + packages:
         try:
             versions[package] = version(package)
         except PackageNotFoundError:
@@ -743,8 +746,12 @@ class ParityReport:
 
 
 def load_session(spec: "ModelSpec", target: Target, context: int) -> "Session":
-    backend = get_backend(target.backend)
-    return backend.load(LoadRequest(spec, quant=target.quant, context=context))
+    """The target's session through the one path (plan, refusal, load); logits need no chat template."""
+    from runner.choice import LoadOptions, open_session, resolve
+    from runner.hardware import detect_machine
+
+    choice = resolve(spec, detect_machine(), target.backend, target.quant, context)
+    return open_session(choice, LoadOptions(chat=False))
 
 
 def run_parity(

@@ -22,14 +22,22 @@ def parse_count(text: str, what: str) -> int:
 
 def context_count(text: str) -> int:
     """argparse type for --context: '8192' or '8k'; at least 1 token (the model's maximum is
-    checked by the plan, which knows the model)."""
-    try:
-        value = parse_count(text, "--context")
-    except UserInputError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+    checked by the plan, which knows the model). Raises UserInputError, which argparse lets
+    through to the CLI's one-line error."""
+    value = parse_count(text, "--context")
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive number of tokens, not {text}")
+        raise UserInputError(f"--context must be a positive number of tokens, not {text}")
     return value
+
+
+def known(what: str, names):
+    """argparse type: one of `names()`, else one line naming them (argparse's own error would
+    print its usage block too)."""
+    def check(text: str) -> str:
+        if text not in names():
+            raise UserInputError(f"unknown {what} '{text[:40]}' (known: {', '.join(names())})")
+        return text
+    return check
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, load: bool = True,
@@ -41,8 +49,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, load: bool = True,
     parser.add_argument("model", nargs="?", default=None, metavar="MODEL",
                         help="a folder with config.json, a Hugging Face id (local cache or runner's catalog), "
                              "or nothing for the built-in SmolLM2-135M-Instruct")
-    parser.add_argument("--backend", choices=backend_names(), default=None, help=backend_help)
-    parser.add_argument("--quant", choices=all_quants(), default=None, metavar="Q",
+    parser.add_argument("--backend", type=known("backend", backend_names), default=None,
+                        metavar="|".join(backend_names()), help=backend_help)
+    parser.add_argument("--quant", type=known("quantization", all_quants), default=None, metavar="Q",
                         help=f"{', '.join(all_quants())}; {quant_help}")
     parser.add_argument("--context", type=context_count, default=None, metavar="N",
                         help="tokens of prompt + reply to plan for, e.g. 8192 or 8k (default: 4096 or the model's maximum)")

@@ -17,27 +17,19 @@ import argparse
 import json
 import sys
 
-from runner.errors import BackendUnavailable, DoesNotFit, UserInputError
+from runner.commands.options import add_model_arguments
+from runner.errors import DoesNotFit, UserInputError
 
-QUANT_CHOICES = ("nf4", "bf16", "int8", "q4", "q8")
-BACKEND_QUANTS = {"cuda": ("nf4", "bf16", "int8"), "mlx": ("q4", "q8", "bf16")}   # the first is the default
-DEFAULT_CONTEXT = 4096
 DEFAULT_DECODE_TOKENS = 16
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from runner.budget import PREFILL_CHUNK
 
-    parser.add_argument("model", nargs="?", default=None,
-                        help="model id (catalog or Hugging Face cache) or folder with config.json; "
-                             "only config.json is read")
-    parser.add_argument("--backend", choices=tuple(BACKEND_QUANTS), default="cuda",
-                        help="rehearse the CUDA load (transformers + bitsandbytes, default) or the MLX one (mlx-lm)")
-    parser.add_argument("--quant", choices=QUANT_CHOICES, default=None,
-                        help="weights as the backend would load them: cuda nf4 (default; double quant, bf16 "
-                             "compute), bf16, int8; mlx q4 (default; 4-bit, group 64), q8, bf16")
-    parser.add_argument("--context", type=int, default=DEFAULT_CONTEXT,
-                        help=f"tokens the KV cache must hold: prefill + decode (default: {DEFAULT_CONTEXT})")
+    add_model_arguments(parser, load=False,
+                        backend_help="rehearse this backend's load (default: the plan's backend for this machine)",
+                        quant_help="weights as the backend would load them (cuda: nf4, bf16, int8; mlx: q4, q8, "
+                                   "bf16; default: the best the plan says fits)")
     parser.add_argument("--layers", type=int, default=None,
                         help="keep only the first N decoder layers (same widths), to rehearse a big "
                              "architecture on a small machine")
@@ -72,56 +64,51 @@ def _progress(progress) -> None:
     print(f"  {counter}{progress.stage}", file=sys.stderr, flush=True)
 
 
-def check_arguments(args: argparse.Namespace) -> None:
-    backend = getattr(args, "backend", "cuda")
-    if args.quant is None:
-        args.quant = BACKEND_QUANTS[backend][0]
-    if args.quant not in BACKEND_QUANTS[backend]:
-        raise UserInputError(f"--quant {args.quant} is not a {backend} scheme; --backend {backend} takes "
-                             f"{', '.join(BACKEND_QUANTS[backend])}")
-    if args.context < 2:
+def check_arguments(args: argparse.Namespace, context: int) -> None:
+    if context < 2:
         raise UserInputError("--context must be at least 2 tokens")
     if args.decode_tokens < 1:
         raise UserInputError("--decode-tokens must be at least 1")
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         raise UserInputError("--prefill-chunk must be at least 1 token")
-    if args.decode_tokens >= args.context:
-        raise UserInputError(f"--decode-tokens ({args.decode_tokens}) must be smaller than --context ({args.context})")
+    if args.decode_tokens >= context:
+        raise UserInputError(f"--decode-tokens ({args.decode_tokens}) must be smaller than --context ({context})")
 
 
-def make_rehearsal_plan(args: argparse.Namespace):
-    """The spec (shrunk with --layers), the machine and the Plan the rehearsal follows."""
-    from runner.budget import make_plan
+def rehearsal_choice(args: argparse.Namespace):
+    """The core's choice for the rehearsal: the spec shrunk with --layers, the schemes a backend
+    can rehearse."""
+    from runner.backend import backend_class
+    from runner.choice import default_context, resolve
     from runner.hardware import resolve_machine
     from runner.model import load_spec
 
-    check_arguments(args)
     spec = load_spec(args.model)
     if args.layers is not None:
         spec = spec.with_layers(args.layers)
-    if args.context > spec.max_context:
-        raise UserInputError(f"--context {args.context} is longer than {spec.name}'s {spec.max_context} tokens")
+    context = args.context if args.context is not None else default_context(spec)
+    check_arguments(args, context)
+    if context > spec.max_context:
+        raise UserInputError(f"--context {context} is longer than {spec.name}'s {spec.max_context} tokens")
     machine = resolve_machine(args.machine)
-    return make_plan(spec, machine, args.quant, args.context, backend=getattr(args, "backend", "cuda"))
+    return resolve(spec, machine, args.backend, args.quant, context,
+                   schemes=lambda name: backend_class(name).rehearse_quants)
 
 
 def run(args: argparse.Namespace) -> int:
+    from runner.backend import get_backend
     from runner.budget import FITS, OFFLOAD
+    from runner.choice import options_that_fit, plan_line
 
-    plan = make_rehearsal_plan(args)
-    if plan.backend == "mlx":
-        return run_mlx(args, plan)
-    spec = plan.model
-    try:
-        from runner_cuda.loading import options_that_fit, plan_line
-        from runner_cuda.rehearse import rehearse
-    except ImportError as error:
-        raise BackendUnavailable(f"rehearse needs the CUDA backend ({error}); install it with: pip install 'runner[cuda]'") from None
+    choice = rehearsal_choice(args)
+    plan, spec = choice.plan, choice.spec
+    backend = get_backend(choice.backend)
     if plan.verdict != FITS and not args.force:
-        options = options_that_fit(plan)
+        options = [o for o in options_that_fit(plan) if not o.startswith("--quant ")
+                   or o.split()[1] in type(backend).rehearse_quants]
         fits = f"options that fit: {', '.join(options)}, fewer --layers" if options else "use fewer --layers"
         raise DoesNotFit(
-            f"{spec.name} ({spec.num_layers} layers) does not fit {plan.machine.label}"
+            f"{spec.name} ({spec.num_layers} layers, {choice.backend} {plan.quant}) does not fit {plan.machine.label}"
             f"{' without offload' if plan.verdict == OFFLOAD else ''}: {plan_line(plan)}; "
             f"nothing was allocated; {fits}, or --force to try anyway"
         )
@@ -131,31 +118,8 @@ def run(args: argparse.Namespace) -> int:
             for share in plan.placement if share.weights_bytes > 0
         )
     else:
-        where = "the GPUs anyway (--force; layers split evenly), or the CPU if there is none"
-    return rehearse_and_report(args, plan, rehearse, plan.quant, where)
-
-
-def run_mlx(args: argparse.Namespace, plan) -> int:
-    """`--backend mlx`: the same refusal, report and JSON, through runner_mlx.rehearse."""
-    from runner.budget import FITS, make_plan
-
-    try:
-        from runner_mlx.rehearse import rehearse
-    except ImportError as error:
-        raise BackendUnavailable(f"rehearse --backend mlx needs the MLX backend ({error}); "
-                                 "install it with: pip install 'runner[mlx]'") from None
-    spec = plan.model
-    if plan.verdict != FITS and not args.force:
-        others = [q for q in BACKEND_QUANTS["mlx"] if q != plan.quant
-                  and make_plan(spec, plan.machine, q, plan.context, backend="mlx").verdict == FITS]
-        fits = f"--quant {' or '.join(others)} fits, or use fewer --layers" if others else "use fewer --layers"
-        raise DoesNotFit(
-            f"{spec.name} ({spec.num_layers} layers, mlx {plan.quant}) does not fit {plan.machine.label}: "
-            f"the plan needs {_gb(plan.total_bytes)} ({_gb(plan.weights_bytes)} weights, "
-            f"{_gb(plan.kv_cache_bytes)} KV cache); nothing was allocated; {fits}, or --force to try anyway"
-        )
-    where = plan.placement[0].device if plan.placement else "this machine (--force)"
-    return rehearse_and_report(args, plan, rehearse, f"mlx {plan.quant}", where)
+        where = "this machine anyway (--force; layers split evenly over the GPUs, if any)"
+    return rehearse_and_report(args, plan, backend.rehearse, f"{choice.backend} {plan.quant}", where)
 
 
 def rehearse_and_report(args: argparse.Namespace, plan, rehearse, scheme: str, where: str) -> int:
