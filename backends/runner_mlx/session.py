@@ -4,6 +4,13 @@
 `make_sampler`, seeds `mx.random`, and turns each `GenerationResponse` into a runner
 `GenerationChunk`. The end-of-sequence ids are mlx-lm's: the tokenizer's own plus every id in
 generation_config.json (Llama 3 stops on two).
+
+The session keeps the KV cache of its last reply (mlx-lm's cache objects, passed to
+`stream_generate` as its `prompt_cache`) with the token ids in it: the next prompt's common prefix
+with them is not prefilled again (`runner.prefix_cache`); the cache is trimmed back to it, or
+dropped where it cannot be trimmed. Over `runner launch` every rank runs the same requests and
+samples the same tokens, so each rank's cache of its own layers stays in step. With `kv_bits` the
+cache is mlx-lm's QuantizedKVCache from the first token (group `budget.KV_GROUP_SIZE`).
 """
 
 from __future__ import annotations
@@ -17,8 +24,10 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from runner.backend import GenerationChunk, LoadProgress, LoadRequest, MemoryReport, Message, Sampling
+from runner.budget import KV_GROUP_SIZE
 from runner.errors import GenerationError, UserInputError
 from runner.model import ModelSpec
+from runner.prefix_cache import reusable_prefix
 
 from runner_mlx import QUANT_BITS, QUANT_DTYPES
 from runner_mlx.convert import CorruptWeights, check_weights, config_fixes, mlx_folder, notify, read_json
@@ -30,7 +39,7 @@ class MlxSession:
 
     def __init__(self, model, tokenizer, spec: ModelSpec, quant: str, folder: Path,
                  device_summary: str, planned_bytes: int = 0, warnings: tuple[str, ...] = (),
-                 device: str = "mlx"):
+                 device: str = "mlx", kv_bits: int | None = None):
         self._model = model
         self._tokenizer = tokenizer
         self.model = spec
@@ -40,6 +49,8 @@ class MlxSession:
         self.planned_bytes = planned_bytes     # the plan's weights, next to the measured bytes
         self.warnings = warnings
         self.device = device                   # the plan's name for where it runs ("cpu", "metal", ...)
+        self.kv_bits = kv_bits                 # None: the KV cache in the model's dtype; 8 or 4: quantized
+        self._kept: tuple[list, list[int]] | None = None   # the last reply's cache and the ids in it
 
     # ---- the protocol ----------------------------------------------------------------------
     def tokenize(self, messages: Sequence[Message]) -> list[int]:
@@ -69,36 +80,82 @@ class MlxSession:
         sampler = make_sampler(temp=sampling.temperature, top_p=sampling.top_p if sampling.top_p < 1 else 0.0)
         start = time.perf_counter()
         first_token = 0.0
-        responses = stream_generate(self._model, self._tokenizer, list(prompt),
-                                    max_tokens=sampling.max_tokens, sampler=sampler)
+        prompt = list(prompt)
+        cache, reused = self._cache_for(prompt)
+        fed = list(prompt)           # what goes through the model: the prompt, then each reply token
+        responses = stream_generate(self._model, self._tokenizer, prompt[reused:],
+                                    max_tokens=sampling.max_tokens, sampler=sampler, prompt_cache=cache)
+        broken = False
         try:
             for response in responses:
                 if not first_token:
                     first_token = time.perf_counter() - start
+                fed.append(response.token)
                 stopped = response.finish_reason == "stop"
                 yield GenerationChunk(
                     text=response.text,
                     token=None if stopped else response.token,   # the end-of-sequence id is not reply
-                    prompt_tokens=response.prompt_tokens,
+                    prompt_tokens=len(prompt),
                     prompt_tps=response.prompt_tps,
                     generation_tokens=response.generation_tokens - (1 if stopped else 0),
                     generation_tps=response.generation_tps,
                     time_to_first_token=first_token,
                     peak_memory=int(response.peak_memory * 1e9),
                     finish_reason=response.finish_reason,
+                    reused_tokens=reused,
                 )
                 if cancel is not None and cancel.is_set() and response.finish_reason is None:
-                    yield GenerationChunk("", None, response.prompt_tokens, response.prompt_tps,
+                    yield GenerationChunk("", None, len(prompt), response.prompt_tps,
                                           response.generation_tokens, response.generation_tps,
-                                          first_token, int(response.peak_memory * 1e9), "cancelled")
+                                          first_token, int(response.peak_memory * 1e9), "cancelled",
+                                          reused_tokens=reused)
                     return
         except (RuntimeError, ValueError) as error:
+            broken = True
             raise GenerationError(f"mlx failed while generating: {error}") from None
+        except BaseException as error:      # a reply abandoned at a token keeps its cache; else none
+            broken = not isinstance(error, GeneratorExit)
+            raise
         finally:
             responses.close()  # runs mlx-lm's clean-up (wired limit restored) on cancel too
             # mlx-lm computes the step after the last token ahead of time: wait for it, so nothing is
             # left running (on several hosts it talks to the other ranks, which must stay in step)
             mx.synchronize(generation_stream)
+            if not broken:
+                self._keep(cache, fed)
+
+    # ---- the KV cache kept between replies -------------------------------------------------
+    def _new_cache(self) -> list:
+        from mlx_lm.generate import maybe_quantize_kv_cache
+        from mlx_lm.models.cache import make_prompt_cache
+
+        cache = make_prompt_cache(self._model)
+        if self.kv_bits is not None:    # quantized from the first token, as the plan counts it
+            maybe_quantize_kv_cache(cache, quantized_kv_start=0, kv_group_size=KV_GROUP_SIZE, kv_bits=self.kv_bits)
+        return cache
+
+    def _cache_for(self, prompt: list[int]) -> tuple[list, int]:
+        """The cache to answer `prompt` from and how many of its first tokens it already holds:
+        the last reply's, trimmed back to the common prefix, or a new one."""
+        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            cache, held = kept
+            reused = reusable_prefix(held, prompt)
+            if reused > 0 and (reused == len(held) or can_trim_prompt_cache(cache)):
+                trim_prompt_cache(cache, len(held) - reused)
+                return cache, reused
+            del cache, kept      # let go of its memory before a new cache is made
+        return self._new_cache(), 0
+
+    def _keep(self, cache: list, fed: list[int]) -> None:
+        """Keep `cache` for the next request with the ids it holds: the first `offset` of `fed`
+        (mlx-lm runs each sampled token through the model before yielding it). A cache whose
+        layers disagree on their length was cut off mid-step: it is dropped."""
+        offsets = {getattr(layer, "offset", None) for layer in cache}
+        if len(offsets) == 1 and isinstance(offset := offsets.pop(), int) and 0 < offset <= len(fed):
+            self._kept = (cache, fed[:offset])
 
     def logits(self, token_ids: Sequence[int]):
         import mlx.core as mx
@@ -119,6 +176,7 @@ class MlxSession:
 
         self._model = None
         self._tokenizer = None
+        self._kept = None
         gc.collect()
         mx.clear_cache()
 
@@ -189,7 +247,8 @@ def load_session(request: LoadRequest) -> MlxSession:
     summary = f"mlx on {where_it_runs()}, {describe_quant(request.quant)}, all {spec.num_layers} layers"
     planned_weights = sum(s.weights_bytes for s in request.plan.placement) if request.plan is not None else 0
     return MlxSession(model, tokenizer, spec, request.quant, folder, summary,
-                      planned_bytes=planned_weights, warnings=warnings, device=plan_device(request))
+                      planned_bytes=planned_weights, warnings=warnings, device=plan_device(request),
+                      kv_bits=request.kv_bits)
 
 
 def plan_device(request: LoadRequest) -> str:
