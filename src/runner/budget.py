@@ -788,7 +788,7 @@ def candidate_schemes(model: ModelSpec, machine: Machine) -> list[tuple[str, str
     ]
 
 
-def recommend(model: ModelSpec, machine: Machine, context: int | None = None) -> Recommendation:
+def recommend(model: ModelSpec, machine: Machine, context: int | None = None, kv_bits: int | None = None) -> Recommendation:
     """The backend, quant and context that fit this machine best, and why.
 
     The first scheme (in the order of `candidate_schemes`) that fits without offload at the asked
@@ -797,18 +797,17 @@ def recommend(model: ModelSpec, machine: Machine, context: int | None = None) ->
     asked = context or min(DEFAULT_CONTEXT, model.max_context)
     candidates = candidate_schemes(model, machine)
     for backend, quant, why in candidates:
-        plan = make_plan(model, machine, quant, asked, 1, backend)
+        plan = make_plan(model, machine, quant, asked, 1, backend, kv_bits=kv_bits)
         if plan.verdict == FITS:
-            longest = max_context_that_fits(model, machine, quant, backend)
+            longest = max_context_that_fits(model, machine, quant, backend, kv_bits=kv_bits)
             reason = f"{why}; fits with {asked:,} tokens of context (up to {longest:,})"
             return Recommendation(backend, quant, asked, longest, reason, plan)
     # nothing fits in fast memory: the smallest scheme, with offload if that is possible at all
-    backend, quant, why = candidates[-1]
     smallest = "q4" if machine.is_apple else "nf4"
     backend = "mlx" if machine.is_apple else "cuda"
-    plan = make_plan(model, machine, smallest, asked, 1, backend)
+    plan = make_plan(model, machine, smallest, asked, 1, backend, kv_bits=kv_bits)
     if plan.verdict == OFFLOAD:
-        longest = max_context_that_fits(model, machine, smallest, backend, allowed=(FITS, OFFLOAD))
+        longest = max_context_that_fits(model, machine, smallest, backend, allowed=(FITS, OFFLOAD), kv_bits=kv_bits)
         reason = (f"nothing fits in {'GPU' if machine.gpus else 'fast'} memory; {smallest} is the smallest and "
                   f"needs offload: ~{plan.roofline_tokens_per_s:.2f} tok/s at best")
         return Recommendation(backend, smallest, asked, longest, reason, plan)

@@ -39,6 +39,7 @@ class Choice:
     context: int
     plan: Plan
     reason: str      # in words: "the plan's recommendation: …", "you asked for mlx: its best scheme that fits"
+    kv_bits: int | None = None   # the KV cache quantized to 8 or 4 bits; None: the compute dtype
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,6 @@ class LoadOptions:
 
     allow_offload: bool = False
     trust_remote_code: bool = False
-    kv_bits: int | None = None
     fast_decode: bool = True
     kernel: str | None = None
     chat: bool = True            # refuse a model without a chat template (parity reads logits only)
@@ -65,6 +65,7 @@ def resolve(
     context: int | None = None,
     *,
     batch: int = 1,
+    kv_bits: int | None = None,
     schemes: Callable[[str], Sequence[str]] | None = None,
 ) -> Choice:
     """The backend, quant and context to use, with the plan and the reason. What the user did not
@@ -79,14 +80,14 @@ def resolve(
     if quant is not None:
         backend, reason = _backend_for_quant(quant, backend, machine, allowed)
     elif backend is None and schemes is None:
-        recommendation = recommend(spec, machine, context)
+        recommendation = recommend(spec, machine, context, kv_bits)
         backend, quant = recommendation.backend, recommendation.quant
         reason = f"the plan's recommendation: {recommendation.reason}"
     else:
         backend = backend or _preferred_backends(machine)[0]
-        quant, reason = _best_scheme(spec, machine, backend, context, batch, allowed(backend))
-    plan = make_plan(spec, machine, quant, context, batch, backend)
-    return Choice(spec, machine, backend, quant, context, plan, reason)
+        quant, reason = _best_scheme(spec, machine, backend, context, batch, kv_bits, allowed(backend))
+    plan = make_plan(spec, machine, quant, context, batch, backend, kv_bits=kv_bits)
+    return Choice(spec, machine, backend, quant, context, plan, reason, kv_bits)
 
 
 def _preferred_backends(machine: "Machine") -> list[str]:
@@ -116,14 +117,14 @@ def _quants_or_none(name: str, allowed: Callable[[str], Sequence[str]]) -> Seque
 
 
 def _best_scheme(spec: ModelSpec, machine: "Machine", backend: str, context: int, batch: int,
-                 allowed: Sequence[str]) -> tuple[str, str]:
+                 kv_bits: int | None, allowed: Sequence[str]) -> tuple[str, str]:
     """The first of the plan's candidates for this backend, then the backend's own quality order,
     that fits; else its smallest."""
     order = [q for b, q, _ in candidate_schemes(spec, machine) if b == backend]
     order += list(backend_class(backend).quality_order)
     order = [q for q in dict.fromkeys(order) if q in allowed] or list(allowed)
     for quant in order:
-        if make_plan(spec, machine, quant, context, batch, backend).verdict == FITS:
+        if make_plan(spec, machine, quant, context, batch, backend, kv_bits=kv_bits).verdict == FITS:
             return quant, f"you asked for {backend}: {quant} is its best scheme that fits"
     return order[-1], f"you asked for {backend}: nothing fits; {order[-1]} is its smallest scheme"
 
@@ -146,7 +147,7 @@ def open_session(choice: Choice, options: LoadOptions = LoadOptions(),
     return backend.load(LoadRequest(
         spec, quant=choice.quant, context=choice.context, plan=choice.plan,
         allow_offload=options.allow_offload, trust_remote_code=options.trust_remote_code,
-        on_progress=on_progress, kv_bits=options.kv_bits, fast_decode=options.fast_decode, kernel=options.kernel,
+        on_progress=on_progress, kv_bits=choice.kv_bits, fast_decode=options.fast_decode, kernel=options.kernel,
     ))
 
 
@@ -169,12 +170,12 @@ def options_that_fit(plan: Plan) -> list[str]:
     """Smaller schemes of the same backend, then shorter contexts, that the plan's arithmetic says fit."""
     options = []
     for quant in backend_class(plan.backend).quality_order:
-        if quant != plan.quant and make_plan(plan.model, plan.machine, quant, plan.context,
-                                             backend=plan.backend).verdict == FITS:
+        if quant != plan.quant and make_plan(plan.model, plan.machine, quant, plan.context, backend=plan.backend,
+                                             kv_bits=plan.kv_bits).verdict == FITS:
             options.append(f"--quant {quant}")
     for context in (plan.context // 2, plan.context // 4, 2048):
         if 512 <= context < plan.context and make_plan(plan.model, plan.machine, plan.quant, context,
-                                                       backend=plan.backend).verdict == FITS:
+                                                       backend=plan.backend, kv_bits=plan.kv_bits).verdict == FITS:
             options.append(f"--context {context}")
             break
     return options

@@ -43,7 +43,7 @@ def known(what: str, names):
 def add_model_arguments(parser: argparse.ArgumentParser, *, load: bool = True,
                         backend_help: str = "default: what the plan recommends for this machine",
                         quant_help: str = "default: what the plan recommends for this machine") -> None:
-    """MODEL, --backend, --quant, --context; with `load`, the switches of a real load too."""
+    """MODEL, --backend, --quant, --context, --kv-bits; with `load`, the switches of a real load too."""
     from runner.backend import all_quants, backend_names
 
     parser.add_argument("model", nargs="?", default=None, metavar="MODEL",
@@ -55,14 +55,14 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, load: bool = True,
                         help=f"{', '.join(all_quants())}; {quant_help}")
     parser.add_argument("--context", type=context_count, default=None, metavar="N",
                         help="tokens of prompt + reply to plan for, e.g. 8192 or 8k (default: 4096 or the model's maximum)")
+    parser.add_argument("--kv-bits", type=int, choices=(8, 4), default=None,
+                        help="store the KV cache quantized to 8 or 4 bits (default: the compute dtype)")
     if not load:
         return
     parser.add_argument("--allow-offload", action="store_true",
                         help="load even when the plan needs CPU/disk offload (very slow)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run the model repository's own Python code (off by default)")
-    parser.add_argument("--kv-bits", type=int, choices=(8, 4), default=None,
-                        help="store the KV cache quantized to 8 or 4 bits (default: the compute dtype)")
     parser.add_argument("--no-fast-decode", dest="fast_decode", action="store_false",
                         help="decode through the library's ordinary loop instead of the backend's fast path")
     parser.add_argument("--kernel", default=None,
@@ -75,7 +75,6 @@ def load_options(args: argparse.Namespace, *, chat: bool = True):
     return LoadOptions(
         allow_offload=getattr(args, "allow_offload", False),
         trust_remote_code=getattr(args, "trust_remote_code", False),
-        kv_bits=getattr(args, "kv_bits", None),
         fast_decode=getattr(args, "fast_decode", True),
         kernel=getattr(args, "kernel", None),
         chat=chat,
@@ -91,4 +90,5 @@ def choose(args: argparse.Namespace, *, machine=None, schemes=None, batch: int =
     spec = load_spec(args.model)
     if machine is None:
         machine = resolve_machine(getattr(args, "machine", None))
-    return resolve(spec, machine, args.backend, args.quant, args.context, batch=batch, schemes=schemes)
+    return resolve(spec, machine, args.backend, args.quant, args.context, batch=batch,
+                   kv_bits=getattr(args, "kv_bits", None), schemes=schemes)

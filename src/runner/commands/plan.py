@@ -39,9 +39,9 @@ def run(args: argparse.Namespace) -> int:
     batch = parse_count(args.batch, "--batch")
     choice = choose(args, batch=batch)
     model, machine, context = choice.spec, choice.machine, choice.context
-    rows = [budget.make_plan(model, machine, quant, context, batch, backend)
+    rows = [budget.make_plan(model, machine, quant, context, batch, backend, kv_bits=choice.kv_bits)
             for backend, quant in budget.schemes_for(machine, args.backend)]
-    recommendation = budget.recommend(model, machine, context)
+    recommendation = budget.recommend(model, machine, context, choice.kv_bits)
     setups = budget.article_setups(model, context) if recommendation.plan.verdict != budget.FITS or machine.hypothetical else []
 
     if args.json:
@@ -67,6 +67,8 @@ VERDICT_WORDS = {"fits": "FITS", "offload": "OFFLOAD", "does-not-fit": "DOES NOT
 
 
 def _print_report(model, machine, context, batch, rows, choice, recommendation, setups) -> None:
+    from runner import budget
+
     out = sys.stdout.write
     chosen = choice.plan
     params = model.parameter_count()
@@ -77,8 +79,11 @@ def _print_report(model, machine, context, batch, rows, choice, recommendation, 
         f"max context {model.max_context:,}{experts}\n")
     kind = "hypothetical" if machine.hypothetical else "detected"
     out(f"Machine: {machine.label} ({kind}): {machine.describe()}\n")
-    out(f"Context {context:,} tokens x batch {batch} · KV cache {int(model.kv_bytes_per_token(2)):,} bytes/token in "
-        f"bf16 · GB = 10^9 bytes\n\n")
+    kv_bits = rows[0].kv_bits if rows else None
+    kv_format = f"{kv_bits}-bit (quantized, group {budget.KV_GROUP_SIZE})" if kv_bits else "bf16"
+    kv_per_token = model.kv_bytes_per_token(budget.kv_dtype_bytes("bf16", kv_bits))
+    out(f"Context {context:,} tokens x batch {batch} · KV cache {int(kv_per_token):,} bytes/token in "
+        f"{kv_format} · GB = 10^9 bytes\n\n")
 
     header = f"  {'scheme':<9} {'backend':<7} {'weights':>9} {'KV':>8} {'overhead':>9} {'total':>9}  {'verdict':<13} {'tok/s*':>7}\n"
     out(header)
@@ -115,7 +120,8 @@ def _print_report(model, machine, context, batch, rows, choice, recommendation, 
         if chosen.parallel == "pipeline" and any("tensor parallel" in n and "works" in n for n in chosen.notes):
             from runner.budget import make_plan
 
-            tensor = make_plan(model, machine, chosen.quant, context, batch, chosen.backend, parallel="tensor")
+            tensor = make_plan(model, machine, chosen.quant, context, batch, chosen.backend, parallel="tensor",
+                               kv_bits=chosen.kv_bits)
             if tensor.verdict == "fits":
                 per_host = max(s.total_bytes for s in tensor.placement)
                 out(f"  - tensor parallel would need {_gb(per_host)} GB per host and reach ~"

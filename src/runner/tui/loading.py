@@ -45,7 +45,7 @@ def this_machine() -> Machine:
 
 def core_choice(choice: ModelChoice, spec: ModelSpec, machine: Machine) -> Choice:
     """The core's resolution of what the user asked for (the same as every other front end's)."""
-    return resolve(spec, machine, choice.backend, choice.quant, choice.context)
+    return resolve(spec, machine, choice.backend, choice.quant, choice.context, kv_bits=choice.kv_bits)
 
 
 def plan_for(choice: ModelChoice, spec: ModelSpec, machine: Machine) -> Plan:
@@ -65,9 +65,8 @@ def weights_spec(choice: ModelChoice, spec: ModelSpec, on_progress: Callable[[Lo
 def load_session(
     choice: ModelChoice, spec: ModelSpec, plan: Plan, on_progress: Callable[[LoadProgress], None]
 ) -> Session:
-    planned = Choice(spec, plan.machine, plan.backend, plan.quant, plan.context, plan, "as planned")
-    options = LoadOptions(allow_offload=choice.allow_offload, kv_bits=choice.kv_bits,
-                          fast_decode=choice.fast_decode, kernel=choice.kernel)
+    planned = Choice(spec, plan.machine, plan.backend, plan.quant, plan.context, plan, "as planned", plan.kv_bits)
+    options = LoadOptions(allow_offload=choice.allow_offload, fast_decode=choice.fast_decode, kernel=choice.kernel)
     return open_session(planned, options, on_progress)
 
 
