@@ -110,3 +110,18 @@ def test_context_takes_8k_everywhere(capsys):
         assert main(["generate", SMOL, "-p", "hi", "--context", bad]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("runner: error: --context"), err
+
+
+def test_launch_refuses_a_context_it_cannot_hold(capsys):
+    """Issue 21, item 7: `runner launch --context -5` (or 0, or above the model's maximum) ran anyway."""
+    for bad, message in (("-5", "positive number"), ("0", "positive number"), ("9999999", "trained for")):
+        assert main(["launch", "--hosts", "127.0.0.1,127.0.0.1", "--context", bad, "-p", "hi"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+
+
+def test_backends_register_their_own_commands():
+    from runner.backend import backend_class
+    from runner.cli import all_commands
+
+    assert all_commands()["launch"][0] == backend_class("mlx").commands["launch"][0] == "runner_mlx.launch_command"

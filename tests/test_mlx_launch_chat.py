@@ -226,7 +226,7 @@ def test_the_chat_needs_the_first_host_to_be_this_machine(tiny_llama_dir):
 def test_sampling_flags_become_the_chats_starting_settings():
     """`runner launch --temperature 0.7 --system ...` in the chat: the flags given override the saved
     settings, the others stay as saved; a bad value is refused like in a one-shot run."""
-    from runner.commands.launch import ONE_SHOT, starting_settings
+    from runner_mlx.launch_command import ONE_SHOT, starting_settings
 
     saved = ChatSettings(system_prompt="be brief", temperature=0.0, top_p=0.9, max_tokens=100)
     merged = starting_settings(saved, {"temperature": 0.7}, "answer in French")

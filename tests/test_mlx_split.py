@@ -58,7 +58,7 @@ def test_a_192_and_a_128_gb_mac_share_405b_where_an_even_split_would_not_fit():
 
 
 def test_launch_defaults_to_8_bit_for_small_models_and_4_bit_for_big_ones():
-    from runner.commands.launch import default_quant
+    from runner_mlx.launch_command import default_quant
 
     assert default_quant(None) == "q8"  # SmolLM2-135M: 4-bit answers garbage
     assert default_quant("meta-llama/Llama-3.1-405B-Instruct") == "q4"

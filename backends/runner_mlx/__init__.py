@@ -35,6 +35,8 @@ class MlxBackend:
     rehearse_quants = ("q4", "q8", "bf16")
     install = INSTALL
     packages = ("mlx", "mlx-lm")   # what computes its numbers
+    # sub-commands of runner's CLI that belong to this backend: name -> (module, one-line help)
+    commands = {"launch": ("runner_mlx.launch_command", "run one model across several Macs (mlx.launch)")}
 
     def availability(self) -> Availability:
         missing = [name for name in ("mlx", "mlx_lm") if importlib.util.find_spec(name) is None]

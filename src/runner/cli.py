@@ -23,9 +23,23 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("runner.commands.plan", "will this model fit this machine, and how? (no download, no weights)"),
     "rehearse": ("runner.commands.rehearse", "load the real architecture with random weights: real memory, real speed"),
     "parity": ("runner.commands.parity", "do two backends or quantizations give the same answers?"),
-    "launch": ("runner.commands.launch", "run one model across several Macs (mlx.launch)"),
+    "serve": ("runner.commands.serve", "serve a model over an OpenAI-compatible HTTP API"),
 }
 DEFAULT_COMMAND = "chat"
+
+
+def all_commands() -> dict[str, tuple[str, str]]:
+    """The core's commands, then those each installed backend registers (`commands` on its class,
+    e.g. mlx's `launch`); a backend that is not installed adds none."""
+    from runner.backend import backend_class, backend_names
+
+    commands = dict(COMMANDS)
+    for name in backend_names():
+        try:
+            commands.update(getattr(backend_class(name), "commands", {}))
+        except RunnerError:
+            continue
+    return commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"runner {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module_name, help_text) in COMMANDS.items():
+    for name, (module_name, help_text) in all_commands().items():
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as error:
@@ -51,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
+    if not argv or (argv[0] not in all_commands() and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, DEFAULT_COMMAND)
     parser = build_parser()
     try:

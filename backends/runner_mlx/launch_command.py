@@ -1,4 +1,5 @@
-"""`runner launch`: one model across several hosts with MLX (mlx.launch, ring backend).
+"""`runner launch`: one model across several hosts with MLX (mlx.launch, ring backend). A sub-command
+the mlx backend registers (`MlxBackend.commands`).
 
     runner launch --backend mlx --hosts 10.0.0.1,10.0.0.2 MODEL -p "Hello"
     runner launch --hostfile hosts.json MODEL --split pipeline -p "Hello"
@@ -16,6 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from runner.commands.options import context_count
 from runner.errors import UserInputError
 
 ONE_SHOT = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 256}     # sampling of a one-shot reply
@@ -41,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, help="0 is greedy (the one-shot default)")
     parser.add_argument("--top-p", type=float, help="default 1.0")
     parser.add_argument("--seed", type=int, help="one-shot only")
-    parser.add_argument("--context", type=int, default=4096, help="tokens of KV cache to plan for (default 4096)")
+    parser.add_argument("--context", type=context_count, default=4096,
+                        help="tokens of KV cache to plan for, e.g. 8192 or 8k (default 4096)")
     parser.add_argument("--host-memory", help="RAM of each host in GB, e.g. 192,128 (default: measured)")
     parser.add_argument("--rank-timeout", type=float, default=120.0,
                         help="seconds a rank waits for the others before it gives up (default 120)")
@@ -59,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if args.rank_timeout <= 0:
         raise UserInputError("--rank-timeout must be more than 0 seconds")
     quant = args.quant or default_quant(args.model)
+    check_context(args.model, args.context)
     given = {name: getattr(args, name) for name in ONE_SHOT if getattr(args, name) is not None}
     sampling = Sampling(**{**ONE_SHOT, **given}, seed=args.seed)       # checks the values given
     memory = host_memory_gb(args)
@@ -122,6 +126,14 @@ def host_memory_gb(args: argparse.Namespace) -> list[float] | None:
         return [float(x) for x in args.host_memory.split(",")]
     except ValueError:
         raise UserInputError(f"--host-memory '{args.host_memory}': expected GB per host, e.g. 192,128") from None
+
+
+def check_context(model: str | None, context: int) -> None:
+    from runner.model import load_spec
+
+    spec = load_spec(model)
+    if context > spec.max_context:
+        raise UserInputError(f"--context {context:,} is more than {spec.name} was trained for ({spec.max_context:,} tokens)")
 
 
 def default_quant(model: str | None) -> str:
