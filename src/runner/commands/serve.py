@@ -1,0 +1,129 @@
+"""`runner serve [MODEL]`: an OpenAI-compatible HTTP API over one model (runner.server).
+
+The plan line and the load's progress go to stderr as with `runner generate`; the server listens
+at once and answers 503 while the model loads in the background, then one request at a time from
+a bounded queue. It binds 127.0.0.1 unless told otherwise, and any other address needs an API key
+(--api-key or RUNNER_API_KEY). The HTTP stack (starlette, uvicorn) is imported here only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import socket
+import sys
+import time
+
+from runner.commands.options import add_model_arguments, choose, load_options
+from runner.errors import UserInputError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only; any other needs --api-key)")
+    parser.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080; 0: any free port)")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer <key>' on every request (default: $RUNNER_API_KEY)")
+    parser.add_argument("--queue", type=int, default=16, metavar="N",
+                        help="requests that may wait while one is answered; more get 429 (default 16)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from runner.choice import choice_line, open_session
+    from runner.commands.generate import ProgressLine
+
+    api_key = args.api_key or os.environ.get("RUNNER_API_KEY") or None
+    check_address(args.host, args.port, api_key)
+    if args.queue < 1:
+        raise UserInputError(f"--queue must be at least 1, not {args.queue}")
+    try:
+        import uvicorn
+
+        from runner.server.app import build_app
+        from runner.server.worker import ModelHost
+    except ImportError as error:
+        raise UserInputError(f"runner serve needs the HTTP stack ({error.name} is missing): "
+                             "pip install 'runner[serve]'") from None
+
+    choice = choose(args)
+    print(f"runner: {choice_line(choice)}", file=sys.stderr)
+    listener = listen(args.host, args.port)
+    url = address_url(listener)
+    progress = ProgressLine()
+    started = time.perf_counter()
+
+    def ready(session) -> None:
+        progress.finish()
+        log(f"loaded in {time.perf_counter() - started:.1f} s: {session.device_summary}")
+        for warning in session.warnings:
+            log(f"warning: {warning}")
+        log(f"ready: {choice.spec.name} at {url}/v1")
+
+    def failed(error: Exception) -> None:
+        progress.finish()
+        server.should_exit = True   # `run` reports the error once the server has stopped
+
+    host = ModelHost(lambda report: open_session(choice, load_options(args), report), context=choice.context,
+                     queue_size=args.queue, log=log, on_progress=progress, on_ready=ready, on_failed=failed)
+    aliases = {choice.spec.name.rsplit("/", 1)[-1]} | ({args.model} if args.model else set())
+    app = build_app(host, model=choice.spec.name, aliases=aliases, api_key=api_key, log=log)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=3)
+    server = uvicorn.Server(config)
+    log(f"serving on {url} (the model loads in the background: requests get 503 until it is ready)"
+        + ("; every request needs the API key" if api_key else ""))
+    host.start()
+    try:
+        server.run(sockets=[listener])
+    finally:
+        host.close()
+        listener.close()
+    if host.failure is not None:
+        raise host.failure
+    return 0
+
+
+def log(line: str) -> None:
+    print(f"runner: {line}", file=sys.stderr, flush=True)
+
+
+def check_address(host: str, port: int, api_key: str | None) -> None:
+    """127.0.0.1 by default; anything reachable from another machine needs a key."""
+    if not 0 <= port <= 65535:
+        raise UserInputError(f"--port must be between 0 and 65535, not {port}")
+    if api_key is None and not is_loopback(host):
+        raise UserInputError(f"--host {host} lets other machines reach the model: pass --api-key KEY (or set "
+                             "RUNNER_API_KEY), or leave --host at 127.0.0.1")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:   # a host name: it may resolve to anything
+        return False
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that a taken port or a wrong address is one clear line."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        listener = socket.socket(family, kind, proto)
+    except OSError as error:
+        raise UserInputError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen(128)
+    except OSError as error:
+        listener.close()
+        raise UserInputError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    return listener
+
+
+def address_url(listener: socket.socket) -> str:
+    host, port = listener.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

@@ -1,0 +1,206 @@
+"""The Starlette app: OpenAI's routes over one `ModelHost`.
+
+    GET  /health                 200 {"status": "ready", ...} or 503 {"status": "loading", "stage": ...}
+    GET  /v1/models              the one model served
+    POST /v1/chat/completions    messages -> a reply, whole or as server-sent events
+    POST /v1/completions         a plain prompt -> its continuation
+
+Every error is OpenAI's shape with its status; nothing of a traceback reaches the client. The
+header `x-runner-reused-prompt-tokens` (and usage.prompt_tokens_details.cached_tokens) says how
+many prompt tokens came from the KV cache the session kept from the previous request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from typing import AsyncIterator, Callable
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from runner.server.api import ApiError, GenerationRequest, Reply, parse_chat, parse_completion
+from runner.server.worker import Failed, Finished, Job, ModelHost, Started, Text
+
+BODY_LIMIT = 4 * 1024 * 1024
+REUSED_HEADER = "x-runner-reused-prompt-tokens"
+
+
+def build_app(host: ModelHost, *, model: str, aliases: set[str], api_key: str | None,
+              log: Callable[[str], None], body_limit: int = BODY_LIMIT) -> Starlette:
+    """`model` is the name /v1/models lists; a request may name it or one of `aliases`."""
+    served = (model, *sorted(aliases - {model}))
+    created = int(time.time())
+
+    def error_response(request: Request, error: ApiError) -> JSONResponse:
+        log(f"{error.status} {request.method} {request.url.path} · {error.message}")
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    async def health(request: Request) -> Response:
+        if host.state != "ready":
+            return JSONResponse({"status": host.state, "stage": host.stage}, status_code=503,
+                                headers={"Retry-After": "2"})
+        return JSONResponse({"status": "ready", "model": model, "busy": host.busy, "queued": host.queued})
+
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    async def one_model(request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in served:
+            raise ApiError(404, f"the model '{name[:200]}' is not served here; this server has {model}",
+                           code="model_not_found")
+        return JSONResponse(model_card())
+
+    def model_card() -> dict:
+        return {"id": model, "object": "model", "created": created, "owned_by": "runner"}
+
+    async def chat_completions(request: Request) -> Response:
+        return await answer(request, parse_chat(await read_json(request, body_limit), served))
+
+    async def completions(request: Request) -> Response:
+        return await answer(request, parse_completion(await read_json(request, body_limit), served))
+
+    async def answer(request: Request, generation: GenerationRequest) -> Response:
+        job = Job(generation, asyncio.get_running_loop())
+        host.submit(job)
+        watcher = asyncio.create_task(cancel_on_disconnect(request, job))
+        streaming = False
+        try:
+            first = await job.events.get()
+            if isinstance(first, Failed):
+                raise first.error
+            if not isinstance(first, Started):   # cancelled before it began: the client left, or the server stops
+                raise ApiError(503, "the request was cancelled before it started", type="server_error")
+            reply = Reply(generation.chat, model)
+            headers = {REUSED_HEADER: str(first.reused_tokens)}
+            if generation.stream:
+                streaming = True   # the stream owns the job and the watcher from here on
+                return StreamingResponse(events(job, watcher, reply, generation.include_usage), headers=headers,
+                                         media_type="text/event-stream")
+            return await whole(job, reply, headers)
+        finally:
+            if not streaming:
+                job.cancel.set()    # no effect on a finished job; stops one whose request was cut short
+                watcher.cancel()
+
+    async def whole(job: Job, reply: Reply, headers: dict[str, str]) -> Response:
+        text = []
+        while True:
+            event = await job.events.get()
+            if isinstance(event, Text):
+                text.append(event.text)
+            elif isinstance(event, Finished):
+                return JSONResponse(reply.whole("".join(text), event.finish_reason, event.usage), headers=headers)
+            elif isinstance(event, Failed):
+                raise event.error
+
+    async def events(job: Job, watcher: asyncio.Task, reply: Reply, include_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events: a first chunk (the role), text chunks, the finish reason, the usage
+        if asked for, then [DONE]. A failure after the first chunk is an error event."""
+        try:
+            if reply.chat:
+                yield sse(reply.chunk(first=True))
+            while True:
+                event = await job.events.get()
+                if isinstance(event, Text):
+                    yield sse(reply.chunk(event.text))
+                elif isinstance(event, Finished):
+                    yield sse(reply.chunk(finish_reason=event.finish_reason))
+                    if include_usage:
+                        yield sse(reply.usage_chunk(event.usage))
+                    yield "data: [DONE]\n\n"
+                    return
+                elif isinstance(event, Failed):
+                    log(f"{event.error.status} (in a stream) {event.error.message}")
+                    yield sse(event.error.body())
+                    return
+        finally:
+            job.cancel.set()
+            watcher.cancel()
+
+    async def api_error(request: Request, error: ApiError) -> Response:
+        return error_response(request, error)
+
+    async def http_error(request: Request, error: HTTPException) -> Response:
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
+        message = f"{request.method} {request.url.path}: {error.detail}"
+        return error_response(request, ApiError(error.status_code, message, code=kind))
+
+    async def internal_error(request: Request, error: Exception) -> Response:
+        return error_response(request, ApiError(500, f"internal error ({type(error).__name__}); the server goes on",
+                                                type="server_error"))
+
+    app = Starlette(
+        routes=[
+            Route("/health", health, methods=["GET"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/models/{name:path}", one_model, methods=["GET"]),
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/completions", completions, methods=["POST"]),
+        ],
+        exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: internal_error},
+    )
+    if api_key:
+        app.add_middleware(RequireKey, key=api_key, on_refused=log)
+    return app
+
+
+def sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def read_json(request: Request, limit: int) -> dict:
+    """The body as a JSON object: 413 past `limit` bytes (counted as they arrive, whatever
+    Content-Length says), 400 if it is not a JSON object."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the request body is {int(declared)} bytes; the limit is {limit}", code="body_too_large")
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            raise ApiError(413, f"the request body is over the limit of {limit} bytes", code="body_too_large")
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as error:   # UnicodeDecodeError is a ValueError
+        raise ApiError(400, f"the request body is not valid JSON ({str(error)[:200]})", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    return data
+
+
+async def cancel_on_disconnect(request: Request, job: Job) -> None:
+    """Cancel the job when the client goes away, whether it is waiting in the queue, generating,
+    or streaming."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancel.set()
+
+
+class RequireKey:
+    """ASGI middleware: every request needs `Authorization: Bearer <key>`, compared in constant time."""
+
+    def __init__(self, app, key: str, on_refused: Callable[[str], None]) -> None:
+        self.app = app
+        self.key = key.encode()
+        self.on_refused = on_refused
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and not self._allowed(scope):
+            error = ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                             code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            self.on_refused(f"401 {scope['method']} {scope['path']} · missing or wrong API key")
+            await JSONResponse(error.body(), status_code=401, headers=error.headers)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _allowed(self, scope) -> bool:
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = given.partition(b" ")
+        return hmac.compare_digest(token.strip(), self.key) and scheme.lower() == b"bearer"
