@@ -10,8 +10,9 @@ a step at position p attends over the smallest bucket that holds p + 1 positions
 The elementwise pieces of a step (residual add + RMSNorm, RoPE on q and k, SiLU × up) are
 fused by torch.compile, and for BF16 models q/k/v and gate/up become one GEMV each (the modules'
 weights turned into views of one tensor: no extra memory). With bitsandbytes NF4 weights, the
-projections of a decode step run runner's own batch-1 kernel (`nf4_cuda.py`, reading bitsandbytes'
-packed weights and double-quant state as they are; q/k/v and gate/up one launch each), or
+projections of a decode step run runner's own batch-1 kernels (`nf4_cuda.py`, reading bitsandbytes'
+packed weights and double-quant state as they are; q/k/v and gate/up one launch each; by default on
+the tensor cores, with the RMSNorms, residual adds and SiLU x up inside those launches), or
 bitsandbytes' own with `nf4_kernel="bitsandbytes"` (`--kernel bitsandbytes`). Prefill keeps
 bitsandbytes' (or torch's) own path, eagerly, `prefill_chunk` tokens at a time (budget.PREFILL_CHUNK,
 what the Plan counts activations for), the lm_head for the last position only.
@@ -42,11 +43,12 @@ FIRST_BUCKET = 256
 # projection types whose forward runs inside a CUDA graph (no host synchronisation): plain
 # Linear and bitsandbytes' 4-bit Linear; LLM.int8 and FP8 layers keep the ordinary loop
 GRAPH_SAFE_LINEARS = ("Linear", "Linear4bit", "LinearNF4", "LinearFP4")
-# The NF4 decode GEMV (LoadRequest.kernel, `--kernel`). "cuda" (default): nf4_cuda.py, CUDA C++ compiled by NVRTC,
-# q/k/v and gate/up one launch each (1.4x bitsandbytes' decode, bench/RESULTS.md), where it applies;
-# "cuda-bnb-rounding": the same kernel rounding as bitsandbytes' does (bf16 weights and products);
-# "bitsandbytes": the modules' own batch-1 kernel
-NF4_KERNELS = {"cuda": "float32", "cuda-bnb-rounding": "bitsandbytes", "bitsandbytes": None}   # -> rounding
+# The NF4 decode GEMV (LoadRequest.kernel, `--kernel`). "cuda" (default): nf4_cuda.NF4Mma, runner's
+# tensor-core kernel with each layer's RMSNorms, residual adds and SiLU x up inside it, where it takes
+# every projection (else "cuda-simt"); "cuda-simt": nf4_cuda.NF4Gemv, float32 products, q/k/v and
+# gate/up one launch each; "cuda-bnb-rounding": that kernel rounding as bitsandbytes' does (bf16
+# weights and products); "bitsandbytes": the modules' own batch-1 kernel
+NF4_KERNELS = {"cuda": "float32", "cuda-simt": "float32", "cuda-bnb-rounding": "bitsandbytes", "bitsandbytes": None}   # -> rounding
 
 
 class Unsupported(Exception):
@@ -97,6 +99,7 @@ class FastDecoder:
             raise ValueError(f"nf4 kernel {self.nf4_kernel!r}: one of {', '.join(NF4_KERNELS)}")
         # per layer, runner's GEMV for q/k/v, o, gate/up and down (one launch per group), where
         # every layer's projections are NF4 weights the chosen kernel reads; else None
+        self.nf4_fused = False     # the calls hold the norms, residual adds and SiLU x up (NF4Mma)
         self.nf4 = self._nf4_calls() if self.nf4_kernel != "bitsandbytes" else None
         if self.nf4 is None:
             self.nf4_kernel = "bitsandbytes"      # what runs: the modules' own kernel
@@ -195,6 +198,12 @@ class FastDecoder:
         None if some projection is not an NF4 weight that kernel reads."""
         from runner_cuda.fast import nf4_cuda
 
+        if self.nf4_kernel == "cuda":
+            fused = self._nf4_fused_calls()
+            if fused is not None:
+                self.nf4_fused = True
+                return fused
+            self.nf4_kernel = "cuda-simt"
         groups = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
                   "down": ("down_proj",)}
         calls = []
@@ -210,6 +219,31 @@ class FastDecoder:
                 if call is None:
                     return None
                 layer_calls[group] = call
+            calls.append(layer_calls)
+        return calls
+
+    def _nf4_fused_calls(self) -> "list[dict] | None":
+        """Per layer, NF4Mma calls: "qkv" (RMSNorm inside), "o" and "down" (adding into the residual
+        stream), "gate_up" (RMSNorm inside, SiLU(gate) x up out); None where it does not take them all."""
+        from runner_cuda.fast.nf4_cuda import NF4Mma
+
+        calls = []
+        for layer in self.layers:
+            weights = {name: nf4_weight_of(module) for name, module in zip(
+                ("q", "k", "v", "o", "gate", "up", "down"), _projections(layer))}
+            if any(w is None for w in weights.values()):
+                return None
+            layer_calls = {
+                "qkv": NF4Mma.for_weights([weights["q"], weights["k"], weights["v"]], norm=layer.input_layernorm.weight,
+                                          eps=_norm_eps(layer.input_layernorm), x_dtype=self.dtype),
+                "o": NF4Mma.for_weights([weights["o"]], residual=True, x_dtype=self.dtype),
+                "gate_up": NF4Mma.for_weights([weights["gate"], weights["up"]], glu=True,
+                                              norm=layer.post_attention_layernorm.weight,
+                                              eps=_norm_eps(layer.post_attention_layernorm), x_dtype=self.dtype),
+                "down": NF4Mma.for_weights([weights["down"]], residual=True, x_dtype=self.dtype),
+            }
+            if any(call is None for call in layer_calls.values()):
+                return None
             calls.append(layer_calls)
         return calls
 
@@ -230,13 +264,16 @@ class FastDecoder:
         rep = self.heads // self.kv_heads
         hidden = self.embed(self.token)                                   # [1, hidden]
         first = self.layers[0].input_layernorm
-        x = ops.rms_norm(hidden, first.weight, self.eps)
+        fused = self.nf4_fused        # runner's NF4 kernels do the norms, residual adds and SiLU x up
+        x = None if fused else ops.rms_norm(hidden, first.weight, self.eps)
         norms = [layer.post_attention_layernorm for layer in self.layers]
         following = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         for index, (layer, keys, values, middle, after) in enumerate(zip(self.layers, self.keys, self.values, norms, following)):
             attn, mlp = layer.self_attn, layer.mlp
-            if self.qkv is not None:
+            if fused:
+                q, k, v = self.nf4[index]["qkv"](hidden).split([q_size, kv_size, kv_size], dim=-1)
+            elif self.qkv is not None:
                 q, k, v = torch.nn.functional.linear(x, *self.qkv[index]).split([q_size, kv_size, kv_size], dim=-1)
             elif self.nf4 is not None:
                 q, k, v = self.nf4[index]["qkv"](x).split([q_size, kv_size, kv_size], dim=-1)
@@ -250,6 +287,10 @@ class FastDecoder:
                 q.view(1, self.kv_heads, rep, self.head_dim), keys[None, :, :span], values[None, :, :span],
                 attn_mask=visible, scale=self.scaling,
             ).reshape(1, self.heads * self.head_dim)
+            if fused:                 # hidden += o(out); hidden += down(SiLU(gate) x up of RMSNorm(hidden))
+                self.nf4[index]["o"](out, out=hidden)
+                self.nf4[index]["down"](self.nf4[index]["gate_up"](hidden), out=hidden)
+                continue
             hidden, x = ops.add_rms_norm(hidden, self._project(index, "o", attn.o_proj, out), middle.weight, self.eps)
             if self.gate_up is not None:
                 gate, up = torch.nn.functional.linear(x, *self.gate_up[index]).chunk(2, dim=-1)
@@ -258,6 +299,8 @@ class FastDecoder:
             else:
                 gate, up = mlp.gate_proj(x), mlp.up_proj(x)
             hidden, x = ops.add_rms_norm(hidden, self._project(index, "down", mlp.down_proj, ops.silu_mul(gate, up)), after.weight, self.eps)
+        if fused:
+            x = ops.rms_norm(hidden, self.norm.weight, self.eps)
         return self.head(x)[0].float()
 
     def _prefill_forward(self, ids: "torch.Tensor", start: int = 0) -> "torch.Tensor":

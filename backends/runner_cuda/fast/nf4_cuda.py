@@ -1,21 +1,41 @@
-"""A batch-1 NF4 GEMV in CUDA C++, compiled at run time by NVRTC (`torch.cuda._compile_kernel`,
-which ships with torch's CUDA wheels: no compiler needed on the user's machine).
+"""Batch-1 NF4 GEMVs in CUDA C++, compiled at run time by NVRTC (`torch.cuda._compile_kernel`,
+which ships with torch's CUDA wheels: no compiler needed on the user's machine). Both read
+bitsandbytes' packed weights and double-quant state as they are (see `nf4.py` for the layout).
 
-It reads bitsandbytes' packed weights and double-quant state as they are (see `nf4.py` for the
-layout). One warp computes ROWS outputs: each lane takes 32 consecutive weights of a row at a
-time (one 16-byte load per row; 32 weights lie inside one 64-weight quant block), the matching
-32 inputs (64 bytes, shared by the warp's ROWS rows), looks each nibble up in the 16-entry NF4
-table held in shared memory (conflict-free: 16 words in 16 banks), sums the 32 products in
-float32, scales the sum once, and the warp reduces with shuffles. Up to three weights that read
-the same input (q/k/v, gate/up) run in one launch, their outputs side by side.
+`NF4Mma` (the default) runs on the tensor cores: a warp computes a tile of 16 rows with
+`mma.sync m16n8k16` (bf16 inputs, float32 sums), several warps splitting K. Each byte of packed
+weights (two weights) becomes a bf16 pair by one shared-memory load from a 256-entry table that
+every lane has its own copy of (no bank conflicts): about one instruction per weight where a
+lookup per nibble and a float32 FMA per weight took four, and on an H200 the SIMT kernel was
+issue-bound, not memory-bound. Each lane's 32 weights lie in one 64-weight quant block and the
+B operand puts the two blocks of a k16 step in two columns, so the float32 scale multiplies the
+block's sum. It can also do the work around the GEMV that would be kernels of their own: the
+RMSNorm of its input (`norm`), the residual add of its output (`residual`), and SiLU(gate) × up
+(`glu`, the tile's rows 0-7 from gate_proj and 8-15 from up_proj).
+
+    qkv = NF4Mma.for_weights([q, k, v], norm=input_layernorm.weight, eps=eps)   # None where it does not apply
+    y = qkv(hidden)                                    # RMSNorm(hidden) @ [q; k; v].T, bf16 [1, sum of outputs]
+    NF4Mma.for_weights([o], residual=True)(attention, out=hidden)      # hidden += attention @ o.T
+
+The NF4 values are rounded to bf16 (as bitsandbytes' own kernels and its dequantize do); products
+and sums are float32 and the scale is float32: within bf16 rounding of the float32 reference.
+
+`NF4Gemv` is the SIMT kernel, for weights NF4Mma does not take (out_features not a multiple of 16,
+in_features not of 128) and for rounding as bitsandbytes does. One warp computes ROWS outputs:
+each lane takes 32 consecutive weights of a row at a time (one 16-byte load per row; 32 weights
+lie inside one 64-weight quant block), the matching 32 inputs (64 bytes, shared by the warp's ROWS
+rows), looks each nibble up in the 16-entry NF4 table held in shared memory (conflict-free: 16
+words in 16 banks), sums the 32 products in float32, scales the sum once, and the warp reduces
+with shuffles. Up to three weights that read the same input (q/k/v, gate/up) run in one launch,
+their outputs side by side.
 
     kernel = NF4Gemv.for_weights([q, k, v])       # None where it does not apply (then bitsandbytes)
     y = kernel(x)                                  # bf16 [1, sum of outputs]
 
-Products and sums are float32 with the scale applied per 32 weights: within bf16 rounding of the
-float32 reference, closer to it than bitsandbytes' own kernel (which rounds each product to bf16).
-With rounding="bitsandbytes" it rounds as that kernel does, and its outputs were bit-identical to
-bitsandbytes' on every Llama-8B shape measured (bench/RESULTS.md), at some of the speed.
+Its products and sums are float32 with the scale applied per 32 weights: within bf16 rounding of
+the float32 reference, closer to it than bitsandbytes' own kernel (which rounds each product to
+bf16). With rounding="bitsandbytes" it rounds as that kernel does, and its outputs were
+bit-identical to bitsandbytes' on every Llama-8B shape measured (bench/RESULTS.md), at some of the speed.
 """
 
 from __future__ import annotations
@@ -185,6 +205,243 @@ extern "C" __global__ void nf4_gemv(
 }
 """
 
+MMA_SOURCE = r"""
+// Batch-1 NF4 GEMV on the tensor cores (mma.sync m16n8k16, bf16 in, float32 accumulate).
+// Compile-time: K (input features), BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, WARPS (per block), SPLIT (warps
+// sharing one 16-row tile, each over a slice of K), GLU (tile rows g: gate, g + 8: up of the same output;
+// writes silu(gate) * up), NORM (the input is RMSNorm(x) * norm weight, computed in the prologue),
+// RESIDUAL (out = out + result: the residual stream updated in place).
+#define NIT (K / 128)
+#define TILES (WARPS / SPLIT)
+
+__device__ __forceinline__ float bf16_to_float(unsigned int bits) { return __uint_as_float(bits << 16); }
+
+__device__ __forceinline__ unsigned int float_to_bf16(float value) {
+    unsigned short bits;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(bits) : "f"(value));
+    return bits;
+}
+
+__device__ __forceinline__ unsigned int mul_bf16x2(unsigned int a, unsigned int b) {
+    unsigned int d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
+    return d;
+}
+
+__device__ __forceinline__ void mma(float* c, unsigned int a0, unsigned int a1, unsigned int a2, unsigned int a3,
+                                    unsigned int b0, unsigned int b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ unsigned int word_of(const uint4& v, int i) {
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// one bf16 pair (the two weights of one packed byte) from the lane's own copy of the 256-entry table
+#define LUT(w, b) (*(const unsigned int*)(table_bytes + \
+    ((((b) == 0 ? ((w) << 7) : ((w) >> (8 * (b) - 7))) & 0x7F80u) | lane4)))
+
+struct Rows {                    // one A-fragment row of the tile: its weight, and where its blocks start
+    const uint4* packed;         // the row's first 16 bytes
+    const void* absmax;
+    const float* ncode;
+    const float* nabs;
+    float shift;
+    unsigned long long block0;   // index of the row's first quant block
+};
+
+__device__ __forceinline__ Rows rows_of(int row, const uint4* p, const void* a, const float* nc, const float* na, const float* o) {
+    Rows r;
+    r.packed = p + (size_t)row * (K / 32);
+    r.absmax = a; r.ncode = nc; r.nabs = na;
+    r.shift = NESTED ? o[0] : 0.0f;
+    r.block0 = (unsigned long long)row * (K / BLOCKSIZE);
+    return r;
+}
+
+__device__ __forceinline__ float scale_of(const Rows& r, unsigned long long block) {
+#if NESTED
+    return __ldg(r.ncode + __ldg((const unsigned char*)r.absmax + block)) * __ldg(r.nabs + block / NESTED_BLOCKSIZE) + r.shift;
+#else
+    return __ldg((const float*)r.absmax + block);
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
+    const unsigned int* __restrict__ pairs, const uint4* __restrict__ x, const uint4* __restrict__ zeros,
+    unsigned short* __restrict__ out, const uint4* __restrict__ norm_weight, double eps,
+    const uint4* p0, const void* a0, const float* nc0, const float* na0, const float* o0, const unsigned short* b0, int n0,
+    const uint4* p1, const void* a1, const float* nc1, const float* na1, const float* o1, const unsigned short* b1, int n1,
+    const uint4* p2, const void* a2, const float* nc2, const float* na2, const float* o2, const unsigned short* b2, int n2,
+    int has_bias)
+{
+    extern __shared__ __align__(16) unsigned char smem[];
+    unsigned char* table_bytes = smem;                                // [256][32] words: entry e, lane l at e*128 + l*4
+    float* partial = (float*)(smem + 32768);                          // [WARPS][16]
+#if NORM
+    float* reduce = partial + WARPS * 16;                             // [WARPS]
+    uint4* xs = (uint4*)(reduce + 32);                                // [K / 8] the normalized input, then 64 zero bytes
+#endif
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const unsigned int lane4 = lane * 4;
+
+    for (int e = tid; e < 256; e += WARPS * 32) {                     // the table, one copy per lane: no bank conflicts
+        const unsigned int v = __ldg(pairs + e);
+        uint4* row = (uint4*)(table_bytes + e * 128);
+        #pragma unroll
+        for (int c = 0; c < 8; ++c) row[c] = make_uint4(v, v, v, v);
+    }
+#if NORM
+    {   // x = bf16(weight * bf16(x * rsqrt(mean(x^2) + eps))), as transformers' RMSNorm rounds
+        float sum = 0.0f;
+        for (int i = tid; i < K / 8; i += WARPS * 32) {
+            const uint4 v = __ldg(x + i);
+            const unsigned int ws[4] = {v.x, v.y, v.z, v.w};
+            #pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float lo = __uint_as_float(ws[j] << 16), hi = __uint_as_float(ws[j] & 0xFFFF0000u);
+                sum = fmaf(lo, lo, sum);
+                sum = fmaf(hi, hi, sum);
+            }
+        }
+        #pragma unroll
+        for (int m = 16; m > 0; m >>= 1) sum += __shfl_xor_sync(0xFFFFFFFFu, sum, m);
+        if (lane == 0) reduce[warp] = sum;
+        __syncthreads();
+        float total = 0.0f;
+        #pragma unroll
+        for (int w = 0; w < WARPS; ++w) total += reduce[w];
+        const float r = rsqrtf(total / K + (float)eps);
+        for (int i = tid; i < K / 8; i += WARPS * 32) {
+            const uint4 v = __ldg(x + i), nw = __ldg(norm_weight + i);
+            unsigned int ws[4] = {v.x, v.y, v.z, v.w};
+            const unsigned int ns[4] = {nw.x, nw.y, nw.z, nw.w};
+            #pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const unsigned int scaled = float_to_bf16(__uint_as_float(ws[j] << 16) * r)
+                                          | (float_to_bf16(__uint_as_float(ws[j] & 0xFFFF0000u) * r) << 16);
+                ws[j] = mul_bf16x2(scaled, ns[j]);
+            }
+            xs[i] = make_uint4(ws[0], ws[1], ws[2], ws[3]);
+        }
+        if (tid < 4) xs[K / 8 + tid] = make_uint4(0, 0, 0, 0);
+    }
+    const uint4* xin = xs;
+    const uint4* zero4 = xs + K / 8;
+#else
+    const uint4* xin = x;
+    const uint4* zero4 = zeros;
+#endif
+    __syncthreads();
+
+    // this warp's tile and slice of K
+    const int tile = blockIdx.x * TILES + warp / SPLIT, split = warp % SPLIT;
+#if GLU
+    const int tiles = n0 / 8;
+#else
+    const int tiles = (n0 + n1 + n2) / 16;
+#endif
+    const bool valid = tile < tiles;
+    float acc_a = 0.0f, acc_b = 0.0f;
+    int out_row = 0;
+    if (valid) {
+        Rows ra, rb;
+#if GLU
+        out_row = tile * 8;
+        ra = rows_of(out_row + g, p0, a0, nc0, na0, o0);
+        rb = rows_of(out_row + g, p1, a1, nc1, na1, o1);
+#else
+        out_row = tile * 16;
+        if (out_row < n0) {
+            ra = rows_of(out_row + g, p0, a0, nc0, na0, o0); rb = rows_of(out_row + g + 8, p0, a0, nc0, na0, o0);
+        } else if (out_row < n0 + n1) {
+            ra = rows_of(out_row - n0 + g, p1, a1, nc1, na1, o1); rb = rows_of(out_row - n0 + g + 8, p1, a1, nc1, na1, o1);
+        } else {
+            ra = rows_of(out_row - n0 - n1 + g, p2, a2, nc2, na2, o2); rb = rows_of(out_row - n0 - n1 + g + 8, p2, a2, nc2, na2, o2);
+        }
+#endif
+        // B operand: column 0 holds the inputs of lanes t = 0, 1 (one quant block), column 1 those of
+        // t = 2, 3 (the next block); the lanes that hold other columns read zeros
+        const bool data = g == (t >> 1);
+        // the scale this lane looks up: rows g (t < 2) or g + 8, first or second block of the 128
+        const bool second = t >> 1;
+        Rows rs;
+        rs.absmax = second ? rb.absmax : ra.absmax; rs.ncode = second ? rb.ncode : ra.ncode;
+        rs.nabs = second ? rb.nabs : ra.nabs; rs.shift = second ? rb.shift : ra.shift;
+        rs.block0 = second ? rb.block0 : ra.block0;
+        const unsigned int half = (t & 1) * 64;
+        const int first = split * NIT / SPLIT, last = (split + 1) * NIT / SPLIT;
+        #pragma unroll 2
+        for (int it = first; it < last; ++it) {
+            const uint4 wa = __ldcs(ra.packed + it * 4 + t);                 // 32 weights of row g
+            const uint4 wb = __ldcs(rb.packed + it * 4 + t);                 // and of row g + 8
+            const uint4* xsrc = data ? xin + (it * 4 + t) * 4 : zero4;
+            uint4 xq[4];
+            #pragma unroll
+            for (int q = 0; q < 4; ++q) xq[q] = xsrc[q];
+            const float scale = scale_of(rs, rs.block0 + (it * 128u + half) / BLOCKSIZE);
+            float c[4] = {0.0f, 0.0f, 0.0f, 0.0f}, d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            #pragma unroll
+            for (int s = 0; s < 8; ++s) {      // k16 step s: bytes 2s, 2s + 1 of each lane's 16
+                const unsigned int wA = word_of(wa, s >> 1), wB = word_of(wb, s >> 1);
+                const int p = (s & 1) * 2;
+                const unsigned int xa = (s & 1) ? xq[s >> 1].z : xq[s >> 1].x;
+                const unsigned int xb = (s & 1) ? xq[s >> 1].w : xq[s >> 1].y;
+                mma((s & 1) ? d : c, LUT(wA, p), LUT(wB, p), LUT(wA, p + 1), LUT(wB, p + 1), xa, xb);
+            }
+            const float s1 = __shfl_down_sync(0xFFFFFFFFu, scale, 1);
+            const float s2 = __shfl_down_sync(0xFFFFFFFFu, scale, 2);
+            const float s3 = __shfl_down_sync(0xFFFFFFFFu, scale, 3);
+            acc_a = fmaf(c[0] + d[0], scale, fmaf(c[1] + d[1], s1, acc_a));
+            acc_b = fmaf(c[2] + d[2], s2, fmaf(c[3] + d[3], s3, acc_b));
+        }
+    }
+    if (t == 0) {
+        partial[warp * 16 + g] = acc_a;
+        partial[warp * 16 + g + 8] = acc_b;
+    }
+    __syncthreads();
+#if GLU
+    if (tid < TILES * 8) {
+        const int local = tid / 8, r = tid % 8, row = (blockIdx.x * TILES + local) * 8 + r;
+        if (row < n0) {
+            float gate = 0.0f, up = 0.0f;
+            #pragma unroll
+            for (int s = 0; s < SPLIT; ++s) {
+                gate += partial[(local * SPLIT + s) * 16 + r];
+                up += partial[(local * SPLIT + s) * 16 + r + 8];
+            }
+            if (has_bias) { gate += bf16_to_float(b0[row]); up += bf16_to_float(b1[row]); }
+            const float gb = bf16_to_float(float_to_bf16(gate)), ub = bf16_to_float(float_to_bf16(up));
+            const float silu = bf16_to_float(float_to_bf16(gb / (1.0f + __expf(-gb))));
+            out[row] = float_to_bf16(silu * ub);
+        }
+    }
+#else
+    if (tid < TILES * 16) {
+        const int local = tid / 16, r = tid % 16, row = (blockIdx.x * TILES + local) * 16 + r;
+        if (row < n0 + n1 + n2) {
+            float v = 0.0f;
+            #pragma unroll
+            for (int s = 0; s < SPLIT; ++s) v += partial[(local * SPLIT + s) * 16 + r];
+            if (has_bias) {
+                const unsigned short* bias = row < n0 ? b0 + row : row < n0 + n1 ? b1 + row - n0 : b2 + row - n0 - n1;
+                v += bf16_to_float(*bias);
+            }
+#if RESIDUAL
+            out[row] = float_to_bf16(bf16_to_float(out[row]) + bf16_to_float(float_to_bf16(v)));
+#else
+            out[row] = float_to_bf16(v);
+#endif
+        }
+    }
+#endif
+}
+"""
+
 _COMPILED: dict = {}
 
 
@@ -296,3 +553,132 @@ class NF4Gemv:
         self.kernel(grid=self.grid, block=(self.threads, 1, 1),
                     args=[flat, self.code, out, *self.args, *self.tail])
         return out.view(*x.shape[:-1], self.total)
+
+
+def mma_compiled(k: int, blocksize: int, nested_blocksize: int, nested: bool, warps: int, split: int, glu: bool,
+                 norm: bool, residual: bool):
+    """The tensor-core kernel for these compile-time choices, compiled once per process and GPU."""
+    import torch
+
+    key = ("mma", k, blocksize, nested_blocksize, nested, warps, split, glu, norm, residual, torch.cuda.current_device())
+    if key not in _COMPILED:
+        options = [f"-DK={k}", f"-DBLOCKSIZE={blocksize}", f"-DNESTED_BLOCKSIZE={nested_blocksize}", f"-DNESTED={int(nested)}",
+                   f"-DWARPS={warps}", f"-DSPLIT={split}", f"-DGLU={int(glu)}", f"-DNORM={int(norm)}",
+                   f"-DRESIDUAL={int(residual)}", "-std=c++17"]
+        _COMPILED[key] = torch.cuda._compile_kernel(MMA_SOURCE, "nf4_mma", nvcc_options=options)
+    return _COMPILED[key]
+
+
+def mma_fits(weights: Sequence[NF4Weight], glu: bool = False, norm=None, x_dtype=None) -> bool:
+    """NF4Mma reads these weights: in_features a multiple of 128, quant blocks of a multiple of 64
+    weights (nested blocks of 256), out_features a multiple of 16 (of 8 for gate/up with `glu`,
+    which takes exactly two weights of one shape), one to three weights with the same input size,
+    blocks and bias, 16-byte aligned, bf16 inputs and bias, and a bf16 norm weight of in_features."""
+    import torch
+
+    first = weights[0]
+    rows = 8 if glu else 16
+    return (
+        (len(weights) == 2 if glu else 1 <= len(weights) <= 3)
+        and first.in_features % 128 == 0 and first.blocksize % 64 == 0
+        and (not first.nested or first.nested_blocksize == 256)
+        and all((w.in_features, w.blocksize, w.nested, w.nested_blocksize, w.bias is None)
+                == (first.in_features, first.blocksize, first.nested, first.nested_blocksize, first.bias is None)
+                for w in weights)
+        and all(w.out_features % rows == 0 for w in weights)
+        and (not glu or weights[0].out_features == weights[1].out_features)
+        and all(w.packed.data_ptr() % 16 == 0 and w.packed.is_cuda for w in weights)
+        and all(w.bias is None or w.bias.dtype == torch.bfloat16 for w in weights)
+        and (x_dtype is None or x_dtype == torch.bfloat16)
+        and (norm is None or (norm.dtype == torch.bfloat16 and norm.numel() == first.in_features
+                              and norm.is_contiguous() and norm.data_ptr() % 16 == 0))
+    )
+
+
+def mma_shape(weights: Sequence[NF4Weight], glu: bool) -> tuple[int, int]:
+    """(warps per block, warps per tile): 8 warps; each warp over 4-8 of the 128-weight steps of a
+    row where K allows, so that every SM has tiles in flight (bench/RESULTS.md)."""
+    steps = weights[0].in_features // 128
+    split = next((s for s in (8, 4, 2) if steps // s >= 4), 1)
+    return 8, split
+
+
+def nf4_pairs(code: "torch.Tensor") -> "torch.Tensor":
+    """The 256-entry table of a packed byte's two weights as a bf16 pair: the high nibble's value
+    in the low half (element 2i), the low nibble's in the high half (element 2i + 1)."""
+    import torch
+
+    bits = code.float().to(torch.bfloat16).view(torch.int16).to(torch.int64) & 0xFFFF
+    byte = torch.arange(256, device=code.device)
+    pairs = bits[byte >> 4] | (bits[byte & 15] << 16)
+    return torch.where(pairs >= 1 << 31, pairs - (1 << 32), pairs).to(torch.int32).contiguous()
+
+
+class NF4Mma:
+    """One launch of the tensor-core kernel for one to three NF4 weights (q/k/v side by side),
+    or gate/up with `glu`; `norm`: the input is RMSNorm(x) * norm (transformers' rounding);
+    `residual`: the call adds its result into `out` (the residual stream) and returns it.
+    Callable inside a CUDA graph capture (the launch goes to the current stream)."""
+
+    def __init__(self, weights: Sequence[NF4Weight], *, glu: bool = False, norm: "torch.Tensor | None" = None,
+                 eps: float = 1e-6, residual: bool = False, warps: int | None = None, split: int | None = None):
+        import torch
+
+        if not mma_fits(weights, glu, norm):
+            raise ValueError("NF4Mma does not take these weights (see mma_fits)")
+        if glu and residual:
+            raise ValueError("glu and residual do not go together")
+        self.weights = list(weights)
+        first = self.weights[0]
+        self.glu, self.residual, self.norm = glu, residual, norm
+        default_warps, default_split = mma_shape(self.weights, glu)
+        self.warps, self.split = warps or default_warps, split or default_split
+        if self.warps % self.split:
+            raise ValueError(f"{self.warps} warps do not make tiles of {self.split}")
+        self.total = first.out_features if glu else sum(w.out_features for w in self.weights)
+        tiles = first.out_features // 8 if glu else self.total // 16
+        self.grid = (-(-tiles // (self.warps // self.split)), 1, 1)
+        k = first.in_features
+        self.shared = 32768 + self.warps * 64 + (128 + 2 * k + 64 if norm is not None else 0)
+        self.kernel = mma_compiled(k, first.blocksize, max(first.nested_blocksize, 1), first.nested, self.warps, self.split,
+                                   glu, norm is not None, residual)
+        if self.shared >= 48 * 1024 and self.kernel._max_shared_mem_bytes < self.shared:
+            self.kernel.set_shared_memory_config(self.shared)
+        self.pairs = nf4_pairs(first.code)
+        self.zeros = torch.zeros(16, dtype=torch.int32, device=first.packed.device)
+        self.eps = float(eps)
+        self.args = []
+        for slot in range(3):          # unused slots repeat the first weight with no rows
+            w = self.weights[slot] if slot < len(self.weights) else first
+            dummy = w.absmax
+            self.args += [w.packed, w.absmax, w.nested_code if w.nested else dummy, w.nested_absmax if w.nested else dummy,
+                          w.offset if w.nested else dummy, w.bias if w.bias is not None else dummy,
+                          w.out_features if slot < len(self.weights) else 0]
+        self.has_bias = int(first.bias is not None)
+
+    @classmethod
+    def for_weights(cls, weights: Sequence[NF4Weight], *, glu: bool = False, norm: "torch.Tensor | None" = None,
+                    eps: float = 1e-6, residual: bool = False, x_dtype=None) -> "NF4Mma | None":
+        """The launch for these weights, or None where the kernel does not apply."""
+        if not available() or not mma_fits(weights, glu, norm, x_dtype):
+            return None
+        return cls(weights, glu=glu, norm=norm, eps=eps, residual=residual)
+
+    def __call__(self, x: "torch.Tensor", out: "torch.Tensor | None" = None) -> "torch.Tensor":
+        import torch
+
+        flat = x.reshape(-1)
+        if flat.numel() != self.weights[0].in_features or flat.dtype != torch.bfloat16:
+            raise ValueError(f"NF4Mma takes one bf16 row of {self.weights[0].in_features} features, got "
+                             f"{tuple(x.shape)} {x.dtype}")
+        if not flat.is_contiguous() or flat.data_ptr() % 16:
+            flat = flat.clone()
+        if self.residual and (out is None or out.numel() != self.total or not out.is_contiguous()
+                              or out.dtype != torch.bfloat16):
+            raise ValueError(f"a residual NF4Mma adds into `out`: a contiguous bf16 tensor of {self.total}")
+        if out is None:
+            out = torch.empty(self.total, dtype=torch.bfloat16, device=x.device)
+        norm = self.norm if self.norm is not None else self.zeros
+        self.kernel(grid=self.grid, block=(self.warps * 32, 1, 1), shared_mem=self.shared,
+                    args=[self.pairs, flat, self.zeros, out, norm, self.eps, *self.args, self.has_bias])
+        return out.view(*x.shape[:-1], self.total) if not self.residual else out
