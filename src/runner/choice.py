@@ -231,7 +231,7 @@ def choice_line(choice: Choice) -> str:
     plan = choice.plan
     shares = ", ".join(f"{s.device} {_gb(s.total_bytes)}" for s in plan.placement if s.total_bytes)
     return (f"{choice.spec.name} · {choice.backend} · {choice.quant} · {choice.context} tokens of context · "
-            f"plan: {_gb(plan.total_bytes)} ({shares}), {plan.verdict} ({choice.reason})")
+            f"plan: {_gb(plan.total_bytes)} ({shares}), {plan.verdict}")
 
 
 def memory_line(memory: MemoryReport, plan: Plan) -> str:

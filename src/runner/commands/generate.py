@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
     progress = ProgressLine()
     choice = choose(args)
-    print(f"runner: {choice_line(choice)}", file=sys.stderr)
+    print(f"runner: {choice_line(choice)}\nrunner: why: {choice.reason}", file=sys.stderr)
     started = time.perf_counter()
     session = open_session(choice, load_options(args), progress)
     progress.finish()
