@@ -17,12 +17,12 @@ import io
 import json
 import os
 import shutil
-import struct
 from pathlib import Path
 from typing import Callable
 
 from runner.backend import LoadProgress
-from runner.errors import LoadError, UnsupportedModel, UserInputError
+from runner.errors import CorruptWeights, UnsupportedModel, UserInputError
+from runner.files import read_safetensors_header
 from runner.paths import models_dir
 
 from runner_mlx import GROUP_SIZE, MLX_QUANTS, QUANT_BITS, QUANT_DTYPES
@@ -31,12 +31,6 @@ SOURCE_RECORD = "runner-source.json"
 CONVERSION = 2   # raise when runner's conversion changes, so older conversions are made again
 
 Progress = Callable[[LoadProgress], None]
-
-
-class CorruptWeights(LoadError):
-    """A safetensors file cannot be read: truncated, damaged, or not safetensors at all."""
-
-    exit_code = 2
 
 
 def read_json(path: Path) -> dict:
@@ -52,28 +46,7 @@ def weight_files(folder: Path) -> list[Path]:
 
 def safetensors_header(path: Path) -> bytes:
     """The JSON header of a safetensors file (tensor names, dtypes, shapes, offsets), checked."""
-    try:
-        with path.open("rb") as file:
-            prefix = file.read(8)
-            if len(prefix) != 8:
-                raise CorruptWeights(f"{path}: not a safetensors file (shorter than 8 bytes)")
-            (length,) = struct.unpack("<Q", prefix)
-            size = path.stat().st_size
-            if length > size - 8:
-                raise CorruptWeights(f"{path}: corrupt safetensors header (claims {length} bytes, file has {size})")
-            header = file.read(length)
-    except OSError as error:
-        raise CorruptWeights(f"{path}: cannot read ({error.strerror})") from None
-    try:
-        tensors = json.loads(header)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CorruptWeights(f"{path}: corrupt safetensors header (not JSON)") from None
-    end = max((t["data_offsets"][1] for k, t in tensors.items() if k != "__metadata__"), default=0)
-    if 8 + length + end > size:
-        raise CorruptWeights(
-            f"{path}: truncated ({size} bytes, the header needs {8 + length + end}); copy or download it again"
-        )
-    return header
+    return read_safetensors_header(path).raw
 
 
 def check_weights(folder: Path) -> list[Path]:

@@ -40,9 +40,10 @@ def _no_constants(name: str):
 
 
 def parse_json(text: str | bytes, source: object) -> Any:
-    """json.loads, with every way it can fail (and NaN/Infinity, which it accepts) one error."""
+    """json.loads, with every way it can fail (and NaN/Infinity, which it accepts) one error.
+    Bytes must be UTF-8 (json.loads would also take UTF-16 and UTF-32)."""
     try:
-        return json.loads(text, parse_constant=_no_constants)
+        return json.loads(text.decode("utf-8") if isinstance(text, bytes) else text, parse_constant=_no_constants)
     except json.JSONDecodeError as error:
         raise UserInputError(f"{source}: malformed JSON ({error.msg} at line {error.lineno})") from None
     except UnicodeDecodeError as error:
@@ -118,23 +119,25 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
             size = path.stat().st_size
             prefix = file.read(8)
             if len(prefix) < 8:
-                raise CorruptWeights(f"{path}: not a safetensors file (shorter than 8 bytes)")
+                raise CorruptWeights(f"{path}: not a valid safetensors file (shorter than 8 bytes)")
             (length,) = struct.unpack("<Q", prefix)
             if not 2 <= length <= min(size - 8, SAFETENSORS_HEADER_MAX_BYTES):
-                raise CorruptWeights(f"{path}: not a safetensors file (its header claims {length:,} bytes "
-                                     f"of a {size:,}-byte file)")
+                raise CorruptWeights(f"{path}: not a valid safetensors file (its header claims {length} bytes "
+                                     f"of a {size}-byte file)")
             raw = file.read(length)
     except OSError as error:
         raise CorruptWeights(f"{path}: cannot read ({error.strerror or error})") from None
     try:
         header = parse_json(raw, path)
     except UserInputError as error:
-        raise CorruptWeights(f"{path}: corrupt safetensors header ({str(error).split(': ', 1)[-1]})") from None
+        raise CorruptWeights(f"{path}: not a valid safetensors file (corrupt header: "
+                             f"{str(error).split(': ', 1)[-1]})") from None
     if not isinstance(header, dict):
-        raise CorruptWeights(f"{path}: corrupt safetensors header (holds {json_kind(header)}, not an object)")
+        raise CorruptWeights(f"{path}: not a valid safetensors file (its header holds {json_kind(header)}, "
+                             "not an object)")
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise CorruptWeights(f"{path}: corrupt safetensors header (__metadata__ must map names to strings)")
+        raise CorruptWeights(f"{path}: not a valid safetensors file (__metadata__ must map names to strings)")
     tensors = {}
     for name, entry in header.items():
         tensors[name] = _tensor_entry(path, name, entry)
@@ -142,12 +145,11 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
     end = 0
     for name, entry in tensors.items():
         if entry.start != end:
-            raise CorruptWeights(f"{path}: corrupt safetensors header (tensor '{_short(name)}' starts at byte "
-                                 f"{entry.start:,}, not where the one before ends, {end:,})")
+            raise CorruptWeights(f"{path}: not a valid safetensors file (tensor '{_short(name)}' starts at byte "
+                                 f"{entry.start}, not where the one before ends, {end})")
         end = entry.stop
     if 8 + length + end != size:
-        raise CorruptWeights(f"{path}: {size:,} bytes, but its header describes {8 + length + end:,}: the file is "
-                             f"{'cut short' if size < 8 + length + end else 'longer than its tensors'}")
+        raise CorruptWeights(f"{path}: truncated or corrupt ({size} bytes, its header describes {8 + length + end})")
     return SafetensorsHeader(path, raw, tensors, metadata, 8 + length)
 
 
@@ -156,7 +158,7 @@ def _short(name: str) -> str:
 
 
 def _tensor_entry(path: Path, name: str, entry: Any) -> TensorEntry:
-    where = f"{path}: corrupt safetensors header (tensor '{_short(name)}'"
+    where = f"{path}: not a valid safetensors file (tensor '{_short(name)}'"
     if not isinstance(entry, dict):
         raise CorruptWeights(f"{where} is {json_kind(entry)}, not an object)")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
@@ -169,8 +171,8 @@ def _tensor_entry(path: Path, name: str, entry: Any) -> TensorEntry:
         raise CorruptWeights(f"{where}: data_offsets must be [start, stop] with 0 <= start <= stop)")
     bits = math.prod(shape) * SAFETENSORS_DTYPE_BITS[dtype]
     if bits != (offsets[1] - offsets[0]) * 8:
-        raise CorruptWeights(f"{where}: {dtype} {shape} needs {math.ceil(bits / 8):,} bytes, its offsets "
-                             f"give {offsets[1] - offsets[0]:,})")
+        raise CorruptWeights(f"{where}: {dtype} {shape} needs {math.ceil(bits / 8)} bytes, its offsets "
+                             f"give {offsets[1] - offsets[0]})")
     return TensorEntry(dtype, tuple(shape), offsets[0], offsets[1])
 
 

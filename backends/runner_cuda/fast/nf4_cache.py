@@ -27,6 +27,7 @@ import shutil
 import time
 from pathlib import Path
 
+from runner.files import read_safetensors_header
 from runner.paths import models_dir
 
 MARKER = "runner-nf4-cache.json"
@@ -209,17 +210,6 @@ def read_folder(folder: Path, device: str, on_bytes=None) -> dict:
     return read_safetensors(sorted(Path(folder).glob("*.safetensors")), device, on_bytes=on_bytes)
 
 
-def _header(path: Path) -> dict:
-    """A safetensors file's header: {tensor name: {"dtype", "shape", "data_offsets"}}, plus "__data__":
-    where the tensor data starts in the file."""
-    with Path(path).open("rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(size))
-    header.pop("__metadata__", None)
-    header["__data__"] = 8 + size
-    return header
-
-
 SAFETENSORS_DTYPES = {
     "BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "U8": "uint8", "I8": "int8",
     "I16": "int16", "I32": "int32", "I64": "int64", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
@@ -248,13 +238,13 @@ def read_safetensors(paths, device: str, threads: int = 8, chunk: int = 16 << 20
     # where each tensor goes: (file index, name, entry, its place in that file's buffer)
     layout, buffers, pieces = [], [], []      # pieces: (file index, file offset, length, buffer offset)
     for index, path in enumerate(paths):
-        header = _header(path)
-        start = header.pop("__data__")
+        header = read_safetensors_header(path)
+        start = header.data_start
         size = 0
-        for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+        for name, entry in header.tensors.items():    # in the order of their data
             size = -(-size // ALIGNMENT) * ALIGNMENT
             layout.append((index, name, entry, size))
-            begin, end = entry["data_offsets"]
+            begin, end = entry.start, entry.stop
             for part in range(0, end - begin, chunk):
                 pieces.append((index, start + begin + part, min(chunk, end - begin - part), size + part))
             size += end - begin
@@ -315,9 +305,8 @@ def read_safetensors(paths, device: str, threads: int = 8, chunk: int = 16 << 20
             os.close(fd)
     tensors = {}
     for index, name, entry, place in layout:
-        dtype = getattr(torch, SAFETENSORS_DTYPES[entry["dtype"]])
-        length = entry["data_offsets"][1] - entry["data_offsets"][0]
-        tensors[name] = buffers[index][place:place + length].view(dtype).view(entry["shape"])
+        dtype = getattr(torch, SAFETENSORS_DTYPES[entry.dtype])
+        tensors[name] = buffers[index][place:place + entry.nbytes].view(dtype).view(entry.shape)
     return tensors
 
 
