@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import gc
 import importlib.util
-import json
 import logging
-import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +27,8 @@ from typing import TYPE_CHECKING, Callable
 
 from runner.backend import LoadProgress, LoadRequest
 from runner.choice import options_that_fit, plan_line, refuse_by_plan
-from runner.errors import BackendUnavailable, DoesNotFit, LoadError, UserInputError
+from runner.errors import BackendUnavailable, CorruptWeights, DoesNotFit, LoadError, UserInputError
+from runner.files import TensorEntry, read_json_object, read_safetensors_header
 from runner_cuda import BITSANDBYTES_INSTALL, BITSANDBYTES_QUANTS, CUDA_QUANTS, FP8_INSTALL
 
 if TYPE_CHECKING:
@@ -45,10 +44,12 @@ def checkpoint_shards(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint folder; a clear error if any is missing."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError):
-            raise LoadError(f"{index}: not a valid safetensors index") from None
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(name, str) and _plain_shard_name(name) for name in weight_map.values()
+        ):
+            raise CorruptWeights(f"{index}: not a valid safetensors index (its weight_map must name each "
+                                 "tensor's .safetensors file in this folder)")
         names = sorted(set(weight_map.values()))
         missing = [name for name in names if not (folder / name).is_file()]
         if missing:
@@ -65,29 +66,49 @@ def checkpoint_shards(folder: Path) -> list[Path]:
     raise LoadError(f"{folder}: no weights (model.safetensors or model.safetensors.index.json)")
 
 
-def tensor_sizes(shard: Path) -> dict[str, int]:
-    """Bytes of each tensor in a safetensors file, from its header; refuses a corrupt or cut file."""
-    size = shard.stat().st_size
-    try:
-        with shard.open("rb") as file:
-            (header_len,) = struct.unpack("<Q", file.read(8))
-            if not 2 <= header_len <= min(size - 8, 100_000_000):
-                raise ValueError("bad header length")
-            header = json.loads(file.read(header_len))
-        header.pop("__metadata__", None)
-        sizes, end = {}, 0
-        for name, info in header.items():
-            start, stop = info["data_offsets"]
-            sizes[name] = stop - start
-            end = max(end, stop)
-    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise LoadError(f"{shard}: not a valid safetensors file (corrupt header); download it again") from None
-    if 8 + header_len + end != size:
-        raise LoadError(
-            f"{shard}: {size} bytes but its header describes {8 + header_len + end}: the file is cut or "
-            "corrupt; download it again"
-        )
-    return sizes
+def _plain_shard_name(name: str) -> bool:
+    """A file name in the checkpoint's own folder: an index cannot point elsewhere ("../../x")."""
+    return name.endswith(".safetensors") and "/" not in name and "\\" not in name and name not in (".", "..")
+
+
+def checkpoint_tensors(shards: list[Path]) -> dict[str, TensorEntry]:
+    """Every tensor of the shards, from their checked headers (a corrupt or cut file fails here)."""
+    tensors: dict[str, TensorEntry] = {}
+    for shard in shards:
+        try:
+            tensors.update(read_safetensors_header(shard).tensors)
+        except CorruptWeights as error:
+            raise CorruptWeights(f"{error}; download it again") from None
+    return tensors
+
+
+def checkpoint_mismatch(model, loading_info: dict, tensors: dict[str, TensorEntry]) -> str | None:
+    """What of the checkpoint does not fit the model built from its config.json, in words, or None.
+
+    transformers 5 loads such a checkpoint anyway and fills the gaps with random weights (it prints
+    a report): `loading_info` holds its missing, unexpected and mismatched keys. It skips the shape
+    check for weights it quantizes on the way in (bitsandbytes), so every Linear's weight is also
+    held against the shape the checkpoint's header gives it."""
+    wrong = [(name, tuple(ckpt), tuple(expected)) for name, ckpt, expected in loading_info.get("mismatched_keys", ())]
+    for name, module in model.named_modules():
+        entry = tensors.get(f"{name}.weight")
+        expected = (getattr(module, "out_features", None), getattr(module, "in_features", None))
+        if entry is not None and None not in expected and entry.shape != expected:
+            wrong.append((f"{name}.weight", entry.shape, expected))
+    problems = []
+    for what, names in (("missing", sorted(loading_info.get("missing_keys", ()))),
+                        ("unexpected", sorted(loading_info.get("unexpected_keys", ())))):
+        if names:
+            problems.append(f"{len(names)} tensor{'s' if len(names) > 1 else ''} {what} "
+                            f"({', '.join(names[:3])}{', …' if len(names) > 3 else ''})")
+    if wrong:
+        wrong = sorted(set(wrong))
+        shown = ", ".join(f"{name} {list(ckpt)} instead of {list(expected)}" for name, ckpt, expected in wrong[:3])
+        problems.append(f"{len(wrong)} of the wrong shape ({shown}{', …' if len(wrong) > 3 else ''})")
+    if not problems:
+        return None
+    return ("the checkpoint does not match its config.json: " + "; ".join(problems)
+            + "; refusing to answer from random weights")
 
 
 # ---- quantization schemes -------------------------------------------------------------------
@@ -443,12 +464,12 @@ def load_session(request: LoadRequest):
             f"{spec.name} is not downloaded (runner knows its config, but its weights are not in the Hugging Face "
             "cache) and offline mode is on (HF_HUB_OFFLINE): download it first, or unset HF_HUB_OFFLINE"
         )
-    sizes: dict[str, int] = {}
+    tensors: dict[str, TensorEntry] = {}
     if spec.path is not None:
         shards = checkpoint_shards(spec.path)
         for index, shard in enumerate(shards):
             report(LoadProgress("checking shards", index, len(shards), "shards"))
-            sizes.update(tensor_sizes(shard))
+            tensors.update(checkpoint_tensors([shard]))
         report(LoadProgress("checking shards", len(shards), len(shards), "shards"))
 
     report(LoadProgress("loading the tokenizer", 0, 0))
@@ -484,10 +505,10 @@ def load_session(request: LoadRequest):
     model, failure = None, None
     if cached is not None:
         try:
-            cached_sizes = {name: size for shard in checkpoint_shards(cached) for name, size in tensor_sizes(shard).items()}
+            cached_tensors = checkpoint_tensors(checkpoint_shards(cached))
             from runner_cuda.fast import nf4_cache
 
-            model, failure = load_weights(str(cached), None, cached_sizes, **load,
+            model, failure = load_weights(str(cached), None, cached_tensors, **load,
                                           cache_device=nf4_cache.one_device(device_map))
         except (LoadError, OSError) as error:
             failure = str(error)
@@ -495,7 +516,7 @@ def load_session(request: LoadRequest):
             free_memory()
             model, failure, cached = None, None, None
     if model is None and failure is None:
-        model, failure = load_weights(source, scheme.quantization_config, sizes, **load)
+        model, failure = load_weights(source, scheme.quantization_config, tensors, **load)
     if failure is not None:
         free_memory()
         raise LoadError(failure)
@@ -534,14 +555,15 @@ def load_session(request: LoadRequest):
     return session
 
 
-def load_weights(weights: str, quantization_config, sizes: dict[str, int], *, dtype, device_map, max_memory,
+def load_weights(weights: str, quantization_config, tensors: dict[str, TensorEntry], *, dtype, device_map, max_memory,
                  attention: str, offload_folder: str | None, request: LoadRequest, cache_device: str | None = None):
     """transformers' from_pretrained, with progress; returns (model, None) or (None, one-line message).
     `cache_device`: `weights` is runner's NF4 cache and all of it goes to this one device: runner
     reads the files and builds the model itself (nf4_cache.load_on_device).
 
     The message is made inside `except` and the caller raises it outside: the original traceback
-    holds the frames of the half-loaded model, and its memory is only freed once that is gone."""
+    holds the frames of the half-loaded model, and its memory is only freed once that is gone.
+    A checkpoint that does not fit its config (`checkpoint_mismatch`) raises CorruptWeights."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -555,8 +577,9 @@ def load_weights(weights: str, quantization_config, sizes: dict[str, int], *, dt
                     request.on_progress(LoadProgress("reading the NF4 cache", done, total, "bytes"))
 
             return load_on_device(weights, cache_device, dtype=dtype, attn_implementation=attention, on_bytes=reading), None
-        with weight_loading_progress(request.on_progress, sizes):
-            model = AutoModelForCausalLM.from_pretrained(
+        with weight_loading_progress(request.on_progress, {name: t.nbytes for name, t in tensors.items()}), \
+                quiet_loading_report():
+            model, loading_info = AutoModelForCausalLM.from_pretrained(
                 weights,
                 dtype=dtype,
                 quantization_config=quantization_config,
@@ -567,8 +590,12 @@ def load_weights(weights: str, quantization_config, sizes: dict[str, int], *, dt
                 trust_remote_code=request.trust_remote_code,
                 low_cpu_mem_usage=True,
                 offload_folder=offload_folder,
+                ignore_mismatched_sizes=True,   # reported in loading_info (refused below), not raised as a table
+                output_loading_info=True,
             )
-        return model, None
+        mismatch = checkpoint_mismatch(model, loading_info, tensors)
+        if mismatch is None:
+            return model, None
     except (torch.OutOfMemoryError, MemoryError, OSError, ValueError, RuntimeError, KeyError) as error:
         text = str(error).strip()
         if isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text.lower():
@@ -576,6 +603,22 @@ def load_weights(weights: str, quantization_config, sizes: dict[str, int], *, dt
         if spec.path is None and "offline" in text.lower():
             return None, f"{spec.name} is not in the Hugging Face cache and offline mode is on: download it first"
         return None, f"{spec.name}: loading failed ({text.splitlines()[0] if text else type(error).__name__})"
+    del model
+    free_memory()
+    raise CorruptWeights(f"{spec.name}: {mismatch}")
+
+
+@contextmanager
+def quiet_loading_report():
+    """transformers logs a multi-line table of missing/unexpected tensors as a warning while it
+    loads; runner refuses such a checkpoint in one line instead (`checkpoint_mismatch`)."""
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    level = report_logger.level
+    report_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        report_logger.setLevel(level)
 
 
 def out_of_memory_message(request: LoadRequest, where: str) -> str:

@@ -1,0 +1,150 @@
+"""Checkpoints that do not match their config.json, or whose files are malformed, are refused with an
+error that names what is wrong (issue 21): the torch backend loads real files on the CPU here."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+
+import pytest
+
+from runner.backend import LoadRequest, get_backend
+from runner.errors import CorruptWeights, UserInputError
+from runner.files import read_safetensors_header
+from runner.model import load_spec
+
+
+def load(folder, quant="fp32"):
+    return get_backend("cuda").load(LoadRequest(load_spec(str(folder)), quant, 64))
+
+
+def edited_copy(tiny_llama_dir, folder, edit):
+    """A copy of the tiny checkpoint whose state dict went through `edit(state)`."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny_llama_dir, folder)
+    state = load_file(folder / "model.safetensors")
+    edit(state)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def test_missing_tensor_is_refused_and_named(tiny_llama_dir, tmp_path):
+    folder = edited_copy(tiny_llama_dir, tmp_path / "missing",
+                         lambda state: state.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CorruptWeights, match=r"does not match its config.json: 1 tensor missing "
+                                             r"\(model.layers.1.mlp.up_proj.weight\); refusing") as caught:
+        load(folder)
+    assert caught.value.exit_code == 2 and "\n" not in str(caught.value)
+
+
+def test_unexpected_tensor_is_refused_and_named(tiny_llama_dir, tmp_path):
+    import torch
+
+    def add(state):
+        state["model.layers.0.mlp.extra_proj.weight"] = torch.zeros(4, 4)
+
+    folder = edited_copy(tiny_llama_dir, tmp_path / "unexpected", add)
+    with pytest.raises(CorruptWeights, match=r"1 tensor unexpected \(model.layers.0.mlp.extra_proj.weight\)"):
+        load(folder)
+
+
+@pytest.mark.parametrize("quant", ["fp32", "nf4"])
+def test_wrong_shape_is_refused_and_named(tiny_llama_dir, tmp_path, quant):
+    """transformers skips the shape check of weights bitsandbytes quantizes: nf4 is checked too."""
+    import torch
+
+    def reshape(state):
+        state["model.layers.0.self_attn.o_proj.weight"] = torch.zeros(64, 32)
+
+    folder = edited_copy(tiny_llama_dir, tmp_path / f"shape-{quant}", reshape)
+    with pytest.raises(CorruptWeights, match=r"1 of the wrong shape \(model.layers.0.self_attn.o_proj.weight "
+                                             r"\[64, 32\] instead of \[64, 64\]\)"):
+        load(folder, quant)
+
+
+def test_sound_checkpoint_still_loads(tiny_llama_dir):
+    session = load(tiny_llama_dir)
+    session.close()
+
+
+def _index(folder, weight_map):
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("weight_map,error,message", [
+    ({"lm_head.weight": "../../elsewhere.safetensors"}, CorruptWeights, "not a valid safetensors index"),
+    ({"lm_head.weight": ["model.safetensors"]}, CorruptWeights, "not a valid safetensors index"),
+    ([], CorruptWeights, "not a valid safetensors index"),
+    ({}, CorruptWeights, "not a valid safetensors index"),
+])
+def test_index_of_the_wrong_shape_is_refused(tiny_llama_dir, tmp_path, weight_map, error, message):
+    folder = tmp_path / "indexed"
+    shutil.copytree(tiny_llama_dir, folder)
+    _index(folder, weight_map)
+    with pytest.raises(error, match=message):
+        load(folder)
+
+
+def test_index_that_is_not_json_is_refused(tiny_llama_dir, tmp_path):
+    folder = tmp_path / "indexed"
+    shutil.copytree(tiny_llama_dir, folder)
+    (folder / "model.safetensors.index.json").write_bytes(b'{"weight_map": NaN}')
+    with pytest.raises(UserInputError, match="NaN is not a number JSON allows"):
+        load(folder)
+
+
+# ---- the one safetensors header reader ---------------------------------------------------------
+
+def _file(tmp_path, header, data=b""):
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+GOOD = {"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+        "b": {"dtype": "BF16", "shape": [3], "data_offsets": [16, 22]}, "__metadata__": {"format": "pt"}}
+
+
+def test_header_reader_reads_a_sound_file(tmp_path):
+    header = read_safetensors_header(_file(tmp_path, GOOD, bytes(22)))
+    assert [(n, t.dtype, t.shape, t.nbytes) for n, t in header.tensors.items()] == [
+        ("a", "F32", (2, 2), 16), ("b", "BF16", (3,), 6)]
+    assert header.metadata == {"format": "pt"} and header.data_start == 8 + len(json.dumps(GOOD))
+
+
+@pytest.mark.parametrize("header,data,message", [
+    (b"[]", b"", "its header holds a list"),
+    (b'"x" ', b"", "its header holds a string"),
+    (b"\xff\xfe", b"", "not UTF-8"),
+    (b'{"a": NaN}', b"", "NaN is not a number"),
+    (b"[" * 5000 + b"]" * 5000, b"", "nested too deeply"),
+    ({"a": "F32"}, b"", "tensor 'a' is a string, not an object"),
+    ({"a": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}, bytes(4), "unknown dtype 'F99'"),
+    ({"a": {"dtype": "F32", "shape": ["2"], "data_offsets": [0, 8]}}, bytes(8), "shape must be a list"),
+    ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, bytes(8), "shape must be a list"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, bytes(8), "data_offsets must be"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 2**70]}}, bytes(8), "data_offsets must be"),
+    ({"a": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 8]}}, bytes(8), "needs 4835703278458516698824704 bytes"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12), "tensor 'b' starts at byte 4"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(4), "its header describes"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(9), "truncated or corrupt"),
+    ({"__metadata__": {"x": 1}}, b"", "__metadata__ must map names to strings"),
+])
+def test_header_reader_refuses_malformed_headers(tmp_path, header, data, message):
+    with pytest.raises(CorruptWeights, match="not a valid safetensors file|truncated or corrupt") as caught:
+        read_safetensors_header(_file(tmp_path, header, data))
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_header_reader_refuses_a_header_length_beyond_the_file(tmp_path):
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(struct.pack("<Q", 2**63) + b"{}")
+    with pytest.raises(CorruptWeights, match="its header claims 9223372036854775808 bytes of a 10-byte file"):
+        read_safetensors_header(path)
+    path.write_bytes(b"abc")
+    with pytest.raises(CorruptWeights, match="shorter than 8 bytes"):
+        read_safetensors_header(path)
