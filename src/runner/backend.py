@@ -13,6 +13,7 @@ under `backends/` and imports its heavy stack (torch, mlx) only when it loads a 
 from __future__ import annotations
 
 import importlib
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
@@ -42,12 +43,19 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise UserInputError("temperature must be 0 (greedy) or more")
-        if not 0 < self.top_p <= 1:
-            raise UserInputError("top-p must be in (0, 1]")
-        if self.max_tokens < 1:
-            raise UserInputError("max tokens must be at least 1")
+        def number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        # logits / temperature must stay finite in float32: below 1e-6 a logit of 40 overflows
+        if not number(self.temperature) or not (self.temperature == 0 or 1e-6 <= self.temperature <= 1e6):
+            raise UserInputError(f"temperature must be 0 (greedy) or between 1e-06 and 1e+06, not {self.temperature!r:.30}")
+        if not number(self.top_p) or not 0 < self.top_p <= 1:
+            raise UserInputError(f"top-p must be in (0, 1], not {self.top_p!r:.30}")
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            raise UserInputError(f"max tokens must be a whole number of at least 1, not {self.max_tokens!r:.30}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not 0 <= self.seed < 1 << 64):
+            raise UserInputError("seed must be a whole number from 0 to 2**64 - 1 (torch and mlx take 64 bits)")
 
 
 @dataclass(frozen=True)
