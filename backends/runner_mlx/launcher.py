@@ -305,6 +305,7 @@ class LaunchRequest:
     grace: float = 5.0                # after a rank fails, how long mlx.launch gets to stop the rest
     verbose: bool = False
     show_tokens: bool = False
+    kv_bits: int | None = None        # the KV cache quantized to 8 or 4 bits on every rank
 
 
 @dataclass(frozen=True)
@@ -318,6 +319,7 @@ class LaunchPlan:
     why: str                         # why this split, in words
     hosts: tuple[LaunchHost, ...]
     shares: tuple[HostShare, ...]
+    kv_bits: int | None = None
 
     def describe(self) -> list[str]:
         lines = [f"{self.spec.name} ({self.quant}, {self.context} tokens of context) over "
@@ -345,6 +347,7 @@ class LaunchPlan:
             kv_cache_bytes=sum(s.kv_cache_bytes for s in placement),
             overhead_bytes=sum(s.overhead_bytes for s in placement),
             placement=placement, verdict=FITS, warnings=(), roofline_tokens_per_s=0.0, parallel=self.split,
+            kv_bits=self.kv_bits,
             notes=(self.why, *(f"{share.host}: layers {share.layers[0]}-{share.layers[1] - 1}" if self.split == "pipeline"
                                else f"{share.host}: 1/{len(self.shares)} of every layer" for share in self.shares)))
 
@@ -372,13 +375,14 @@ def request_hosts(hosts: str | None, hostfile: Path | None, memory_gb: list[floa
     return launch_hosts(entries, memory_gb, connect_timeout)
 
 
-def plan_launch(spec: "ModelSpec", quant: str, context: int, hosts: list[LaunchHost], wanted: str) -> LaunchPlan:
+def plan_launch(spec: "ModelSpec", quant: str, context: int, hosts: list[LaunchHost], wanted: str,
+                kv_bits: int | None = None) -> LaunchPlan:
     """The split and each host's share; UserInputError or DoesNotFit when it cannot work."""
     from runner_mlx.split import choose_split, plan_hosts
 
     split, why = choose_split(spec, quant, len(hosts), wanted)
-    shares = plan_hosts(spec, quant, context, hosts, split)
-    return LaunchPlan(spec, quant, context, split, why, tuple(hosts), tuple(shares))
+    shares = plan_hosts(spec, quant, context, hosts, split, kv_bits)
+    return LaunchPlan(spec, quant, context, split, why, tuple(hosts), tuple(shares), kv_bits)
 
 
 def mlx_launch_argv(plan: LaunchPlan, scratch: Path, rank_timeout: float, verbose: bool,
@@ -396,6 +400,7 @@ def mlx_launch_argv(plan: LaunchPlan, scratch: Path, rank_timeout: float, verbos
         "--hosts", ",".join(h.name for h in plan.hosts),
         "--rank-timeout", str(rank_timeout),
         "--launcher", f"{socket.gethostname()}:{os.getpid()}",
+        *(["--kv-bits", str(plan.kv_bits)] if plan.kv_bits is not None else []),
         *rank_options,
     ]
     argv = [*mlx_launch_command(), "--backend", "ring", "--hostfile", str(hostfile),
@@ -424,7 +429,7 @@ def launch(request: LaunchRequest, on_start=None) -> int:
     if spec.path is None:
         raise UserInputError(f"{spec.name}: no local folder with weights; runner launch needs the model "
                              "folder at the same path on every host")
-    plan = plan_launch(spec, request.quant, request.context, hosts, request.split)
+    plan = plan_launch(spec, request.quant, request.context, hosts, request.split, request.kv_bits)
     for line in plan.describe():
         print(f"runner: {line}", file=sys.stderr)
     sys.stderr.flush()

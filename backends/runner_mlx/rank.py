@@ -11,6 +11,9 @@ Every rank:
     runner launch's chat app over a socket on its machine (`--serve`, see `runner_mlx.link`).
     After each token rank 0 also broadcasts whether to stop (Esc in the app): all ranks stop at the
     same step and wait for the next request; while idle, rank 0 sends a heartbeat 10 times a second.
+    Each rank's session keeps the KV cache of its own layers between requests; as every rank sees the
+    same prompts, samples the same tokens and stops at the same step, the caches stay in step and a
+    next turn prefills only its new tokens on every rank.
 A watchdog thread ends the rank with a clear message when the others stop answering (a host died,
 the network dropped, a peer froze), or when the launcher is gone: no rank waits forever.
 """
@@ -333,6 +336,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--load-timeout", type=float, default=1800.0)
     parser.add_argument("--launcher", default="", help="HOST:PID of runner launch; ranks on HOST stop when it is gone")
     parser.add_argument("--show-tokens", action="store_true", help="rank 0 prints the generated token ids")
+    parser.add_argument("--kv-bits", type=int, choices=(8, 4), default=None, help="the KV cache quantized to these bits")
     parser.add_argument("--serve", default="",
                         help="HOST:PORT of runner launch's chat app: rank 0 takes its requests from there")
     return parser.parse_args(argv)
@@ -404,7 +408,9 @@ def run_rank(args, hosts: list[str], watchdog: Watchdog) -> int:
     share = (f"layers {layers[0]}-{layers[1] - 1}" if args.split == "pipeline"
              else f"1/{size} of every layer")
     summary = f"mlx {args.split} split over {size} hosts on {where_it_runs()}, {describe_quant(args.quant)}, {share}"
-    session = MlxSession(model, tokenizer, spec, args.quant, folder, summary)
+    if args.kv_bits is not None:
+        summary += f", KV cache {args.kv_bits}-bit"
+    session = MlxSession(model, tokenizer, spec, args.quant, folder, summary, kv_bits=args.kv_bits)
     active = mx.get_active_memory()
     print(f"runner: rank {rank} ({host_name(hosts, rank)}): {share}, {active / 2**30:.2f} GB in use",
           file=sys.stderr, flush=True)
@@ -415,7 +421,8 @@ def run_rank(args, hosts: list[str], watchdog: Watchdog) -> int:
     if chat is not None:
         chat.session = session
         chat.send({"ready": {"summary": f"{args.split} split over {size} hosts on {where_it_runs()}, "
-                                        f"{describe_quant(args.quant)}",
+                                        f"{describe_quant(args.quant)}"
+                                        + (f", KV cache {args.kv_bits}-bit" if args.kv_bits is not None else ""),
                              "memory": [a * 1024 for a, _ in memory], "peak": [p * 1024 for _, p in memory]}})
         requests = chat
     else:

@@ -256,10 +256,11 @@ class LaunchSource:
     must be this machine (see `request_hosts(..., rank0_here=True)`)."""
 
     def __init__(self, hosts: Sequence[LaunchHost], split: str, context: int, rank_timeout: float = 120.0,
-                 grace: float = 5.0):
+                 grace: float = 5.0, kv_bits: int | None = None):
         self.hosts = list(hosts)
         self.split = split
         self.context = context
+        self.kv_bits = kv_bits                 # every model it starts keeps its KV cache so quantized
         self.rank_timeout = rank_timeout
         self.grace = grace
         self.sessions: list[RemoteSession] = []
@@ -270,14 +271,14 @@ class LaunchSource:
 
         spec = load_spec(choice.model)
         quant = choice.quant or default_launch_quant(spec)
-        return plan_launch(spec, quant, choice.context or self.context, self.hosts, self.split)
+        return plan_launch(spec, quant, choice.context or self.context, self.hosts, self.split, self.kv_bits)
 
     def plan(self, choice, machine):
         plan = self.launch_plan(choice).as_plan()
         return plan.model, plan
 
     def load(self, choice, spec, plan, on_progress) -> RemoteSession:
-        launch_plan = plan_launch(spec, plan.quant, plan.context, self.hosts, plan.parallel)
+        launch_plan = plan_launch(spec, plan.quant, plan.context, self.hosts, plan.parallel, self.kv_bits)
         convert_here(launch_plan, on_progress)
         session = start_ranks(launch_plan, self.rank_timeout, self.grace, on_progress)
         self.sessions.append(session)

@@ -127,7 +127,8 @@ def pipeline_ranges(num_layers: int, room: list[float]) -> list[tuple[int, int]]
     return ranges
 
 
-def plan_hosts(spec: ModelSpec, quant: str, context: int, hosts: list[LaunchHost], split: str) -> list[HostShare]:
+def plan_hosts(spec: ModelSpec, quant: str, context: int, hosts: list[LaunchHost], split: str,
+               kv_bits: int | None = None) -> list[HostShare]:
     """Each host's share, with the Plan's arithmetic (runner.budget); DoesNotFit when one is too full.
 
     Pipeline: layers in proportion to each host's room after the embeddings and head it keeps, so
@@ -138,7 +139,7 @@ def plan_hosts(spec: ModelSpec, quant: str, context: int, hosts: list[LaunchHost
     names = [h.name if [x.name for x in hosts].count(h.name) == 1 else f"{h.name}#{rank}"
              for rank, h in enumerate(hosts)]
     parts = weights_breakdown(spec, quant, "mlx")
-    kv_per_layer = kv_cache_bytes(spec, context, 1, quant, "mlx") // spec.num_layers
+    kv_per_layer = kv_cache_bytes(spec, context, 1, quant, "mlx", kv_bits) // spec.num_layers
     overhead = activation_bytes(spec, context, 1, quant) + logits_bytes(spec, 1)
     fixed = parts.embeddings + parts.head + overhead
     capacities = [int(h.ram_bytes * MAC_WORKING_SET_SAFE) for h in hosts]
