@@ -188,9 +188,9 @@ def test_bad_input_is_one_line_and_exit_2(capsys, arguments, message):
 def test_unknown_model_and_quant(capsys):
     assert main(["rehearse", "no-such/model"]) == 2
     assert "not in runner's catalog" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_info:
-        main(["rehearse", MODEL, "--quant", "fp7"])
-    assert exit_info.value.code == 2
+    assert main(["rehearse", MODEL, "--quant", "fp7"]) == 2
+    assert capsys.readouterr().err.strip() == ("runner: error: unknown quantization 'fp7' (known: bf16, fp16, fp32, "
+                                               "nf4, nf4-nodq, fp4, int8, fp8, q4, q8)")
 
 
 def test_two_gpu_plan_places_every_parameter_of_the_405b_where_the_plan_says():
@@ -229,3 +229,42 @@ def test_forced_placement_spreads_layers_over_the_gpus():
     assert [mapping[f"model.layers.{i}"] for i in (0, 39, 40, 79)] == [0, 0, 1, 1]
     assert mapping["model.embed_tokens"] == 0 and mapping["lm_head"] == 1 and mapping["model.norm"] == 1
     assert forced_device_map(spec, 0) == {"": "cpu"}
+
+
+def test_rehearsal_decodes_through_the_path_a_session_here_uses(nf4_run):
+    """On the CPU a session decodes through transformers' loop (the fast path needs CUDA): so does
+    the rehearsal, and it says so."""
+    _, result, _ = nf4_run
+    assert result.decode_path == "transformers"
+    assert "no CUDA GPU" in result.decode_path_reason
+    assert result.to_dict()["decode_path"] == "transformers"
+    assert any("transformers' loop" in note for note in result.notes)
+
+
+def test_fast_decode_steps_give_the_transformers_steps_logits():
+    """The rehearsal's two decode paths over one random model (Llama 3.2 1B shrunk to 2 layers, BF16,
+    on the CPU, where the fast decoder runs eagerly): the same prompt and tokens give the same next-token
+    logits within bf16 rounding, and both caches end holding every position."""
+    import torch
+
+    from runner.model import load_spec
+    from runner_cuda.fast.decoder import FastDecoder
+    from runner_cuda.rehearse import FastDecode, TransformersDecode, random_model
+
+    spec = load_spec(MODEL).with_layers(2)
+    model = random_model(spec, "bf16", device="cpu")
+    prompt = torch.randint(0, spec.vocab_size, (20,), generator=torch.Generator().manual_seed(3)).tolist()
+    paths = [TransformersDecode(model, prefill_chunk=8, device="cpu"), FastDecode(FastDecoder(model, 64), prefill_chunk=8)]
+    runs = []
+    for steps in paths:
+        logits = [steps.prefill(prompt).float().clone()]
+        for token in (5, 6, 7):
+            logits.append(steps.step(token).float().clone())
+        runs.append(torch.stack(logits))
+        assert steps.length == len(prompt) + 3
+        kv = sum(t.numel() for t in steps.kv_tensors() if t.numel())
+        assert kv >= 2 * 2 * (len(prompt) + 3) * spec.num_kv_heads * spec.head_dim
+    assert paths[1].warm_up_seconds > 0
+    slow, fast = runs
+    assert ((fast - slow).norm() / slow.norm()).item() < 2e-2
+    assert torch.equal(fast.argmax(-1), slow.argmax(-1))

@@ -11,9 +11,11 @@
    gets a random bf16 matrix on its target device, which transformers' own quantize operation
    (`Bnb4bitQuantize`: `Params4bit(...).to(device)`, double quant) turns into 4-bit there; the bf16
    copy is freed before the next. There is never a full-precision copy of the model nor a file;
-4. prefill `context - decode_tokens` random tokens (in chunks of budget.PREFILL_CHUNK, through the
-   CUDA session's own `forward_in_chunks`) and decode `decode_tokens` more, one at a time, so the KV
-   cache ends holding exactly `context` tokens;
+4. prefill `context - decode_tokens` random tokens (in chunks of budget.PREFILL_CHUNK) and decode
+   `decode_tokens` more, one at a time, so the KV cache ends holding exactly `context` tokens, through
+   the decode path a session on these devices uses: on one GPU the fast path (`runner_cuda.fast`:
+   static KV cache, CUDA graphs, runner's NF4 kernels), its compile and graph capture timed apart;
+   elsewhere (several GPUs, the CPU, `fast_decode=False`) the CUDA session's own `forward_in_chunks`;
 5. measure: on CUDA the allocator (`torch.cuda.memory_allocated` / `max_memory_allocated` per
    device), on CPU (which has no allocator statistics) the bytes of the live tensors, quantization
    state included.
@@ -27,6 +29,7 @@ import gc
 import os
 import re
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from runner.backend import LoadProgress
@@ -45,6 +48,26 @@ _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 class RehearsalOutOfMemory(LoadError):
     """A device ran out of memory during a rehearsal; the message says where and how far it got."""
+
+
+@dataclass(frozen=True)
+class CudaRehearsalResult(RehearsalResult):
+    """A CUDA rehearsal: which decode path ran (the one a session on these devices uses)."""
+
+    decode_path: str = "transformers"      # "fast" (runner_cuda.fast) or "transformers" (forward_in_chunks)
+    decode_path_reason: str = ""          # in words: why this path
+    warm_up_seconds: float = 0.0          # the fast path's compile and first graph capture (a session does it at load)
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        if self.decode_path == "fast":
+            return (f"decode through runner's fast path ({self.decode_path_reason}), as generate and the chat decode "
+                    f"here; its compile and first graph capture took {self.warm_up_seconds:.1f} s (at load in a session)",)
+        return (f"decode through transformers' loop: {self.decode_path_reason}",)
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "decode_path": self.decode_path, "decode_path_reason": self.decode_path_reason,
+                "warm_up_seconds": self.warm_up_seconds}
 
 
 # ---- building the model on the meta device --------------------------------------------------
@@ -220,6 +243,41 @@ class Generators:
         return self.by_device[device]
 
 
+def finish_model(model, quantizer, device_map) -> None:
+    """What from_pretrained does after the weights: tie them, add accelerate's hooks where the model
+    spans several devices (its `accelerate_dispatch` is this call when nothing is offloaded), and
+    let the quantizer finish."""
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    if len(set(device_map.values())) > 1:
+        from accelerate import dispatch_model
+
+        dispatch_model(model, device_map=device_map, skip_keys=model._skip_keys_device_placement)
+    if quantizer is not None:
+        model.hf_quantizer = quantizer
+        quantizer.postprocess_model(model)
+
+
+def random_model(spec, quant: str, device: str = "cuda:0"):
+    """`spec`'s architecture with random weights on one device, quantized as a load quantizes them:
+    the rehearsal's model without its measuring (for benchmarks: no checkpoint to write or read)."""
+    import torch
+
+    from runner_cuda.loading import attention_for, gpu_capabilities, scheme_for
+
+    gpus = gpu_capabilities() if torch.cuda.is_available() else []
+    scheme = scheme_for(quant, gpus, allow_offload=False)
+    model, quantizer = build_meta_model(spec, scheme, attention_for(scheme.dtype, gpus))
+    device_map = {"": device}
+    generators = Generators()
+    materialize_buffers(model, device_map)
+    with torch.no_grad():
+        for name, _ in list(model.named_parameters()):
+            materialize_parameter(model, name, device, scheme.dtype, quantizer, generators)
+    finish_model(model, quantizer, device_map)
+    return model
+
+
 # ---- measuring ------------------------------------------------------------------------------
 
 
@@ -302,6 +360,104 @@ def versions() -> dict[str, str]:
     return found
 
 
+# ---- decoding ---------------------------------------------------------------------------------
+
+
+class TransformersDecode:
+    """Prefill and decode through the CUDA session's own `forward_in_chunks` (a DynamicCache)."""
+
+    path = "transformers"
+    warm_up_seconds = 0.0
+
+    def __init__(self, model, prefill_chunk: int, device: str):
+        from transformers import DynamicCache
+
+        from runner_cuda.session import cache_argument
+
+        self.model, self.chunk, self.device = model, prefill_chunk, device
+        self.cache_name = cache_argument(model)
+        self.cache = DynamicCache(config=model.config)
+
+    def prefill(self, ids: list[int]):
+        return self.step(ids)
+
+    def step(self, ids: "int | list[int]"):
+        import torch
+
+        from runner_cuda.session import forward_in_chunks
+
+        tokens = torch.tensor([ids if isinstance(ids, list) else [ids]], device=self.device)
+        return forward_in_chunks(self.model, tokens, self.cache, self.chunk, self.cache_name)[0, -1]
+
+    @staticmethod
+    def pick(logits) -> int:
+        return int(logits.argmax())
+
+    def kv_tensors(self):
+        return cache_tensors(self.cache)
+
+    @property
+    def length(self) -> int:
+        return self.cache.get_seq_length()
+
+
+class FastDecode:
+    """Prefill and decode through runner's fast path (runner_cuda.fast.FastDecoder), as a session
+    on one GPU does; warmed up (compile, first graph) as a session does at load, and timed."""
+
+    path = "fast"
+
+    def __init__(self, decoder, prefill_chunk: int):
+        self.decoder = decoder
+        decoder.prefill_chunk = prefill_chunk
+        started = time.perf_counter()
+        decoder.warm_up()
+        if decoder.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(decoder.device)
+        self.warm_up_seconds = time.perf_counter() - started
+
+    def prefill(self, ids: list[int]):
+        return self.decoder.prefill(ids)
+
+    def step(self, token: int):
+        return self.decoder.step(token)
+
+    @staticmethod
+    def pick(logits) -> int:
+        return int(logits.argmax())
+
+    def kv_tensors(self):
+        return self.decoder.keys + self.decoder.values
+
+    @property
+    def length(self) -> int:
+        return self.decoder.length
+
+
+def decode_steps(model, context: int, prefill_chunk: int, device: str, fast_decode: bool = True,
+                 kernel: str | None = None):
+    """The decode path a session on the model's devices uses (runner_cuda.fast.attach's choice),
+    and why, in words."""
+    import torch
+
+    if not fast_decode:
+        return TransformersDecode(model, prefill_chunk, device), "the fast path is off (--no-fast-decode)"
+    if not torch.cuda.is_available():
+        return TransformersDecode(model, prefill_chunk, device), "no CUDA GPU (a session on the CPU decodes this way too)"
+    from runner_cuda import fast
+
+    decoder = fast.decoder_for(model, context, kernel)
+    if decoder is None:
+        devices = {str(p.device) for p in model.parameters()}
+        why = (f"the fast path does not span several devices ({', '.join(sorted(devices))}) yet" if len(devices) > 1
+               else "the fast path does not take this model")
+        return TransformersDecode(model, prefill_chunk, device), f"{why}; a session here decodes this way too"
+    kernel = f", {decoder.nf4_kernel} NF4 kernel" if decoder.nf4 is not None or decoder.nf4_kernel == "bitsandbytes" else ""
+    return FastDecode(decoder, prefill_chunk), f"static KV cache, CUDA graphs{kernel}"
+
+
 # ---- the rehearsal --------------------------------------------------------------------------
 
 
@@ -310,12 +466,16 @@ def rehearse(
     decode_tokens: int = 16,
     on_progress: Callable[[LoadProgress], None] | None = None,
     prefill_chunk: int | None = None,
+    fast_decode: bool = True,
+    kernel: str | None = None,
 ) -> RehearsalResult:
     """Materialize `plan.model` with random weights as planned, prefill, decode, and measure.
 
+    The decode runs through the path a session on the plan's devices uses (`fast_decode` and
+    `kernel` as LoadRequest's: runner's fast path on one GPU), so its speed is the one a user gets.
+
     The prefill feeds `prefill_chunk` tokens per forward (default budget.PREFILL_CHUNK: what the
-    CUDA session does and what the Plan's activation estimate counts), through the session's own
-    `forward_in_chunks`.
+    CUDA session does and what the Plan's activation estimate counts).
 
     Out of memory anywhere (a layer's weights, the prefill, a decode step) is caught: the model is
     freed and RehearsalOutOfMemory says which stage, which device, and the bytes in use then."""
@@ -336,7 +496,8 @@ def rehearse(
         raise UserInputError("--prefill-chunk must be at least 1 token")
     where = {"what": "building the model", "device": "cpu", "layers": 0}
     try:
-        return _rehearse(plan, decode_tokens, on_progress or (lambda progress: None), where, prefill_chunk)
+        return _rehearse(plan, decode_tokens, on_progress or (lambda progress: None), where, prefill_chunk,
+                         fast_decode, kernel)
     except torch.OutOfMemoryError:
         in_use = _cuda_in_use()
     except RuntimeError as error:  # the CPU allocator's out-of-memory is a plain RuntimeError
@@ -363,12 +524,11 @@ def _cuda_in_use() -> dict[str, int]:
     return {f"cuda:{i}": torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count())}
 
 
-def _rehearse(plan: "Plan", decode_tokens: int, report, where: dict, prefill_chunk: int) -> RehearsalResult:
+def _rehearse(plan: "Plan", decode_tokens: int, report, where: dict, prefill_chunk: int, fast_decode: bool,
+              kernel: str | None) -> RehearsalResult:
     import torch
-    from transformers import DynamicCache
 
     from runner_cuda.loading import attention_for, gpu_capabilities, scheme_for
-    from runner_cuda.session import cache_argument, forward_in_chunks
 
     spec = plan.model
     started = time.perf_counter()
@@ -414,17 +574,7 @@ def _rehearse(plan: "Plan", decode_tokens: int, report, where: dict, prefill_chu
         if block.startswith("layer "):
             where["layers"] += 1
         report(LoadProgress(f"{block} on {device}: {size / 1e6:.1f} MB{holds}", index, len(order), "blocks"))
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()
-    if len(set(device_map.values())) > 1:
-        # Several GPUs: accelerate's hooks move activations between them, as from_pretrained adds
-        # them (its `accelerate_dispatch` is this call when nothing is offloaded).
-        from accelerate import dispatch_model
-
-        dispatch_model(model, device_map=device_map, skip_keys=model._skip_keys_device_placement)
-    if quantizer is not None:
-        model.hf_quantizer = quantizer
-        quantizer.postprocess_model(model)
+    finish_model(model, quantizer, device_map)
     synchronize(devices)
     load_seconds = time.perf_counter() - started
     if on_cuda:
@@ -434,36 +584,35 @@ def _rehearse(plan: "Plan", decode_tokens: int, report, where: dict, prefill_chu
         weights = tensor_bytes(model_tensors(model))
         load_peak = {d: 0 for d in devices}
 
-    # Prefill in chunks, then decode one token at a time, through the CUDA session's own forward
-    # (logits of the last position only). The cache ends holding exactly `context` tokens.
-    cache_name = cache_argument(model)
+    # Prefill in chunks, then decode one token at a time, through the decode path a session on these
+    # devices uses. The cache ends holding exactly `context` tokens.
     prefill = plan.context - decode_tokens
     first_device = device_of(blocks[order[0]][0], device_map)
-    ids = torch.randint(0, spec.vocab_size, (1, prefill), generator=generators.on("cpu")).to(first_device)
-    cache = DynamicCache(config=model.config)
+    ids = torch.randint(0, spec.vocab_size, (prefill,), generator=generators.on("cpu")).tolist()
+    where.update(what="compiling the fast decode path and capturing its first graph", device=first_device)
+    steps, reason = decode_steps(model, plan.context, prefill_chunk, first_device, fast_decode, kernel)
     step_seconds: list[float] = []
     where.update(what=f"prefilling {prefill} tokens", device=first_device)
     chunks = f" in chunks of {prefill_chunk}" if prefill > prefill_chunk else ""
     report(LoadProgress(f"prefill of {prefill} tokens{chunks}", 0, decode_tokens, "tokens"))
     synchronize(devices)
     tick = time.perf_counter()
-    logits = forward_in_chunks(model, ids, cache, prefill_chunk, cache_name)
+    logits = steps.prefill(ids)
     synchronize(devices)
     prefill_seconds = time.perf_counter() - tick
     for step in range(decode_tokens):
         where.update(what=f"decoding token {step + 1}/{decode_tokens}")
-        token = logits[:, -1:].argmax(-1).to(first_device)
-        del logits
+        token = steps.pick(logits)
         tick = time.perf_counter()
-        logits = forward_in_chunks(model, token, cache, prefill_chunk, cache_name)
+        logits = steps.step(token)
         synchronize(devices)
         step_seconds.append(time.perf_counter() - tick)
         if (step + 1) % 8 == 0 or step + 1 == decode_tokens:
             report(LoadProgress(f"decoded {step + 1}/{decode_tokens} tokens", step + 1, decode_tokens, "tokens"))
-    del logits, ids, token
+    del logits, ids
     gc.collect()
     synchronize(devices)
-    kv_cache = tensor_bytes(cache_tensors(cache))
+    kv_cache = tensor_bytes(steps.kv_tensors())
     if on_cuda:
         resident = {d: allocated(d) - baseline[d] for d in devices}
         peak = {d: torch.cuda.max_memory_allocated(d) - baseline[d] for d in devices}
@@ -471,8 +620,8 @@ def _rehearse(plan: "Plan", decode_tokens: int, report, where: dict, prefill_chu
     else:
         resident = {d: weights.get(d, 0) + kv_cache.get(d, 0) for d in devices}
         peak = reserved_peak = {d: 0 for d in devices}
-    if cache.get_seq_length() != plan.context:
-        raise LoadError(f"the KV cache holds {cache.get_seq_length()} tokens, not the {plan.context} planned")
+    if steps.length != plan.context:
+        raise LoadError(f"the KV cache holds {steps.length} tokens, not the {plan.context} planned")
 
     shares = {share.device: share for share in plan.placement}
     device_memory = [
@@ -487,7 +636,7 @@ def _rehearse(plan: "Plan", decode_tokens: int, report, where: dict, prefill_chu
         )
         for device in devices
     ]
-    result = RehearsalResult(
+    result = CudaRehearsalResult(
         model=spec.name,
         quant=plan.quant,
         context=plan.context,
@@ -504,8 +653,11 @@ def _rehearse(plan: "Plan", decode_tokens: int, report, where: dict, prefill_chu
         load_seconds=load_seconds,
         versions=versions(),
         device_names={d: torch.cuda.get_device_name(d) for d in devices if d.startswith("cuda")},
+        decode_path=steps.path,
+        decode_path_reason=reason,
+        warm_up_seconds=steps.warm_up_seconds,
     )
-    del model, cache
+    del model, steps
     gc.collect()
     if on_cuda:
         torch.cuda.empty_cache()
