@@ -542,10 +542,13 @@ def load_session(request: LoadRequest):
         attention=attention,
         cuda_baseline=baseline,
         gpu_names=[name for name, _ in gpus],
+        kv_bits=request.kv_bits,
     )
     if cached is not None:
         session.device_summary += "; NF4 from the reload cache"
-    if gpus and request.fast_decode:  # static KV cache + CUDA graphs (+ fused NF4 GEMV) where it applies
+    if gpus and request.fast_decode and request.kv_bits is not None:
+        session.device_summary += "; fast decode off (its static KV cache is not quantized: --kv-bits)"
+    elif gpus and request.fast_decode:  # static KV cache + CUDA graphs (+ fused NF4 GEMV) where it applies
         # seconds: kernels compiled (once per process), graphs captured
         report(LoadProgress("preparing fast decoding (compiling kernels, capturing CUDA graphs)", 0, 0))
         try:

@@ -28,7 +28,7 @@ import time
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 from runner.backend import GenerationChunk, MemoryReport, Message, Sampling
-from runner.budget import PREFILL_CHUNK
+from runner.budget import PREFILL_CHUNK, check_kv_bits
 from runner.errors import GenerationError, UserInputError
 from runner.prefix_cache import reusable_prefix
 from runner_cuda.detokenize import IncrementalDecoder
@@ -112,6 +112,7 @@ class CudaSession:
         attention: str,
         cuda_baseline: dict[str, int],
         gpu_names: list[str],
+        kv_bits: int | None = None,
     ) -> None:
         import torch
 
@@ -137,7 +138,12 @@ class CudaSession:
         else:
             threads = torch.get_num_threads()
             where += f"; no CUDA GPU: running on the CPU ({threads} thread{'s' if threads != 1 else ''})"
-        self.device_summary = f"{where}; {scheme_description}; {attention} attention"
+        self.kv_bits = kv_bits   # None: the KV cache in the compute dtype; 8 or 4: runner_cuda.kv_cache's
+        kv = ""
+        if kv_bits is not None:
+            check_kv_bits(spec, kv_bits)
+            kv = f"; KV cache {kv_bits}-bit"
+        self.device_summary = f"{where}; {scheme_description}; {attention} attention{kv}"
         self.warnings: tuple[str, ...] = ()   # set by the loader (offload the user allowed, ...)
         self._weights_measured = self._measure()
         self._cache_argument = cache_argument(model)
@@ -161,6 +167,10 @@ class CudaSession:
     def new_cache(self):
         from transformers import DynamicCache
 
+        if self.kv_bits is not None:
+            from runner_cuda.kv_cache import quantized_cache
+
+            return quantized_cache(self.hf_model.config, self.kv_bits)
         return DynamicCache(config=self.hf_model.config)
 
     def trim_cache(self, cache, length: int) -> bool:
@@ -307,7 +317,8 @@ class CudaSession:
             )
         kv = 0
         for layer in getattr(cache, "layers", []):
-            for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            # a quantized layer (runner_cuda.kv_cache) holds codes, scales and biases in `stored`
+            for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None), *(getattr(layer, "stored", None) or ())):
                 if tensor is not None:
                     kv += tensor.numel() * tensor.element_size()
         return sum(self._weights_measured.values()) + kv
