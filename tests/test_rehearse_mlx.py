@@ -108,6 +108,26 @@ def test_kv_cache_holds_the_context_in_steps_of_256(run_name, context, request):
     assert abs(device.resident - (device.weights + device.kv_cache)) <= WEIGHTS_TOLERANCE_BYTES, device
 
 
+def test_float32_checkpoint_rehearses_with_float32_scales():
+    """A config that says float32 (the imported default model does) keeps float32 scales and
+    biases in q8, as mlx_lm.convert does; the rehearsal used to end in a TypeError there."""
+    from dataclasses import replace
+
+    from runner.budget import make_plan
+    from runner.hardware import detect_machine
+    from runner.model import load_spec
+    from runner_mlx.rehearse import rehearse
+
+    spec = replace(load_spec(MODEL).with_layers(1), dtype="float32")
+    plan = make_plan(spec, detect_machine(), "q8", CONTEXT, backend="mlx")
+    result = rehearse(plan, decode_tokens=DECODE)
+    (device,) = result.devices
+    assert abs(device.weights - plan.weights_bytes) <= WEIGHTS_TOLERANCE_BYTES, device
+    elements = 2048 * 2048 * 2 + 512 * 2048 * 2 + 3 * 8192 * 2048
+    expected = elements + 2 * (elements // 64) * 4 + 2 * 2048 * 4      # 8-bit codes, float32 scales, biases, norms
+    assert abs(result.measured_layer_bytes - expected) <= WEIGHTS_TOLERANCE_BYTES
+
+
 def test_prefill_and_decode_ran(q4_run):
     _, result, progress = q4_run
     assert result.prefill_tokens == CONTEXT - DECODE and len(result.decode_step_seconds) == DECODE

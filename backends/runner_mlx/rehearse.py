@@ -206,6 +206,8 @@ def random_like(module, name: str, value, dtype, keys: Keys):
         # 2^bits / sqrt(12), so scales near INIT_STD * sqrt(12) / 2^bits give weights of std ~INIT_STD;
         # the biases centre them on 0. Made from the scales' own random bits: no float32 temporary.
         scale = INIT_STD * math.sqrt(12) / (2 ** bits)
+        if name == "scales" and half_layout(dtype) is None:   # a float32 checkpoint keeps float32 scales
+            return mx.random.uniform(scale, 2 * scale, value.shape, dtype=dtype, key=keys.next())
         if name == "scales":
             return random_half(value.shape, dtype, keys, magnitude=scale, signed=False)
         return module.scales * mx.array(-(2 ** bits - 1) / 2, dtype)   # materialize_block sets scales first
