@@ -7,6 +7,7 @@ from a session (the real-backend tests are in test_parity_backends.py).
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -309,3 +310,111 @@ def test_model_identity_ignores_how_transformers_wrote_the_config(tmp_path):
         (tmp_path / name / "config.json").write_text(json.dumps(config))
         hashes.append(config_sha256(tmp_path / name))
     assert hashes[0] == hashes[1] != hashes[2]
+
+
+# ---- records of the wrong shape: one clear error (issue 21) -------------------------------------
+
+def _tampered(tmp_path, pair, meta_change=None, arrays=None, raw_meta=None):
+    """A record written by write_record, then rewritten with its meta changed or arrays replaced."""
+    import io
+    import zipfile
+
+    source = write_record(pair[0], tmp_path / "good.parity")
+    path = tmp_path / "bad.parity"
+    with zipfile.ZipFile(source) as good, zipfile.ZipFile(path, "w") as bad:
+        for info in good.infolist():
+            data = good.read(info.filename)
+            if info.filename == "meta.json":
+                meta = json.loads(data)
+                if meta_change is not None:
+                    meta_change(meta)
+                data = raw_meta if raw_meta is not None else json.dumps(meta)
+            elif arrays and info.filename in arrays:
+                replacement = arrays[info.filename]
+                if isinstance(replacement, bytes):
+                    data = replacement
+                else:
+                    buffer = io.BytesIO()
+                    np.save(buffer, replacement, allow_pickle=False)
+                    data = buffer.getvalue()
+            bad.writestr(info.filename, data)
+    return path
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda m: m.clear(), "format None"),
+    (lambda m: m.update(quant=["fp32"]), "'quant' must be a string"),
+    (lambda m: m.update(quant="fp3"), "unknown quant 'fp3'"),
+    (lambda m: m.update(backend=None), "'backend' must be a string"),
+    (lambda m: m.update(config_sha256=5), "'config_sha256' must be a string"),
+    (lambda m: m.update(prompts="p0"), "'prompts' must be a list of objects"),
+    (lambda m: m.update(prompts=[1, 2, 3]), "'prompts' must be a list of objects"),
+    (lambda m: m.update(replies=["a"]), "'replies' must be a list of strings, one per prompt"),
+    (lambda m: m.update(replies=None), "'replies' must be a list of strings"),
+    (lambda m: m.update(prompts=[], replies=[]), "no prompts"),
+])
+def test_record_with_a_wrong_meta_is_refused(tmp_path, pair, change, message):
+    with pytest.raises(UserInputError, match=re.escape(message)):
+        read_record(_tampered(tmp_path, pair, change))
+
+
+@pytest.mark.parametrize("raw,message", [
+    (b"[1, 2]", "meta.json: not a JSON object"),
+    (b"\xff\xfe", "not UTF-8"),
+    (b'{"format": NaN}', "NaN is not a number JSON allows"),
+    (b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+])
+def test_record_with_malformed_meta_json_is_refused(tmp_path, pair, raw, message):
+    with pytest.raises(UserInputError, match=re.escape(message)):
+        read_record(_tampered(tmp_path, pair, raw_meta=raw))
+
+
+@pytest.mark.parametrize("arrays,message", [
+    ({"0/top_ids.npy": np.zeros((3, 64), np.int32)}, "prompt 1: top_ids has shape (3, 64), expected (20, 64)"),
+    ({"1/logsumexp.npy": np.zeros(5)}, "prompt 2: logsumexp has shape (5,)"),
+    ({"0/prompt_ids.npy": np.zeros(12, np.float32)}, "0/prompt_ids.npy is 1-D float32, not 1-D integers"),
+    ({"0/top_logits.npy": np.zeros(20)}, "0/top_logits.npy is 1-D float64, not 2-D floats"),
+    ({"0/reply_ids.npy": np.array(["a"])}, "0/reply_ids.npy is 1-D <U1"),
+    ({"0/logsumexp.npy": b"not an array"}, "not a runner parity record"),
+    ({"0/logsumexp.npy": "huge"}, "claims (10000000000,)"),
+])
+def test_record_with_arrays_of_the_wrong_shape_is_refused(tmp_path, pair, arrays, message):
+    import io
+
+    if arrays.get("0/logsumexp.npy") == "huge":   # a header claiming 80 GB, with no data behind it
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (10**10,)})
+        arrays = {"0/logsumexp.npy": header.getvalue()}
+    with pytest.raises(UserInputError, match=re.escape(message)):
+        read_record(_tampered(tmp_path, pair, arrays=arrays))
+
+
+def test_record_that_is_not_a_zip_or_is_a_zip_bomb(tmp_path, monkeypatch):
+    import zipfile
+
+    from runner import parity
+
+    path = tmp_path / "x.parity"
+    path.write_bytes(b"PK\x03\x04 not really")
+    with pytest.raises(UserInputError, match="not a runner parity record"):
+        read_record(path)
+    # sizes are read from the zip's directory before anything is decompressed (limits scaled down here)
+    monkeypatch.setattr(parity, "RECORD_MAX_ENTRY_BYTES", 1 << 20)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("meta.json", b" " * (1 << 20 | 1))      # 1 MiB of spaces: 1 kB compressed
+    assert path.stat().st_size < 10_000
+    with pytest.raises(UserInputError, match="meta.json is larger than any record runner writes"):
+        read_record(path)
+
+
+def test_prompts_file_that_is_not_utf8_or_json(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_bytes(b"\xff\xfe[]")
+    with pytest.raises(UserInputError, match="not UTF-8"):
+        read_prompts(path)
+    path.write_bytes(b'["' + b"[" * 5000)
+    with pytest.raises(UserInputError, match="malformed JSON"):
+        read_prompts(path)
+    path.write_bytes(b"[" * 5000 + b"]" * 5000)
+    with pytest.raises(UserInputError):
+        read_prompts(path)

@@ -28,9 +28,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import platform
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import resources
@@ -39,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from runner.backend import Message, Sampling, backend_class
 from runner.errors import RunnerError, UserInputError
+from runner.files import parse_json, read_text
 
 if TYPE_CHECKING:
     import numpy as np
@@ -179,16 +182,9 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     """Prompts from a file: a JSON list (strings, or objects with 'name' and 'messages'), or plain
     text where prompts are separated by blank lines (each one becomes a single user message)."""
     path = Path(path).expanduser()
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise UserInputError(f"{path}: cannot read the prompts file ({error.strerror})") from None
+    text = read_text(path)
     if path.suffix == ".json":
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise UserInputError(f"{path}: malformed JSON ({error.msg} at line {error.lineno})") from None
-        prompts = _prompts_from_json(items, str(path))
+        prompts = _prompts_from_json(parse_json(text, path), str(path))
     else:
         blocks = [block.strip() for block in text.split("\n\n") if block.strip()]
         prompts = [
@@ -700,27 +696,101 @@ def write_record(capture_: Capture, path: str | Path) -> Path:
     return path
 
 
-def read_record(path: str | Path) -> Capture:
-    import numpy as np
+RECORD_MAX_ENTRY_BYTES = 1 << 30      # one array of top-k logits: ~0.5 KB per position
+RECORD_MAX_BYTES = 4 << 30            # everything in a record, uncompressed (a zip can claim far more)
 
+# array -> (numpy kind: "i" integers, "f" floats; dimensions)
+_ARRAY_KINDS = {"prompt_ids": ("i", 1), "reply_ids": ("i", 1), "top_ids": ("i", 2), "top_logits": ("f", 2),
+                "logsumexp": ("f", 1), "next_logprob": ("f", 1)}
+
+
+def read_record(path: str | Path) -> Capture:
+    """A `.parity` record, checked: its meta (format, model, backend, quant, prompts and replies),
+    and every array's kind and shape against the others, so that a record of the wrong shape is
+    one clear error here, not a traceback in the comparison. Sizes are checked before anything is
+    decompressed."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserInputError(f"{path}: no such record file")
     try:
         with zipfile.ZipFile(path) as archive:
-            meta = json.loads(archive.read("meta.json"))
-            if meta.get("format") != RECORD_FORMAT:
-                raise UserInputError(f"{path}: format {meta.get('format')!r}, runner reads {RECORD_FORMAT}")
+            infos = archive.infolist()
+            too_big = [i.filename for i in infos if i.file_size > RECORD_MAX_ENTRY_BYTES]
+            if too_big or sum(i.file_size for i in infos) > RECORD_MAX_BYTES:
+                raise UserInputError(f"{path}: not a runner parity record ({', '.join(too_big[:1]) or 'its content'} "
+                                     "is larger than any record runner writes)")
+            meta = _record_meta(parse_json(archive.read("meta.json"), f"{path}: meta.json"), path)
             prompts = []
             for index, (spec, reply) in enumerate(zip(meta["prompts"], meta["replies"])):
-                arrays = {
-                    name: np.load(io.BytesIO(archive.read(f"{index}/{name}.npy")), allow_pickle=False)
-                    for name in _ARRAYS
-                }
+                arrays = {name: _record_array(archive, f"{index}/{name}.npy", path) for name in _ARRAYS}
+                _check_record_arrays(arrays, f"{path}: prompt {index + 1}")
                 prompts.append(PromptCapture(name=spec["name"], reply_text=reply, **arrays))
-    except (zipfile.BadZipFile, KeyError, ValueError) as error:
-        raise UserInputError(f"{path}: not a runner parity record ({error})") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, KeyError, ValueError, EOFError, NotImplementedError,
+            RuntimeError, zlib.error) as error:   # RuntimeError: an encrypted entry
+        raise UserInputError(f"{path}: not a runner parity record ({str(error)[:200]})") from None
+    except OSError as error:
+        raise UserInputError(f"{path}: cannot read the record ({error.strerror or error})") from None
     return Capture(meta, prompts)
+
+
+def _record_meta(meta: Any, path: Path) -> dict:
+    def bad(what: str) -> UserInputError:
+        return UserInputError(f"{path}: not a runner parity record (meta.json: {what})")
+
+    if not isinstance(meta, dict):
+        raise bad("not a JSON object")
+    if meta.get("format") != RECORD_FORMAT:
+        raise UserInputError(f"{path}: format {repr(meta.get('format'))[:40]}, runner reads {RECORD_FORMAT}")
+    for key in ("model", "backend", "quant"):
+        if not isinstance(meta.get(key), str) or not meta[key]:
+            raise bad(f"'{key}' must be a string")
+    if meta["quant"] not in PRECISION_CLASS:
+        raise bad(f"unknown quant {meta['quant'][:40]!r} (known: {', '.join(PRECISION_CLASS)})")
+    for key in ("config_sha256", "tokenizer_sha256"):
+        if not isinstance(meta.get(key, ""), str):
+            raise bad(f"'{key}' must be a string")
+    prompts, replies = meta.get("prompts"), meta.get("replies")
+    if not isinstance(prompts, list) or not all(isinstance(p, dict) and isinstance(p.get("name"), str) for p in prompts):
+        raise bad("'prompts' must be a list of objects with a 'name'")
+    if not isinstance(replies, list) or len(replies) != len(prompts) or not all(isinstance(r, str) for r in replies):
+        raise bad("'replies' must be a list of strings, one per prompt")
+    if not prompts:
+        raise bad("no prompts")
+    return meta
+
+
+def _record_array(archive: zipfile.ZipFile, name: str, path: Path) -> "np.ndarray":
+    import numpy as np
+
+    data = archive.read(name)
+    stream = io.BytesIO(data)
+    version = np.lib.format.read_magic(stream)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(stream)
+    if math.prod(shape) * dtype.itemsize > len(data):   # np.load would allocate what the header claims first
+        raise ValueError(f"{name} claims {shape} {dtype} in {len(data)} bytes")
+    array = np.load(io.BytesIO(data), allow_pickle=False)
+    kind, dimensions = _ARRAY_KINDS[name.split("/")[-1][: -len(".npy")]]
+    kind_ok = array.dtype.kind == kind or (kind == "i" and array.dtype.kind == "u")
+    if not kind_ok or array.ndim != dimensions:
+        raise UserInputError(f"{path}: not a runner parity record ({name} is {array.ndim}-D {array.dtype}, "
+                             f"not {dimensions}-D {'integers' if kind == 'i' else 'floats'})")
+    return array
+
+
+def _check_record_arrays(arrays: dict, where: str) -> None:
+    """The shapes `capture` writes: p prompt ids, r reply ids, n = p + r positions of top-k lists,
+    logsumexps, and n - 1 next-token log probabilities."""
+    positions = len(arrays["prompt_ids"]) + len(arrays["reply_ids"])
+    k = arrays["top_ids"].shape[1]
+    expected = {"top_ids": (positions, k), "top_logits": (positions, k), "logsumexp": (positions,),
+                "next_logprob": (max(positions - 1, 0),)}
+    for name, shape in expected.items():
+        if arrays[name].shape != shape:
+            raise UserInputError(f"{where}: {name} has shape {arrays[name].shape}, expected {shape} "
+                                 f"({positions} positions, top-{k})")
+    if not len(arrays["prompt_ids"]) or not k:
+        raise UserInputError(f"{where}: no prompt tokens or an empty top-k list")
 
 
 # ---- the whole run: load, capture, close, one session at a time ----------------------------------
