@@ -22,7 +22,7 @@ from typing import Callable
 
 from runner.backend import LoadProgress
 from runner.errors import CorruptWeights, UnsupportedModel, UserInputError
-from runner.files import read_safetensors_header
+from runner.files import read_json_object, read_safetensors_header
 from runner.paths import models_dir
 
 from runner_mlx import GROUP_SIZE, MLX_QUANTS, QUANT_BITS, QUANT_DTYPES
@@ -34,10 +34,7 @@ Progress = Callable[[LoadProgress], None]
 
 
 def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise UserInputError(f"{path}: cannot read ({error})") from None
+    return read_json_object(path)
 
 
 def weight_files(folder: Path) -> list[Path]:

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from runner.backend import Message, Sampling, backend_class
 from runner.errors import RunnerError, UserInputError
-from runner.files import parse_json, read_text
+from runner.files import parse_json, read_json_object, read_text
 
 if TYPE_CHECKING:
     import numpy as np
@@ -222,14 +222,14 @@ def model_identity(config: dict) -> dict:
         scaling = {k: v for k, v in scaling.items() if k != "type"}
         scaling.setdefault("rope_type", config["rope_scaling"].get("type", "default"))
         config["rope_scaling"] = scaling
-    if config.get("rope_theta") is not None:
+    if isinstance(config.get("rope_theta"), (int, float)):
         config["rope_theta"] = float(config["rope_theta"])
     return {key: config[key] for key in IDENTITY_KEYS if config.get(key) is not None}
 
 
 def config_sha256(folder: Path) -> str:
     """sha256 of the model's identity keys (see IDENTITY_KEYS) in its config.json."""
-    config = json.loads((folder / "config.json").read_text())
+    config = read_json_object(folder / "config.json")
     return hashlib.sha256(json.dumps(model_identity(config), sort_keys=True).encode()).hexdigest()
 
 
@@ -252,11 +252,9 @@ def eos_token_ids(folder: Path) -> set[int]:
     ids: set[int] = set()
     for name in ("generation_config.json", "config.json"):
         if (folder / name).is_file():
-            value = json.loads((folder / name).read_text()).get("eos_token_id")
-            if isinstance(value, int):
-                ids.add(value)
-            elif isinstance(value, list):
-                ids.update(int(v) for v in value)
+            value = read_json_object(folder / name).get("eos_token_id")
+            values = value if isinstance(value, list) else [value]
+            ids.update(v for v in values if isinstance(v, int) and not isinstance(v, bool))
     return ids
 
 
