@@ -43,8 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, help="0 is greedy (the one-shot default)")
     parser.add_argument("--top-p", type=float, help="default 1.0")
     parser.add_argument("--seed", type=int, help="one-shot only")
-    parser.add_argument("--context", type=context_count, default=4096,
-                        help="tokens of KV cache to plan for, e.g. 8192 or 8k (default 4096)")
+    parser.add_argument("--context", type=context_count, default=None,
+                        help="tokens of KV cache to plan for, e.g. 8192 or 8k (default 4096, or the model's maximum if less)")
     parser.add_argument("--host-memory", help="RAM of each host in GB, e.g. 192,128 (default: measured)")
     parser.add_argument("--rank-timeout", type=float, default=120.0,
                         help="seconds a rank waits for the others before it gives up (default 120)")
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if args.rank_timeout <= 0:
         raise UserInputError("--rank-timeout must be more than 0 seconds")
     quant = args.quant or default_quant(args.model)
-    check_context(args.model, args.context)
+    args.context = checked_context(args.model, args.context)
     given = {name: getattr(args, name) for name in ONE_SHOT if getattr(args, name) is not None}
     sampling = Sampling(**{**ONE_SHOT, **given}, seed=args.seed)       # checks the values given
     memory = host_memory_gb(args)
@@ -128,12 +128,17 @@ def host_memory_gb(args: argparse.Namespace) -> list[float] | None:
         raise UserInputError(f"--host-memory '{args.host_memory}': expected GB per host, e.g. 192,128") from None
 
 
-def check_context(model: str | None, context: int) -> None:
+def checked_context(model: str | None, context: int | None) -> int:
+    """The context to plan for: the one given, within the model's maximum, or the default."""
+    from runner.choice import default_context
     from runner.model import load_spec
 
     spec = load_spec(model)
+    if context is None:
+        return default_context(spec)
     if context > spec.max_context:
         raise UserInputError(f"--context {context:,} is more than {spec.name} was trained for ({spec.max_context:,} tokens)")
+    return context
 
 
 def default_quant(model: str | None) -> str:

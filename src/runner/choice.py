@@ -167,9 +167,10 @@ def refuse_by_plan(plan: Plan, allow_offload: bool) -> None:
 
 
 def options_that_fit(plan: Plan) -> list[str]:
-    """Smaller schemes of the same backend, then shorter contexts, that the plan's arithmetic says fit."""
+    """Smaller schemes of the same backend (smallest first), then shorter contexts, that the plan's
+    arithmetic says fit."""
     options = []
-    for quant in backend_class(plan.backend).quality_order:
+    for quant in reversed(backend_class(plan.backend).quality_order):
         if quant != plan.quant and make_plan(plan.model, plan.machine, quant, plan.context, backend=plan.backend,
                                              kv_bits=plan.kv_bits).verdict == FITS:
             options.append(f"--quant {quant}")
