@@ -1,7 +1,7 @@
 """CUDA speed: the article's recipe and runner's fast path, side by side, in one run on one GPU.
 
-    PYTHONPATH=src:backends python3 bench/cuda_speed.py [--out DIR] [--work /tmp/cuda-speed]
-                                                         [--sections kernels,nf4,reload,bf16]
+    PYTHONPATH=src:backends python3 bench/cuda_speed.py [--out DIR] [--work /tmp/cuda-speed] [--quick]
+                                 [--source checkpoint|memory] [--sections kernels,nf4,reload,bf16,cold,rehearse]
 
 Writes a Llama-3.1-8B-shaped checkpoint with random BF16 weights (config from runner's catalog),
 then measures, each warm and with the same settings (batch 1, greedy, 256 new tokens, EOS off):
@@ -35,6 +35,8 @@ LONG_PROMPT = 1024
 SHORT_PROMPT = 16
 RESULTS: dict = {}
 QUICK = False          # --quick: runner's default fast path only, no ablation variants
+SOURCE = "checkpoint"  # --source memory: random weights built on the GPU, no checkpoint on disk
+MODEL_ID = "meta-llama/Llama-3.1-8B-Instruct"
 
 
 def log(*parts) -> None:
@@ -171,12 +173,21 @@ def nf4_config():
 
 
 def load(folder: Path, quant: str):
-    """The article's recipe (nf4) or plain BF16, device_map="auto". Returns (model, seconds)."""
+    """The article's recipe (nf4) or plain BF16, device_map="auto". Returns (model, seconds).
+    With --source memory: the same architecture with random weights built on the GPU and quantized
+    by transformers' own quantize operation, as `runner rehearse` does (no checkpoint written or read)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     sync()
     start = time.perf_counter()
+    if SOURCE == "memory":
+        from runner.model import load_spec
+        from runner_cuda.rehearse import random_model
+
+        model = random_model(load_spec(MODEL_ID), quant).eval()
+        sync()
+        return model, time.perf_counter() - start
     kwargs = {"device_map": "auto", "dtype": torch.bfloat16}
     if quant == "nf4":
         kwargs["quantization_config"] = nf4_config()
@@ -292,6 +303,78 @@ def profile_step(decoder, steps: int = 20) -> dict:
             "top": [(name, round(us / steps, 1), counts[name] // steps) for name, us in top]}
 
 
+def profile_graph(decoder, steps: int = 20) -> dict:
+    """Where a graphed decode step's time goes: the kernels inside the graph (torch.profiler sees
+    them), the step's span on the GPU (first kernel start to last kernel end), the gaps between
+    kernels, and the host's time per token around it (argmax, reading the token back, the replay)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    decoder.reset()
+    logits = decoder.prefill(prompt(SHORT_PROMPT))
+    for _ in range(3):
+        logits = decoder.step(int(logits.argmax()))
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as trace:
+        for _ in range(steps):
+            logits = decoder.step(int(logits.argmax()))
+        sync()
+    kernels = sorted((e for e in trace.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    busy = sum(e.time_range.end - e.time_range.start for e in kernels)
+    span = kernels[-1].time_range.end - kernels[0].time_range.start if kernels else 0
+    totals, counts = {}, {}
+    for event in kernels:
+        name = event.name[:60]
+        totals[name] = totals.get(name, 0.0) + event.time_range.end - event.time_range.start
+        counts[name] = counts.get(name, 0) + 1
+    top = sorted(totals.items(), key=lambda item: -item[1])[:12]
+    decoder.reset()
+    logits = decoder.prefill(prompt(SHORT_PROMPT))
+    sync()
+    start = time.perf_counter()
+    for _ in range(100):
+        logits = decoder.step(int(logits.argmax()))
+    sync()
+    host_us = (time.perf_counter() - start) / 100 * 1e6
+    graph = decoder._graph(decoder._bucket(decoder.length + 1))
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(100):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    replay_us = begin.elapsed_time(end) * 10
+    return {"kernels_per_token": len(kernels) / steps, "kernel_busy_us_per_token": busy / steps,
+            "gpu_span_us_per_token": span / steps, "gaps_us_per_token": (span - busy) / steps,
+            "graph_replay_back_to_back_us": replay_us, "host_loop_us_per_token": host_us,
+            "host_overhead_us_per_token": host_us - replay_us,
+            "top": [(name, round(us / steps, 1), counts[name] // steps) for name, us in top]}
+
+
+def rate_by_position(model, options: dict, positions=(100, 1000, 3000, 8000), tokens: int = 64) -> dict:
+    """Decode tok/s at several positions: prefill a prompt of that length, one step (captures the
+    bucket's graph), then `tokens` timed steps."""
+    from runner_cuda.fast.decoder import FastDecoder
+
+    decoder = FastDecoder(model, max_len=max(positions) + tokens + 8, **options)
+    rates = {}
+    for position in positions:
+        decoder.reset()
+        logits = decoder.prefill(prompt(position, seed=position))
+        logits = decoder.step(int(logits.argmax()))
+        sync()
+        start = time.perf_counter()
+        for _ in range(tokens):
+            logits = decoder.step(int(logits.argmax()))
+        sync()
+        rates[f"tok_s_at_{position}"] = tokens / (time.perf_counter() - start)
+    rates["slowdown_3000_vs_100"] = rates["tok_s_at_100"] / rates["tok_s_at_3000"]
+    del decoder
+    free()
+    return rates
+
+
 def first_difference(a: list[int], b: list[int]) -> int | None:
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
@@ -332,17 +415,19 @@ def graph_time_us(call, copies: int) -> float:
 
 
 def section_kernels() -> None:
-    """runner's NF4 GEMV (nf4_cuda.py) against bitsandbytes' batch-1 kernel and BF16 cuBLAS, per
-    Llama-8B shape, timed inside CUDA graphs over enough copies of the weight that L2 (50 MB)
-    cannot hold them; then q/k/v and gate/up as one launch against bitsandbytes' three (two)."""
+    """runner's NF4 kernels against bitsandbytes' batch-1 kernel, per Llama-8B layer launch, timed
+    inside CUDA graphs over enough copies of the weights that L2 (50-60 MB) cannot hold them: the
+    tensor-core kernel (NF4Mma) as the decoder launches it (q/k/v with the RMSNorm inside, o and down
+    adding into the residual, gate/up with the RMSNorm and SiLU x up inside), over its warps x split
+    choices; the SIMT kernel (NF4Gemv) and bitsandbytes on the bare projections."""
     import bitsandbytes as bnb
     import torch
 
     from runner_cuda.fast.nf4 import dequantize_reference, nf4_weight_of
-    from runner_cuda.fast.nf4_cuda import NF4Gemv, rows_per_warp
+    from runner_cuda.fast.nf4_cuda import NF4Gemv, NF4Mma, mma_shape
 
     bandwidth = RESULTS["machine"]["copy_bandwidth_gb_s"] * 1e9
-    choices = [(rows, threads) for rows in (1, 2, 4) for threads in (64, 128, 256)]
+    choices = [(8, 8), (8, 4), (8, 2), (8, 1), (4, 4), (4, 2), (4, 1), (16, 16), (16, 8)]
 
     def nf4_layer(n, k):
         dense = torch.nn.Linear(k, n, bias=False, dtype=torch.bfloat16, device="cuda")
@@ -351,57 +436,65 @@ def section_kernels() -> None:
         layer.weight = bnb.nn.Params4bit(dense.weight.data.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True)
         return layer.cuda()
 
-    cases = [(f"{n}x{k}", ((n, k),)) for n, k in ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336))]
-    cases += [("one launch qkv", ((4096, 4096), (1024, 4096), (1024, 4096))), ("one launch gate_up", ((14336, 4096), (14336, 4096)))]
-    for name, shapes in cases:
+    # (name, shapes, NF4Mma options)
+    cases = [("qkv", ((4096, 4096), (1024, 4096), (1024, 4096)), "norm"), ("o", ((4096, 4096),), "residual"),
+             ("gate_up", ((14336, 4096), (14336, 4096)), "glu"), ("down", ((4096, 14336),), "residual")]
+    layer_us = {"bnb": 0.0, "simt": 0.0, "mma": 0.0, "mma_best": 0.0}
+    for name, shapes, mode in cases:
         k = shapes[0][1]
         copies = max(1, min(8, int(200e6 // sum(n * k // 2 for n, k in shapes))))
         groups = [[nf4_layer(n, k) for n, k in shapes] for _ in range(copies)]
         weights = [[nf4_weight_of(layer) for layer in group] for group in groups]
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        norm = (1 + 0.1 * torch.randn(k, device="cuda")).to(torch.bfloat16)
+        residual = torch.zeros(shapes[0][0], device="cuda", dtype=torch.bfloat16)
         nf4_bytes = sum(w.packed.numel() + w.absmax.numel() for w in weights[0])
-        rows = {"copies": copies, "nf4_mb": nf4_bytes / 1e6}
+        rows = {"copies": copies, "nf4_mb": nf4_bytes / 1e6, "mma_fused": mode}
+        options = {"norm": dict(norm=norm, eps=1e-5), "residual": dict(residual=True), "glu": dict(glu=True, norm=norm, eps=1e-5)}[mode]
+
+        def mma_calls(weights=weights, options=options, **shape):
+            return [NF4Mma(group, **options, **shape) for group in weights]
+
+        def run_mma(calls, x=x, residual=residual, mode=mode):
+            return (lambda i: calls[i](x, out=residual)) if mode == "residual" else (lambda i: calls[i](x))
+
         with torch.no_grad():
             exact = torch.cat([torch.nn.functional.linear(x.double(), dequantize_reference(w).double()) for w in weights[0]], dim=-1)
             theirs = torch.cat([layer(x).float() for layer in groups[0]], dim=-1)
             rows["bnb_rel_err_vs_exact"] = ((theirs - exact).norm() / exact.norm()).item()
             rows["bnb_us"] = graph_time_us(lambda i, groups=groups: [layer(x) for layer in groups[i]], copies)
-            rows["bnb_tb_s"] = nf4_bytes / rows["bnb_us"] / 1e6
-            if len(shapes) == 1:
-                dense = [torch.empty(*shapes[0], dtype=torch.bfloat16, device="cuda") for _ in range(copies)]
-                rows["bf16_us"] = graph_time_us(lambda i: torch.nn.functional.linear(x, dense[i]), copies)
-                rows["bf16_tb_s"] = shapes[0][0] * k * 2 / rows["bf16_us"] / 1e6
-                del dense
+            simt = [NF4Gemv(group) for group in weights]
+            mine = simt[0](x).float()
+            rows["simt_us"] = graph_time_us(lambda i: simt[i](x), copies)
+            rows["simt_rel_err_vs_exact"] = ((mine - exact).norm() / exact.norm()).item()
+            plain = NF4Mma(weights[0])(x).float()
+            rows["mma_rel_err_vs_exact"] = ((plain - exact).norm() / exact.norm()).item()
+            rows["mma_rel_diff_vs_simt"] = ((plain - mine).norm() / mine.norm()).item()
+            rows["mma_bare_us"] = graph_time_us(lambda i, calls=[NF4Mma(group) for group in weights]: calls[i](x), copies)
             best = None
-            for rows_per, threads in choices:
-                if any(w.out_features % rows_per for w in weights[0]):
+            for warps, split in choices:
+                try:
+                    us = graph_time_us(run_mma(mma_calls(warps=warps, split=split)), copies)
+                except Exception as error:  # a shape that does not launch: say so, keep the others
+                    rows[f"mma_w{warps}s{split}_error"] = repr(error)[:200]
                     continue
-                calls = [NF4Gemv(group, rows=rows_per, threads=threads) for group in weights]
-                mine = calls[0](x).float()
-                error = ((mine - exact).norm() / exact.norm()).item()
-                us = graph_time_us(lambda i: calls[i](x), copies)
-                rows[f"cuda_r{rows_per}t{threads}_us"] = round(us, 2)
-                if error > 2e-2:
-                    rows[f"cuda_r{rows_per}t{threads}_BAD_rel_err"] = error
-                elif best is None or us < best[0]:
-                    best = (us, (rows_per, threads), error)
-            default = [NF4Gemv(group) for group in weights]
-            mine = default[0](x).float()
-            rows.update(cuda_best_us=best[0], cuda_best=best[1], cuda_default=(rows_per_warp(weights[0]), default[0].threads),
-                        cuda_default_us=graph_time_us(lambda i: default[i](x), copies),
-                        cuda_rel_err_vs_exact=((mine - exact).norm() / exact.norm()).item(),
-                        cuda_rel_diff_vs_bnb=((mine - theirs).norm() / theirs.norm()).item())
-            rounded = [NF4Gemv(group, rounding="bitsandbytes") for group in weights]
-            mine_rounded = rounded[0](x).float()
-            rows.update(cuda_bnb_rounding_us=graph_time_us(lambda i: rounded[i](x), copies),
-                        cuda_bnb_rounding_rel_diff_vs_bnb=((mine_rounded - theirs).norm() / theirs.norm()).item(),
-                        cuda_bnb_rounding_outputs_equal_bnb=(mine_rounded == theirs).float().mean().item())
-            rows.update(cuda_tb_s=nf4_bytes / rows["cuda_default_us"] / 1e6,
-                        cuda_fraction_of_copy_bw=nf4_bytes / (rows["cuda_default_us"] / 1e6) / bandwidth,
-                        cuda_vs_bnb=rows["bnb_us"] / rows["cuda_default_us"])
+                rows[f"mma_w{warps}s{split}_us"] = round(us, 2)
+                if best is None or us < best[0]:
+                    best = (us, (warps, split))
+            default = mma_shape(weights[0], mode == "glu")
+            rows.update(mma_default=default, mma_default_us=graph_time_us(run_mma(mma_calls()), copies),
+                        mma_best=best[1], mma_best_us=best[0])
+            rows.update(mma_tb_s=nf4_bytes / rows["mma_default_us"] / 1e6,
+                        mma_fraction_of_copy_bw=nf4_bytes / (rows["mma_default_us"] / 1e6) / bandwidth,
+                        simt_fraction_of_copy_bw=nf4_bytes / (rows["simt_us"] / 1e6) / bandwidth,
+                        mma_vs_bnb=rows["bnb_us"] / rows["mma_default_us"], mma_vs_simt=rows["simt_us"] / rows["mma_default_us"])
+        for key, column in (("bnb", "bnb_us"), ("simt", "simt_us"), ("mma", "mma_default_us"), ("mma_best", "mma_best_us")):
+            layer_us[key] += rows[column]
         record(f"kernel {name}", **rows)
         del groups, weights
         free()
+    record("kernel one layer (us)", **layer_us, mma_vs_simt=layer_us["simt"] / layer_us["mma"],
+           mma_vs_bnb=layer_us["bnb"] / layer_us["mma"])
 
 
 def section_nf4(checkpoint: Path) -> None:
@@ -422,12 +515,13 @@ def section_nf4(checkpoint: Path) -> None:
            fraction_of_roofline=article["decode_tok_s"] / roofline)
 
     variants = (
-        ("fast (graphs, fused ops, runner's CUDA GEMV)", dict()),
-        ("fast, runner's CUDA GEMV rounding as bitsandbytes", dict(nf4_kernel="cuda-bnb-rounding")),
+        ("fast (graphs, runner's tensor-core NF4 kernel with the norms inside)", dict()),
+        ("fast, runner's SIMT NF4 kernel (the previous default)", dict(nf4_kernel="cuda-simt")),
+        ("fast, runner's SIMT kernel rounding as bitsandbytes", dict(nf4_kernel="cuda-bnb-rounding")),
         ("fast, bitsandbytes kernel", dict(nf4_kernel="bitsandbytes")),
         ("graphs only, bitsandbytes kernel", dict(compile_ops=False, nf4_kernel="bitsandbytes")),
     )
-    for name, options in variants[:1] if QUICK else variants:
+    for name, options in variants[:2] if QUICK else variants:
         try:
             torch.cuda.reset_peak_memory_stats()
             started = time.perf_counter()
@@ -436,8 +530,12 @@ def section_nf4(checkpoint: Path) -> None:
             first_use_s = time.perf_counter() - started
             result = decode_rate(fast_generate, decoder)
             result["first_use_s"] = first_use_s
-            if not options:
-                record("nf4 profile (eager step, GPU time per token)", **profile_step(decoder))
+            if len(options) < 2 and options.get("nf4_kernel", "cuda") in ("cuda", "cuda-simt"):
+                label = "tensor-core kernel" if not options else "SIMT kernel"
+                record(f"nf4 profile, {label} (eager step, GPU time per token)", **profile_step(decoder))
+                record(f"nf4 profile, {label} (graphed step)", **profile_graph(decoder))
+                if not options:
+                    record("nf4 decode against position (tensor-core kernel)", **rate_by_position(model, options))
             same = first_difference(result["tokens"], article["tokens"])
             record(f"nf4 {name}", **{k: v for k, v in result.items() if k != "tokens"}, **memory(),
                    vs_article=result["decode_tok_s"] / article["decode_tok_s"], ttft_vs_article=article["ttft_1k_s"] / result["ttft_1k_s"],
@@ -644,15 +742,39 @@ def section_bf16(checkpoint: Path) -> None:
     free()
 
 
+def section_rehearse() -> None:
+    """`runner rehearse` of the 8B in NF4 at 4k context on this GPU: decoding through the fast path
+    (what a session here does) and through transformers' loop (what it timed before), same run."""
+    from runner.budget import make_plan
+    from runner.hardware import resolve_machine
+    from runner.model import load_spec
+    from runner_cuda.rehearse import rehearse
+
+    plan = make_plan(load_spec(MODEL_ID), resolve_machine(None), "nf4", 4096, backend="cuda")
+    for fast_decode in (True, False):
+        free()
+        result = rehearse(plan, decode_tokens=64, fast_decode=fast_decode)
+        (device,) = result.devices
+        record(f"rehearse 8B nf4 4k, {result.decode_path} decode", decode_tok_s=result.decode_tokens_per_s,
+               roofline_tok_s=result.roofline_tokens_per_s, fraction_of_plan_roofline=result.decode_tokens_per_s / result.roofline_tokens_per_s,
+               prefill_tok_s=result.prefill_tokens_per_s, warm_up_s=result.warm_up_seconds, load_s=result.load_seconds,
+               weights_gb=device.weights / 1e9, planned_weights_gb=device.planned_weights / 1e9, kv_gb=device.kv_cache / 1e9,
+               planned_kv_gb=device.planned_kv_cache / 1e9, peak_gb=device.peak / 1e9, planned_total_gb=device.planned_total / 1e9,
+               reason=result.decode_path_reason)
+    free()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--work", default="/tmp/cuda-speed")
-    parser.add_argument("--sections", default="kernels,nf4,reload,bf16,cold")
+    parser.add_argument("--sections", default="kernels,nf4,reload,bf16,cold,rehearse")
     parser.add_argument("--quick", action="store_true", help="runner's default fast path only, no ablation variants")
+    parser.add_argument("--source", choices=("checkpoint", "memory"), default="checkpoint",
+                        help="nf4/bf16 sections: load the written checkpoint, or build random weights on the GPU")
     args = parser.parse_args()
-    global QUICK
-    QUICK = args.quick
+    global QUICK, SOURCE
+    QUICK, SOURCE = args.quick, args.source
     import bitsandbytes
     import torch
     import transformers
@@ -670,11 +792,12 @@ def main() -> None:
             section_kernels()
         except Exception as error:
             record("kernels", error=repr(error), trace=traceback.format_exc()[-2000:])
-    if {"nf4", "reload", "bf16", "cold"} & set(sections):
+    if {"reload", "cold"} & set(sections) or ({"nf4", "bf16"} & set(sections) and SOURCE == "checkpoint"):
         write_checkpoint(checkpoint)
         record("checkpoint", folder=str(checkpoint), seconds=time.perf_counter() - started)
     for name, run in (("nf4", lambda: section_nf4(checkpoint)), ("reload", lambda: section_reload(checkpoint, work)),
-                      ("bf16", lambda: section_bf16(checkpoint)), ("cold", lambda: section_reload_cold(checkpoint, work))):
+                      ("bf16", lambda: section_bf16(checkpoint)), ("cold", lambda: section_reload_cold(checkpoint, work)),
+                      ("rehearse", section_rehearse)):
         if name in sections:
             try:
                 run()

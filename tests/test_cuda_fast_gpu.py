@@ -168,8 +168,11 @@ def test_graph_decoder_greedy_equals_hf_generate(tmp_path, kernel):
         got.append(int(logits.argmax()))
         logits = decoder.step(got[-1])
     agree = first_difference(got, expected)
-    # random weights leave near-ties that bf16 rounding order can flip; the first tokens agree
-    assert agree >= 16, f"first greedy difference at token {agree}"
+    # random weights leave near-ties that bf16 rounding order can flip: the first difference is at
+    # such a tie (HF's top two within TIE), after the first few tokens
+    if agree < new:
+        top2 = hf_step_logits[agree].topk(2).values
+        assert agree >= 4 and (top2[0] - top2[1]).item() <= TIE, (agree, (top2[0] - top2[1]).item())
     # up to there, the same logits as HF generate's own steps (the same bitsandbytes kernel)
     fast = torch.stack(got_logits[:agree])
     hf = hf_step_logits[:agree]

@@ -230,7 +230,7 @@ __device__ __forceinline__ unsigned int mul_bf16x2(unsigned int a, unsigned int 
 
 __device__ __forceinline__ void mma(float* c, unsigned int a0, unsigned int a1, unsigned int a2, unsigned int a3,
                                     unsigned int b0, unsigned int b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
@@ -239,9 +239,14 @@ __device__ __forceinline__ unsigned int word_of(const uint4& v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-// one bf16 pair (the two weights of one packed byte) from the lane's own copy of the 256-entry table
-#define LUT(w, b) (*(const unsigned int*)(table_bytes + \
-    ((((b) == 0 ? ((w) << 7) : ((w) >> (8 * (b) - 7))) & 0x7F80u) | lane4)))
+// one bf16 pair (the two weights of one packed byte) from the lane's own copy of the 256-entry table:
+// the byte (one PRMT), times 128 plus the lane's column (one LEA), one shared-memory load
+__device__ __forceinline__ unsigned int lut(unsigned int lane_table, unsigned int w, int b) {
+    unsigned int value;
+    const unsigned int address = lane_table + (__byte_perm(w, 0, 0x4440 + b) << 7);
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(value) : "r"(address));
+    return value;
+}
 
 struct Rows {                    // one A-fragment row of the tile: its weight, and where its blocks start
     const uint4* packed;         // the row's first 16 bytes
@@ -261,14 +266,6 @@ __device__ __forceinline__ Rows rows_of(int row, const uint4* p, const void* a, 
     return r;
 }
 
-__device__ __forceinline__ float scale_of(const Rows& r, unsigned long long block) {
-#if NESTED
-    return __ldg(r.ncode + __ldg((const unsigned char*)r.absmax + block)) * __ldg(r.nabs + block / NESTED_BLOCKSIZE) + r.shift;
-#else
-    return __ldg((const float*)r.absmax + block);
-#endif
-}
-
 extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
     const unsigned int* __restrict__ pairs, const uint4* __restrict__ x, const uint4* __restrict__ zeros,
     unsigned short* __restrict__ out, const uint4* __restrict__ norm_weight, double eps,
@@ -286,7 +283,56 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
 #endif
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const unsigned int lane4 = lane * 4;
+    const unsigned int lane_table = (unsigned int)__cvta_generic_to_shared(table_bytes) + lane * 4;
+
+    // this warp's tile and slice of K, and its first weights and scale, loaded before the table and
+    // the input are prepared so that the loads' latency overlaps that work
+    const int tile = blockIdx.x * TILES + warp / SPLIT, split = warp % SPLIT;
+#if GLU
+    const int tiles = n0 / 8;
+#else
+    const int tiles = (n0 + n1 + n2) / 16;
+#endif
+    const bool valid = tile < tiles;
+    const int out_row = valid ? tile * (GLU ? 8 : 16) : 0;       // a warp past the last tile reads tile 0
+    Rows ra, rb;
+#if GLU
+    ra = rows_of(out_row + g, p0, a0, nc0, na0, o0);
+    rb = rows_of(out_row + g, p1, a1, nc1, na1, o1);
+#else
+    if (out_row < n0) {
+        ra = rows_of(out_row + g, p0, a0, nc0, na0, o0); rb = rows_of(out_row + g + 8, p0, a0, nc0, na0, o0);
+    } else if (out_row < n0 + n1) {
+        ra = rows_of(out_row - n0 + g, p1, a1, nc1, na1, o1); rb = rows_of(out_row - n0 + g + 8, p1, a1, nc1, na1, o1);
+    } else {
+        ra = rows_of(out_row - n0 - n1 + g, p2, a2, nc2, na2, o2); rb = rows_of(out_row - n0 - n1 + g + 8, p2, a2, nc2, na2, o2);
+    }
+#endif
+    // B operand: column 0 holds the inputs of lanes t = 0, 1 (one quant block), column 1 those of
+    // t = 2, 3 (the next block); the lanes that hold other columns read zeros
+    const bool data = g == (t >> 1);
+    // the scale this lane looks up: rows g (t < 2) or g + 8, first or second block of the 128
+    const bool second = t >> 1;
+    const void* s_absmax = second ? rb.absmax : ra.absmax;
+    const float* s_ncode = second ? rb.ncode : ra.ncode;
+    const float* s_nabs = second ? rb.nabs : ra.nabs;
+    const float s_shift = second ? rb.shift : ra.shift;
+    const unsigned long long s_block0 = (second ? rb.block0 : ra.block0) + ((t & 1) * 64u) / BLOCKSIZE;
+    const int first = split * NIT / SPLIT, last = (split + 1) * NIT / SPLIT;
+    uint4 wa_next = make_uint4(0, 0, 0, 0), wb_next = wa_next;
+    unsigned int code_next = 0;
+    float scale_next = 0.0f;
+    if (first < last) {
+        wa_next = __ldcs(ra.packed + first * 4 + t);
+        wb_next = __ldcs(rb.packed + first * 4 + t);
+        const unsigned long long block = s_block0 + (first * 128u) / BLOCKSIZE;
+#if NESTED
+        code_next = __ldg((const unsigned char*)s_absmax + block);
+        scale_next = __ldg(s_nabs + block / NESTED_BLOCKSIZE);
+#else
+        scale_next = __ldg((const float*)s_absmax + block);
+#endif
+    }
 
     for (int e = tid; e < 256; e += WARPS * 32) {                     // the table, one copy per lane: no bank conflicts
         const unsigned int v = __ldg(pairs + e);
@@ -337,68 +383,46 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
 #endif
     __syncthreads();
 
-    // this warp's tile and slice of K
-    const int tile = blockIdx.x * TILES + warp / SPLIT, split = warp % SPLIT;
-#if GLU
-    const int tiles = n0 / 8;
-#else
-    const int tiles = (n0 + n1 + n2) / 16;
-#endif
-    const bool valid = tile < tiles;
     float acc_a = 0.0f, acc_b = 0.0f;
-    int out_row = 0;
-    if (valid) {
-        Rows ra, rb;
-#if GLU
-        out_row = tile * 8;
-        ra = rows_of(out_row + g, p0, a0, nc0, na0, o0);
-        rb = rows_of(out_row + g, p1, a1, nc1, na1, o1);
+    for (int it = first; it < last; ++it) {
+        const uint4 wa = wa_next, wb = wb_next;                          // 32 weights of rows g and g + 8
+#if NESTED
+        const float scale = __ldg(s_ncode + code_next) * scale_next + s_shift;
 #else
-        out_row = tile * 16;
-        if (out_row < n0) {
-            ra = rows_of(out_row + g, p0, a0, nc0, na0, o0); rb = rows_of(out_row + g + 8, p0, a0, nc0, na0, o0);
-        } else if (out_row < n0 + n1) {
-            ra = rows_of(out_row - n0 + g, p1, a1, nc1, na1, o1); rb = rows_of(out_row - n0 + g + 8, p1, a1, nc1, na1, o1);
-        } else {
-            ra = rows_of(out_row - n0 - n1 + g, p2, a2, nc2, na2, o2); rb = rows_of(out_row - n0 - n1 + g + 8, p2, a2, nc2, na2, o2);
-        }
+        const float scale = scale_next;
 #endif
-        // B operand: column 0 holds the inputs of lanes t = 0, 1 (one quant block), column 1 those of
-        // t = 2, 3 (the next block); the lanes that hold other columns read zeros
-        const bool data = g == (t >> 1);
-        // the scale this lane looks up: rows g (t < 2) or g + 8, first or second block of the 128
-        const bool second = t >> 1;
-        Rows rs;
-        rs.absmax = second ? rb.absmax : ra.absmax; rs.ncode = second ? rb.ncode : ra.ncode;
-        rs.nabs = second ? rb.nabs : ra.nabs; rs.shift = second ? rb.shift : ra.shift;
-        rs.block0 = second ? rb.block0 : ra.block0;
-        const unsigned int half = (t & 1) * 64;
-        const int first = split * NIT / SPLIT, last = (split + 1) * NIT / SPLIT;
-        #pragma unroll 2
-        for (int it = first; it < last; ++it) {
-            const uint4 wa = __ldcs(ra.packed + it * 4 + t);                 // 32 weights of row g
-            const uint4 wb = __ldcs(rb.packed + it * 4 + t);                 // and of row g + 8
-            const uint4* xsrc = data ? xin + (it * 4 + t) * 4 : zero4;
-            uint4 xq[4];
-            #pragma unroll
-            for (int q = 0; q < 4; ++q) xq[q] = xsrc[q];
-            const float scale = scale_of(rs, rs.block0 + (it * 128u + half) / BLOCKSIZE);
-            float c[4] = {0.0f, 0.0f, 0.0f, 0.0f}, d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            #pragma unroll
-            for (int s = 0; s < 8; ++s) {      // k16 step s: bytes 2s, 2s + 1 of each lane's 16
-                const unsigned int wA = word_of(wa, s >> 1), wB = word_of(wb, s >> 1);
-                const int p = (s & 1) * 2;
-                const unsigned int xa = (s & 1) ? xq[s >> 1].z : xq[s >> 1].x;
-                const unsigned int xb = (s & 1) ? xq[s >> 1].w : xq[s >> 1].y;
-                mma((s & 1) ? d : c, LUT(wA, p), LUT(wB, p), LUT(wA, p + 1), LUT(wB, p + 1), xa, xb);
-            }
-            const float s1 = __shfl_down_sync(0xFFFFFFFFu, scale, 1);
-            const float s2 = __shfl_down_sync(0xFFFFFFFFu, scale, 2);
-            const float s3 = __shfl_down_sync(0xFFFFFFFFu, scale, 3);
-            acc_a = fmaf(c[0] + d[0], scale, fmaf(c[1] + d[1], s1, acc_a));
-            acc_b = fmaf(c[2] + d[2], s2, fmaf(c[3] + d[3], s3, acc_b));
+        if (it + 1 < last) {                                             // the next step's loads, in flight
+            wa_next = __ldcs(ra.packed + (it + 1) * 4 + t);
+            wb_next = __ldcs(rb.packed + (it + 1) * 4 + t);
+            const unsigned long long block = s_block0 + ((it + 1) * 128u) / BLOCKSIZE;
+#if NESTED
+            code_next = __ldg((const unsigned char*)s_absmax + block);
+            scale_next = __ldg(s_nabs + block / NESTED_BLOCKSIZE);
+#else
+            scale_next = __ldg((const float*)s_absmax + block);
+#endif
         }
+        const uint4* xsrc = data ? xin + (it * 4 + t) * 4 : zero4;
+        uint4 xq[4];
+        #pragma unroll
+        for (int q = 0; q < 4; ++q) xq[q] = xsrc[q];
+        float c[4] = {0.0f, 0.0f, 0.0f, 0.0f}, d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        #pragma unroll
+        for (int s = 0; s < 8; ++s) {      // k16 step s: bytes 2s, 2s + 1 of each lane's 16
+            const unsigned int wA = word_of(wa, s >> 1), wB = word_of(wb, s >> 1);
+            const int p = (s & 1) * 2;
+            const unsigned int xa = (s & 1) ? xq[s >> 1].z : xq[s >> 1].x;
+            const unsigned int xb = (s & 1) ? xq[s >> 1].w : xq[s >> 1].y;
+            mma((s & 1) ? d : c, lut(lane_table, wA, p), lut(lane_table, wB, p), lut(lane_table, wA, p + 1),
+                lut(lane_table, wB, p + 1), xa, xb);
+        }
+        const float s1 = __shfl_down_sync(0xFFFFFFFFu, scale, 1);
+        const float s2 = __shfl_down_sync(0xFFFFFFFFu, scale, 2);
+        const float s3 = __shfl_down_sync(0xFFFFFFFFu, scale, 3);
+        acc_a = fmaf(c[0] + d[0], scale, fmaf(c[1] + d[1], s1, acc_a));
+        acc_b = fmaf(c[2] + d[2], s2, fmaf(c[3] + d[3], s3, acc_b));
     }
+    if (!valid) acc_a = acc_b = 0.0f;
     if (t == 0) {
         partial[warp * 16 + g] = acc_a;
         partial[warp * 16 + g + 8] = acc_b;
@@ -596,11 +620,22 @@ def mma_fits(weights: Sequence[NF4Weight], glu: bool = False, norm=None, x_dtype
 
 
 def mma_shape(weights: Sequence[NF4Weight], glu: bool) -> tuple[int, int]:
-    """(warps per block, warps per tile): 8 warps; each warp over 4-8 of the 128-weight steps of a
-    row where K allows, so that every SM has tiles in flight (bench/RESULTS.md)."""
+    """(warps per block, warps per 16-row tile), as measured fastest per Llama-8B launch on an H200
+    (bench/cuda_speed.py, bench/RESULTS.md): gate/up 8 and 2, long rows (K >= 8192) 16 and 16,
+    up to 4096 outputs 16 and 8, else 8 and 8; never more warps on a tile than it has steps of 128."""
     steps = weights[0].in_features // 128
-    split = next((s for s in (8, 4, 2) if steps // s >= 4), 1)
-    return 8, split
+    total = sum(w.out_features for w in weights)
+    if glu:
+        warps, split = 8, 2
+    elif steps >= 64:
+        warps, split = 16, 16
+    elif total <= 4096:
+        warps, split = 16, 8
+    else:
+        warps, split = 8, 8
+    while split > 1 and split > steps:
+        split //= 2
+    return warps, split
 
 
 def nf4_pairs(code: "torch.Tensor") -> "torch.Tensor":
@@ -632,7 +667,8 @@ class NF4Mma:
         first = self.weights[0]
         self.glu, self.residual, self.norm = glu, residual, norm
         default_warps, default_split = mma_shape(self.weights, glu)
-        self.warps, self.split = warps or default_warps, split or default_split
+        self.warps = warps or default_warps
+        self.split = split or min(default_split, self.warps)
         if self.warps % self.split:
             raise ValueError(f"{self.warps} warps do not make tiles of {self.split}")
         self.total = first.out_features if glu else sum(w.out_features for w in self.weights)
