@@ -34,8 +34,6 @@ from runner_cuda import BITSANDBYTES_INSTALL, BITSANDBYTES_QUANTS, CUDA_QUANTS, 
 if TYPE_CHECKING:
     import torch
 
-    from runner.budget import Plan
-
 
 # ---- checkpoint files -----------------------------------------------------------------------
 
@@ -433,67 +431,101 @@ def use_expandable_segments() -> str | None:
 
 
 def load_session(request: LoadRequest):
-    import sys
-
+    """The load, step by step: the checks that cost nothing, the checkpoint's headers, the
+    tokenizer, the weights (from runner's NF4 cache where it has them), the checks after, the
+    session and its fast decode path."""
     report = request.on_progress or (lambda progress: None)
-    if "torch" not in sys.modules:  # seconds in a fresh process (~18 s on the lent H100 machine)
-        report(LoadProgress("starting torch and transformers", 0, 0))
-    use_expandable_segments()   # before torch is imported: the allocator reads it once
-    import torch
-    from transformers import AutoTokenizer
-
-    from runner_cuda.session import CudaSession
-
-    spec = request.model
-    if request.context < 1:
-        raise UserInputError("the context must be at least 1 token")
-    if request.context > spec.max_context:
-        raise UserInputError(f"{spec.name} handles at most {spec.max_context} tokens of context; asked for {request.context}")
+    torch = start_torch(report)
+    check_before_load(request)
     gpus = gpu_capabilities() if torch.cuda.is_available() else []
     if not gpus:
         torch.set_num_threads(cpu_threads())
     scheme = scheme_for(request.quant, gpus, request.allow_offload)
-    if request.plan is not None:
-        refuse_by_plan(request.plan, request.allow_offload)
-
-    # Where from: a folder (typed, or the HF cache snapshot), else the id (from_pretrained then
-    # looks in the HF cache and downloads unless offline mode is on).
-    source = str(spec.path) if spec.path is not None else spec.name
-    if spec.path is None and offline_mode():
-        raise LoadError(
-            f"{spec.name} is not downloaded (runner knows its config, but its weights are not in the Hugging Face "
-            "cache) and offline mode is on (HF_HUB_OFFLINE): download it first, or unset HF_HUB_OFFLINE"
-        )
-    tensors: dict[str, TensorEntry] = {}
-    if spec.path is not None:
-        shards = checkpoint_shards(spec.path)
-        for index, shard in enumerate(shards):
-            report(LoadProgress("checking shards", index, len(shards), "shards"))
-            tensors.update(checkpoint_tensors([shard]))
-        report(LoadProgress("checking shards", len(shards), len(shards), "shards"))
-
-    report(LoadProgress("loading the tokenizer", 0, 0))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=request.trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise LoadError(f"{spec.name}: cannot load the tokenizer ({str(error).splitlines()[0]})") from None
-
-    if request.plan is not None:
-        device_map, max_memory = request.plan.device_map(), request.plan.max_memory()
-    else:  # no plan: everything on the first GPU, or on the CPU
-        device_map, max_memory = ({"": 0} if gpus else {"": "cpu"}), None
-    attention = attention_for(scheme.dtype, gpus)
+    source, tensors = checked_checkpoint(request.model, report)
+    tokenizer = load_tokenizer(source, request, report)
     if gpus:
         free_memory()   # a model dropped before this load but not yet collected would count against this one
     baseline = cuda_allocated() if gpus else {}
     for i in range(len(gpus)):
         torch.cuda.reset_peak_memory_stats(i)
+    attention = attention_for(scheme.dtype, gpus)
+    model, cached = load_model(source, scheme, tensors, attention, request, gpus)
+    if gpus and cached is None and request.fast_decode and request.quant in BITSANDBYTES_QUANTS:
+        from runner_cuda import fast
 
-    # NF4 quantized on an earlier load (runner_cuda.fast's reload cache, CUDA only): its folder's
-    # config.json carries the quantization, so no quantization_config is passed for it. A cache
-    # that fails to load for any reason but memory is skipped, and the checkpoint is quantized again.
+        report(LoadProgress("saving the quantized weights for faster loads next time", 0, 0))
+        fast.save_nf4_cache(model, request.model.path, request.quant)  # before any forward; never fails the load
+    session = new_session(model, tokenizer, scheme, attention, baseline, request, gpus)
+    if cached is not None:
+        session.device_summary += "; NF4 from the reload cache"
+    if gpus:
+        prepare_fast_decode(session, request, report)
+    return session
+
+
+def start_torch(report):
+    """Import torch (seconds in a fresh process: ~18 s on the lent H100 machine), with the
+    allocator set up first: it reads its setting once."""
+    import sys
+
+    if "torch" not in sys.modules:
+        report(LoadProgress("starting torch and transformers", 0, 0))
+    use_expandable_segments()
+    import torch
+
+    return torch
+
+
+def check_before_load(request: LoadRequest) -> None:
+    spec = request.model
+    if request.context < 1:
+        raise UserInputError("the context must be at least 1 token")
+    if request.context > spec.max_context:
+        raise UserInputError(f"{spec.name} handles at most {spec.max_context} tokens of context; asked for {request.context}")
+    if request.plan is not None:
+        refuse_by_plan(request.plan, request.allow_offload)
+    if spec.path is None and offline_mode():
+        raise LoadError(
+            f"{spec.name} is not downloaded (runner knows its config, but its weights are not in the Hugging Face "
+            "cache) and offline mode is on (HF_HUB_OFFLINE): download it first, or unset HF_HUB_OFFLINE"
+        )
+
+
+def checked_checkpoint(spec, report) -> tuple[str, dict[str, TensorEntry]]:
+    """Where from (a folder, or the id for from_pretrained to find in the HF cache) and every
+    tensor of its shards, from their checked headers (a corrupt file fails in a second)."""
+    tensors: dict[str, TensorEntry] = {}
+    if spec.path is None:
+        return spec.name, tensors
+    shards = checkpoint_shards(spec.path)
+    for index, shard in enumerate(shards):
+        report(LoadProgress("checking shards", index, len(shards), "shards"))
+        tensors.update(checkpoint_tensors([shard]))
+    report(LoadProgress("checking shards", len(shards), len(shards), "shards"))
+    return str(spec.path), tensors
+
+
+def load_tokenizer(source: str, request: LoadRequest, report):
+    from transformers import AutoTokenizer
+
+    report(LoadProgress("loading the tokenizer", 0, 0))
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=request.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise LoadError(f"{request.model.name}: cannot load the tokenizer ({str(error).splitlines()[0]})") from None
+
+
+def load_model(source: str, scheme: Scheme, tensors: dict[str, TensorEntry], attention: str,
+               request: LoadRequest, gpus) -> tuple[object, Path | None]:
+    """The model on the plan's devices, checked after the load; and the NF4 cache folder it came
+    from, if it did. A cache that fails to load for any reason but memory is skipped, and the
+    checkpoint is quantized again."""
     from runner_cuda import fast
 
+    if request.plan is not None:
+        device_map, max_memory = request.plan.device_map(), request.plan.max_memory()
+    else:  # no plan: everything on the first GPU, or on the CPU
+        device_map, max_memory = ({"": 0} if gpus else {"": "cpu"}), None
     offload_folder = None
     if isinstance(device_map, dict) and "disk" in device_map.values():  # only with --allow-offload
         from runner.paths import models_dir
@@ -501,14 +533,14 @@ def load_session(request: LoadRequest):
         offload_folder = str(models_dir() / "offload")
     load = dict(dtype=scheme.dtype, device_map=device_map, max_memory=max_memory, attention=attention,
                 offload_folder=offload_folder, request=request)
-    cached = fast.cached_nf4_source(spec.path, request.quant) if gpus and request.fast_decode else None
+    # the cache's config.json carries the quantization, so no quantization_config is passed for it
+    cached = fast.cached_nf4_source(request.model.path, request.quant) if gpus and request.fast_decode else None
     model, failure = None, None
     if cached is not None:
         try:
-            cached_tensors = checkpoint_tensors(checkpoint_shards(cached))
             from runner_cuda.fast import nf4_cache
 
-            model, failure = load_weights(str(cached), None, cached_tensors, **load,
+            model, failure = load_weights(str(cached), None, checkpoint_tensors(checkpoint_shards(cached)), **load,
                                           cache_device=nf4_cache.one_device(device_map))
         except (LoadError, OSError) as error:
             failure = str(error)
@@ -520,7 +552,6 @@ def load_session(request: LoadRequest):
     if failure is not None:
         free_memory()
         raise LoadError(failure)
-
     model.eval()
     try:
         check_after_load(model, scheme, request)
@@ -528,13 +559,16 @@ def load_session(request: LoadRequest):
         model = None        # let go of the weights before freeing
         free_memory()
         raise
-    if gpus and cached is None and request.fast_decode and request.quant in BITSANDBYTES_QUANTS:
-        report(LoadProgress("saving the quantized weights for faster loads next time", 0, 0))
-        fast.save_nf4_cache(model, spec.path, request.quant)  # before any forward; never fails the load
-    session = CudaSession(
+    return model, cached
+
+
+def new_session(model, tokenizer, scheme: Scheme, attention: str, baseline, request: LoadRequest, gpus):
+    from runner_cuda.session import CudaSession
+
+    return CudaSession(
         model=model,
         tokenizer=tokenizer,
-        spec=spec,
+        spec=request.model,
         quant=request.quant,
         context=request.context,
         plan=request.plan,
@@ -544,19 +578,23 @@ def load_session(request: LoadRequest):
         gpu_names=[name for name, _ in gpus],
         kv_bits=request.kv_bits,
     )
-    if cached is not None:
-        session.device_summary += "; NF4 from the reload cache"
-    if gpus and request.fast_decode and request.kv_bits is not None:
-        session.device_summary += "; fast decode off (its static KV cache is not quantized: --kv-bits)"
-    elif gpus and request.fast_decode:  # static KV cache + CUDA graphs (+ fused NF4 GEMV) where it applies
-        # seconds: kernels compiled (once per process), graphs captured
-        report(LoadProgress("preparing fast decoding (compiling kernels, capturing CUDA graphs)", 0, 0))
-        try:
-            fast.attach(session, request.kernel)
-        except Exception as error:  # the ordinary loop still works: say so instead of failing
-            session.device_summary += f"; fast decode off ({type(error).__name__}: {str(error)[:80]})"
-    return session
 
+
+def prepare_fast_decode(session, request: LoadRequest, report) -> None:
+    """Static KV cache + CUDA graphs (+ fused NF4 GEMV) where the fast path applies; the ordinary
+    loop where it does not, said in the session's summary."""
+    from runner_cuda import fast
+
+    if not request.fast_decode:
+        return
+    if request.kv_bits is not None:
+        session.device_summary += "; fast decode off (its static KV cache is not quantized: --kv-bits)"
+        return
+    report(LoadProgress("preparing fast decoding (compiling kernels, capturing CUDA graphs)", 0, 0))
+    try:
+        fast.attach(session, request.kernel)
+    except Exception as error:  # the ordinary loop still works: say so instead of failing
+        session.device_summary += f"; fast decode off ({type(error).__name__}: {str(error)[:80]})"
 
 def load_weights(weights: str, quantization_config, tensors: dict[str, TensorEntry], *, dtype, device_map, max_memory,
                  attention: str, offload_folder: str | None, request: LoadRequest, cache_device: str | None = None):
