@@ -45,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="one-shot only")
     parser.add_argument("--context", type=context_count, default=None,
                         help="tokens of KV cache to plan for, e.g. 8192 or 8k (default 4096, or the model's maximum if less)")
+    parser.add_argument("--kv-bits", type=int, choices=(8, 4), default=None,
+                        help="every rank stores its KV cache quantized to 8 or 4 bits (default: the compute dtype)")
     parser.add_argument("--host-memory", help="RAM of each host in GB, e.g. 192,128 (default: measured)")
     parser.add_argument("--rank-timeout", type=float, default=120.0,
                         help="seconds a rank waits for the others before it gives up (default 120)")
@@ -85,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         sampling={"temperature": sampling.temperature, "top_p": sampling.top_p,
                   "max_tokens": sampling.max_tokens, "seed": sampling.seed},
         host_memory_gb=memory, rank_timeout=args.rank_timeout, verbose=args.verbose,
-        show_tokens=args.show_tokens,
+        show_tokens=args.show_tokens, kv_bits=args.kv_bits,
     ))
 
 
@@ -99,7 +101,7 @@ def chat(args: argparse.Namespace, quant: str, given: dict) -> int:
     from runner.tui.loading import ModelChoice
 
     hosts = request_hosts(args.hosts, args.hostfile, host_memory_gb(args), 5, rank0_here=True)
-    source = LaunchSource(hosts, args.split, args.context, args.rank_timeout)
+    source = LaunchSource(hosts, args.split, args.context, args.rank_timeout, kv_bits=args.kv_bits)
     choice = ModelChoice(args.model, "mlx", quant, args.context)
     source.plan(choice, None)        # a split that cannot work is refused before the app opens
     app = RunnerApp(choice, source=source)
