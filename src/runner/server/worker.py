@@ -120,13 +120,15 @@ class ModelHost:
         return self._current is not None
 
     def close(self, timeout: float = 10.0) -> None:
-        """Cancel what runs and what waits, then let the thread close the session."""
-        self.state = "closed"
+        """Cancel what runs and what waits, then let the thread close the session. A load still
+        under way is not waited for (the thread closes the session when it ends)."""
+        loading, self.state = self.state == "loading", "closed"
         current = self._current
         if current is not None:
             current.cancel.set()
         self._waiting.put(None)
-        self._thread.join(timeout)
+        if not loading:
+            self._thread.join(timeout)
 
     # ---- the model's thread ----------------------------------------------------------------
     def _progress(self, progress: LoadProgress) -> None:
