@@ -269,6 +269,15 @@ def hf_hub_cache() -> Path:
     return Path(hf_home).expanduser() / "hub"
 
 
+# `runner pull` keeps this file in a snapshot until every file of it is downloaded and verified.
+PARTIAL_PULL_MARKER = ".runner-pull-incomplete"
+
+
+def snapshot_ready(snapshot: Path) -> bool:
+    """A snapshot with config.json that is not a `runner pull` still under way (or cut off)."""
+    return (snapshot / "config.json").is_file() and not (snapshot / PARTIAL_PULL_MARKER).exists()
+
+
 def hf_cache_snapshot(model_id: str) -> Path | None:
     """The snapshot folder of `model_id` in the HF cache (the `main` ref, else the newest), or None."""
     repo = hf_hub_cache() / ("models--" + model_id.replace("/", "--"))
@@ -278,9 +287,9 @@ def hf_cache_snapshot(model_id: str) -> Path | None:
     ref = repo / "refs" / "main"
     if ref.is_file():
         candidate = snapshots / ref.read_bytes()[:200].decode("ascii", "replace").strip()
-        if (candidate / "config.json").is_file():
+        if snapshot_ready(candidate):
             return candidate
-    with_config = [s for s in snapshots.iterdir() if (s / "config.json").is_file()]
+    with_config = [s for s in snapshots.iterdir() if snapshot_ready(s)]
     return max(with_config, key=lambda s: s.stat().st_mtime) if with_config else None
 
 

@@ -15,7 +15,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner.model import DEFAULT_MODEL_ID, catalog_ids, hf_hub_cache
+from runner.model import DEFAULT_MODEL_ID, catalog_ids, hf_hub_cache, snapshot_ready
 from runner.paths import models_dir
 
 WEIGHT_SUFFIXES = (".safetensors",)
@@ -85,7 +85,7 @@ def _hf_cache_models() -> list[ModelEntry]:
     entries = []
     for repo in sorted(cache.glob("models--*")):
         model_id = repo.name[len("models--") :].replace("--", "/", 1)
-        snapshots = [s for s in (repo / "snapshots").glob("*") if (s / "config.json").is_file()]
+        snapshots = [s for s in (repo / "snapshots").glob("*") if snapshot_ready(s)]
         if not snapshots:
             continue
         snapshot = max(snapshots, key=lambda s: s.stat().st_mtime)
