@@ -31,6 +31,7 @@ from runner.backend import GenerationChunk, MemoryReport, Message, Sampling
 from runner.budget import PREFILL_CHUNK, check_kv_bits
 from runner.errors import GenerationError, UserInputError
 from runner.prefix_cache import reusable_prefix
+from runner.templates import chat_token_ids
 from runner_cuda.detokenize import IncrementalDecoder
 from runner_cuda.loading import cuda_allocated, decoder_layers, free_memory, placement_summary, tensor_bytes_by_device
 
@@ -157,11 +158,7 @@ class CudaSession:
                 f"{self.spec.name} has no chat template: it looks like a base model, not a chat (instruct) "
                 "model; runner does not invent a template: use an -Instruct model"
             )
-        conversation = [{"role": m.role, "content": m.content} for m in messages]
-        ids = self.tokenizer.apply_chat_template(conversation, tokenize=True, add_generation_prompt=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
+        return chat_token_ids(self.tokenizer, messages, self.spec.name)   # rendered with limits
 
     # ---- the three steps a fast path replaces ----------------------------------------------
     def new_cache(self):

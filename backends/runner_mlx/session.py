@@ -28,6 +28,7 @@ from runner.budget import KV_GROUP_SIZE
 from runner.errors import GenerationError, UserInputError
 from runner.model import ModelSpec
 from runner.prefix_cache import reusable_prefix
+from runner.templates import chat_token_ids
 
 from runner_mlx import QUANT_BITS, QUANT_DTYPES
 from runner_mlx.convert import CorruptWeights, check_weights, config_fixes, mlx_folder, notify, read_json
@@ -59,8 +60,7 @@ class MlxSession:
                 f"{self.model.name} has no chat template: it is a base model, not a chat model; "
                 "use an -Instruct/-Chat variant"
             )
-        conversation = [{"role": m.role, "content": m.content} for m in messages]
-        return list(self._tokenizer.apply_chat_template(conversation, add_generation_prompt=True))
+        return chat_token_ids(self._tokenizer, messages, self.model.name)   # rendered with limits
 
     def stream(
         self, messages: Sequence[Message], sampling: Sampling, cancel: threading.Event | None = None
