@@ -189,8 +189,9 @@ def test_nf4_cache_round_trip_gives_identical_logits(tiny_llama_dir, runner_home
 def test_backend_loads_the_cache_through_runners_reader(tiny_llama_dir, runner_home):
     """The backend's cache path (load_weights with a cache device: runner's reader and assemble),
     on the CPU: the same logits as the model quantized on load, the reading reported in bytes, and
-    a broken cache a one-line failure (the backend then quantizes again) instead of a traceback."""
+    a broken cache refused by the header check (the backend then quantizes again)."""
     from runner.backend import LoadRequest
+    from runner.errors import CorruptWeights
     from runner.model import load_spec
     from runner_cuda.fast import nf4_cache
     from runner_cuda.loading import load_weights
@@ -210,8 +211,8 @@ def test_backend_loads_the_cache_through_runners_reader(tiny_llama_dir, runner_h
     assert seen[-1].done == seen[-1].total
     shard = next(folder.glob("*.safetensors"))
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])     # cut short
-    model, failure = load_weights(str(folder), None, {}, **options)
-    assert model is None and failure.startswith(f"{request.model.name}: loading failed (")
+    with pytest.raises(CorruptWeights, match="truncated or corrupt"):     # the backend then quantizes again
+        load_weights(str(folder), None, {}, **options)
 
 
 def test_reader_gives_the_tensors_safetensors_gives(tmp_path):
