@@ -621,14 +621,12 @@ def mma_fits(weights: Sequence[NF4Weight], glu: bool = False, norm=None, x_dtype
 
 def mma_shape(weights: Sequence[NF4Weight], glu: bool) -> tuple[int, int]:
     """(warps per block, warps per 16-row tile), as measured fastest per Llama-8B launch on an H200
-    (bench/cuda_speed.py, bench/RESULTS.md): gate/up 8 and 2, long rows (K >= 8192) 16 and 16,
-    up to 4096 outputs 16 and 8, else 8 and 8; never more warps on a tile than it has steps of 128."""
+    (bench/cuda_speed.py, bench/RESULTS.md): gate/up 8 and 1, up to 4096 outputs 16 and 8 (long
+    rows too), else 8 and 8; never more warps on a tile than it has steps of 128."""
     steps = weights[0].in_features // 128
     total = sum(w.out_features for w in weights)
     if glu:
-        warps, split = 8, 2
-    elif steps >= 64:
-        warps, split = 16, 16
+        warps, split = 8, 1
     elif total <= 4096:
         warps, split = 16, 8
     else:
