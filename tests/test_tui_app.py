@@ -7,12 +7,19 @@ history is a real SQLite file in the test's folder.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from runner.tui.app import RunnerApp
 from runner.tui.history import COMPLETE, ERROR, PARTIAL, STOPPED, HistoryStore
 from runner.tui.loading import ModelChoice
 from runner.tui.messages import ReplyChunk
+from runner.tui.recorder import FLUSH_INTERVAL
 from runner.tui.screens.settings import ChatSettings
 from runner.tui.widgets.conversation import AssistantMessage, UserMessage
 from tui_helpers import SIZE, chat_screen, run_async, send, wait_loaded, wait_until
@@ -27,19 +34,18 @@ def tiny_app(tiny_llama_dir: Path, history: Path, max_tokens: int = 24) -> Runne
 
 
 @run_async
-async def test_reply_streams_and_every_shown_token_is_on_disk(tiny_llama_dir, tmp_path):
+async def test_reply_streams_and_reaches_the_disk_a_few_times_a_second(tiny_llama_dir, tmp_path):
     history_path = tmp_path / "history.db"
-    app = tiny_app(tiny_llama_dir, history_path, max_tokens=40)
-    seen = []   # (text on screen, text in the file, its state) each time a new chunk arrives
+    app = tiny_app(tiny_llama_dir, history_path, max_tokens=200)
+    seen = []   # (time, text on screen, text in the file, its state) each time a new chunk arrives
 
     def on_message(message) -> None:
-        """Called as each message reaches the app, before it is handled: at a ReplyChunk, the
-        screen and the file hold exactly the chunks before it."""
+        """Called as each message reaches the app, before it is handled."""
         if isinstance(message, ReplyChunk):
             chat = chat_screen(app)
-            if chat.reply is not None and chat.reply.reply_id == message.reply_id:
+            if chat.reply is not None and chat.reply.row is message.reply and message.reply_id is not None:
                 [stored] = [m for m in app.history.messages(chat.conversation_id) if m.id == message.reply_id]
-                seen.append((chat.reply.widget.content, stored.content, stored.state))
+                seen.append((time.monotonic(), chat.reply.widget.content, stored.content, stored.state))
 
     async with app.run_test(size=SIZE, message_hook=on_message) as pilot:
         chat = await wait_loaded(pilot)
@@ -50,16 +56,70 @@ async def test_reply_streams_and_every_shown_token_is_on_disk(tiny_llama_dir, tm
         widget = chat.query(AssistantMessage).last()
         final = widget.content
         assert final
-        # the text grew chunk by chunk, and what was on screen was already in the file, marked partial
-        shown = [screen for screen, _, _ in seen]
-        assert len(set(shown)) > 10
+        # the text grew chunk by chunk; the file held a prefix of the screen, marked partial, and
+        # was written at most ten times a second (not once per token)
+        shown = [screen for _, screen, _, _ in seen]
+        assert len(set(shown)) > 20
         assert all(len(a) <= len(b) and b.startswith(a) for a, b in zip(shown, shown[1:]))
-        assert all(screen == stored and state == PARTIAL for screen, stored, state in seen)
+        assert all(screen.startswith(stored) and state == PARTIAL for _, screen, stored, state in seen)
+        writes = len({stored for _, _, stored, _ in seen})
+        assert writes <= (seen[-1][0] - seen[0][0]) / FLUSH_INTERVAL + 2, writes
+        assert app.recorder.wait_idle(5)
         user, assistant = app.history.messages(chat.conversation_id)
         assert (user.role, user.content, user.state) == ("user", "hello", COMPLETE)
         assert (assistant.content, assistant.state) == (final, COMPLETE)
         assert "tokens/s" in str(chat.query_one("#status-speed").render())
         assert [w.content for w in chat.query(UserMessage)] == ["hello"]
+
+
+KILLED_MID_REPLY = """
+import asyncio, json, os, signal, sys, time
+sys.path.insert(0, {tests!r})
+from runner.tui.app import RunnerApp
+from runner.tui.messages import ReplyChunk
+from runner.tui.recorder import FLUSH_INTERVAL
+from runner.tui.screens.settings import ChatSettings
+from tui_helpers import SIZE, chat_screen, send, wait_loaded, wait_until
+
+app = RunnerApp(history_path={history!r}, settings=ChatSettings(max_tokens=400))
+
+def on_message(message):
+    # each time a chunk arrives: the time and the reply's text on screen until then
+    if isinstance(message, ReplyChunk) and chat_screen(app).reply is not None:
+        print(json.dumps([time.monotonic(), chat_screen(app).reply.widget.content]), flush=True)
+
+async def main():
+    async with app.run_test(size=SIZE, message_hook=on_message) as pilot:
+        chat = await wait_loaded(pilot)
+        await send(pilot, "Write a long story about a dragon.")
+        await wait_until(pilot, lambda: chat.reply is not None and len(chat.reply.widget.content) > 60, 120)
+        print(json.dumps([time.monotonic(), "KILL"]), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_mid_reply_loses_at_most_the_last_fraction_of_a_second(default_model_dir, tmp_path):
+    """A real `kill -9` of a process running the app while the default model writes a reply: the
+    file holds what was on screen up to a fraction of a second before, and reopens as interrupted."""
+    history_path = tmp_path / "history.db"
+    script = KILLED_MID_REPLY.format(tests=str(Path(__file__).parent), history=str(history_path))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == -9, result.stderr[-3000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("[")]
+    killed_at = next(t for t, text in lines if text == "KILL")
+    shown = [(t, text) for t, text in lines if text != "KILL"]
+    on_screen_at_kill = shown[-1][1]
+    settled = [text for t, text in shown if t <= killed_at - FLUSH_INTERVAL - 0.2]
+    store = HistoryStore(history_path)
+    [conversation] = store.conversations()
+    user, reply = store.messages(conversation.id)
+    assert user.content == "Write a long story about a dragon."
+    assert reply.state == PARTIAL and on_screen_at_kill.startswith(reply.content)
+    assert settled and reply.content.startswith(settled[-1]), (reply.content, settled[-1])
+    assert "interrupted" in store.export_markdown(conversation.id)
 
 
 @run_async
@@ -78,6 +138,7 @@ async def test_escape_stops_the_reply_and_keeps_it_marked(default_model_dir, tmp
         kept = widget.content
         assert kept and widget.state == STOPPED
         assert "stopped by you" in str(widget.query_one(".reply-note").render())
+        assert app.recorder.wait_idle(5)
         [_, stored] = app.history.messages(chat.conversation_id)
         assert (stored.content, stored.state) == (kept, STOPPED)
         await pilot.pause(0.5)
@@ -87,6 +148,7 @@ async def test_escape_stops_the_reply_and_keeps_it_marked(default_model_dir, tmp
         await send(pilot, "Hi")
         await wait_until(pilot, lambda: chat.reply is None and len(chat.query(AssistantMessage)) == 2
                          and chat.query(AssistantMessage).last().state != PARTIAL, 120, "the second reply")
+        assert app.recorder.wait_idle(5)
         assert [m.state for m in app.history.messages(chat.conversation_id)] == [COMPLETE, STOPPED, COMPLETE, COMPLETE]
 
 
@@ -117,6 +179,7 @@ async def test_history_is_listed_and_resumed_after_a_restart(tiny_llama_dir, tmp
         await send(pilot, "second question")
         await wait_until(pilot, lambda: chat.reply is None and len(chat.query(AssistantMessage)) == 2
                          and chat.query(AssistantMessage).last().state == COMPLETE, what="the second reply")
+        assert second.recorder.wait_idle(5)
         [conversation] = second.history.conversations()
         assert [m.content for m in second.history.messages(conversation.id)][:3] == [
             "first question", reply_text, "second question"
@@ -136,6 +199,7 @@ async def test_generation_error_is_shown_in_the_conversation_and_history_kept(ti
                          and chat.query(AssistantMessage).last().state == ERROR, what="the error")
         note = str(chat.query(AssistantMessage).last().query_one(".reply-note").render())
         assert "generation failed" in note
+        assert app.recorder.wait_idle(5)
         user, assistant = app.history.messages(chat.conversation_id)
         assert user.content == long_prompt.strip() and assistant.state == ERROR and assistant.error
         # still usable

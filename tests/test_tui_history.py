@@ -7,7 +7,12 @@ import subprocess
 import sys
 import textwrap
 
-from runner.tui.history import COMPLETE, PARTIAL, STOPPED, HistoryStore, export_file_name, title_from
+import pytest
+
+from runner.tui.history import (
+    COMPLETE, PARTIAL, STOPPED, HistoryStore, HistoryUnavailable, export_file_name, title_from,
+)
+from tui_helpers import hold_lock
 
 
 def test_messages_round_trip_and_order(tmp_path):
@@ -113,3 +118,24 @@ def test_settings_are_stored_as_json(tmp_path):
     store.set_setting("chat", {"temperature": 0.5, "max_tokens": 9})
     store.close()
     assert HistoryStore(tmp_path / "history.db").setting("chat") == {"temperature": 0.5, "max_tokens": 9}
+
+
+def test_a_healthy_file_locked_by_another_program_is_not_called_damaged(tmp_path):
+    path = tmp_path / "history.db"
+    store = HistoryStore(path)
+    store.create_conversation("keep me", "m")
+    store.close()
+    holder = hold_lock(path)
+    try:
+        with pytest.raises(HistoryUnavailable, match="locked by another program"):
+            HistoryStore(path, busy_timeout=0.2)
+    finally:
+        holder.communicate("\n", timeout=10)
+    assert list(tmp_path.glob("*corrupt*")) == []
+    assert [c.title for c in HistoryStore(path).conversations()] == ["keep me"]
+
+
+def test_a_data_folder_that_is_a_file_is_unavailable_not_a_traceback(tmp_path):
+    (tmp_path / "data").write_text("not a folder")
+    with pytest.raises(HistoryUnavailable, match="cannot use"):
+        HistoryStore(tmp_path / "data" / "history.db")

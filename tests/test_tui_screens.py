@@ -9,6 +9,7 @@ import time
 import pytest
 
 from runner.hardware import parse_machine
+from runner.tui import history as history_module
 from runner.tui.app import RunnerApp
 from runner.tui.history import COMPLETE, HistoryStore
 from runner.tui.loading import ModelChoice
@@ -17,7 +18,7 @@ from runner.tui.screens.help import HelpScreen
 from runner.tui.screens.settings import SettingsScreen
 from runner.tui.screens.small import TooSmallScreen
 from runner.tui.widgets.conversation import AssistantMessage, UserMessage
-from tui_helpers import SIZE, run_async
+from tui_helpers import SIZE, hold_lock, run_async
 
 @pytest.fixture
 def history_path(tmp_path, monkeypatch):
@@ -67,9 +68,12 @@ async def test_open_export_and_delete_a_conversation(history_path, tmp_path):
         chat.query_one("#history-list").focus()
         await pilot.press("delete")
         await pilot.press("n")
+        assert app.recorder.wait_idle(5)
         assert len(app.history.conversations()) == 1
         await pilot.press("delete")
         await pilot.press("y")
+        await pilot.pause(0.1)
+        assert app.recorder.wait_idle(5)
         await pilot.pause(0.1)
         assert app.history.conversations() == []
         assert chat.query_one("#history-list").option_count == 0
@@ -95,6 +99,7 @@ async def test_settings_are_checked_and_saved_with_the_conversation(history_path
         await pilot.press("ctrl+s")
         assert isinstance(app.screen, ChatScreen)
         assert (chat.settings.temperature, chat.settings.top_p, chat.settings.max_tokens) == (0.3, 0.8, 64)
+        assert app.recorder.wait_idle(5)
         [conversation] = app.history.conversations()
         assert conversation.system_prompt == "Answer in one word."
         # Esc cancels without changing anything
@@ -162,3 +167,30 @@ async def test_pick_at_start_then_a_model_without_weights_is_refused_clearly(his
             await pilot.pause(0.02)
         assert "weights are not on this machine" in str(chat.query_one("#load-error").render())
         assert "✔ fits" in str(chat.query_one("#plan-body").render())
+
+
+@run_async
+async def test_a_locked_history_is_left_alone_and_the_app_says_so(history_path, monkeypatch):
+    monkeypatch.setattr(history_module, "BUSY_TIMEOUT", 0.2)
+    holder = hold_lock(history_path)
+    try:
+        app = make_app(history_path)
+        async with app.run_test(size=SIZE) as pilot:
+            chat = await settle(pilot)
+            messages = [str(n.message) for n in app._notifications]
+            assert any("locked by another program" in m and "not saved" in m for m in messages), messages
+            assert chat.query_one("#history-list").option_count == 0
+    finally:
+        holder.communicate("\n", timeout=10)
+    assert list(history_path.parent.glob("*corrupt*")) == []
+    assert [c.title for c in HistoryStore(history_path).conversations()] == ["Capital cities"]
+
+
+@run_async
+async def test_a_data_folder_that_is_a_file_opens_the_app_with_a_message(tmp_path):
+    (tmp_path / "data").write_text("not a folder")
+    app = make_app(tmp_path / "data" / "history.db")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        messages = [str(n.message) for n in app._notifications]
+        assert any("cannot use" in m and "not saved" in m for m in messages), messages

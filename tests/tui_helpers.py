@@ -1,9 +1,12 @@
-"""Driving the chat app with its Pilot: shared by the TUI tests and the `runner launch` chat tests."""
+"""Driving the chat app with its Pilot (shared by the TUI tests and the `runner launch` chat tests),
+and another program holding the history file locked."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import subprocess
+import sys
 import time
 
 from runner.tui.app import RunnerApp
@@ -45,3 +48,21 @@ async def send(pilot, text: str) -> None:
     await pilot.click("#prompt")
     await pilot.press(*text)
     await pilot.press("enter")
+
+
+HOLD_EXCLUSIVE_LOCK = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("PRAGMA journal_mode=DELETE")     # a program that takes the file out of WAL mode
+db.execute("BEGIN EXCLUSIVE")                 # and holds it: nobody may even read it
+print("locked", flush=True)
+sys.stdin.readline()
+"""
+
+
+def hold_lock(path) -> subprocess.Popen:
+    """Another program holding the history file locked; `.communicate("\\n")` lets it go."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_EXCLUSIVE_LOCK, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "locked\n"
+    return holder

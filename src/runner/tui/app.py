@@ -2,8 +2,8 @@
 
     RunnerApp(ModelChoice("path/or/id")).run()
 
-It owns what outlives a screen: the history store, the machine to plan for, the first model
-choice. The chat screen (`screens/chat.py`) does the rest.
+It owns what outlives a screen: the history (read here, written by its recorder's thread), the
+machine to plan for, the first model choice. The chat screen (`screens/chat.py`) does the rest.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ from textual.app import App
 from textual.geometry import Size
 
 from runner.hardware import Machine
-from runner.tui.history import HistoryStore
+from runner.tui.history import HistoryStore, HistoryUnavailable
 from runner.tui.loading import LocalSource, ModelChoice, ModelSource, this_machine
+from runner.tui.messages import HistoryProblem, HistorySaved
+from runner.tui.recorder import HistoryRecorder
 from runner.tui.screens.chat import ChatScreen
 from runner.tui.screens.settings import ChatSettings, settings_from_dict
 from runner.tui.screens.small import MIN_HEIGHT, MIN_WIDTH, TooSmallScreen
@@ -43,7 +45,17 @@ class RunnerApp(App[None]):
         self.choice = choice or ModelChoice()
         self.source = source or LocalSource()
         self.pick_at_start = pick
-        self.history = HistoryStore(history_path)
+        try:
+            self.history = HistoryStore(history_path)
+            self.history_problem = ""     # why the history file is not used this session
+        except HistoryUnavailable as error:   # locked by another program, a folder not writable...
+            self.history = HistoryStore.temporary()
+            self.history_problem = str(error)
+        self.recorder = HistoryRecorder(
+            self.history,
+            on_problem=lambda problem: self.post_message(HistoryProblem(problem)),
+            on_saved=lambda: self.post_message(HistorySaved()),
+        )
         # the settings saved last time (Ctrl+S), unless the caller gives some
         self.initial_settings = settings or settings_from_dict(self.history.setting("chat"))
         self._machine = machine
@@ -71,8 +83,23 @@ class RunnerApp(App[None]):
         elif not small and isinstance(self.screen, TooSmallScreen):
             self.pop_screen()
 
+    def chat_screen(self) -> ChatScreen | None:
+        return next((s for s in self.screen_stack if isinstance(s, ChatScreen)), None)
+
+    def on_history_saved(self) -> None:
+        chat = self.chat_screen()
+        if chat is not None:
+            chat.refresh_history_list()
+
+    def on_history_problem(self, message: HistoryProblem) -> None:
+        if message.problem is None:
+            self.notify("The history is saved again.", title="History")
+        else:
+            self.notify(f"{message.problem}. What is on screen stays; runner keeps trying.",
+                        title="History not saved", severity="error", timeout=20)
+
     def on_unmount(self) -> None:
-        chat = next((s for s in self.screen_stack if isinstance(s, ChatScreen)), None)
+        chat = self.chat_screen()
         if chat is not None:
             chat.stop_reply()
             if chat.session is not None and chat.generation_lock.acquire(timeout=10):
@@ -80,4 +107,8 @@ class RunnerApp(App[None]):
                     chat.session.close()
                 finally:
                     chat.generation_lock.release()
-        self.history.close()
+        self.recorder.close()
+        if self.history_problem:
+            self.history.remove_temporary()
+        else:
+            self.history.close()

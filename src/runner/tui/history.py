@@ -5,22 +5,34 @@ the assistant's reply is saved while it streams, in small transactions, marked `
 ends. So a crash or a kill loses nothing that was already on the screen, and a conversation is
 always openable. A reply found still `partial` when the file is opened again was interrupted.
 
-A file SQLite cannot read is moved aside (`history.db.corrupt-<time>`) and a fresh one is created;
-`HistoryStore.recovered_from` then names the old file so the app can say so.
+A file SQLite says is corrupt (its own corruption error, or `PRAGMA quick_check` failing) is moved
+aside (`history.db.corrupt-<time>`) and a fresh one is created; `HistoryStore.recovered_from` then
+names the old file so the app can say so. A file another program holds locked is not corrupt: the
+store waits `BUSY_TIMEOUT` for it, then raises `HistoryUnavailable` and leaves the file alone.
+
+Writes come from one thread, the app's `HistoryRecorder`; the UI thread reads through its own
+connection (SQLite's WAL mode lets a reader go on while a writer works).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import sqlite3
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from runner.errors import RunnerError
 from runner.paths import data_dir
 
 FILE_NAME = "history.db"
+BUSY_TIMEOUT = 5.0           # seconds a statement waits for a lock another connection holds
+
+# what SQLite itself calls a damaged file (sqlite3.h: SQLITE_CORRUPT, SQLITE_NOTADB)
+CORRUPTION_CODES = {"SQLITE_CORRUPT", "SQLITE_NOTADB"}
 
 # states of a message
 COMPLETE = "complete"        # the reply ended normally (or a user/system turn)
@@ -75,43 +87,72 @@ class StoredMessage:
     created_at: float
 
 
-class HistoryStore:
-    """All reads and writes of the history file. Use it from one thread (the UI's)."""
+class HistoryUnavailable(RunnerError):
+    """The history file cannot be used now (locked by another program, a folder that cannot be
+    written...); the message says why, in words. The file, if any, is left as it was."""
 
-    def __init__(self, path: Path | str | None = None) -> None:
+
+class Damaged(Exception):
+    """SQLite says the file is corrupt, or it is a database of another shape."""
+
+
+class HistoryStore:
+    """Reads and writes of the history file through one connection: use it from one thread.
+    `sibling()` opens another connection to the same file for another thread."""
+
+    def __init__(self, path: Path | str | None = None, *, busy_timeout: float | None = None) -> None:
         self.path = Path(path) if path is not None else data_dir() / FILE_NAME
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.busy_timeout = BUSY_TIMEOUT if busy_timeout is None else busy_timeout
         self.recovered_from: Path | None = None   # the corrupt file moved aside, if any
         self.recovery_reason = ""                  # what SQLite said about it
         try:
-            self._db = self._open()
-        except sqlite3.DatabaseError as error:
-            self.recovered_from = self._move_aside(error)
-            self._db = self._open()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self._db = self._open()
+            except Damaged as error:
+                self.recovered_from = self._move_aside(str(error))
+                self._db = self._open()
+        except (sqlite3.Error, OSError, Damaged) as error:
+            raise HistoryUnavailable(unavailable_reason(self.path, error)) from None
+
+    def sibling(self) -> "HistoryStore":
+        """Another connection to the same file (no recovery: this one already checked it)."""
+        return HistoryStore(self.path, busy_timeout=self.busy_timeout)
 
     # ---- opening ---------------------------------------------------------------------------
     def _open(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, isolation_level=None)  # autocommit; transactions explicit
+        # autocommit (transactions are explicit); `timeout` is SQLite's busy timeout
+        db = sqlite3.connect(self.path, isolation_level=None, timeout=self.busy_timeout)
         try:
             db.row_factory = sqlite3.Row
             # WAL + synchronous=NORMAL: each commit survives a crash or kill of this process
-            # without an fsync per token (a power cut may lose the last few commits).
+            # without an fsync per commit (a power cut may lose the last few commits).
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA foreign_keys=ON")
             check = db.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
-                raise sqlite3.DatabaseError(f"integrity check failed: {check}")
+                raise Damaged(f"integrity check failed: {check}")
             db.executescript(SCHEMA)
             # make sure the tables we need are there with the columns we read
             db.execute("SELECT id, title, model, system_prompt, created_at, updated_at FROM conversations LIMIT 1")
             db.execute("SELECT id, conversation_id, role, content, state, error, created_at FROM messages LIMIT 1")
-        except sqlite3.DatabaseError:
+        except sqlite3.OperationalError as error:
+            db.close()
+            if "no such column" in str(error) or "no such table" in str(error):
+                raise Damaged(f"a database of another shape ({error})") from None
+            raise                  # busy, locked, read-only, full: not the file's fault
+        except sqlite3.DatabaseError as error:
+            db.close()
+            if getattr(error, "sqlite_errorname", "") in CORRUPTION_CODES:
+                raise Damaged(str(error)) from None
+            raise
+        except BaseException:
             db.close()
             raise
         return db
 
-    def _move_aside(self, error: sqlite3.DatabaseError) -> Path:
+    def _move_aside(self, reason: str) -> Path:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
         n = 1
@@ -123,11 +164,25 @@ class HistoryStore:
             journal = self.path.with_name(self.path.name + suffix)
             if journal.exists():
                 journal.rename(aside.with_name(aside.name + suffix))
-        self.recovery_reason = str(error)
+        self.recovery_reason = reason
         return aside
 
     def close(self) -> None:
         self._db.close()
+
+    @classmethod
+    def temporary(cls) -> "HistoryStore":
+        """A history in a new temporary folder, for a session whose history file cannot be used."""
+        try:
+            folder = Path(tempfile.mkdtemp(prefix="runner-history-"))
+        except OSError as error:
+            raise HistoryUnavailable(f"no temporary folder for the history either: {error}") from None
+        return cls(folder / FILE_NAME)
+
+    def remove_temporary(self) -> None:
+        """Close and delete a history made by `temporary`."""
+        self.close()
+        shutil.rmtree(self.path.parent, ignore_errors=True)
 
     # ---- conversations ---------------------------------------------------------------------
     def create_conversation(self, title: str, model: str, system_prompt: str = "") -> Conversation:
@@ -173,6 +228,12 @@ class HistoryStore:
             self._db.execute(
                 "UPDATE messages SET content = ?, state = ?, error = ? WHERE id = ?", (content, state, error, message_id)
             )
+
+    def update_messages(self, updates: list[tuple[int, str, str]]) -> None:
+        """Write several replies' text and state (message id, content, state) in one transaction."""
+        with self._transaction():
+            self._db.executemany("UPDATE messages SET content = ?, state = ? WHERE id = ?",
+                                 [(content, state, message_id) for message_id, content, state in updates])
 
     def messages(self, conversation_id: int) -> list[StoredMessage]:
         rows = self._db.execute(
@@ -230,6 +291,15 @@ class _Transaction:
 
     def __exit__(self, kind, value, traceback) -> None:
         self._db.execute("COMMIT" if kind is None else "ROLLBACK")
+
+
+def unavailable_reason(path: Path, error: BaseException) -> str:
+    """Why the history at `path` cannot be used, in words."""
+    if isinstance(error, sqlite3.OperationalError) and "locked" in str(error):
+        return f"{path} is locked by another program ({error})"
+    if isinstance(error, OSError):
+        return f"cannot use {error.filename or path}: {error.strerror or error}"
+    return f"cannot use {path}: {error}"
 
 
 def state_note(message: StoredMessage) -> str:

@@ -9,6 +9,7 @@ from textual.message import Message
 
 from runner.backend import GenerationChunk, LoadProgress, MemoryReport, Session
 from runner.budget import Plan
+from runner.tui.recorder import Row
 
 
 @dataclass
@@ -37,21 +38,37 @@ class LoadFailed(Message):
 
 
 @dataclass
-class ReplyChunk(Message):
-    reply_id: int          # the history id of the assistant message
+class ReplyMessage(Message):
+    reply: Row             # the assistant message in the history (its id is set once written)
+
+    @property
+    def reply_id(self) -> int | None:
+        return self.reply.id
+
+
+@dataclass
+class ReplyChunk(ReplyMessage):
     chunk: GenerationChunk
 
 
 @dataclass
-class ReplyEnded(Message):
-    reply_id: int
+class ReplyEnded(ReplyMessage):
     finish_reason: str     # "stop", "length" or "cancelled"
 
 
 @dataclass
-class ReplyFailed(Message):
-    reply_id: int
+class ReplyFailed(ReplyMessage):
     error: str
+
+
+@dataclass
+class HistoryProblem(Message):
+    problem: str | None    # why the history is not being saved; None: it is saved again
+
+
+@dataclass
+class HistorySaved(Message):
+    """A conversation or a message was added to the history, or one was deleted."""
 
 
 @dataclass

@@ -3,8 +3,9 @@
 Two thread workers do the slow work and post messages back (see `runner.tui.messages`):
   * `load_model`: spec -> plan -> (import the default model) -> the app's source loads -> Session
   * `generate`:   Session.stream(...) -> one ReplyChunk per step -> ReplyEnded / ReplyFailed
-Every write to the screen and to the history happens in the handlers, on the UI thread. Each
-chunk is written to the history before it is shown, so what is on the screen is on disk.
+Every change to the screen happens in the handlers, on the UI thread. Writes to the history are
+handed to the app's `HistoryRecorder`, which makes them in its own thread: the streamed reply at
+most ten times a second, so a kill loses at most that last fraction of a second of it.
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ from runner.tui import messages as msg
 from runner.tui.history import COMPLETE, ERROR, PARTIAL, STOPPED, export_file_name, title_from
 from runner.tui.loading import ModelChoice, weights_spec
 from runner.tui.prompt import fit_to_context
+from runner.tui.recorder import Row
 from runner.tui.screens.confirm import ConfirmScreen
 from runner.tui.screens.help import HelpScreen
 from runner.tui.screens.picker import PickerScreen
 from runner.tui.screens.settings import ChatSettings, SettingsScreen
 from runner.tui.text import human_bytes, short_model_name
-from runner.tui.widgets.conversation import AssistantMessage, Conversation
+from runner.tui.widgets.conversation import AssistantMessage, Conversation, UserMessage
 from runner.tui.widgets.plan_panel import PlanPanel
 
 # unified memory: warn when the plan uses more than this share of what the GPU may wire
@@ -47,7 +49,7 @@ UNIFIED_PRESSURE = 0.75
 class ActiveReply:
     """The reply being generated now."""
 
-    reply_id: int
+    row: Row                 # its message in the history
     widget: AssistantMessage
     cancel: threading.Event = field(default_factory=threading.Event)
     text: str = ""
@@ -99,7 +101,7 @@ class ChatScreen(Screen[None]):
         self.choice: ModelChoice | None = None
         self.model_state = "none"            # "none", "loading", "ready" or "failed"
         self.load_id = 0                     # counts loads; only the latest one's messages count
-        self.conversation_id: int | None = None
+        self.conversation: Row | None = None   # the open conversation in the history
         self.reply: ActiveReply | None = None
         self.settings = self.app.initial_settings
         self.timing = ""                     # "first token 0.21 s · 17.9 tokens/s" of the last reply
@@ -136,6 +138,14 @@ class ChatScreen(Screen[None]):
                 severity="error",
                 timeout=30,
             )
+        if self.app.history_problem:
+            self.notify(
+                f"{self.app.history_problem}. This session's conversations are not saved; the history "
+                "file was left as it is.",
+                title="History not available",
+                severity="error",
+                timeout=30,
+            )
         if self.app.pick_at_start:
             self.model_state = "none"
             self.show_empty_hint()
@@ -145,7 +155,18 @@ class ChatScreen(Screen[None]):
 
     @property
     def history(self):
+        """The history, to read (on the UI thread)."""
         return self.app.history
+
+    @property
+    def recorder(self):
+        """Writes to the history, made off the UI thread."""
+        return self.app.recorder
+
+    @property
+    def conversation_id(self) -> int | None:
+        """The open conversation's id in the history (None until it is written)."""
+        return self.conversation.id if self.conversation is not None else None
 
     # ---- loading a model -------------------------------------------------------------------
     def start_load(self, choice: ModelChoice) -> None:
@@ -247,32 +268,31 @@ class ChatScreen(Screen[None]):
             self.notify("A reply is being written: Esc stops it.", severity="warning")
             return
         event.input.value = ""
-        if self.conversation_id is None:
-            conversation = self.history.create_conversation(
+        turns = self.prompt_messages() + [Message("user", text)]
+        if self.conversation is None:
+            self.conversation = self.recorder.new_conversation(
                 title_from(text), self.choice.model_name, self.settings.system_prompt
             )
-            self.conversation_id = conversation.id
-        # The user's turn is on disk before generation starts; the reply row exists from the start.
-        self.history.add_message(self.conversation_id, "user", text)
-        reply_id = self.history.add_message(self.conversation_id, "assistant", "", PARTIAL)
-        self.refresh_history_list()
+        # The user's turn is queued for the history before generation starts; so is the reply's row.
+        self.recorder.add_message(self.conversation, "user", text, COMPLETE)
+        row = self.recorder.add_message(self.conversation, "assistant", "", PARTIAL)
         conversation_view = self.query_one(Conversation)
         self.query_one(PlanPanel).display = False   # room for the conversation; Ctrl+L shows it
         await conversation_view.add_user(text)
         widget = await conversation_view.add_assistant(streaming=True)
-        self.reply = ActiveReply(reply_id, widget)
+        self.reply = ActiveReply(row, widget)
         self.timing = ""
         self.update_status()
         self.refresh_bindings()
-        self.generate(self.prompt_messages(reply_id), self.settings.sampling(), self.reply)
+        self.generate(turns, self.settings.sampling(), self.reply)
 
-    def prompt_messages(self, reply_id: int) -> list[Message]:
-        """The conversation as the model sees it: the system prompt, then every turn with text."""
-        conversation = self.history.conversation(self.conversation_id)
-        turns = [Message("system", conversation.system_prompt)] if conversation.system_prompt else []
-        for stored in self.history.messages(self.conversation_id):
-            if stored.id != reply_id and stored.content:
-                turns.append(Message(stored.role, stored.content))
+    def prompt_messages(self) -> list[Message]:
+        """The conversation as the model sees it: the system prompt, then every turn on screen
+        that has text (what the user sees is what the model gets, saved or not)."""
+        turns = [Message("system", self.settings.system_prompt)] if self.settings.system_prompt else []
+        for widget in self.query_one(Conversation).query("UserMessage, AssistantMessage"):
+            if widget.content:
+                turns.append(Message("user" if isinstance(widget, UserMessage) else "assistant", widget.content))
         return turns
 
     @work(thread=True, group="reply")
@@ -280,7 +300,7 @@ class ChatScreen(Screen[None]):
         with self.generation_lock:
             session = self.session
             if session is None or reply.cancel.is_set():
-                self.post_message(msg.ReplyEnded(reply.reply_id, "cancelled"))
+                self.post_message(msg.ReplyEnded(reply.row, "cancelled"))
                 return
             finish = "stop"
             try:
@@ -288,28 +308,28 @@ class ChatScreen(Screen[None]):
                 if dropped:
                     self.post_message(msg.TurnsLeftOut(dropped, self.plan.context))
                 for chunk in session.stream(turns, sampling, reply.cancel):
-                    self.post_message(msg.ReplyChunk(reply.reply_id, chunk))
+                    self.post_message(msg.ReplyChunk(reply.row, chunk))
                     if chunk.finish_reason:
                         finish = chunk.finish_reason
             except Exception as error:  # RunnerError or not: shown in the conversation
                 detail = str(error) if isinstance(error, RunnerError) else f"{type(error).__name__}: {error}"
-                self.post_message(msg.ReplyFailed(reply.reply_id, detail))
+                self.post_message(msg.ReplyFailed(reply.row, detail))
                 return
-            self.post_message(msg.ReplyEnded(reply.reply_id, finish))
+            self.post_message(msg.ReplyEnded(reply.row, finish))
 
-    def _current(self, reply_id: int) -> ActiveReply | None:
+    def _current(self, row: Row) -> ActiveReply | None:
         reply = self.reply
-        return reply if reply is not None and reply.reply_id == reply_id else None
+        return reply if reply is not None and reply.row is row else None
 
     async def on_reply_chunk(self, message: msg.ReplyChunk) -> None:
-        reply = self._current(message.reply_id)
+        reply = self._current(message.reply)
         if reply is None:  # stopped already: the rest is dropped
             return
         reply.last_chunk = message.chunk
         if message.chunk.text:
             reply.text += message.chunk.text
-            self.history.update_message(reply.reply_id, reply.text, PARTIAL)   # on disk, then on screen
             await reply.widget.append(message.chunk.text)
+            self.recorder.stream_reply(reply.row, reply.text)   # on disk within a tenth of a second
             self.query_one(Conversation).scroll_end(animate=False)
         self.timing = timing_text(message.chunk)
         self.update_status()
@@ -322,7 +342,7 @@ class ChatScreen(Screen[None]):
         )
 
     async def on_reply_ended(self, message: msg.ReplyEnded) -> None:
-        reply = self._current(message.reply_id)
+        reply = self._current(message.reply)
         if reply is None:
             return
         state = STOPPED if message.finish_reason == "cancelled" else COMPLETE
@@ -334,14 +354,14 @@ class ChatScreen(Screen[None]):
             )
 
     async def on_reply_failed(self, message: msg.ReplyFailed) -> None:
-        reply = self._current(message.reply_id)
+        reply = self._current(message.reply)
         if reply is None:
             return
         await self.finish_reply(reply, ERROR, message.error)
 
     async def finish_reply(self, reply: ActiveReply, state: str, error: str = "") -> None:
         self.reply = None
-        self.history.update_message(reply.reply_id, reply.text, state, error)
+        self.recorder.finish_reply(reply.row, reply.text, state, error)
         await reply.widget.finish(state, error)
         self.query_one(Conversation).scroll_end(animate=False)
         self.update_status()
@@ -354,7 +374,7 @@ class ChatScreen(Screen[None]):
             return None
         reply.cancel.set()
         self.reply = None
-        self.history.update_message(reply.reply_id, reply.text, STOPPED)
+        self.recorder.finish_reply(reply.row, reply.text, STOPPED)
         return reply
 
     async def action_stop(self) -> None:
@@ -387,10 +407,11 @@ class ChatScreen(Screen[None]):
     async def open_conversation(self, conversation_id: int) -> None:
         if self.reply is not None:
             await self.action_stop()
+        self.recorder.wait_idle(1.0)   # its last writes are on disk (a few ms; bounded if the disk is stuck)
         conversation = self.history.conversation(conversation_id)
         if conversation is None:
             return
-        self.conversation_id = conversation_id
+        self.conversation = Row(conversation_id)
         self.settings = ChatSettings(
             conversation.system_prompt, self.settings.temperature, self.settings.top_p, self.settings.max_tokens
         )
@@ -422,8 +443,7 @@ class ChatScreen(Screen[None]):
                 return
             if conversation_id == self.conversation_id:
                 await self.action_new_chat()
-            self.history.delete_conversation(conversation_id)
-            self.refresh_history_list()
+            self.recorder.delete_conversation(conversation_id)
             self.notify(f"Deleted “{conversation.title}”.")
 
         self.app.push_screen(ConfirmScreen(f"Delete “{conversation.title}”? This cannot be undone.", "Delete"), answered)
@@ -431,7 +451,7 @@ class ChatScreen(Screen[None]):
     async def action_new_chat(self) -> None:
         if self.reply is not None:
             await self.action_stop()
-        self.conversation_id = None
+        self.conversation = None
         await self.query_one(Conversation).clear()
         self.show_empty_hint()
         self.refresh_history_list()
@@ -445,6 +465,7 @@ class ChatScreen(Screen[None]):
         if conversation_id is None:
             self.notify("Nothing to export yet: send a message or open a conversation.", severity="warning")
             return
+        self.recorder.wait_idle(1.0)
         conversation = self.history.conversation(conversation_id)
         path = Path.cwd() / export_file_name(conversation)
         try:
@@ -473,9 +494,9 @@ class ChatScreen(Screen[None]):
             if settings is None:
                 return
             self.settings = settings
-            self.history.set_setting("chat", asdict(settings))   # the defaults next time
-            if self.conversation_id is not None:
-                self.history.set_system_prompt(self.conversation_id, settings.system_prompt)
+            self.recorder.set_setting("chat", asdict(settings))   # the defaults next time
+            if self.conversation is not None:
+                self.recorder.set_system_prompt(self.conversation, settings.system_prompt)
             self.notify(
                 f"temperature {settings.temperature} · top-p {settings.top_p} · max tokens {settings.max_tokens}",
                 title="Settings saved",
