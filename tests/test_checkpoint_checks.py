@@ -148,3 +148,35 @@ def test_header_reader_refuses_a_header_length_beyond_the_file(tmp_path):
     path.write_bytes(b"abc")
     with pytest.raises(CorruptWeights, match="shorter than 8 bytes"):
         read_safetensors_header(path)
+
+
+# ---- the folder's JSON files (tokenizer, generation config) ---------------------------------------
+
+@pytest.mark.parametrize("name,content,message", [
+    ("tokenizer_config.json", b"[1]", "tokenizer_config.json: holds a list, not a JSON object"),
+    ("tokenizer_config.json", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    ("tokenizer.json", b"\xff\xfe", "tokenizer.json: not UTF-8 text"),
+    ("tokenizer.json", b'{"a": 1}', "cannot load the tokenizer ('added_tokens')"),
+    ("generation_config.json", b"[1]", "generation_config.json: holds a list"),
+    ("special_tokens_map.json", b'"x"', "special_tokens_map.json: holds a string"),
+])
+def test_malformed_tokenizer_and_generation_files_are_one_line(tiny_llama_dir, tmp_path, name, content, message):
+    from runner.errors import RunnerError
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_llama_dir, folder)
+    (folder / name).write_bytes(content)
+    with pytest.raises(RunnerError) as caught:
+        load(folder)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_mlx_checks_the_same_files_before_converting(tiny_llama_dir, tmp_path):
+    pytest.importorskip("mlx_lm")
+    from runner_mlx.convert import mlx_folder
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_llama_dir, folder)
+    (folder / "tokenizer_config.json").write_bytes(b"[1]")
+    with pytest.raises(UserInputError, match="tokenizer_config.json: holds a list, not a JSON object"):
+        mlx_folder(folder, "q8")

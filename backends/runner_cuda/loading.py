@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Callable
 from runner.backend import LoadProgress, LoadRequest
 from runner.choice import options_that_fit, plan_line, refuse_by_plan
 from runner.errors import BackendUnavailable, CorruptWeights, DoesNotFit, LoadError, UserInputError
-from runner.files import TensorEntry, read_json_object, read_safetensors_header
+from runner.files import TensorEntry, check_model_json, read_json_object, read_safetensors_header
 from runner_cuda import BITSANDBYTES_INSTALL, BITSANDBYTES_QUANTS, CUDA_QUANTS, FP8_INSTALL
 
 if TYPE_CHECKING:
@@ -497,6 +497,7 @@ def checked_checkpoint(spec, report) -> tuple[str, dict[str, TensorEntry]]:
     tensors: dict[str, TensorEntry] = {}
     if spec.path is None:
         return spec.name, tensors
+    check_model_json(spec.path)
     shards = checkpoint_shards(spec.path)
     for index, shard in enumerate(shards):
         report(LoadProgress("checking shards", index, len(shards), "shards"))
@@ -511,8 +512,9 @@ def load_tokenizer(source: str, request: LoadRequest, report):
     report(LoadProgress("loading the tokenizer", 0, 0))
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=request.trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise LoadError(f"{request.model.name}: cannot load the tokenizer ({str(error).splitlines()[0]})") from None
+    except Exception as error:   # transformers' parsers of files from the internet raise anything (KeyError, ...)
+        text = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise LoadError(f"{request.model.name}: cannot load the tokenizer ({text})") from None
 
 
 def load_model(source: str, scheme: Scheme, tensors: dict[str, TensorEntry], attention: str,

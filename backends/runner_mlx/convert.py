@@ -22,7 +22,7 @@ from typing import Callable
 
 from runner.backend import LoadProgress
 from runner.errors import CorruptWeights, UnsupportedModel, UserInputError
-from runner.files import read_json_object, read_safetensors_header
+from runner.files import check_model_json, read_json_object, read_safetensors_header
 from runner.paths import models_dir
 
 from runner_mlx import GROUP_SIZE, MLX_QUANTS, QUANT_BITS, QUANT_DTYPES
@@ -51,6 +51,7 @@ def check_weights(folder: Path) -> list[Path]:
     files = weight_files(folder)
     if not files:
         raise UserInputError(f"{folder}: no *.safetensors weights in this folder (runner reads safetensors only)")
+    check_model_json(folder)
     for file in files:
         safetensors_header(file)
     return files

@@ -179,3 +179,19 @@ def _tensor_entry(path: Path, name: str, entry: Any) -> TensorEntry:
 def _count(value: Any) -> bool:
     """A non-negative whole number of at most 64 bits, as sizes and offsets in a header are."""
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 64
+
+
+# ---- a model folder's JSON files ------------------------------------------------------------------
+
+# What transformers and mlx-lm read from a model folder, each assuming a JSON object (a list there
+# ends in an AttributeError deep inside them). tokenizer.json reaches tens of megabytes (Gemma: 34 MB).
+MODEL_JSON_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.json",
+                    "special_tokens_map.json", "chat_template.json")
+MODEL_JSON_MAX_BYTES = 256 * 1024 * 1024
+
+
+def check_model_json(folder: Path) -> None:
+    """Each of the folder's MODEL_JSON_FILES that is there is UTF-8 JSON holding an object."""
+    for name in MODEL_JSON_FILES:
+        if (Path(folder) / name).is_file():
+            read_json_object(Path(folder) / name, MODEL_JSON_MAX_BYTES)
