@@ -180,3 +180,23 @@ def test_mlx_checks_the_same_files_before_converting(tiny_llama_dir, tmp_path):
     (folder / "tokenizer_config.json").write_bytes(b"[1]")
     with pytest.raises(UserInputError, match="tokenizer_config.json: holds a list, not a JSON object"):
         mlx_folder(folder, "q8")
+
+
+@pytest.mark.parametrize("changes", [
+    {"hidden_act": "no_such_activation"},
+    {"rope_scaling": [1]},
+    {"rope_scaling": {"rope_type": "nope", "factor": 2.0}},
+    {"rms_norm_eps": "small"},
+], ids=lambda changes: next(iter(changes)))
+def test_config_values_transformers_rejects_are_one_line(tiny_llama_dir, tmp_path, changes):
+    """Values runner's plan does not read (activation, RoPE) reach transformers, which raises all
+    kinds of errors about them: each is one line naming the model."""
+    from runner.errors import RunnerError
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_llama_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    with pytest.raises(RunnerError) as caught:
+        load(folder)
+    assert "\n" not in str(caught.value) and str(caught.value).startswith(str(folder))
