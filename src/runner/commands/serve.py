@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="address to listen on (default 127.0.0.1: this machine only; any other needs --api-key)")
     parser.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080; 0: any free port)")
     parser.add_argument("--api-key", default=None,
-                        help="require 'Authorization: Bearer <key>' on every request (default: $RUNNER_API_KEY)")
+                        help="require 'Authorization: Bearer <key>' on every request (default: $RUNNER_API_KEY, "
+                             "better: a command line is visible to other users of the machine)")
     parser.add_argument("--queue", type=int, default=16, metavar="N",
                         help="requests that may wait while one is answered; more get 429 (default 16)")
 

@@ -164,7 +164,8 @@ class ModelHost:
         label = f"{'chat' if job.request.chat else 'completion'} #{job.number}"
         if job.cancel.is_set() or self.state == "closed":
             job.post(Finished("cancelled", Usage(0, 0, 0)))
-            self._log(f"{label} · cancelled before it started (the client went away)")
+            why = "the server is stopping" if self.state == "closed" else "the client went away"
+            self._log(f"{label} · cancelled before it started ({why})")
             return
         try:
             self._generate(job, label)
