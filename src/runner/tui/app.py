@@ -92,6 +92,9 @@ class RunnerApp(App[None]):
             chat.refresh_history_list()
 
     def on_history_problem(self, message: HistoryProblem) -> None:
+        chat = self.chat_screen()
+        if chat is not None:
+            chat.show_history_problem(message.problem)
         if message.problem is None:
             self.notify("The history is saved again.", title="History")
         else:
@@ -102,11 +105,7 @@ class RunnerApp(App[None]):
         chat = self.chat_screen()
         if chat is not None:
             chat.stop_reply()
-            if chat.session is not None and chat.generation_lock.acquire(timeout=10):
-                try:  # the stopped reply has finished its last token
-                    chat.session.close()
-                finally:
-                    chat.generation_lock.release()
+            chat.loader.close()   # once the stopped reply has made its last token
         self.recorder.close()
         if self.history_problem:
             self.history.remove_temporary()

@@ -75,3 +75,14 @@ class HistorySaved(Message):
 class TurnsLeftOut(Message):
     count: int             # the oldest turns left out of the prompt to fit the context
     context: int
+
+
+@dataclass
+class ConversationOpened(Message):
+    conversation_id: int   # chosen in the history sidebar
+
+
+@dataclass
+class ConversationDeleted(Message):
+    conversation_id: int   # the user confirmed; the screen deletes it
+    title: str

@@ -1,82 +1,50 @@
-"""The main screen: history sidebar, plan panel, conversation, message box, status line.
+"""The main screen: it composes the widgets, routes their messages, and binds the keys.
 
-Two thread workers do the slow work and post messages back (see `runner.tui.messages`):
-  * `load_model`: spec -> plan -> (import the default model) -> the app's source loads -> Session
-  * `generate`:   Session.stream(...) -> one ReplyChunk per step -> ReplyEnded / ReplyFailed
-Every change to the screen happens in the handlers, on the UI thread. Writes to the history are
-handed to the app's `HistoryRecorder`, which makes them in its own thread: the streamed reply at
-most ten times a second, so a kill loses at most that last fraction of a second of it.
+    HistorySidebar │ Banner        (widgets/banner.py: offload, memory pressure, backend warnings)
+    (widgets/      │ PlanPanel     (widgets/plan_panel.py: the plan, the load, measured memory)
+    history_       │ Conversation  (widgets/conversation.py: the turns, the reply as it streams)
+    sidebar.py)    │ PromptInput   (widgets/prompt_input.py: the message box)
+    StatusLine     (widgets/status_line.py: model, speed, history not saved)
+
+What is not drawn is delegated: `ModelLoader` (controllers/model_loader.py) loads a model in a
+thread worker; `ReplyWriter` (controllers/replies.py) generates a reply in another; the app's
+`HistoryRecorder` (recorder.py) writes the history in a thread of its own. The workers post the
+small messages of `runner.tui.messages`; every change to the screen happens in the handlers here.
 """
 
 from __future__ import annotations
 
-import threading
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+import asyncio
+from dataclasses import asdict
 
-from rich.text import Text
-from textual import on, work
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import Footer, Input, Label, OptionList, Static
-from textual.widgets.option_list import Option
-from textual.worker import get_current_worker
+from textual.widgets import Footer, Input
 
-from runner.backend import GenerationChunk, Message, MemoryReport, Sampling, Session
-from runner.budget import OFFLOAD, Plan
+from runner.backend import Message
 from runner.default_model import imported_folder
-from runner.errors import RunnerError
 from runner.tui import messages as msg
+from runner.tui.controllers.model_loader import ModelLoader
+from runner.tui.controllers.replies import ActiveReply, ReplyWriter
+from runner.tui.export import ExportError, write_export
 from runner.tui.history import COMPLETE, ERROR, PARTIAL, STOPPED, export_file_name, title_from
-from runner.tui.loading import ModelChoice, weights_spec
-from runner.tui.prompt import fit_to_context
+from runner.tui.loading import ModelChoice
 from runner.tui.recorder import Row
-from runner.tui.screens.confirm import ConfirmScreen
 from runner.tui.screens.help import HelpScreen
 from runner.tui.screens.picker import PickerScreen
 from runner.tui.screens.settings import ChatSettings, SettingsScreen
-from runner.tui.text import human_bytes, short_model_name
-from runner.tui.widgets.conversation import AssistantMessage, Conversation, UserMessage
+from runner.tui.text import short_model_name
+from runner.tui.widgets.banner import Banner, load_warnings
+from runner.tui.widgets.conversation import Conversation, UserMessage
+from runner.tui.widgets.history_sidebar import HistorySidebar
 from runner.tui.widgets.plan_panel import PlanPanel
+from runner.tui.widgets.prompt_input import PromptInput
+from runner.tui.widgets.status_line import StatusLine
 
-# unified memory: warn when the plan uses more than this share of what the GPU may wire
-UNIFIED_PRESSURE = 0.75
-
-
-@dataclass
-class ActiveReply:
-    """The reply being generated now."""
-
-    row: Row                 # its message in the history
-    widget: AssistantMessage
-    cancel: threading.Event = field(default_factory=threading.Event)
-    text: str = ""
-    last_chunk: GenerationChunk | None = None
-
-
-def pressure_warning(plan: Plan | None, report: MemoryReport | None = None) -> str:
-    """The banner text for offload or unified-memory pressure, or '' when there is none."""
-    if plan is None:
-        return ""
-    offloaded = [share.device for share in plan.placement if share.kind in ("cpu", "disk") and share.weights_bytes]
-    if plan.verdict == OFFLOAD or (plan.machine.gpus and offloaded):
-        return (
-            f"▲ Part of this model is offloaded to {' and '.join(offloaded) or 'CPU or disk'}: replies will be "
-            f"many times slower. A smaller quant or a shorter context may fit (Ctrl+O to pick another model)."
-        )
-    for share in plan.placement:
-        if share.kind == "unified" and share.total_bytes > UNIFIED_PRESSURE * share.capacity_bytes:
-            return (
-                f"▲ Memory pressure: this model uses {human_bytes(share.total_bytes)} of the "
-                f"{human_bytes(share.capacity_bytes)} the GPU may use; macOS may swap and replies slow down sharply."
-            )
-    # measured: a backend that put weights on the CPU or disk beside a GPU (the plan did not)
-    if report is not None and any(device.startswith("cuda") for device in report.measured):
-        if report.measured.get("cpu", 0) + report.measured.get("disk", 0) > 0:
-            return "▲ The backend placed part of the model on the CPU or disk: replies will be slow."
-    return ""
+HISTORY_WAIT = 1.0   # seconds to wait for queued history writes before reading them back
 
 
 class ChatScreen(Screen[None]):
@@ -96,36 +64,52 @@ class ChatScreen(Screen[None]):
 
     def __init__(self) -> None:
         super().__init__()
-        self.session: Session | None = None
-        self.plan: Plan | None = None
-        self.choice: ModelChoice | None = None
-        self.model_state = "none"            # "none", "loading", "ready" or "failed"
-        self.load_id = 0                     # counts loads; only the latest one's messages count
+        self.loader = ModelLoader(self)
+        self.replies = ReplyWriter(self, self.loader, self.app.recorder)
         self.conversation: Row | None = None   # the open conversation in the history
-        self.reply: ActiveReply | None = None
         self.settings = self.app.initial_settings
-        self.timing = ""                     # "first token 0.21 s · 17.9 tokens/s" of the last reply
-        self.generation_lock = threading.Lock()   # one stream at a time on a Session
+        self.history_problem: str | None = self.app.history_problem or None
+
+    # ---- what the tests and the app read ------------------------------------------------------
+    @property
+    def model_state(self) -> str:
+        return self.loader.state
+
+    @property
+    def session(self):
+        return self.loader.session
+
+    @property
+    def generation_lock(self):
+        return self.loader.generation_lock
+
+    @property
+    def reply(self) -> ActiveReply | None:
+        return self.replies.active
+
+    @property
+    def conversation_id(self) -> int | None:
+        """The open conversation's id in the history (None until it is written)."""
+        return self.conversation.id if self.conversation is not None else None
+
+    @property
+    def history(self):
+        """The history, to read (on the UI thread); writes go through `self.app.recorder`."""
+        return self.app.history
 
     # ---- layout ----------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
         with Horizontal(id="body"):
-            with Vertical(id="sidebar"):
-                yield Label("History", classes="panel-title")
-                yield OptionList(id="history-list")
-                yield Static("Enter open · Del delete", id="sidebar-hint")
+            yield HistorySidebar(id="sidebar")
             with Vertical(id="main"):
-                yield Static("", id="banner")
+                yield Banner("", id="banner")
                 yield PlanPanel(id="plan")
                 yield Conversation(id="conversation")
-                yield Input(placeholder="Message (Enter to send)", id="prompt")
-        with Horizontal(id="status"):
-            yield Static("", id="status-model")
-            yield Static("", id="status-speed")
+                yield PromptInput(placeholder="Message (Enter to send)", id="prompt")
+        yield StatusLine(id="status")
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one("#banner").display = False
         self.refresh_history_list()
         self.update_status()
         self.query_one("#prompt").focus()
@@ -134,127 +118,66 @@ class ChatScreen(Screen[None]):
             self.notify(
                 f"The chat history could not be read ({history.recovery_reason}). It was kept aside as "
                 f"{history.recovered_from}; a fresh history was started.",
-                title="History database damaged",
-                severity="error",
-                timeout=30,
+                title="History database damaged", severity="error", timeout=30,
             )
         if self.app.history_problem:
             self.notify(
                 f"{self.app.history_problem}. This session's conversations are not saved; the history "
                 "file was left as it is.",
-                title="History not available",
-                severity="error",
-                timeout=30,
+                title="History not available", severity="error", timeout=30,
             )
         if self.app.pick_at_start:
-            self.model_state = "none"
             self.show_empty_hint()
             self.action_pick_model()
         else:
             self.start_load(self.app.choice)
 
-    @property
-    def history(self):
-        """The history, to read (on the UI thread)."""
-        return self.app.history
-
-    @property
-    def recorder(self):
-        """Writes to the history, made off the UI thread."""
-        return self.app.recorder
-
-    @property
-    def conversation_id(self) -> int | None:
-        """The open conversation's id in the history (None until it is written)."""
-        return self.conversation.id if self.conversation is not None else None
-
-    # ---- loading a model -------------------------------------------------------------------
+    # ---- loading a model (ModelLoader) ---------------------------------------------------------
     def start_load(self, choice: ModelChoice) -> None:
-        self.choice = choice
-        self.plan = None
-        self.load_id += 1
-        old, self.session = self.session, None
-        if self.reply is not None:
-            self.stop_reply()
-        self.model_state = "loading"
+        reply = self.stop_reply()
+        if reply is not None:
+            self.call_later(reply.widget.finish, STOPPED)
+        self.loader.start(choice)
         panel = self.query_one(PlanPanel)
         panel.display = True
         panel.reset(f"working out the plan for {choice.model_name}…")
-        self.show_banner("")
+        self.query_one(Banner).show([])
         self.show_empty_hint()
         self.update_status()
-        self.load_model(self.load_id, choice, old)
-
-    @work(thread=True, exclusive=True, group="load")
-    def load_model(self, load_id: int, choice: ModelChoice, old: Session | None) -> None:
-        worker = get_current_worker()
-        if old is not None:
-            with self.generation_lock:   # let a stopping reply finish its last token first
-                old.close()
-
-        def progress(update) -> None:
-            if not worker.is_cancelled:
-                self.post_message(msg.LoadProgressed(load_id, update))
-
-        try:
-            spec, plan = self.app.source.plan(choice, self.app.machine())
-            self.post_message(msg.PlanReady(load_id, plan))
-            spec = weights_spec(choice, spec, progress)
-            session = self.app.source.load(choice, spec, plan, progress)
-        except RunnerError as error:
-            self.post_message(msg.LoadFailed(load_id, str(error)))
-            return
-        except Exception as error:  # a bug or an unforeseen failure: show it, stay usable
-            self.post_message(msg.LoadFailed(load_id, f"{type(error).__name__}: {error}"))
-            return
-        if worker.is_cancelled:  # another model was picked meanwhile
-            session.close()
-            return
-        try:
-            report = session.memory()
-        except Exception:  # measuring is a nicety; never lose the session over it
-            report = None
-        self.post_message(msg.ModelLoaded(load_id, session, report))
 
     def on_plan_ready(self, message: msg.PlanReady) -> None:
-        if message.load_id != self.load_id:
-            return
-        self.plan = message.plan
-        self.query_one(PlanPanel).show_plan(message.plan)
-        self.show_banner(pressure_warning(message.plan))
-        self.update_status()
+        if self.loader.accept_plan(message):
+            self.query_one(PlanPanel).show_plan(message.plan)
+            self.query_one(Banner).show(load_warnings(message.plan))
+            self.update_status()
 
     def on_load_progressed(self, message: msg.LoadProgressed) -> None:
-        if message.load_id == self.load_id and self.model_state == "loading":
+        if self.loader.accept_progress(message):
             self.query_one(PlanPanel).show_progress(message.progress)
 
     def on_model_loaded(self, message: msg.ModelLoaded) -> None:
-        if message.load_id != self.load_id:  # another model was picked while this one loaded
-            message.session.close()
+        if not self.loader.accept_loaded(message):
             return
-        self.session = message.session
-        self.model_state = "ready"
         panel = self.query_one(PlanPanel)
-        if self.plan is not None:
-            panel.show_plan(self.plan, message.report)
+        if self.loader.plan is not None:
+            panel.show_plan(self.loader.plan, message.report)
         panel.show_loaded(message.session.device_summary)
-        self.show_banner(pressure_warning(self.plan, message.report))
+        self.query_one(Banner).show(load_warnings(self.loader.plan, message.report, message.session))
         self.show_empty_hint()
         self.update_status()
 
     def on_load_failed(self, message: msg.LoadFailed) -> None:
-        if message.load_id != self.load_id:
+        if not self.loader.accept_failure(message):
             return
-        self.model_state = "failed"
         panel = self.query_one(PlanPanel)
         panel.display = True
-        if self.plan is None:
+        if self.loader.plan is None:
             panel.show_message("No plan: runner could not read this model's shape.")
         panel.show_error(message.error + "\nPress Ctrl+O to pick another model.")
         self.show_empty_hint()
         self.update_status()
 
-    # ---- chatting --------------------------------------------------------------------------
+    # ---- chatting (ReplyWriter) ------------------------------------------------------------------
     @on(Input.Submitted, "#prompt")
     async def send(self, event: Input.Submitted) -> None:
         text = event.value.strip()
@@ -269,22 +192,21 @@ class ChatScreen(Screen[None]):
             return
         event.input.value = ""
         turns = self.prompt_messages() + [Message("user", text)]
+        recorder = self.app.recorder
         if self.conversation is None:
-            self.conversation = self.recorder.new_conversation(
-                title_from(text), self.choice.model_name, self.settings.system_prompt
+            self.conversation = recorder.new_conversation(
+                title_from(text), self.loader.choice.model_name, self.settings.system_prompt
             )
-        # The user's turn is queued for the history before generation starts; so is the reply's row.
-        self.recorder.add_message(self.conversation, "user", text, COMPLETE)
-        row = self.recorder.add_message(self.conversation, "assistant", "", PARTIAL)
+        # The user's turn is handed to the history before generation starts; so is the reply's row.
+        recorder.add_message(self.conversation, "user", text, COMPLETE)
+        row = recorder.add_message(self.conversation, "assistant", "", PARTIAL)
         conversation_view = self.query_one(Conversation)
         self.query_one(PlanPanel).display = False   # room for the conversation; Ctrl+L shows it
         await conversation_view.add_user(text)
         widget = await conversation_view.add_assistant(streaming=True)
-        self.reply = ActiveReply(row, widget)
-        self.timing = ""
+        self.replies.start(turns, self.settings.sampling(), row, widget)
         self.update_status()
         self.refresh_bindings()
-        self.generate(turns, self.settings.sampling(), self.reply)
 
     def prompt_messages(self) -> list[Message]:
         """The conversation as the model sees it: the system prompt, then every turn on screen
@@ -295,44 +217,10 @@ class ChatScreen(Screen[None]):
                 turns.append(Message("user" if isinstance(widget, UserMessage) else "assistant", widget.content))
         return turns
 
-    @work(thread=True, group="reply")
-    def generate(self, turns: list[Message], sampling: Sampling, reply: ActiveReply) -> None:
-        with self.generation_lock:
-            session = self.session
-            if session is None or reply.cancel.is_set():
-                self.post_message(msg.ReplyEnded(reply.row, "cancelled"))
-                return
-            finish = "stop"
-            try:
-                turns, dropped = fit_to_context(turns, session.tokenize, self.plan.context, sampling.max_tokens)
-                if dropped:
-                    self.post_message(msg.TurnsLeftOut(dropped, self.plan.context))
-                for chunk in session.stream(turns, sampling, reply.cancel):
-                    self.post_message(msg.ReplyChunk(reply.row, chunk))
-                    if chunk.finish_reason:
-                        finish = chunk.finish_reason
-            except Exception as error:  # RunnerError or not: shown in the conversation
-                detail = str(error) if isinstance(error, RunnerError) else f"{type(error).__name__}: {error}"
-                self.post_message(msg.ReplyFailed(reply.row, detail))
-                return
-            self.post_message(msg.ReplyEnded(reply.row, finish))
-
-    def _current(self, row: Row) -> ActiveReply | None:
-        reply = self.reply
-        return reply if reply is not None and reply.row is row else None
-
     async def on_reply_chunk(self, message: msg.ReplyChunk) -> None:
-        reply = self._current(message.reply)
-        if reply is None:  # stopped already: the rest is dropped
-            return
-        reply.last_chunk = message.chunk
-        if message.chunk.text:
-            reply.text += message.chunk.text
-            await reply.widget.append(message.chunk.text)
-            self.recorder.stream_reply(reply.row, reply.text)   # on disk within a tenth of a second
+        if await self.replies.add_chunk(message):
             self.query_one(Conversation).scroll_end(animate=False)
-        self.timing = timing_text(message.chunk)
-        self.update_status()
+            self.update_status()
 
     def on_turns_left_out(self, message: msg.TurnsLeftOut) -> None:
         self.notify(
@@ -342,11 +230,10 @@ class ChatScreen(Screen[None]):
         )
 
     async def on_reply_ended(self, message: msg.ReplyEnded) -> None:
-        reply = self._current(message.reply)
+        reply = self.replies.current(message)
         if reply is None:
             return
-        state = STOPPED if message.finish_reason == "cancelled" else COMPLETE
-        await self.finish_reply(reply, state)
+        await self.finish_reply(reply, STOPPED if message.finish_reason == "cancelled" else COMPLETE)
         if message.finish_reason == "length":
             self.notify(
                 f"The reply reached the limit of {self.settings.max_tokens} tokens (Ctrl+S to raise it).",
@@ -354,28 +241,19 @@ class ChatScreen(Screen[None]):
             )
 
     async def on_reply_failed(self, message: msg.ReplyFailed) -> None:
-        reply = self._current(message.reply)
-        if reply is None:
-            return
-        await self.finish_reply(reply, ERROR, message.error)
+        reply = self.replies.current(message)
+        if reply is not None:
+            await self.finish_reply(reply, ERROR, message.error)
 
     async def finish_reply(self, reply: ActiveReply, state: str, error: str = "") -> None:
-        self.reply = None
-        self.recorder.finish_reply(reply.row, reply.text, state, error)
-        await reply.widget.finish(state, error)
+        await self.replies.finish(reply, state, error)
         self.query_one(Conversation).scroll_end(animate=False)
         self.update_status()
         self.refresh_bindings()
 
     def stop_reply(self) -> ActiveReply | None:
-        """Stop the reply now: the backend stops before its next token; the text so far stays."""
-        reply = self.reply
-        if reply is None:
-            return None
-        reply.cancel.set()
-        self.reply = None
-        self.recorder.finish_reply(reply.row, reply.text, STOPPED)
-        return reply
+        """Stop the reply now (kept, marked stopped in the history); the widget is marked by the caller."""
+        return self.replies.stop()
 
     async def action_stop(self) -> None:
         reply = self.stop_reply()
@@ -389,25 +267,20 @@ class ChatScreen(Screen[None]):
             return True if self.reply is not None else None  # None: shown greyed out
         return True
 
-    # ---- conversations ---------------------------------------------------------------------
+    # ---- conversations (HistorySidebar) -----------------------------------------------------------
     def refresh_history_list(self) -> None:
-        options = self.query_one("#history-list", OptionList)
-        highlighted = options.highlighted
-        options.clear_options()
-        for conversation in self.history.conversations():
-            marker = "▸ " if conversation.id == self.conversation_id else "  "
-            title = Text(marker + conversation.title, no_wrap=True, overflow="ellipsis")
-            options.add_option(Option(title, id=str(conversation.id)))
-        if options.option_count:
-            options.highlighted = min(highlighted or 0, options.option_count - 1)
-        self.query_one("#sidebar-hint", Static).update(
-            "Enter open · Del delete" if options.option_count else "No conversations yet"
-        )
+        self.query_one(HistorySidebar).show(self.history.conversations(), self.conversation_id)
+
+    async def settled_history(self) -> None:
+        """Wait (without freezing the screen) until the writes handed over so far are on disk."""
+        await asyncio.to_thread(self.app.recorder.wait_idle, HISTORY_WAIT)
+
+    async def on_conversation_opened(self, message: msg.ConversationOpened) -> None:
+        await self.open_conversation(message.conversation_id)
 
     async def open_conversation(self, conversation_id: int) -> None:
-        if self.reply is not None:
-            await self.action_stop()
-        self.recorder.wait_idle(1.0)   # its last writes are on disk (a few ms; bounded if the disk is stuck)
+        await self.action_stop()
+        await self.settled_history()
         conversation = self.history.conversation(conversation_id)
         if conversation is None:
             return
@@ -422,69 +295,47 @@ class ChatScreen(Screen[None]):
         self.refresh_history_list()
         self.query_one("#prompt").focus()
 
-    @on(OptionList.OptionSelected, "#history-list")
-    async def history_selected(self, event: OptionList.OptionSelected) -> None:
-        await self.open_conversation(int(event.option.id))
-
-    async def on_key(self, event) -> None:
-        options = self.query_one("#history-list", OptionList)
-        if event.key in ("delete", "d") and self.focused is options and options.highlighted is not None:
-            event.stop()
-            conversation_id = int(options.get_option_at_index(options.highlighted).id)
-            self.confirm_delete(conversation_id)
-
-    def confirm_delete(self, conversation_id: int) -> None:
-        conversation = self.history.conversation(conversation_id)
-        if conversation is None:
-            return
-
-        async def answered(yes: bool | None) -> None:
-            if not yes:
-                return
-            if conversation_id == self.conversation_id:
-                await self.action_new_chat()
-            self.recorder.delete_conversation(conversation_id)
-            self.notify(f"Deleted “{conversation.title}”.")
-
-        self.app.push_screen(ConfirmScreen(f"Delete “{conversation.title}”? This cannot be undone.", "Delete"), answered)
+    async def on_conversation_deleted(self, message: msg.ConversationDeleted) -> None:
+        if message.conversation_id == self.conversation_id:
+            await self.action_new_chat()
+        self.app.recorder.delete_conversation(message.conversation_id)
+        self.notify(f"Deleted “{message.title}”.")
 
     async def action_new_chat(self) -> None:
-        if self.reply is not None:
-            await self.action_stop()
+        await self.action_stop()
         self.conversation = None
         await self.query_one(Conversation).clear()
         self.show_empty_hint()
         self.refresh_history_list()
         self.query_one("#prompt").focus()
 
-    def action_export(self) -> None:
-        conversation_id = self.conversation_id
-        options = self.query_one("#history-list", OptionList)
-        if self.focused is options and options.highlighted is not None:
-            conversation_id = int(options.get_option_at_index(options.highlighted).id)
+    async def action_export(self) -> None:
+        conversation_id = self.query_one(HistorySidebar).highlighted_id() or self.conversation_id
         if conversation_id is None:
             self.notify("Nothing to export yet: send a message or open a conversation.", severity="warning")
             return
-        self.recorder.wait_idle(1.0)
+        await self.settled_history()
         conversation = self.history.conversation(conversation_id)
-        path = Path.cwd() / export_file_name(conversation)
+        if conversation is None:
+            self.notify("This conversation is not in the history (yet): nothing to export.", severity="warning")
+            return
         try:
-            path.write_text(self.history.export_markdown(conversation_id))
-        except OSError as error:
-            self.notify(f"Could not write {path}: {error.strerror}", severity="error")
+            path = write_export(self.history.export_markdown(conversation_id), export_file_name(conversation))
+        except ExportError as error:
+            self.notify(f"Could not export: {error}", severity="error", timeout=15)
             return
         self.notify(f"Exported to {path}", title="Export")
 
     # ---- other screens ---------------------------------------------------------------------
     def action_pick_model(self) -> None:
-        current = self.choice.model_name if self.choice else None
+        current = self.loader.choice.model_name if self.loader.choice else None
 
         def picked(model: str | None) -> None:
             if model is None:
                 if self.model_state == "none":
                     self.show_empty_hint()
                 return
-            base = self.choice or self.app.choice
+            base = self.loader.choice or self.app.choice
             self.start_load(ModelChoice(model, base.backend, None, base.context, base.allow_offload))
 
         self.app.push_screen(PickerScreen(self.app.machine, current), picked)
@@ -494,9 +345,9 @@ class ChatScreen(Screen[None]):
             if settings is None:
                 return
             self.settings = settings
-            self.recorder.set_setting("chat", asdict(settings))   # the defaults next time
+            self.app.recorder.set_setting("chat", asdict(settings))   # the defaults next time
             if self.conversation is not None:
-                self.recorder.set_system_prompt(self.conversation, settings.system_prompt)
+                self.app.recorder.set_system_prompt(self.conversation, settings.system_prompt)
             self.notify(
                 f"temperature {settings.temperature} · top-p {settings.top_p} · max tokens {settings.max_tokens}",
                 title="Settings saved",
@@ -508,7 +359,7 @@ class ChatScreen(Screen[None]):
         self.app.push_screen(HelpScreen(str(self.history.path)))
 
     def action_toggle_sidebar(self) -> None:
-        sidebar = self.query_one("#sidebar")
+        sidebar = self.query_one(HistorySidebar)
         sidebar.display = not sidebar.display
 
     def action_scroll_conversation(self, pages: int) -> None:
@@ -522,16 +373,12 @@ class ChatScreen(Screen[None]):
         panel = self.query_one(PlanPanel)
         panel.display = not panel.display
 
-    # ---- status, banner, hints -------------------------------------------------------------
-    def show_banner(self, text: str) -> None:
-        banner = self.query_one("#banner", Static)
-        banner.update(text)
-        banner.display = bool(text)
-
+    # ---- hints and the status line ------------------------------------------------------------
     def show_empty_hint(self) -> None:
-        name = short_model_name(self.choice.model_name) if self.choice else "a model"
+        choice = self.loader.choice
+        name = short_model_name(choice.model_name) if choice else "a model"
         loading = f"Loading {name}… you can browse the history meanwhile."
-        if self.choice is not None and self.choice.model is None and imported_folder() is None:
+        if choice is not None and choice.model is None and imported_folder() is None:
             loading += "\nFirst run: runner imports its built-in model once (under a minute); later starts take seconds."
         hint = {
             "ready": f"Ask {name} anything.  Enter sends · Esc stops a reply · F1 lists the keys",
@@ -541,33 +388,13 @@ class ChatScreen(Screen[None]):
         }[self.model_state]
         self.query_one(Conversation).show_empty_hint(hint)
 
+    def show_history_problem(self, problem: str | None) -> None:
+        self.history_problem = problem
+        self.update_status()
+
     def update_status(self) -> None:
-        """Left: model, backend, quant, placement. Right: speed of the last reply, how to switch."""
-        model = Text(short_model_name(self.choice.model_name) if self.choice else "no model", "bold")
-        if self.model_state == "ready" and self.session is not None:
-            # the placement's first clause ("cuda:0 (all 32 layers)"); the plan panel has the rest
-            placement = self.session.device_summary.split(";")[0]
-            model.append(f" · {self.session.backend} · {self.session.quant} · {placement}")
-        elif self.model_state == "loading":
-            model.append(" · loading…", "yellow")
-        elif self.model_state == "failed":
-            model.append(" · did not load", "red")
-        model.no_wrap = True
-        model.overflow = "ellipsis"
-        speed = Text()
-        if self.reply is not None:
-            speed.append("● writing · " if self.timing else "● thinking… ", "bold green")
-        if self.timing:
-            speed.append(self.timing + " ")
-        speed.append("│ Ctrl+O other model", "dim")
-        self.query_one("#status-model", Static).update(model)
-        self.query_one("#status-speed", Static).update(speed)
-
-
-def timing_text(chunk: GenerationChunk) -> str:
-    if chunk.generation_tokens == 0:
-        return ""
-    text = f"first token {chunk.time_to_first_token:.2f} s"
-    if chunk.generation_tps > 0:
-        text = f"{chunk.generation_tps:.1f} tokens/s · " + text
-    return text
+        choice = self.loader.choice
+        self.query_one(StatusLine).show(
+            choice.model_name if choice else None, self.model_state, self.session,
+            self.reply is not None, self.replies.timing, self.history_problem,
+        )

@@ -1,0 +1,1 @@
+"""What the chat screen delegates that is not drawn: loading a model, writing a reply."""
