@@ -284,6 +284,9 @@ def test_fuzz_generate_with_malformed_headers_and_indexes(tmp_path, tiny_llama_d
     cases = [(f"generate header {name}", argv, {**model_files(tiny_llama_dir), "model.safetensors": (head, size)})
              for name, head, size in malformed_headers(rng, header, data_size)]
     weights = tiny_llama_dir / "model.safetensors"
+    cases.append(("generate tokenizer_config nested", argv,
+                  {**model_files(tiny_llama_dir), "model.safetensors": tiny_llama_dir / "model.safetensors",
+                   "tokenizer_config.json": "[" * 100_000 + "]" * 100_000}))
     cases += [(f"generate index {name}", argv, {**model_files(tiny_llama_dir), "model.safetensors": weights,
                                                 "model.safetensors.index.json": index})
               for name, index in malformed_indexes(rng, [n for n in header if n != "__metadata__"])]

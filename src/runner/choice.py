@@ -206,7 +206,7 @@ def has_chat_template(folder: Path) -> bool | None:
         return True
     try:
         data = json.loads(config.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):   # the backend's load says what is wrong with the file
         return None
     return bool(data.get("chat_template")) if isinstance(data, dict) else None
 
