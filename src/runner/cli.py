@@ -24,6 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rehearse": ("runner.commands.rehearse", "load the real architecture with random weights: real memory, real speed"),
     "parity": ("runner.commands.parity", "do two backends or quantizations give the same answers?"),
     "serve": ("runner.commands.serve", "serve a model over an OpenAI-compatible HTTP API"),
+    "pull": ("runner.commands.pull", "plan, then download a model from the Hugging Face Hub (resumable, verified)"),
+    "list": ("runner.commands.list_models", "the models on this machine: size on disk, the plan's verdict, runner's caches"),
+    "ls": ("runner.commands.list_models", "the same as runner list"),
+    "rm": ("runner.commands.rm", "remove a downloaded model or runner's caches of it (asks first)"),
 }
 DEFAULT_COMMAND = "chat"
 

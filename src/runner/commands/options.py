@@ -42,13 +42,13 @@ def known(what: str, names):
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, load: bool = True,
                         backend_help: str = "default: what the plan recommends for this machine",
-                        quant_help: str = "default: what the plan recommends for this machine") -> None:
+                        quant_help: str = "default: what the plan recommends for this machine",
+                        model_help: str = "a folder with config.json, a Hugging Face id (local cache or runner's "
+                                          "catalog), or nothing for the built-in SmolLM2-135M-Instruct") -> None:
     """MODEL, --backend, --quant, --context, --kv-bits; with `load`, the switches of a real load too."""
     from runner.backend import all_quants, backend_names
 
-    parser.add_argument("model", nargs="?", default=None, metavar="MODEL",
-                        help="a folder with config.json, a Hugging Face id (local cache or runner's catalog), "
-                             "or nothing for the built-in SmolLM2-135M-Instruct")
+    parser.add_argument("model", nargs="?", default=None, metavar="MODEL", help=model_help)
     parser.add_argument("--backend", type=known("backend", backend_names), default=None,
                         metavar="|".join(backend_names()), help=backend_help)
     parser.add_argument("--quant", type=known("quantization", all_quants), default=None, metavar="Q",

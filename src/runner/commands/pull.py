@@ -1,0 +1,115 @@
+"""`runner pull MODEL`: plan first, then download from the Hugging Face Hub only what runner loads.
+
+    runner pull HuggingFaceTB/SmolLM2-360M-Instruct
+    runner pull meta-llama/Llama-3.1-8B-Instruct --quant nf4 --context 8k
+    runner pull meta-llama/Llama-3.1-70B-Instruct --force      # even though the plan says it does not fit
+
+The plan for this machine comes first (from the repository's config.json, read into memory), then
+the free disk is checked against the sizes of the Hub's listing; only then is a byte written. A
+cut pull resumes where it stopped; the model is offered to `runner chat` once every file is verified.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from runner.commands.options import add_model_arguments
+from runner.download import human_size
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser, load=False, backend_help="plan the download for this backend (default: the plan's choice)",
+                        quant_help="plan the download for this scheme (default: the plan's recommendation)",
+                        model_help="a Hugging Face model id, e.g. HuggingFaceTB/SmolLM2-360M-Instruct")
+    parser.add_argument("--revision", default=None, metavar="REV", help="a branch, tag or commit of the repository (default: main)")
+    parser.add_argument("--force", action="store_true", help="download even when the plan says the model does not fit this machine")
+
+
+def run(args: argparse.Namespace) -> int:
+    from runner import download
+    from runner.choice import choice_line, refuse_by_plan, resolve
+    from runner.errors import DoesNotFit
+    from runner.hardware import detect_machine
+    from runner.model import spec_from_config
+
+    repo_id = download.check_repo_id(args.model)
+    pull = download.prepare(repo_id, args.revision)
+    spec = spec_from_config(pull.config, pull.repo_id, "hub")
+    choice = resolve(spec, detect_machine(), args.backend, args.quant, args.context, kv_bits=args.kv_bits)
+    err = sys.stderr
+    print(choice_line(choice), file=err)
+    print(f"  {choice.reason}", file=err)
+    try:
+        refuse_by_plan(choice.plan, allow_offload=False)
+    except DoesNotFit as error:
+        if not args.force:
+            raise DoesNotFit(f"{error}; `runner pull {pull.repo_id} --force` downloads it anyway") from None
+        print(f"  ! {error}; downloading anyway (--force)", file=err)
+    download.check_disk(pull)
+    print(f"{len(pull.files)} files, {human_size(pull.total_bytes)}; {human_size(pull.missing_bytes)} to download into "
+          f"{pull.snapshot} ({human_size(pull.free_bytes)} free)", file=err)
+    bars = Bars(pull.missing_bytes)
+    try:
+        with bars:
+            folder = download.fetch(pull, bars.update)
+    except KeyboardInterrupt:
+        print(f"runner: interrupted; what arrived is kept: runner pull {pull.repo_id} resumes", file=err)
+        return 130
+    size = sum((folder / f.name).stat().st_size for f in pull.files)
+    print(f"ready: {pull.repo_id}, {human_size(size)} on disk in {folder}; next: {_next_command(args, pull.repo_id)}")
+    return 0
+
+
+def _next_command(args: argparse.Namespace, repo_id: str) -> str:
+    words = ["runner", "chat", repo_id]
+    for flag, value in (("--backend", args.backend), ("--quant", args.quant), ("--context", args.context),
+                        ("--kv-bits", args.kv_bits)):
+        if value is not None:
+            words += [flag, str(value)]
+    return " ".join(words)
+
+
+class Bars:
+    """A bar per file and one in total on stderr (bytes, speed, time left), with rich."""
+
+    def __init__(self, to_download: int) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
+        )
+
+        self.console = Console(stderr=True)
+        self.progress = Progress(TextColumn("{task.description:<26}"), BarColumn(bar_width=16), DownloadColumn(),
+                                 TransferSpeedColumn(), TimeRemainingColumn(), console=self.console)
+        # nothing to download (a pull of a model already here): the files are only checked
+        self.total = self.progress.add_task("total", total=to_download) if to_download else None
+        self.tasks: dict[str, int] = {}
+        self.started: dict[str, int] = {}    # where each file's download began (resumed bytes)
+        self.received: dict[str, int] = {}   # bytes each file received in this run
+
+    def __enter__(self) -> "Bars":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def update(self, event) -> None:
+        name = event.file if len(event.file) <= 15 else "…" + event.file[-14:]
+        if event.stage == "verified":
+            task = self.tasks.pop(event.file, None)
+            if task is not None:
+                self.progress.remove_task(task)
+            self.progress.console.print(f"✔ {event.file} ({human_size(event.total)}, verified)")
+            return
+        label = f"{'checking' if event.stage == 'checking' else '↓'} {name}"
+        task = self.tasks.get(event.file)
+        if task is None:
+            task = self.tasks[event.file] = self.progress.add_task(label, total=event.total)
+        self.progress.update(task, description=label, completed=event.done, total=event.total)
+        if event.stage == "downloading" and self.total is not None:
+            start = min(self.started.setdefault(event.file, event.done), event.done)
+            self.started[event.file] = start
+            self.received[event.file] = event.done - start
+            self.progress.update(self.total, completed=sum(self.received.values()))

@@ -1,0 +1,250 @@
+"""The models on this machine (`runner list`) and their removal (`runner rm`).
+
+What runner can load is what the model picker offers (`runner.tui.models.find_models`: the
+built-in model, runner's own folder, the Hugging Face cache, `model_dirs` from the config file),
+plus Hugging Face snapshots a `runner pull` has not finished. Beside them are the caches runner
+derived from a model: MLX conversions (`models_dir()/mlx/`) and NF4 reload caches
+(`models_dir()/nf4-cache/`); each records the folder it came from in a `runner-*.json` file.
+
+`runner rm` removes only folders runner owns: a repository folder of the HF cache, runner's import
+of the built-in model, its derived caches. A user's own folder is never touched, nor anything a
+symlink inside an owned folder points to outside of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from runner.errors import UserInputError
+from runner.model import DEFAULT_MODEL_ID, PARTIAL_PULL_MARKER, hf_hub_cache, snapshot_ready
+from runner.paths import models_dir
+
+CACHE_KINDS = ("mlx", "nf4-cache")   # models_dir()/<kind>/<folder>: what backends derive from a model
+
+
+@dataclass(frozen=True)
+class DerivedCache:
+    path: Path
+    kind: str                  # "mlx", "nf4-cache"
+    quant: str
+    source: Path | None        # the model folder it was made from, as recorded
+    size_bytes: int
+
+    @property
+    def label(self) -> str:
+        return f"{'MLX conversion' if self.kind == 'mlx' else 'NF4 reload cache'} ({self.quant})"
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    name: str                  # what `load_spec` (and so `runner chat`) takes
+    where: str                 # "built-in", "runner", "HF cache", "config"
+    path: Path | None          # the folder with config.json; None: not there yet
+    state: str                 # "ready", "partial" (a pull to finish), "not imported" (the built-in, before first use)
+    owned: Path | None         # the folder `runner rm` removes; None for the user's own folders
+    size_bytes: int
+    caches: tuple[DerivedCache, ...] = ()
+
+
+def tree_size(folder: Path) -> int:
+    """Bytes of the regular files under `folder`, symlinks not followed (each blob counted once)."""
+    total = 0
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            try:
+                info = os.lstat(os.path.join(root, name))
+            except OSError:
+                continue
+            if not os.path.islink(os.path.join(root, name)):
+                total += info.st_size
+    return total
+
+
+def _files_size(folder: Path) -> int:
+    """Bytes of the files in a user's model folder (its symlinks followed: they are its weights)."""
+    total = 0
+    for entry in folder.iterdir():
+        try:
+            if entry.is_file():
+                total += entry.stat().st_size
+        except OSError:
+            continue
+    return total
+
+
+def derived_caches() -> list[DerivedCache]:
+    caches = []
+    for kind in CACHE_KINDS:
+        root = models_dir() / kind
+        if not root.is_dir():
+            continue
+        for folder in sorted(root.iterdir()):
+            if folder.name.startswith(".") or not folder.is_dir() or folder.is_symlink():
+                continue   # half-written (a conversion under way or killed), or not runner's
+            record = next((r for r in map(_read_record, sorted(folder.glob("runner-*.json"))) if r), None)
+            if record is None:
+                continue
+            source = record.get("source")
+            caches.append(DerivedCache(folder, kind, str(record.get("quant", "?")),
+                                       Path(source) if isinstance(source, str) else None, tree_size(folder)))
+    return caches
+
+
+def _read_record(path: Path) -> dict | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "source" in record else None
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(folder.resolve())
+    except OSError:
+        return False
+
+
+def _partial_pulls(known: set[str]) -> list[LocalModel]:
+    """HF cache repositories whose only snapshots are runner pulls not finished."""
+    cache = hf_hub_cache()
+    models = []
+    for repo in sorted(cache.glob("models--*")) if cache.is_dir() else ():
+        model_id = repo.name[len("models--"):].replace("--", "/", 1)
+        snapshots = [s for s in (repo / "snapshots").glob("*") if s.is_dir()]
+        if model_id.lower() in known or any(snapshot_ready(s) for s in snapshots):
+            continue
+        partial = [s for s in snapshots if (s / PARTIAL_PULL_MARKER).exists()]
+        if partial:
+            models.append(LocalModel(model_id, "HF cache", partial[0], "partial", repo, tree_size(repo)))
+    return models
+
+
+def local_models() -> tuple[list[LocalModel], list[DerivedCache], list[str]]:
+    """The models on this machine with their derived caches, the caches whose model is gone, and
+    problems with the config file worth showing."""
+    from runner.default_model import default_model_folder
+    from runner.tui.models import find_models
+
+    entries, problems = find_models()
+    models = []
+    for entry in entries:
+        if entry.where == "catalog":
+            continue
+        if entry.where == "built-in":
+            owned = default_model_folder()
+            state = "ready" if entry.path is not None else "not imported"
+        elif entry.where == "HF cache":
+            owned, state = entry.path.parents[1], "ready"
+        elif entry.where == "runner":
+            owned, state = entry.path, "ready"
+        else:
+            owned, state = None, "ready"
+        size = tree_size(owned) if owned is not None and owned.is_dir() else (_files_size(entry.path) if entry.path else 0)
+        models.append(LocalModel(entry.name, entry.where, entry.path, state, owned, size))
+    models += _partial_pulls({m.name.lower() for m in models if m.where == "HF cache"})
+
+    caches = derived_caches()
+    claimed: set[Path] = set()
+    with_caches = []
+    for model in models:
+        folder = model.owned or model.path
+        mine = tuple(c for c in caches if c.source is not None and folder is not None and _inside(c.source, folder))
+        claimed |= {c.path for c in mine}
+        with_caches.append(LocalModel(model.name, model.where, model.path, model.state, model.owned,
+                                      model.size_bytes, mine))
+    return with_caches, [c for c in caches if c.path not in claimed], problems
+
+
+# ---- removal --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Removal:
+    path: Path
+    what: str
+    size_bytes: int
+    repo_id: str | None = None   # an HF cache repository: not while a runner pull of it runs
+
+
+def removals(model: str, caches_only: bool = False) -> list[Removal]:
+    """What `runner rm MODEL` removes, every folder checked to be runner's own; raises a one-line
+    error for a model not here or a folder runner does not own."""
+    models, orphans, _ = local_models()
+    path = Path(model).expanduser()
+    by_path = path.exists() or model.startswith((".", "/", "~"))
+    if by_path:
+        cache = next((c for c in [*orphans, *(c for m in models for c in m.caches)] if _same(c.path, path)), None)
+        if cache is not None:
+            return [_checked(cache.path, models_dir() / cache.kind, cache.label, cache.size_bytes)]
+        matches = [m for m in models if m.path is not None and (_same(m.path, path) or (m.owned and _same(m.owned, path)))]
+        if not matches:   # a folder runner does not list, with caches made from it (`runner chat ./folder`)
+            mine = [c for c in orphans if c.source is not None and _same(c.source, path)]
+            if mine:
+                return [_checked(c.path, models_dir() / c.kind, f"{model}: {c.label}", c.size_bytes) for c in mine]
+    else:
+        matches = [m for m in models if m.name.lower() == model.lower() and m.where != "config"]
+    if not matches:
+        raise UserInputError(f"{model}: not a model runner keeps on this machine (runner list shows them)")
+    result = []
+    for match in matches:
+        for cache in match.caches:
+            result.append(_checked(cache.path, models_dir() / cache.kind, f"{match.name}: {cache.label}", cache.size_bytes))
+        if caches_only:
+            continue
+        if match.owned is None:
+            if not match.caches:
+                raise UserInputError(f"{match.path} is your own folder: runner removes only what it made "
+                                     "(downloads, imports, caches), and it has no cache of this model")
+            continue
+        if not match.owned.exists():
+            continue
+        hub = match.where == "HF cache"
+        what = f"{match.name} ({match.where}{', a pull not finished' if match.state == 'partial' else ''})"
+        removal = _checked(match.owned, hf_hub_cache() if hub else models_dir(), what, match.size_bytes)
+        result.append(Removal(removal.path, what, removal.size_bytes, match.name if hub else None))
+    if not result:
+        raise UserInputError(f"{model}: runner keeps no cache of this model (nothing to remove)")
+    return result
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def _checked(folder: Path, root: Path, what: str, size: int) -> Removal:
+    """`folder` as a Removal, if it is a real folder inside `root` whose symlinks all stay inside it."""
+    if folder.is_symlink() or not folder.is_dir():
+        raise UserInputError(f"{folder} is a symlink or not a folder: runner removes only folders of its own")
+    if not _inside(folder, root) or folder.resolve() == root.resolve():
+        raise UserInputError(f"{folder} is not inside {root}: runner removes only what it keeps there")
+    for base, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            entry = Path(base) / name
+            if entry.is_symlink() and not _inside(entry, folder):
+                raise UserInputError(f"{entry} points outside {folder} (to {os.readlink(entry)}): runner removes "
+                                     "nothing it does not own; remove that folder yourself")
+    return Removal(folder, what, size)
+
+
+def remove(plan: list[Removal]) -> int:
+    """Remove the folders (HF cache repositories only when no runner pull of them is running);
+    returns the bytes freed."""
+    from runner.download import pull_lock
+
+    freed = 0
+    for removal in plan:
+        if removal.repo_id is not None:
+            with pull_lock(removal.path, removal.repo_id):
+                shutil.rmtree(removal.path)
+        else:
+            shutil.rmtree(removal.path)
+        freed += removal.size_bytes
+    return freed
