@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from runner.errors import RunnerError, UserInputError
 
-from runner_mlx.rank import EXIT_LOST_PEER, EXIT_STOPPED, EXIT_WATCHDOG
+from runner_mlx.rank import EXIT_LOST_PEER, EXIT_SILENT_PEER, EXIT_STOPPED, EXIT_WATCHDOG
 from runner_mlx.split import HostShare, LaunchHost
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 NODE_EXIT = re.compile(r"Node with rank (\d+) (?:exited with code (-?\d+)|was killed)")
+SILENT_PEER = re.compile(r"^runner: error: rank \d+ \(.*\): no heartbeat from rank (\d+) \(.*\) for (\d+) s while (.*?): ")
 
 
 # ---- hosts ------------------------------------------------------------------------------------
@@ -61,15 +62,15 @@ def read_hostfile(path: Path) -> list[tuple[str, list[str]]]:
 
 
 def is_local_ip(ip: str) -> bool:
+    """Loopback, or an address of one of this machine's network interfaces."""
+    import psutil
+
     try:
         if ipaddress.ip_address(ip).is_loopback:
             return True
     except ValueError:
         raise UserInputError(f"'{ip}' is not an IP address (the ring backend connects to IPs)") from None
-    try:
-        return ip in socket.gethostbyname_ex(socket.gethostname())[2]
-    except OSError:
-        return False
+    return any(address.address == ip for addresses in psutil.net_if_addrs().values() for address in addresses)
 
 
 def resolve_hosts(entries: list[tuple[str, list[str]]]) -> list[tuple[str, str, bool]]:
@@ -102,6 +103,31 @@ def check_reachable(name: str, timeout: int) -> None:
         why = (done.stderr.strip().splitlines() or ["ssh failed"])[-1]
         raise UserInputError(f"cannot reach {name} over ssh ({why}); runner launch needs "
                              "password-less ssh (ssh-copy-id) to every other host")
+
+
+def check_remote_files(name: str, model: Path, timeout: int) -> None:
+    """The ranks start as `sys.executable -m runner_mlx.rank --model MODEL` on every host: both paths
+    must be there on `name` before anything starts."""
+    import shlex
+
+    python, config = shlex.quote(sys.executable), shlex.quote(str(model / "config.json"))
+    probe = f"test -x {python} || echo python; test -f {config} || echo model"
+    try:
+        done = subprocess.run(ssh_command(name, probe, timeout), capture_output=True, text=True,
+                              timeout=timeout + 5, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise UserInputError(f"cannot reach {name}: ssh did not answer within {timeout} s") from None
+    missing = done.stdout.split()
+    if done.returncode != 0:
+        raise UserInputError(f"cannot check the model on {name} over ssh "
+                             f"({(done.stderr.strip().splitlines() or ['ssh failed'])[-1]})")
+    if "python" in missing:
+        raise UserInputError(f"{name} has no {sys.executable}: runner launch starts every rank with this "
+                             "python at the same path on every host; install runner there the same way")
+    if "model" in missing:
+        raise UserInputError(f"{name} has no model at {model} (no config.json there): runner launch needs the "
+                             f"model folder at the same path on every host; copy it, e.g. rsync -a {model}/ "
+                             f"{name}:{model}/")
 
 
 def remote_facts(name: str, timeout: int) -> tuple[int, str]:
@@ -138,7 +164,8 @@ def launch_hosts(entries: list[tuple[str, list[str]]], memory_gb: list[float] | 
 
 
 def free_port_range(count: int) -> int:
-    """A starting port with `count` free ports after it (the ring listens on port + rank)."""
+    """A starting port with `count` free ports after it, for TCP (the ring listens on port + rank)
+    and UDP (each rank's heartbeat)."""
     for _ in range(50):
         with socket.socket() as probe:
             probe.bind(("", 0))
@@ -147,8 +174,9 @@ def free_port_range(count: int) -> int:
             continue
         try:
             for port in range(start, start + count):
-                with socket.socket() as s:
-                    s.bind(("", port))
+                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                    with socket.socket(socket.AF_INET, kind) as s:
+                        s.bind(("", port))
             return start
         except OSError:
             continue
@@ -177,6 +205,7 @@ class RankReport:
         self.verbose = verbose
         self.echo = echo or self._to_stderr
         self.exits: dict[int, int] = {}      # rank -> exit code (-signal when killed)
+        self.silent: dict[int, str] = {}     # rank -> how another rank saw it go silent
         self.first_failure: float | None = None
 
     @staticmethod
@@ -195,6 +224,11 @@ class RankReport:
                     self.first_failure = time.monotonic()
                 if not self.verbose:
                     continue
+            silent = SILENT_PEER.match(line)
+            if silent:
+                self.silent.setdefault(int(silent.group(1)), f"for {silent.group(2)} s while {silent.group(3)}")
+                if not self.verbose:
+                    continue         # the verdict names the silent rank
             if line.startswith("[ring]") and not self.verbose:
                 continue             # mlx's own socket chatter; the ranks say what it means
             self.echo(line)
@@ -204,12 +238,17 @@ class RankReport:
         if not self.exits:
             return 0, None
         # the cause is the rank that failed by itself, not one stopped because of it
-        followers = (EXIT_STOPPED, EXIT_LOST_PEER, -signal.SIGTERM, 128 + signal.SIGTERM)
-        causes = [r for r, code in sorted(self.exits.items()) if code not in followers] or sorted(self.exits)
-        rank = causes[0]
+        followers = (EXIT_STOPPED, EXIT_LOST_PEER, EXIT_SILENT_PEER, -signal.SIGTERM, 128 + signal.SIGTERM)
+        causes = [r for r, code in sorted(self.exits.items()) if code not in followers]
+        if not causes and self.silent:           # a host gone quiet: dead, frozen or cut off
+            rank = min(self.silent)
+            return 1, (f"{self.host(rank)} stopped answering (no heartbeat {self.silent[rank]}): the host "
+                       "died, froze or lost the network; every rank was stopped")
+        rank = (causes or sorted(self.exits))[0]
         code = self.exits[rank]
-        host = self.hosts[rank].name if rank < len(self.hosts) else f"host {rank}"
-        if code < 0:
+        if code == 255 and rank < len(self.hosts) and not self.hosts[rank].local:
+            how = "ended without an exit status over ssh (killed, or the connection dropped)"
+        elif code < 0:
             how = f"died (killed by signal {-code}, {signal.Signals(-code).name})"
         elif code == EXIT_WATCHDOG:
             how = "stopped by its watchdog (no answer from the other hosts)"
@@ -217,7 +256,10 @@ class RankReport:
             how = "lost the connection to the other hosts"
         else:
             how = f"stopped with exit code {code}"
-        return (2 if code == 2 else 1), f"rank {rank} ({host}) {how}; every rank was stopped"
+        return (2 if code == 2 else 1), f"{self.host(rank)} {how}; every rank was stopped"
+
+    def host(self, rank: int) -> str:
+        return f"rank {rank} ({self.hosts[rank].name if rank < len(self.hosts) else f'host {rank}'})"
 
 
 class Stopped(Exception):
@@ -430,6 +472,9 @@ def launch(request: LaunchRequest, on_start=None) -> int:
         raise UserInputError(f"{spec.name}: no local folder with weights; runner launch needs the model "
                              "folder at the same path on every host")
     plan = plan_launch(spec, request.quant, request.context, hosts, request.split, request.kv_bits)
+    for host in hosts:
+        if not host.local:
+            check_remote_files(host.name, Path(spec.path), request.connect_timeout)
     for line in plan.describe():
         print(f"runner: {line}", file=sys.stderr)
     sys.stderr.flush()

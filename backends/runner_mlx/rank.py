@@ -15,7 +15,10 @@ Every rank:
     same prompts, samples the same tokens and stops at the same step, the caches stay in step and a
     next turn prefills only its new tokens on every rank.
 A watchdog thread ends the rank with a clear message when the others stop answering (a host died,
-the network dropped, a peer froze), or when the launcher is gone: no rank waits forever.
+the network dropped, a peer froze), or when the launcher is gone: no rank waits forever. Once the
+ring is up it also exchanges a heartbeat with every other rank (a UDP datagram every half second,
+on each rank's ring address): a host that goes silent is noticed within seconds even in the middle
+of a step, which the per-step limit (--rank-timeout) could only notice after minutes.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import json
 import os
 import random
 import signal
+import socket
 import sys
 import threading
 import time
@@ -36,16 +40,21 @@ from runner.errors import RunnerError, UserInputError
 EXIT_WATCHDOG = 3     # no progress within the time limit
 EXIT_STOPPED = 4      # stopped by the launcher (another rank failed) or the launcher is gone
 EXIT_LOST_PEER = 5    # the ring lost a peer: a consequence of another rank's failure
+EXIT_SILENT_PEER = 6  # no heartbeat from another rank: that rank is the cause (runner_mlx.launcher reads which)
+
+BEAT_EVERY = 0.5      # seconds between heartbeats
+SILENT_AFTER = 5.0    # seconds without a peer's heartbeat before it counts as gone
 
 
 # ---- the watchdog ----------------------------------------------------------------------------
 
 
 class Watchdog:
-    """Ends this process when the current phase makes no progress within its time limit.
+    """Ends this process when the current phase makes no progress within its time limit, or when
+    another rank's heartbeat stops.
 
-    mlx releases the GIL while it waits on the network, so this thread runs even when the main
-    thread is stuck in `mx.eval` on a peer that will never answer."""
+    mlx releases the GIL while it waits on the network or computes, so this thread runs even when
+    the main thread is stuck in `mx.eval` on a peer that will never answer."""
 
     def __init__(self, name: str, launcher_pid: int | None = None):
         self.name = name
@@ -53,6 +62,7 @@ class Watchdog:
         self.phase = "starting"
         self.limit: float | None = None
         self.last_beat = time.monotonic()
+        self.heartbeat: Heartbeat | None = None
         self.parent = os.getppid()
         self._lock = threading.Lock()
         read_fd, write_fd = os.pipe()
@@ -69,6 +79,11 @@ class Watchdog:
     def beat(self) -> None:
         self.last_beat = time.monotonic()
 
+    def listen(self, heartbeat: "Heartbeat | None") -> None:
+        """Exchange heartbeats with the other ranks from now on (None: stop, the run is ending)."""
+        with self._lock:
+            self.heartbeat = heartbeat
+
     def _stop(self, message: str, code: int) -> None:
         print(f"runner: error: {self.name}: {message}", file=sys.stderr, flush=True)
         os._exit(code)
@@ -77,8 +92,10 @@ class Watchdog:
         import select
 
         while True:
-            ready, _, _ = select.select([self._signals], [], [], 0.5)
-            if ready:
+            heartbeat = self.heartbeat
+            waiting = [self._signals] + ([heartbeat.socket] if heartbeat is not None else [])
+            ready, _, _ = select.select(waiting, [], [], BEAT_EVERY)   # also how often the rest is checked
+            if self._signals in ready:
                 os.read(self._signals, 64)
                 self._stop(f"stopped while {self.phase}: another rank failed or the run was interrupted",
                            EXIT_STOPPED)
@@ -86,10 +103,71 @@ class Watchdog:
                 self._stop(f"the launcher is gone; stopping (was {self.phase})", EXIT_STOPPED)
             with self._lock:
                 phase, limit, quiet = self.phase, self.limit, time.monotonic() - self.last_beat
+                if heartbeat is not None and heartbeat is not self.heartbeat:
+                    heartbeat.close()            # closed here: this thread may be selecting on it
+                    heartbeat = None
+            silent = heartbeat.exchange() if heartbeat is not None else None
+            if silent is not None:
+                rank, host, seconds = silent
+                self._stop(f"no heartbeat from rank {rank} ({host}) for {seconds:.0f} s while {phase}: that host "
+                           "died, froze or lost the network; stopping this rank", EXIT_SILENT_PEER)
             if limit is not None and quiet > limit:
                 self._stop(
                     f"no progress for {quiet:.0f} s while {phase}: another host died, froze or lost the "
                     f"network (limit --rank-timeout {limit:g} s); stopping this rank", EXIT_WATCHDOG)
+
+
+class Heartbeat:
+    """A datagram to every other rank every BEAT_EVERY seconds, over UDP at each rank's ring address
+    (the ring itself uses TCP there). A rank silent for SILENT_AFTER seconds is dead, frozen or cut
+    off: a collective waiting on it would wait until TCP gives up, many minutes later."""
+
+    def __init__(self, rank: int, addresses: list[tuple[str, int]], hosts: list[str]):
+        self.rank = rank
+        self.peers = {r: address for r, address in enumerate(addresses) if r != rank}
+        self.hosts = hosts
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.socket.bind(addresses[rank])
+        self.socket.setblocking(False)
+        now = time.monotonic()
+        self.heard = dict.fromkeys(self.peers, now)
+        self.sent = 0.0
+
+    @classmethod
+    def from_ring(cls, rank: int, hosts: list[str]) -> "Heartbeat | None":
+        """From mlx.launch's ring hostfile (MLX_HOSTFILE: each rank's "ip:port" list); None without one."""
+        try:
+            ring = json.loads(Path(os.environ["MLX_HOSTFILE"]).read_text())
+            addresses = [(ip, int(port)) for ip, _, port in (node[0].rpartition(":") for node in ring)]
+            return cls(rank, addresses, hosts) if len(addresses) > 1 else None
+        except (KeyError, OSError, ValueError, IndexError, TypeError):
+            return None          # no ring file, or the port is taken: the step limit still applies
+
+    def exchange(self) -> tuple[int, str, float] | None:
+        """Read what came, send when due; (rank, host, seconds) of a peer silent too long, else None."""
+        now = time.monotonic()
+        while True:
+            try:
+                data, _ = self.socket.recvfrom(64)
+            except OSError:      # nothing more (or a refused port: a peer not listening yet)
+                break
+            kind, _, rank = data.decode(errors="replace").partition(" ")
+            if kind == "runner-beat" and rank.isdigit() and int(rank) in self.heard:
+                self.heard[int(rank)] = now
+        if now - self.sent >= BEAT_EVERY:
+            self.sent = now
+            for address in self.peers.values():
+                try:
+                    self.socket.sendto(f"runner-beat {self.rank}".encode(), address)
+                except OSError:  # no route (our own link is down): the silence says it
+                    pass
+        rank, heard = min(self.heard.items(), key=lambda item: item[1])
+        if now - heard > SILENT_AFTER:
+            return rank, host_name(self.hosts, rank), now - heard
+        return None
+
+    def close(self) -> None:
+        self.socket.close()
 
 
 def alive(pid: int | None) -> bool:
@@ -387,6 +465,7 @@ def run_rank(args, hosts: list[str], watchdog: Watchdog) -> int:
     watchdog.enter("joining the ring", args.rank_timeout)
     group = mx.distributed.init(backend="ring", strict=True)
     rank, size = group.rank(), group.size()
+    watchdog.listen(Heartbeat.from_ring(rank, hosts))
 
     watchdog.enter("preparing the model", None)          # a conversion takes as long as it takes
     spec = load_spec(args.model)
@@ -445,6 +524,7 @@ def run_rank(args, hosts: list[str], watchdog: Watchdog) -> int:
             if chunk.finish_reason is None and agree_to_stop(group, is_root and requests.stop_wanted()):
                 cancel.set()
     watchdog.enter("finishing", args.rank_timeout)
+    watchdog.listen(None)       # the others may end first from here on
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))
     return 0
 
