@@ -56,3 +56,19 @@ def test_out_of_memory_is_caught_and_says_how_far_it_got():
     assert "out of memory on cuda:0 while materializing layer" in message
     assert "/16 layers materialized" in message and "GB in use" in message
     assert torch.cuda.memory_allocated(0) < 0.1e9    # the model was freed
+
+
+def test_rehearsal_decodes_through_the_fast_path_as_a_session_does():
+    """On one GPU a session decodes through runner's fast path: so does the rehearsal, its static
+    cache exactly the planned KV cache, and faster than transformers' loop on the same plan."""
+    from runner_cuda.rehearse import rehearse
+
+    plan = plan_for("nf4", layers=4, context=1024)
+    fast = rehearse(plan, decode_tokens=16)
+    slow = rehearse(plan, decode_tokens=16, fast_decode=False)
+    assert (fast.decode_path, slow.decode_path) == ("fast", "transformers")
+    assert fast.warm_up_seconds > 0 and "fast path" in fast.notes[0]
+    for device in fast.devices:
+        assert device.kv_cache == device.planned_kv_cache, device
+        assert device.peak <= device.planned_total, device
+    assert fast.decode_tokens_per_s > 2 * slow.decode_tokens_per_s, (fast.decode_tokens_per_s, slow.decode_tokens_per_s)
