@@ -65,7 +65,7 @@ class LocalHub(http.server.ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), HubHandler)
         self.repos: dict[str, Repo] = {}
         self.log: list[dict] = []
-        self.drop_after: dict[str, int] = {}      # file -> bytes to send before cutting the connection (once)
+        self.drop_after: dict[str, list[int]] = {}   # file -> bytes to send before cutting, for the next GETs
         self.hold_after: dict[str, int] = {}      # file -> bytes to send, then stall until `release`
         self.reached = threading.Event()
         self.release = threading.Event()
@@ -78,6 +78,10 @@ class LocalHub(http.server.ThreadingHTTPServer):
 
     def requests(self, name: str) -> list[dict]:
         return [entry for entry in self.log if entry.get("file") == name]
+
+    def downloads(self, name: str) -> list[dict]:
+        """The GETs of `name`'s bytes (on the CDN for LFS files)."""
+        return [e for e in self.requests(name) if e["method"] == "GET" and e["path"].startswith("/cdn/")]
 
     def served(self, name: str) -> int:
         return sum(entry.get("sent", 0) for entry in self.requests(name))
@@ -191,7 +195,8 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
         if head:
             return
         body = data[start:]
-        cut = self.server.drop_after.pop(name, None)
+        cuts = self.server.drop_after.get(name)
+        cut = cuts.pop(0) if cuts else None
         hold = self.server.hold_after.pop(name, None)
         limit = cut if cut is not None else hold
         try:
@@ -329,10 +334,10 @@ def test_pull_again_verifies_without_downloading(hub, tmp_path):
 @pytest.mark.slow
 def test_dropped_connection_resumes_in_the_same_run(hub, tiny_repo):
     hub.repos["test-org/tiny-chat"] = Repo(dict(tiny_repo))
-    hub.drop_after["model.safetensors"] = 5_000_000
+    hub.drop_after["model.safetensors"] = [5_000_000]
     result = runner("pull", "test-org/tiny-chat")
     assert result.returncode == 0, result.stderr
-    gets = [e for e in hub.requests("model.safetensors") if e["method"] == "GET" and e["path"].startswith("/cdn/")]
+    gets = hub.downloads("model.safetensors")
     assert len(gets) == 2 and gets[0]["range"] is None
     resumed_at = int(gets[1]["range"][len("bytes="):-1])
     assert 0 < resumed_at <= 5_000_000
@@ -341,10 +346,27 @@ def test_dropped_connection_resumes_in_the_same_run(hub, tiny_repo):
     assert (snapshot("test-org/tiny-chat") / "model.safetensors").read_bytes() == tiny_repo["model.safetensors"].read_bytes()
 
 
+def test_network_lost_mid_file_keeps_what_arrived(hub, tmp_path):
+    """The connection drops, and the next one brings nothing: one line, exit 2, the bytes kept; the
+    next pull asks only for the rest."""
+    files = small_repo(tmp_path / "small", weights=3_000_000)
+    hub.repos["test-org/small"] = Repo(files)
+    hub.drop_after["model.safetensors"] = [5_000_000, 0]
+    line = one_line_error(runner("pull", "test-org/small"))
+    assert "lost the connection to the Hub while downloading model.safetensors" in line
+    assert "kept" in line and "runner pull test-org/small again to resume" in line
+    kept = int(hub.downloads("model.safetensors")[-1]["range"][len("bytes="):-1])
+    assert kept > 0
+    assert runner("pull", "test-org/small").returncode == 0
+    assert hub.downloads("model.safetensors")[-1]["range"] == f"bytes={kept}-"
+    assert (snapshot("test-org/small") / "model.safetensors").read_bytes() == files["model.safetensors"].read_bytes()
+
+
 @pytest.mark.slow
-def test_killed_pull_resumes_and_is_not_offered_meanwhile(hub, tiny_repo):
-    """kill -9 in the middle of the weights; the partial snapshot is not a model (list, load_spec,
-    the picker); the next pull asks only for the missing bytes."""
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
+def test_interrupted_pull_resumes_and_is_not_offered_meanwhile(hub, tiny_repo, how):
+    """kill -9 or Ctrl-C in the middle of the weights; the partial snapshot is not a model (list,
+    load_spec, the picker); the next pull asks only for the missing bytes."""
     from runner.errors import ModelNotFound
     from runner.model import load_spec
     from runner.tui.models import find_models
@@ -352,14 +374,18 @@ def test_killed_pull_resumes_and_is_not_offered_meanwhile(hub, tiny_repo):
     hub.repos["test-org/tiny-chat"] = Repo(dict(tiny_repo))
     hub.hold_after["model.safetensors"] = 20_000_000
     process = subprocess.Popen([str(RUNNER), "pull", "test-org/tiny-chat"], env=pull_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert hub.reached.wait(120), "the pull never reached the weights"
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(30)
+        os.kill(process.pid, how)
+        _, stderr = process.communicate(timeout=60)
     finally:
         hub.release.set()
         process.kill()
+    if how == signal.SIGINT:
+        assert process.returncode == 130 and "Traceback" not in stderr
+        assert stderr.strip().splitlines()[-1] == ("runner: interrupted; what arrived is kept: "
+                                                   "runner pull test-org/tiny-chat resumes")
     folder = snapshot("test-org/tiny-chat")
     assert (folder / ".runner-pull-incomplete").is_file()
     with pytest.raises(ModelNotFound):
@@ -371,7 +397,7 @@ def test_killed_pull_resumes_and_is_not_offered_meanwhile(hub, tiny_repo):
     first = hub.served("model.safetensors")
     result = runner("pull", "test-org/tiny-chat")
     assert result.returncode == 0, result.stderr
-    resumed = [e for e in hub.requests("model.safetensors") if e["method"] == "GET" and e["range"]]
+    resumed = [e for e in hub.downloads("model.safetensors") if e["range"]]
     assert len(resumed) == 1
     kept = int(resumed[0]["range"][len("bytes="):-1])
     assert kept >= 10_000_000     # most of what had arrived was kept, not asked for again
@@ -407,7 +433,7 @@ def test_bad_bytes_kept_from_a_crash_are_downloaded_again(hub, tmp_path):
     (blobs / f"{sha}.incomplete").write_bytes(os.urandom(100_000))   # not the file's first bytes
     result = runner("pull", "test-org/small")
     assert result.returncode == 0, result.stderr
-    gets = [e["range"] for e in hub.requests("model.safetensors") if e["path"].startswith("/cdn/") and e["method"] == "GET"]
+    gets = [e["range"] for e in hub.downloads("model.safetensors")]
     assert gets == ["bytes=100000-", None]    # resumed, caught by the checksum, fetched again from byte 0
     assert (snapshot("test-org/small") / "model.safetensors").read_bytes() == files["model.safetensors"].read_bytes()
 

@@ -45,7 +45,7 @@ EXTRA_TEMPLATES = re.compile(r"additional_chat_templates/[\w.-]{1,100}\.jinja")
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-REPORT_EVERY = 1 << 20      # bytes between progress reports (and the most a kill loses of a download)
+REPORT_EVERY = 1 << 20      # bytes between progress reports
 SMALL_MAX_BYTES = 16 * 1024 * 1024        # config.json and the index are read before any weight
 REPO_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}")
 
@@ -322,27 +322,36 @@ def check_disk(pull: Pull) -> None:
 def fetch(pull: Pull, on_progress: Progress | None = None) -> Path:
     """Download what is missing, verify every file, and return the snapshot folder, ready."""
     report = on_progress or (lambda event: None)
-    with pull_lock(pull.storage, pull.repo_id), hub_errors(pull.repo_id, pull.revision):
-        marker = pull.snapshot / PARTIAL_PULL_MARKER
-        verified = _read_marker(marker)
-        for remote in pull.files:
-            if verified.get(remote.name) == remote.size and _size_here(pull.snapshot / remote.name) == remote.size:
-                report(PullProgress(remote.name, "verified", remote.size, remote.size))
-                continue
-            if not _present_and_intact(pull, remote, report):
-                _write_marker(marker, verified)      # before anything changes: the snapshot is not ready
-                _discard(pull, remote)
-                _download(pull, remote, report)
-            verified[remote.name] = remote.size
-            if marker.exists():
-                _write_marker(marker, verified)
-            report(PullProgress(remote.name, "verified", remote.size, remote.size))
-        if pull.revision != pull.commit:
-            ref = pull.storage / "refs" / pull.revision
-            ref.parent.mkdir(parents=True, exist_ok=True)
-            ref.write_text(pull.commit)
-        marker.unlink(missing_ok=True)
+    try:
+        with pull_lock(pull.storage, pull.repo_id), hub_errors(pull.repo_id, pull.revision):
+            _fetch_files(pull, report)
+    except OSError as error:   # a full disk, a folder that may not be written (HTTP errors are handled inside)
+        raise RunnerError(f"{pull.storage}: cannot write ({error.strerror or error}); what arrived is kept: "
+                          f"runner pull {pull.repo_id} resumes") from None
     return pull.snapshot
+
+
+def _fetch_files(pull: Pull, report: Progress) -> None:
+    """Each file verified (or downloaded, then verified); the marker goes last."""
+    marker = pull.snapshot / PARTIAL_PULL_MARKER
+    verified = _read_marker(marker)
+    for remote in pull.files:
+        if verified.get(remote.name) == remote.size and _size_here(pull.snapshot / remote.name) == remote.size:
+            report(PullProgress(remote.name, "verified", remote.size, remote.size))
+            continue
+        if not _present_and_intact(pull, remote, report):
+            _write_marker(marker, verified)      # before anything changes: the snapshot is not ready
+            _discard(pull, remote)
+            _download(pull, remote, report)
+        verified[remote.name] = remote.size
+        if marker.exists():
+            _write_marker(marker, verified)
+        report(PullProgress(remote.name, "verified", remote.size, remote.size))
+    if pull.revision != pull.commit:
+        ref = pull.storage / "refs" / pull.revision
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        ref.write_text(pull.commit)
+    marker.unlink(missing_ok=True)
 
 
 def _size_here(path: Path) -> int | None:
@@ -468,6 +477,7 @@ def _stream(pull: Pull, remote: RemoteFile, location: str, partial: Path, report
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
     headers = build_hf_headers()
+    headers["Accept-Encoding"] = "identity"   # a Range counts bytes of the file, not of a gzip stream
     if _origin(httpx2.URL(location)) != _origin(httpx2.URL(_endpoint())):
         headers.pop("authorization", None)   # a signed CDN address: the token stays with the Hub
     if (_size_here(partial) or 0) > remote.size:
@@ -488,7 +498,8 @@ def _stream(pull: Pull, remote: RemoteFile, location: str, partial: Path, report
                     if done and response.status_code != 206:   # the server sent the whole file again
                         out.truncate(0)
                         done, digest = 0, remote.new_digest()
-                    for chunk in response.iter_bytes(REPORT_EVERY):
+                    reported = done
+                    for chunk in response.iter_bytes():   # as the network delivers: each byte kept at once
                         if done + len(chunk) > remote.size:
                             out.flush()
                             partial.unlink()
@@ -498,7 +509,9 @@ def _stream(pull: Pull, remote: RemoteFile, location: str, partial: Path, report
                         digest.update(chunk)
                         done += len(chunk)
                         received += len(chunk)
-                        report(PullProgress(remote.name, "downloading", done, remote.size))
+                        if done - reported >= REPORT_EVERY or done == remote.size:
+                            reported = done
+                            report(PullProgress(remote.name, "downloading", done, remote.size))
             except httpx2.TransportError as error:
                 if not received:
                     out.flush()
