@@ -282,3 +282,23 @@ async def test_no_model_named_opens_the_default_model_which_answers(default_mode
         await wait_until(pilot, lambda: chat.reply is None and chat.query(AssistantMessage)
                          and chat.query(AssistantMessage).last().state == COMPLETE, 120, "the answer")
         assert "Paris" in chat.query(AssistantMessage).last().content
+
+
+@run_async
+async def test_ctrl_q_during_a_reply_stops_the_generation_and_keeps_it_as_stopped(default_model_dir, tmp_path):
+    app = RunnerApp(history_path=tmp_path / "history.db", settings=ChatSettings(max_tokens=2000))
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await wait_loaded(pilot)
+        await send(pilot, "Write a long story about a dragon.")
+        await wait_until(pilot, lambda: chat.reply is not None and len(chat.reply.widget.content) > 0,
+                         what="the first words")
+        await pilot.press("ctrl+q")
+    # the backend stopped at once: its stream has ended (the lock around it is free) long before
+    # the 2000 tokens it was asked for
+    quit_at = time.monotonic()
+    assert chat.generation_lock.acquire(timeout=10)
+    assert time.monotonic() - quit_at < 10
+    store = HistoryStore(tmp_path / "history.db")
+    [conversation] = store.conversations()
+    user, reply = store.messages(conversation.id)
+    assert reply.state == STOPPED and reply.content

@@ -59,6 +59,7 @@ class RunnerApp(App[None]):
         # the settings saved last time (Ctrl+S), unless the caller gives some
         self.initial_settings = settings or settings_from_dict(self.history.setting("chat"))
         self._machine = machine
+        self.chat: ChatScreen | None = None   # the main screen, once mounted
         self._detected: Machine | None = None
 
     def machine(self) -> Machine:
@@ -70,7 +71,8 @@ class RunnerApp(App[None]):
         return self._detected
 
     def on_mount(self) -> None:
-        self.push_screen(ChatScreen())
+        self.chat = ChatScreen()
+        self.push_screen(self.chat)
         self.check_size(self.size)
 
     def on_resize(self, event) -> None:
@@ -83,16 +85,20 @@ class RunnerApp(App[None]):
         elif not small and isinstance(self.screen, TooSmallScreen):
             self.pop_screen()
 
-    def chat_screen(self) -> ChatScreen | None:
-        return next((s for s in self.screen_stack if isinstance(s, ChatScreen)), None)
+    async def action_quit(self) -> None:
+        """Ctrl+Q: a reply being written is stopped first (kept, marked stopped), then the app exits."""
+        chat = self.chat
+        if chat is not None:
+            await chat.action_stop()
+        self.exit()
 
     def on_history_saved(self) -> None:
-        chat = self.chat_screen()
+        chat = self.chat
         if chat is not None:
             chat.refresh_history_list()
 
     def on_history_problem(self, message: HistoryProblem) -> None:
-        chat = self.chat_screen()
+        chat = self.chat
         if chat is not None:
             chat.show_history_problem(message.problem)
         if message.problem is None:
@@ -102,7 +108,7 @@ class RunnerApp(App[None]):
                         title="History not saved", severity="error", timeout=20)
 
     def on_unmount(self) -> None:
-        chat = self.chat_screen()
+        chat = self.chat
         if chat is not None:
             chat.stop_reply()
             chat.loader.close()   # once the stopped reply has made its last token
