@@ -11,7 +11,7 @@ import pytest
 from runner.hardware import parse_machine
 from runner.tui import history as history_module
 from runner.tui.app import RunnerApp
-from runner.tui.history import COMPLETE, HistoryStore
+from runner.tui.history import COMPLETE, HistoryStore, export_file_name
 from runner.tui.loading import ModelChoice
 from runner.tui.screens.chat import ChatScreen
 from runner.tui.screens.help import HelpScreen
@@ -194,3 +194,39 @@ async def test_a_data_folder_that_is_a_file_opens_the_app_with_a_message(tmp_pat
         await settle(pilot)
         messages = [str(n.message) for n in app._notifications]
         assert any("cannot use" in m and "not saved" in m for m in messages), messages
+
+
+@run_async
+async def test_export_never_follows_a_symlink_nor_overwrites_a_file(history_path, tmp_path):
+    conversation = HistoryStore(history_path).conversations()[0]
+    name = export_file_name(conversation)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / name).symlink_to(victim)               # a link where the export would go
+    app = make_app(history_path)
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await settle(pilot)
+        await open_first_conversation(pilot, chat)
+        await pilot.press("ctrl+t")
+        await pilot.press("ctrl+t")                     # again: a new file, the first one stays
+        await pilot.pause(0.2)
+    assert victim.read_text() == "precious" and (tmp_path / name).is_symlink()
+    stem = name.removesuffix(".md")
+    for exported in (tmp_path / f"{stem}-2.md", tmp_path / f"{stem}-3.md"):
+        assert "What is the capital of France?" in exported.read_text()
+
+
+@run_async
+async def test_export_after_the_current_folder_was_deleted_says_so(history_path, tmp_path, monkeypatch):
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    app = make_app(history_path)
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await settle(pilot)
+        await open_first_conversation(pilot, chat)
+        await pilot.press("ctrl+t")
+        await pilot.pause(0.2)
+        messages = [str(n.message) for n in app._notifications]
+        assert any("Could not export" in m and "no longer exists" in m for m in messages), messages
