@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from textual.app import ComposeResult
@@ -50,6 +51,11 @@ def parse_settings(system_prompt: str, temperature: str, top_p: str, max_tokens:
         p = float(top_p)
     except ValueError:
         raise UserInputError(f"top-p must be a number, not '{top_p}'") from None
+    # float() takes "nan" and "inf": every reply would then fail (or sample from nothing)
+    if not math.isfinite(t):
+        raise UserInputError(f"temperature must be a finite number, not '{temperature}'")
+    if not math.isfinite(p):
+        raise UserInputError(f"top-p must be a finite number, not '{top_p}'")
     try:
         n = int(max_tokens)
     except ValueError:
