@@ -125,3 +125,14 @@ def test_backends_register_their_own_commands():
     from runner.cli import all_commands
 
     assert all_commands()["launch"][0] == backend_class("mlx").commands["launch"][0] == "runner_mlx.launch_command"
+
+
+def test_kernel_names_are_the_backends_own(capsys):
+    for argv, message in (
+        (["generate", "-p", "hi", "--kernel", "foo"], "--kernel foo: not a kernel of the cuda backend; it takes cuda"),
+        (["generate", "-p", "hi", "--backend", "mlx", "--kernel", "cuda"], "it has no kernels to choose from"),
+        (["rehearse", "--layers", "1", "--kernel", "x"], "--kernel x: not a kernel of the cuda backend"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("runner: error: ") and message in err[-1] and "Traceback" not in "\n".join(err)

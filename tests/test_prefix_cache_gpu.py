@@ -12,7 +12,7 @@ import pytest
 from runner.backend import LoadRequest, Message, get_backend
 from runner.model import load_spec
 from runner.prefix_cache import reusable_prefix
-from test_prefix_cache_cuda import QUESTIONS, argmax_continuation, held_after, reply
+from test_prefix_cache_cuda import QUESTIONS, held_after, reply
 
 torch = pytest.importorskip("torch")
 pytestmark = [
@@ -48,7 +48,25 @@ def word_chat_dir(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module", params=["fp32", "nf4"])
+# how far below the full forward's top logit a reply's token may be: none in fp32; in NF4 the
+# static cache's chunked prefill and the full forward round differently, so random weights'
+# near-ties (a bf16 rounding apart) may flip, as in test_cuda_fast_gpu.py
+TIES = {"fp32": 0.0, "nf4": 0.125}
+
+
+def follows_the_model(session, prompt: list[int], tokens: list[int]) -> bool:
+    """Each reply token is the full forward's greedy pick, up to the first near-tie (after which
+    the two continuations legitimately part)."""
+    tie = TIES[session.quant]
+    for i, token in enumerate(tokens):
+        logits = session.logits(list(prompt) + tokens[:i])[-1]
+        best = int(logits.argmax())
+        if token != best:
+            return float(logits[best] - logits[token]) <= tie
+    return True
+
+
+@pytest.fixture(scope="module", params=list(TIES))
 def fast_session(request, word_chat_dir):
     session = get_backend("cuda").load(LoadRequest(load_spec(str(word_chat_dir)), request.param, 512))
     assert "fast decode" in session.device_summary, session.device_summary
@@ -64,7 +82,7 @@ def test_turns_reuse_the_static_cache_and_answer_as_without_it(fast_session):
         prompt, tokens, chunks = reply(fast_session, messages, max_tokens=6)
         assert chunks[0].reused_tokens == reusable_prefix(held, prompt)
         assert (chunks[0].reused_tokens > 0) == (turn > 0)
-        assert tokens == argmax_continuation(fast_session, prompt, len(tokens)), f"turn {turn + 1}"
+        assert follows_the_model(fast_session, prompt, tokens), f"turn {turn + 1}"
         held = held_after(prompt, tokens)
         messages.append(Message("assistant", "".join(c.text for c in chunks)))
 
@@ -76,8 +94,8 @@ def test_cancel_and_edited_system_prompt_on_the_static_cache(fast_session):
     follow = first + [Message("assistant", "".join(c.text for c in chunks)), Message("user", "Go on.")]
     prompt2, tokens2, chunks2 = reply(fast_session, follow, max_tokens=6)
     assert chunks2[0].reused_tokens == reusable_prefix(held_after(prompt, tokens), prompt2) > len(prompt)
-    assert tokens2 == argmax_continuation(fast_session, prompt2, len(tokens2))
+    assert follows_the_model(fast_session, prompt2, tokens2)
     edited = [Message("system", "Answer in German.")] + follow[1:]
     prompt3, tokens3, chunks3 = reply(fast_session, edited, max_tokens=6)
     assert 0 < chunks3[0].reused_tokens < len(prompt2)
-    assert tokens3 == argmax_continuation(fast_session, prompt3, len(tokens3))
+    assert follows_the_model(fast_session, prompt3, tokens3)

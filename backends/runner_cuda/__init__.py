@@ -37,6 +37,7 @@ class CudaBackend:
     rehearse_quants = ("nf4", "bf16", "int8")
     install = INSTALL
     packages = ("torch", "transformers", "bitsandbytes", "accelerate")   # what computes its numbers
+    kernels = ("cuda", "cuda-simt", "cuda-bnb-rounding", "bitsandbytes")  # --kernel: the fast path's NF4 GEMV
 
     def availability(self) -> Availability:
         """Cheap: looks for the packages without importing torch. No GPU is not a reason to refuse:

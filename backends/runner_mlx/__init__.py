@@ -35,6 +35,7 @@ class MlxBackend:
     rehearse_quants = ("q4", "q8", "bf16")
     install = INSTALL
     packages = ("mlx", "mlx-lm")   # what computes its numbers
+    kernels: tuple[str, ...] = ()  # no named kernels to choose from
     # sub-commands of runner's CLI that belong to this backend: name -> (module, one-line help)
     commands = {"launch": ("runner_mlx.launch_command", "run one model across several Macs (mlx.launch)")}
 
@@ -49,8 +50,9 @@ class MlxBackend:
 
         return load_session(request)
 
-    def rehearse(self, plan, **options):
-        """The plan's model with random weights: real memory, real speed (`runner_mlx.rehearse`)."""
+    def rehearse(self, plan, fast_decode: bool = True, kernel: str | None = None, **options):
+        """The plan's model with random weights: real memory, real speed (`runner_mlx.rehearse`);
+        mlx-lm has one decode path, so `fast_decode` and `kernel` (checked by the core) change nothing."""
         from runner_mlx.rehearse import rehearse
 
         return rehearse(plan, **options)

@@ -137,6 +137,7 @@ def open_session(choice: Choice, options: LoadOptions = LoadOptions(),
     """Refuse what the plan refuses, make sure the weights are here (the default model is imported
     on first use), check the chat template, then let the backend load as planned."""
     refuse_by_plan(choice.plan, options.allow_offload)
+    check_kernel(choice.backend, options.kernel)
     backend = get_backend(choice.backend)
     spec = spec_with_weights(choice.spec, on_progress)
     if options.chat and spec.path is not None and has_chat_template(spec.path) is False:
@@ -149,6 +150,14 @@ def open_session(choice: Choice, options: LoadOptions = LoadOptions(),
         allow_offload=options.allow_offload, trust_remote_code=options.trust_remote_code,
         on_progress=on_progress, kv_bits=choice.kv_bits, fast_decode=options.fast_decode, kernel=options.kernel,
     ))
+
+
+def check_kernel(backend: str, kernel: str | None) -> None:
+    """A kernel name the backend declares (`--kernel`), or None for its default."""
+    kernels = tuple(getattr(backend_class(backend), "kernels", ()))
+    if kernel is not None and kernel not in kernels:
+        offered = f"it takes {', '.join(kernels)}" if kernels else "it has no kernels to choose from"
+        raise UserInputError(f"--kernel {kernel[:40]}: not a kernel of the {backend} backend; {offered}")
 
 
 def refuse_by_plan(plan: Plan, allow_offload: bool) -> None:

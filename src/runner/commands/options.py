@@ -63,10 +63,19 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, load: bool = True,
                         help="load even when the plan needs CPU/disk offload (very slow)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run the model repository's own Python code (off by default)")
+    add_decode_arguments(parser)
+
+
+def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the backend decodes: its fast path or the library's loop, and a named kernel."""
+    from runner.backend import backend_class, backend_names
+
+    kernels = "; ".join(f"{name}: {', '.join(backend_class(name).kernels)}" for name in backend_names()
+                        if getattr(backend_class(name), "kernels", ()))
     parser.add_argument("--no-fast-decode", dest="fast_decode", action="store_false",
                         help="decode through the library's ordinary loop instead of the backend's fast path")
     parser.add_argument("--kernel", default=None,
-                        help="a backend's named kernel (cuda NF4 GEMV: cuda, cuda-bnb-rounding, bitsandbytes)")
+                        help=f"a backend's named kernel, default: its own ({kernels})")
 
 
 def load_options(args: argparse.Namespace, *, chat: bool = True):

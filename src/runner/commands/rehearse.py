@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 
-from runner.commands.options import add_model_arguments
+from runner.commands.options import add_decode_arguments, add_model_arguments
 from runner.errors import DoesNotFit, UserInputError
 
 DEFAULT_DECODE_TOKENS = 16
@@ -30,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         backend_help="rehearse this backend's load (default: the plan's backend for this machine)",
                         quant_help="weights as the backend would load them (cuda: nf4, bf16, int8; mlx: q4, q8, "
                                    "bf16; default: the best the plan says fits)")
+    add_decode_arguments(parser)
     parser.add_argument("--layers", type=int, default=None,
                         help="keep only the first N decoder layers (same widths), to rehearse a big "
                              "architecture on a small machine")
@@ -98,10 +99,11 @@ def rehearsal_choice(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from runner.backend import get_backend
     from runner.budget import FITS, OFFLOAD
-    from runner.choice import options_that_fit, plan_line
+    from runner.choice import check_kernel, options_that_fit, plan_line
 
     choice = rehearsal_choice(args)
     plan, spec = choice.plan, choice.spec
+    check_kernel(choice.backend, args.kernel)
     backend = get_backend(choice.backend)
     if plan.verdict != FITS and not args.force:
         options = [o for o in options_that_fit(plan) if not o.startswith("--quant ")
@@ -128,7 +130,8 @@ def rehearse_and_report(args: argparse.Namespace, plan, rehearse, scheme: str, w
     print(f"runner: rehearsing {spec.name}: {spec.num_layers} layers, {scheme}, context {plan.context}, "
           f"random weights on {where}; the plan says {plan.verdict} ({_gb(plan.total_bytes)})",
           file=sys.stderr, flush=True)
-    result = rehearse(plan, decode_tokens=args.decode_tokens, on_progress=_progress, prefill_chunk=args.prefill_chunk)
+    result = rehearse(plan, decode_tokens=args.decode_tokens, on_progress=_progress, prefill_chunk=args.prefill_chunk,
+                      fast_decode=args.fast_decode, kernel=args.kernel)
     if args.json:
         print(json.dumps({"plan": plan_summary(plan), "rehearsal": result.to_dict()}, indent=2))
     else:
