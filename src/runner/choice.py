@@ -202,7 +202,7 @@ def spec_with_weights(spec: ModelSpec, on_progress: Callable[[LoadProgress], Non
         return load_spec(DEFAULT_MODEL_ID)
     raise ModelNotFound(
         f"{spec.name}: runner knows its shape (so its plan is real) but its weights are not on this "
-        f"machine; download them first, e.g. `hf download {spec.name}`, then pick it again"
+        f"machine; download them first: runner pull {spec.name}"
     )
 
 
