@@ -2,13 +2,17 @@
 first token per turn of a chat through the server (the session's kept KV cache).
 
     PYTHONPATH=$PWD/src:$PWD/backends python3 bench/serve_overhead.py [MODEL] [--max-tokens 128]
-        [--repeats 3] [--turns 6]
+        [--repeats 3] [--turns 6] [--random-like CATALOG_ID --tokenizer DIR]
+
+--random-like writes a checkpoint of that catalog model's shape with random bf16 weights and the
+vocabulary of the tokenizer folder DIR (SmolLM2's, saved with save_pretrained) and serves that:
+for a GPU machine without the default model.
 
 Both sides load MODEL (default: the default model) as the plan chooses, and answer the same
 prompt greedily, alternating. Decode tokens/s is measured the same way on both sides, from the
 arrival times of the first and the last piece of text: in-process from `session.stream`'s chunks,
-through the server from the `openai` client's stream (`runner serve` in its own process on a free
-port). Time to first token: from the call (the request) to the first piece of text.
+through the server from its server-sent events read with httpx (`runner serve` in its own process
+on a free port). Time to first token: from the call (the request) to the first piece of text.
 """
 
 from __future__ import annotations
@@ -41,19 +45,23 @@ def in_process(session, max_tokens: int) -> tuple[float, float, int]:
     return first - started, (final.generation_tokens - 1) / (last - first), final.generation_tokens
 
 
-def through_server(client, model: str, max_tokens: int) -> tuple[float, float, int]:
+def through_server(http, max_tokens: int) -> tuple[float, float, int]:
+    """The same prompt streamed through the server (server-sent events read with httpx)."""
     started = time.perf_counter()
     first = last = None
     tokens = 0
-    stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPT}],
-                                            temperature=0, max_tokens=max_tokens, stream=True,
-                                            stream_options={"include_usage": True})
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            last = time.perf_counter()
-            first = first or last
-        if chunk.usage:
-            tokens = chunk.usage.completion_tokens
+    body = {"messages": [{"role": "user", "content": PROMPT}], "temperature": 0, "max_tokens": max_tokens,
+            "stream": True, "stream_options": {"include_usage": True}}
+    with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[len("data: "):])
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                last = time.perf_counter()
+                first = first or last
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
     return first - started, (tokens - 1) / (last - first), tokens
 
 
@@ -71,6 +79,35 @@ def chat_turn(http, messages: list[dict]) -> tuple[str, int, float]:
         return "".join(text), int(response.headers["x-runner-reused-prompt-tokens"]), first - started
 
 
+def random_checkpoint(catalog_id: str, tokenizer_dir: str) -> str:
+    """A folder with `catalog_id`'s shape, random bf16 weights (built on the GPU where there is
+    one) and the tokenizer of `tokenizer_dir`, whose vocabulary it takes."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from runner.model import catalog_config
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = {k: v for k, v in catalog_config(catalog_id).items() if k not in ("torch_dtype", "dtype")}
+    config.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.eos_token_id, max_position_embeddings=8192, rope_scaling=None)
+    folder = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(LlamaConfig(**config, dtype="bfloat16")).to(torch.bfloat16)
+    model.save_pretrained(str(folder))
+    del model
+    for file in Path(tokenizer_dir).iterdir():
+        shutil.copy(file, folder / file.name)
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": tokenizer.bos_token_id,
+                                                               "eos_token_id": tokenizer.eos_token_id}))
+    return str(folder)
+
+
 def start_server(model: str | None) -> tuple[subprocess.Popen, str]:
     command = [sys.executable, "-m", "runner.cli", "serve", "--port", "0"] + ([model] if model else [])
     server = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=dict(os.environ))
@@ -84,7 +121,7 @@ def start_server(model: str | None) -> tuple[subprocess.Popen, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import openai
+    import httpx
 
     from runner.choice import open_session, resolve
     from runner.hardware import detect_machine
@@ -95,19 +132,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--turns", type=int, default=6)
+    parser.add_argument("--random-like", metavar="CATALOG_ID")
+    parser.add_argument("--tokenizer", metavar="DIR")
     args = parser.parse_args(argv)
+    if args.random_like:
+        args.model = random_checkpoint(args.random_like, args.tokenizer)
 
     choice = resolve(load_spec(args.model), detect_machine())
     session = open_session(choice)
     server, url = start_server(args.model)
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
+    http = httpx.Client(base_url=url, timeout=600)
     print(f"{choice.spec.name} · {choice.backend} · {choice.quant} · {session.device_summary}")
     try:
-        in_process(session, 8), through_server(client, choice.spec.name, 8)   # warm both
+        in_process(session, 8), through_server(http, 8)   # warm both
         rows = {"in-process": [], "server": []}
         for _ in range(args.repeats):
             rows["in-process"].append(in_process(session, args.max_tokens))
-            rows["server"].append(through_server(client, choice.spec.name, args.max_tokens))
+            rows["server"].append(through_server(http, args.max_tokens))
         for name, runs in rows.items():
             print(f"{name:>10}: {runs[0][2]} tokens; first token {statistics.median(r[0] for r in runs):.3f} s; "
                   f"decode {statistics.median(r[1] for r in runs):.2f} tokens/s "
@@ -115,16 +156,14 @@ def main(argv: list[str] | None = None) -> int:
         ratio = statistics.median(r[1] for r in rows["server"]) / statistics.median(r[1] for r in rows["in-process"])
         print(f"server / in-process decode speed: {ratio:.3f}")
 
-        import httpx
-
         messages = []
-        with httpx.Client(base_url=url, timeout=600) as http:
-            for turn, question in enumerate(TURNS[:args.turns], 1):
-                messages.append({"role": "user", "content": question})
-                text, reused, ttft = chat_turn(http, messages)
-                messages.append({"role": "assistant", "content": text})
-                print(f"turn {turn}: reused {reused:>4} prompt tokens; first token after {ttft:.3f} s")
+        for turn, question in enumerate(TURNS[:args.turns], 1):
+            messages.append({"role": "user", "content": question})
+            text, reused, ttft = chat_turn(http, messages)
+            messages.append({"role": "assistant", "content": text})
+            print(f"turn {turn}: reused {reused:>4} prompt tokens; first token after {ttft:.3f} s")
     finally:
+        http.close()
         server.terminate()
         server.wait()
         session.close()
