@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from textual import events
 
 from runner.hardware import parse_machine
 from runner.tui import history as history_module
@@ -230,3 +231,28 @@ async def test_export_after_the_current_folder_was_deleted_says_so(history_path,
         await pilot.pause(0.2)
         messages = [str(n.message) for n in app._notifications]
         assert any("Could not export" in m and "no longer exists" in m for m in messages), messages
+
+
+@run_async
+async def test_a_paste_typed_as_33_kb_of_keys_does_not_freeze_the_message_box(history_path):
+    """A terminal without bracketed paste sends a paste as one key event per character (as
+    Textual's driver posts them); each then used to redraw the growing line: ~90 s for 33 KB."""
+    text = ("lorem ipsum dolor sit amet, " * 1200)[:33_000]
+    app = make_app(history_path)
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await settle(pilot)
+        prompt = chat.query_one("#prompt")
+        started = time.monotonic()
+        for character in text + "!":
+            app.post_message(events.Key("space" if character == " " else character, character))
+        while prompt.value != text + "!":
+            await pilot.pause(0.05)
+        assert time.monotonic() - started < 20
+        # the keys that follow still edit where they should
+        await pilot.press("home", "x", "end", "backspace")
+        assert prompt.value == "x" + text
+        # a bracketed paste of several lines keeps them all
+        prompt.value = ""
+        prompt.post_message(events.Paste("first line\nsecond line"))
+        await pilot.pause(0.1)
+        assert prompt.value == "first line second line"
