@@ -306,7 +306,7 @@ def run_ranks(launch_argv: list[str], hosts: list[LaunchHost], grace: float, ver
     except (KeyboardInterrupt, Stopped) as why:
         kill_group(process, signal.SIGTERM)     # the ranks say why they stop
         time.sleep(1)
-        print(f"runner: error: stopped ({why or 'interrupted'}); every rank was stopped", file=sys.stderr, flush=True)
+        print(f"runner: error: stopped ({str(why) or 'interrupted'}); every rank was stopped", file=sys.stderr, flush=True)
         return 130 if isinstance(why, KeyboardInterrupt) else 1
     finally:
         kill_group(process, signal.SIGKILL)      # whatever is left of the ranks on this machine
@@ -430,10 +430,6 @@ def plan_launch(spec: "ModelSpec", quant: str, context: int, hosts: list[LaunchH
 def mlx_launch_argv(plan: LaunchPlan, scratch: Path, rank_timeout: float, verbose: bool,
                     rank_options: list[str]) -> list[str]:
     """The mlx.launch command that starts `runner_mlx.rank` on every host (its hostfile goes in `scratch`)."""
-    hostfile = Path(scratch) / "hosts.json"
-    # mlx.launch starts a rank without ssh only when its host is spelled "127.0.0.1"
-    hostfile.write_text(json.dumps([{"ssh": "127.0.0.1" if h.local else h.name, "ips": [h.ip]}
-                                    for h in plan.hosts]))
     rank_command = [
         sys.executable, "-m", "runner_mlx.rank",
         "--model", str(plan.spec.path), "--quant", plan.quant, "--split", plan.split,
@@ -445,13 +441,21 @@ def mlx_launch_argv(plan: LaunchPlan, scratch: Path, rank_timeout: float, verbos
         *(["--kv-bits", str(plan.kv_bits)] if plan.kv_bits is not None else []),
         *rank_options,
     ]
+    return ring_argv(plan.hosts, scratch, verbose) + ["--", *rank_command]
+
+
+def ring_argv(hosts, scratch: Path, verbose: bool) -> list[str]:
+    """mlx.launch with a ring over `hosts` (its hostfile goes in `scratch`), up to the rank's command."""
+    hostfile = Path(scratch) / "hosts.json"
+    # mlx.launch starts a rank without ssh only when its host is spelled "127.0.0.1"
+    hostfile.write_text(json.dumps([{"ssh": "127.0.0.1" if h.local else h.name, "ips": [h.ip]} for h in hosts]))
     argv = [*mlx_launch_command(), "--backend", "ring", "--hostfile", str(hostfile),
-            "--starting-port", str(free_port_range(len(plan.hosts)))]
+            "--starting-port", str(free_port_range(len(hosts)))]
     if os.environ.get("RUNNER_HOME"):
         argv += ["--env", f"RUNNER_HOME={os.environ['RUNNER_HOME']}"]
     if verbose:
         argv.append("--verbose")
-    return argv + ["--", *rank_command]
+    return argv
 
 
 def convert_here(plan: LaunchPlan, on_progress) -> None:
@@ -486,3 +490,16 @@ def launch(request: LaunchRequest, on_start=None) -> int:
     with tempfile.TemporaryDirectory(prefix="runner-launch-") as scratch:
         argv = mlx_launch_argv(plan, Path(scratch), request.rank_timeout, request.verbose, options)
         return run_ranks(argv, hosts, request.grace, request.verbose, on_start)
+
+
+def probe(hosts: str | None, hostfile: Path | None, connect_timeout: int, rank_timeout: float,
+          verbose: bool) -> int:
+    """`runner launch --probe`: latency and bandwidth between the hosts, through mx.distributed."""
+    checked = request_hosts(hosts, hostfile, None, connect_timeout)
+    names = [h.name for h in checked]
+    print(f"runner: measuring the network between {', '.join(names)} (all-reduces through mx.distributed)",
+          file=sys.stderr, flush=True)
+    command = [sys.executable, "-m", "runner_mlx.probe", "--hosts", ",".join(names),
+               "--rank-timeout", str(rank_timeout), "--launcher", f"{socket.gethostname()}:{os.getpid()}"]
+    with tempfile.TemporaryDirectory(prefix="runner-probe-") as scratch:
+        return run_ranks(ring_argv(checked, Path(scratch), verbose) + ["--", *command], checked, 5.0, verbose)

@@ -1,0 +1,270 @@
+"""`runner launch` over ssh between separate network stacks: two fake hosts (network namespaces with
+their own sshd, tests/fake_hosts.py), mlx.launch reaching each over ssh, the ring over their 10.x
+addresses. runner launch runs on this machine (both ranks remote) or on host 1 (rank 0 local).
+
+Every test has a time limit and checks that nothing is left running on any host. The module skips,
+with the reason, where fake hosts cannot be made (not root, no network namespaces, no sshd).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+from fake_hosts import fake_hosts  # noqa: F401  (the fixture)
+from mlx_helpers import PROMPT, copy_model, greedy_tokens, load
+
+pytest.importorskip("mlx_lm")
+
+RUNNER = "import sys\nfrom runner.cli import main\nsys.exit(main(sys.argv[1:]))"
+
+
+def launch(hosts, *args: str, timeout: float = 240, on_host: int | None = None) -> subprocess.CompletedProcess:
+    """`runner launch ARGS` with the fake hosts' ssh, here or on host `on_host`."""
+    prefix = hosts.in_namespace(on_host) if on_host else []
+    return subprocess.run([*prefix, sys.executable, "-c", RUNNER, "launch", *args], capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=hosts.env)
+
+
+def launched_tokens(stderr: str) -> list[int]:
+    match = re.search(r"runner: tokens: ([\d ]+)", stderr)
+    assert match, stderr
+    return [int(t) for t in match.group(1).split()]
+
+
+def single_process(folder, quant: str, max_tokens: int) -> list[int]:
+    """The greedy tokens of one process (this also converts the model once, for the ranks)."""
+    session = load(folder, quant)
+    tokens = greedy_tokens(session, max_tokens=max_tokens)
+    session.close()
+    return tokens
+
+
+def nothing_left(hosts, within: float = 15) -> list[psutil.Process]:
+    """What still runs on the hosts (besides sshd) after `within` seconds; [] is the goal."""
+    deadline = time.monotonic() + within
+    while True:
+        left = [p for host in (1, 2) for p in hosts.processes(host)]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
+def assert_one_error_line(stderr: str) -> str:
+    errors = [line for line in stderr.splitlines() if line.startswith("runner: error:")]
+    assert len(errors) == 1, stderr
+    assert "Traceback" not in stderr and "CalledProcessError" not in stderr, stderr
+    return errors[0]
+
+
+# ---- the same tokens as one process ---------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_pipeline_over_ssh_gives_one_process_tokens_and_stdout_holds_the_reply_alone(fake_hosts, tiny_llama_dir):
+    expected = single_process(tiny_llama_dir, "q4", 16)
+    done = launch(fake_hosts, str(tiny_llama_dir), "--hosts", ",".join(fake_hosts.ips), "--split", "pipeline",
+                  "--quant", "q4", "-p", PROMPT, "--max-tokens", "16", "--show-tokens")
+    assert done.returncode == 0, done.stderr
+    assert launched_tokens(done.stderr) == expected
+    h1, h2 = fake_hosts.ips
+    assert f"rank 0 ({h1}): layers 0-0" in done.stderr and f"rank 1 ({h2}): layers 1-1" in done.stderr
+    # what ssh -tt used to merge into stdout: the ranks' status lines, CRLF line ends
+    assert "runner:" not in done.stdout and "\r" not in done.stdout, done.stdout
+    assert done.stdout.endswith("\n") and done.stdout.strip()
+    assert re.search(r"runner: 16 tokens, [\d.]+ tokens/s over 2 hosts", done.stderr), done.stderr
+    assert nothing_left(fake_hosts) == []
+
+
+@pytest.mark.slow
+def test_tensor_split_over_ssh_gives_one_process_tokens(fake_hosts, tiny_llama_dir):
+    expected = single_process(tiny_llama_dir, "fp32", 16)
+    done = launch(fake_hosts, str(tiny_llama_dir), "--hosts", ",".join(fake_hosts.ips), "--split", "tensor",
+                  "--quant", "fp32", "-p", PROMPT, "--max-tokens", "16", "--show-tokens")
+    assert done.returncode == 0, done.stderr
+    assert "1/2 of every layer" in done.stderr
+    assert launched_tokens(done.stderr) == expected
+    assert "runner:" not in done.stdout and "\r" not in done.stdout
+    assert nothing_left(fake_hosts) == []
+
+
+@pytest.mark.slow
+def test_default_model_from_host_1_answers_as_one_process(fake_hosts, default_model_dir):
+    """runner launch on host 1 (rank 0 runs there without ssh), rank 1 over ssh on host 2."""
+    from runner.backend import Message, Sampling
+
+    session = load(default_model_dir, "q8")
+    chunks = list(session.stream([Message("user", PROMPT)], Sampling(max_tokens=12)))
+    session.close()
+    done = launch(fake_hosts, "--hosts", ",".join(fake_hosts.ips), "--quant", "q8", "-p", PROMPT,
+                  "--max-tokens", "12", "--show-tokens", on_host=1)
+    assert done.returncode == 0, done.stderr
+    assert launched_tokens(done.stderr) == [c.token for c in chunks if c.token is not None]
+    assert done.stdout == "".join(c.text for c in chunks) + "\n"
+    assert nothing_left(fake_hosts) == []
+
+
+# ---- refused before anything starts ---------------------------------------------------------
+
+
+def test_a_host_nobody_answers_at_is_refused_in_bounded_time(fake_hosts, tiny_llama_dir):
+    started = time.monotonic()
+    done = launch(fake_hosts, str(tiny_llama_dir), "--hosts", f"{fake_hosts.ips[0]},{fake_hosts.nobody}",
+                  "-p", "hi", timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert time.monotonic() - started < 30
+    assert done.stderr.startswith(f"runner: error: cannot reach {fake_hosts.nobody}"), done.stderr
+    assert len(done.stderr.splitlines()) == 1
+
+
+def test_a_host_that_refuses_ssh_is_refused(fake_hosts, tiny_llama_dir, tmp_path):
+    hostfile = tmp_path / "hosts.json"
+    closed = fake_hosts.closed_port_alias(2)
+    hostfile.write_text(json.dumps([{"ssh": fake_hosts.ips[0], "ips": [fake_hosts.ips[0]]},
+                                    {"ssh": closed, "ips": [fake_hosts.ips[1]]}]))
+    done = launch(fake_hosts, str(tiny_llama_dir), "--hostfile", str(hostfile), "-p", "hi", timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (
+        f"runner: error: cannot reach {closed} over ssh (ssh: connect to host {fake_hosts.ips[1]} port 9: "
+        "Connection refused); runner launch needs password-less ssh (ssh-copy-id) to every other host")
+
+
+def test_a_model_missing_on_one_host_is_refused_before_any_rank_starts(fake_hosts, tiny_llama_dir, tmp_path):
+    model = copy_model(tiny_llama_dir, tmp_path / "tiny")
+    with fake_hosts.hidden(2, tmp_path):
+        done = launch(fake_hosts, str(model), "--hosts", ",".join(fake_hosts.ips), "-p", "hi", timeout=60)
+    h2 = fake_hosts.ips[1]
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (
+        f"runner: error: {h2} has no model at {model} (no config.json there): runner launch needs the model "
+        f"folder at the same path on every host; copy it, e.g. rsync -a {model}/ {h2}:{model}/")
+
+
+@pytest.mark.slow
+def test_a_different_model_on_one_host_stops_every_rank(fake_hosts, tiny_llama_dir, tmp_path):
+    model = copy_model(tiny_llama_dir, tmp_path / "tiny")
+    other = copy_model(tiny_llama_dir, tmp_path / "tiny-other")
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-6}))
+    h1, h2 = fake_hosts.ips
+    with fake_hosts.replaced(2, model, other):
+        done = launch(fake_hosts, str(model), "--hosts", f"{h1},{h2}", "--split", "pipeline", "--quant", "q4",
+                      "-p", "hi")
+    assert done.returncode == 2, done.stderr
+    assert (f"rank 1 ({h2}) has a different model than rank 0 ({h1}): config.json or the weight files differ"
+            in done.stderr), done.stderr
+    assert "Traceback" not in done.stderr
+    assert nothing_left(fake_hosts) == []
+
+
+# ---- failures mid-reply ---------------------------------------------------------------------
+
+
+class LongRun:
+    """A reply that runs until stopped, its stderr lines collected; the run is always ended."""
+
+    def __init__(self, hosts, model, on_host: int | None = None):
+        prefix = hosts.in_namespace(on_host) if on_host else []
+        self.process = subprocess.Popen(
+            [*prefix, sys.executable, "-c", RUNNER, "launch", str(model), "--hosts", ",".join(hosts.ips),
+             "--split", "pipeline", "--quant", "q4", "-p", PROMPT, "--max-tokens", "100000"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=hosts.env)
+        self.lines: list[str] = []
+        self.replied: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(iter(self.process.stderr.readline, "")), daemon=True).start()
+        threading.Thread(target=lambda: self.replied.extend(iter(lambda: self.process.stdout.read(1), "")),
+                         daemon=True).start()
+
+    def wait_for_reply(self, limit: float = 180) -> None:
+        deadline = time.monotonic() + limit
+        while len(self.replied) < 5:                          # both ranks loaded, tokens coming
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.end()
+                pytest.fail("no reply: " + "".join(self.lines))
+            time.sleep(0.2)
+
+    def seconds_to_end(self, limit: float) -> float:
+        started = time.monotonic()
+        try:
+            self.process.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            self.end()
+            raise
+        return time.monotonic() - started
+
+    @property
+    def stderr(self) -> str:
+        time.sleep(0.2)                                     # the reader thread's last lines
+        return "".join(self.lines)
+
+    def end(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def long_run(fake_hosts, tiny_llama_dir):
+    single_process(tiny_llama_dir, "q4", 1)                 # converted once, before the ranks start
+    runs = []
+
+    def start(on_host: int | None = None) -> LongRun:
+        runs.append(LongRun(fake_hosts, tiny_llama_dir, on_host))
+        runs[-1].wait_for_reply()
+        return runs[-1]
+
+    yield start
+    for run in runs:
+        run.end()
+
+
+@pytest.mark.slow
+def test_a_rank_killed_on_the_far_host_stops_every_rank(fake_hosts, long_run):
+    run = long_run()
+    [rank] = fake_hosts.ranks(2)
+    rank.kill()
+    assert run.seconds_to_end(60) < 30
+    assert run.process.returncode == 1
+    h2 = fake_hosts.ips[1]
+    assert (f"runner: error: rank 1 ({h2}) ended without an exit status over ssh (killed, or the connection "
+            "dropped); every rank was stopped") in run.stderr
+    assert "Traceback" not in run.stderr
+    assert nothing_left(fake_hosts) == []
+
+
+@pytest.mark.slow
+def test_a_link_cut_mid_reply_is_noticed_within_seconds_and_ends_every_rank(fake_hosts, long_run):
+    run = long_run()
+    fake_hosts.cut(2)
+    try:
+        seconds = run.seconds_to_end(60)
+        line = assert_one_error_line(run.stderr)
+        # the far host, cut off, stops its rank by itself: its heartbeat from rank 0 stopped too
+        left = nothing_left(fake_hosts)
+    finally:
+        fake_hosts.mend(2)
+    assert seconds < 20, run.stderr
+    assert run.process.returncode == 1
+    assert re.fullmatch(rf"runner: error: rank 1 \({re.escape(fake_hosts.ips[1])}\) stopped answering \(no "
+                        r"heartbeat for \d+ s while generating\): the host died, froze or lost the network; every "
+                        r"rank was stopped", line), line
+    assert left == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_host_1_stops_the_ranks_on_both_hosts(fake_hosts, long_run):
+    run = long_run(on_host=1)
+    run.process.send_signal(signal.SIGINT)
+    assert run.seconds_to_end(30) < 20
+    assert run.process.returncode == 130, run.stderr
+    assert "runner: error: stopped (interrupted); every rank was stopped" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert nothing_left(fake_hosts) == []
