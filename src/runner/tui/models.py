@@ -49,7 +49,9 @@ def configured_dirs() -> tuple[list[Path], str]:
     if not path.is_file():
         return [], ""
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        return [], f"{path}: cannot read it (it is not UTF-8 text)"
     except (OSError, tomllib.TOMLDecodeError) as error:
         return [], f"{path}: cannot read it ({error})"
     dirs = data.get("model_dirs", [])
@@ -105,20 +107,30 @@ def find_models() -> tuple[list[ModelEntry], list[str]]:
     entries.append(
         ModelEntry(DEFAULT_MODEL_ID, "built-in", default, _weights_size(default) if default else 0)
     )
-    for folder in _model_folders(models_dir()):
-        if default is None or folder.resolve() != default.resolve():
-            size = _weights_size(folder)
-            if size:
-                entries.append(ModelEntry(str(folder), "runner", folder, size))
-    entries += _hf_cache_models()
+    try:
+        for folder in _model_folders(models_dir()):
+            if default is None or folder.resolve() != default.resolve():
+                size = _weights_size(folder)
+                if size:
+                    entries.append(ModelEntry(str(folder), "runner", folder, size))
+    except OSError as error:
+        problems.append(f"{models_dir()}: cannot read it ({error.strerror or error})")
+    try:
+        entries += _hf_cache_models()
+    except OSError as error:
+        problems.append(f"{hf_hub_cache()} (the Hugging Face cache): cannot read it ({error.strerror or error})")
     dirs, problem = configured_dirs()
     if problem:
         problems.append(problem)
     for configured in dirs:
-        folders = _model_folders(configured)
+        try:
+            folders = _model_folders(configured)
+            entries += [ModelEntry(str(f), "config", f, _weights_size(f)) for f in folders]
+        except OSError as error:     # a folder runner may not read, a disk gone...
+            problems.append(f"{configured} (from {config_file()}): cannot read it ({error.strerror or error})")
+            continue
         if not folders:
             problems.append(f"{configured} (from {config_file()}): no model folder with config.json there")
-        entries += [ModelEntry(str(f), "config", f, _weights_size(f)) for f in folders]
     seen = {e.name.lower() for e in entries}
     entries += [ModelEntry(mid, "catalog", None) for mid in catalog_ids() if mid.lower() not in seen]
     return entries, problems
