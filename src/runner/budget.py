@@ -844,3 +844,85 @@ def schemes_for(machine: Machine, backend: str | None = None) -> list[tuple[str,
     if not machine.gpus:
         rows = [("cuda", "fp32")] + rows + [("mlx", "q8"), ("mlx", "q4")]
     return rows
+
+
+# ---- the network between hosts (runner launch's splits) ------------------------------------------
+
+@dataclass(frozen=True)
+class Link:
+    """The network between hosts as the ring backend uses it (TCP): one message's latency and the bandwidth."""
+
+    name: str
+    latency_s: float                  # a small message from one host to the next
+    bandwidth_bytes_per_s: float
+
+    def message_seconds(self, size: float) -> float:
+        return self.latency_s + size / self.bandwidth_bytes_per_s
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.latency_s * 1e6:,.0f} µs per message, {self.bandwidth_bytes_per_s / GB:,.2f} GB/s"
+
+
+# assumptions for TCP over each link (not RDMA); `runner launch --probe` measures a real one
+LINKS = {
+    "1gbe": Link("1 Gb Ethernet (assumed)", 100e-6, 0.117 * GB),
+    "10gbe": Link("10 Gb Ethernet (assumed)", 50e-6, 1.1 * GB),
+    "tb4": Link("Thunderbolt 4 bridge (assumed)", 50e-6, 2.5 * GB),
+    "tb5": Link("Thunderbolt 5 bridge (assumed)", 40e-6, 5.0 * GB),
+}
+
+
+def parse_link(text: str) -> Link:
+    """A link by name (LINKS) or measured: "LATENCY,BANDWIDTH", e.g. "85us,0.9GB/s" (us or ms; GB/s or MB/s)."""
+    import re
+
+    if text.lower() in LINKS:
+        return LINKS[text.lower()]
+    match = re.fullmatch(r"\s*([\d.]+)\s*(us|µs|ms)\s*,\s*([\d.]+)\s*(GB/s|MB/s)\s*", text, re.IGNORECASE)
+    try:
+        latency = float(match.group(1)) * (1e-3 if match.group(2).lower() == "ms" else 1e-6)
+        bandwidth = float(match.group(3)) * (GB if match.group(4).upper() == "GB/S" else GB / 1000)
+    except (AttributeError, ValueError):
+        latency = bandwidth = 0.0
+    if not (0 < latency < 10 and 0 < bandwidth < 1e15):
+        raise UserInputError(f"--link '{text}': expected one of {', '.join(LINKS)}, or a measured latency and "
+                             "bandwidth such as 85us,0.9GB/s (runner launch --probe prints it)")
+    return Link(f"measured {text.strip()}", latency, bandwidth)
+
+
+@dataclass(frozen=True)
+class NetworkTime:
+    """What one decoded token costs on the network under a split."""
+
+    seconds_per_token: float
+    messages_per_token: int           # messages in a row on the critical path
+    bytes_per_message: int
+
+    def tokens_per_s(self, compute_tokens_per_s: float) -> float:
+        """Decode speed with the network time added to the compute time of a token."""
+        if compute_tokens_per_s <= 0:
+            return 0.0
+        return 1 / (1 / compute_tokens_per_s + self.seconds_per_token)
+
+
+def network_time(plan: Plan, link: Link) -> NetworkTime:
+    """Per-token network time of a plan over several hosts (runner launch, decode at batch 1).
+
+    Both splits agree after every token whether to stop: one all-reduce of one number. An all-reduce
+    over the ring is 2(n-1) messages of 1/n of the array. Pipeline: the hidden state goes from host
+    to host (n-1 messages), then every host gathers the last host's (n-1 more). Tensor (mlx-lm's
+    sharding): two all-reduces of the hidden state per layer (attention and MLP outputs), so it is
+    bound by the link's latency."""
+    hosts = len(plan.placement)
+    if plan.parallel not in ("pipeline", "tensor") or hosts < 2:
+        return NetworkTime(0.0, 0, 0)
+    hidden = plan.model.hidden_size * compute_bytes(plan.model, plan.quant, plan.backend) * plan.batch
+    steps = 2 * (hosts - 1)
+
+    def all_reduce(size: int) -> float:
+        return steps * link.message_seconds(size / hosts)
+
+    if plan.parallel == "tensor":
+        reduces = 2 * plan.model.num_layers
+        return NetworkTime(reduces * all_reduce(hidden) + all_reduce(4), (reduces + 1) * steps, hidden // hosts)
+    return NetworkTime(2 * (hosts - 1) * link.message_seconds(hidden) + all_reduce(4), 2 * (hosts - 1) + steps, hidden)

@@ -3,6 +3,7 @@
     runner plan                                   the default model on this machine
     runner plan meta-llama/Llama-3.1-405B-Instruct --machine 4xA100-80GB --context 8k
     runner plan ./my-model --quant nf4 --json
+    runner plan meta-llama/Llama-3.1-405B-Instruct --machine 2xM2Ultra-192GB --link 10gbe
     runner plan --list                            the models runner knows without a download
 """
 
@@ -24,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="plan for a machine you do not own: 4xA100-80GB, 8xRTX4090, 2xM2Ultra-192GB, cpu-64GB, "
                              "or a .toml/.json machine file (default: this machine)")
     parser.add_argument("--batch", metavar="B", default="1", help="sequences at once (default 1)")
+    parser.add_argument("--link", metavar="NAME|LATENCY,BANDWIDTH", default=None,
+                        help="the network between hosts: 1gbe, 10gbe, tb4, tb5, or measured (runner launch --probe "
+                             "prints it, e.g. 85us,0.9GB/s): per-token network time and tokens/s of each split")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON, for scripts")
     parser.add_argument("--list", action="store_true", help="list the models in runner's catalog and exit")
 
@@ -37,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from runner import budget
 
     batch = parse_count(args.batch, "--batch")
+    link = budget.parse_link(args.link) if args.link else None
     choice = choose(args, batch=batch)
     model, machine, context = choice.spec, choice.machine, choice.context
     rows = [budget.make_plan(model, machine, quant, context, batch, backend, kv_bits=choice.kv_bits)
@@ -44,11 +49,42 @@ def run(args: argparse.Namespace) -> int:
     recommendation = budget.recommend(model, machine, context, choice.kv_bits)
     setups = budget.article_setups(model, context) if recommendation.plan.verdict != budget.FITS or machine.hypothetical else []
 
+    network = _network_rows(model, machine, context, batch, choice.plan, link) if link else None
     if args.json:
-        print(json.dumps(_as_json(model, machine, context, batch, rows, choice, recommendation, setups), indent=2))
+        data = _as_json(model, machine, context, batch, rows, choice, recommendation, setups)
+        if link:
+            data["network"] = {"link": {"name": link.name, "latency_s": link.latency_s,
+                                        "bandwidth_bytes_per_s": link.bandwidth_bytes_per_s},
+                               "splits": [{"split": split, "network_s_per_token": time.seconds_per_token,
+                                           "messages_per_token": time.messages_per_token,
+                                           "roofline_tokens_per_s": round(plan.roofline_tokens_per_s, 4),
+                                           "tokens_per_s": round(time.tokens_per_s(plan.roofline_tokens_per_s), 4)}
+                                          for split, plan, time in network]}
+        print(json.dumps(data, indent=2))
     else:
         _print_report(model, machine, context, batch, rows, choice, recommendation, setups)
+        if link:
+            _print_network(machine, choice.plan, link, network)
     return 0
+
+
+def _network_rows(model, machine, context, batch, chosen, link) -> list:
+    """(split, plan, network time) for each split of the chosen scheme that fits the hosts."""
+    from runner import budget
+    from runner.errors import UserInputError
+
+    if chosen.backend != "mlx" or len(machine.hosts) < 2:
+        return []
+    rows = []
+    for split in ("pipeline", "tensor"):
+        try:
+            plan = budget.make_plan(model, machine, chosen.quant, context, batch, "mlx", parallel=split,
+                                    kv_bits=chosen.kv_bits)
+        except UserInputError:       # tensor: the heads do not divide among the hosts
+            continue
+        if plan.verdict == budget.FITS:
+            rows.append((split, plan, budget.network_time(plan, link)))
+    return rows
 
 
 # ---- text ------------------------------------------------------------------------------------
@@ -140,6 +176,20 @@ def _print_report(model, machine, context, batch, rows, choice, recommendation, 
             verdict = VERDICT_WORDS[rec.plan.verdict]
             how = f"{rec.backend} {rec.quant}, ~{_speed(rec.plan.roofline_tokens_per_s)} tok/s" if rec.max_context else "-"
             out(f"  {label:<30} {verdict:<13} {how}\n")
+
+
+def _print_network(machine, chosen, link, network) -> None:
+    out = sys.stdout.write
+    out(f"\nNetwork ({link.describe()}):\n")
+    if not network:
+        out("  nothing crosses a network: " + ("one host\n" if len(machine.hosts) < 2 else
+                                               f"no split of {chosen.quant} fits these hosts\n"))
+        return
+    for split, plan, time in network:
+        out(f"  {split:<9} {time.messages_per_token:>4} messages/token of {time.bytes_per_message / 1024:,.0f} KB: "
+            f"{time.seconds_per_token * 1e3:,.2f} ms/token -> ~{_speed(time.tokens_per_s(plan.roofline_tokens_per_s))} "
+            f"tok/s (~{_speed(plan.roofline_tokens_per_s)} before network time)\n")
+    out("  (decode at batch 1; compute at the roofline; messages on the critical path, one after another)\n")
 
 
 def _print_placement(plan) -> None:
