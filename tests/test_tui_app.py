@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from runner.tui import history as history_module
+from runner.tui import recorder as recorder_module
 from runner.tui.app import RunnerApp
 from runner.tui.history import COMPLETE, ERROR, PARTIAL, STOPPED, HistoryStore
 from runner.tui.loading import ModelChoice
@@ -22,7 +24,7 @@ from runner.tui.messages import ReplyChunk
 from runner.tui.recorder import FLUSH_INTERVAL
 from runner.tui.screens.settings import ChatSettings
 from runner.tui.widgets.conversation import AssistantMessage, UserMessage
-from tui_helpers import SIZE, chat_screen, run_async, send, wait_loaded, wait_until
+from tui_helpers import SIZE, chat_screen, hold_lock, run_async, send, wait_loaded, wait_until
 
 
 def tiny_app(tiny_llama_dir: Path, history: Path, max_tokens: int = 24) -> RunnerApp:
@@ -302,3 +304,34 @@ async def test_ctrl_q_during_a_reply_stops_the_generation_and_keeps_it_as_stoppe
     [conversation] = store.conversations()
     user, reply = store.messages(conversation.id)
     assert reply.state == STOPPED and reply.content
+
+
+@run_async
+async def test_a_history_locked_mid_session_costs_nothing_on_screen_and_is_written_later(
+        tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(history_module, "BUSY_TIMEOUT", 0.2)
+    monkeypatch.setattr(recorder_module, "RETRY_FOR", 0.5)
+    history_path = tmp_path / "history.db"
+    app = tiny_app(tiny_llama_dir, history_path, max_tokens=16)
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await wait_loaded(pilot)
+        holder = hold_lock(history_path, out_of_wal=False)    # another program writes for a while
+        try:
+            await send(pilot, "typed while the file is locked")
+            await wait_until(pilot, lambda: chat.reply is None and chat.query(AssistantMessage)
+                             and chat.query(AssistantMessage).last().state == COMPLETE, what="the reply")
+            await wait_until(pilot, lambda: chat.history_problem is not None, what="the history problem")
+            assert "history not saved" in str(chat.query_one("#status-speed").render())
+            assert any(n.title == "History not saved" for n in app._notifications)
+            assert [w.content for w in chat.query(UserMessage)] == ["typed while the file is locked"]
+            reply = chat.query(AssistantMessage).last().content
+            assert app.history.conversations() == []
+        finally:
+            holder.communicate("\n", timeout=10)
+        await wait_until(pilot, lambda: chat.history_problem is None, what="the history to be saved again")
+        assert "history not saved" not in str(chat.query_one("#status-speed").render())
+        assert app.recorder.wait_idle(5)
+        [conversation] = app.history.conversations()
+        assert [(m.content, m.state) for m in app.history.messages(conversation.id)] == [
+            ("typed while the file is locked", COMPLETE), (reply, COMPLETE)
+        ]

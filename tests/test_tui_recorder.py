@@ -4,13 +4,12 @@ second, and a history it cannot write (locked by another program) never loses wh
 from __future__ import annotations
 
 import sqlite3
-import subprocess
-import sys
 import time
 
 from runner.tui import recorder as recorder_module
 from runner.tui.history import COMPLETE, PARTIAL, STOPPED, HistoryStore
 from runner.tui.recorder import FLUSH_INTERVAL, HistoryRecorder
+from tui_helpers import hold_lock
 
 
 def count_commits(path) -> "callable":
@@ -45,16 +44,6 @@ def test_writes_in_order_and_a_streaming_reply_a_few_times_a_second(tmp_path):
     assert (user.content, stored.content, stored.state) == ("tell me a story", text + "the end", STOPPED)
 
 
-LOCK_HOLDER = """
-import sqlite3, sys, time
-db = sqlite3.connect(sys.argv[1], isolation_level=None)
-db.execute("BEGIN EXCLUSIVE")
-print("locked", flush=True)
-sys.stdin.readline()      # hold the lock until told
-db.execute("COMMIT")
-"""
-
-
 def test_a_history_locked_by_another_program_is_reported_then_written_when_free(tmp_path, monkeypatch):
     monkeypatch.setattr(recorder_module, "RETRY_FOR", 0.5)
     path = tmp_path / "history.db"
@@ -63,10 +52,8 @@ def test_a_history_locked_by_another_program_is_reported_then_written_when_free(
     recorder = HistoryRecorder(store, on_problem=problems.append)
     conversation = recorder.new_conversation("first", "m", "")
     assert recorder.wait_idle(5)
-    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(path)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    holder = hold_lock(path, out_of_wal=False)
     try:
-        assert holder.stdout.readline() == "locked\n"
         recorder.add_message(conversation, "user", "typed while locked", COMPLETE)
         reply = recorder.add_message(conversation, "assistant", "", PARTIAL)
         recorder.stream_reply(reply, "Once upon")

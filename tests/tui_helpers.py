@@ -53,16 +53,20 @@ async def send(pilot, text: str) -> None:
 HOLD_EXCLUSIVE_LOCK = """
 import sqlite3, sys
 db = sqlite3.connect(sys.argv[1], isolation_level=None)
-db.execute("PRAGMA journal_mode=DELETE")     # a program that takes the file out of WAL mode
-db.execute("BEGIN EXCLUSIVE")                 # and holds it: nobody may even read it
+if sys.argv[2] == "out-of-wal":
+    db.execute("PRAGMA journal_mode=DELETE")  # a program that takes the file out of WAL mode: then
+db.execute("BEGIN EXCLUSIVE")                 # nobody may even read it (in WAL mode: nobody may write)
 print("locked", flush=True)
 sys.stdin.readline()
+db.execute("COMMIT")
 """
 
 
-def hold_lock(path) -> subprocess.Popen:
+def hold_lock(path, out_of_wal: bool = True) -> subprocess.Popen:
     """Another program holding the history file locked; `.communicate("\\n")` lets it go."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_EXCLUSIVE_LOCK, str(path)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_EXCLUSIVE_LOCK, str(path), "out-of-wal" if out_of_wal else "wal"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
     assert holder.stdout.readline() == "locked\n"
     return holder
