@@ -19,7 +19,7 @@ from runner.tui import history as history_module
 from runner.tui import recorder as recorder_module
 from runner.tui.app import RunnerApp
 from runner.tui.history import COMPLETE, ERROR, PARTIAL, STOPPED, HistoryStore
-from runner.tui.loading import ModelChoice
+from runner.tui.loading import LocalSource, ModelChoice
 from runner.tui.messages import ReplyChunk
 from runner.tui.recorder import FLUSH_INTERVAL
 from runner.tui.screens.settings import ChatSettings
@@ -335,3 +335,23 @@ async def test_a_history_locked_mid_session_costs_nothing_on_screen_and_is_writt
         assert [(m.content, m.state) for m in app.history.messages(conversation.id)] == [
             ("typed while the file is locked", COMPLETE), (reply, COMPLETE)
         ]
+
+
+class WarningSource(LocalSource):
+    """Loads here, as `runner chat` does, then says what a backend says about a load it warns about."""
+
+    def load(self, choice, spec, plan, on_progress):
+        session = super().load(choice, spec, plan, on_progress)
+        session.warnings = ("this load is near the GPU's wired limit: replies may slow down",)
+        return session
+
+
+@run_async
+async def test_the_sessions_warnings_are_shown_in_the_banner(tiny_llama_dir, tmp_path):
+    app = RunnerApp(ModelChoice(str(tiny_llama_dir), quant="fp32"), history_path=tmp_path / "history.db",
+                    source=WarningSource())
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await wait_loaded(pilot)
+        banner = chat.query_one("#banner")
+        assert banner.display
+        assert str(banner.render()) == "▲ this load is near the GPU's wired limit: replies may slow down"
