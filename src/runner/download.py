@@ -170,6 +170,9 @@ def hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
     except errors.RepositoryNotFoundError:
         raise HubAccessDenied(f"{repo_id}: no such model on the Hub, or it is private: check the name, or "
                               f"{login} if you have access") from None
+    except errors.LocalEntryNotFoundError:   # hf_hub_download's word for "the Hub did not answer"
+        raise HubUnreachable(f"lost the connection to the Hub at {_endpoint()}: run runner pull {repo_id} again "
+                             "to resume") from None
     except errors.OfflineModeIsEnabled:
         raise HubUnreachable("HF_HUB_OFFLINE is set: runner pull needs the network (unset HF_HUB_OFFLINE)") from None
     except errors.HfHubHTTPError as error:
@@ -231,15 +234,21 @@ def _read_small(repo_id: str, commit: str, remote: RemoteFile) -> bytes:
     if remote.size > SMALL_MAX_BYTES:
         raise RunnerError(f"{repo_id}: {remote.name} is {remote.size:,} bytes; not the file runner expects")
     url = hf_hub_url(repo_id, remote.name, revision=commit)
-    response = get_session().get(url, headers=build_hf_headers(), follow_redirects=True,
-                                 timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
-    hf_raise_for_status(response)
-    data = response.content
+    with get_session().stream("GET", url, headers=build_hf_headers(), follow_redirects=True,
+                              timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as response:
+        if response.status_code >= 400:
+            response.read()
+            hf_raise_for_status(response)
+        data = bytearray()
+        for chunk in response.iter_bytes():
+            data += chunk
+            if len(data) > remote.size:    # never more than the listing says, whatever the server sends
+                break
     digest = remote.new_digest()
     digest.update(data)
     if len(data) != remote.size or not remote.matches(digest):
         raise DamagedDownload(f"{repo_id}: {remote.name} does not match the Hub's listing (size or checksum)")
-    return data
+    return bytes(data)
 
 
 def prepare(repo_id: str, revision: str | None = None) -> Pull:
@@ -299,10 +308,11 @@ def free_space(path: Path) -> int:
 
 
 def human_size(n: int) -> str:
-    """Bytes in decimal units, three digits: 724 MB, 1.23 GB."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+    """Bytes in decimal units, about three digits: 724 MB, 1.23 GB, 1.6 TB."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
         if n >= scale:
-            return f"{n / scale:.3g} {unit}"
+            value = n / scale
+            return f"{value:.3g} {unit}" if value < 100 else f"{value:.0f} {unit}"
     return f"{n} bytes"
 
 
