@@ -268,3 +268,26 @@ def test_ctrl_c_on_host_1_stops_the_ranks_on_both_hosts(fake_hosts, long_run):
     assert "runner: error: stopped (interrupted); every rank was stopped" in run.stderr
     assert "Traceback" not in run.stderr
     assert nothing_left(fake_hosts) == []
+
+
+# ---- the network, measured ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_probe_measures_the_link_in_the_terms_the_plan_takes(fake_hosts):
+    from runner.budget import parse_link
+
+    done = launch(fake_hosts, "--hosts", ",".join(fake_hosts.ips), "--probe", timeout=120)
+    assert done.returncode == 0, done.stderr
+    match = re.search(r"for runner plan: --link (\S+)", done.stdout)
+    assert match, done.stdout
+    link = parse_link(match.group(1))
+    assert 0 < link.latency_s < 0.1 and link.bandwidth_bytes_per_s > 1e6      # a veth: fast, but not free
+    assert f"2 hosts ({', '.join(fake_hosts.ips)}), mx.distributed ring:" in done.stdout
+    assert nothing_left(fake_hosts) == []
+
+
+def test_probe_takes_no_model(fake_hosts):
+    done = launch(fake_hosts, "some-model", "--hosts", ",".join(fake_hosts.ips), "--probe", timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "runner: error: --probe measures the network alone: give no model and no -p"

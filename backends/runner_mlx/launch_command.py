@@ -4,6 +4,7 @@ the mlx backend registers (`MlxBackend.commands`).
     runner launch --backend mlx --hosts 10.0.0.1,10.0.0.2 MODEL -p "Hello"
     runner launch --hostfile hosts.json MODEL --split pipeline -p "Hello"
     runner launch --hosts 10.0.0.1,10.0.0.2 MODEL          # in a terminal: the chat app
+    runner launch --hosts 10.0.0.1,10.0.0.2 --probe        # the network's latency and bandwidth
 
 Rank 0 (the first host) owns the user interface; the other hosts run their share and follow. With
 -p (or a message on stdin when it is not a terminal) rank 0 prints the reply. In a terminal without
@@ -52,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds a rank waits for the others before it gives up (default 120)")
     parser.add_argument("--show-tokens", action="store_true", help="also print the generated token ids")
     parser.add_argument("--verbose", action="store_true", help="show mlx.launch's own messages")
+    parser.add_argument("--probe", action="store_true",
+                        help="no model: measure the latency and bandwidth between the hosts through mx.distributed "
+                             "and print the --link value for runner plan")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,6 +67,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError("give --hosts or --hostfile, not both")
     if args.rank_timeout <= 0:
         raise UserInputError("--rank-timeout must be more than 0 seconds")
+    if args.probe:
+        if args.model is not None or args.prompt is not None:
+            raise UserInputError("--probe measures the network alone: give no model and no -p")
+        get_backend("mlx")
+        from runner_mlx.launcher import probe
+
+        return probe(args.hosts, args.hostfile, 5, args.rank_timeout, args.verbose)
     quant = args.quant or default_quant(args.model)
     args.context = checked_context(args.model, args.context)
     given = {name: getattr(args, name) for name in ONE_SHOT if getattr(args, name) is not None}
