@@ -465,6 +465,31 @@ def test_refuses_what_the_disk_cannot_hold(hub, tmp_path):
     assert not [e for e in hub.log if e["path"].startswith("/cdn/")]
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MB tmpfs, where this machine lets the tests mount one (root in a container)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_refuses_what_a_small_disk_cannot_hold(hub, tmp_path, small_disk):
+    """HF_HOME on a 4 MB filesystem: a 2 MB model is pulled, a 6 MB one is refused before a byte."""
+    hub.repos["test-org/two-mb"] = Repo(small_repo(tmp_path / "two", weights=500_000))
+    hub.repos["test-org/six-mb"] = Repo(small_repo(tmp_path / "six", weights=1_500_000))
+    env = pull_env(HF_HOME=str(small_disk / "hf"))
+    line = one_line_error(runner("pull", "test-org/six-mb", env=env))
+    assert "test-org/six-mb needs 6 MB more" in line and "which has 4." in line and "MB free" in line
+    assert not [e for e in hub.log if e["path"].startswith("/cdn/")]
+    assert runner("pull", "test-org/two-mb", env=env).returncode == 0
+
+
 @pytest.mark.parametrize("status", [401, 403])
 def test_gated_repo_says_accept_the_licence(hub, tmp_path, status):
     hub.repos["test-org/gated"] = Repo(small_repo(tmp_path / "gated"), gated=status)
