@@ -43,8 +43,13 @@ height="${size#*x}"
 cleanup() { tmux kill-session -t "$session" 2>/dev/null || true; }
 trap cleanup EXIT
 
-printf -v chat_command '%q ' "$runner" chat "$@"
-tmux new-session -d -s "$session" -x "$width" -y "$height" "TERM=xterm-256color $chat_command; sleep 600"
+# A tmux server started earlier keeps the environment it started with: pass ours explicitly.
+printf -v chat_command '%q ' env TERM=xterm-256color "RUNNER_HOME=${RUNNER_HOME:-}" \
+    "HF_HUB_CACHE=${HF_HUB_CACHE:-}" "HF_HOME=${HF_HOME:-}" "$runner" chat "$@"
+chat_command="${chat_command//RUNNER_HOME= /}"          # unset ones stay unset, not empty
+chat_command="${chat_command//HF_HUB_CACHE= /}"
+chat_command="${chat_command//HF_HOME= /}"
+tmux new-session -d -s "$session" -x "$width" -y "$height" "$chat_command; sleep 600"
 
 screen() { tmux capture-pane -p -t "$session"; }
 
