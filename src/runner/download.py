@@ -255,7 +255,6 @@ def prepare(repo_id: str, revision: str | None = None) -> Pull:
     """The listing, config.json and the index from the Hub, and the bytes still missing here. No
     file is written."""
     from huggingface_hub import HfApi, constants
-    from huggingface_hub.file_download import repo_folder_name
 
     with hub_errors(repo_id, revision):
         info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
@@ -278,7 +277,7 @@ def prepare(repo_id: str, revision: str | None = None) -> Pull:
     names = [n for n in listing if n in SMALL_FILES or EXTRA_TEMPLATES.fullmatch(n)]
     names += ([INDEX] if index is not None else []) + _weight_names(repo_id, listing, index)
     files = tuple(listing[name] for name in names)
-    storage = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    storage = Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))   # the cache's layout
     snapshot = storage / "snapshots" / commit
     missing = sum(_missing_bytes(storage, snapshot, f) for f in files)
     return Pull(repo_id, revision or "main", commit, files, config, storage, missing, free_space(storage))
