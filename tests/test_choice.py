@@ -8,7 +8,9 @@ import json
 import pytest
 
 from runner.backend import all_quants, backend_names
+from runner.budget import default_model_on_llamacpp
 from runner.choice import resolve
+from runner.default_model import gguf_file
 from runner.cli import main
 from runner.errors import UserInputError
 from runner.hardware import parse_machine
@@ -33,7 +35,12 @@ def outcome(spec, machine, backend, quant):
 
 def test_resolve_fills_in_what_was_not_asked_for():
     smol, cpu = load_spec(SMOL), parse_machine("cpu")
-    assert outcome(smol, cpu, None, None) == ("cuda", "fp32")       # torch on the CPU, full precision
+    # no GPU: llama.cpp on the default model's own GGUF where the backend is installed, else torch fp32
+    expected = ("llamacpp", "gguf") if default_model_on_llamacpp(smol) else ("cuda", "fp32")
+    assert outcome(smol, cpu, None, None) == expected
+    assert outcome(smol, cpu, "cuda", None) == ("cuda", "fp32")      # torch on the CPU, full precision
+    assert outcome(smol, parse_machine("1xRTX4090"), None, None)[0] == "cuda"   # a GPU: llama.cpp not preferred
+    assert outcome(smol, parse_machine("2xM2Ultra-192GB"), None, None)[0] == "mlx"
     assert outcome(smol, cpu, "mlx", None) == ("mlx", "bf16")
     assert outcome(smol, cpu, None, "q4") == ("mlx", "q4")           # only mlx takes q4
     llama70 = load_spec(L70)
@@ -44,6 +51,13 @@ def test_resolve_fills_in_what_was_not_asked_for():
     assert (choice.backend, choice.quant) == ("mlx", "q4")
     assert choice.reason == "you asked for mlx: q4 is its best scheme that fits"
     assert outcome(llama70, parse_machine("cpu-64GB"), "cuda", "q4")[0] == "error"
+    # llama.cpp runs GGUF files as stored: a safetensors model is one line; a GGUF file has no other backend
+    assert outcome(llama70, parse_machine("cpu-64GB"), "llamacpp", None)[0] == "error"
+    assert outcome(llama70, parse_machine("cpu-64GB"), None, "gguf")[0] == "error"
+    gguf = load_spec(str(gguf_file()))
+    for machine in MACHINES:
+        assert outcome(gguf, parse_machine(machine), None, None) == ("llamacpp", "gguf")
+        assert outcome(gguf, parse_machine(machine), "cuda", None)[0] == "error"
 
 
 @pytest.mark.parametrize("machine_name", MACHINES)
@@ -53,7 +67,7 @@ def test_every_front_end_resolves_as_the_core_does(machine_name, capsys):
     from runner.tui.loading import ModelChoice, plan_for
 
     machine = parse_machine(machine_name)
-    for model in catalog_ids():
+    for model in catalog_ids() + [str(gguf_file())]:
         spec = load_spec(model)
         for backend in (None, *backend_names()):
             for quant in (None, *all_quants()):

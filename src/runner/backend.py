@@ -161,6 +161,7 @@ class Backend(Protocol):
 BACKENDS: dict[str, str] = {
     "cuda": "runner_cuda:CudaBackend",
     "mlx": "runner_mlx:MlxBackend",
+    "llamacpp": "runner_llamacpp:LlamaCppBackend",
 }
 
 

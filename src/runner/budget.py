@@ -27,6 +27,7 @@ from runner.model import Linear, ModelSpec
 
 # quant name -> what it is; the CLI accepts these names
 QUANTS = ("bf16", "fp16", "fp32", "fp8", "int8", "nf4", "nf4-nodq", "fp4", "q8", "q4")
+GGUF = "gguf"   # a GGUF file's tensors as stored (llama.cpp): sized from the file, not by a rule
 
 QUANT_DESCRIPTIONS = {
     "bf16": "bfloat16, 2 bytes per weight",
@@ -39,6 +40,7 @@ QUANT_DESCRIPTIONS = {
     "fp4": "bitsandbytes FP4, double quant",
     "q8": "MLX affine 8-bit, group 64: scales + biases per group (embeddings and head too)",
     "q4": "MLX affine 4-bit, group 64: scales + biases per group (embeddings and head too)",
+    "gguf": "a GGUF file as stored (llama.cpp): each tensor in the file's own type (Q4_1, Q4_K, Q8_0, F16 ...)",
 }
 
 BNB_4BIT = ("nf4", "nf4-nodq", "fp4")
@@ -141,6 +143,10 @@ class WeightsBreakdown:
 
 
 def weights_breakdown(model: ModelSpec, quant: str, backend: str = "cuda") -> WeightsBreakdown:
+    if quant == GGUF:   # the bytes the file's tensor table says (runner.gguf)
+        from runner.gguf import gguf_breakdown
+
+        return gguf_breakdown(model)
     if quant not in QUANTS:
         raise UserInputError(f"unknown quantization '{quant}' (known: {', '.join(QUANTS)})")
     plain = compute_bytes(model, quant, backend)
@@ -354,6 +360,8 @@ def preferred_backend(machine: Machine) -> str:
 
 
 def default_backend_for(quant: str, machine: Machine | None = None) -> str:
+    if quant == "gguf":
+        return "llamacpp"
     if quant in ("q4", "q8"):
         return "mlx"
     if machine is not None and machine.is_apple and quant in ("bf16", "fp16"):
@@ -373,6 +381,9 @@ def check_request(model: ModelSpec, quant: str, context: int, batch: int, backen
         others = [name for name in backend_names() if quant in backend_quants(name)]
         raise UserInputError(f"--quant {quant} is not a {backend} scheme (it is {'/'.join(others)}'s); "
                              f"the {backend} backend takes {', '.join(takes)}")
+    if model.source == "gguf" and quant != "gguf":
+        raise UserInputError(f"{model.name} is a GGUF file: llama.cpp runs it as stored (--backend llamacpp "
+                             f"--quant gguf); the {backend} backend loads safetensors folders")
     if context < 1:
         raise UserInputError(f"--context must be a positive number of tokens, not {context}")
     if context > MAX_CONTEXT_LIMIT or context > model.max_context:
@@ -475,7 +486,7 @@ def make_plan(
     warnings: list[str] = []
     notes: list[str] = []
 
-    if backend == "mlx":
+    if backend == "mlx" or (backend == "llamacpp" and machine.is_apple):   # llama.cpp: Metal, unified memory
         placement, verdict, parallel_used = _place_mlx(
             model, machine, breakdown, kv_per_layer, activations, logits, parallel, warnings, notes, balance
         )
@@ -764,6 +775,8 @@ def max_context_that_fits(model: ModelSpec, machine: Machine, quant: str, backen
 
 def candidate_schemes(model: ModelSpec, machine: Machine) -> list[tuple[str, str, str]]:
     """(backend, quant, why) in order of preference for this machine."""
+    if model.source == "gguf":
+        return [("llamacpp", "gguf", "a GGUF file: llama.cpp runs it as stored")]
     small = model.parameter_count() < SMALL_MODEL_PARAMETERS
     if machine.is_apple:
         options = [("mlx", "bf16", "bf16 on MLX: full quality, Metal reads the weights as they are"),
@@ -780,12 +793,31 @@ def candidate_schemes(model: ModelSpec, machine: Machine) -> list[tuple[str, str
             options.append(("cuda", "int8", "LLM.int8: half of bf16 (small models do not survive 4-bit)"))
         return options
     # CPU only (Linux): torch runs on CPU too, and fast; mlx's CPU quantized matmul is slow here
-    return [
+    llamacpp = [("llamacpp", "gguf", LLAMACPP_DEFAULT_WHY)] if default_model_on_llamacpp(model) else []
+    return llamacpp + [
         ("cuda", "fp32", "no GPU: torch on CPU in fp32 is the fast CPU path (SmolLM2-135M: ~16 tok/s measured "
                          "here; mlx on CPU: bf16 8.7, 8-bit 1.2 tok/s)"),
         ("cuda", "bf16", "no GPU: torch on CPU in bf16 halves the memory of fp32"),
         ("cuda", "nf4", "no GPU and bf16 does not fit: bitsandbytes NF4 runs on CPU, slowly"),
     ]
+
+
+# measured by bench/llamacpp_cpu.py on the 2-core VM (bench/RESULTS.md)
+LLAMACPP_DEFAULT_WHY = ("no GPU: llama.cpp runs the default model's own GGUF (Q4_1) as stored, ~5x the tokens/s "
+                        "of torch fp32 on this CPU (bench/llamacpp_cpu.py)")
+
+
+def default_model_on_llamacpp(model: ModelSpec) -> bool:
+    """The default model, the llamacpp backend installed and its GGUF file present: llama.cpp
+    runs it on a CPU far faster than torch does."""
+    from runner.model import DEFAULT_MODEL_ID
+
+    if model.name.lower() != DEFAULT_MODEL_ID.lower():
+        return False
+    from runner.backend import get_backend
+    from runner.gguf import default_model_gguf
+
+    return get_backend("llamacpp", check=False).availability().ok and default_model_gguf() is not None
 
 
 def recommend(model: ModelSpec, machine: Machine, context: int | None = None, kv_bits: int | None = None) -> Recommendation:
@@ -805,6 +837,8 @@ def recommend(model: ModelSpec, machine: Machine, context: int | None = None, kv
     # nothing fits in fast memory: the smallest scheme, with offload if that is possible at all
     smallest = "q4" if machine.is_apple else "nf4"
     backend = "mlx" if machine.is_apple else "cuda"
+    if model.source == "gguf":
+        smallest, backend = "gguf", "llamacpp"
     plan = make_plan(model, machine, smallest, asked, 1, backend, kv_bits=kv_bits)
     if plan.verdict == OFFLOAD:
         longest = max_context_that_fits(model, machine, smallest, backend, allowed=(FITS, OFFLOAD), kv_bits=kv_bits)
@@ -831,18 +865,22 @@ def article_setups(model: ModelSpec, context: int | None = None) -> list[tuple[s
     return [(label, recommend(model, parse_machine(spec), context)) for label, spec in ARTICLE_SETUPS.items()]
 
 
-def schemes_for(machine: Machine, backend: str | None = None) -> list[tuple[str, str]]:
-    """(backend, quant) rows worth showing for this machine; with `backend`, all of its schemes
-    the plan counts."""
+def schemes_for(machine: Machine, backend: str | None = None, model: ModelSpec | None = None) -> list[tuple[str, str]]:
+    """(backend, quant) rows worth showing for this machine (and `model`: a GGUF file has one);
+    with `backend`, all of its schemes the plan counts."""
+    if model is not None and model.source == "gguf":
+        return [("llamacpp", "gguf")]
     if backend is not None:
         from runner.backend import backend_quants
 
-        return [(backend, quant) for quant in QUANTS if quant in backend_quants(backend)]
+        return [(backend, quant) for quant in (*QUANTS, GGUF) if quant in backend_quants(backend)]
     if machine.is_apple:
         return [("mlx", "bf16"), ("mlx", "q8"), ("mlx", "q4")]
     rows = [("cuda", "bf16"), ("cuda", "fp8"), ("cuda", "int8"), ("cuda", "nf4"), ("cuda", "nf4-nodq"), ("cuda", "fp4")]
     if not machine.gpus:
         rows = [("cuda", "fp32")] + rows + [("mlx", "q8"), ("mlx", "q4")]
+        if model is not None and default_model_on_llamacpp(model):
+            rows.insert(0, ("llamacpp", "gguf"))
     return rows
 
 

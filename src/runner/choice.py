@@ -123,6 +123,8 @@ def _best_scheme(spec: ModelSpec, machine: "Machine", backend: str, context: int
     order = [q for b, q, _ in candidate_schemes(spec, machine) if b == backend]
     order += list(backend_class(backend).quality_order)
     order = [q for q in dict.fromkeys(order) if q in allowed] or list(allowed)
+    if not order:   # e.g. `runner rehearse --backend llamacpp`: it rehearses nothing
+        raise UserInputError(f"the {backend} backend offers nothing here (it takes {', '.join(backend_quants(backend))})")
     for quant in order:
         if make_plan(spec, machine, quant, context, batch, backend, kv_bits=kv_bits).verdict == FITS:
             return quant, f"you asked for {backend}: {quant} is its best scheme that fits"
@@ -139,7 +141,7 @@ def open_session(choice: Choice, options: LoadOptions = LoadOptions(),
     refuse_by_plan(choice.plan, options.allow_offload)
     check_kernel(choice.backend, options.kernel)
     backend = get_backend(choice.backend)
-    spec = spec_with_weights(choice.spec, on_progress)
+    spec = spec_with_weights(choice.spec, on_progress, gguf=choice.quant == "gguf")
     if options.chat and spec.path is not None and has_chat_template(spec.path) is False:
         raise UserInputError(
             f"{spec.name} has no chat template: it looks like a base model, not a chat (instruct) model; "
@@ -191,8 +193,14 @@ def options_that_fit(plan: Plan) -> list[str]:
     return options
 
 
-def spec_with_weights(spec: ModelSpec, on_progress: Callable[[LoadProgress], None] | None = None) -> ModelSpec:
-    """The spec to load: imports the default model on first use; refuses a catalog-only entry."""
+def spec_with_weights(spec: ModelSpec, on_progress: Callable[[LoadProgress], None] | None = None,
+                      gguf: bool = False) -> ModelSpec:
+    """The spec to load: imports the default model on first use (`gguf`: its package's GGUF file
+    as it is); refuses a catalog-only entry."""
+    if gguf and spec.source != "gguf" and spec.name.lower() == DEFAULT_MODEL_ID.lower():
+        from runner.gguf import default_gguf_spec
+
+        return default_gguf_spec()
     if spec.path is not None:
         return spec
     if spec.name.lower() == DEFAULT_MODEL_ID.lower():

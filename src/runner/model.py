@@ -325,6 +325,10 @@ def load_spec(model: str | None) -> ModelSpec:
 def _find_spec(model: str) -> ModelSpec:
     folder = Path(model).expanduser()
     if folder.exists():
+        from runner.gguf import find_gguf, spec_from_gguf
+
+        if (gguf := find_gguf(folder)) is not None:   # llama.cpp's format: the metadata is the config
+            return spec_from_gguf(gguf, model)
         config = folder / "config.json" if folder.is_dir() else folder
         if not config.is_file():
             raise ModelNotFound(f"{model}: no config.json in this folder")

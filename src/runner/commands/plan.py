@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     choice = choose(args, batch=batch)
     model, machine, context = choice.spec, choice.machine, choice.context
     rows = [budget.make_plan(model, machine, quant, context, batch, backend, kv_bits=choice.kv_bits)
-            for backend, quant in budget.schemes_for(machine, args.backend)]
+            for backend, quant in budget.schemes_for(machine, args.backend, model)]
     recommendation = budget.recommend(model, machine, context, choice.kv_bits)
     setups = budget.article_setups(model, context) if recommendation.plan.verdict != budget.FITS or machine.hypothetical else []
 
