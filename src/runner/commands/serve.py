@@ -9,7 +9,6 @@ a bounded queue. It binds 127.0.0.1 unless told otherwise, and any other address
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import socket
 import sys
@@ -17,6 +16,7 @@ import time
 
 from runner.commands.options import add_model_arguments, choose, load_options
 from runner.errors import UserInputError
+from runner.server.addresses import is_loopback
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     host = ModelHost(lambda report: open_session(choice, load_options(args), report), context=choice.context,
                      queue_size=args.queue, log=log, on_progress=progress, on_ready=ready, on_failed=failed)
     aliases = {choice.spec.name.rsplit("/", 1)[-1]} | ({args.model} if args.model else set())
-    app = build_app(host, model=choice.spec.name, aliases=aliases, api_key=api_key, log=log)
+    app = build_app(host, model=choice.spec.name, aliases=aliases, api_key=api_key, loopback=is_loopback(args.host),
+                    log=log)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=3)
     server = uvicorn.Server(config)
     log(f"serving on {url} (the model loads in the background: requests get 503 until it is ready)"
@@ -96,15 +97,6 @@ def check_address(host: str, port: int, api_key: str | None) -> None:
     if api_key is None and not is_loopback(host):
         raise UserInputError(f"--host {host} lets other machines reach the model: pass --api-key KEY (or set "
                              "RUNNER_API_KEY), or leave --host at 127.0.0.1")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:   # a host name: it may resolve to anything
-        return False
 
 
 def listen(host: str, port: int) -> socket.socket:

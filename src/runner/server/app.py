@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from runner.server.addresses import is_loopback, url_host
 from runner.server.api import ApiError, GenerationRequest, Reply, parse_chat, parse_completion
 from runner.server.worker import Failed, Finished, Job, ModelHost, Started, Text
 
@@ -31,9 +32,10 @@ BODY_LIMIT = 4 * 1024 * 1024
 REUSED_HEADER = "x-runner-reused-prompt-tokens"
 
 
-def build_app(host: ModelHost, *, model: str, aliases: set[str], api_key: str | None,
+def build_app(host: ModelHost, *, model: str, aliases: set[str], api_key: str | None, loopback: bool,
               log: Callable[[str], None], body_limit: int = BODY_LIMIT) -> Starlette:
-    """`model` is the name /v1/models lists; a request may name it or one of `aliases`."""
+    """`model` is the name /v1/models lists; a request may name it or one of `aliases`. `loopback`:
+    the server listens on a loopback address only."""
     served = (model, *sorted(aliases - {model}))
     created = int(time.time())
 
@@ -148,6 +150,7 @@ def build_app(host: ModelHost, *, model: str, aliases: set[str], api_key: str | 
     )
     if api_key:
         app.add_middleware(RequireKey, key=api_key, on_refused=log)
+    app.add_middleware(SameMachineOnly, check_host=loopback, on_refused=log)
     return app
 
 
@@ -183,6 +186,39 @@ async def cancel_on_disconnect(request: Request, job: Job) -> None:
     job.cancel.set()
 
 
+async def refuse(scope, receive, send, error: ApiError, on_refused: Callable[[str], None]) -> None:
+    on_refused(f"{error.status} {scope['method']} {scope['path']} · {error.message}")
+    await JSONResponse(error.body(), status_code=error.status, headers=error.headers)(scope, receive, send)
+
+
+class SameMachineOnly:
+    """ASGI middleware. Any web page the user opens may send requests to 127.0.0.1: refuse one
+    from a page of another origin (an Origin header that is not loopback), and, when the server
+    listens on loopback only, one whose Host is not a loopback name (DNS rebinding: a page's own
+    name made to resolve to 127.0.0.1). Clients that are not browsers send no Origin."""
+
+    def __init__(self, app, check_host: bool, on_refused: Callable[[str], None]) -> None:
+        self.app = app
+        self.check_host = check_host
+        self.on_refused = on_refused
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            origin = headers.get(b"origin", b"").decode("latin-1")
+            host = headers.get(b"host", b"").decode("latin-1")
+            if origin and not is_loopback(url_host(origin)):
+                error = f"requests from web pages of other origins are refused (Origin: {origin[:100]})"
+            elif self.check_host and host and not is_loopback(url_host(f"//{host}")):
+                error = f"this server answers to loopback names only, not Host: {host[:100]}"
+            else:
+                error = None
+            if error:
+                await refuse(scope, receive, send, ApiError(403, error, code="forbidden"), self.on_refused)
+                return
+        await self.app(scope, receive, send)
+
+
 class RequireKey:
     """ASGI middleware: every request needs `Authorization: Bearer <key>`, compared in constant time."""
 
@@ -195,8 +231,7 @@ class RequireKey:
         if scope["type"] == "http" and not self._allowed(scope):
             error = ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                              code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-            self.on_refused(f"401 {scope['method']} {scope['path']} · missing or wrong API key")
-            await JSONResponse(error.body(), status_code=401, headers=error.headers)(scope, receive, send)
+            await refuse(scope, receive, send, error, self.on_refused)
             return
         await self.app(scope, receive, send)
 
