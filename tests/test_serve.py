@@ -290,7 +290,9 @@ def test_requests_are_checked_field_by_field():
         "max_tokens": 5, "max_completion_tokens": 7, "stop": "\n", "seed": 3, "temperature": 0}, served)
     assert [(m.role, m.content) for m in request.messages] == [("system", "Be brief."), ("user", "Hi there")]
     assert request.max_tokens == 7 and request.stop == ("\n",) and request.seed == 3 and request.temperature == 0.0
-    assert parse_completion({"prompt": ["Once"], "max_tokens": 16.0}, served).max_tokens == 16
+    assert parse_completion({"prompt": ["Once"], "max_tokens": 32.0}, served).max_tokens == 32
+    assert parse_completion({"prompt": "Once", "best_of": 1}, served).max_tokens == 16   # OpenAI's default
+    assert parse_chat({"messages": ask("hi")}, served).max_tokens is None   # as long as the context allows
     for body, param in [
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
         ({"messages": ask("hi"), "top_p": 0}, "top_p"),

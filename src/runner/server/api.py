@@ -71,9 +71,12 @@ def parse_completion(body: dict, served: tuple[str, ...]) -> GenerationRequest:
         raise ApiError(400, "'prompt' must be a string (one prompt per request)", param="prompt")
     if not prompt:
         raise ApiError(400, "'prompt' is empty", param="prompt")
-    _refuse(body, "echo", "best_of", "suffix")
-    return GenerationRequest(chat=False, prompt=prompt, max_tokens=_field(body, "max_tokens", int, minimum=1),
-                             **_sampling(body))
+    _refuse(body, "echo", "suffix")
+    if _field(body, "best_of", int, minimum=1) not in (None, 1):
+        raise ApiError(400, "'best_of' must be 1: runner serve answers one choice per request", param="best_of")
+    max_tokens = _field(body, "max_tokens", int, minimum=1)
+    return GenerationRequest(chat=False, prompt=prompt, max_tokens=16 if max_tokens is None else max_tokens,
+                             **_sampling(body))   # 16: the completions API's default, as OpenAI's
 
 
 def check_model(body: dict, served: tuple[str, ...]) -> None:
