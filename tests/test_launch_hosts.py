@@ -112,6 +112,50 @@ def test_default_model_from_host_1_answers_as_one_process(fake_hosts, default_mo
     assert nothing_left(fake_hosts) == []
 
 
+CHAT = """
+import json, sys
+from runner.backend import Message, Sampling
+from runner.tui.loading import ModelChoice
+from runner_mlx.launcher import request_hosts
+from runner_mlx.remote import LaunchSource
+
+model, hosts = sys.argv[1:3]
+source = LaunchSource(request_hosts(hosts, None, None, 5, rank0_here=True), "pipeline", 256, rank_timeout=60)
+choice = ModelChoice(model, "mlx", "q4", 256)
+spec, plan = source.plan(choice, None)
+session = source.load(choice, spec, plan, None)
+replies = []
+for turn in json.loads(sys.argv[3]):
+    chunks = list(session.stream([Message(**m) for m in turn], Sampling(max_tokens=8)))
+    replies.append([c.token for c in chunks if c.token is not None])
+session.close()
+source.close()
+print(json.dumps(replies))
+"""
+
+
+@pytest.mark.slow
+def test_chat_from_host_1_over_ssh_keeps_one_process_tokens_turn_after_turn(fake_hosts, tiny_llama_dir):
+    """The chat app's source on host 1 (rank 0 serves it there), rank 1 over ssh on host 2: two turns,
+    the second reusing each rank's kept KV cache, each the single process's greedy continuation."""
+    from runner.backend import Message, Sampling
+
+    session = load(tiny_llama_dir, "q4")
+    first = [Message("user", PROMPT)]
+    chunks = list(session.stream(first, Sampling(max_tokens=8)))
+    second = first + [Message("assistant", "".join(c.text for c in chunks)), Message("user", "And of Germany?")]
+    expected = [[c.token for c in chunks if c.token is not None],
+                [c.token for c in session.stream(second, Sampling(max_tokens=8)) if c.token is not None]]
+    session.close()
+    turns = json.dumps([[{"role": m.role, "content": m.content} for m in turn] for turn in (first, second)])
+    done = subprocess.run([*fake_hosts.in_namespace(1), sys.executable, "-c", CHAT, str(tiny_llama_dir),
+                           ",".join(fake_hosts.ips), turns], capture_output=True, text=True, timeout=240,
+                          stdin=subprocess.DEVNULL, env=fake_hosts.env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == expected
+    assert nothing_left(fake_hosts) == []
+
+
 # ---- refused before anything starts ---------------------------------------------------------
 
 
