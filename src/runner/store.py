@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runner.errors import UserInputError
-from runner.model import DEFAULT_MODEL_ID, PARTIAL_PULL_MARKER, hf_hub_cache, snapshot_ready
+from runner.model import PARTIAL_PULL_MARKER, hf_hub_cache, snapshot_ready
 from runner.paths import models_dir
 
 CACHE_KINDS = ("mlx", "nf4-cache")   # models_dir()/<kind>/<folder>: what backends derive from a model
