@@ -17,6 +17,7 @@ import time
 import traceback
 from contextlib import closing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from runner.backend import LoadProgress, Sampling, Session
@@ -222,9 +223,7 @@ class ModelHost:
         if getattr(self.session, "stream_tokens", None) is None or self.session.model.path is None:
             raise ApiError(400, "plain completions are not available for this session; use /v1/chat/completions")
         if self._text_tokenizer is None:   # loaded on the first plain completion only
-            from transformers import AutoTokenizer
-
-            self._text_tokenizer = AutoTokenizer.from_pretrained(str(self.session.model.path))
+            self._text_tokenizer = text_tokenizer(self.session.model.path)
         return list(self._text_tokenizer(request.prompt)["input_ids"])
 
     def _stream(self, ids: list[int], request: GenerationRequest, sampling: Sampling, cancel: threading.Event):
@@ -234,3 +233,17 @@ class ModelHost:
         if stream_tokens is not None:
             return stream_tokens(ids, sampling, cancel)
         return self.session.stream(request.messages, sampling, cancel)
+
+
+def text_tokenizer(path: Path):
+    """The model's own tokenizer for plain text (the Session protocol tokenizes chats only): from
+    its folder, or from the GGUF file a llama.cpp session loads."""
+    from transformers import AutoTokenizer
+
+    try:
+        if path.is_file() and path.suffix == ".gguf":
+            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as error:
+        raise ApiError(400, f"plain completions need the model's tokenizer, which did not load "
+                            f"({str(error)[:200]}); use /v1/chat/completions") from None
