@@ -67,6 +67,7 @@ PRECISION_CLASS = {
     "nf4-nodq": "4-bit",
     "fp4": "4-bit",
     "q4": "4-bit",
+    "gguf": "8-bit",   # a GGUF as stored; llama.cpp also rounds activations to 8 bits for quantized matmuls
 }
 CLASS_ORDER = ("fp32", "16-bit", "8-bit", "4-bit")
 

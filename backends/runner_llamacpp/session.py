@@ -1,0 +1,306 @@
+"""LlamaCppSession: a GGUF model loaded by llama-cpp-python behind runner's Session protocol.
+
+The decode loop is runner's own over `Llama.eval` (one token per step, so cancelling between
+tokens is a flag check) with the same sampling as the other backends (greedy, or temperature and
+top-p with a seed), from the last position's logits.
+
+llama.cpp keeps its KV cache in the context between calls, with the ids in it (`Llama.input_ids`
+up to `Llama.n_tokens`): the next prompt's common prefix with them (`runner.prefix_cache`) is not
+prefilled again; the cache is cut back to it (`llama_memory_seq_rm`), or cleared where it cannot be.
+
+The prompt is the chat template from the GGUF rendered by the core's limited renderer
+(`runner.templates.render`), then tokenized by llama.cpp's own tokenizer with special tokens parsed.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import gc
+import io
+import os
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+from runner.backend import GenerationChunk, LoadProgress, LoadRequest, MemoryReport, Message, Sampling
+from runner.budget import LLAMACPP_BATCH as BATCH   # tokens per llama_decode, as the plan counts them
+from runner.errors import CorruptWeights, GenerationError, LoadError, UserInputError
+from runner.prefix_cache import reusable_prefix
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from runner.budget import Plan
+    from runner.model import ModelSpec
+
+MAX_TEMPLATE_BYTES = 256 * 1024   # llama-cpp-python compiles every template of the file when it loads it
+
+
+def pick_token(logits: "np.ndarray", sampling: Sampling, generator) -> int:
+    """Greedy (temperature 0) or sampled with temperature and nucleus (top-p) from float32 logits,
+    as the cuda backend's `pick_token` does it, in numpy."""
+    import numpy as np
+
+    if sampling.temperature == 0:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / sampling.temperature
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    if sampling.top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        sorted_probs = probs[order]
+        keep = np.cumsum(sorted_probs) - sorted_probs < sampling.top_p   # always at least the first
+        kept = sorted_probs * keep
+        return int(order[generator.choice(len(kept), p=kept / kept.sum())])
+    return int(generator.choice(len(probs), p=probs))
+
+
+class LlamaCppSession:
+    backend = "llamacpp"
+
+    def __init__(self, llm, spec: "ModelSpec", context: int, plan: "Plan | None", template: str | None,
+                 special_tokens: dict[str, str], device_summary: str, warnings: tuple[str, ...],
+                 log) -> None:
+        from runner_llamacpp.compat import eog_ids
+
+        self.llm = llm
+        self.model = self.spec = spec
+        self.quant = "gguf"
+        self.context = context
+        self.plan = plan
+        self.template = template
+        self.special_tokens = special_tokens      # bos_token, eos_token: what templates may name
+        self.device_summary = device_summary
+        self.warnings = warnings
+        self.eos_ids = eog_ids(llm)
+        self._log = log                          # llama.cpp's own lines about this load (buffer sizes)
+        self._lock = threading.Lock()            # one reply at a time
+
+    # ---- prompt ---------------------------------------------------------------------------
+    def tokenize(self, messages: Sequence[Message]) -> list[int]:
+        from runner.templates import render
+
+        if not self.template:
+            raise UserInputError(
+                f"{self.spec.name} has no chat template: it looks like a base model, not a chat (instruct) "
+                "model; runner does not invent a template: use an -Instruct model"
+            )
+        conversation = [{"role": m.role, "content": m.content} for m in messages]
+        text = render(self.template, conversation, self.special_tokens, self.spec.name)
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    # ---- the KV cache llama.cpp keeps -----------------------------------------------------
+    def _reuse(self, prompt: list[int]) -> int:
+        """Cut the context's cache back to its common prefix with `prompt`; how many tokens it keeps."""
+        from runner_llamacpp.compat import cut_cache
+
+        held = self.llm.input_ids[: self.llm.n_tokens].tolist()
+        reused = reusable_prefix(held, prompt)
+        if not cut_cache(self.llm, reused):
+            reused = 0
+            cut_cache(self.llm, 0)
+        self.llm.n_tokens = reused
+        return reused
+
+    # ---- streaming -------------------------------------------------------------------------
+    def stream(
+        self, messages: Sequence[Message], sampling: Sampling, cancel: threading.Event | None = None
+    ) -> Iterator[GenerationChunk]:
+        started = time.perf_counter()
+        return self.stream_tokens(self.tokenize(messages), sampling, cancel, started)
+
+    def stream_tokens(
+        self, prompt: Sequence[int], sampling: Sampling, cancel: threading.Event | None = None,
+        started: float | None = None,
+    ) -> Iterator[GenerationChunk]:
+        """The decode loop, from token ids (checked here, before the generator starts)."""
+        prompt = list(prompt)
+        if not prompt:
+            raise UserInputError("the prompt is empty")
+        if len(prompt) >= self.context:
+            raise UserInputError(
+                f"the prompt is {len(prompt)} tokens but the context is {self.context}: shorten it or raise "
+                f"--context (the model handles up to {self.spec.max_context})"
+            )
+        return self._decode(prompt, sampling, cancel, started or time.perf_counter())
+
+    def _decode(self, prompt: list[int], sampling: Sampling, cancel, started: float) -> Iterator[GenerationChunk]:
+        import numpy as np
+
+        from runner_llamacpp.compat import last_logits
+
+        if not self._lock.acquire(blocking=False):
+            raise GenerationError("this session is already generating a reply")
+        try:
+            limit = min(sampling.max_tokens, self.context - len(prompt))
+            seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8), "little")
+            generator = np.random.default_rng(seed) if sampling.temperature > 0 else None
+            text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            reused = self._reuse(prompt)
+            feed = prompt[reused:]
+            stats = {"prompt_tokens": len(prompt), "prompt_tps": 0.0, "ttft": 0.0, "reused": reused}
+            first_token_at = 0.0
+            generated = 0
+            while True:
+                if cancel is not None and cancel.is_set():
+                    yield self._chunk(text.decode(b"", final=True), None, generated, stats, first_token_at, "cancelled")
+                    return
+                step_started = time.perf_counter()
+                try:
+                    self.llm.eval(feed)
+                except Exception as error:    # llama_decode failed: the cache's state is unknown
+                    self.llm.n_tokens = 0
+                    raise GenerationError(f"llama.cpp failed while generating: {error}") from None
+                token = pick_token(last_logits(self.llm), sampling, generator)
+                generated += 1
+                if generated == 1:
+                    first_token_at = time.perf_counter()
+                    stats["ttft"] = first_token_at - started
+                    stats["prompt_tps"] = len(feed) / max(first_token_at - step_started, 1e-9)
+                if token in self.eos_ids:
+                    yield self._chunk(text.decode(b"", final=True), token, generated, stats, first_token_at, "stop")
+                    return
+                piece = text.decode(self.llm.detokenize([token], special=False))
+                if generated >= limit:
+                    yield self._chunk(piece + text.decode(b"", final=True), token, generated, stats,
+                                      first_token_at, "length")
+                    return
+                yield self._chunk(piece, token, generated, stats, first_token_at, None)
+                feed = [token]
+        finally:
+            self._lock.release()
+
+    def _chunk(self, text, token, generated, stats, first_token_at, finish) -> GenerationChunk:
+        elapsed = time.perf_counter() - first_token_at if generated > 1 else 0.0
+        return GenerationChunk(
+            text=text,
+            token=token,
+            prompt_tokens=stats["prompt_tokens"],
+            prompt_tps=stats["prompt_tps"],
+            generation_tokens=generated,
+            generation_tps=(generated - 1) / elapsed if elapsed > 0 else 0.0,
+            time_to_first_token=stats["ttft"],
+            peak_memory=sum(self._log.buffers().values()),
+            finish_reason=finish,
+            reused_tokens=stats["reused"],
+        )
+
+    # ---- parity ----------------------------------------------------------------------------
+    def logits(self, token_ids: Sequence[int]) -> "np.ndarray":
+        """Every position's logits, BATCH tokens per llama_decode from an empty cache (which is
+        then dropped: the next reply prefills from the start)."""
+        from runner_llamacpp.compat import all_logits
+
+        token_ids = [int(t) for t in token_ids]
+        if not token_ids:
+            raise UserInputError("logits() needs at least one token id")
+        if len(token_ids) > self.context:
+            raise UserInputError(f"{len(token_ids)} tokens is more than this session's context ({self.context})")
+        with self._lock:
+            self.llm.n_tokens = 0
+            try:
+                return all_logits(self.llm, token_ids, BATCH)
+            except RuntimeError as error:
+                raise GenerationError(f"llama.cpp failed while computing logits: {error}") from None
+
+    # ---- memory ----------------------------------------------------------------------------
+    def memory(self) -> MemoryReport:
+        """What llama.cpp said it allocated for this load, per device: the weights' buffer (mapped
+        from the file on a CPU), the KV cache, the compute and output buffers."""
+        planned = {}
+        if self.plan is not None:
+            planned = {share.device: share.total_bytes for share in self.plan.placement if share.total_bytes}
+        measured = self._log.buffers()
+        return MemoryReport(measured=measured, planned=planned, peak=dict(measured))
+
+    def close(self) -> None:
+        if self.llm is None:
+            return
+        self.llm.close()
+        self.llm = None
+        gc.collect()
+
+
+# ---- loading -------------------------------------------------------------------------------
+
+
+def gguf_of(spec: "ModelSpec") -> Path:
+    from runner.gguf import gguf_path
+
+    if spec.source != "gguf":
+        raise UserInputError(f"{spec.name}: the llamacpp backend runs GGUF files; this is a {spec.source} model "
+                             "(config.json and safetensors): use the cuda or mlx backend, or give a .gguf file")
+    return gguf_path(spec)
+
+
+def gpu_layers(request: LoadRequest) -> int:
+    """Decoder layers the plan puts on a GPU (or Metal): llama.cpp's n_gpu_layers (the output
+    layer counts as one more when the head is there too)."""
+    if request.plan is None:
+        return 0
+    on_gpu = [s for s in request.plan.placement if s.kind in ("gpu", "unified")]
+    layers = sum(s.num_layers for s in on_gpu)
+    return layers + (1 if any(s.head for s in on_gpu) else 0)
+
+
+def threads() -> int:
+    """llama.cpp's own default: the physical cores (llama-cpp-python's is half the logical ones)."""
+    import psutil
+
+    return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+
+
+def load_session(request: LoadRequest) -> LlamaCppSession:
+    import llama_cpp
+
+    from runner.gguf import read_gguf
+    from runner_llamacpp.compat import capture_log, special_token_texts
+
+    spec = request.model
+    path = gguf_of(spec)
+    if request.kv_bits is not None:
+        raise UserInputError("--kv-bits: the llamacpp backend keeps its KV cache in f16 here")
+    if request.trust_remote_code:
+        raise UserInputError("the llamacpp backend runs no repository code (--trust-remote-code)")
+    file = read_gguf(path)     # checked before llama.cpp parses it
+    template = file.metadata.get("tokenizer.chat_template")
+    template = template if isinstance(template, str) and template else None
+    if template is not None and len(template.encode()) > MAX_TEMPLATE_BYTES:
+        raise CorruptWeights(f"{path}: its chat template is {len(template.encode()):,} bytes; runner loads "
+                             f"templates of at most {MAX_TEMPLATE_BYTES:,}")
+    offload = gpu_layers(request)
+    warnings = []
+    if offload and not llama_cpp.llama_supports_gpu_offload():
+        warnings.append("this llama-cpp-python was built without CUDA or Metal: every layer runs on the CPU "
+                        "(reinstall it with CMAKE_ARGS=\"-DGGML_CUDA=on\" for NVIDIA GPUs)")
+        offload = 0
+    if request.on_progress is not None:
+        request.on_progress(LoadProgress("loading the GGUF file (llama.cpp)", 0, 1, "files"))
+    log = capture_log()
+    try:
+        # flash attention: the compute buffer stays one ubatch's logits at any context (without it,
+        # 166 MiB instead of 98 at 8k for the default model, no faster). verbose=True: llama-cpp-python would otherwise point the process's stdout and stderr at
+        # /dev/null while it loads (a chat screen drawn meanwhile is lost); its C log comes to
+        # `log`, its own prints are caught here
+        with log.recording(), contextlib.redirect_stderr(io.StringIO()):
+            llm = llama_cpp.Llama(
+                str(path), n_ctx=request.context, n_batch=BATCH, n_ubatch=BATCH, n_gpu_layers=offload,
+                n_threads=threads(), n_threads_batch=threads(), logits_all=False, flash_attn=True, verbose=True,
+            )
+    except (ValueError, RuntimeError, OSError) as error:
+        detail = log.last_error() or str(error)
+        raise LoadError(f"{path}: llama.cpp could not load it ({detail})") from None
+    llm.verbose = False   # no more prints from llama-cpp-python
+    if request.on_progress is not None:
+        request.on_progress(LoadProgress("loading the GGUF file (llama.cpp)", 1, 1, "files"))
+    where = f"{offload} of {spec.num_layers} layers on the GPU" if offload else \
+        f"CPU, {threads()} thread{'s' if threads() != 1 else ''}"
+    summary = (f"llama.cpp {llama_cpp.__version__} ({where}); GGUF as stored: {file.types_in_words()}; "
+               f"context {llm.n_ctx()} tokens")
+    return LlamaCppSession(llm, spec, request.context, request.plan, template, special_token_texts(llm),
+                           summary, tuple(warnings), log)
+
+
+__all__ = ["LlamaCppSession", "load_session", "pick_token", "BATCH"]

