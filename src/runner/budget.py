@@ -238,9 +238,16 @@ def activation_bytes(model: ModelSpec, context: int, batch: int, quant: str) -> 
     return workspace
 
 
-def logits_bytes(model: ModelSpec, batch: int) -> int:
+LLAMACPP_BATCH = 512   # runner_llamacpp's n_batch and n_ubatch: tokens per llama_decode
+
+
+def logits_bytes(model: ModelSpec, batch: int, backend: str = "cuda") -> int:
     """Logits of a prefill chunk: runner's CUDA session and mlx-lm both compute them for the last
-    position only: the lm_head's output in the compute dtype and its fp32 copy."""
+    position only: the lm_head's output in the compute dtype and its fp32 copy. llama.cpp reserves
+    float32 logits for every token of a ubatch in its compute buffer (measured: 98 MiB of the
+    default model's 98.25 MiB, with flash attention, at any context)."""
+    if backend == "llamacpp":
+        return LLAMACPP_BATCH * model.vocab_size * 4
     return model.vocab_size * batch * (2 + 4)
 
 
@@ -482,7 +489,7 @@ def make_plan(
     kv_total = kv_cache_bytes(model, context, batch, quant, backend, kv_bits)
     kv_per_layer = kv_total // model.num_layers
     activations = activation_bytes(model, context, batch, quant)
-    logits = logits_bytes(model, batch)
+    logits = logits_bytes(model, batch, backend)
     warnings: list[str] = []
     notes: list[str] = []
 
