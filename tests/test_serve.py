@@ -120,17 +120,17 @@ def test_answers_503_while_the_model_loads(server):
 
 @pytest.mark.slow
 def test_greedy_reply_equals_runner_generate(client, capsys):
-    assert main(["generate", "-p", QUESTION, "--max-tokens", "24", "--json"]) == 0
+    assert main(["generate", "-p", QUESTION, "--max-tokens", "12", "--json"]) == 0
     generated = json.loads(capsys.readouterr().out)
 
-    reply = client.chat.completions.create(model=MODEL, messages=ask(QUESTION), temperature=0, max_tokens=24)
+    reply = client.chat.completions.create(model=MODEL, messages=ask(QUESTION), temperature=0, max_tokens=12)
     assert reply.choices[0].message.content == generated["text"] and generated["text"].strip()
     assert reply.choices[0].finish_reason == generated["finish_reason"]
     assert reply.usage.prompt_tokens == generated["prompt_tokens"]
     assert reply.usage.completion_tokens == generated["tokens"]
 
     stream = client.chat.completions.create(model=MODEL, messages=ask(QUESTION), temperature=0,
-                                            max_completion_tokens=24, stream=True,
+                                            max_completion_tokens=12, stream=True,
                                             stream_options={"include_usage": True})
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -141,10 +141,10 @@ def test_greedy_reply_equals_runner_generate(client, capsys):
 
 @pytest.mark.slow
 def test_next_turn_reuses_the_kv_cache(http, server):
-    first = http.post("/v1/chat/completions", json={"messages": ask(QUESTION), "temperature": 0, "max_tokens": 16})
+    first = http.post("/v1/chat/completions", json={"messages": ask(QUESTION), "temperature": 0, "max_tokens": 8})
     answer = first.json()["choices"][0]["message"]["content"]
     turns = ask(QUESTION) + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And of Italy?"}]
-    second = http.post("/v1/chat/completions", json={"messages": turns, "temperature": 0, "max_tokens": 16})
+    second = http.post("/v1/chat/completions", json={"messages": turns, "temperature": 0, "max_tokens": 4})
     assert second.status_code == 200, second.text
     reused = int(second.headers["x-runner-reused-prompt-tokens"])
     usage = second.json()["usage"]
@@ -156,24 +156,24 @@ def test_next_turn_reuses_the_kv_cache(http, server):
 @pytest.mark.slow
 def test_stop_strings_seed_and_plain_completions(client):
     whole = client.chat.completions.create(model=MODEL, messages=ask("Name the three primary colors."),
-                                           temperature=0, max_tokens=16).choices[0].message.content
+                                           temperature=0, max_tokens=10).choices[0].message.content
     cut = whole.split()[3]
     stopped = client.chat.completions.create(model=MODEL, messages=ask("Name the three primary colors."),
-                                             temperature=0, max_tokens=16, stop=[cut, "zzz-never"])
+                                             temperature=0, max_tokens=10, stop=[cut, "zzz-never"])
     assert stopped.choices[0].message.content == whole[:whole.index(cut)]
     assert stopped.choices[0].finish_reason == "stop"
 
     sampled = [client.chat.completions.create(model=MODEL, messages=ask("Tell me a fun fact."), temperature=1.0,
-                                              top_p=0.9, seed=7, max_tokens=8).choices[0].message.content
+                                              top_p=0.9, seed=7, max_tokens=5).choices[0].message.content
                for _ in range(2)]
     assert sampled[0] == sampled[1]
 
     completion = client.completions.create(model="SmolLM2-135M-Instruct", prompt="The capital of France is",
-                                           temperature=0, max_tokens=6)
+                                           temperature=0, max_tokens=4)
     assert completion.choices[0].text.strip() and completion.choices[0].finish_reason == "length"
-    assert completion.usage.completion_tokens == 6
+    assert completion.usage.completion_tokens == 4
     streamed = list(client.completions.create(model=MODEL, prompt="The capital of France is", temperature=0,
-                                              max_tokens=6, stream=True))
+                                              max_tokens=4, stream=True))
     assert "".join(c.choices[0].text for c in streamed) == completion.choices[0].text
     assert streamed[-1].choices[0].finish_reason == "length"
     assert [m.id for m in client.models.list()] == [MODEL]
