@@ -248,8 +248,9 @@ def choice_line(choice: Choice) -> str:
     """One line for the top of a load: model, backend, scheme, context, the plan's total and verdict."""
     plan = choice.plan
     shares = ", ".join(f"{s.device} {_gb(s.total_bytes)}" for s in plan.placement if s.total_bytes)
+    where = f" ({shares})" if shares else ""
     return (f"{choice.spec.name} · {choice.backend} · {choice.quant} · {choice.context} tokens of context · "
-            f"plan: {_gb(plan.total_bytes)} ({shares}), {plan.verdict}")
+            f"plan: {_gb(plan.total_bytes)}{where}, {plan.verdict}")
 
 
 def memory_line(memory: MemoryReport, plan: Plan) -> str:
