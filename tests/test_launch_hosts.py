@@ -314,6 +314,44 @@ def test_ctrl_c_on_host_1_stops_the_ranks_on_both_hosts(fake_hosts, long_run):
     assert nothing_left(fake_hosts) == []
 
 
+# ---- what mlx.launch and the ranks said, read back into one line ------------------------------
+
+
+def verdict(lines: list[str]) -> tuple[tuple[int, str | None], list[str]]:
+    """(RankReport's verdict, what it echoed) for these stderr lines of mlx.launch over two remote hosts."""
+    import io
+
+    from runner_mlx.launcher import RankReport
+    from runner_mlx.split import LaunchHost
+
+    hosts = [LaunchHost(ip, ip, False, 2**30, "linux") for ip in ("10.0.0.1", "10.0.0.2")]
+    echoed: list[str] = []
+    report = RankReport(hosts, verbose=False, echo=echoed.append)
+    report.read(io.BytesIO("".join(line + "\n" for line in lines).encode()))
+    return report.verdict(), echoed
+
+
+def test_a_silent_host_is_named_even_after_its_ssh_was_stopped():
+    """A cut link: rank 0 stops on the missing heartbeat; mlx.launch then stops rank 1's ssh (255)."""
+    said = ("runner: error: rank 0 (10.0.0.1): no heartbeat from rank 1 (10.0.0.2) for 5 s while generating: "
+            "that host died, froze or lost the network; stopping this rank")
+    (code, line), echoed = verdict([said, "\x1b[33m[WARN] Node with rank 0 exited with code 6\x1b[0m",
+                                    "[WARN] Node with rank 1 exited with code 255"])
+    assert code == 1 and line == ("rank 1 (10.0.0.2) stopped answering (no heartbeat for 5 s while generating): "
+                                  "the host died, froze or lost the network; every rank was stopped")
+    assert echoed == []                       # the verdict says it; one line in all
+
+
+def test_a_rank_killed_over_ssh_is_the_cause_whichever_exit_comes_first():
+    lost = "runner: error: rank 0 (10.0.0.1): lost the connection to another host while generating"
+    for order in ((0, 1), (1, 0)):
+        exits = {0: "[WARN] Node with rank 0 exited with code 5", 1: "[WARN] Node with rank 1 exited with code 255"}
+        (code, line), echoed = verdict([lost, *(exits[rank] for rank in order)])
+        assert code == 1 and line == ("rank 1 (10.0.0.2) ended without an exit status over ssh (killed, or the "
+                                      "connection dropped); every rank was stopped")
+        assert echoed == [lost]
+
+
 # ---- the network, measured ------------------------------------------------------------------
 
 

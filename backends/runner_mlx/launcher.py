@@ -239,14 +239,16 @@ class RankReport:
             return 0, None
         # the cause is the rank that failed by itself, not one stopped because of it
         followers = (EXIT_STOPPED, EXIT_LOST_PEER, EXIT_SILENT_PEER, -signal.SIGTERM, 128 + signal.SIGTERM)
-        causes = [r for r, code in sorted(self.exits.items()) if code not in followers]
+        # ssh exits 255 when its rank dies, and when mlx.launch stops it because that rank went silent
+        causes = [r for r, code in sorted(self.exits.items())
+                  if code not in followers and not (code == 255 and self.remote(r) and r in self.silent)]
         if not causes and self.silent:           # a host gone quiet: dead, frozen or cut off
             rank = min(self.silent)
             return 1, (f"{self.host(rank)} stopped answering (no heartbeat {self.silent[rank]}): the host "
                        "died, froze or lost the network; every rank was stopped")
         rank = (causes or sorted(self.exits))[0]
         code = self.exits[rank]
-        if code == 255 and rank < len(self.hosts) and not self.hosts[rank].local:
+        if code == 255 and self.remote(rank):
             how = "ended without an exit status over ssh (killed, or the connection dropped)"
         elif code < 0:
             how = f"died (killed by signal {-code}, {signal.Signals(-code).name})"
@@ -257,6 +259,9 @@ class RankReport:
         else:
             how = f"stopped with exit code {code}"
         return (2 if code == 2 else 1), f"{self.host(rank)} {how}; every rank was stopped"
+
+    def remote(self, rank: int) -> bool:
+        return rank < len(self.hosts) and not self.hosts[rank].local
 
     def host(self, rank: int) -> str:
         return f"rank {rank} ({self.hosts[rank].name if rank < len(self.hosts) else f'host {rank}'})"

@@ -15,10 +15,10 @@ Every rank:
     same prompts, samples the same tokens and stops at the same step, the caches stay in step and a
     next turn prefills only its new tokens on every rank.
 A watchdog thread ends the rank with a clear message when the others stop answering (a host died,
-the network dropped, a peer froze), or when the launcher is gone: no rank waits forever. Once the
-ring is up it also exchanges a heartbeat with every other rank (a UDP datagram every half second,
-on each rank's ring address): a host that goes silent is noticed within seconds even in the middle
-of a step, which the per-step limit (--rank-timeout) could only notice after minutes.
+the network dropped, a peer froze), or when the launcher is gone: no rank waits forever. It also
+exchanges a heartbeat with every other rank (a UDP datagram every half second, on each rank's ring
+address): a host heard once and then silent is noticed within seconds, while joining, loading or in
+the middle of a step, which the per-step limit (--rank-timeout) could only notice after minutes.
 """
 
 from __future__ import annotations
@@ -119,8 +119,9 @@ class Watchdog:
 
 class Heartbeat:
     """A datagram to every other rank every BEAT_EVERY seconds, over UDP at each rank's ring address
-    (the ring itself uses TCP there). A rank silent for SILENT_AFTER seconds is dead, frozen or cut
-    off: a collective waiting on it would wait until TCP gives up, many minutes later."""
+    (the ring itself uses TCP there). A rank heard once and then silent for SILENT_AFTER seconds is
+    dead, frozen or cut off: a collective waiting on it would wait until TCP gives up, many minutes
+    later. A rank never heard (still starting, or UDP blocked on the way) is left to the step limit."""
 
     def __init__(self, rank: int, addresses: list[tuple[str, int]], hosts: list[str]):
         self.rank = rank
@@ -129,8 +130,7 @@ class Heartbeat:
         self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.socket.bind(addresses[rank])
         self.socket.setblocking(False)
-        now = time.monotonic()
-        self.heard = dict.fromkeys(self.peers, now)
+        self.heard: dict[int, float | None] = dict.fromkeys(self.peers)
         self.sent = 0.0
 
     @classmethod
@@ -161,9 +161,10 @@ class Heartbeat:
                     self.socket.sendto(f"runner-beat {self.rank}".encode(), address)
                 except OSError:  # no route (our own link is down): the silence says it
                     pass
-        rank, heard = min(self.heard.items(), key=lambda item: item[1])
-        if now - heard > SILENT_AFTER:
-            return rank, host_name(self.hosts, rank), now - heard
+        heard = [(last, rank) for rank, last in self.heard.items() if last is not None]
+        if heard and now - min(heard)[0] > SILENT_AFTER:
+            last, rank = min(heard)
+            return rank, host_name(self.hosts, rank), now - last
         return None
 
     def close(self) -> None:
@@ -463,9 +464,9 @@ def run_rank(args, hosts: list[str], watchdog: Watchdog) -> int:
 
     progress(LoadProgress("joining the other hosts", 0, 0))
     watchdog.enter("joining the ring", args.rank_timeout)
+    watchdog.listen(Heartbeat.from_ring(int(os.environ.get("MLX_RANK", "0")), hosts))
     group = mx.distributed.init(backend="ring", strict=True)
     rank, size = group.rank(), group.size()
-    watchdog.listen(Heartbeat.from_ring(rank, hosts))
 
     watchdog.enter("preparing the model", None)          # a conversion takes as long as it takes
     spec = load_spec(args.model)
