@@ -63,11 +63,9 @@ def test_greedy_reply_is_llama_cpp_pythons_own(session):
     on a second Llama of the same file and threads."""
     import llama_cpp
 
-    from runner_llamacpp.session import threads
-
     text, chunks = reply(session, FRANCE)
     ours = [c.token for c in chunks if c.token is not None]
-    raw = llama_cpp.Llama(str(gguf_file()), n_ctx=1024, n_threads=threads(), n_threads_batch=threads(),
+    raw = llama_cpp.Llama(str(gguf_file()), n_ctx=1024, n_threads=session.threads, n_threads_batch=session.threads,
                           flash_attn=True, verbose=False)
     try:
         theirs = []

@@ -62,7 +62,7 @@ class LlamaCppSession:
 
     def __init__(self, llm, spec: "ModelSpec", context: int, plan: "Plan | None", template: str | None,
                  special_tokens: dict[str, str], device_summary: str, warnings: tuple[str, ...],
-                 log) -> None:
+                 buffers: dict[str, int], threads: int) -> None:
         from runner_llamacpp.compat import eog_ids
 
         self.llm = llm
@@ -75,7 +75,8 @@ class LlamaCppSession:
         self.device_summary = device_summary
         self.warnings = warnings
         self.eos_ids = eog_ids(llm)
-        self._log = log                          # llama.cpp's own lines about this load (buffer sizes)
+        self.buffers = buffers                   # bytes per device llama.cpp allocated for this load
+        self.threads = threads                   # CPU threads llama.cpp computes with
         self._lock = threading.Lock()            # one reply at a time
 
     # ---- prompt ---------------------------------------------------------------------------
@@ -182,7 +183,7 @@ class LlamaCppSession:
             generation_tokens=generated,
             generation_tps=(generated - 1) / elapsed if elapsed > 0 else 0.0,
             time_to_first_token=stats["ttft"],
-            peak_memory=sum(self._log.buffers().values()),
+            peak_memory=sum(self.buffers.values()),
             finish_reason=finish,
             reused_tokens=stats["reused"],
         )
@@ -212,8 +213,7 @@ class LlamaCppSession:
         planned = {}
         if self.plan is not None:
             planned = {share.device: share.total_bytes for share in self.plan.placement if share.total_bytes}
-        measured = self._log.buffers()
-        return MemoryReport(measured=measured, planned=planned, peak=dict(measured))
+        return MemoryReport(measured=dict(self.buffers), planned=planned, peak=dict(self.buffers))
 
     def close(self) -> None:
         if self.llm is None:
@@ -246,10 +246,15 @@ def gpu_layers(request: LoadRequest) -> int:
 
 
 def threads() -> int:
-    """llama.cpp's own default: the physical cores (llama-cpp-python's is half the logical ones)."""
-    import psutil
-
-    return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+    """Threads for llama.cpp: the cores not already busy (1-minute load average), as the cuda
+    backend picks torch's. llama.cpp's OpenMP threads spin while they wait for each other: on the
+    2-core VM at load average 4, 2 threads decoded the default model at 4-6 tokens/s, 1 thread at
+    70. An explicit OMP_NUM_THREADS is respected."""
+    if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, round(cores - busy)))
 
 
 def load_session(request: LoadRequest) -> LlamaCppSession:
@@ -279,6 +284,7 @@ def load_session(request: LoadRequest) -> LlamaCppSession:
     if request.on_progress is not None:
         request.on_progress(LoadProgress("loading the GGUF file (llama.cpp)", 0, 1, "files"))
     log = capture_log()
+    count = threads()
     try:
         # flash attention: the compute buffer stays one ubatch's logits at any context (without it,
         # 166 MiB instead of 98 at 8k for the default model, no faster). verbose=True: llama-cpp-python would otherwise point the process's stdout and stderr at
@@ -287,7 +293,7 @@ def load_session(request: LoadRequest) -> LlamaCppSession:
         with log.recording(), contextlib.redirect_stderr(io.StringIO()):
             llm = llama_cpp.Llama(
                 str(path), n_ctx=request.context, n_batch=BATCH, n_ubatch=BATCH, n_gpu_layers=offload,
-                n_threads=threads(), n_threads_batch=threads(), logits_all=False, flash_attn=True, verbose=True,
+                n_threads=count, n_threads_batch=count, logits_all=False, flash_attn=True, verbose=True,
             )
     except (ValueError, RuntimeError, OSError) as error:
         detail = log.last_error() or str(error)
@@ -296,11 +302,11 @@ def load_session(request: LoadRequest) -> LlamaCppSession:
     if request.on_progress is not None:
         request.on_progress(LoadProgress("loading the GGUF file (llama.cpp)", 1, 1, "files"))
     where = f"{offload} of {spec.num_layers} layers on the GPU" if offload else \
-        f"CPU, {threads()} thread{'s' if threads() != 1 else ''}"
+        f"CPU, {count} thread{'s' if count != 1 else ''}"
     summary = (f"llama.cpp {llama_cpp.__version__} ({where}); GGUF as stored: {file.types_in_words()}; "
                f"context {llm.n_ctx()} tokens")
     return LlamaCppSession(llm, spec, request.context, request.plan, template, special_token_texts(llm),
-                           summary, tuple(warnings), log)
+                           summary, tuple(warnings), log.buffers(), count)
 
 
 __all__ = ["LlamaCppSession", "load_session", "pick_token", "BATCH"]
