@@ -128,8 +128,10 @@ def test_generate_imports_a_damaged_default_model_again(default_model_dir, tmp_p
     with weights.open("r+b") as file:
         file.truncate(1000)
     env = dict(os.environ, RUNNER_HOME=str(tmp_path), HF_HOME=str(tmp_path / "hf"))
+    # --backend cuda: the import is for the safetensors backends (llamacpp runs the package's GGUF as it is)
     done = subprocess.run([sys.executable, "-m", "runner.cli", "generate", "-p", "What is the capital of France?",
-                           "--max-tokens", "8"], capture_output=True, text=True, env=env, timeout=600)
+                           "--max-tokens", "8", "--backend", "cuda"], capture_output=True, text=True, env=env,
+                          timeout=600)
     assert done.returncode == 0, done.stderr
     assert "Paris" in done.stdout and "download" not in done.stderr
     assert weights.stat().st_size == (default_model_dir / "model.safetensors").stat().st_size

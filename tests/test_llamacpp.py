@@ -183,3 +183,19 @@ def test_a_gguf_llama_cpp_refuses_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"runner: error: {path}: llama.cpp could not load it ("), err
     assert "Traceback" not in "\n".join(err)
+
+
+def test_kv_bits_quantize_llama_cpps_kv_cache_as_the_plan_counts(session):
+    """--kv-bits 8 / 4: ggml's Q8_0 / Q4_0 KV cache, whose bytes the plan counts exactly."""
+    full = session.memory().measured["cpu"]
+    assert abs(session.kv_cache_bytes - session.plan.kv_cache_bytes) < 2**20 / 100   # f16, as planned
+    for bits in (8, 4):
+        choice = resolve(load_spec(DEFAULT_MODEL_ID), detect_machine(), "llamacpp", None, 1024, kv_bits=bits)
+        quantized = open_session(choice)
+        try:
+            assert f"KV cache {bits}-bit" in quantized.device_summary
+            assert "Paris" in reply(quantized, [Message("user", "Name the capital city of France.")])[0]
+            assert quantized.memory().measured["cpu"] < full
+            assert abs(quantized.kv_cache_bytes - choice.plan.kv_cache_bytes) < 2**20 / 100   # logged in MiB, 2 decimals
+        finally:
+            quantized.close()

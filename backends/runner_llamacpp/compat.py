@@ -65,6 +65,13 @@ class LoadLog:
             sizes[device] = sizes.get(device, 0) + round(float(mib) * 1024**2)
         return sizes
 
+    def kinds(self) -> dict[str, int]:
+        """Bytes per kind of buffer, over all devices: "model", "KV", "compute", "output"."""
+        sizes: dict[str, int] = {}
+        for _buffer, kind, mib in BUFFER_LINE.findall(self.text()):
+            sizes[kind] = sizes.get(kind, 0) + round(float(mib) * 1024**2)
+        return sizes
+
     def last_error(self) -> str:
         errors = [" ".join(text.split()) for level, text in self.lines if level == ERROR_LEVEL and text.strip()]
         return errors[-1][:300] if errors else ""

@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     from runner.budget import Plan
     from runner.model import ModelSpec
 
+# --kv-bits -> ggml's KV cache type: Q8_0 (34 bytes per 32 values) and Q4_0 (18 per 32) are the
+# plan's kv_dtype_bytes exactly (bits/8 + a 2-byte scale per 32); V quantized needs flash attention
+KV_TYPES = {8: 8, 4: 2}       # GGML_TYPE_Q8_0, GGML_TYPE_Q4_0
 MAX_TEMPLATE_BYTES = 256 * 1024   # llama-cpp-python compiles every template of the file when it loads it
 
 
@@ -62,7 +65,7 @@ class LlamaCppSession:
 
     def __init__(self, llm, spec: "ModelSpec", context: int, plan: "Plan | None", template: str | None,
                  special_tokens: dict[str, str], device_summary: str, warnings: tuple[str, ...],
-                 buffers: dict[str, int], threads: int) -> None:
+                 log, threads: int) -> None:
         from runner_llamacpp.compat import eog_ids
 
         self.llm = llm
@@ -75,7 +78,8 @@ class LlamaCppSession:
         self.device_summary = device_summary
         self.warnings = warnings
         self.eos_ids = eog_ids(llm)
-        self.buffers = buffers                   # bytes per device llama.cpp allocated for this load
+        self.buffers = log.buffers()             # bytes per device llama.cpp allocated for this load
+        self.kv_cache_bytes = log.kinds().get("KV", 0)   # ... of which its KV cache
         self.threads = threads                   # CPU threads llama.cpp computes with
         self._lock = threading.Lock()            # one reply at a time
 
@@ -265,8 +269,7 @@ def load_session(request: LoadRequest) -> LlamaCppSession:
 
     spec = request.model
     path = gguf_of(spec)
-    if request.kv_bits is not None:
-        raise UserInputError("--kv-bits: the llamacpp backend keeps its KV cache in f16 here")
+    kv_type = KV_TYPES.get(request.kv_bits)      # None: f16
     if request.trust_remote_code:
         raise UserInputError("the llamacpp backend runs no repository code (--trust-remote-code)")
     file = read_gguf(path)     # checked before llama.cpp parses it
@@ -294,6 +297,7 @@ def load_session(request: LoadRequest) -> LlamaCppSession:
             llm = llama_cpp.Llama(
                 str(path), n_ctx=request.context, n_batch=BATCH, n_ubatch=BATCH, n_gpu_layers=offload,
                 n_threads=count, n_threads_batch=count, logits_all=False, flash_attn=True, verbose=True,
+                type_k=kv_type, type_v=kv_type,
             )
     except (ValueError, RuntimeError, OSError) as error:
         detail = log.last_error() or str(error)
@@ -303,10 +307,11 @@ def load_session(request: LoadRequest) -> LlamaCppSession:
         request.on_progress(LoadProgress("loading the GGUF file (llama.cpp)", 1, 1, "files"))
     where = f"{offload} of {spec.num_layers} layers on the GPU" if offload else \
         f"CPU, {count} thread{'s' if count != 1 else ''}"
+    kv = f"; KV cache {request.kv_bits}-bit" if request.kv_bits else ""
     summary = (f"llama.cpp {llama_cpp.__version__} ({where}); GGUF as stored: {file.types_in_words()}; "
-               f"context {llm.n_ctx()} tokens")
+               f"context {llm.n_ctx()} tokens{kv}")
     return LlamaCppSession(llm, spec, request.context, request.plan, template, special_token_texts(llm),
-                           summary, tuple(warnings), log.buffers(), count)
+                           summary, tuple(warnings), log, count)
 
 
 __all__ = ["LlamaCppSession", "load_session", "pick_token", "BATCH"]
