@@ -143,7 +143,9 @@ def test_backends_register_their_own_commands():
 
 def test_kernel_names_are_the_backends_own(capsys):
     for argv, message in (
-        (["generate", "-p", "hi", "--kernel", "foo"], "--kernel foo: not a kernel of the cuda backend; it takes cuda"),
+        (["generate", "-p", "hi", "--backend", "cuda", "--kernel", "foo"],
+         "--kernel foo: not a kernel of the cuda backend; it takes cuda"),
+        (["generate", "-p", "hi", "--backend", "llamacpp", "--kernel", "cuda"], "it has no kernels to choose from"),
         (["generate", "-p", "hi", "--backend", "mlx", "--kernel", "cuda"], "it has no kernels to choose from"),
         (["rehearse", "--layers", "1", "--kernel", "x"], "--kernel x: not a kernel of the cuda backend"),
     ):
