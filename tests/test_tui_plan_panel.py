@@ -4,7 +4,7 @@ from runner.backend import MemoryReport
 from runner.budget import make_plan
 from runner.hardware import parse_machine
 from runner.model import load_spec
-from runner.tui.screens.chat import pressure_warning
+from runner.tui.widgets.banner import pressure_warning
 from runner.tui.widgets.plan_panel import BAR_WIDTH, device_bar, render_plan
 
 LLAMA_8B = "meta-llama/Llama-3.1-8B-Instruct"
