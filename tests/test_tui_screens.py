@@ -251,8 +251,9 @@ async def test_a_paste_typed_as_33_kb_of_keys_does_not_freeze_the_message_box(hi
         # the keys that follow still edit where they should
         await pilot.press("home", "x", "end", "backspace")
         assert prompt.value == "x" + text
-        # a bracketed paste of several lines keeps them all
+        # a bracketed paste of several lines keeps them all, and shows its end (where the cursor is)
         prompt.value = ""
-        prompt.post_message(events.Paste("first line\nsecond line"))
-        await pilot.pause(0.1)
-        assert prompt.value == "first line second line"
+        prompt.post_message(events.Paste("first line\n" + "lorem ipsum " * 300 + "\nlast line"))
+        await pilot.pause(0.2)
+        assert prompt.value == "first line " + "lorem ipsum " * 300 + " last line"
+        assert prompt.scroll_x == prompt.max_scroll_x > 0

@@ -34,6 +34,10 @@ class PromptInput(Input):
         event.prevent_default()
         self.insert_typed()
         self.insert_at_cursor(" ".join(event.text.splitlines()))
+        # Input scrolls to the cursor before the new text is laid out: a long paste stayed
+        # scrolled to its start, the cursor out of sight; scroll again once it is laid out
+        if self.cursor_at_end:
+            self.call_after_refresh(lambda: self.scroll_to(x=self.max_scroll_x, animate=False))
 
     def insert_typed(self) -> None:
         """Insert the characters kept so far, in one edit."""
