@@ -227,3 +227,10 @@ def test_a_changed_file_is_read_again(tmp_path):
     assert read_gguf(path).tensors[0].shape == (32, 16)
     path.write_bytes(gguf_bytes(tensors=[("token_embd.weight", (32, 8)), *TINY_TENSORS[1:]]) + b"\0" * 7)
     assert read_gguf(path).tensors[0].shape == (32, 8)
+
+
+def test_rehearse_on_llamacpp_is_one_line(capsys):
+    """llama.cpp rehearses nothing (it would need random weights in the file's own types)."""
+    assert main(["rehearse", "--backend", "llamacpp"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "runner: error: the llamacpp backend has no scheme for this command (it takes gguf)"]
