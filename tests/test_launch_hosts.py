@@ -303,6 +303,53 @@ def test_a_link_cut_mid_reply_is_noticed_within_seconds_and_ends_every_rank(fake
     assert left == []
 
 
+def loading(hosts, model) -> LongRun:
+    """A run of `model` whose ring is up and whose ranks are loading their layers."""
+    single_process(model, "q4", 1)                          # converted once, before the ranks start
+    run = LongRun(hosts, model)
+    deadline = time.monotonic() + 120
+    while not any("comparing the model with the other hosts" in line for line in run.lines):
+        if run.process.poll() is not None or time.monotonic() > deadline:
+            run.end()
+            pytest.fail("the ranks did not join: " + run.stderr)
+        time.sleep(0.05)
+    return run
+
+
+@pytest.mark.slow
+def test_a_link_cut_while_loading_is_noticed_within_seconds(fake_hosts, default_model_dir):
+    run = loading(fake_hosts, default_model_dir)
+    try:
+        fake_hosts.cut(2)
+        seconds = run.seconds_to_end(60)
+        line = assert_one_error_line(run.stderr)
+        left = nothing_left(fake_hosts)
+    finally:
+        fake_hosts.mend(2)
+        run.end()
+    assert seconds < 20, run.stderr
+    assert re.fullmatch(rf"runner: error: rank 1 \({re.escape(fake_hosts.ips[1])}\) stopped answering \(no "
+                        r"heartbeat for \d+ s while .+\): the host died, froze or lost the network; every rank was "
+                        r"stopped", line), line
+    assert left == []
+
+
+@pytest.mark.slow
+def test_runner_stopped_while_a_host_is_cut_off_leaves_nothing_on_either_host(fake_hosts, default_model_dir):
+    """Nobody reads the ranks' stderr any more and host 2 cannot be reached to be stopped: each rank
+    stops by itself (host 1's: its ssh session is gone; host 2's: no heartbeat)."""
+    run = loading(fake_hosts, default_model_dir)
+    try:
+        fake_hosts.cut(2)
+        run.process.terminate()
+        assert run.seconds_to_end(30) < 20
+        left = nothing_left(fake_hosts)
+    finally:
+        fake_hosts.mend(2)
+        run.end()
+    assert left == []
+
+
 @pytest.mark.slow
 def test_ctrl_c_on_host_1_stops_the_ranks_on_both_hosts(fake_hosts, long_run):
     run = long_run(on_host=1)

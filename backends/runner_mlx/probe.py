@@ -80,6 +80,7 @@ def probe(hosts: list[str], rank_timeout: float, watchdog) -> int:
     watchdog.enter("joining the ring", rank_timeout)
     watchdog.listen(Heartbeat.from_ring(int(os.environ.get("MLX_RANK", "0")), hosts))
     group = mx.distributed.init(backend="ring", strict=True)
+    watchdog.joined()
     watchdog.enter("measuring the network", rank_timeout)
     small = all_reduce_seconds(group, 1, SMALL_ROUNDS)
     large = all_reduce_seconds(group, LARGE_BYTES // 4, LARGE_ROUNDS)

@@ -17,8 +17,8 @@ Every rank:
 A watchdog thread ends the rank with a clear message when the others stop answering (a host died,
 the network dropped, a peer froze), or when the launcher is gone: no rank waits forever. It also
 exchanges a heartbeat with every other rank (a UDP datagram every half second, on each rank's ring
-address): a host heard once and then silent is noticed within seconds, while joining, loading or in
-the middle of a step, which the per-step limit (--rank-timeout) could only notice after minutes.
+address): a host that goes silent is noticed within seconds, while loading or in the middle of a
+step, which the per-step limit (--rank-timeout) could only notice after minutes.
 """
 
 from __future__ import annotations
@@ -79,13 +79,22 @@ class Watchdog:
     def beat(self) -> None:
         self.last_beat = time.monotonic()
 
+    def joined(self) -> None:
+        """The ring is up: every peer was alive just now, heard yet or not."""
+        heartbeat = self.heartbeat
+        if heartbeat is not None:
+            heartbeat.joined = time.monotonic()
+
     def listen(self, heartbeat: "Heartbeat | None") -> None:
         """Exchange heartbeats with the other ranks from now on (None: stop, the run is ending)."""
         with self._lock:
             self.heartbeat = heartbeat
 
     def _stop(self, message: str, code: int) -> None:
-        print(f"runner: error: {self.name}: {message}", file=sys.stderr, flush=True)
+        try:
+            print(f"runner: error: {self.name}: {message}", file=sys.stderr, flush=True)
+        except OSError:      # nobody reads stderr any more (the launcher and its ssh are gone): exit all the same
+            pass
         os._exit(code)
 
     def _watch(self) -> None:
@@ -119,9 +128,10 @@ class Watchdog:
 
 class Heartbeat:
     """A datagram to every other rank every BEAT_EVERY seconds, over UDP at each rank's ring address
-    (the ring itself uses TCP there). A rank heard once and then silent for SILENT_AFTER seconds is
-    dead, frozen or cut off: a collective waiting on it would wait until TCP gives up, many minutes
-    later. A rank never heard (still starting, or UDP blocked on the way) is left to the step limit."""
+    (the ring itself uses TCP there). A rank silent for SILENT_AFTER seconds since it was last heard,
+    or since the ring came up (which proves every rank alive), is dead, frozen or cut off: a
+    collective waiting on it would wait until TCP gives up, many minutes later. Before the ring is
+    up, a rank never heard (still starting) is left to the step limit."""
 
     def __init__(self, rank: int, addresses: list[tuple[str, int]], hosts: list[str]):
         self.rank = rank
@@ -131,6 +141,7 @@ class Heartbeat:
         self.socket.bind(addresses[rank])
         self.socket.setblocking(False)
         self.heard: dict[int, float | None] = dict.fromkeys(self.peers)
+        self.joined: float | None = None    # when the ring came up: every peer was alive then
         self.sent = 0.0
 
     @classmethod
@@ -161,7 +172,7 @@ class Heartbeat:
                     self.socket.sendto(f"runner-beat {self.rank}".encode(), address)
                 except OSError:  # no route (our own link is down): the silence says it
                     pass
-        heard = [(last, rank) for rank, last in self.heard.items() if last is not None]
+        heard = [(last or self.joined, rank) for rank, last in self.heard.items() if (last or self.joined)]
         if heard and now - min(heard)[0] > SILENT_AFTER:
             last, rank = min(heard)
             return rank, host_name(self.hosts, rank), now - last
@@ -466,6 +477,7 @@ def run_rank(args, hosts: list[str], watchdog: Watchdog) -> int:
     watchdog.enter("joining the ring", args.rank_timeout)
     watchdog.listen(Heartbeat.from_ring(int(os.environ.get("MLX_RANK", "0")), hosts))
     group = mx.distributed.init(backend="ring", strict=True)
+    watchdog.joined()
     rank, size = group.rank(), group.size()
 
     watchdog.enter("preparing the model", None)          # a conversion takes as long as it takes
