@@ -799,19 +799,24 @@ def candidate_schemes(model: ModelSpec, machine: Machine) -> list[tuple[str, str
         if small:
             options.append(("cuda", "int8", "LLM.int8: half of bf16 (small models do not survive 4-bit)"))
         return options
-    # CPU only (Linux): torch runs on CPU too, and fast; mlx's CPU quantized matmul is slow here
+    # CPU only (Linux): torch runs on CPU too, and fast; mlx's CPU quantized matmul is slow here.
+    # llama.cpp decodes the default model ~5x faster, but its 8-bit activations change the 135M
+    # model's answers (README's first question: "L'Étoile…" instead of Paris), so it comes after
+    # the torch schemes that keep them.
     llamacpp = [("llamacpp", "gguf", LLAMACPP_DEFAULT_WHY)] if default_model_on_llamacpp(model) else []
-    return llamacpp + [
-        ("cuda", "fp32", "no GPU: torch on CPU in fp32 is the fast CPU path (SmolLM2-135M: ~16 tok/s measured "
-                         "here; mlx on CPU: bf16 8.7, 8-bit 1.2 tok/s)"),
+    return [
+        ("cuda", "fp32", "no GPU: torch on CPU in fp32 is the fast CPU path that keeps the model's answers "
+                         "(SmolLM2-135M: ~16 tok/s measured here; mlx on CPU: bf16 8.7, 8-bit 1.2 tok/s; "
+                         "llama.cpp's GGUF ~5x faster but with changed answers: --backend llamacpp)"),
         ("cuda", "bf16", "no GPU: torch on CPU in bf16 halves the memory of fp32"),
+        *llamacpp,
         ("cuda", "nf4", "no GPU and bf16 does not fit: bitsandbytes NF4 runs on CPU, slowly"),
     ]
 
 
 # measured by bench/llamacpp_cpu.py on the 2-core VM (bench/RESULTS.md)
-LLAMACPP_DEFAULT_WHY = ("no GPU: llama.cpp runs the default model's own GGUF (Q4_1) as stored, ~5x the tokens/s "
-                        "of torch fp32 on this CPU (bench/llamacpp_cpu.py)")
+LLAMACPP_DEFAULT_WHY = ("no GPU and torch's fp32/bf16 do not fit: llama.cpp runs the default model's own GGUF "
+                        "(Q4_1) as stored, ~5x the tokens/s of torch fp32 on this CPU (bench/llamacpp_cpu.py)")
 
 
 def default_model_on_llamacpp(model: ModelSpec) -> bool:
