@@ -57,9 +57,10 @@ def spec_and_plan(choice: ModelChoice, machine: Machine) -> tuple[ModelSpec, Pla
     return spec, plan_for(choice, spec, machine)
 
 
-def weights_spec(choice: ModelChoice, spec: ModelSpec, on_progress: Callable[[LoadProgress], None]) -> ModelSpec:
-    """The spec to load: imports the default model on first use; refuses a catalog-only entry."""
-    return spec_with_weights(spec, on_progress)
+def weights_spec(spec: ModelSpec, plan: Plan, on_progress: Callable[[LoadProgress], None]) -> ModelSpec:
+    """The spec to load as planned: imports the default model on first use (not for llama.cpp,
+    which loads its package's GGUF as it is); refuses a catalog-only entry."""
+    return spec_with_weights(spec, on_progress, gguf=plan.quant == "gguf")
 
 
 def load_session(

@@ -55,7 +55,7 @@ class ModelLoader:
         try:
             spec, plan = app.source.plan(choice, app.machine())
             self.host.post_message(msg.PlanReady(load_id, plan))
-            spec = weights_spec(choice, spec, progress)
+            spec = weights_spec(spec, plan, progress)
             session = app.source.load(choice, spec, plan, progress)
         except RunnerError as error:
             self.host.post_message(msg.LoadFailed(load_id, str(error)))
