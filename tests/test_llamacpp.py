@@ -199,3 +199,13 @@ def test_kv_bits_quantize_llama_cpps_kv_cache_as_the_plan_counts(session):
             assert abs(quantized.kv_cache_bytes - choice.plan.kv_cache_bytes) < 2**20 / 100   # logged in MiB, 2 decimals
         finally:
             quantized.close()
+
+
+def test_plain_text_is_tokenized_as_the_torch_backend_does(session, default_model_dir):
+    """`encode` (the Session protocol's plain-text tokens, what serve's /v1/completions sends):
+    llama.cpp's tokenizer from the GGUF gives the ids the model's own HF tokenizer gives."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(default_model_dir))
+    for text in ("Hello world", "The capital of France is", "  spaces, 'quotes' and ünïcödé\n"):
+        assert session.encode(text) == hf(text)["input_ids"], text

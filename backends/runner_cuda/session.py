@@ -160,6 +160,9 @@ class CudaSession:
             )
         return chat_token_ids(self.tokenizer, messages, self.spec.name)   # rendered with limits
 
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
     # ---- the three steps a fast path replaces ----------------------------------------------
     def new_cache(self):
         from transformers import DynamicCache

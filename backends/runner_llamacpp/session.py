@@ -96,6 +96,11 @@ class LlamaCppSession:
         text = render(self.template, conversation, self.special_tokens, self.spec.name)
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
+    def encode(self, text: str) -> list[int]:
+        """Plain text as llama.cpp tokenizes it, with a BOS where the file says its model wants one."""
+        add_bos = str(self.llm.metadata.get("tokenizer.ggml.add_bos_token", "false")).lower() == "true"
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
+
     # ---- the KV cache llama.cpp keeps -----------------------------------------------------
     def _reuse(self, prompt: list[int]) -> int:
         """Cut the context's cache back to its common prefix with `prompt`; how many tokens it keeps."""

@@ -62,6 +62,9 @@ class MlxSession:
             )
         return chat_token_ids(self._tokenizer, messages, self.model.name)   # rendered with limits
 
+    def encode(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text))
+
     def stream(
         self, messages: Sequence[Message], sampling: Sampling, cancel: threading.Event | None = None
     ) -> Iterator[GenerationChunk]:

@@ -126,6 +126,14 @@ class Session(Protocol):
     ) -> Iterator[GenerationChunk]:
         """Stream a reply. Setting `cancel` stops between tokens; the last chunk says why it ended."""
 
+    def encode(self, text: str) -> list[int]:
+        """Token ids of plain text, as the model's tokenizer makes them (no chat template)."""
+
+    def stream_tokens(
+        self, prompt: Sequence[int], sampling: Sampling, cancel: threading.Event | None = None
+    ) -> Iterator[GenerationChunk]:
+        """Stream a reply to ready-made token ids (what `stream` does after the chat template)."""
+
     def logits(self, token_ids: Sequence[int]) -> "np.ndarray":
         """float32 next-token logits for every position: shape (len(token_ids), vocab)."""
 

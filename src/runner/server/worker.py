@@ -17,7 +17,6 @@ import time
 import traceback
 from contextlib import closing
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 from runner.backend import LoadProgress, Sampling, Session
@@ -89,7 +88,6 @@ class ModelHost:
         self._waiting: queue.Queue[Job | None] = queue.Queue()   # bounded by `submit`
         self._current: Job | None = None
         self._submitted = 0
-        self._text_tokenizer = None
         self._thread = threading.Thread(target=self._run, name="runner-model", daemon=True)
 
     # ---- the event loop's side -------------------------------------------------------------
@@ -220,30 +218,8 @@ class ModelHost:
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
         if request.chat:
             return list(self.session.tokenize(request.messages))
-        if getattr(self.session, "stream_tokens", None) is None or self.session.model.path is None:
-            raise ApiError(400, "plain completions are not available for this session; use /v1/chat/completions")
-        if self._text_tokenizer is None:   # loaded on the first plain completion only
-            self._text_tokenizer = text_tokenizer(self.session.model.path)
-        return list(self._text_tokenizer(request.prompt)["input_ids"])
+        return list(self.session.encode(request.prompt))
 
     def _stream(self, ids: list[int], request: GenerationRequest, sampling: Sampling, cancel: threading.Event):
-        """From the ids already counted where the session takes ids (both local backends), else
-        through the protocol's `stream(messages)`."""
-        stream_tokens = getattr(self.session, "stream_tokens", None)
-        if stream_tokens is not None:
-            return stream_tokens(ids, sampling, cancel)
-        return self.session.stream(request.messages, sampling, cancel)
-
-
-def text_tokenizer(path: Path):
-    """The model's own tokenizer for plain text (the Session protocol tokenizes chats only): from
-    its folder, or from the GGUF file a llama.cpp session loads."""
-    from transformers import AutoTokenizer
-
-    try:
-        if path.is_file() and path.suffix == ".gguf":
-            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as error:
-        raise ApiError(400, f"plain completions need the model's tokenizer, which did not load "
-                            f"({str(error)[:200]}); use /v1/chat/completions") from None
+        """From the ids already counted (and checked against the context)."""
+        return self.session.stream_tokens(ids, sampling, cancel)
