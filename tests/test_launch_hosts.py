@@ -193,13 +193,15 @@ def test_a_model_missing_on_one_host_is_refused_before_any_rank_starts(fake_host
 
 
 @pytest.mark.slow
-def test_a_different_model_on_one_host_stops_every_rank(fake_hosts, tiny_llama_dir, tmp_path):
+def test_a_different_model_on_one_host_stops_every_rank(fake_hosts, tiny_llama_dir, tmp_path, runner_home):
     model = copy_model(tiny_llama_dir, tmp_path / "tiny")
     other = copy_model(tiny_llama_dir, tmp_path / "tiny-other")
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-6}))
     h1, h2 = fake_hosts.ips
-    with fake_hosts.replaced(2, model, other):
+    (runner_home / "cache").mkdir(exist_ok=True)
+    # host 2 converts into a cache of its own, as a separate machine would (the shared one is keyed by name)
+    with fake_hosts.replaced(2, model, other), fake_hosts.hidden(2, runner_home / "cache"):
         done = launch(fake_hosts, str(model), "--hosts", f"{h1},{h2}", "--split", "pipeline", "--quant", "q4",
                       "-p", "hi")
     assert done.returncode == 2, done.stderr
