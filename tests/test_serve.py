@@ -31,11 +31,12 @@ LONG_REPLY = "Write the numbers from 1 to 500 separated by commas."   # greedy S
 
 
 class ServerProcess:
-    """`runner serve` in a subprocess; its stderr collected line by line."""
+    """`runner serve` (or another command that serves, `command`) in a subprocess; its stderr
+    collected line by line."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, command: tuple[str, ...] = ("serve",)) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "runner.cli", "serve", "--port", "0", *args],
+            [sys.executable, "-m", "runner.cli", *command, "--port", "0", *args],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=dict(os.environ),
         )
         self.lines: list[str] = []

@@ -112,6 +112,11 @@ class RemoteSession:
         self._replies = 0
         self._broken: str | None = None   # why the ranks are gone, once they are
 
+    @property
+    def broken(self) -> str | None:
+        """Why the ranks are gone, once they are: this session cannot answer again."""
+        return self._broken
+
     # ---- the protocol ----------------------------------------------------------------------
     def tokenize(self, messages: Sequence[Message]) -> list[int]:
         with self._lock:

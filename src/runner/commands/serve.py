@@ -9,19 +9,29 @@ a bounded queue. It binds 127.0.0.1 unless told otherwise, and any other address
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import socket
 import sys
 import time
+from typing import TYPE_CHECKING, Callable
 
 from runner.commands.options import add_model_arguments, choose, load_options
 from runner.errors import UserInputError
 from runner.server.addresses import is_loopback
 
+if TYPE_CHECKING:
+    from runner.backend import LoadProgress, Session
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--host", default="127.0.0.1",
+    add_server_arguments(parser)
+
+
+def add_server_arguments(parser: argparse.ArgumentParser, host_flag: str = "--host") -> None:
+    """Where and how to serve; `runner launch --serve` names the address --listen (beside its --hosts)."""
+    parser.add_argument(host_flag, dest="listen", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only; any other needs --api-key)")
     parser.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080; 0: any free port)")
     parser.add_argument("--api-key", default=None,
@@ -33,24 +43,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from runner.choice import choice_line, open_session
-    from runner.commands.generate import ProgressLine
 
-    api_key = args.api_key or os.environ.get("RUNNER_API_KEY") or None
-    check_address(args.host, args.port, api_key)
-    if args.queue < 1:
-        raise UserInputError(f"--queue must be at least 1, not {args.queue}")
-    try:
-        import uvicorn
-
-        from runner.server.app import build_app
-        from runner.server.worker import ModelHost
-    except ImportError as error:
-        raise UserInputError(f"runner serve needs the HTTP stack ({error.name} is missing): "
-                             "pip install 'runner[serve]'") from None
-
+    check_server_arguments(args)
     choice = choose(args)
     print(f"runner: {choice_line(choice)}", file=sys.stderr)
-    listener = listen(args.host, args.port)
+    aliases = {choice.spec.name.rsplit("/", 1)[-1]} | ({args.model} if args.model else set())
+    return serve(args, model=choice.spec.name, aliases=aliases, context=choice.context,
+                 open_model=lambda report: open_session(choice, load_options(args), report))
+
+
+def check_server_arguments(args: argparse.Namespace) -> None:
+    """Before anything loads: the address, the key, the queue, and the HTTP stack installed."""
+    args.api_key = args.api_key or os.environ.get("RUNNER_API_KEY") or None
+    check_address(args.listen, args.port, args.api_key)
+    if args.queue < 1:
+        raise UserInputError(f"--queue must be at least 1, not {args.queue}")
+    missing = [name for name in ("starlette", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserInputError(f"runner serve needs the HTTP stack ({' and '.join(missing)} missing): "
+                             "pip install 'runner[serve]'")
+
+
+def serve(args: argparse.Namespace, *, model: str, aliases: set[str], context: int,
+          open_model: Callable[[Callable[[LoadProgress], None]], Session]) -> int:
+    """Listen at once, load the model in the background (503 until it is ready), answer until
+    Ctrl+C; a model that fails to load stops the server and is raised as its one line."""
+    import uvicorn
+
+    from runner.commands.generate import ProgressLine
+    from runner.server.app import build_app
+    from runner.server.worker import ModelHost
+
+    listener = listen(args.listen, args.port)
     url = address_url(listener)
     progress = ProgressLine()
     started = time.perf_counter()
@@ -58,23 +82,22 @@ def run(args: argparse.Namespace) -> int:
     def ready(session) -> None:
         progress.finish()
         log(f"loaded in {time.perf_counter() - started:.1f} s: {session.device_summary}")
-        for warning in session.warnings:
+        for warning in getattr(session, "warnings", ()):
             log(f"warning: {warning}")
-        log(f"ready: {choice.spec.name} at {url}/v1")
+        log(f"ready: {model} at {url}/v1")
 
     def failed(error: Exception) -> None:
         progress.finish()
-        server.should_exit = True   # `run` reports the error once the server has stopped
+        server.should_exit = True   # the error is raised once the server has stopped
 
-    host = ModelHost(lambda report: open_session(choice, load_options(args), report), context=choice.context,
-                     queue_size=args.queue, log=log, on_progress=progress, on_ready=ready, on_failed=failed)
-    aliases = {choice.spec.name.rsplit("/", 1)[-1]} | ({args.model} if args.model else set())
-    app = build_app(host, model=choice.spec.name, aliases=aliases, api_key=api_key, loopback=is_loopback(args.host),
+    host = ModelHost(open_model, context=context, queue_size=args.queue, log=log, on_progress=progress,
+                     on_ready=ready, on_failed=failed)
+    app = build_app(host, model=model, aliases=aliases, api_key=args.api_key, loopback=is_loopback(args.listen),
                     log=log)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=3)
     server = uvicorn.Server(config)
     log(f"serving on {url} (the model loads in the background: requests get 503 until it is ready)"
-        + ("; every request needs the API key" if api_key else ""))
+        + ("; every request needs the API key" if args.api_key else ""))
     host.start()
     try:
         server.run(sockets=[listener])

@@ -139,10 +139,7 @@ class ModelHost:
         try:
             session = self._open(self._progress)
         except Exception as error:   # `runner serve` stops the server and reports it
-            self.failure = error
-            self.state = "failed"
-            if self._on_failed is not None:
-                self._on_failed(error)
+            self._fail(error)
             return
         self.session = session
         try:
@@ -159,6 +156,14 @@ class ModelHost:
         finally:
             session.close()
 
+    def _fail(self, error: Exception) -> None:
+        """The model cannot answer (it did not load, or its ranks are gone): the server stops and
+        `runner serve` reports `error` as its last line."""
+        self.failure = error
+        self.state = "failed"
+        if self._on_failed is not None:
+            self._on_failed(error)
+
     def _answer(self, job: Job) -> None:
         label = f"{'chat' if job.request.chat else 'completion'} #{job.number}"
         if job.cancel.is_set() or self.state == "closed":
@@ -174,6 +179,8 @@ class ModelHost:
             job.post(Failed(ApiError(400, str(error))))
         except RunnerError as error:
             job.post(Failed(ApiError(500, str(error), type="server_error")))
+            if getattr(self.session, "broken", None):   # the ranks of `runner launch` are gone: stop serving
+                self._fail(error)
         except Exception as error:   # a bug or a backend failure: the server answers 500 and goes on
             self._log(f"{label} · failed:\n{traceback.format_exc().rstrip()}")
             job.post(Failed(ApiError(500, f"the model failed while answering ({type(error).__name__}: {error}); "
@@ -218,8 +225,14 @@ class ModelHost:
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
         if request.chat:
             return list(self.session.tokenize(request.messages))
+        if getattr(self.session, "encode", None) is None:   # the ranks of `runner launch` take chats only
+            raise ApiError(400, "plain completions are not available for this model (it is served by the ranks "
+                                "of runner launch, which take chats): use /v1/chat/completions", param="prompt")
         return list(self.session.encode(request.prompt))
 
     def _stream(self, ids: list[int], request: GenerationRequest, sampling: Sampling, cancel: threading.Event):
-        """From the ids already counted (and checked against the context)."""
+        """From the ids already counted (and checked against the context), where the session takes
+        ids (every local backend); else the chat's messages (the ranks of `runner launch`)."""
+        if getattr(self.session, "stream_tokens", None) is None:
+            return self.session.stream(request.messages, sampling, cancel)
         return self.session.stream_tokens(ids, sampling, cancel)
