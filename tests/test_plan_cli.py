@@ -146,3 +146,16 @@ def test_bad_config_is_one_line_and_exit_2(env, tmp_path, config, message):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_plan_says_the_longest_context_per_kv_setting(capsys):
+    """Issue 17: '405B on two 192 GB Macs at 128k' gets a clear answer: only with a quantized KV cache."""
+    from runner.cli import main
+
+    args = ["plan", "meta-llama/Llama-3.1-405B-Instruct", "--machine", "2xM2Ultra-192GB"]
+    assert main(args) == 0
+    assert ("per KV cache (--kv-bits): unquantized 93,184 · kv8 131,072 · kv4 131,072"
+            in capsys.readouterr().out)
+    assert main(args + ["--json"]) == 0
+    longest = json.loads(capsys.readouterr().out)["longest_context_per_kv_bits"]
+    assert longest == {"none": 93184, "8": 131072, "4": 131072}

@@ -164,6 +164,12 @@ def _print_report(model, machine, context, batch, rows, choice, recommendation, 
                     f"{_speed(tensor.roofline_tokens_per_s)} tok/s (pipeline: ~{_speed(chosen.roofline_tokens_per_s)}), "
                     f"before network time\n")
 
+    longest = longest_context_per_kv(model, machine, chosen, batch)
+    if longest:
+        shown = " · ".join(f"{_kv_name(bits)} {tokens:,}" if tokens else f"{_kv_name(bits)} none"
+                           for bits, tokens in longest.items())
+        out(f"\nLongest context that fits as {chosen.quant} on {chosen.backend}, per KV cache (--kv-bits): {shown}\n")
+
     out("\nRecommendation: ")
     if recommendation.max_context:
         out(f"--backend {recommendation.backend} --quant {recommendation.quant} "
@@ -190,6 +196,25 @@ def _print_network(machine, chosen, link, network) -> None:
             f"{time.seconds_per_token * 1e3:,.2f} ms/token -> ~{_speed(time.tokens_per_s(plan.roofline_tokens_per_s))} "
             f"tok/s (~{_speed(plan.roofline_tokens_per_s)} before network time)\n")
     out("  (decode at batch 1; compute at the roofline; messages on the critical path, one after another)\n")
+
+
+def longest_context_per_kv(model, machine, plan, batch: int) -> dict[int | None, int]:
+    """The longest context that fits without offload for the plan's scheme, with the KV cache in
+    the compute dtype and quantized to 8 and 4 bits (the backends that take --kv-bits)."""
+    from runner import budget
+    from runner.errors import UserInputError
+
+    longest = {}
+    for bits in (None, 8, 4):
+        try:
+            longest[bits] = budget.max_context_that_fits(model, machine, plan.quant, plan.backend, batch, kv_bits=bits)
+        except UserInputError:   # a head size the quantized cache cannot group, or a backend without it
+            continue
+    return longest if len(longest) > 1 else {}
+
+
+def _kv_name(bits: int | None) -> str:
+    return f"kv{bits}" if bits else "unquantized"
 
 
 def _print_placement(plan) -> None:
@@ -273,6 +298,8 @@ def _as_json(model, machine, context, batch, rows, choice, recommendation, setup
                     for p in rows],
         "plan": _plan_json(chosen),
         "reason": choice.reason,
+        "longest_context_per_kv_bits": {str(bits or "none"): tokens for bits, tokens
+                                        in longest_context_per_kv(model, machine, chosen, batch).items()},
         "recommendation": {"backend": recommendation.backend, "quant": recommendation.quant,
                            "max_context": recommendation.max_context, "reason": recommendation.reason},
         "article_setups": [{"setup": label, "verdict": rec.plan.verdict, "backend": rec.backend, "quant": rec.quant}
