@@ -192,6 +192,38 @@ def test_a_model_missing_on_one_host_is_refused_before_any_rank_starts(fake_host
         f"folder at the same path on every host; copy it, e.g. rsync -a {model}/ {h2}:{model}/")
 
 
+MISSING = """
+import sys
+from runner.errors import UserInputError
+from runner.tui.loading import ModelChoice
+from runner_mlx.launcher import request_hosts
+from runner_mlx.remote import LaunchSource
+
+model, hosts = sys.argv[1:3]
+source = LaunchSource(request_hosts(hosts, None, None, 5, rank0_here=True), "pipeline", 256, rank_timeout=60)
+choice = ModelChoice(model, "mlx", "q4", 256)
+spec, plan = source.plan(choice, None)
+try:
+    source.load(choice, spec, plan, None)
+except UserInputError as error:
+    print(error)
+source.close()
+"""
+
+
+def test_the_chat_and_serve_source_checks_the_model_on_every_host_first(fake_hosts, tiny_llama_dir, tmp_path):
+    """The chat's (and `launch --serve`'s) launch source refuses a model missing on host 2 with the
+    one-shot's line, before any rank starts."""
+    model = copy_model(tiny_llama_dir, tmp_path / "tiny")
+    with fake_hosts.hidden(2, tmp_path):
+        done = subprocess.run([*fake_hosts.in_namespace(1), sys.executable, "-c", MISSING, str(model),
+                               ",".join(fake_hosts.ips)], capture_output=True, text=True, timeout=120,
+                              stdin=subprocess.DEVNULL, env=fake_hosts.env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().startswith(f"{fake_hosts.ips[1]} has no model at {model} (no config.json there)")
+    assert nothing_left(fake_hosts) == []
+
+
 @pytest.mark.slow
 def test_a_different_model_on_one_host_stops_every_rank(fake_hosts, tiny_llama_dir, tmp_path, runner_home):
     model = copy_model(tiny_llama_dir, tmp_path / "tiny")

@@ -28,11 +28,14 @@ from typing import Callable, Iterator, Sequence
 from runner.backend import GenerationChunk, LoadProgress, MemoryReport, Message, Sampling
 from runner.errors import GenerationError, LoadError, UserInputError
 
-from runner_mlx.launcher import LaunchPlan, RankReport, convert_here, kill_group, mlx_launch_argv, plan_launch
+from runner_mlx.launcher import (
+    LaunchPlan, RankReport, check_remote_files, convert_here, kill_group, mlx_launch_argv, plan_launch,
+)
 from runner_mlx.link import JsonLink, LinkClosed
 from runner_mlx.split import LaunchHost
 
 POLL = 0.2              # seconds between checks on the ranks while waiting for rank 0
+CONNECT_SECONDS = 5     # ssh's answer to the pre-flight check, as the one-shot waits
 CONNECT_LIMIT = 120.0   # rank 0 connects before it imports mlx: this is only python starting
 CLOSE_LIMIT = 10.0      # after "close", how long the ranks get to finish by themselves
 
@@ -283,6 +286,12 @@ class LaunchSource:
         return plan.model, plan
 
     def load(self, choice, spec, plan, on_progress) -> RemoteSession:
+        if spec.path is None:
+            raise UserInputError(f"{spec.name}: no local folder with weights; runner launch needs the model "
+                                 "folder at the same path on every host")
+        for host in self.hosts:   # as the one-shot does: the model and runner's python on every host first
+            if not host.local:
+                check_remote_files(host.name, Path(spec.path), CONNECT_SECONDS)
         launch_plan = plan_launch(spec, plan.quant, plan.context, self.hosts, plan.parallel, self.kv_bits)
         convert_here(launch_plan, on_progress)
         session = start_ranks(launch_plan, self.rank_timeout, self.grace, on_progress)
