@@ -97,3 +97,28 @@ def test_plan_says_when_nothing_crosses_a_network_and_refuses_a_bad_link():
     assert bad.returncode == 2
     assert bad.stderr.strip() == ("runner: error: --link 'fast': expected one of 1gbe, 10gbe, tb4, tb5, or a measured "
                                   "latency and bandwidth such as 85us,0.9GB/s (runner launch --probe prints it)")
+
+
+def test_a_machine_file_carries_its_link(tmp_path, capsys):
+    """`link = "10gbe"` in a machine file: the plan counts that network as --link 10gbe does;
+    --link on the command line wins; a bad link names the file, in one line."""
+    from runner.cli import main
+
+    hosts = '[[hosts]]\nname = "a"\nmac = "M2Ultra-192GB"\n[[hosts]]\nname = "b"\nmac = "M2Ultra-192GB"\n'
+    with_link = tmp_path / "studios.toml"
+    with_link.write_text('link = "10gbe"\n' + hosts)
+    bare = tmp_path / "bare.toml"
+    bare.write_text(hosts)
+
+    def network(*args: str) -> dict:
+        assert main(["plan", L405, "--json", *args]) == 0
+        return json.loads(capsys.readouterr().out).get("network")
+
+    assert network("--machine", str(with_link)) == network("--machine", str(bare), "--link", "10gbe") is not None
+    assert network("--machine", str(bare)) is None
+    assert network("--machine", str(with_link), "--link", "tb5")["link"]["name"] == budget.LINKS["tb5"].name
+    broken = tmp_path / "broken.toml"
+    broken.write_text('link = "carrier pigeon"\n' + hosts)
+    assert main(["plan", L405, "--machine", str(broken)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"runner: error: {broken}: link 'carrier pigeon'"), err

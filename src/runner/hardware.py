@@ -64,6 +64,7 @@ class Machine:
     hosts: tuple[Host, ...]
     label: str                       # "this machine", "4xA100-80GB", a file name
     hypothetical: bool = False
+    link: str | None = None          # the network between the hosts (machine files: `link = "10gbe"`)
 
     @property
     def gpus(self) -> tuple[Device, ...]:
@@ -247,7 +248,7 @@ def parse_machine(text: str) -> Machine:
 def parse_machine_string(text: str, where: str = "") -> Machine:
     """A machine from a short string only, never a file (a machine file's hosts are strings, so
     a file cannot include itself). `where` begins error messages: by default "--machine TEXT"."""
-    where = where or f"{where}"
+    where = where or f"--machine {_shown(text)}"
     spec, *options = [part.strip() for part in text.split(",")]
     extra: dict[str, int] = {}
     for option in options:
@@ -309,6 +310,9 @@ def load_machine_file(path: Path) -> Machine:
         ram = "192GB"                     # optional; defaults as for --machine strings
         disk = "2TB"                      # optional
         wired_limit = "180GB"             # optional, Macs: after `sysctl iogpu.wired_limit_mb=...`
+
+    and, at the top, `link = "10gbe"` (or "tb4", "85us,0.9GB/s": what `runner launch --probe`
+    printed) for the network between the hosts, which `runner plan` then counts.
     """
     data = _read_machine_file(path)
     hosts_data = data.get("hosts") if isinstance(data, dict) else None
@@ -356,7 +360,22 @@ def load_machine_file(path: Path) -> Machine:
             raise UserInputError(f"{path}: host '{name}' needs mac = ..., gpus = ... or ram = ...")
         hosts.append(replace(host, name=name))
     label = str(data.get("label") or path.name)
-    return Machine(tuple(hosts), label, hypothetical=True)
+    return Machine(tuple(hosts), label, hypothetical=True, link=_link(data.get("link"), path))
+
+
+def _link(value, path: Path) -> str | None:
+    """A machine file's `link`, checked as `runner plan --link` checks it."""
+    if value is None:
+        return None
+    from runner.budget import parse_link
+
+    if not isinstance(value, str):
+        raise UserInputError(f"{path}: link must be a string like \"10gbe\" or \"85us,0.9GB/s\"")
+    try:
+        parse_link(value)
+    except UserInputError as error:
+        raise UserInputError(f"{path}: {str(error).replace('--link', 'link', 1)}") from None
+    return value
 
 
 def _read_machine_file(path: Path):

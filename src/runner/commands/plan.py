@@ -41,9 +41,10 @@ def run(args: argparse.Namespace) -> int:
     from runner import budget
 
     batch = parse_count(args.batch, "--batch")
-    link = budget.parse_link(args.link) if args.link else None
     choice = choose(args, batch=batch)
     model, machine, context = choice.spec, choice.machine, choice.context
+    link_text = args.link or machine.link          # the command line's, else the machine file's
+    link = budget.parse_link(link_text) if link_text else None
     rows = [budget.make_plan(model, machine, quant, context, batch, backend, kv_bits=choice.kv_bits)
             for backend, quant in budget.schemes_for(machine, args.backend, model)]
     recommendation = budget.recommend(model, machine, context, choice.kv_bits)
