@@ -156,13 +156,16 @@ def test_memory_is_what_llama_cpp_allocated(session):
     assert memory.planned == {"cpu": plan.total_bytes}
 
 
-def test_generate_on_this_machine_picks_llama_cpp_for_the_default_model(capsys):
-    assert main(["generate", "-p", "What is the capital of France?", "--max-tokens", "8", "--json",
-                 "--context", "512"]) == 0
+def test_generate_takes_llama_cpp_when_asked_and_torch_by_default(capsys):
+    """No GPU: the default stays torch fp32 (it keeps the model's answers); --backend llamacpp
+    runs the package's GGUF as stored."""
+    assert main(["generate", "-p", "Name the capital city of France.", "--max-tokens", "8", "--json",
+                 "--context", "512", "--backend", "llamacpp"]) == 0
     captured = capsys.readouterr()
     assert f"{DEFAULT_MODEL_ID} · llamacpp · gguf · 512 tokens of context" in captured.err
-    data = json.loads(captured.out)
-    assert data["text"].strip()
+    assert "Paris" in json.loads(captured.out)["text"]
+    choice = resolve(load_spec(DEFAULT_MODEL_ID), detect_machine(), None, None, 512)
+    assert (choice.backend, choice.quant) == ("cuda", "fp32")
 
 
 def test_a_cut_gguf_is_one_line_before_llama_cpp_sees_it(tmp_path, capsys):
