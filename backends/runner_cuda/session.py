@@ -27,7 +27,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Iterator, Sequence
 
-from runner.backend import GenerationChunk, MemoryReport, Message, Sampling
+from runner.backend import GenerationChunk, MemoryReport, Message, Sampling, checked_prompt
 from runner.budget import PREFILL_CHUNK, check_kv_bits
 from runner.errors import GenerationError, UserInputError
 from runner.prefix_cache import reusable_prefix
@@ -217,13 +217,7 @@ class CudaSession:
         self, prompt: list[int], sampling: Sampling, cancel: threading.Event | None = None, started: float | None = None
     ) -> Iterator[GenerationChunk]:
         """The decode loop, from token ids (checked here, before the generator starts)."""
-        if not prompt:
-            raise UserInputError("the prompt is empty")
-        if len(prompt) >= self.context:
-            raise UserInputError(
-                f"the prompt is {len(prompt)} tokens but the context is {self.context}: shorten it or raise "
-                f"--context (the model handles up to {self.spec.max_context})"
-            )
+        prompt = checked_prompt(prompt, self.context, self.spec.max_context)
         return self._decode(prompt, sampling, cancel, started or time.perf_counter())
 
     def _decode(self, prompt: list[int], sampling: Sampling, cancel, started: float) -> Iterator[GenerationChunk]:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
-from runner.backend import GenerationChunk, LoadProgress, LoadRequest, MemoryReport, Message, Sampling
+from runner.backend import GenerationChunk, LoadProgress, LoadRequest, MemoryReport, Message, Sampling, checked_prompt
 from runner.budget import LLAMACPP_BATCH as BATCH   # tokens per llama_decode, as the plan counts them
 from runner.errors import CorruptWeights, GenerationError, LoadError, UserInputError
 from runner.prefix_cache import reusable_prefix
@@ -126,14 +126,7 @@ class LlamaCppSession:
         started: float | None = None,
     ) -> Iterator[GenerationChunk]:
         """The decode loop, from token ids (checked here, before the generator starts)."""
-        prompt = list(prompt)
-        if not prompt:
-            raise UserInputError("the prompt is empty")
-        if len(prompt) >= self.context:
-            raise UserInputError(
-                f"the prompt is {len(prompt)} tokens but the context is {self.context}: shorten it or raise "
-                f"--context (the model handles up to {self.spec.max_context})"
-            )
+        prompt = checked_prompt(prompt, self.context, self.spec.max_context)
         return self._decode(prompt, sampling, cancel, started or time.perf_counter())
 
     def _decode(self, prompt: list[int], sampling: Sampling, cancel, started: float) -> Iterator[GenerationChunk]:

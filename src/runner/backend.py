@@ -76,6 +76,20 @@ class GenerationChunk:
     reused_tokens: int = 0            # prompt tokens whose KV cache was kept from the previous reply (not prefilled)
 
 
+def checked_prompt(prompt: Sequence[int], context: int, model_max_context: int) -> list[int]:
+    """A prompt's ids that leave room for at least one reply token in `context`; one clear line
+    otherwise (every backend checks before its generator starts)."""
+    prompt = list(prompt)
+    if not prompt:
+        raise UserInputError("the prompt is empty")
+    if len(prompt) >= context:
+        raise UserInputError(
+            f"the prompt is {len(prompt)} tokens but the context is {context}: shorten it or raise "
+            f"--context (the model handles up to {model_max_context})"
+        )
+    return prompt
+
+
 @dataclass(frozen=True)
 class LoadProgress:
     """Progress of a load, drawn by the CLI and the TUI."""
