@@ -5,39 +5,15 @@ DynamicCache) and through the fast path's static cache (its FastDecoder, run eag
 
 from __future__ import annotations
 
-import threading
-
-import numpy as np
 import pytest
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from runner.backend import LoadRequest, Message, Sampling, get_backend  # noqa: E402
+from runner.backend import LoadRequest, Message, get_backend  # noqa: E402
 from runner.model import load_spec  # noqa: E402
 from runner.prefix_cache import reusable_prefix  # noqa: E402
-
-QUESTIONS = ["What is the capital of France?", "And of Italy?", "Which one is larger?", "Thanks. One more: Spain?"]
-
-
-def argmax_continuation(session, prompt: list[int], steps: int) -> list[int]:
-    ids = list(prompt)
-    for _ in range(steps):
-        ids.append(int(np.argmax(session.logits(ids)[-1])))
-    return ids[len(prompt):]
-
-
-def reply(session, messages, max_tokens: int, cancel_after: int | None = None):
-    """(prompt ids, reply ids, chunks) of one streamed reply; `cancel_after` stops it after that
-    many tokens, as Esc in the chat does."""
-    cancel = threading.Event()
-    chunks = []
-    for chunk in session.stream(messages, Sampling(max_tokens=max_tokens), cancel):
-        chunks.append(chunk)
-        if cancel_after is not None and len(chunks) == cancel_after:
-            cancel.set()
-    tokens = [c.token for c in chunks if c.token is not None]
-    return session.tokenize(messages), tokens, chunks
+from prefix_helpers import QUESTIONS, argmax_continuation, reply  # noqa: E402
 
 
 def held_after(prompt: list[int], tokens: list[int]) -> list[int]:

@@ -12,7 +12,8 @@ import pytest
 from runner.backend import LoadRequest, Message, get_backend
 from runner.model import load_spec
 from runner.prefix_cache import reusable_prefix
-from test_prefix_cache_cuda import QUESTIONS, held_after, reply
+from prefix_helpers import QUESTIONS, reply
+from test_prefix_cache_cuda import held_after
 
 torch = pytest.importorskip("torch")
 pytestmark = [

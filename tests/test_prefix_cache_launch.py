@@ -6,9 +6,7 @@ the single-process model's own greedy continuation (full forwards, no cache)."""
 from __future__ import annotations
 
 import os
-import threading
 
-import numpy as np
 import psutil
 import pytest
 
@@ -16,8 +14,9 @@ from mlx_helpers import load, rank_processes
 
 pytest.importorskip("mlx_lm")
 
-from runner.backend import Message, Sampling  # noqa: E402
+from runner.backend import Message  # noqa: E402
 from runner.prefix_cache import reusable_prefix  # noqa: E402
+from prefix_helpers import argmax_continuation, reply  # noqa: E402
 
 LOOPBACK = "127.0.0.1,127.0.0.1"
 
@@ -30,23 +29,6 @@ def start(model_dir, quant: str, split: str, kv_bits: int | None = None):
     hosts = request_hosts(LOOPBACK, None, None, 5, rank0_here=True)
     plan = plan_launch(load_spec(str(model_dir)), quant, 256, hosts, split, kv_bits=kv_bits)
     return start_ranks(plan, rank_timeout=30, grace=5, on_progress=None)
-
-
-def reply(session, messages, max_tokens: int, cancel_after: int | None = None):
-    cancel = threading.Event()
-    chunks = []
-    for chunk in session.stream(messages, Sampling(max_tokens=max_tokens), cancel):
-        chunks.append(chunk)
-        if cancel_after is not None and len(chunks) == cancel_after:
-            cancel.set()
-    return session.tokenize(messages), [c.token for c in chunks if c.token is not None], chunks
-
-
-def argmax_continuation(session, prompt: list[int], steps: int) -> list[int]:
-    ids = list(prompt)
-    for _ in range(steps):
-        ids.append(int(np.argmax(session.logits(ids)[-1])))
-    return ids[len(prompt):]
 
 
 def ranks_left() -> list[psutil.Process]:

@@ -4,37 +4,15 @@ own argmax continuation (one full forward per token, no cache) and the same as a
 
 from __future__ import annotations
 
-import threading
-
-import numpy as np
 import pytest
 
 from mlx_helpers import load
 
 pytest.importorskip("mlx_lm")
 
-from runner.backend import Message, Sampling  # noqa: E402
+from runner.backend import Message  # noqa: E402
 from runner.prefix_cache import reusable_prefix  # noqa: E402
-
-QUESTIONS = ["What is the capital of France?", "And of Italy?", "Which one is larger?", "Thanks. One more: Spain?"]
-
-
-def argmax_continuation(session, prompt: list[int], steps: int) -> list[int]:
-    ids = list(prompt)
-    for _ in range(steps):
-        ids.append(int(np.argmax(session.logits(ids)[-1])))
-    return ids[len(prompt):]
-
-
-def reply(session, messages, max_tokens: int, cancel_after: int | None = None):
-    """(prompt ids, reply ids, chunks); `cancel_after` stops the reply after that many tokens."""
-    cancel = threading.Event()
-    chunks = []
-    for chunk in session.stream(messages, Sampling(max_tokens=max_tokens), cancel):
-        chunks.append(chunk)
-        if cancel_after is not None and len(chunks) == cancel_after:
-            cancel.set()
-    return session.tokenize(messages), [c.token for c in chunks if c.token is not None], chunks
+from prefix_helpers import QUESTIONS, argmax_continuation, reply  # noqa: E402
 
 
 def held_after(prompt: list[int], tokens: list[int]) -> list[int]:
