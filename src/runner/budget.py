@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from runner.errors import UserInputError
+from runner.errors import BackendUnavailable, UserInputError
 from runner.hardware import GB, Host, Machine
 from runner.model import Linear, ModelSpec
 
@@ -366,14 +366,28 @@ def preferred_backend(machine: Machine) -> str:
     return "mlx" if machine.is_apple else "cuda"
 
 
+def backends_taking(quant: str, machine: Machine | None = None, allowed=None) -> list[str]:
+    """The backends whose schemes (`allowed(name)`, default: all they load) include `quant`, the one
+    the plan prefers on `machine` first; a backend that is not installed takes nothing."""
+    from runner.backend import backend_names, backend_quants
+
+    allowed = allowed or backend_quants
+    first = [preferred_backend(machine)] if machine is not None else []
+    takers = []
+    for name in dict.fromkeys(first + backend_names()):
+        try:
+            if quant in allowed(name):
+                takers.append(name)
+        except BackendUnavailable:
+            continue
+    return takers
+
+
 def default_backend_for(quant: str, machine: Machine | None = None) -> str:
-    if quant == "gguf":
-        return "llamacpp"
-    if quant in ("q4", "q8"):
-        return "mlx"
-    if machine is not None and machine.is_apple and quant in ("bf16", "fp16"):
-        return "mlx"
-    return "cuda"
+    """The backend that loads `quant` here (the plan's preferred one where several do); where none
+    does, the preferred backend, whose check then says so."""
+    takers = backends_taking(quant, machine)
+    return takers[0] if takers else (preferred_backend(machine) if machine is not None else "cuda")
 
 
 def check_request(model: ModelSpec, quant: str, context: int, batch: int, backend: str) -> None:

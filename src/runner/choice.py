@@ -19,9 +19,10 @@ from runner.backend import (
     LoadProgress, LoadRequest, MemoryReport, Session, backend_class, backend_names, backend_quants, get_backend,
 )
 from runner.budget import (
-    DEFAULT_CONTEXT, DOES_NOT_FIT, FITS, OFFLOAD, Plan, candidate_schemes, make_plan, preferred_backend, recommend,
+    DEFAULT_CONTEXT, DOES_NOT_FIT, FITS, OFFLOAD, Plan, backends_taking, candidate_schemes, make_plan, preferred_backend,
+    recommend,
 )
-from runner.errors import DoesNotFit, ModelNotFound, UserInputError
+from runner.errors import BackendUnavailable, DoesNotFit, ModelNotFound, UserInputError
 from runner.model import DEFAULT_MODEL_ID, ModelSpec, load_spec
 
 if TYPE_CHECKING:
@@ -74,8 +75,6 @@ def resolve(
     if backend is not None and backend not in backend_names():
         raise UserInputError(f"unknown backend '{backend}' (known: {', '.join(backend_names())})")
     context = default_context(spec) if context is None else context
-    if context < 1:
-        raise UserInputError(f"--context must be a positive number of tokens, not {context}")
     allowed = schemes or backend_quants
     if quant is not None:
         backend, reason = _backend_for_quant(quant, backend, machine, allowed)
@@ -84,35 +83,31 @@ def resolve(
         backend, quant = recommendation.backend, recommendation.quant
         reason = f"the plan's recommendation: {recommendation.reason}"
     else:
-        backend = backend or _preferred_backends(machine)[0]
+        backend = backend or preferred_backend(machine)
         quant, reason = _best_scheme(spec, machine, backend, context, batch, kv_bits, allowed(backend))
     plan = make_plan(spec, machine, quant, context, batch, backend, kv_bits=kv_bits)
     return Choice(spec, machine, backend, quant, context, plan, reason, kv_bits)
 
 
-def _preferred_backends(machine: "Machine") -> list[str]:
-    """The backend the plan prefers on this machine, then the others."""
-    return list(dict.fromkeys([preferred_backend(machine)] + backend_names()))
-
-
 def _backend_for_quant(quant: str, backend: str | None, machine: "Machine",
                        allowed: Callable[[str], Sequence[str]]) -> tuple[str, str]:
-    takers = [name for name in _preferred_backends(machine) if quant in _quants_or_none(name, allowed)]
+    takers = backends_taking(quant, machine, allowed)
     if backend is not None:
-        if quant not in _quants_or_none(backend, allowed):
+        if backend not in takers:
             raise UserInputError(f"--quant {quant} is not a {backend} scheme; --backend {backend} takes "
                                  f"{', '.join(allowed(backend))}")
         return backend, f"you asked for {backend} {quant}"
     if not takers:
-        known = sorted({q for name in backend_names() for q in _quants_or_none(name, allowed)})
+        known = sorted({q for name in backend_names() for q in backends_schemes(name, allowed)})
         raise UserInputError(f"unknown quantization '{quant}' (known: {', '.join(known)})")
     return takers[0], f"you asked for {quant}: {takers[0]} is the backend that takes it here"
 
 
-def _quants_or_none(name: str, allowed: Callable[[str], Sequence[str]]) -> Sequence[str]:
+def backends_schemes(name: str, allowed: Callable[[str], Sequence[str]]) -> Sequence[str]:
+    """`allowed(name)`, or nothing for a backend that is not installed."""
     try:
         return allowed(name)
-    except Exception:  # a backend that is not installed takes nothing
+    except BackendUnavailable:
         return ()
 
 
