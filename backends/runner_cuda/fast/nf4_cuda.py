@@ -523,6 +523,18 @@ def rows_per_warp(weights: Sequence[NF4Weight]) -> int:
     return next(r for r in (4, 2, 1) if r <= wanted and all(w.out_features % r == 0 for w in weights))
 
 
+def one_aligned_row(x: "torch.Tensor", features: int, kernel: str) -> "torch.Tensor":
+    """`x` as the one contiguous, 16-byte aligned bf16 row of `features` values the kernels read."""
+    import torch
+
+    flat = x.reshape(-1)
+    if flat.numel() != features or flat.dtype != torch.bfloat16:
+        raise ValueError(f"{kernel} takes one bf16 row of {features} features, got {tuple(x.shape)} {x.dtype}")
+    if not flat.is_contiguous() or flat.data_ptr() % 16:
+        flat = flat.clone()
+    return flat
+
+
 class NF4Gemv:
     """One launch computing x @ W.T (+ bias) for one to three NF4 weights; callable inside a
     CUDA graph capture (the launch goes to the current stream)."""
@@ -566,12 +578,7 @@ class NF4Gemv:
     def __call__(self, x: "torch.Tensor", out: "torch.Tensor | None" = None) -> "torch.Tensor":
         import torch
 
-        flat = x.reshape(-1)
-        if flat.numel() != self.weights[0].in_features or flat.dtype != torch.bfloat16:
-            raise ValueError(f"NF4Gemv takes one bf16 row of {self.weights[0].in_features} features, got "
-                             f"{tuple(x.shape)} {x.dtype}")
-        if not flat.is_contiguous() or flat.data_ptr() % 16:
-            flat = flat.clone()
+        flat = one_aligned_row(x, self.weights[0].in_features, "NF4Gemv")
         if out is None:
             out = torch.empty(self.total, dtype=torch.bfloat16, device=x.device)
         self.kernel(grid=self.grid, block=(self.threads, 1, 1),
@@ -701,12 +708,7 @@ class NF4Mma:
     def __call__(self, x: "torch.Tensor", out: "torch.Tensor | None" = None) -> "torch.Tensor":
         import torch
 
-        flat = x.reshape(-1)
-        if flat.numel() != self.weights[0].in_features or flat.dtype != torch.bfloat16:
-            raise ValueError(f"NF4Mma takes one bf16 row of {self.weights[0].in_features} features, got "
-                             f"{tuple(x.shape)} {x.dtype}")
-        if not flat.is_contiguous() or flat.data_ptr() % 16:
-            flat = flat.clone()
+        flat = one_aligned_row(x, self.weights[0].in_features, "NF4Mma")
         if self.residual and (out is None or out.numel() != self.total or not out.is_contiguous()
                               or out.dtype != torch.bfloat16):
             raise ValueError(f"a residual NF4Mma adds into `out`: a contiguous bf16 tensor of {self.total}")
