@@ -99,6 +99,7 @@ class RemoteSession:
     """A model loaded by the ranks of `runner launch`, answering through rank 0."""
 
     backend = "mlx"
+    warnings: tuple[str, ...] = ()   # each rank checks its own host before it loads
 
     def __init__(self, plan: LaunchPlan, ranks: Ranks, link: JsonLink, ready: dict):
         self.model = plan.spec

@@ -82,7 +82,7 @@ def serve(args: argparse.Namespace, *, model: str, aliases: set[str], context: i
     def ready(session) -> None:
         progress.finish()
         log(f"loaded in {time.perf_counter() - started:.1f} s: {session.device_summary}")
-        for warning in getattr(session, "warnings", ()):
+        for warning in session.warnings:
             log(f"warning: {warning}")
         log(f"ready: {model} at {url}/v1")
 

@@ -41,8 +41,7 @@ def pressure_warning(plan: Plan | None, report: MemoryReport | None = None) -> s
 def load_warnings(plan: Plan | None, report: MemoryReport | None = None, session: Session | None = None) -> list[str]:
     """Every line of the banner: the plan's pressure warning, then what the backend said about its load."""
     lines = [pressure_warning(plan, report)]
-    # every backend will set `warnings`; until then a session may not have it
-    lines += [f"▲ {warning}" for warning in getattr(session, "warnings", ()) or ()]
+    lines += [f"▲ {warning}" for warning in (session.warnings if session is not None else ())]
     return [line for line in lines if line]
 
 
