@@ -103,6 +103,7 @@ async def test_a_reply_streams_from_two_ranks_with_the_single_process_greedy_tok
             await send(pilot, "hello")
             await wait_until(pilot, lambda: chat.reply is None and chat.query(AssistantMessage)
                              and chat.query(AssistantMessage).last().state == COMPLETE, 120, "the reply")
+            assert app.recorder.wait_idle(5)     # the history is written by the recorder's thread
             [reply] = [m for m in app.history.messages(chat.conversation_id) if m.role == "assistant"]
             assert tokens(reply.id) == expected
             assert (reply.content, reply.state) == (chat.query(AssistantMessage).last().content, COMPLETE)
@@ -132,6 +133,7 @@ async def test_escape_stops_the_reply_on_every_rank_and_the_next_message_works(t
             # the ranks stop at the same step: the stream ends (its lock is free) and both stay up
             await wait_until(pilot, lambda: not chat.generation_lock.locked(), 30, "the ranks to stop")
             assert all(rank.is_running() for rank in ranks.values())
+            assert app.recorder.wait_idle(5)     # the history is written by the recorder's thread
             [_, stopped] = app.history.messages(chat.conversation_id)
             assert (stopped.content, stopped.state) == (kept, STOPPED)
 
@@ -139,6 +141,7 @@ async def test_escape_stops_the_reply_on_every_rank_and_the_next_message_works(t
             await send(pilot, "Hi")
             await wait_until(pilot, lambda: chat.reply is None and len(chat.query(AssistantMessage)) == 2
                              and chat.query(AssistantMessage).last().state == COMPLETE, 60, "the second reply")
+            assert app.recorder.wait_idle(5)     # the history is written by the recorder's thread
             history = app.history.messages(chat.conversation_id)
             assert [m.state for m in history] == [COMPLETE, STOPPED, COMPLETE, COMPLETE]
             turns = [Message(m.role, m.content) for m in history[:3]]
@@ -167,6 +170,7 @@ async def test_a_rank_that_dies_while_chatting_ends_the_reply_with_a_clear_error
             await wait_until(pilot, lambda: chat.reply is None, 30, "the reply to fail")
             assert time.monotonic() - started < 20
             assert widget.state == ERROR
+            assert app.recorder.wait_idle(5)     # the history is written by the recorder's thread
             [_, failed] = app.history.messages(chat.conversation_id)
             assert failed.state == ERROR and failed.content and failed.content == widget.content
             assert failed.error.startswith("the model's ranks stopped: rank 1 (127.0.0.1) died (killed by "
@@ -176,6 +180,7 @@ async def test_a_rank_that_dies_while_chatting_ends_the_reply_with_a_clear_error
             await send(pilot, "Hi")                 # the next message fails at once, with the same words
             await wait_until(pilot, lambda: chat.reply is None and len(chat.query(AssistantMessage)) == 2,
                              10, "the second reply to fail")
+            assert app.recorder.wait_idle(5)     # the history is written by the recorder's thread
             assert app.history.messages(chat.conversation_id)[-1].error == failed.error
             await pilot.press("ctrl+q")
     finally:
