@@ -344,6 +344,11 @@ class CudaSession:
 
     # ---- parity ----------------------------------------------------------------------------
     def logits(self, token_ids: Sequence[int]) -> "np.ndarray":
+        """Every position's float32 logits, teacher-forced through a new KV cache of the plain
+        path (quantized with `kv_bits`) `prefill_chunk` tokens at a time, as a reply's prefill
+        fills it: each position attends to the K/V its cache stores for the earlier ones, so a
+        quantized cache changes these logits as it changes replies. The fast path's static cache
+        serves decoding only; the kept cache of the last reply is not touched."""
         import torch
 
         if len(token_ids) == 0:
@@ -351,9 +356,15 @@ class CudaSession:
         if len(token_ids) > self.spec.max_context:
             raise UserInputError(f"{len(token_ids)} tokens is more than {self.spec.name}'s context ({self.spec.max_context})")
         ids = torch.tensor([list(token_ids)], device=self.input_device)
+        cache = CudaSession.new_cache(self)     # the plain path's, even where a fast path replaced it
+        chunks = []
         with torch.inference_mode():
-            output = self.hf_model(input_ids=ids, use_cache=False)
-        return output.logits[0].float().cpu().numpy()
+            for start in range(0, ids.shape[1], self.prefill_chunk):
+                output = self.hf_model(input_ids=ids[:, start:start + self.prefill_chunk], use_cache=True,
+                                       **{self._cache_argument: cache})
+                chunks.append(output.logits[0].float().cpu())
+                del output
+        return torch.cat(chunks).numpy()
 
     def close(self) -> None:
         if self.hf_model is None:

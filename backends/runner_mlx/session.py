@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from runner.backend import GenerationChunk, LoadProgress, LoadRequest, MemoryReport, Message, Sampling
-from runner.budget import KV_GROUP_SIZE
+from runner.budget import KV_GROUP_SIZE, PREFILL_CHUNK
 from runner.errors import GenerationError, UserInputError
 from runner.model import ModelSpec
 from runner.prefix_cache import reusable_prefix
@@ -161,13 +161,22 @@ class MlxSession:
             self._kept = (cache, fed[:offset])
 
     def logits(self, token_ids: Sequence[int]):
+        """Every position's float32 logits, teacher-forced through a new cache of this session's
+        kind (mlx-lm's QuantizedKVCache with `kv_bits`) `PREFILL_CHUNK` tokens at a time, as
+        mlx-lm's prefill fills it: each position attends to the K/V the cache stores, so a
+        quantized cache changes these logits as it changes replies. The kept cache is not touched."""
         import mlx.core as mx
         import numpy as np
 
         if not token_ids:
             raise UserInputError("logits() needs at least one token id")
-        output = self._model(mx.array([list(token_ids)]))
-        return np.array(output[0].astype(mx.float32))
+        ids = mx.array([list(token_ids)])
+        cache = self._new_cache()
+        chunks = []
+        for start in range(0, ids.shape[1], PREFILL_CHUNK):
+            output = self._model(ids[:, start:start + PREFILL_CHUNK], cache=cache)
+            chunks.append(np.array(output[0].astype(mx.float32)))
+        return np.concatenate(chunks)
 
     def memory(self) -> MemoryReport:
         active, peak = measured()

@@ -70,6 +70,8 @@ PRECISION_CLASS = {
     "gguf": "8-bit",   # a GGUF as stored; llama.cpp also rounds activations to 8 bits for quantized matmuls
 }
 CLASS_ORDER = ("fp32", "16-bit", "8-bit", "4-bit")
+# A quantized KV cache (`,kv8` / `,kv4` after the quant) is judged as that many bits at least.
+KV_CLASS = {8: "8-bit", 4: "4-bit"}
 
 
 @dataclass(frozen=True)
@@ -99,17 +101,36 @@ DEFAULT_THRESHOLDS = {
 }
 
 
-def precision_class(quant: str) -> str:
+def precision_class(scheme: str) -> str:
+    """The class of a quant, or of a quant with its KV cache setting ("bf16,kv8"): the looser of the two."""
+    quant, kv_bits = split_scheme(scheme)
     if quant not in PRECISION_CLASS:
         raise UserInputError(f"unknown quant '{quant}' (known: {', '.join(PRECISION_CLASS)})")
-    return PRECISION_CLASS[quant]
+    classes = [PRECISION_CLASS[quant]] + ([KV_CLASS[kv_bits]] if kv_bits is not None else [])
+    return max(classes, key=CLASS_ORDER.index)
+
+
+def split_scheme(scheme: str) -> tuple[str, int | None]:
+    """"bf16,kv8" -> ("bf16", 8); "bf16" -> ("bf16", None)."""
+    quant, sep, kv = scheme.partition(",")
+    if not sep:
+        return quant, None
+    if kv not in ("kv8", "kv4"):
+        raise UserInputError(f"'{scheme}': after the quant comes kv8 or kv4 (the KV cache's bits), e.g. bf16,kv8")
+    return quant, int(kv[2:])
+
+
+def scheme_name(quant: str, kv_bits: int | None) -> str:
+    """The quant with its KV cache setting, as the user writes it: "bf16", "bf16,kv8"."""
+    return quant if kv_bits is None else f"{quant},kv{kv_bits}"
 
 
 def thresholds_for(
-    quant_a: str, quant_b: str, max_kl: float | None = None, min_top1: float | None = None
+    scheme_a: str, scheme_b: str, max_kl: float | None = None, min_top1: float | None = None
 ) -> Thresholds:
-    """The thresholds a pair is judged by: the defaults of its looser side, unless the user set them."""
-    scheme = max(precision_class(quant_a), precision_class(quant_b), key=CLASS_ORDER.index)
+    """The thresholds a pair is judged by: the defaults of its looser side, unless the user set them.
+    A scheme is a quant, or a quant with its KV cache setting ("bf16,kv8")."""
+    scheme = max(precision_class(scheme_a), precision_class(scheme_b), key=CLASS_ORDER.index)
     default = DEFAULT_THRESHOLDS[scheme]
     return Thresholds(
         scheme,
@@ -129,22 +150,30 @@ class Prompt:
 
 @dataclass(frozen=True)
 class Target:
-    """One side of a comparison, as the user writes it: `cuda:bf16`, `mlx:q4`."""
+    """One side of a comparison, as the user writes it: `cuda:bf16`, `mlx:q4`, `cuda:bf16,kv8`
+    (the KV cache quantized to 8 bits, as `--kv-bits 8` loads it)."""
 
     backend: str
     quant: str
+    kv_bits: int | None = None
+
+    @property
+    def scheme(self) -> str:
+        return scheme_name(self.quant, self.kv_bits)
 
     @property
     def label(self) -> str:
-        return f"{self.backend}:{self.quant}"
+        return f"{self.backend}:{self.scheme}"
 
 
 def parse_target(text: str) -> Target:
-    backend, sep, quant = text.partition(":")
-    if not sep or not backend or not quant:
-        raise UserInputError(f"'{text}': write a backend and a quant as BACKEND:QUANT, e.g. cuda:bf16 or mlx:q4")
-    precision_class(quant)  # unknown quant: a clear error before anything loads
-    return Target(backend, quant)
+    backend, sep, scheme = text.partition(":")
+    if not sep or not backend or not scheme:
+        raise UserInputError(f"'{text}': write a backend and a quant as BACKEND:QUANT[,kv8|kv4], "
+                             "e.g. cuda:bf16, mlx:q4 or cuda:bf16,kv8")
+    precision_class(scheme)  # unknown quant or KV setting: a clear error before anything loads
+    quant, kv_bits = split_scheme(scheme)
+    return Target(backend, quant, kv_bits)
 
 
 def _prompts_from_json(items: Any, source: str) -> list[Prompt]:
@@ -307,8 +336,14 @@ class Capture:
     prompts: list[PromptCapture]
 
     @property
+    def scheme(self) -> str:
+        """The quant with the KV cache setting ("bf16,kv8"); records written before the setting
+        existed have no kv_bits: their KV cache was not quantized."""
+        return scheme_name(self.meta["quant"], self.meta.get("kv_bits"))
+
+    @property
     def label(self) -> str:
-        return f"{self.meta['backend']}:{self.meta['quant']}"
+        return f"{self.meta['backend']}:{self.scheme}"
 
     def prompt_ids(self) -> list["np.ndarray"]:
         return [prompt.prompt_ids for prompt in self.prompts]
@@ -394,7 +429,8 @@ def capture(
     if limit < 2:
         raise UserInputError(f"a context of {context} leaves no room for prompts and {max_tokens} reply tokens")
     results = []
-    label = f"{session.backend}:{session.quant}"
+    kv_bits = getattr(session, "kv_bits", None)
+    label = f"{session.backend}:{scheme_name(session.quant, kv_bits)}"
     for index, prompt in enumerate(prompts):
         own_ids = list(session.tokenize(prompt.messages))
         ids = own_ids if token_ids is None else [int(t) for t in token_ids[index]]
@@ -431,6 +467,7 @@ def capture(
         "vocab_size": int(logits.shape[1]) if results else 0,
         "backend": session.backend,
         "quant": session.quant,
+        "kv_bits": kv_bits,
         "device": session.device_summary,
         "machine": f"{platform.system()} {platform.machine()} ({platform.node()})",
         "versions": stack_versions(session.backend),
@@ -599,7 +636,7 @@ def compare(
     if require_same_model:
         check_comparable(reference, other)
     if thresholds is None:
-        thresholds = thresholds_for(reference.meta["quant"], other.meta["quant"])
+        thresholds = thresholds_for(reference.scheme, other.scheme)
     kls, top1, top5 = [], [], []
     exact = True
     first_diffs: list[int | None] = []
@@ -745,6 +782,9 @@ def _record_meta(meta: Any, path: Path) -> dict:
             raise bad(f"'{key}' must be a string")
     if meta["quant"] not in PRECISION_CLASS:
         raise bad(f"unknown quant {meta['quant'][:40]!r} (known: {', '.join(PRECISION_CLASS)})")
+    kv_bits = meta.get("kv_bits")
+    if kv_bits is not None and (type(kv_bits) is not int or kv_bits not in KV_CLASS):
+        raise bad(f"'kv_bits' must be null, 8 or 4, not {str(kv_bits)[:40]}")
     for key in ("config_sha256", "tokenizer_sha256"):
         if not isinstance(meta.get(key, ""), str):
             raise bad(f"'{key}' must be a string")
@@ -819,7 +859,7 @@ def load_session(spec: "ModelSpec", target: Target, context: int) -> "Session":
     from runner.choice import LoadOptions, open_session, resolve
     from runner.hardware import detect_machine
 
-    choice = resolve(spec, detect_machine(), target.backend, target.quant, context)
+    choice = resolve(spec, detect_machine(), target.backend, target.quant, context, kv_bits=target.kv_bits)
     return open_session(choice, LoadOptions(chat=False))
 
 
@@ -867,7 +907,7 @@ def run_parity(
                             top_k_size=top_k_size, warn=warn)
         finally:
             session.close()
-        results.append(compare(ref, other, thresholds_for(reference.quant, target.quant, max_kl, min_top1)))
+        results.append(compare(ref, other, thresholds_for(reference.scheme, target.scheme, max_kl, min_top1)))
         other.drop_logits()
         other_captures.append(other)
     return ParityReport(ref, results, skipped, warnings, other_captures)
@@ -879,6 +919,13 @@ def run_parity(
 def _short(text: str, width: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _class_or_unknown(scheme: str) -> str:
+    try:
+        return precision_class(scheme)
+    except UserInputError:
+        return "?"
 
 
 def format_table(reference: Capture, results: Sequence[PairResult], skipped: Sequence[Skipped] = (),
@@ -895,13 +942,13 @@ def format_table(reference: Capture, results: Sequence[PairResult], skipped: Seq
     header = ("session", "scheme", "KL mean", "KL p99", "KL max", "top-1", "top-5", "greedy same", "ppl",
               f"answer to '{answer_prompt}'", "verdict")
     ref_answer = next((p.reply_text for p in reference.prompts if p.name == answer_prompt), "")
-    rows = [(reference.label, precision_class(reference.meta["quant"]), "", "", "", "", "", "",
+    rows = [(reference.label, precision_class(reference.scheme), "", "", "", "", "", "",
              f"{results[0].ppl_reference:.2f}" if results else "", _short(ref_answer, 40), "reference")]
     for r in results:
-        quant = r.other.partition(":")[2]
+        scheme = r.other.partition(":")[2]
         verdict = r.verdict + (": " + "; ".join(r.reasons) if r.reasons else f" ({r.thresholds.describe()})")
         rows.append((
-            r.other, precision_class(quant) if quant in PRECISION_CLASS else "?",
+            r.other, _class_or_unknown(scheme),
             f"{r.kl_mean:.2e}", f"{r.kl_p99:.2e}", f"{r.kl_max:.2e}", f"{r.top1:.1%}", f"{r.top5:.1%}",
             f"{r.greedy_same}/{r.greedy_prompts} ({sum(r.greedy_matched) / max(1, len(r.greedy_matched)):.1f})",
             f"{r.ppl_other:.2f}",
@@ -920,8 +967,8 @@ def format_table(reference: Capture, results: Sequence[PairResult], skipped: Seq
 def report_json(reference: Capture, results: Sequence[PairResult], skipped: Sequence[Skipped] = (),
                 warnings: Sequence[str] = (), others: Sequence[Capture] = ()) -> dict:
     def describe(c: Capture) -> dict:
-        keys = ("model", "config_sha256", "tokenizer_sha256", "backend", "quant", "device", "machine", "versions",
-                "memory", "date", "seconds")
+        keys = ("model", "config_sha256", "tokenizer_sha256", "backend", "quant", "kv_bits", "device", "machine",
+                "versions", "memory", "date", "seconds")
         return {key: c.meta.get(key) for key in keys}
 
     return {

@@ -1,6 +1,7 @@
 """`runner parity`: do two backends or quantizations give the same answers?
 
     runner parity [MODEL] --a cuda:fp32 --b cuda:nf4 --b mlx:q4     compare in this process
+    runner parity [MODEL] --a cuda:bf16 --b cuda:bf16,kv8          the same, the KV cache in 8 bits
     runner parity record [MODEL] --backend mlx:q4 -o mac.parity      write a portable record
     runner parity compare linux.parity mac.parity                    compare records (first = reference)
 
@@ -42,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "forms:\n"
         "  runner parity [MODEL] --a cuda:fp32 --b cuda:nf4 --b mlx:q4\n"
+        "  runner parity [MODEL] --a cuda:bf16 --b cuda:bf16,kv8 --b cuda:bf16,kv4   (KV cache bits)\n"
         "  runner parity record [MODEL] --backend mlx:q4 -o mac.parity\n"
         "  runner parity compare REFERENCE.parity OTHER.parity [...]\n"
         "verdict thresholds by the looser side of a pair (override with --max-kl / --min-top1):\n"
@@ -50,11 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("words", nargs="*", metavar="[record|compare] MODEL/FILES",
                         help="a model (id or folder; default: SmolLM2-135M-Instruct), or 'record [MODEL]', "
                         "or 'compare FILE FILE...'")
-    parser.add_argument("--a", dest="reference", metavar="BACKEND:QUANT",
-                        help=f"the reference session (default {DEFAULT_REFERENCE})")
-    parser.add_argument("--b", dest="others", action="append", default=[], metavar="BACKEND:QUANT",
+    parser.add_argument("--a", dest="reference", metavar="BACKEND:QUANT[,kv8|kv4]",
+                        help=f"the reference session (default {DEFAULT_REFERENCE}); ,kv8 or ,kv4 quantizes its "
+                        "KV cache (as --kv-bits does), and its logits read it")
+    parser.add_argument("--b", dest="others", action="append", default=[], metavar="BACKEND:QUANT[,kv8|kv4]",
                         help="a session to compare against the reference (repeat for more)")
-    parser.add_argument("--backend", metavar="BACKEND:QUANT", help="record: the session to record")
+    parser.add_argument("--backend", metavar="BACKEND:QUANT[,kv8|kv4]", help="record: the session to record")
     parser.add_argument("-o", "--output", metavar="FILE", help="record: where to write the .parity record")
     parser.add_argument("--prompts", metavar="FILE",
                         help="more prompts: JSON list, or plain text with prompts separated by blank lines")
@@ -220,7 +223,7 @@ def _compare(args: argparse.Namespace, files: list[str]) -> int:
     reference, *others = [read_record(path) for path in files]
     results = []
     for path, other in zip(files[1:], others):
-        thresholds = thresholds_for(reference.meta["quant"], other.meta["quant"], args.max_kl, args.min_top1)
+        thresholds = thresholds_for(reference.scheme, other.scheme, args.max_kl, args.min_top1)
         try:
             results.append(compare(reference, other, thresholds))
         except UserInputError as error:
