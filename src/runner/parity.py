@@ -411,6 +411,7 @@ def capture(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     top_k_size: int = DEFAULT_TOP_K,
     keep_logits: bool = True,
+    kv_bits: int | None = None,
     warn: Callable[[str], None] = lambda message: None,
 ) -> Capture:
     """Run `prompts` through `session`: its greedy reply, then its logits on prompt + reply.
@@ -418,6 +419,7 @@ def capture(
     `token_ids` are the prompts' ids from the reference's tokenizer (None: this session is the
     reference and tokenizes them). A prompt longer than `context - max_tokens` is cut to that
     many tokens, with a warning, and gets no greedy reply (the chat template cannot be cut).
+    `kv_bits`: the KV cache setting the session was loaded with, for the record and its label.
     """
     import numpy as np
 
@@ -429,7 +431,6 @@ def capture(
     if limit < 2:
         raise UserInputError(f"a context of {context} leaves no room for prompts and {max_tokens} reply tokens")
     results = []
-    kv_bits = getattr(session, "kv_bits", None)
     label = f"{session.backend}:{scheme_name(session.quant, kv_bits)}"
     for index, prompt in enumerate(prompts):
         own_ids = list(session.tokenize(prompt.messages))
@@ -889,7 +890,8 @@ def run_parity(
     session = load_session(spec, reference, context)
     try:
         progress(f"running {len(prompts)} prompts through {reference.label}")
-        ref = capture(session, prompts, context=context, max_tokens=max_tokens, top_k_size=top_k_size, warn=warn)
+        ref = capture(session, prompts, context=context, max_tokens=max_tokens, top_k_size=top_k_size,
+                      kv_bits=reference.kv_bits, warn=warn)
     finally:
         session.close()
     results, skipped, other_captures = [], [], []
@@ -904,7 +906,7 @@ def run_parity(
         try:
             progress(f"running {len(prompts)} prompts through {target.label}")
             other = capture(session, prompts, token_ids=ref.prompt_ids(), context=context, max_tokens=max_tokens,
-                            top_k_size=top_k_size, warn=warn)
+                            top_k_size=top_k_size, kv_bits=target.kv_bits, warn=warn)
         finally:
             session.close()
         results.append(compare(ref, other, thresholds_for(reference.scheme, target.scheme, max_kl, min_top1)))

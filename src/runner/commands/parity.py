@@ -199,7 +199,8 @@ def _record(args: argparse.Namespace, model: str | None, target) -> int:
     try:
         _progress(f"running {len(prompts)} prompts through {target.label}")
         result = capture(session, prompts, context=context, max_tokens=args.max_tokens, top_k_size=args.top_k,
-                         keep_logits=False, warn=lambda message: _progress(f"warning: {message}"))
+                         keep_logits=False, kv_bits=target.kv_bits,
+                         warn=lambda message: _progress(f"warning: {message}"))
     finally:
         session.close()
     path = write_record(result, args.output)
