@@ -337,7 +337,7 @@ def profile_graph(decoder, steps: int = 20) -> dict:
         logits = decoder.step(int(logits.argmax()))
     sync()
     host_us = (time.perf_counter() - start) / 100 * 1e6
-    graph = decoder._graph(decoder._bucket(decoder.length + 1))
+    graph = decoder._graph(decoder.segments[0], decoder._bucket(decoder.length + 1))
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     begin.record()
     for _ in range(100):

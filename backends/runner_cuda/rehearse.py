@@ -13,9 +13,10 @@
    copy is freed before the next. There is never a full-precision copy of the model nor a file;
 4. prefill `context - decode_tokens` random tokens (in chunks of budget.PREFILL_CHUNK) and decode
    `decode_tokens` more, one at a time, so the KV cache ends holding exactly `context` tokens, through
-   the decode path a session on these devices uses: on one GPU the fast path (`runner_cuda.fast`:
-   static KV cache, CUDA graphs, runner's NF4 kernels), its compile and graph capture timed apart;
-   elsewhere (several GPUs, the CPU, `fast_decode=False`) the CUDA session's own `forward_in_chunks`;
+   the decode path a session on these devices uses: on the GPUs the fast path (`runner_cuda.fast`:
+   static KV cache, CUDA graphs, runner's NF4 kernels; one graph segment per GPU where the layers are
+   split), its compile and graph capture timed apart; elsewhere (the CPU, `fast_decode=False`) the
+   CUDA session's own `forward_in_chunks`;
 5. measure: on CUDA the allocator (`torch.cuda.memory_allocated` / `max_memory_allocated` per
    device), on CPU (which has no allocator statistics) the bytes of the live tensors, quantization
    state included.
@@ -403,7 +404,7 @@ class TransformersDecode:
 
 class FastDecode:
     """Prefill and decode through runner's fast path (runner_cuda.fast.FastDecoder), as a session
-    on one GPU does; warmed up (compile, first graph) as a session does at load, and timed."""
+    on the GPUs does; warmed up (compile, first graph) as a session does at load, and timed."""
 
     path = "fast"
 
@@ -412,10 +413,7 @@ class FastDecode:
         decoder.prefill_chunk = prefill_chunk
         started = time.perf_counter()
         decoder.warm_up()
-        if decoder.device.type == "cuda":
-            import torch
-
-            torch.cuda.synchronize(decoder.device)
+        synchronize([str(device) for device in decoder.devices])
         self.warm_up_seconds = time.perf_counter() - started
 
     def prefill(self, ids: list[int]):
@@ -450,12 +448,9 @@ def decode_steps(model, context: int, prefill_chunk: int, device: str, fast_deco
 
     decoder = fast.decoder_for(model, context, kernel)
     if decoder is None:
-        devices = {str(p.device) for p in model.parameters()}
-        why = (f"the fast path does not span several devices ({', '.join(sorted(devices))}) yet" if len(devices) > 1
-               else "the fast path does not take this model")
-        return TransformersDecode(model, prefill_chunk, device), f"{why}; a session here decodes this way too"
-    kernel = f", {decoder.nf4_kernel} NF4 kernel" if decoder.nf4 is not None or decoder.nf4_kernel == "bitsandbytes" else ""
-    return FastDecode(decoder, prefill_chunk), f"static KV cache, CUDA graphs{kernel}"
+        return (TransformersDecode(model, prefill_chunk, device),
+                "the fast path does not take this model here; a session here decodes this way too")
+    return FastDecode(decoder, prefill_chunk), fast.describe(decoder)
 
 
 # ---- the rehearsal --------------------------------------------------------------------------
@@ -472,7 +467,7 @@ def rehearse(
     """Materialize `plan.model` with random weights as planned, prefill, decode, and measure.
 
     The decode runs through the path a session on the plan's devices uses (`fast_decode` and
-    `kernel` as LoadRequest's: runner's fast path on one GPU), so its speed is the one a user gets.
+    `kernel` as LoadRequest's: runner's fast path on the GPUs), so its speed is the one a user gets.
 
     The prefill feeds `prefill_chunk` tokens per forward (default budget.PREFILL_CHUNK: what the
     CUDA session does and what the Plan's activation estimate counts).

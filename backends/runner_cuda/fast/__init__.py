@@ -26,8 +26,9 @@ def _cuda() -> bool:
 
 def decoder_for(model, max_len: int, kernel: str | None = None):
     """A FastDecoder for `model` (static cache, CUDA graphs, fused ops), or None where the
-    fast path does not apply: no CUDA, a model spread over devices, an architecture it does not
-    know. `kernel` names the NF4 GEMV (decoder.NF4_KERNELS; None: runner's own)."""
+    fast path does not apply: no CUDA, layers offloaded to the CPU or disk, an architecture it does
+    not know. A model split over several GPUs decodes in one segment per GPU. `kernel` names the
+    NF4 GEMV (decoder.NF4_KERNELS; None: runner's own)."""
     if not _cuda():
         return None
     from runner_cuda.fast.decoder import FastDecoder, Unsupported
@@ -36,7 +37,7 @@ def decoder_for(model, max_len: int, kernel: str | None = None):
         decoder = FastDecoder(model, max_len, nf4_kernel=kernel)
     except Unsupported:
         return None
-    if decoder.device.type != "cuda":
+    if any(device.type != "cuda" for device in decoder.devices):
         return None
     return decoder
 
@@ -72,9 +73,17 @@ def attach(session, kernel: str | None = None) -> bool:
         return False
     decoder.warm_up()
     session.use_steps(FastSteps(decoder))
-    kernel = f", {decoder.nf4_kernel} NF4 GEMV" if decoder.nf4 else ""
-    session.device_summary += f"; fast decode (static KV cache, CUDA graphs{kernel})"
+    session.device_summary += f"; fast decode ({describe(decoder)})"
     return True
+
+
+def describe(decoder) -> str:
+    """The fast path in words: its cache, graphs, NF4 kernel and segments."""
+    kernel = f", {decoder.nf4_kernel} NF4 GEMV" if decoder.nf4 is not None or decoder.nf4_kernel == "bitsandbytes" else ""
+    split = ""
+    if len(decoder.devices) > 1:
+        split = f", one graph segment per GPU ({', '.join(str(d) for d in decoder.devices)})"
+    return f"static KV cache, CUDA graphs{kernel}{split}"
 
 
 def cached_nf4_source(path, quant: str) -> Path | None:

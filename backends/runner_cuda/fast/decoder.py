@@ -17,6 +17,13 @@ bitsandbytes' own with `nf4_kernel="bitsandbytes"` (`--kernel bitsandbytes`). Pr
 bitsandbytes' (or torch's) own path, eagerly, `prefill_chunk` tokens at a time (budget.PREFILL_CHUNK,
 what the Plan counts activations for), the lm_head for the last position only.
 
+A model whose layers are split over several GPUs (accelerate's device map) runs as segments: each
+contiguous run of layers on one device (with the embedding before it or the head after it, where
+they sit there) is a segment with its own static input, its own CUDA graph per length bucket and its
+layers' KV cache on its device; a step replays the segments in order and copies the hidden state
+(one row) to the next device between them. `split_at` adds segment boundaries on one device, so
+that the split runs (and is tested) without several GPUs.
+
     decoder = FastDecoder(model, max_len=4096)
     logits = decoder.prefill(prompt_ids)          # float32 [vocab], next-token logits
     logits = decoder.step(token_id)               # one token at the next position
@@ -57,7 +64,8 @@ class Unsupported(Exception):
 
 class FastDecoder:
     def __init__(self, model, max_len: int, *, use_graphs: bool | None = None, nf4_kernel: str | None = None,
-                 compile_ops: bool | None = None, fuse_dense: bool | None = None, prefill_chunk: int = PREFILL_CHUNK):
+                 compile_ops: bool | None = None, fuse_dense: bool | None = None, prefill_chunk: int = PREFILL_CHUNK,
+                 split_at: Sequence[int] = ()):
         import torch
 
         if prefill_chunk < 1:
@@ -70,9 +78,8 @@ class FastDecoder:
         if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) and max_len > config.sliding_window:
             raise Unsupported("sliding-window attention beyond the window")
         devices = {p.device for p in model.parameters()} | {b.device for b in model.buffers()}
-        if len(devices) != 1:
-            raise Unsupported(f"model spread over {len(devices)} devices")
-        self.device = devices.pop()
+        if len({d.type for d in devices}) != 1 or devices & {torch.device("meta")}:
+            raise Unsupported(f"model spread over {', '.join(sorted(map(str, devices)))} (offloaded)")
         for layer in model.model.layers:
             for module in _projections(layer):
                 kind = type(module).__name__
@@ -84,6 +91,12 @@ class FastDecoder:
         self.layers = list(inner.layers)
         self.norm = inner.norm
         self.head = model.lm_head
+        if _device_of(self.norm) != _device_of(self.head):
+            raise Unsupported("the final norm and the lm_head on different devices")
+        self.segments = _segments(_device_of(self.embed), [_device_of(l) for l in self.layers], _device_of(self.head),
+                                  split_at)
+        self.device = self.segments[0].device          # where the token goes in
+        self.devices = list(dict.fromkeys(segment.device for segment in self.segments))
         self.dtype = self.embed.weight.dtype
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
@@ -107,17 +120,22 @@ class FastDecoder:
         with torch.no_grad():
             capacity = -(-self.max_len // FIRST_BUCKET) * FIRST_BUCKET     # buckets end on 256s
             shape = (self.kv_heads, capacity, self.head_dim)
-            self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-            self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-            positions = torch.arange(capacity, device=self.device)
-            probe = torch.empty(0, dtype=self.dtype, device=self.device)
-            cos, sin = inner.rotary_emb(probe, positions[None])
-            self.cos, self.sin = cos[0], sin[0]                       # [max_len, head_dim]
-            self.positions = positions
+            # each layer's K and V on its layer's device
+            self.keys = [torch.zeros(shape, dtype=self.dtype, device=_device_of(l)) for l in self.layers]
+            self.values = [torch.zeros(shape, dtype=self.dtype, device=_device_of(l)) for l in self.layers]
+            rotary = _device_of(inner.rotary_emb)
+            probe = torch.empty(0, dtype=self.dtype, device=rotary)
+            cos, sin = inner.rotary_emb(probe, torch.arange(capacity, device=rotary)[None])
+            # per device: RoPE tables [max_len, head_dim], positions, and the step's position (refilled per token)
+            self.tables = {device: _Tables(cos[0].to(device), sin[0].to(device), torch.arange(capacity, device=device),
+                                           torch.zeros(1, dtype=torch.long, device=device)) for device in self.devices}
             # the inputs and output of a graphed step: fixed addresses, refilled per token
             self.token = torch.zeros(1, dtype=torch.long, device=self.device)
-            self.position = torch.zeros(1, dtype=torch.long, device=self.device)
-            self.logits = torch.zeros(config.vocab_size, dtype=torch.float32, device=self.device)
+            self.logits = torch.zeros(config.vocab_size, dtype=torch.float32, device=_device_of(self.head))
+            for segment, following in zip(self.segments, self.segments[1:]):
+                segment.output = torch.zeros(1, config.hidden_size, dtype=self.dtype, device=segment.device)
+                following.input = torch.zeros(1, config.hidden_size, dtype=self.dtype, device=following.device)
+            self.segments[-1].output = self.logits
         self.eps = _norm_eps(self.norm)
         if config.hidden_act != "silu" or any(_norm_eps(n) != self.eps for l in self.layers for n in (l.input_layernorm, l.post_attention_layernorm)):
             raise Unsupported("activation other than SiLU or mixed norm epsilons")
@@ -134,8 +152,7 @@ class FastDecoder:
                 self.qkv = [_fuse_rows([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in self.layers]
                 self.gate_up = [_fuse_rows([l.mlp.gate_proj, l.mlp.up_proj]) for l in self.layers]
         self.length = 0        # positions filled in the cache
-        self.graphs: dict[int, object] = {}
-        self.pool = None
+        self.pools: dict = {}  # one CUDA graph memory pool per device
 
     # ---- public -------------------------------------------------------------------------------
 
@@ -151,7 +168,9 @@ class FastDecoder:
             ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
             for start in range(0, count, self.prefill_chunk):
                 hidden = self._prefill_forward(ids[start:start + self.prefill_chunk], first + start)
-            self.logits.copy_(self.head(self.norm(hidden[-1:]))[0].float())
+            last = hidden[-1:].to(self.logits.device)
+            with _on(self.logits.device):
+                self.logits.copy_(self.head(self.norm(last))[0].float())
         self.length = first + count
         return self.logits
 
@@ -163,13 +182,21 @@ class FastDecoder:
         if self.length >= self.max_len:
             raise ValueError(f"the cache of {self.max_len} positions is full")
         with torch.no_grad():
-            self.token.copy_(torch.as_tensor(token, device=self.device).reshape(1))
-            self.position.fill_(self.length)
             span = self._bucket(self.length + 1)
-            if self.use_graphs:
-                self._graph(span).replay()
-            else:
-                self.logits.copy_(self._decode_forward(span))
+            self.token.copy_(torch.as_tensor(token, device=self.device).reshape(1))
+            for tables in self.tables.values():
+                tables.position.fill_(self.length)
+            # every segment's graph before any input is filled: a capture runs its segment on the input
+            # there (writing K/V at this position, as the replay then does again)
+            graphs = [self._graph(segment, span) for segment in self.segments] if self.use_graphs else None
+            for index, segment in enumerate(self.segments):
+                if segment.input is not None:       # the hidden state from the segment before (another device)
+                    segment.input.copy_(self.segments[index - 1].output)
+                with _on(segment.device):
+                    if graphs is not None:
+                        graphs[index].replay()
+                    else:
+                        segment.output.copy_(self._decode_forward(span, segment))
         self.length += 1
         return self.logits
 
@@ -196,8 +223,6 @@ class FastDecoder:
     def _nf4_calls(self) -> "list[dict] | None":
         """{"qkv", "o", "gate_up", "down"} -> a call x -> outputs, per layer (nf4_cuda.NF4Gemv);
         None if some projection is not an NF4 weight that kernel reads."""
-        from runner_cuda.fast import nf4_cuda
-
         if self.nf4_kernel == "cuda":
             fused = self._nf4_fused_calls()
             if fused is not None:
@@ -208,68 +233,85 @@ class FastDecoder:
                   "down": ("down_proj",)}
         calls = []
         for layer in self.layers:
-            modules = {name: getattr(layer.self_attn, name, None) or getattr(layer.mlp, name) for name in
-                       ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
-            layer_calls = {}
-            for group, names in groups.items():
-                weights = [nf4_weight_of(modules[name]) for name in names]
-                if any(w is None for w in weights):
-                    return None
-                call = nf4_cuda.NF4Gemv.for_weights(weights, rounding=NF4_KERNELS[self.nf4_kernel], x_dtype=self.dtype)
-                if call is None:
-                    return None
-                layer_calls[group] = call
+            with _on(_device_of(layer)):       # each kernel is compiled and loaded for its layer's GPU
+                layer_calls = self._nf4_simt_layer(layer, groups)
+            if layer_calls is None:
+                return None
             calls.append(layer_calls)
         return calls
+
+    def _nf4_simt_layer(self, layer, groups: dict) -> "dict | None":
+        from runner_cuda.fast import nf4_cuda
+
+        modules = {name: getattr(layer.self_attn, name, None) or getattr(layer.mlp, name) for name in
+                   ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+        layer_calls = {}
+        for group, names in groups.items():
+            weights = [nf4_weight_of(modules[name]) for name in names]
+            if any(w is None for w in weights):
+                return None
+            call = nf4_cuda.NF4Gemv.for_weights(weights, rounding=NF4_KERNELS[self.nf4_kernel], x_dtype=self.dtype)
+            if call is None:
+                return None
+            layer_calls[group] = call
+        return layer_calls
 
     def _nf4_fused_calls(self) -> "list[dict] | None":
         """Per layer, NF4Mma calls: "qkv" (RMSNorm inside), "o" and "down" (adding into the residual
         stream), "gate_up" (RMSNorm inside, SiLU(gate) x up out); None where it does not take them all."""
-        from runner_cuda.fast.nf4_cuda import NF4Mma
-
         calls = []
         for layer in self.layers:
             weights = {name: nf4_weight_of(module) for name, module in zip(
                 ("q", "k", "v", "o", "gate", "up", "down"), _projections(layer))}
             if any(w is None for w in weights.values()):
                 return None
-            layer_calls = {
-                "qkv": NF4Mma.for_weights([weights["q"], weights["k"], weights["v"]], norm=layer.input_layernorm.weight,
-                                          eps=_norm_eps(layer.input_layernorm), x_dtype=self.dtype),
-                "o": NF4Mma.for_weights([weights["o"]], residual=True, x_dtype=self.dtype),
-                "gate_up": NF4Mma.for_weights([weights["gate"], weights["up"]], glu=True,
-                                              norm=layer.post_attention_layernorm.weight,
-                                              eps=_norm_eps(layer.post_attention_layernorm), x_dtype=self.dtype),
-                "down": NF4Mma.for_weights([weights["down"]], residual=True, x_dtype=self.dtype),
-            }
+            with _on(_device_of(layer)):       # each kernel is compiled and loaded for its layer's GPU
+                layer_calls = self._nf4_fused_layer(layer, weights)
             if any(call is None for call in layer_calls.values()):
                 return None
             calls.append(layer_calls)
         return calls
 
+    def _nf4_fused_layer(self, layer, weights: dict) -> dict:
+        from runner_cuda.fast.nf4_cuda import NF4Mma
+
+        return {
+            "qkv": NF4Mma.for_weights([weights["q"], weights["k"], weights["v"]], norm=layer.input_layernorm.weight,
+                                      eps=_norm_eps(layer.input_layernorm), x_dtype=self.dtype),
+            "o": NF4Mma.for_weights([weights["o"]], residual=True, x_dtype=self.dtype),
+            "gate_up": NF4Mma.for_weights([weights["gate"], weights["up"]], glu=True,
+                                          norm=layer.post_attention_layernorm.weight,
+                                          eps=_norm_eps(layer.post_attention_layernorm), x_dtype=self.dtype),
+            "down": NF4Mma.for_weights([weights["down"]], residual=True, x_dtype=self.dtype),
+        }
+
     def _project(self, index: int, group: str, module, x):
         """o_proj or down_proj of layer `index`: runner's NF4 kernel where it runs, else the module."""
         return self.nf4[index][group](x) if self.nf4 is not None else module(x)
 
-    def _decode_forward(self, span: int) -> "torch.Tensor":
-        """One token at `self.position`, attending over the first `span` cache positions. The
-        residual add and the next RMSNorm are one fused step, as are RoPE on q and k, and the
-        MLP's SiLU × up (fused by torch.compile on CUDA: ~15 kernels a layer instead of ~45)."""
+    def _decode_forward(self, span: int, segment: "_Segment | None" = None) -> "torch.Tensor":
+        """One token at the step's position through `segment` (default: the first; the whole model
+        when it is on one device), attending over the first `span` cache positions: its hidden state
+        [1, hidden] for the next segment, or the float32 logits from the last. The residual add and
+        the next RMSNorm are one fused step, as are RoPE on q and k, and the MLP's SiLU × up (fused
+        by torch.compile on CUDA: ~15 kernels a layer instead of ~45)."""
         import torch
 
+        segment = segment or self.segments[0]
         ops = self.ops
-        cos = self.cos.index_select(0, self.position)                    # [1, head_dim]
-        sin = self.sin.index_select(0, self.position)
-        visible = (self.positions[:span] <= self.position).view(1, 1, 1, span)
+        tables = self.tables[segment.device]
+        cos = tables.cos.index_select(0, tables.position)                 # [1, head_dim]
+        sin = tables.sin.index_select(0, tables.position)
+        visible = (tables.positions[:span] <= tables.position).view(1, 1, 1, span)
         rep = self.heads // self.kv_heads
-        hidden = self.embed(self.token)                                   # [1, hidden]
-        first = self.layers[0].input_layernorm
+        # [1, hidden]; the static input of a later segment is updated in place by the fused NF4 kernels
+        hidden = self.embed(self.token) if segment.input is None else segment.input
         fused = self.nf4_fused        # runner's NF4 kernels do the norms, residual adds and SiLU x up
-        x = None if fused else ops.rms_norm(hidden, first.weight, self.eps)
-        norms = [layer.post_attention_layernorm for layer in self.layers]
-        following = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+        layers = segment.layers
+        x = None if fused or not layers else ops.rms_norm(hidden, self.layers[layers[0]].input_layernorm.weight, self.eps)
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        for index, (layer, keys, values, middle, after) in enumerate(zip(self.layers, self.keys, self.values, norms, following)):
+        for index in layers:
+            layer, keys, values = self.layers[index], self.keys[index], self.values[index]
             attn, mlp = layer.self_attn, layer.mlp
             if fused:
                 q, k, v = self.nf4[index]["qkv"](hidden).split([q_size, kv_size, kv_size], dim=-1)
@@ -280,8 +322,8 @@ class FastDecoder:
             else:
                 q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
             q, k = ops.rope(q.view(self.heads, self.head_dim), k.view(self.kv_heads, self.head_dim), cos, sin)
-            keys.index_copy_(1, self.position, k[:, None])
-            values.index_copy_(1, self.position, v.view(self.kv_heads, 1, self.head_dim))
+            keys.index_copy_(1, tables.position, k[:, None])
+            values.index_copy_(1, tables.position, v.view(self.kv_heads, 1, self.head_dim))
             # grouped-query attention as `rep` queries per KV head: no K/V repeat
             out = torch.nn.functional.scaled_dot_product_attention(
                 q.view(1, self.kv_heads, rep, self.head_dim), keys[None, :, :span], values[None, :, :span],
@@ -291,52 +333,87 @@ class FastDecoder:
                 self.nf4[index]["o"](out, out=hidden)
                 self.nf4[index]["down"](self.nf4[index]["gate_up"](hidden), out=hidden)
                 continue
-            hidden, x = ops.add_rms_norm(hidden, self._project(index, "o", attn.o_proj, out), middle.weight, self.eps)
+            hidden, x = ops.add_rms_norm(hidden, self._project(index, "o", attn.o_proj, out),
+                                         layer.post_attention_layernorm.weight, self.eps)
             if self.gate_up is not None:
                 gate, up = torch.nn.functional.linear(x, *self.gate_up[index]).chunk(2, dim=-1)
             elif self.nf4 is not None:
                 gate, up = self.nf4[index]["gate_up"](x).chunk(2, dim=-1)
             else:
                 gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-            hidden, x = ops.add_rms_norm(hidden, self._project(index, "down", mlp.down_proj, ops.silu_mul(gate, up)), after.weight, self.eps)
-        if fused:
+            down = self._project(index, "down", mlp.down_proj, ops.silu_mul(gate, up))
+            # the next RMSNorm with the add where its weight is here; at the segment's end the next
+            # segment (on its own device) starts with it
+            after = (self.layers[index + 1].input_layernorm if index + 1 in layers
+                     else self.norm if segment.head else None)
+            if after is None:
+                hidden, x = hidden + down, None
+            else:
+                hidden, x = ops.add_rms_norm(hidden, down, after.weight, self.eps)
+        if not segment.head:
+            return hidden
+        if x is None:
             x = ops.rms_norm(hidden, self.norm.weight, self.eps)
         return self.head(x)[0].float()
 
     def _prefill_forward(self, ids: "torch.Tensor", start: int = 0) -> "torch.Tensor":
         """Prompt tokens at positions start, start + 1, ... in one pass (bitsandbytes' or torch's own
-        linears), writing their K/V into the cache; causal attention over the cache up to them."""
-        import torch
-
+        linears), writing their K/V into the cache; causal attention over the cache up to them. The
+        hidden state moves to each layer's device where the layers change device."""
         count = ids.numel()
         end = start + count
-        cos, sin = self.cos[start:end, None], self.sin[start:end, None]      # [T, 1, head_dim]
-        # the first chunk is plain causal; a later one also sees every earlier position
-        mask = None if start == 0 else self.positions[:end][None, :] <= self.positions[start:end][:, None]
         hidden = self.embed(ids)                                              # [T, hidden]
         for layer, keys, values in zip(self.layers, self.keys, self.values):
+            hidden = hidden.to(keys.device)
+            tables = self.tables[keys.device]
+            cos, sin = tables.cos[start:end, None], tables.sin[start:end, None]      # [T, 1, head_dim]
             attn = layer.self_attn
-            x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(count, self.heads, self.head_dim)
-            k = attn.k_proj(x).view(count, self.kv_heads, self.head_dim)
-            v = attn.v_proj(x).view(count, self.kv_heads, self.head_dim)
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-            keys[:, start:end].copy_(k.transpose(0, 1))
-            values[:, start:end].copy_(v.transpose(0, 1))
-            rep = self.heads // self.kv_heads
-            out = torch.nn.functional.scaled_dot_product_attention(
+            with _on(keys.device):      # runner's and bitsandbytes' kernels launch on the current device
+                x = layer.input_layernorm(hidden)
+                q = attn.q_proj(x).view(count, self.heads, self.head_dim)
+                k = attn.k_proj(x).view(count, self.kv_heads, self.head_dim)
+                v = attn.v_proj(x).view(count, self.kv_heads, self.head_dim)
+                q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+                keys[:, start:end].copy_(k.transpose(0, 1))
+                values[:, start:end].copy_(v.transpose(0, 1))
+                out = self._prefill_attention(q, keys, values, start, end)
+                hidden = hidden + attn.o_proj(out.transpose(0, 1).reshape(count, self.heads * self.head_dim))
+                mlp = layer.mlp
+                x = layer.post_attention_layernorm(hidden)
+                hidden = hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+        return hidden
+
+    def _prefill_attention(self, q, keys, values, start: int, end: int) -> "torch.Tensor":
+        """Causal attention of a chunk's queries q [T, heads, head_dim] at positions start..end-1
+        over the cache's first `end` positions; [heads, T, head_dim]. The first chunk repeats its
+        few K/V per query head (plain causal). A later one sees every earlier position (the causal
+        mask aligned to the lower right, never materialized on the GPU) and reads the cache as it
+        is: one attention per query head of each KV group, so a long context needs no
+        [heads, end, head_dim] copy of K and V (8 GB a layer for the 405B at 122k tokens)."""
+        import torch
+
+        count = q.shape[0]
+        rep = self.heads // self.kv_heads
+        if start == 0:
+            return torch.nn.functional.scaled_dot_product_attention(
                 q.transpose(0, 1)[None],
                 keys[:, :end].repeat_interleave(rep, dim=0)[None],
                 values[:, :end].repeat_interleave(rep, dim=0)[None],
-                attn_mask=mask,
-                is_causal=mask is None,
+                is_causal=True,
                 scale=self.scaling,
             )[0]
-            hidden = hidden + attn.o_proj(out.transpose(0, 1).reshape(count, self.heads * self.head_dim))
-            mlp = layer.mlp
-            x = layer.post_attention_layernorm(hidden)
-            hidden = hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
-        return hidden
+        from torch.nn.attention.bias import causal_lower_right
+
+        # query head g * rep + r reads KV head g
+        grouped = q.view(count, self.kv_heads, rep, self.head_dim)
+        out = torch.empty(self.kv_heads, rep, count, self.head_dim, dtype=q.dtype, device=q.device)
+        mask = causal_lower_right(count, end)
+        for r in range(rep):
+            out[:, r] = torch.nn.functional.scaled_dot_product_attention(
+                grouped[:, :, r].transpose(0, 1)[None], keys[None, :, :end], values[None, :, :end],
+                attn_mask=mask, scale=self.scaling,
+            )[0]
+        return out.view(self.heads, count, self.head_dim)
 
     # ---- graphs -------------------------------------------------------------------------------
 
@@ -344,29 +421,87 @@ class FastDecoder:
         span = FIRST_BUCKET
         while span < needed:
             span *= 2
-        return min(span, self.positions.numel())
+        return min(span, self.keys[0].shape[1])
 
-    def _graph(self, span: int):
-        """The CUDA graph of a decode step over `span` positions, captured on first use. The
-        warm-up runs write the current token's K/V at the current position, as the replay will."""
+    def _graph(self, segment: "_Segment", span: int):
+        """The CUDA graph of `segment`'s part of a decode step over `span` positions, captured on
+        first use on its device. The warm-up runs write the current token's K/V at the current
+        position, as the replay will."""
         import torch
 
-        graph = self.graphs.get(span)
+        graph = segment.graphs.get(span)
         if graph is not None:
             return graph
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        side = _capture_stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):      # compiles Triton kernels, warms cuBLAS outside the capture
-                self.logits.copy_(self._decode_forward(span))
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, stream=side):
-            self.logits.copy_(self._decode_forward(span))
-        self.graphs[span] = graph
+        device = segment.device
+        with torch.cuda.device(device):
+            if device not in self.pools:
+                self.pools[device] = torch.cuda.graph_pool_handle()
+            side = _capture_stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):      # compiles Triton kernels, warms cuBLAS outside the capture
+                    segment.output.copy_(self._decode_forward(span, segment))
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pools[device], stream=side):
+                segment.output.copy_(self._decode_forward(span, segment))
+        segment.graphs[span] = graph
         return graph
+
+
+class _Tables:
+    """One device's RoPE tables, positions and the step's position (a filled-in static input)."""
+
+    def __init__(self, cos, sin, positions, position):
+        self.cos, self.sin, self.positions, self.position = cos, sin, positions, position
+
+
+class _Segment:
+    """A run of decoder layers on one device, with the embedding before them (`input` None: the step
+    starts here from the token) or a static input filled from the segment before, and the final norm
+    and lm_head after them (`head`). `output`: its static hidden state for the next segment, or the
+    decoder's logits. `graphs`: span -> its CUDA graph."""
+
+    def __init__(self, device, layers: list[int], head: bool):
+        self.device, self.layers, self.head = device, layers, head
+        self.input = None
+        self.output = None
+        self.graphs: dict[int, object] = {}
+
+
+def _segments(embed_device, layer_devices: list, head_device, split_at: Sequence[int] = ()) -> list[_Segment]:
+    """The decode step's segments: a new one wherever the device changes along embedding, layers,
+    head, and before each layer index in `split_at`."""
+    stages = [("embed", embed_device)] + [(index, device) for index, device in enumerate(layer_devices)]
+    stages.append(("head", head_device))
+    segments: list[_Segment] = []
+    for stage, device in stages:
+        if not segments or segments[-1].device != device or stage in split_at:
+            segments.append(_Segment(device, [], False))
+        if stage == "head":
+            segments[-1].head = True
+        elif stage != "embed":
+            segments[-1].layers.append(stage)
+    return segments
+
+
+def _device_of(module):
+    """The device of a module's first parameter or buffer."""
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    raise Unsupported(f"{type(module).__name__} holds no tensor to place it by")
+
+
+def _on(device):
+    """The device's CUDA context for what launches on the current device (NVRTC kernels, graph
+    replay); nothing on the CPU."""
+    import contextlib
+
+    import torch
+
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 _CAPTURE_STREAMS: dict = {}
