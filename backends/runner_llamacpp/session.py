@@ -10,6 +10,9 @@ prefilled again; the cache is cut back to it (`llama_memory_seq_rm`), or cleared
 
 The prompt is the chat template from the GGUF rendered by the core's limited renderer
 (`runner.templates.render`), then tokenized by llama.cpp's own tokenizer with special tokens parsed.
+
+Two schemes: `gguf` runs the file as stored; `fp16` runs runner's F16 copy of it (`f16.py`: the
+same weights without llama.cpp's 8-bit rounding of activations for quantized types).
 """
 
 from __future__ import annotations
@@ -63,14 +66,14 @@ def pick_token(logits: "np.ndarray", sampling: Sampling, generator) -> int:
 class LlamaCppSession:
     backend = "llamacpp"
 
-    def __init__(self, llm, spec: "ModelSpec", context: int, plan: "Plan | None", template: str | None,
+    def __init__(self, llm, spec: "ModelSpec", quant: str, context: int, plan: "Plan | None", template: str | None,
                  special_tokens: dict[str, str], device_summary: str, warnings: tuple[str, ...],
                  log, threads: int) -> None:
         from runner_llamacpp.compat import eog_ids
 
         self.llm = llm
         self.model = self.spec = spec
-        self.quant = "gguf"
+        self.quant = quant                       # "gguf": the file as stored; "fp16": runner's F16 copy
         self.context = context
         self.plan = plan
         self.template = template
@@ -229,9 +232,12 @@ class LlamaCppSession:
 
 
 def gguf_of(spec: "ModelSpec") -> Path:
+    """The GGUF file to run: the spec's own, or for the default model the one its package ships
+    (also when the spec handed over is its safetensors import)."""
     from runner.gguf import gguf_path
+    from runner.model import DEFAULT_MODEL_ID
 
-    if spec.source != "gguf":
+    if spec.source != "gguf" and spec.name.lower() != DEFAULT_MODEL_ID.lower():
         raise UserInputError(f"{spec.name}: the llamacpp backend runs GGUF files; this is a {spec.source} model "
                              "(config.json and safetensors): use the cuda or mlx backend, or give a .gguf file")
     return gguf_path(spec)
@@ -270,7 +276,13 @@ def load_session(request: LoadRequest) -> LlamaCppSession:
     kv_type = KV_TYPES.get(request.kv_bits)      # None: f16
     if request.trust_remote_code:
         raise UserInputError("the llamacpp backend runs no repository code (--trust-remote-code)")
-    file = read_gguf(path)     # checked before llama.cpp parses it
+    file = read_gguf(path)     # checked before llama.cpp (or gguf-py) parses it
+    stored = file.types_in_words()
+    if request.quant == "fp16":
+        from runner_llamacpp.f16 import f16_copy
+
+        path = f16_copy(path, request.on_progress)
+        file = read_gguf(path)
     template = file.metadata.get("tokenizer.chat_template")
     template = template if isinstance(template, str) and template else None
     if template is not None and len(template.encode()) > MAX_TEMPLATE_BYTES:
@@ -306,9 +318,10 @@ def load_session(request: LoadRequest) -> LlamaCppSession:
     where = f"{offload} of {spec.num_layers} layers on the GPU" if offload else \
         f"CPU, {count} thread{'s' if count != 1 else ''}"
     kv = f"; KV cache {request.kv_bits}-bit" if request.kv_bits else ""
-    summary = (f"llama.cpp {llama_cpp.__version__} ({where}); GGUF as stored: {file.types_in_words()}; "
-               f"context {llm.n_ctx()} tokens{kv}")
-    return LlamaCppSession(llm, spec, request.context, request.plan, template, special_token_texts(llm),
+    weights = f"GGUF as stored: {stored}" if request.quant != "fp16" else \
+        f"GGUF ({stored}) as runner's F16 copy: {file.types_in_words()}"
+    summary = f"llama.cpp {llama_cpp.__version__} ({where}); {weights}; context {llm.n_ctx()} tokens{kv}"
+    return LlamaCppSession(llm, spec, request.quant, request.context, request.plan, template, special_token_texts(llm),
                            summary, tuple(warnings), log, count)
 
 

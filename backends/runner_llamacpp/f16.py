@@ -1,0 +1,131 @@
+"""Scheme `fp16` of the llamacpp backend: a copy of a GGUF file with every quantized tensor
+dequantized to F16, written once into runner's cache and run by llama.cpp like any GGUF.
+
+Why: llama.cpp multiplies a quantized weight (Q4_1, Q8_0, Q4_K ...) by activations it first
+rounds to 8 bits per value (Q8_1 / Q8_0 / Q8_K blocks of 32 or 256). On the default model
+(SmolLM2-135M, Q4_1 with a Q8_0 embedding) that rounding alone moves the logits by a mean KL of
+4.9e-3 from the same weights in float32, enough to flip the near-tie of the README's first question
+("The" 0.08 nats ahead of "L" in float32: "L'Étoile, la Marseillaise, …"). F16 weights are
+multiplied by F16 activations: mean KL 1.1e-5 and the same answer, at the same decode speed on a
+CPU (bench/RESULTS.md). Float tensors (F32, F16, BF16: the norms) are copied as they are.
+
+  f16_copy(source, on_progress)  the copy's path, written on first use (gguf-py: read, dequantize, write)
+  f16_breakdown(model)           the plan's weight bytes for `fp16`, from the source's header (pure Python)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from runner.backend import LoadProgress
+from runner.errors import CorruptWeights, UserInputError
+from runner.paths import models_dir
+
+if TYPE_CHECKING:
+    from runner.gguf import GgufTensor
+    from runner.model import ModelSpec
+    from runner.plan_rules import WeightsBreakdown
+
+FLOAT_TYPES = ("F32", "F16", "BF16", "F64")   # copied as stored: nothing to dequantize
+MOSTLY_F16 = 1                                # llama.cpp's general.file_type for an F16 file
+CONVERSION = 1                                # raise when the copy changes, so older copies are made again
+STAGE = "writing an F16 copy of the GGUF (once)"
+
+
+def f16_nbytes(tensor: "GgufTensor") -> int:
+    """Bytes of `tensor` in the copy: 2 per value unless it is a float type already."""
+    return tensor.nbytes if tensor.type_name in FLOAT_TYPES else tensor.elements * 2
+
+
+def f16_breakdown(model: "ModelSpec") -> "WeightsBreakdown":
+    """The plan's weight bytes of the F16 copy of `model`'s GGUF, grouped as `gguf_breakdown` does
+    (the embeddings, the layers' mean rounded up, the head)."""
+    from runner.gguf import gguf_path, read_gguf
+    from runner.plan_rules import WeightsBreakdown
+
+    file = read_gguf(gguf_path(model))
+    embeddings = head = 0
+    layers = [0] * model.num_layers
+    for tensor in file.tensors:
+        parts = tensor.name.split(".")
+        if parts[0] == "blk" and parts[1].isdigit() and int(parts[1]) < model.num_layers:
+            layers[int(parts[1])] += f16_nbytes(tensor)
+        elif parts[0] in ("output_norm", "output"):
+            head += f16_nbytes(tensor)
+        else:
+            embeddings += f16_nbytes(tensor)
+    layer = -(-sum(layers) // len(layers))
+    return WeightsBreakdown(embeddings=embeddings, layer=layer, head=head, num_layers=model.num_layers,
+                            layer_unquantized=layer)
+
+
+def copy_path(source: Path) -> Path:
+    """Where the copy of `source` lives: named by the source's name, and by its path, size and
+    modification time (a file changed in place gets a new copy)."""
+    stat = source.stat()
+    key = f"{source.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{CONVERSION}".encode()
+    return models_dir() / "gguf-f16" / f"{source.stem}.{hashlib.sha256(key).hexdigest()[:16]}.F16.gguf"
+
+
+def f16_copy(source: Path, on_progress: Callable[[LoadProgress], None] | None = None) -> Path:
+    """The F16 copy of `source` (checked by `runner.gguf.read_gguf` before), written on first use
+    to a temporary name and renamed into place, so a crash never leaves a half-written copy."""
+    target = copy_path(source)
+    if target.is_file():
+        return target
+    try:
+        import numpy as np
+        from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+        from gguf.quants import dequantize
+    except ImportError:
+        raise UserInputError("--quant fp16 on llama.cpp writes an F16 copy of the GGUF with gguf-py, which is not "
+                             "installed: pip install gguf (or --quant gguf: the file as stored)") from None
+    reader = GGUFReader(source)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.writing-{os.getpid()}"
+    writer = GGUFWriter(staging, arch=reader.fields["general.architecture"].contents(), endianess=reader.endianess)
+    try:
+        for name, field in reader.fields.items():
+            if name.startswith("GGUF.") or name in ("general.architecture", "general.alignment", "general.file_type"):
+                continue
+            kind = field.types[0]
+            sub_type = field.types[-1] if kind == GGUFValueType.ARRAY else None
+            writer.add_key_value(name, field.contents(), kind, sub_type=sub_type)
+        writer.add_file_type(MOSTLY_F16)
+        if "general.alignment" in reader.fields:
+            writer.add_custom_alignment(int(reader.fields["general.alignment"].contents()))
+        for tensor in reader.tensors:
+            if tensor.tensor_type.name in FLOAT_TYPES:
+                writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes,
+                                       raw_dtype=tensor.tensor_type)
+            else:
+                shape = tuple(int(d) for d in reversed(tensor.shape))
+                writer.add_tensor_info(tensor.name, shape, np.dtype(np.float16), 2 * int(np.prod(shape)),
+                                       raw_dtype=GGMLQuantizationType.F16)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for index, tensor in enumerate(reader.tensors):
+            if tensor.tensor_type.name in FLOAT_TYPES:
+                writer.write_tensor_data(tensor.data)
+            else:
+                values = dequantize(tensor.data, tensor.tensor_type).astype(np.float16)
+                if not np.isfinite(values).all():
+                    raise CorruptWeights(f"{source}: tensor {tensor.name} holds values beyond F16's range "
+                                         "(or NaN): use --quant gguf")
+                writer.write_tensor_data(values)
+            if on_progress is not None:
+                on_progress(LoadProgress(STAGE, index + 1, len(reader.tensors), "tensors"))
+        writer.close()
+        os.replace(staging, target)
+    except BaseException:
+        writer.close()
+        staging.unlink(missing_ok=True)
+        raise
+    return target
+
+
+__all__ = ["f16_copy", "f16_breakdown", "f16_nbytes", "copy_path"]
