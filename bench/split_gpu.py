@@ -1,0 +1,192 @@
+"""The fast decode path over a layer split on two GPUs (issues 19 and 23), for one call on a lent
+`nvidia-h200-x2` machine.
+
+    python3 bench/split_gpu.py rehearse8k     # runner rehearse --json: 405B NF4 at 8k; 70B NF4 and BF16 at 8k
+    python3 bench/split_gpu.py positions      # 405B NF4 over both GPUs: decode tok/s at positions 100 ... 8000
+    python3 bench/split_gpu.py longest        # 405B NF4 at the longest context the plan allows here, rehearsed
+    python3 bench/split_gpu.py baseline       # 70B NF4 rehearsed through transformers' loop (--no-fast-decode)
+
+First the copy bandwidth of each GPU (a device-to-device copy, bytes read + written) and of a copy
+between them, so decode tokens/s is held against a roofline measured in the same run. Each
+rehearsal runs in its own process through rehearse_gpu.py (the same `run()` as `runner rehearse`);
+the position sweep builds the model as a rehearsal does (random weights on the plan's devices) and
+times greedy steps as a session takes them (argmax read back each token). Everything goes into
+$OUT/split.json and $OUT/split.txt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import rehearse_gpu  # noqa: E402
+
+OUT = Path(os.environ.get("OUT") or "bench-out")
+LLAMA_405B = "meta-llama/Llama-3.1-405B-Instruct"
+LLAMA_70B = "meta-llama/Llama-3.1-70B-Instruct"
+REHEARSALS = {
+    "rehearse8k": [
+        ("405b-nf4-8k", [LLAMA_405B, "--quant", "nf4", "--context", "8192", "--decode-tokens", "64"]),
+        ("70b-nf4-8k", [LLAMA_70B, "--quant", "nf4", "--context", "8192", "--decode-tokens", "64"]),
+        ("70b-bf16-8k", [LLAMA_70B, "--quant", "bf16", "--context", "8192", "--decode-tokens", "64"]),
+    ],
+    "baseline": [
+        ("70b-nf4-8k-transformers", [LLAMA_70B, "--quant", "nf4", "--context", "8192", "--decode-tokens", "16",
+                                     "--no-fast-decode"]),
+    ],
+}
+
+
+def bandwidths() -> dict:
+    """Copy bandwidth of each GPU (read + write) and of a copy from cuda:0 to cuda:1."""
+    import torch
+
+    found = {}
+    for index in range(torch.cuda.device_count()):
+        with torch.cuda.device(index):
+            found[f"cuda:{index}"] = rehearse_gpu.copy_bandwidth()
+    if torch.cuda.device_count() > 1:
+        n = 1024**3
+        src = torch.empty(n, dtype=torch.uint8, device="cuda:0").random_()
+        dst = torch.empty(n, dtype=torch.uint8, device="cuda:1")
+        for _ in range(3):
+            dst.copy_(src)
+        torch.cuda.synchronize(0)
+        torch.cuda.synchronize(1)
+        start = time.perf_counter()
+        for _ in range(10):
+            dst.copy_(src)
+        torch.cuda.synchronize(0)
+        torch.cuda.synchronize(1)
+        found["cuda:0->cuda:1"] = 10 * n / (time.perf_counter() - start)
+        del src, dst
+        torch.cuda.empty_cache()
+    return found
+
+
+def longest_context(model: str, quant: str) -> int:
+    """The longest context the plan allows for `model` in `quant` on this machine."""
+    from runner.budget import max_context_that_fits
+    from runner.hardware import detect_machine
+    from runner.model import load_spec
+
+    return max_context_that_fits(load_spec(model), detect_machine(), quant, "cuda")
+
+
+def positions(model_id: str, quant: str, context: int = 8192, at=(100, 1000, 3000, 8000), tokens: int = 32) -> dict:
+    """Build `model_id` with random weights on the plan's devices (as a rehearsal does), attach the
+    fast path, and time `tokens` greedy steps after prompts reaching each position in `at`."""
+    from runner_cuda.loading import use_expandable_segments
+
+    use_expandable_segments()
+    import torch
+
+    from runner.budget import make_plan
+    from runner.hardware import detect_machine
+    from runner.model import load_spec
+    from runner_cuda import fast
+    from runner_cuda.loading import attention_for, gpu_capabilities, scheme_for
+    from runner_cuda.rehearse import (Generators, build_meta_model, device_of, finish_model, materialize_buffers,
+                                      materialize_parameter, resolve_device_map)
+
+    spec = load_spec(model_id)
+    plan = make_plan(spec, detect_machine(), quant, context, backend="cuda")
+    gpus = gpu_capabilities()
+    scheme = scheme_for(quant, gpus, allow_offload=False)
+    model, quantizer = build_meta_model(spec, scheme, attention_for(scheme.dtype, gpus))
+    device_map = resolve_device_map(model, plan, quantizer)
+    materialize_buffers(model, device_map)
+    generators = Generators()
+    with torch.no_grad():
+        for name, _ in list(model.named_parameters()):
+            materialize_parameter(model, name, device_of(name, device_map), scheme.dtype, quantizer, generators)
+    finish_model(model, quantizer, device_map)
+    started = time.perf_counter()
+    decoder = fast.decoder_for(model, context)
+    decoder.warm_up()
+    devices = [str(d) for d in decoder.devices]
+
+    def sync():
+        for device in devices:
+            torch.cuda.synchronize(device)
+
+    sync()
+    record = {"model": model_id, "quant": quant, "context": context, "path": fast.describe(decoder),
+              "warm_up_seconds": time.perf_counter() - started, "plan_roofline_tokens_per_s": plan.roofline_tokens_per_s,
+              "rates": {}}
+    ids = torch.randint(0, spec.vocab_size, (context,), generator=torch.Generator().manual_seed(0)).tolist()
+    decoder.reset()
+    for position in at:
+        logits = decoder.prefill(ids[decoder.length:position])
+        token = int(logits.argmax())
+        logits = decoder.step(token)            # captures this bucket's graphs
+        sync()
+        start = time.perf_counter()
+        for _ in range(tokens):
+            logits = decoder.step(int(logits.argmax()))
+        sync()
+        record["rates"][position] = tokens / (time.perf_counter() - start)
+        print(f"position {position}: {record['rates'][position]:.2f} tok/s", file=sys.stderr, flush=True)
+    record["peak"] = {d: torch.cuda.max_memory_allocated(d) for d in devices}
+    record["planned_total"] = {share.device: share.total_bytes for share in plan.placement}
+    return record
+
+
+def main() -> int:
+    if len(sys.argv) > 2 and sys.argv[1] == "--positions":
+        print(json.dumps(positions(sys.argv[2], sys.argv[3])))
+        return 0
+    import torch
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    results = {"bandwidth": bandwidths(), "cases": []}
+    lines = ["copy bandwidth (read + write): " + ", ".join(f"{k} {v / 1e12:.3f} TB/s" for k, v in results["bandwidth"].items())
+             + f" on {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"]
+    print(lines[0], flush=True)
+    bandwidth = min(v for k, v in results["bandwidth"].items() if "->" not in k)
+    cases_dir = Path(tempfile.mkdtemp())
+    rehearse_gpu.OUT = cases_dir
+    for step in sys.argv[1:]:
+        if step == "positions":
+            started = time.perf_counter()
+            process = subprocess.run([sys.executable, __file__, "--positions", LLAMA_405B, "nf4"], capture_output=True, text=True)
+            record = {"case": "405b-nf4-positions", "exit_code": process.returncode, "log": process.stderr[-20000:],
+                      "wall_seconds": time.perf_counter() - started}
+            try:
+                record.update(json.loads(process.stdout))
+            except json.JSONDecodeError:
+                record["stdout"] = process.stdout[-3000:]
+            results["cases"].append(record)
+            rates = record.get("rates", {})
+            lines.append(f"405b-nf4 positions (exit {record['exit_code']}, wall {record['wall_seconds']:.0f} s): "
+                         + ", ".join(f"{p}: {r:.2f} tok/s" for p, r in rates.items())
+                         + (f"; peak {', '.join(f'{d} {b / 1e9:.2f} GB' for d, b in record['peak'].items())}"
+                            if "peak" in record else record["log"][-800:]))
+            (OUT / "split.json").write_text(json.dumps(results, indent=1))
+            continue
+        cases = REHEARSALS.get(step)
+        if step == "longest":
+            context = longest_context(LLAMA_405B, "nf4")
+            lines.append(f"the plan's longest context for 405B nf4 here: {context}")
+            cases = [(f"405b-nf4-{context}", [LLAMA_405B, "--quant", "nf4", "--context", str(context),
+                                              "--decode-tokens", "16"])]
+        for name, arguments in cases:
+            record = rehearse_gpu.run_case(name, arguments)
+            results["cases"].append(record)
+            lines += rehearse_gpu.summary(record, bandwidth)
+        (OUT / "split.json").write_text(json.dumps(results, indent=1))
+    (OUT / "split.json").write_text(json.dumps(results, indent=1))
+    text = "\n".join(lines)
+    (OUT / "split.txt").write_text(text + "\n")
+    print("\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
