@@ -146,11 +146,17 @@ async def test_terminal_too_small_shows_a_message_until_it_grows(history_path):
 
 
 @run_async
-async def test_pick_at_start_then_a_model_without_weights_is_refused_clearly(history_path):
+async def test_pick_at_start_then_a_catalog_entry_offers_its_download(history_path, monkeypatch):
+    """Enter on a catalog entry opens its download (tests/test_tui_pull.py pulls one); offline, the
+    screen says so in one line and offers no download."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)    # the Hub is never asked here
     app = RunnerApp(ModelChoice(), pick=True, history_path=history_path, machine=parse_machine("1xRTX4090"))
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause(0.1)
         from runner.tui.screens.picker import PickerScreen
+        from runner.tui.screens.pull import PullScreen
 
         assert isinstance(app.screen, PickerScreen)
         await pilot.press("escape")
@@ -162,12 +168,17 @@ async def test_pick_at_start_then_a_model_without_weights_is_refused_clearly(his
         row = next(i for i, e in enumerate(picker.entries) if e.name == "meta-llama/Llama-3.1-8B-Instruct")
         picker.query_one("#models").move_cursor(row=row)
         await pilot.press("enter")
+        offer = app.screen
+        assert isinstance(offer, PullScreen)
         deadline = time.monotonic() + 30
-        while chat.model_state != "failed":
+        while "HF_HUB_OFFLINE is set" not in str(offer.query_one("#pull-body").render()):
             assert time.monotonic() < deadline
             await pilot.pause(0.02)
-        assert "weights are not on this machine" in str(chat.query_one("#load-error").render())
-        assert "✔ fits" in str(chat.query_one("#plan-body").render())
+        assert offer.query_one("#pull-start").disabled
+        await pilot.press("escape")
+        assert app.screen is picker
+        await pilot.press("escape")
+        assert app.screen is chat and chat.model_state == "none"
 
 
 @run_async

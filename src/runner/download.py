@@ -28,11 +28,15 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from runner.errors import RunnerError, UserInputError
 from runner.files import parse_json, read_safetensors_header
 from runner.model import PARTIAL_PULL_MARKER
+
+if TYPE_CHECKING:
+    from runner.choice import Choice
+    from runner.hardware import Machine
 
 # What a transformers folder needs besides its weights. Never a pickle (.bin, .pt, .pth, .pkl, .ckpt):
 # only these names, the safetensors shards and their index are ever fetched.
@@ -66,6 +70,10 @@ class NotEnoughDisk(RunnerError):
 
 class DamagedDownload(RunnerError):
     """A file that does not match the Hub's size or checksum."""
+
+
+class PullCancelled(RunnerError):
+    """The user stopped the pull (the chat's Cancel); what arrived is kept for the next one."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +131,34 @@ class PullProgress:
 
 
 Progress = Callable[[PullProgress], None]
+
+
+@dataclass(frozen=True)
+class PullPlan:
+    """The plan for this machine of the model a pull would fetch, as `runner pull` prints it."""
+
+    choice: "Choice"
+    refusal: str | None       # why the plan says no (does not fit, or only with offload); None: it fits
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        return tuple(self.choice.plan.warnings)
+
+
+def plan_pull(pull: Pull, machine: "Machine", backend: str | None = None, quant: str | None = None,
+              context: int | None = None, kv_bits: int | None = None) -> PullPlan:
+    """The core's choice for the repository's config.json on `machine`, and the plan's refusal."""
+    from runner.choice import refuse_by_plan, resolve
+    from runner.errors import DoesNotFit
+    from runner.model import spec_from_config
+
+    spec = spec_from_config(pull.config, pull.repo_id, "hub")
+    choice = resolve(spec, machine, backend, quant, context, kv_bits=kv_bits)
+    try:
+        refuse_by_plan(choice.plan, allow_offload=False)
+    except DoesNotFit as error:
+        return PullPlan(choice, str(error))
+    return PullPlan(choice, None)
 
 
 def check_repo_id(model: str | None) -> str:

@@ -28,24 +28,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from runner import download
-    from runner.choice import choice_line, refuse_by_plan, resolve
+    from runner.choice import choice_line
     from runner.errors import DoesNotFit
     from runner.hardware import detect_machine
-    from runner.model import spec_from_config
 
     repo_id = download.check_repo_id(args.model)
     pull = download.prepare(repo_id, args.revision)
-    spec = spec_from_config(pull.config, pull.repo_id, "hub")
-    choice = resolve(spec, detect_machine(), args.backend, args.quant, args.context, kv_bits=args.kv_bits)
+    planned = download.plan_pull(pull, detect_machine(), args.backend, args.quant, args.context, args.kv_bits)
     err = sys.stderr
-    print(choice_line(choice), file=err)
-    print(f"  {choice.reason}", file=err)
-    try:
-        refuse_by_plan(choice.plan, allow_offload=False)
-    except DoesNotFit as error:
+    print(choice_line(planned.choice), file=err)
+    print(f"  {planned.choice.reason}", file=err)
+    if planned.refusal is not None:
         if not args.force:
-            raise DoesNotFit(f"{error}; `runner pull {pull.repo_id} --force` downloads it anyway") from None
-        print(f"  ! {error}; downloading anyway (--force)", file=err)
+            raise DoesNotFit(f"{planned.refusal}; `runner pull {pull.repo_id} --force` downloads it anyway")
+        print(f"  ! {planned.refusal}; downloading anyway (--force)", file=err)
     download.check_disk(pull)
     print(f"{len(pull.files)} files, {human_size(pull.total_bytes)}; {human_size(pull.missing_bytes)} to download into "
           f"{pull.snapshot} ({human_size(pull.free_bytes)} free)", file=err)

@@ -1,6 +1,13 @@
-"""The model picker: models on this machine and in the catalog, each with its plan verdict here."""
+"""The model picker: models on this machine and in the catalog, each with its plan verdict here.
+
+Enter on a model here loads it; on a catalog entry it opens the download's plan (screens/pull.py),
+and once agreed the download runs under the conversation (widgets/download_bar.py) while the
+chat stays usable; when it is verified the chat loads the model as if it had been picked here.
+"""
 
 from __future__ import annotations
+
+import dataclasses
 
 from rich.text import Text
 from textual import work
@@ -16,7 +23,10 @@ from runner.errors import RunnerError
 from runner.hardware import Machine
 from runner.tui.loading import ModelChoice, plan_for
 from runner.tui.models import ModelEntry, config_file, find_models
+from runner.tui.screens.confirm import ConfirmScreen
+from runner.tui.screens.pull import PullOrder, PullScreen
 from runner.tui.text import human_bytes
+from runner.tui.widgets.download_bar import DownloadBar
 
 VERDICT_STYLE = {FITS: ("✔ fits", "green"), OFFLOAD: ("▲ offload", "yellow"), DOES_NOT_FIT: ("✘ too big", "red")}
 
@@ -51,7 +61,7 @@ class PickerScreen(ModalScreen[str | None]):
         with Vertical(classes="dialog", id="picker"):
             yield Label("Pick a model", classes="dialog-title")
             yield Static(
-                Text("↑↓ move · Enter load · Esc cancel.  Catalog entries are planned but need a download.", "dim")
+                Text("↑↓ move · Enter load · Esc cancel.  Enter on a catalog entry: its plan, then a download.", "dim")
             )
             table = DataTable(id="models", cursor_type="row", zebra_stripes=True)
             table.add_columns("Model", "From", "On disk", "Plan on this machine")
@@ -60,10 +70,13 @@ class PickerScreen(ModalScreen[str | None]):
 
     def on_mount(self) -> None:
         self.entries, problems = find_models()
+        running = download_running(self.app)
         table = self.query_one("#models", DataTable)
         for index, entry in enumerate(self.entries):
             if entry.size_bytes:
                 size = human_bytes(entry.size_bytes)
+            elif running is not None and running.repo_id.lower() == entry.name.lower():
+                size = "downloading"
             else:
                 size = "package" if entry.where == "built-in" else "not here"
             name = Text(entry.name, "bold" if entry.downloaded or entry.where == "built-in" else "")
@@ -93,7 +106,52 @@ class PickerScreen(ModalScreen[str | None]):
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         entry = self.entries[int(event.row_key.value)]
-        self.dismiss(str(entry.path) if entry.where in ("runner", "config") else entry.name)
+        if entry.where == "catalog":
+            self.offer_download(entry.name)
+        else:
+            self.dismiss(str(entry.path) if entry.where in ("runner", "config") else entry.name)
+
+    def offer_download(self, repo_id: str) -> None:
+        """The download's plan first; then the download, under the conversation (one at a time)."""
+        running = download_running(self.app)
+        if running is not None and running.repo_id.lower() == repo_id.lower():
+            def answered(stop: bool | None) -> None:
+                if stop:
+                    running.cancel()
+
+            self.app.push_screen(ConfirmScreen(f"Stop downloading {repo_id}? What arrived is kept for later.",
+                                               yes="Stop"), answered)
+            return
+        if running is not None:
+            self.notify(f"{running.repo_id} is downloading; one download at a time (its Cancel stops it).",
+                        severity="warning")
+            return
+
+        def agreed(order: PullOrder | None) -> None:
+            if order is not None:
+                start_download(self.app.chat, order)
+                self.dismiss(None)
+
+        self.app.push_screen(PullScreen(repo_id, self.machine_source), agreed)
 
     def action_dismiss_none(self) -> None:
         self.dismiss(None)
+
+
+def download_running(app) -> DownloadBar | None:
+    chat = getattr(app, "chat", None)
+    bars = chat.query(DownloadBar) if chat is not None else ()
+    return next((bar for bar in bars if bar.state == "downloading"), None)
+
+
+def start_download(chat, order: PullOrder) -> None:
+    """The download under `chat`'s conversation; once verified, the model loads as if picked."""
+
+    def ready(repo_id: str) -> None:
+        if chat.reply is not None:
+            chat.notify(f"{repo_id} is ready: Ctrl+O loads it.", title="Download complete")
+            return
+        base = chat.loader.choice or chat.app.choice
+        chat.start_load(dataclasses.replace(base, model=repo_id, quant=None))
+
+    chat.mount(DownloadBar(order, ready), before="#status")
