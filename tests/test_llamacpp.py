@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("llama_cpp", reason="the llamacpp extra is not installed")
 
 from runner.backend import GenerationChunk, Message, Sampling, get_backend  # noqa: E402
-from runner.choice import LoadOptions, open_session, resolve  # noqa: E402
+from runner.choice import open_session, resolve  # noqa: E402
 from runner.cli import main  # noqa: E402
 from runner.default_model import gguf_file  # noqa: E402
 from runner.hardware import detect_machine  # noqa: E402
@@ -27,7 +27,7 @@ FRANCE = [Message("user", "What is the capital of France?")]
 
 @pytest.fixture(scope="module")
 def session():
-    choice = resolve(load_spec(DEFAULT_MODEL_ID), detect_machine(), "llamacpp", None, 1024)
+    choice = resolve(load_spec(DEFAULT_MODEL_ID), detect_machine(), "llamacpp", "gguf", 1024)
     session = open_session(choice)
     yield session
     session.close()
@@ -38,9 +38,9 @@ def reply(session, messages, **sampling):
     return "".join(c.text for c in chunks), chunks
 
 
-def test_the_backend_is_installed_and_takes_gguf():
+def test_the_backend_is_installed_and_takes_gguf_and_its_f16_copy():
     backend = get_backend("llamacpp")
-    assert backend.availability().ok and type(backend).quants == ("gguf",)
+    assert backend.availability().ok and type(backend).quants == ("gguf", "fp16")
 
 
 def test_the_session_loads_the_packages_gguf_as_stored(session):
@@ -123,24 +123,77 @@ def test_sampling_with_a_seed_repeats(session):
     assert a == b
 
 
-def test_logits_agree_with_torch_on_the_same_weights(session, default_model_dir):
+@pytest.fixture(scope="module")
+def f16_session():
+    """Scheme fp16: runner's F16 copy of the package's GGUF (written once into RUNNER_HOME)."""
+    choice = resolve(load_spec(DEFAULT_MODEL_ID), detect_machine(), "llamacpp", "fp16", 1024)
+    session = open_session(choice)
+    yield session
+    session.close()
+
+
+@pytest.fixture(scope="module")
+def torch_fp32(default_model_dir):
+    """Runner's torch CPU path: the same Q4_1 weights dequantized to float32."""
+    session = open_session(resolve(load_spec(DEFAULT_MODEL_ID), detect_machine(), "cuda", "fp32", 1024))
+    yield session
+    session.close()
+
+
+def log_softmax(x):
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_fp16_runs_runners_f16_copy_of_the_packages_gguf(f16_session):
+    from runner.gguf import read_gguf
+    from runner_llamacpp.f16 import copy_path
+
+    assert (f16_session.backend, f16_session.quant) == ("llamacpp", "fp16")
+    assert "GGUF (Q4_1 66.4 MB, Q8_0 30.1 MB, F32 0.141 MB) as runner's F16 copy: F16 269 MB, F32 0.141 MB" \
+        in f16_session.device_summary
+    source, copy = read_gguf(gguf_file()), read_gguf(copy_path(gguf_file()))
+    assert [(t.name, t.shape) for t in copy.tensors] == [(t.name, t.shape) for t in source.tensors]
+    assert {t.type_name for t in copy.tensors} == {"F16", "F32"} and copy.metadata["general.file_type"] == 1
+    assert copy.metadata["tokenizer.chat_template"] == source.metadata["tokenizer.chat_template"]
+
+
+def test_fp16_answers_as_torch_fp32_does(f16_session, torch_fp32):
+    """The README's first question: on the Q4_1 as stored llama.cpp answers "L'Étoile, la
+    Marseillaise, …" (its 8-bit activations turn float32's 0.08-nat lead of "The" over "L" into a
+    0.24-nat lead of "L"); the F16 copy gives torch float32's greedy tokens, here and on a list."""
+    for messages in (FRANCE, [Message("user", "Name the three primary colors as a list.")]):
+        ours = [c.token for c in f16_session.stream(messages, Sampling(max_tokens=32)) if c.token is not None]
+        theirs = [c.token for c in torch_fp32.stream(messages, Sampling(max_tokens=32)) if c.token is not None]
+        assert ours == theirs, (f16_session.llm.detokenize(ours), f16_session.llm.detokenize(theirs))
+    assert reply(f16_session, FRANCE)[0] == "The capital of France is Paris."
+
+
+def test_fp16_logits_are_torch_fp32s(f16_session, torch_fp32):
+    ids = f16_session.tokenize([Message("user", "Explain in one sentence why the sky is blue.")])
+    p, q = log_softmax(torch_fp32.logits(ids)), log_softmax(f16_session.logits(ids))
+    kl = (np.exp(p) * (p - q)).sum(-1)
+    assert kl.mean() < 1e-4 and kl.max() < 1e-3, (kl.mean(), kl.max())
+    assert (p.argmax(-1) == q.argmax(-1)).all()
+
+
+def test_the_f16_copy_is_written_once(f16_session):
+    from runner_llamacpp.f16 import copy_path, f16_copy
+
+    copy = copy_path(gguf_file())
+    written = copy.stat().st_mtime_ns
+    assert f16_copy(gguf_file()) == copy and copy.stat().st_mtime_ns == written
+    assert not list(copy.parent.glob(".*writing-*"))    # no staging file left behind
+
+
+def test_logits_agree_with_torch_on_the_same_weights(session, torch_fp32):
     """The GGUF as llama.cpp runs it against the same Q4_1 weights dequantized to float32 in torch:
-    the same model, so the distributions agree closely (llama.cpp rounds activations to 8 bits
-    for its quantized matmuls and keeps the KV cache in f16)."""
+    close (llama.cpp rounds activations to 8 bits for its quantized matmuls), but not as close as
+    the F16 copy (test_fp16_logits_are_torch_fp32s)."""
     ids = session.tokenize([Message("user", "Explain in one sentence why the sky is blue.")])
-    ours = session.logits(ids)
-    torch_choice = resolve(load_spec(DEFAULT_MODEL_ID), detect_machine(), "cuda", "fp32", 1024)
-    torch_session = open_session(torch_choice, LoadOptions(chat=False))
-    try:
-        theirs = torch_session.logits(ids)
-    finally:
-        torch_session.close()
+    ours, theirs = session.logits(ids), torch_fp32.logits(ids)
     assert ours.shape == theirs.shape == (len(ids), 49152)
-
-    def log_softmax(x):
-        x = x.astype(np.float64)
-        return x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
-
     p, q = log_softmax(theirs), log_softmax(ours)
     kl = (np.exp(p) * (p - q)).sum(-1)
     assert kl.mean() < 0.02, kl.mean()
@@ -156,16 +209,14 @@ def test_memory_is_what_llama_cpp_allocated(session):
     assert memory.planned == {"cpu": plan.total_bytes}
 
 
-def test_generate_takes_llama_cpp_when_asked_and_torch_by_default(capsys):
-    """No GPU: the default stays torch fp32 (it keeps the model's answers); --backend llamacpp
-    runs the package's GGUF as stored."""
+def test_generate_runs_the_packages_gguf_as_stored_when_asked(capsys):
+    """--quant gguf: the package's Q4_1 file as it is (the default without a GPU is its F16 copy:
+    test_llamacpp_default.py)."""
     assert main(["generate", "-p", "Name the capital city of France.", "--max-tokens", "8", "--json",
-                 "--context", "512", "--backend", "llamacpp"]) == 0
+                 "--context", "512", "--backend", "llamacpp", "--quant", "gguf"]) == 0
     captured = capsys.readouterr()
     assert f"{DEFAULT_MODEL_ID} · llamacpp · gguf · 512 tokens of context" in captured.err
     assert "Paris" in json.loads(captured.out)["text"]
-    choice = resolve(load_spec(DEFAULT_MODEL_ID), detect_machine(), None, None, 512)
-    assert (choice.backend, choice.quant) == ("cuda", "fp32")
 
 
 def test_a_cut_gguf_is_one_line_before_llama_cpp_sees_it(tmp_path, capsys):
@@ -193,7 +244,7 @@ def test_kv_bits_quantize_llama_cpps_kv_cache_as_the_plan_counts(session):
     full = session.memory().measured["cpu"]
     assert abs(session.kv_cache_bytes - session.plan.kv_cache_bytes) < 2**20 / 100   # f16, as planned
     for bits in (8, 4):
-        choice = resolve(load_spec(DEFAULT_MODEL_ID), detect_machine(), "llamacpp", None, 1024, kv_bits=bits)
+        choice = resolve(load_spec(DEFAULT_MODEL_ID), detect_machine(), "llamacpp", "gguf", 1024, kv_bits=bits)
         quantized = open_session(choice)
         try:
             assert f"KV cache {bits}-bit" in quantized.device_summary
