@@ -15,7 +15,7 @@ small messages of `runner.tui.messages`; every change to the screen happens in t
 from __future__ import annotations
 
 import asyncio
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from textual import on
 from textual.app import ComposeResult
@@ -34,6 +34,7 @@ from runner.tui.history import COMPLETE, ERROR, PARTIAL, STOPPED, export_file_na
 from runner.tui.loading import ModelChoice
 from runner.tui.recorder import Row
 from runner.tui.screens.help import HelpScreen
+from runner.tui.screens.kv_cache import KvCacheScreen, KvPicked
 from runner.tui.screens.picker import PickerScreen
 from runner.tui.screens.settings import ChatSettings, SettingsScreen
 from runner.tui.text import short_model_name
@@ -56,6 +57,7 @@ class ChatScreen(Screen[None]):
         Binding("ctrl+b", "toggle_sidebar", "History"),
         Binding("ctrl+l", "toggle_plan", "Plan"),
         Binding("ctrl+t", "export", "Export"),
+        Binding("ctrl+g", "kv_cache", "KV cache", show=False),
         Binding("f1", "help", "Help"),
         Binding("ctrl+q", "app.quit", "Quit"),
         Binding("pageup", "scroll_conversation(-1)", "Scroll up", show=False),
@@ -336,7 +338,8 @@ class ChatScreen(Screen[None]):
                     self.show_empty_hint()
                 return
             base = self.loader.choice or self.app.choice
-            self.start_load(ModelChoice(model, base.backend, None, base.context, base.allow_offload))
+            self.start_load(ModelChoice(model, base.backend, None, base.context, base.allow_offload,
+                                        kv_bits=base.kv_bits))
 
         self.app.push_screen(PickerScreen(self.app.machine, current), picked)
 
@@ -354,6 +357,15 @@ class ChatScreen(Screen[None]):
             )
 
         self.app.push_screen(SettingsScreen(self.settings), saved)
+
+    def action_kv_cache(self) -> None:
+        choice = self.loader.choice or self.app.choice
+
+        def picked(result: KvPicked | None) -> None:
+            if result is not None and result.kv_bits != choice.kv_bits:
+                self.start_load(replace(choice, kv_bits=result.kv_bits))
+
+        self.app.push_screen(KvCacheScreen(choice, self.app.machine), picked)
 
     def action_help(self) -> None:
         self.app.push_screen(HelpScreen(str(self.history.path)))
@@ -397,4 +409,5 @@ class ChatScreen(Screen[None]):
         self.query_one(StatusLine).show(
             choice.model_name if choice else None, self.model_state, self.session,
             self.reply is not None, self.replies.timing, self.history_problem,
+            kv_bits=self.loader.plan.kv_bits if self.loader.plan is not None else None,
         )

@@ -16,6 +16,7 @@ KEYS = [
     ("Ctrl+N", "new conversation"),
     ("Ctrl+O", "pick another model (each with its plan for this machine)"),
     ("Ctrl+S", "settings: system prompt, temperature, top-p, max tokens (remembered)"),
+    ("Ctrl+G", "KV cache: none, 8-bit or 4-bit, with the plan of each (reloads the model)"),
     ("Ctrl+B", "show or hide the history sidebar"),
     ("Ctrl+L", "show or hide the plan and memory panel"),
     ("Ctrl+T", "export this conversation to Markdown (in the current folder)"),

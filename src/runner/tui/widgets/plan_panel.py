@@ -87,7 +87,7 @@ def render_plan(plan: Plan, report: MemoryReport | None = None) -> Text:
         text.append(indent)
         text.append("weights", WEIGHTS_STYLE)
         text.append(f" {human_bytes(share.weights_bytes)} · ")
-        text.append("KV cache", KV_STYLE)
+        text.append("KV cache" if plan.kv_bits is None else f"KV cache ({plan.kv_bits}-bit)", KV_STYLE)
         text.append(f" {human_bytes(share.kv_cache_bytes)} · ")
         text.append("overhead", OVERHEAD_STYLE)
         text.append(f" {human_bytes(share.overhead_bytes)}\n")

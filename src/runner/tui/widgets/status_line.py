@@ -30,14 +30,18 @@ class StatusLine(Horizontal):
 
     def show(
         self, model_name: str | None, model_state: str, session: Session | None,
-        replying: bool, timing: str, history_problem: str | None,
+        replying: bool, timing: str, history_problem: str | None, kv_bits: int | None = None,
     ) -> None:
-        """`model_state`: "none", "loading", "ready" or "failed"; `timing`: see `timing_text`."""
+        """`model_state`: "none", "loading", "ready" or "failed"; `timing`: see `timing_text`;
+        `kv_bits`: the loaded model's KV cache bits (None: not quantized, not shown)."""
         model = Text(short_model_name(model_name) if model_name else "no model", "bold")
         if model_state == "ready" and session is not None:
             # the placement's first clause ("cuda:0 (all 32 layers)"); the plan panel has the rest
             placement = session.device_summary.split(";")[0]
-            model.append(f" · {session.backend} · {session.quant} · {placement}")
+            model.append(f" · {session.backend} · {session.quant}")
+            if kv_bits is not None:
+                model.append(f" · KV {kv_bits}-bit", "bold magenta")
+            model.append(f" · {placement}")
         elif model_state == "loading":
             model.append(" · loading…", "yellow")
         elif model_state == "failed":

@@ -1,0 +1,88 @@
+"""The chat's KV cache setting (Ctrl+G), driven by the Pilot on the real app: the plan of each
+setting, the model reloaded through the same path with the KV cache quantized, and shown."""
+
+from __future__ import annotations
+
+import pytest
+
+from runner.tui.app import RunnerApp
+from runner.tui.loading import ModelChoice
+from runner.tui.screens.kv_cache import KvCacheScreen
+from runner.tui.screens.settings import ChatSettings
+from runner.tui.widgets.conversation import AssistantMessage
+from tui_helpers import SIZE, run_async, send, wait_loaded, wait_until
+
+
+def option_texts(screen: KvCacheScreen) -> list[str]:
+    from textual.widgets import OptionList
+
+    options = screen.query_one(OptionList)
+    return [str(options.get_option_at_index(i).prompt) for i in range(options.option_count)]
+
+
+async def open_kv_screen(pilot) -> KvCacheScreen:
+    await pilot.press("ctrl+g")
+    await wait_until(pilot, lambda: isinstance(pilot.app.screen, KvCacheScreen), 10, "the KV cache screen")
+    screen = pilot.app.screen
+    await wait_until(pilot, lambda: not any("planning…" in t for t in option_texts(screen)), 30, "the plans")
+    return screen
+
+
+@pytest.mark.slow
+@run_async
+async def test_kv8_reloads_the_model_with_a_quantized_cache_and_says_so(default_model_dir, tmp_path):
+    app = RunnerApp(ModelChoice(str(default_model_dir), quant="fp32"), history_path=tmp_path / "h.db",
+                    settings=ChatSettings(max_tokens=12))
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await wait_loaded(pilot)
+        assert "KV" not in str(chat.query_one("#status-model").render())
+        first_load = chat.loader.load_id
+        screen = await open_kv_screen(pilot)
+        none, kv8, kv4 = option_texts(screen)
+        assert none.startswith("none   (current)") and "fits" in kv8 and "fits" in kv4
+        # the plan's KV bytes of SmolLM2 (30 layers x 3 KV heads x 64, K and V) at 4,096 tokens: fp32
+        # 256 bytes per head and token; 8-bit 64 + an fp32 scale and bias = 72; 4-bit 32 + 8 = 40
+        assert "189 MB for 4,096 tokens" in none
+        assert "53.1 MB for 4,096 tokens" in kv8 and "29.5 MB for 4,096 tokens" in kv4
+        await pilot.press("down", "enter")
+        chat = await wait_loaded(pilot)
+        assert chat.loader.load_id == first_load + 1
+        assert chat.loader.choice.kv_bits == 8 and chat.loader.plan.kv_bits == 8
+        assert chat.session.kv_bits == 8 and "KV cache 8-bit" in chat.session.device_summary
+        assert "fp32 · KV 8-bit" in str(chat.query_one("#status-model").render())
+        assert "KV cache (8-bit) 53.1 MB" in str(chat.query_one("#plan-body").render())
+        await send(pilot, "What is the capital of France?")
+        await wait_until(pilot, lambda: chat.query(AssistantMessage)
+                         and chat.query(AssistantMessage).last().state == "complete", 60, "the reply")
+        assert "Paris" in chat.query(AssistantMessage).last().content
+
+        # back to the cache unquantized: reloaded, and the status line says nothing of KV
+        screen = await open_kv_screen(pilot)
+        assert "(current)" in option_texts(screen)[1]
+        await pilot.press("up", "enter")
+        chat = await wait_loaded(pilot)
+        assert chat.session.kv_bits is None and chat.loader.load_id == first_load + 2
+        assert "KV" not in str(chat.query_one("#status-model").render())
+
+
+@run_async
+async def test_a_model_whose_heads_cannot_be_quantized_offers_none_only(tiny_llama_dir, tmp_path):
+    app = RunnerApp(ModelChoice(str(tiny_llama_dir), quant="fp32"), history_path=tmp_path / "h.db")
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await wait_loaded(pilot)
+        first_load = chat.loader.load_id
+        screen = await open_kv_screen(pilot)
+        none, kv8, kv4 = option_texts(screen)
+        assert "fits" in none
+        assert "head size 16 is not a multiple of 64" in kv8 and "head size 16 is not a multiple of 64" in kv4
+        from textual.widgets import OptionList
+
+        options = screen.query_one(OptionList)
+        assert [options.get_option_at_index(i).disabled for i in range(3)] == [False, True, True]
+        await pilot.press("down", "enter")      # the disabled rows are skipped: none stays highlighted
+        await wait_until(pilot, lambda: not isinstance(app.screen, KvCacheScreen), 10, "the screen to close")
+        assert chat.loader.load_id == first_load and chat.model_state == "ready"   # the same setting: no reload
+        screen = await open_kv_screen(pilot)
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: not isinstance(app.screen, KvCacheScreen), 10, "the screen to close")
+        assert chat.loader.load_id == first_load and chat.session.kv_bits is None
