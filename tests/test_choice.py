@@ -8,7 +8,7 @@ import json
 import pytest
 
 from runner.backend import all_quants, backend_names
-from runner.budget import default_model_on_llamacpp
+from runner_llamacpp.plan_rules import default_model_runs_here as default_model_on_llamacpp
 from runner.choice import resolve
 from runner.default_model import gguf_file
 from runner.cli import main

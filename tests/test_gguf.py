@@ -89,8 +89,8 @@ def test_plan_text_of_a_gguf_in_a_folder(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--backend", "cuda"], "is a GGUF file: llama.cpp runs it as stored (--backend llamacpp --quant gguf)"),
-    (["--quant", "bf16"], "is a GGUF file: llama.cpp runs it as stored"),
+    (["--backend", "cuda"], "is a GGUF file: the llamacpp backend runs it as stored (--backend llamacpp --quant gguf)"),
+    (["--quant", "bf16"], "is a GGUF file: the llamacpp backend runs it as stored"),
     (["--backend", "mlx", "--quant", "q4"], "the mlx backend loads safetensors folders"),
 ])
 def test_a_gguf_file_on_another_backend_is_one_line(argv, message, capsys):

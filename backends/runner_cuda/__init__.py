@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 
 from runner.backend import Availability, LoadRequest
+from runner_cuda.plan_rules import CudaPlanRules
 
 INSTALL = "pip install 'runner[cuda]'"
 BITSANDBYTES_INSTALL = "pip install 'bitsandbytes>=0.45'"
@@ -38,6 +39,7 @@ class CudaBackend:
     install = INSTALL
     packages = ("torch", "transformers", "bitsandbytes", "accelerate")   # what computes its numbers
     kernels = ("cuda", "cuda-simt", "cuda-bnb-rounding", "bitsandbytes")  # --kernel: the fast path's NF4 GEMV
+    plan_rules = CudaPlanRules()          # what its loads cost and where they go (the plan's part of it)
 
     def availability(self) -> Availability:
         """Cheap: looks for the packages without importing torch. No GPU is not a reason to refuse:

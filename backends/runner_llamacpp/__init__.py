@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib.util
 
 from runner.backend import Availability, LoadRequest
+from runner_llamacpp.plan_rules import LlamaCppPlanRules
 
 INSTALL = "pip install 'runner[llamacpp]' (builds llama.cpp from source: a few minutes)"
 
@@ -36,6 +37,7 @@ class LlamaCppBackend:
     rehearse_quants = ()       # a rehearsal needs random weights in the file's own types: not offered
     install = INSTALL
     packages = ("llama-cpp-python",)   # what computes its numbers
+    plan_rules = LlamaCppPlanRules()          # what its loads cost and where they go (the plan's part of it)
 
     def availability(self) -> Availability:
         """Cheap: looks for the package without importing it (its import loads the llama.cpp library)."""

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 from runner.backend import GenerationChunk, LoadProgress, LoadRequest, MemoryReport, Message, Sampling, checked_prompt
-from runner.budget import LLAMACPP_BATCH as BATCH   # tokens per llama_decode, as the plan counts them
+from runner_llamacpp.plan_rules import BATCH   # tokens per llama_decode, as the plan counts them
 from runner.errors import CorruptWeights, GenerationError, LoadError, UserInputError
 from runner.prefix_cache import reusable_prefix
 

@@ -37,7 +37,7 @@ from runner.backend import LoadProgress
 from runner.errors import BackendUnavailable, LoadError, UserInputError
 from runner.rehearsal import BlockMemory, DeviceMemory, RehearsalResult
 
-from runner.budget import MLX_KV_STEP as KV_STEP  # mlx-lm's KVCache grows in steps of this many tokens
+from runner_mlx.plan_rules import KV_STEP  # mlx-lm's KVCache grows in steps of this many tokens
 from runner_mlx import GROUP_SIZE, INSTALL, QUANT_BITS, QUANT_DTYPES
 
 if TYPE_CHECKING:

@@ -59,7 +59,7 @@ def size(count: int) -> str:
 
 def default_launch_quant(spec: ModelSpec) -> str:
     """q4 spreads a big model over the fewest hosts; small models do not survive it (budget's threshold)."""
-    from runner.budget import SMALL_MODEL_PARAMETERS
+    from runner.plan_rules import SMALL_MODEL_PARAMETERS
 
     return "q8" if spec.parameter_count() < SMALL_MODEL_PARAMETERS else "q4"
 
@@ -140,7 +140,7 @@ def plan_hosts(spec: ModelSpec, quant: str, context: int, hosts: list[LaunchHost
              for rank, h in enumerate(hosts)]
     parts = weights_breakdown(spec, quant, "mlx")
     kv_per_layer = kv_cache_bytes(spec, context, 1, quant, "mlx", kv_bits) // spec.num_layers
-    overhead = activation_bytes(spec, context, 1, quant) + logits_bytes(spec, 1)
+    overhead = activation_bytes(spec, context, 1, quant, "mlx") + logits_bytes(spec, 1, "mlx")
     fixed = parts.embeddings + parts.head + overhead
     capacities = [int(h.ram_bytes * MAC_WORKING_SET_SAFE) for h in hosts]
     if split == "pipeline":

@@ -24,40 +24,15 @@ from dataclasses import dataclass, field
 from runner.errors import BackendUnavailable, UserInputError
 from runner.hardware import GB, Host, Machine
 from runner.model import Linear, ModelSpec
+from runner.plan_rules import GPUS, HOSTS, WeightsBreakdown, rules_for
 
-# quant name -> what it is; the CLI accepts these names
-QUANTS = ("bf16", "fp16", "fp32", "fp8", "int8", "nf4", "nf4-nodq", "fp4", "q8", "q4")
 GGUF = "gguf"   # a GGUF file's tensors as stored (llama.cpp): sized from the file, not by a rule
-
-QUANT_DESCRIPTIONS = {
-    "bf16": "bfloat16, 2 bytes per weight",
-    "fp16": "float16, 2 bytes per weight",
-    "fp32": "float32, 4 bytes per weight",
-    "fp8": "FP8 e4m3 weights + fp32 scale per output row (torchao; embeddings and lm_head bf16)",
-    "int8": "bitsandbytes LLM.int8: int8 weights + fp32 scale per row",
-    "nf4": "bitsandbytes NF4, double quant: 4-bit + uint8 absmax per 64 (+ fp32 per 256 blocks)",
-    "nf4-nodq": "bitsandbytes NF4 without double quant: 4-bit + fp32 absmax per 64",
-    "fp4": "bitsandbytes FP4, double quant",
-    "q8": "MLX affine 8-bit, group 64: scales + biases per group (embeddings and head too)",
-    "q4": "MLX affine 4-bit, group 64: scales + biases per group (embeddings and head too)",
-    "gguf": "a GGUF file as stored (llama.cpp): each tensor in the file's own type (Q4_1, Q4_K, Q8_0, F16 ...)",
-}
-
-BNB_4BIT = ("nf4", "nf4-nodq", "fp4")
 
 FITS = "fits"
 OFFLOAD = "offload"           # fits only with CPU or disk offload
 DOES_NOT_FIT = "does-not-fit"
 
 # ---- the constants of the arithmetic (each one is a fact of a library or a stated assumption) ----
-BNB_BLOCK = 64                 # bitsandbytes 4-bit: one absmax per 64 weights
-BNB_NESTED_BLOCK = 256         # double quant: absmax quantized to uint8 in blocks of 256
-BNB_CODE_4BIT = 16 * 4         # the 16-entry NF4/FP4 code table (fp32), one per weight tensor
-BNB_CODE_NESTED = 256 * 4      # the 256-entry dynamic code table of the nested state (fp32)
-BNB_OFFSET = 4                 # the fp32 mean subtracted from absmax before nesting
-FP8_ALIGN = 16                 # torchao FP8: Linears with a side not a multiple of 16 stay bf16 (_scaled_mm)
-MLX_GROUP = 64                 # mlx-lm's default group size
-
 CUDA_CONTEXT_BYTES = 500 * 1024**2   # CUDA context + cuBLAS workspace per GPU used (torch)
 PREFILL_CHUNK = 2048                 # tokens processed at once while reading the prompt (CUDA session, mlx-lm)
 GPU_RESERVE = 0.05                   # of each GPU's free memory: allocator fragmentation, other users
@@ -71,118 +46,29 @@ DISK_BANDWIDTH = 3 * GB              # a fast NVMe SSD
 MAX_CONTEXT_LIMIT = 10_000_000       # above this a context is a typo
 
 
-def dtype_bytes(dtype: str) -> int:
-    """Bytes of one element of a dtype name as config.json writes it."""
-    name = dtype.lower().replace("torch.", "")
-    return {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2}.get(name, 2)
-
-
 def compute_bytes(model: ModelSpec, quant: str, backend: str) -> int:
-    """Bytes per element of what stays unquantized (embeddings, norms, biases, scales on MLX).
-
-    CUDA: fp32 for the fp32 scheme, else 2 (bitsandbytes and FP8 keep the rest in bf16/fp16).
-    MLX: the checkpoint's dtype (mlx-lm keeps it; scales and biases take it too).
-    """
-    if quant == "fp32":
-        return 4
-    if backend == "mlx" and quant in ("q4", "q8"):
-        return dtype_bytes(model.dtype)
-    return 2
+    """Bytes per element of what stays unquantized (embeddings, norms, biases, MLX scales)."""
+    return rules_for(backend).compute_bytes(model, quant)
 
 
 # ---- weights ------------------------------------------------------------------------------------
 
-def linear_bytes(linear: Linear, quant: str, unquantized_bytes: int = 2) -> int:
-    """Bytes of one Linear layer as the library stores it under `quant`.
-
-    `unquantized_bytes` is the element size of what stays in the compute dtype (the bias, MLX scales).
-    """
-    n = linear.weight_elements
-    out_features, in_features = linear.out_features, linear.in_features
-    bias = out_features * unquantized_bytes if linear.bias else 0
-    if quant in ("bf16", "fp16"):
-        return n * 2 + bias
-    if quant == "fp32":
-        return n * 4 + bias
-    if quant == "fp8":   # torchao Float8Tensor, per-row: e4m3 weights + one fp32 scale per output row
-        if out_features % FP8_ALIGN or in_features % FP8_ALIGN:
-            return n * unquantized_bytes + bias
-        return n + out_features * 4 + bias
-    if quant == "int8":
-        return n + out_features * 4 + bias           # int8 weights + SCB (fp32 per output row)
-    if quant in BNB_4BIT:
-        blocks = math.ceil(n / BNB_BLOCK)
-        packed = math.ceil(n / 2)                     # two 4-bit weights per uint8
-        if quant == "nf4-nodq":
-            return packed + blocks * 4 + BNB_CODE_4BIT + bias
-        nested = math.ceil(blocks / BNB_NESTED_BLOCK) * 4
-        return packed + blocks + BNB_CODE_4BIT + BNB_OFFSET + nested + BNB_CODE_NESTED + bias
-    if quant in ("q4", "q8"):
-        if in_features % MLX_GROUP:                   # mlx-lm leaves such layers unquantized
-            return n * unquantized_bytes + bias
-        bits = 4 if quant == "q4" else 8
-        packed = out_features * (in_features * bits // 32) * 4   # uint32 words
-        scales_and_biases = 2 * out_features * (in_features // MLX_GROUP) * unquantized_bytes
-        return packed + scales_and_biases + bias
-    raise UserInputError(f"unknown quantization '{quant}' (known: {', '.join(QUANTS)})")
+def linear_bytes(linear: Linear, quant: str, unquantized_bytes: int = 2, backend: str | None = None) -> int:
+    """Bytes of one Linear layer as the library of `backend` (default: the one taking `quant`)
+    stores it; `unquantized_bytes` is the element size of what stays in the compute dtype."""
+    return rules_for(backend or default_backend_for(quant)).linear_bytes(linear, quant, unquantized_bytes)
 
 
-@dataclass(frozen=True)
-class WeightsBreakdown:
-    """Where the weight bytes are: the input embeddings, one decoder layer, the head."""
-
-    embeddings: int
-    layer: int            # one decoder layer (all layers are the same size)
-    head: int             # final norm + lm_head (lm_head is 0 when tied to the embeddings)
-    num_layers: int
-    layer_unquantized: int  # one layer kept in the compute dtype (bitsandbytes offload keeps it so)
-
-    @property
-    def total(self) -> int:
-        return self.embeddings + self.num_layers * self.layer + self.head
-
-
-def weights_breakdown(model: ModelSpec, quant: str, backend: str = "cuda") -> WeightsBreakdown:
-    if quant == GGUF:   # the bytes the file's tensor table says (runner.gguf)
-        from runner.gguf import gguf_breakdown
-
-        return gguf_breakdown(model)
-    if quant not in QUANTS:
-        raise UserInputError(f"unknown quantization '{quant}' (known: {', '.join(QUANTS)})")
-    plain = compute_bytes(model, quant, backend)
-    mlx_quant = quant in ("q4", "q8")
-    norms = model.layer_norm_elements() * plain
-
-    def layer_with(scheme: str) -> int:
-        total = norms
-        for linear in model.layer_linears():
-            router = linear.name.endswith("block_sparse_moe.gate")
-            expert = ".experts." in linear.name
-            kept = scheme != "fp32" and not mlx_quant and (
-                router                                              # the router is not an nn.Linear
-                or (expert and scheme in BNB_4BIT + ("int8",))      # fused 3D experts: bnb skips them
-            )
-            total += linear_bytes(linear, "bf16" if kept else scheme, plain)
-        return total
-
-    embedding_linear = Linear("embed_tokens", model.vocab_size, model.hidden_size)
-    if mlx_quant:   # mlx-lm quantizes the embedding (QuantizedEmbedding) and lm_head too
-        embeddings = linear_bytes(embedding_linear, quant, plain)
-        lm_head = 0 if model.tie_embeddings else linear_bytes(embedding_linear, quant, plain)
-    else:           # transformers keeps embeddings and lm_head in the compute dtype
-        embeddings = model.embedding_elements * plain
-        lm_head = model.lm_head_elements * plain
-    return WeightsBreakdown(
-        embeddings=embeddings,
-        layer=layer_with(quant),
-        head=model.hidden_size * plain + lm_head,
-        num_layers=model.num_layers,
-        layer_unquantized=layer_with("fp32" if quant == "fp32" else "bf16"),
-    )
+def weights_breakdown(model: ModelSpec, quant: str, backend: str | None = None,
+                      machine: Machine | None = None) -> WeightsBreakdown:
+    """Where the weight bytes are under `quant` on `backend` (default: the one taking `quant`)."""
+    backend = backend or default_backend_for(quant)
+    check_scheme(quant, backend)
+    return rules_for(backend).weights_breakdown(model, quant, machine)
 
 
 def weights_bytes(model: ModelSpec, quant: str, backend: str | None = None) -> int:
-    return weights_breakdown(model, quant, backend or default_backend_for(quant)).total
+    return weights_breakdown(model, quant, backend).total
 
 
 KV_BITS = (8, 4)                     # a quantized KV cache: bits per stored K or V value
@@ -208,20 +94,17 @@ def check_kv_bits(model: ModelSpec, kv_bits: int | None) -> None:
                              f"{model.name}'s head size {model.head_dim} is not a multiple of {KV_GROUP_SIZE}")
 
 
-MLX_KV_STEP = 256                    # mlx-lm's KVCache grows in steps of this many tokens
-
-
-def kv_cache_bytes(model: ModelSpec, context: int, batch: int = 1, quant: str = "bf16", backend: str = "cuda",
+def kv_cache_bytes(model: ModelSpec, context: int, batch: int = 1, quant: str = "bf16", backend: str | None = None,
                    kv_bits: int | None = None) -> int:
-    """K and V for `context` tokens; mlx-lm allocates its cache in whole steps of MLX_KV_STEP tokens."""
+    """K and V for `context` tokens, as many as `backend` allocates for them (mlx-lm: in steps)."""
     check_kv_bits(model, kv_bits)
-    tokens = -(-context // MLX_KV_STEP) * MLX_KV_STEP if backend == "mlx" else context
+    tokens = rules_for(backend).kv_tokens(context) if backend else context
     return round(model.kv_bytes_per_token(kv_dtype_bytes(quant, kv_bits))) * tokens * batch
 
 
 # ---- overhead -----------------------------------------------------------------------------------
 
-def activation_bytes(model: ModelSpec, context: int, batch: int, quant: str) -> int:
+def activation_bytes(model: ModelSpec, context: int, batch: int, quant: str, backend: str | None = None) -> int:
     """Activations of one prefill chunk through one layer (flash / memory-efficient attention assumed).
 
     Residual + normed hidden state, q/k/v and attention output, and the MLP's gate, up and product.
@@ -233,22 +116,15 @@ def activation_bytes(model: ModelSpec, context: int, batch: int, quant: str) -> 
     width += 3 * model.intermediate_size * max(1, model.experts_per_token if model.num_experts > 1 else 1)
     element = 4 if quant == "fp32" else 2
     workspace = tokens * width * element
-    if quant in BNB_4BIT + ("int8", "fp8"):
+    if rules_for(backend or default_backend_for(quant)).dequantizes_in_flight(quant):
         workspace += max(linear.weight_elements for linear in model.layer_linears()) * 2
     return workspace
 
 
-LLAMACPP_BATCH = 512   # runner_llamacpp's n_batch and n_ubatch: tokens per llama_decode
-
-
-def logits_bytes(model: ModelSpec, batch: int, backend: str = "cuda") -> int:
-    """Logits of a prefill chunk: runner's CUDA session and mlx-lm both compute them for the last
-    position only: the lm_head's output in the compute dtype and its fp32 copy. llama.cpp reserves
-    float32 logits for every token of a ubatch in its compute buffer (measured: 98 MiB of the
-    default model's 98.25 MiB, with flash attention, at any context)."""
-    if backend == "llamacpp":
-        return LLAMACPP_BATCH * model.vocab_size * 4
-    return model.vocab_size * batch * (2 + 4)
+def logits_bytes(model: ModelSpec, batch: int, backend: str | None = None) -> int:
+    """Logits of a prefill chunk on the device holding the head (runner's CUDA session and mlx-lm
+    compute them for the last position only)."""
+    return rules_for(backend).logits_bytes(model, batch) if backend else model.vocab_size * batch * (2 + 4)
 
 
 # ---- the plan -----------------------------------------------------------------------------------
@@ -284,7 +160,7 @@ class Plan:
     quant: str
     context: int
     batch: int
-    backend: str                  # "cuda" or "mlx"
+    backend: str                  # a registry name (runner.backend.BACKENDS)
     weights_bytes: int
     kv_cache_bytes: int
     overhead_bytes: int
@@ -297,6 +173,7 @@ class Plan:
     layer_bytes: int = 0          # one decoder layer's weights under this scheme
     largest_module_bytes: int = 0  # the biggest of a layer, the embeddings, lm_head (accelerate reserves it)
     kv_bits: int | None = None    # None: the KV cache in the compute dtype; 8 or 4: quantized
+    layout: str = GPUS            # GPUS (one host's GPUs, then RAM, then disk) or HOSTS (per host, no offload)
 
     @property
     def total_bytes(self) -> int:
@@ -317,8 +194,8 @@ class Plan:
         weights accelerate sizes modules its own way: pass `device_map=plan.device_map()` too, which
         is the placement itself.
         """
-        if self.backend != "cuda":
-            raise ValueError("max_memory() is for the cuda backend (accelerate); this plan is for mlx")
+        if self.layout != GPUS:
+            raise ValueError(f"max_memory() is for accelerate's layout; this plan is the {self.backend} backend's")
         rotary_buffers = self.model.head_dim // 2 * 4 * 2   # inv_freq and original_inv_freq, fp32
         memory: dict[int | str, int] = {}
         main_gpu_seen = False
@@ -339,8 +216,8 @@ class Plan:
         Module names are those of transformers 5's LlamaForCausalLM (also Mistral, Mixtral, Qwen2):
         model.embed_tokens, model.rotary_emb, model.layers.N, model.norm, lm_head.
         """
-        if self.backend != "cuda":
-            raise ValueError("device_map() is for the cuda backend (accelerate); this plan is for mlx")
+        if self.layout != GPUS:
+            raise ValueError(f"device_map() is for accelerate's layout; this plan is the {self.backend} backend's")
         if self.verdict == DOES_NOT_FIT:
             raise ValueError("the plan does not fit: there is no device map to give")
 
@@ -362,8 +239,18 @@ class Plan:
 
 
 def preferred_backend(machine: Machine) -> str:
-    """The backend whose schemes `candidate_schemes` offers on this machine."""
-    return "mlx" if machine.is_apple else "cuda"
+    """The backend that suits this machine best for a safetensors model (its rules' `suits`)."""
+    from runner.backend import backend_names
+
+    ranked = [(rank, name) for name in backend_names() if (rank := _suits(name, machine)) is not None]
+    return min(ranked, key=lambda pair: pair[0])[1] if ranked else backend_names()[0]
+
+
+def _suits(name: str, machine: Machine) -> float | None:
+    try:
+        return rules_for(name).suits(machine)
+    except BackendUnavailable:
+        return None
 
 
 def backends_taking(quant: str, machine: Machine | None = None, allowed=None) -> list[str]:
@@ -386,11 +273,14 @@ def backends_taking(quant: str, machine: Machine | None = None, allowed=None) ->
 def default_backend_for(quant: str, machine: Machine | None = None) -> str:
     """The backend that loads `quant` here (the plan's preferred one where several do); where none
     does, the preferred backend, whose check then says so."""
+    from runner.backend import backend_names
+
     takers = backends_taking(quant, machine)
-    return takers[0] if takers else (preferred_backend(machine) if machine is not None else "cuda")
+    return takers[0] if takers else (preferred_backend(machine) if machine is not None else backend_names()[0])
 
 
-def check_request(model: ModelSpec, quant: str, context: int, batch: int, backend: str) -> None:
+def check_scheme(quant: str, backend: str) -> None:
+    """`backend` is known and loads `quant`; one clear line otherwise."""
     from runner.backend import all_quants, backend_names, backend_quants
 
     if backend not in backend_names():
@@ -402,9 +292,24 @@ def check_request(model: ModelSpec, quant: str, context: int, batch: int, backen
         others = [name for name in backend_names() if quant in backend_quants(name)]
         raise UserInputError(f"--quant {quant} is not a {backend} scheme (it is {'/'.join(others)}'s); "
                              f"the {backend} backend takes {', '.join(takes)}")
-    if model.source == "gguf" and quant != "gguf":
-        raise UserInputError(f"{model.name} is a GGUF file: llama.cpp runs it as stored (--backend llamacpp "
-                             f"--quant gguf); the {backend} backend loads safetensors folders")
+
+
+def _loads_gguf(name: str) -> bool:
+    try:
+        return rules_for(name).loads_gguf
+    except BackendUnavailable:
+        return False
+
+
+def check_request(model: ModelSpec, quant: str, context: int, batch: int, backend: str) -> None:
+    from runner.backend import backend_names
+
+    check_scheme(quant, backend)
+    if model.source == "gguf" and not rules_for(backend).loads_gguf:
+        takers = [name for name in backend_names() if _loads_gguf(name)]
+        raise UserInputError(f"{model.name} is a GGUF file: the {'/'.join(takers) or '(none installed)'} backend runs it as "
+                             f"stored (--backend {takers[0] if takers else '...'} --quant {GGUF}); "
+                             f"the {backend} backend loads safetensors folders")
     if context < 1:
         raise UserInputError(f"--context must be a positive number of tokens, not {context}")
     if context > MAX_CONTEXT_LIMIT or context > model.max_context:
@@ -496,32 +401,33 @@ def make_plan(
     """
     backend = backend or default_backend_for(quant, machine)
     check_request(model, quant, context, batch, backend)
-    if backend == "cuda" and machine.is_apple:
-        raise UserInputError(f"--quant {quant}: the cuda backend (bitsandbytes, accelerate) is for NVIDIA GPUs; "
-                             "on Apple silicon runner uses mlx")
-    breakdown = weights_breakdown(model, "bf16" if fp8_dequantized(quant, backend, machine) else quant, backend)
+    rules = rules_for(backend)
+    rules.check(model, machine, quant)
+    breakdown = rules.weights_breakdown(model, quant, machine)
     kv_total = kv_cache_bytes(model, context, batch, quant, backend, kv_bits)
     kv_per_layer = kv_total // model.num_layers
-    activations = activation_bytes(model, context, batch, quant)
+    activations = activation_bytes(model, context, batch, quant, backend)
     logits = logits_bytes(model, batch, backend)
     warnings: list[str] = []
     notes: list[str] = []
 
-    if backend == "mlx" or (backend == "llamacpp" and machine.is_apple):   # llama.cpp: Metal, unified memory
-        placement, verdict, parallel_used = _place_mlx(
+    layout = rules.layout(machine)
+    if layout == HOSTS:
+        placement, verdict, parallel_used = _place_on_hosts(
             model, machine, breakdown, kv_per_layer, activations, logits, parallel, warnings, notes, balance
         )
     else:
-        placement, verdict, parallel_used = _place_cuda(
-            model, machine, quant, breakdown, kv_per_layer, activations, logits, warnings, balance
+        placement, verdict, parallel_used = _place_on_gpus(
+            model, machine, breakdown, kv_per_layer, activations, logits, rules.offloads_unquantized(quant),
+            warnings, balance, backend
         )
 
     weights_total = sum(s.weights_bytes for s in placement) if verdict != DOES_NOT_FIT else breakdown.total
     kv_placed = sum(s.kv_cache_bytes for s in placement) if verdict != DOES_NOT_FIT else kv_total
     overhead = sum(s.overhead_bytes for s in placement) if verdict != DOES_NOT_FIT else activations + logits
     roofline = _roofline(model, placement, parallel_used) if verdict != DOES_NOT_FIT else 0.0
-    _scheme_warnings(model, machine, quant, backend, warnings)
-    _offload_warnings(placement, verdict, roofline, model, quant, machine, warnings)
+    warnings += rules.warnings(model, machine, quant)
+    _offload_warnings(placement, verdict, roofline, rules.offloads_unquantized(quant), machine, warnings)
     for host in machine.hosts:
         if host.swap_used_bytes > 1 * GB and not machine.hypothetical:
             warnings.append(
@@ -534,6 +440,7 @@ def make_plan(
         placement=tuple(placement), verdict=verdict, warnings=tuple(warnings),
         roofline_tokens_per_s=roofline, parallel=parallel_used, notes=tuple(notes), layer_bytes=breakdown.layer,
         largest_module_bytes=max(breakdown.layer, breakdown.embeddings, breakdown.head), kv_bits=kv_bits,
+        layout=layout,
     )
 
 
@@ -581,12 +488,14 @@ def _spread(slots: list[_Slot], pieces, balance: bool = True) -> list[_Slot] | N
     return _fill(accelerators, pieces, high)
 
 
-def _place_cuda(model, machine, quant, breakdown, kv_per_layer, activations, logits, warnings, balance):
+def _place_on_gpus(model, machine, breakdown, kv_per_layer, activations, logits, offload_unquantized, warnings,
+                   balance, backend):
+    """One host's GPUs filled evenly, then its RAM, then its disk (accelerate's auto device map)."""
     host = next((h for h in machine.hosts if any(d.kind == "cuda" for d in h.devices)), machine.hosts[0])
     if len([h for h in machine.hosts if any(d.kind == "cuda" for d in h.devices)]) > 1:
         warnings.append(
-            f"the cuda backend runs on one host: only {host.name}'s GPUs are planned "
-            f"(accelerate does not span computers)"
+            f"the {backend} backend runs on one host: only {host.name}'s GPUs are planned "
+            f"(it does not span computers)"
         )
     gpus = [d for d in host.devices if d.kind == "cuda"]
     slots = []
@@ -596,9 +505,8 @@ def _place_cuda(model, machine, quant, breakdown, kv_per_layer, activations, log
     cpu_bandwidth = PCIE_BANDWIDTH if gpus else (host.cpu_bandwidth_bytes_per_s or PCIE_BANDWIDTH)
     slots.append(_Slot("cpu", "cpu", _ram_capacity(host, machine.hypothetical), 0, cpu_bandwidth))
     slots.append(_Slot("disk", "disk", int(host.disk_free_bytes * 0.9), 0, DISK_BANDWIDTH))
-    # bitsandbytes leaves layers it offloads to CPU/disk unquantized (llm_int8_enable_fp32_cpu_offload)
-    bnb = quant in BNB_4BIT + ("int8",)
-    pieces = _layer_pieces(model, breakdown, kv_per_layer, activations, logits, offload_unquantized=bnb and bool(gpus))
+    pieces = _layer_pieces(model, breakdown, kv_per_layer, activations, logits,
+                           offload_unquantized=offload_unquantized and bool(gpus))
     filled = _spread(slots, pieces, balance) or _fill(slots, pieces)
     if filled is None:
         return [], DOES_NOT_FIT, "single"
@@ -610,7 +518,9 @@ def _place_cuda(model, machine, quant, breakdown, kv_per_layer, activations, log
     return shares, verdict, parallel
 
 
-def _place_mlx(model, machine, breakdown, kv_per_layer, activations, logits, parallel, warnings, notes, balance):
+def _place_on_hosts(model, machine, breakdown, kv_per_layer, activations, logits, parallel, warnings, notes, balance):
+    """Each host's unified memory (its GPU working set; RAM on Linux): layer ranges per host or
+    equal shares of every layer (tensor), no offload beyond a raised wired limit."""
     hosts = list(machine.hosts)
     slots = []
     for host in hosts:
@@ -693,39 +603,7 @@ def _roofline(model: ModelSpec, placement, parallel: str) -> float:
     return 1 / seconds if seconds > 0 else 0.0
 
 
-def fp8_dequantized(quant: str, backend: str, machine: Machine) -> bool:
-    """transformers loads FP8 checkpoints dequantized to bf16 without a GPU of compute capability 8.9+."""
-    if quant != "fp8" or backend != "cuda":
-        return False
-    gpus = machine.gpus
-    return not gpus or any(g.compute_capability is not None and g.compute_capability < (8, 9) for g in gpus)
-
-
-def _scheme_warnings(model: ModelSpec, machine: Machine, quant: str, backend: str, warnings: list[str]) -> None:
-    gpus = machine.gpus
-    if quant == "fp8" and backend == "cuda":
-        if fp8_dequantized(quant, backend, machine):
-            warnings.append("fp8 needs an NVIDIA GPU with compute capability 8.9+ (Ada, Hopper); without one "
-                            "transformers dequantizes FP8 checkpoints to bf16 on load: counted here as bf16")
-        warnings.append("fp8 on the cuda backend is torchao's (e4m3 weights and activations, per-row scales): "
-                        "it needs torchao installed (pip install torchao)")
-    if quant == "bf16" and backend == "cuda" and any(g.compute_capability and g.compute_capability < (8, 0) for g in gpus):
-        warnings.append("these GPUs have no bfloat16 (compute capability below 8.0): use --quant fp16")
-    if quant in ("q4", "fp4", "nf4", "nf4-nodq") and model.parameter_count() < 1_000_000_000:
-        warnings.append(f"{model.name} is small ({model.parameter_count() / 1e6:.0f}M parameters): small models "
-                        "do not survive 4-bit (SmolLM2-135M at MLX 4-bit answered garbage here; 8-bit and bf16 "
-                        "answered right)")
-    if backend == "mlx" and quant in ("q4", "q8") and not machine.is_apple:
-        warnings.append("mlx on a Linux CPU runs quantized matmuls slowly (SmolLM2-135M: 8-bit 1.2 tok/s vs "
-                        "bf16 8.7 tok/s measured here); use the cuda backend (torch, also on CPU) instead")
-    if quant in BNB_4BIT + ("int8",) and backend == "cuda" and model.num_experts > 1:
-        warnings.append(f"transformers 5 stores {model.name}'s experts as fused 3D tensors that bitsandbytes does "
-                        f"not quantize: they stay in bf16 and {quant} shrinks only attention (counted so here)")
-    if quant in BNB_4BIT + ("int8",) and backend == "cuda" and not gpus:
-        warnings.append("bitsandbytes on a CPU works but is slow; with no GPU prefer bf16/fp32 if it fits")
-
-
-def _offload_warnings(placement, verdict, roofline, model, quant, machine, warnings) -> None:
+def _offload_warnings(placement, verdict, roofline, offload_unquantized, machine, warnings) -> None:
     if verdict != OFFLOAD:
         return
     cpu = [s for s in placement if s.kind == "cpu"]
@@ -740,9 +618,8 @@ def _offload_warnings(placement, verdict, roofline, model, quant, machine, warni
             f"cross PCIe (~{PCIE_BANDWIDTH / GB:.0f} GB/s, vs {hbm:.1f} TB/s GPU memory) for every token: {speed}. "
             f"runner refuses this unless you pass --allow-offload"
         )
-        if quant in BNB_4BIT + ("int8",):
-            warnings.append("bitsandbytes does not quantize offloaded layers: they stay in bf16 in RAM "
-                            "(transformers needs llm_int8_enable_fp32_cpu_offload=True)")
+        if offload_unquantized:
+            warnings.append("this scheme does not quantize offloaded layers: they stay in bf16 in RAM (counted so here)")
     if disk:
         warnings.append(
             f"OFFLOAD TO DISK: {sum(s.weights_bytes for s in disk) / GB:.1f} GB read from disk "
@@ -764,7 +641,6 @@ def _offload_warnings(placement, verdict, roofline, model, quant, machine, warni
 # ---- what to use -------------------------------------------------------------------------------
 
 DEFAULT_CONTEXT = 4096
-SMALL_MODEL_PARAMETERS = 1_000_000_000   # below this, 4-bit ruins answers (measured on SmolLM2-135M)
 
 
 @dataclass(frozen=True)
@@ -795,55 +671,27 @@ def max_context_that_fits(model: ModelSpec, machine: Machine, quant: str, backen
 
 
 def candidate_schemes(model: ModelSpec, machine: Machine) -> list[tuple[str, str, str]]:
-    """(backend, quant, why) in order of preference for this machine."""
-    if model.source == "gguf":
-        return [("llamacpp", "gguf", "a GGUF file: llama.cpp runs it as stored")]
-    small = model.parameter_count() < SMALL_MODEL_PARAMETERS
-    if machine.is_apple:
-        options = [("mlx", "bf16", "bf16 on MLX: full quality, Metal reads the weights as they are"),
-                   ("mlx", "q8", "MLX 8-bit: half the bytes of bf16, near-identical answers")]
-        if not small:
-            options.append(("mlx", "q4", "MLX 4-bit (group 64): a quarter of bf16; large models keep their quality"))
-        return options
-    gpus = machine.gpus
-    if gpus:
-        half = "fp16" if any(g.compute_capability and g.compute_capability < (8, 0) for g in gpus) else "bf16"
-        options = [("cuda", half, f"{half} on the GPU: full quality and the fastest path in transformers"),
-                   ("cuda", "nf4", "NF4 with double quant (bitsandbytes): a quarter of bf16 with small loss")]
-        if small:
-            options.append(("cuda", "int8", "LLM.int8: half of bf16 (small models do not survive 4-bit)"))
-        return options
-    # CPU only (Linux): torch runs on CPU too, and fast; mlx's CPU quantized matmul is slow here.
-    # llama.cpp decodes the default model ~5x faster, but its 8-bit activations change the 135M
-    # model's answers (README's first question: "L'Étoile…" instead of Paris), so it comes after
-    # the torch schemes that keep them.
-    llamacpp = [("llamacpp", "gguf", LLAMACPP_DEFAULT_WHY)] if default_model_on_llamacpp(model) else []
-    return [
-        ("cuda", "fp32", "no GPU: torch on CPU in fp32 is the fast CPU path that keeps the model's answers "
-                         "(SmolLM2-135M: ~16 tok/s measured here; mlx on CPU: bf16 8.7, 8-bit 1.2 tok/s; "
-                         "llama.cpp's GGUF ~5x faster but with changed answers: --backend llamacpp)"),
-        ("cuda", "bf16", "no GPU: torch on CPU in bf16 halves the memory of fp32"),
-        *llamacpp,
-        ("cuda", "nf4", "no GPU and bf16 does not fit: bitsandbytes NF4 runs on CPU, slowly"),
-    ]
+    """(backend, quant, why) in order of preference for this machine: every installed backend's
+    candidates (its rules'), ranked together."""
+    ranked = [(candidate.rank, order, name, candidate.quant, candidate.why)
+              for order, (name, rules) in enumerate(_rules_for_model(model))
+              for candidate in rules.candidates(model, machine)]
+    return [(name, quant, why) for _, _, name, quant, why in sorted(ranked)]
 
 
-# measured by bench/llamacpp_cpu.py on the 2-core VM (bench/RESULTS.md)
-LLAMACPP_DEFAULT_WHY = ("no GPU and torch's fp32/bf16 do not fit: llama.cpp runs the default model's own GGUF "
-                        "(Q4_1) as stored, ~5x the tokens/s of torch fp32 on this CPU (bench/llamacpp_cpu.py)")
+def _rules_for_model(model: ModelSpec | None) -> list:
+    """(name, rules) of the installed backends that load `model`'s format, in registry order."""
+    from runner.backend import backend_names
 
-
-def default_model_on_llamacpp(model: ModelSpec) -> bool:
-    """The default model, the llamacpp backend installed and its GGUF file present: llama.cpp
-    runs it on a CPU far faster than torch does."""
-    from runner.model import DEFAULT_MODEL_ID
-
-    if model.name.lower() != DEFAULT_MODEL_ID.lower():
-        return False
-    from runner.backend import get_backend
-    from runner.gguf import default_model_gguf
-
-    return get_backend("llamacpp", check=False).availability().ok and default_model_gguf() is not None
+    found = []
+    for name in backend_names():
+        try:
+            rules = rules_for(name)
+        except BackendUnavailable:
+            continue
+        if model is None or rules.loads_gguf or model.source != GGUF:
+            found.append((name, rules))
+    return found
 
 
 def recommend(model: ModelSpec, machine: Machine, context: int | None = None, kv_bits: int | None = None) -> Recommendation:
@@ -860,11 +708,10 @@ def recommend(model: ModelSpec, machine: Machine, context: int | None = None, kv
             longest = max_context_that_fits(model, machine, quant, backend, kv_bits=kv_bits)
             reason = f"{why}; fits with {asked:,} tokens of context (up to {longest:,})"
             return Recommendation(backend, quant, asked, longest, reason, plan)
-    # nothing fits in fast memory: the smallest scheme, with offload if that is possible at all
-    smallest = "q4" if machine.is_apple else "nf4"
-    backend = "mlx" if machine.is_apple else "cuda"
-    if model.source == "gguf":
-        smallest, backend = "gguf", "llamacpp"
+    # nothing fits in fast memory: the first backend's smallest scheme, with offload if that is possible at all
+    backend = candidates[0][0] if candidates else preferred_backend(machine)
+    rules = rules_for(backend)
+    smallest = rules.smallest
     plan = make_plan(model, machine, smallest, asked, 1, backend, kv_bits=kv_bits)
     if plan.verdict == OFFLOAD:
         longest = max_context_that_fits(model, machine, smallest, backend, allowed=(FITS, OFFLOAD), kv_bits=kv_bits)
@@ -873,7 +720,7 @@ def recommend(model: ModelSpec, machine: Machine, context: int | None = None, kv
         return Recommendation(backend, smallest, asked, longest, reason, plan)
     return Recommendation(backend, smallest, asked, 0,
                           f"{model.name} does not fit this machine, not even as {smallest}"
-                          + ("" if backend == "mlx" else " with offload"), plan)
+                          + (" with offload" if rules.layout(machine) == GPUS else ""), plan)
 
 
 # the article's three set-ups (shipped as machine files in runner/machines/ too)
@@ -893,21 +740,26 @@ def article_setups(model: ModelSpec, context: int | None = None) -> list[tuple[s
 
 def schemes_for(machine: Machine, backend: str | None = None, model: ModelSpec | None = None) -> list[tuple[str, str]]:
     """(backend, quant) rows worth showing for this machine (and `model`: a GGUF file has one);
-    with `backend`, all of its schemes the plan counts."""
-    if model is not None and model.source == "gguf":
-        return [("llamacpp", "gguf")]
+    with `backend`, all of its schemes."""
     if backend is not None:
+        rules = rules_for(backend)
+        if model is not None and model.source == GGUF and not rules.loads_gguf:
+            return []
         from runner.backend import backend_quants
 
-        return [(backend, quant) for quant in (*QUANTS, GGUF) if quant in backend_quants(backend)]
-    if machine.is_apple:
-        return [("mlx", "bf16"), ("mlx", "q8"), ("mlx", "q4")]
-    rows = [("cuda", "bf16"), ("cuda", "fp8"), ("cuda", "int8"), ("cuda", "nf4"), ("cuda", "nf4-nodq"), ("cuda", "fp4")]
-    if not machine.gpus:
-        rows = [("cuda", "fp32")] + rows + [("mlx", "q8"), ("mlx", "q4")]
-        if model is not None and default_model_on_llamacpp(model):
-            rows.insert(0, ("llamacpp", "gguf"))
-    return rows
+        return [(backend, quant) for quant in dict.fromkeys([*rules.descriptions, *backend_quants(backend)])]
+    ranked = [(rank, order, name, quant) for order, (name, rules) in enumerate(_rules_for_model(model))
+              for rank, quant in rules.shown(model, machine)]
+    return [(name, quant) for _, _, name, quant in sorted(ranked)]
+
+
+def scheme_note(model: ModelSpec, machine: Machine, plan: Plan) -> str:
+    """One line about how `plan`'s scheme is counted on this machine ("" for none)."""
+    note = rules_for(plan.backend).scheme_note(model, machine, plan.quant)
+    if not note and plan.verdict == OFFLOAD and plan.weights_bytes > weights_bytes(model, plan.quant, plan.backend):
+        note = (f"{plan.quant}: {weights_bytes(model, plan.quant, plan.backend) / GB:,.1f} GB as a scheme; "
+                f"offloaded layers stay in bf16")
+    return note
 
 
 # ---- the network between hosts (runner launch's splits) ------------------------------------------

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from runner.errors import CorruptWeights, UnsupportedModel, UserInputError
 
 if TYPE_CHECKING:
-    from runner.budget import WeightsBreakdown
+    from runner.plan_rules import WeightsBreakdown
     from runner.model import ModelSpec
 
 MAGIC = b"GGUF"
@@ -400,7 +400,7 @@ def default_gguf_spec() -> "ModelSpec":
 def gguf_breakdown(model: "ModelSpec") -> "WeightsBreakdown":
     """The plan's weight bytes as stored in the file: the embeddings, one decoder layer (the
     layers' mean, rounded up: a Q4_K_M file stores some layers' tensors as Q6_K), the head."""
-    from runner.budget import WeightsBreakdown
+    from runner.plan_rules import WeightsBreakdown
 
     file = read_gguf(gguf_path(model))
     embeddings = head = 0

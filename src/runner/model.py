@@ -155,6 +155,12 @@ LIMITS = {
 DTYPES = ("float32", "float16", "bfloat16")
 
 
+def dtype_bytes(dtype: str) -> int:
+    """Bytes of one element of a dtype name as config.json writes it."""
+    name = dtype.lower().replace("torch.", "")
+    return {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2}.get(name, 2)
+
+
 def _shown(value) -> str:
     """A config value as an error message shows it: short, whatever it is."""
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:

@@ -74,12 +74,12 @@ def _network_rows(model, machine, context, batch, chosen, link) -> list:
     from runner import budget
     from runner.errors import UserInputError
 
-    if chosen.backend != "mlx" or len(machine.hosts) < 2:
+    if chosen.layout != budget.HOSTS or len(machine.hosts) < 2:
         return []
     rows = []
     for split in ("pipeline", "tensor"):
         try:
-            plan = budget.make_plan(model, machine, chosen.quant, context, batch, "mlx", parallel=split,
+            plan = budget.make_plan(model, machine, chosen.quant, context, batch, chosen.backend, parallel=split,
                                     kv_bits=chosen.kv_bits)
         except UserInputError:       # tensor: the heads do not divide among the hosts
             continue
@@ -130,14 +130,9 @@ def _print_report(model, machine, context, batch, rows, choice, recommendation, 
             f"{_gb(plan.overhead_bytes):>9} {_gb(plan.total_bytes):>9}  {VERDICT_WORDS[plan.verdict]:<13} "
             f"{_speed(plan.roofline_tokens_per_s):>7}\n")
     out("  * roofline decode speed at batch 1 (memory bandwidth / bytes read per token): an upper bound\n")
-    from runner.budget import fp8_dequantized, weights_bytes
-
     for plan in rows:
-        scheme = weights_bytes(model, plan.quant, plan.backend)
-        if fp8_dequantized(plan.quant, plan.backend, machine):
-            out(f"    {plan.quant}: needs compute capability 8.9+; transformers loads it dequantized to bf16 here\n")
-        elif plan.verdict == "offload" and plan.weights_bytes > scheme:
-            out(f"    {plan.quant}: {_gb(scheme)} GB as a scheme; bitsandbytes keeps offloaded layers in bf16\n")
+        if note := budget.scheme_note(model, machine, plan):
+            out(f"    {note}\n")
     if not machine.gpus and not machine.is_apple:
         cpu = machine.hosts[0].cpu_bandwidth_bytes_per_s
         out(f"    CPU memory bandwidth assumed {cpu / GB:.0f} GB/s. On a CPU quantized matmuls are compute-bound and far\n"
@@ -219,6 +214,8 @@ def _kv_name(bits: int | None) -> str:
 
 
 def _print_placement(plan) -> None:
+    from runner import budget
+
     out = sys.stdout.write
     title = {"layers": "layers split over GPUs (accelerate)", "pipeline": "pipeline: layer ranges per host (mlx.launch)",
              "tensor": "tensor parallel: every host holds a share of every layer", "single": "one device"}[plan.parallel]
@@ -227,11 +224,11 @@ def _print_placement(plan) -> None:
         host = plan.machine.hosts[0]
         memory = (f"{len(plan.machine.gpus)} GPUs + " if plan.machine.gpus else "") + \
             f"RAM {host.ram_bytes / GB:,.0f} GB + free disk {host.disk_free_bytes / GB:,.0f} GB"
-        if plan.backend == "mlx":
+        if plan.layout == budget.HOSTS:
             memory = " + ".join(f"{h.name}'s GPU working set {h.wired_limit_bytes / GB:,.0f} GB" if h.unified_memory
                                 else f"{h.name} RAM {h.ram_bytes / GB:,.0f} GB" for h in plan.machine.hosts)
-        out(f"  needs {_gb(plan.total_bytes)} GB; does not fit in {memory} (mlx does not offload)\n"
-            if plan.backend == "mlx" else
+        out(f"  needs {_gb(plan.total_bytes)} GB; does not fit in {memory} ({plan.backend} does not offload)\n"
+            if plan.layout == budget.HOSTS else
             f"  needs {_gb(plan.total_bytes)} GB; does not fit in {memory}, not even with offload\n")
         return
     out(f"  {'device':<16} {'layers':<14} {'weights':>9} {'KV':>8} {'overhead':>9} {'total':>9} {'of':>9}\n")
@@ -267,6 +264,8 @@ def _catalog_spec(model_id: str):
 # ---- json ------------------------------------------------------------------------------------
 
 def _plan_json(plan) -> dict:
+    from runner import budget
+
     data = {
         "quant": plan.quant, "backend": plan.backend, "verdict": plan.verdict, "parallel": plan.parallel,
         "weights_bytes": plan.weights_bytes, "kv_cache_bytes": plan.kv_cache_bytes,
@@ -280,7 +279,7 @@ def _plan_json(plan) -> dict:
         ],
         "warnings": list(plan.warnings), "notes": list(plan.notes),
     }
-    if plan.backend == "cuda" and plan.verdict != "does-not-fit":
+    if plan.layout == budget.GPUS and plan.verdict != "does-not-fit":
         data["max_memory"] = {str(k): v for k, v in plan.max_memory().items()}
         data["device_map"] = plan.device_map()
     return data

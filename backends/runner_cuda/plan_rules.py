@@ -1,0 +1,146 @@
+"""What the cuda backend's loads cost: transformers + accelerate, bitsandbytes (NF4, FP4, LLM.int8)
+and torchao (FP8), as these libraries store the weights; checked against them in
+tests/test_budget_libraries.py. Pure Python (the plan imports it): no torch."""
+
+from __future__ import annotations
+
+import math
+
+from runner.model import Linear, ModelSpec
+from runner.plan_rules import GPUS, SMALL_MODEL_PARAMETERS, Candidate, PlanRules, small_model_warning
+
+BNB_4BIT = ("nf4", "nf4-nodq", "fp4")
+BITSANDBYTES = BNB_4BIT + ("int8",)
+BNB_BLOCK = 64                 # bitsandbytes 4-bit: one absmax per 64 weights
+BNB_NESTED_BLOCK = 256         # double quant: absmax quantized to uint8 in blocks of 256
+BNB_CODE_4BIT = 16 * 4         # the 16-entry NF4/FP4 code table (fp32), one per weight tensor
+BNB_CODE_NESTED = 256 * 4      # the 256-entry dynamic code table of the nested state (fp32)
+BNB_OFFSET = 4                 # the fp32 mean subtracted from absmax before nesting
+FP8_ALIGN = 16                 # torchao FP8: Linears with a side not a multiple of 16 stay bf16 (_scaled_mm)
+
+
+def _no_bf16(machine) -> bool:
+    return any(g.compute_capability and g.compute_capability < (8, 0) for g in machine.gpus)
+
+
+class CudaPlanRules(PlanRules):
+    descriptions = {
+        "bf16": "bfloat16, 2 bytes per weight",
+        "fp16": "float16, 2 bytes per weight",
+        "fp32": "float32, 4 bytes per weight",
+        "fp8": "FP8 e4m3 weights + fp32 scale per output row (torchao; embeddings and lm_head bf16)",
+        "int8": "bitsandbytes LLM.int8: int8 weights + fp32 scale per row",
+        "nf4": "bitsandbytes NF4, double quant: 4-bit + uint8 absmax per 64 (+ fp32 per 256 blocks)",
+        "nf4-nodq": "bitsandbytes NF4 without double quant: 4-bit + fp32 absmax per 64",
+        "fp4": "bitsandbytes FP4, double quant",
+    }
+    smallest = "nf4"
+
+    def suits(self, machine):
+        return None if machine.is_apple else 0
+
+    def layout(self, machine):
+        return GPUS
+
+    def linear_bytes(self, linear: Linear, quant: str, unquantized_bytes: int = 2) -> int:
+        n = linear.weight_elements
+        out_features, in_features = linear.out_features, linear.in_features
+        bias = out_features * unquantized_bytes if linear.bias else 0
+        if quant == "fp8":   # torchao Float8Tensor, per-row: e4m3 weights + one fp32 scale per output row
+            if out_features % FP8_ALIGN or in_features % FP8_ALIGN:
+                return n * unquantized_bytes + bias
+            return n + out_features * 4 + bias
+        if quant == "int8":
+            return n + out_features * 4 + bias           # int8 weights + SCB (fp32 per output row)
+        if quant in BNB_4BIT:
+            blocks = math.ceil(n / BNB_BLOCK)
+            packed = math.ceil(n / 2)                     # two 4-bit weights per uint8
+            if quant == "nf4-nodq":
+                return packed + blocks * 4 + BNB_CODE_4BIT + bias
+            nested = math.ceil(blocks / BNB_NESTED_BLOCK) * 4
+            return packed + blocks + BNB_CODE_4BIT + BNB_OFFSET + nested + BNB_CODE_NESTED + bias
+        return super().linear_bytes(linear, quant, unquantized_bytes)
+
+    def stored_as(self, linear: Linear, quant: str) -> str:
+        if quant == "fp32":
+            return quant
+        router = linear.name.endswith("block_sparse_moe.gate")      # the router is not an nn.Linear
+        expert = ".experts." in linear.name                         # fused 3D experts: bitsandbytes skips them
+        return "bf16" if router or (expert and quant in BITSANDBYTES) else quant
+
+    def planned_quant(self, quant, machine):
+        return "bf16" if self.fp8_dequantized(quant, machine) else quant
+
+    @staticmethod
+    def fp8_dequantized(quant: str, machine) -> bool:
+        """transformers loads FP8 checkpoints dequantized to bf16 without a GPU of compute capability 8.9+."""
+        if quant != "fp8":
+            return False
+        gpus = machine.gpus
+        return not gpus or any(g.compute_capability is not None and g.compute_capability < (8, 9) for g in gpus)
+
+    def offloads_unquantized(self, quant):
+        # bitsandbytes leaves layers it offloads to CPU/disk unquantized (llm_int8_enable_fp32_cpu_offload)
+        return quant in BITSANDBYTES
+
+    def dequantizes_in_flight(self, quant):
+        return quant in BITSANDBYTES + ("fp8",)
+
+    def check(self, model, machine, quant):
+        from runner.errors import UserInputError
+
+        if machine.is_apple:
+            raise UserInputError(f"--quant {quant}: the cuda backend (bitsandbytes, accelerate) is for NVIDIA GPUs; "
+                                 "on Apple silicon runner uses mlx")
+
+    def warnings(self, model: ModelSpec, machine, quant: str) -> list[str]:
+        warnings = []
+        if quant == "fp8":
+            if self.fp8_dequantized(quant, machine):
+                warnings.append("fp8 needs an NVIDIA GPU with compute capability 8.9+ (Ada, Hopper); without one "
+                                "transformers dequantizes FP8 checkpoints to bf16 on load: counted here as bf16")
+            warnings.append("fp8 on the cuda backend is torchao's (e4m3 weights and activations, per-row scales): "
+                            "it needs torchao installed (pip install torchao)")
+        if quant == "bf16" and _no_bf16(machine):
+            warnings.append("these GPUs have no bfloat16 (compute capability below 8.0): use --quant fp16")
+        if quant in BNB_4BIT:
+            warnings += small_model_warning(model)
+        if quant in BITSANDBYTES and model.num_experts > 1:
+            warnings.append(f"transformers 5 stores {model.name}'s experts as fused 3D tensors that bitsandbytes does "
+                            f"not quantize: they stay in bf16 and {quant} shrinks only attention (counted so here)")
+        if quant in BITSANDBYTES and not machine.gpus:
+            warnings.append("bitsandbytes on a CPU works but is slow; with no GPU prefer bf16/fp32 if it fits")
+        return warnings
+
+    def scheme_note(self, model, machine, quant):
+        if self.fp8_dequantized(quant, machine):
+            return f"{quant}: needs compute capability 8.9+; transformers loads it dequantized to bf16 here"
+        return ""
+
+    def candidates(self, model, machine):
+        if machine.is_apple:
+            return []
+        small = model.parameter_count() < SMALL_MODEL_PARAMETERS
+        if machine.gpus:
+            half = "fp16" if _no_bf16(machine) else "bf16"
+            options = [Candidate(1, half, f"{half} on the GPU: full quality and the fastest path in transformers"),
+                       Candidate(2, "nf4", "NF4 with double quant (bitsandbytes): a quarter of bf16 with small loss")]
+            if small:
+                options.append(Candidate(3, "int8", "LLM.int8: half of bf16 (small models do not survive 4-bit)"))
+            return options
+        # CPU only (Linux): torch runs on CPU too, and fast; mlx's CPU quantized matmul is slow here
+        return [
+            Candidate(1, "fp32", "no GPU: torch on CPU in fp32 is the fast CPU path that keeps the model's answers "
+                                 "(SmolLM2-135M: ~16 tok/s measured here; mlx on CPU: bf16 8.7, 8-bit 1.2 tok/s; "
+                                 "llama.cpp's GGUF ~5x faster but with changed answers: --backend llamacpp)"),
+            Candidate(2, "bf16", "no GPU: torch on CPU in bf16 halves the memory of fp32"),
+            Candidate(3, "nf4", "no GPU and bf16 does not fit: bitsandbytes NF4 runs on CPU, slowly"),
+        ]
+
+    def shown(self, model, machine):
+        if machine.is_apple:
+            return []
+        rows = ["bf16", "fp8", "int8", "nf4", "nf4-nodq", "fp4"]
+        if not machine.gpus:
+            rows.insert(0, "fp32")
+        return [(1 + index / 10, quant) for index, quant in enumerate(rows)]
