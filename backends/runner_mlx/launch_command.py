@@ -5,6 +5,7 @@ the mlx backend registers (`MlxBackend.commands`).
     runner launch --hostfile hosts.json MODEL --split pipeline -p "Hello"
     runner launch --hosts 10.0.0.1,10.0.0.2 MODEL          # in a terminal: the chat app
     runner launch --hosts 10.0.0.1,10.0.0.2 --probe        # the network's latency and bandwidth
+    runner launch --hosts 10.0.0.1,10.0.0.2 ORG/NAME --split pipeline --pull   # each host fetches its shards
 
 Rank 0 (the first host) owns the user interface; the other hosts run their share and follow. With
 -p (or a message on stdin when it is not a terminal) rank 0 prints the reply. In a terminal without
@@ -57,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--serve", action="store_true",
                         help="rank 0 (this machine) serves the model over runner serve's OpenAI-compatible API")
     add_server_arguments(parser, host_flag="--listen")
+    parser.add_argument("--pull", action="store_true",
+                        help="no chat: each host downloads from the Hugging Face Hub only the safetensors files "
+                             "holding its layers of the split (runner pull --layers, over ssh)")
     parser.add_argument("--probe", action="store_true",
                         help="no model: measure the latency and bandwidth between the hosts through mx.distributed "
                              "and print the --link value for runner plan")
@@ -78,6 +82,11 @@ def run(args: argparse.Namespace) -> int:
         from runner_mlx.launcher import probe
 
         return probe(args.hosts, args.hostfile, 5, args.rank_timeout, args.verbose)
+    if args.pull:     # the model is on the Hub, not here yet: planned from its config.json there
+        get_backend("mlx")
+        from runner_mlx.host_pull import pull_shares
+
+        return pull_shares(args, host_memory_gb(args))
     quant = args.quant or default_quant(args.model)
     args.context = checked_context(args.model, args.context)
     given = {name: getattr(args, name) for name in ONE_SHOT if getattr(args, name) is not None}

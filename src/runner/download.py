@@ -51,6 +51,7 @@ SINGLE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 REPORT_EVERY = 1 << 20      # bytes between progress reports
 SMALL_MAX_BYTES = 16 * 1024 * 1024        # config.json and the index are read before any weight
+LAYER_TENSOR = re.compile(r"(?:^|\.)layers\.(\d{1,6})\.")   # model.layers.12.mlp.up_proj.weight -> 12
 REPO_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}")
 
 
@@ -112,6 +113,8 @@ class Pull:
     storage: Path              # <HF cache>/models--org--name
     missing_bytes: int         # still to download (partial downloads subtracted)
     free_bytes: int            # free space where the cache is
+    layers: tuple[int, int] | None = None     # only the shards holding layers [start, stop) (one host's share)
+    left_out: tuple[RemoteFile, ...] = ()     # the shards a layers pull does not fetch
 
     @property
     def snapshot(self) -> Path:
@@ -287,9 +290,21 @@ def _read_small(repo_id: str, commit: str, remote: RemoteFile) -> bytes:
     return bytes(data)
 
 
-def prepare(repo_id: str, revision: str | None = None) -> Pull:
+def shards_for_layers(weight_map: dict[str, str], layers: tuple[int, int]) -> list[str]:
+    """The shards a pipeline stage running layers [start, stop) reads: those holding a tensor of one
+    of its layers, or a tensor of no layer (embeddings, final norm, head: every stage keeps them)."""
+    start, stop = layers
+    wanted = set()
+    for tensor, shard in weight_map.items():
+        layer = LAYER_TENSOR.search(tensor)
+        if layer is None or start <= int(layer.group(1)) < stop:
+            wanted.add(shard)
+    return sorted(wanted)
+
+
+def prepare(repo_id: str, revision: str | None = None, layers: tuple[int, int] | None = None) -> Pull:
     """The listing, config.json and the index from the Hub, and the bytes still missing here. No
-    file is written."""
+    file is written. `layers`: only the shards holding those layers (and the embeddings and head)."""
     from huggingface_hub import HfApi, constants
 
     with hub_errors(repo_id, revision):
@@ -311,12 +326,16 @@ def prepare(repo_id: str, revision: str | None = None) -> Pull:
             if not isinstance(index, dict):
                 raise RunnerError(f"{repo_id}: {INDEX} does not hold a JSON object")
     names = [n for n in listing if n in SMALL_FILES or EXTRA_TEMPLATES.fullmatch(n)]
-    names += ([INDEX] if index is not None else []) + _weight_names(repo_id, listing, index)
+    shards = _weight_names(repo_id, listing, index)
+    kept = shards if layers is None or index is None else shards_for_layers(index["weight_map"], layers)
+    names += ([INDEX] if index is not None else []) + kept
     files = tuple(listing[name] for name in names)
+    left_out = tuple(listing[name] for name in shards if name not in kept)
     storage = Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))   # the cache's layout
     snapshot = storage / "snapshots" / commit
     missing = sum(_missing_bytes(storage, snapshot, f) for f in files)
-    return Pull(repo_id, revision or "main", commit, files, config, storage, missing, free_space(storage))
+    return Pull(repo_id, revision or "main", commit, files, config, storage, missing, free_space(storage),
+                layers, left_out)
 
 
 def _missing_bytes(storage: Path, snapshot: Path, remote: RemoteFile) -> int:
@@ -396,7 +415,10 @@ def _fetch_files(pull: Pull, report: Progress) -> None:
         ref = pull.storage / "refs" / pull.revision
         ref.parent.mkdir(parents=True, exist_ok=True)
         ref.write_text(pull.commit)
-    marker.unlink(missing_ok=True)
+    if any(verified.get(f.name) != f.size and _size_here(pull.snapshot / f.name) != f.size for f in pull.left_out):
+        _write_marker(marker, verified, pull.layers)   # one host's share: never offered as a whole model
+    else:
+        marker.unlink(missing_ok=True)
 
 
 def _size_here(path: Path) -> int | None:
@@ -416,10 +438,11 @@ def _read_marker(marker: Path) -> dict[str, int]:
         if isinstance(verified, dict) else {}
 
 
-def _write_marker(marker: Path, verified: dict[str, int]) -> None:
+def _write_marker(marker: Path, verified: dict[str, int], layers: tuple[int, int] | None = None) -> None:
     marker.parent.mkdir(parents=True, exist_ok=True)
     temporary = marker.with_name(marker.name + f".{os.getpid()}")
-    temporary.write_text(json.dumps({"verified": verified}, indent=1) + "\n")
+    record = {"verified": verified, **({"layers": list(layers)} if layers else {})}
+    temporary.write_text(json.dumps(record, indent=1) + "\n")
     os.replace(temporary, marker)
 
 

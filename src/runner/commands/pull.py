@@ -3,6 +3,7 @@
     runner pull HuggingFaceTB/SmolLM2-360M-Instruct
     runner pull meta-llama/Llama-3.1-8B-Instruct --quant nf4 --context 8k
     runner pull meta-llama/Llama-3.1-70B-Instruct --force      # even though the plan says it does not fit
+    runner pull meta-llama/Llama-3.1-405B-Instruct --layers 0:63   # one host's share of a pipeline split
 
 The plan for this machine comes first (from the repository's config.json, read into memory), then
 the free disk is checked against the sizes of the Hub's listing; only then is a byte written. A
@@ -16,6 +17,8 @@ import sys
 
 from runner.commands.options import add_model_arguments
 from runner.download import human_size
+from runner.errors import UserInputError
+from runner.model import PARTIAL_PULL_MARKER
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,24 +27,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         model_help="a Hugging Face model id, e.g. HuggingFaceTB/SmolLM2-360M-Instruct")
     parser.add_argument("--revision", default=None, metavar="REV", help="a branch, tag or commit of the repository (default: main)")
     parser.add_argument("--force", action="store_true", help="download even when the plan says the model does not fit this machine")
+    parser.add_argument("--layers", type=layer_range, default=None, metavar="START:STOP",
+                        help="only the safetensors shards holding layers START..STOP-1 (and the embeddings and head): "
+                             "this host's share of a pipeline split (runner launch --pull plans it)")
+
+
+def layer_range(text: str) -> tuple[int, int]:
+    start, _, stop = text.partition(":")
+    try:
+        layers = (int(start), int(stop))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not START:STOP (e.g. 0:40)") from None
+    if not 0 <= layers[0] < layers[1]:
+        raise argparse.ArgumentTypeError(f"'{text}': START must be at least 0 and below STOP")
+    return layers
 
 
 def run(args: argparse.Namespace) -> int:
     from runner import download
-    from runner.choice import choice_line
-    from runner.errors import DoesNotFit
-    from runner.hardware import detect_machine
 
     repo_id = download.check_repo_id(args.model)
-    pull = download.prepare(repo_id, args.revision)
-    planned = download.plan_pull(pull, detect_machine(), args.backend, args.quant, args.context, args.kv_bits)
+    pull = download.prepare(repo_id, args.revision, args.layers)
     err = sys.stderr
-    print(choice_line(planned.choice), file=err)
-    print(f"  {planned.choice.reason}", file=err)
-    if planned.refusal is not None:
-        if not args.force:
-            raise DoesNotFit(f"{planned.refusal}; `runner pull {pull.repo_id} --force` downloads it anyway")
-        print(f"  ! {planned.refusal}; downloading anyway (--force)", file=err)
+    if args.layers is not None:
+        print(share_line(pull), file=err)     # a share of a split: the whole model's plan here does not apply
+    else:
+        plan_here(args, pull)
     download.check_disk(pull)
     print(f"{len(pull.files)} files, {human_size(pull.total_bytes)}; {human_size(pull.missing_bytes)} to download into "
           f"{pull.snapshot} ({human_size(pull.free_bytes)} free)", file=err)
@@ -53,8 +64,41 @@ def run(args: argparse.Namespace) -> int:
         print(f"runner: interrupted; what arrived is kept: runner pull {pull.repo_id} resumes", file=err)
         return 130
     size = sum((folder / f.name).stat().st_size for f in pull.files)
+    if (folder / PARTIAL_PULL_MARKER).exists():     # a --layers pull, other layers' files not here
+        print(f"ready: {pull.repo_id} layers {args.layers[0]}-{args.layers[1] - 1}, {human_size(size)} on disk in "
+              f"{folder}; this host's share only (runner chat does not offer it alone)")
+        return 0
     print(f"ready: {pull.repo_id}, {human_size(size)} on disk in {folder}; next: {_next_command(args, pull.repo_id)}")
     return 0
+
+
+def plan_here(args: argparse.Namespace, pull) -> None:
+    """The plan for this machine on stderr; DoesNotFit unless --force."""
+    from runner import download
+    from runner.choice import choice_line
+    from runner.errors import DoesNotFit
+    from runner.hardware import detect_machine
+
+    planned = download.plan_pull(pull, detect_machine(), args.backend, args.quant, args.context, args.kv_bits)
+    print(choice_line(planned.choice), file=sys.stderr)
+    print(f"  {planned.choice.reason}", file=sys.stderr)
+    if planned.refusal is not None:
+        if not args.force:
+            raise DoesNotFit(f"{planned.refusal}; `runner pull {pull.repo_id} --force` downloads it anyway")
+        print(f"  ! {planned.refusal}; downloading anyway (--force)", file=sys.stderr)
+
+
+def share_line(pull) -> str:
+    """What a --layers pull fetches, checked against the model's layers."""
+    from runner.model import spec_from_config
+
+    layers = spec_from_config(pull.config, pull.repo_id, "hub").num_layers
+    start, stop = pull.layers
+    if stop > layers:
+        raise UserInputError(f"--layers {start}:{stop}: {pull.repo_id} has {layers} layers (0 to {layers - 1})")
+    shards = len([f for f in pull.files if f.name.endswith(".safetensors")])
+    return (f"{pull.repo_id} · layers {start}-{stop - 1} of {layers}: {shards} of {shards + len(pull.left_out)} "
+            f"safetensors files (the embeddings and the head too; the other layers' files stay on the Hub)")
 
 
 def _next_command(args: argparse.Namespace, repo_id: str) -> str:

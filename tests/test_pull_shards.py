@@ -1,0 +1,125 @@
+"""One host's share of a pipeline split: only the safetensors files holding its layers (and the
+embeddings and head), from test_pull.py's Hub-compatible server. `runner pull --layers` on this
+machine, and `runner launch --pull` over two hosts that are both this machine (no root needed);
+tests/test_launch_hosts.py's fake hosts run the same over ssh where they can be made."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from runner.download import shards_for_layers
+from test_pull import Repo, hub, one_line_error, pull_env, runner, safetensors_file, snapshot  # noqa: F401
+
+# Four shards as a converter might cut them: layer 2 straddles two files, the embeddings sit with the head.
+WEIGHT_MAP = {
+    "model.layers.0.self_attn.q_proj.weight": "model-00001-of-00004.safetensors",
+    "model.layers.0.mlp.up_proj.weight": "model-00001-of-00004.safetensors",
+    "model.layers.1.self_attn.q_proj.weight": "model-00002-of-00004.safetensors",
+    "model.layers.2.input_layernorm.weight": "model-00002-of-00004.safetensors",
+    "model.layers.2.mlp.up_proj.weight": "model-00003-of-00004.safetensors",
+    "model.layers.3.self_attn.q_proj.weight": "model-00003-of-00004.safetensors",
+    "model.embed_tokens.weight": "model-00004-of-00004.safetensors",
+    "model.norm.weight": "model-00004-of-00004.safetensors",
+    "lm_head.weight": "model-00004-of-00004.safetensors",
+}
+SHARD = "model-0000{}-of-00004.safetensors"
+
+
+def test_shards_for_each_layer_range():
+    assert shards_for_layers(WEIGHT_MAP, (0, 1)) == [SHARD.format(1), SHARD.format(4)]
+    assert shards_for_layers(WEIGHT_MAP, (1, 2)) == [SHARD.format(2), SHARD.format(4)]
+    assert shards_for_layers(WEIGHT_MAP, (2, 3)) == [SHARD.format(2), SHARD.format(3), SHARD.format(4)]
+    assert shards_for_layers(WEIGHT_MAP, (0, 4)) == [SHARD.format(i) for i in (1, 2, 3, 4)]
+    # a multimodal checkpoint's language model, and a layer 10 that is not layer 1
+    other = {"language_model.model.layers.1.mlp.weight": "a.safetensors",
+             "language_model.model.layers.10.mlp.weight": "b.safetensors",
+             "vision_tower.blocks.0.weight": "c.safetensors"}
+    assert shards_for_layers(other, (1, 2)) == ["a.safetensors", "c.safetensors"]
+
+
+@pytest.fixture
+def sharded_repo(tmp_path) -> dict[str, Path]:
+    """config.json of a 4-layer Llama and the four shards of WEIGHT_MAP, each ~1 MB, with their index."""
+    from conftest import TINY_LLAMA
+
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(dict(TINY_LLAMA, num_hidden_layers=4, model_type="llama",
+                                                        dtype="float32")))
+    files = {"config.json": folder / "config.json"}
+    for index in range(1, 5):
+        name = SHARD.format(index)
+        tensors = {tensor: 250_000 // 3 for tensor, shard in WEIGHT_MAP.items() if shard == name}
+        files[name] = safetensors_file(folder / name, tensors)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": WEIGHT_MAP}))
+    files["model.safetensors.index.json"] = folder / "model.safetensors.index.json"
+    return files
+
+
+def fetched(hub) -> set[str]:
+    return {e["file"] for e in hub.log if e["method"] == "GET" and e["path"].startswith("/cdn/")}
+
+
+def test_pull_of_a_layer_range_fetches_its_shards_only_and_is_not_a_model_alone(hub, sharded_repo):
+    from runner.errors import ModelNotFound
+    from runner.model import load_spec
+
+    hub.repos["test-org/sharded"] = Repo(dict(sharded_repo))
+    share = runner("pull", "test-org/sharded", "--layers", "1:2")
+    assert share.returncode == 0, share.stderr
+    assert "test-org/sharded · layers 1-1 of 4: 2 of 4 safetensors files" in share.stderr
+    assert fetched(hub) == {SHARD.format(2), SHARD.format(4)}
+    folder = snapshot("test-org/sharded")
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == sorted(
+        ["config.json", "model.safetensors.index.json", SHARD.format(2), SHARD.format(4)])
+    assert share.stdout.strip().endswith("this host's share only (runner chat does not offer it alone)")
+    marker = json.loads((folder / ".runner-pull-incomplete").read_text())
+    assert marker["layers"] == [1, 2] and set(marker["verified"]) >= {SHARD.format(2), SHARD.format(4)}
+    with pytest.raises(ModelNotFound):
+        load_spec("test-org/sharded")
+
+    hub.log.clear()     # the whole model now: only the two other shards travel
+    whole = runner("pull", "test-org/sharded", "--force")
+    assert whole.returncode == 0, whole.stderr
+    assert fetched(hub) == {SHARD.format(1), SHARD.format(3)}
+    assert not (folder / ".runner-pull-incomplete").exists()
+    assert load_spec("test-org/sharded").path == folder
+
+
+def test_layer_ranges_outside_the_model_are_one_line(hub, sharded_repo):
+    hub.repos["test-org/sharded"] = Repo(dict(sharded_repo))
+    line = one_line_error(runner("pull", "test-org/sharded", "--layers", "2:9"))
+    assert line == "runner: error: --layers 2:9: test-org/sharded has 4 layers (0 to 3)"
+    typo = runner("pull", "test-org/sharded", "--layers", "two")      # argparse's usage, as for every option
+    assert typo.returncode == 2 and typo.stderr.strip().endswith("argument --layers: 'two' is not START:STOP (e.g. 0:40)")
+    assert not fetched(hub)
+
+
+def test_launch_pull_gives_each_host_its_layers(hub, sharded_repo):
+    """Two hosts, both this machine (so both shares land in one cache): the plan's layer ranges,
+    one `runner pull --layers` per host, at the listing's commit; together the whole model."""
+    pytest.importorskip("mlx")
+    hub.repos["test-org/sharded"] = Repo(dict(sharded_repo))
+    result = runner("launch", "--hosts", "127.0.0.1,127.0.0.1", "test-org/sharded", "--split", "pipeline",
+                    "--host-memory", "16,16", "--quant", "bf16", "--pull")
+    assert result.returncode == 0, result.stderr
+    shares = re.findall(r"runner: (127\.0\.0\.1#?\d?): pulling test-org/sharded \(layers (\d)-(\d)\) at 0123456789ab",
+                        result.stderr)
+    assert [(int(a), int(b)) for _, a, b in shares] == [(0, 1), (2, 3)], result.stderr
+    assert "test-org/sharded · layers 0-1 of 4: 3 of 4 safetensors files" in result.stderr
+    assert "test-org/sharded · layers 2-3 of 4: 3 of 4 safetensors files" in result.stderr
+    assert result.stderr.strip().endswith(f"every host holds its share of test-org/sharded in {snapshot('test-org/sharded')}")
+    gets = [e["file"] for e in hub.log if e["method"] == "GET" and e["path"].startswith("/cdn/")]
+    assert sorted(gets) == sorted([SHARD.format(1), SHARD.format(2), SHARD.format(4), SHARD.format(3)])  # each once
+    assert not (snapshot("test-org/sharded") / ".runner-pull-incomplete").exists()   # both shares: the whole
+
+
+def test_launch_pull_refuses_a_prompt_and_a_folder(hub, tmp_path):
+    pytest.importorskip("mlx")
+    assert "give no -p" in one_line_error(runner("launch", "--hosts", "127.0.0.1,127.0.0.1", "test-org/x", "--pull",
+                                                 "-p", "Hi"))
+    assert "local folder" in one_line_error(runner("launch", "--hosts", "127.0.0.1,127.0.0.1", str(tmp_path), "--pull"))
