@@ -35,15 +35,10 @@ def outcome(spec, machine, backend, quant):
 
 def test_resolve_fills_in_what_was_not_asked_for():
     smol, cpu = load_spec(SMOL), parse_machine("cpu")
-    # no GPU: torch fp32, which keeps the model's answers; llama.cpp's GGUF only where fp32 and bf16
-    # do not fit (its 8-bit activations change the answers), when the backend is installed
-    assert outcome(smol, cpu, None, None) == ("cuda", "fp32")
-    if default_model_on_llamacpp(smol):
-        assert outcome(smol, cpu, "llamacpp", None) == ("llamacpp", "gguf")
-        from runner.budget import candidate_schemes
-
-        order = [(b, q) for b, q, _ in candidate_schemes(smol, cpu)]
-        assert order.index(("llamacpp", "gguf")) == order.index(("cuda", "bf16")) + 1
+    # no GPU: llama.cpp's F16 copy of the default model's GGUF (torch fp32's answers, faster) when the
+    # backend is installed, else torch fp32 (tests/test_llamacpp_default.py covers both)
+    expected = ("llamacpp", "fp16") if default_model_on_llamacpp(smol) else ("cuda", "fp32")
+    assert outcome(smol, cpu, None, None) == expected
     assert outcome(smol, cpu, "cuda", None) == ("cuda", "fp32")      # torch on the CPU, full precision
     assert outcome(smol, parse_machine("1xRTX4090"), None, None)[0] == "cuda"   # a GPU: llama.cpp not preferred
     assert outcome(smol, parse_machine("2xM2Ultra-192GB"), None, None)[0] == "mlx"

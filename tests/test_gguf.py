@@ -107,7 +107,7 @@ def test_a_safetensors_model_on_llamacpp_is_one_line(capsys):
 
 
 def test_the_default_model_plans_on_llamacpp_from_its_package_file(capsys):
-    assert main(["plan", "--backend", "llamacpp", "--machine", "cpu-64GB", "--json"]) == 0
+    assert main(["plan", "--backend", "llamacpp", "--quant", "gguf", "--machine", "cpu-64GB", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)["plan"]
     assert (plan["backend"], plan["quant"], plan["weights_bytes"]) == ("llamacpp", "gguf", 96576768)
     assert load_spec(DEFAULT_MODEL_ID).source in ("catalog", "folder")   # the spec itself stays what it was
@@ -233,4 +233,4 @@ def test_rehearse_on_llamacpp_is_one_line(capsys):
     """llama.cpp rehearses nothing (it would need random weights in the file's own types)."""
     assert main(["rehearse", "--backend", "llamacpp"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "runner: error: the llamacpp backend has no scheme for this command (it takes gguf)"]
+        "runner: error: the llamacpp backend has no scheme for this command (it takes gguf, fp16)"]

@@ -130,9 +130,8 @@ class CudaPlanRules(PlanRules):
             return options
         # CPU only (Linux): torch runs on CPU too, and fast; mlx's CPU quantized matmul is slow here
         return [
-            Candidate(1, "fp32", "no GPU: torch on CPU in fp32 is the fast CPU path that keeps the model's answers "
-                                 "(SmolLM2-135M: ~16 tok/s measured here; mlx on CPU: bf16 8.7, 8-bit 1.2 tok/s; "
-                                 "llama.cpp's GGUF ~5x faster but with changed answers: --backend llamacpp)"),
+            Candidate(1, "fp32", "no GPU: torch on CPU in fp32 keeps the model's answers (SmolLM2-135M: ~16 tok/s "
+                                 "measured here; mlx on CPU: bf16 8.7, 8-bit 1.2 tok/s)"),
             Candidate(2, "bf16", "no GPU: torch on CPU in bf16 halves the memory of fp32"),
             Candidate(3, "nf4", "no GPU and bf16 does not fit: bitsandbytes NF4 runs on CPU, slowly"),
         ]
