@@ -61,8 +61,9 @@ class LocalHub(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), HubHandler)
+    def __init__(self, address: str = "127.0.0.1") -> None:
+        super().__init__((address, 0), HubHandler)
+        self.cdn_host = "localhost"     # another origin than the endpoint's, as the Hub's CDN is
         self.repos: dict[str, Repo] = {}
         self.log: list[dict] = []
         self.drop_after: dict[str, list[int]] = {}   # file -> bytes to send before cutting, for the next GETs
@@ -161,7 +162,7 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
         entry["file"] = name
         if repo.lfs(name):
             sha, size = repo.sha(name), repo.files[name].stat().st_size
-            cdn = f"http://localhost:{self.server.server_address[1]}/cdn/{sha}"
+            cdn = f"http://{self.server.cdn_host}:{self.server.server_address[1]}/cdn/{sha}"
             return self.answer(302, {"Location": cdn, "X-Repo-Commit": repo.commit, "X-Linked-Etag": f'"{sha}"',
                                      "X-Linked-Size": size, "ETag": f'"{sha}"'}, head=head)
         self.send_file(repo.files[name], name, {"ETag": f'"{repo.blob_id(name)}"', "X-Repo-Commit": repo.commit},

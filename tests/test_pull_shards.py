@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from runner.download import shards_for_layers
+from fake_hosts import fake_hosts  # noqa: F401  (the fixture: skips without root)
 from test_pull import Repo, hub, one_line_error, pull_env, runner, safetensors_file, snapshot  # noqa: F401
 
 # Four shards as a converter might cut them: layer 2 straddles two files, the embeddings sit with the head.
@@ -123,3 +124,62 @@ def test_launch_pull_refuses_a_prompt_and_a_folder(hub, tmp_path):
     assert "give no -p" in one_line_error(runner("launch", "--hosts", "127.0.0.1,127.0.0.1", "test-org/x", "--pull",
                                                  "-p", "Hi"))
     assert "local folder" in one_line_error(runner("launch", "--hosts", "127.0.0.1,127.0.0.1", str(tmp_path), "--pull"))
+
+
+# ---- over ssh: two fake hosts (network namespaces with their own sshd; root only) --------------
+
+
+@pytest.fixture
+def bridge_hub(fake_hosts):
+    """test_pull's server on this machine's address on the fake hosts' bridge (.254), its CDN on a
+    second address of the bridge (.253): another host, as the Hub's CDN is (huggingface_hub follows
+    a redirect to the same host and would miss the Hub's headers there)."""
+    import subprocess
+    import threading
+
+    from test_pull import LocalHub
+
+    cdn = f"{fake_hosts.subnet}.253"
+    bridge = ["dev", f"{fake_hosts.prefix}-br"]
+    subprocess.run(["ip", "addr", "add", f"{cdn}/24", *bridge], check=True, capture_output=True)
+    server = LocalHub("0.0.0.0")
+    server.cdn_host = cdn
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    subprocess.run(["ip", "addr", "del", f"{cdn}/24", *bridge], capture_output=True)
+
+
+def test_launch_pull_over_ssh_fetches_on_each_host_its_shards_only(fake_hosts, bridge_hub, sharded_repo, tmp_path,
+                                                                   monkeypatch):
+    """runner launch --pull here; each fake host runs its runner pull over ssh, host 2 into a cache
+    folder of its own (a tmpfs in its mount namespace), so each host's files can be told apart."""
+    import subprocess
+
+    bridge_hub.repos["test-org/sharded"] = Repo(dict(sharded_repo))
+    home = tmp_path / "hf-home"
+    home.mkdir()
+    monkeypatch.setenv("HF_HOME", str(home))
+    endpoint = f"http://{fake_hosts.subnet}.254:{bridge_hub.server_address[1]}"
+    env = {**pull_env(HF_ENDPOINT=endpoint), "PATH": fake_hosts.env["PATH"]}
+    share = f"hub/models--test-org--sharded/snapshots/{Repo.commit}"
+    with fake_hosts.hidden(2, home):
+        result = subprocess.run([str(Path(__file__).parents[1] / ".venv/bin/runner"), "launch", "--hosts",
+                                 ",".join(fake_hosts.ips), "test-org/sharded", "--split", "pipeline",
+                                 "--host-memory", "16,16", "--quant", "bf16", "--pull"],
+                                capture_output=True, text=True, timeout=240, env=env, stdin=subprocess.DEVNULL)
+        assert result.returncode == 0, result.stderr
+        on_host_2 = subprocess.run(["nsenter", "-t", str(fake_hosts.sshd_pid(2)), "-m", "ls", "-A", str(home / share)],
+                                   capture_output=True, text=True, check=True).stdout.split()
+    assert f"{fake_hosts.ips[0]}: pulling test-org/sharded (layers 0-1)" in result.stderr
+    assert f"{fake_hosts.ips[1]}: pulling test-org/sharded (layers 2-3)" in result.stderr
+    on_host_1 = sorted(p.name for p in (home / share).iterdir())
+    assert on_host_1 == sorted([".runner-pull-incomplete", "config.json", "model.safetensors.index.json",
+                                SHARD.format(1), SHARD.format(2), SHARD.format(4)])
+    assert sorted(on_host_2) == sorted([".runner-pull-incomplete", "config.json", "model.safetensors.index.json",
+                                        SHARD.format(2), SHARD.format(3), SHARD.format(4)])
+    assert json.loads((home / share / ".runner-pull-incomplete").read_text())["layers"] == [0, 2]
+    assert sorted(fetched(bridge_hub)) == sorted(SHARD.format(i) for i in (1, 2, 3, 4))
+    assert len([e for e in bridge_hub.log if e["method"] == "GET" and e["path"].startswith("/cdn/")]) == 6
