@@ -5,6 +5,7 @@
     python3 bench/split_gpu.py positions      # 405B NF4 over both GPUs: decode tok/s at positions 100 ... 8000
     python3 bench/split_gpu.py longest        # 405B NF4 at the longest context the plan allows here, rehearsed
     python3 bench/split_gpu.py baseline       # 70B NF4 rehearsed through transformers' loop (--no-fast-decode)
+    python3 bench/split_gpu.py kernels        # runner's NF4 kernel per 70B / 405B layer launch, its shapes swept
 
 First the copy bandwidth of each GPU (a device-to-device copy, bytes read + written) and of a copy
 between them, so decode tokens/s is held against a roofline measured in the same run. Each
@@ -138,6 +139,76 @@ def positions(model_id: str, quant: str, context: int = 8192, at=(100, 1000, 300
     return record
 
 
+SHAPES = {   # per layer launch: (name, [(out, in)], NF4Mma mode) of the 70B and 405B
+    "70b": [("qkv", [(8192, 8192), (1024, 8192), (1024, 8192)], "norm"), ("o", [(8192, 8192)], "residual"),
+            ("gate_up", [(28672, 8192), (28672, 8192)], "glu"), ("down", [(8192, 28672)], "residual")],
+    "405b": [("qkv", [(16384, 16384), (1024, 16384), (1024, 16384)], "norm"), ("o", [(16384, 16384)], "residual"),
+             ("gate_up", [(53248, 16384), (53248, 16384)], "glu"), ("down", [(16384, 53248)], "residual")],
+}
+CHOICES = [(8, 8), (8, 4), (8, 2), (8, 1), (16, 16), (16, 8), (16, 4), (16, 1), (4, 4), (4, 1)]
+
+
+def kernels(bandwidth: float) -> dict:
+    """NF4Mma per launch of the 70B and 405B layers (timed in CUDA graphs, each weight larger than
+    L2): the default (warps, split) and the others, as fractions of the copy bandwidth."""
+    import bitsandbytes as bnb
+    import torch
+    from cuda_speed import graph_time_us
+
+    from runner_cuda.fast.nf4 import nf4_weight_of
+    from runner_cuda.fast.nf4_cuda import NF4Mma, mma_shape
+
+    found = {}
+    for model, launches in SHAPES.items():
+        for name, shapes, mode in launches:
+            # enough copies of the weights that L2 (60 MB) holds none of them between calls
+            copies = max(1, -(-150_000_000 // sum(n * k // 2 for n, k in shapes)))
+            groups = []
+            for _ in range(copies):
+                layers = []
+                for n, k in shapes:
+                    dense = torch.empty(n, k, dtype=torch.bfloat16, device="cuda").normal_(0, 0.02)
+                    layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True,
+                                              quant_type="nf4", device="meta")
+                    layer.weight = bnb.nn.Params4bit(dense, requires_grad=False, quant_type="nf4", compress_statistics=True)
+                    layers.append(layer.cuda())
+                    del dense
+                groups.append([nf4_weight_of(layer) for layer in layers])
+            k = shapes[0][1]
+            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+            norm = (1 + 0.1 * torch.randn(k, device="cuda")).to(torch.bfloat16)
+            residual = torch.zeros(shapes[0][0], device="cuda", dtype=torch.bfloat16)
+            options = {"norm": dict(norm=norm, eps=1e-5), "residual": dict(residual=True),
+                       "glu": dict(glu=True, norm=norm, eps=1e-5)}[mode]
+            nf4_bytes = sum(w.packed.numel() + w.absmax.numel() for w in groups[0])
+            row = {"default": mma_shape(groups[0], mode == "glu"), "nf4_mb": nf4_bytes / 1e6, "copies": copies}
+            for warps, split in [(None, None)] + CHOICES:
+                try:
+                    shape = {} if warps is None else {"warps": warps, "split": split}
+                    calls = [NF4Mma(weights, **options, **shape) for weights in groups]
+                    if mode == "residual":
+                        def run(i, calls=calls):
+                            return calls[i](x, out=residual)
+                    else:
+                        def run(i, calls=calls):
+                            return calls[i](x)
+                    us = graph_time_us(run, copies)
+                except Exception as error:  # a shape that does not launch: say so, keep the others
+                    row[f"w{warps}s{split}"] = repr(error)[:120]
+                    continue
+                row["default_us" if warps is None else f"w{warps}s{split}_us"] = round(us, 1)
+            timed = {key: value for key, value in row.items() if key.endswith("_us") and key != "default_us"}
+            best = min(timed, key=timed.get)
+            row.update(best=best, best_us=timed[best], default_fraction=nf4_bytes / (row["default_us"] / 1e6) / bandwidth,
+                       best_fraction=nf4_bytes / (timed[best] / 1e6) / bandwidth)
+            found[f"{model} {name}"] = row
+            print(f"{model} {name}: default {row['default']} {row['default_us']} us ({row['default_fraction']:.0%} of copy bw), "
+                  f"best {best} {row['best_us']} us ({row['best_fraction']:.0%})", flush=True)
+            del groups, layers
+            torch.cuda.empty_cache()
+    return found
+
+
 def main() -> int:
     if len(sys.argv) > 2 and sys.argv[1] == "--positions":
         print(json.dumps(positions(sys.argv[2], sys.argv[3])))
@@ -153,6 +224,12 @@ def main() -> int:
     cases_dir = Path(tempfile.mkdtemp())
     rehearse_gpu.OUT = cases_dir
     for step in sys.argv[1:]:
+        if step == "kernels":
+            results["kernels"] = kernels(bandwidth)
+            lines += [f"{name}: default {row['default']} {row['default_us']} us ({row['default_fraction']:.0%} of copy bw), "
+                      f"best {row['best']} {row['best_us']} us ({row['best_fraction']:.0%})" for name, row in results["kernels"].items()]
+            (OUT / "split.json").write_text(json.dumps(results, indent=1))
+            continue
         if step == "positions":
             started = time.perf_counter()
             process = subprocess.run([sys.executable, __file__, "--positions", LLAMA_405B, "nf4"], capture_output=True, text=True)

@@ -79,7 +79,8 @@ def attach(session, kernel: str | None = None) -> bool:
 
 def describe(decoder) -> str:
     """The fast path in words: its cache, graphs, NF4 kernel and segments."""
-    kernel = f", {decoder.nf4_kernel} NF4 GEMV" if decoder.nf4 is not None or decoder.nf4_kernel == "bitsandbytes" else ""
+    nf4 = decoder.nf4 is not None or type(decoder.layers[0].self_attn.q_proj).__name__ in ("Linear4bit", "LinearNF4")
+    kernel = f", {decoder.nf4_kernel} NF4 GEMV" if nf4 else ""
     split = ""
     if len(decoder.devices) > 1:
         split = f", one graph segment per GPU ({', '.join(str(d) for d in decoder.devices)})"
