@@ -4,6 +4,8 @@
     python3 bench/split_gpu.py rehearse8k     # runner rehearse --json: 405B NF4 at 8k; 70B NF4 and BF16 at 8k
     python3 bench/split_gpu.py positions      # 405B NF4 over both GPUs: decode tok/s at positions 100 ... 8000
     python3 bench/split_gpu.py longest        # 405B NF4 at the longest context the plan allows here, rehearsed
+    python3 bench/split_gpu.py --longest-context   # just that context (then rehearse_gpu.py --one ... by hand,
+                                                   # with no other process holding a CUDA context)
     python3 bench/split_gpu.py baseline       # 70B NF4 rehearsed through transformers' loop (--no-fast-decode)
     python3 bench/split_gpu.py kernels        # runner's NF4 kernel per 70B / 405B layer launch, its shapes swept
 
@@ -212,6 +214,9 @@ def kernels(bandwidth: float) -> dict:
 def main() -> int:
     if len(sys.argv) > 2 and sys.argv[1] == "--positions":
         print(json.dumps(positions(sys.argv[2], sys.argv[3])))
+        return 0
+    if sys.argv[1:] == ["--longest-context"]:    # before any process here holds a CUDA context
+        print(longest_context(LLAMA_405B, "nf4"))
         return 0
     import torch
 
