@@ -74,7 +74,7 @@ def progress(bar: DownloadBar) -> str:
 
 def held(hub, bar: DownloadBar) -> bool:
     """The server holds the weights mid-file, and the bar shows their bytes so far."""
-    return hub.reached.is_set() and "↓ model.safetensors" in progress(bar) and " left" in progress(bar)
+    return hub.reached.is_set() and progress(bar).endswith(" left · model.safetensors")
 
 
 def picker_row(pilot, name: str):
@@ -101,9 +101,10 @@ async def test_a_catalog_model_is_pulled_from_the_picker_while_the_chat_answers(
 
         bar = chat.query_one(DownloadBar)
         await wait_until(pilot, lambda: held(hub_here, bar), 60, "the progress line")
-        assert re.fullmatch(rf"{CATALOG_ID} ↓ model\.safetensors · [\d.]+ MB of [\d.]+ MB · [\d.]+ [KMG]B/s · .+ left",
+        assert re.fullmatch(r"↓ Llama-3\.2-1B-Instruct: (waiting for the Hub… · )?[\d.]+ MB of [\d.]+ MB · [\d.]+ [KMG]B/s · .+ left · model\.safetensors",
                             progress(bar)), progress(bar)
 
+        await wait_until(pilot, lambda: "waiting for the Hub… · " in progress(bar), 30, "the stall to show")
         await send(pilot, "hello")           # the chat answers while the download waits
         await wait_until(pilot, lambda: chat.reply is None and chat.query(AssistantMessage), 60, "the reply")
         assert chat.query(AssistantMessage).last().content

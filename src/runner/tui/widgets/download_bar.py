@@ -27,9 +27,11 @@ from textual.widgets import Button, Static
 
 from runner.download import PullCancelled, PullProgress, human_size
 from runner.errors import RunnerError
+from runner.tui.text import short_model_name
 
 SPEED_WINDOW = 5.0     # seconds of progress the speed is measured over
 REFRESH = 0.1          # seconds between two updates of the line on screen
+STALLED = 3.0          # seconds without a byte after which the line says the download waits
 
 
 class DownloadMeter:
@@ -53,7 +55,7 @@ class DownloadMeter:
             self.samples.append((now, self.done))
             while len(self.samples) > 2 and now - self.samples[1][0] > SPEED_WINDOW:
                 self.samples.popleft()
-            self.stage = f"↓ {event.file}"
+            self.stage = event.file
         elif event.stage == "checking":
             self.stage = f"checking {event.file} {100 * event.done // max(event.total, 1)}%"
 
@@ -97,7 +99,7 @@ class DownloadBar(Horizontal):
     DEFAULT_CSS = """
     DownloadBar { height: 1; padding: 0 1; background: $boost; }
     DownloadBar #download-text { width: 1fr; }
-    DownloadBar Button { height: 1; min-width: 10; border: none; margin: 0; }
+    DownloadBar Button { margin-left: 1; }
     """
 
     def __init__(self, order, on_ready: Callable[[str], None]) -> None:
@@ -107,22 +109,28 @@ class DownloadBar(Horizontal):
         self.cancel_requested = threading.Event()
         self.state = "downloading"     # "downloading", "ready", "failed" or "cancelled"
         self.line = ""                  # written by the worker thread, shown by a timer
+        self.reported_at = time.monotonic()
 
     @property
     def repo_id(self) -> str:
         return self.order.pull.repo_id
 
     def compose(self) -> ComposeResult:
-        yield Static(Text(f"↓ {self.repo_id}: starting…"), id="download-text")
-        yield Button("Cancel", id="download-cancel", variant="warning")
+        yield Static(Text(f"↓ {short_model_name(self.repo_id)}: starting…"), id="download-text")
+        yield Button("Cancel", id="download-cancel", variant="warning", compact=True)
 
     def on_mount(self) -> None:
         self.set_interval(REFRESH, self._show_progress)
         self.run_worker(self._fetch, thread=True, exclusive=True, group="pull")
 
     def _show_progress(self) -> None:
-        if self.state == "downloading" and self.line and not self.cancel_requested.is_set():
-            self.query_one("#download-text", Static).update(Text(f"{self.repo_id} {self.line}"))
+        if self.state != "downloading" or not self.line or self.cancel_requested.is_set():
+            return
+        waiting = time.monotonic() - self.reported_at > STALLED
+        text = Text(f"↓ {short_model_name(self.repo_id)}: ", no_wrap=True, overflow="ellipsis")
+        text.append("waiting for the Hub… · " if waiting else "", "yellow")
+        text.append(self.line)
+        self.query_one("#download-text", Static).update(text)
 
     def _fetch(self) -> None:
         from runner import download
@@ -134,7 +142,8 @@ class DownloadBar(Horizontal):
             if self.cancel_requested.is_set():
                 raise PullCancelled(f"the download of {pull.repo_id} was stopped")
             meter.update(event)
-            self.line = f"{meter.stage} · {meter.line()}"
+            self.line = f"{meter.line()} · {meter.stage}"    # the file last: the first to go on a narrow screen
+            self.reported_at = time.monotonic()
 
         try:
             download.fetch(pull, report)
