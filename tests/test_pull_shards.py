@@ -113,7 +113,7 @@ def test_launch_pull_gives_each_host_its_layers(hub, sharded_repo):
     assert [(int(a), int(b)) for _, a, b in shares] == [(0, 1), (2, 3)], result.stderr
     assert "test-org/sharded · layers 0-1 of 4: 3 of 4 safetensors files" in result.stderr
     assert "test-org/sharded · layers 2-3 of 4: 3 of 4 safetensors files" in result.stderr
-    assert result.stderr.strip().endswith(f"every host holds its share of test-org/sharded in {snapshot('test-org/sharded')}")
+    assert f"every host holds its share of test-org/sharded in {snapshot('test-org/sharded')}\n" in result.stderr
     gets = [e["file"] for e in hub.log if e["method"] == "GET" and e["path"].startswith("/cdn/")]
     assert sorted(gets) == sorted([SHARD.format(1), SHARD.format(2), SHARD.format(4), SHARD.format(3)])  # each once
     assert not (snapshot("test-org/sharded") / ".runner-pull-incomplete").exists()   # both shares: the whole

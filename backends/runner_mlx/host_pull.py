@@ -9,6 +9,8 @@ as `runner launch` would plan it; then every host runs `runner pull MODEL --revi
 shards holding its layers and the embeddings and head, all of the same commit, into the same
 folder of its Hugging Face cache. A tensor split reads a slice of every layer: each host fetches
 every shard.
+
+Not yet: `runner launch` itself starting from shares (each rank's MLX conversion reads every shard).
 """
 
 from __future__ import annotations
@@ -70,4 +72,7 @@ def pull_shares(args: argparse.Namespace, memory_gb: list[float] | None) -> int:
             raise RunnerError(f"{host.name}: its runner pull stopped (exit code {code}); what arrived there is kept: "
                               f"run the same runner launch --pull again to resume")
     print(f"runner: every host holds its share of {pull.repo_id} in {pull.snapshot}", file=sys.stderr, flush=True)
+    if plan.split == "pipeline":
+        print("runner: note: runner launch does not start from shares yet (each rank converts the whole folder); "
+              f"for now a launch needs the whole model on every host: runner pull {pull.repo_id}", file=sys.stderr)
     return 0
