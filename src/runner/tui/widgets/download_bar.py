@@ -98,8 +98,8 @@ class PullEnded(Message):
 class DownloadBar(Horizontal):
     DEFAULT_CSS = """
     DownloadBar { height: 1; padding: 0 1; background: $boost; }
-    DownloadBar #download-text { width: 1fr; }
-    DownloadBar Button { margin-left: 1; }
+    DownloadBar #download-text { width: 1fr; height: 1; text-wrap: nowrap; text-overflow: ellipsis; }
+    DownloadBar Button { margin-left: 1; min-width: 8; }
     """
 
     def __init__(self, order, on_ready: Callable[[str], None]) -> None:
@@ -127,7 +127,7 @@ class DownloadBar(Horizontal):
         if self.state != "downloading" or not self.line or self.cancel_requested.is_set():
             return
         waiting = time.monotonic() - self.reported_at > STALLED
-        text = Text(f"↓ {short_model_name(self.repo_id)}: ", no_wrap=True, overflow="ellipsis")
+        text = Text(f"↓ {short_model_name(self.repo_id)}: ")
         text.append("waiting for the Hub… · " if waiting else "", "yellow")
         text.append(self.line)
         self.query_one("#download-text", Static).update(text)
