@@ -271,7 +271,9 @@ class ChatScreen(Screen[None]):
 
     # ---- conversations (HistorySidebar) -----------------------------------------------------------
     def refresh_history_list(self) -> None:
-        self.query_one(HistorySidebar).show(self.history.conversations(), self.conversation_id)
+        # the recorder thread's "saved" can arrive while the app is closing and the sidebar is gone
+        for sidebar in self.query(HistorySidebar):
+            sidebar.show(self.history.conversations(), self.conversation_id)
 
     async def settled_history(self) -> None:
         """Wait (without freezing the screen) until the writes handed over so far are on disk."""
@@ -406,8 +408,9 @@ class ChatScreen(Screen[None]):
 
     def update_status(self) -> None:
         choice = self.loader.choice
-        self.query_one(StatusLine).show(
-            choice.model_name if choice else None, self.model_state, self.session,
-            self.reply is not None, self.replies.timing, self.history_problem,
-            kv_bits=self.loader.plan.kv_bits if self.loader.plan is not None else None,
-        )
+        for line in self.query(StatusLine):     # none while the app closes (a thread's late message)
+            line.show(
+                choice.model_name if choice else None, self.model_state, self.session,
+                self.reply is not None, self.replies.timing, self.history_problem,
+                kv_bits=self.loader.plan.kv_bits if self.loader.plan is not None else None,
+            )
