@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 from runner.model import Linear, ModelSpec
-from runner.plan_rules import GPUS, SMALL_MODEL_PARAMETERS, Candidate, PlanRules, small_model_warning
+from runner.plan_rules import GPUS, PLAIN_DESCRIPTIONS, SMALL_MODEL_PARAMETERS, Candidate, PlanRules, small_model_warning
 
 BNB_4BIT = ("nf4", "nf4-nodq", "fp4")
 BITSANDBYTES = BNB_4BIT + ("int8",)
@@ -25,9 +25,7 @@ def _no_bf16(machine) -> bool:
 
 class CudaPlanRules(PlanRules):
     descriptions = {
-        "bf16": "bfloat16, 2 bytes per weight",
-        "fp16": "float16, 2 bytes per weight",
-        "fp32": "float32, 4 bytes per weight",
+        **PLAIN_DESCRIPTIONS,
         "fp8": "FP8 e4m3 weights + fp32 scale per output row (torchao; embeddings and lm_head bf16)",
         "int8": "bitsandbytes LLM.int8: int8 weights + fp32 scale per row",
         "nf4": "bitsandbytes NF4, double quant: 4-bit + uint8 absmax per 64 (+ fp32 per 256 blocks)",

@@ -6,7 +6,7 @@ tests/test_budget_libraries.py. Pure Python (the plan imports it): no mlx."""
 from __future__ import annotations
 
 from runner.model import Linear, ModelSpec, dtype_bytes
-from runner.plan_rules import HOSTS, SMALL_MODEL_PARAMETERS, Candidate, PlanRules, small_model_warning
+from runner.plan_rules import HOSTS, PLAIN_DESCRIPTIONS, SMALL_MODEL_PARAMETERS, Candidate, PlanRules, small_model_warning
 
 GROUP = 64                 # mlx-lm's default group size
 KV_STEP = 256              # mlx-lm's KVCache grows in steps of this many tokens
@@ -15,9 +15,7 @@ QUANTIZED = {"q4": 4, "q8": 8}
 
 class MlxPlanRules(PlanRules):
     descriptions = {
-        "bf16": "bfloat16, 2 bytes per weight",
-        "fp16": "float16, 2 bytes per weight",
-        "fp32": "float32, 4 bytes per weight",
+        **PLAIN_DESCRIPTIONS,
         "q8": "MLX affine 8-bit, group 64: scales + biases per group (embeddings and head too)",
         "q4": "MLX affine 4-bit, group 64: scales + biases per group (embeddings and head too)",
     }

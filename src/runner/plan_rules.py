@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 GPUS = "gpus"      # accelerate's: whole layers over one host's GPUs, then CPU RAM, then disk
 HOSTS = "hosts"    # each host's unified memory (or RAM on Linux): layer ranges per host, no offload
 
+# the schemes every safetensors backend loads as they are (no quantization)
+PLAIN_DESCRIPTIONS = {"bf16": "bfloat16, 2 bytes per weight", "fp16": "float16, 2 bytes per weight",
+                      "fp32": "float32, 4 bytes per weight"}
+
 SMALL_MODEL_PARAMETERS = 1_000_000_000   # below this, 4-bit ruins answers (measured on SmolLM2-135M)
 
 
