@@ -24,7 +24,7 @@ class ModelChoice:
     """What the user asked for; None means 'let runner decide'."""
 
     model: str | None = None          # id or folder; None: the default model
-    backend: str | None = None        # "cuda" or "mlx"; None: the plan's choice
+    backend: str | None = None        # a registry name; None: the plan's choice
     quant: str | None = None          # None: the plan's choice
     context: int | None = None        # None: min(DEFAULT_CONTEXT, the model's maximum)
     allow_offload: bool = False
