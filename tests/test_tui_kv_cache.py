@@ -35,7 +35,7 @@ async def test_kv8_reloads_the_model_with_a_quantized_cache_and_says_so(default_
                     settings=ChatSettings(max_tokens=12))
     async with app.run_test(size=SIZE) as pilot:
         chat = await wait_loaded(pilot)
-        assert "KV" not in str(chat.query_one("#status-model").render())
+        assert "kv" not in str(chat.query_one("#status-model").render())
         first_load = chat.loader.load_id
         screen = await open_kv_screen(pilot)
         none, kv8, kv4 = option_texts(screen)
@@ -49,7 +49,7 @@ async def test_kv8_reloads_the_model_with_a_quantized_cache_and_says_so(default_
         assert chat.loader.load_id == first_load + 1
         assert chat.loader.choice.kv_bits == 8 and chat.loader.plan.kv_bits == 8
         assert chat.session.kv_bits == 8 and "KV cache 8-bit" in chat.session.device_summary
-        assert "fp32 · KV 8-bit" in str(chat.query_one("#status-model").render())
+        assert "fp32 · kv8 · " in str(chat.query_one("#status-model").render())
         assert "KV cache (8-bit) 53.1 MB" in str(chat.query_one("#plan-body").render())
         await send(pilot, "What is the capital of France?")
         await wait_until(pilot, lambda: chat.query(AssistantMessage)
@@ -62,7 +62,7 @@ async def test_kv8_reloads_the_model_with_a_quantized_cache_and_says_so(default_
         await pilot.press("up", "enter")
         chat = await wait_loaded(pilot)
         assert chat.session.kv_bits is None and chat.loader.load_id == first_load + 2
-        assert "KV" not in str(chat.query_one("#status-model").render())
+        assert "kv" not in str(chat.query_one("#status-model").render())
 
 
 @run_async

@@ -40,7 +40,7 @@ class StatusLine(Horizontal):
             placement = session.device_summary.split(";")[0]
             model.append(f" · {session.backend} · {session.quant}")
             if kv_bits is not None:
-                model.append(f" · KV {kv_bits}-bit", "bold magenta")
+                model.append(f" · kv{kv_bits}", "bold magenta")   # as parity writes it: bf16,kv8
             model.append(f" · {placement}")
         elif model_state == "loading":
             model.append(" · loading…", "yellow")
