@@ -74,3 +74,18 @@ def test_the_readme_first_question_is_answered_by_the_default_path(capsys, defau
     if not machine.gpus and not machine.is_apple:
         assert (result["backend"], result["quant"]) == ("llamacpp", "fp16"), result["reason"]
     assert result["text"] == "The capital of France is Paris."
+
+
+def test_the_first_use_writes_the_f16_copy_without_importing_through_torch(tmp_path):
+    """A fresh RUNNER_HOME: the F16 copy is made from the package's GGUF directly; the default
+    model's torch import (dequantize, write safetensors: ~40 s of a first start here) is not needed."""
+    import os
+
+    env = {**os.environ, "RUNNER_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "runner.cli", "generate", "-p", "What is the capital of France?",
+                           "--backend", "llamacpp", "--quant", "fp16"], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert done.returncode == 0, done.stderr
+    assert "writing an F16 copy of the GGUF (once)" in done.stderr
+    assert "dequantizing the default model" not in done.stderr, done.stderr
+    assert done.stdout.strip() == "The capital of France is Paris."
