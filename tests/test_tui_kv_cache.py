@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from runner.tui.app import RunnerApp
-from runner.tui.loading import ModelChoice
+from runner.tui.loading import LocalSource, ModelChoice
 from runner.tui.screens.kv_cache import KvCacheScreen
 from runner.tui.screens.settings import ChatSettings
 from runner.tui.widgets.conversation import AssistantMessage
@@ -86,3 +86,31 @@ async def test_a_model_whose_heads_cannot_be_quantized_offers_none_only(tiny_lla
         await pilot.press("escape")
         await wait_until(pilot, lambda: not isinstance(app.screen, KvCacheScreen), 10, "the screen to close")
         assert chat.loader.load_id == first_load and chat.session.kv_bits is None
+
+
+class ForwardingSource:
+    """A ModelSource other than this process's LocalSource, as `runner launch`'s ranks are (whose
+    KV setting is its --kv-bits): it loads through LocalSource here, on the tiny model."""
+
+    def __init__(self) -> None:
+        self.local = LocalSource()
+
+    def plan(self, choice, machine):
+        return self.local.plan(choice, machine)
+
+    def load(self, choice, spec, plan, on_progress):
+        return self.local.load(choice, spec, plan, on_progress)
+
+
+@run_async
+async def test_ctrl_g_over_another_source_says_where_the_setting_is(tiny_llama_dir, tmp_path):
+    app = RunnerApp(ModelChoice(str(tiny_llama_dir), quant="fp32"), history_path=tmp_path / "h.db",
+                    source=ForwardingSource())
+    async with app.run_test(size=SIZE) as pilot:
+        chat = await wait_loaded(pilot)
+        notified = []
+        chat.notify = lambda message, **options: notified.append(message)
+        await pilot.press("ctrl+g")
+        await pilot.pause()
+        assert not isinstance(app.screen, KvCacheScreen) and chat.model_state == "ready"
+        assert notified and "runner launch starts: --kv-bits" in notified[0]

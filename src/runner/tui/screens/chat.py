@@ -31,7 +31,7 @@ from runner.tui.controllers.model_loader import ModelLoader
 from runner.tui.controllers.replies import ActiveReply, ReplyWriter
 from runner.tui.export import ExportError, write_export
 from runner.tui.history import COMPLETE, ERROR, PARTIAL, STOPPED, export_file_name, title_from
-from runner.tui.loading import ModelChoice
+from runner.tui.loading import LocalSource, ModelChoice
 from runner.tui.recorder import Row
 from runner.tui.screens.help import HelpScreen
 from runner.tui.screens.kv_cache import KvCacheScreen, KvPicked
@@ -361,6 +361,10 @@ class ChatScreen(Screen[None]):
         self.app.push_screen(SettingsScreen(self.settings), saved)
 
     def action_kv_cache(self) -> None:
+        if not isinstance(self.app.source, LocalSource):   # runner launch's ranks take its --kv-bits
+            self.notify("Over several hosts the KV cache is set when runner launch starts: --kv-bits 8 or 4.",
+                        severity="warning")
+            return
         choice = self.loader.choice or self.app.choice
 
         def picked(result: KvPicked | None) -> None:
