@@ -102,3 +102,46 @@ def test_split_over_two_gpus_equals_one_gpu(checkpoint, quant, kernel):
     assert [str(k.device) for k in split.keys] == ["cuda:0", "cuda:0", "cuda:1", "cuda:1"]
     assert split.logits.device == torch.device("cuda:1")
     assert_same_reply(greedy(split, ids), expected)
+
+
+@pytest.mark.parametrize("mode", ["glu", "residual"])
+def test_mma_kernel_at_70b_widths_matches_reference(mode):
+    """The tensor-core kernel in the shape it takes for inputs of 8192 and more (16 warps, 4 on a
+    tile): gate/up (RMSNorm, SiLU x up inside) and down-like residual launches within bf16 rounding
+    of the float32 reference, every output written."""
+    import bitsandbytes as bnb
+
+    from runner_cuda.fast.nf4 import linear_reference, nf4_weight_of
+    from runner_cuda.fast.nf4_cuda import NF4Mma, mma_shape
+
+    def layer(n, k, seed):
+        torch.manual_seed(seed)
+        dense = torch.empty(n, k, dtype=torch.bfloat16, device="cuda").normal_(0, 0.02)
+        linear = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4", device="meta")
+        linear.weight = bnb.nn.Params4bit(dense, requires_grad=False, quant_type="nf4", compress_statistics=True)
+        return nf4_weight_of(linear.cuda())
+
+    def relative(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    k = 8192
+    if mode == "glu":
+        pair = [layer(4096, k, 1), layer(4096, k, 2)]
+        assert mma_shape(pair, True) == (16, 4)
+        norm = (1 + 0.1 * torch.randn(k, device="cuda")).to(torch.bfloat16)
+        hidden = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        variance = hidden.float().pow(2).mean(-1, keepdim=True)
+        normed = norm * (hidden.float() * torch.rsqrt(variance + 1e-5)).to(torch.bfloat16)
+        gate, up = (linear_reference(normed, w) for w in pair)
+        expected = torch.nn.functional.silu(gate.float()) * up.float()
+        out = torch.full((4096,), float("nan"), device="cuda", dtype=torch.bfloat16)
+        got = NF4Mma.for_weights(pair, glu=True, norm=norm, eps=1e-5)(hidden, out=out)
+    else:
+        weight = layer(8192, 28672 // 2, 3)
+        assert mma_shape([weight], False) == (16, 4)
+        x = torch.randn(1, weight.in_features, device="cuda", dtype=torch.bfloat16)
+        residual = torch.randn(8192, device="cuda", dtype=torch.bfloat16)
+        expected = residual.float() + linear_reference(x, weight)[0].float()
+        got = NF4Mma.for_weights([weight], residual=True)(x, out=residual)
+    assert not got.isnan().any()
+    assert relative(got, expected) < 5e-3

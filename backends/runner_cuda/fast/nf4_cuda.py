@@ -629,10 +629,14 @@ def mma_fits(weights: Sequence[NF4Weight], glu: bool = False, norm=None, x_dtype
 def mma_shape(weights: Sequence[NF4Weight], glu: bool) -> tuple[int, int]:
     """(warps per block, warps per 16-row tile), as measured fastest per Llama-8B launch on an H200
     (bench/cuda_speed.py, bench/RESULTS.md): gate/up 8 and 1, up to 4096 outputs 16 and 8 (long
-    rows too), else 8 and 8; never more warps on a tile than it has steps of 128."""
+    rows too), else 8 and 8; never more warps on a tile than it has steps of 128. Inputs of 8192
+    and more (70B, 405B): gate/up, o and down 16 and 4 (bench/split_gpu.py kernels: 405B gate/up
+    656 -> 407 us, 70B down 84 -> 60 us; q/k/v stays, its best was within 10 %)."""
     steps = weights[0].in_features // 128
     total = sum(w.out_features for w in weights)
-    if glu:
+    if weights[0].in_features >= 8192 and total > 4096 and (glu or len(weights) == 1):
+        warps, split = 16, 4
+    elif glu:
         warps, split = 8, 1
     elif total <= 4096:
         warps, split = 16, 8
