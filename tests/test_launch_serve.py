@@ -8,15 +8,29 @@ import openai
 import psutil
 import pytest
 
+from runner.backend import Sampling
+from runner.choice import open_session, resolve
 from runner.cli import main
+from runner.hardware import detect_machine
+from runner.model import load_spec
 from test_serve import QUESTION, ServerProcess
 
 pytestmark = pytest.mark.slow
 
 
+def one_process_completion(prompt: str, max_tokens: int) -> str:
+    """A plain (no chat template) greedy completion by one process, mlx q8."""
+    session = open_session(resolve(load_spec(None), detect_machine(), "mlx", "q8"))
+    try:
+        return "".join(c.text for c in session.stream_tokens(session.encode(prompt), Sampling(max_tokens=max_tokens)))
+    finally:
+        session.close()
+
+
 def test_the_ranks_answer_through_the_api_and_a_dead_rank_stops_the_server(default_model_dir, capsys):
     assert main(["generate", "--backend", "mlx", "--quant", "q8", "-p", QUESTION, "--max-tokens", "24"]) == 0
     expected = capsys.readouterr().out.strip()     # one process, the same scheme: the ranks' tokens are its tokens
+    expected_plain = one_process_completion("The capital of France is", 8)
 
     server = ServerProcess("--serve", "--hosts", "127.0.0.1,127.0.0.1", "--quant", "q8", command=("launch",))
     try:
@@ -25,8 +39,9 @@ def test_the_ranks_answer_through_the_api_and_a_dead_rank_stops_the_server(defau
         reply = client.chat.completions.create(model="SmolLM2-135M-Instruct", temperature=0, max_tokens=24,
                                                messages=[{"role": "user", "content": QUESTION}])
         assert reply.choices[0].message.content.strip() == expected
-        plain = httpx.post(f"{server.url}/v1/completions", json={"prompt": "Hello"}, timeout=30)
-        assert plain.status_code == 400 and "use /v1/chat/completions" in plain.json()["error"]["message"]
+        plain = client.completions.create(model="SmolLM2-135M-Instruct", prompt="The capital of France is",
+                                          temperature=0, max_tokens=8)
+        assert plain.choices[0].text == expected_plain          # plain text: rank 0 encodes, the ranks take ids
 
         ranks = [p for p in psutil.Process(server.process.pid).children(recursive=True)
                  if p.cmdline()[1:3] == ["-m", "runner_mlx.rank"]]       # not mlx.launch, which names it too

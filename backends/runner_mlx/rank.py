@@ -307,6 +307,14 @@ class CommandLineRequest:
               f"{chunk.prompt_tps:.1f} tokens/s", file=sys.stderr, flush=True)
 
 
+def checked_ids(ids, vocab_size: int) -> list[int]:
+    """A prompt's token ids as the front end sent them, each a token of this model's vocabulary."""
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size
+                                            for t in ids):
+        raise UserInputError(f"the prompt must be token ids from 0 to {vocab_size - 1}")
+    return ids
+
+
 class ChatServer:
     """Rank 0 serving runner launch's chat app over the link (`runner_mlx.link`).
 
@@ -360,11 +368,14 @@ class ChatServer:
             if message.get("close"):
                 return CLOSE, None, None
             try:
-                messages = [Message(m["role"], m["content"]) for m in message.get("messages", [])]
-                prompt = self.session.tokenize(messages)
-                if "tokenize" in message:
-                    self.send({"tokens": prompt})
+                if "encode" in message:
+                    self.send({"tokens": self.session.encode(str(message["encode"]))})
                     continue
+                if "tokenize" in message:
+                    messages = [Message(m["role"], m["content"]) for m in message["messages"]]
+                    self.send({"tokens": self.session.tokenize(messages)})
+                    continue
+                prompt = checked_ids(message["tokens"], self.session.model.vocab_size)
                 sampling = Sampling(**message["sampling"])
             except RunnerError as error:
                 self.send({"error": str(error)})

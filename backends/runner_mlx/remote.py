@@ -123,8 +123,15 @@ class RemoteSession:
 
     # ---- the protocol ----------------------------------------------------------------------
     def tokenize(self, messages: Sequence[Message]) -> list[int]:
+        return self._tokens({"tokenize": True, "messages": [asdict(m) for m in messages]})
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokens({"encode": text})
+
+    def _tokens(self, request: dict) -> list[int]:
+        """Rank 0's token ids for a request ("tokenize" a chat, "encode" plain text)."""
         with self._lock:
-            self._send({"tokenize": True, "messages": [asdict(m) for m in messages]})
+            self._send(request)
             while True:
                 message = self._receive()
                 if message is None:
@@ -136,10 +143,14 @@ class RemoteSession:
 
     def stream(self, messages: Sequence[Message], sampling: Sampling,
                cancel: threading.Event | None = None) -> Iterator[GenerationChunk]:
+        return self.stream_tokens(self.tokenize(messages), sampling, cancel)
+
+    def stream_tokens(self, prompt: Sequence[int], sampling: Sampling,
+                      cancel: threading.Event | None = None) -> Iterator[GenerationChunk]:
         with self._lock:
             self._replies += 1
             reply = self._replies
-            self._send({"generate": reply, "messages": [asdict(m) for m in messages], "sampling": asdict(sampling)})
+            self._send({"generate": reply, "tokens": list(prompt), "sampling": asdict(sampling)})
             finished = cancel_sent = False
             try:
                 while not finished:

@@ -199,7 +199,7 @@ class ModelHost:
                             max_tokens=min(request.max_tokens or room, room), seed=request.seed)
         scanner = StopScanner(request.stop)
         last, stopped = None, False
-        with closing(self._stream(ids, request, sampling, job.cancel)) as chunks:
+        with closing(self.session.stream_tokens(ids, sampling, job.cancel)) as chunks:
             for chunk in chunks:
                 if last is None:
                     job.post(Started(chunk.prompt_tokens, chunk.reused_tokens))
@@ -225,14 +225,4 @@ class ModelHost:
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
         if request.chat:
             return list(self.session.tokenize(request.messages))
-        if getattr(self.session, "encode", None) is None:   # the ranks of `runner launch` take chats only
-            raise ApiError(400, "plain completions are not available for this model (it is served by the ranks "
-                                "of runner launch, which take chats): use /v1/chat/completions", param="prompt")
         return list(self.session.encode(request.prompt))
-
-    def _stream(self, ids: list[int], request: GenerationRequest, sampling: Sampling, cancel: threading.Event):
-        """From the ids already counted (and checked against the context), where the session takes
-        ids (every local backend); else the chat's messages (the ranks of `runner launch`)."""
-        if getattr(self.session, "stream_tokens", None) is None:
-            return self.session.stream(request.messages, sampling, cancel)
-        return self.session.stream_tokens(ids, sampling, cancel)
