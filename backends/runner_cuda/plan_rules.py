@@ -78,8 +78,10 @@ class CudaPlanRules(PlanRules):
         return not gpus or any(g.compute_capability is not None and g.compute_capability < (8, 9) for g in gpus)
 
     def offloads_unquantized(self, quant):
-        # bitsandbytes leaves layers it offloads to CPU/disk unquantized (llm_int8_enable_fp32_cpu_offload)
-        return quant in BITSANDBYTES
+        if quant not in BITSANDBYTES:
+            return ""
+        return ("bitsandbytes does not quantize offloaded layers: they stay in bf16 in RAM "
+                "(transformers needs llm_int8_enable_fp32_cpu_offload=True)")
 
     def dequantizes_in_flight(self, quant):
         return quant in BITSANDBYTES + ("fp8",)

@@ -418,7 +418,7 @@ def make_plan(
         )
     else:
         placement, verdict, parallel_used = _place_on_gpus(
-            model, machine, breakdown, kv_per_layer, activations, logits, rules.offloads_unquantized(quant),
+            model, machine, breakdown, kv_per_layer, activations, logits, bool(rules.offloads_unquantized(quant)),
             warnings, balance, backend
         )
 
@@ -603,7 +603,7 @@ def _roofline(model: ModelSpec, placement, parallel: str) -> float:
     return 1 / seconds if seconds > 0 else 0.0
 
 
-def _offload_warnings(placement, verdict, roofline, offload_unquantized, machine, warnings) -> None:
+def _offload_warnings(placement, verdict, roofline, offload_unquantized: str, machine, warnings) -> None:
     if verdict != OFFLOAD:
         return
     cpu = [s for s in placement if s.kind == "cpu"]
@@ -619,7 +619,7 @@ def _offload_warnings(placement, verdict, roofline, offload_unquantized, machine
             f"runner refuses this unless you pass --allow-offload"
         )
         if offload_unquantized:
-            warnings.append("this scheme does not quantize offloaded layers: they stay in bf16 in RAM (counted so here)")
+            warnings.append(offload_unquantized)
     if disk:
         warnings.append(
             f"OFFLOAD TO DISK: {sum(s.weights_bytes for s in disk) / GB:.1f} GB read from disk "

@@ -131,9 +131,10 @@ class PlanRules:
         """The last position's logits: the lm_head's output in the compute dtype and its fp32 copy."""
         return model.vocab_size * batch * (2 + 4)
 
-    def offloads_unquantized(self, quant: str) -> bool:
-        """Layers offloaded to CPU or disk stay in the compute dtype (bitsandbytes does that)."""
-        return False
+    def offloads_unquantized(self, quant: str) -> str:
+        """Why layers offloaded to CPU or disk stay in the compute dtype under `quant`, in words
+        (bitsandbytes does that); "" where they keep the scheme."""
+        return ""
 
     def dequantizes_in_flight(self, quant: str) -> bool:
         """A matmul dequantizes its weight into a temporary copy (counted in the activations)."""
