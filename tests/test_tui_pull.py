@@ -64,6 +64,12 @@ async def open_pull_screen(pilot, repo_id: str) -> PullScreen:
     return screen
 
 
+async def press_download(pilot) -> None:
+    """Enter on the Download button, which has the focus once the plan says the model fits."""
+    assert pilot.app.focused is pilot.app.screen.query_one("#pull-start")
+    await pilot.press("enter")
+
+
 def body(screen: PullScreen) -> str:
     return str(screen.query_one("#pull-body").render())
 
@@ -96,15 +102,17 @@ async def test_a_catalog_model_is_pulled_from_the_picker_while_the_chat_answers(
         assert re.search(r"\d+ files, [\d.]+ MB; [\d.]+ MB to download into .*models--meta-llama--Llama-3.2-1B", shown)
         start = screen.query_one("#pull-start")
         assert not start.disabled and str(start.label) == "Download"
-        await pilot.click("#pull-start")
+        await press_download(pilot)
         await wait_until(pilot, lambda: app.screen is chat, 10, "the picker to close")
 
         bar = chat.query_one(DownloadBar)
         await wait_until(pilot, lambda: held(hub_here, bar), 60, "the progress line")
-        assert re.fullmatch(r"↓ Llama-3\.2-1B-Instruct: (waiting for the Hub… · )?[\d.]+ MB of [\d.]+ MB · [\d.]+ [KMG]B/s · .+ left · model\.safetensors",
+        assert re.fullmatch(r"↓ Llama-3\.2-1B-Instruct: [\d.]+ MB of [\d.]+ MB · [\d.]+ [KMG]B/s · .+ left · model\.safetensors",
                             progress(bar)), progress(bar)
 
         await wait_until(pilot, lambda: "waiting for the Hub… · " in progress(bar), 30, "the stall to show")
+        assert re.fullmatch(r"↓ Llama-3\.2-1B-Instruct: waiting for the Hub… · [\d.]+ MB of [\d.]+ MB · model\.safetensors",
+                            progress(bar)), progress(bar)
         await send(pilot, "hello")           # the chat answers while the download waits
         await wait_until(pilot, lambda: chat.reply is None and chat.query(AssistantMessage), 60, "the reply")
         assert chat.query(AssistantMessage).last().content
@@ -138,7 +146,7 @@ async def test_a_pull_cancelled_in_the_app_keeps_its_bytes_and_resumes(hub_here,
         await pilot.press("escape")          # no model loaded: the download alone
         chat = app.chat
         screen = await open_pull_screen(pilot, CATALOG_ID)
-        await pilot.click("#pull-start")
+        await press_download(pilot)
         bar = chat.query_one(DownloadBar)
         await wait_until(pilot, lambda: held(hub_here, bar), 60, "the progress line")
 
@@ -162,7 +170,7 @@ async def test_a_pull_cancelled_in_the_app_keeps_its_bytes_and_resumes(hub_here,
         screen = await open_pull_screen(pilot, CATALOG_ID)   # again: only the rest is to download
         missing = screen.order.pull.missing_bytes
         assert missing == size - kept
-        await pilot.click("#pull-start")
+        await press_download(pilot)
         await wait_until(pilot, lambda: chat.model_state == "ready", 120, "the pulled model to load")
     resumed = [e["range"] for e in hub_here.downloads("model.safetensors")]
     assert resumed[-1] == f"bytes={kept}-"

@@ -70,11 +70,11 @@ class DownloadMeter:
         (first, then), (last, now) = self.samples[0], self.samples[-1]
         return (now - then) / (last - first) if last > first else 0.0
 
-    def line(self) -> str:
-        """'412 MB of 2.47 GB · 38.2 MB/s · 54 s left'."""
+    def line(self, stalled: bool = False) -> str:
+        """'412 MB of 2.47 GB · 38.2 MB/s · 54 s left'; `stalled`: the bytes alone (no speed to tell)."""
         parts = [f"{human_size(self.done)} of {human_size(self.to_download)}"]
         speed = self.speed()
-        if speed > 0:
+        if speed > 0 and not stalled:
             parts.append(f"{human_size(int(speed))}/s")
             parts.append(f"{duration((self.to_download - self.done) / speed)} left")
         return " · ".join(parts)
@@ -109,6 +109,7 @@ class DownloadBar(Horizontal):
         self.cancel_requested = threading.Event()
         self.state = "downloading"     # "downloading", "ready", "failed" or "cancelled"
         self.line = ""                  # written by the worker thread, shown by a timer
+        self.stalled_line = ""          # the same without speed and time left, once no byte comes
         self.reported_at = time.monotonic()
 
     @property
@@ -126,10 +127,12 @@ class DownloadBar(Horizontal):
     def _show_progress(self) -> None:
         if self.state != "downloading" or not self.line or self.cancel_requested.is_set():
             return
-        waiting = time.monotonic() - self.reported_at > STALLED
         text = Text(f"↓ {short_model_name(self.repo_id)}: ")
-        text.append("waiting for the Hub… · " if waiting else "", "yellow")
-        text.append(self.line)
+        if time.monotonic() - self.reported_at > STALLED:
+            text.append("waiting for the Hub… · ", "yellow")
+            text.append(self.stalled_line)
+        else:
+            text.append(self.line)
         self.query_one("#download-text", Static).update(text)
 
     def _fetch(self) -> None:
@@ -143,6 +146,7 @@ class DownloadBar(Horizontal):
                 raise PullCancelled(f"the download of {pull.repo_id} was stopped")
             meter.update(event)
             self.line = f"{meter.line()} · {meter.stage}"    # the file last: the first to go on a narrow screen
+            self.stalled_line = f"{meter.line(stalled=True)} · {meter.stage}"
             self.reported_at = time.monotonic()
 
         try:
