@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -70,12 +71,33 @@ def copy_path(source: Path) -> Path:
     return models_dir() / "gguf-f16" / f"{source.stem}.{hashlib.sha256(key).hexdigest()[:16]}.F16.gguf"
 
 
+def remove_abandoned(folder: Path) -> None:
+    """Half-written copies whose process is gone (killed, crashed)."""
+    for staging in folder.glob(".*.writing-*"):
+        try:
+            os.kill(int(staging.name.rsplit("-", 1)[-1]), 0)   # signal 0: only asks whether it exists
+        except (ValueError, ProcessLookupError):
+            staging.unlink(missing_ok=True)
+        except PermissionError:   # it exists, owned by someone else
+            pass
+
+
 def f16_copy(source: Path, on_progress: Callable[[LoadProgress], None] | None = None) -> Path:
     """The F16 copy of `source` (checked by `runner.gguf.read_gguf` before), written on first use
     to a temporary name and renamed into place, so a crash never leaves a half-written copy."""
+    from runner.gguf import read_gguf
+
     target = copy_path(source)
     if target.is_file():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned(target.parent)
+    needed = sum(f16_nbytes(t) for t in read_gguf(source).tensors)
+    free = shutil.disk_usage(target.parent).free
+    if free < needed * 1.05:
+        raise UserInputError(f"--quant fp16 writes an F16 copy of {source.name} ({needed / 1e9:.2f} GB) into "
+                             f"{target.parent}, which has {free / 1e9:.2f} GB free; free some space, or use "
+                             "--quant gguf (the file as stored)")
     try:
         import numpy as np
         from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
@@ -84,7 +106,6 @@ def f16_copy(source: Path, on_progress: Callable[[LoadProgress], None] | None = 
         raise UserInputError("--quant fp16 on llama.cpp writes an F16 copy of the GGUF with gguf-py, which is not "
                              "installed: pip install gguf (or --quant gguf: the file as stored)") from None
     reader = GGUFReader(source)
-    target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.writing-{os.getpid()}"
     writer = GGUFWriter(staging, arch=reader.fields["general.architecture"].contents(), endianess=reader.endianess)
     try:
@@ -112,7 +133,12 @@ def f16_copy(source: Path, on_progress: Callable[[LoadProgress], None] | None = 
             if tensor.tensor_type.name in FLOAT_TYPES:
                 writer.write_tensor_data(tensor.data)
             else:
-                values = dequantize(tensor.data, tensor.tensor_type).astype(np.float16)
+                try:
+                    with np.errstate(over="ignore", invalid="ignore"):   # checked just below
+                        values = dequantize(tensor.data, tensor.tensor_type).astype(np.float16)
+                except NotImplementedError:
+                    raise UserInputError(f"{source}: gguf-py cannot dequantize {tensor.tensor_type.name} (tensor "
+                                         f"{tensor.name}), so runner cannot write its F16 copy: use --quant gguf") from None
                 if not np.isfinite(values).all():
                     raise CorruptWeights(f"{source}: tensor {tensor.name} holds values beyond F16's range "
                                          "(or NaN): use --quant gguf")
