@@ -22,6 +22,7 @@ from runner.budget import (
     DEFAULT_CONTEXT, DOES_NOT_FIT, FITS, OFFLOAD, Plan, backends_taking, candidate_schemes, make_plan, preferred_backend,
     recommend,
 )
+from runner.plan_rules import rules_for
 from runner.errors import BackendUnavailable, DoesNotFit, ModelNotFound, UserInputError
 from runner.model import DEFAULT_MODEL_ID, ModelSpec, load_spec
 
@@ -136,7 +137,7 @@ def open_session(choice: Choice, options: LoadOptions = LoadOptions(),
     refuse_by_plan(choice.plan, options.allow_offload)
     check_kernel(choice.backend, options.kernel)
     backend = get_backend(choice.backend)
-    spec = spec_with_weights(choice.spec, on_progress, gguf=choice.quant == "gguf")
+    spec = spec_with_weights(choice.spec, choice.backend, on_progress)
     if options.chat and spec.path is not None and has_chat_template(spec.path) is False:
         raise UserInputError(
             f"{spec.name} has no chat template: it looks like a base model, not a chat (instruct) model; "
@@ -188,11 +189,11 @@ def options_that_fit(plan: Plan) -> list[str]:
     return options
 
 
-def spec_with_weights(spec: ModelSpec, on_progress: Callable[[LoadProgress], None] | None = None,
-                      gguf: bool = False) -> ModelSpec:
-    """The spec to load: imports the default model on first use (`gguf`: its package's GGUF file
-    as it is); refuses a catalog-only entry."""
-    if gguf and spec.source != "gguf" and spec.name.lower() == DEFAULT_MODEL_ID.lower():
+def spec_with_weights(spec: ModelSpec, backend: str,
+                      on_progress: Callable[[LoadProgress], None] | None = None) -> ModelSpec:
+    """The spec `backend` loads: the default model imported on first use (for a backend that runs
+    GGUF files: its package's GGUF file as it is); refuses a catalog-only entry."""
+    if rules_for(backend).loads_gguf and spec.source != "gguf" and spec.name.lower() == DEFAULT_MODEL_ID.lower():
         from runner.gguf import default_gguf_spec
 
         return default_gguf_spec()

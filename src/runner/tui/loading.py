@@ -58,9 +58,8 @@ def spec_and_plan(choice: ModelChoice, machine: Machine) -> tuple[ModelSpec, Pla
 
 
 def weights_spec(spec: ModelSpec, plan: Plan, on_progress: Callable[[LoadProgress], None]) -> ModelSpec:
-    """The spec to load as planned: imports the default model on first use (not for llama.cpp,
-    which loads its package's GGUF as it is); refuses a catalog-only entry."""
-    return spec_with_weights(spec, on_progress, gguf=plan.quant == "gguf")
+    """The spec to load as planned (`choice.spec_with_weights`)."""
+    return spec_with_weights(spec, plan.backend, on_progress)
 
 
 def load_session(
