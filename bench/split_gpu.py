@@ -8,6 +8,7 @@
                                                    # with no other process holding a CUDA context)
     python3 bench/split_gpu.py baseline       # 70B NF4 rehearsed through transformers' loop (--no-fast-decode)
     python3 bench/split_gpu.py kernels        # runner's NF4 kernel per 70B / 405B layer launch, its shapes swept
+    python3 bench/split_gpu.py attention      # one layer's decode attention: split-KV kernel vs SDPA, by span
 
 First the copy bandwidth of each GPU (a device-to-device copy, bytes read + written) and of a copy
 between them, so decode tokens/s is held against a roofline measured in the same run. Each
@@ -211,6 +212,37 @@ def kernels(bandwidth: float) -> dict:
     return found
 
 
+def attention(bandwidth: float) -> dict:
+    """One layer's decode attention at the 405B's shape on one GPU (8 KV heads of 16 queries, head
+    dim 128), timed in CUDA graphs over enough caches that L2 holds none: runner's split-KV kernel
+    against torch's SDPA with the bucket's mask (what the decoder ran before)."""
+    import torch
+    from cuda_speed import graph_time_us
+
+    from runner_cuda.fast.attention import decode_attention
+
+    found = {}
+    kv, rep, dim = 8, 16, 128
+    for span in (1024, 8192, 32768, 131072):
+        cache_bytes = 2 * kv * span * dim * 2
+        copies = max(1, -(-200_000_000 // cache_bytes))
+        caches = [(torch.randn(kv, span, dim, device="cuda", dtype=torch.bfloat16),
+                   torch.randn(kv, span, dim, device="cuda", dtype=torch.bfloat16)) for _ in range(copies)]
+        q = torch.randn(kv, rep, dim, device="cuda", dtype=torch.bfloat16)
+        position = torch.tensor([span - 1], device="cuda")
+        visible = (torch.arange(span, device="cuda") <= position).view(1, 1, 1, span)
+        split = graph_time_us(lambda i: decode_attention(q, *caches[i], position, span, dim**-0.5), copies)
+        sdpa = graph_time_us(lambda i: torch.nn.functional.scaled_dot_product_attention(
+            q[None], caches[i][0][None], caches[i][1][None], attn_mask=visible, scale=dim**-0.5), copies)
+        found[span] = {"split_kv_us": split, "sdpa_us": sdpa, "split_kv_fraction": cache_bytes / (split / 1e6) / bandwidth,
+                       "sdpa_fraction": cache_bytes / (sdpa / 1e6) / bandwidth}
+        print(f"attention span {span}: split-KV {split:.1f} us ({found[span]['split_kv_fraction']:.0%} of copy bw), "
+              f"SDPA {sdpa:.1f} us ({found[span]['sdpa_fraction']:.0%})", flush=True)
+        del caches
+        torch.cuda.empty_cache()
+    return found
+
+
 def main() -> int:
     if len(sys.argv) > 2 and sys.argv[1] == "--positions":
         print(json.dumps(positions(sys.argv[2], sys.argv[3])))
@@ -229,6 +261,12 @@ def main() -> int:
     cases_dir = Path(tempfile.mkdtemp())
     rehearse_gpu.OUT = cases_dir
     for step in sys.argv[1:]:
+        if step == "attention":
+            results["attention"] = attention(bandwidth)
+            lines += [f"attention span {span}: split-KV {row['split_kv_us']:.1f} us ({row['split_kv_fraction']:.0%}), "
+                      f"SDPA {row['sdpa_us']:.1f} us ({row['sdpa_fraction']:.0%})" for span, row in results["attention"].items()]
+            (OUT / "split.json").write_text(json.dumps(results, indent=1))
+            continue
         if step == "kernels":
             results["kernels"] = kernels(bandwidth)
             lines += [f"{name}: default {row['default']} {row['default_us']} us ({row['default_fraction']:.0%} of copy bw), "

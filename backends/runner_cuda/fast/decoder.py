@@ -30,7 +30,10 @@ that the split runs (and is tested) without several GPUs.
     decoder.trim(n)                               # keep the first n positions (the next turn's prefix)
     logits = decoder.prefill(more_ids)            # appended after them
 
-On CPU (tests) the same forward runs eagerly, without graphs.
+A decode step's attention is split over the cache, one thread block per part of each KV head's
+positions (`attention.py`, flash-decoding in Triton), so that it does not slow down with length
+(torch's SDPA put one thread block on each KV head's whole cache). On CPU (tests) the same forward
+runs eagerly, without graphs, with SDPA.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Sequence
 
 from runner.budget import PREFILL_CHUNK
+from runner_cuda.fast.attention import decode_attention
 from runner_cuda.fast.nf4 import nf4_weight_of
 
 if TYPE_CHECKING:
@@ -65,7 +69,7 @@ class Unsupported(Exception):
 class FastDecoder:
     def __init__(self, model, max_len: int, *, use_graphs: bool | None = None, nf4_kernel: str | None = None,
                  compile_ops: bool | None = None, fuse_dense: bool | None = None, prefill_chunk: int = PREFILL_CHUNK,
-                 split_at: Sequence[int] = ()):
+                 split_at: Sequence[int] = (), split_kv: bool | None = None):
         import torch
 
         if prefill_chunk < 1:
@@ -105,6 +109,9 @@ class FastDecoder:
         self.max_len = int(max_len)
         on_cuda = self.device.type == "cuda"
         self.use_graphs = on_cuda if use_graphs is None else use_graphs
+        # a decode step's attention split over the cache (attention.py, Triton: CUDA, bf16 or fp16
+        # caches, where its products are those of SDPA), else SDPA
+        self.split_kv = (on_cuda and self.dtype in (torch.bfloat16, torch.float16)) if split_kv is None else split_kv
         # NF4 decode GEMV: bitsandbytes' own batch-1 kernel (it reads the packed weights and the
         # double-quant state itself), or the Triton kernel of nf4.py in one of its modes
         self.nf4_kernel = nf4_kernel or "cuda"
@@ -302,7 +309,7 @@ class FastDecoder:
         tables = self.tables[segment.device]
         cos = tables.cos.index_select(0, tables.position)                 # [1, head_dim]
         sin = tables.sin.index_select(0, tables.position)
-        visible = (tables.positions[:span] <= tables.position).view(1, 1, 1, span)
+        visible = None if self.split_kv else (tables.positions[:span] <= tables.position).view(1, 1, 1, span)
         rep = self.heads // self.kv_heads
         # [1, hidden]; the static input of a later segment is updated in place by the fused NF4 kernels
         hidden = self.embed(self.token) if segment.input is None else segment.input
@@ -325,10 +332,14 @@ class FastDecoder:
             keys.index_copy_(1, tables.position, k[:, None])
             values.index_copy_(1, tables.position, v.view(self.kv_heads, 1, self.head_dim))
             # grouped-query attention as `rep` queries per KV head: no K/V repeat
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q.view(1, self.kv_heads, rep, self.head_dim), keys[None, :, :span], values[None, :, :span],
-                attn_mask=visible, scale=self.scaling,
-            ).reshape(1, self.heads * self.head_dim)
+            if self.split_kv:
+                out = decode_attention(q.reshape(self.kv_heads, rep, self.head_dim), keys, values, tables.position, span,
+                                       self.scaling).view(1, self.heads * self.head_dim)
+            else:
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    q.view(1, self.kv_heads, rep, self.head_dim), keys[None, :, :span], values[None, :, :span],
+                    attn_mask=visible, scale=self.scaling,
+                ).reshape(1, self.heads * self.head_dim)
             if fused:                 # hidden += o(out); hidden += down(SiLU(gate) x up of RMSNorm(hidden))
                 self.nf4[index]["o"](out, out=hidden)
                 self.nf4[index]["down"](self.nf4[index]["gate_up"](hidden), out=hidden)
