@@ -231,8 +231,8 @@ def attention(bandwidth: float) -> dict:
         q = torch.randn(kv, rep, dim, device="cuda", dtype=torch.bfloat16)
         position = torch.tensor([span - 1], device="cuda")
         visible = (torch.arange(span, device="cuda") <= position).view(1, 1, 1, span)
-        split = graph_time_us(lambda i: decode_attention(q, *caches[i], position, span, dim**-0.5), copies)
-        sdpa = graph_time_us(lambda i: torch.nn.functional.scaled_dot_product_attention(
+        split = graph_time_us(lambda i, caches=caches: decode_attention(q, *caches[i], position, span, dim**-0.5), copies)
+        sdpa = graph_time_us(lambda i, caches=caches: torch.nn.functional.scaled_dot_product_attention(
             q[None], caches[i][0][None], caches[i][1][None], attn_mask=visible, scale=dim**-0.5), copies)
         found[span] = {"split_kv_us": split, "sdpa_us": sdpa, "split_kv_fraction": cache_bytes / (split / 1e6) / bandwidth,
                        "sdpa_fraction": cache_bytes / (sdpa / 1e6) / bandwidth}
