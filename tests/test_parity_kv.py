@@ -156,3 +156,34 @@ def test_kv8_and_kv4_on_the_default_model_through_the_cli(default_model_dir, tmp
     # measured: kv8 mean KL 2.9e-3, top-1 98.4 %; kv4 0.18, 86.6 %
     assert 0 < kv8["kl_mean"] < kv4["kl_mean"] / 5
     assert kv4["top1"] < kv8["top1"]
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_fast_paths_session_reads_logits_through_the_plain_cache(tiny_llama64_dir):
+    """The fast path (static cache, CUDA graphs) serves replies only: a session that uses it gives
+    the logits of one that does not, and with kv8 (fast path off) the logits move."""
+    import numpy as np
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from runner.choice import LoadOptions, open_session, resolve
+    from runner.hardware import detect_machine
+
+    spec = load_spec(str(tiny_llama64_dir))
+    ids = list(range(100, 300))     # 200 of its 256 positions
+
+    def logits_of(kv_bits, fast_decode):
+        choice = resolve(spec, detect_machine(), "cuda", "bf16", CONTEXT, kv_bits=kv_bits)
+        session = open_session(choice, LoadOptions(chat=False, fast_decode=fast_decode))
+        try:
+            return session.device_summary, session.logits(ids)
+        finally:
+            session.close()
+
+    fast_summary, fast = logits_of(None, True)
+    _, plain = logits_of(None, False)
+    kv8_summary, kv8 = logits_of(8, True)
+    assert "fast decode (" in fast_summary and "fast decode off" in kv8_summary
+    np.testing.assert_array_equal(fast, plain)
+    assert np.abs(kv8 - plain).max() > 0
