@@ -2,7 +2,7 @@
 `nvidia-h200-x2` machine.
 
     python3 bench/split_gpu.py rehearse8k     # runner rehearse --json: 405B NF4 at 8k; 70B NF4 and BF16 at 8k
-    python3 bench/split_gpu.py positions      # 405B NF4 over both GPUs: decode tok/s at positions 100 ... 8000
+    python3 bench/split_gpu.py positions      # 405B and 70B NF4 over both GPUs: decode tok/s at positions 100 ... 8000
     python3 bench/split_gpu.py longest        # 405B NF4 at the longest context the plan allows here, rehearsed
     python3 bench/split_gpu.py --longest-context   # just that context (then rehearse_gpu.py --one ... by hand,
                                                    # with no other process holding a CUDA context)
@@ -274,21 +274,23 @@ def main() -> int:
             (OUT / "split.json").write_text(json.dumps(results, indent=1))
             continue
         if step == "positions":
-            started = time.perf_counter()
-            process = subprocess.run([sys.executable, __file__, "--positions", LLAMA_405B, "nf4"], capture_output=True, text=True)
-            record = {"case": "405b-nf4-positions", "exit_code": process.returncode, "log": process.stderr[-20000:],
-                      "wall_seconds": time.perf_counter() - started}
-            try:
-                record.update(json.loads(process.stdout))
-            except json.JSONDecodeError:
-                record["stdout"] = process.stdout[-3000:]
-            results["cases"].append(record)
-            rates = record.get("rates", {})
-            lines.append(f"405b-nf4 positions (exit {record['exit_code']}, wall {record['wall_seconds']:.0f} s): "
-                         + ", ".join(f"{p}: {r:.2f} tok/s" for p, r in rates.items())
-                         + (f"; peak {', '.join(f'{d} {b / 1e9:.2f} GB' for d, b in record['peak'].items())}"
-                            if "peak" in record else record["log"][-800:]))
-            (OUT / "split.json").write_text(json.dumps(results, indent=1))
+            for model, label in ((LLAMA_405B, "405b"), (LLAMA_70B, "70b")):
+                started = time.perf_counter()
+                process = subprocess.run([sys.executable, __file__, "--positions", model, "nf4"], capture_output=True,
+                                         text=True)
+                record = {"case": f"{label}-nf4-positions", "exit_code": process.returncode, "log": process.stderr[-20000:],
+                          "wall_seconds": time.perf_counter() - started}
+                try:
+                    record.update(json.loads(process.stdout))
+                except json.JSONDecodeError:
+                    record["stdout"] = process.stdout[-3000:]
+                results["cases"].append(record)
+                rates = record.get("rates", {})
+                lines.append(f"{label}-nf4 positions (exit {record['exit_code']}, wall {record['wall_seconds']:.0f} s): "
+                             + ", ".join(f"{p}: {r:.2f} tok/s" for p, r in rates.items())
+                             + (f"; peak {', '.join(f'{d} {b / 1e9:.2f} GB' for d, b in record['peak'].items())}"
+                                if "peak" in record else record["log"][-800:]))
+                (OUT / "split.json").write_text(json.dumps(results, indent=1))
             continue
         cases = REHEARSALS.get(step)
         if step == "longest":
