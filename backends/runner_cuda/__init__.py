@@ -39,6 +39,7 @@ class CudaBackend:
     install = INSTALL
     packages = ("torch", "transformers", "bitsandbytes", "accelerate")   # what computes its numbers
     kernels = ("cuda", "cuda-simt", "cuda-bnb-rounding", "bitsandbytes")  # --kernel: the fast path's NF4 GEMV
+    caches = {"nf4-cache": "NF4 reload cache"}    # models_dir()/<kind>/: what it derives from a model (runner list/rm)
     plan_rules = CudaPlanRules()          # what its loads cost and where they go (the plan's part of it)
 
     def availability(self) -> Availability:

@@ -37,6 +37,7 @@ class MlxBackend:
     install = INSTALL
     packages = ("mlx", "mlx-lm")   # what computes its numbers
     kernels: tuple[str, ...] = ()  # no named kernels to choose from
+    caches = {"mlx": "MLX conversion"}            # models_dir()/<kind>/: what it derives from a model (runner list/rm)
     plan_rules = MlxPlanRules()          # what its loads cost and where they go (the plan's part of it)
     # sub-commands of runner's CLI that belong to this backend: name -> (module, one-line help)
     commands = {"launch": ("runner_mlx.launch_command", "run one model across several Macs (mlx.launch)")}

@@ -2,9 +2,10 @@
 
 What runner can load is what the model picker offers (`runner.tui.models.find_models`: the
 built-in model, runner's own folder, the Hugging Face cache, `model_dirs` from the config file),
-plus Hugging Face snapshots a `runner pull` has not finished. Beside them are the caches runner
-derived from a model: MLX conversions (`models_dir()/mlx/`) and NF4 reload caches
-(`models_dir()/nf4-cache/`); each records the folder it came from in a `runner-*.json` file.
+plus Hugging Face snapshots a `runner pull` has not finished. Beside them are the caches the
+backends derive from a model, each kind in `models_dir()/<kind>/` as its backend declares
+(`<Backend>.caches`: MLX conversions, NF4 reload caches, ...); each records the folder it came
+from in a `runner-*.json` file.
 
 `runner rm` removes only folders runner owns: a repository folder of the HF cache, runner's import
 of the built-in model, its derived caches. A user's own folder is never touched, nor anything a
@@ -23,20 +24,32 @@ from runner.errors import UserInputError
 from runner.model import PARTIAL_PULL_MARKER, hf_hub_cache, snapshot_ready
 from runner.paths import models_dir
 
-CACHE_KINDS = ("mlx", "nf4-cache")   # models_dir()/<kind>/<folder>: what backends derive from a model
+def cache_kinds() -> dict[str, str]:
+    """models_dir()/<kind>/<folder>: what the backends derive from a model, kind -> words."""
+    from runner.backend import backend_class, backend_names
+    from runner.errors import BackendUnavailable
+
+    kinds = {}
+    for name in backend_names():
+        try:
+            kinds.update(getattr(backend_class(name), "caches", {}))
+        except BackendUnavailable:
+            continue
+    return kinds
 
 
 @dataclass(frozen=True)
 class DerivedCache:
     path: Path
-    kind: str                  # "mlx", "nf4-cache"
+    kind: str                  # a backend's cache kind: "mlx", "nf4-cache", ...
     quant: str
     source: Path | None        # the model folder it was made from, as recorded
     size_bytes: int
+    what: str = ""             # the kind in words: "MLX conversion", ...
 
     @property
     def label(self) -> str:
-        return f"{'MLX conversion' if self.kind == 'mlx' else 'NF4 reload cache'} ({self.quant})"
+        return f"{self.what or self.kind} ({self.quant})"
 
 
 @dataclass(frozen=True)
@@ -78,7 +91,7 @@ def _files_size(folder: Path) -> int:
 
 def derived_caches() -> list[DerivedCache]:
     caches = []
-    for kind in CACHE_KINDS:
+    for kind, what in cache_kinds().items():
         root = models_dir() / kind
         if not root.is_dir():
             continue
@@ -90,7 +103,7 @@ def derived_caches() -> list[DerivedCache]:
                 continue
             source = record.get("source")
             caches.append(DerivedCache(folder, kind, str(record.get("quant", "?")),
-                                       Path(source) if isinstance(source, str) else None, tree_size(folder)))
+                                       Path(source) if isinstance(source, str) else None, tree_size(folder), what))
     return caches
 
 
