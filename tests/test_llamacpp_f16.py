@@ -5,6 +5,7 @@ default model is tests/test_llamacpp.py."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -50,7 +51,9 @@ def test_every_quantized_tensor_becomes_its_values_in_f16(tmp_path, monkeypatch)
     monkeypatch.setenv("RUNNER_HOME", str(tmp_path / "home"))
     source = write_gguf(tmp_path / "model.Q4_1.gguf", TENSORS)
     copy = f16_copy(source)
-    assert copy == copy_path(source) and copy.parent == tmp_path / "home" / "cache" / "models" / "gguf-f16"
+    assert copy == copy_path(source) and copy.parent.parent == tmp_path / "home" / "cache" / "models" / "gguf-f16"
+    record = json.loads((copy.parent / "runner-source.json").read_text())
+    assert record == {"source": str(source.resolve()), "quant": "fp16", "conversion": 1}
     before, after = gguf.GGUFReader(str(source)), gguf.GGUFReader(str(copy))
     for old, new in zip(before.tensors, after.tensors, strict=True):
         assert (new.name, list(new.shape)) == (old.name, list(old.shape))
@@ -65,7 +68,7 @@ def test_every_quantized_tensor_becomes_its_values_in_f16(tmp_path, monkeypatch)
     assert checked.metadata["tokenizer.chat_template"] == "{{ messages }}"
     assert checked.metadata["tokenizer.ggml.tokens"].count == 3
     assert sum(t.nbytes for t in checked.tensors) == sum(f16_nbytes(t) for t in read_gguf(source).tensors)
-    assert not [p for p in copy.parent.iterdir() if p != copy]      # nothing else left there
+    assert list(copy.parent.parent.iterdir()) == [copy.parent]      # no staging folder left
 
 
 def test_a_source_changed_in_place_gets_a_new_copy(tmp_path, monkeypatch):
@@ -83,14 +86,15 @@ def test_values_beyond_f16_are_refused_and_nothing_is_left(tmp_path, monkeypatch
     source = write_gguf(tmp_path / "huge.gguf", {"token_embd.weight": Q.Q8_0}, scale=1e6)
     with pytest.raises(CorruptWeights, match=r"tensor token_embd.weight holds values beyond F16's range"):
         f16_copy(source)
-    assert list(copy_path(source).parent.iterdir()) == []
+    assert list(copy_path(source).parent.parent.iterdir()) == []
 
 
 def test_half_written_copies_of_dead_processes_are_removed(tmp_path):
-    dead = tmp_path / ".model.F16.gguf.writing-999999999"      # above any pid_max: no such process
-    alive = tmp_path / f".model.F16.gguf.writing-{os.getpid()}"
-    finished = tmp_path / "model.F16.gguf"
+    dead = tmp_path / ".model.0123.writing-999999999"      # above any pid_max: no such process
+    alive = tmp_path / f".model.0123.writing-{os.getpid()}"
+    finished = tmp_path / "model.0123"
     for path in (dead, alive, finished):
-        path.write_bytes(b"x")
+        path.mkdir()
+        (path / "model.F16.gguf").write_bytes(b"x")
     remove_abandoned(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, finished.name])

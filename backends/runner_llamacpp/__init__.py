@@ -37,6 +37,7 @@ class LlamaCppBackend:
     rehearse_quants = ()       # a rehearsal needs random weights in the file's own types: not offered
     install = INSTALL
     packages = ("llama-cpp-python",)   # what computes its numbers
+    caches = {"gguf-f16": "F16 copy of the GGUF"}   # models_dir()/<kind>/: what it derives from a model (runner list/rm)
     plan_rules = LlamaCppPlanRules()          # what its loads cost and where they go (the plan's part of it)
 
     def availability(self) -> Availability:

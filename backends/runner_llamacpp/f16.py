@@ -1,5 +1,7 @@
 """Scheme `fp16` of the llamacpp backend: a copy of a GGUF file with every quantized tensor
-dequantized to F16, written once into runner's cache and run by llama.cpp like any GGUF.
+dequantized to F16, written once into runner's cache and run by llama.cpp like any GGUF: the
+folder `models_dir()/gguf-f16/<name>.<key>/` holds `<name>.F16.gguf` and `runner-source.json`
+(the file it was made from, as the other backends' caches record theirs for `runner list`/`rm`).
 
 Why: llama.cpp multiplies a quantized weight (Q4_1, Q8_0, Q4_K ...) by activations it first
 rounds to 8 bits per value (Q8_1 / Q8_0 / Q8_K blocks of 32 or 256). On the default model
@@ -16,6 +18,7 @@ CPU (bench/RESULTS.md). Float tensors (F32, F16, BF16: the norms) are copied as 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -33,6 +36,8 @@ if TYPE_CHECKING:
 FLOAT_TYPES = ("F32", "F16", "BF16", "F64")   # copied as stored: nothing to dequantize
 MOSTLY_F16 = 1                                # llama.cpp's general.file_type for an F16 file
 CONVERSION = 1                                # raise when the copy changes, so older copies are made again
+CACHE_KIND = "gguf-f16"                       # models_dir()/<kind>/: the copies
+SOURCE_RECORD = "runner-source.json"
 STAGE = "writing an F16 copy of the GGUF (once)"
 
 
@@ -64,20 +69,21 @@ def f16_breakdown(model: "ModelSpec") -> "WeightsBreakdown":
 
 
 def copy_path(source: Path) -> Path:
-    """Where the copy of `source` lives: named by the source's name, and by its path, size and
-    modification time (a file changed in place gets a new copy)."""
+    """Where the copy of `source` lives: in a folder named by the source's name, and by its path,
+    size and modification time (a file changed in place gets a new copy)."""
     stat = source.stat()
     key = f"{source.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{CONVERSION}".encode()
-    return models_dir() / "gguf-f16" / f"{source.stem}.{hashlib.sha256(key).hexdigest()[:16]}.F16.gguf"
+    folder = models_dir() / CACHE_KIND / f"{source.stem}.{hashlib.sha256(key).hexdigest()[:16]}"
+    return folder / f"{source.stem}.F16.gguf"
 
 
-def remove_abandoned(folder: Path) -> None:
-    """Half-written copies whose process is gone (killed, crashed)."""
-    for staging in folder.glob(".*.writing-*"):
+def remove_abandoned(root: Path) -> None:
+    """Half-written copies (staging folders) whose process is gone (killed, crashed)."""
+    for staging in root.glob(".*.writing-*"):
         try:
             os.kill(int(staging.name.rsplit("-", 1)[-1]), 0)   # signal 0: only asks whether it exists
         except (ValueError, ProcessLookupError):
-            staging.unlink(missing_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)
         except PermissionError:   # it exists, owned by someone else
             pass
 
@@ -90,13 +96,14 @@ def f16_copy(source: Path, on_progress: Callable[[LoadProgress], None] | None = 
     target = copy_path(source)
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_abandoned(target.parent)
+    root = target.parent.parent
+    root.mkdir(parents=True, exist_ok=True)
+    remove_abandoned(root)
     needed = sum(f16_nbytes(t) for t in read_gguf(source).tensors)
-    free = shutil.disk_usage(target.parent).free
+    free = shutil.disk_usage(root).free
     if free < needed * 1.05:
         raise UserInputError(f"--quant fp16 writes an F16 copy of {source.name} ({needed / 1e9:.2f} GB) into "
-                             f"{target.parent}, which has {free / 1e9:.2f} GB free; free some space, or use "
+                             f"{root}, which has {free / 1e9:.2f} GB free; free some space, or use "
                              "--quant gguf (the file as stored)")
     try:
         import numpy as np
@@ -106,8 +113,11 @@ def f16_copy(source: Path, on_progress: Callable[[LoadProgress], None] | None = 
         raise UserInputError("--quant fp16 on llama.cpp writes an F16 copy of the GGUF with gguf-py, which is not "
                              "installed: pip install gguf (or --quant gguf: the file as stored)") from None
     reader = GGUFReader(source)
-    staging = target.parent / f".{target.name}.writing-{os.getpid()}"
-    writer = GGUFWriter(staging, arch=reader.fields["general.architecture"].contents(), endianess=reader.endianess)
+    staging = root / f".{target.parent.name}.writing-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    writer = GGUFWriter(staging / target.name, arch=reader.fields["general.architecture"].contents(),
+                        endianess=reader.endianess)
     try:
         for name, field in reader.fields.items():
             if name.startswith("GGUF.") or name in ("general.architecture", "general.alignment", "general.file_type"):
@@ -146,10 +156,16 @@ def f16_copy(source: Path, on_progress: Callable[[LoadProgress], None] | None = 
             if on_progress is not None:
                 on_progress(LoadProgress(STAGE, index + 1, len(reader.tensors), "tensors"))
         writer.close()
-        os.replace(staging, target)
+        record = {"source": str(source.resolve()), "quant": "fp16", "conversion": CONVERSION}
+        (staging / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        if target.is_file():            # another process finished first
+            shutil.rmtree(staging, ignore_errors=True)
+            return target
+        shutil.rmtree(target.parent, ignore_errors=True)    # a broken earlier copy
+        os.replace(staging, target.parent)
     except BaseException:
         writer.close()
-        staging.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
 
