@@ -196,6 +196,13 @@ async def test_the_pull_screen_refuses_what_does_not_fit_and_says_why_the_hub_sa
         assert str(screen.query_one("#pull-start").label) == "Download anyway"
         await pilot.press("escape")
         await pilot.press("escape")
+        # planned with the chat's backend and context, which the model would be loaded with
+        app.chat.loader.choice = ModelChoice(backend="mlx", context=2048)
+        screen = await open_pull_screen(pilot, "meta-llama/Llama-3.1-405B-Instruct")
+        assert "meta-llama/Llama-3.1-405B-Instruct · mlx · q4 · 2048 tokens of context" in body(screen)
+        assert "does not fit" in body(screen)
+        await pilot.press("escape")
+        await pilot.press("escape")
         screen = await open_pull_screen(pilot, "meta-llama/Llama-3.1-70B-Instruct")
         await wait_until(pilot, lambda: "✘" in body(screen), 30, "the refusal")
         assert "hf auth login" in body(screen) and "licence" in body(screen)

@@ -132,7 +132,7 @@ class PickerScreen(ModalScreen[str | None]):
                 start_download(self.app.chat, order)
                 self.dismiss(None)
 
-        self.app.push_screen(PullScreen(repo_id, self.machine_source), agreed)
+        self.app.push_screen(PullScreen(repo_id, self.machine_source, base_choice(self.app.chat)), agreed)
 
     def action_dismiss_none(self) -> None:
         self.dismiss(None)
@@ -144,6 +144,11 @@ def download_running(app) -> DownloadBar | None:
     return next((bar for bar in bars if bar.state == "downloading"), None)
 
 
+def base_choice(chat) -> ModelChoice:
+    """The chat's current choice: a pulled model is planned and loaded with its backend and context."""
+    return chat.loader.choice or chat.app.choice
+
+
 def start_download(chat, order: PullOrder) -> None:
     """The download under `chat`'s conversation; once verified, the model loads as if picked."""
 
@@ -151,7 +156,6 @@ def start_download(chat, order: PullOrder) -> None:
         if chat.reply is not None:
             chat.notify(f"{repo_id} is ready: Ctrl+O loads it.", title="Download complete")
             return
-        base = chat.loader.choice or chat.app.choice
-        chat.start_load(dataclasses.replace(base, model=repo_id, quant=None))
+        chat.start_load(dataclasses.replace(base_choice(chat), model=repo_id, quant=None))
 
     chat.mount(DownloadBar(order, ready), before="#status")

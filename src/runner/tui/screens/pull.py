@@ -1,9 +1,10 @@
 """Before a download from the picker: the Hub's listing, the plan for this machine, the disk.
 
-    PullScreen("meta-llama/Llama-3.2-1B-Instruct", app.machine)  ->  PullOrder, or None
+    PullScreen("meta-llama/Llama-3.2-1B-Instruct", app.machine, base)  ->  PullOrder, or None
 
 The listing and config.json come from the Hub in a thread worker (`runner.download.prepare`); the
-plan and its refusal are `runner pull`'s (`download.plan_pull`). A model the plan refuses is
+plan and its refusal are `runner pull`'s (`download.plan_pull`), for the backend, context and KV
+cache of `base` (the chat's current choice), which the model will be loaded with. A model the plan refuses is
 offered only as "Download anyway" (`runner pull --force`); one the disk cannot hold, not at all.
 """
 
@@ -22,6 +23,7 @@ from textual.widgets import Button, Label, Static
 from runner.budget import FITS
 from runner.download import Pull, PullPlan, human_size
 from runner.errors import RunnerError
+from runner.tui.loading import ModelChoice
 
 
 @dataclass(frozen=True)
@@ -35,10 +37,11 @@ class PullOrder:
 class PullScreen(ModalScreen[PullOrder | None]):
     BINDINGS = [Binding("escape", "dismiss_none", "Cancel")]
 
-    def __init__(self, repo_id: str, machine_source) -> None:
+    def __init__(self, repo_id: str, machine_source, base: ModelChoice) -> None:
         super().__init__()
         self.repo_id = repo_id
         self.machine_source = machine_source   # a callable returning the Machine to plan for
+        self.base = base
         self.order: PullOrder | None = None     # once the Hub answered and the disk can hold it
 
     def compose(self) -> ComposeResult:
@@ -59,7 +62,8 @@ class PullScreen(ModalScreen[PullOrder | None]):
 
         try:
             pull = download.prepare(self.repo_id)
-            planned = download.plan_pull(pull, self.machine_source())
+            base = self.base
+            planned = download.plan_pull(pull, self.machine_source(), base.backend, None, base.context, base.kv_bits)
             download.check_disk(pull)
         except RunnerError as error:    # no access, no network, not enough disk...
             self.app.call_from_thread(self._show, Text(f"✘ {error}", "red"), None)
