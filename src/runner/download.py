@@ -4,6 +4,7 @@ loads, resumable across runs, verified before the model counts as ready.
     pull = prepare("HuggingFaceTB/SmolLM2-360M-Instruct")   # listing, config.json, what is missing
     ... the caller plans with pull.config and calls check_disk(pull) ...
     folder = fetch(pull, on_progress)                       # the snapshot folder, verified
+    prepare(repo_id, layers=(0, 63))                        # one host's share of a pipeline split
 
 Checked against huggingface_hub 2.4.0, which supplies the listing with sizes and checksums
 (`HfApi.model_info(files_metadata=True)`), tokens and the gated/private answers
@@ -15,7 +16,9 @@ download restarts from byte 0. runner keeps `blobs/<etag>.incomplete` and asks f
 HTTP Range, in the same run (a dropped connection) or the next (Ctrl-C, kill -9, network lost).
 
 Until every file is verified (size, and the sha256 of LFS files or the git blob id of small ones)
-the snapshot holds `PARTIAL_PULL_MARKER`, so `load_spec` and the picker do not offer it.
+the snapshot holds `PARTIAL_PULL_MARKER`, so `load_spec` and the picker do not offer it; a share
+(`layers`) keeps it, with its range, until the other layers' shards are there too. A progress
+callback may raise `PullCancelled` to stop a pull (the chat's Cancel): what arrived is kept.
 """
 
 from __future__ import annotations
