@@ -232,12 +232,9 @@ class LlamaCppSession:
 
 
 def gguf_of(spec: "ModelSpec") -> Path:
-    """The GGUF file to run: the spec's own, or for the default model the one its package ships
-    (also when the spec handed over is its safetensors import)."""
     from runner.gguf import gguf_path
-    from runner.model import DEFAULT_MODEL_ID
 
-    if spec.source != "gguf" and spec.name.lower() != DEFAULT_MODEL_ID.lower():
+    if spec.source != "gguf":
         raise UserInputError(f"{spec.name}: the llamacpp backend runs GGUF files; this is a {spec.source} model "
                              "(config.json and safetensors): use the cuda or mlx backend, or give a .gguf file")
     return gguf_path(spec)
