@@ -10,7 +10,7 @@ from runner.tui.loading import LocalSource, ModelChoice
 from runner.tui.screens.kv_cache import KvCacheScreen
 from runner.tui.screens.settings import ChatSettings
 from runner.tui.widgets.conversation import AssistantMessage
-from tui_helpers import SIZE, run_async, send, wait_loaded, wait_until
+from tui_helpers import SIZE, chat_screen, run_async, send, wait_loaded, wait_until
 
 
 def option_texts(screen: KvCacheScreen) -> list[str]:
@@ -44,6 +44,7 @@ async def test_kv8_reloads_the_model_with_a_quantized_cache_and_says_so(default_
         # 256 bytes per head and token; 8-bit 64 + an fp32 scale and bias = 72; 4-bit 32 + 8 = 40
         assert "189 MB for 4,096 tokens" in none
         assert "53.1 MB for 4,096 tokens" in kv8 and "29.5 MB for 4,096 tokens" in kv4
+        assert all(text.endswith("up to 8,192 tokens") for text in (none, kv8, kv4))   # the model's maximum
         await pilot.press("down", "enter")
         chat = await wait_loaded(pilot)
         assert chat.loader.load_id == first_load + 1
@@ -114,3 +115,22 @@ async def test_ctrl_g_over_another_source_says_where_the_setting_is(tiny_llama_d
         await pilot.pause()
         assert not isinstance(app.screen, KvCacheScreen) and chat.model_state == "ready"
         assert notified and "runner launch starts: --kv-bits" in notified[0]
+
+
+@run_async
+async def test_each_setting_shows_the_longest_context_that_fits(tmp_path):
+    """Llama 3.1 8B in bf16 at 128k planned for a 24 GB GPU (its weights are not here: the load
+    fails, the plans do not need them): only the 4-bit cache holds the whole context."""
+    from runner.hardware import parse_machine
+
+    app = RunnerApp(ModelChoice("meta-llama/Llama-3.1-8B-Instruct", quant="bf16", context=131072),
+                    history_path=tmp_path / "h.db", machine=parse_machine("1xRTX4090"))
+    async with app.run_test(size=SIZE) as pilot:
+        chat = chat_screen(app)
+        await wait_until(pilot, lambda: chat.model_state == "failed", 30, "the load to fail")
+        none, kv8, kv4 = option_texts(await open_kv_screen(pilot))
+    assert "17.2 GB for 131,072 tokens" in none and "9.13 GB" in kv8 and "4.83 GB" in kv4
+    assert "offload" in none and "offload" in kv8 and "✔ fits" in kv4
+    # measured: up to 58,319 tokens unquantized, 109,778 with kv8
+    longest = [int(text.rpartition("up to ")[2].removesuffix(" tokens").replace(",", "")) for text in (none, kv8, kv4)]
+    assert longest[0] < longest[1] < longest[2] == 131072

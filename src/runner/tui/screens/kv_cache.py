@@ -1,6 +1,7 @@
 """The KV cache setting (Ctrl+G): the cache kept in the compute dtype, or quantized to 8 or 4 bits
 (`--kv-bits` on the command line). Each row gives what the plan says that setting costs for the
-model and context being used; picking another one reloads the model through the same path."""
+model and context being used, and the longest context that fits with it; picking another one
+reloads the model through the same path."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Label, OptionList, Static
 from textual.widgets.option_list import Option
 
+from runner.budget import max_context_that_fits
 from runner.errors import RunnerError
 from runner.tui.loading import ModelChoice
 from runner.tui.widgets.plan_panel import VERDICT_TEXT
@@ -87,6 +89,8 @@ class KvCacheScreen(ModalScreen[KvPicked | None]):
             cost = Text(f"{human_bytes(plan.kv_cache_bytes)} for {plan.context:,} tokens · {plan.quant} · ")
             cost.append(label, style)
             cost.append(f" (needs {human_bytes(plan.total_bytes)})", "dim")
+            longest = max_context_that_fits(plan.model, plan.machine, plan.quant, plan.backend, kv_bits=bits)
+            cost.append(f" · up to {longest:,} tokens" if longest else " · no context fits")
             self.app.call_from_thread(self._show, bits, name, cost, True)
 
     def _show(self, bits: int | None, name: str, cost: Text, possible: bool) -> None:
