@@ -47,25 +47,10 @@ def f16_nbytes(tensor: "GgufTensor") -> int:
 
 
 def f16_breakdown(model: "ModelSpec") -> "WeightsBreakdown":
-    """The plan's weight bytes of the F16 copy of `model`'s GGUF, grouped as `gguf_breakdown` does
-    (the embeddings, the layers' mean rounded up, the head)."""
-    from runner.gguf import gguf_path, read_gguf
-    from runner.plan_rules import WeightsBreakdown
+    """The plan's weight bytes of the F16 copy of `model`'s GGUF, grouped as `gguf_breakdown` does."""
+    from runner.gguf import gguf_breakdown
 
-    file = read_gguf(gguf_path(model))
-    embeddings = head = 0
-    layers = [0] * model.num_layers
-    for tensor in file.tensors:
-        parts = tensor.name.split(".")
-        if parts[0] == "blk" and parts[1].isdigit() and int(parts[1]) < model.num_layers:
-            layers[int(parts[1])] += f16_nbytes(tensor)
-        elif parts[0] in ("output_norm", "output"):
-            head += f16_nbytes(tensor)
-        else:
-            embeddings += f16_nbytes(tensor)
-    layer = -(-sum(layers) // len(layers))
-    return WeightsBreakdown(embeddings=embeddings, layer=layer, head=head, num_layers=model.num_layers,
-                            layer_unquantized=layer)
+    return gguf_breakdown(model, f16_nbytes)
 
 
 def copy_path(source: Path) -> Path:

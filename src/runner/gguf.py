@@ -22,7 +22,7 @@ import struct
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from runner.errors import CorruptWeights, UnsupportedModel, UserInputError
 
@@ -397,9 +397,11 @@ def default_gguf_spec() -> "ModelSpec":
     return spec_from_gguf(gguf_file(), DEFAULT_MODEL_ID)
 
 
-def gguf_breakdown(model: "ModelSpec") -> "WeightsBreakdown":
-    """The plan's weight bytes as stored in the file: the embeddings, one decoder layer (the
-    layers' mean, rounded up: a Q4_K_M file stores some layers' tensors as Q6_K), the head."""
+def gguf_breakdown(model: "ModelSpec", nbytes: Callable[["GgufTensor"], int] = lambda tensor: tensor.nbytes
+                   ) -> "WeightsBreakdown":
+    """The plan's weight bytes of the file's tensors, each `nbytes(tensor)` (default: as stored):
+    the embeddings, one decoder layer (the layers' mean, rounded up: a Q4_K_M file stores some
+    layers' tensors as Q6_K), the head."""
     from runner.plan_rules import WeightsBreakdown
 
     file = read_gguf(gguf_path(model))
@@ -408,11 +410,11 @@ def gguf_breakdown(model: "ModelSpec") -> "WeightsBreakdown":
     for tensor in file.tensors:
         parts = tensor.name.split(".")
         if parts[0] == "blk" and parts[1].isdigit() and int(parts[1]) < model.num_layers:
-            layers[int(parts[1])] += tensor.nbytes
+            layers[int(parts[1])] += nbytes(tensor)
         elif parts[0] in ("output_norm", "output"):
-            head += tensor.nbytes
+            head += nbytes(tensor)
         else:   # token_embd and anything beside the layers (rope factors)
-            embeddings += tensor.nbytes
+            embeddings += nbytes(tensor)
     layer = -(-sum(layers) // len(layers))
     return WeightsBreakdown(embeddings=embeddings, layer=layer, head=head, num_layers=model.num_layers,
                             layer_unquantized=layer)
