@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -61,8 +62,12 @@ def sharded_repo(tmp_path) -> dict[str, Path]:
     return files
 
 
+def cdn_gets(hub) -> list[dict]:
+    return [e for e in list(hub.log) if e["method"] == "GET" and e["path"].startswith("/cdn/")]
+
+
 def fetched(hub) -> set[str]:
-    return {e["file"] for e in hub.log if e["method"] == "GET" and e["path"].startswith("/cdn/")}
+    return {e["file"] for e in cdn_gets(hub)}
 
 
 def test_pull_of_a_layer_range_fetches_its_shards_only_and_is_not_a_model_alone(hub, sharded_repo):
@@ -165,16 +170,30 @@ def test_launch_pull_over_ssh_fetches_on_each_host_its_shards_only(fake_hosts, b
     endpoint = f"http://{fake_hosts.subnet}.254:{bridge_hub.server_address[1]}"
     env = {**pull_env(HF_ENDPOINT=endpoint), "PATH": fake_hosts.env["PATH"]}
     share = f"hub/models--test-org--sharded/snapshots/{Repo.commit}"
+    bridge_hub.hold_after[SHARD.format(1)] = 100_000      # host 1's first shard stalls until released
     with fake_hosts.hidden(2, home):
-        result = subprocess.run([str(Path(__file__).parents[1] / ".venv/bin/runner"), "launch", "--hosts",
-                                 ",".join(fake_hosts.ips), "test-org/sharded", "--split", "pipeline",
-                                 "--host-memory", "16,16", "--quant", "bf16", "--pull"],
-                                capture_output=True, text=True, timeout=240, env=env, stdin=subprocess.DEVNULL)
+        launch = subprocess.Popen([str(Path(__file__).parents[1] / ".venv/bin/runner"), "launch", "--hosts",
+                                   ",".join(fake_hosts.ips), "test-org/sharded", "--split", "pipeline",
+                                   "--host-memory", "16,16", "--quant", "bf16", "--pull"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                  stdin=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 60    # host 2 fetches shard 3 while host 1 still waits for shard 1
+            while not any(e.get("file") == SHARD.format(3) for e in cdn_gets(bridge_hub)):
+                assert time.monotonic() < deadline and launch.poll() is None, "host 2 did not start meanwhile"
+                time.sleep(0.05)
+            assert not [e for e in cdn_gets(bridge_hub) if e.get("file") == SHARD.format(1) and e["range"]]
+        finally:
+            bridge_hub.release.set()
+            stdout, stderr = launch.communicate(timeout=240)
+        result = subprocess.CompletedProcess(launch.args, launch.returncode, stdout, stderr)
         assert result.returncode == 0, result.stderr
         on_host_2 = subprocess.run(["nsenter", "-t", str(fake_hosts.sshd_pid(2)), "-m", "ls", "-A", str(home / share)],
                                    capture_output=True, text=True, check=True).stdout.split()
     assert f"{fake_hosts.ips[0]}: pulling test-org/sharded (layers 0-1)" in result.stderr
     assert f"{fake_hosts.ips[1]}: pulling test-org/sharded (layers 2-3)" in result.stderr
+    for ip, layers in zip(fake_hosts.ips, ("0-1", "2-3")):   # both at once, each line named by its host
+        assert f"{ip} │ ready: test-org/sharded layers {layers}, " in result.stderr, result.stderr
     on_host_1 = sorted(p.name for p in (home / share).iterdir())
     assert on_host_1 == sorted([".runner-pull-incomplete", "config.json", "model.safetensors.index.json",
                                 SHARD.format(1), SHARD.format(2), SHARD.format(4)])
@@ -182,4 +201,5 @@ def test_launch_pull_over_ssh_fetches_on_each_host_its_shards_only(fake_hosts, b
                                         SHARD.format(2), SHARD.format(3), SHARD.format(4)])
     assert json.loads((home / share / ".runner-pull-incomplete").read_text())["layers"] == [0, 2]
     assert sorted(fetched(bridge_hub)) == sorted(SHARD.format(i) for i in (1, 2, 3, 4))
-    assert len([e for e in bridge_hub.log if e["method"] == "GET" and e["path"].startswith("/cdn/")]) == 6
+    assert sorted(e["file"] for e in cdn_gets(bridge_hub) if not e["range"]) == sorted(
+        SHARD.format(i) for i in (1, 2, 4, 2, 3, 4))           # each host its own, shard 1 resumed once

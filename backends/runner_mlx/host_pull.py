@@ -5,9 +5,9 @@ of the split reads.
 
 The split is planned here from the repository's config.json (read from the Hub, nothing written),
 as `runner launch` would plan it; then every host runs `runner pull MODEL --revision COMMIT
---layers START:STOP` (this machine directly, the others over ssh), so that each one fetches the
-shards holding its layers and the embeddings and head, all of the same commit, into the same
-folder of its Hugging Face cache. A tensor split reads a slice of every layer: each host fetches
+--layers START:STOP` (this machine directly, the others over ssh, all hosts at once), so that
+each one fetches the shards holding its layers and the embeddings and head, all of the same
+commit, into the same folder of its Hugging Face cache. A tensor split reads a slice of every layer: each host fetches
 every shard.
 
 Not yet: `runner launch` itself starting from shares (each rank's MLX conversion reads every shard).
@@ -20,6 +20,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 
 from runner.errors import RunnerError, UserInputError
 
@@ -39,6 +40,48 @@ def remote_command(argv: list[str]) -> str:
     """`argv` as one shell line for ssh, with this machine's Hub and cache settings."""
     env = [f"{name}={os.environ[name]}" for name in FORWARDED_ENV if os.environ.get(name)]
     return shlex.join(["env", *env, *argv] if env else argv)
+
+
+def run_queues(queues: list[list[tuple[str, list[str]]]]) -> list[tuple[str, int]]:
+    """Each machine's pulls one after the other, the machines at the same time; (host, exit code) of
+    those that failed. One machine: its bars as they are; several: each line named by its host."""
+    if len(queues) == 1:
+        for name, command in queues[0]:
+            code = subprocess.run(command, stdin=subprocess.DEVNULL).returncode
+            if code != 0:
+                return [(name, code)]
+        return []
+    lock = threading.Lock()
+    failed: list[tuple[str, int]] = []
+
+    def relay(name: str, stream) -> None:
+        for line in stream:
+            if line.strip():
+                with lock:
+                    print(f"{name} │ {line.rstrip()}", file=sys.stderr, flush=True)
+
+    def run(queue: list[tuple[str, list[str]]]) -> None:
+        for name, command in queue:
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True, errors="replace")
+            # each stream on its own: rich leaves its last bar's line open until it stops
+            readers = [threading.Thread(target=relay, args=(name, stream), daemon=True)
+                       for stream in (process.stdout, process.stderr)]
+            for reader in readers:
+                reader.start()
+            for reader in readers:
+                reader.join()
+            if process.wait() != 0:
+                with lock:
+                    failed.append((name, process.returncode))
+                return
+
+    threads = [threading.Thread(target=run, args=(queue,), daemon=True) for queue in queues]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return failed
 
 
 def pull_shares(args: argparse.Namespace, memory_gb: list[float] | None) -> int:
@@ -61,16 +104,18 @@ def pull_shares(args: argparse.Namespace, memory_gb: list[float] | None) -> int:
     plan = plan_launch(spec, quant, context, hosts, args.split, args.kv_bits)
     for line in plan.describe():
         print(f"runner: {line}", file=sys.stderr, flush=True)
+    queues: dict[str, list[tuple[str, list[str]]]] = {}    # one queue per machine: two pulls never share a cache
     for host, share in zip(plan.hosts, plan.shares):
         layers = share.layers if plan.split == "pipeline" else None
         what = f"layers {layers[0]}-{layers[1] - 1}" if layers else "every layer (tensor split)"
         print(f"runner: {host.name}: pulling {pull.repo_id} ({what}) at {pull.commit[:12]}", file=sys.stderr, flush=True)
         argv = pull_command(pull.repo_id, pull.commit, layers)
         command = argv if host.local else ssh_command(host.name, remote_command(argv), CONNECT_TIMEOUT)
-        code = subprocess.run(command, stdin=subprocess.DEVNULL).returncode   # its bars and lines as they come
-        if code != 0:
-            raise RunnerError(f"{host.name}: its runner pull stopped (exit code {code}); what arrived there is kept: "
-                              f"run the same runner launch --pull again to resume")
+        queues.setdefault("" if host.local else host.name, []).append((host.name, command))
+    failed = run_queues(list(queues.values()))
+    if failed:
+        raise RunnerError("; ".join(f"{name}: its runner pull stopped (exit code {code})" for name, code in failed)
+                          + "; what arrived is kept: run the same runner launch --pull again to resume")
     print(f"runner: every host holds its share of {pull.repo_id} in {pull.snapshot}", file=sys.stderr, flush=True)
     if plan.split == "pipeline":
         print("runner: note: runner launch does not start from shares yet (each rank converts the whole folder); "
