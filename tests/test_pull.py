@@ -626,3 +626,16 @@ def test_rm_never_touches_what_runner_does_not_own(hub, tmp_path, own_home):
     (snapshot("test-org/small") / "extra.safetensors").symlink_to(outside)
     assert "points outside" in one_line_error(runner("rm", "test-org/small", "--yes"))
     assert snapshot("test-org/small").exists() and outside.exists()
+
+
+def test_the_built_in_models_f16_copy_is_its_cache(hub, own_home):
+    """llama.cpp's F16 copy is made from the built-in model's package GGUF: `runner list` shows it
+    under the built-in model, and `runner rm` of the model takes it too."""
+    from runner.default_model import gguf_file
+
+    copy = derived_cache("gguf-f16", "SmolLM2-135M-Instruct.Q4_1.0123", gguf_file(), "fp16")
+    entry = listed("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert [c["path"] for c in entry["caches"]] == [str(copy)]
+    result = runner("rm", "HuggingFaceTB/SmolLM2-135M-Instruct", "-y")
+    assert result.returncode == 0, result.stderr
+    assert not copy.exists()

@@ -141,6 +141,7 @@ def local_models() -> tuple[list[LocalModel], list[DerivedCache], list[str]]:
     """The models on this machine with their derived caches, the caches whose model is gone, and
     problems with the config file worth showing."""
     from runner.default_model import default_model_folder
+    from runner.gguf import default_model_gguf as default_gguf
     from runner.tui.models import find_models
 
     entries, problems = find_models()
@@ -165,8 +166,12 @@ def local_models() -> tuple[list[LocalModel], list[DerivedCache], list[str]]:
     claimed: set[Path] = set()
     with_caches = []
     for model in models:
-        folder = model.owned or model.path
-        mine = tuple(c for c in caches if c.source is not None and folder is not None and _inside(c.source, folder))
+        sources = [model.owned or model.path]
+        if model.where == "built-in":     # its package's GGUF is a source too (llama.cpp's F16 copy)
+            sources.append(default_gguf())
+        mine = tuple(c for c in caches if c.source is not None
+                     and any(source is not None and _inside(c.source, source)
+                             for source in sources))
         claimed |= {c.path for c in mine}
         with_caches.append(LocalModel(model.name, model.where, model.path, model.state, model.owned,
                                       model.size_bytes, mine))
