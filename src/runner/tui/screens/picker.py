@@ -139,8 +139,8 @@ class PickerScreen(ModalScreen[str | None]):
 
 
 def download_running(app) -> DownloadBar | None:
-    chat = getattr(app, "chat", None)
-    bars = chat.query(DownloadBar) if chat is not None else ()
+    """The picker's download under way, if any (one at a time)."""
+    bars = app.chat.query(DownloadBar) if app.chat is not None else ()
     return next((bar for bar in bars if bar.state == "downloading"), None)
 
 
