@@ -66,7 +66,8 @@ async def open_pull_screen(pilot, repo_id: str) -> PullScreen:
 
 async def press_download(pilot) -> None:
     """Enter on the Download button, which has the focus once the plan says the model fits."""
-    assert pilot.app.focused is pilot.app.screen.query_one("#pull-start")
+    start = pilot.app.screen.query_one("#pull-start")
+    await wait_until(pilot, lambda: pilot.app.focused is start, 10, "the focus on Download")
     await pilot.press("enter")
 
 

@@ -36,6 +36,7 @@ class PullOrder:
 
 class PullScreen(ModalScreen[PullOrder | None]):
     BINDINGS = [Binding("escape", "dismiss_none", "Cancel")]
+    AUTO_FOCUS = None     # Enter does nothing until the plan is shown; then Download has the focus if it fits
 
     def __init__(self, repo_id: str, machine_source, base: ModelChoice) -> None:
         super().__init__()
@@ -53,7 +54,6 @@ class PullScreen(ModalScreen[PullOrder | None]):
                 yield Button("Cancel (Esc)", id="pull-cancel")
 
     def on_mount(self) -> None:
-        self.query_one("#pull-cancel", Button).focus()
         self.ask_the_hub()
 
     @work(thread=True, exclusive=True)
