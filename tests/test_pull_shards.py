@@ -124,6 +124,19 @@ def test_launch_pull_gives_each_host_its_layers(hub, sharded_repo):
     assert not (snapshot("test-org/sharded") / ".runner-pull-incomplete").exists()   # both shares: the whole
 
 
+def test_launch_pull_with_a_tensor_split_gives_each_host_every_shard(hub, sharded_repo):
+    pytest.importorskip("mlx")
+    hub.repos["test-org/sharded"] = Repo(dict(sharded_repo))
+    result = runner("launch", "--hosts", "127.0.0.1,127.0.0.1", "test-org/sharded", "--split", "tensor",
+                    "--host-memory", "16,16", "--quant", "bf16", "--pull")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("pulling test-org/sharded (all layers: tensor split) at 0123456789ab") == 2
+    assert "layers" not in json.dumps([line for line in result.stdout.splitlines() if line.startswith("ready:")])
+    assert fetched(hub) == {SHARD.format(i) for i in (1, 2, 3, 4)}
+    assert not (snapshot("test-org/sharded") / ".runner-pull-incomplete").exists()
+    assert "runner launch does not start from shares" not in result.stderr
+
+
 def test_launch_pull_refuses_a_prompt_and_a_folder(hub, tmp_path):
     pytest.importorskip("mlx")
     assert "give no -p" in one_line_error(runner("launch", "--hosts", "127.0.0.1,127.0.0.1", "test-org/x", "--pull",

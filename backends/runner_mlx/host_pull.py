@@ -107,7 +107,7 @@ def pull_shares(args: argparse.Namespace, memory_gb: list[float] | None) -> int:
     queues: dict[str, list[tuple[str, list[str]]]] = {}    # one queue per machine: two pulls never share a cache
     for host, share in zip(plan.hosts, plan.shares):
         layers = share.layers if plan.split == "pipeline" else None
-        what = f"layers {layers[0]}-{layers[1] - 1}" if layers else "every layer (tensor split)"
+        what = f"layers {layers[0]}-{layers[1] - 1}" if layers else "all layers: tensor split"
         print(f"runner: {host.name}: pulling {pull.repo_id} ({what}) at {pull.commit[:12]}", file=sys.stderr, flush=True)
         argv = pull_command(pull.repo_id, pull.commit, layers)
         command = argv if host.local else ssh_command(host.name, remote_command(argv), CONNECT_TIMEOUT)
