@@ -7,8 +7,8 @@ The split is planned here from the repository's config.json (read from the Hub, 
 as `runner launch` would plan it; then every host runs `runner pull MODEL --revision COMMIT
 --layers START:STOP` (this machine directly, the others over ssh, all hosts at once), so that
 each one fetches the shards holding its layers and the embeddings and head, all of the same
-commit, into the same folder of its Hugging Face cache. A tensor split reads a slice of every layer: each host fetches
-every shard.
+commit, into the same folder of its Hugging Face cache. A tensor split reads a slice of every
+layer: each host fetches every shard.
 
 Not yet: `runner launch` itself starting from shares (each rank's MLX conversion reads every shard).
 """
