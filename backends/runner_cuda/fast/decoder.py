@@ -125,7 +125,8 @@ class FastDecoder:
             self.nf4_kernel = "bitsandbytes"      # what runs: the modules' own kernel
 
         with torch.no_grad():
-            capacity = -(-self.max_len // FIRST_BUCKET) * FIRST_BUCKET     # buckets end on 256s
+            # exactly the positions the plan counts (budget.kv_cache_bytes); the last bucket ends there
+            capacity = self.max_len
             shape = (self.kv_heads, capacity, self.head_dim)
             # each layer's K and V on its layer's device
             self.keys = [torch.zeros(shape, dtype=self.dtype, device=_device_of(l)) for l in self.layers]
