@@ -216,3 +216,130 @@ def test_launch_pull_over_ssh_fetches_on_each_host_its_shards_only(fake_hosts, b
     assert sorted(fetched(bridge_hub)) == sorted(SHARD.format(i) for i in (1, 2, 3, 4))
     assert sorted(e["file"] for e in cdn_gets(bridge_hub) if not e["range"]) == sorted(
         SHARD.format(i) for i in (1, 2, 4, 2, 3, 4))           # each host its own, shard 1 resumed once
+
+
+# ---- runner launch starting from the shares ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sharded_llama(tmp_path_factory) -> Path:
+    """A real 4-layer tiny Llama (random weights, SmolLM2's tokenizer) cut into one shard per layer,
+    the embeddings with layer 0 and the final norm and head with layer 3, as an index names them."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import TINY_LLAMA, _smollm2_tokenizer
+
+    folder = tmp_path_factory.mktemp("sharded-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(**dict(TINY_LLAMA, num_hidden_layers=4), initializer_range=0.2, dtype="float32")
+    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    config.save_pretrained(str(folder))
+    weights = model.state_dict()
+
+    def shard_of(tensor: str) -> str:
+        layer = re.search(r"layers\.(\d+)\.", tensor)
+        index = int(layer.group(1)) + 1 if layer else (1 if "embed_tokens" in tensor else 4)
+        return SHARD.format(index)
+
+    weight_map = {tensor: shard_of(tensor) for tensor in weights}
+    for shard in sorted(set(weight_map.values())):
+        save_file({t: w.contiguous() for t, w in weights.items() if weight_map[t] == shard}, str(folder / shard),
+                  metadata={"format": "pt"})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    _smollm2_tokenizer().save_pretrained(str(folder))
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}))
+    return folder
+
+
+def served(folder: Path) -> Repo:
+    return Repo({p.name: p for p in folder.iterdir() if p.is_file()})
+
+
+def test_a_share_converts_and_loads_only_its_layers_with_the_whole_model_s_numbers(hub, sharded_llama):
+    """`runner pull --layers` twice, into two HF caches: each share converts to MLX only what it
+    holds, and its layers chained after the other's give the one-process logits bit for bit."""
+    import os
+
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm.models.base import create_attention_mask
+
+    from runner_mlx.convert import mlx_folder
+    from runner_mlx.session import load_model_folder
+
+    hub.repos["test-org/llama4"] = Repo(served(sharded_llama).files)
+    shares = {}
+    for layers in ((0, 2), (2, 4)):
+        home = Path(os.environ["HF_HOME"]).with_name(f"hf-{layers[0]}")
+        pulled = runner("pull", "test-org/llama4", "--layers", f"{layers[0]}:{layers[1]}",
+                        env=pull_env(HF_HOME=str(home)))
+        assert pulled.returncode == 0, pulled.stderr
+        shares[layers] = home / "hub/models--test-org--llama4/snapshots" / Repo.commit
+    first, second = shares[(0, 2)], shares[(2, 4)]
+    assert not (first / SHARD.format(3)).exists() and not (second / SHARD.format(2)).exists()
+
+    converted_first = mlx_folder(first, "bf16", layers=(0, 2))
+    assert converted_first.name == f"{Repo.commit}-bf16-layers0-1"
+    written = mx.load(str(converted_first / "model.safetensors"))
+    assert {re.search(r"layers\.(\d+)\.", t).group(1) for t in written if "layers." in t} == {"0", "1"}
+    assert {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} <= set(written)
+    assert json.loads((converted_first / "runner-source.json").read_text())["layers"] == [0, 2]
+
+    head, _ = load_model_folder(converted_first, layers=(0, 2))
+    tail, _ = load_model_folder(mlx_folder(second, "bf16", layers=(2, 4)), layers=(2, 4))
+    assert [layer is None for layer in head.model.layers] == [False, False, True, True]
+    whole, _ = load_model_folder(mlx_folder(sharded_llama, "bf16"))
+    ids = mx.array([[1, 504, 3358, 282, 4649, 30]])
+    hidden = head.model.embed_tokens(ids)
+    mask = create_attention_mask(hidden, None)
+    for layer in [*head.model.layers[:2], *tail.model.layers[2:]]:
+        hidden = layer(hidden, mask, cache=None)
+    chained = tail.lm_head(tail.model.norm(hidden))
+    assert np.array_equal(np.array(chained.astype(mx.float32)), np.array(whole(ids).astype(mx.float32)))
+
+
+def test_a_share_without_the_layers_asked_is_one_line_and_missing_weights_are_never_made_up(hub, sharded_llama):
+    from runner.errors import CorruptWeights, UserInputError
+    from runner_mlx.convert import mlx_folder, read_layers
+
+    hub.repos["test-org/llama4"] = Repo(served(sharded_llama).files)
+    assert runner("pull", "test-org/llama4", "--layers", "0:2").returncode == 0
+    share = snapshot("test-org/llama4")
+    with pytest.raises(UserInputError) as refused:
+        mlx_folder(share, "bf16", layers=(1, 3), holder="10.0.0.2")
+    assert str(refused.value) == ("10.0.0.2 holds layers 0-1 of test-org/llama4; this split needs 1-2 there: "
+                                  "runner launch --pull fetches them")
+    with pytest.raises(UserInputError) as whole:
+        mlx_folder(share, "bf16")
+    assert str(whole.value) == ("this machine holds only layers 0-1 of test-org/llama4 (one host's share for "
+                                "runner launch): runner pull test-org/llama4 fetches the rest")
+    # a marker that claims more than the files hold: refused, not run on mlx's random initial weights
+    with pytest.raises(CorruptWeights, match=r"the weights of layers 0-2 .* are not all there \(Missing 9 parameters"):
+        read_layers(share, (0, 3))
+
+
+def test_runner_list_shows_a_share_with_its_layers(hub, sharded_llama):
+    hub.repos["test-org/llama4"] = Repo(served(sharded_llama).files)
+    assert runner("pull", "test-org/llama4", "--layers", "2:4").returncode == 0
+    listed = runner("list")
+    assert listed.returncode == 0, listed.stderr
+    line = next(line for line in listed.stdout.splitlines() if line.startswith("test-org/llama4"))
+    assert line.endswith("share (layers 2-3): runner launch starts from it; runner pull test-org/llama4 fetches the rest")
+
+
+def test_launch_refuses_a_host_whose_share_lacks_its_layers(hub, sharded_llama):
+    """Two ranks on this machine read one HF cache: its share (layers 0-1) serves rank 0 only; the
+    launch stops before any rank starts, naming the host and the layers it lacks."""
+    pytest.importorskip("mlx")
+    hub.repos["test-org/llama4"] = Repo(served(sharded_llama).files)
+    assert runner("pull", "test-org/llama4", "--layers", "0:2").returncode == 0
+    result = runner("launch", "--hosts", "127.0.0.1,127.0.0.1", "test-org/llama4", "--split", "pipeline",
+                    "--host-memory", "16,16", "--quant", "bf16", "-p", "Hi")
+    assert one_line_error(result) == ("runner: error: 127.0.0.1#1 holds layers 0-1 of test-org/llama4; this split "
+                                      "needs 2-3 there: runner launch --pull fetches them")
+    tensor = runner("launch", "--hosts", "127.0.0.1,127.0.0.1", "test-org/llama4", "--split", "tensor",
+                    "--host-memory", "16,16", "--quant", "bf16", "-p", "Hi")
+    assert one_line_error(tensor) == ("runner: error: 127.0.0.1#0 holds layers 0-1 of test-org/llama4; this split "
+                                      "needs 0-3 there: runner launch --pull fetches them")

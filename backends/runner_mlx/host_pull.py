@@ -10,7 +10,8 @@ each one fetches the shards holding its layers and the embeddings and head, all 
 commit, into the same folder of its Hugging Face cache. A tensor split reads a slice of every
 layer: each host fetches every shard.
 
-Not yet: `runner launch` itself starting from shares (each rank's MLX conversion reads every shard).
+`runner launch` then starts from the shares: each rank converts and loads only the layers its host
+holds (`runner_mlx.convert`).
 """
 
 from __future__ import annotations
@@ -118,6 +119,6 @@ def pull_shares(args: argparse.Namespace, memory_gb: list[float] | None) -> int:
                           + "; what arrived is kept: run the same runner launch --pull again to resume")
     print(f"runner: every host holds its share of {pull.repo_id} in {pull.snapshot}", file=sys.stderr, flush=True)
     if plan.split == "pipeline":
-        print("runner: note: runner launch does not start from shares yet (each rank converts the whole folder); "
-              f"for now a launch needs the whole model on every host: runner pull {pull.repo_id}", file=sys.stderr)
+        print(f"runner: next: the same runner launch without --pull starts {pull.repo_id} from these shares "
+              "(the same hosts and options: the same split)", file=sys.stderr)
     return 0

@@ -184,9 +184,9 @@ def host_memory_gb(args: argparse.Namespace) -> list[float] | None:
 def checked_context(model: str | None, context: int | None) -> int:
     """The context to plan for: the one given, within the model's maximum, or the default."""
     from runner.choice import default_context
-    from runner.model import load_spec
+    from runner_mlx.launcher import launch_spec
 
-    spec = load_spec(model)
+    spec = launch_spec(model)
     if context is None:
         return default_context(spec)
     if context > spec.max_context:
@@ -195,7 +195,7 @@ def checked_context(model: str | None, context: int | None) -> int:
 
 
 def default_quant(model: str | None) -> str:
-    from runner.model import load_spec
+    from runner_mlx.launcher import launch_spec
     from runner_mlx.split import default_launch_quant
 
-    return default_launch_quant(load_spec(model))
+    return default_launch_quant(launch_spec(model))

@@ -105,19 +105,25 @@ def check_reachable(name: str, timeout: int) -> None:
                              "password-less ssh (ssh-copy-id) to every other host")
 
 
-def check_remote_files(name: str, model: Path, timeout: int) -> None:
+def check_remote_files(name: str, model: Path, timeout: int) -> tuple[int, int] | None:
     """The ranks start as `sys.executable -m runner_mlx.rank --model MODEL` on every host: both paths
-    must be there on `name` before anything starts."""
+    must be there on `name` before anything starts. Returns the layers `name` holds when its model
+    folder is a share (`runner launch --pull`), None when it holds the whole model."""
     import shlex
 
+    from runner.model import PARTIAL_PULL_MARKER
+    from runner_mlx.convert import marker_layers
+
     python, config = shlex.quote(sys.executable), shlex.quote(str(model / "config.json"))
-    probe = f"test -x {python} || echo python; test -f {config} || echo model"
+    marker = shlex.quote(str(model / PARTIAL_PULL_MARKER))
+    probe = f"test -x {python} || echo python; test -f {config} || echo model; cat {marker} 2>/dev/null"
     try:
         done = subprocess.run(ssh_command(name, probe, timeout), capture_output=True, text=True,
                               timeout=timeout + 5, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         raise UserInputError(f"cannot reach {name}: ssh did not answer within {timeout} s") from None
-    missing = done.stdout.split()
+    words, brace, marker = done.stdout.partition("{")
+    missing = words.split()
     if done.returncode != 0:
         raise UserInputError(f"cannot check the model on {name} over ssh "
                              f"({(done.stderr.strip().splitlines() or ['ssh failed'])[-1]})")
@@ -128,6 +134,7 @@ def check_remote_files(name: str, model: Path, timeout: int) -> None:
         raise UserInputError(f"{name} has no model at {model} (no config.json there): runner launch needs the "
                              f"model folder at the same path on every host; copy it, e.g. rsync -a {model}/ "
                              f"{name}:{model}/")
+    return marker_layers(brace + marker, f"{name} holds") if brace else None
 
 
 def remote_facts(name: str, timeout: int) -> tuple[int, str]:
@@ -463,27 +470,71 @@ def ring_argv(hosts, scratch: Path, verbose: bool) -> list[str]:
     return argv
 
 
+def launch_spec(model: str | None) -> "ModelSpec":
+    """`load_spec`, and also a model id of which the HF cache holds only this host's share
+    (`runner launch --pull`): runner chat does not offer such a snapshot, runner launch starts from it."""
+    from runner.model import hf_cache_snapshot, load_spec, read_config, spec_from_config
+
+    if model and not Path(model).expanduser().exists() and hf_cache_snapshot(model) is None:
+        snapshot = share_snapshot(model)
+        if snapshot is not None:
+            return spec_from_config(read_config(snapshot / "config.json", model), model, "hf-cache", snapshot)
+    return load_spec(model)
+
+
+def share_snapshot(model_id: str) -> Path | None:
+    """The snapshot of `model_id` in the HF cache that holds a share (the `main` ref's, else the newest)."""
+    from runner.model import hf_hub_cache
+    from runner_mlx.convert import held_layers
+
+    repo = hf_hub_cache() / ("models--" + model_id.replace("/", "--"))
+    if not (repo / "snapshots").is_dir():
+        return None
+    shares = []
+    for snapshot in (repo / "snapshots").iterdir():
+        try:
+            if (snapshot / "config.json").is_file() and held_layers(snapshot) is not None:
+                shares.append(snapshot)
+        except UserInputError:   # a pull cut off: not a share, nothing to start from
+            continue
+    main = repo / "refs" / "main"
+    named = main.read_text().strip() if main.is_file() else ""
+    return max(shares, key=lambda s: (s.name == named, s.stat().st_mtime), default=None)
+
+
+def check_holdings(plan: LaunchPlan, connect_timeout: int) -> None:
+    """Every host holds the model folder and runner's python at the same paths, and either the
+    whole model or a share (`runner launch --pull`) with the layers this split gives it."""
+    from runner_mlx.convert import covers, held_layers, share_refusal
+
+    folder = Path(plan.spec.path)
+    for host, share in zip(plan.hosts, plan.shares):
+        held = held_layers(folder) if host.local else check_remote_files(host.name, folder, connect_timeout)
+        needed = share.layers if plan.split == "pipeline" else (0, plan.spec.num_layers)
+        if not covers(held, needed):
+            raise UserInputError(share_refusal(share.host, plan.spec.name, held, needed))
+
+
 def convert_here(plan: LaunchPlan, on_progress) -> None:
-    """Convert once here, before the ranks start, when this machine runs one of them."""
-    if any(h.local for h in plan.hosts):
+    """Convert once here, before the ranks start, when this machine runs one of them (a share: the
+    layers it holds)."""
+    local = [share for host, share in zip(plan.hosts, plan.shares) if host.local]
+    if local:
         from runner_mlx.convert import mlx_folder
 
-        mlx_folder(Path(plan.spec.path), plan.quant, on_progress)
+        layers = local[0].layers if plan.split == "pipeline" else (0, plan.spec.num_layers)
+        mlx_folder(Path(plan.spec.path), plan.quant, on_progress, layers)
 
 
 def launch(request: LaunchRequest, on_start=None) -> int:
     """One-shot: answer `request.messages` over the hosts, printing the reply as it streams."""
-    from runner.model import load_spec
-
     hosts = request_hosts(request.hosts, request.hostfile, request.host_memory_gb, request.connect_timeout)
-    spec = load_spec(request.model)
+    spec = launch_spec(request.model)
     if spec.path is None:
         raise UserInputError(f"{spec.name}: no local folder with weights; runner launch needs the model "
                              "folder at the same path on every host")
     plan = plan_launch(spec, request.quant, request.context, hosts, request.split, request.kv_bits)
-    for host in hosts:
-        if not host.local:
-            check_remote_files(host.name, Path(spec.path), request.connect_timeout)
+    check_holdings(plan, request.connect_timeout)
     for line in plan.describe():
         print(f"runner: {line}", file=sys.stderr)
     sys.stderr.flush()

@@ -410,13 +410,11 @@ def load_share(folder: Path, split: str, layers: tuple[int, int], group, on_prog
                                             tokenizer_config={"trust_remote_code": False})
         return model, tokenizer
 
-    from runner_mlx.pipeline import PipelineStage, drop_other_layers
+    from runner_mlx.pipeline import PipelineStage
     from runner_mlx.session import load_model_folder
 
-    start, stop = layers
-    model, tokenizer = load_model_folder(folder, on_progress,
-                                         lazy_layers=lambda m: drop_other_layers(m, start, stop))
-    stage = PipelineStage(model, group, start, stop)
+    model, tokenizer = load_model_folder(folder, on_progress, layers=layers)   # a share's conversion holds no more
+    stage = PipelineStage(model, group, *layers)
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))  # everyone loaded
     return stage, tokenizer
 
@@ -466,7 +464,7 @@ def run_rank(args, hosts: list[str], watchdog: Watchdog) -> int:
 
     from runner.backend import LoadProgress
     from runner.model import load_spec
-    from runner_mlx.convert import mlx_folder, model_fingerprint
+    from runner_mlx.convert import launch_fingerprint, mlx_folder
     from runner_mlx.link import JsonLink
     from runner_mlx.session import MlxSession, check_wired_limit, describe_quant, where_it_runs
 
@@ -493,17 +491,17 @@ def run_rank(args, hosts: list[str], watchdog: Watchdog) -> int:
 
     watchdog.enter("preparing the model", None)          # a conversion takes as long as it takes
     spec = load_spec(args.model)
-    folder = mlx_folder(Path(spec.path), args.quant, progress)
-    watchdog.enter("comparing the model with the other hosts", args.load_timeout)
-    progress(LoadProgress("comparing the model with the other hosts", 0, 0))
-    check_same_model(group, model_fingerprint(folder), hosts)
-
     layers = (0, spec.num_layers)
     if args.split == "pipeline":
         ranges = [tuple(int(x) for x in part.split(":")) for part in args.layers.split(",")]
         if len(ranges) != size:
             raise UserInputError(f"--layers gives {len(ranges)} ranges for {size} ranks")
         layers = ranges[rank]
+    # a host holding only its share converts that share; one holding too little says so here
+    folder = mlx_folder(Path(spec.path), args.quant, progress, layers, holder=host_name(hosts, rank))
+    watchdog.enter("comparing the model with the other hosts", args.load_timeout)
+    progress(LoadProgress("comparing the model with the other hosts", 0, 0))
+    check_same_model(group, launch_fingerprint(Path(spec.path)), hosts)
     if args.share_bytes:   # on a Mac: warn when this host's share will not sit in wired memory
         check_wired_limit(int(args.share_bytes.split(",")[rank]))
     watchdog.enter("loading this host's share of the model", args.load_timeout)

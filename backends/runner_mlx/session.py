@@ -31,7 +31,8 @@ from runner.prefix_cache import reusable_prefix
 from runner.templates import chat_token_ids
 
 from runner_mlx import QUANT_BITS, QUANT_DTYPES
-from runner_mlx.convert import CorruptWeights, check_weights, config_fixes, mlx_folder, notify, read_json
+from runner_mlx.convert import (CorruptWeights, check_weights, config_fixes, mlx_folder, notify, read_json,
+                                read_layers)
 from runner_mlx.memory import measured, metal_limits, wired_limit_warning
 
 
@@ -224,23 +225,26 @@ def check_wired_limit(model_bytes: int) -> str | None:
     return wired_limit_warning(model_bytes, *limits)
 
 
-def load_model_folder(folder: Path, on_progress=None, *, lazy_layers=None):
+def load_model_folder(folder: Path, on_progress=None, *, layers: tuple[int, int] | None = None):
     """mlx-lm's `load`, evaluated layer by layer so a slow load shows progress.
 
-    `lazy_layers(model)` may drop layers before anything is read (the pipeline split does)."""
+    `layers` (start, stop): only those decoder layers (a pipeline stage; the others are None and
+    never read), from whatever weight files `folder` holds: a share's conversion holds only its own."""
     import mlx.core as mx
-    from mlx_lm.utils import load
+    from mlx_lm.utils import load, load_tokenizer
 
+    fixes = config_fixes(read_json(folder / "config.json"))
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            model, tokenizer = load(str(folder), lazy=True,
-                                    model_config=config_fixes(read_json(folder / "config.json")))
-        if lazy_layers is not None:
-            lazy_layers(model)
-        layers = [layer for layer in model.layers if layer is not None]
-        for index, layer in enumerate(layers):
+        if layers is not None:
+            model, config = read_layers(folder, layers, fixes)
+            tokenizer = load_tokenizer(folder, eos_token_ids=config.get("eos_token_id"))
+        else:
+            with contextlib.redirect_stdout(io.StringIO()):
+                model, tokenizer = load(str(folder), lazy=True, model_config=fixes)
+        kept = [layer for layer in model.layers if layer is not None]
+        for index, layer in enumerate(kept):
             mx.eval(layer.parameters())
-            notify(on_progress, LoadProgress("loading layers", index + 1, len(layers), "layers"))
+            notify(on_progress, LoadProgress("loading layers", index + 1, len(kept), "layers"))
         mx.eval(model.parameters())
     except (ValueError, RuntimeError, OSError) as error:
         raise CorruptWeights(f"{folder}: cannot load the weights ({error})") from None

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from runner.errors import UserInputError
@@ -57,10 +57,12 @@ class LocalModel:
     name: str                  # what `load_spec` (and so `runner chat`) takes
     where: str                 # "built-in", "runner", "HF cache", "config"
     path: Path | None          # the folder with config.json; None: not there yet
-    state: str                 # "ready", "partial" (a pull to finish), "not imported" (the built-in, before first use)
+    state: str                 # "ready", "partial" (a pull to finish), "share" (one host's layers for runner launch),
+                               # "not imported" (the built-in, before first use)
     owned: Path | None         # the folder `runner rm` removes; None for the user's own folders
     size_bytes: int
     caches: tuple[DerivedCache, ...] = ()
+    layers: tuple[int, int] | None = None    # a share's layers [start, stop), as its pull recorded them
 
 
 def tree_size(folder: Path) -> int:
@@ -133,8 +135,20 @@ def _partial_pulls(known: set[str]) -> list[LocalModel]:
             continue
         partial = [s for s in snapshots if (s / PARTIAL_PULL_MARKER).exists()]
         if partial:
-            models.append(LocalModel(model_id, "HF cache", partial[0], "partial", repo, tree_size(repo)))
+            layers = _share_layers(partial[0] / PARTIAL_PULL_MARKER)
+            models.append(LocalModel(model_id, "HF cache", partial[0], "share" if layers else "partial", repo,
+                                     tree_size(repo), layers=layers))
     return models
+
+
+def _share_layers(marker: Path) -> tuple[int, int] | None:
+    """The layers a `runner pull --layers` share recorded in its marker; None for a pull cut off."""
+    try:
+        layers = json.loads(marker.read_text()).get("layers")
+    except (OSError, ValueError, AttributeError):
+        return None
+    ok = isinstance(layers, list) and len(layers) == 2 and all(type(x) is int for x in layers)
+    return (layers[0], layers[1]) if ok and 0 <= layers[0] < layers[1] else None
 
 
 def local_models() -> tuple[list[LocalModel], list[DerivedCache], list[str]]:
@@ -173,8 +187,7 @@ def local_models() -> tuple[list[LocalModel], list[DerivedCache], list[str]]:
                      and any(source is not None and _inside(c.source, source)
                              for source in sources))
         claimed |= {c.path for c in mine}
-        with_caches.append(LocalModel(model.name, model.where, model.path, model.state, model.owned,
-                                      model.size_bytes, mine))
+        with_caches.append(replace(model, caches=mine))
     return with_caches, [c for c in caches if c.path not in claimed], problems
 
 
@@ -222,7 +235,8 @@ def removals(model: str, caches_only: bool = False) -> list[Removal]:
         if not match.owned.exists():
             continue
         hub = match.where == "HF cache"
-        what = f"{match.name} ({match.where}{', a pull not finished' if match.state == 'partial' else ''})"
+        state = {"partial": ", a pull not finished", "share": ", one host's share"}.get(match.state, "")
+        what = f"{match.name} ({match.where}{state})"
         removal = _checked(match.owned, hf_hub_cache() if hub else models_dir(), what, match.size_bytes)
         result.append(Removal(removal.path, what, removal.size_bytes, match.name if hub else None))
     if not result:

@@ -38,6 +38,7 @@ runs eagerly, without graphs, with SDPA.
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Sequence
 
 from runner.budget import PREFILL_CHUNK
@@ -509,8 +510,6 @@ def _device_of(module):
 def _on(device):
     """The device's CUDA context for what launches on the current device (NVRTC kernels, graph
     replay); nothing on the CPU."""
-    import contextlib
-
     import torch
 
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

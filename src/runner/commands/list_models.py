@@ -43,6 +43,9 @@ def _verdict(model, machine) -> str:
 
     if model.state == "partial":
         return f"partial: runner pull {model.name} resumes it"
+    if model.state == "share":
+        start, stop = model.layers
+        return f"share (layers {start}-{stop - 1}): runner launch starts from it; runner pull {model.name} fetches the rest"
     try:
         choice = resolve(load_spec(model.name), machine)
     except RunnerError as error:
