@@ -88,6 +88,11 @@ def _kernels():
     return part, combine
 
 
+def attention_takes(head_dim: int) -> bool:
+    """The kernels' head dims: a power of two (Triton's ranges) of 16 or more (its matrix products)."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
 def splits_for(span: int) -> int:
     """Parts per KV head: SPLITS, fewer where a part would hold under BLOCK positions (a power of
     two, as the combine kernel's range needs)."""

@@ -42,7 +42,7 @@ import contextlib
 from typing import TYPE_CHECKING, Sequence
 
 from runner.budget import PREFILL_CHUNK
-from runner_cuda.fast.attention import decode_attention
+from runner_cuda.fast.attention import attention_takes, decode_attention
 from runner_cuda.fast.nf4 import nf4_weight_of
 
 if TYPE_CHECKING:
@@ -111,8 +111,10 @@ class FastDecoder:
         on_cuda = self.device.type == "cuda"
         self.use_graphs = on_cuda if use_graphs is None else use_graphs
         # a decode step's attention split over the cache (attention.py, Triton: CUDA, bf16 or fp16
-        # caches, where its products are those of SDPA), else SDPA
-        self.split_kv = (on_cuda and self.dtype in (torch.bfloat16, torch.float16)) if split_kv is None else split_kv
+        # caches, where its products are those of SDPA, and a power-of-two head dim), else SDPA
+        if split_kv is None:
+            split_kv = on_cuda and self.dtype in (torch.bfloat16, torch.float16) and attention_takes(self.head_dim)
+        self.split_kv = split_kv
         # NF4 decode GEMV: bitsandbytes' own batch-1 kernel (it reads the packed weights and the
         # double-quant state itself), or the Triton kernel of nf4.py in one of its modes
         self.nf4_kernel = nf4_kernel or "cuda"
