@@ -231,3 +231,15 @@ def test_fp32_logits_match_transformers_with_rope_parameters(tiny_llama_dir, tmp
     got = session.logits(ids)
     session.close()
     assert np.abs(got - expected).max() < 1e-3
+
+
+def test_the_prompt_and_reply_stay_inside_the_planned_context(tiny_q4):
+    """The session holds `context` tokens (256 here), as the plan counted its KV cache: a longer
+    prompt is one line before anything runs, and a reply stops where the context ends."""
+    from runner.backend import Sampling
+    from runner.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="the prompt is 300 tokens but the context is 256"):
+        tiny_q4.stream_tokens([1] * 300, Sampling(max_tokens=4))
+    chunks = list(tiny_q4.stream_tokens([1] * 250, Sampling(max_tokens=100)))
+    assert chunks[-1].generation_tokens <= 6 and chunks[-1].finish_reason in ("length", "stop")

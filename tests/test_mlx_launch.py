@@ -155,7 +155,7 @@ def test_different_models_on_the_hosts_are_refused_on_every_rank(tiny_llama_dir,
     code = ("import os, sys\nfrom runner_mlx.rank import main\n"
             f"folders = {folders!r}\n"
             "sys.exit(main(['--model', folders[int(os.environ['MLX_RANK'])], '--quant', 'q4', '--split', "
-            "'pipeline', '--layers', '0:1,1:2', '--hosts', 'studio,mini', '--rank-timeout', '60']))")
+            "'pipeline', '--layers', '0:1,1:2', '--hosts', 'studio,mini', '--rank-timeout', '60', '--context', '256']))")
     from runner_mlx.launcher import free_port_range, mlx_launch_command
 
     done = subprocess.run([*mlx_launch_command(), "--backend", "ring", "--hosts", LOOPBACK, "--starting-port",

@@ -22,12 +22,11 @@ methods and nothing else (`use_steps`): `new_cache()`, `forward_step(input_ids, 
 from __future__ import annotations
 
 import inspect
-import os
 import threading
 import time
 from typing import TYPE_CHECKING, Iterator, Sequence
 
-from runner.backend import GenerationChunk, MemoryReport, Message, Sampling, checked_prompt
+from runner.backend import GenerationChunk, MemoryReport, Message, Sampling, TokenStreaming, reply_seed
 from runner.budget import PREFILL_CHUNK, check_kv_bits
 from runner.errors import GenerationError, UserInputError
 from runner.prefix_cache import reusable_prefix
@@ -98,7 +97,7 @@ def pick_token(logits: "torch.Tensor", sampling: Sampling, generator: "torch.Gen
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-class CudaSession:
+class CudaSession(TokenStreaming):
     backend = "cuda"
 
     def __init__(
@@ -205,21 +204,7 @@ class CudaSession:
             del cache, kept      # let go of its memory before a new cache is made
         return self.new_cache(), 0
 
-    # ---- streaming -------------------------------------------------------------------------
-    def stream(
-        self, messages: Sequence[Message], sampling: Sampling, cancel: threading.Event | None = None
-    ) -> Iterator[GenerationChunk]:
-        started = time.perf_counter()
-        prompt = self.tokenize(messages)
-        return self.stream_tokens(prompt, sampling, cancel, started)
-
-    def stream_tokens(
-        self, prompt: list[int], sampling: Sampling, cancel: threading.Event | None = None, started: float | None = None
-    ) -> Iterator[GenerationChunk]:
-        """The decode loop, from token ids (checked here, before the generator starts)."""
-        prompt = checked_prompt(prompt, self.context, self.spec.max_context)
-        return self._decode(prompt, sampling, cancel, started or time.perf_counter())
-
+    # ---- streaming (stream and stream_tokens: TokenStreaming) -----------------------------
     def _decode(self, prompt: list[int], sampling: Sampling, cancel, started: float) -> Iterator[GenerationChunk]:
         import torch
 
@@ -231,8 +216,7 @@ class CudaSession:
             if sampling.temperature > 0:
                 device = self.hf_model.lm_head.weight.device if hasattr(self.hf_model, "lm_head") else self.input_device
                 device = torch.device("cpu") if device.type == "meta" else device
-                seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-                generator = torch.Generator(device=device).manual_seed(seed)
+                generator = torch.Generator(device=device).manual_seed(reply_seed(sampling))
             self._reset_peak()
             decoder = IncrementalDecoder(self.tokenizer)
             cache, reused = self._cache_for(prompt)

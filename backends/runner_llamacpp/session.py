@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
-from runner.backend import GenerationChunk, LoadProgress, LoadRequest, MemoryReport, Message, Sampling, checked_prompt
+from runner.backend import (GenerationChunk, LoadProgress, LoadRequest, MemoryReport, Message, Sampling, TokenStreaming,
+                            reply_seed)
 from runner_llamacpp.plan_rules import BATCH   # tokens per llama_decode, as the plan counts them
 from runner.errors import CorruptWeights, GenerationError, LoadError, UserInputError
 from runner.prefix_cache import reusable_prefix
@@ -63,7 +64,7 @@ def pick_token(logits: "np.ndarray", sampling: Sampling, generator) -> int:
     return int(generator.choice(len(probs), p=probs))
 
 
-class LlamaCppSession:
+class LlamaCppSession(TokenStreaming):
     backend = "llamacpp"
 
     def __init__(self, llm, spec: "ModelSpec", quant: str, context: int, plan: "Plan | None", template: str | None,
@@ -117,21 +118,7 @@ class LlamaCppSession:
         self.llm.n_tokens = reused
         return reused
 
-    # ---- streaming -------------------------------------------------------------------------
-    def stream(
-        self, messages: Sequence[Message], sampling: Sampling, cancel: threading.Event | None = None
-    ) -> Iterator[GenerationChunk]:
-        started = time.perf_counter()
-        return self.stream_tokens(self.tokenize(messages), sampling, cancel, started)
-
-    def stream_tokens(
-        self, prompt: Sequence[int], sampling: Sampling, cancel: threading.Event | None = None,
-        started: float | None = None,
-    ) -> Iterator[GenerationChunk]:
-        """The decode loop, from token ids (checked here, before the generator starts)."""
-        prompt = checked_prompt(prompt, self.context, self.spec.max_context)
-        return self._decode(prompt, sampling, cancel, started or time.perf_counter())
-
+    # ---- streaming (stream and stream_tokens: TokenStreaming) -----------------------------
     def _decode(self, prompt: list[int], sampling: Sampling, cancel, started: float) -> Iterator[GenerationChunk]:
         import numpy as np
 
@@ -141,8 +128,7 @@ class LlamaCppSession:
             raise GenerationError("this session is already generating a reply")
         try:
             limit = min(sampling.max_tokens, self.context - len(prompt))
-            seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8), "little")
-            generator = np.random.default_rng(seed) if sampling.temperature > 0 else None
+            generator = np.random.default_rng(reply_seed(sampling)) if sampling.temperature > 0 else None
             text = codecs.getincrementaldecoder("utf-8")(errors="replace")
             reused = self._reuse(prompt)
             feed = prompt[reused:]

@@ -451,6 +451,7 @@ def mlx_launch_argv(plan: LaunchPlan, scratch: Path, rank_timeout: float, verbos
         "--rank-timeout", str(rank_timeout),
         "--launcher", f"{socket.gethostname()}:{os.getpid()}",
         *(["--kv-bits", str(plan.kv_bits)] if plan.kv_bits is not None else []),
+        "--context", str(plan.context),
         *rank_options,
     ]
     return ring_argv(plan.hosts, scratch, verbose) + ["--", *rank_command]

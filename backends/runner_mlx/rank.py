@@ -34,7 +34,7 @@ import threading
 import time
 from pathlib import Path
 
-from runner.backend import Message, Sampling
+from runner.backend import Message, Sampling, checked_prompt
 from runner.errors import RunnerError, UserInputError
 
 EXIT_WATCHDOG = 3     # no progress within the time limit
@@ -280,7 +280,8 @@ class CommandLineRequest:
         if request_json:
             request = json.loads(request_json)
             messages = [Message(m["role"], m["content"]) for m in request["messages"]]
-            self.requests.append((GENERATE, session.tokenize(messages), Sampling(**request["sampling"])))
+            prompt = checked_prompt(session.tokenize(messages), session.context, session.model.max_context)
+            self.requests.append((GENERATE, prompt, Sampling(**request["sampling"])))
         self.show_tokens = show_tokens
         self.size = size
         self.tokens: list[int] = []
@@ -376,6 +377,7 @@ class ChatServer:
                     self.send({"tokens": self.session.tokenize(messages)})
                     continue
                 prompt = checked_ids(message["tokens"], self.session.model.vocab_size)
+                checked_prompt(prompt, self.session.context, self.session.model.max_context)   # before every rank starts
                 sampling = Sampling(**message["sampling"])
             except RunnerError as error:
                 self.send({"error": str(error)})
@@ -436,6 +438,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--launcher", default="", help="HOST:PID of runner launch; ranks on HOST stop when it is gone")
     parser.add_argument("--show-tokens", action="store_true", help="rank 0 prints the generated token ids")
     parser.add_argument("--kv-bits", type=int, choices=(8, 4), default=None, help="the KV cache quantized to these bits")
+    parser.add_argument("--context", type=int, required=True, help="prompt + reply tokens each rank holds, as planned")
     parser.add_argument("--serve", default="",
                         help="HOST:PORT of runner launch's chat app: rank 0 takes its requests from there")
     return parser.parse_args(argv)
@@ -511,7 +514,7 @@ def run_rank(args, hosts: list[str], watchdog: Watchdog) -> int:
     summary = f"mlx {args.split} split over {size} hosts on {where_it_runs()}, {describe_quant(args.quant)}, {share}"
     if args.kv_bits is not None:
         summary += f", KV cache {args.kv_bits}-bit"
-    session = MlxSession(model, tokenizer, spec, args.quant, folder, summary, kv_bits=args.kv_bits)
+    session = MlxSession(model, tokenizer, spec, args.quant, folder, summary, args.context, kv_bits=args.kv_bits)
     active = mx.get_active_memory()
     print(f"runner: rank {rank} ({host_name(hosts, rank)}): {share}, {active / 2**30:.2f} GB in use",
           file=sys.stderr, flush=True)

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from runner.backend import GenerationChunk, LoadProgress, LoadRequest, MemoryReport, Message, Sampling
+from runner.backend import GenerationChunk, LoadProgress, LoadRequest, MemoryReport, Message, Sampling, TokenStreaming
 from runner.budget import KV_GROUP_SIZE, PREFILL_CHUNK
 from runner.errors import GenerationError, UserInputError
 from runner.model import ModelSpec
@@ -36,13 +36,14 @@ from runner_mlx.convert import (CorruptWeights, check_weights, config_fixes, mlx
 from runner_mlx.memory import measured, metal_limits, wired_limit_warning
 
 
-class MlxSession:
+class MlxSession(TokenStreaming):
     backend = "mlx"
 
     def __init__(self, model, tokenizer, spec: ModelSpec, quant: str, folder: Path,
-                 device_summary: str, planned_bytes: int = 0, warnings: tuple[str, ...] = (),
+                 device_summary: str, context: int, planned_bytes: int = 0, warnings: tuple[str, ...] = (),
                  device: str = "mlx", kv_bits: int | None = None):
         self._model = model
+        self.context = context                 # prompt + reply, as planned
         self._tokenizer = tokenizer
         self.model = spec
         self.quant = quant
@@ -66,15 +67,9 @@ class MlxSession:
     def encode(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text))
 
-    def stream(
-        self, messages: Sequence[Message], sampling: Sampling, cancel: threading.Event | None = None
-    ) -> Iterator[GenerationChunk]:
-        return self.stream_tokens(self.tokenize(messages), sampling, cancel)
-
-    def stream_tokens(
-        self, prompt: Sequence[int], sampling: Sampling, cancel: threading.Event | None = None
-    ) -> Iterator[GenerationChunk]:
-        """Stream a reply to ready-made prompt token ids (what `stream` does after the template)."""
+    def _decode(self, prompt: list[int], sampling: Sampling, cancel: threading.Event | None,
+                started: float) -> Iterator[GenerationChunk]:
+        """mlx-lm's stream_generate over the kept cache (stream and stream_tokens: TokenStreaming)."""
         import mlx.core as mx
         from mlx_lm.generate import generation_stream, stream_generate
         from mlx_lm.sample_utils import make_sampler
@@ -82,18 +77,17 @@ class MlxSession:
         if sampling.seed is not None:
             mx.random.seed(sampling.seed)
         sampler = make_sampler(temp=sampling.temperature, top_p=sampling.top_p if sampling.top_p < 1 else 0.0)
-        start = time.perf_counter()
         first_token = 0.0
-        prompt = list(prompt)
         cache, reused = self._cache_for(prompt)
         fed = list(prompt)           # what goes through the model: the prompt, then each reply token
+        limit = min(sampling.max_tokens, self.context - len(prompt))
         responses = stream_generate(self._model, self._tokenizer, prompt[reused:],
-                                    max_tokens=sampling.max_tokens, sampler=sampler, prompt_cache=cache)
+                                    max_tokens=limit, sampler=sampler, prompt_cache=cache)
         broken = False
         try:
             for response in responses:
                 if not first_token:
-                    first_token = time.perf_counter() - start
+                    first_token = time.perf_counter() - started
                 fed.append(response.token)
                 stopped = response.finish_reason == "stop"
                 yield GenerationChunk(
@@ -262,7 +256,7 @@ def load_session(request: LoadRequest) -> MlxSession:
     model, tokenizer = load_model_folder(folder, request.on_progress)
     summary = f"mlx on {where_it_runs()}, {describe_quant(request.quant)}, all {spec.num_layers} layers"
     planned_weights = sum(s.weights_bytes for s in request.plan.placement) if request.plan is not None else 0
-    return MlxSession(model, tokenizer, spec, request.quant, folder, summary,
+    return MlxSession(model, tokenizer, spec, request.quant, folder, summary, request.context,
                       planned_bytes=planned_weights, warnings=warnings, device=plan_device(request),
                       kv_bits=request.kv_bits)
 

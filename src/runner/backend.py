@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
 
@@ -88,6 +90,30 @@ def checked_prompt(prompt: Sequence[int], context: int, model_max_context: int) 
             f"--context (the model handles up to {model_max_context})"
         )
     return prompt
+
+
+def reply_seed(sampling: Sampling) -> int:
+    """The seed of a sampled reply: the one asked for, else a fresh one (63 bits: torch and numpy take it)."""
+    return sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+
+
+class TokenStreaming:
+    """`stream` and `stream_tokens` of a session whose decode loop is `_decode(prompt, sampling,
+    cancel, started)`: the chat template, then the prompt's ids checked against the session's
+    `context` before the generator starts (so a bad prompt is one line, not a broken stream)."""
+
+    context: int
+    model: "ModelSpec"
+
+    def stream(self, messages: Sequence[Message], sampling: Sampling,
+               cancel: threading.Event | None = None) -> Iterator[GenerationChunk]:
+        started = time.perf_counter()
+        return self.stream_tokens(self.tokenize(messages), sampling, cancel, started)
+
+    def stream_tokens(self, prompt: Sequence[int], sampling: Sampling, cancel: threading.Event | None = None,
+                      started: float | None = None) -> Iterator[GenerationChunk]:
+        prompt = checked_prompt(prompt, self.context, self.model.max_context)
+        return self._decode(prompt, sampling, cancel, started or time.perf_counter())
 
 
 @dataclass(frozen=True)
