@@ -343,3 +343,50 @@ def test_launch_refuses_a_host_whose_share_lacks_its_layers(hub, sharded_llama):
                     "--host-memory", "16,16", "--quant", "bf16", "-p", "Hi")
     assert one_line_error(tensor) == ("runner: error: 127.0.0.1#0 holds layers 0-1 of test-org/llama4; this split "
                                       "needs 0-3 there: runner launch --pull fetches them")
+
+
+def test_launch_over_ssh_starts_from_each_host_s_share_with_one_process_tokens(fake_hosts, bridge_hub, sharded_llama,
+                                                                              tmp_path, monkeypatch, runner_home):
+    """The whole user path over two fake hosts: runner launch --pull (each host fetches its share
+    into its own HF cache), then the same runner launch with -p: each rank converts and loads only
+    the layers its host holds, and the greedy tokens are one process's on the whole model."""
+    import shutil
+
+    from mlx_helpers import PROMPT, greedy_tokens, load
+
+    session = load(sharded_llama, "bf16")
+    expected = greedy_tokens(session, max_tokens=16)
+    session.close()
+    bridge_hub.repos["test-org/llama4"] = served(sharded_llama)
+    home = tmp_path / "hf-home"
+    home.mkdir()
+    monkeypatch.setenv("HF_HOME", str(home))
+    (runner_home / "cache").mkdir(exist_ok=True)
+    endpoint = f"http://{fake_hosts.subnet}.254:{bridge_hub.server_address[1]}"
+    env = {**pull_env(HF_ENDPOINT=endpoint), "PATH": fake_hosts.env["PATH"]}
+    options = ["--hosts", ",".join(fake_hosts.ips), "test-org/llama4", "--split", "pipeline",
+               "--host-memory", "16,16", "--quant", "bf16"]
+    share = home / f"hub/models--test-org--llama4/snapshots/{Repo.commit}"
+    converted = runner_home / "cache/models/mlx"
+    for earlier in converted.glob(f"{Repo.commit}-bf16-layers*"):      # another test's, in this session's cache
+        shutil.rmtree(earlier)
+    # host 2: an HF cache and a runner cache of its own, as on a second machine
+    with fake_hosts.hidden(2, home), fake_hosts.hidden(2, runner_home / "cache"):
+        pulled = runner("launch", *options, "--pull", env=env)
+        assert pulled.returncode == 0, pulled.stderr
+        assert "the same runner launch without --pull starts test-org/llama4 from these shares" in pulled.stderr
+        launched = runner("launch", *options, "-p", PROMPT, "--max-tokens", "16", "--show-tokens", env=env)
+        assert launched.returncode == 0, launched.stderr
+        deadline = time.monotonic() + 15
+        while [p for host in (1, 2) for p in fake_hosts.processes(host)] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [p for host in (1, 2) for p in fake_hosts.processes(host)]
+    assert sorted(p.name for p in share.glob("*.safetensors")) == [SHARD.format(i) for i in (1, 2, 4)]
+    assert json.loads((share / ".runner-pull-incomplete").read_text())["layers"] == [0, 2]
+    tokens = re.search(r"runner: tokens: ([\d ]+)", launched.stderr)
+    assert tokens and [int(t) for t in tokens.group(1).split()] == expected, launched.stderr
+    h1, h2 = fake_hosts.ips
+    assert f"rank 0 ({h1}): layers 0-1" in launched.stderr and f"rank 1 ({h2}): layers 2-3" in launched.stderr
+    assert f"converting {Repo.commit} to MLX (bfloat16, layers 0-1), once" in launched.stderr
+    assert (converted / f"{Repo.commit}-bf16-layers0-1").is_dir()          # host 1's, here
+    assert not (converted / f"{Repo.commit}-bf16-layers2-3").exists()      # host 2's stayed on host 2

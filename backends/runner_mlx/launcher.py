@@ -116,7 +116,7 @@ def check_remote_files(name: str, model: Path, timeout: int) -> tuple[int, int] 
 
     python, config = shlex.quote(sys.executable), shlex.quote(str(model / "config.json"))
     marker = shlex.quote(str(model / PARTIAL_PULL_MARKER))
-    probe = f"test -x {python} || echo python; test -f {config} || echo model; cat {marker} 2>/dev/null"
+    probe = f"test -x {python} || echo python; test -f {config} || echo model; cat {marker} 2>/dev/null; true"
     try:
         done = subprocess.run(ssh_command(name, probe, timeout), capture_output=True, text=True,
                               timeout=timeout + 5, stdin=subprocess.DEVNULL)

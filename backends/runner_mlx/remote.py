@@ -29,7 +29,7 @@ from runner.backend import GenerationChunk, LoadProgress, MemoryReport, Message,
 from runner.errors import GenerationError, LoadError, UserInputError
 
 from runner_mlx.launcher import (
-    LaunchPlan, RankReport, check_remote_files, convert_here, kill_group, mlx_launch_argv, plan_launch,
+    LaunchPlan, RankReport, check_holdings, convert_here, kill_group, mlx_launch_argv, plan_launch,
 )
 from runner_mlx.link import JsonLink, LinkClosed
 from runner_mlx.split import LaunchHost
@@ -286,10 +286,10 @@ class LaunchSource:
         self.sessions: list[RemoteSession] = []
 
     def launch_plan(self, choice) -> LaunchPlan:
-        from runner.model import load_spec
+        from runner_mlx.launcher import launch_spec
         from runner_mlx.split import default_launch_quant
 
-        spec = load_spec(choice.model)
+        spec = launch_spec(choice.model)      # a share (runner launch --pull) too
         quant = choice.quant or default_launch_quant(spec)
         return plan_launch(spec, quant, choice.context or self.context, self.hosts, self.split, self.kv_bits)
 
@@ -301,10 +301,8 @@ class LaunchSource:
         if spec.path is None:
             raise UserInputError(f"{spec.name}: no local folder with weights; runner launch needs the model "
                                  "folder at the same path on every host")
-        for host in self.hosts:   # as the one-shot does: the model and runner's python on every host first
-            if not host.local:
-                check_remote_files(host.name, Path(spec.path), CONNECT_SECONDS)
         launch_plan = plan_launch(spec, plan.quant, plan.context, self.hosts, plan.parallel, self.kv_bits)
+        check_holdings(launch_plan, CONNECT_SECONDS)   # as the one-shot does: the model (or its share) and python
         convert_here(launch_plan, on_progress)
         session = start_ranks(launch_plan, self.rank_timeout, self.grace, on_progress)
         self.sessions.append(session)
