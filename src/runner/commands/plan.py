@@ -129,7 +129,7 @@ def _print_report(model, machine, context, batch, rows, choice, recommendation, 
         out(f"{mark} {plan.quant:<9} {plan.backend:<7} {_gb(plan.weights_bytes):>9} {_gb(plan.kv_cache_bytes):>8} "
             f"{_gb(plan.overhead_bytes):>9} {_gb(plan.total_bytes):>9}  {VERDICT_WORDS[plan.verdict]:<13} "
             f"{_speed(plan.roofline_tokens_per_s):>7}\n")
-    out("  * roofline decode speed at batch 1 (memory bandwidth / bytes read per token): an upper bound\n")
+    out("  * roofline decode speed at batch 1 with the whole context cached (bandwidth / bytes read per token): an upper bound there\n")
     for plan in rows:
         if note := budget.scheme_note(model, machine, plan):
             out(f"    {note}\n")
