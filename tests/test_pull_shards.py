@@ -1,7 +1,12 @@
 """One host's share of a pipeline split: only the safetensors files holding its layers (and the
 embeddings and head), from test_pull.py's Hub-compatible server. `runner pull --layers` on this
 machine, and `runner launch --pull` over two hosts that are both this machine (no root needed);
-tests/test_launch_hosts.py's fake hosts run the same over ssh where they can be made."""
+tests/test_launch_hosts.py's fake hosts run the same over ssh where they can be made.
+
+Then `runner launch` starting from those shares: a real 4-layer Llama pulled as two shares into two
+HF caches converts and loads only what each holds, with the whole model's logits bit for bit (no
+root); a share lacking the split's layers is one line; over the fake hosts (root), launch --pull and
+then launch -p give one process's greedy tokens."""
 
 from __future__ import annotations
 
@@ -345,6 +350,7 @@ def test_launch_refuses_a_host_whose_share_lacks_its_layers(hub, sharded_llama):
                                       "needs 0-3 there: runner launch --pull fetches them")
 
 
+@pytest.mark.slow
 def test_launch_over_ssh_starts_from_each_host_s_share_with_one_process_tokens(fake_hosts, bridge_hub, sharded_llama,
                                                                               tmp_path, monkeypatch, runner_home):
     """The whole user path over two fake hosts: runner launch --pull (each host fetches its share
