@@ -268,3 +268,19 @@ async def test_a_paste_typed_as_33_kb_of_keys_does_not_freeze_the_message_box(hi
         await pilot.pause(0.2)
         assert prompt.value == "first line " + "lorem ipsum " * 300 + " last line"
         assert prompt.scroll_x == prompt.max_scroll_x > 0
+
+
+def test_the_pickers_verdicts_are_planned_as_the_pick_would_load():
+    """A catalog entry's verdict uses the chat's backend, context and KV setting (what a pick keeps)."""
+    from runner.hardware import parse_machine
+    from runner.tui.loading import ModelChoice
+    from runner.tui.models import ModelEntry
+    from runner.tui.screens.picker import verdict_cell
+
+    entry = ModelEntry("meta-llama/Llama-3.1-8B-Instruct", "catalog", None)
+    machine = parse_machine("1xRTX4090")
+    long = verdict_cell(entry, machine, ModelChoice(context=131072)).plain
+    long_kv4 = verdict_cell(entry, machine, ModelChoice(context=131072, kv_bits=4)).plain
+    short = verdict_cell(entry, machine, ModelChoice(context=4096)).plain
+    assert long != long_kv4 != short, (long, long_kv4, short)
+    assert "not a GGUF file" in verdict_cell(entry, machine, ModelChoice(backend="llamacpp")).plain

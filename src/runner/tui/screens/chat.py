@@ -343,7 +343,7 @@ class ChatScreen(Screen[None]):
             self.start_load(ModelChoice(model, base.backend, None, base.context, base.allow_offload,
                                         kv_bits=base.kv_bits))
 
-        self.app.push_screen(PickerScreen(self.app.machine, current), picked)
+        self.app.push_screen(PickerScreen(self.app.machine, current, self.loader.choice or self.app.choice), picked)
 
     def action_settings(self) -> None:
         def saved(settings: ChatSettings | None) -> None:

@@ -31,13 +31,14 @@ from runner.tui.widgets.download_bar import DownloadBar
 VERDICT_STYLE = {FITS: ("✔ fits", "green"), OFFLOAD: ("▲ offload", "yellow"), DOES_NOT_FIT: ("✘ too big", "red")}
 
 
-def verdict_cell(entry: ModelEntry, machine: Machine) -> Text:
-    """'✔ fits  nf4 5.61 GB' for this machine, or why there is no plan."""
+def verdict_cell(entry: ModelEntry, machine: Machine, base: ModelChoice = ModelChoice()) -> Text:
+    """'✔ fits  nf4 5.61 GB' for this machine, or why there is no plan; planned with `base`'s
+    backend, context and KV setting, as the chat would load the entry."""
     from runner.model import load_spec
 
     try:
         spec = load_spec(str(entry.path) if entry.path else entry.name)
-        plan = plan_for(ModelChoice(entry.name), spec, machine)
+        plan = plan_for(dataclasses.replace(base, model=entry.name, quant=None), spec, machine)
     except RunnerError as error:
         return Text(f"? {error}", "dim")
     label, style = VERDICT_STYLE.get(plan.verdict, (plan.verdict, ""))
@@ -51,10 +52,11 @@ class PickerScreen(ModalScreen[str | None]):
 
     BINDINGS = [Binding("escape", "dismiss_none", "Cancel")]
 
-    def __init__(self, machine_source, current: str | None = None) -> None:
+    def __init__(self, machine_source, current: str | None = None, base: ModelChoice = ModelChoice()) -> None:
         super().__init__()
         self.machine_source = machine_source   # a callable returning the Machine to plan for
         self.current = current
+        self.base = base                       # the backend, context and KV setting a pick loads with
         self.entries: list[ModelEntry] = []
 
     def compose(self) -> ComposeResult:
@@ -95,7 +97,7 @@ class PickerScreen(ModalScreen[str | None]):
         for index, entry in enumerate(self.entries):
             if worker.is_cancelled:
                 return
-            cell = verdict_cell(entry, machine)
+            cell = verdict_cell(entry, machine, self.base)
             self.app.call_from_thread(self._set_verdict, index, cell)
 
     def _set_verdict(self, index: int, cell: Text) -> None:
