@@ -350,6 +350,25 @@ def test_launch_refuses_a_host_whose_share_lacks_its_layers(hub, sharded_llama):
                                       "needs 0-3 there: runner launch --pull fetches them")
 
 
+def test_the_chat_and_serve_source_finds_a_share_and_checks_its_layers_before_any_rank_starts(hub, sharded_llama):
+    from runner.errors import UserInputError
+    from runner.tui.loading import ModelChoice
+    from runner_mlx.launcher import request_hosts
+    from runner_mlx.remote import LaunchSource
+
+    hub.repos["test-org/llama4"] = Repo(served(sharded_llama).files)
+    assert runner("pull", "test-org/llama4", "--layers", "2:4").returncode == 0
+    source = LaunchSource(request_hosts("127.0.0.1,127.0.0.1", None, [16, 16], 5, rank0_here=True), "pipeline", 256)
+    choice = ModelChoice("test-org/llama4", "mlx", "bf16", 256)
+    spec, plan = source.plan(choice, None)
+    assert spec.path == snapshot("test-org/llama4") and plan.parallel == "pipeline"
+    with pytest.raises(UserInputError) as refused:
+        source.load(choice, spec, plan, None)
+    source.close()
+    assert str(refused.value) == ("127.0.0.1#0 holds layers 2-3 of test-org/llama4; this split needs 0-1 there: "
+                                  "runner launch --pull fetches them")
+
+
 @pytest.mark.slow
 def test_launch_over_ssh_starts_from_each_host_s_share_with_one_process_tokens(fake_hosts, bridge_hub, sharded_llama,
                                                                               tmp_path, monkeypatch, runner_home):
