@@ -117,6 +117,10 @@ class CudaPlanRules(PlanRules):
             return f"{quant}: needs compute capability 8.9+; transformers loads it dequantized to bf16 here"
         return ""
 
+    def plan_details(self, plan):
+        """accelerate's max_memory and transformers' device_map, as the load passes them."""
+        return {"max_memory": {str(k): v for k, v in plan.max_memory().items()}, "device_map": plan.device_map()}
+
     def candidates(self, model, machine):
         if machine.is_apple:
             return []

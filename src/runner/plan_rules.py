@@ -150,6 +150,10 @@ class PlanRules:
         """One line under the plan's table about how this scheme is counted here ("" for none)."""
         return ""
 
+    def plan_details(self, plan) -> dict:
+        """What `runner plan --json` adds for a plan that fits, in this backend's own terms."""
+        return {}
+
     def candidates(self, model: ModelSpec, machine: "Machine") -> list[Candidate]:
         """The schemes this backend offers for `model` on `machine`, for the plan's recommendation."""
         return []

@@ -265,6 +265,7 @@ def _catalog_spec(model_id: str):
 
 def _plan_json(plan) -> dict:
     from runner import budget
+    from runner.plan_rules import rules_for
 
     data = {
         "quant": plan.quant, "backend": plan.backend, "verdict": plan.verdict, "parallel": plan.parallel,
@@ -279,9 +280,8 @@ def _plan_json(plan) -> dict:
         ],
         "warnings": list(plan.warnings), "notes": list(plan.notes),
     }
-    if plan.layout == budget.GPUS and plan.verdict != "does-not-fit":
-        data["max_memory"] = {str(k): v for k, v in plan.max_memory().items()}
-        data["device_map"] = plan.device_map()
+    if plan.verdict != budget.DOES_NOT_FIT:
+        data.update(rules_for(plan.backend).plan_details(plan))
     return data
 
 
