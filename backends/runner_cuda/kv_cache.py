@@ -42,12 +42,17 @@ def quantize(x: "torch.Tensor", bits: int) -> tuple["torch.Tensor", "torch.Tenso
 
 
 def dequantize(codes: "torch.Tensor", scales: "torch.Tensor", biases: "torch.Tensor", bits: int) -> "torch.Tensor":
+    """x back from `quantize`'s parts, in the scales' dtype: code x scale + bias, in float32. The
+    fast decoder's static cache (fast/static_cache.py) calls this too, inside a CUDA graph: device
+    operations only, no host synchronisation."""
     import torch
 
     if bits == 4:
         codes = torch.stack((codes & 15, codes >> 4), dim=-1).flatten(-2)
+    # a new float32 tensor, scaled in place: one float32 copy of the values alive at a time, not three
     groups = codes.unflatten(-1, (-1, KV_GROUP_SIZE)).float()
-    return (groups * scales.float()[..., None] + biases.float()[..., None]).flatten(-2).to(scales.dtype)
+    groups.mul_(scales.float()[..., None]).add_(biases.float()[..., None])
+    return groups.flatten(-2).to(scales.dtype)
 
 
 @functools.cache

@@ -589,9 +589,6 @@ def prepare_fast_decode(session, request: LoadRequest, report) -> None:
 
     if not request.fast_decode:
         return
-    if request.kv_bits is not None:
-        session.device_summary += "; fast decode off (its static KV cache is not quantized: --kv-bits)"
-        return
     report(LoadProgress("preparing fast decoding (compiling kernels, capturing CUDA graphs)", 0, 0))
     try:
         fast.attach(session, request.kernel)

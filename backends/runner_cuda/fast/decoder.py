@@ -30,6 +30,11 @@ that the split runs (and is tested) without several GPUs.
     decoder.trim(n)                               # keep the first n positions (the next turn's prefix)
     logits = decoder.prefill(more_ids)            # appended after them
 
+`kv_bits` (8 or 4, `--kv-bits`) stores the static cache quantized in the ordinary loop's format
+(static_cache.QuantizedLayer: codes plus a scale and a bias per 64 values; quantized as written,
+the attended span dequantized inside the step), so that a reply gives the ordinary loop's numbers
+with a quantized cache.
+
 A decode step's attention is split over the cache, one thread block per part of each KV head's
 positions (`attention.py`, flash-decoding in Triton), so that it does not slow down with length
 (torch's SDPA put one thread block on each KV head's whole cache). On CPU (tests) the same forward
@@ -44,6 +49,7 @@ from typing import TYPE_CHECKING, Sequence
 from runner.budget import PREFILL_CHUNK
 from runner_cuda.fast.attention import attention_takes, decode_attention
 from runner_cuda.fast.nf4 import nf4_weight_of
+from runner_cuda.fast.static_cache import static_layer
 
 if TYPE_CHECKING:
     import torch
@@ -70,11 +76,15 @@ class Unsupported(Exception):
 class FastDecoder:
     def __init__(self, model, max_len: int, *, use_graphs: bool | None = None, nf4_kernel: str | None = None,
                  compile_ops: bool | None = None, fuse_dense: bool | None = None, prefill_chunk: int = PREFILL_CHUNK,
-                 split_at: Sequence[int] = (), split_kv: bool | None = None):
+                 split_at: Sequence[int] = (), split_kv: bool | None = None, kv_bits: int | None = None):
         import torch
+
+        from runner.budget import KV_BITS, KV_GROUP_SIZE
 
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1 token, not {prefill_chunk}")
+        if kv_bits is not None and kv_bits not in KV_BITS:
+            raise ValueError(f"kv_bits must be {' or '.join(map(str, KV_BITS))}, not {kv_bits}")
         self.prefill_chunk = prefill_chunk
 
         config = model.config
@@ -107,6 +117,9 @@ class FastDecoder:
         self.kv_heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.scaling = getattr(self.layers[0].self_attn, "scaling", self.head_dim**-0.5)
+        if kv_bits is not None and self.head_dim % KV_GROUP_SIZE:
+            raise Unsupported(f"a quantized KV cache with head size {self.head_dim} (groups of {KV_GROUP_SIZE})")
+        self.kv_bits = kv_bits
         self.max_len = int(max_len)
         on_cuda = self.device.type == "cuda"
         self.use_graphs = on_cuda if use_graphs is None else use_graphs
@@ -130,10 +143,9 @@ class FastDecoder:
         with torch.no_grad():
             # exactly the positions the plan counts (budget.kv_cache_bytes); the last bucket ends there
             capacity = self.max_len
-            shape = (self.kv_heads, capacity, self.head_dim)
-            # each layer's K and V on its layer's device
-            self.keys = [torch.zeros(shape, dtype=self.dtype, device=_device_of(l)) for l in self.layers]
-            self.values = [torch.zeros(shape, dtype=self.dtype, device=_device_of(l)) for l in self.layers]
+            # each layer's K and V on its layer's device, in the compute dtype or quantized
+            self.cache = [static_layer(self.kv_heads, capacity, self.head_dim, self.dtype, _device_of(l), kv_bits)
+                          for l in self.layers]
             rotary = _device_of(inner.rotary_emb)
             probe = torch.empty(0, dtype=self.dtype, device=rotary)
             cos, sin = inner.rotary_emb(probe, torch.arange(capacity, device=rotary)[None])
@@ -166,6 +178,15 @@ class FastDecoder:
         self.pools: dict = {}  # one CUDA graph memory pool per device
 
     # ---- public -------------------------------------------------------------------------------
+
+    @property
+    def keys(self) -> "list[torch.Tensor]":
+        """The tensors holding K, every layer's (one each, or codes, scales and biases)."""
+        return [tensor for layer in self.cache for tensor in layer.tensors[:len(layer.tensors) // 2]]
+
+    @property
+    def values(self) -> "list[torch.Tensor]":
+        return [tensor for layer in self.cache for tensor in layer.tensors[len(layer.tensors) // 2:]]
 
     def prefill(self, token_ids: Sequence[int]) -> "torch.Tensor":
         """Append a prompt's tokens after the cached positions (from position 0 after `reset`),
@@ -322,7 +343,7 @@ class FastDecoder:
         x = None if fused or not layers else ops.rms_norm(hidden, self.layers[layers[0]].input_layernorm.weight, self.eps)
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         for index in layers:
-            layer, keys, values = self.layers[index], self.keys[index], self.values[index]
+            layer, cache = self.layers[index], self.cache[index]
             attn, mlp = layer.self_attn, layer.mlp
             if fused:
                 q, k, v = self.nf4[index]["qkv"](hidden).split([q_size, kv_size, kv_size], dim=-1)
@@ -333,15 +354,15 @@ class FastDecoder:
             else:
                 q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
             q, k = ops.rope(q.view(self.heads, self.head_dim), k.view(self.kv_heads, self.head_dim), cos, sin)
-            keys.index_copy_(1, tables.position, k[:, None])
-            values.index_copy_(1, tables.position, v.view(self.kv_heads, 1, self.head_dim))
+            cache.write_at(tables.position, k[:, None], v.view(self.kv_heads, 1, self.head_dim))
+            keys, values = cache.read(span)
             # grouped-query attention as `rep` queries per KV head: no K/V repeat
             if self.split_kv:
                 out = decode_attention(q.reshape(self.kv_heads, rep, self.head_dim), keys, values, tables.position, span,
                                        self.scaling).view(1, self.heads * self.head_dim)
             else:
                 out = torch.nn.functional.scaled_dot_product_attention(
-                    q.view(1, self.kv_heads, rep, self.head_dim), keys[None, :, :span], values[None, :, :span],
+                    q.view(1, self.kv_heads, rep, self.head_dim), keys[None], values[None],
                     attn_mask=visible, scale=self.scaling,
                 ).reshape(1, self.heads * self.head_dim)
             if fused:                 # hidden += o(out); hidden += down(SiLU(gate) x up of RMSNorm(hidden))
@@ -378,19 +399,19 @@ class FastDecoder:
         count = ids.numel()
         end = start + count
         hidden = self.embed(ids)                                              # [T, hidden]
-        for layer, keys, values in zip(self.layers, self.keys, self.values):
-            hidden = hidden.to(keys.device)
-            tables = self.tables[keys.device]
+        for layer, cache in zip(self.layers, self.cache):
+            hidden = hidden.to(cache.device)
+            tables = self.tables[cache.device]
             cos, sin = tables.cos[start:end, None], tables.sin[start:end, None]      # [T, 1, head_dim]
             attn = layer.self_attn
-            with _on(keys.device):      # runner's and bitsandbytes' kernels launch on the current device
+            with _on(cache.device):     # runner's and bitsandbytes' kernels launch on the current device
                 x = layer.input_layernorm(hidden)
                 q = attn.q_proj(x).view(count, self.heads, self.head_dim)
                 k = attn.k_proj(x).view(count, self.kv_heads, self.head_dim)
                 v = attn.v_proj(x).view(count, self.kv_heads, self.head_dim)
                 q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-                keys[:, start:end].copy_(k.transpose(0, 1))
-                values[:, start:end].copy_(v.transpose(0, 1))
+                cache.write(start, k.transpose(0, 1), v.transpose(0, 1))
+                keys, values = cache.read(end)
                 out = self._prefill_attention(q, keys, values, start, end)
                 hidden = hidden + attn.o_proj(out.transpose(0, 1).reshape(count, self.heads * self.head_dim))
                 mlp = layer.mlp
@@ -436,7 +457,7 @@ class FastDecoder:
         span = FIRST_BUCKET
         while span < needed:
             span *= 2
-        return min(span, self.keys[0].shape[1])
+        return min(span, self.max_len)
 
     def _graph(self, segment: "_Segment", span: int):
         """The CUDA graph of `segment`'s part of a decode step over `span` positions, captured on
