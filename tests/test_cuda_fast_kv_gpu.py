@@ -1,0 +1,173 @@
+"""The fast path's quantized static KV cache (`--kv-bits 8|4`) on a GPU: its quantize and dequantize
+captured in the CUDA graphs (no host synchronisation, or the capture fails), the split-KV Triton
+attention over the dequantized span, the ordinary loop's numbers with its quantized cache, the
+plan's KV bytes against the allocator, the step's scratch memory, and a session's turns on the kept
+cache. The same logic runs eagerly on the CPU in test_cuda_fast_kv.py.
+
+Not yet run on a GPU (written in a session without one): run with `pytest -m gpu
+tests/test_cuda_fast_kv_gpu.py -s`. When it passes, set runner_cuda.fast.QUANTIZED_KV_ON_CUDA = True
+(and the last assertion of test_parity_kv.py's GPU test, which expects kv8 to turn the fast path off,
+changes with it)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fast_kv_helpers import fast_greedy, plain_greedy, prompt
+from prefix_helpers import QUESTIONS, reply
+from runner import budget
+from runner.backend import LoadRequest, Message, get_backend
+from runner.model import load_spec
+from test_prefix_cache_gpu import word_chat_dir  # noqa: F401  (a fixture: a chat model with heads of 64)
+
+torch = pytest.importorskip("torch")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def llama(dtype, head_dim: int = 128):
+    """A random 4-layer Llama with 8B's head size (128), grouped-query attention (4 heads, 2 KV
+    heads), on the GPU."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=4 * head_dim, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=head_dim, vocab_size=4096, max_position_embeddings=8192,
+                         initializer_range=0.05)
+    return LlamaForCausalLM(config).to(dtype).cuda().eval()
+
+
+def decoder(model, kv_bits, max_len=1024, **options):
+    from runner_cuda.fast.decoder import FastDecoder
+
+    return FastDecoder(model, max_len=max_len, kv_bits=kv_bits, **options)
+
+
+def teacher_forced(fast, ids: list[int], tokens: list[int]) -> "torch.Tensor":
+    return torch.stack([fast.prefill(ids).clone()] + [fast.step(token).clone() for token in tokens[:-1]])
+
+
+@pytest.mark.parametrize("kv_bits", [8, 4])
+def test_graphed_steps_capture_the_quantized_cache(kv_bits):
+    """bf16, 200 prompt tokens then 100 steps (buckets 256 and 512): the graphs are captured (a
+    host synchronisation inside quantize or dequantize would fail the capture), the split-KV
+    kernel runs, and their logits are the eager decoder's on the same GPU."""
+    model = llama(torch.bfloat16)
+    ids = prompt(200, model.config.vocab_size)
+    eager = decoder(model, kv_bits, use_graphs=False)
+    expected, tokens = fast_greedy(eager, ids, 100)
+    graphed = decoder(model, kv_bits)
+    assert graphed.use_graphs and graphed.split_kv
+    got = teacher_forced(graphed, ids, tokens + [0])
+    assert set(graphed.segments[0].graphs) == {256, 512}
+    print("graphed vs eager: max logit difference", (got - expected).abs().max().item(), "bit-identical", torch.equal(got, expected))
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-2
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean().item() >= 0.95
+
+
+@pytest.mark.parametrize("kv_bits", [8, 4])
+def test_bf16_logits_are_the_ordinary_loops_quantized_cache(kv_bits):
+    """Fed the ordinary loop's greedy tokens (its quantized cache, transformers' attention), the
+    graphed fast path's logits are its logits within bf16 rounding (the CPU test says why not bit
+    for bit); the quantization itself moves them more (so a cache left in bf16 would fail)."""
+    model = llama(torch.bfloat16)
+    ids = prompt(300, model.config.vocab_size, seed=1)
+    expected, tokens = plain_greedy(model, ids, 64, kv_bits, chunk=128)
+    got = teacher_forced(decoder(model, kv_bits, prefill_chunk=128), ids, tokens)
+    unquantized = teacher_forced(decoder(model, None, prefill_chunk=128), ids, tokens)
+    expected = expected[:-1]
+    error = ((got - expected).norm() / expected.norm()).item()
+    moved = ((unquantized - expected).norm() / expected.norm()).item()
+    print(f"kv{kv_bits}: fast vs ordinary loop {error:.4f}, bf16 cache vs it {moved:.4f}")
+    assert error < 0.02 and error < moved
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean().item() >= 0.9
+
+
+@pytest.mark.parametrize("kv_bits", [8, 4])
+def test_fp32_greedy_tokens_are_the_ordinary_loops(kv_bits):
+    """fp32 (SDPA, graphs): 40 greedy steps give the ordinary loop's tokens with its quantized cache."""
+    model = llama(torch.float32)
+    ids = prompt(100, model.config.vocab_size, seed=2)
+    expected, expected_tokens = plain_greedy(model, ids, 40, kv_bits)
+    got, tokens = fast_greedy(decoder(model, kv_bits, prefill_chunk=16), ids, 40)
+    assert tokens == expected_tokens
+    assert (got - expected).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("kv_bits", [None, 8, 4])
+def test_static_cache_allocates_the_plans_kv_bytes(kv_bits):
+    """The allocator's bytes for every layer's static cache are the plan's KV cache (each tensor
+    rounded up to the allocator's 512 bytes at most)."""
+    from runner.model import spec_from_config
+    from runner_cuda.fast.static_cache import static_layer
+
+    spec = spec_from_config(llama(torch.bfloat16).config.to_dict(), "kv-test", "memory")
+    assert (spec.num_layers, spec.num_kv_heads, spec.head_dim) == (4, 2, 128)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    layers = [static_layer(2, 5000, 128, torch.bfloat16, "cuda", kv_bits) for _ in range(4)]
+    allocated = torch.cuda.memory_allocated() - before
+    planned = budget.kv_cache_bytes(spec, 5000, 1, "bf16", "cuda", kv_bits)
+    count = sum(len(layer.tensors) for layer in layers)
+    assert planned <= allocated <= planned + 512 * count
+
+
+@pytest.mark.parametrize("kv_bits", [8, 4])
+def test_a_steps_scratch_memory_is_one_layers_dequantized_span(kv_bits):
+    """The dequantized span a step attends over is scratch memory the plan does not hold: at most
+    about 12 bytes a value of one layer's K (K in bf16 kept while V is dequantized in float32),
+    measured eagerly at a span of 8192."""
+    model = llama(torch.bfloat16)
+    fast = decoder(model, kv_bits, max_len=8200, use_graphs=False)
+    fast.prefill(prompt(8000, model.config.vocab_size, seed=3))
+    fast.step(5)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    resident = torch.cuda.memory_allocated()
+    fast.step(6)
+    torch.cuda.synchronize()
+    scratch = torch.cuda.max_memory_allocated() - resident
+    values = 2 * 8192 * 128          # one layer's K: KV heads x span x head size
+    print(f"kv{kv_bits}: step scratch {scratch / 2**20:.1f} MiB = {scratch / values:.1f} bytes per value of one layer's K")
+    assert scratch <= 12 * values + 2**20
+
+
+@pytest.fixture(params=["fp32", "bf16"])
+def kv8_fast_session(request, word_chat_dir, monkeypatch):  # noqa: F811
+    from runner_cuda import fast
+
+    monkeypatch.setattr(fast, "QUANTIZED_KV_ON_CUDA", True)
+    spec = load_spec(str(word_chat_dir))
+    session = get_backend("cuda").load(LoadRequest(spec, request.param, 512, kv_bits=8))
+    plain = get_backend("cuda").load(LoadRequest(spec, request.param, 512, kv_bits=8, fast_decode=False))
+    yield session, plain
+    session.close()
+    plain.close()
+
+
+def test_session_turns_on_the_kept_quantized_static_cache(kv8_fast_session):
+    """With the switch on, a kv8 session decodes through the graphed quantized static cache; over
+    four turns (each from the kept cache) and an edited system prompt (cut back), each reply is the
+    ordinary loop's with a new kv8 cache (fp32: token for token; bf16: up to a near-tie, where
+    the two paths' roundings may pick either)."""
+    session, plain = kv8_fast_session
+    assert "fast decode (static 8-bit KV cache" in session.device_summary, session.device_summary
+    messages = [Message("system", "Be brief.")]
+    for turn, question in enumerate(QUESTIONS + ["Go on."]):
+        messages.append(Message("user", question))
+        if question == "Go on.":          # the system prompt edited: the kept cache is cut back
+            messages[0] = Message("system", "Answer in German.")
+        prompt_ids, tokens, chunks = reply(session, messages, max_tokens=8)
+        assert (chunks[0].reused_tokens > 0) == (turn > 0)
+        plain._kept = None
+        _, expected, _ = reply(plain, messages, max_tokens=8)
+        if session.quant == "fp32":
+            assert tokens == expected
+        else:
+            agreed = next((i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b), len(tokens))
+            if agreed < len(tokens):
+                logits = plain.logits(prompt_ids + tokens[:agreed])[-1]
+                assert float(logits[expected[agreed]] - logits[tokens[agreed]]) <= 0.25
+        messages.append(Message("assistant", "".join(c.text for c in chunks)))
