@@ -1,0 +1,177 @@
+"""Decode tokens/s of the CUDA fast path with a quantized KV cache (`--kv-bits 8|4`) against the
+bf16 cache, at 1k and 32k positions, on the Llama-3.1-8B shape, in one run on one GPU (issue 17).
+
+    PYTHONPATH=src:backends python3 bench/kv_decode_gpu.py [--quant bf16|nf4] [--positions 1024,32768]
+                                                           [--tokens 128] [--out DIR]
+
+NOT YET RUN: written in a session without a GPU; the next session with one runs it and puts its
+output in bench/RESULTS.md. There are no numbers from it anywhere until then.
+
+The model is the 8B shape with random weights built on the GPU (runner_cuda.rehearse.random_model,
+as `runner rehearse` builds it: no checkpoint). For each KV setting (bf16, 8-bit, 4-bit) in turn, a
+FastDecoder (static cache for max(positions) + tokens, CUDA graphs, split-KV attention) is warmed up
+(compile, first graph); at each position a prompt of that length is prefilled, 8 greedy steps warm
+the bucket's graph, then `tokens` greedy steps are timed with the token read back each step, as a
+session does. Reported per setting and position: tok/s; its ratio to the bf16 cache at the same
+position; and the fraction of the roofline, copy bandwidth (measured here, read + written) over the
+bytes a step must read: the weights (cuda_speed.bytes_read_per_token) plus the KV cache up to that
+position in its stored format (budget.kv_cache_bytes, what the plan counts). Also the resident
+memory of each decoder and the scratch peak of one step (the dequantized span the plan does not
+hold), and, as a sanity check in the same run, the kv8/kv4 fast path's logits teacher-forced
+against the ordinary loop with the same quantized cache (runner_cuda.kv_cache) at the first position.
+
+What to expect from the design (not measured): the quantized cache is dequantized, the whole graph
+bucket of it (a power of two: 2048 positions for steps at 1024 + 128), into a bf16 copy before the
+attention reads it, so a step reads and writes more than the roofline counts and kv8/kv4 may well
+decode slower than bf16 at 32k. The gap is what a split-KV kernel reading the codes directly
+(fast/attention.py) would win; this benchmark is the baseline for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "backends"), str(ROOT / "bench")]
+
+import cuda_speed  # noqa: E402
+
+MODEL_ID = "meta-llama/Llama-3.1-8B-Instruct"
+SETTINGS = (None, 8, 4)        # kv_bits: the compute dtype's cache, then 8- and 4-bit
+WARM_STEPS = 8
+RESULTS: dict = {}
+
+
+def record(section: str, **values) -> None:
+    RESULTS.setdefault(section, {}).update(values)
+    print(f"[{section}]", json.dumps(values, default=str), flush=True)
+
+
+def timed_steps(decoder, position: int, tokens: int) -> float:
+    """tok/s of `tokens` greedy steps after a `position`-token prompt (the bucket's graph warm)."""
+    import torch
+
+    decoder.reset()
+    logits = decoder.prefill(cuda_speed.prompt(position, seed=position))
+    for _ in range(WARM_STEPS):
+        logits = decoder.step(int(logits.argmax()))
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(tokens):
+        logits = decoder.step(int(logits.argmax()))
+    torch.cuda.synchronize()
+    return tokens / (time.perf_counter() - start)
+
+
+def step_scratch(decoder) -> int:
+    """Bytes one ungraphed step allocates above what is resident (at the decoder's current length)."""
+    import torch
+
+    graphs, decoder.use_graphs = decoder.use_graphs, False
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    resident = torch.cuda.memory_allocated()
+    decoder.step(5)
+    torch.cuda.synchronize()
+    decoder.use_graphs = graphs
+    return torch.cuda.max_memory_allocated() - resident
+
+
+def against_the_ordinary_loop(model, decoder, kv_bits: int, position: int, steps: int = 32) -> dict:
+    """The fast path's logits fed the ordinary loop's greedy tokens (same quantized cache)."""
+    import torch
+
+    from runner_cuda.kv_cache import quantized_cache
+    from runner_cuda.session import cache_argument, forward_in_chunks
+
+    ids = [token % model.config.vocab_size for token in cuda_speed.prompt(position, seed=position)]
+    device = model.lm_head.weight.device
+    cache, name = quantized_cache(model.config, kv_bits), cache_argument(model)
+    plain = [forward_in_chunks(model, torch.tensor([ids], device=device), cache, 2048, name)[0, -1].float()]
+    tokens = []
+    for _ in range(steps):
+        tokens.append(int(plain[-1].argmax()))
+        plain.append(forward_in_chunks(model, torch.tensor([[tokens[-1]]], device=device), cache, 2048, name)[0, -1].float())
+    del cache
+    decoder.reset()
+    fast = [decoder.prefill(ids).clone()] + [decoder.step(token).clone() for token in tokens[:-1]]
+    plain, fast = torch.stack(plain[:-1]), torch.stack(fast)
+    return {"max_abs_logit_diff": (fast - plain).abs().max().item(), "logit_scale": plain.abs().max().item(),
+            "relative_diff": ((fast - plain).norm() / plain.norm()).item(),
+            "argmax_equal": (fast.argmax(-1) == plain.argmax(-1)).float().mean().item()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quant", choices=("bf16", "nf4"), default="bf16")
+    parser.add_argument("--positions", default="1024,32768")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = parser.parse_args()
+    positions = [int(p) for p in args.positions.split(",")]
+
+    import torch
+    import transformers
+    import triton
+
+    from runner import budget
+    from runner.model import load_spec
+    from runner_cuda.fast.decoder import FastDecoder
+    from runner_cuda.rehearse import random_model
+
+    bandwidth = cuda_speed.copy_bandwidth()
+    record("machine", gpu=torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__,
+           triton=triton.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           copy_bandwidth_gb_s=bandwidth / 1e9, quant=args.quant, positions=positions, tokens=args.tokens)
+    spec = load_spec(MODEL_ID)
+    model = random_model(spec, args.quant).eval()
+    weights = cuda_speed.bytes_read_per_token(model)
+    record("model", weights_read_per_token_gb=weights / 1e9)
+    max_len = max(positions) + WARM_STEPS + args.tokens + 2
+    rates: dict = {}
+    for kv_bits in SETTINGS:
+        label = "bf16 KV" if kv_bits is None else f"kv{kv_bits}"
+        before = torch.cuda.memory_allocated()
+        decoder = FastDecoder(model, max_len=max_len, kv_bits=kv_bits)
+        cache_bytes = sum(t.numel() * t.element_size() for t in decoder.keys + decoder.values)
+        planned = budget.kv_cache_bytes(spec, max_len, 1, args.quant, "cuda", kv_bits)
+        started = time.perf_counter()
+        decoder.warm_up()
+        record(label, cache_gb=cache_bytes / 1e9, planned_kv_gb=planned / 1e9, cache_equals_plan=cache_bytes == planned,
+               resident_gb=(torch.cuda.memory_allocated() - before) / 1e9, warm_up_s=time.perf_counter() - started)
+        if kv_bits is not None:
+            record(label, vs_ordinary_loop=against_the_ordinary_loop(model, decoder, kv_bits, positions[0]))
+        for position in positions:
+            rate = timed_steps(decoder, position, args.tokens)
+            kv_read = budget.kv_cache_bytes(spec, position + WARM_STEPS + args.tokens // 2, 1, args.quant, "cuda", kv_bits)
+            roofline = bandwidth / (weights + kv_read)
+            rates[(kv_bits, position)] = rate
+            record(label, **{f"at_{position}": {
+                "tok_s": rate, "roofline_tok_s": roofline, "roofline_fraction": rate / roofline,
+                "ratio_to_bf16_kv": rate / rates[(None, position)],
+                "step_scratch_mb": step_scratch(decoder) / 2**20}})
+        del decoder
+        gc.collect()
+        torch.cuda.empty_cache()
+        Path(args.out, "kv_decode_gpu.json").write_text(json.dumps(RESULTS, indent=2, default=str))
+
+    print(f"\n{args.quant} weights, 8B shape, {torch.cuda.get_device_name()}, {args.tokens} greedy steps timed")
+    print(f"{'KV cache':<10}" + "".join(f"{f'at {p}':>34}" for p in positions))
+    for kv_bits in SETTINGS:
+        label = "bf16 KV" if kv_bits is None else f"kv{kv_bits}"
+        cells = []
+        for position in positions:
+            entry = RESULTS[label][f"at_{position}"]
+            cells.append(f"{entry['tok_s']:7.1f} tok/s {entry['ratio_to_bf16_kv']:5.2f}x {100 * entry['roofline_fraction']:4.0f} % roof")
+        print(f"{label:<10}" + "".join(f"{cell:>34}" for cell in cells))
+    Path(args.out, "kv_decode_gpu.json").write_text(json.dumps(RESULTS, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
