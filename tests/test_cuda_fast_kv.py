@@ -111,6 +111,17 @@ def test_trimmed_cache_continues_as_a_fresh_one(kv_bits_dir_model):
     assert (got - expected).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("split_at", [(1,), (0, "head")])
+def test_split_quantized_decoder_equals_the_unsplit_one(kv_bits_dir_model, split_at):
+    """Segments (a layer split over several GPUs, here on one CPU) each holding their layers'
+    quantized cache: bit for bit the unsplit decoder's logits."""
+    model = kv_bits_dir_model(torch.float32)
+    ids = prompt(37, model.config.vocab_size, seed=4)
+    expected, expected_tokens = fast_greedy(decoder(model, 4), ids, 30)
+    got, tokens = fast_greedy(decoder(model, 4, split_at=split_at), ids, 30)
+    assert tokens == expected_tokens and torch.equal(got, expected)
+
+
 def test_refuses_what_it_cannot_quantize(tiny_llama_dir, kv_bits_dir_model):
     from runner_cuda.fast.decoder import Unsupported
 

@@ -18,6 +18,8 @@ from prefix_helpers import QUESTIONS, reply
 from runner import budget
 from runner.backend import LoadRequest, Message, get_backend
 from runner.model import load_spec
+from test_cuda_fast_split_gpu import TWO_GPUS, assert_same_reply, checkpoint, load  # noqa: F401  (checkpoint: a fixture)
+from test_cuda_fast_split_gpu import greedy as split_greedy, prompt as split_prompt
 from test_prefix_cache_gpu import word_chat_dir  # noqa: F401  (a fixture: a chat model with heads of 64)
 
 torch = pytest.importorskip("torch")
@@ -94,6 +96,32 @@ def test_fp32_greedy_tokens_are_the_ordinary_loops(kv_bits):
     got, tokens = fast_greedy(decoder(model, kv_bits, prefill_chunk=16), ids, 40)
     assert tokens == expected_tokens
     assert (got - expected).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("quant,kernel", [("nf4", "cuda"), ("bf16", None)])
+def test_quantized_cache_split_on_one_gpu_and_over_two(checkpoint, quant, kernel):  # noqa: F811
+    """kv8 with NF4 (runner's fused kernels) and BF16 weights: cut into segments on one GPU, and
+    over two GPUs where there are two (each layer's codes, scales and biases on its GPU), the
+    same greedy reply as the whole model's decoder with the same cache, over two graph buckets."""
+    from runner_cuda.fast import decoder_for
+    from runner_cuda.fast.decoder import FastDecoder
+
+    model = load(checkpoint, quant, "cuda:0")
+    ids = split_prompt()
+    whole = FastDecoder(model, max_len=1024, nf4_kernel=kernel, prefill_chunk=128, kv_bits=8)
+    expected = split_greedy(whole, ids)
+    del whole
+    split = FastDecoder(model, max_len=1024, nf4_kernel=kernel, prefill_chunk=128, split_at=(2, "head"), kv_bits=8)
+    assert_same_reply(split_greedy(split, ids), expected)
+    assert all(set(segment.graphs) == {512, 1024} for segment in split.segments)
+    del split, model
+    if torch.cuda.device_count() < 2:
+        return
+    over_two = decoder_for(load(checkpoint, quant, TWO_GPUS), 1024, kernel, kv_bits=8)
+    assert over_two is not None and over_two.kv_bits == 8
+    assert [str(t.device) for t in over_two.keys] == ["cuda:0"] * 6 + ["cuda:1"] * 6
+    over_two.prefill_chunk = 128
+    assert_same_reply(split_greedy(over_two, ids), expected)
 
 
 @pytest.mark.parametrize("kv_bits", [None, 8, 4])
