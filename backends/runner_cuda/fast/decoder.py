@@ -73,6 +73,25 @@ class Unsupported(Exception):
     """The fast path does not handle this model; the caller keeps the ordinary loop."""
 
 
+def _check_supported(model, max_len: int) -> None:
+    """Raise Unsupported for a model the fast path does not run (the caller keeps the ordinary loop)."""
+    import torch
+
+    config = model.config
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise Unsupported(f"model type {config.model_type!r} (fast path knows {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) and max_len > config.sliding_window:
+        raise Unsupported("sliding-window attention beyond the window")
+    devices = {p.device for p in model.parameters()} | {b.device for b in model.buffers()}
+    if len({d.type for d in devices}) != 1 or devices & {torch.device("meta")}:
+        raise Unsupported(f"model spread over {', '.join(sorted(map(str, devices)))} (offloaded)")
+    for layer in model.model.layers:
+        for module in _projections(layer):
+            kind = type(module).__name__
+            if kind not in GRAPH_SAFE_LINEARS:
+                raise Unsupported(f"{kind} projections (the fast path captures {', '.join(GRAPH_SAFE_LINEARS)})")
+
+
 class FastDecoder:
     def __init__(self, model, max_len: int, *, use_graphs: bool | None = None, nf4_kernel: str | None = None,
                  compile_ops: bool | None = None, fuse_dense: bool | None = None, prefill_chunk: int = PREFILL_CHUNK,
@@ -88,18 +107,7 @@ class FastDecoder:
         self.prefill_chunk = prefill_chunk
 
         config = model.config
-        if config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise Unsupported(f"model type {config.model_type!r} (fast path knows {', '.join(SUPPORTED_MODEL_TYPES)})")
-        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) and max_len > config.sliding_window:
-            raise Unsupported("sliding-window attention beyond the window")
-        devices = {p.device for p in model.parameters()} | {b.device for b in model.buffers()}
-        if len({d.type for d in devices}) != 1 or devices & {torch.device("meta")}:
-            raise Unsupported(f"model spread over {', '.join(sorted(map(str, devices)))} (offloaded)")
-        for layer in model.model.layers:
-            for module in _projections(layer):
-                kind = type(module).__name__
-                if kind not in GRAPH_SAFE_LINEARS:
-                    raise Unsupported(f"{kind} projections (the fast path captures {', '.join(GRAPH_SAFE_LINEARS)})")
+        _check_supported(model, max_len)
         self.model = model
         inner = model.model
         self.embed = inner.embed_tokens
@@ -141,41 +149,52 @@ class FastDecoder:
             self.nf4_kernel = "bitsandbytes"      # what runs: the modules' own kernel
 
         with torch.no_grad():
-            # exactly the positions the plan counts (budget.kv_cache_bytes); the last bucket ends there
-            capacity = self.max_len
-            # each layer's K and V on its layer's device, in the compute dtype or quantized
-            self.cache = [static_layer(self.kv_heads, capacity, self.head_dim, self.dtype, _device_of(l), kv_bits)
-                          for l in self.layers]
-            rotary = _device_of(inner.rotary_emb)
-            probe = torch.empty(0, dtype=self.dtype, device=rotary)
-            cos, sin = inner.rotary_emb(probe, torch.arange(capacity, device=rotary)[None])
-            # per device: RoPE tables [max_len, head_dim], positions, and the step's position (refilled per token)
-            self.tables = {device: _Tables(cos[0].to(device), sin[0].to(device), torch.arange(capacity, device=device),
-                                           torch.zeros(1, dtype=torch.long, device=device)) for device in self.devices}
-            # the inputs and output of a graphed step: fixed addresses, refilled per token
-            self.token = torch.zeros(1, dtype=torch.long, device=self.device)
-            self.logits = torch.zeros(config.vocab_size, dtype=torch.float32, device=_device_of(self.head))
-            for segment, following in zip(self.segments, self.segments[1:]):
-                segment.output = torch.zeros(1, config.hidden_size, dtype=self.dtype, device=segment.device)
-                following.input = torch.zeros(1, config.hidden_size, dtype=self.dtype, device=following.device)
-            self.segments[-1].output = self.logits
+            self._allocate(inner.rotary_emb, config)
         self.eps = _norm_eps(self.norm)
         if config.hidden_act != "silu" or any(_norm_eps(n) != self.eps for l in self.layers for n in (l.input_layernorm, l.post_attention_layernorm)):
             raise Unsupported("activation other than SiLU or mixed norm epsilons")
         self.ops = FusedOps(compiled=on_cuda if compile_ops is None else compile_ops)
-        # BF16 (plain Linear) q/k/v and gate/up: one weight each, the modules' weights views into
-        # it (no extra memory): one GEMV instead of three (two), and small GEMVs run below bandwidth
-        self.qkv, self.gate_up = None, None
-        # (plain weights only: torchao's FP8 keeps nn.Linear but its weight is a tensor subclass)
-        if (on_cuda if fuse_dense is None else fuse_dense) and all(
-            type(m) is torch.nn.Linear and type(m.weight.data) is torch.Tensor
-            for layer in self.layers for m in _projections(layer)
-        ):
-            with torch.no_grad():
-                self.qkv = [_fuse_rows([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in self.layers]
-                self.gate_up = [_fuse_rows([l.mlp.gate_proj, l.mlp.up_proj]) for l in self.layers]
+        self.qkv, self.gate_up = self._fused_dense(on_cuda if fuse_dense is None else fuse_dense)
         self.length = 0        # positions filled in the cache
         self.pools: dict = {}  # one CUDA graph memory pool per device
+
+    def _allocate(self, rotary_emb, config) -> None:
+        """The static cache and every tensor a graphed step reads or writes: fixed addresses."""
+        import torch
+
+        # exactly the positions the plan counts (budget.kv_cache_bytes); the last bucket ends there
+        capacity = self.max_len
+        # each layer's K and V on its layer's device, in the compute dtype or quantized
+        self.cache = [static_layer(self.kv_heads, capacity, self.head_dim, self.dtype, _device_of(l), self.kv_bits)
+                      for l in self.layers]
+        rotary = _device_of(rotary_emb)
+        probe = torch.empty(0, dtype=self.dtype, device=rotary)
+        cos, sin = rotary_emb(probe, torch.arange(capacity, device=rotary)[None])
+        # per device: RoPE tables [max_len, head_dim], positions, and the step's position (refilled per token)
+        self.tables = {device: _Tables(cos[0].to(device), sin[0].to(device), torch.arange(capacity, device=device),
+                                       torch.zeros(1, dtype=torch.long, device=device)) for device in self.devices}
+        # the inputs and output of a graphed step: fixed addresses, refilled per token
+        self.token = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.logits = torch.zeros(config.vocab_size, dtype=torch.float32, device=_device_of(self.head))
+        for segment, following in zip(self.segments, self.segments[1:]):
+            segment.output = torch.zeros(1, config.hidden_size, dtype=self.dtype, device=segment.device)
+            following.input = torch.zeros(1, config.hidden_size, dtype=self.dtype, device=following.device)
+        self.segments[-1].output = self.logits
+
+    def _fused_dense(self, wanted: bool):
+        """BF16 (plain Linear) q/k/v and gate/up: one weight each, the modules' weights views into
+        it (no extra memory): one GEMV instead of three (two), and small GEMVs run below bandwidth.
+        Plain weights only: torchao's FP8 keeps nn.Linear but its weight is a tensor subclass.
+        (None, None) where it does not apply."""
+        import torch
+
+        if not wanted or not all(type(m) is torch.nn.Linear and type(m.weight.data) is torch.Tensor
+                                 for layer in self.layers for m in _projections(layer)):
+            return None, None
+        with torch.no_grad():
+            qkv = [_fuse_rows([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in self.layers]
+            gate_up = [_fuse_rows([l.mlp.gate_proj, l.mlp.up_proj]) for l in self.layers]
+        return qkv, gate_up
 
     # ---- public -------------------------------------------------------------------------------
 
