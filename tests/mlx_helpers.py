@@ -11,13 +11,13 @@ from pathlib import Path
 PROMPT = "What is the capital of France?"
 
 
-def load(folder: Path, quant: str, progress: list | None = None):
+def load(folder: Path, quant: str, progress: list | None = None, context: int = 256):
     """A real MlxSession for `folder` (converted into the test RUNNER_HOME if needed)."""
     from runner.backend import LoadRequest, get_backend
     from runner.model import load_spec
 
     spec = load_spec(str(folder))
-    return get_backend("mlx").load(LoadRequest(spec, quant=quant, context=256,
+    return get_backend("mlx").load(LoadRequest(spec, quant=quant, context=context,
                                                on_progress=progress.append if progress is not None else None))
 
 
