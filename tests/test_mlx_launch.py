@@ -221,8 +221,8 @@ def test_a_split_that_does_not_fit_a_host_is_refused_with_every_share(default_mo
     # the bigger host takes most layers; the smaller cannot hold even one beside the embeddings and head
     assert re.fullmatch(
         r"runner: error: HuggingFaceTB/SmolLM2-135M-Instruct \(bf16, 4096 tokens of context\) does not fit these "
-        r"hosts with the pipeline split: 127\.0\.0\.1#0: layers 0-28 \(29 of 30\), [\d.]+ MB of 1\.80 GB usable; "
-        r"127\.0\.0\.1#1: layers 29-29 \(1 of 30\), [\d.]+ MB of 92\.2 MB usable", done.stderr.strip()), done.stderr
+        r"hosts with the pipeline split: 127\.0\.0\.1#0: layers 0-28 \(29 of 30\), [\d.]+ MB of 1\.93 GB usable; "
+        r"127\.0\.0\.1#1: layers 29-29 \(1 of 30\), [\d.]+ MB of 96\.6 MB usable", done.stderr.strip()), done.stderr
 
 
 # ---- mlx.launch without its busy loop ----------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from runner.download import human_size as size   # 10^9-byte units, as every other command prints
 from runner.errors import DoesNotFit, UserInputError
 from runner.model import ModelSpec
 
@@ -21,7 +22,6 @@ from runner_mlx import GROUP_SIZE, QUANT_BITS
 
 PIPELINE_TYPES = ("llama", "mistral", "qwen2")   # the decoder layout runner's pipeline knows
 TENSOR_TYPES = ("llama", "mistral", "qwen2")     # mlx-lm models with shard() that runner checked
-GB = 1024**3
 
 
 @dataclass(frozen=True)
@@ -51,10 +51,6 @@ class HostShare:
         what = (f"layers {start}-{stop - 1} ({stop - start} of {num_layers})" if split == "pipeline"
                 else f"its slice of all {num_layers} layers")
         return f"{self.host}: {what}, {size(self.total_bytes)} of {size(self.capacity_bytes)} usable"
-
-
-def size(count: int) -> str:
-    return f"{count / GB:.2f} GB" if count >= GB else f"{count / 1024**2:.1f} MB"
 
 
 def default_launch_quant(spec: ModelSpec) -> str:
