@@ -2,7 +2,8 @@
 
 `stream()` is a thin loop over `mlx_lm.stream_generate`: it builds the sampler with mlx-lm's
 `make_sampler`, seeds `mx.random`, and turns each `GenerationResponse` into a runner
-`GenerationChunk`. The end-of-sequence ids are mlx-lm's: the tokenizer's own plus every id in
+`GenerationChunk`. The text is `detokenize.ReplyText`'s, not mlx-lm's (which drops the first
+token's leading space). The end-of-sequence ids are mlx-lm's: the tokenizer's own plus every id in
 generation_config.json (Llama 3 stops on two).
 
 The session keeps the KV cache of its last reply (mlx-lm's cache objects, passed to
@@ -33,6 +34,7 @@ from runner.templates import chat_token_ids
 from runner_mlx import QUANT_BITS, QUANT_DTYPES
 from runner_mlx.convert import (CorruptWeights, check_weights, config_fixes, mlx_folder, notify, read_json,
                                 read_layers)
+from runner_mlx.detokenize import ReplyText
 from runner_mlx.memory import measured, metal_limits, wired_limit_warning
 
 
@@ -80,6 +82,7 @@ class MlxSession(TokenStreaming):
         first_token = 0.0
         cache, reused = self._cache_for(prompt)
         fed = list(prompt)           # what goes through the model: the prompt, then each reply token
+        text = ReplyText(self._tokenizer, prompt)
         limit = min(sampling.max_tokens, self.context - len(prompt))
         responses = stream_generate(self._model, self._tokenizer, prompt[reused:],
                                     max_tokens=limit, sampler=sampler, prompt_cache=cache)
@@ -90,8 +93,11 @@ class MlxSession(TokenStreaming):
                     first_token = time.perf_counter() - started
                 fed.append(response.token)
                 stopped = response.finish_reason == "stop"
+                piece = "" if stopped else text.add(response.token)
+                if response.finish_reason is not None:
+                    piece += text.flush()
                 yield GenerationChunk(
-                    text=response.text,
+                    text=piece,
                     token=None if stopped else response.token,   # the end-of-sequence id is not reply
                     prompt_tokens=len(prompt),
                     prompt_tps=response.prompt_tps,
@@ -103,7 +109,7 @@ class MlxSession(TokenStreaming):
                     reused_tokens=reused,
                 )
                 if cancel is not None and cancel.is_set() and response.finish_reason is None:
-                    yield GenerationChunk("", None, len(prompt), response.prompt_tps,
+                    yield GenerationChunk(text.flush(), None, len(prompt), response.prompt_tps,
                                           response.generation_tokens, response.generation_tps,
                                           first_token, int(response.peak_memory * 1e9), "cancelled",
                                           reused_tokens=reused)
