@@ -100,3 +100,23 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     generation = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     return folder
+
+
+LONG_CONTEXT = 32768
+
+
+@pytest.fixture(scope="session")
+def long_llama_dir(tiny_llama_dir, tmp_path_factory) -> Path:
+    """The tiny Llama with a context of LONG_CONTEXT tokens: a reply that runs until a test stops it
+    (every session stops a reply where its context ends, and the tiny model's 256 positions are
+    written in about a second)."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("long-llama")
+    for item in tiny_llama_dir.iterdir():
+        if item.is_file():
+            shutil.copy(item, folder / item.name)
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = LONG_CONTEXT
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return folder

@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from fake_hosts import fake_hosts  # noqa: F401  (the fixture)
+from conftest import LONG_CONTEXT
 from mlx_helpers import PROMPT, copy_model, greedy_tokens, load
 
 pytest.importorskip("mlx_lm")
@@ -249,11 +250,12 @@ def test_a_different_model_on_one_host_stops_every_rank(fake_hosts, tiny_llama_d
 class LongRun:
     """A reply that runs until stopped, its stderr lines collected; the run is always ended."""
 
-    def __init__(self, hosts, model, on_host: int | None = None):
+    def __init__(self, hosts, model, on_host: int | None = None, context: int | None = None):
         prefix = hosts.in_namespace(on_host) if on_host else []
+        context_option = ["--context", str(context)] if context else []
         self.process = subprocess.Popen(
             [*prefix, sys.executable, "-c", RUNNER, "launch", str(model), "--hosts", ",".join(hosts.ips),
-             "--split", "pipeline", "--quant", "q4", "-p", PROMPT, "--max-tokens", "100000"],
+             "--split", "pipeline", "--quant", "q4", "-p", PROMPT, "--max-tokens", "100000", *context_option],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=hosts.env)
         self.lines: list[str] = []
         self.replied: list[str] = []
@@ -290,12 +292,12 @@ class LongRun:
 
 
 @pytest.fixture
-def long_run(fake_hosts, tiny_llama_dir):
-    single_process(tiny_llama_dir, "q4", 1)                 # converted once, before the ranks start
+def long_run(fake_hosts, long_llama_dir):
+    single_process(long_llama_dir, "q4", 1)                 # converted once, before the ranks start
     runs = []
 
     def start(on_host: int | None = None) -> LongRun:
-        runs.append(LongRun(fake_hosts, tiny_llama_dir, on_host))
+        runs.append(LongRun(fake_hosts, long_llama_dir, on_host, LONG_CONTEXT))
         runs[-1].wait_for_reply()
         return runs[-1]
 

@@ -17,6 +17,7 @@ import time
 import psutil
 import pytest
 
+from conftest import LONG_CONTEXT
 from mlx_helpers import PROMPT, copy_model, greedy_tokens, launch_popen, load, rank_processes, runner
 
 pytest.importorskip("mlx_lm")
@@ -65,7 +66,7 @@ def test_tensor_split_gives_the_single_process_greedy_tokens_fp32(tiny_llama_dir
 
 def start_long_run(model_dir, *extra: str):
     process = launch_popen(str(model_dir), "--hosts", LOOPBACK, "--split", "pipeline", "--quant", "q4",
-                           "-p", PROMPT, "--max-tokens", "100000", *extra)
+                           "-p", PROMPT, "--max-tokens", "100000", "--context", str(LONG_CONTEXT), *extra)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(iter(process.stderr.readline, "")), daemon=True).start()
     threading.Thread(target=lambda: process.stdout.read(), daemon=True).start()
@@ -94,12 +95,12 @@ def finish(process: subprocess.Popen, limit: float) -> float:
 
 
 @pytest.fixture
-def long_run(tiny_llama_dir):
+def long_run(long_llama_dir):
     """start(*extra) -> (process, stderr lines, its child processes); the run is always ended."""
     started = []
 
     def start(*extra: str):
-        run = start_long_run(tiny_llama_dir, *extra)
+        run = start_long_run(long_llama_dir, *extra)
         started.append(run[0])
         return run
 

@@ -15,6 +15,7 @@ import time
 import psutil
 import pytest
 
+from conftest import LONG_CONTEXT
 from mlx_helpers import load, rank_processes, runner
 from tui_helpers import SIZE, run_async, send, wait_loaded, wait_until
 
@@ -39,7 +40,7 @@ def launch_source(split: str, context: int = 256):
 
 
 CONTEXT = 256      # tokens: the tiny test model holds no more
-LONG_CONTEXT = 2048
+CHAT_CONTEXT = 2048    # the default model's reply cannot fill it before Esc
 
 
 def launch_app(model_dir, quant: str, split: str, history, max_tokens: int, context: int = 256):
@@ -120,7 +121,7 @@ async def test_a_reply_streams_from_two_ranks_with_the_single_process_greedy_tok
 async def test_escape_stops_the_reply_on_every_rank_and_the_next_message_works(default_model_dir, tmp_path):
     # the default model, whose context (2,048 here) a reply cannot fill before Esc: the tiny model's
     # 256 positions can be written to the end before the key arrives on a busy machine
-    app, source = launch_app(default_model_dir, "q8", "pipeline", tmp_path / "history.db", 100000, LONG_CONTEXT)
+    app, source = launch_app(default_model_dir, "q8", "pipeline", tmp_path / "history.db", 100000, CHAT_CONTEXT)
     tokens, hook = reply_tokens()
     try:
         async with app.run_test(size=SIZE, message_hook=hook) as pilot:
@@ -153,13 +154,13 @@ async def test_escape_stops_the_reply_on_every_rank_and_the_next_message_works(d
         source.close()
     assert not ranks_left()
     # the second reply saw the stopped one in its prompt, as one process would
-    assert tokens(history[3].id) == single_process_tokens(default_model_dir, "q8", turns, 8, context=LONG_CONTEXT)
+    assert tokens(history[3].id) == single_process_tokens(default_model_dir, "q8", turns, 8, context=CHAT_CONTEXT)
 
 
 @pytest.mark.slow
 @run_async
-async def test_a_rank_that_dies_while_chatting_ends_the_reply_with_a_clear_error(tiny_llama_dir, tmp_path):
-    app, source = launch_app(tiny_llama_dir, "q4", "pipeline", tmp_path / "history.db", 100000)
+async def test_a_rank_that_dies_while_chatting_ends_the_reply_with_a_clear_error(long_llama_dir, tmp_path):
+    app, source = launch_app(long_llama_dir, "q4", "pipeline", tmp_path / "history.db", 100000, LONG_CONTEXT)
     try:
         async with app.run_test(size=SIZE) as pilot:
             chat = await wait_loaded(pilot)
