@@ -276,3 +276,15 @@ def test_plain_text_is_tokenized_as_the_torch_backend_does(session, default_mode
     hf = AutoTokenizer.from_pretrained(str(default_model_dir))
     for text in ("Hello world", "The capital of France is", "  spaces, 'quotes' and ünïcödé\n"):
         assert session.encode(text) == hf(text)["input_ids"], text
+
+
+def test_parity_counts_the_same_greedy_reply_as_torch(f16_session, torch_fp32):
+    """runner parity's greedy reply stops at the end token the backend stopped at, though a GGUF
+    has no generation_config.json naming it (it used to count llama.cpp's replies as different)."""
+    from runner.backend import Message
+    from runner.parity import eos_token_ids, greedy_reply
+
+    messages = [Message("user", "What is the capital of France?")]
+    ours, text = greedy_reply(f16_session, messages, 24, set())
+    theirs, _ = greedy_reply(torch_fp32, messages, 24, eos_token_ids(torch_fp32.model.path))
+    assert ours == theirs and text == "The capital of France is Paris."

@@ -390,12 +390,14 @@ def summarize_logits(token_ids: "np.ndarray", logits: "np.ndarray", k: int):
 def greedy_reply(
     session: "Session", messages: Sequence[Message], max_tokens: int, eos: set[int]
 ) -> tuple[list[int], str]:
-    """The session's greedy reply through its real generation path (`stream`), cut at the first EOS."""
+    """The session's greedy reply through its real generation path (`stream`), cut at the first EOS:
+    one of `eos`, or the token of a chunk that ends with "stop" (the end token the backend stopped
+    at; a GGUF file has no generation_config.json to name it)."""
     tokens: list[int] = []
     text = []
     for chunk in session.stream(messages, Sampling(temperature=0.0, max_tokens=max_tokens)):
         if chunk.token is not None:
-            if chunk.token in eos:
+            if chunk.token in eos or chunk.finish_reason == "stop":
                 break
             tokens.append(int(chunk.token))
         text.append(chunk.text)
