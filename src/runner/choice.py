@@ -232,11 +232,11 @@ def _gb(n: float) -> str:
 
 
 def plan_line(plan: Plan) -> str:
-    shares = ", ".join(f"{share.device} {_gb(share.total_bytes)}" for share in plan.placement if share.total_bytes)
+    where = ", ".join(f"{share.device} {_gb(share.total_bytes)}" for share in plan.placement if share.total_bytes)
     return (
         f"plan for {plan.quant} at {plan.context} tokens: weights {_gb(plan.weights_bytes)} + KV cache "
         f"{_gb(plan.kv_cache_bytes)} + overhead {_gb(plan.overhead_bytes)} = {_gb(plan.total_bytes)} "
-        f"({shares}; {plan.verdict})"
+        f"({where + '; ' if where else ''}{plan.verdict})"
     )
 
 
