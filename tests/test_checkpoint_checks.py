@@ -200,3 +200,15 @@ def test_config_values_transformers_rejects_are_one_line(tiny_llama_dir, tmp_pat
     with pytest.raises(RunnerError) as caught:
         load(folder)
     assert "\n" not in str(caught.value) and str(caught.value).startswith(str(folder))
+
+
+def test_a_missing_tensor_on_mlx_is_one_line_too(tiny_llama_dir, tmp_path, capsys):
+    """mlx-lm's own message spans lines ("Missing 1 parameters: \\n model.layers..."): runner says it in one."""
+    pytest.importorskip("mlx_lm")
+    from runner.cli import main
+
+    folder = edited_copy(tiny_llama_dir, tmp_path / "missing-mlx",
+                         lambda state: state.pop("model.layers.1.mlp.up_proj.weight"))
+    assert main(["generate", str(folder), "-p", "Hi", "--backend", "mlx", "--quant", "bf16", "--context", "64"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line or "up_proj" in line]
+    assert len(errors) == 1 and errors[0].startswith("runner: error: ") and "up_proj" in errors[0], errors

@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 2
         return int(args.run(args) or 0)
-    except RunnerError as error:
-        print(f"runner: error: {error}", file=sys.stderr)
+    except RunnerError as error:   # one line, whatever a library put in the message
+        print(f"runner: error: {' '.join(str(error).split())}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print("runner: interrupted", file=sys.stderr)
