@@ -71,3 +71,13 @@ def test_bad_input_is_one_line_and_exit_2(tiny_llama_dir, tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("runner: error:") and message in err[-1], (argv, err)
+
+
+def test_a_torch_load_prints_no_library_warnings(tiny_llama_dir):
+    """transformers' own warnings (its tensor-parallel plan check, its missing-tensor table) stay out
+    of the user's terminal: runner says what matters in its own lines."""
+    result = subprocess.run([str(RUNNER), "generate", str(tiny_llama_dir), "-p", "Hi", "--backend", "cuda",
+                             "--quant", "fp32", "--max-tokens", "2", "--context", "64"],
+                            capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert result.returncode == 0, result.stderr
+    assert "[transformers]" not in result.stderr and "not sharded" not in result.stderr, result.stderr

@@ -648,17 +648,24 @@ def load_weights(weights: str, quantization_config, tensors: dict[str, TensorEnt
     raise CorruptWeights(f"{spec.name}: {mismatch}")
 
 
+# transformers' loggers quieted while it loads (checked against transformers 5.24): the table of
+# missing/unexpected tensors, which runner says in one line instead (`checkpoint_mismatch`), and the
+# tensor-parallel plan check, which 5.24 runs when that table is quieted ("The following layers
+# were not sharded: ..."): runner does not use tensor parallelism
+QUIETED_LOGGERS = ("transformers.modeling_utils", "transformers.distributed.tensor_parallel")
+
+
 @contextmanager
 def quiet_loading_report():
-    """transformers logs a multi-line table of missing/unexpected tensors as a warning while it
-    loads; runner refuses such a checkpoint in one line instead (`checkpoint_mismatch`)."""
-    report_logger = logging.getLogger("transformers.modeling_utils")
-    level = report_logger.level
-    report_logger.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(name) for name in QUIETED_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        report_logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def out_of_memory_message(request: LoadRequest, where: str) -> str:
