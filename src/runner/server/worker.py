@@ -56,6 +56,7 @@ class Job:
         self.events: asyncio.Queue = asyncio.Queue()
         self.number = 0
         self.queued_at = time.perf_counter()
+        self.behind = False     # queued while another request was being answered
         self._loop = loop
 
     def post(self, event: Started | Text | Finished | Failed) -> None:
@@ -108,6 +109,7 @@ class ModelHost:
                            type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
         self._submitted += 1
         job.number = self._submitted
+        job.behind = self.busy or self._waiting.qsize() > 0
         self._waiting.put(job)
 
     @property
@@ -214,7 +216,7 @@ class ModelHost:
         finish = "stop" if stopped else last.finish_reason
         usage = Usage(last.prompt_tokens, last.generation_tokens, last.reused_tokens)
         job.post(Finished(finish, usage))
-        queue_note = f"waited {waited:.2f} s · " if waited >= 0.01 else ""
+        queue_note = f"waited {waited:.2f} s · " if job.behind else ""
         if finish == "cancelled":
             outcome = f"{usage.completion_tokens} tokens (cancelled: the client went away)"
         else:
