@@ -230,6 +230,18 @@ def backend_class(name: str):
     return getattr(module, attribute)
 
 
+def installed_backends() -> dict[str, type]:
+    """name -> class of the registered backends whose package imports here, in registry order
+    (a backend whose own libraries are missing still imports: `availability()` says so)."""
+    classes = {}
+    for name in BACKENDS:
+        try:
+            classes[name] = backend_class(name)
+        except BackendUnavailable:
+            continue
+    return classes
+
+
 def backend_quants(name: str) -> tuple[str, ...]:
     """The schemes backend `name` loads, in the CLI's words."""
     return tuple(backend_class(name).quants)

@@ -21,10 +21,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from runner.errors import BackendUnavailable, UserInputError
+from runner.errors import UserInputError
 from runner.hardware import GB, Host, Machine
 from runner.model import Linear, ModelSpec
-from runner.plan_rules import GPUS, HOSTS, WeightsBreakdown, rules_for
+from runner.plan_rules import GPUS, HOSTS, WeightsBreakdown, installed_rules, rules_for
 
 GGUF = "gguf"   # a GGUF file's tensors as stored (llama.cpp): sized from the file, not by a rule
 
@@ -242,32 +242,19 @@ def preferred_backend(machine: Machine) -> str:
     """The backend that suits this machine best for a safetensors model (its rules' `suits`)."""
     from runner.backend import backend_names
 
-    ranked = [(rank, name) for name in backend_names() if (rank := _suits(name, machine)) is not None]
+    ranked = [(rank, name) for name, rules in installed_rules().items() if (rank := rules.suits(machine)) is not None]
     return min(ranked, key=lambda pair: pair[0])[1] if ranked else backend_names()[0]
-
-
-def _suits(name: str, machine: Machine) -> float | None:
-    try:
-        return rules_for(name).suits(machine)
-    except BackendUnavailable:
-        return None
 
 
 def backends_taking(quant: str, machine: Machine | None = None, allowed=None) -> list[str]:
     """The backends whose schemes (`allowed(name)`, default: all they load) include `quant`, the one
     the plan prefers on `machine` first; a backend that is not installed takes nothing."""
-    from runner.backend import backend_names, backend_quants
+    from runner.backend import backend_quants, installed_backends
 
     allowed = allowed or backend_quants
+    installed = list(installed_backends())
     first = [preferred_backend(machine)] if machine is not None else []
-    takers = []
-    for name in dict.fromkeys(first + backend_names()):
-        try:
-            if quant in allowed(name):
-                takers.append(name)
-        except BackendUnavailable:
-            continue
-    return takers
+    return [name for name in dict.fromkeys(first + installed) if name in installed and quant in allowed(name)]
 
 
 def default_backend_for(quant: str, machine: Machine | None = None) -> str:
@@ -294,19 +281,10 @@ def check_scheme(quant: str, backend: str) -> None:
                              f"the {backend} backend takes {', '.join(takes)}")
 
 
-def _loads_gguf(name: str) -> bool:
-    try:
-        return rules_for(name).loads_gguf
-    except BackendUnavailable:
-        return False
-
-
 def check_request(model: ModelSpec, quant: str, context: int, batch: int, backend: str) -> None:
-    from runner.backend import backend_names
-
     check_scheme(quant, backend)
     if model.source == "gguf" and not rules_for(backend).loads_gguf:
-        takers = [name for name in backend_names() if _loads_gguf(name)]
+        takers = [name for name, rules in installed_rules().items() if rules.loads_gguf]
         raise UserInputError(f"{model.name} is a GGUF file: the {'/'.join(takers) or '(none installed)'} backend runs it as "
                              f"stored (--backend {takers[0] if takers else '...'} --quant {GGUF}); "
                              f"the {backend} backend loads safetensors folders")
@@ -412,13 +390,14 @@ def make_plan(
     notes: list[str] = []
 
     layout = rules.layout(machine)
+    offload_words = rules.offloads_unquantized(quant)   # "": offloaded layers keep the scheme
     if layout == HOSTS:
         placement, verdict, parallel_used = _place_on_hosts(
             model, machine, breakdown, kv_per_layer, activations, logits, parallel, warnings, notes, balance
         )
     else:
         placement, verdict, parallel_used = _place_on_gpus(
-            model, machine, breakdown, kv_per_layer, activations, logits, bool(rules.offloads_unquantized(quant)),
+            model, machine, breakdown, kv_per_layer, activations, logits, bool(offload_words),
             warnings, balance, backend
         )
 
@@ -427,7 +406,7 @@ def make_plan(
     overhead = sum(s.overhead_bytes for s in placement) if verdict != DOES_NOT_FIT else activations + logits
     roofline = _roofline(model, placement, parallel_used) if verdict != DOES_NOT_FIT else 0.0
     warnings += rules.warnings(model, machine, quant)
-    _offload_warnings(placement, verdict, roofline, rules.offloads_unquantized(quant), machine, warnings)
+    _offload_warnings(placement, verdict, roofline, offload_words, machine, warnings)
     for host in machine.hosts:
         if host.swap_used_bytes > 1 * GB and not machine.hypothetical:
             warnings.append(
@@ -681,17 +660,8 @@ def candidate_schemes(model: ModelSpec, machine: Machine) -> list[tuple[str, str
 
 def _rules_for_model(model: ModelSpec | None) -> list:
     """(name, rules) of the installed backends that load `model`'s format, in registry order."""
-    from runner.backend import backend_names
-
-    found = []
-    for name in backend_names():
-        try:
-            rules = rules_for(name)
-        except BackendUnavailable:
-            continue
-        if model is None or rules.loads_gguf or model.source != GGUF:
-            found.append((name, rules))
-    return found
+    return [(name, rules) for name, rules in installed_rules().items()
+            if model is None or rules.loads_gguf or model.source != GGUF]
 
 
 def recommend(model: ModelSpec, machine: Machine, context: int | None = None, kv_bits: int | None = None) -> Recommendation:

@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from runner.backend import (
     LoadProgress, LoadRequest, MemoryReport, Session, backend_class, backend_names, backend_quants, get_backend,
+    installed_backends,
 )
 from runner.budget import (
     DEFAULT_CONTEXT, DOES_NOT_FIT, FITS, OFFLOAD, Plan, backends_taking, candidate_schemes, make_plan, preferred_backend,
     recommend,
 )
 from runner.plan_rules import rules_for
-from runner.errors import BackendUnavailable, DoesNotFit, ModelNotFound, UserInputError
+from runner.errors import DoesNotFit, ModelNotFound, UserInputError
 from runner.model import DEFAULT_MODEL_ID, ModelSpec, load_spec
 
 if TYPE_CHECKING:
@@ -99,17 +100,9 @@ def _backend_for_quant(quant: str, backend: str | None, machine: "Machine",
                                  f"{', '.join(allowed(backend))}")
         return backend, f"you asked for {backend} {quant}"
     if not takers:
-        known = sorted({q for name in backend_names() for q in backends_schemes(name, allowed)})
+        known = sorted({q for name in installed_backends() for q in allowed(name)})
         raise UserInputError(f"unknown quantization '{quant}' (known: {', '.join(known)})")
     return takers[0], f"you asked for {quant}: {takers[0]} is the backend that takes it here"
-
-
-def backends_schemes(name: str, allowed: Callable[[str], Sequence[str]]) -> Sequence[str]:
-    """`allowed(name)`, or nothing for a backend that is not installed."""
-    try:
-        return allowed(name)
-    except BackendUnavailable:
-        return ()
 
 
 def _best_scheme(spec: ModelSpec, machine: "Machine", backend: str, context: int, batch: int,

@@ -171,6 +171,13 @@ def small_model_warning(model: ModelSpec) -> list[str]:
             "4-bit (SmolLM2-135M at MLX 4-bit answered garbage here; 8-bit and bf16 answered right)"]
 
 
+def installed_rules() -> dict[str, PlanRules]:
+    """name -> plan rules of every backend installed here, in registry order."""
+    from runner.backend import installed_backends
+
+    return {name: cls.plan_rules for name, cls in installed_backends().items()}
+
+
 def rules_for(backend: str) -> PlanRules:
     """The plan rules of backend `backend`, from the registry (its package's light __init__)."""
     from runner.backend import backend_class

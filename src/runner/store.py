@@ -26,16 +26,9 @@ from runner.paths import models_dir
 
 def cache_kinds() -> dict[str, str]:
     """models_dir()/<kind>/<folder>: what the backends derive from a model, kind -> words."""
-    from runner.backend import backend_class, backend_names
-    from runner.errors import BackendUnavailable
+    from runner.backend import installed_backends
 
-    kinds = {}
-    for name in backend_names():
-        try:
-            kinds.update(getattr(backend_class(name), "caches", {}))
-        except BackendUnavailable:
-            continue
-    return kinds
+    return {kind: words for cls in installed_backends().values() for kind, words in getattr(cls, "caches", {}).items()}
 
 
 @dataclass(frozen=True)
