@@ -162,13 +162,13 @@ def test_sampling_is_reproducible_with_a_seed(tiny_fp32):
 
 
 def test_text_deltas_keep_multibyte_characters_whole(tiny_fp32):
-    from runner_cuda.detokenize import IncrementalDecoder
+    from runner.detokenize import ReplyText
 
     tokenizer = tiny_fp32.tokenizer
     text = "Café → 日本語 🙂 naïve"
     ids = tokenizer.encode(text, add_special_tokens=False)
     assert len(ids) > len(text.split())  # characters really are split over tokens
-    decoder = IncrementalDecoder(tokenizer)
+    decoder = ReplyText(tokenizer)
     deltas = [decoder.add(i) for i in ids] + [decoder.flush()]
     assert "".join(deltas) == text
     assert not any("\ufffd" in d for d in deltas)

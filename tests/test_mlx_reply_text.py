@@ -53,7 +53,7 @@ def test_multibyte_characters_are_held_back_until_complete(default_model_dir):
     """SmolLM2's byte-level BPE splits "🦩" over three tokens: no piece carries half of it."""
     from transformers import AutoTokenizer
 
-    from runner_mlx.detokenize import ReplyText
+    from runner.detokenize import ReplyText
 
     tokenizer = AutoTokenizer.from_pretrained(str(default_model_dir))
     prompt = tokenizer.encode("Say hi")
@@ -68,7 +68,7 @@ def test_multibyte_characters_are_held_back_until_complete(default_model_dir):
 def test_an_unfinished_character_flushes_as_a_replacement(default_model_dir):
     from transformers import AutoTokenizer
 
-    from runner_mlx.detokenize import ReplyText
+    from runner.detokenize import ReplyText
 
     tokenizer = AutoTokenizer.from_pretrained(str(default_model_dir))
     emoji = tokenizer.encode(" 🦩")
@@ -84,7 +84,7 @@ def test_sentencepiece_style_first_word_keeps_its_space():
     from tokenizers import SentencePieceBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from runner_mlx.detokenize import ReplyText
+    from runner.detokenize import ReplyText
 
     corpus = ["The capital of France is Paris.", "The capital of Italy is Rome."] * 20
     spm = SentencePieceBPETokenizer()

@@ -10,7 +10,6 @@ and bitsandbytes are imported when a model is loaded (`runner_cuda.loading`).
 Modules:
   loading.py   LoadRequest -> model + tokenizer on the plan's devices; placement and measured bytes
   session.py   CudaSession: chat template, the decode loop (one function), sampling, logits, memory
-  detokenize.py  incremental decoding of token ids to text (multi-byte characters held back)
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from runner.budget import PREFILL_CHUNK, check_kv_bits
 from runner.errors import GenerationError, UserInputError
 from runner.prefix_cache import reusable_prefix
 from runner.templates import chat_token_ids
-from runner_cuda.detokenize import IncrementalDecoder
+from runner.detokenize import ReplyText
 from runner_cuda.loading import cuda_allocated, decoder_layers, free_memory, placement_summary, tensor_bytes_by_device
 
 if TYPE_CHECKING:
@@ -218,7 +218,7 @@ class CudaSession(TokenStreaming):
                 device = torch.device("cpu") if device.type == "meta" else device
                 generator = torch.Generator(device=device).manual_seed(reply_seed(sampling))
             self._reset_peak()
-            decoder = IncrementalDecoder(self.tokenizer)
+            decoder = ReplyText(self.tokenizer)
             cache, reused = self._cache_for(prompt)
             held = list(prompt[:reused])             # the ids whose K/V are in `cache`
             ids = torch.tensor([prompt[reused:]], device=self.input_device)

@@ -2,7 +2,7 @@
 
 `stream()` is a thin loop over `mlx_lm.stream_generate`: it builds the sampler with mlx-lm's
 `make_sampler`, seeds `mx.random`, and turns each `GenerationResponse` into a runner
-`GenerationChunk`. The text is `detokenize.ReplyText`'s, not mlx-lm's (which drops the first
+`GenerationChunk`. The text is `runner.detokenize.ReplyText`'s, not mlx-lm's (which drops the first
 token's leading space). The end-of-sequence ids are mlx-lm's: the tokenizer's own plus every id in
 generation_config.json (Llama 3 stops on two).
 
@@ -34,7 +34,7 @@ from runner.templates import chat_token_ids
 from runner_mlx import QUANT_BITS, QUANT_DTYPES
 from runner_mlx.convert import (CorruptWeights, check_weights, config_fixes, mlx_folder, notify, read_json,
                                 read_layers)
-from runner_mlx.detokenize import ReplyText
+from runner.detokenize import ReplyText
 from runner_mlx.memory import measured, metal_limits, wired_limit_warning
 
 

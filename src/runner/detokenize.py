@@ -1,12 +1,12 @@
-"""A reply's text, one token at a time, as the tokenizer decodes it after its prompt.
+"""A reply's text, one token at a time, as the tokenizer decodes it (every backend's sessions).
 
-mlx-lm's streaming detokenizers (0.32: `BPEStreamingDetokenizer`, `SPMStreamingDetokenizer`) drop
-the leading space of a generation's first token, so a plain completion of "The capital of France
-is" came out as "Paris." instead of " Paris.". `ReplyText` uses the tokenizer's own `decode`
-instead: it decodes a short window of recent ids twice (with and without the newest) and emits
-the difference, the window starting with the prompt's last ids so that the first reply token is
-decoded where it stands (an SPM tokenizer strips a space only at the start of what it decodes).
-Text ending in an incomplete character (U+FFFD) is held back until the character is complete.
+Byte-level BPE tokenizers (Llama 3, SmolLM2, Qwen) split a multi-byte character such as "é" or
+"🙂" over several tokens; decoding each token alone gives U+FFFD replacement characters. Like
+text-generation-inference, `ReplyText` decodes a short window of recent ids twice (with and without
+the newest) and emits the difference, holding text back while it ends in an incomplete character.
+Given the prompt, the window starts with its last ids, so that the first reply token is decoded
+where it stands: an SPM tokenizer strips a space at the start of what it decodes, and mlx-lm's
+streaming detokenizers (0.32) drop it too, which turned a completion's " Paris." into "Paris.".
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ PROMPT_CONTEXT = 4    # prompt ids decoded ahead of the reply: enough for spaces
 
 
 class ReplyText:
-    def __init__(self, tokenizer, prompt: Sequence[int]) -> None:
+    def __init__(self, tokenizer, prompt: Sequence[int] = ()) -> None:
         self._tokenizer = tokenizer
         self._ids = list(prompt[-PROMPT_CONTEXT:])
         self._window = 0                 # start of the window decoded for context
