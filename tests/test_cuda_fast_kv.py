@@ -167,12 +167,3 @@ def test_turns_on_the_kept_quantized_static_cache_answer_as_without_it(kv8_sessi
         plain._kept = None
         assert tokens == reply(plain, edited, max_tokens=6)[1]
         assert 0 < chunks[0].reused_tokens
-
-
-def test_attach_keeps_the_ordinary_loop_for_kv_bits_until_checked_on_a_gpu(kv8_sessions):
-    from runner_cuda import fast
-
-    _, plain = kv8_sessions
-    assert fast.QUANTIZED_KV_ON_CUDA is False
-    assert fast.attach(plain) is False
-    assert "fast decode off (its quantized KV cache is not yet checked on a GPU" in plain.device_summary

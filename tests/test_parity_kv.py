@@ -161,7 +161,7 @@ def test_kv8_and_kv4_on_the_default_model_through_the_cli(default_model_dir, tmp
 @pytest.mark.gpu
 def test_on_a_gpu_the_fast_paths_session_reads_logits_through_the_plain_cache(tiny_llama64_dir):
     """The fast path (static cache, CUDA graphs) serves replies only: a session that uses it gives
-    the logits of one that does not, and with kv8 (fast path off) the logits move."""
+    the logits of one that does not, and with kv8 (its quantized static cache) the logits move."""
     import numpy as np
     import torch
 
@@ -184,6 +184,6 @@ def test_on_a_gpu_the_fast_paths_session_reads_logits_through_the_plain_cache(ti
     fast_summary, fast = logits_of(None, True)
     _, plain = logits_of(None, False)
     kv8_summary, kv8 = logits_of(8, True)
-    assert "fast decode (" in fast_summary and "fast decode off" in kv8_summary
+    assert "fast decode (" in fast_summary and "fast decode (static 8-bit KV cache" in kv8_summary
     np.testing.assert_array_equal(fast, plain)
     assert np.abs(kv8 - plain).max() > 0

@@ -17,14 +17,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-# The fast decoder's quantized static cache (`--kv-bits`, static_cache.QuantizedLayer) gives the
-# ordinary loop's tokens on the CPU (tests/test_cuda_fast_kv.py), but its quantize and dequantize
-# inside captured CUDA graphs have not yet run on a GPU (tests/test_cuda_fast_kv_gpu.py, and
-# bench/kv_decode_gpu.py for its speed). Until they have, a --kv-bits session on CUDA keeps the
-# ordinary loop: True once those pass on the GPU.
-QUANTIZED_KV_ON_CUDA = False
-
-
 def _cuda() -> bool:
     import torch
 
@@ -74,12 +66,8 @@ class FastSteps:
 
 
 def attach(session, kernel: str | None = None) -> bool:
-    """Give a CudaSession the fast decode step where it applies; True if it did. With a quantized
-    KV cache (`session.kv_bits`) only once that is checked on a GPU (QUANTIZED_KV_ON_CUDA), else
-    the session's summary says why it keeps the ordinary loop."""
-    if session.kv_bits is not None and not QUANTIZED_KV_ON_CUDA:
-        session.device_summary += "; fast decode off (its quantized KV cache is not yet checked on a GPU: --kv-bits)"
-        return False
+    """Give a CudaSession the fast decode step where it applies (with its quantized static cache
+    when the session has `--kv-bits`); True if it did."""
     decoder = decoder_for(session.hf_model, session.context, kernel, session.kv_bits)
     if decoder is None:
         return False
