@@ -218,7 +218,7 @@ class CudaSession(TokenStreaming):
                 device = torch.device("cpu") if device.type == "meta" else device
                 generator = torch.Generator(device=device).manual_seed(reply_seed(sampling))
             self._reset_peak()
-            decoder = ReplyText(self.tokenizer)
+            decoder = ReplyText(self.tokenizer, prompt)   # the prompt's last ids: an SPM first word keeps its space
             cache, reused = self._cache_for(prompt)
             held = list(prompt[:reused])             # the ids whose K/V are in `cache`
             ids = torch.tensor([prompt[reused:]], device=self.input_device)
