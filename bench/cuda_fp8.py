@@ -17,6 +17,13 @@ What it does, each part reported even when another fails:
      over positions) and 16 greedy tokens; and FP8's streamed greedy tokens (fast path, if it
      attached) against its own argmax continuation through full forwards.
 The weights are random, so the text is meaningless: this measures memory, speed and agreement.
+
+For bench/cuda_speed.py's `fp8` section (the full 32-layer 8B shape, in the same run as BF16):
+`fp8_model` (the 8B shape's random weights quantized in place as `--quant fp8` quantizes them),
+`bytes_read_per_token`, and `gemv_probe`: per projection of a Llama-8B layer at batch 1, µs inside
+CUDA graphs of cuBLAS's BF16 GEMV, torchao's FP8 linear (the activation quantized per token, then
+`torch._scaled_mm`) and a weight-only FP8 GEMV prototype in Triton (e4m3 weights and their per-row
+scale read once, products in float32): which route reads FP8 bytes at the speed BF16 reads its own.
 """
 
 from __future__ import annotations
@@ -116,6 +123,126 @@ def compare(folder: Path, context: int, tokens: int = 16, quants=("bf16", "fp8")
     }
     log(f"\n== bf16 vs fp8 on {folder.name}: " + json.dumps({k: v for k, v in result.items()}))
     return result
+
+
+# ---- the full 8B shape, for bench/cuda_speed.py's fp8 section ---------------------------------
+
+# a Llama-8B layer's projections as the fast decoder launches them: (name, out, in)
+LAYER_SHAPES = (("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336))
+GEMV_CONFIGS = ((8, 512), (16, 256), (4, 1024))      # the prototype's (rows, columns) per step, tried each
+_GEMV: dict = {}
+
+
+def fp8_model(spec):
+    """`spec`'s architecture with random weights on the GPU (runner_cuda.rehearse.random_model, bf16)
+    quantized in place as `--quant fp8` loads a checkpoint: torchao's
+    Float8DynamicActivationFloat8WeightConfig(PerRow) on every Linear but the lm_head (transformers'
+    torchao quantizer keeps the output head in bf16)."""
+    import torch
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    from runner_cuda.rehearse import random_model
+
+    model = random_model(spec, "bf16").eval()
+    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+              filter_fn=lambda module, name: isinstance(module, torch.nn.Linear) and name != "lm_head")
+    return model
+
+
+def bytes_read_per_token(model) -> int:
+    """The model's tensors (torchao's FP8 data and scales counted as stored) less the input embedding
+    table, of which a decode step reads one row."""
+    from runner_cuda.loading import tensor_bytes_by_device
+
+    embed = model.get_input_embeddings().weight
+    return sum(tensor_bytes_by_device(model).values()) - (embed.shape[0] - 1) * embed.shape[1] * embed.element_size()
+
+
+def gemv_kernel():
+    """out[n] = scale[n] * sum_k w[n, k] x[k] for one token: bf16 or e4m3 weights [N, K] read once
+    (BLOCK_N rows by BLOCK_K columns a step, products in float32), the per-row scale applied at
+    the end (HAS_SCALE), bf16 out. N and K must be multiples of the blocks."""
+    if _GEMV:
+        return _GEMV["kernel"]
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gemv(w_ptr, scale_ptr, x_ptr, out_ptr, K, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for start in range(0, K, BLOCK_K):
+            w = tl.load(w_ptr + rows[:, None] * K + (start + cols)[None, :])
+            x = tl.load(x_ptr + start + cols)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        out = tl.sum(acc, axis=1)
+        if HAS_SCALE:
+            out = out * tl.load(scale_ptr + rows)
+        tl.store(out_ptr + rows, out.to(tl.bfloat16))
+
+    _GEMV["kernel"] = gemv
+    return gemv
+
+
+def gemv(weight, scale, x, out, block_n: int, block_k: int):
+    n, k = weight.shape
+    gemv_kernel()[(n // block_n,)](weight, scale if scale is not None else weight, x, out, k, HAS_SCALE=scale is not None,
+                                   BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    return out
+
+
+def gemv_probe(graph_time_us) -> dict:
+    """Per projection of a Llama-8B layer, batch 1, µs inside CUDA graphs over copies of the weights
+    larger than L2 (`graph_time_us`, bench/cuda_speed.py): cuBLAS BF16 (F.linear, what the fast
+    decoder runs for BF16), torchao's FP8 linear as `--quant fp8` runs it, and the Triton prototype on
+    bf16 and on e4m3 weights (best of GEMV_CONFIGS); its error against a float64 product; sums per
+    layer."""
+    rows, layer = {}, {"cublas_bf16": 0.0, "torchao_fp8": 0.0, "triton_bf16": 0.0, "triton_fp8": 0.0}
+    for name, n, k in LAYER_SHAPES:
+        rows[name] = row = probe_shape(n, k, graph_time_us)
+        for key in layer:
+            layer[key] += row.get(f"{key}_us", float("nan"))
+    return {"shapes": rows, "layer_us": layer}
+
+
+def probe_shape(n: int, k: int, graph_time_us) -> dict:
+    import torch
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    copies = max(2, min(8, int(200e6 // (n * k * 2))))
+    dense = [torch.randn(n, k, device="cuda", dtype=torch.float32).mul_(0.02).to(torch.bfloat16) for _ in range(copies)]
+    scales = [w.float().abs().amax(dim=1).div(448.0) for w in dense]
+    fp8 = [(w.float() / s[:, None]).to(torch.float8_e4m3fn) for w, s in zip(dense, scales)]
+    x = torch.randn(k, device="cuda", dtype=torch.float32).to(torch.bfloat16)
+    out = torch.empty(n, device="cuda", dtype=torch.bfloat16)
+    row = {"mb_bf16": n * k * 2 / 1e6, "mb_fp8": (n * k + n * 4) / 1e6, "copies": copies}
+    with torch.no_grad():
+        row["cublas_bf16_us"] = graph_time_us(lambda i: torch.nn.functional.linear(x[None], dense[i]), copies)
+        linears = []
+        for w in dense:
+            linear = torch.nn.Sequential(torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16))
+            linear[0].weight.data.copy_(w)
+            quantize_(linear, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+            linears.append(linear)
+        try:
+            row["torchao_fp8_us"] = graph_time_us(lambda i: linears[i](x[None]), copies)
+        except Exception as error:          # keep the prototype's numbers
+            row["torchao_fp8_error"] = repr(error)[:300]
+        exact = (fp8[0].double() * scales[0].double()[:, None]) @ x.double()
+        mine = gemv(fp8[0], scales[0], x, out, *GEMV_CONFIGS[0]).double()
+        row["triton_fp8_rel_err"] = ((mine - exact).norm() / exact.norm()).item()
+        for label, weights, scale in (("triton_bf16", dense, None), ("triton_fp8", fp8, scales)):
+            best = None
+            for block_n, block_k in GEMV_CONFIGS:
+                us = graph_time_us(lambda i: gemv(weights[i], scale[i] if scale else None, x, out, block_n, block_k), copies)
+                row[f"{label}_{block_n}x{block_k}_us"] = round(us, 2)
+                if best is None or us < best[0]:
+                    best = (us, f"{block_n}x{block_k}")
+            row[f"{label}_us"], row[f"{label}_config"] = best
+    row["cublas_bf16_gb_s"] = row["mb_bf16"] * 1e3 / row["cublas_bf16_us"]
+    row["triton_fp8_gb_s"] = row["mb_fp8"] * 1e3 / row["triton_fp8_us"]
+    return row
 
 
 def main() -> int:

@@ -1,7 +1,8 @@
 """CUDA speed: the article's recipe and runner's fast path, side by side, in one run on one GPU.
 
     PYTHONPATH=src:backends python3 bench/cuda_speed.py [--out DIR] [--work /tmp/cuda-speed] [--quick]
-                                 [--source checkpoint|memory] [--sections kernels,nf4,reload,bf16,cold,rehearse]
+                                 [--source checkpoint|memory]
+                                 [--sections kernels,nf4,reload,bf16,cold,rehearse,prefill,decode,position,fp8]
 
 Writes a Llama-3.1-8B-shaped checkpoint with random BF16 weights (config from runner's catalog),
 then measures, each warm and with the same settings (batch 1, greedy, 256 new tokens, EOS off):
@@ -11,7 +12,12 @@ then measures, each warm and with the same settings (batch 1, greedy, 256 new to
 - decode tokens/s, time to first token for a 1k-token prompt, load time, peak and resident memory;
 - reload: quantize-on-load vs the NF4 cache, load + first token of the 1k prompt;
 - BF16: HF generate vs the fast path, against the roofline;
-- the copy bandwidth, measured here, for the rooflines: bandwidth / bytes read per token.
+- the copy bandwidth, measured here, for the rooflines: bandwidth / bytes read per token;
+- `prefill`, `decode`, `position` (NF4, then BF16; one model and one session-sized fast decoder
+  each): a 4k prompt through runner's session path against transformers' forward, with a profile
+  by kernel kind; decode at position 1,024 against the roofline with a profile of a graphed step;
+  decode tok/s at positions 100 to 8,000, every bucket's graph captured before the timed window;
+- `fp8`: torchao FP8 through the fast path against BF16's decode of the same run, and why (cuda_fp8.py).
 Correctness on the same run: greedy tokens of the fast path vs HF generate on the same model, and
 next-token logits teacher-forced on HF's tokens. Prints a table last; JSON under --out.
 """
@@ -37,6 +43,10 @@ RESULTS: dict = {}
 QUICK = False          # --quick: runner's default fast path only, no ablation variants
 SOURCE = "checkpoint"  # --source memory: random weights built on the GPU, no checkpoint on disk
 MODEL_ID = "meta-llama/Llama-3.1-8B-Instruct"
+OUT_FILE: Path | None = None
+PREFILL_TOKENS = 4096  # the prefill section's prompt
+SESSION_CONTEXT = 8192  # the decoder's cache in the prefill/decode/position sections (a session's --context)
+POSITIONS = (100, 1000, 3000, 8000)
 
 
 def log(*parts) -> None:
@@ -46,6 +56,8 @@ def log(*parts) -> None:
 def record(section: str, **values) -> None:
     RESULTS.setdefault(section, {}).update(values)
     log(f"[{section}]", json.dumps(values, default=str))
+    if OUT_FILE is not None:     # after every record: a run stopped by its time limit keeps what it measured
+        OUT_FILE.write_text(json.dumps(RESULTS, indent=2, default=str))
 
 
 # ---- measuring ------------------------------------------------------------------------------
@@ -303,15 +315,73 @@ def profile_step(decoder, steps: int = 20) -> dict:
             "top": [(name, round(us / steps, 1), counts[name] // steps) for name, us in top]}
 
 
-def profile_graph(decoder, steps: int = 20) -> dict:
-    """Where a graphed decode step's time goes: the kernels inside the graph (torch.profiler sees
-    them), the step's span on the GPU (first kernel start to last kernel end), the gaps between
-    kernels, and the host's time per token around it (argmax, reading the token back, the replay)."""
+# kernel names -> what they do, for the per-kind breakdowns (first match wins)
+KERNEL_KINDS = (
+    ("dequantize (bitsandbytes)", ("dequantize",)),
+    ("nf4 GEMV (runner)", ("nf4_gemv", "nf4_mma")),
+    ("fp8 GEMM", ("e4m3", "f8f8", "fp8", "float8", "qqtst")),
+    ("GEMM/GEMV (cuBLAS)", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "cublas")),
+    ("attention", ("flash", "fmha", "attention", "cudnn")),
+    ("KV-cache write", ("index_copy", "index_put", "scatter")),
+    ("fused elementwise (torch.compile)", ("triton_",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    if name in ("part", "combine"):          # fast/attention.py's split-KV kernels (Triton)
+        return "attention"
+    lower = name.lower()
+    for kind, marks in KERNEL_KINDS:
+        if any(mark in lower for mark in marks):
+            return kind
+    return "other"
+
+
+def by_kind(kernels, divide: float = 1.0) -> dict:
+    """µs and launches per kernel kind (divided by `divide`: steps per profile)."""
+    kinds: dict = {}
+    for event in kernels:
+        kind = kinds.setdefault(kernel_kind(event.name), [0.0, 0])
+        kind[0] += (event.time_range.end - event.time_range.start) / divide
+        kind[1] += 1 / divide
+    return {name: {"us": round(us, 1), "launches": round(count, 1)} for name, (us, count) in sorted(kinds.items(), key=lambda item: -item[1][0])}
+
+
+def profile_call(call) -> dict:
+    """One call of `call` under torch.profiler: wall time, GPU kernels by kind, busy and span on the
+    GPU (wall far above the span: the host is what holds it), the top kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as trace:
+        start = time.perf_counter()
+        call()
+        sync()
+        wall = time.perf_counter() - start
+    kernels = sorted((e for e in trace.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    busy = sum(e.time_range.end - e.time_range.start for e in kernels)
+    span = kernels[-1].time_range.end - kernels[0].time_range.start if kernels else 0
+    totals: dict = {}
+    for event in kernels:
+        name = event.name[:70]
+        totals[name] = totals.get(name, 0.0) + event.time_range.end - event.time_range.start
+    top = sorted(totals.items(), key=lambda item: -item[1])[:12]
+    return {"wall_ms_profiled": wall * 1e3, "kernels": len(kernels), "kernel_busy_ms": busy / 1e3, "gpu_span_ms": span / 1e3,
+            "by_kind_us": by_kind(kernels), "top_us": [(name, round(us, 1)) for name, us in top]}
+
+
+def profile_graph(decoder, steps: int = 20, position: int = SHORT_PROMPT) -> dict:
+    """Where a graphed decode step's time goes, `position` tokens into the cache: the kernels inside
+    the graph (torch.profiler sees them), by kind, the step's span on the GPU (first kernel start to
+    last kernel end), the gaps between kernels, and the host's time per token around it (argmax,
+    reading the token back, the replay)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     decoder.reset()
-    logits = decoder.prefill(prompt(SHORT_PROMPT))
+    logits = decoder.prefill(prompt(position, seed=position))
     for _ in range(3):
         logits = decoder.step(int(logits.argmax()))
     sync()
@@ -330,7 +400,7 @@ def profile_graph(decoder, steps: int = 20) -> dict:
         counts[name] = counts.get(name, 0) + 1
     top = sorted(totals.items(), key=lambda item: -item[1])[:12]
     decoder.reset()
-    logits = decoder.prefill(prompt(SHORT_PROMPT))
+    logits = decoder.prefill(prompt(position, seed=position))
     sync()
     start = time.perf_counter()
     for _ in range(100):
@@ -348,18 +418,16 @@ def profile_graph(decoder, steps: int = 20) -> dict:
     return {"kernels_per_token": len(kernels) / steps, "kernel_busy_us_per_token": busy / steps,
             "gpu_span_us_per_token": span / steps, "gaps_us_per_token": (span - busy) / steps,
             "graph_replay_back_to_back_us": replay_us, "host_loop_us_per_token": host_us,
-            "host_overhead_us_per_token": host_us - replay_us,
+            "host_overhead_us_per_token": host_us - replay_us, "by_kind_us_per_token": by_kind(kernels, steps),
             "top": [(name, round(us / steps, 1), counts[name] // steps) for name, us in top]}
 
 
-def rate_by_position(model, options: dict, positions=(100, 1000, 3000, 8000), tokens: int = 64) -> dict:
-    """Decode tok/s at several positions: prefill a prompt of that length, one step (captures the
-    bucket's graph), then `tokens` timed steps."""
-    from runner_cuda.fast.decoder import FastDecoder
+def rate_by_position(decoder, positions=POSITIONS, tokens: int = 64) -> dict:
+    """Decode tok/s at several positions: prefill a prompt of that length, one step, then `tokens`
+    timed steps (the token read back each step, as a session does). Each window runs twice and the
+    second is timed, so the graph of every bucket it crosses is captured before the timed window."""
 
-    decoder = FastDecoder(model, max_len=max(positions) + tokens + 8, **options)
-    rates = {}
-    for position in positions:
+    def window(position: int) -> float:
         decoder.reset()
         logits = decoder.prefill(prompt(position, seed=position))
         logits = decoder.step(int(logits.argmax()))
@@ -368,11 +436,32 @@ def rate_by_position(model, options: dict, positions=(100, 1000, 3000, 8000), to
         for _ in range(tokens):
             logits = decoder.step(int(logits.argmax()))
         sync()
-        rates[f"tok_s_at_{position}"] = tokens / (time.perf_counter() - start)
-    rates["slowdown_3000_vs_100"] = rates["tok_s_at_100"] / rates["tok_s_at_3000"]
-    del decoder
-    free()
+        return tokens / (time.perf_counter() - start)
+
+    rates = {}
+    for position in positions:
+        window(position)
+        rates[f"tok_s_at_{position}"] = window(position)
+    first = positions[0]
+    for position in positions[1:]:
+        rates[f"at_{position}_vs_{first}"] = rates[f"tok_s_at_{position}"] / rates[f"tok_s_at_{first}"]
+    rates["graphs_captured"] = sorted(decoder.segments[0].graphs)
     return rates
+
+
+def decode_at(decoder, position: int, tokens: int = 128, warm: int = 8) -> float:
+    """tok/s of `tokens` greedy steps after a `position`-token prompt, the token read back each
+    step; `warm` steps first (they capture the bucket's graph)."""
+    decoder.reset()
+    logits = decoder.prefill(prompt(position, seed=position))
+    for _ in range(warm):
+        logits = decoder.step(int(logits.argmax()))
+    sync()
+    start = time.perf_counter()
+    for _ in range(tokens):
+        logits = decoder.step(int(logits.argmax()))
+    sync()
+    return tokens / (time.perf_counter() - start)
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
@@ -535,7 +624,9 @@ def section_nf4(checkpoint: Path) -> None:
                 record(f"nf4 profile, {label} (eager step, GPU time per token)", **profile_step(decoder))
                 record(f"nf4 profile, {label} (graphed step)", **profile_graph(decoder))
                 if not options:
-                    record("nf4 decode against position (tensor-core kernel)", **rate_by_position(model, options))
+                    by_position = FastDecoder(model, max_len=max(POSITIONS) + 80)
+                    record("nf4 decode against position (tensor-core kernel)", **rate_by_position(by_position))
+                    del by_position
             same = first_difference(result["tokens"], article["tokens"])
             record(f"nf4 {name}", **{k: v for k, v in result.items() if k != "tokens"}, **memory(),
                    vs_article=result["decode_tok_s"] / article["decode_tok_s"], ttft_vs_article=article["ttft_1k_s"] / result["ttft_1k_s"],
@@ -764,17 +855,184 @@ def section_rehearse() -> None:
     free()
 
 
+def timed(call, repeats: int = 3) -> list[float]:
+    """Seconds of `call`, synchronized, after one untimed warm-up call; sorted (median in the middle)."""
+    call()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        call()
+        sync()
+        times.append(time.perf_counter() - start)
+    return sorted(times)
+
+
+def dequantize_all(model) -> dict:
+    """bitsandbytes' dequantize of every NF4 weight once, as the prefill's linears do per chunk:
+    time and bytes/s (packed weights and absmax read, bf16 written)."""
+    import math
+
+    import bitsandbytes.functional as F
+
+    weights = [m.weight for m in model.modules() if type(m).__name__ == "Linear4bit"]
+
+    def run():
+        for weight in weights:
+            F.dequantize_4bit(weight, weight.quant_state)
+
+    times = timed(run)
+    moved = sum(math.prod(w.quant_state.shape) * 2 + w.numel() + w.quant_state.absmax.numel() for w in weights)
+    return {"dequantize_every_weight_once_ms": times[1] * 1e3, "dequantize_gb_s": moved / times[1] / 1e9,
+            "dequantize_bytes_gb": moved / 1e9, "dequantize_calls": len(weights)}
+
+
+def prefill_rates(model, decoder, quant: str) -> dict:
+    """A PREFILL_TOKENS-token prompt: runner's session path (the fast decoder's prefill, chunks of
+    budget.PREFILL_CHUNK, as `runner generate` and the chat run it), transformers' own forward over
+    the whole prompt, and the ordinary session loop (transformers' forward in chunks with a
+    DynamicCache); the median of 3 after a warm-up each. Logits of the last position against
+    transformers' forward, and a torch.profiler breakdown of one prefill on runner's path."""
+    import torch
+    from transformers import DynamicCache
+
+    from runner.budget import PREFILL_CHUNK
+    from runner_cuda.session import cache_argument, forward_in_chunks
+
+    ids = prompt(PREFILL_TOKENS, seed=4)
+    tensor = torch.tensor([ids], device=decoder.device)
+    name = cache_argument(model)
+
+    def runner_prefill():
+        decoder.reset()
+        return decoder.prefill(ids)
+
+    def hf_forward():
+        with torch.no_grad():
+            return model(input_ids=tensor, use_cache=False, logits_to_keep=1).logits[0, -1].float()
+
+    def hf_chunked():
+        return forward_in_chunks(model, tensor, DynamicCache(config=model.config), PREFILL_CHUNK, name)[0, -1].float()
+
+    out = {"prompt_tokens": PREFILL_TOKENS, "chunk": PREFILL_CHUNK}
+    for label, call in (("runner", runner_prefill), ("hf_forward", hf_forward), ("hf_chunked", hf_chunked)):
+        times = timed(call)
+        out[f"{label}_tok_s"] = PREFILL_TOKENS / times[1]
+        out[f"{label}_s"] = [round(t, 4) for t in times]
+    out["runner_vs_hf_forward"] = out["runner_tok_s"] / out["hf_forward_tok_s"]
+    out["runner_vs_hf_chunked"] = out["runner_tok_s"] / out["hf_chunked_tok_s"]
+    mine, theirs = runner_prefill().clone(), hf_forward()
+    out.update(max_abs_logit_diff=(mine - theirs).abs().max().item(), logit_scale=theirs.abs().max().item(),
+               same_argmax=bool(mine.argmax() == theirs.argmax()))
+    out["profile_runner"] = profile_call(runner_prefill)
+    if quant == "nf4":
+        out.update(dequantize_all(model))
+    return out
+
+
+def section_session(checkpoint: Path, quant: str, parts: set) -> None:
+    """The 8B shape in `quant` through runner's session path (FastDecoder with a SESSION_CONTEXT
+    cache, as the CUDA backend attaches it): `prefill` (4k prompt against transformers' forward),
+    `decode` (tok/s at position 1,024 against the roofline of weights + KV read, two runs, and a
+    profile of one graphed step there), `position` (tok/s at POSITIONS)."""
+    from runner import budget
+    from runner.model import load_spec
+    from runner_cuda.fast.decoder import FastDecoder
+
+    free()
+    model, seconds = load(checkpoint, quant)
+    bandwidth = RESULTS["machine"]["copy_bandwidth_gb_s"] * 1e9
+    per_token = bytes_read_per_token(model)
+    record(f"{quant} model", load_s=seconds, bytes_per_token=per_token, weights_roofline_tok_s=bandwidth / per_token, **memory())
+    started = time.perf_counter()
+    decoder = FastDecoder(model, max_len=SESSION_CONTEXT)
+    decoder.warm_up()
+    record(f"{quant} model", fast_path_warm_up_s=time.perf_counter() - started, nf4_kernel=decoder.nf4_kernel,
+           nf4_fused=decoder.nf4_fused, split_kv=decoder.split_kv)
+    if "prefill" in parts:
+        try:
+            record(f"{quant} prefill, {PREFILL_TOKENS} tokens", **prefill_rates(model, decoder, quant))
+        except Exception as error:
+            record(f"{quant} prefill, {PREFILL_TOKENS} tokens", error=repr(error), trace=traceback.format_exc()[-1500:])
+    if "decode" in parts:
+        position = 1024
+        try:
+            rates = [decode_at(decoder, position) for _ in range(2)]
+            kv = budget.kv_cache_bytes(load_spec(MODEL_ID), position + 8 + 64, 1, quant, "cuda")
+            roofline = bandwidth / (per_token + kv)
+            record(f"{quant} decode at {position}", tok_s=rates, roofline_tok_s=roofline, fraction_of_roofline=max(rates) / roofline,
+                   kv_read_gb=kv / 1e9)
+            record(f"{quant} profile, graphed step at {position}", **profile_graph(decoder, position=position))
+        except Exception as error:
+            record(f"{quant} decode at {position}", error=repr(error), trace=traceback.format_exc()[-1500:])
+    if "position" in parts:
+        try:
+            record(f"{quant} decode against position", **rate_by_position(decoder))
+        except Exception as error:
+            record(f"{quant} decode against position", error=repr(error), trace=traceback.format_exc()[-1500:])
+    del decoder, model
+    free()
+
+
+def section_fp8() -> None:
+    """`--quant fp8` (torchao, per-row e4m3) on the full 8B shape through the fast path: decode at
+    position 1,024 against BF16's in the same run and against its own roofline, a profile of one
+    graphed step, and per-projection GEMV timings (cuBLAS BF16, torchao FP8 at batch 1, a weight-only
+    FP8 GEMV prototype) with the decode speed that prototype would give (bench/cuda_fp8.py)."""
+    import cuda_fp8
+
+    from runner.model import load_spec
+    from runner_cuda.fast.decoder import FastDecoder
+
+    position = 1024
+    bandwidth = RESULTS["machine"]["copy_bandwidth_gb_s"] * 1e9
+    free()
+    sync()
+    started = time.perf_counter()
+    model = cuda_fp8.fp8_model(load_spec(MODEL_ID))
+    sync()
+    per_token = cuda_fp8.bytes_read_per_token(model)
+    record("fp8 model", load_s=time.perf_counter() - started, bytes_per_token=per_token, **memory(),
+           projection=type(model.model.layers[0].mlp.up_proj.weight).__name__)
+    try:
+        decoder = FastDecoder(model, max_len=2048)
+        decoder.warm_up()
+        rates = [decode_at(decoder, position) for _ in range(2)]
+        bf16 = RESULTS.get(f"bf16 decode at {position}", {}).get("tok_s")
+        roofline = bandwidth / per_token
+        record(f"fp8 decode at {position}", tok_s=rates, weights_roofline_tok_s=roofline, fraction_of_roofline=max(rates) / roofline,
+               vs_bf16=max(rates) / max(bf16) if bf16 else None)
+        record(f"fp8 profile, graphed step at {position}", **profile_graph(decoder, position=position))
+        del decoder
+    except Exception as error:
+        record(f"fp8 decode at {position}", error=repr(error), trace=traceback.format_exc()[-1500:])
+    del model
+    free()
+    probe = cuda_fp8.gemv_probe(graph_time_us)
+    bf16 = RESULTS.get(f"bf16 decode at {position}", {}).get("tok_s")
+    if bf16:       # BF16's step with its layers' GEMVs swapped for the prototype's
+        layers = 32
+        step = 1e6 / max(bf16)
+        predicted = step - layers * probe["layer_us"]["cublas_bf16"] + layers * probe["layer_us"]["triton_fp8"]
+        probe.update(bf16_step_us=step, predicted_fp8_step_us=predicted, predicted_fp8_vs_bf16=step / predicted,
+                     torchao_layer_vs_cublas_bf16=probe["layer_us"]["cublas_bf16"] / probe["layer_us"]["torchao_fp8"])
+    record("fp8 GEMV probe", **probe)
+    free()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--work", default="/tmp/cuda-speed")
-    parser.add_argument("--sections", default="kernels,nf4,reload,bf16,cold,rehearse")
+    parser.add_argument("--sections", default="kernels,nf4,reload,bf16,cold,rehearse",
+                        help="also: prefill, decode, position (NF4 then BF16, one model each), fp8")
     parser.add_argument("--quick", action="store_true", help="runner's default fast path only, no ablation variants")
     parser.add_argument("--source", choices=("checkpoint", "memory"), default="checkpoint",
                         help="nf4/bf16 sections: load the written checkpoint, or build random weights on the GPU")
     args = parser.parse_args()
-    global QUICK, SOURCE
+    global QUICK, SOURCE, OUT_FILE
     QUICK, SOURCE = args.quick, args.source
+    OUT_FILE = Path(args.out, "cuda_speed.json")
     import bitsandbytes
     import torch
     import transformers
@@ -792,7 +1050,7 @@ def main() -> None:
             section_kernels()
         except Exception as error:
             record("kernels", error=repr(error), trace=traceback.format_exc()[-2000:])
-    if {"reload", "cold"} & set(sections) or ({"nf4", "bf16"} & set(sections) and SOURCE == "checkpoint"):
+    if {"reload", "cold"} & set(sections) or ({"nf4", "bf16", "prefill", "decode", "position"} & set(sections) and SOURCE == "checkpoint"):
         write_checkpoint(checkpoint)
         record("checkpoint", folder=str(checkpoint), seconds=time.perf_counter() - started)
     for name, run in (("nf4", lambda: section_nf4(checkpoint)), ("reload", lambda: section_reload(checkpoint, work)),
@@ -804,8 +1062,30 @@ def main() -> None:
             except Exception as error:
                 record(name, error=repr(error), trace=traceback.format_exc()[-2000:])
             Path(args.out, "cuda_speed.json").write_text(json.dumps(RESULTS, indent=2, default=str))
+    session_parts = {"prefill", "decode", "position"} & set(sections)
+    for quant in ("nf4", "bf16") if session_parts else ():
+        try:
+            section_session(checkpoint, quant, session_parts)
+        except Exception as error:
+            record(f"{quant} session path", error=repr(error), trace=traceback.format_exc()[-2000:])
+    if session_parts:
+        seventh_summary()
+    if "fp8" in sections:
+        try:
+            section_fp8()
+        except Exception as error:
+            record("fp8", error=repr(error), trace=traceback.format_exc()[-2000:])
     Path(args.out, "cuda_speed.json").write_text(json.dumps(RESULTS, indent=2, default=str))
     summary()
+
+
+def seventh_summary() -> None:
+    """The ratios the prefill/decode/position sections are read for, each against its same-run baseline."""
+    nf4, bf16 = RESULTS.get(f"nf4 prefill, {PREFILL_TOKENS} tokens", {}), RESULTS.get(f"bf16 prefill, {PREFILL_TOKENS} tokens", {})
+    if "runner_tok_s" in nf4 and "runner_tok_s" in bf16:
+        record("prefill ratios", nf4_vs_bf16_runner=nf4["runner_tok_s"] / bf16["runner_tok_s"],
+               nf4_vs_bf16_hf_forward=nf4["hf_forward_tok_s"] / bf16["hf_forward_tok_s"],
+               nf4_runner_vs_hf_forward=nf4["runner_vs_hf_forward"], bf16_runner_vs_hf_forward=bf16["runner_vs_hf_forward"])
 
 
 def summary() -> None:
