@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Callable
 
 from runner.backend import LoadProgress
 from runner.errors import BackendUnavailable, LoadError, UserInputError
-from runner.rehearsal import BlockMemory, DeviceMemory, RehearsalResult
+from runner.rehearsal import BlockMemory, DeviceMemory, RehearsalResult, check_lengths, plan_fields
 
 if TYPE_CHECKING:
     import torch
@@ -343,6 +343,76 @@ def synchronize(devices) -> None:
             torch.cuda.synchronize(device)
 
 
+class Meter:
+    """Bytes per device for the rehearsal. On CUDA the allocator's, above what it held when the meter
+    started (peaks reset then); on the CPU, which has no allocator statistics, those of the live
+    tensors, quantization state included."""
+
+    def __init__(self, devices: list[str]) -> None:
+        import torch
+
+        self.devices = devices
+        self.on_cuda = any(d.startswith("cuda") for d in devices)
+        for device in devices:
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats(device)
+        self.baseline = {d: allocated(d) for d in devices}
+        self.baseline_reserved = {d: torch.cuda.memory_reserved(d) if d.startswith("cuda") else 0 for d in devices}
+
+    @property
+    def method(self) -> str:
+        return "allocator" if self.on_cuda else "tensor bytes"
+
+    def block_bytes(self, model, names: list[str], device: str, before: int) -> tuple[int, str]:
+        """The bytes of the block just materialized (its parameters `names` on `device`, where the
+        allocator held `before` ahead of it), and what its device holds now, in words (CUDA only)."""
+        if self.on_cuda:
+            held = (allocated(device) - self.baseline[device]) / 1e9
+            return allocated(device) - before, f"; {device} holds {held:.2f} GB"
+        params = [model.get_parameter(n) for n in names]
+        return sum(tensor_bytes(t for p in params for t in _param_tensors(p)).values()), ""
+
+    def measure_load(self, model) -> None:
+        """The weights, and the peak while they were materialized."""
+        import torch
+
+        if self.on_cuda:
+            self.weights = {d: allocated(d) - self.baseline[d] for d in self.devices}
+            self.load_peak = {d: torch.cuda.max_memory_allocated(d) - self.baseline[d] for d in self.devices}
+        else:
+            self.weights = tensor_bytes(model_tensors(model))
+            self.load_peak = {d: 0 for d in self.devices}
+
+    def measure_run(self, kv_tensors) -> None:
+        """After the prefill and decode: the KV cache, what stays resident, the peaks of the whole run."""
+        import torch
+
+        self.kv_cache = tensor_bytes(kv_tensors)
+        if self.on_cuda:
+            self.resident = {d: allocated(d) - self.baseline[d] for d in self.devices}
+            self.peak = {d: torch.cuda.max_memory_allocated(d) - self.baseline[d] for d in self.devices}
+            self.reserved_peak = {d: torch.cuda.max_memory_reserved(d) - self.baseline_reserved[d] for d in self.devices}
+        else:
+            self.resident = {d: self.weights.get(d, 0) + self.kv_cache.get(d, 0) for d in self.devices}
+            self.peak = self.reserved_peak = {d: 0 for d in self.devices}
+
+    def against(self, plan: "Plan") -> tuple[DeviceMemory, ...]:
+        """Each device's measurements next to the plan's share for it."""
+        shares = {share.device: share for share in plan.placement}
+        return tuple(
+            DeviceMemory.against(
+                device, shares.get(device),
+                weights=self.weights.get(device, 0),
+                kv_cache=self.kv_cache.get(device, 0),
+                resident=self.resident.get(device, 0),
+                peak=self.peak.get(device, 0),
+                load_peak=self.load_peak.get(device, 0),
+                reserved_peak=self.reserved_peak.get(device, 0),
+            )
+            for device in self.devices
+        )
+
+
 def versions() -> dict[str, str]:
     import platform
 
@@ -484,11 +554,7 @@ def rehearse(
     except ImportError as error:
         raise BackendUnavailable(f"rehearse needs torch and transformers ({error}); "
                                  "install them with: pip install 'runner[cuda]'") from None
-    if not 1 <= decode_tokens < plan.context:
-        raise UserInputError(f"--decode-tokens must be between 1 and {plan.context - 1} (the context)")
-    prefill_chunk = prefill_chunk or PREFILL_CHUNK
-    if prefill_chunk < 1:
-        raise UserInputError("--prefill-chunk must be at least 1 token")
+    prefill_chunk = check_lengths(plan, decode_tokens, prefill_chunk, PREFILL_CHUNK)
     where = {"what": "building the model", "device": "cpu", "layers": 0}
     try:
         return _rehearse(plan, decode_tokens, on_progress or (lambda progress: None), where, prefill_chunk,
@@ -523,78 +589,131 @@ def _rehearse(plan: "Plan", decode_tokens: int, report, where: dict, prefill_chu
               kernel: str | None) -> RehearsalResult:
     import torch
 
-    from runner_cuda.loading import attention_for, gpu_capabilities, scheme_for
-
-    spec = plan.model
     started = time.perf_counter()
-    gpus = gpu_capabilities() if torch.cuda.is_available() else []
-    scheme = scheme_for(plan.quant, gpus, allow_offload=False)   # the real load's dtype and quantization config
-    model, quantizer = build_meta_model(spec, scheme, attention_for(scheme.dtype, gpus))
-    device_map = resolve_device_map(model, plan, quantizer)
-    check_devices_exist(device_map)
-    devices = sorted({torch_device(v) for v in device_map.values()})
-    on_cuda = any(d.startswith("cuda") for d in devices)
-    for device in devices:
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats(device)
-    baseline = {d: allocated(d) for d in devices}
-    baseline_reserved = {d: torch.cuda.memory_reserved(d) if d.startswith("cuda") else 0 for d in devices}
-
-    # Parameters grouped by block, in the order a forward pass meets them.
-    blocks: dict[str, list[str]] = {}
-    for name, _ in model.named_parameters():
-        blocks.setdefault(block_of(name), []).append(name)
-    order = [b for b in ["embeddings"] + [f"layer {i}" for i in range(spec.num_layers)] + ["head"] if b in blocks]
-
-    measured_blocks: list[BlockMemory] = []
+    placed = place_model(plan)
+    meter = Meter(placed.devices)
     generators = Generators()
-    materialize_buffers(model, device_map)
-    for index, block in enumerate(order, start=1):
-        names = blocks[block]
-        device = device_of(names[0], device_map)
-        where.update(what=f"materializing {block}", device=device)
-        synchronize(devices)
-        before = allocated(device)
-        for name in names:
-            materialize_parameter(model, name, device_of(name, device_map), scheme.dtype, quantizer, generators)
-        synchronize(devices)
-        if on_cuda:
-            size = allocated(device) - before
-            holds = f"; {device} holds {(allocated(device) - baseline[device]) / 1e9:.2f} GB"
-        else:
-            params = [model.get_parameter(n) for n in names]
-            size = sum(tensor_bytes(t for p in params for t in _param_tensors(p)).values())
-            holds = ""
-        measured_blocks.append(BlockMemory(block, device, size))
-        if block.startswith("layer "):
-            where["layers"] += 1
-        report(LoadProgress(f"{block} on {device}: {size / 1e6:.1f} MB{holds}", index, len(order), "blocks"))
-    finish_model(model, quantizer, device_map)
-    synchronize(devices)
+    blocks = parameter_blocks(placed.model, plan.model.num_layers)
+    measured_blocks = materialize_blocks(placed, blocks, meter, generators, where, report)
+    finish_model(placed.model, placed.quantizer, placed.device_map)
+    synchronize(meter.devices)
     load_seconds = time.perf_counter() - started
-    if on_cuda:
-        weights = {d: allocated(d) - baseline[d] for d in devices}
-        load_peak = {d: torch.cuda.max_memory_allocated(d) - baseline[d] for d in devices}
-    else:
-        weights = tensor_bytes(model_tensors(model))
-        load_peak = {d: 0 for d in devices}
+    meter.measure_load(placed.model)
 
     # Prefill in chunks, then decode one token at a time, through the decode path a session on these
     # devices uses. The cache ends holding exactly `context` tokens.
     prefill = plan.context - decode_tokens
-    first_device = device_of(blocks[order[0]][0], device_map)
-    ids = torch.randint(0, spec.vocab_size, (prefill,), generator=generators.on("cpu")).tolist()
+    first_device = device_of(next(iter(blocks.values()))[0], placed.device_map)
+    ids = torch.randint(0, plan.model.vocab_size, (prefill,), generator=generators.on("cpu")).tolist()
     where.update(what="compiling the fast decode path and capturing its first graph", device=first_device)
-    steps, reason = decode_steps(model, plan.context, prefill_chunk, first_device, fast_decode, kernel)
-    step_seconds: list[float] = []
+    steps, reason = decode_steps(placed.model, plan.context, prefill_chunk, first_device, fast_decode, kernel)
     where.update(what=f"prefilling {prefill} tokens", device=first_device)
-    chunks = f" in chunks of {prefill_chunk}" if prefill > prefill_chunk else ""
-    report(LoadProgress(f"prefill of {prefill} tokens{chunks}", 0, decode_tokens, "tokens"))
+    logits, prefill_seconds = timed_prefill(steps, ids, prefill_chunk, decode_tokens, meter.devices, report)
+    step_seconds = timed_decode(steps, logits, decode_tokens, meter.devices, where, report)
+    del logits, ids
+    gc.collect()
+    synchronize(meter.devices)
+    meter.measure_run(steps.kv_tensors())
+    if steps.length != plan.context:
+        raise LoadError(f"the KV cache holds {steps.length} tokens, not the {plan.context} planned")
+
+    result = CudaRehearsalResult(
+        **plan_fields(plan),
+        method=meter.method,
+        devices=meter.against(plan),
+        blocks=tuple(measured_blocks),
+        prefill_tokens=prefill,
+        prefill_seconds=prefill_seconds,
+        decode_tokens=decode_tokens,
+        decode_step_seconds=tuple(step_seconds),
+        load_seconds=load_seconds,
+        versions=versions(),
+        device_names={d: torch.cuda.get_device_name(d) for d in meter.devices if d.startswith("cuda")},
+        decode_path=steps.path,
+        decode_path_reason=reason,
+        warm_up_seconds=steps.warm_up_seconds,
+    )
+    del placed, steps
+    gc.collect()
+    if meter.on_cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+@dataclass(frozen=True)
+class PlacedModel:
+    """The architecture on the meta device, and where the plan puts each of its modules."""
+
+    model: "torch.nn.Module"
+    quantizer: object | None             # transformers' HfQuantizer for NF4/int8; None for a float dtype
+    dtype: "torch.dtype"                 # the dtype a checkpoint holds the weights in (the real load's)
+    device_map: dict[str, int | str]
+
+    @property
+    def devices(self) -> list[str]:
+        return sorted({torch_device(value) for value in self.device_map.values()})
+
+
+def place_model(plan: "Plan") -> PlacedModel:
+    """Build the plan's architecture with the real load's dtype and quantization config, and place it."""
+    import torch
+
+    from runner_cuda.loading import attention_for, gpu_capabilities, scheme_for
+
+    gpus = gpu_capabilities() if torch.cuda.is_available() else []
+    scheme = scheme_for(plan.quant, gpus, allow_offload=False)
+    model, quantizer = build_meta_model(plan.model, scheme, attention_for(scheme.dtype, gpus))
+    device_map = resolve_device_map(model, plan, quantizer)
+    check_devices_exist(device_map)
+    return PlacedModel(model, quantizer, scheme.dtype, device_map)
+
+
+def parameter_blocks(model, num_layers: int) -> dict[str, list[str]]:
+    """Parameter names grouped by block, the blocks in the order a forward pass meets them."""
+    blocks: dict[str, list[str]] = {}
+    for name, _ in model.named_parameters():
+        blocks.setdefault(block_of(name), []).append(name)
+    order = ["embeddings"] + [f"layer {i}" for i in range(num_layers)] + ["head"]
+    return {block: blocks[block] for block in order if block in blocks}
+
+
+def materialize_blocks(placed: PlacedModel, blocks: dict[str, list[str]], meter: "Meter", generators: Generators,
+                       where: dict, report) -> list[BlockMemory]:
+    """Random weights block by block, each block measured as it lands and reported."""
+    measured: list[BlockMemory] = []
+    materialize_buffers(placed.model, placed.device_map)
+    for index, (block, names) in enumerate(blocks.items(), start=1):
+        device = device_of(names[0], placed.device_map)
+        where.update(what=f"materializing {block}", device=device)
+        synchronize(meter.devices)
+        before = allocated(device)
+        for name in names:
+            materialize_parameter(placed.model, name, device_of(name, placed.device_map), placed.dtype,
+                                  placed.quantizer, generators)
+        synchronize(meter.devices)
+        size, holds = meter.block_bytes(placed.model, names, device, before)
+        measured.append(BlockMemory(block, device, size))
+        if block.startswith("layer "):
+            where["layers"] += 1
+        report(LoadProgress(f"{block} on {device}: {size / 1e6:.1f} MB{holds}", index, len(blocks), "blocks"))
+    return measured
+
+
+def timed_prefill(steps, ids: list[int], prefill_chunk: int, decode_tokens: int, devices, report):
+    """The prefill's last logits and its seconds."""
+    chunks = f" in chunks of {prefill_chunk}" if len(ids) > prefill_chunk else ""
+    report(LoadProgress(f"prefill of {len(ids)} tokens{chunks}", 0, decode_tokens, "tokens"))
     synchronize(devices)
     tick = time.perf_counter()
     logits = steps.prefill(ids)
     synchronize(devices)
-    prefill_seconds = time.perf_counter() - tick
+    return logits, time.perf_counter() - tick
+
+
+def timed_decode(steps, logits, decode_tokens: int, devices, where: dict, report) -> list[float]:
+    """Greedy decode of `decode_tokens` tokens after `logits`: each step's seconds (the token pick
+    before the clock starts)."""
+    step_seconds: list[float] = []
     for step in range(decode_tokens):
         where.update(what=f"decoding token {step + 1}/{decode_tokens}")
         token = steps.pick(logits)
@@ -604,56 +723,4 @@ def _rehearse(plan: "Plan", decode_tokens: int, report, where: dict, prefill_chu
         step_seconds.append(time.perf_counter() - tick)
         if (step + 1) % 8 == 0 or step + 1 == decode_tokens:
             report(LoadProgress(f"decoded {step + 1}/{decode_tokens} tokens", step + 1, decode_tokens, "tokens"))
-    del logits, ids
-    gc.collect()
-    synchronize(devices)
-    kv_cache = tensor_bytes(steps.kv_tensors())
-    if on_cuda:
-        resident = {d: allocated(d) - baseline[d] for d in devices}
-        peak = {d: torch.cuda.max_memory_allocated(d) - baseline[d] for d in devices}
-        reserved_peak = {d: torch.cuda.max_memory_reserved(d) - baseline_reserved[d] for d in devices}
-    else:
-        resident = {d: weights.get(d, 0) + kv_cache.get(d, 0) for d in devices}
-        peak = reserved_peak = {d: 0 for d in devices}
-    if steps.length != plan.context:
-        raise LoadError(f"the KV cache holds {steps.length} tokens, not the {plan.context} planned")
-
-    shares = {share.device: share for share in plan.placement}
-    device_memory = [
-        DeviceMemory.against(
-            device, shares.get(device),
-            weights=weights.get(device, 0),
-            kv_cache=kv_cache.get(device, 0),
-            resident=resident.get(device, 0),
-            peak=peak.get(device, 0),
-            load_peak=load_peak.get(device, 0),
-            reserved_peak=reserved_peak.get(device, 0),
-        )
-        for device in devices
-    ]
-    result = CudaRehearsalResult(
-        model=spec.name,
-        quant=plan.quant,
-        context=plan.context,
-        num_layers=spec.num_layers,
-        method="allocator" if on_cuda else "tensor bytes",
-        devices=tuple(device_memory),
-        blocks=tuple(measured_blocks),
-        planned_layer_bytes=float(plan.layer_bytes),
-        prefill_tokens=prefill,
-        prefill_seconds=prefill_seconds,
-        decode_tokens=decode_tokens,
-        decode_step_seconds=tuple(step_seconds),
-        roofline_tokens_per_s=plan.roofline_tokens_per_s,
-        load_seconds=load_seconds,
-        versions=versions(),
-        device_names={d: torch.cuda.get_device_name(d) for d in devices if d.startswith("cuda")},
-        decode_path=steps.path,
-        decode_path_reason=reason,
-        warm_up_seconds=steps.warm_up_seconds,
-    )
-    del model, steps
-    gc.collect()
-    if on_cuda:
-        torch.cuda.empty_cache()
-    return result
+    return step_seconds

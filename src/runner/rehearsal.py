@@ -7,6 +7,12 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from runner.errors import UserInputError
+
+if TYPE_CHECKING:
+    from runner.budget import Plan
 
 
 @dataclass(frozen=True)
@@ -111,3 +117,25 @@ class RehearsalResult:
             "versions": self.versions,
             "device_names": self.device_names,
         }
+
+
+def check_lengths(plan: "Plan", decode_tokens: int, prefill_chunk: int | None, default_chunk: int) -> int:
+    """Refuse decode and prefill lengths a rehearsal of `plan` cannot run; the prefill chunk to use."""
+    if not 1 <= decode_tokens < plan.context:
+        raise UserInputError(f"--decode-tokens must be between 1 and {plan.context - 1} (the context)")
+    prefill_chunk = prefill_chunk or default_chunk
+    if prefill_chunk < 1:
+        raise UserInputError("--prefill-chunk must be at least 1 token")
+    return prefill_chunk
+
+
+def plan_fields(plan: "Plan") -> dict:
+    """The fields of a RehearsalResult that come from the plan, not from measuring."""
+    return {
+        "model": plan.model.name,
+        "quant": plan.quant,
+        "context": plan.context,
+        "num_layers": plan.model.num_layers,
+        "planned_layer_bytes": float(plan.layer_bytes),
+        "roofline_tokens_per_s": plan.roofline_tokens_per_s,
+    }
