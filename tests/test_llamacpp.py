@@ -282,9 +282,9 @@ def test_parity_counts_the_same_greedy_reply_as_torch(f16_session, torch_fp32):
     """runner parity's greedy reply stops at the end token the backend stopped at, though a GGUF
     has no generation_config.json naming it (it used to count llama.cpp's replies as different)."""
     from runner.backend import Message
-    from runner.parity import eos_token_ids, greedy_reply
+    from runner.parity import greedy_reply
 
     messages = [Message("user", "What is the capital of France?")]
-    ours, text = greedy_reply(f16_session, messages, 24, set())
-    theirs, _ = greedy_reply(torch_fp32, messages, 24, eos_token_ids(torch_fp32.model.path))
+    ours, text = greedy_reply(f16_session, messages, 24)
+    theirs, _ = greedy_reply(torch_fp32, messages, 24)
     assert ours == theirs and text == "The capital of France is Paris."

@@ -138,8 +138,8 @@ def test_eos_list_comes_from_generation_config(tiny_llama_dir, tmp_path):
     session = load(source, "q4")
     chunks = list(session.stream([Message("user", PROMPT)], Sampling(max_tokens=20)))
     session.close()
-    assert [c.token for c in chunks if c.token is not None] == first[:2]
-    assert chunks[-1].finish_reason == "stop"
+    assert [c.token for c in chunks] == first[:3]     # the stop chunk's token is the end-of-sequence id
+    assert chunks[-1].finish_reason == "stop" and chunks[-1].generation_tokens == 3
 
 
 def test_an_mlx_folder_that_is_already_quantized_loads_as_is(tiny_q4):

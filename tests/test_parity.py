@@ -420,13 +420,11 @@ def test_prompts_file_that_is_not_utf8_or_json(tmp_path):
         read_prompts(path)
 
 
-def test_eos_ids_and_identity_of_a_hostile_folder(tmp_path):
-    from runner.parity import config_sha256, eos_token_ids
+def test_identity_of_a_hostile_folder(tmp_path):
+    from runner.parity import config_sha256
 
     (tmp_path / "config.json").write_text('{"eos_token_id": [2, "x", true, 7], "rope_theta": "ten thousand"}')
-    (tmp_path / "generation_config.json").write_text('{"eos_token_id": 3}')
-    assert eos_token_ids(tmp_path) == {2, 3, 7}
     assert len(config_sha256(tmp_path)) == 64
-    (tmp_path / "generation_config.json").write_text("[1]")
+    (tmp_path / "config.json").write_text("[1]")
     with pytest.raises(UserInputError, match="holds a list, not a JSON object"):
-        eos_token_ids(tmp_path)
+        config_sha256(tmp_path)

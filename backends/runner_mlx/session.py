@@ -92,16 +92,16 @@ class MlxSession(TokenStreaming):
                 if not first_token:
                     first_token = time.perf_counter() - started
                 fed.append(response.token)
-                stopped = response.finish_reason == "stop"
-                piece = "" if stopped else text.add(response.token)
+                # the end-of-sequence id has no text, but is the stop chunk's token and counted (GenerationChunk)
+                piece = "" if response.finish_reason == "stop" else text.add(response.token)
                 if response.finish_reason is not None:
                     piece += text.flush()
                 yield GenerationChunk(
                     text=piece,
-                    token=None if stopped else response.token,   # the end-of-sequence id is not reply
+                    token=response.token,
                     prompt_tokens=len(prompt),
                     prompt_tps=response.prompt_tps,
-                    generation_tokens=response.generation_tokens - (1 if stopped else 0),
+                    generation_tokens=response.generation_tokens,
                     generation_tps=response.generation_tps,
                     time_to_first_token=first_token,
                     peak_memory=int(response.peak_memory * 1e9),

@@ -64,13 +64,15 @@ class Sampling:
 class GenerationChunk:
     """One step of a streamed reply, the same shape from every backend (after mlx-lm's
     GenerationResponse). `text` is the new text since the previous chunk (may be empty while a
-    multi-byte character is incomplete); the last chunk has `finish_reason` set."""
+    multi-byte character is incomplete); the last chunk has `finish_reason` set. A reply that ends
+    on an end-of-sequence token ends with a "stop" chunk whose `token` is that id, with no text,
+    counted in `generation_tokens` (as OpenAI-compatible servers count it in completion_tokens)."""
 
     text: str
-    token: int | None                 # the token id produced at this step (None on a final empty chunk)
+    token: int | None                 # the token id produced at this step (None on a "cancelled" chunk)
     prompt_tokens: int
     prompt_tps: float                 # prefill tokens per second
-    generation_tokens: int            # tokens generated so far
+    generation_tokens: int            # tokens generated so far, an end-of-sequence token included
     generation_tps: float             # decode tokens per second so far (after the first token)
     time_to_first_token: float        # seconds from the call to the first generated token
     peak_memory: int                  # bytes, the backend's own peak measure (0 if unknown)

@@ -277,17 +277,6 @@ def tokenizer_sha256(folder: Path) -> str:
     return digest.hexdigest() if found else ""
 
 
-def eos_token_ids(folder: Path) -> set[int]:
-    """Every end-of-sequence id from generation_config.json and config.json (Llama 3 has two)."""
-    ids: set[int] = set()
-    for name in ("generation_config.json", "config.json"):
-        if (folder / name).is_file():
-            value = read_json_object(folder / name).get("eos_token_id")
-            values = value if isinstance(value, list) else [value]
-            ids.update(v for v in values if isinstance(v, int) and not isinstance(v, bool))
-    return ids
-
-
 def stack_versions(backend: str) -> dict[str, str]:
     """Versions of the packages that compute the numbers, read without importing them."""
     from importlib.metadata import PackageNotFoundError, version
@@ -387,18 +376,14 @@ def summarize_logits(token_ids: "np.ndarray", logits: "np.ndarray", k: int):
     return top_ids, top_logits, logsumexp, next_logprob
 
 
-def greedy_reply(
-    session: "Session", messages: Sequence[Message], max_tokens: int, eos: set[int]
-) -> tuple[list[int], str]:
-    """The session's greedy reply through its real generation path (`stream`), cut at the first EOS:
-    one of `eos`, or the token of a chunk that ends with "stop" (the end token the backend stopped
-    at; a GGUF file has no generation_config.json to name it)."""
+def greedy_reply(session: "Session", messages: Sequence[Message], max_tokens: int) -> tuple[list[int], str]:
+    """The session's greedy reply through its real generation path (`stream`): every chunk's token
+    but a "stop" chunk's, the end-of-sequence id the backend stopped at (a GGUF file has no
+    generation_config.json to name it)."""
     tokens: list[int] = []
     text = []
     for chunk in session.stream(messages, Sampling(temperature=0.0, max_tokens=max_tokens)):
-        if chunk.token is not None:
-            if chunk.token in eos or chunk.finish_reason == "stop":
-                break
+        if chunk.token is not None and chunk.finish_reason != "stop":
             tokens.append(int(chunk.token))
         text.append(chunk.text)
     return tokens, "".join(text).strip()
@@ -428,7 +413,6 @@ def capture(
     started = time.perf_counter()
     spec = session.model
     folder = Path(spec.path) if spec.path is not None else None
-    eos = eos_token_ids(folder) if folder is not None else set()
     limit = context - max_tokens
     if limit < 2:
         raise UserInputError(f"a context of {context} leaves no room for prompts and {max_tokens} reply tokens")
@@ -445,7 +429,7 @@ def capture(
             warn(f"prompt '{prompt.name}' has {len(ids)} tokens, more than the context allows with "
                  f"{max_tokens} reply tokens ({limit}): cut to its first {limit} tokens, no greedy reply")
             ids = ids[:limit]
-        reply, text = ([], "") if cut else greedy_reply(session, prompt.messages, max_tokens, eos)
+        reply, text = ([], "") if cut else greedy_reply(session, prompt.messages, max_tokens)
         full = np.asarray(ids + reply, dtype=np.int64)
         logits = np.asarray(session.logits(full.tolist()), dtype=np.float32)
         if logits.ndim != 2 or logits.shape[0] != len(full):
