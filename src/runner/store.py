@@ -128,13 +128,13 @@ def _partial_pulls(known: set[str]) -> list[LocalModel]:
             continue
         partial = [s for s in snapshots if (s / PARTIAL_PULL_MARKER).exists()]
         if partial:
-            layers = _share_layers(partial[0] / PARTIAL_PULL_MARKER)
+            layers = share_layers(partial[0] / PARTIAL_PULL_MARKER)
             models.append(LocalModel(model_id, "HF cache", partial[0], "share" if layers else "partial", repo,
                                      tree_size(repo), layers=layers))
     return models
 
 
-def _share_layers(marker: Path) -> tuple[int, int] | None:
+def share_layers(marker: Path) -> tuple[int, int] | None:
     """The layers a `runner pull --layers` share recorded in its marker; None for a pull cut off."""
     try:
         layers = json.loads(marker.read_text()).get("layers")

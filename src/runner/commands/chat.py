@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from runner.commands.options import add_model_arguments
+from runner.commands.options import add_model_arguments, refuse_a_share
 from runner.errors import UserInputError
 
 
@@ -19,6 +19,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError(f"--context {args.context} is too small to chat (at least 16 tokens)")
     if args.pick and args.model:
         raise UserInputError("give a model or --pick, not both")
+    refuse_a_share(args.model)
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         raise UserInputError(
             "runner chat needs a terminal (stdin and stdout are not one); "

@@ -16,7 +16,7 @@ import sys
 import time
 
 from runner.backend import LoadProgress, Message, Sampling
-from runner.commands.options import add_model_arguments, choose, load_options
+from runner.commands.options import add_model_arguments, choose, load_options, refuse_a_share
 from runner.errors import UserInputError
 
 
@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError("the prompt is empty")
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
     progress = ProgressLine()
+    refuse_a_share(args.model)
     choice = choose(args)
     print(f"runner: {choice_line(choice)}\nrunner: why: {choice.reason}", file=sys.stderr)
     started = time.perf_counter()

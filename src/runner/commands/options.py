@@ -90,6 +90,32 @@ def load_options(args: argparse.Namespace, *, chat: bool = True):
     )
 
 
+def refuse_a_share(model: str | None) -> None:
+    """chat and generate load a whole model: where the Hugging Face cache holds only one host's
+    share of `model` (`runner pull --layers`, which `load_spec` does not offer), say so and what to
+    run instead, rather than "not in the Hugging Face cache"."""
+    from pathlib import Path
+
+    from runner.model import PARTIAL_PULL_MARKER, hf_cache_snapshot, hf_hub_cache
+    from runner.store import share_layers
+
+    try:
+        if not model or Path(model).expanduser().exists() or hf_cache_snapshot(model) is not None:
+            return
+        snapshots = hf_hub_cache() / ("models--" + model.replace("/", "--")) / "snapshots"
+        markers = sorted(snapshots.glob(f"*/{PARTIAL_PULL_MARKER}")) if snapshots.is_dir() else []
+    except OSError:     # a name the filesystem refuses: load_spec says so
+        return
+    held = [layers for marker in markers if (layers := share_layers(marker)) is not None]
+    if held:
+        start, stop = held[0]
+        raise UserInputError(
+            f"{model}: this Hugging Face cache holds only layers {start}-{stop - 1} of it, one host's share of a "
+            f"split (runner pull --layers); run it over the hosts with `runner launch --hosts A,B {model}`, "
+            f"or download the rest: runner pull {model}"
+        )
+
+
 def choose(args: argparse.Namespace, *, machine=None, schemes=None, batch: int = 1):
     """The core's Choice for what the user typed (the spec, the machine, resolve)."""
     from runner.choice import resolve
