@@ -32,8 +32,8 @@ that the split runs (and is tested) without several GPUs.
 
 `kv_bits` (8 or 4, `--kv-bits`) stores the static cache quantized in the ordinary loop's format
 (static_cache.QuantizedLayer: codes plus a scale and a bias per 64 values; quantized as written,
-the attended span dequantized inside the step), so that a reply gives the ordinary loop's numbers
-with a quantized cache.
+by one Triton launch a layer in a step; the split-KV attention dequantizes the codes it reads in
+registers), so that a reply gives the ordinary loop's numbers with a quantized cache.
 
 A decode step's attention is split over the cache, one thread block per part of each KV head's
 positions (`attention.py`, flash-decoding in Triton), so that it does not slow down with length
@@ -47,7 +47,7 @@ import contextlib
 from typing import TYPE_CHECKING, Sequence
 
 from runner.budget import PREFILL_CHUNK
-from runner_cuda.fast.attention import attention_takes, decode_attention
+from runner_cuda.fast.attention import attention_takes
 from runner_cuda.fast.nf4 import nf4_weight_of
 from runner_cuda.fast.static_cache import static_layer
 
@@ -165,8 +165,8 @@ class FastDecoder:
         # exactly the positions the plan counts (budget.kv_cache_bytes); the last bucket ends there
         capacity = self.max_len
         # each layer's K and V on its layer's device, in the compute dtype or quantized
-        self.cache = [static_layer(self.kv_heads, capacity, self.head_dim, self.dtype, _device_of(l), self.kv_bits)
-                      for l in self.layers]
+        self.cache = [static_layer(self.kv_heads, capacity, self.head_dim, self.dtype, _device_of(l), self.kv_bits,
+                                   kernels=self.split_kv) for l in self.layers]
         rotary = _device_of(rotary_emb)
         probe = torch.empty(0, dtype=self.dtype, device=rotary)
         cos, sin = rotary_emb(probe, torch.arange(capacity, device=rotary)[None])
@@ -374,12 +374,12 @@ class FastDecoder:
                 q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
             q, k = ops.rope(q.view(self.heads, self.head_dim), k.view(self.kv_heads, self.head_dim), cos, sin)
             cache.write_at(tables.position, k[:, None], v.view(self.kv_heads, 1, self.head_dim))
-            keys, values = cache.read(span)
             # grouped-query attention as `rep` queries per KV head: no K/V repeat
-            if self.split_kv:
-                out = decode_attention(q.reshape(self.kv_heads, rep, self.head_dim), keys, values, tables.position, span,
-                                       self.scaling).view(1, self.heads * self.head_dim)
+            if self.split_kv:           # reads a quantized cache as stored (no dequantized copy)
+                out = cache.attend(q.reshape(self.kv_heads, rep, self.head_dim), tables.position, span,
+                                   self.scaling).view(1, self.heads * self.head_dim)
             else:
+                keys, values = cache.read(span)
                 out = torch.nn.functional.scaled_dot_product_attention(
                     q.view(1, self.kv_heads, rep, self.head_dim), keys[None], values[None],
                     attn_mask=visible, scale=self.scaling,
