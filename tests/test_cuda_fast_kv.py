@@ -167,3 +167,23 @@ def test_turns_on_the_kept_quantized_static_cache_answer_as_without_it(kv8_sessi
         plain._kept = None
         assert tokens == reply(plain, edited, max_tokens=6)[1]
         assert 0 < chunks[0].reused_tokens
+
+
+@pytest.mark.parametrize("kv_bits", [8, 4])
+def test_plan_counts_the_dequantized_copy_a_prefill_attends_over(kv_bits):
+    """The cuda plan's activations hold, with --kv-bits, one layer's K and V dequantized for a
+    prefill chunk's attention (static_cache.QuantizedLayer.read): 8B at 128k in bf16, 2 x 8 KV
+    heads x 131,072 positions x 128 x 2 bytes and one 4,096-position block's temporaries, on each
+    GPU that holds layers. A decode step needs none of it (the attention reads the codes)."""
+    from runner.hardware import parse_machine
+    from runner_cuda.plan_rules import CudaPlanRules
+
+    spec = load_spec("meta-llama/Llama-3.1-8B-Instruct")
+    expected = 2 * 8 * 131072 * 128 * 2 + (4 + 2 + (kv_bits == 4)) * 8 * 4096 * 128
+    assert CudaPlanRules().kv_read_bytes(spec, 131072, 1, "bf16", kv_bits) == expected
+    assert CudaPlanRules().kv_read_bytes(spec, 131072, 1, "bf16", None) == 0
+    plain = budget.make_plan(spec, parse_machine("2xA100-80GB"), "bf16", 131072, backend="cuda")
+    quantized = budget.make_plan(spec, parse_machine("2xA100-80GB"), "bf16", 131072, backend="cuda", kv_bits=kv_bits)
+    gpus = [share for share in quantized.placement if share.kind == "gpu" and share.weights_bytes]
+    assert len(gpus) == 2
+    assert quantized.overhead_bytes - plain.overhead_bytes == 2 * expected

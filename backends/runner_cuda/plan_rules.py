@@ -17,6 +17,7 @@ BNB_CODE_4BIT = 16 * 4         # the 16-entry NF4/FP4 code table (fp32), one per
 BNB_CODE_NESTED = 256 * 4      # the 256-entry dynamic code table of the nested state (fp32)
 BNB_OFFSET = 4                 # the fp32 mean subtracted from absmax before nesting
 FP8_ALIGN = 16                 # torchao FP8: Linears with a side not a multiple of 16 stay bf16 (_scaled_mm)
+KV_READ_BLOCK = 4096           # positions a quantized KV cache is dequantized at a time for prefill (fast/static_cache.py)
 
 
 def _no_bf16(machine) -> bool:
@@ -76,6 +77,21 @@ class CudaPlanRules(PlanRules):
             return False
         gpus = machine.gpus
         return not gpus or any(g.compute_capability is not None and g.compute_capability < (8, 9) for g in gpus)
+
+    def kv_read_bytes(self, model, context, batch, quant, kv_bits):
+        """With `--kv-bits` a prefill chunk on the fast path attends over one layer's K and V
+        dequantized into the compute dtype (fast/static_cache.QuantizedLayer.read): the two copies
+        of `context` positions, and the temporaries of one block of KV_READ_BLOCK positions (float32
+        values, their rounding, 4-bit codes unpacked to a byte each). A decode step there reads the
+        codes as stored and needs none of it (fast/attention.py). The ordinary loop, where the fast
+        path does not run, dequantizes a layer's whole cache at once (runner_cuda.kv_cache): about
+        3 times this, not counted."""
+        if kv_bits is None:
+            return 0
+        plain = 4 if quant == "fp32" else 2
+        values = batch * model.num_kv_heads * model.head_dim
+        block = (4 + plain + (1 if kv_bits == 4 else 0)) * values * min(context, KV_READ_BLOCK)
+        return 2 * plain * values * context + block
 
     def offloads_unquantized(self, quant):
         if quant not in BITSANDBYTES:

@@ -131,6 +131,12 @@ class PlanRules:
         """The last position's logits: the lm_head's output in the compute dtype and its fp32 copy."""
         return model.vocab_size * batch * (2 + 4)
 
+    def kv_read_bytes(self, model: ModelSpec, context: int, batch: int, quant: str, kv_bits: int | None) -> int:
+        """Scratch beyond the activations that reading a quantized KV cache (`kv_bits`) for one
+        layer's attention takes at `context` positions (counted with the activations); 0 where the
+        attention reads it as stored."""
+        return 0
+
     def offloads_unquantized(self, quant: str) -> str:
         """Why layers offloaded to CPU or disk stay in the compute dtype under `quant`, in words
         (bitsandbytes does that); "" where they keep the scheme."""
