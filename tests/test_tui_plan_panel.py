@@ -30,6 +30,8 @@ def test_render_plan_shows_verdict_parts_and_measured_memory():
     assert "cuda:0" in text and "weights" in text and "KV cache" in text and "overhead" in text
     assert "✔ fits" in text
     assert "measured 17.0 GB" in text
+    # the roofline reads the whole context's KV cache per token (`runner plan`'s footnote): say so
+    assert "✔ fits · needs 17.4 GB · at most ~61 tokens/s at a full context\n" in text + "\n"
 
 
 def test_banner_for_offload_and_for_unified_memory_pressure():

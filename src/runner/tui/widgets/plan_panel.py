@@ -100,7 +100,8 @@ def render_plan(plan: Plan, report: MemoryReport | None = None) -> Text:
     if plan.roofline_tokens_per_s > 0:
         speed = plan.roofline_tokens_per_s
         speed_text = f"{speed:,.0f}" if speed >= 10 else f"{speed:.2g}"
-        text.append(f" · at most ~{speed_text} tokens/s (memory bandwidth bound)", "dim")
+        # the roofline reads every weight and the whole context's KV cache per token (runner plan's footnote)
+        text.append(f" · at most ~{speed_text} tokens/s at a full context", "dim")
     for warning in plan.warnings:
         text.append("\n▲ ", "yellow")
         text.append(warning)
