@@ -4,8 +4,10 @@ bf16 cache, at 1k and 32k positions, on the Llama-3.1-8B shape, in one run on on
     PYTHONPATH=src:backends python3 bench/kv_decode_gpu.py [--quant bf16|nf4] [--positions 1024,32768]
                                                            [--tokens 128] [--out DIR]
 
-NOT YET RUN: written in a session without a GPU; the next session with one runs it and puts its
-output in bench/RESULTS.md. There are no numbers from it anywhere until then.
+Run on an H200 (results in bench/RESULTS.md, "KV-cache quantization on the fast path"): before
+the attention read the codes, kv8/kv4 decoded at 0.54x/0.49x the bf16 cache's speed at 1k and
+0.21x/0.17x at 32k, each step dequantizing its whole graph bucket into a bf16 copy (24-418 MB of
+scratch); now the split-KV attention (fast/attention.py) dequantizes the codes in registers.
 
 The model is the 8B shape with random weights built on the GPU (runner_cuda.rehearse.random_model,
 as `runner rehearse` builds it: no checkpoint). For each KV setting (bf16, 8-bit, 4-bit) in turn, a
@@ -16,15 +18,12 @@ session does. Reported per setting and position: tok/s; its ratio to the bf16 ca
 position; and the fraction of the roofline, copy bandwidth (measured here, read + written) over the
 bytes a step must read: the weights (cuda_speed.bytes_read_per_token) plus the KV cache up to that
 position in its stored format (budget.kv_cache_bytes, what the plan counts). Also the resident
-memory of each decoder and the scratch peak of one step (the dequantized span the plan does not
-hold), and, as a sanity check in the same run, the kv8/kv4 fast path's logits teacher-forced
-against the ordinary loop with the same quantized cache (runner_cuda.kv_cache) at the first position.
-
-What to expect from the design (not measured): the quantized cache is dequantized, the whole graph
-bucket of it (a power of two: 2048 positions for steps at 1024 + 128), into a bf16 copy before the
-attention reads it, so a step reads and writes more than the roofline counts and kv8/kv4 may well
-decode slower than bf16 at 32k. The gap is what a split-KV kernel reading the codes directly
-(fast/attention.py) would win; this benchmark is the baseline for it.
+memory of each decoder; the scratch peak of one ungraphed step; the prefill's peak above the
+resident memory, against the bf16 cache's and the plan's count of the dequantized copy a prefill
+chunk attends over (CudaPlanRules.kv_read_bytes); one layer's attention alone (triton's do_bench,
+median) at the position, with the bytes of cache it reads per second; and, as a sanity check in
+the same run, the kv8/kv4 fast path's logits teacher-forced against the ordinary loop with the
+same quantized cache (runner_cuda.kv_cache) at the first position.
 """
 
 from __future__ import annotations
@@ -45,6 +44,7 @@ import cuda_speed  # noqa: E402
 MODEL_ID = "meta-llama/Llama-3.1-8B-Instruct"
 SETTINGS = (None, 8, 4)        # kv_bits: the compute dtype's cache, then 8- and 4-bit
 WARM_STEPS = 8
+SWEEP = ((64, 4), (64, 8), (128, 4), (128, 8))     # --sweep: (positions per inner step, warps)
 RESULTS: dict = {}
 
 
@@ -53,12 +53,18 @@ def record(section: str, **values) -> None:
     print(f"[{section}]", json.dumps(values, default=str), flush=True)
 
 
-def timed_steps(decoder, position: int, tokens: int) -> float:
-    """tok/s of `tokens` greedy steps after a `position`-token prompt (the bucket's graph warm)."""
+def timed_steps(decoder, position: int, tokens: int) -> tuple[float, int]:
+    """tok/s of `tokens` greedy steps after a `position`-token prompt (the bucket's graph warm), and
+    the prefill's peak bytes above what was resident."""
     import torch
 
     decoder.reset()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    resident = torch.cuda.memory_allocated()
     logits = decoder.prefill(cuda_speed.prompt(position, seed=position))
+    torch.cuda.synchronize()
+    prefill_peak = torch.cuda.max_memory_allocated() - resident
     for _ in range(WARM_STEPS):
         logits = decoder.step(int(logits.argmax()))
     torch.cuda.synchronize()
@@ -66,7 +72,22 @@ def timed_steps(decoder, position: int, tokens: int) -> float:
     for _ in range(tokens):
         logits = decoder.step(int(logits.argmax()))
     torch.cuda.synchronize()
-    return tokens / (time.perf_counter() - start)
+    return tokens / (time.perf_counter() - start), prefill_peak
+
+
+def attention_alone(decoder) -> tuple[float, int]:
+    """Median seconds of one layer's decode attention at the decoder's position (its bucket's
+    span), and the bytes of that layer's cache it reads."""
+    import torch
+    from triton.testing import do_bench
+
+    layer, position = decoder.cache[0], decoder.length - 1
+    span = decoder._bucket(decoder.length)
+    q = torch.randn(decoder.kv_heads, decoder.heads // decoder.kv_heads, decoder.head_dim, device="cuda").to(decoder.dtype)
+    at = torch.tensor([position], device="cuda")
+    seconds = do_bench(lambda: layer.attend(q, at, span, decoder.scaling), warmup=25, rep=200, return_mode="median") / 1e3
+    read = sum(t[:, :position + 1].numel() * t.element_size() for t in layer.tensors)
+    return seconds, read
 
 
 def step_scratch(decoder) -> int:
@@ -113,6 +134,7 @@ def main() -> None:
     parser.add_argument("--positions", default="1024,32768")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--sweep", action="store_true", help="also time one layer's attention per launch shape")
     args = parser.parse_args()
     positions = [int(p) for p in args.positions.split(",")]
 
@@ -123,6 +145,8 @@ def main() -> None:
     from runner import budget
     from runner.model import load_spec
     from runner_cuda.fast.decoder import FastDecoder
+    from runner_cuda.fast import attention
+    from runner_cuda.plan_rules import CudaPlanRules
     from runner_cuda.rehearse import random_model
 
     bandwidth = cuda_speed.copy_bandwidth()
@@ -135,6 +159,8 @@ def main() -> None:
     record("model", weights_read_per_token_gb=weights / 1e9)
     max_len = max(positions) + WARM_STEPS + args.tokens + 2
     rates: dict = {}
+    peaks: dict = {}
+    rules = CudaPlanRules()
     for kv_bits in SETTINGS:
         label = "bf16 KV" if kv_bits is None else f"kv{kv_bits}"
         before = torch.cuda.memory_allocated()
@@ -148,14 +174,28 @@ def main() -> None:
         if kv_bits is not None:
             record(label, vs_ordinary_loop=against_the_ordinary_loop(model, decoder, kv_bits, positions[0]))
         for position in positions:
-            rate = timed_steps(decoder, position, args.tokens)
+            rate, prefill_peak = timed_steps(decoder, position, args.tokens)
             kv_read = budget.kv_cache_bytes(spec, position + WARM_STEPS + args.tokens // 2, 1, args.quant, "cuda", kv_bits)
             roofline = bandwidth / (weights + kv_read)
             rates[(kv_bits, position)] = rate
+            peaks[(kv_bits, position)] = prefill_peak
+            seconds, layer_read = attention_alone(decoder)
             record(label, **{f"at_{position}": {
                 "tok_s": rate, "roofline_tok_s": roofline, "roofline_fraction": rate / roofline,
                 "ratio_to_bf16_kv": rate / rates[(None, position)],
-                "step_scratch_mb": step_scratch(decoder) / 2**20}})
+                "step_scratch_mb": step_scratch(decoder) / 2**20,
+                "prefill_peak_mb": prefill_peak / 2**20,
+                "prefill_peak_over_bf16_kv_mb": (prefill_peak - peaks[(None, position)]) / 2**20,
+                "planned_kv_read_mb": rules.kv_read_bytes(spec, position, 1, args.quant, kv_bits) / 2**20,
+                "attention_us": seconds * 1e6, "attention_read_gb_s": layer_read / seconds / 1e9}})
+        if args.sweep:         # one layer's attention at the last position, per launch shape
+            default = attention.LAUNCH[kv_bits]
+            for shape in SWEEP:
+                attention.LAUNCH[kv_bits] = shape
+                seconds, layer_read = attention_alone(decoder)
+                record(label, **{f"sweep_block{shape[0]}_warps{shape[1]}": {
+                    "attention_us": seconds * 1e6, "attention_read_gb_s": layer_read / seconds / 1e9}})
+            attention.LAUNCH[kv_bits] = default
         del decoder
         gc.collect()
         torch.cuda.empty_cache()
@@ -170,6 +210,12 @@ def main() -> None:
             entry = RESULTS[label][f"at_{position}"]
             cells.append(f"{entry['tok_s']:7.1f} tok/s {entry['ratio_to_bf16_kv']:5.2f}x {100 * entry['roofline_fraction']:4.0f} % roof")
         print(f"{label:<10}" + "".join(f"{cell:>34}" for cell in cells))
+    for kv_bits in SETTINGS:
+        label = "bf16 KV" if kv_bits is None else f"kv{kv_bits}"
+        print(f"{label:<10}" + "".join(
+            f"  at {p}: attention {e['attention_us']:6.1f} us/layer ({e['attention_read_gb_s']:5.0f} GB/s), step scratch "
+            f"{e['step_scratch_mb']:5.1f} MiB, prefill +{e['prefill_peak_over_bf16_kv_mb']:6.1f} MiB "
+            f"(plan {e['planned_kv_read_mb']:6.1f})" for p in positions for e in [RESULTS[label][f"at_{p}"]]))
     Path(args.out, "kv_decode_gpu.json").write_text(json.dumps(RESULTS, indent=2, default=str))
 
 

@@ -1,8 +1,8 @@
 """The fast path's quantized static KV cache (`--kv-bits 8|4`) on a GPU: its quantize and dequantize
 captured in the CUDA graphs (no host synchronisation, or the capture fails), the split-KV Triton
-attention over the dequantized span, the ordinary loop's numbers with its quantized cache, the
-plan's KV bytes against the allocator, the step's scratch memory, and a session's turns on the kept
-cache. The same logic runs eagerly on the CPU in test_cuda_fast_kv.py.
+attention reading the codes as stored, the ordinary loop's numbers with its quantized cache, the
+plan's KV bytes against the allocator, the step's scratch memory (none beyond a bf16 cache's step),
+the prefill's dequantized copy against the plan, and a session's turns on the kept cache. The same logic runs eagerly on the CPU in test_cuda_fast_kv.py.
 
 Run with `pytest -m gpu tests/test_cuda_fast_kv_gpu.py -s`."""
 
@@ -142,24 +142,77 @@ def test_static_cache_allocates_the_plans_kv_bytes(kv_bits):
     assert planned <= allocated < planned + 2**20
 
 
-@pytest.mark.parametrize("kv_bits", [8, 4])
-def test_a_steps_scratch_memory_is_one_layers_dequantized_span(kv_bits):
-    """The dequantized span a step attends over is scratch memory the plan does not hold: at most
-    about 12 bytes a value of one layer's K (K in bf16 kept while V is dequantized in float32; 13
-    measured for kv4, whose codes are unpacked first), measured eagerly at a span of 8192."""
-    model = llama(torch.bfloat16)
-    fast = decoder(model, kv_bits, max_len=8200, use_graphs=False)
-    fast.prefill(prompt(8000, model.config.vocab_size, seed=3))
-    fast.step(5)
+def step_scratch(fast, token: int) -> int:
+    """Bytes an eager step allocates above what is resident."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     resident = torch.cuda.memory_allocated()
-    fast.step(6)
+    fast.step(token)
     torch.cuda.synchronize()
-    scratch = torch.cuda.max_memory_allocated() - resident
-    values = 2 * 8192 * 128          # one layer's K: KV heads x span x head size
-    print(f"kv{kv_bits}: step scratch {scratch / 2**20:.1f} MiB = {scratch / values:.1f} bytes per value of one layer's K")
-    assert scratch <= 13 * values + 2**20
+    return torch.cuda.max_memory_allocated() - resident
+
+
+@pytest.mark.parametrize("kv_bits", [8, 4])
+def test_a_steps_scratch_memory_is_the_bf16_caches(kv_bits):
+    """The attention reads the codes as stored: a kv8/kv4 step allocates no more than a step over
+    the bf16 cache (before, a dequantized copy of the span: ~12 bytes a value of one layer's K),
+    measured eagerly at a span of 8192."""
+    model = llama(torch.bfloat16)
+    ids = prompt(8000, model.config.vocab_size, seed=3)
+    scratch = {}
+    for bits in (None, kv_bits):
+        fast = decoder(model, bits, max_len=8200, use_graphs=False)
+        fast.prefill(ids)
+        fast.step(5)
+        scratch[bits] = step_scratch(fast, 6)
+        del fast
+    print(f"step scratch: bf16 cache {scratch[None] / 2**20:.2f} MiB, kv{kv_bits} {scratch[kv_bits] / 2**20:.2f} MiB")
+    assert scratch[kv_bits] <= scratch[None] + 2**16
+
+
+@pytest.mark.parametrize("kv_bits", [8, 4])
+def test_quantized_write_is_quantize_bit_for_bit(kv_bits):
+    """bf16: the Triton write of a step's K and V (a graphed step's) stores kv_cache.quantize's
+    codes, scales and biases at the position it reads on the device, and nothing else."""
+    from runner_cuda.fast.static_cache import QuantizedLayer
+    from runner_cuda.kv_cache import quantize
+
+    layer = QuantizedLayer(8, 333, 128, torch.bfloat16, "cuda", kv_bits, kernels=True)
+    generator = torch.Generator(device="cuda").manual_seed(kv_bits)
+    for position in (0, 7, 332):
+        before = [part.clone() for part in layer.tensors]
+        k = torch.randn(8, 1, 128, device="cuda", generator=generator).to(torch.bfloat16) * 3
+        v = torch.randn(8, 1, 128, device="cuda", generator=generator).to(torch.bfloat16)
+        k[0, 0, :64] = 1.5
+        layer.write_at(torch.tensor([position], device="cuda"), k, v)
+        for part, old, new in zip(layer.tensors, before, [*quantize(k, kv_bits), *quantize(v, kv_bits)]):
+            assert torch.equal(part[:, position:position + 1], new)
+            assert torch.equal(part[:, :position], old[:, :position]) and torch.equal(part[:, position + 1:], old[:, position + 1:])
+
+
+@pytest.mark.parametrize("kv_bits", [8, 4])
+def test_prefills_dequantized_copy_holds_to_the_plan(kv_bits):
+    """A prefill chunk attends over one layer's K and V dequantized (QuantizedLayer.read): what
+    that allocates at its peak, measured, is within the plan's count (CudaPlanRules.kv_read_bytes)
+    and no more than 1 MiB under it, over 3 blocks of positions and a part."""
+    from runner.model import spec_from_config
+    from runner_cuda.fast.static_cache import static_layer
+    from runner_cuda.plan_rules import KV_READ_BLOCK, CudaPlanRules
+
+    spec = spec_from_config(llama(torch.bfloat16).config.to_dict(), "kv-test", "memory")
+    span = 3 * KV_READ_BLOCK + 500
+    layer = static_layer(2, span + 100, 128, torch.bfloat16, "cuda", kv_bits)
+    layer.write(0, *(torch.randn(2, span, 128, device="cuda").to(torch.bfloat16) for _ in range(2)))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    keys, values = layer.read(span)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    planned = CudaPlanRules().kv_read_bytes(spec, span, 1, "bf16", kv_bits)
+    print(f"kv{kv_bits}: read peak {peak / 2**20:.2f} MiB, planned {planned / 2**20:.2f} MiB")
+    assert keys.shape == values.shape == (2, span, 128)
+    assert planned - 2**20 <= peak <= planned + 2**16       # 64 KiB: the allocator's rounding, a float32 scale block
 
 
 @pytest.fixture(params=["fp32", "bf16"])

@@ -28,20 +28,21 @@ from typing import TYPE_CHECKING, Sequence
 if TYPE_CHECKING:
     import torch
 
-BLOCK = 64           # cache positions per inner step
-SPLITS = 64          # parts per KV head at long spans (a part has at least BLOCK positions)
+SPLITS = 64          # parts per KV head at long spans (a part has at least a block of positions)
 GROUP = 64           # values per scale and bias of a quantized cache (budget.KV_GROUP_SIZE)
+# per cache (bits: None for the compute dtype's): cache positions per inner step, warps per part
+LAUNCH = {None: (64, 4), 8: (64, 4), 4: (64, 4)}
 
 def attention_takes(head_dim: int) -> bool:
     """The kernels' head dims: a power of two (Triton's ranges) of 16 or more (its matrix products)."""
     return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
-def splits_for(span: int) -> int:
-    """Parts per KV head: SPLITS, fewer where a part would hold under BLOCK positions (a power of
+def splits_for(span: int, block: int) -> int:
+    """Parts per KV head: SPLITS, fewer where a part would hold under `block` positions (a power of
     two, as the combine kernel's range needs)."""
     splits = SPLITS
-    while splits > 1 and splits * BLOCK > span:
+    while splits > 1 and splits * block > span:
         splits //= 2
     return splits
 
@@ -68,8 +69,9 @@ def decode_attention(q: "torch.Tensor", keys, values, position: "torch.Tensor", 
                                     or t.dtype != (torch.uint8 if bits and pair is codes else q.dtype)
                                     for pair, width in shapes.items() for t in pair):
         raise ValueError("decode_attention takes contiguous queries and caches as static_cache's layers hold them")
-    splits = splits_for(span)
-    chunk = -(-span // (splits * BLOCK)) * BLOCK
+    block, warps = LAUNCH[bits]
+    splits = splits_for(span, block)
+    chunk = -(-span // (splits * block)) * block
     rows = max(16, 1 << (rep - 1).bit_length())     # a power of two, and tl.dot needs 16 rows at least
     out = torch.empty(kv_heads, splits, rows, dim, dtype=torch.float32, device=q.device)
     best = torch.empty(kv_heads, splits, rows, dtype=torch.float32, device=q.device)
@@ -79,6 +81,7 @@ def decode_attention(q: "torch.Tensor", keys, values, position: "torch.Tensor", 
 
     part[(kv_heads, splits)](q, *codes, scales[0], biases[0], scales[1], biases[1], position, out, best, total,
                              capacity, scale,
-                             REP=rep, ROWS=rows, DIM=dim, BLOCK=BLOCK, CHUNK=chunk, BITS=bits or 16, GROUP=GROUP)
+                             REP=rep, ROWS=rows, DIM=dim, BLOCK=block, CHUNK=chunk, BITS=bits or 16, GROUP=GROUP,
+                             num_warps=warps)
     combine[(kv_heads, rep)](out, best, total, result, REP=rep, ROWS=rows, DIM=dim, SPLITS=splits)
     return result
