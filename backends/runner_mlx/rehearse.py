@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Callable
 
 from runner.backend import LoadProgress
 from runner.errors import BackendUnavailable, LoadError, UserInputError
-from runner.rehearsal import BlockMemory, DeviceMemory, RehearsalResult
+from runner.rehearsal import BlockMemory, DeviceMemory, RehearsalResult, check_lengths, plan_fields
 
 from runner_mlx.plan_rules import KV_STEP  # mlx-lm's KVCache grows in steps of this many tokens
 from runner_mlx import GROUP_SIZE, INSTALL, QUANT_BITS, QUANT_DTYPES
@@ -338,11 +338,7 @@ def rehearse(
         raise UserInputError(f"this plan is for the {plan.backend} backend, not mlx")
     if plan.quant not in QUANT_BITS and plan.quant not in QUANT_DTYPES:
         raise UserInputError(f"the mlx backend runs {', '.join([*QUANT_BITS, *QUANT_DTYPES])}; not '{plan.quant}'")
-    if not 1 <= decode_tokens < plan.context:
-        raise UserInputError(f"--decode-tokens must be between 1 and {plan.context - 1} (the context)")
-    prefill_chunk = prefill_chunk or PREFILL_STEP
-    if prefill_chunk < 1:
-        raise UserInputError("--prefill-chunk must be at least 1 token")
+    prefill_chunk = check_lengths(plan, decode_tokens, prefill_chunk, PREFILL_STEP)
     where = {"what": "building the model", "layers": 0}
     try:
         return _rehearse(plan, decode_tokens, on_progress or (lambda progress: None), where, prefill_chunk)
@@ -375,19 +371,7 @@ def _rehearse(plan: "Plan", decode_tokens: int, report, where: dict, prefill_chu
     model = build_lazy_model(spec, plan.quant)
     dtype = compute_dtype(spec, plan.quant)
     keys = Keys()
-    blocks = blocks_of(model)
-    measured_blocks: list[BlockMemory] = []
-    for index, (block, modules) in enumerate(blocks.items(), start=1):
-        where["what"] = f"materializing {block}"
-        before = active()
-        materialize_block(modules, dtype, keys)
-        size = active() - before
-        measured_blocks.append(BlockMemory(block, device, size))
-        if block.startswith("layer "):
-            where["layers"] += 1
-        report(LoadProgress(f"{block} on {device}: {size / 1e6:.1f} MB; mlx holds "
-                            f"{(active() - baseline) / 1e6:.1f} MB", index, len(blocks), "blocks"))
-    mx.eval(model.parameters())   # nothing left to compute: every array was replaced above
+    measured_blocks = materialize_blocks(model, dtype, keys, device, baseline, where, report)
     load_seconds = time.perf_counter() - started
     weights = active() - baseline
     load_peak = peak() - baseline
@@ -397,60 +381,21 @@ def _rehearse(plan: "Plan", decode_tokens: int, report, where: dict, prefill_chu
     tokens = mx.random.randint(0, spec.vocab_size, (prefill,), key=keys.next()).astype(mx.uint32)
     mx.eval(tokens)
     cache = make_prompt_cache(model)
-    step_seconds: list[float] = []
     if not mx.metal.is_available() and plan.quant in QUANT_BITS and prefill > 64:
-        # mlx's CPU quantized matmul does not gain from batching: a long prefill can take minutes.
-        # One token through the layers (into a throwaway cache, evaluated as a prefill chunk is:
-        # the head is not computed) says how long; tell the user before they wait.
-        where["what"] = "timing one token"
-        probe = make_prompt_cache(model)
-        tick = time.perf_counter()
-        model(tokens[:1][None], cache=probe)
-        mx.eval([c.state for c in probe])
-        per_token = time.perf_counter() - tick
-        del probe
-        if per_token * prefill > 30:
-            report(LoadProgress(f"mlx's quantized matmul on this CPU: {1 / per_token:.2f} tokens/s, so the prefill "
-                                f"of {prefill} tokens takes about {per_token * prefill / 60:.0f} min (a shorter "
-                                "--context, or --quant bf16, rehearses faster)", 0, 0))
+        warn_of_a_slow_prefill(model, tokens, where, report)
     mx.reset_peak_memory()
     chunks = f" in chunks of {prefill_chunk}" if prefill - 1 > prefill_chunk else ""
     report(LoadProgress(f"prefill of {prefill} tokens{chunks}", 0, decode_tokens, "tokens"))
     with wired_limit(model):
-        tick = time.perf_counter()
-        done = 0
-        while prefill - done > 1:
-            where["what"] = f"prefilling tokens {done}-{min(done + prefill_chunk, prefill - 1)} of {prefill}"
-            n = min(prefill_chunk, prefill - 1 - done)
-            model(tokens[done:done + n][None], cache=cache)
-            mx.eval([c.state for c in cache])
-            done += n
-            mx.clear_cache()
-        where["what"] = "computing the first token's logits"
-        token = model(tokens[done:][None], cache=cache)[:, -1, :].argmax(axis=-1)
-        mx.eval(token)
-        prefill_seconds = time.perf_counter() - tick
-        for step in range(decode_tokens):
-            where["what"] = f"decoding token {step + 1}/{decode_tokens}"
-            tick = time.perf_counter()
-            token = model(token[None], cache=cache)[:, -1, :].argmax(axis=-1)
-            mx.eval(token)
-            step_seconds.append(time.perf_counter() - tick)
-            if (step + 1) % 8 == 0 or step + 1 == decode_tokens:
-                report(LoadProgress(f"decoded {step + 1}/{decode_tokens} tokens", step + 1, decode_tokens, "tokens"))
+        token, prefill_seconds = timed_prefill(model, tokens, cache, prefill_chunk, where)
+        step_seconds = timed_decode(model, token, cache, decode_tokens, where, report)
     del token, tokens
     gc.collect()
     mx.clear_cache()
     prefill_peak = peak() - baseline
     resident = active() - baseline
-    held = {c.offset for c in cache}
-    if held != {plan.context}:
-        raise LoadError(f"the KV cache holds {sorted(held)} tokens, not the {plan.context} planned")
-    kv_cache = sum(c.keys.nbytes + c.values.nbytes for c in cache)
-    kv_slots = cache[0].keys.shape[2]
-    kv_tokens_bytes = sum(
-        (c.keys.nbytes + c.values.nbytes) // c.keys.shape[2] * c.offset for c in cache
-    )
+    kv_cache, kv_slots, kv_tokens_bytes = kv_cache_bytes(cache, plan.context)
+
     memory = DeviceMemory.against(
         device, plan.placement[0] if plan.placement else plan,
         weights=weights,
@@ -460,19 +405,14 @@ def _rehearse(plan: "Plan", decode_tokens: int, report, where: dict, prefill_chu
         load_peak=load_peak,
     )
     result = MlxRehearsalResult(
-        model=spec.name,
-        quant=plan.quant,
-        context=plan.context,
-        num_layers=spec.num_layers,
+        **plan_fields(plan),
         method="mlx allocator",
         devices=(memory,),
         blocks=tuple(measured_blocks),
-        planned_layer_bytes=float(plan.layer_bytes),
         prefill_tokens=prefill,
         prefill_seconds=prefill_seconds,
         decode_tokens=decode_tokens,
         decode_step_seconds=tuple(step_seconds),
-        roofline_tokens_per_s=plan.roofline_tokens_per_s,
         load_seconds=load_seconds,
         kv_tokens=plan.context,
         kv_slots=kv_slots,
@@ -485,3 +425,93 @@ def _rehearse(plan: "Plan", decode_tokens: int, report, where: dict, prefill_chu
     gc.collect()
     mx.clear_cache()
     return result
+
+
+def materialize_blocks(model, dtype, keys: Keys, device: str, baseline: int, where: dict, report) -> list[BlockMemory]:
+    """Random weights block by block, each block's growth of mlx's active memory measured and reported
+    (`baseline`: what mlx held before the rehearsal)."""
+    import mlx.core as mx
+
+    blocks = blocks_of(model)
+    measured: list[BlockMemory] = []
+    for index, (block, modules) in enumerate(blocks.items(), start=1):
+        where["what"] = f"materializing {block}"
+        before = active()
+        materialize_block(modules, dtype, keys)
+        size = active() - before
+        measured.append(BlockMemory(block, device, size))
+        if block.startswith("layer "):
+            where["layers"] += 1
+        report(LoadProgress(f"{block} on {device}: {size / 1e6:.1f} MB; mlx holds "
+                            f"{(active() - baseline) / 1e6:.1f} MB", index, len(blocks), "blocks"))
+    mx.eval(model.parameters())   # nothing left to compute: every array was replaced above
+    return measured
+
+
+def warn_of_a_slow_prefill(model, tokens, where: dict, report) -> None:
+    """mlx's CPU quantized matmul does not gain from batching: a long prefill can take minutes.
+    One token through the layers (into a throwaway cache, evaluated as a prefill chunk is: the head
+    is not computed) says how long; tell the user before they wait."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    prefill = len(tokens)
+    where["what"] = "timing one token"
+    probe = make_prompt_cache(model)
+    tick = time.perf_counter()
+    model(tokens[:1][None], cache=probe)
+    mx.eval([c.state for c in probe])
+    per_token = time.perf_counter() - tick
+    if per_token * prefill > 30:
+        report(LoadProgress(f"mlx's quantized matmul on this CPU: {1 / per_token:.2f} tokens/s, so the prefill "
+                            f"of {prefill} tokens takes about {per_token * prefill / 60:.0f} min (a shorter "
+                            "--context, or --quant bf16, rehearses faster)", 0, 0))
+
+
+def timed_prefill(model, tokens, cache, prefill_chunk: int, where: dict):
+    """As mlx-lm's generate_step: all but the last token in chunks, evaluating only the KV cache; then
+    the last with its logits. The first token (greedy) and the prefill's seconds."""
+    import mlx.core as mx
+
+    prefill = len(tokens)
+    tick = time.perf_counter()
+    done = 0
+    while prefill - done > 1:
+        where["what"] = f"prefilling tokens {done}-{min(done + prefill_chunk, prefill - 1)} of {prefill}"
+        n = min(prefill_chunk, prefill - 1 - done)
+        model(tokens[done:done + n][None], cache=cache)
+        mx.eval([c.state for c in cache])
+        done += n
+        mx.clear_cache()
+    where["what"] = "computing the first token's logits"
+    token = model(tokens[done:][None], cache=cache)[:, -1, :].argmax(axis=-1)
+    mx.eval(token)
+    return token, time.perf_counter() - tick
+
+
+def timed_decode(model, token, cache, decode_tokens: int, where: dict, report) -> list[float]:
+    """Greedy decode of `decode_tokens` tokens after `token`: each step's seconds."""
+    import mlx.core as mx
+
+    step_seconds: list[float] = []
+    for step in range(decode_tokens):
+        where["what"] = f"decoding token {step + 1}/{decode_tokens}"
+        tick = time.perf_counter()
+        token = model(token[None], cache=cache)[:, -1, :].argmax(axis=-1)
+        mx.eval(token)
+        step_seconds.append(time.perf_counter() - tick)
+        if (step + 1) % 8 == 0 or step + 1 == decode_tokens:
+            report(LoadProgress(f"decoded {step + 1}/{decode_tokens} tokens", step + 1, decode_tokens, "tokens"))
+    return step_seconds
+
+
+def kv_cache_bytes(cache, context: int) -> tuple[int, int, int]:
+    """(bytes of the KV cache, token slots it has room for, bytes of the `context` tokens it holds),
+    after checking that it holds exactly `context` tokens."""
+    held = {c.offset for c in cache}
+    if held != {context}:
+        raise LoadError(f"the KV cache holds {sorted(held)} tokens, not the {context} planned")
+    total = sum(c.keys.nbytes + c.values.nbytes for c in cache)
+    slots = cache[0].keys.shape[2]
+    tokens_bytes = sum((c.keys.nbytes + c.values.nbytes) // c.keys.shape[2] * c.offset for c in cache)
+    return total, slots, tokens_bytes
