@@ -236,6 +236,14 @@ def gpu_layers(request: LoadRequest) -> int:
     return layers + (1 if any(s.head for s in on_gpu) else 0)
 
 
+def offload_words(offload: int, num_layers: int) -> str:
+    """llama.cpp's n_gpu_layers in words: it offloads the last layers first, the output layer
+    with more than `num_layers` (the input embeddings stay in RAM)."""
+    if offload > num_layers:
+        return f"all {num_layers} layers and the output layer on the GPU"
+    return f"the last {offload} of {num_layers} layers on the GPU"
+
+
 def threads() -> int:
     """Threads for llama.cpp: the cores not already busy (1-minute load average), as the cuda
     backend picks torch's. llama.cpp's OpenMP threads spin while they wait for each other: on the
@@ -298,8 +306,7 @@ def load_session(request: LoadRequest) -> LlamaCppSession:
     llm.verbose = False   # no more prints from llama-cpp-python
     if request.on_progress is not None:
         request.on_progress(LoadProgress("loading the GGUF file (llama.cpp)", 1, 1, "files"))
-    where = f"{offload} of {spec.num_layers} layers on the GPU" if offload else \
-        f"CPU, {count} thread{'s' if count != 1 else ''}"
+    where = offload_words(offload, spec.num_layers) if offload else f"CPU, {count} thread{'s' if count != 1 else ''}"
     kv = f"; KV cache {request.kv_bits}-bit" if request.kv_bits else ""
     weights = f"GGUF as stored: {stored}" if request.quant != "fp16" else \
         f"GGUF ({stored}) as runner's F16 copy: {file.types_in_words()}"
