@@ -288,3 +288,17 @@ def test_parity_counts_the_same_greedy_reply_as_torch(f16_session, torch_fp32):
     ours, text = greedy_reply(f16_session, messages, 24)
     theirs, _ = greedy_reply(torch_fp32, messages, 24)
     assert ours == theirs and text == "The capital of France is Paris."
+
+
+def test_a_token_longer_than_32_bytes_keeps_its_text(session):
+    """llama-cpp-python's own detokenize gives b"" for a piece over 32 bytes; SmolLM2 has 47 such
+    tokens, newlines with deep code indentation among them. Continuing nested code, the reply's
+    text is the tokenizer's decode of its tokens, indentation included."""
+    from conftest import _smollm2_tokenizer
+
+    code = "def f():\n" + "".join(" " * 4 * depth + f"if a{depth}:\n" for depth in range(1, 9))
+    prompt = session.llm.tokenize(code.encode(), add_bos=False, special=False)
+    chunks = list(session.stream_tokens(prompt, Sampling(max_tokens=12)))
+    tokens = [c.token for c in chunks]
+    assert 13617 in tokens          # a newline and 35 spaces: measured, greedy
+    assert "".join(c.text for c in chunks) == _smollm2_tokenizer().decode(tokens)

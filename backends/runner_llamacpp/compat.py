@@ -7,6 +7,8 @@ package's ctypes bindings. Checked against llama-cpp-python 0.3.36 (llama.cpp of
   all_logits(llm, ids)   every position's logits (a batch asking for all of them), for parity
   cut_cache(llm, keep)   drop the KV cache after its first `keep` positions
   eog_ids(llm)           every id that ends a generation (end of sequence, end of turn, ...)
+  token_bytes(llm, id)   one token's text as bytes, however long: Llama.detokenize gives b"" for a
+                         piece over its 32-byte buffer (a newline and 32 spaces of code indentation)
 """
 
 from __future__ import annotations
@@ -156,6 +158,19 @@ def eog_ids(llm) -> set[int]:
     return {token for token in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, token)}
 
 
+def token_bytes(llm, token: int) -> bytes:
+    import llama_cpp
+
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    size = 32
+    while True:
+        buffer = ctypes.create_string_buffer(size)
+        written = llama_cpp.llama_token_to_piece(vocab, token, buffer, size, 0, False)
+        if written >= 0:
+            return buffer.raw[:written]
+        size = -written          # too small: llama.cpp answers with minus the size it needs
+
+
 def special_token_texts(llm) -> dict[str, str]:
     """The texts a chat template may name (`bos_token`, `eos_token`), as transformers passes them."""
     import llama_cpp
@@ -168,5 +183,6 @@ def special_token_texts(llm) -> dict[str, str]:
     return texts
 
 
-__all__ = ["LoadLog", "capture_log", "last_logits", "all_logits", "cut_cache", "eog_ids", "special_token_texts",
+__all__ = ["LoadLog", "capture_log", "last_logits", "all_logits", "cut_cache", "eog_ids", "token_bytes",
+           "special_token_texts",
            "device_name"]

@@ -122,7 +122,7 @@ class LlamaCppSession(TokenStreaming):
     def _decode(self, prompt: list[int], sampling: Sampling, cancel, started: float) -> Iterator[GenerationChunk]:
         import numpy as np
 
-        from runner_llamacpp.compat import last_logits
+        from runner_llamacpp.compat import last_logits, token_bytes
 
         if not self._lock.acquire(blocking=False):
             raise GenerationError("this session is already generating a reply")
@@ -154,7 +154,7 @@ class LlamaCppSession(TokenStreaming):
                 if token in self.eos_ids:
                     yield self._chunk(text.decode(b"", final=True), token, generated, stats, first_token_at, "stop")
                     return
-                piece = text.decode(self.llm.detokenize([token], special=False))
+                piece = text.decode(token_bytes(self.llm, token))
                 if generated >= limit:
                     yield self._chunk(piece + text.decode(b"", final=True), token, generated, stats,
                                       first_token_at, "length")
