@@ -36,41 +36,69 @@ def build_app(host: ModelHost, *, model: str, aliases: set[str], api_key: str | 
               log: Callable[[str], None], body_limit: int = BODY_LIMIT) -> Starlette:
     """`model` is the name /v1/models lists; a request may name it or one of `aliases`. `loopback`:
     the server listens on a loopback address only."""
-    served = (model, *sorted(aliases - {model}))
-    created = int(time.time())
+    routes = OpenAiRoutes(host, model, aliases, log, body_limit)
+    app = Starlette(
+        routes=[
+            Route("/health", routes.health, methods=["GET"]),
+            Route("/v1/models", routes.models, methods=["GET"]),
+            Route("/v1/models/{name:path}", routes.one_model, methods=["GET"]),
+            Route("/v1/chat/completions", routes.chat_completions, methods=["POST"]),
+            Route("/v1/completions", routes.completions, methods=["POST"]),
+        ],
+        exception_handlers={ApiError: routes.api_error, HTTPException: routes.http_error,
+                            Exception: routes.internal_error},
+    )
+    if api_key:
+        app.add_middleware(RequireKey, key=api_key, on_refused=log)
+    app.add_middleware(SameMachineOnly, check_host=loopback, on_refused=log)
+    return app
 
-    def error_response(request: Request, error: ApiError) -> JSONResponse:
-        log(f"{error.status} {request.method} {request.url.path} · {error.message}")
-        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
-    async def health(request: Request) -> Response:
+class OpenAiRoutes:
+    """The endpoints and error handlers over one `ModelHost`, serving one model under its names."""
+
+    def __init__(self, host: ModelHost, model: str, aliases: set[str], log: Callable[[str], None],
+                 body_limit: int) -> None:
+        self.host = host
+        self.model = model
+        self.served = (model, *sorted(aliases - {model}))
+        self.created = int(time.time())
+        self.log = log
+        self.body_limit = body_limit
+
+    # ---- the routes ----------------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        host = self.host
         if host.state != "ready":
             return JSONResponse({"status": host.state, "stage": host.stage}, status_code=503,
                                 headers={"Retry-After": "2"})
-        return JSONResponse({"status": "ready", "model": model, "busy": host.busy, "queued": host.queued})
+        return JSONResponse({"status": "ready", "model": self.model, "busy": host.busy, "queued": host.queued})
 
-    async def models(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [model_card()]})
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [self.model_card()]})
 
-    async def one_model(request: Request) -> Response:
+    async def one_model(self, request: Request) -> Response:
         name = request.path_params["name"]
-        if name not in served:
-            raise ApiError(404, f"the model '{name[:200]}' is not served here; this server has {model}",
+        if name not in self.served:
+            raise ApiError(404, f"the model '{name[:200]}' is not served here; this server has {self.model}",
                            code="model_not_found")
-        return JSONResponse(model_card())
+        return JSONResponse(self.model_card())
 
-    def model_card() -> dict:
-        return {"id": model, "object": "model", "created": created, "owned_by": "runner"}
+    async def chat_completions(self, request: Request) -> Response:
+        return await self.answer(request, parse_chat(await read_json(request, self.body_limit), self.served))
 
-    async def chat_completions(request: Request) -> Response:
-        return await answer(request, parse_chat(await read_json(request, body_limit), served))
+    async def completions(self, request: Request) -> Response:
+        return await self.answer(request, parse_completion(await read_json(request, self.body_limit), self.served))
 
-    async def completions(request: Request) -> Response:
-        return await answer(request, parse_completion(await read_json(request, body_limit), served))
+    def model_card(self) -> dict:
+        return {"id": self.model, "object": "model", "created": self.created, "owned_by": "runner"}
 
-    async def answer(request: Request, generation: GenerationRequest) -> Response:
+    # ---- a generation: queued, then answered whole or streamed -----------------------------------
+
+    async def answer(self, request: Request, generation: GenerationRequest) -> Response:
         job = Job(generation, asyncio.get_running_loop())
-        host.submit(job)
+        self.host.submit(job)
         watcher = asyncio.create_task(cancel_on_disconnect(request, job))
         streaming = False
         try:
@@ -79,19 +107,19 @@ def build_app(host: ModelHost, *, model: str, aliases: set[str], api_key: str | 
                 raise first.error
             if not isinstance(first, Started):   # cancelled before it began: the client left, or the server stops
                 raise ApiError(503, "the request was cancelled before it started", type="server_error")
-            reply = Reply(generation.chat, model)
+            reply = Reply(generation.chat, self.model)
             headers = {REUSED_HEADER: str(first.reused_tokens)}
             if generation.stream:
                 streaming = True   # the stream owns the job and the watcher from here on
-                return StreamingResponse(events(job, watcher, reply, generation.include_usage), headers=headers,
+                return StreamingResponse(self.events(job, watcher, reply, generation.include_usage), headers=headers,
                                          media_type="text/event-stream")
-            return await whole(job, reply, headers)
+            return await self.whole(job, reply, headers)
         finally:
             if not streaming:
                 job.cancel.set()    # no effect on a finished job; stops one whose request was cut short
                 watcher.cancel()
 
-    async def whole(job: Job, reply: Reply, headers: dict[str, str]) -> Response:
+    async def whole(self, job: Job, reply: Reply, headers: dict[str, str]) -> Response:
         text = []
         while True:
             event = await job.events.get()
@@ -102,7 +130,7 @@ def build_app(host: ModelHost, *, model: str, aliases: set[str], api_key: str | 
             elif isinstance(event, Failed):
                 raise event.error
 
-    async def events(job: Job, watcher: asyncio.Task, reply: Reply, include_usage: bool) -> AsyncIterator[str]:
+    async def events(self, job: Job, watcher: asyncio.Task, reply: Reply, include_usage: bool) -> AsyncIterator[str]:
         """Server-sent events: a first chunk (the role), text chunks, the finish reason, the usage
         if asked for, then [DONE]. A failure after the first chunk is an error event."""
         try:
@@ -119,39 +147,30 @@ def build_app(host: ModelHost, *, model: str, aliases: set[str], api_key: str | 
                     yield "data: [DONE]\n\n"
                     return
                 elif isinstance(event, Failed):
-                    log(f"{event.error.status} (in a stream) {event.error.message}")
+                    self.log(f"{event.error.status} (in a stream) {event.error.message}")
                     yield sse(event.error.body())
                     return
         finally:
             job.cancel.set()
             watcher.cancel()
 
-    async def api_error(request: Request, error: ApiError) -> Response:
-        return error_response(request, error)
+    # ---- errors, in OpenAI's shape -------------------------------------------------------------
 
-    async def http_error(request: Request, error: HTTPException) -> Response:
+    async def api_error(self, request: Request, error: ApiError) -> Response:
+        return self.error_response(request, error)
+
+    async def http_error(self, request: Request, error: HTTPException) -> Response:
         kind = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
         message = f"{request.method} {request.url.path}: {error.detail}"
-        return error_response(request, ApiError(error.status_code, message, code=kind))
+        return self.error_response(request, ApiError(error.status_code, message, code=kind))
 
-    async def internal_error(request: Request, error: Exception) -> Response:
-        return error_response(request, ApiError(500, f"internal error ({type(error).__name__}); the server goes on",
-                                                type="server_error"))
+    async def internal_error(self, request: Request, error: Exception) -> Response:
+        message = f"internal error ({type(error).__name__}); the server goes on"
+        return self.error_response(request, ApiError(500, message, type="server_error"))
 
-    app = Starlette(
-        routes=[
-            Route("/health", health, methods=["GET"]),
-            Route("/v1/models", models, methods=["GET"]),
-            Route("/v1/models/{name:path}", one_model, methods=["GET"]),
-            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-            Route("/v1/completions", completions, methods=["POST"]),
-        ],
-        exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: internal_error},
-    )
-    if api_key:
-        app.add_middleware(RequireKey, key=api_key, on_refused=log)
-    app.add_middleware(SameMachineOnly, check_host=loopback, on_refused=log)
-    return app
+    def error_response(self, request: Request, error: ApiError) -> JSONResponse:
+        self.log(f"{error.status} {request.method} {request.url.path} · {error.message}")
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 def sse(data: dict) -> str:
