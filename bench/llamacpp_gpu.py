@@ -16,15 +16,15 @@ converter are stopped with SIGSTOP while anything is timed):
 1. build llama.cpp (-DGGML_CUDA=ON, sm_90 only) : libllama + ggml, llama-bench, llama-quantize;
 2. write the 8B-shaped random BF16 checkpoint (bench/cuda_speed.py's write_checkpoint) with the
    repo's SmolLM2 tokenizer (the converter pads its 49,152 tokens to the config's 128,256);
-3. convert it with llama.cpp's convert_hf_to_gguf.py (BF16), meanwhile runner's NF4 and BF16 fast
-   path decode the checkpoint (cuda_speed's load, FastDecoder and decode_rate: 256 tokens after a
-   16-token prompt), then llama-quantize it to Q4_0;
-4. the copy bandwidth (cuda_speed.copy_bandwidth) and llama-bench -n 128 -p 0 -ngl 99 on Q4_0 and BF16;
+3. convert it with llama.cpp's convert_hf_to_gguf.py (BF16); meanwhile the copy bandwidth
+   (cuda_speed.copy_bandwidth) and runner's NF4 and BF16 fast path on the checkpoint (cuda_speed's
+   load, FastDecoder and decode_rate: 256 tokens after a 16-token prompt);
+4. once built: pytest tests/test_llamacpp_gpu.py; llama-quantize the BF16 file to Q4_0;
+   llama-bench -n 128 -p 0 -ngl 99 on Q4_0 and BF16;
 5. runner's llamacpp backend on both files as a user runs it: `runner plan`, `runner generate`,
-   sessions through resolve/open_session: llama.cpp's buffers against the plan, greedy tokens and
-   logits against the same file on the CPU (the plan for a machine without a GPU), decode tok/s
-   against raw llama-cpp-python (Llama.generate, top-k 1) on the same file, alternating rounds;
-6. pytest tests/test_llamacpp_gpu.py.
+   sessions through resolve/open_session: llama.cpp's buffers against the plan, decode tok/s
+   against raw llama-cpp-python (Llama.generate, top-k 1) on the same file, alternating rounds,
+   greedy tokens and logits against the same file on the CPU (the plan for a machine without a GPU).
 Prints a table last; JSON and logs under --out.
 """
 
@@ -127,7 +127,7 @@ def start_build(build: Path, cuda: bool, jobs: int, out: Path) -> subprocess.Pop
                "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DGGML_NATIVE=ON"]
     if cuda:
         options += ["-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=90-real", "-DGGML_CUDA_GRAPHS=ON",
-                    "-DGGML_CUDA_NCCL=OFF", "-DGGML_CUDA_COMPRESSION_MODE=none", *cuda_hints()]
+                    "-DGGML_CUDA_NCCL=OFF", "-DGGML_CUDA_COMPRESSION_MODE=none", *cuda_hints(build)]
     script = (f"set -e; cd {build}; s=$(date +%s); cmake -S {SOURCE} -B . {' '.join(options)}; c=$(date +%s); "
               f"nice -n 19 ninja -j{jobs} llama llama-bench llama-quantize; e=$(date +%s); "
               f"echo BUILD_TIMES configure=$((c - s))s compile=$((e - c))s")
@@ -135,7 +135,7 @@ def start_build(build: Path, cuda: bool, jobs: int, out: Path) -> subprocess.Pop
     return subprocess.Popen(["bash", "-c", script], stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def cuda_hints() -> list[str]:
+def cuda_hints(build: Path) -> list[str]:
     """CMake cache entries for what CUDA's CMake module may not find in a toolkit assembled from
     pip wheels: cuBLAS (torch's nvidia-cublas wheel: headers and libcublas.so.13, no unversioned
     name) and the driver's libcuda.so.1. Empty where the toolkit has them."""
@@ -156,8 +156,13 @@ def cuda_hints() -> list[str]:
             if library is not None:
                 hints.append(f"-DCUDA_{name}_LIBRARY={library}")
         header = find("cublas_v2.h", roots)
-        if header is not None:
-            hints += [f"-DCMAKE_CUDA_FLAGS=-I{header.parent}", f"-DCMAKE_CXX_FLAGS=-I{header.parent}"]
+        if header is not None:   # cuBLAS's headers alone: that folder may hold another CUDA runtime's too
+            include = build / "cublas-include"
+            include.mkdir(parents=True, exist_ok=True)
+            for path in header.parent.glob("cublas*.h"):
+                (include / path.name).unlink(missing_ok=True)
+                (include / path.name).symlink_to(path)
+            hints += [f"-DCMAKE_CUDA_FLAGS=-I{include}", f"-DCMAKE_CXX_FLAGS=-I{include}"]
     if find("libcuda.so", toolkits) is None:
         driver = find("libcuda.so*", [Path("/usr/local/nvidia/lib64"), Path("/usr/lib/x86_64-linux-gnu"),
                                        Path("/usr/lib64")])
@@ -427,6 +432,8 @@ def run_all(args) -> None:
            nvcc=subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1:])
     builder = start_build(build, gpu, args.jobs, out)
     PAUSED.append(builder)
+    found = [str(Path(h.split("=", 1)[1]).parent) for h in RESULTS.get("cuda hints", {}).get("hints", []) if "_LIBRARY=" in h]
+    os.environ["LD_LIBRARY_PATH"] = os.pathsep.join([*dict.fromkeys(found), os.environ["LD_LIBRARY_PATH"]])
     checkpoint = work / ("llama-tiny-random" if args.tiny else "llama-3.1-8b-random")
     t = time.perf_counter()
     if args.tiny:
