@@ -2,7 +2,7 @@
 bf16 cache, at 1k and 32k positions, on the Llama-3.1-8B shape, in one run on one GPU (issue 17).
 
     PYTHONPATH=src:backends python3 bench/kv_decode_gpu.py [--quant bf16|nf4] [--positions 1024,32768]
-                                                           [--tokens 128] [--out DIR]
+                                                           [--tokens 128] [--out DIR] [--sweep]
 
 Run on an H200 (results in bench/RESULTS.md, "KV-cache quantization on the fast path"): before
 the attention read the codes, kv8/kv4 decoded at 0.54x/0.49x the bf16 cache's speed at 1k and
@@ -21,8 +21,9 @@ position in its stored format (budget.kv_cache_bytes, what the plan counts). Als
 memory of each decoder; the scratch peak of one ungraphed step; the prefill's peak above the
 resident memory, against the bf16 cache's and the plan's count of the dequantized copy a prefill
 chunk attends over (CudaPlanRules.kv_read_bytes); one layer's attention alone (triton's do_bench,
-median) at the position, with the bytes of cache it reads per second; and, as a sanity check in
-the same run, the kv8/kv4 fast path's logits teacher-forced against the ordinary loop with the
+median) at the position, with the bytes of cache it reads per second; with --sweep, first, the
+same for each launch of SWEEP (two kernels, two block sizes, two warp counts) over a synthetic
+cache, the fastest then used for the run (and recorded); and, as a sanity check in the same run, the kv8/kv4 fast path's logits teacher-forced against the ordinary loop with the
 same quantized cache (runner_cuda.kv_cache) at the first position.
 """
 
@@ -44,7 +45,8 @@ import cuda_speed  # noqa: E402
 MODEL_ID = "meta-llama/Llama-3.1-8B-Instruct"
 SETTINGS = (None, 8, 4)        # kv_bits: the compute dtype's cache, then 8- and 4-bit
 WARM_STEPS = 8
-SWEEP = ((64, 4), (64, 8), (128, 4), (128, 8))     # --sweep: (positions per inner step, warps)
+# --sweep: attention.LAUNCH's (kernel, positions per inner step, warps) tried for a quantized cache
+SWEEP = tuple((kernel, block, warps) for kernel in ("part", "part_codes") for block in (64, 128) for warps in (4, 8))
 RESULTS: dict = {}
 
 
@@ -73,6 +75,40 @@ def timed_steps(decoder, position: int, tokens: int) -> tuple[float, int]:
         logits = decoder.step(int(logits.argmax()))
     torch.cuda.synchronize()
     return tokens / (time.perf_counter() - start), prefill_peak
+
+
+def sweep(spec, positions: int) -> None:
+    """Before the decoders: per quantized cache, one 8B layer's attention over `positions` with
+    each launch of SWEEP, checked against the first (`part` as the GPU tests check it; relative
+    difference under 1e-2); the fastest becomes attention.LAUNCH for the run."""
+    import torch
+    from triton.testing import do_bench
+
+    from runner_cuda.fast import attention
+    from runner_cuda.fast.static_cache import QuantizedLayer
+
+    kv_heads, head_dim, rep = spec.num_kv_heads, spec.head_dim, spec.num_heads // spec.num_kv_heads
+    q = torch.randn(kv_heads, rep, head_dim, device="cuda").to(torch.bfloat16)
+    at = torch.tensor([positions - 1], device="cuda")
+    for bits in (8, 4):
+        layer = QuantizedLayer(kv_heads, positions, head_dim, torch.bfloat16, "cuda", bits, kernels=True)
+        layer.write(0, *(torch.randn(kv_heads, positions, head_dim, device="cuda").to(torch.bfloat16) for _ in range(2)))
+        read = sum(t.numel() * t.element_size() for t in layer.tensors)
+        timed, expected = {}, None
+        for launch in SWEEP:
+            attention.LAUNCH[bits] = launch
+            out = layer.attend(q, at, positions, head_dim**-0.5).double()
+            expected = out if expected is None else expected
+            difference = ((out - expected).norm() / expected.norm()).item()
+            seconds = do_bench(lambda: layer.attend(q, at, positions, head_dim**-0.5), warmup=25, rep=200,
+                               return_mode="median") / 1e3
+            if difference < 1e-2:
+                timed[launch] = seconds
+            record(f"sweep kv{bits}", **{"_".join(map(str, launch)): {
+                "attention_us": seconds * 1e6, "read_gb_s": read / seconds / 1e9, "relative_difference": difference}})
+        attention.LAUNCH[bits] = min(timed, key=timed.get)
+        record(f"sweep kv{bits}", chosen=attention.LAUNCH[bits])
+        del layer
 
 
 def attention_alone(decoder) -> tuple[float, int]:
@@ -134,7 +170,8 @@ def main() -> None:
     parser.add_argument("--positions", default="1024,32768")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    parser.add_argument("--sweep", action="store_true", help="also time one layer's attention per launch shape")
+    parser.add_argument("--sweep", action="store_true",
+                        help="first time one layer's attention per launch of SWEEP and run with the fastest")
     args = parser.parse_args()
     positions = [int(p) for p in args.positions.split(",")]
 
@@ -154,6 +191,9 @@ def main() -> None:
            triton=triton.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            copy_bandwidth_gb_s=bandwidth / 1e9, quant=args.quant, positions=positions, tokens=args.tokens)
     spec = load_spec(MODEL_ID)
+    if args.sweep:
+        sweep(spec, max(positions))
+    record("launch", **{f"kv{bits}" if bits else "bf16 KV": list(attention.LAUNCH[bits]) for bits in SETTINGS})
     model = random_model(spec, args.quant).eval()
     weights = cuda_speed.bytes_read_per_token(model)
     record("model", weights_read_per_token_gb=weights / 1e9)
@@ -188,14 +228,6 @@ def main() -> None:
                 "prefill_peak_over_bf16_kv_mb": (prefill_peak - peaks[(None, position)]) / 2**20,
                 "planned_kv_read_mb": rules.kv_read_bytes(spec, position, 1, args.quant, kv_bits) / 2**20,
                 "attention_us": seconds * 1e6, "attention_read_gb_s": layer_read / seconds / 1e9}})
-        if args.sweep:         # one layer's attention at the last position, per launch shape
-            default = attention.LAUNCH[kv_bits]
-            for shape in SWEEP:
-                attention.LAUNCH[kv_bits] = shape
-                seconds, layer_read = attention_alone(decoder)
-                record(label, **{f"sweep_block{shape[0]}_warps{shape[1]}": {
-                    "attention_us": seconds * 1e6, "attention_read_gb_s": layer_read / seconds / 1e9}})
-            attention.LAUNCH[kv_bits] = default
         del decoder
         gc.collect()
         torch.cuda.empty_cache()

@@ -30,8 +30,9 @@ if TYPE_CHECKING:
 
 SPLITS = 64          # parts per KV head at long spans (a part has at least a block of positions)
 GROUP = 64           # values per scale and bias of a quantized cache (budget.KV_GROUP_SIZE)
-# per cache (bits: None for the compute dtype's): cache positions per inner step, warps per part
-LAUNCH = {None: (64, 4), 8: (64, 4), 4: (64, 4)}
+# per cache (bits: None for the compute dtype's): the kernel of a part (kv_kernels.part:
+# dequantized blocks, part_codes: products with the codes), cache positions per inner step, warps
+LAUNCH = {None: ("part", 64, 4), 8: ("part_codes", 64, 4), 4: ("part_codes", 64, 4)}
 
 def attention_takes(head_dim: int) -> bool:
     """The kernels' head dims: a power of two (Triton's ranges) of 16 or more (its matrix products)."""
@@ -69,7 +70,7 @@ def decode_attention(q: "torch.Tensor", keys, values, position: "torch.Tensor", 
                                     or t.dtype != (torch.uint8 if bits and pair is codes else q.dtype)
                                     for pair, width in shapes.items() for t in pair):
         raise ValueError("decode_attention takes contiguous queries and caches as static_cache's layers hold them")
-    block, warps = LAUNCH[bits]
+    kernel, block, warps = LAUNCH[bits]
     splits = splits_for(span, block)
     chunk = -(-span // (splits * block)) * block
     rows = max(16, 1 << (rep - 1).bit_length())     # a power of two, and tl.dot needs 16 rows at least
@@ -77,11 +78,12 @@ def decode_attention(q: "torch.Tensor", keys, values, position: "torch.Tensor", 
     best = torch.empty(kv_heads, splits, rows, dtype=torch.float32, device=q.device)
     total = torch.empty(kv_heads, splits, rows, dtype=torch.float32, device=q.device)
     result = torch.empty_like(q)
-    from runner_cuda.fast.kv_kernels import combine, part
+    from runner_cuda.fast import kv_kernels
 
+    part = getattr(kv_kernels, kernel)
     part[(kv_heads, splits)](q, *codes, scales[0], biases[0], scales[1], biases[1], position, out, best, total,
                              capacity, scale,
                              REP=rep, ROWS=rows, DIM=dim, BLOCK=block, CHUNK=chunk, BITS=bits or 16, GROUP=GROUP,
                              num_warps=warps)
-    combine[(kv_heads, rep)](out, best, total, result, REP=rep, ROWS=rows, DIM=dim, SPLITS=splits)
+    kv_kernels.combine[(kv_heads, rep)](out, best, total, result, REP=rep, ROWS=rows, DIM=dim, SPLITS=splits)
     return result
