@@ -411,47 +411,79 @@ def capture(
     import numpy as np
 
     started = time.perf_counter()
-    spec = session.model
-    folder = Path(spec.path) if spec.path is not None else None
     limit = context - max_tokens
     if limit < 2:
         raise UserInputError(f"a context of {context} leaves no room for prompts and {max_tokens} reply tokens")
-    results = []
     label = f"{session.backend}:{scheme_name(session.quant, kv_bits)}"
+    results = []
     for index, prompt in enumerate(prompts):
-        own_ids = list(session.tokenize(prompt.messages))
-        ids = own_ids if token_ids is None else [int(t) for t in token_ids[index]]
-        if token_ids is not None and own_ids != ids:
-            warn(f"{label} tokenizes prompt '{prompt.name}' differently from the reference; "
-                 "its logits use the reference's ids, its greedy reply its own")
-        cut = len(ids) > limit
-        if cut:
-            warn(f"prompt '{prompt.name}' has {len(ids)} tokens, more than the context allows with "
-                 f"{max_tokens} reply tokens ({limit}): cut to its first {limit} tokens, no greedy reply")
-            ids = ids[:limit]
+        reference_ids = None if token_ids is None else token_ids[index]
+        ids, cut = prompt_token_ids(session, prompt, reference_ids, limit, max_tokens, label, warn)
         reply, text = ([], "") if cut else greedy_reply(session, prompt.messages, max_tokens)
         full = np.asarray(ids + reply, dtype=np.int64)
-        logits = np.asarray(session.logits(full.tolist()), dtype=np.float32)
-        if logits.ndim != 2 or logits.shape[0] != len(full):
-            raise RunnerError(f"{label}: logits() returned shape {logits.shape} for {len(full)} tokens")
-        top_ids, top_logits, logsumexp, next_logprob = summarize_logits(full, logits, top_k_size)
-        results.append(PromptCapture(
-            name=prompt.name,
-            prompt_ids=np.asarray(ids, dtype=np.int64),
-            reply_ids=np.asarray(reply, dtype=np.int64),
-            reply_text=text,
-            top_ids=top_ids,
-            top_logits=top_logits,
-            logsumexp=logsumexp,
-            next_logprob=next_logprob,
-            logits=logits if keep_logits else None,
-        ))
-    meta = {
+        logits = checked_logits(session, full, label)
+        results.append(prompt_capture(prompt.name, full, len(ids), text, logits, top_k_size, keep_logits))
+    vocab_size = int(logits.shape[1]) if results else 0
+    meta = capture_meta(session, prompts, kv_bits=kv_bits, vocab_size=vocab_size, context=context,
+                        max_tokens=max_tokens, top_k_size=top_k_size, started=started)
+    return Capture(meta, results)
+
+
+def prompt_token_ids(
+    session: "Session", prompt: Prompt, reference_ids: Sequence[int] | None, limit: int, max_tokens: int, label: str,
+    warn: Callable[[str], None],
+) -> tuple[list[int], bool]:
+    """The prompt's token ids (the reference's if given, else the session's own), cut to `limit`;
+    and whether they were cut. Each is said through `warn`."""
+    own_ids = list(session.tokenize(prompt.messages))
+    ids = own_ids if reference_ids is None else [int(t) for t in reference_ids]
+    if reference_ids is not None and own_ids != ids:
+        warn(f"{label} tokenizes prompt '{prompt.name}' differently from the reference; "
+             "its logits use the reference's ids, its greedy reply its own")
+    if len(ids) <= limit:
+        return ids, False
+    warn(f"prompt '{prompt.name}' has {len(ids)} tokens, more than the context allows with "
+         f"{max_tokens} reply tokens ({limit}): cut to its first {limit} tokens, no greedy reply")
+    return ids[:limit], True
+
+
+def checked_logits(session: "Session", token_ids: "np.ndarray", label: str) -> "np.ndarray":
+    """The session's float32 logits at every position of `token_ids`, refused unless one row each."""
+    import numpy as np
+
+    logits = np.asarray(session.logits(token_ids.tolist()), dtype=np.float32)
+    if logits.ndim != 2 or logits.shape[0] != len(token_ids):
+        raise RunnerError(f"{label}: logits() returned shape {logits.shape} for {len(token_ids)} tokens")
+    return logits
+
+
+def prompt_capture(name: str, token_ids: "np.ndarray", prompt_length: int, reply_text: str, logits: "np.ndarray",
+                   top_k_size: int, keep_logits: bool) -> PromptCapture:
+    """One prompt's capture from the logits of prompt + reply (`token_ids`, the prompt's first)."""
+    top_ids, top_logits, logsumexp, next_logprob = summarize_logits(token_ids, logits, top_k_size)
+    return PromptCapture(
+        name=name,
+        prompt_ids=token_ids[:prompt_length],
+        reply_ids=token_ids[prompt_length:],
+        reply_text=reply_text,
+        top_ids=top_ids,
+        top_logits=top_logits,
+        logsumexp=logsumexp,
+        next_logprob=next_logprob,
+        logits=logits if keep_logits else None,
+    )
+
+
+def capture_meta(session: "Session", prompts: Sequence[Prompt], *, kv_bits: int | None, vocab_size: int,
+                 context: int, max_tokens: int, top_k_size: int, started: float) -> dict:
+    """What a record says of its run: the model's identity, the session, the machine, the settings."""
+    folder = Path(session.model.path) if session.model.path is not None else None
+    return {
         "format": RECORD_FORMAT,
-        "model": spec.name,
+        "model": session.model.name,
         "config_sha256": config_sha256(folder) if folder is not None and (folder / "config.json").is_file() else "",
         "tokenizer_sha256": tokenizer_sha256(folder) if folder is not None else "",
-        "vocab_size": int(logits.shape[1]) if results else 0,
+        "vocab_size": vocab_size,
         "backend": session.backend,
         "quant": session.quant,
         "kv_bits": kv_bits,
@@ -469,7 +501,6 @@ def capture(
             for p in prompts
         ],
     }
-    return Capture(meta, results)
 
 
 # ---- comparison -------------------------------------------------------------------------------
@@ -624,49 +655,13 @@ def compare(
         check_comparable(reference, other)
     if thresholds is None:
         thresholds = thresholds_for(reference.scheme, other.scheme)
-    kls, top1, top5 = [], [], []
-    exact = True
-    first_diffs: list[int | None] = []
-    matched: list[int] = []
-    greedy_same = greedy_prompts = 0
-    answers = {}
-    for pa, pb, start in zip(reference.prompts, other.prompts, first_new_positions(reference)):
-        ids_a, ids_b = pa.token_ids, pb.token_ids
-        # position i saw tokens 0..i: the same on both sides while i < the shared prefix; the last
-        # such position is the one that predicts the first token where the two replies part
-        n = common_prefix(ids_a.tolist(), ids_b.tolist())
-        if pa.logits is not None and pb.logits is not None:
-            kls.append(kl_exact(pa.logits[start:n], pb.logits[start:n]))
-        else:
-            exact = False
-            kls.append(kl_top_k(
-                pa.top_ids[start:n], pa.top_logits[start:n].astype(np.float64) - pa.logsumexp[start:n, None],
-                pb.top_ids[start:n], pb.top_logits[start:n].astype(np.float64) - pb.logsumexp[start:n, None],
-            ))
-        top1.append(pa.top_ids[start:n, 0] == pb.top_ids[start:n, 0])
-        top5.append(np.array([
-            len(np.intersect1d(pa.top_ids[i, :5], pb.top_ids[i, :5])) / 5 for i in range(start, n)
-        ]))
-        answers[pa.name] = (pa.reply_text, pb.reply_text)
-        if len(pa.reply_ids) or len(pb.reply_ids) or pa.reply_text or pb.reply_text:
-            greedy_prompts += 1
-            same = common_prefix(pa.reply_ids.tolist(), pb.reply_ids.tolist())
-            matched.append(same)
-            if same == len(pa.reply_ids) == len(pb.reply_ids):
-                greedy_same += 1
-                first_diffs.append(None)
-            else:
-                first_diffs.append(same)
-        else:
-            first_diffs.append(None)
-    kl = np.concatenate(kls)
-    top1_rate = float(np.mean(np.concatenate(top1)))
+    pairs = list(zip(reference.prompts, other.prompts))
+    agreements = [position_agreement(pa, pb, start) for (pa, pb), start in zip(pairs, first_new_positions(reference))]
+    greedy_same, greedy_prompts, first_diffs, matched = greedy_agreement(pairs)
+    kl = np.concatenate([a.kl for a in agreements])
+    top1_rate = float(np.mean(np.concatenate([a.top1 for a in agreements])))
     kl_mean = float(np.mean(kl))
-    reasons = []
-    if not kl_mean <= thresholds.max_kl:  # written so that NaN fails
-        reasons.append(f"mean KL {kl_mean:.3g} > {thresholds.max_kl:g}")
-    if not top1_rate >= thresholds.min_top1:
-        reasons.append(f"top-1 {top1_rate:.1%} < {thresholds.min_top1:.0%}")
+    reasons = failure_reasons(kl_mean, top1_rate, thresholds)
     return PairResult(
         reference=reference.label,
         other=other.label,
@@ -674,20 +669,83 @@ def compare(
         kl_mean=kl_mean,
         kl_p99=float(np.percentile(kl, 99)),
         kl_max=float(np.max(kl)),
-        kl_exact=exact,
+        kl_exact=all(a.exact for a in agreements),
         top1=top1_rate,
-        top5=float(np.mean(np.concatenate(top5))),
+        top5=float(np.mean(np.concatenate([a.top5 for a in agreements]))),
         greedy_same=greedy_same,
         greedy_prompts=greedy_prompts,
         greedy_first_diff=first_diffs,
         greedy_matched=matched,
         ppl_reference=perplexity(reference),
         ppl_other=perplexity(other),
-        answers=answers,
+        answers={pa.name: (pa.reply_text, pb.reply_text) for pa, pb in pairs},
         thresholds=thresholds,
         passed=not reasons,
         reasons=reasons,
     )
+
+
+@dataclass(frozen=True)
+class PositionAgreement:
+    """One prompt's positions compared: those from its first new one up to the last both sides saw alike."""
+
+    kl: "np.ndarray"      # float64 per position: KL(reference || other)
+    exact: bool           # False: a lower bound from top-k lists (a record was involved)
+    top1: "np.ndarray"    # bool per position: the same most likely token
+    top5: "np.ndarray"    # per position: the overlap of the 5 most likely tokens, as a fraction
+
+
+def position_agreement(pa: PromptCapture, pb: PromptCapture, start: int) -> PositionAgreement:
+    """KL, top-1 and top-5 agreement of one prompt from position `start` on, where both saw the same tokens."""
+    import numpy as np
+
+    # position i saw tokens 0..i: the same on both sides while i < the shared prefix; the last
+    # such position is the one that predicts the first token where the two replies part
+    n = common_prefix(pa.token_ids.tolist(), pb.token_ids.tolist())
+    exact = pa.logits is not None and pb.logits is not None
+    if exact:
+        kl = kl_exact(pa.logits[start:n], pb.logits[start:n])
+    else:
+        kl = kl_top_k(
+            pa.top_ids[start:n], pa.top_logits[start:n].astype(np.float64) - pa.logsumexp[start:n, None],
+            pb.top_ids[start:n], pb.top_logits[start:n].astype(np.float64) - pb.logsumexp[start:n, None],
+        )
+    top1 = pa.top_ids[start:n, 0] == pb.top_ids[start:n, 0]
+    top5 = np.array([len(np.intersect1d(pa.top_ids[i, :5], pb.top_ids[i, :5])) / 5 for i in range(start, n)])
+    return PositionAgreement(kl, exact, top1, top5)
+
+
+def greedy_agreement(
+    pairs: Sequence[tuple[PromptCapture, PromptCapture]],
+) -> tuple[int, int, list[int | None], list[int]]:
+    """How far the greedy replies agree: (prompts whose replies are identical, prompts with a reply on
+    either side, per prompt the index of the first different reply token or None, per prompt with a
+    reply the tokens the two replies share before they part)."""
+    identical = 0
+    first_diffs: list[int | None] = []
+    matched: list[int] = []
+    for pa, pb in pairs:
+        if not (len(pa.reply_ids) or len(pb.reply_ids) or pa.reply_text or pb.reply_text):
+            first_diffs.append(None)
+            continue
+        same = common_prefix(pa.reply_ids.tolist(), pb.reply_ids.tolist())
+        matched.append(same)
+        if same == len(pa.reply_ids) == len(pb.reply_ids):
+            identical += 1
+            first_diffs.append(None)
+        else:
+            first_diffs.append(same)
+    return identical, len(matched), first_diffs, matched
+
+
+def failure_reasons(kl_mean: float, top1_rate: float, thresholds: Thresholds) -> list[str]:
+    """Why a pair fails its thresholds, in words; none when it passes."""
+    reasons = []
+    if not kl_mean <= thresholds.max_kl:  # written so that NaN fails
+        reasons.append(f"mean KL {kl_mean:.3g} > {thresholds.max_kl:g}")
+    if not top1_rate >= thresholds.min_top1:
+        reasons.append(f"top-1 {top1_rate:.1%} < {thresholds.min_top1:.0%}")
+    return reasons
 
 
 # ---- records: a capture on disk, to compare across machines --------------------------------------
