@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Callable
 
 from runner.backend import LoadProgress
 from runner.errors import BackendUnavailable, LoadError, UserInputError
-from runner.rehearsal import BlockMemory, DeviceMemory, RehearsalResult, check_lengths, plan_fields
+from runner.rehearsal import (BlockMemory, DeviceMemory, RehearsalResult, architecture_config, check_lengths,
+                              plan_fields)
 
 if TYPE_CHECKING:
     import torch
@@ -75,17 +76,8 @@ class CudaRehearsalResult(RehearsalResult):
 
 
 def model_config(spec) -> dict:
-    """The config.json dict of `spec` (folder, HF cache or catalog), with its layer count."""
-    from runner.model import catalog_config, read_config
-
-    if spec.path is not None:
-        config = read_config(spec.path / "config.json", spec.name)
-    else:
-        config = catalog_config(spec.name)
-        if config is None:
-            raise UserInputError(f"{spec.name}: no config.json to build the architecture from")
-    config = dict(config)
-    config["num_hidden_layers"] = spec.num_layers
+    """The architecture's config.json dict (runner.rehearsal.architecture_config) for transformers."""
+    config = architecture_config(spec)
     # A rehearsal measures the planned dtype, not the checkpoint's float32 if any.
     config.pop("torch_dtype", None)
     config.pop("dtype", None)

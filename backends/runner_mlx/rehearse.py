@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Callable
 
 from runner.backend import LoadProgress
 from runner.errors import BackendUnavailable, LoadError, UserInputError
-from runner.rehearsal import BlockMemory, DeviceMemory, RehearsalResult, check_lengths, plan_fields
+from runner.rehearsal import (BlockMemory, DeviceMemory, RehearsalResult, architecture_config, check_lengths,
+                              plan_fields)
 
 from runner_mlx.plan_rules import KV_STEP  # mlx-lm's KVCache grows in steps of this many tokens
 from runner_mlx import GROUP_SIZE, INSTALL, QUANT_BITS, QUANT_DTYPES
@@ -88,21 +89,12 @@ class MlxRehearsalResult(RehearsalResult):
 
 
 def model_config(spec) -> dict:
-    """The config.json dict of `spec` (folder, HF cache or catalog) with its (shrunk) layer count,
-    and the settings mlx-lm would miss (transformers 5's rope_parameters)."""
-    from runner.model import catalog_config, read_config
-
+    """The architecture's config.json dict (runner.rehearsal.architecture_config) with the settings
+    mlx-lm would miss (transformers 5's rope_parameters)."""
     from runner_mlx.convert import config_fixes
 
-    if spec.path is not None:
-        config = read_config(spec.path / "config.json", spec.name)
-    else:
-        config = catalog_config(spec.name)
-        if config is None:
-            raise UserInputError(f"{spec.name}: no config.json to build the architecture from")
-    config = dict(config)
+    config = architecture_config(spec)
     config.update(config_fixes(config))
-    config["num_hidden_layers"] = spec.num_layers
     for key in ("quantization", "quantization_config"):   # the rehearsal quantizes as planned
         config.pop(key, None)
     return config

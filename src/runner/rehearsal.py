@@ -13,6 +13,7 @@ from runner.errors import UserInputError
 
 if TYPE_CHECKING:
     from runner.budget import Plan
+    from runner.model import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -139,3 +140,17 @@ def plan_fields(plan: "Plan") -> dict:
         "planned_layer_bytes": float(plan.layer_bytes),
         "roofline_tokens_per_s": plan.roofline_tokens_per_s,
     }
+
+
+def architecture_config(spec: "ModelSpec") -> dict:
+    """A copy of the config.json of `spec` (folder, HF cache or catalog) with its layer count, which
+    `--layers` may have shrunk: the architecture a rehearsal builds."""
+    from runner.model import catalog_config, read_config
+
+    if spec.path is not None:
+        config = read_config(spec.path / "config.json", spec.name)
+    else:
+        config = catalog_config(spec.name)
+        if config is None:
+            raise UserInputError(f"{spec.name}: no config.json to build the architecture from")
+    return {**config, "num_hidden_layers": spec.num_layers}
