@@ -300,6 +300,7 @@ def backend_on(name: str, path: Path, gpu: bool, rounds: int, tokens: int) -> No
     from runner.hardware import detect_machine, resolve_machine
     from runner.model import load_spec
 
+    record("machine", llama_cpp_python=llama_cpp.__version__, gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()))
     spec = load_spec(str(path))
     choice = resolve(spec, detect_machine(), None, None, 2048)
     session = open_session(choice)
@@ -393,9 +394,21 @@ def main() -> None:
     run.add_argument("--jobs", type=int, default=os.cpu_count())
     run.add_argument("--tiny", action="store_true", help="a 2-layer checkpoint, a CPU-only build: the flow on a CPU")
     run.add_argument("--rounds", type=int, default=3)
+    run.add_argument("--skip", default="", help="stages to leave out: runner (runner's NF4/BF16), bench (llama-bench)")
+    one = sub.add_parser("backend", help="one GGUF through runner's llamacpp backend (a process without torch)")
+    one.add_argument("name")
+    one.add_argument("file", type=Path)
+    one.add_argument("--cpu-only", action="store_true")
+    one.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     if args.command == "prepare":
         prepare(args.sdist)
+        return
+    if args.command == "backend":
+        try:
+            backend_on(args.name, args.file, not args.cpu_only, args.rounds, 128)
+        finally:
+            print("BACKEND_RESULTS " + json.dumps(RESULTS, default=str), flush=True)
         return
     signal.signal(signal.SIGTERM, stop)      # `timeout`: still write the JSON and the table, stop the build
     try:
@@ -417,6 +430,7 @@ def run_all(args) -> None:
     import torch
 
     gpu = torch.cuda.is_available() and not args.tiny
+    skip = set(filter(None, args.skip.split(",")))
     out, work = args.out, args.work
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -449,7 +463,7 @@ def run_all(args) -> None:
     converter = start_convert(checkpoint, bf16_file, out) if not bf16_file.exists() else None
     if converter is not None:
         PAUSED.append(converter)
-    if gpu:
+    if gpu and "runner" not in skip:
         import cuda_speed
 
         with quiet():
@@ -469,20 +483,51 @@ def run_all(args) -> None:
         run_tool("quantize q4_0", [str(binaries / "llama-quantize"), str(bf16_file), str(q4_file), "Q4_0",
                                    str(args.jobs)], out, 300)
     files = {"Q4_0": q4_file, "BF16": bf16_file}
-    llama_bench(binaries, files, out, gpu)
-    import llama_cpp
-
-    record("machine", llama_cpp_python=llama_cpp.__version__, gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()))
+    if "bench" not in skip:
+        llama_bench(binaries, files, out, gpu)
     runner_cli("plan", str(q4_file), out=out, name="runner plan")
     runner_cli("generate", str(q4_file), "-p", "What is the capital of France?", "--max-tokens", "24", "--json",
                out=out, name="runner generate")
     os.environ["OMP_NUM_THREADS"] = str(os.cpu_count())   # the CPU side: every core (the load average still counts the build)
-    for name, path in files.items():
-        try:
-            backend_on(name, path, gpu, args.rounds, 128)
-        except Exception as error:
-            record(f"backend {name}", error=repr(error), trace=traceback.format_exc()[-1500:])
+    backend_process("Q4_0", q4_file, gpu, args.rounds)
+    if gpu:
+        torch_probe(q4_file)
+    backend_process("BF16", bf16_file, gpu, args.rounds)
     record("total", seconds=time.perf_counter() - started)
+
+
+def backend_process(name: str, path: Path, gpu: bool, rounds: int) -> None:
+    """`backend` in a process of its own, without torch (as `runner generate file.gguf` runs)."""
+    command = [sys.executable, "-X", "faulthandler", str(Path(__file__).resolve()), "backend", name, str(path),
+               "--rounds", str(rounds), *([] if gpu else ["--cpu-only"])]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=400)
+    lines = result.stdout.splitlines()
+    for line in lines:
+        if line.startswith("BACKEND_RESULTS "):
+            for section, values in json.loads(line.split(" ", 1)[1]).items():
+                record(section, **values)
+    if result.returncode:
+        record(f"backend {name}", returncode=result.returncode, stderr=result.stderr.splitlines()[-12:])
+
+
+PROBE = """import sys
+import torch
+if sys.argv[2] == "cuda":
+    torch.ones(1, device="cuda")
+import llama_cpp
+llm = llama_cpp.Llama(sys.argv[1], n_gpu_layers=99, n_ctx=512, flash_attn=True, verbose=False)
+print("loaded with torch", torch.__version__, "in the process; n_vocab", llm.n_vocab())
+"""
+
+
+def torch_probe(path: Path) -> None:
+    """Does a model load into llama.cpp's CUDA backend in a process that has imported torch
+    (`runner parity --a cuda:... --b llamacpp` would be one)?"""
+    for variant in ("import", "cuda"):
+        result = subprocess.run([sys.executable, "-X", "faulthandler", "-c", PROBE, str(path), variant],
+                                capture_output=True, text=True, timeout=120)
+        record(f"torch probe ({variant})", returncode=result.returncode,
+               tail=(result.stdout + result.stderr).strip().splitlines()[-8:])
 
 
 def summary() -> None:

@@ -5,16 +5,19 @@ the GPU, llama.cpp allocates them there (its CUDA0 buffers, within the plan's by
 greedy reply and the logits are the CPU run's of the same file (a quantized file: close to them).
 
 Needs a CUDA GPU and llama-cpp-python built with CUDA (LLAMA_CPP_LIB_PATH may point at the
-libraries of such a build: bench/llamacpp_gpu.py builds one). Run with `pytest -m gpu`."""
+libraries of such a build: bench/llamacpp_gpu.py builds one). Run with `pytest -m gpu`. torch is not
+imported, as a user's `runner generate file.gguf` does not: with torch's CUDA libraries loaded in the
+same process, llama.cpp (built with the H200 image's nvcc 13.0) crashed loading a model there."""
 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
 gguf = pytest.importorskip("gguf")
 llama_cpp = pytest.importorskip("llama_cpp", reason="the llamacpp extra is not installed")
 
@@ -27,7 +30,7 @@ from runner_llamacpp.session import gpu_layers  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(not detect_machine().gpus, reason="needs a CUDA GPU"),
     pytest.mark.skipif(not llama_cpp.llama_supports_gpu_offload(), reason="llama-cpp-python built without CUDA"),
 ]
 
@@ -99,12 +102,15 @@ def write_llama_gguf(path, tokenizer_dir, kind):
 
 @pytest.fixture(scope="module", params=[Q.F16, Q.Q8_0], ids=["F16", "Q8_0"])
 def model_file(request, tmp_path_factory):
-    from conftest import _smollm2_tokenizer
-
     folder = tmp_path_factory.mktemp("llama-gguf")
-    _smollm2_tokenizer().save_pretrained(str(folder / "tokenizer"))
+    tokenizer = os.environ.get("RUNNER_TEST_TOKENIZER")     # a saved tokenizer folder: no transformers here
+    if tokenizer is None:
+        from conftest import _smollm2_tokenizer
+
+        tokenizer = folder / "tokenizer"
+        _smollm2_tokenizer().save_pretrained(str(tokenizer))
     return request.param, write_llama_gguf(folder / f"llama-4-layers.{request.param.name}.gguf",
-                                           folder / "tokenizer", request.param)
+                                           Path(tokenizer), request.param)
 
 
 @pytest.fixture(scope="module")
