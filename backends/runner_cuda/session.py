@@ -30,6 +30,7 @@ from runner.backend import GenerationChunk, MemoryReport, Message, Sampling, Tok
 from runner.budget import PREFILL_CHUNK, check_kv_bits
 from runner.errors import GenerationError, UserInputError
 from runner.prefix_cache import reusable_prefix
+from runner.reply_clock import ReplyClock
 from runner.templates import chat_token_ids
 from runner.detokenize import ReplyText
 from runner_cuda.loading import cuda_allocated, decoder_layers, free_memory, placement_summary, tensor_bytes_by_device
@@ -222,12 +223,11 @@ class CudaSession(TokenStreaming):
             cache, reused = self._cache_for(prompt)
             held = list(prompt[:reused])             # the ids whose K/V are in `cache`
             ids = torch.tensor([prompt[reused:]], device=self.input_device)
-            stats = {"prompt_tokens": len(prompt), "prompt_tps": 0.0, "ttft": 0.0, "reused": reused}
-            first_token_at = 0.0
+            clock = ReplyClock(len(prompt), reused, started)
             generated = 0
             while True:
                 if cancel is not None and cancel.is_set():
-                    yield self._chunk(decoder.flush(), None, generated, stats, first_token_at, "cancelled", cache)
+                    yield clock.chunk(decoder.flush(), None, generated, "cancelled", self._peak(cache))
                     return
                 step_started = time.perf_counter()
                 self._kept = None                    # a forward cut short leaves the cache half-written
@@ -247,35 +247,18 @@ class CudaSession(TokenStreaming):
                 token = pick_token(logits, sampling, generator)
                 generated += 1
                 if generated == 1:
-                    first_token_at = time.perf_counter()
-                    stats["ttft"] = first_token_at - started
-                    stats["prompt_tps"] = (len(prompt) - reused) / max(first_token_at - step_started, 1e-9)
+                    clock.first_token(len(prompt) - reused, step_started)
                 if token in self.eos_ids:
-                    yield self._chunk(decoder.flush(), token, generated, stats, first_token_at, "stop", cache)
+                    yield clock.chunk(decoder.flush(), token, generated, "stop", self._peak(cache))
                     return
                 text = decoder.add(token)
                 if generated >= limit:
-                    yield self._chunk(text + decoder.flush(), token, generated, stats, first_token_at, "length", cache)
+                    yield clock.chunk(text + decoder.flush(), token, generated, "length", self._peak(cache))
                     return
-                yield self._chunk(text, token, generated, stats, first_token_at, None, cache)
+                yield clock.chunk(text, token, generated, None, self._peak(cache))
                 ids = torch.tensor([[token]], device=self.input_device)
         finally:
             self._lock.release()
-
-    def _chunk(self, text, token, generated, stats, first_token_at, finish, cache) -> GenerationChunk:
-        elapsed = time.perf_counter() - first_token_at if generated > 1 else 0.0
-        return GenerationChunk(
-            text=text,
-            token=token,
-            prompt_tokens=stats["prompt_tokens"],
-            prompt_tps=stats["prompt_tps"],
-            generation_tokens=generated,
-            generation_tps=(generated - 1) / elapsed if elapsed > 0 else 0.0,
-            time_to_first_token=stats["ttft"],
-            peak_memory=self._peak(cache),
-            finish_reason=finish,
-            reused_tokens=stats["reused"],
-        )
 
     # ---- memory ----------------------------------------------------------------------------
     def _reset_peak(self) -> None:

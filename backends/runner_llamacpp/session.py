@@ -32,6 +32,7 @@ from runner.backend import (GenerationChunk, LoadProgress, LoadRequest, MemoryRe
 from runner_llamacpp.plan_rules import BATCH   # tokens per llama_decode, as the plan counts them
 from runner.errors import CorruptWeights, GenerationError, LoadError, UserInputError
 from runner.prefix_cache import reusable_prefix
+from runner.reply_clock import ReplyClock
 
 if TYPE_CHECKING:
     import numpy as np
@@ -132,12 +133,11 @@ class LlamaCppSession(TokenStreaming):
             text = codecs.getincrementaldecoder("utf-8")(errors="replace")
             reused = self._reuse(prompt)
             feed = prompt[reused:]
-            stats = {"prompt_tokens": len(prompt), "prompt_tps": 0.0, "ttft": 0.0, "reused": reused}
-            first_token_at = 0.0
+            clock = ReplyClock(len(prompt), reused, started)
             generated = 0
             while True:
                 if cancel is not None and cancel.is_set():
-                    yield self._chunk(text.decode(b"", final=True), None, generated, stats, first_token_at, "cancelled")
+                    yield clock.chunk(text.decode(b"", final=True), None, generated, "cancelled", self.buffer_bytes)
                     return
                 step_started = time.perf_counter()
                 try:
@@ -148,36 +148,24 @@ class LlamaCppSession(TokenStreaming):
                 token = pick_token(last_logits(self.llm), sampling, generator)
                 generated += 1
                 if generated == 1:
-                    first_token_at = time.perf_counter()
-                    stats["ttft"] = first_token_at - started
-                    stats["prompt_tps"] = len(feed) / max(first_token_at - step_started, 1e-9)
+                    clock.first_token(len(feed), step_started)
                 if token in self.eos_ids:
-                    yield self._chunk(text.decode(b"", final=True), token, generated, stats, first_token_at, "stop")
+                    yield clock.chunk(text.decode(b"", final=True), token, generated, "stop", self.buffer_bytes)
                     return
                 piece = text.decode(token_bytes(self.llm, token))
                 if generated >= limit:
-                    yield self._chunk(piece + text.decode(b"", final=True), token, generated, stats,
-                                      first_token_at, "length")
+                    yield clock.chunk(piece + text.decode(b"", final=True), token, generated, "length",
+                                      self.buffer_bytes)
                     return
-                yield self._chunk(piece, token, generated, stats, first_token_at, None)
+                yield clock.chunk(piece, token, generated, None, self.buffer_bytes)
                 feed = [token]
         finally:
             self._lock.release()
 
-    def _chunk(self, text, token, generated, stats, first_token_at, finish) -> GenerationChunk:
-        elapsed = time.perf_counter() - first_token_at if generated > 1 else 0.0
-        return GenerationChunk(
-            text=text,
-            token=token,
-            prompt_tokens=stats["prompt_tokens"],
-            prompt_tps=stats["prompt_tps"],
-            generation_tokens=generated,
-            generation_tps=(generated - 1) / elapsed if elapsed > 0 else 0.0,
-            time_to_first_token=stats["ttft"],
-            peak_memory=sum(self.buffers.values()),
-            finish_reason=finish,
-            reused_tokens=stats["reused"],
-        )
+    @property
+    def buffer_bytes(self) -> int:
+        """The bytes of llama.cpp's buffers for this load: what a chunk reports as its peak memory."""
+        return sum(self.buffers.values())
 
     # ---- parity ----------------------------------------------------------------------------
     def logits(self, token_ids: Sequence[int]) -> "np.ndarray":
