@@ -22,8 +22,8 @@ memory of each decoder; the scratch peak of one ungraphed step; the prefill's pe
 resident memory, against the bf16 cache's and the plan's count of the dequantized copy a prefill
 chunk attends over (CudaPlanRules.kv_read_bytes); one layer's attention alone (triton's do_bench,
 median) at the position, with the bytes of cache it reads per second; with --sweep, first, the
-same for each launch of SWEEP (two kernels, two block sizes, two warp counts) over a synthetic
-cache, the fastest then used for the run (and recorded); and, as a sanity check in the same run, the kv8/kv4 fast path's logits teacher-forced against the ordinary loop with the
+same for each launch shape of SWEEP (positions per block, warps, pipeline stages, parts) over a
+synthetic cache, the fastest then used for the run (and recorded); and, as a sanity check in the same run, the kv8/kv4 fast path's logits teacher-forced against the ordinary loop with the
 same quantized cache (runner_cuda.kv_cache) at the first position.
 """
 
@@ -45,8 +45,8 @@ import cuda_speed  # noqa: E402
 MODEL_ID = "meta-llama/Llama-3.1-8B-Instruct"
 SETTINGS = (None, 8, 4)        # kv_bits: the compute dtype's cache, then 8- and 4-bit
 WARM_STEPS = 8
-# --sweep: attention.LAUNCH's (kernel, positions per inner step, warps) tried for a quantized cache
-SWEEP = tuple((kernel, block, warps) for kernel in ("part", "part_codes") for block in (64, 128) for warps in (4, 8))
+# --sweep: attention.LAUNCH's (positions per inner step, warps, stages, most parts) tried for a quantized cache
+SWEEP = ((128, 4, 3, 64), (128, 4, 4, 64), (128, 4, 3, 128), (64, 4, 3, 128))
 RESULTS: dict = {}
 
 
@@ -79,8 +79,8 @@ def timed_steps(decoder, position: int, tokens: int) -> tuple[float, int]:
 
 def sweep(spec, positions: int) -> None:
     """Before the decoders: per quantized cache, one 8B layer's attention over `positions` with
-    each launch of SWEEP, checked against the first (`part` as the GPU tests check it; relative
-    difference under 1e-2); the fastest becomes attention.LAUNCH for the run."""
+    each launch of SWEEP, checked against the first (relative difference under 1e-2); the fastest
+    becomes attention.LAUNCH for the run."""
     import torch
     from triton.testing import do_bench
 

@@ -46,19 +46,16 @@ def test_split_kv_attention_matches_reference(rep, capacity, span, position):
     assert relative(got) <= 2 * relative(sdpa) + 1e-3
 
 
-@pytest.mark.parametrize("kernel", ["part_codes", "part"])
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("capacity,span,position", [(512, 256, 255), (8192, 8192, 5000), (10000, 8192, 8100),
                                                     (122624, 122624, 122447), (131072, 65536, 40000)])
-def test_split_kv_attention_over_codes_matches_reference(monkeypatch, kernel, bits, capacity, span, position):
-    """A quantized cache (--kv-bits) read as stored by either kernel (attention.LAUNCH): within
-    bf16 rounding of a float64 reference over its exact values (code x scale + bias), as close to
-    it as SDPA over a dequantized bf16 copy; positions after `position` hold NaN scales and biases
-    that must not count."""
+def test_split_kv_attention_over_codes_matches_reference(bits, capacity, span, position):
+    """A quantized cache (--kv-bits) read as stored: within bf16 rounding of a float64 reference
+    over its exact values (code x scale + bias), as close to it as SDPA over a dequantized bf16
+    copy; positions after `position` hold NaN scales and biases that must not count."""
     from runner_cuda.fast import attention
     from runner_cuda.kv_cache import dequantize, quantize
 
-    monkeypatch.setitem(attention.LAUNCH, bits, (kernel, *attention.LAUNCH[bits][1:]))
     generator = torch.Generator(device="cuda").manual_seed(capacity + position + bits)
     kv, rep, dim = 8, 4, 128
     q = torch.randn(kv, rep, dim, device="cuda", generator=generator).to(torch.bfloat16)
@@ -80,6 +77,6 @@ def test_split_kv_attention_over_codes_matches_reference(monkeypatch, kernel, bi
     def relative(a):
         return ((a.double() - reference).norm() / reference.norm()).item()
 
-    print(f"kv{bits} {kernel}", relative(got), "SDPA", relative(sdpa))
+    print(f"kv{bits} split-KV", relative(got), "SDPA", relative(sdpa))
     assert relative(got) < 1e-2
     assert relative(got) <= 2 * relative(sdpa) + 1e-3

@@ -9,7 +9,8 @@ Here each KV head's cache is cut into `splits` parts, one thread block each: it 
 maximum, the sum of exponentials and the weighted sum of values of its part (scores in float32 from
 bf16 products, the probabilities rounded to bf16 for the values' product, as flash attention does),
 and a second small kernel combines the parts. Positions after the step's position (read from a
-device tensor, so the launch can be captured in a CUDA graph) are masked.
+device tensor, so the launch can be captured in a CUDA graph) are masked; a part wholly after
+it (a graph bucket's last parts) reads nothing.
 
 A quantized cache (`--kv-bits 8|4`, static_cache.QuantizedLayer: codes, and a scale and a bias
 per 64 values) is read as it is stored: each block of codes is dequantized in registers (code x
@@ -23,26 +24,27 @@ gives), so a step reads 1/2 (kv8) or 1/4 (kv4) of the bf16 cache's bytes and mak
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
-SPLITS = 64          # parts per KV head at long spans (a part has at least a block of positions)
 GROUP = 64           # values per scale and bias of a quantized cache (budget.KV_GROUP_SIZE)
-# per cache (bits: None for the compute dtype's): the kernel of a part (kv_kernels.part:
-# dequantized blocks, part_codes: products with the codes), cache positions per inner step, warps
-LAUNCH = {None: ("part", 64, 4), 8: ("part_codes", 64, 4), 4: ("part_codes", 64, 4)}
+# per cache (bits; None: the compute dtype's): cache positions per inner step, warps, software
+# pipeline stages, and parts per KV head at long spans (a part has a block of positions at least).
+# kv8/kv4 from a sweep on an H200 (bench/kv_decode_gpu.py --sweep): their blocks of codes are
+# half and a quarter of a bf16 block's bytes, twice the positions keep as many bytes in flight
+LAUNCH = {None: (64, 4, 3, 64), 8: (128, 4, 3, 64), 4: (128, 4, 3, 64)}
 
 def attention_takes(head_dim: int) -> bool:
     """The kernels' head dims: a power of two (Triton's ranges) of 16 or more (its matrix products)."""
     return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
-def splits_for(span: int, block: int) -> int:
-    """Parts per KV head: SPLITS, fewer where a part would hold under `block` positions (a power of
-    two, as the combine kernel's range needs)."""
-    splits = SPLITS
+def splits_for(span: int, block: int, most: int) -> int:
+    """Parts per KV head: `most`, fewer where a part would hold under `block` positions (a power
+    of two, as the combine kernel's range needs)."""
+    splits = most
     while splits > 1 and splits * block > span:
         splits //= 2
     return splits
@@ -70,20 +72,19 @@ def decode_attention(q: "torch.Tensor", keys, values, position: "torch.Tensor", 
                                     or t.dtype != (torch.uint8 if bits and pair is codes else q.dtype)
                                     for pair, width in shapes.items() for t in pair):
         raise ValueError("decode_attention takes contiguous queries and caches as static_cache's layers hold them")
-    kernel, block, warps = LAUNCH[bits]
-    splits = splits_for(span, block)
+    block, warps, stages, most = LAUNCH[bits]
+    splits = splits_for(span, block, most)
     chunk = -(-span // (splits * block)) * block
     rows = max(16, 1 << (rep - 1).bit_length())     # a power of two, and tl.dot needs 16 rows at least
     out = torch.empty(kv_heads, splits, rows, dim, dtype=torch.float32, device=q.device)
     best = torch.empty(kv_heads, splits, rows, dtype=torch.float32, device=q.device)
     total = torch.empty(kv_heads, splits, rows, dtype=torch.float32, device=q.device)
     result = torch.empty_like(q)
-    from runner_cuda.fast import kv_kernels
+    from runner_cuda.fast.kv_kernels import combine, part
 
-    part = getattr(kv_kernels, kernel)
     part[(kv_heads, splits)](q, *codes, scales[0], biases[0], scales[1], biases[1], position, out, best, total,
                              capacity, scale,
                              REP=rep, ROWS=rows, DIM=dim, BLOCK=block, CHUNK=chunk, BITS=bits or 16, GROUP=GROUP,
-                             num_warps=warps)
-    kv_kernels.combine[(kv_heads, rep)](out, best, total, result, REP=rep, ROWS=rows, DIM=dim, SPLITS=splits)
+                             num_warps=warps, num_stages=stages)
+    combine[(kv_heads, rep)](out, best, total, result, REP=rep, ROWS=rows, DIM=dim, SPLITS=splits)
     return result

@@ -56,119 +56,25 @@ def part(q_ptr, k_ptr, v_ptr, ks_ptr, kb_ptr, vs_ptr, vb_ptr, position_ptr, out_
     total = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, DIM], tl.float32)
     start = split * CHUNK
-    for offset in range(0, CHUNK, BLOCK):
-        positions = start + offset + tl.arange(0, BLOCK)
-        visible = positions <= position
-        k = load_block(k_ptr, ks_ptr, kb_ptr, head, positions, visible, capacity, DIM, BITS, GROUP)
-        scores = tl.dot(q, tl.trans(k)) * scale
-        scores = tl.where(visible[None, :], scores, float("-inf"))
-        new_best = tl.maximum(best, tl.max(scores, 1))
-        safe = tl.where(new_best == float("-inf"), 0.0, new_best)
-        weights = tl.exp(scores - safe[:, None])
-        shrink = tl.exp(best - safe)
-        total = total * shrink + tl.sum(weights, 1)
-        v = load_block(v_ptr, vs_ptr, vb_ptr, head, positions, visible, capacity, DIM, BITS, GROUP)
-        acc = acc * shrink[:, None] + tl.dot(weights.to(v.dtype), v)
-        best = new_best
+    # a part wholly after the step's position (a graph bucket's last parts, the blocks that overrun
+    # the cache's end) reads nothing: its combine weight is 0
+    if start <= position:
+        for offset in range(0, CHUNK, BLOCK):
+            positions = start + offset + tl.arange(0, BLOCK)
+            visible = positions <= position
+            k = load_block(k_ptr, ks_ptr, kb_ptr, head, positions, visible, capacity, DIM, BITS, GROUP)
+            scores = tl.dot(q, tl.trans(k)) * scale
+            scores = tl.where(visible[None, :], scores, float("-inf"))
+            new_best = tl.maximum(best, tl.max(scores, 1))
+            safe = tl.where(new_best == float("-inf"), 0.0, new_best)
+            weights = tl.exp(scores - safe[:, None])
+            shrink = tl.exp(best - safe)
+            total = total * shrink + tl.sum(weights, 1)
+            v = load_block(v_ptr, vs_ptr, vb_ptr, head, positions, visible, capacity, DIM, BITS, GROUP)
+            acc = acc * shrink[:, None] + tl.dot(weights.to(v.dtype), v)
+            best = new_best
     slot = head * splits + split
     tl.store(out_ptr + (slot * ROWS + rows)[:, None] * DIM + dims[None, :], acc)
-    tl.store(max_ptr + slot * ROWS + rows, best)
-    tl.store(sum_ptr + slot * ROWS + rows, total)
-
-
-@triton.jit
-def load_codes(c_ptr, cache_rows, visible, cols, DIM: tl.constexpr, BITS: tl.constexpr, dtype: tl.constexpr):
-    """The codes of `cache_rows` as two [BLOCK, DIM / 2] halves, in `dtype` (exact: codes are
-    integers to 255): kv8 the first and the second half of each row's values, kv4 its even values
-    (low nibbles) and odd ones (high nibbles); zero where not visible."""
-    HALF: tl.constexpr = DIM // 2
-    if BITS == 8:
-        at = c_ptr + cache_rows[:, None] * DIM + cols[None, :]
-        first = tl.load(at, mask=visible[:, None], other=0)
-        second = tl.load(at + HALF, mask=visible[:, None], other=0)
-    else:
-        packed = tl.load(c_ptr + cache_rows[:, None] * HALF + cols[None, :], mask=visible[:, None], other=0)
-        first = packed & 15
-        second = packed >> 4
-    return first.to(dtype), second.to(dtype)
-
-
-@triton.jit
-def part_codes(q_ptr, k_ptr, v_ptr, ks_ptr, kb_ptr, vs_ptr, vb_ptr, position_ptr, out_ptr, max_ptr, sum_ptr, capacity,
-               scale, REP: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr,
-               CHUNK: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr):
-    """`part` over a quantized cache without dequantizing it: with x = code x scale + bias per
-    group, q.k = sum over groups of scale x (q_g . codes_g) + bias x sum(q_g), and the weighted sum
-    of values is, per group, (weights x scale) . codes + (weights . bias). The matrix products take
-    the codes as they are (integers in the compute dtype) and the scales and biases apply to
-    [rows, BLOCK] tiles, not to every value. A head's values are taken in two halves (load_codes),
-    each with its own accumulator, stored back in place at the end."""
-    GROUPS: tl.constexpr = DIM // GROUP
-    HALF: tl.constexpr = DIM // 2
-    dtype: tl.constexpr = q_ptr.dtype.element_ty
-    head = tl.program_id(0)
-    split = tl.program_id(1)
-    splits = tl.num_programs(1)
-    position = tl.load(position_ptr)
-    rows = tl.arange(0, ROWS)
-    cols = tl.arange(0, HALF)
-    if BITS == 8:
-        dims_first, dims_second = cols, cols + HALF
-    else:
-        dims_first, dims_second = 2 * cols, 2 * cols + 1
-    group_first, group_second = dims_first // GROUP, dims_second // GROUP
-    queries = q_ptr + (head * REP + rows)[:, None] * DIM
-    q_first = tl.load(queries + dims_first[None, :], mask=(rows < REP)[:, None], other=0.0)
-    q_second = tl.load(queries + dims_second[None, :], mask=(rows < REP)[:, None], other=0.0)
-    best = tl.full([ROWS], float("-inf"), tl.float32)
-    total = tl.zeros([ROWS], tl.float32)
-    acc_first = tl.zeros([ROWS, HALF], tl.float32)
-    acc_second = tl.zeros([ROWS, HALF], tl.float32)
-    start = split * CHUNK
-    for offset in range(0, CHUNK, BLOCK):
-        positions = start + offset + tl.arange(0, BLOCK)
-        visible = positions <= position
-        cache_rows = head * capacity + positions
-        k_first, k_second = load_codes(k_ptr, cache_rows, visible, cols, DIM, BITS, dtype)
-        scores = tl.zeros([ROWS, BLOCK], tl.float32)
-        for g in tl.static_range(GROUPS):
-            group_scale = tl.load(ks_ptr + cache_rows * GROUPS + g, mask=visible, other=0.0).to(tl.float32)
-            group_bias = tl.load(kb_ptr + cache_rows * GROUPS + g, mask=visible, other=0.0).to(tl.float32)
-            products = tl.zeros([ROWS, BLOCK], tl.float32)
-            q_sum = tl.zeros([ROWS], tl.float32)
-            # kv8's halves hold whole groups (but for one group of 64): a group is in one half
-            if BITS == 4 or GROUPS == 1 or g < GROUPS // 2:
-                q_g = tl.where((group_first == g)[None, :], q_first, 0.0).to(dtype)
-                products = tl.dot(q_g, tl.trans(k_first), products)
-                q_sum += tl.sum(q_g.to(tl.float32), 1)
-            if BITS == 4 or GROUPS == 1 or g >= GROUPS // 2:
-                q_g = tl.where((group_second == g)[None, :], q_second, 0.0).to(dtype)
-                products = tl.dot(q_g, tl.trans(k_second), products)
-                q_sum += tl.sum(q_g.to(tl.float32), 1)
-            scores += products * group_scale[None, :] + q_sum[:, None] * group_bias[None, :]
-        scores = tl.where(visible[None, :], scores * scale, float("-inf"))
-        new_best = tl.maximum(best, tl.max(scores, 1))
-        safe = tl.where(new_best == float("-inf"), 0.0, new_best)
-        weights = tl.exp(scores - safe[:, None])
-        shrink = tl.exp(best - safe)
-        total = total * shrink + tl.sum(weights, 1)
-        v_first, v_second = load_codes(v_ptr, cache_rows, visible, cols, DIM, BITS, dtype)
-        acc_first = acc_first * shrink[:, None]
-        acc_second = acc_second * shrink[:, None]
-        for g in tl.static_range(GROUPS):
-            group_scale = tl.load(vs_ptr + cache_rows * GROUPS + g, mask=visible, other=0.0).to(tl.float32)
-            group_bias = tl.load(vb_ptr + cache_rows * GROUPS + g, mask=visible, other=0.0).to(tl.float32)
-            scaled = (weights * group_scale[None, :]).to(dtype)
-            shift = tl.sum(weights * group_bias[None, :], 1)[:, None]
-            if BITS == 4 or GROUPS == 1 or g < GROUPS // 2:
-                acc_first += tl.where((group_first == g)[None, :], tl.dot(scaled, v_first) + shift, 0.0)
-            if BITS == 4 or GROUPS == 1 or g >= GROUPS // 2:
-                acc_second += tl.where((group_second == g)[None, :], tl.dot(scaled, v_second) + shift, 0.0)
-        best = new_best
-    slot = head * splits + split
-    out = out_ptr + (slot * ROWS + rows)[:, None] * DIM
-    tl.store(out + dims_first[None, :], acc_first)
-    tl.store(out + dims_second[None, :], acc_second)
     tl.store(max_ptr + slot * ROWS + rows, best)
     tl.store(sum_ptr + slot * ROWS + rows, total)
 
