@@ -5,9 +5,12 @@ the GPU, llama.cpp allocates them there (its CUDA0 buffers, within the plan's by
 greedy reply and the logits are the CPU run's of the same file (a quantized file: close to them).
 
 Needs a CUDA GPU and llama-cpp-python built with CUDA (LLAMA_CPP_LIB_PATH may point at the
-libraries of such a build: bench/llamacpp_gpu.py builds one). Run with `pytest -m gpu`. torch is not
-imported, as a user's `runner generate file.gguf` does not: with torch's CUDA libraries loaded in the
-same process, llama.cpp (built with the H200 image's nvcc 13.0) crashed loading a model there."""
+libraries of such a build: bench/llamacpp_gpu.py builds one). Run with `pytest -m gpu`.
+
+Not passed yet: on the H200 (2026-12-01, llama.cpp built there with nvcc 13.0) this file's first
+model load segfaulted inside llama_model_load_from_file, in pytest, with and without torch in the
+process, while `runner generate` and bench/llamacpp_gpu.py's backend processes loaded the same build
+on the GPU without fault (bench/RESULTS.md). The cause is not found."""
 
 from __future__ import annotations
 

@@ -278,7 +278,9 @@ def load_session(request: LoadRequest) -> LlamaCppSession:
     log = capture_log()
     count = threads()
     try:
-        # flash attention: the compute buffer stays one ubatch's logits at any context (without it,
+        # op_offload: a plan with no layer on the GPU runs nothing there (by default a CUDA build
+        # multiplies a prompt's batch on the GPU it finds: on an H200 such a session's logits were the
+        # offloaded session's, bit for bit). flash attention: the compute buffer stays one ubatch's logits at any context (without it,
         # 166 MiB instead of 98 at 8k for the default model, no faster). verbose=True: llama-cpp-python would otherwise point the process's stdout and stderr at
         # /dev/null while it loads (a chat screen drawn meanwhile is lost); its C log comes to
         # `log`, its own prints are caught here
@@ -286,7 +288,7 @@ def load_session(request: LoadRequest) -> LlamaCppSession:
             llm = llama_cpp.Llama(
                 str(path), n_ctx=request.context, n_batch=BATCH, n_ubatch=BATCH, n_gpu_layers=offload,
                 n_threads=count, n_threads_batch=count, logits_all=False, flash_attn=True, verbose=True,
-                type_k=kv_type, type_v=kv_type,
+                type_k=kv_type, type_v=kv_type, op_offload=offload > 0,
             )
     except (ValueError, RuntimeError, OSError) as error:
         detail = log.last_error() or str(error)
