@@ -56,23 +56,20 @@ def part(q_ptr, k_ptr, v_ptr, ks_ptr, kb_ptr, vs_ptr, vb_ptr, position_ptr, out_
     total = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, DIM], tl.float32)
     start = split * CHUNK
-    # a part wholly after the step's position (a graph bucket's last parts, the blocks that overrun
-    # the cache's end) reads nothing: its combine weight is 0
-    if start <= position:
-        for offset in range(0, CHUNK, BLOCK):
-            positions = start + offset + tl.arange(0, BLOCK)
-            visible = positions <= position
-            k = load_block(k_ptr, ks_ptr, kb_ptr, head, positions, visible, capacity, DIM, BITS, GROUP)
-            scores = tl.dot(q, tl.trans(k)) * scale
-            scores = tl.where(visible[None, :], scores, float("-inf"))
-            new_best = tl.maximum(best, tl.max(scores, 1))
-            safe = tl.where(new_best == float("-inf"), 0.0, new_best)
-            weights = tl.exp(scores - safe[:, None])
-            shrink = tl.exp(best - safe)
-            total = total * shrink + tl.sum(weights, 1)
-            v = load_block(v_ptr, vs_ptr, vb_ptr, head, positions, visible, capacity, DIM, BITS, GROUP)
-            acc = acc * shrink[:, None] + tl.dot(weights.to(v.dtype), v)
-            best = new_best
+    for offset in range(0, CHUNK, BLOCK):
+        positions = start + offset + tl.arange(0, BLOCK)
+        visible = positions <= position
+        k = load_block(k_ptr, ks_ptr, kb_ptr, head, positions, visible, capacity, DIM, BITS, GROUP)
+        scores = tl.dot(q, tl.trans(k)) * scale
+        scores = tl.where(visible[None, :], scores, float("-inf"))
+        new_best = tl.maximum(best, tl.max(scores, 1))
+        safe = tl.where(new_best == float("-inf"), 0.0, new_best)
+        weights = tl.exp(scores - safe[:, None])
+        shrink = tl.exp(best - safe)
+        total = total * shrink + tl.sum(weights, 1)
+        v = load_block(v_ptr, vs_ptr, vb_ptr, head, positions, visible, capacity, DIM, BITS, GROUP)
+        acc = acc * shrink[:, None] + tl.dot(weights.to(v.dtype), v)
+        best = new_best
     slot = head * splits + split
     tl.store(out_ptr + (slot * ROWS + rows)[:, None] * DIM + dims[None, :], acc)
     tl.store(max_ptr + slot * ROWS + rows, best)
