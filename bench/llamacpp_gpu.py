@@ -3,7 +3,7 @@
 random weights (issue 19's peer side by side).
 
     # here, once: a trimmed copy of the llama.cpp that llama-cpp-python 0.3.36 binds, its Python
-    # package and diskcache, in the ignored folder .llamacpp (~21 MB, carried to the GPU machine)
+    # package and diskcache, in the ignored folder .llamacpp (18 MiB, carried to the GPU machine)
     python3 bench/llamacpp_gpu.py prepare --sdist /tmp/lcp/llama_cpp_python-0.3.36
     # on the GPU machine (nothing to download there: nvcc, CMake, ninja, torch are in its image)
     PYTHONPATH=.bnb:.devpy:src:backends:tests RUNNER_TEST_TOKENIZER=$PWD/.devtok \
@@ -25,7 +25,10 @@ converter are stopped with SIGSTOP while anything is timed):
    sessions through resolve/open_session: llama.cpp's buffers against the plan, decode tok/s
    against raw llama-cpp-python (Llama.generate, top-k 1) on the same file, alternating rounds,
    greedy tokens and logits against the same file on the CPU (the plan for a machine without a GPU).
-Prints a table last; JSON and logs under --out.
+Prints a table last; JSON and logs under --out. The backend steps and the test run in processes
+that never import torch, as `runner generate file.gguf` does: on the H200 (2026-12-01) a process
+that had imported torch segfaulted at llama.cpp's model load (`torch probe` records it), and so did
+the GPU test under pytest without torch; results in bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -366,7 +369,7 @@ def backend_on(name: str, path: Path, gpu: bool, rounds: int, tokens: int) -> No
         cpu_reply, cpu_text = [c.token for c in chunks if c.token is not None and c.token not in eos], "".join(c.text for c in chunks)
         on_cpu = cpu.logits(ids)
     finally:
-        summary = cpu.device_summary
+        summary, cpu_buffers = cpu.device_summary, cpu.buffers   # no cuda:0 entry: nothing of it ran on the GPU
         cpu.close()
 
     def log_softmax(x):
@@ -376,7 +379,7 @@ def backend_on(name: str, path: Path, gpu: bool, rounds: int, tokens: int) -> No
     a, b = log_softmax(on_cpu), log_softmax(on_gpu)
     kl = (np.exp(a) * (a - b)).sum(-1)
     first = next((i for i, (x, y) in enumerate(zip(gpu_reply, cpu_reply)) if x != y), None)
-    record(f"backend {name}", cpu_summary=summary, greedy_equal_cpu=gpu_reply == cpu_reply, first_difference_at=first,
+    record(f"backend {name}", cpu_summary=summary, cpu_measured=cpu_buffers, greedy_equal_cpu=gpu_reply == cpu_reply, first_difference_at=first,
            gpu_text=text, cpu_text=cpu_text, kl_mean=float(kl.mean()), kl_max=float(kl.max()),
            top1_agreement=float((on_gpu.argmax(-1) == on_cpu.argmax(-1)).mean()))
 
