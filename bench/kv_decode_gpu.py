@@ -4,10 +4,11 @@ bf16 cache, at 1k and 32k positions, on the Llama-3.1-8B shape, in one run on on
     PYTHONPATH=src:backends python3 bench/kv_decode_gpu.py [--quant bf16|nf4] [--positions 1024,32768]
                                                            [--tokens 128] [--out DIR] [--sweep]
 
-Run on an H200 (results in bench/RESULTS.md, "KV-cache quantization on the fast path"): before
-the attention read the codes, kv8/kv4 decoded at 0.54x/0.49x the bf16 cache's speed at 1k and
-0.21x/0.17x at 32k, each step dequantizing its whole graph bucket into a bf16 copy (24-418 MB of
-scratch); now the split-KV attention (fast/attention.py) dequantizes the codes in registers.
+Run on an H200 (bench/RESULTS.md, "KV-cache quantization on the fast path"): before the attention
+read the codes, kv8/kv4 decoded at 0.54x/0.49x the bf16 cache's speed at 1k and 0.21x/0.17x at
+32k, each step dequantizing its whole graph bucket into a bf16 copy (24-418 MB of scratch); with
+the split-KV attention dequantizing the codes in registers (fast/attention.py), 1.02x/1.00x and
+0.95x/0.97x, and a step's scratch that of a bf16 cache's step.
 
 The model is the 8B shape with random weights built on the GPU (runner_cuda.rehearse.random_model,
 as `runner rehearse` builds it: no checkpoint). For each KV setting (bf16, 8-bit, 4-bit) in turn, a
