@@ -31,9 +31,9 @@ if TYPE_CHECKING:
 GROUP = 64           # values per scale and bias of a quantized cache (budget.KV_GROUP_SIZE)
 # per cache (bits; None: the compute dtype's): cache positions per inner step, warps, software
 # pipeline stages, and parts per KV head at long spans (a part has a block of positions at least).
-# kv8/kv4 from a sweep on an H200 (bench/kv_decode_gpu.py --sweep): their blocks of codes are
-# half and a quarter of a bf16 block's bytes, twice the positions keep as many bytes in flight
+# kv8/kv4: the fastest of a sweep on an H200 (bench/kv_decode_gpu.py --sweep, bench/RESULTS.md)
 LAUNCH = {None: (64, 4, 3, 64), 8: (128, 4, 3, 64), 4: (128, 4, 3, 64)}
+
 
 def attention_takes(head_dim: int) -> bool:
     """The kernels' head dims: a power of two (Triton's ranges) of 16 or more (its matrix products)."""

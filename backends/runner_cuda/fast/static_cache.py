@@ -12,7 +12,8 @@
 (runner_cuda.kv_cache.quantize: a scale and a bias per 64 values, in the compute dtype), quantized
 as they are written. A decode step's attention (`attend`) reads the codes as they are stored and
 dequantizes them in registers, so it copies nothing; `read` dequantizes a span into a new tensor
-(prefill, and the SDPA fallback), the values the ordinary loop's attention sees. With `kernels`
+(prefill, and the SDPA fallback), the values the ordinary loop's attention sees, KV_READ_BLOCK
+positions at a time (what the plan counts for it: plan_rules.CudaPlanRules.kv_read_bytes). With `kernels`
 (the decoder's split-KV attention, CUDA) a step's K and V are quantized and written by one Triton
 launch (kv_kernels.quantized_write, the same codes as `quantize`), else by torch's operations.
 Every operation is a device kernel (no host synchronisation), so a decode step with it can be
