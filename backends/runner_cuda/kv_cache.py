@@ -3,7 +3,10 @@
 Each layer stores K and V as `bits`-bit codes with a scale and a bias per group of
 `budget.KV_GROUP_SIZE` values along the head dimension, in the compute dtype: the layout of
 mlx-lm's QuantizedKVCache, so the plan's bytes per token are the same formula on both backends
-(`budget.kv_dtype_bytes`). Attention gets the layer's K and V back dequantized, one layer at a time.
+(`budget.kv_dtype_bytes`). Attention gets the layer's K and V back dequantized into the compute
+dtype, one layer at a time and KV_READ_BLOCK positions at a time (`dequantize_blocks`): beyond the
+two copies a read holds one block's float32 values, as the fast path's static cache does, which is
+what the plan counts for it (plan_rules.CudaPlanRules.kv_read_bytes).
 
 Why not transformers' own `QuantizedCache`: its quanto backend has no 8-bit, its layers keep a
 window of up to 128 tokens unquantized and re-quantize the whole cache whenever the window fills
@@ -18,6 +21,7 @@ import functools
 from typing import TYPE_CHECKING
 
 from runner.budget import KV_GROUP_SIZE
+from runner_cuda.plan_rules import KV_READ_BLOCK
 
 if TYPE_CHECKING:
     import torch
@@ -55,6 +59,19 @@ def dequantize(codes: "torch.Tensor", scales: "torch.Tensor", biases: "torch.Ten
     return groups.flatten(-2).to(scales.dtype)
 
 
+def dequantize_blocks(codes: "torch.Tensor", scales: "torch.Tensor", biases: "torch.Tensor", bits: int) -> "torch.Tensor":
+    """`dequantize` of (..., positions, ...) parts into one new tensor, KV_READ_BLOCK positions at a
+    time: the same values, with one block's float32 temporaries alive instead of the whole span's."""
+    import torch
+
+    span = codes.shape[-2]
+    out = torch.empty(*codes.shape[:-1], scales.shape[-1] * KV_GROUP_SIZE, dtype=scales.dtype, device=codes.device)
+    for start in range(0, span, KV_READ_BLOCK):
+        block = slice(start, min(span, start + KV_READ_BLOCK))
+        out[..., block, :] = dequantize(codes[..., block, :], scales[..., block, :], biases[..., block, :], bits)
+    return out
+
+
 @functools.cache
 def _layer_class():
     from transformers.cache_utils import DynamicLayer
@@ -76,14 +93,19 @@ def _layer_class():
             self.is_initialized = True
 
         def update(self, key_states, value_states, *args, **kwargs):
-            import torch
-
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
+            self.append(key_states, value_states)
+            return dequantize_blocks(*self.stored[:3], self.bits), dequantize_blocks(*self.stored[3:], self.bits)
+
+        def append(self, key_states, value_states) -> None:
+            """The new positions quantized onto `stored` (a method of its own, so that the new
+            parts are freed before the read: they are in `stored` already)."""
+            import torch
+
             new = [*quantize(key_states, self.bits), *quantize(value_states, self.bits)]
             self.stored = new if self.stored is None else [torch.cat([old, part], dim=-2)
                                                            for old, part in zip(self.stored, new)]
-            return dequantize(*self.stored[:3], self.bits), dequantize(*self.stored[3:], self.bits)
 
         def get_seq_length(self) -> int:
             return 0 if self.stored is None else self.stored[0].shape[-2]

@@ -79,18 +79,20 @@ class CudaPlanRules(PlanRules):
         return not gpus or any(g.compute_capability is not None and g.compute_capability < (8, 9) for g in gpus)
 
     def kv_read_bytes(self, model, context, batch, quant, kv_bits):
-        """With `--kv-bits` a prefill chunk on the fast path attends over one layer's K and V
-        dequantized into the compute dtype (fast/static_cache.QuantizedLayer.read): the two copies
-        of `context` positions, and the temporaries of one block of KV_READ_BLOCK positions (float32
-        values, their rounding, 4-bit codes unpacked to a byte each). A decode step there reads the
-        codes as stored and needs none of it (fast/attention.py). The ordinary loop, where the fast
-        path does not run, dequantizes a layer's whole cache at once (runner_cuda.kv_cache): about
-        3 times this, not counted."""
+        """With `--kv-bits` a prefill chunk attends over one layer's K and V dequantized into the
+        compute dtype: the two copies of `context` positions, and the temporaries of one block of
+        KV_READ_BLOCK positions (float32 values, their rounding to the compute dtype where that is
+        not float32, 4-bit codes unpacked to a byte each). The fast path reads so for a prefill
+        (fast/static_cache.QuantizedLayer.read), and its decode step reads the codes as stored
+        (fast/attention.py); the ordinary loop (runner_cuda.kv_cache.dequantize_blocks, where the
+        fast path does not run) reads the same way for a prefill chunk and for every decode step.
+        Held against the allocator: tests/test_kv_read_memory.py (CPU), test_cuda_fast_kv_gpu.py."""
         if kv_bits is None:
             return 0
         plain = 4 if quant == "fp32" else 2
+        rounding = 0 if plain == 4 else plain          # float32 values are already the compute dtype's
         values = batch * model.num_kv_heads * model.head_dim
-        block = (4 + plain + (1 if kv_bits == 4 else 0)) * values * min(context, KV_READ_BLOCK)
+        block = (4 + rounding + (1 if kv_bits == 4 else 0)) * values * min(context, KV_READ_BLOCK)
         return 2 * plain * values * context + block
 
     def offloads_unquantized(self, quant):
