@@ -60,8 +60,9 @@ def dequantize(codes: "torch.Tensor", scales: "torch.Tensor", biases: "torch.Ten
 
 
 def dequantize_blocks(codes: "torch.Tensor", scales: "torch.Tensor", biases: "torch.Tensor", bits: int) -> "torch.Tensor":
-    """`dequantize` of (..., positions, ...) parts into one new tensor, KV_READ_BLOCK positions at a
-    time: the same values, with one block's float32 temporaries alive instead of the whole span's."""
+    """`dequantize` of parts laid out (..., positions, values) into one new tensor, KV_READ_BLOCK
+    positions at a time: the same values, with one block's float32 temporaries alive instead of
+    the whole span's (the attention of a decode step and of a prefill chunk reads the layer so)."""
     import torch
 
     span = codes.shape[-2]
