@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING
 
 from runner.budget import KV_GROUP_SIZE
 from runner_cuda.fast.attention import decode_attention
-from runner_cuda.kv_cache import dequantize, quantize
-from runner_cuda.plan_rules import KV_READ_BLOCK
+from runner_cuda.kv_cache import dequantize_blocks, quantize
 
 if TYPE_CHECKING:
     import torch
@@ -113,18 +112,8 @@ class QuantizedLayer:
         """K and V of the first `span` positions dequantized into a new tensor each, KV_READ_BLOCK
         positions at a time: beyond the two results a read holds one block's temporaries
         (plan_rules.kv_read_bytes counts both)."""
-        import torch
-
-        def dequantized(parts):
-            codes, scales, _ = parts
-            out = torch.empty(codes.shape[0], span, scales.shape[2] * KV_GROUP_SIZE, dtype=scales.dtype,
-                              device=codes.device)
-            for start in range(0, span, KV_READ_BLOCK):
-                end = min(span, start + KV_READ_BLOCK)
-                out[:, start:end] = dequantize(*(part[:, start:end] for part in parts), self.bits)
-            return out
-
-        return dequantized(self.keys), dequantized(self.values)
+        return tuple(dequantize_blocks(*(part[:, :span] for part in parts), self.bits)
+                     for parts in (self.keys, self.values))
 
 
 def static_layer(kv_heads: int, capacity: int, head_dim: int, dtype, device, kv_bits: int | None = None,
