@@ -17,6 +17,11 @@ import pytest
 # Tests never reach the network: huggingface_hub reads these when it is first imported.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Without an NVIDIA driver no compiled Triton kernel can run; Triton's interpreter runs the fast
+# path's kernels on CPU tensors (test_cuda_kv_kernels.py). Triton reads this when it defines a
+# kernel, and torch.compile in an earlier test may import it first: so it is set here.
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)
