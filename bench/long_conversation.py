@@ -34,7 +34,8 @@ then prefills the last reply and its question. Random logits are near ties, so w
 The 8B run for the GPU machine: carry [".bnb", ".devpy", ".devtok"], NF4 then BF16 (the checkpoint
 written once). Estimated on an H200: NF4 about 3 min (checkpoint ~30 s, two sessions loaded and
 quantized with the fast path's first compile ~1-1.5 min, 20 replies of 256 tokens at ~200 tok/s
-~30 s, prompts of 2k-4k tokens), BF16 about 1.5 min; each turn's line is printed as it ends:
+~30 s, prompts of 2k-4k tokens: the --tiny model at these settings, on a CPU, had prompts of
+2,027 to 3,148 tokens, 17 to 256 new a turn), BF16 about 1.5 min; each turn's line is printed as it ends:
 
     export PYTHONPATH=.bnb:.devpy:src:backends:tests RUNNER_TEST_TOKENIZER=$PWD/.devtok
     for q in nf4 bf16; do python3 bench/long_conversation.py --llama8b /tmp/llama8b-random --quant $q \
