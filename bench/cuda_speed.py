@@ -125,8 +125,9 @@ def bytes_read_per_token(model) -> int:
 
 # ---- the checkpoint -------------------------------------------------------------------------
 
-def write_checkpoint(folder: Path) -> None:
-    """Llama-3.1-8B's config with random BF16 weights (std 0.02, norms 1), in 4 GB shards."""
+def write_checkpoint(folder: Path, vocab_size: int | None = None) -> None:
+    """Llama-3.1-8B's config with random BF16 weights (std 0.02, norms 1), in 4 GB shards; with
+    `vocab_size`, that many embedding and head rows instead of 128,256."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -135,6 +136,7 @@ def write_checkpoint(folder: Path) -> None:
         return
     folder.mkdir(parents=True, exist_ok=True)
     catalog = json.loads((ROOT / "src/runner/catalog/meta-llama--Llama-3.1-8B-Instruct.json").read_text())
+    catalog["vocab_size"] = vocab_size or catalog["vocab_size"]
     (folder / "config.json").write_text(json.dumps(catalog, indent=2))
     (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009]}))
     config = AutoConfig.from_pretrained(str(folder))

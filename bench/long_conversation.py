@@ -23,12 +23,12 @@ conversation (it reuses the history) and "without" prefills it again every turn.
 --llama8b DIR: writes (once) and runs the Llama-3.1-8B shape with random BF16 weights (runner's
 catalog config, bench/cuda_speed.py's write_checkpoint: 16 GB, on a GPU) and SmolLM2's tokenizer
 and chat template (the folder RUNNER_TEST_TOKENIZER names, else .devtok). With --tiny: the same
-config cut to 2 layers of hidden 256 (the same 128,256-token vocabulary), written on the CPU, to
-rehearse the same flow. Random weights stop only on an end-of-sequence id drawn by chance, so
-replies run to --max-tokens (each turn's line says how many tokens the reply had). The tokenizer
-decodes only the ids below its 49,152, so a reply's text, re-tokenized as the next turn's history,
-is not the ids generated: the kept cache is often reused only up to that reply's start, and a turn
-then prefills the last reply and its question. Random logits are near ties, so with BF16, NF4 or
+config cut to 2 layers of hidden 256, written on the CPU, to rehearse the same flow. Both have the
+tokenizer's 49,152-token vocabulary instead of Llama 3's 128,256 (0.65 GB less of embedding and
+head in the 8B), so every generated id decodes to text. Random weights stop only on an
+end-of-sequence id drawn by chance, so replies run to --max-tokens (each turn's line says how many
+tokens the reply had), and a random reply's text does not always re-tokenize to the ids generated:
+then the kept cache is reused up to where they part. Random logits are near ties, so with BF16, NF4 or
 --kv-bits "same reply" may be False where the two prefills split the prompt differently.
 
 The 8B run for the GPU machine: carry [".bnb", ".devpy", ".devtok"], NF4 then BF16 (the checkpoint
@@ -77,6 +77,9 @@ PASSAGE = ("Paris, the capital of France, lies on the Seine. Its museums, bridge
            "have drawn travellers for centuries, and its neighbourhoods each keep a character of their own. ")
 
 
+SMOLLM2_VOCAB = 49152      # the tokenizer's ids: a random model drawing others would reply in empty text
+
+
 def write_random_llama(folder: Path, tiny: bool) -> None:
     """The Llama-3.1-8B shape with random BF16 weights (on the GPU), or with --tiny the same config
     cut small (on the CPU); SmolLM2's tokenizer and chat template, <|im_end|> as end of sequence."""
@@ -87,7 +90,7 @@ def write_random_llama(folder: Path, tiny: bool) -> None:
 
             config = json.loads((ROOT / "src/runner/catalog/meta-llama--Llama-3.1-8B-Instruct.json").read_text())
             config.update(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2)
+                          num_key_value_heads=2, vocab_size=SMOLLM2_VOCAB)
             torch.manual_seed(0)
             folder.mkdir(parents=True, exist_ok=True)
             LlamaForCausalLM(LlamaConfig(**config)).to(torch.bfloat16).save_pretrained(str(folder))
@@ -96,7 +99,7 @@ def write_random_llama(folder: Path, tiny: bool) -> None:
         sys.path.insert(0, str(ROOT / "bench"))
         from cuda_speed import write_checkpoint
 
-        write_checkpoint(folder)
+        write_checkpoint(folder, vocab_size=SMOLLM2_VOCAB)
     tokenizer = Path(os.environ.get("RUNNER_TEST_TOKENIZER", ROOT / ".devtok"))
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(tokenizer / name, folder / name)
