@@ -429,22 +429,10 @@ def rate_by_position(decoder, positions=POSITIONS, tokens: int = 64) -> dict:
     """Decode tok/s at several positions: prefill a prompt of that length, one step, then `tokens`
     timed steps (the token read back each step, as a session does). Each window runs twice and the
     second is timed, so the graph of every bucket it crosses is captured before the timed window."""
-
-    def window(position: int) -> float:
-        decoder.reset()
-        logits = decoder.prefill(prompt(position, seed=position))
-        logits = decoder.step(int(logits.argmax()))
-        sync()
-        start = time.perf_counter()
-        for _ in range(tokens):
-            logits = decoder.step(int(logits.argmax()))
-        sync()
-        return tokens / (time.perf_counter() - start)
-
     rates = {}
     for position in positions:
-        window(position)
-        rates[f"tok_s_at_{position}"] = window(position)
+        decode_at(decoder, position, tokens, warm=1)
+        rates[f"tok_s_at_{position}"] = decode_at(decoder, position, tokens, warm=1)
     first = positions[0]
     for position in positions[1:]:
         rates[f"at_{position}_vs_{first}"] = rates[f"tok_s_at_{position}"] / rates[f"tok_s_at_{first}"]
