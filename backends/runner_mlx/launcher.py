@@ -475,32 +475,14 @@ def launch_spec(model: str | None) -> "ModelSpec":
     """`load_spec`, and also a model id of which the HF cache holds only this host's share
     (`runner launch --pull`): runner chat does not offer such a snapshot, runner launch starts from it."""
     from runner.model import hf_cache_snapshot, load_spec, read_config, spec_from_config
+    from runner.store import share_snapshot
 
     if model and not Path(model).expanduser().exists() and hf_cache_snapshot(model) is None:
-        snapshot = share_snapshot(model)
-        if snapshot is not None:
+        share = share_snapshot(model)
+        if share is not None:
+            snapshot = share[0]
             return spec_from_config(read_config(snapshot / "config.json", model), model, "hf-cache", snapshot)
     return load_spec(model)
-
-
-def share_snapshot(model_id: str) -> Path | None:
-    """The snapshot of `model_id` in the HF cache that holds a share (the `main` ref's, else the newest)."""
-    from runner.model import hf_hub_cache
-    from runner_mlx.convert import held_layers
-
-    repo = hf_hub_cache() / ("models--" + model_id.replace("/", "--"))
-    if not (repo / "snapshots").is_dir():
-        return None
-    shares = []
-    for snapshot in (repo / "snapshots").iterdir():
-        try:
-            if (snapshot / "config.json").is_file() and held_layers(snapshot) is not None:
-                shares.append(snapshot)
-        except UserInputError:   # a pull cut off: not a share, nothing to start from
-            continue
-    main = repo / "refs" / "main"
-    named = main.read_text().strip() if main.is_file() else ""
-    return max(shares, key=lambda s: (s.name == named, s.stat().st_mtime), default=None)
 
 
 def check_holdings(plan: LaunchPlan, connect_timeout: int) -> None:

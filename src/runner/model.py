@@ -284,9 +284,14 @@ def snapshot_ready(snapshot: Path) -> bool:
     return (snapshot / "config.json").is_file() and not (snapshot / PARTIAL_PULL_MARKER).exists()
 
 
+def hf_cache_repo(model_id: str) -> Path:
+    """`model_id`'s repository folder in the HF cache (models--org--name), there or not."""
+    return hf_hub_cache() / ("models--" + model_id.replace("/", "--"))
+
+
 def hf_cache_snapshot(model_id: str) -> Path | None:
     """The snapshot folder of `model_id` in the HF cache (the `main` ref, else the newest), or None."""
-    repo = hf_hub_cache() / ("models--" + model_id.replace("/", "--"))
+    repo = hf_cache_repo(model_id)
     snapshots = repo / "snapshots"
     if not snapshots.is_dir():
         return None

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from runner.errors import UserInputError
-from runner.model import PARTIAL_PULL_MARKER, hf_hub_cache, snapshot_ready
+from runner.model import PARTIAL_PULL_MARKER, hf_cache_repo, hf_hub_cache, snapshot_ready
 from runner.paths import models_dir
 
 def cache_kinds() -> dict[str, str]:
@@ -142,6 +142,21 @@ def share_layers(marker: Path) -> tuple[int, int] | None:
         return None
     ok = isinstance(layers, list) and len(layers) == 2 and all(type(x) is int for x in layers)
     return (layers[0], layers[1]) if ok and 0 <= layers[0] < layers[1] else None
+
+
+def share_snapshot(model_id: str) -> tuple[Path, tuple[int, int]] | None:
+    """The snapshot of `model_id` in the HF cache that holds one host's share (`runner pull
+    --layers`) and the layers [start, stop) it holds: the `main` ref's, else the newest; None where
+    there is none (a pull cut off is no share)."""
+    repo = hf_cache_repo(model_id)
+    try:
+        found = [(snapshot, layers) for snapshot in (repo / "snapshots").iterdir()
+                 if (layers := share_layers(snapshot / PARTIAL_PULL_MARKER)) is not None
+                 and (snapshot / "config.json").is_file()]
+        main = (repo / "refs" / "main").read_text().strip() if (repo / "refs" / "main").is_file() else ""
+        return max(found, key=lambda pair: (pair[0].name == main, pair[0].stat().st_mtime), default=None)
+    except OSError:      # no such repository, or a name the filesystem refuses
+        return None
 
 
 def local_models() -> tuple[list[LocalModel], list[DerivedCache], list[str]]:

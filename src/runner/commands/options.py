@@ -96,19 +96,17 @@ def refuse_a_share(model: str | None) -> None:
     run instead, rather than "not in the Hugging Face cache"."""
     from pathlib import Path
 
-    from runner.model import PARTIAL_PULL_MARKER, hf_cache_snapshot, hf_hub_cache
-    from runner.store import share_layers
+    from runner.model import hf_cache_snapshot
+    from runner.store import share_snapshot
 
     try:
         if not model or Path(model).expanduser().exists() or hf_cache_snapshot(model) is not None:
             return
-        snapshots = hf_hub_cache() / ("models--" + model.replace("/", "--")) / "snapshots"
-        markers = sorted(snapshots.glob(f"*/{PARTIAL_PULL_MARKER}")) if snapshots.is_dir() else []
     except OSError:     # a name the filesystem refuses: load_spec says so
         return
-    held = [layers for marker in markers if (layers := share_layers(marker)) is not None]
-    if held:
-        start, stop = held[0]
+    share = share_snapshot(model)
+    if share is not None:
+        start, stop = share[1]
         raise UserInputError(
             f"{model}: this Hugging Face cache holds only layers {start}-{stop - 1} of it, one host's share of a "
             f"split (runner pull --layers); run it over the hosts with `runner launch --hosts A,B {model}`, "
