@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 from runner.backend import GenerationChunk, MemoryReport, Message, Sampling, TokenStreaming, reply_seed
 from runner.budget import PREFILL_CHUNK, check_kv_bits
+from runner.detokenize import ReplyText
 from runner.errors import GenerationError, UserInputError
 from runner.prefix_cache import reusable_prefix
 from runner.reply_clock import ReplyClock
 from runner.templates import chat_token_ids
-from runner.detokenize import ReplyText
 from runner_cuda.loading import cuda_allocated, decoder_layers, free_memory, placement_summary, tensor_bytes_by_device
 
 if TYPE_CHECKING:

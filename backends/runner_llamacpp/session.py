@@ -279,11 +279,12 @@ def load_session(request: LoadRequest) -> LlamaCppSession:
     count = threads()
     try:
         # op_offload: a plan with no layer on the GPU runs nothing there (by default a CUDA build
-        # multiplies a prompt's batch on the GPU it finds: on an H200 such a session's logits were the
-        # offloaded session's, bit for bit). flash attention: the compute buffer stays one ubatch's logits at any context (without it,
-        # 166 MiB instead of 98 at 8k for the default model, no faster). verbose=True: llama-cpp-python would otherwise point the process's stdout and stderr at
-        # /dev/null while it loads (a chat screen drawn meanwhile is lost); its C log comes to
-        # `log`, its own prints are caught here
+        # multiplies a prompt's batch on the GPU it finds: on an H200 such a session's logits were
+        # the offloaded session's, bit for bit). flash attention: the compute buffer stays one
+        # ubatch's logits at any context (without it, 166 MiB instead of 98 at 8k for the default
+        # model, no faster). verbose=True: llama-cpp-python would otherwise point the process's
+        # stdout and stderr at /dev/null while it loads (a chat screen drawn meanwhile is lost); its
+        # C log comes to `log`, its own prints are caught here
         with log.recording(), contextlib.redirect_stderr(io.StringIO()):
             llm = llama_cpp.Llama(
                 str(path), n_ctx=request.context, n_batch=BATCH, n_ubatch=BATCH, n_gpu_layers=offload,

@@ -26,6 +26,7 @@ from typing import Iterator, Sequence
 
 from runner.backend import GenerationChunk, LoadProgress, LoadRequest, MemoryReport, Message, Sampling, TokenStreaming
 from runner.budget import KV_GROUP_SIZE, PREFILL_CHUNK
+from runner.detokenize import ReplyText
 from runner.errors import GenerationError, UserInputError
 from runner.model import ModelSpec
 from runner.prefix_cache import reusable_prefix
@@ -34,7 +35,6 @@ from runner.templates import chat_token_ids
 from runner_mlx import QUANT_BITS, QUANT_DTYPES
 from runner_mlx.convert import (CorruptWeights, check_weights, config_fixes, mlx_folder, notify, read_json,
                                 read_layers)
-from runner.detokenize import ReplyText
 from runner_mlx.memory import measured, metal_limits, wired_limit_warning
 
 
