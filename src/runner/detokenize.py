@@ -1,4 +1,5 @@
-"""A reply's text, one token at a time, as the tokenizer decodes it (every backend's sessions).
+"""A reply's text, one token at a time, as the tokenizer decodes it (the cuda and mlx sessions;
+llama.cpp's session appends each token's bytes, which keep their spaces).
 
 Byte-level BPE tokenizers (Llama 3, SmolLM2, Qwen) split a multi-byte character such as "é" or
 "🙂" over several tokens; decoding each token alone gives U+FFFD replacement characters. Like
