@@ -9,7 +9,9 @@ a step at position p attends over the smallest bucket that holds p + 1 positions
 
 The elementwise pieces of a step (residual add + RMSNorm, RoPE on q and k, SiLU × up) are
 fused by torch.compile, and for BF16 models q/k/v and gate/up become one GEMV each (the modules'
-weights turned into views of one tensor: no extra memory). With bitsandbytes NF4 weights, the
+weights turned into views of one tensor: no extra memory). Those GEMVs and o and down run runner's
+batch-1 Triton GEMV (`gemv.py`) where a sweep at load found it faster than cuBLAS for the shape
+(`gemv=False`: cuBLAS throughout). With bitsandbytes NF4 weights, the
 projections of a decode step run runner's own batch-1 kernels (`nf4_cuda.py`, reading bitsandbytes'
 packed weights and double-quant state as they are; q/k/v and gate/up one launch each; by default on
 the tensor cores, with the RMSNorms, residual adds and SiLU x up inside those launches), or
@@ -95,7 +97,8 @@ def _check_supported(model, max_len: int) -> None:
 class FastDecoder:
     def __init__(self, model, max_len: int, *, use_graphs: bool | None = None, nf4_kernel: str | None = None,
                  compile_ops: bool | None = None, fuse_dense: bool | None = None, prefill_chunk: int = PREFILL_CHUNK,
-                 split_at: Sequence[int] = (), split_kv: bool | None = None, kv_bits: int | None = None):
+                 split_at: Sequence[int] = (), split_kv: bool | None = None, kv_bits: int | None = None,
+                 gemv: bool | None = None):
         import torch
 
         from runner.budget import KV_BITS, KV_GROUP_SIZE
@@ -155,6 +158,10 @@ class FastDecoder:
             raise Unsupported("activation other than SiLU or mixed norm epsilons")
         self.ops = FusedOps(compiled=on_cuda if compile_ops is None else compile_ops)
         self.qkv, self.gate_up = self._fused_dense(on_cuda if fuse_dense is None else fuse_dense)
+        # BF16/FP16 decode projections: per layer {"qkv", "o", "gate_up", "down"} -> gemv.Projection
+        # (None: F.linear). gemv None: on CUDA each shape's fastest of runner's Triton GEMV and cuBLAS,
+        # timed at load; True: the Triton GEMV at its default configuration (tests); False: cuBLAS
+        self.gemv = self._gemv_calls(on_cuda if gemv is None else gemv, sweep=gemv is None)
         self.length = 0        # positions filled in the cache
         self.pools: dict = {}  # one CUDA graph memory pool per device
 
@@ -195,6 +202,32 @@ class FastDecoder:
             qkv = [_fuse_rows([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in self.layers]
             gate_up = [_fuse_rows([l.mlp.gate_proj, l.mlp.up_proj]) for l in self.layers]
         return qkv, gate_up
+
+    def _gemv_calls(self, wanted: bool, sweep: bool) -> "list[dict] | None":
+        """Per layer, the decode step's four projections as gemv.Projections over the fused q/k/v and
+        gate/up weights and o's and down's own, where all are plain Linears the kernel reads (BF16 or
+        FP16, q/k/v and gate/up fused); else None. `sweep`: each group's configuration (or cuBLAS)
+        timed on its layers' weights; else the kernel's default configuration throughout."""
+        import torch
+
+        if not wanted or self.qkv is None:
+            return None
+        from runner_cuda.fast import gemv
+
+        layers = [{"qkv": self.qkv[index], "o": (layer.self_attn.o_proj.weight, layer.self_attn.o_proj.bias),
+                   "gate_up": self.gate_up[index], "down": (layer.mlp.down_proj.weight, layer.mlp.down_proj.bias)}
+                  for index, layer in enumerate(self.layers)]
+        if not all(gemv.takes(weight, self.dtype) for layer in layers for weight, _ in layer.values()):
+            return None
+        with torch.no_grad():
+            return gemv.projections(layers, sweep=sweep, stream_of=_capture_stream)
+
+    @property
+    def gemv_choice(self) -> "dict[str, str]":
+        """Group -> what runs it in layer 0's decode step: "cublas" or the Triton GEMV's configuration."""
+        from runner_cuda.fast.gemv import name_of
+
+        return {group: name_of(call.config) for group, call in self.gemv[0].items()} if self.gemv else {}
 
     # ---- public -------------------------------------------------------------------------------
 
@@ -337,8 +370,19 @@ class FastDecoder:
         }
 
     def _project(self, index: int, group: str, module, x):
-        """o_proj or down_proj of layer `index`: runner's NF4 kernel where it runs, else the module."""
-        return self.nf4[index][group](x) if self.nf4 is not None else module(x)
+        """o_proj or down_proj of layer `index`: runner's NF4 kernel or BF16 GEMV where it runs, else
+        the module."""
+        if self.nf4 is not None:
+            return self.nf4[index][group](x)
+        return self.gemv[index][group](x) if self.gemv is not None else module(x)
+
+    def _dense(self, index: int, group: str, x):
+        """The fused q/k/v or gate/up of layer `index`: the chosen GEMV, else cuBLAS."""
+        import torch
+
+        if self.gemv is not None:
+            return self.gemv[index][group](x)
+        return torch.nn.functional.linear(x, *getattr(self, group)[index])
 
     def _decode_forward(self, span: int, segment: "_Segment | None" = None) -> "torch.Tensor":
         """One token at the step's position through `segment` (default: the first; the whole model
@@ -367,7 +411,7 @@ class FastDecoder:
             if fused:
                 q, k, v = self.nf4[index]["qkv"](hidden).split([q_size, kv_size, kv_size], dim=-1)
             elif self.qkv is not None:
-                q, k, v = torch.nn.functional.linear(x, *self.qkv[index]).split([q_size, kv_size, kv_size], dim=-1)
+                q, k, v = self._dense(index, "qkv", x).split([q_size, kv_size, kv_size], dim=-1)
             elif self.nf4 is not None:
                 q, k, v = self.nf4[index]["qkv"](x).split([q_size, kv_size, kv_size], dim=-1)
             else:
@@ -391,7 +435,7 @@ class FastDecoder:
             hidden, x = ops.add_rms_norm(hidden, self._project(index, "o", attn.o_proj, out),
                                          layer.post_attention_layernorm.weight, self.eps)
             if self.gate_up is not None:
-                gate, up = torch.nn.functional.linear(x, *self.gate_up[index]).chunk(2, dim=-1)
+                gate, up = self._dense(index, "gate_up", x).chunk(2, dim=-1)
             elif self.nf4 is not None:
                 gate, up = self.nf4[index]["gate_up"](x).chunk(2, dim=-1)
             else:
