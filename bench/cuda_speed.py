@@ -2,7 +2,7 @@
 
     PYTHONPATH=src:backends python3 bench/cuda_speed.py [--out DIR] [--work /tmp/cuda-speed] [--quick]
                                  [--source checkpoint|memory]
-                                 [--sections kernels,nf4,reload,bf16,cold,rehearse,prefill,decode,position,fp8]
+                                 [--sections kernels,nf4,reload,bf16,cold,rehearse,prefill,decode,position,fp8,gemv]
 
 Writes a Llama-3.1-8B-shaped checkpoint with random BF16 weights (config from runner's catalog),
 then measures, each warm and with the same settings (batch 1, greedy, 256 new tokens, EOS off):
@@ -17,7 +17,9 @@ then measures, each warm and with the same settings (batch 1, greedy, 256 new to
   each): a 4k prompt through runner's session path against transformers' forward, with a profile
   by kernel kind; decode at position 1,024 against the roofline with a profile of a graphed step;
   decode tok/s at positions 100 to 8,000, every bucket's graph captured before the timed window;
-- `fp8`: torchao FP8 through the fast path against BF16's decode of the same run, and why (cuda_fp8.py).
+- `fp8`: torchao FP8 through the fast path against BF16's decode of the same run, and why (cuda_fp8.py);
+- `gemv`: BF16 decode at position 1,024 with runner's Triton GEMV against cuBLAS, same model and run,
+  and per projection shape µs of each.
 Correctness on the same run: greedy tokens of the fast path vs HF generate on the same model, and
 next-token logits teacher-forced on HF's tokens. Prints a table last; JSON under --out.
 """
@@ -322,6 +324,7 @@ def profile_step(decoder, steps: int = 20) -> dict:
 KERNEL_KINDS = (
     ("dequantize (bitsandbytes)", ("dequantize",)),
     ("nf4 GEMV (runner)", ("nf4_gemv", "nf4_mma")),
+    ("bf16 GEMV (runner, Triton)", ("dense_gemv",)),
     ("attention", ("flash", "fmha", "attention", "cudnn")),
     ("fp8 GEMM", ("qqtst", "e4m3e4m3", "f8f8")),
     ("GEMM/GEMV (cuBLAS)", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "cublas")),
@@ -1011,12 +1014,92 @@ def section_fp8() -> None:
     free()
 
 
+def section_gemv(checkpoint: Path) -> None:
+    """BF16 decode through runner's Triton GEMV (fast/gemv.py: per shape the fastest of its
+    configurations and cuBLAS, timed at load) against the same decoder on cuBLAS throughout
+    (FastDecoder(gemv=False)): one model, both decoders alive, runs alternated; tok/s at position
+    1,024 against the roofline of the weights and KV read per token; greedy tokens and logits of the
+    two; a profile of a graphed step of each; the load sweep's µs per candidate; and per shape, µs of
+    cuBLAS and of each configuration in CUDA graphs over all layers' own weights (32 x the bytes of
+    one: from memory, not L2)."""
+    import torch
+
+    from runner import budget
+    from runner.model import load_spec
+    from runner_cuda.fast import gemv
+    from runner_cuda.fast.decoder import FastDecoder
+
+    position = 1024
+    free()
+    model, seconds = load(checkpoint, "bf16")
+    bandwidth = RESULTS["machine"]["copy_bandwidth_gb_s"] * 1e9
+    per_token = bytes_read_per_token(model)
+    kv = budget.kv_cache_bytes(load_spec(MODEL_ID), position + 8 + 64, 1, "bf16", "cuda")
+    roofline = bandwidth / (per_token + kv)
+    decoders = {}
+    for label, option in (("gemv", None), ("cublas", False)):
+        started = time.perf_counter()
+        decoders[label] = FastDecoder(model, max_len=SESSION_CONTEXT, gemv=option)
+        built = time.perf_counter() - started
+        decoders[label].warm_up()
+        record("gemv decoders", **{f"{label}_build_s": built, f"{label}_build_and_warm_up_s": time.perf_counter() - started})
+    record("gemv decoders", choice=decoders["gemv"].gemv_choice, bytes_per_token=per_token, kv_read_gb=kv / 1e9,
+           sweep_us={"x".join(map(str, key[1])): times for key, times in gemv.SWEEPS.items()})
+    rates: dict = {"gemv": [], "cublas": []}
+    for _ in range(2):
+        for label, decoder in decoders.items():
+            rates[label].append(decode_at(decoder, position))
+    best = {label: max(values) for label, values in rates.items()}
+    record(f"gemv decode at {position}", gemv_tok_s=rates["gemv"], cublas_tok_s=rates["cublas"], roofline_tok_s=roofline,
+           gemv_vs_cublas=best["gemv"] / best["cublas"], gemv_fraction_of_roofline=best["gemv"] / roofline,
+           cublas_fraction_of_roofline=best["cublas"] / roofline,
+           step_us={label: 1e6 / value for label, value in best.items()})
+    logits, tokens = {}, {}
+    for label, decoder in decoders.items():
+        decoder.reset()
+        steps = [decoder.prefill(prompt(position, seed=position)).clone()]
+        tokens[label] = []
+        for _ in range(64):
+            tokens[label].append(int(steps[-1].argmax()))
+            steps.append(decoder.step(tokens[label][-1]).clone())
+        logits[label] = torch.stack(steps).double()
+    agree = first_difference(tokens["gemv"], tokens["cublas"])
+    end = 65 if agree is None else agree + 1
+    record("gemv against cublas, 64 greedy tokens at 1,024", first_difference=agree,
+           relative_logits_difference=((logits["gemv"][:end] - logits["cublas"][:end]).norm() / logits["cublas"][:end].norm()).item())
+    for label, decoder in decoders.items():
+        record(f"gemv profile {label}, graphed step at {position}", **profile_graph(decoder, position=position))
+    mine = decoders["gemv"]
+    groups = {"qkv": [weight for weight, _ in mine.qkv], "o": [l.self_attn.o_proj.weight for l in mine.layers],
+              "gate_up": [weight for weight, _ in mine.gate_up], "down": [l.mlp.down_proj.weight for l in mine.layers]}
+    layer = {"cublas": 0.0, "chosen": 0.0}
+    with torch.no_grad():
+        for group, weights in groups.items():
+            x = torch.randn(1, weights[0].shape[1], device="cuda").to(weights[0].dtype)
+            row = {"shape": list(weights[0].shape), "mb": weights[0].numel() * weights[0].element_size() / 1e6}
+            row["cublas_us"] = graph_time_us(lambda i: torch.nn.functional.linear(x, weights[i]), len(weights))
+            for config in gemv.CONFIGS:
+                row[f"{gemv.name_of(config)}_us"] = graph_time_us(lambda i: gemv.gemv(weights[i], x, None, config), len(weights))
+            row["chosen"] = mine.gemv_choice[group]
+            row["chosen_us"] = row[f"{row['chosen']}_us"]
+            row["chosen_vs_cublas"] = row["cublas_us"] / row["chosen_us"]
+            for label in ("cublas", "chosen"):
+                row[f"{label}_of_copy_bandwidth"] = row["mb"] * 1e6 / (row[f"{label}_us"] * 1e-6) / bandwidth
+                layer[label] += row[f"{label}_us"]
+            record(f"gemv shape {group}", **row)
+    record("gemv layer", cublas_us=layer["cublas"], chosen_us=layer["chosen"], chosen_vs_cublas=layer["cublas"] / layer["chosen"],
+           per_token_saving_us=len(mine.layers) * (layer["cublas"] - layer["chosen"]))
+    del decoders, mine, model
+    free()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--work", default="/tmp/cuda-speed")
     parser.add_argument("--sections", default="kernels,nf4,reload,bf16,cold,rehearse",
-                        help="also: prefill, decode, position (NF4 then BF16, one model each), fp8")
+                        help="also: prefill, decode, position (NF4 then BF16, one model each), fp8, gemv (BF16 decode: "
+                             "runner's Triton GEMV against cuBLAS)")
     parser.add_argument("--quick", action="store_true", help="runner's default fast path only, no ablation variants")
     parser.add_argument("--source", choices=("checkpoint", "memory"), default="checkpoint",
                         help="nf4/bf16 sections: load the written checkpoint, or build random weights on the GPU")
@@ -1041,7 +1124,7 @@ def main() -> None:
             section_kernels()
         except Exception as error:
             record("kernels", error=repr(error), trace=traceback.format_exc()[-2000:])
-    if {"reload", "cold"} & set(sections) or ({"nf4", "bf16", "prefill", "decode", "position"} & set(sections) and SOURCE == "checkpoint"):
+    if {"reload", "cold"} & set(sections) or ({"nf4", "bf16", "prefill", "decode", "position", "gemv"} & set(sections) and SOURCE == "checkpoint"):
         write_checkpoint(checkpoint)
         record("checkpoint", folder=str(checkpoint), seconds=time.perf_counter() - started)
     for name, run in (("nf4", lambda: section_nf4(checkpoint)), ("reload", lambda: section_reload(checkpoint, work)),
@@ -1061,6 +1144,11 @@ def main() -> None:
             record(f"{quant} session path", error=repr(error), trace=traceback.format_exc()[-2000:])
     if session_parts:
         seventh_summary()
+    if "gemv" in sections:
+        try:
+            section_gemv(checkpoint)
+        except Exception as error:
+            record("gemv", error=repr(error), trace=traceback.format_exc()[-2000:])
     if "fp8" in sections:
         try:
             section_fp8()

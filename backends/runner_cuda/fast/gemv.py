@@ -33,10 +33,11 @@ if TYPE_CHECKING:
 CONFIGS = ((8, 512, 4), (16, 256, 4), (4, 1024, 4), (8, 1024, 4), (16, 512, 8), (4, 512, 2))
 DEFAULT = CONFIGS[0]      # without a sweep (gemv=True, the CPU's interpreter)
 _CHOSEN: dict = {}        # (GPU name, shape, dtype, bias) -> the sweep's choice, None for cuBLAS
+SWEEPS: dict = {}         # the same key -> {candidate's name: µs a call} (what the benchmarks report)
 
 
 @triton.jit
-def _gemv(w_ptr, x_ptr, b_ptr, out_ptr, N, stride,
+def dense_gemv(w_ptr, x_ptr, b_ptr, out_ptr, N, stride,
           K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     # the last program's rows past N read row N - 1 again (no masked loads); they are not stored
@@ -81,8 +82,9 @@ def gemv(weight: "torch.Tensor", x: "torch.Tensor", bias: "torch.Tensor | None" 
     if out is None:
         out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     block_n, block_k, warps = config
-    _gemv[(triton.cdiv(n, block_n),)](weight, x, weight if bias is None else bias, out, n, weight.stride(0), K=k,
-                                      HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    dense_gemv[(triton.cdiv(n, block_n),)](weight, x, weight if bias is None else bias, out, n, weight.stride(0), K=k,
+                                           HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+                                           num_warps=warps)
     return out
 
 
@@ -123,18 +125,24 @@ def projections(layers: "list[dict]", *, sweep: bool, stream_of=None) -> "list[d
 
 def choose(weights: "list[tuple]", stream) -> "tuple[int, int, int] | None":
     """The fastest of CONFIGS and cuBLAS (None) for these same-shaped (weight, bias) pairs on their
-    GPU: one graph per candidate calling it on each weight in turn, the median of 5 replays."""
+    GPU: one graph per candidate calling it on each weight in turn, the median of 5 replays after one."""
     import torch
 
     weight, bias = weights[0]
     device = weight.device
     key = (torch.cuda.get_device_name(device), tuple(weight.shape), weight.dtype, bias is not None)
     if key not in _CHOSEN:
+        times = {}
         with torch.cuda.device(device):
             x = torch.randn(1, weight.shape[1], device=device).to(weight.dtype)
-            times = {config: _graph_ms([Projection(w, b, config) for w, b in weights], x, stream)
-                     for config in (None, *CONFIGS)}
+            for config in (None, *CONFIGS):
+                try:
+                    times[config] = _graph_ms([Projection(w, b, config) for w, b in weights], x, stream)
+                except Exception:           # a configuration this GPU's Triton cannot build: not a candidate
+                    if config is None:
+                        raise
         _CHOSEN[key] = min(times, key=times.get)
+        SWEEPS[key] = {name_of(config): ms * 1e3 / len(weights) for config, ms in times.items()}
     return _CHOSEN[key]
 
 
@@ -152,6 +160,7 @@ def _graph_ms(calls: list, x, stream, replays: int = 5) -> float:
     with torch.cuda.graph(graph, stream=stream):
         for call in calls:
             call(x)
+    graph.replay()              # (the first replay uploads the graph)
     times = []
     for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
