@@ -4,9 +4,9 @@ where its fast path does not run, on a CPU here) held against the plan's count o
 and of one prefill chunk's cache update, at a context of a few thousand tokens (more than one block
 of KV_READ_BLOCK positions) on a tiny Llama with Llama 3's head size (128).
 
-Measured with torch's profiler (`profile_memory=True`): every CPU allocation and free, in order, as
-the allocator saw them; their running sum's peak inside the measured window, above where it
-started. Process RSS would not do: glibc keeps freed blocks and maps large ones lazily.
+Measured with torch's profiler (alloc_helpers.peak_bytes): every CPU allocation and free, in order,
+as the allocator saw them; their running sum's peak inside the measured window, above where it
+started.
 """
 
 from __future__ import annotations
@@ -17,37 +17,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from alloc_helpers import peak_bytes  # noqa: E402
+
 CONTEXT = 6000           # one block of KV_READ_BLOCK positions and a part
 CHUNK = 2048             # budget.PREFILL_CHUNK
-
-
-def peak_bytes(setup, measured):
-    """(peak, net, state): the bytes of CPU allocations in `measured(state)` above what was
-    allocated when it started, at their peak and at its end, `state` being `setup()`'s. Both run
-    under one profiler, so every block `measured` frees was allocated while the profiler recorded
-    (the allocator reports no size for a block allocated before). Reads torch's kineto results
-    (checked against torch 2.13): its public event lists fold the allocations made inside an
-    operator into that operator."""
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        state = setup()
-        with record_function("measured"):
-            kept = measured(state)
-    events = prof.profiler.kineto_results.events()
-    window = next(e for e in events if e.name() == "measured")
-    allocations = sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns())
-    now = start = peak = 0
-    for event in allocations:
-        if event.start_ns() > window.end_ns():
-            break
-        now += event.nbytes()
-        if event.start_ns() < window.start_ns():
-            start = peak = now
-        peak = max(peak, now)
-    del kept
-    return peak - start, now - start, state
-
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+from runner.budget import PREFILL_CHUNK
 from runner.model import Linear, ModelSpec
 from runner.plan_rules import GPUS, PLAIN_DESCRIPTIONS, SMALL_MODEL_PARAMETERS, Candidate, PlanRules, small_model_warning
 
@@ -18,6 +19,8 @@ BNB_CODE_NESTED = 256 * 4      # the 256-entry dynamic code table of the nested 
 BNB_OFFSET = 4                 # the fp32 mean subtracted from absmax before nesting
 FP8_ALIGN = 16                 # torchao FP8: Linears with a side not a multiple of 16 stay bf16 (_scaled_mm)
 KV_READ_BLOCK = 4096           # positions a quantized KV cache is dequantized at a time for prefill (fast/static_cache.py)
+FAST_PATH_MODEL_TYPES = ("llama", "mistral", "qwen2")   # = fast/decoder.SUPPORTED_MODEL_TYPES (a test checks)
+SDPA_MASK_ALIGN = 8            # torch's memory-efficient SDPA pads an additive mask to this many keys (preprocess_mask)
 
 
 def _no_bf16(machine) -> bool:
@@ -94,6 +97,62 @@ class CudaPlanRules(PlanRules):
         values = batch * model.num_kv_heads * model.head_dim
         block = (4 + rounding + (1 if kv_bits == 4 else 0)) * values * min(context, KV_READ_BLOCK)
         return 2 * plain * values * context + block
+
+    def attention_scratch_bytes(self, model, machine, context, batch, quant, kv_bits):
+        """The fast path's scratch (its quantized read) where it runs; elsewhere the ordinary loop's."""
+        if self.fast_path_runs(model, machine, quant):
+            return self.kv_read_bytes(model, context, batch, quant, kv_bits)
+        return self.ordinary_loop_attention_bytes(model, context, batch, quant, kv_bits, on_gpu=bool(machine.gpus))
+
+    @staticmethod
+    def fast_path_runs(model, machine, quant) -> bool:
+        """Whether a session decodes through runner_cuda.fast (fast.attach): on CUDA GPUs, for the model
+        types it knows, where its graphs capture the projections (not LLM.int8's). Offload turns it
+        off too, but is decided after the activations are counted: an offloading plan counts the
+        fast path's scratch."""
+        return bool(machine.gpus) and model.model_type in FAST_PATH_MODEL_TYPES and quant != "int8"
+
+    def ordinary_loop_attention_bytes(self, model, context, batch, quant, kv_bits, on_gpu: bool) -> int:
+        """What one layer's attention allocates beyond the chunk's activations in the ordinary loop
+        (transformers' forward over a DynamicCache, or runner_cuda.kv_cache's quantized cache;
+        session.forward_in_chunks), at its peak: the attention of a prefill chunk of
+        min(context, PREFILL_CHUNK) positions that ends at `context`, after cached ones (checked
+        against transformers 5.24 and torch 2.13; held against torch's CPU allocator in
+        tests/test_ordinary_loop_memory.py). The fast path has none of it: a static cache written in
+        place, later chunks attending per query head of a KV group, the causal mask never built.
+
+        - the boolean mask transformers builds for SDPA (masking_utils.sdpa_mask), a byte per
+          (query, key) pair: a chunk after cached positions is not plain causal, so the mask is
+          built (once a forward, alive through every layer);
+        - with that mask, transformers' SDPA attention does not pass enable_gqa (use_gqa_in_sdpa:
+          CUDA's fused kernels take GQA only without a mask) and copies K and V to every query
+          head (repeat_kv): two tensors of heads x context x head_dim;
+        - torch's SDPA turns the boolean mask into an additive one in the compute dtype; on a GPU
+          the memory-efficient kernel then pads it to a multiple of SDPA_MASK_ALIGN keys into a
+          second copy, while the first is alive, where a chunk ends off that multiple (counted:
+          a prompt may end anywhere; read from torch's source, not measured here);
+        - a quantized cache: the layer's K and V dequantized into the compute dtype, alive through
+          the attention (kv_read_bytes counts them, and the read's temporaries before it).
+        Before the attention, the cache update: DynamicLayer grows K, then V, by torch.cat, the old
+        tensor alive beside the new one (a decode step: context - 1 positions of V, with no mask
+        built); the quantized layer's update peaks in its read. The largest of these is counted.
+        Counted for SDPA: where flash-attention-2 is installed (loading.attention_for) the masks and
+        the repeated K and V are not made, so this is more than that needs."""
+        plain = 4 if quant == "fp32" else 2
+        chunk = min(context, PREFILL_CHUNK)
+        position = batch * model.num_kv_heads * model.head_dim        # one position of one layer's K (or V)
+        mask = batch * chunk * context
+        grouped = model.num_heads > model.num_kv_heads
+        repeated = 2 * batch * model.num_heads * model.head_dim * context * plain if grouped else 0
+        additive = mask * plain
+        if on_gpu:
+            additive += batch * chunk * -(-context // SDPA_MASK_ALIGN) * SDPA_MASK_ALIGN * plain
+        if kv_bits is None:
+            dequantized, update, decode = 0, (context - chunk) * position * plain, (context - 1) * position * plain
+        else:
+            dequantized = 2 * plain * position * context
+            update = decode = self.kv_read_bytes(model, context, batch, quant, kv_bits)
+        return max(mask + dequantized + repeated + additive, mask + update, decode)
 
     def offloads_unquantized(self, quant):
         if quant not in BITSANDBYTES:

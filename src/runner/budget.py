@@ -384,8 +384,8 @@ def make_plan(
     breakdown = rules.weights_breakdown(model, quant, machine)
     kv_total = kv_cache_bytes(model, context, batch, quant, backend, kv_bits)
     kv_per_layer = kv_total // model.num_layers
-    activations = activation_bytes(model, context, batch, quant, backend) + rules.kv_read_bytes(
-        model, context, batch, quant, kv_bits)
+    activations = activation_bytes(model, context, batch, quant, backend) + rules.attention_scratch_bytes(
+        model, machine, context, batch, quant, kv_bits)
     logits = logits_bytes(model, batch, backend)
     warnings: list[str] = []
     notes: list[str] = []

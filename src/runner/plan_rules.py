@@ -137,6 +137,12 @@ class PlanRules:
         attention reads it as stored."""
         return 0
 
+    def attention_scratch_bytes(self, model: ModelSpec, machine: "Machine", context: int, batch: int, quant: str,
+                                kv_bits: int | None) -> int:
+        """Scratch beyond the activations that one layer's attention over `context` cached positions
+        takes on `machine` (counted with the activations): by default the quantized read's."""
+        return self.kv_read_bytes(model, context, batch, quant, kv_bits)
+
     def offloads_unquantized(self, quant: str) -> str:
         """Why layers offloaded to CPU or disk stay in the compute dtype under `quant`, in words
         (bitsandbytes does that); "" where they keep the scheme."""
