@@ -37,23 +37,29 @@ SWEEPS: dict = {}         # the same key -> {candidate's name: µs a call} (what
 
 
 @triton.jit
-def dense_gemv(w_ptr, x_ptr, b_ptr, out_ptr, N, stride,
-          K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def dense_gemv(w_ptr, x_ptr, b_ptr, out_ptr, N,
+               K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     # the last program's rows past N read row N - 1 again (no masked loads); they are not stored
     safe = tl.minimum(rows, N - 1)
     cols = tl.arange(0, BLOCK_K)
-    w_rows = w_ptr + safe.to(tl.int64)[:, None] * stride
+    w_rows = w_ptr + safe.to(tl.int64)[:, None] * K       # rows contiguous: the compiler knows their alignment
+    # x read through a [BLOCK_N, BLOCK_K] pointer that repeats its row: it comes in the weight's
+    # register layout (one 16-byte load a thread, the repeats dropped), where a [BLOCK_K] load
+    # broadcast to it went through shared memory with two barriers a step (seen in the SASS)
+    x_rows = x_ptr + (rows * 0)[:, None]
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for start in range(0, K, BLOCK_K):
-        at = start + cols
-        if K % BLOCK_K == 0:
-            w = tl.load(w_rows + at[None, :])
-            x = tl.load(x_ptr + at)
-        else:
-            w = tl.load(w_rows + at[None, :], mask=(at < K)[None, :], other=0.0)
-            x = tl.load(x_ptr + at, mask=at < K, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    # whole blocks of columns unmasked (16-byte loads), then the rest, if any, masked
+    FULL: tl.constexpr = K // BLOCK_K * BLOCK_K
+    for start in range(0, FULL, BLOCK_K):
+        w = tl.load(w_rows + (start + cols)[None, :])
+        x = tl.load(x_rows + (start + cols)[None, :])
+        acc += w.to(tl.float32) * x.to(tl.float32)
+    if FULL < K:
+        at = FULL + cols
+        w = tl.load(w_rows + at[None, :], mask=(at < K)[None, :], other=0.0)
+        x = tl.load(x_rows + at[None, :], mask=(at < K)[None, :], other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)
     out = tl.sum(acc, axis=1)
     if HAS_BIAS:
         out += tl.load(b_ptr + safe).to(tl.float32)
@@ -61,12 +67,12 @@ def dense_gemv(w_ptr, x_ptr, b_ptr, out_ptr, N, stride,
 
 
 def takes(weight: "torch.Tensor", dtype: "torch.dtype") -> bool:
-    """Whether the kernel reads `weight` for inputs of `dtype`: a 2-D BF16 or FP16 weight of that
-    dtype, rows contiguous."""
+    """Whether the kernel reads `weight` for inputs of `dtype`: a contiguous 2-D BF16 or FP16 weight of
+    that dtype."""
     import torch
 
     return (weight.dim() == 2 and weight.dtype in (torch.bfloat16, torch.float16) and weight.dtype == dtype
-            and weight.stride(1) == 1 and weight.shape[1] > 0)
+            and weight.is_contiguous() and weight.shape[1] > 0)
 
 
 def gemv(weight: "torch.Tensor", x: "torch.Tensor", bias: "torch.Tensor | None" = None,
@@ -77,12 +83,12 @@ def gemv(weight: "torch.Tensor", x: "torch.Tensor", bias: "torch.Tensor | None" 
 
     n, k = weight.shape
     if not takes(weight, x.dtype) or x.numel() != k or not x.is_contiguous():
-        raise ValueError(f"gemv takes a [N, K] bf16/fp16 weight with contiguous rows and one contiguous row of K "
+        raise ValueError(f"gemv takes a contiguous [N, K] bf16/fp16 weight and one contiguous row of K "
                          f"values of its dtype, not {tuple(weight.shape)} {weight.dtype} with {tuple(x.shape)} {x.dtype}")
     if out is None:
         out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     block_n, block_k, warps = config
-    dense_gemv[(triton.cdiv(n, block_n),)](weight, x, weight if bias is None else bias, out, n, weight.stride(0), K=k,
+    dense_gemv[(triton.cdiv(n, block_n),)](weight, x, weight if bias is None else bias, out, n, K=k,
                                            HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
                                            num_warps=warps)
     return out
