@@ -15,8 +15,11 @@ which `runner rehearse` calls too), the lm_head only for each chunk's last posit
 activations are those of one chunk, which is what the Plan counts, whatever the prompt's length.
 
 A faster path (static cache, CUDA graphs, fused kernels: `runner_cuda.fast`) replaces three
-methods and nothing else (`use_steps`): `new_cache()`, `forward_step(input_ids, cache)` and
-`trim_cache(cache, length)`.
+methods (`use_steps`): `new_cache()`, `forward_step(input_ids, cache)` and `trim_cache(cache, length)`,
+and decodes a step ahead (`step_ahead`): the token is picked on the device and fed to the next step
+before the host reads it, so the GPU runs step t + 1 while the host streams token t. A step fed
+ahead of a reply's end (an end-of-sequence token, a cancel) is cut off the cache again, so the kept
+ids are those of the ordinary loop.
 """
 
 from __future__ import annotations
@@ -81,21 +84,33 @@ def forward_in_chunks(model, input_ids: "torch.Tensor", cache, chunk: int, cache
     return logits
 
 
-def pick_token(logits: "torch.Tensor", sampling: Sampling, generator: "torch.Generator | None") -> int:
-    """Greedy (temperature 0) or sampled with temperature and nucleus (top-p) from float32 logits."""
+def pick_token(logits: "torch.Tensor", sampling: Sampling, generator: "torch.Generator | None") -> "torch.Tensor":
+    """Greedy (temperature 0) or sampled with temperature and nucleus (top-p) from float32 logits:
+    the id as a one-element tensor on the logits' device, chosen without waiting for the device
+    (read it with int())."""
     import torch
 
     if sampling.temperature == 0:
-        return int(torch.argmax(logits))
+        return torch.argmax(logits)
     probs = torch.softmax(logits / sampling.temperature, dim=-1)
     if sampling.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         # Keep the smallest set of tokens whose mass reaches top_p (always at least the first).
         keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < sampling.top_p
         sorted_probs = sorted_probs * keep
-        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
-        return int(order[choice])
-    return int(torch.multinomial(probs, 1, generator=generator))
+        return order[draw(sorted_probs / sorted_probs.sum(), generator)]
+    return draw(probs, generator)
+
+
+def draw(probs: "torch.Tensor", generator: "torch.Generator | None") -> "torch.Tensor":
+    """One index drawn from `probs`: the draw of `torch.multinomial(probs, 1, generator=generator)`,
+    which for one sample takes the argmax of probs / q with q ~ Exp(1) from `generator` (ATen's
+    Distributions.cpp; the same ids for the same seed on torch 2.11 and 2.13, tests/test_cuda_decode_ahead.py),
+    without multinomial's checks of `probs` on the host, which wait for the device to finish."""
+    import torch
+
+    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    return torch.argmax(probs / q, dim=-1, keepdim=True)
 
 
 class CudaSession(TokenStreaming):
@@ -150,6 +165,7 @@ class CudaSession(TokenStreaming):
         self._cache_argument = cache_argument(model)
         self.prefill_chunk = PREFILL_CHUNK   # tokens per forward while reading the prompt (the Plan's)
         self._kept: tuple[object, list[int]] | None = None   # the last reply's cache and the ids in it
+        self.step_ahead = False     # feed each token to the next step before reading it (the fast path's loop)
 
     # ---- prompt ---------------------------------------------------------------------------
     def tokenize(self, messages: Sequence[Message]) -> list[int]:
@@ -188,9 +204,10 @@ class CudaSession(TokenStreaming):
         return logits[0, -1].float()
 
     def use_steps(self, steps) -> None:
-        """Take a fast path's three steps (`runner_cuda.fast.FastSteps`); a cache kept by the old
-        ones is dropped."""
+        """Take a fast path's three steps (`runner_cuda.fast.FastSteps`) and decode a step ahead with
+        them; a cache kept by the old ones is dropped."""
         self.new_cache, self.forward_step, self.trim_cache = steps.new_cache, steps.forward_step, steps.trim_cache
+        self.step_ahead = True
         self._kept = None
 
     def _cache_for(self, prompt: list[int]) -> tuple[object, int]:
@@ -211,44 +228,40 @@ class CudaSession(TokenStreaming):
 
         if not self._lock.acquire(blocking=False):
             raise GenerationError("this session is already generating a reply")
+        tokens = None
         try:
             limit = min(sampling.max_tokens, self.context - len(prompt))
-            generator = None
-            if sampling.temperature > 0:
-                device = self.hf_model.lm_head.weight.device if hasattr(self.hf_model, "lm_head") else self.input_device
-                device = torch.device("cpu") if device.type == "meta" else device
-                generator = torch.Generator(device=device).manual_seed(reply_seed(sampling))
+            pick = self._picker(sampling)
             self._reset_peak()
             decoder = ReplyText(self.tokenizer, prompt)   # the prompt's last ids: an SPM first word keeps its space
             cache, reused = self._cache_for(prompt)
             held = list(prompt[:reused])             # the ids whose K/V are in `cache`
-            ids = torch.tensor([prompt[reused:]], device=self.input_device)
+            feed = self._tokens_ahead if self.step_ahead else self._tokens_in_turn
+            tokens = feed(prompt[reused:], cache, held, pick, limit)
             clock = ReplyClock(len(prompt), reused, started)
             generated = 0
             while True:
                 if cancel is not None and cancel.is_set():
+                    tokens.close()                   # cuts a step fed ahead off the cache
                     yield clock.chunk(decoder.flush(), None, generated, "cancelled", self._peak(cache))
                     return
                 step_started = time.perf_counter()
-                self._kept = None                    # a forward cut short leaves the cache half-written
-                logits = None
+                token = None
                 try:
-                    logits = self.forward_step(ids, cache)
+                    token = next(tokens)
                 except torch.OutOfMemoryError:
                     pass  # raised below, outside `except`, so the failed step's tensors can be freed
-                if logits is None:
+                if token is None:
                     del cache
                     free_memory()
                     raise GenerationError(
                         f"out of GPU memory after {len(prompt) + generated} tokens; use a shorter --context or a smaller --quant"
                     )
-                held.extend(ids[0].tolist())
-                self._kept = (cache, held)           # what a next request may start from
-                token = pick_token(logits, sampling, generator)
                 generated += 1
                 if generated == 1:
                     clock.first_token(len(prompt) - reused, step_started)
                 if token in self.eos_ids:
+                    tokens.close()
                     yield clock.chunk(decoder.flush(), token, generated, "stop", self._peak(cache))
                     return
                 text = decoder.add(token)
@@ -256,9 +269,78 @@ class CudaSession(TokenStreaming):
                     yield clock.chunk(text + decoder.flush(), token, generated, "length", self._peak(cache))
                     return
                 yield clock.chunk(text, token, generated, None, self._peak(cache))
-                ids = torch.tensor([[token]], device=self.input_device)
         finally:
+            if tokens is not None:
+                tokens.close()                       # before another reply may take the cache
             self._lock.release()
+
+    def _picker(self, sampling: Sampling):
+        """`pick_token` for one reply: logits -> the id on their device; sampled from a generator
+        seeded for the reply, on the lm_head's device."""
+        import torch
+
+        generator = None
+        if sampling.temperature > 0:
+            device = self.hf_model.lm_head.weight.device if hasattr(self.hf_model, "lm_head") else self.input_device
+            device = torch.device("cpu") if device.type == "meta" else device
+            generator = torch.Generator(device=device).manual_seed(reply_seed(sampling))
+        return lambda logits: pick_token(logits, sampling, generator)
+
+    def _tokens_in_turn(self, ids: list[int], cache, held: list[int], pick, count: int) -> Iterator[int]:
+        """Up to `count` reply ids, `ids` run first: each read on the host before the next step."""
+        for _ in range(count):
+            token = int(self._run(ids, cache, held, pick))
+            yield token
+            ids = [token]
+
+    def _tokens_ahead(self, ids: list[int], cache, held: list[int], pick, count: int) -> Iterator[int]:
+        """Up to `count` reply ids, `ids` run first: each fed to the next step on the device before
+        the host reads it, so the device is never idle waiting for the host. When the caller stops
+        (closes this), a step fed the last id it took is cut off the cache again. A step ahead
+        that runs out of memory is run again in turn, after its id is out, where the ordinary loop
+        would have run it (and met the error)."""
+        token = self._run(ids, cache, held, pick)
+        ahead = None         # the step fed the id last yielded, before the caller asked for the next
+        try:
+            for index in range(count):
+                copy = HostId(token)
+                if index + 1 < count:
+                    ahead = self._run_ahead(token, cache, held, pick)
+                value = copy.read()
+                if ahead is not None:
+                    held.append(value)
+                    self._kept = (cache, held)
+                yield value
+                token, ahead = ahead, None
+                if token is None and index + 1 < count:
+                    token = self._run([value], cache, held, pick)
+        finally:
+            if ahead is not None:
+                held.pop()
+                self.trim_cache(cache, len(held))
+
+    def _run(self, ids: list[int], cache, held: list[int], pick) -> "torch.Tensor":
+        """Run `ids` through the model into `cache` and record them in `held`; the next id, on the device."""
+        import torch
+
+        self._kept = None                    # a forward cut short leaves the cache half-written
+        token = pick(self.forward_step(torch.tensor([ids], device=self.input_device), cache))
+        held.extend(ids)
+        self._kept = (cache, held)           # what a next request may start from
+        return token
+
+    def _run_ahead(self, token: "torch.Tensor", cache, held: list[int], pick) -> "torch.Tensor | None":
+        """Run the id a step picked (still on the device) through the model into `cache`; the next
+        id, on the device. None where it ran out of memory: the fast path's static cache then holds
+        what it held (its length moves once a step has run)."""
+        import torch
+
+        self._kept = None                    # until `held` has the id
+        try:
+            return pick(self.forward_step(token.reshape(1, 1), cache))
+        except torch.OutOfMemoryError:
+            self._kept = (cache, held)
+            return None
 
     # ---- memory ----------------------------------------------------------------------------
     def _reset_peak(self) -> None:
@@ -347,4 +429,23 @@ class CudaSession(TokenStreaming):
         free_memory()
 
 
-__all__ = ["CudaSession", "forward_in_chunks", "cache_argument", "pick_token", "eos_token_ids", "decoder_layers"]
+class HostId:
+    """An id on the device, copied to the host behind the work queued before it (pinned memory, an
+    event): `read()` waits for that copy, not for the work queued after it."""
+
+    def __init__(self, token: "torch.Tensor") -> None:
+        import torch
+
+        self.value = token.to("cpu", non_blocking=True)
+        self.copied = None
+        if token.is_cuda:
+            self.copied = torch.cuda.Event()
+            self.copied.record(torch.cuda.current_stream(token.device))
+
+    def read(self) -> int:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return int(self.value)
+
+
+__all__ = ["CudaSession", "HostId", "forward_in_chunks", "cache_argument", "pick_token", "eos_token_ids", "decoder_layers"]

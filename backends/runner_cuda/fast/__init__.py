@@ -44,8 +44,10 @@ def decoder_for(model, max_len: int, kernel: str | None = None, kv_bits: int | N
 class FastSteps:
     """The session's three replaceable steps over a FastDecoder: `new_cache()` starts a reply
     (the static cache is reused from position 0), `forward_step(ids, cache)` prefills a prompt (or
-    the part of it after a kept prefix) and runs one graphed step per token after it,
-    `trim_cache(cache, length)` keeps a prefix for the next request."""
+    the part of it after a kept prefix) and runs one graphed step per token after it (the token
+    may be the tensor the step before picked on the device: the session feeds it before reading
+    it), `trim_cache(cache, length)` keeps a prefix for the next request (and cuts off a step the
+    session fed ahead of a reply's end)."""
 
     def __init__(self, decoder):
         self.decoder = decoder
