@@ -1,0 +1,66 @@
+"""Decoding a step ahead on the GPU, through the fast path the backend attaches there (static KV
+cache, CUDA graphs): the sampled pick on the device equals torch.multinomial's for the same seed,
+and a session decoding ahead answers and keeps its cache exactly as one reading each token before
+the next step, over turns ending on an end token, a cancel and max_tokens, greedy and sampled. The
+same on the CPU: test_cuda_decode_ahead.py. Skipped without CUDA; run with `pytest -m gpu`."""
+
+from __future__ import annotations
+
+import pytest
+
+from runner.backend import LoadRequest, Message, Sampling, get_backend
+from runner.model import load_spec
+from prefix_helpers import QUESTIONS
+from test_cuda_decode_ahead import cached, kept, record, same_picks_as_multinomial, streamed
+from test_prefix_cache_gpu import word_chat_dir  # noqa: F401  (a fixture)
+
+torch = pytest.importorskip("torch")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def test_sampled_picks_on_the_gpu_are_multinomials_for_the_same_seed():
+    same_picks_as_multinomial("cuda")
+
+
+@pytest.fixture(scope="module", params=["fp32", "nf4"])
+def pair(request, word_chat_dir):  # noqa: F811
+    sessions = [get_backend("cuda").load(LoadRequest(load_spec(str(word_chat_dir)), request.param, 512)) for _ in range(2)]
+    ahead, in_turn = sessions
+    assert "fast decode" in ahead.device_summary and ahead.step_ahead, ahead.device_summary
+    in_turn.step_ahead = False
+    yield ahead, in_turn
+    for session in sessions:
+        session.close()
+
+
+@pytest.mark.parametrize("sampling", [Sampling(max_tokens=9), Sampling(temperature=1.2, top_p=0.9, max_tokens=9, seed=3)],
+                         ids=["greedy", "sampled"])
+def test_turns_decoded_ahead_are_the_ordinary_orders(pair, sampling):
+    ahead, in_turn = pair
+    messages = [Message("system", "Be brief."), Message("user", QUESTIONS[0])]
+    prompt = ahead.tokenize(messages)
+    probe = [[c.token for c in session.stream_tokens(prompt, sampling)] for session in pair]
+    assert probe[0] == probe[1]
+    end_token = probe[0][4]           # turn 1 stops on it
+    for session in pair:              # a prompt that shares no prefix: turn 1 prefills as the probe did
+        list(session.stream_tokens([(prompt[0] + 1) % 512, 9, 10], Sampling(max_tokens=1)))
+    endings = []
+    for turn, question in enumerate(QUESTIONS):
+        if turn:
+            messages.append(Message("user", question))
+        for session in pair:
+            session.eos_ids = {end_token} if turn == 0 else set()
+        prompt = ahead.tokenize(messages)
+        cancel_after = 4 if turn == 1 else None
+        chunks, seen = streamed(ahead, prompt, sampling, cancel_after)
+        theirs, _ = streamed(in_turn, prompt, sampling, cancel_after)
+        assert record(chunks) == record(theirs), f"turn {turn + 1}"
+        assert seen[-1] == cached(in_turn) == kept(prompt, chunks), f"turn {turn + 1}"
+        if len(chunks) > 2:           # token 1's step ran before its chunk came out
+            assert seen[0] == len(prompt) + 1
+        endings.append(chunks[-1].finish_reason)
+        messages.append(Message("assistant", "".join(c.text for c in chunks)))
+    assert endings[0] == "stop" and endings[1] == "cancelled"
