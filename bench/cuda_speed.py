@@ -2,7 +2,7 @@
 
     PYTHONPATH=src:backends python3 bench/cuda_speed.py [--out DIR] [--work /tmp/cuda-speed] [--quick]
                                  [--source checkpoint|memory]
-                                 [--sections kernels,nf4,reload,bf16,cold,rehearse,prefill,decode,position,fp8,gemv]
+                                 [--sections kernels,nf4,reload,bf16,cold,rehearse,prefill,decode,position,ahead,fp8,gemv]
 
 Writes a Llama-3.1-8B-shaped checkpoint with random BF16 weights (config from runner's catalog),
 then measures, each warm and with the same settings (batch 1, greedy, 256 new tokens, EOS off):
@@ -17,6 +17,10 @@ then measures, each warm and with the same settings (batch 1, greedy, 256 new to
   each): a 4k prompt through runner's session path against transformers' forward, with a profile
   by kernel kind; decode at position 1,024 against the roofline with a profile of a graphed step;
   decode tok/s at positions 100 to 8,000, every bucket's graph captured before the timed window;
+- `ahead` (NF4, then BF16, as above): 128 greedy tokens at position 1,024 through runner's session
+  (CudaSession.stream_tokens on the fast path), decoding a step ahead (the token picked on the GPU
+  and fed to the next step before the host reads it) against the loop before it (each token read
+  first), alternately in one process, against the roofline and a graph replayed back to back;
 - `fp8`: torchao FP8 through the fast path against BF16's decode of the same run, and why (cuda_fp8.py);
 - `gemv`: BF16 decode at position 1,024 with runner's Triton GEMV against cuBLAS, same model and run,
   and per projection shape µs of each.
@@ -49,6 +53,7 @@ OUT_FILE: Path | None = None
 PREFILL_TOKENS = 4096  # the prefill section's prompt
 SESSION_CONTEXT = 8192  # the decoder's cache in the prefill/decode/position sections (a session's --context)
 POSITIONS = (100, 1000, 3000, 8000)
+AHEAD_TOKENS = 128     # the ahead section's timed tokens, after the first
 
 
 def log(*parts) -> None:
@@ -456,6 +461,66 @@ def decode_at(decoder, position: int, tokens: int = 128, warm: int = 8) -> float
         logits = decoder.step(int(logits.argmax()))
     sync()
     return tokens / (time.perf_counter() - start)
+
+
+def session_over(model, decoder, quant: str, spec):
+    """A CudaSession on `model` with `decoder`'s fast steps, as the backend attaches them: SmolLM2's
+    tokenizer (RUNNER_TEST_TOKENIZER, else .devtok) for the detokenizing every reply does, and no
+    end-of-sequence id, so each reply runs to its max_tokens."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from runner_cuda.fast import FastSteps
+    from runner_cuda.session import CudaSession
+
+    tokenizer = AutoTokenizer.from_pretrained(os.environ.get("RUNNER_TEST_TOKENIZER") or str(ROOT / ".devtok"))
+    on_cuda = decoder.device.type == "cuda"
+    session = CudaSession(model, tokenizer, spec, quant, decoder.max_len, None, quant, "sdpa",
+                          {str(decoder.device): 0} if on_cuda else {},
+                          [torch.cuda.get_device_name(decoder.device)] if on_cuda else [])
+    session.use_steps(FastSteps(decoder))
+    session.eos_ids = set()
+    return session
+
+
+def decode_ahead(session, position: int = 1024, repeats: int = 3) -> dict:
+    """AHEAD_TOKENS greedy tokens after a `position`-token prompt through `session.stream_tokens`
+    (as `runner generate` streams), a step ahead and in turn, alternately, each after one untimed
+    reply: tok/s by the session's own clock (the last chunk's generation_tps, from the first token
+    to the last), and µs a token against the step's graph replayed back to back."""
+    import torch
+
+    from runner.backend import Sampling
+
+    ids = prompt(position, seed=position)
+    sampling = Sampling(max_tokens=AHEAD_TOKENS + 1)
+    rates: dict = {"in_turn": [], "ahead": []}
+    tokens: dict = {}
+    for round_ in range(repeats + 1):
+        for mode in rates:
+            session.step_ahead = mode == "ahead"
+            chunks = list(session.stream_tokens(ids, sampling))
+            tokens[mode] = [c.token for c in chunks]
+            if round_:
+                rates[mode].append(chunks[-1].generation_tps)
+    session.step_ahead = True
+    out = {"tok_s_" + mode: r for mode, r in rates.items()}
+    best = {mode: max(r) for mode, r in rates.items()}
+    out.update(ahead_vs_in_turn=best["ahead"] / best["in_turn"], same_tokens=tokens["ahead"] == tokens["in_turn"],
+               us_per_token_in_turn=1e6 / best["in_turn"], us_per_token_ahead=1e6 / best["ahead"])
+    decoder = session.forward_step.__self__.decoder
+    if decoder.use_graphs:       # the GPU's floor: the same bucket's graph, replayed back to back
+        graph = decoder._graph(decoder.segments[0], decoder._bucket(decoder.length + 1))
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for _ in range(100):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        out["graph_replay_back_to_back_us"] = begin.elapsed_time(end) * 10
+        for mode in rates:
+            out[f"host_us_per_token_{mode}"] = out[f"us_per_token_{mode}"] - out["graph_replay_back_to_back_us"]
+    return out
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
@@ -928,7 +993,8 @@ def section_session(checkpoint: Path, quant: str, parts: set) -> None:
     """The 8B shape in `quant` through runner's session path (FastDecoder with a SESSION_CONTEXT
     cache, as the CUDA backend attaches it): `prefill` (4k prompt against transformers' forward),
     `decode` (tok/s at position 1,024 against the roofline of weights + KV read, two runs, and a
-    profile of one graphed step there), `position` (tok/s at POSITIONS)."""
+    profile of one graphed step there), `position` (tok/s at POSITIONS), `ahead` (the session's
+    decode a step ahead against in turn at position 1,024, against the same roofline)."""
     from runner import budget
     from runner.model import load_spec
     from runner_cuda.fast.decoder import FastDecoder
@@ -964,6 +1030,18 @@ def section_session(checkpoint: Path, quant: str, parts: set) -> None:
             record(f"{quant} decode against position", **rate_by_position(decoder))
         except Exception as error:
             record(f"{quant} decode against position", error=repr(error), trace=traceback.format_exc()[-1500:])
+    if "ahead" in parts:
+        position = 1024
+        try:
+            rates = decode_ahead(session_over(model, decoder, quant, load_spec(MODEL_ID)), position)
+            kv = budget.kv_cache_bytes(load_spec(MODEL_ID), position + AHEAD_TOKENS, 1, quant, "cuda")
+            roofline = bandwidth / (per_token + kv)
+            record(f"{quant} session decode ahead at {position}", **rates, roofline_tok_s=roofline, kv_read_gb=kv / 1e9,
+                   fraction_of_roofline_in_turn=max(rates["tok_s_in_turn"]) / roofline,
+                   fraction_of_roofline_ahead=max(rates["tok_s_ahead"]) / roofline,
+                   projections=getattr(decoder, "gemv_choice", None))
+        except Exception as error:
+            record(f"{quant} session decode ahead at {position}", error=repr(error), trace=traceback.format_exc()[-1500:])
     del decoder, model
     free()
 
@@ -1098,7 +1176,7 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--work", default="/tmp/cuda-speed")
     parser.add_argument("--sections", default="kernels,nf4,reload,bf16,cold,rehearse",
-                        help="also: prefill, decode, position (NF4 then BF16, one model each), fp8, gemv (BF16 decode: "
+                        help="also: prefill, decode, position, ahead (NF4 then BF16, one model each), fp8, gemv (BF16 decode: "
                              "runner's Triton GEMV against cuBLAS)")
     parser.add_argument("--quick", action="store_true", help="runner's default fast path only, no ablation variants")
     parser.add_argument("--source", choices=("checkpoint", "memory"), default="checkpoint",
@@ -1124,7 +1202,7 @@ def main() -> None:
             section_kernels()
         except Exception as error:
             record("kernels", error=repr(error), trace=traceback.format_exc()[-2000:])
-    if {"reload", "cold"} & set(sections) or ({"nf4", "bf16", "prefill", "decode", "position", "gemv"} & set(sections) and SOURCE == "checkpoint"):
+    if {"reload", "cold"} & set(sections) or ({"nf4", "bf16", "prefill", "decode", "position", "ahead", "gemv"} & set(sections) and SOURCE == "checkpoint"):
         write_checkpoint(checkpoint)
         record("checkpoint", folder=str(checkpoint), seconds=time.perf_counter() - started)
     for name, run in (("nf4", lambda: section_nf4(checkpoint)), ("reload", lambda: section_reload(checkpoint, work)),
@@ -1136,7 +1214,7 @@ def main() -> None:
             except Exception as error:
                 record(name, error=repr(error), trace=traceback.format_exc()[-2000:])
             Path(args.out, "cuda_speed.json").write_text(json.dumps(RESULTS, indent=2, default=str))
-    session_parts = {"prefill", "decode", "position"} & set(sections)
+    session_parts = {"prefill", "decode", "position", "ahead"} & set(sections)
     for quant in ("nf4", "bf16") if session_parts else ():
         try:
             section_session(checkpoint, quant, session_parts)
@@ -1144,6 +1222,7 @@ def main() -> None:
             record(f"{quant} session path", error=repr(error), trace=traceback.format_exc()[-2000:])
     if session_parts:
         seventh_summary()
+        ahead_summary()
     if "gemv" in sections:
         try:
             section_gemv(checkpoint)
@@ -1165,6 +1244,19 @@ def seventh_summary() -> None:
         record("prefill ratios", nf4_vs_bf16_runner=nf4["runner_tok_s"] / bf16["runner_tok_s"],
                nf4_vs_bf16_hf_forward=nf4["hf_forward_tok_s"] / bf16["hf_forward_tok_s"],
                nf4_runner_vs_hf_forward=nf4["runner_vs_hf_forward"], bf16_runner_vs_hf_forward=bf16["runner_vs_hf_forward"])
+
+
+def ahead_summary() -> None:
+    """The ahead section's ratios, NF4 and BF16, each against the in-turn loop of the same run."""
+    values = {}
+    for quant in ("nf4", "bf16"):
+        ahead = RESULTS.get(f"{quant} session decode ahead at 1024", {})
+        if "ahead_vs_in_turn" in ahead:
+            values.update({f"{quant}_ahead_vs_in_turn": ahead["ahead_vs_in_turn"],
+                           f"{quant}_roofline_in_turn": ahead["fraction_of_roofline_in_turn"],
+                           f"{quant}_roofline_ahead": ahead["fraction_of_roofline_ahead"]})
+    if values:
+        record("ahead ratios", **values)
 
 
 def summary() -> None:
