@@ -10,7 +10,9 @@ libraries of such a build: bench/llamacpp_gpu.py builds one). Run with `pytest -
 Not passed yet: on the H200 (2026-12-01, llama.cpp built there with nvcc 13.0) this file's first
 model load segfaulted inside llama_model_load_from_file, in pytest, with and without torch in the
 process, while `runner generate` and bench/llamacpp_gpu.py's backend processes loaded the same build
-on the GPU without fault (bench/RESULTS.md). The cause is not found."""
+on the GPU without fault. On 2026-12-01 a -g build showed where: llama.cpp's tokenizer's
+std::regex gets another facet than collate<char> from the locale, code inside libggml-cuda.so
+(bench/RESULTS.md, "Where it crashes"). Not passed since."""
 
 from __future__ import annotations
 
