@@ -42,11 +42,16 @@ def test_turns_decoded_ahead_are_the_ordinary_orders(pair, sampling):
     ahead, in_turn = pair
     messages = [Message("system", "Be brief."), Message("user", QUESTIONS[0])]
     prompt = ahead.tokenize(messages)
+
+    def start_afresh():               # a prompt that shares no prefix: the next prefills from position 0
+        for session in pair:
+            list(session.stream_tokens([(prompt[0] + 1) % 512, 9, 10], Sampling(max_tokens=1)))
+
+    start_afresh()
     probe = [[c.token for c in session.stream_tokens(prompt, sampling)] for session in pair]
     assert probe[0] == probe[1]
-    end_token = probe[0][4]           # turn 1 stops on it
-    for session in pair:              # a prompt that shares no prefix: turn 1 prefills as the probe did
-        list(session.stream_tokens([(prompt[0] + 1) % 512, 9, 10], Sampling(max_tokens=1)))
+    end_token = probe[0][4]           # turn 1 (prefilled as the probe was) stops on it
+    start_afresh()
     endings = []
     for turn, question in enumerate(QUESTIONS):
         if turn:
