@@ -1143,8 +1143,24 @@ def section_gemv(checkpoint: Path) -> None:
         logits[label] = torch.stack(steps).double()
     agree = first_difference(tokens["gemv"], tokens["cublas"])
     end = 65 if agree is None else agree + 1
+    top2 = logits["cublas"][end - 1].topk(2).values      # where the two picked apart (both from the same tokens)
+    # both decoders teacher-forced on cuBLAS's tokens, each against transformers' own forward over
+    # the whole sequence (bf16, cuBLAS GEMMs): the GEMV's distance beside the fast path's own
+    sequence = prompt(position, seed=position) + tokens["cublas"]
+    with torch.no_grad():
+        hf = model(torch.tensor([sequence], device="cuda"), logits_to_keep=65).logits[0].double()
+    forced = {}
+    for label, decoder in decoders.items():
+        decoder.reset()
+        steps = [decoder.prefill(prompt(position, seed=position)).clone()]
+        steps += [decoder.step(token).clone() for token in tokens["cublas"]]
+        forced[label] = torch.stack(steps).double()
     record("gemv against cublas, 64 greedy tokens at 1,024", first_difference=agree,
-           relative_logits_difference=((logits["gemv"][:end] - logits["cublas"][:end]).norm() / logits["cublas"][:end].norm()).item())
+           relative_logits_difference=((logits["gemv"][:end] - logits["cublas"][:end]).norm() / logits["cublas"][:end].norm()).item(),
+           cublas_top2_margin_at_first_difference=(top2[0] - top2[1]).item() if agree is not None else None,
+           teacher_forced_vs_hf_forward={label: ((f - hf).norm() / hf.norm()).item() for label, f in forced.items()},
+           teacher_forced_gemv_vs_cublas=((forced["gemv"] - forced["cublas"]).norm() / forced["cublas"].norm()).item(),
+           teacher_forced_argmax_vs_hf={label: (f.argmax(-1) == hf.argmax(-1)).float().mean().item() for label, f in forced.items()})
     for label, decoder in decoders.items():
         record(f"gemv profile {label}, graphed step at {position}", **profile_graph(decoder, position=position))
     mine = decoders["gemv"]

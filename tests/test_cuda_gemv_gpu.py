@@ -42,8 +42,9 @@ def test_kernel_matches_float64_and_cublas(shape):
             got = gemv(weight, x, None, config, out=buffer[1:-1])
             assert not got.isnan().any() and buffer[0].isnan() and buffer[-1].isnan(), config
             error = relative(got.view(1, n), reference)
-            # both round float32 sums to bf16 (~1.1e-3 of the norm); the sums' order differs
-            assert error < 2e-3 and error <= cublas + 2e-4, (config, error, cublas)
+            # both round float32 sums to bf16: ~1.1e-3 of the norm, up to 2^-8 with few outputs (37 rows
+            # gave 2.02e-3, cuBLAS the same); the sums' order differs
+            assert error < 4e-3 and error <= cublas + 2e-4, (config, error, cublas)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
