@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import inspect
 import threading
-import time
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 from runner.backend import GenerationChunk, MemoryReport, Message, Sampling, TokenStreaming, reply_seed
@@ -34,7 +33,7 @@ from runner.budget import PREFILL_CHUNK, check_kv_bits
 from runner.detokenize import ReplyText
 from runner.errors import GenerationError, UserInputError
 from runner.prefix_cache import reusable_prefix
-from runner.reply_clock import ReplyClock
+from runner.reply_clock import ReplyClock, reply_chunks
 from runner.templates import chat_token_ids
 from runner_cuda.loading import cuda_allocated, decoder_layers, free_memory, placement_summary, tensor_bytes_by_device
 
@@ -228,7 +227,6 @@ class CudaSession(TokenStreaming):
 
         if not self._lock.acquire(blocking=False):
             raise GenerationError("this session is already generating a reply")
-        tokens = None
         try:
             limit = min(sampling.max_tokens, self.context - len(prompt))
             pick = self._picker(sampling)
@@ -239,39 +237,18 @@ class CudaSession(TokenStreaming):
             feed = self._tokens_ahead if self.step_ahead else self._tokens_in_turn
             tokens = feed(prompt[reused:], cache, held, pick, limit)
             clock = ReplyClock(len(prompt), reused, started)
-            generated = 0
-            while True:
-                if cancel is not None and cancel.is_set():
-                    tokens.close()                   # cuts a step fed ahead off the cache
-                    yield clock.chunk(decoder.flush(), None, generated, "cancelled", self._peak(cache))
-                    return
-                step_started = time.perf_counter()
-                token = None
-                try:
-                    token = next(tokens)
-                except torch.OutOfMemoryError:
-                    pass  # raised below, outside `except`, so the failed step's tensors can be freed
-                if token is None:
-                    del cache
-                    free_memory()
-                    raise GenerationError(
-                        f"out of GPU memory after {len(prompt) + generated} tokens; use a shorter --context or a smaller --quant"
-                    )
-                generated += 1
-                if generated == 1:
-                    clock.first_token(len(prompt) - reused, step_started)
-                if token in self.eos_ids:
-                    tokens.close()
-                    yield clock.chunk(decoder.flush(), token, generated, "stop", self._peak(cache))
-                    return
-                text = decoder.add(token)
-                if generated >= limit:
-                    yield clock.chunk(text + decoder.flush(), token, generated, "length", self._peak(cache))
-                    return
-                yield clock.chunk(text, token, generated, None, self._peak(cache))
+            out_of_memory = False
+            try:   # reply_chunks closes `tokens` before its last chunk: a step fed ahead is cut off the cache
+                yield from reply_chunks(tokens, decoder, clock, limit, self.eos_ids, cancel, lambda: self._peak(cache))
+            except torch.OutOfMemoryError:
+                out_of_memory = True  # raised below, outside `except`, so the failed step's tensors can be freed
+            if out_of_memory:
+                del cache
+                free_memory()
+                raise GenerationError(
+                    f"out of GPU memory after {len(held)} tokens; use a shorter --context or a smaller --quant"
+                )
         finally:
-            if tokens is not None:
-                tokens.close()                       # before another reply may take the cache
             self._lock.release()
 
     def _picker(self, sampling: Sampling):

@@ -23,7 +23,6 @@ import gc
 import io
 import os
 import threading
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -32,7 +31,7 @@ from runner.backend import (GenerationChunk, LoadProgress, LoadRequest, MemoryRe
 from runner_llamacpp.plan_rules import BATCH   # tokens per llama_decode, as the plan counts them
 from runner.errors import CorruptWeights, GenerationError, LoadError, UserInputError
 from runner.prefix_cache import reusable_prefix
-from runner.reply_clock import ReplyClock
+from runner.reply_clock import ReplyClock, reply_chunks
 
 if TYPE_CHECKING:
     import numpy as np
@@ -121,46 +120,34 @@ class LlamaCppSession(TokenStreaming):
 
     # ---- streaming (stream and stream_tokens: TokenStreaming) -----------------------------
     def _decode(self, prompt: list[int], sampling: Sampling, cancel, started: float) -> Iterator[GenerationChunk]:
-        import numpy as np
-
-        from runner_llamacpp.compat import last_logits, token_bytes
-
         if not self._lock.acquire(blocking=False):
             raise GenerationError("this session is already generating a reply")
         try:
             limit = min(sampling.max_tokens, self.context - len(prompt))
-            generator = np.random.default_rng(reply_seed(sampling)) if sampling.temperature > 0 else None
-            text = codecs.getincrementaldecoder("utf-8")(errors="replace")
             reused = self._reuse(prompt)
-            feed = prompt[reused:]
             clock = ReplyClock(len(prompt), reused, started)
-            generated = 0
-            while True:
-                if cancel is not None and cancel.is_set():
-                    yield clock.chunk(text.decode(b"", final=True), None, generated, "cancelled", self.buffer_bytes)
-                    return
-                step_started = time.perf_counter()
-                try:
-                    self.llm.eval(feed)
-                except Exception as error:    # llama_decode failed: the cache's state is unknown
-                    self.llm.n_tokens = 0
-                    raise GenerationError(f"llama.cpp failed while generating: {error}") from None
-                token = pick_token(last_logits(self.llm), sampling, generator)
-                generated += 1
-                if generated == 1:
-                    clock.first_token(len(feed), step_started)
-                if token in self.eos_ids:
-                    yield clock.chunk(text.decode(b"", final=True), token, generated, "stop", self.buffer_bytes)
-                    return
-                piece = text.decode(token_bytes(self.llm, token))
-                if generated >= limit:
-                    yield clock.chunk(piece + text.decode(b"", final=True), token, generated, "length",
-                                      self.buffer_bytes)
-                    return
-                yield clock.chunk(piece, token, generated, None, self.buffer_bytes)
-                feed = [token]
+            tokens = self._tokens(prompt[reused:], sampling)
+            yield from reply_chunks(tokens, ReplyBytes(self.llm), clock, limit, self.eos_ids, cancel,
+                                    lambda: self.buffer_bytes)
         finally:
             self._lock.release()
+
+    def _tokens(self, feed: list[int], sampling: Sampling) -> Iterator[int]:
+        """The reply's ids, `feed` evaluated first, then each id picked from the last logits."""
+        import numpy as np
+
+        from runner_llamacpp.compat import last_logits
+
+        generator = np.random.default_rng(reply_seed(sampling)) if sampling.temperature > 0 else None
+        while True:
+            try:
+                self.llm.eval(feed)
+            except Exception as error:    # llama_decode failed: the cache's state is unknown
+                self.llm.n_tokens = 0
+                raise GenerationError(f"llama.cpp failed while generating: {error}") from None
+            token = pick_token(last_logits(self.llm), sampling, generator)
+            yield token
+            feed = [token]
 
     @property
     def buffer_bytes(self) -> int:
@@ -203,6 +190,23 @@ class LlamaCppSession(TokenStreaming):
 
 
 # ---- loading -------------------------------------------------------------------------------
+
+
+class ReplyBytes:
+    """A reply's text from its tokens' bytes, as llama.cpp stores them (a piece may end inside a
+    UTF-8 character: the incremental decoder holds it back until the rest comes)."""
+
+    def __init__(self, llm) -> None:
+        self.llm = llm
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add(self, token: int) -> str:
+        from runner_llamacpp.compat import token_bytes
+
+        return self.decoder.decode(token_bytes(self.llm, token))
+
+    def flush(self) -> str:
+        return self.decoder.decode(b"", final=True)
 
 
 def gguf_of(spec: "ModelSpec") -> Path:

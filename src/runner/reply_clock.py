@@ -1,9 +1,12 @@
-"""The timings a streamed reply reports in every GenerationChunk, measured one way by the sessions
-that run their own decode loop (cuda, llama.cpp; mlx-lm measures its own)."""
+"""A streamed reply as the sessions that run their own decode loop make it (cuda, llama.cpp; mlx-lm
+has its own): its chunks from its token ids (`reply_chunks`: when it stops and why), and the
+timings every GenerationChunk reports, measured one way (`ReplyClock`)."""
 
 from __future__ import annotations
 
+import threading
 import time
+from typing import Callable, Iterator, Protocol
 
 from runner.backend import GenerationChunk
 
@@ -41,3 +44,43 @@ class ReplyClock:
             finish_reason=finish,
             reused_tokens=self.reused,
         )
+
+
+class ReplyTextLike(Protocol):
+    """A reply's text as its ids come: `add(id)` the new text, `flush()` whatever is held back."""
+
+    def add(self, token: int) -> str: ...
+
+    def flush(self) -> str: ...
+
+
+def reply_chunks(tokens: Iterator[int], text: ReplyTextLike, clock: ReplyClock, limit: int, eos_ids,
+                 cancel: threading.Event | None, peak_memory: Callable[[], int]) -> Iterator[GenerationChunk]:
+    """The chunks of one reply whose ids `tokens` yields (`next` runs a step). It ends when `cancel`
+    is set (checked before each step), at an end-of-sequence id (the stop chunk carries it, and it
+    is counted), or after `limit` ids. `tokens` is closed before the last chunk comes out, so a
+    session can put its cache in order first (and also when the caller drops the stream)."""
+    generated = 0
+    try:
+        while True:
+            if cancel is not None and cancel.is_set():
+                tokens.close()
+                yield clock.chunk(text.flush(), None, generated, "cancelled", peak_memory())
+                return
+            step_started = time.perf_counter()
+            token = next(tokens)
+            generated += 1
+            if generated == 1:
+                clock.first_token(clock.prompt_tokens - clock.reused, step_started)
+            if token in eos_ids:
+                tokens.close()
+                yield clock.chunk(text.flush(), token, generated, "stop", peak_memory())
+                return
+            piece = text.add(token)
+            if generated >= limit:
+                tokens.close()
+                yield clock.chunk(piece + text.flush(), token, generated, "length", peak_memory())
+                return
+            yield clock.chunk(piece, token, generated, None, peak_memory())
+    finally:
+        tokens.close()
