@@ -36,8 +36,10 @@ def test_allocator_bytes_match_the_plan_within_3_percent():
     for device in cuda:
         assert abs(device.weights - device.planned_weights) <= 0.03 * device.planned_weights, device
         assert device.kv_cache == device.planned_kv_cache, device          # the cache's tensors, exactly
-        # the allocator holds weights + KV cache + cuBLAS' workspace (32 MiB on Hopper) and little else
-        assert 0 <= device.resident - device.weights - device.kv_cache <= 64 * 2**20, device
+        # the allocator holds weights + KV cache + cuBLAS' workspaces (32 MiB each on Hopper, one per
+        # stream: the default one and the fast path's graph-capture stream) and little else (the
+        # graphs' pool, RoPE tables, logits: ~1 MB here)
+        assert 0 <= device.resident - device.weights - device.kv_cache <= 2 * 32 * 2**20 + 4 * 2**20, device
     assert abs(result.measured_layer_bytes - result.planned_layer_bytes) <= 0.03 * result.planned_layer_bytes
 
 
