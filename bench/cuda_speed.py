@@ -418,19 +418,27 @@ def profile_graph(decoder, steps: int = 20, position: int = SHORT_PROMPT) -> dic
         logits = decoder.step(int(logits.argmax()))
     sync()
     host_us = (time.perf_counter() - start) / 100 * 1e6
-    graph = decoder._graph(decoder.segments[0], decoder._bucket(decoder.length + 1))
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(100):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    replay_us = begin.elapsed_time(end) * 10
+    replay_us = graph_replay_us(decoder)
     return {"kernels_per_token": len(kernels) / steps, "kernel_busy_us_per_token": busy / steps,
             "gpu_span_us_per_token": span / steps, "gaps_us_per_token": (span - busy) / steps,
             "graph_replay_back_to_back_us": replay_us, "host_loop_us_per_token": host_us,
             "host_overhead_us_per_token": host_us - replay_us, "by_kind_us_per_token": by_kind(kernels, steps),
             "top": [(name, round(us / steps, 1), counts[name] // steps) for name, us in top]}
+
+
+def graph_replay_us(decoder, replays: int = 100) -> float:
+    """µs a step of the graph for the decoder's next position, replayed back to back: the GPU's
+    time for a token with no host in between."""
+    import torch
+
+    graph = decoder._graph(decoder.segments[0], decoder._bucket(decoder.length + 1))
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) * 1e3 / replays
 
 
 def rate_by_position(decoder, positions=POSITIONS, tokens: int = 64) -> dict:
@@ -488,8 +496,6 @@ def decode_ahead(session, position: int = 1024, repeats: int = 3) -> dict:
     (as `runner generate` streams), a step ahead and in turn, alternately, each after one untimed
     reply: tok/s by the session's own clock (the last chunk's generation_tps, from the first token
     to the last), and µs a token against the step's graph replayed back to back."""
-    import torch
-
     from runner.backend import Sampling
 
     ids = prompt(position, seed=position)
@@ -510,14 +516,7 @@ def decode_ahead(session, position: int = 1024, repeats: int = 3) -> dict:
                us_per_token_in_turn=1e6 / best["in_turn"], us_per_token_ahead=1e6 / best["ahead"])
     decoder = session.forward_step.__self__.decoder
     if decoder.use_graphs:       # the GPU's floor: the same bucket's graph, replayed back to back
-        graph = decoder._graph(decoder.segments[0], decoder._bucket(decoder.length + 1))
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        for _ in range(100):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        out["graph_replay_back_to_back_us"] = begin.elapsed_time(end) * 10
+        out["graph_replay_back_to_back_us"] = graph_replay_us(decoder)
         for mode in rates:
             out[f"host_us_per_token_{mode}"] = out[f"us_per_token_{mode}"] - out["graph_replay_back_to_back_us"]
     return out

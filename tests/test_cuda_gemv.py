@@ -19,6 +19,8 @@ torch = pytest.importorskip("torch")
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
+from fast_kv_helpers import fast_greedy  # noqa: E402
+
 
 @pytest.fixture(scope="module", autouse=True)
 def interpreted():
@@ -111,15 +113,6 @@ def decoder(model, **options):
                        **options)
 
 
-def greedy(decoder, ids, steps):
-    logits = [decoder.prefill(ids).clone()]
-    tokens = []
-    for _ in range(steps):
-        tokens.append(int(logits[-1].argmax()))
-        logits.append(decoder.step(tokens[-1]).clone())
-    return torch.stack(logits), tokens
-
-
 def test_decoder_runs_its_projections_through_the_gemv(half_model, monkeypatch):
     """Every decode step calls the kernel once for each layer's fused q/k/v, o, fused gate/up and
     down, on those weights, and the prefill not at all; the tokens and logits are those of the same
@@ -134,14 +127,14 @@ def test_decoder_runs_its_projections_through_the_gemv(half_model, monkeypatch):
 
     monkeypatch.setattr(gemv, "gemv", counted)
     ids = torch.randint(3, half_model.config.vocab_size, (37,), generator=torch.Generator().manual_seed(3)).tolist()
-    expected, expected_tokens = greedy(decoder(half_model, gemv=False), ids, 10)
+    expected, expected_tokens = fast_greedy(decoder(half_model, gemv=False), ids, 10)
     assert not calls
     mine = decoder(half_model, gemv=True)
     assert mine.gemv_choice == {group: "8x512x4" for group in ("qkv", "o", "gate_up", "down")}
     mine.prefill(ids)
     assert not calls                                          # prefill keeps torch's projections
     mine.reset()
-    got, tokens = greedy(mine, ids, 10)
+    got, tokens = fast_greedy(mine, ids, 10)
     layers = mine.layers
     config = half_model.config
     qkv_rows = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim

@@ -13,6 +13,8 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
+from fast_kv_helpers import fast_greedy  # noqa: E402
+
 TIE = 0.25      # logits of 8-32 in bf16 are 0.0625-0.125 apart; two roundings apart is a tie
 
 
@@ -93,15 +95,6 @@ def bf16_model(tmp_path_factory):
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16, device_map="cuda:0").eval()
 
 
-def greedy(decoder, prompt, steps):
-    logits = [decoder.prefill(prompt).clone()]
-    tokens = []
-    for _ in range(steps):
-        tokens.append(int(logits[-1].argmax()))
-        logits.append(decoder.step(tokens[-1]).clone())
-    return torch.stack(logits), tokens
-
-
 def gemv_launches(decoder, steps: int = 3) -> int:
     """Launches of the Triton GEMV per graphed decode step (torch.profiler sees a graph's kernels)."""
     from torch.profiler import ProfilerActivity, profile
@@ -129,11 +122,11 @@ def test_graph_decoder_with_the_gemv_follows_cublas(bf16_model):
     steps = 300                                                # crosses the 256 -> 512 graph bucket
     cublas = FastDecoder(bf16_model, max_len=600, gemv=False)
     assert cublas.gemv is None and gemv_launches(cublas) == 0
-    expected, expected_tokens = greedy(cublas, prompt, steps)
+    expected, expected_tokens = fast_greedy(cublas, prompt, steps)
     mine = FastDecoder(bf16_model, max_len=600, gemv=True)
     assert mine.use_graphs and set(mine.gemv_choice.values()) == {"8x512x4"}
     assert gemv_launches(mine) == 4 * len(mine.layers)
-    got, tokens = greedy(mine, prompt, steps)
+    got, tokens = fast_greedy(mine, prompt, steps)
     agree = next((i for i, (a, b) in enumerate(zip(tokens, expected_tokens)) if a != b), steps)
     if agree < steps:
         top2 = expected[agree].topk(2).values
