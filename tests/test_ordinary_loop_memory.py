@@ -21,7 +21,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from alloc_helpers import peak_bytes  # noqa: E402
+from alloc_helpers import decode_step_peak, filled_cache, peak_bytes, stored_bytes  # noqa: E402
 
 CHUNK = 2048                       # budget.PREFILL_CHUNK
 CONTEXTS = (4500, 6000)            # both past one KV_READ_BLOCK (4096), so the read's block is the same
@@ -57,37 +57,14 @@ def _planned(model, quant, context, kv_bits):
     return CudaPlanRules().attention_scratch_bytes(_spec(model), parse_machine("cpu-64GB"), context, 1, quant, kv_bits)
 
 
-def _filled_cache(model, positions, kv_bits):
-    """The session's cache for `kv_bits` (DynamicCache or runner's quantized one) holding
-    `positions` random positions in every layer."""
-    from transformers import DynamicCache
-
-    from runner_cuda.kv_cache import quantized_cache
-
-    config = model.config
-    cache = DynamicCache(config=config) if kv_bits is None else quantized_cache(config, kv_bits)
-    for index in range(config.num_hidden_layers):
-        keys, values = (torch.randn(1, config.num_key_value_heads, positions, 128).to(model.dtype) for _ in range(2))
-        cache.update(keys, values, index)
-    return cache
-
-
-def _stored(cache) -> int:
-    """Bytes the cache's tensors hold (a quantized layer's codes, scales and biases; else K and V)."""
-    total = 0
-    for layer in cache.layers:
-        total += layer.nbytes() if hasattr(layer, "stored") else layer.keys.nbytes + layer.values.nbytes
-    return total
-
-
 def _chunk_peak(model, context, kv_bits) -> int:
     """The peak of one prefill chunk's forward (CHUNK tokens ending at `context`) above where it
     started, less what the cache grew by."""
     from runner_cuda.session import cache_argument, forward_in_chunks
 
     def setup():
-        cache = _filled_cache(model, context - CHUNK, kv_bits)
-        return cache, _stored(cache)
+        cache = filled_cache(model, context - CHUNK, kv_bits)
+        return cache, stored_bytes(cache)
 
     def chunk(state):
         ids = torch.randint(0, model.config.vocab_size, (1, CHUNK))
@@ -95,7 +72,7 @@ def _chunk_peak(model, context, kv_bits) -> int:
 
     peak, _, (cache, before) = peak_bytes(setup, chunk)
     assert cache.get_seq_length() == context
-    return peak - (_stored(cache) - before)
+    return peak - (stored_bytes(cache) - before)
 
 
 @pytest.mark.slow
@@ -117,23 +94,11 @@ def test_decode_step_grows_the_dynamic_cache_with_the_old_values_alive(loop_mode
     """A decode step at 6,000 positions: above the cache's growth, its peak is one layer's V of the
     positions before it (torch.cat keeps the old tensor beside the new) and at most 64 KiB more (the
     step's own tensors); the plan's count covers it."""
-    from runner_cuda.session import cache_argument
-
     model, quant = loop_model
     context = CONTEXTS[-1]
-
-    def setup():
-        cache = _filled_cache(model, context - 1, None)
-        return cache, _stored(cache)
-
-    def step(state):
-        with torch.inference_mode():
-            return model(input_ids=torch.tensor([[5]]), use_cache=True, logits_to_keep=1,
-                         **{cache_argument(model): state[0]}).logits
-
-    peak, _, (cache, before) = peak_bytes(setup, step)
+    peak, _ = decode_step_peak(model, context - 1, None)
     old_values = (context - 1) * model.config.num_key_value_heads * 128 * model.dtype.itemsize
-    assert old_values <= peak - (_stored(cache) - before) <= old_values + 64 * 1024
+    assert old_values <= peak <= old_values + 64 * 1024
     assert old_values <= _planned(model, quant, context, None)
 
 
