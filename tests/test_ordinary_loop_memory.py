@@ -102,13 +102,6 @@ def test_decode_step_grows_the_dynamic_cache_with_the_old_values_alive(loop_mode
     assert old_values <= _planned(model, quant, context, None)
 
 
-def test_fast_path_model_types_are_the_fast_paths():
-    from runner_cuda.fast.decoder import SUPPORTED_MODEL_TYPES
-    from runner_cuda.plan_rules import FAST_PATH_MODEL_TYPES
-
-    assert FAST_PATH_MODEL_TYPES == SUPPORTED_MODEL_TYPES
-
-
 def test_the_plan_counts_the_ordinary_loops_scratch_only_where_it_runs():
     """Llama 3.1 8B at 128k: on a GPU the fast path runs (its scratch: the quantized read only); on a
     CPU, and for LLM.int8 on a GPU, the ordinary loop's (with the padded mask copy on a GPU), and a

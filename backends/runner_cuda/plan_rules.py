@@ -19,7 +19,9 @@ BNB_CODE_NESTED = 256 * 4      # the 256-entry dynamic code table of the nested 
 BNB_OFFSET = 4                 # the fp32 mean subtracted from absmax before nesting
 FP8_ALIGN = 16                 # torchao FP8: Linears with a side not a multiple of 16 stay bf16 (_scaled_mm)
 KV_READ_BLOCK = 4096           # positions a quantized KV cache is dequantized at a time for prefill (fast/static_cache.py)
-FAST_PATH_MODEL_TYPES = ("llama", "mistral", "qwen2")   # = fast/decoder.SUPPORTED_MODEL_TYPES (a test checks)
+# config.model_type values the fast path decodes (fast/decoder.py): their decoder layer is exactly norm,
+# q/k/v (bias optional), RoPE, GQA attention, o_proj, norm, gate/up/down MLP
+FAST_PATH_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SDPA_MASK_ALIGN = 8            # torch's memory-efficient SDPA pads an additive mask to this many keys (preprocess_mask)
 
 

@@ -52,13 +52,11 @@ from runner.budget import PREFILL_CHUNK
 from runner_cuda.fast.attention import attention_takes
 from runner_cuda.fast.nf4 import nf4_weight_of
 from runner_cuda.fast.static_cache import static_layer
+from runner_cuda.plan_rules import FAST_PATH_MODEL_TYPES
 
 if TYPE_CHECKING:
     import torch
 
-# config.model_type values whose decoder layer is exactly: norm, q/k/v (bias optional), RoPE,
-# GQA attention, o_proj, norm, gate/up/down MLP.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 FIRST_BUCKET = 256
 # projection types whose forward runs inside a CUDA graph (no host synchronisation): plain
 # Linear and bitsandbytes' 4-bit Linear; LLM.int8 and FP8 layers keep the ordinary loop
@@ -80,8 +78,8 @@ def _check_supported(model, max_len: int) -> None:
     import torch
 
     config = model.config
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise Unsupported(f"model type {config.model_type!r} (fast path knows {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if config.model_type not in FAST_PATH_MODEL_TYPES:
+        raise Unsupported(f"model type {config.model_type!r} (fast path knows {', '.join(FAST_PATH_MODEL_TYPES)})")
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) and max_len > config.sliding_window:
         raise Unsupported("sliding-window attention beyond the window")
     devices = {p.device for p in model.parameters()} | {b.device for b in model.buffers()}
