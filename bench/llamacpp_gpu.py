@@ -26,9 +26,8 @@ converter are stopped with SIGSTOP while anything is timed):
    against raw llama-cpp-python (Llama.generate, top-k 1) on the same file, alternating rounds,
    greedy tokens and logits against the same file on the CPU (the plan for a machine without a GPU).
 Prints a table last; JSON and logs under --out. The backend steps and the test run in processes
-that never import torch, as `runner generate file.gguf` does: on the H200 (2026-12-01) a process
-that had imported torch segfaulted at llama.cpp's model load (`torch probe` records it), and so did
-the GPU test under pytest without torch; results in bench/RESULTS.md.
+that never import torch, as `runner generate file.gguf` does; `torch probe` loads the Q4_0 file in
+a process that has (a build without `--exclude-libs` crashed there: bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -127,7 +126,11 @@ def start_build(build: Path, cuda: bool, jobs: int, out: Path) -> subprocess.Pop
     build.mkdir(parents=True, exist_ok=True)
     options = ["-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
                "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
-               "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DGGML_NATIVE=ON"]
+               "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DGGML_NATIVE=ON",
+               # the GPU image's g++ (/opt/gcc) links libstdc++ statically: without this, each library
+               # exports its own copy, and in a process that also maps the system libstdc++ (torch) the
+               # tokenizer's std::regex crashed (bench/RESULTS.md, "Where it crashes")
+               "-DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL"]
     if cuda:
         options += ["-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=90-real", "-DGGML_CUDA_GRAPHS=ON",
                     "-DGGML_CUDA_NCCL=OFF", "-DGGML_CUDA_COMPRESSION_MODE=none", *cuda_hints(build)]
