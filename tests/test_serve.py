@@ -195,6 +195,8 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(http, server):
         (http.post(chat, json={"messages": ask("hi"), "stop": [""]}), 400, "'stop'"),
         (http.post(chat, json={"model": "gpt-4o", "messages": ask("hi")}), 404, "not served here"),
         (http.post("/v1/completions", json={"prompt": 42}), 400, "'prompt'"),
+        (http.post(chat, content=b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}'), 400,
+         r"'messages\[0\]\.content' is not valid Unicode text: a lone surrogate \(\\ud800\) at character 3"),
         (http.get("/v1/nowhere"), 404, "/v1/nowhere"),
         (http.get(chat), 405, "GET /v1/chat/completions"),
         (http.post(chat, json={"messages": ask("word " * 5000)}), 400,
@@ -307,7 +309,11 @@ def test_requests_are_checked_field_by_field():
         ({"messages": ask("hi"), "max_tokens": True}, "max_tokens"),
         ({"messages": ask("hi"), "temperature": float("nan")}, "temperature"),
         ({"messages": ask("hi"), "tools": [{"type": "function"}]}, "tools"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\udcff"}]}]}, "messages[0].content"),
     ]:
         with pytest.raises(ApiError) as raised:
             parse_chat(body, served)
         assert raised.value.status == 400 and raised.value.param == param, body
+    with pytest.raises(ApiError) as raised:
+        parse_completion({"prompt": "The \ud83d capital"}, served)   # half of an emoji's surrogate pair
+    assert raised.value.param == "prompt" and "(\\ud83d) at character 4" in raised.value.message

@@ -69,6 +69,7 @@ def parse_completion(body: dict, served: tuple[str, ...]) -> GenerationRequest:
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise ApiError(400, "'prompt' must be a string (one prompt per request)", param="prompt")
+    _text(prompt, "prompt")
     if not prompt:
         raise ApiError(400, "'prompt' is empty", param="prompt")
     _refuse(body, "echo", "suffix")
@@ -133,16 +134,27 @@ def _message(item: Any, where: str) -> Message:
 def _content(content: Any, where: str) -> str:
     """A string, or a list of text parts (images and audio are not for this server)."""
     if isinstance(content, str):
-        return content
+        return _text(content, where)
     if isinstance(content, list):
         texts = []
         for part in content:
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
                 raise ApiError(400, f"'{where}' parts must be {{\"type\": \"text\", \"text\": ...}}: "
                                     "this server takes text only", param=where)
-            texts.append(part["text"])
+            texts.append(_text(part["text"], where))
         return "".join(texts)
     raise ApiError(400, f"'{where}' must be a string or a list of text parts", param=where)
+
+
+def _text(text: str, where: str) -> str:
+    """`text` if a tokenizer can take it: JSON's escapes "\\ud800" decode to a lone surrogate, which
+    no UTF-8 encoder takes (the tokenizer would fail mid-request, a 500 instead of this 400)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ApiError(400, f"'{where}' is not valid Unicode text: a lone surrogate "
+                            f"(\\u{ord(text[error.start]):04x}) at character {error.start}", param=where) from None
+    return text
 
 
 def _stops(stop: Any) -> tuple[str, ...]:
