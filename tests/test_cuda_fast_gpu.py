@@ -109,31 +109,33 @@ def test_mma_kernel_matches_reference(shape, nested):
     def relative(a, b):
         return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
-    for warps, split in ((8, None), (4, 1), (8, 2)):
+    for warps, split, l2_hint in ((8, None, None), (4, 1, True), (8, 2, False)):
+        shape = dict(warps=warps, split=split, l2_hint=l2_hint)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         reference = torch.cat([linear_reference(x, w).float() for w in weights], dim=-1)
         with torch.no_grad():
             theirs = torch.cat([layer(x).float() for layer in layers], dim=-1)
         out = torch.full((reference.shape[-1],), float("nan"), device="cuda", dtype=torch.bfloat16)
-        together = NF4Mma(weights, warps=warps, split=split)
+        together = NF4Mma(weights, **shape)
         mine = together(x, out=out).float()
         assert not mine.isnan().any()
         assert relative(mine, reference) < 5e-3
         assert relative(mine, reference) <= relative(theirs, reference) + 1e-4
-        # the same split of K (mma_shape may pick another for one weight): the same sums in the same order
-        alone = NF4Mma(weights[1:2], warps=warps, split=together.split)(x).float()
+        # the same split of K (mma_shape may pick another for one weight): the same sums in the same order,
+        # with or without the L2 hint
+        alone = NF4Mma(weights[1:2], warps=warps, split=together.split, l2_hint=not l2_hint)(x).float()
         assert torch.equal(alone, mine[..., weights[0].out_features:weights[0].out_features + weights[1].out_features])
 
         norm = (1 + 0.1 * torch.randn(k, device="cuda")).to(torch.bfloat16)
         hidden = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         normed = _rms_norm(hidden, norm, 1e-5)
         expected = torch.cat([linear_reference(normed, w).float() for w in weights], dim=-1)
-        got = NF4Mma(weights, norm=norm, eps=1e-5, warps=warps, split=split)(hidden)
+        got = NF4Mma(weights, norm=norm, eps=1e-5, **shape)(hidden)
         assert relative(got, expected) < 5e-3
 
         residual = torch.randn(weights[0].out_features, device="cuda", dtype=torch.bfloat16)
         added = residual + linear_reference(x, weights[0])[0]
-        NF4Mma(weights[:1], residual=True, warps=warps, split=split)(x, out=residual)
+        NF4Mma(weights[:1], residual=True, **shape)(x, out=residual)
         assert relative(residual, added) < 5e-3
 
         if n % 8 == 0:
@@ -141,7 +143,7 @@ def test_mma_kernel_matches_reference(shape, nested):
             gate, up = (linear_reference(normed, w) for w in pair)
             expected = torch.nn.functional.silu(gate) * up
             out = torch.full((n,), float("nan"), device="cuda", dtype=torch.bfloat16)
-            got = NF4Mma(pair, glu=True, norm=norm, eps=1e-5, warps=warps, split=split)(hidden, out=out)
+            got = NF4Mma(pair, glu=True, norm=norm, eps=1e-5, **shape)(hidden, out=out)
             assert not got.isnan().any()
             assert relative(got, expected) < 1e-2
 

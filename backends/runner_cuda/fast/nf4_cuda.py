@@ -210,7 +210,8 @@ MMA_SOURCE = r"""
 // Compile-time: K (input features), BLOCKSIZE, NESTED, NESTED_BLOCKSIZE, WARPS (per block), SPLIT (warps
 // sharing one 16-row tile, each over a slice of K), GLU (tile rows g: gate, g + 8: up of the same output;
 // writes silu(gate) * up), NORM (the input is RMSNorm(x) * norm weight, computed in the prologue),
-// RESIDUAL (out = out + result: the residual stream updated in place).
+// RESIDUAL (out = out + result: the residual stream updated in place), L2_HINT (each weight load also
+// brings the rest of its 256 bytes of the row into L2: the warp's next three steps).
 #define NIT (K / 128)
 #define TILES (WARPS / SPLIT)
 
@@ -266,6 +267,44 @@ __device__ __forceinline__ Rows rows_of(int row, const uint4* p, const void* a, 
     return r;
 }
 
+struct Step {                    // one step's loads: 32 weights of rows g and g + 8, the lane's scale
+    uint4 wa, wb;
+    unsigned int code;
+    float scale;
+};
+
+struct Scales {                  // where the lane's scales are: row g (t < 2) or g + 8, first or second block of 128
+    const void* absmax;
+    const float* nabs;
+    unsigned long long block0;
+};
+
+__device__ __forceinline__ uint4 load_weights(const uint4* address) {
+#if L2_HINT
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(address));
+    return v;
+#else
+    return __ldcs(address);
+#endif
+}
+
+__device__ __forceinline__ Step load_step(const Rows& ra, const Rows& rb, const Scales& sc, int t, int it) {
+    Step s;
+    s.wa = load_weights(ra.packed + it * 4 + t);
+    s.wb = load_weights(rb.packed + it * 4 + t);
+    const unsigned long long block = sc.block0 + (it * 128u) / BLOCKSIZE;
+#if NESTED
+    s.code = __ldg((const unsigned char*)sc.absmax + block);
+    s.scale = __ldg(sc.nabs + block / NESTED_BLOCKSIZE);
+#else
+    s.code = 0;
+    s.scale = __ldg((const float*)sc.absmax + block);
+#endif
+    return s;
+}
+
 extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
     const unsigned int* __restrict__ pairs, const uint4* __restrict__ x, const uint4* __restrict__ zeros,
     unsigned short* __restrict__ out, const uint4* __restrict__ norm_weight, double eps,
@@ -313,26 +352,13 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
     const bool data = g == (t >> 1);
     // the scale this lane looks up: rows g (t < 2) or g + 8, first or second block of the 128
     const bool second = t >> 1;
-    const void* s_absmax = second ? rb.absmax : ra.absmax;
+    const Scales sc = {second ? rb.absmax : ra.absmax, second ? rb.nabs : ra.nabs,
+                       (second ? rb.block0 : ra.block0) + ((t & 1) * 64u) / BLOCKSIZE};
     const float* s_ncode = second ? rb.ncode : ra.ncode;
-    const float* s_nabs = second ? rb.nabs : ra.nabs;
     const float s_shift = second ? rb.shift : ra.shift;
-    const unsigned long long s_block0 = (second ? rb.block0 : ra.block0) + ((t & 1) * 64u) / BLOCKSIZE;
     const int first = split * NIT / SPLIT, last = (split + 1) * NIT / SPLIT;
-    uint4 wa_next = make_uint4(0, 0, 0, 0), wb_next = wa_next;
-    unsigned int code_next = 0;
-    float scale_next = 0.0f;
-    if (first < last) {
-        wa_next = __ldcs(ra.packed + first * 4 + t);
-        wb_next = __ldcs(rb.packed + first * 4 + t);
-        const unsigned long long block = s_block0 + (first * 128u) / BLOCKSIZE;
-#if NESTED
-        code_next = __ldg((const unsigned char*)s_absmax + block);
-        scale_next = __ldg(s_nabs + block / NESTED_BLOCKSIZE);
-#else
-        scale_next = __ldg((const float*)s_absmax + block);
-#endif
-    }
+    Step next;                                                           // the next step's loads, in flight
+    if (first < last) next = load_step(ra, rb, sc, t, first);
 
     for (int e = tid; e < 256; e += WARPS * 32) {                     // the table, one copy per lane: no bank conflicts
         const unsigned int v = __ldg(pairs + e);
@@ -385,23 +411,14 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
 
     float acc_a = 0.0f, acc_b = 0.0f;
     for (int it = first; it < last; ++it) {
-        const uint4 wa = wa_next, wb = wb_next;                          // 32 weights of rows g and g + 8
+        const Step now = next;
+        if (it + 1 < last) next = load_step(ra, rb, sc, t, it + 1);
+        const uint4 wa = now.wa, wb = now.wb;                            // 32 weights of rows g and g + 8
 #if NESTED
-        const float scale = __ldg(s_ncode + code_next) * scale_next + s_shift;
+        const float scale = __ldg(s_ncode + now.code) * now.scale + s_shift;
 #else
-        const float scale = scale_next;
+        const float scale = now.scale;
 #endif
-        if (it + 1 < last) {                                             // the next step's loads, in flight
-            wa_next = __ldcs(ra.packed + (it + 1) * 4 + t);
-            wb_next = __ldcs(rb.packed + (it + 1) * 4 + t);
-            const unsigned long long block = s_block0 + ((it + 1) * 128u) / BLOCKSIZE;
-#if NESTED
-            code_next = __ldg((const unsigned char*)s_absmax + block);
-            scale_next = __ldg(s_nabs + block / NESTED_BLOCKSIZE);
-#else
-            scale_next = __ldg((const float*)s_absmax + block);
-#endif
-        }
         const uint4* xsrc = data ? xin + (it * 4 + t) * 4 : zero4;
         uint4 xq[4];
         #pragma unroll
@@ -587,15 +604,15 @@ class NF4Gemv:
 
 
 def mma_compiled(k: int, blocksize: int, nested_blocksize: int, nested: bool, warps: int, split: int, glu: bool,
-                 norm: bool, residual: bool):
+                 norm: bool, residual: bool, l2_hint: bool):
     """The tensor-core kernel for these compile-time choices, compiled once per process and GPU."""
     import torch
 
-    key = ("mma", k, blocksize, nested_blocksize, nested, warps, split, glu, norm, residual, torch.cuda.current_device())
+    key = ("mma", k, blocksize, nested_blocksize, nested, warps, split, glu, norm, residual, l2_hint, torch.cuda.current_device())
     if key not in _COMPILED:
         options = [f"-DK={k}", f"-DBLOCKSIZE={blocksize}", f"-DNESTED_BLOCKSIZE={nested_blocksize}", f"-DNESTED={int(nested)}",
                    f"-DWARPS={warps}", f"-DSPLIT={split}", f"-DGLU={int(glu)}", f"-DNORM={int(norm)}",
-                   f"-DRESIDUAL={int(residual)}", "-std=c++17"]
+                   f"-DRESIDUAL={int(residual)}", f"-DL2_HINT={int(l2_hint)}", "-std=c++17"]
         _COMPILED[key] = torch.cuda._compile_kernel(MMA_SOURCE, "nf4_mma", nvcc_options=options)
     return _COMPILED[key]
 
@@ -647,6 +664,13 @@ def mma_shape(weights: Sequence[NF4Weight], glu: bool) -> tuple[int, int]:
     return warps, split
 
 
+def mma_l2_hint(in_features: int, split: int) -> bool:
+    """Whether the weight loads also bring the rest of the row's 256 bytes into L2: where each warp
+    goes on along its rows for 8 steps of 128 or more (faster on an H200 for gate/up and down;
+    slower for q/k/v and o, whose warps take 4 steps: bench/RESULTS.md)."""
+    return in_features // 128 // split >= 8
+
+
 def nf4_pairs(code: "torch.Tensor") -> "torch.Tensor":
     """The 256-entry table of a packed byte's two weights as a bf16 pair: the high nibble's value
     in the low half (element 2i), the low nibble's in the high half (element 2i + 1)."""
@@ -665,7 +689,8 @@ class NF4Mma:
     Callable inside a CUDA graph capture (the launch goes to the current stream)."""
 
     def __init__(self, weights: Sequence[NF4Weight], *, glu: bool = False, norm: "torch.Tensor | None" = None,
-                 eps: float = 1e-6, residual: bool = False, warps: int | None = None, split: int | None = None):
+                 eps: float = 1e-6, residual: bool = False, warps: int | None = None, split: int | None = None,
+                 l2_hint: bool | None = None):
         import torch
 
         if not mma_fits(weights, glu, norm):
@@ -686,7 +711,7 @@ class NF4Mma:
         k = first.in_features
         self.shared = 32768 + self.warps * 64 + (128 + 2 * k + 64 if norm is not None else 0)
         self.kernel = mma_compiled(k, first.blocksize, max(first.nested_blocksize, 1), first.nested, self.warps, self.split,
-                                   glu, norm is not None, residual)
+                                   glu, norm is not None, residual, mma_l2_hint(k, self.split) if l2_hint is None else l2_hint)
         if self.shared >= 48 * 1024 and self.kernel._max_shared_mem_bytes < self.shared:
             self.kernel.set_shared_memory_config(self.shared)
         self.pairs = nf4_pairs(first.code)
