@@ -517,6 +517,15 @@ def test_no_network_and_bad_names_are_one_line(hub, tmp_path):
     assert not [e for e in hub.log if e.get("file") == "pytorch_model.bin"]
 
 
+def test_a_hub_that_never_answers_is_one_line_not_a_hang(hub):
+    with socket.socket() as silent:    # accepts connections (the kernel's backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        env = pull_env(HF_ENDPOINT=f"http://127.0.0.1:{silent.getsockname()[1]}", HF_HUB_DOWNLOAD_TIMEOUT="1")
+        line = one_line_error(runner("pull", "test-org/small", env=env, timeout=60))
+    assert "cannot reach the Hub" in line and "timed out" in line
+
+
 # ---- list and rm ----------------------------------------------------------------------------------
 
 

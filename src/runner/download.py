@@ -311,7 +311,10 @@ def prepare(repo_id: str, revision: str | None = None, layers: tuple[int, int] |
     from huggingface_hub import HfApi, constants
 
     with hub_errors(repo_id, revision):
-        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+        # huggingface_hub's own default here is no timeout: a Hub (or proxy) that accepts and never
+        # answers would hold the pull forever
+        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True,
+                                  timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
         if isinstance(info.id, str) and REPO_ID.fullmatch(info.id) and info.id.lower() == repo_id.lower():
             repo_id = info.id    # the Hub's spelling: the cache folder is named after it
         commit = info.sha
