@@ -125,6 +125,9 @@ def _write_config(tmp_path, text):
     ([L405, "--quant", "int3"], "unknown"),
     ([L405, "--quant", "q4", "--backend", "cuda", "--machine", "1xH100"], "is not a cuda scheme"),
     ([L405, "--quant", "nf4", "--machine", "2xM2Ultra-192GB"], "on Apple silicon runner uses mlx"),
+    ([L405, "--kv-bits", "3"], "runner plan: argument --kv-bits: invalid choice: 3"),   # argparse's own errors
+    ([L405, "--context", "-1k"], "runner plan: argument --context: expected one argument"),
+    ([L405, "--contxt", "8k"], "unrecognized arguments: --contxt 8k"),
 ])
 def test_bad_input_is_one_line_and_exit_2(env, args, message):
     result = runner(env, *args)
@@ -133,6 +136,19 @@ def test_bad_input_is_one_line_and_exit_2(env, args, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("runner: error:") and message in lines[0], result.stderr
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate"], "runner: error: runner generate: the following arguments are required: -p/--prompt"),
+    (["generate", "-p", "hi", "--max-tokens", "ten"], "runner generate: argument --max-tokens: invalid int value"),
+    (["parity", "--a", "cuda:fp32", "--bogus"], "runner: error: unrecognized arguments: --bogus"),
+    (["rm"], "runner: error: runner rm: the following arguments are required: MODEL"),
+])
+def test_a_malformed_command_line_is_one_line_too(env, argv, message):
+    result = subprocess.run([sys.executable, "-m", "runner.cli", *argv], capture_output=True, text=True,
+                            env=env, timeout=60)
+    assert result.returncode == 2 and result.stderr.splitlines() == [result.stderr.strip()], result.stderr
+    assert message in result.stderr and result.stdout == ""
 
 
 @pytest.mark.parametrize("config,message", [

@@ -15,6 +15,7 @@ import os
 import sys
 
 from runner import __version__
+from runner.commands.options import Parser
 from runner.errors import RunnerError
 
 # name -> (module, one-line help). Order is the order of `runner --help`.
@@ -48,7 +49,7 @@ def all_commands() -> dict[str, tuple[str, str]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="runner",
         description="Run language models that are too big for the machine in front of you: "
         "plan before you download, load the way that fits, chat.",

@@ -9,6 +9,16 @@ import re
 from runner.errors import UserInputError
 
 
+class Parser(argparse.ArgumentParser):
+    """runner's argument parser: a malformed command line (a missing -p, an unknown option, a value
+    outside its choices) is one line and exit code 2, as every other bad input; argparse's own
+    error prints the usage block first. Sub-commands' parsers are of this class too."""
+
+    def error(self, message: str):
+        command = "" if self.prog == "runner" else f"{self.prog}: "   # the sub-command, e.g. "runner plan: "
+        self.exit(2, f"runner: error: {command}{' '.join(message.split())}\n")
+
+
 def parse_count(text: str, what: str) -> int:
     """'8192', '8k', '128K', '1m' -> an int; a clear error otherwise."""
     match = re.fullmatch(r"\s*(-?\d{1,12}(?:\.\d{1,6})?)\s*([kKmM]?)\s*", text)

@@ -15,13 +15,14 @@ import argparse
 import json
 import sys
 
+from runner.commands.options import Parser
 from runner.errors import UserInputError
 
 DEFAULT_REFERENCE = "cuda:fp32"
 DEFAULT_CONTEXT_CAP = 4096
 
 
-class _IntermixedParser(argparse.ArgumentParser):
+class _IntermixedParser(Parser):
     """Lets the model or record files come after options (`record --backend mlx:q4 MODEL -o F`):
     a plain parser takes positionals in one run and rejects a second run as unrecognized."""
 
