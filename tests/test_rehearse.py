@@ -134,6 +134,19 @@ def test_human_output_shows_plan_against_measured(nf4_run):
     assert "roofline" in out and "bitsandbytes" in out   # versions are part of the record
 
 
+def test_versions_are_read_without_importing_bitsandbytes():
+    """A bf16 rehearsal needs no bitsandbytes; importing it only for its version printed its
+    warning about the `kernels` package (on CPUs with AVX512-BF16) into the rehearsal's output."""
+    import subprocess
+    import sys
+
+    code = ("import sys, json; from runner_cuda.rehearse import versions; found = versions(); "
+            "print(json.dumps([found.get('bitsandbytes'), 'bitsandbytes' in sys.modules]))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    version, imported = json.loads(result.stdout)
+    assert version and not imported and "kernels" not in result.stderr, result.stderr
+
+
 def test_refuses_a_plan_that_does_not_fit_before_allocating(capsys):
     # 8B in bf16 (16 GB) on a hypothetical 1 GB CPU-only machine: the plan says it does not fit.
     code = main(["rehearse", "meta-llama/Llama-3.1-8B-Instruct", "--quant", "bf16", "--machine", "cpu-1GB"])

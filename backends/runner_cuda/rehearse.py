@@ -407,15 +407,16 @@ class Meter:
 
 def versions() -> dict[str, str]:
     import platform
+    from importlib.metadata import PackageNotFoundError, version
 
     import torch
     import transformers
 
     found = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
     for name in ("accelerate", "bitsandbytes"):
-        try:
-            found[name] = __import__(name).__version__
-        except ImportError:
+        try:   # read from the installed metadata: importing bitsandbytes for a bf16 rehearsal printed its
+            found[name] = version(name)   # warning about the optional `kernels` package on AVX512-BF16 CPUs
+        except PackageNotFoundError:
             pass
     if torch.cuda.is_available():
         found["cuda"] = str(torch.version.cuda)
