@@ -83,6 +83,11 @@ def test_errors_name_what_is_wrong(tmp_path, monkeypatch):
     empty.mkdir()
     with pytest.raises(ModelNotFound, match="no config.json"):
         load_spec(str(empty))
+    (empty / "model.safetensors").write_bytes(b"\0" * (17 << 20))   # more than a config.json may be
+    with pytest.raises(ModelNotFound, match="model.safetensors: a weights file; give the folder that holds it"):
+        load_spec(str(empty / "model.safetensors"))
+    with pytest.raises(ModelNotFound, match="/dev/null: not a folder, a config.json or a GGUF file"):
+        load_spec("/dev/null")
     bad = tmp_path / "bad"
     bad.mkdir()
     with pytest.raises(UserInputError, match="malformed JSON"):

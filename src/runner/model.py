@@ -340,9 +340,12 @@ def _find_spec(model: str) -> ModelSpec:
 
         if (gguf := find_gguf(folder)) is not None:   # llama.cpp's format: the metadata is the config
             return spec_from_gguf(gguf, model)
+        if folder.suffix == ".safetensors" and folder.is_file():   # the weights, not the model's folder
+            raise ModelNotFound(f"{model}: a weights file; give the folder that holds it and its config.json")
         config = folder / "config.json" if folder.is_dir() else folder
         if not config.is_file():
-            raise ModelNotFound(f"{model}: no config.json in this folder")
+            raise ModelNotFound(f"{model}: no config.json in this folder" if folder.is_dir()
+                                else f"{model}: not a folder, a config.json or a GGUF file")
         return spec_from_config(read_config(config, model), model, "folder", config.parent)
     if model.startswith((".", "/", "~")):
         raise ModelNotFound(f"{model}: no such file or folder")
