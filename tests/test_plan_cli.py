@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -149,6 +150,16 @@ def test_a_malformed_command_line_is_one_line_too(env, argv, message):
                             env=env, timeout=60)
     assert result.returncode == 2 and result.stderr.splitlines() == [result.stderr.strip()], result.stderr
     assert message in result.stderr and result.stdout == ""
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("args", [[], ["--json"]])
+def test_a_full_disk_under_the_output_is_one_line(env, args):
+    """`runner plan > file` on a full disk: /dev/full fails every write with ENOSPC."""
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, "-m", "runner.cli", "plan", L405, *args], stdout=full,
+                                stderr=subprocess.PIPE, text=True, env=env, timeout=60)
+    assert result.returncode == 1 and result.stderr == "runner: error: No space left on device\n", result.stderr
 
 
 @pytest.mark.parametrize("config,message", [

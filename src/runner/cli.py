@@ -10,6 +10,7 @@ top; torch and mlx are imported inside the backends, when a model is loaded.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -89,6 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:   # `runner plan ... | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as error:   # a full disk: under the output (`> file`), or under runner's caches
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"runner: error: {error.strerror}" + (f": {error.filename}" if error.filename else ""), file=sys.stderr)
+        try:
+            sys.stdout.flush()
+        except OSError:   # what stdout still holds cannot be written either: not again at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
