@@ -186,6 +186,20 @@ def test_corrupt_weights_is_a_clear_error(tiny_llama_dir, tmp_path):
     assert caught.value.exit_code == 2
 
 
+def test_missing_tensors_are_one_short_line(tiny_llama_dir, tmp_path):
+    """mlx-lm names every missing parameter; the error keeps the count and the first names."""
+    from safetensors.numpy import load_file, save_file
+
+    from runner.errors import CorruptWeights
+
+    source = copy_model(tiny_llama_dir, tmp_path / "tiny-embeddings-only")
+    weights = source / "model.safetensors"
+    save_file({name: array for name, array in load_file(weights).items() if "layers" not in name}, weights)
+    with pytest.raises(CorruptWeights, match=r"mlx-lm cannot read these weights \(Missing \d+ parameters: model") as caught:
+        load(source, "q4")
+    assert len(str(caught.value)) < len(str(source)) + 400 and str(caught.value).endswith("…)")
+
+
 def test_model_type_mlx_lm_does_not_know_is_refused(tiny_llama_dir, tmp_path):
     from runner.errors import UnsupportedModel
     from runner_mlx.convert import mlx_folder

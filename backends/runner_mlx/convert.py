@@ -292,7 +292,9 @@ def convert(source: Path, target: Path, quant: str, fingerprint: str, on_progres
                 try:
                     model, tokenizer, config = load(str(source), lazy=True, return_config=True, model_config=fixes)
                 except (ValueError, RuntimeError, OSError) as error:
-                    raise CorruptWeights(f"{source}: mlx-lm cannot read these weights ({error})") from None
+                    said = " ".join(str(error).split())   # mlx-lm names every missing parameter: 14 kB for 271
+                    said = said if len(said) <= 300 else said[:299] + "…"
+                    raise CorruptWeights(f"{source}: mlx-lm cannot read these weights ({said})") from None
             dtype_name = QUANT_DTYPES.get(quant) or config.get("torch_dtype")
             if dtype_name in ("float16", "bfloat16", "float32"):
                 dtype = getattr(mx, dtype_name)
