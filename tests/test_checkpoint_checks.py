@@ -3,6 +3,7 @@ error that names what is wrong (issue 21): the torch backend loads real files on
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import struct
@@ -169,6 +170,26 @@ def test_malformed_tokenizer_and_generation_files_are_one_line(tiny_llama_dir, t
     with pytest.raises(RunnerError) as caught:
         load(folder)
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_folder_without_tokenizer_files_says_so(tiny_llama_dir, tmp_path):
+    """The weights downloaded alone: transformers' 'Couldn't instantiate the backend tokenizer from
+    one of: ...' (mlx-lm's the same, reported as unreadable weights) becomes what is missing."""
+    from runner.errors import LoadError
+    from runner.files import TOKENIZER_FILES
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_llama_dir, folder)
+    for name in TOKENIZER_FILES:
+        (folder / name).unlink(missing_ok=True)
+    missing = r"m: no tokenizer in this folder \(tokenizer.json, tokenizer.model, vocab.json or tiktoken.model\)"
+    with pytest.raises(LoadError, match=missing):
+        load(folder)
+    if importlib.util.find_spec("mlx_lm") is not None:
+        from runner_mlx.convert import mlx_folder
+
+        with pytest.raises(LoadError, match=missing):
+            mlx_folder(folder, "q8")
 
 
 def test_mlx_checks_the_same_files_before_converting(tiny_llama_dir, tmp_path):

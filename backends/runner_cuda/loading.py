@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Callable
 from runner.backend import LoadProgress, LoadRequest
 from runner.choice import options_that_fit, plan_line, refuse_by_plan
 from runner.errors import BackendUnavailable, CorruptWeights, DoesNotFit, LoadError, UserInputError
-from runner.files import TensorEntry, check_model_json, read_json_object, read_safetensors_header
+from runner.files import TensorEntry, check_model_json, missing_tokenizer, read_json_object, read_safetensors_header
 from runner_cuda import BITSANDBYTES_INSTALL, BITSANDBYTES_QUANTS, CUDA_QUANTS, FP8_INSTALL
 
 if TYPE_CHECKING:
@@ -514,7 +514,8 @@ def load_tokenizer(source: str, request: LoadRequest, report):
         return AutoTokenizer.from_pretrained(source, trust_remote_code=request.trust_remote_code)
     except Exception as error:   # transformers' parsers of files from the internet raise anything (KeyError, ...)
         text = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise LoadError(f"{request.model.name}: cannot load the tokenizer ({text})") from None
+        raise LoadError(missing_tokenizer(source, request.model.name)
+                        or f"{request.model.name}: cannot load the tokenizer ({text})") from None
 
 
 def load_model(source: str, scheme: Scheme, tensors: dict[str, TensorEntry], attention: str,

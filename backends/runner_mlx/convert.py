@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Callable
 
 from runner.backend import LoadProgress
-from runner.errors import CorruptWeights, UnsupportedModel, UserInputError
-from runner.files import check_model_json, read_json_object, read_safetensors_header
+from runner.errors import CorruptWeights, LoadError, UnsupportedModel, UserInputError
+from runner.files import check_model_json, missing_tokenizer, read_json_object, read_safetensors_header
 from runner.model import PARTIAL_PULL_MARKER
 from runner.paths import models_dir
 
@@ -292,6 +292,8 @@ def convert(source: Path, target: Path, quant: str, fingerprint: str, on_progres
                 try:
                     model, tokenizer, config = load(str(source), lazy=True, return_config=True, model_config=fixes)
                 except (ValueError, RuntimeError, OSError) as error:
+                    if (no_tokenizer := missing_tokenizer(source, str(source))) is not None:
+                        raise LoadError(no_tokenizer) from None
                     said = " ".join(str(error).split())   # mlx-lm names every missing parameter: 14 kB for 271
                     said = said if len(said) <= 300 else said[:299] + "…"
                     raise CorruptWeights(f"{source}: mlx-lm cannot read these weights ({said})") from None

@@ -195,3 +195,17 @@ def check_model_json(folder: Path) -> None:
     for name in MODEL_JSON_FILES:
         if (Path(folder) / name).is_file():
             read_json_object(Path(folder) / name, MODEL_JSON_MAX_BYTES)
+
+
+# What a Hugging Face tokenizer is read from (fast, sentencepiece, byte-level BPE, tiktoken).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model")
+
+
+def missing_tokenizer(folder: Path, name: str) -> str | None:
+    """After a tokenizer failed to load: the reason in words when the folder holds none of the
+    TOKENIZER_FILES (a download of the weights alone), else None (the library's reason stands)."""
+    folder = Path(folder)
+    if not folder.is_dir() or any((folder / file).exists() for file in TOKENIZER_FILES):
+        return None
+    return (f"{name}: no tokenizer in this folder ({', '.join(TOKENIZER_FILES[:-1])} or {TOKENIZER_FILES[-1]}): "
+            "copy the model's tokenizer files next to its config.json")
