@@ -409,7 +409,8 @@ def main() -> None:
     run.add_argument("--jobs", type=int, default=os.cpu_count())
     run.add_argument("--tiny", action="store_true", help="a 2-layer checkpoint, a CPU-only build: the flow on a CPU")
     run.add_argument("--rounds", type=int, default=3)
-    run.add_argument("--skip", default="", help="stages to leave out: runner (runner's NF4/BF16), bench (llama-bench)")
+    run.add_argument("--skip", default="", help="stages to leave out: runner (runner's NF4/BF16), bench (llama-bench), "
+                                                "backend (runner's llamacpp backend on both files, step 5)")
     one = sub.add_parser("backend", help="one GGUF through runner's llamacpp backend (a process without torch)")
     one.add_argument("name")
     one.add_argument("file", type=Path)
@@ -506,8 +507,9 @@ def run_all(args) -> None:
     os.environ["OMP_NUM_THREADS"] = str(os.cpu_count())   # the CPU side: every core (the load average still counts the build)
     if gpu:
         torch_probe(q4_file)
-    backend_process("Q4_0", q4_file, gpu, args.rounds)
-    backend_process("BF16", bf16_file, gpu, args.rounds)
+    if "backend" not in skip:
+        backend_process("Q4_0", q4_file, gpu, args.rounds)
+        backend_process("BF16", bf16_file, gpu, args.rounds)
     record("total", seconds=time.perf_counter() - started)
 
 

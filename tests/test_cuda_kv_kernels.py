@@ -123,7 +123,7 @@ def test_quantized_write_is_quantize_bit_for_bit(dtype, bits):
             assert torch.equal(part[:, :position], old[:, :position]) and torch.equal(part[:, position + 1:], old[:, position + 1:])
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_rope_and_write_is_rope_then_write_at_bit_for_bit(dtype):
     from fast_kv_helpers import check_rope_and_write
 
@@ -134,7 +134,7 @@ def test_rope_and_write_is_rope_then_write_at_bit_for_bit(dtype):
 @pytest.mark.slow
 @pytest.mark.parametrize("kv_bits", [None, 8, 4])
 def test_decoder_with_the_kernels_is_the_sdpa_path(kv_llama_dir, kv_bits):
-    """A float16 tiny Llama (heads of 64, grouped-query attention) decoded eagerly with the split-KV
+    """A float16 (plain cache: float32) tiny Llama (heads of 64, grouped-query attention) decoded eagerly with the split-KV
     attention and the quantized write, or RoPE and the plain cache's write in one launch
     (interpreted), and with SDPA over the dequantized span: the
     same greedy tokens, logits within float16 rounding (and what that moves across a code's
@@ -144,7 +144,8 @@ def test_decoder_with_the_kernels_is_the_sdpa_path(kv_llama_dir, kv_bits):
     from fast_kv_helpers import fast_greedy, prompt
     from runner_cuda.fast.decoder import FastDecoder
 
-    model = AutoModelForCausalLM.from_pretrained(str(kv_llama_dir), dtype=torch.float16).eval()
+    # float32 for the plain cache: the one-launch RoPE rounds as torch does in bf16 and float32
+    model = AutoModelForCausalLM.from_pretrained(str(kv_llama_dir), dtype=torch.float16 if kv_bits else torch.float32).eval()
     ids = prompt(70, model.config.vocab_size, seed=5)
 
     def decoder(split_kv):

@@ -137,8 +137,8 @@ class FastDecoder:
         if split_kv is None:
             split_kv = on_cuda and self.dtype in (torch.bfloat16, torch.float16) and attention_takes(self.head_dim)
         self.split_kv = split_kv
-        # with the split-KV kernels (Triton) and a plain cache, a step's RoPE and cache write are one launch
-        self.rope_in_write = split_kv and kv_bits is None
+        # with the split-KV kernels (Triton) and a plain bf16 cache, a step's RoPE and cache write are one launch
+        self.rope_in_write = split_kv and kv_bits is None and self.dtype in (torch.bfloat16, torch.float32)
         # NF4 decode GEMV: bitsandbytes' own batch-1 kernel (it reads the packed weights and the
         # double-quant state itself), or the Triton kernel of nf4.py in one of its modes
         self.nf4_kernel = nf4_kernel or "cuda"
