@@ -73,6 +73,17 @@ def test_bad_input_is_one_line_and_exit_2(tiny_llama_dir, tmp_path, capsys):
         assert err[-1].startswith("runner: error:") and message in err[-1], (argv, err)
 
 
+def test_a_runner_home_that_cannot_be_written_is_one_line(tmp_path):
+    """RUNNER_HOME names a file: the default model's first use cannot write runner's cache there
+    (the F16 copy for llama.cpp, or the float32 import for torch)."""
+    home = tmp_path / "a-file"
+    home.write_text("")
+    result = subprocess.run([str(RUNNER), "generate", "-p", "hi", "--max-tokens", "2"], capture_output=True,
+                            text=True, timeout=600, env=dict(os.environ, RUNNER_HOME=str(home)))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"runner: error: Not a directory: {home}/cache/models")
+
+
 def test_a_torch_load_prints_no_library_warnings(tiny_llama_dir):
     """transformers' own warnings (its tensor-parallel plan check, its missing-tensor table) stay out
     of the user's terminal: runner says what matters in its own lines."""

@@ -33,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rm": ("runner.commands.rm", "remove a downloaded model or runner's caches of it (asks first)"),
 }
 DEFAULT_COMMAND = "chat"
+# Errors of the machine's file system, not of runner: one line naming the path, exit code 1.
+FILE_SYSTEM_REFUSALS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR)
 
 
 def all_commands() -> dict[str, tuple[str, str]]:
@@ -90,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:   # `runner plan ... | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except OSError as error:   # a full disk: under the output (`> file`), or under runner's caches
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except OSError as error:   # a full disk under the output (`> file`) or the caches, an unwritable RUNNER_HOME
+        if error.errno not in FILE_SYSTEM_REFUSALS:
             raise
         print(f"runner: error: {error.strerror}" + (f": {error.filename}" if error.filename else ""), file=sys.stderr)
         try:
