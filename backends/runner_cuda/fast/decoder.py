@@ -96,7 +96,7 @@ class FastDecoder:
     def __init__(self, model, max_len: int, *, use_graphs: bool | None = None, nf4_kernel: str | None = None,
                  compile_ops: bool | None = None, fuse_dense: bool | None = None, prefill_chunk: int = PREFILL_CHUNK,
                  split_at: Sequence[int] = (), split_kv: bool | None = None, kv_bits: int | None = None,
-                 gemv: bool | None = None):
+                 gemv: bool | None = None, rope_in_write: bool | None = None):
         import torch
 
         from runner.budget import KV_BITS, KV_GROUP_SIZE
@@ -137,8 +137,10 @@ class FastDecoder:
         if split_kv is None:
             split_kv = on_cuda and self.dtype in (torch.bfloat16, torch.float16) and attention_takes(self.head_dim)
         self.split_kv = split_kv
-        # with the split-KV kernels (Triton) and a plain bf16 cache, a step's RoPE and cache write are one launch
-        self.rope_in_write = split_kv and kv_bits is None and self.dtype in (torch.bfloat16, torch.float32)
+        # with the split-KV kernels (Triton) and a plain bf16 cache, a step's RoPE and cache write are one
+        # launch (kv_kernels.rope_and_write); rope_in_write=False keeps the two (bench ablation)
+        self.rope_in_write = (split_kv and kv_bits is None and self.dtype in (torch.bfloat16, torch.float32)
+                              and rope_in_write is not False)
         # NF4 decode GEMV: bitsandbytes' own batch-1 kernel (it reads the packed weights and the
         # double-quant state itself), or the Triton kernel of nf4.py in one of its modes
         self.nf4_kernel = nf4_kernel or "cuda"

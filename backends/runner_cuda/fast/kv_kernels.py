@@ -159,9 +159,8 @@ def rotate(x_ptr, row, cos, sin, dims, DIM: tl.constexpr, BF16: tl.constexpr):
     x = tl.load(x_ptr + row * DIM + dims).to(tl.float32)
     partner = tl.load(x_ptr + row * DIM + (dims + HALF) % DIM).to(tl.float32)
     rotated = tl.where(dims < HALF, -partner, partner)
-    if BF16:
-        # the last rounding too (exact after it): Triton's interpreter truncates in `.to(bf16)`
-        return round_bf16(round_bf16(x * cos) + round_bf16(rotated * sin)).to(tl.bfloat16)
+    if BF16:     # float32 holding bf16 values: the store's conversion is exact (the interpreter's truncates)
+        return round_bf16(round_bf16(x * cos) + round_bf16(rotated * sin))
     return x * cos + rotated * sin
 
 
