@@ -3,8 +3,7 @@ interpreter (TRITON_INTERPRET=1): the split-KV decode attention reading a quanti
 (kv8, kv4) against a float64 reference on random data, over spans that are and are not multiples
 of its block, for the 8B's grouped-query shape (8 KV heads of 128, 4 query heads each) and a
 head of 64 (one quantization group); the quantized write of a step's K and V against
-runner_cuda.kv_cache.quantize, bit for bit; RoPE with the plain cache's write in one launch against
-the two it replaces, bit for bit; and a decoder using both against the SDPA path.
+runner_cuda.kv_cache.quantize, bit for bit; and a decoder using both against the SDPA path.
 
 The interpreter computes in numpy: float16 here (its bfloat16 products and roundings are not the
 GPU's), so these check the indexing, masking and arithmetic; tests/test_cuda_attention_gpu.py and
@@ -123,20 +122,11 @@ def test_quantized_write_is_quantize_bit_for_bit(dtype, bits):
             assert torch.equal(part[:, :position], old[:, :position]) and torch.equal(part[:, position + 1:], old[:, position + 1:])
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_rope_and_write_is_rope_then_write_at_bit_for_bit(dtype):
-    from fast_kv_helpers import check_rope_and_write
-
-    check_rope_and_write("cpu", dtype)
-    check_rope_and_write("cpu", dtype, heads=4, kv_heads=2, dim=64, capacity=9)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("kv_bits", [None, 8, 4])
+@pytest.mark.parametrize("kv_bits", [8, 4])
 def test_decoder_with_the_kernels_is_the_sdpa_path(kv_llama_dir, kv_bits):
-    """A float16 (plain cache: float32) tiny Llama (heads of 64, grouped-query attention) decoded eagerly with the split-KV
-    attention and the quantized write, or RoPE and the plain cache's write in one launch
-    (interpreted), and with SDPA over the dequantized span: the
+    """A float16 tiny Llama (heads of 64, grouped-query attention) decoded eagerly with the split-KV
+    attention and the quantized write (interpreted) and with SDPA over the dequantized span: the
     same greedy tokens, logits within float16 rounding (and what that moves across a code's
     boundary)."""
     from transformers import AutoModelForCausalLM
@@ -144,8 +134,7 @@ def test_decoder_with_the_kernels_is_the_sdpa_path(kv_llama_dir, kv_bits):
     from fast_kv_helpers import fast_greedy, prompt
     from runner_cuda.fast.decoder import FastDecoder
 
-    # float32 for the plain cache: the one-launch RoPE rounds as torch does in bf16 and float32
-    model = AutoModelForCausalLM.from_pretrained(str(kv_llama_dir), dtype=torch.float16 if kv_bits else torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(kv_llama_dir), dtype=torch.float16).eval()
     ids = prompt(70, model.config.vocab_size, seed=5)
 
     def decoder(split_kv):
@@ -153,7 +142,7 @@ def test_decoder_with_the_kernels_is_the_sdpa_path(kv_llama_dir, kv_bits):
                            split_kv=split_kv)
 
     kernels = decoder(True)
-    assert kernels.rope_in_write if kv_bits is None else kernels.cache[0].kernels
+    assert kernels.cache[0].kernels
     got, tokens = fast_greedy(kernels, ids, 12)
     expected, expected_tokens = fast_greedy(decoder(False), ids, 12)
     assert tokens == expected_tokens
