@@ -79,6 +79,8 @@ def test_errors_name_what_is_wrong(tmp_path, monkeypatch):
         load_spec("./does-not-exist")
     with pytest.raises(ModelNotFound, match="not in runner's catalog"):
         load_spec("someone/unknown-model")
+    with pytest.raises(ModelNotFound, match=r"not in runner's catalog \(did you mean meta-llama/Llama-3.1-8B-Instruct\?\)"):
+        load_spec("llama-3.1-8b-instruct")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ModelNotFound, match="no config.json"):

@@ -361,9 +361,11 @@ def _find_spec(model: str) -> ModelSpec:
     config = catalog_config(model)
     if config is not None:
         return spec_from_config(config, catalog_match(model), "catalog")
+    # the name without its organization, as the chat's status line shows it: say the full id
+    named = [known for known in catalog_ids() if known.lower().endswith("/" + model.lower())]
     raise ModelNotFound(
         f"{model}: not a folder, not in the Hugging Face cache ({hf_hub_cache()}), not in runner's catalog "
-        f"(see `runner plan --list`)"
+        + (f"(did you mean {named[0]}?)" if named else "(see `runner plan --list`)")
     )
 
 
