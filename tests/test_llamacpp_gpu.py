@@ -8,7 +8,7 @@ Needs a CUDA GPU and llama-cpp-python built with CUDA (LLAMA_CPP_LIB_PATH may po
 libraries of such a build: bench/llamacpp_gpu.py builds one). Run with `pytest -m gpu`.
 
 On the H200 (2026-12-01) this file's first model load segfaulted with a llama.cpp built by the
-image's g++ (/opt/gcc, which links libstdc++ statically into each library and exports it); built
+image's g++ (/opt/gcc, which links libstdc++ statically: the libraries exported its code); built
 with -Wl,--exclude-libs,ALL (as bench/llamacpp_gpu.py now builds it) the loads pass
 (bench/RESULTS.md, "Where it crashes")."""
 
