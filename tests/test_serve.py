@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -211,6 +212,12 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(http, server):
         error = response.json()["error"]
         assert re.search(message, error["message"]) and set(error) == {"message", "type", "param", "code"}
     assert http.get("/health", headers={"Origin": "http://localhost:3000"}).json()["status"] == "ready"
+    address = httpx.URL(server.url)
+    with socket.create_connection((address.host, address.port)) as raw:   # a client gone mid-body
+        raw.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {address.host}\r\nAuthorization: Bearer {KEY}"
+                    "\r\nContent-Length: 1000\r\n\r\n{\"messages\": ".encode())
+    server.wait_for("400 POST /v1/chat/completions · the client went away before its request body arrived")
+    assert http.get("/health").json()["status"] == "ready"
     assert "Traceback" not in server.log
 
 

@@ -20,7 +20,7 @@ from typing import AsyncIterator, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -184,10 +184,13 @@ async def read_json(request: Request, limit: int) -> dict:
     if declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the request body is {int(declared)} bytes; the limit is {limit}", code="body_too_large")
     body = bytearray()
-    async for piece in request.stream():
-        body += piece
-        if len(body) > limit:
-            raise ApiError(413, f"the request body is over the limit of {limit} bytes", code="body_too_large")
+    try:
+        async for piece in request.stream():
+            body += piece
+            if len(body) > limit:
+                raise ApiError(413, f"the request body is over the limit of {limit} bytes", code="body_too_large")
+    except ClientDisconnect:   # an ApiError, not the 500 of an unexpected exception and its traceback in the log
+        raise ApiError(400, "the client went away before its request body arrived", code="client_disconnected") from None
     try:
         data = json.loads(body)
     except (ValueError, RecursionError) as error:   # UnicodeDecodeError is a ValueError
