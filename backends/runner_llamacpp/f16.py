@@ -76,27 +76,16 @@ def remove_abandoned(root: Path) -> None:
 def f16_copy(source: Path, on_progress: Callable[[LoadProgress], None] | None = None) -> Path:
     """The F16 copy of `source` (checked by `runner.gguf.read_gguf` before), written on first use
     to a temporary name and renamed into place, so a crash never leaves a half-written copy."""
-    from runner.gguf import read_gguf
-
     target = copy_path(source)
     if target.is_file():
         return target
     root = target.parent.parent
     root.mkdir(parents=True, exist_ok=True)
     remove_abandoned(root)
-    needed = sum(f16_nbytes(t) for t in read_gguf(source).tensors)
-    free = shutil.disk_usage(root).free
-    if free < needed * 1.05:
-        raise UserInputError(f"--quant fp16 writes an F16 copy of {source.name} ({needed / 1e9:.2f} GB) into "
-                             f"{root}, which has {free / 1e9:.2f} GB free; free some space, or use "
-                             "--quant gguf (the file as stored)")
-    try:
-        import numpy as np
-        from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
-        from gguf.quants import dequantize
-    except ImportError:
-        raise UserInputError("--quant fp16 on llama.cpp writes an F16 copy of the GGUF with gguf-py, which is not "
-                             "installed: pip install gguf (or --quant gguf: the file as stored)") from None
+    check_free_space(source, root)
+    require_gguf_py()
+    from gguf import GGUFReader, GGUFWriter
+
     reader = GGUFReader(source)
     staging = root / f".{target.parent.name}.writing-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -104,55 +93,122 @@ def f16_copy(source: Path, on_progress: Callable[[LoadProgress], None] | None = 
     writer = GGUFWriter(staging / target.name, arch=reader.fields["general.architecture"].contents(),
                         endianess=reader.endianess)
     try:
-        for name, field in reader.fields.items():
-            if name.startswith("GGUF.") or name in ("general.architecture", "general.alignment", "general.file_type"):
-                continue
-            kind = field.types[0]
-            sub_type = field.types[-1] if kind == GGUFValueType.ARRAY else None
-            writer.add_key_value(name, field.contents(), kind, sub_type=sub_type)
-        writer.add_file_type(MOSTLY_F16)
-        if "general.alignment" in reader.fields:
-            writer.add_custom_alignment(int(reader.fields["general.alignment"].contents()))
-        for tensor in reader.tensors:
-            if tensor.tensor_type.name in FLOAT_TYPES:
-                writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes,
-                                       raw_dtype=tensor.tensor_type)
-            else:
-                shape = tuple(int(d) for d in reversed(tensor.shape))
-                writer.add_tensor_info(tensor.name, shape, np.dtype(np.float16), 2 * int(np.prod(shape)),
-                                       raw_dtype=GGMLQuantizationType.F16)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for index, tensor in enumerate(reader.tensors):
-            if tensor.tensor_type.name in FLOAT_TYPES:
-                writer.write_tensor_data(tensor.data)
-            else:
-                try:
-                    with np.errstate(over="ignore", invalid="ignore"):   # checked just below
-                        values = dequantize(tensor.data, tensor.tensor_type).astype(np.float16)
-                except NotImplementedError:
-                    raise UserInputError(f"{source}: gguf-py cannot dequantize {tensor.tensor_type.name} (tensor "
-                                         f"{tensor.name}), so runner cannot write its F16 copy: use --quant gguf") from None
-                if not np.isfinite(values).all():
-                    raise CorruptWeights(f"{source}: tensor {tensor.name} holds values beyond F16's range "
-                                         "(or NaN): use --quant gguf")
-                writer.write_tensor_data(values)
-            if on_progress is not None:
-                on_progress(LoadProgress(STAGE, index + 1, len(reader.tensors), "tensors"))
+        write_f16(reader, writer, source, on_progress)
         writer.close()
-        record = {"source": str(source.resolve()), "quant": "fp16", "conversion": CONVERSION}
-        (staging / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        if target.is_file():            # another process finished first
-            shutil.rmtree(staging, ignore_errors=True)
-            return target
-        shutil.rmtree(target.parent, ignore_errors=True)    # a broken earlier copy
-        os.replace(staging, target.parent)
+        write_source_record(staging, source)
+        move_into_place(staging, target)
     except BaseException:
         writer.close()
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def check_free_space(source: Path, root: Path) -> None:
+    """Refuse before writing anything when `root`'s disk cannot hold the copy (with 5% to spare)."""
+    from runner.gguf import read_gguf
+
+    needed = sum(f16_nbytes(t) for t in read_gguf(source).tensors)
+    free = shutil.disk_usage(root).free
+    if free < needed * 1.05:
+        raise UserInputError(f"--quant fp16 writes an F16 copy of {source.name} ({needed / 1e9:.2f} GB) into "
+                             f"{root}, which has {free / 1e9:.2f} GB free; free some space, or use "
+                             "--quant gguf (the file as stored)")
+
+
+def require_gguf_py() -> None:
+    """One line saying how to install gguf-py when it (or a part the copy uses) cannot be imported."""
+    try:
+        import numpy  # noqa: F401
+        from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter  # noqa: F401
+        from gguf.quants import dequantize  # noqa: F401
+    except ImportError:
+        raise UserInputError("--quant fp16 on llama.cpp writes an F16 copy of the GGUF with gguf-py, which is not "
+                             "installed: pip install gguf (or --quant gguf: the file as stored)") from None
+
+
+def write_f16(reader, writer, source: Path, on_progress: Callable[[LoadProgress], None] | None) -> None:
+    """`reader`'s file through `writer`: its metadata, then every tensor, quantized ones as F16."""
+    copy_metadata(reader, writer)
+    add_tensor_infos(reader, writer)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    write_tensors(reader, writer, source, on_progress)
+
+
+def copy_metadata(reader, writer) -> None:
+    """Every key of the source but those the writer sets itself; the file type says F16."""
+    from gguf import GGUFValueType
+
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name in ("general.architecture", "general.alignment", "general.file_type"):
+            continue
+        kind = field.types[0]
+        sub_type = field.types[-1] if kind == GGUFValueType.ARRAY else None
+        writer.add_key_value(name, field.contents(), kind, sub_type=sub_type)
+    writer.add_file_type(MOSTLY_F16)
+    if "general.alignment" in reader.fields:
+        writer.add_custom_alignment(int(reader.fields["general.alignment"].contents()))
+
+
+def add_tensor_infos(reader, writer) -> None:
+    """Each tensor's name, shape and type in the copy: float types as stored, the others F16."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+
+    for tensor in reader.tensors:
+        if tensor.tensor_type.name in FLOAT_TYPES:
+            writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes,
+                                   raw_dtype=tensor.tensor_type)
+        else:
+            shape = tuple(int(d) for d in reversed(tensor.shape))
+            writer.add_tensor_info(tensor.name, shape, np.dtype(np.float16), 2 * int(np.prod(shape)),
+                                   raw_dtype=GGMLQuantizationType.F16)
+
+
+def write_tensors(reader, writer, source: Path, on_progress: Callable[[LoadProgress], None] | None) -> None:
+    """Each tensor's data in the order of the infos, reporting progress per tensor."""
+    for index, tensor in enumerate(reader.tensors):
+        if tensor.tensor_type.name in FLOAT_TYPES:
+            writer.write_tensor_data(tensor.data)
+        else:
+            writer.write_tensor_data(dequantized_f16(tensor, source))
+        if on_progress is not None:
+            on_progress(LoadProgress(STAGE, index + 1, len(reader.tensors), "tensors"))
+
+
+def dequantized_f16(tensor, source: Path):
+    """A quantized tensor's values as F16, refused where gguf-py cannot dequantize its type or
+    where a value does not fit F16."""
+    import numpy as np
+    from gguf.quants import dequantize
+
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):   # checked just below
+            values = dequantize(tensor.data, tensor.tensor_type).astype(np.float16)
+    except NotImplementedError:
+        raise UserInputError(f"{source}: gguf-py cannot dequantize {tensor.tensor_type.name} (tensor "
+                             f"{tensor.name}), so runner cannot write its F16 copy: use --quant gguf") from None
+    if not np.isfinite(values).all():
+        raise CorruptWeights(f"{source}: tensor {tensor.name} holds values beyond F16's range "
+                             "(or NaN): use --quant gguf")
+    return values
+
+
+def write_source_record(staging: Path, source: Path) -> None:
+    """The file the copy was made from, for `runner list`/`rm` (as the other backends' caches record theirs)."""
+    record = {"source": str(source.resolve()), "quant": "fp16", "conversion": CONVERSION}
+    (staging / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def move_into_place(staging: Path, target: Path) -> None:
+    """The finished staging folder renamed to the copy's folder, unless another process got there first."""
+    if target.is_file():            # another process finished first
+        shutil.rmtree(staging, ignore_errors=True)
+        return
+    shutil.rmtree(target.parent, ignore_errors=True)    # a broken earlier copy
+    os.replace(staging, target.parent)
 
 
 __all__ = ["f16_copy", "f16_breakdown", "f16_nbytes", "copy_path"]
