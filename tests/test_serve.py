@@ -282,6 +282,27 @@ def test_ctrl_c_stops_the_server(server):
     assert "Traceback" not in server.log
 
 
+@pytest.mark.slow
+def test_ctrl_c_during_a_stream_ends_it_cleanly(default_model_dir):
+    """Ctrl+C while a reply streams: the reply stops at its next token and its stream ends with
+    [DONE], inside uvicorn's grace period (past it uvicorn cancels the response: tracebacks)."""
+    server = ServerProcess()
+    server.wait_for("runner: ready:")
+    body = {"messages": ask(LONG_REPLY), "temperature": 0, "max_tokens": 2000, "stream": True}
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        with client.stream("POST", "/v1/chat/completions", json=body) as streamed:
+            lines = streamed.iter_lines()
+            for line in lines:
+                if '"content":"' in line and '"content":""' not in line:
+                    break   # generating
+            server.process.send_signal(signal.SIGINT)
+            rest = [line for line in lines if line]
+    assert server.process.wait(timeout=30) in (0, 130)
+    assert rest[-1] == "data: [DONE]" and '"finish_reason":"cancelled"' in rest[-2], rest[-3:]
+    server.wait_for(r"chat #1 · .* tokens \(cancelled: the server is stopping\)")
+    assert "Traceback" not in server.log and "ERROR" not in server.log, server.log
+
+
 # ---- the pieces, without a server ---------------------------------------------------------------
 
 

@@ -94,8 +94,13 @@ def serve(args: argparse.Namespace, *, model: str, aliases: set[str], context: i
                      on_ready=ready, on_failed=failed)
     app = build_app(host, model=model, aliases=aliases, api_key=args.api_key, loopback=is_loopback(args.listen),
                     log=log)
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:   # Ctrl+C: replies under way end before uvicorn's grace
+            host.stop()                               # period runs out (then it cancels them: tracebacks)
+            super().handle_exit(sig, frame)
+
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=3)
-    server = uvicorn.Server(config)
+    server = Server(config)
     log(f"serving on {url} (the model loads in the background: requests get 503 until it is ready)"
         + ("; every request needs the API key" if args.api_key else ""))
     host.start()

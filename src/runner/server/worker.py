@@ -89,6 +89,7 @@ class ModelHost:
         self._waiting: queue.Queue[Job | None] = queue.Queue()   # bounded by `submit`
         self._current: Job | None = None
         self._submitted = 0
+        self._stopped_loading = False   # stop() came while the model was loading
         self._thread = threading.Thread(target=self._run, name="runner-model", daemon=True)
 
     # ---- the event loop's side -------------------------------------------------------------
@@ -120,15 +121,22 @@ class ModelHost:
     def busy(self) -> bool:
         return self._current is not None
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Cancel what runs and what waits, then let the thread close the session. A load still
-        under way is not waited for (the thread closes the session when it ends)."""
-        loading, self.state = self.state == "loading", "closed"
+    def stop(self) -> None:
+        """Cancel what runs and what waits, without waiting: on Ctrl+C the replies under way end at
+        their next token, so their responses finish inside the HTTP server's grace period."""
+        if self.state == "closed":
+            return
+        self._stopped_loading, self.state = self.state == "loading", "closed"
         current = self._current
         if current is not None:
             current.cancel.set()
         self._waiting.put(None)
-        if not loading:
+
+    def close(self, timeout: float = 10.0) -> None:
+        """stop(), then let the thread close the session. A load still under way is not waited for
+        (the thread closes the session when it ends)."""
+        self.stop()
+        if not self._stopped_loading:
             self._thread.join(timeout)
 
     # ---- the model's thread ----------------------------------------------------------------
@@ -218,7 +226,8 @@ class ModelHost:
         job.post(Finished(finish, usage))
         queue_note = f"waited {waited:.2f} s · " if job.behind else ""
         if finish == "cancelled":
-            outcome = f"{usage.completion_tokens} tokens (cancelled: the client went away)"
+            why = "the server is stopping" if self.state == "closed" else "the client went away"
+            outcome = f"{usage.completion_tokens} tokens (cancelled: {why})"
         else:
             outcome = (f"{usage.completion_tokens} tokens ({finish}) · {last.generation_tps:.1f} tokens/s · "
                        f"first token {last.time_to_first_token:.2f} s")
