@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from runner.budget import Plan
+    from runner.gguf import GgufFile
     from runner.model import ModelSpec
 
 # --kv-bits -> ggml's KV cache type: Q8_0 (34 bytes per 32 values) and Q4_0 (18 per 32) are the
@@ -249,16 +250,28 @@ def threads() -> int:
 
 
 def load_session(request: LoadRequest) -> LlamaCppSession:
-    import llama_cpp
+    import llama_cpp  # noqa: F401  (first: a llama.cpp that cannot be imported fails before any F16 copy is made)
 
-    from runner.gguf import read_gguf
-    from runner_llamacpp.compat import capture_log, special_token_texts
+    from runner_llamacpp.compat import special_token_texts
 
     spec = request.model
     path = gguf_of(spec)
-    kv_type = KV_TYPES.get(request.kv_bits)      # None: f16
     if request.trust_remote_code:
         raise UserInputError("the llamacpp backend runs no repository code (--trust-remote-code)")
+    path, file, stored = file_to_load(path, request)
+    template = chat_template(path, file)
+    offload, warnings = gpu_offload(request)
+    llm, log, count = open_llama(path, request, offload)
+    summary = describe(llm, request, offload, count, stored, file)
+    return LlamaCppSession(llm, spec, request.quant, request.context, request.plan, template, special_token_texts(llm),
+                           summary, warnings, log, count)
+
+
+def file_to_load(path: Path, request: LoadRequest) -> tuple[Path, "GgufFile", str]:
+    """The GGUF llama.cpp loads (`path` as stored, or for fp16 runner's F16 copy of it), its
+    header, and the stored file's tensor types in words."""
+    from runner.gguf import read_gguf
+
     file = read_gguf(path)     # checked before llama.cpp (or gguf-py) parses it
     stored = file.types_in_words()
     if request.quant == "fp16":
@@ -266,17 +279,37 @@ def load_session(request: LoadRequest) -> LlamaCppSession:
 
         path = f16_copy(path, request.on_progress)
         file = read_gguf(path)
+    return path, file, stored
+
+
+def chat_template(path: Path, file: "GgufFile") -> str | None:
+    """The file's chat template (None without one), refused when too large to load."""
     template = file.metadata.get("tokenizer.chat_template")
     template = template if isinstance(template, str) and template else None
     if template is not None and len(template.encode()) > MAX_TEMPLATE_BYTES:
         raise CorruptWeights(f"{path}: its chat template is {len(template.encode()):,} bytes; runner loads "
                              f"templates of at most {MAX_TEMPLATE_BYTES:,}")
+    return template
+
+
+def gpu_offload(request: LoadRequest) -> tuple[int, tuple[str, ...]]:
+    """llama.cpp's n_gpu_layers for the plan, and a warning when this build cannot offload."""
+    import llama_cpp
+
     offload = gpu_layers(request)
-    warnings = []
     if offload and not llama_cpp.llama_supports_gpu_offload():
-        warnings.append("this llama-cpp-python was built without CUDA or Metal: every layer runs on the CPU "
-                        "(reinstall it with CMAKE_ARGS=\"-DGGML_CUDA=on\" for NVIDIA GPUs)")
-        offload = 0
+        return 0, ("this llama-cpp-python was built without CUDA or Metal: every layer runs on the CPU "
+                   "(reinstall it with CMAKE_ARGS=\"-DGGML_CUDA=on\" for NVIDIA GPUs)",)
+    return offload, ()
+
+
+def open_llama(path: Path, request: LoadRequest, offload: int):
+    """(llama.cpp's Llama for `path`, the log it wrote while loading, its CPU threads)."""
+    import llama_cpp
+
+    from runner_llamacpp.compat import capture_log
+
+    kv_type = KV_TYPES.get(request.kv_bits)      # None: f16
     if request.on_progress is not None:
         request.on_progress(LoadProgress("loading the GGUF file (llama.cpp)", 0, 1, "files"))
     log = capture_log()
@@ -301,13 +334,19 @@ def load_session(request: LoadRequest) -> LlamaCppSession:
     llm.verbose = False   # no more prints from llama-cpp-python
     if request.on_progress is not None:
         request.on_progress(LoadProgress("loading the GGUF file (llama.cpp)", 1, 1, "files"))
-    where = offload_words(offload, spec.num_layers) if offload else f"CPU, {count} thread{'s' if count != 1 else ''}"
+    return llm, log, count
+
+
+def describe(llm, request: LoadRequest, offload: int, count: int, stored: str, file: "GgufFile") -> str:
+    """The session's one-line summary: llama.cpp's version, where it runs, the weights, the context."""
+    import llama_cpp
+
+    where = offload_words(offload, request.model.num_layers) if offload else \
+        f"CPU, {count} thread{'s' if count != 1 else ''}"
     kv = f"; KV cache {request.kv_bits}-bit" if request.kv_bits else ""
     weights = f"GGUF as stored: {stored}" if request.quant != "fp16" else \
         f"GGUF ({stored}) as runner's F16 copy: {file.types_in_words()}"
-    summary = f"llama.cpp {llama_cpp.__version__} ({where}); {weights}; context {llm.n_ctx()} tokens{kv}"
-    return LlamaCppSession(llm, spec, request.quant, request.context, request.plan, template, special_token_texts(llm),
-                           summary, tuple(warnings), log, count)
+    return f"llama.cpp {llama_cpp.__version__} ({where}); {weights}; context {llm.n_ctx()} tokens{kv}"
 
 
 __all__ = ["LlamaCppSession", "load_session", "pick_token", "BATCH"]
