@@ -350,40 +350,21 @@ def rehearse(
 
 def _rehearse(plan: "Plan", decode_tokens: int, report, where: dict, prefill_chunk: int) -> MlxRehearsalResult:
     import mlx.core as mx
-    from mlx_lm.generate import wired_limit
-    from mlx_lm.models.cache import make_prompt_cache
 
-    spec = plan.model
     device = plan_device(plan)
-    gc.collect()
-    mx.clear_cache()
+    release_memory()
     started = time.perf_counter()
     baseline = active()
     mx.reset_peak_memory()
-    model = build_lazy_model(spec, plan.quant)
-    dtype = compute_dtype(spec, plan.quant)
-    keys = Keys()
-    measured_blocks = materialize_blocks(model, dtype, keys, device, baseline, where, report)
+    model, keys, measured_blocks = random_model(plan, device, baseline, where, report)
     load_seconds = time.perf_counter() - started
     weights = active() - baseline
     load_peak = peak() - baseline
 
-    # Prefill and decode as mlx-lm's generate_step does.
     prefill = plan.context - decode_tokens
-    tokens = mx.random.randint(0, spec.vocab_size, (prefill,), key=keys.next()).astype(mx.uint32)
-    mx.eval(tokens)
-    cache = make_prompt_cache(model)
-    if not mx.metal.is_available() and plan.quant in QUANT_BITS and prefill > 64:
-        warn_of_a_slow_prefill(model, tokens, where, report)
-    mx.reset_peak_memory()
-    chunks = f" in chunks of {prefill_chunk}" if prefill - 1 > prefill_chunk else ""
-    report(LoadProgress(f"prefill of {prefill} tokens{chunks}", 0, decode_tokens, "tokens"))
-    with wired_limit(model):
-        token, prefill_seconds = timed_prefill(model, tokens, cache, prefill_chunk, where)
-        step_seconds = timed_decode(model, token, cache, decode_tokens, where, report)
-    del token, tokens
-    gc.collect()
-    mx.clear_cache()
+    cache, prefill_seconds, step_seconds = run_prompt(model, plan, keys, prefill, decode_tokens, prefill_chunk,
+                                                      where, report)
+    release_memory()
     prefill_peak = peak() - baseline
     resident = active() - baseline
     kv_cache, kv_slots, kv_tokens_bytes = kv_cache_bytes(cache, plan.context)
@@ -414,9 +395,50 @@ def _rehearse(plan: "Plan", decode_tokens: int, report, where: dict, prefill_chu
         device_names={device: f"mlx, {where_it_runs()}"},
     )
     del model, cache
+    release_memory()
+    return result
+
+
+def release_memory() -> None:
+    """Free what Python no longer references and mlx's cache of freed buffers, so that the
+    active memory measured next is what is really held."""
+    import mlx.core as mx
+
     gc.collect()
     mx.clear_cache()
-    return result
+
+
+def random_model(plan: "Plan", device: str, baseline: int, where: dict,
+                 report) -> tuple[object, Keys, list[BlockMemory]]:
+    """mlx-lm's model for the plan with random weights in `plan.quant`: (the model, the random keys
+    it was made with, each block's measured memory)."""
+    model = build_lazy_model(plan.model, plan.quant)
+    dtype = compute_dtype(plan.model, plan.quant)
+    keys = Keys()
+    measured_blocks = materialize_blocks(model, dtype, keys, device, baseline, where, report)
+    return model, keys, measured_blocks
+
+
+def run_prompt(model, plan: "Plan", keys: Keys, prefill: int, decode_tokens: int, prefill_chunk: int, where: dict,
+               report) -> tuple[list, float, list[float]]:
+    """Prefill `prefill` random tokens and decode `decode_tokens` more as mlx-lm's generate_step does,
+    with mlx's peak reset first: (the KV cache, the prefill's seconds, each decode step's seconds)."""
+    import mlx.core as mx
+    from mlx_lm.generate import wired_limit
+    from mlx_lm.models.cache import make_prompt_cache
+
+    tokens = mx.random.randint(0, plan.model.vocab_size, (prefill,), key=keys.next()).astype(mx.uint32)
+    mx.eval(tokens)
+    cache = make_prompt_cache(model)
+    if not mx.metal.is_available() and plan.quant in QUANT_BITS and prefill > 64:
+        warn_of_a_slow_prefill(model, tokens, where, report)
+    mx.reset_peak_memory()
+    chunks = f" in chunks of {prefill_chunk}" if prefill - 1 > prefill_chunk else ""
+    report(LoadProgress(f"prefill of {prefill} tokens{chunks}", 0, decode_tokens, "tokens"))
+    with wired_limit(model):
+        token, prefill_seconds = timed_prefill(model, tokens, cache, prefill_chunk, where)
+        step_seconds = timed_decode(model, token, cache, decode_tokens, where, report)
+    return cache, prefill_seconds, step_seconds
 
 
 def materialize_blocks(model, dtype, keys: Keys, device: str, baseline: int, where: dict, report) -> list[BlockMemory]:
