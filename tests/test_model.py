@@ -77,6 +77,11 @@ def test_errors_name_what_is_wrong(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(ModelNotFound, match="no such file or folder"):
         load_spec("./does-not-exist")
+    with pytest.raises(ModelNotFound, match="~no-such-user-here/x: no such file or folder"):
+        load_spec("~no-such-user-here/x")   # ~user of a user this machine lacks: pathlib raised RuntimeError
+    for empty in ("", "  "):
+        with pytest.raises(UserInputError, match="the model name is empty"):
+            load_spec(empty)
     with pytest.raises(ModelNotFound, match="not in runner's catalog"):
         load_spec("someone/unknown-model")
     with pytest.raises(ModelNotFound, match=r"not in runner's catalog \(did you mean meta-llama/Llama-3.1-8B-Instruct\?\)"):

@@ -475,9 +475,10 @@ def launch_spec(model: str | None) -> "ModelSpec":
     """`load_spec`, and also a model id of which the HF cache holds only this host's share
     (`runner launch --pull`): runner chat does not offer such a snapshot, runner launch starts from it."""
     from runner.model import hf_cache_snapshot, load_spec, read_config, spec_from_config
+    from runner.paths import user_path
     from runner.store import share_snapshot
 
-    if model and not Path(model).expanduser().exists() and hf_cache_snapshot(model) is None:
+    if model and not user_path(model).exists() and hf_cache_snapshot(model) is None:
         share = share_snapshot(model)
         if share is not None:
             snapshot = share[0]

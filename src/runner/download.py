@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from runner.errors import RunnerError, UserInputError
 from runner.files import parse_json, read_safetensors_header
 from runner.model import PARTIAL_PULL_MARKER
+from runner.paths import user_path
 
 if TYPE_CHECKING:
     from runner.choice import Choice
@@ -172,7 +173,7 @@ def check_repo_id(model: str | None) -> str:
     if model is None:
         raise UserInputError("runner pull needs a Hugging Face model id, e.g. runner pull "
                              "HuggingFaceTB/SmolLM2-360M-Instruct (the built-in model needs no download)")
-    if Path(model).expanduser().exists() or model.startswith((".", "/", "~")):
+    if user_path(model).exists() or model.startswith((".", "/", "~")):
         raise UserInputError(f"{model}: runner pull downloads from the Hugging Face Hub; a local folder "
                              f"loads as it is: runner chat {model}")
     if not REPO_ID.fullmatch(model) or ".." in model or "--" in model:

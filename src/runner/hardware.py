@@ -24,6 +24,7 @@ from pathlib import Path
 
 from runner.errors import UserInputError
 from runner.files import parse_json, read_text
+from runner.paths import user_path
 
 GiB = 1024**3
 GB = 10**9
@@ -235,7 +236,7 @@ def parse_machine(text: str) -> Machine:
     "cpu-64GB". Options after commas: ",ram=512GB", ",disk=2TB". Sizes are vendor GB (GiB).
     """
     text = text.strip()
-    path = Path(text).expanduser()
+    path = user_path(text)
     try:
         is_file = path.is_file()
     except OSError:          # a name too long to be a path is no file

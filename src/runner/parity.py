@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 from runner.backend import Message, Sampling, backend_class
 from runner.errors import RunnerError, UserInputError
 from runner.files import parse_json, read_json_object, read_text
+from runner.paths import user_path
 
 if TYPE_CHECKING:
     import numpy as np
@@ -211,7 +212,7 @@ def builtin_prompts() -> list[Prompt]:
 def read_prompts(path: str | Path) -> list[Prompt]:
     """Prompts from a file: a JSON list (strings, or objects with 'name' and 'messages'), or plain
     text where prompts are separated by blank lines (each one becomes a single user message)."""
-    path = Path(path).expanduser()
+    path = user_path(path)
     text = read_text(path)
     if path.suffix == ".json":
         prompts = _prompts_from_json(parse_json(text, path), str(path))
@@ -758,7 +759,7 @@ _ARRAYS = ("prompt_ids", "reply_ids", "top_ids", "top_logits", "logsumexp", "nex
 def write_record(capture_: Capture, path: str | Path) -> Path:
     import numpy as np
 
-    path = Path(path).expanduser()
+    path = user_path(path)
     meta = dict(capture_.meta)
     meta["replies"] = [p.reply_text for p in capture_.prompts]
     tmp = path.with_name(path.name + ".partial")
@@ -790,7 +791,7 @@ def read_record(path: str | Path) -> Capture:
     and every array's kind and shape against the others, so that a record of the wrong shape is
     one clear error here, not a traceback in the comparison. Sizes are checked before anything is
     decompressed."""
-    path = Path(path).expanduser()
+    path = user_path(path)
     if not path.is_file():
         raise UserInputError(f"{path}: no such record file")
     try:

@@ -24,3 +24,10 @@ def models_dir() -> Path:
 def data_dir() -> Path:
     """User data that must survive: chat history."""
     return _home("data")
+
+
+def user_path(text: str | os.PathLike) -> Path:
+    """A path as the user typed it, with `~` and `~user` expanded. `~name` of a user this machine
+    does not have (`~models/x` for `~/models/x`) stays as typed, to be reported as not found:
+    pathlib's expanduser raises RuntimeError there."""
+    return Path(os.path.expanduser(text))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from runner.errors import UserInputError
 from runner.model import PARTIAL_PULL_MARKER, hf_cache_repo, hf_hub_cache, snapshot_ready
-from runner.paths import models_dir
+from runner.paths import models_dir, user_path
 
 def cache_kinds() -> dict[str, str]:
     """models_dir()/<kind>/<folder>: what the backends derive from a model, kind -> words."""
@@ -214,7 +214,7 @@ def removals(model: str, caches_only: bool = False) -> list[Removal]:
     """What `runner rm MODEL` removes, every folder checked to be runner's own; raises a one-line
     error for a model not here or a folder runner does not own."""
     models, orphans, _ = local_models()
-    path = Path(model).expanduser()
+    path = user_path(model)
     by_path = path.exists() or model.startswith((".", "/", "~"))
     if by_path:
         cache = next((c for c in [*orphans, *(c for m in models for c in m.caches)] if _same(c.path, path)), None)

@@ -104,13 +104,12 @@ def refuse_a_share(model: str | None) -> None:
     """chat and generate load a whole model: where the Hugging Face cache holds only one host's
     share of `model` (`runner pull --layers`, which `load_spec` does not offer), say so and what to
     run instead, rather than "not in the Hugging Face cache"."""
-    from pathlib import Path
-
     from runner.model import hf_cache_snapshot
+    from runner.paths import user_path
     from runner.store import share_snapshot
 
     try:
-        if not model or Path(model).expanduser().exists() or hf_cache_snapshot(model) is not None:
+        if not model or user_path(model).exists() or hf_cache_snapshot(model) is not None:
             return
     except OSError:     # a name the filesystem refuses: load_spec says so
         return
