@@ -509,6 +509,7 @@ def test_no_network_and_bad_names_are_one_line(hub, tmp_path):
     assert "HF_HUB_OFFLINE" in one_line_error(runner("pull", "test-org/small", env=pull_env(HF_HUB_OFFLINE="1")))
     assert "no such model on the Hub, or it is private" in one_line_error(runner("pull", "test-org/missing"))
     assert "not a Hugging Face model id" in one_line_error(runner("pull", "a/b/c"))
+    assert "runner pull needs a Hugging Face model id" in one_line_error(runner("pull", ""))   # not "a local folder"
     assert "local folder" in one_line_error(runner("pull", str(tmp_path)))
     hub.repos["test-org/pickles"] = Repo({"config.json": small_repo(tmp_path / "p")["config.json"],
                                           "pytorch_model.bin": tmp_path / "p" / "model.safetensors"})

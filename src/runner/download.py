@@ -170,7 +170,7 @@ def plan_pull(pull: Pull, machine: "Machine", backend: str | None = None, quant:
 
 def check_repo_id(model: str | None) -> str:
     """A Hugging Face model id, or one clear error."""
-    if model is None:
+    if model is None or not model.strip():
         raise UserInputError("runner pull needs a Hugging Face model id, e.g. runner pull "
                              "HuggingFaceTB/SmolLM2-360M-Instruct (the built-in model needs no download)")
     if user_path(model).exists() or model.startswith((".", "/", "~")):
