@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -364,11 +365,14 @@ def _find_spec(model: str) -> ModelSpec:
     config = catalog_config(model)
     if config is not None:
         return spec_from_config(config, catalog_match(model), "catalog")
-    # the name without its organization, as the chat's status line shows it: say the full id
+    # the name without its organization, as the chat's status line shows it, or the model's page
+    # on the Hub pasted from a browser: say the id
     named = [known for known in catalog_ids() if known.lower().endswith("/" + model.lower())]
+    page = re.match(r"(?:https?://(?:www\.)?huggingface\.co/|hf://)([\w.-]+/[\w.-]+)", model)
     raise ModelNotFound(
         f"{model}: not a folder, not in the Hugging Face cache ({hf_hub_cache()}), not in runner's catalog "
-        + (f"(did you mean {named[0]}?)" if named else "(see `runner plan --list`)")
+        + (f"(did you mean {named[0]}?)" if named else f"(write the id alone: {page.group(1)})" if page
+           else "(see `runner plan --list`)")
     )
 
 
