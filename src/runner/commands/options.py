@@ -23,7 +23,7 @@ def parse_count(text: str, what: str) -> int:
     """'8192', '8k', '128K', '1m' -> an int; a clear error otherwise."""
     match = re.fullmatch(r"\s*(-?\d{1,12}(?:\.\d{1,6})?)\s*([kKmM]?)\s*", text)
     if not match:
-        raise UserInputError(f"{what} must be a number of tokens like 8192 or 8k, not '{text[:40]}'")
+        raise UserInputError(f"{what} must be a number like 8192 or 8k, not '{text[:40]}'")
     value = float(match.group(1)) * {"": 1, "k": 1024, "m": 1024**2}[match.group(2).lower()]
     if value != int(value):
         raise UserInputError(f"{what} must be a whole number, not '{text}'")
