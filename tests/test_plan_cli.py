@@ -145,6 +145,7 @@ def test_bad_input_is_one_line_and_exit_2(env, args, message):
     (["generate", "-p", "hi", "--max-tokens", "ten"], "runner generate: argument --max-tokens: invalid int value"),
     (["parity", "--a", "cuda:fp32", "--bogus"], "runner: error: unrecognized arguments: --bogus"),
     (["rm"], "runner: error: runner rm: the following arguments are required: MODEL"),
+    (["genrate", "-p", "hi"], "runner: error: unknown command 'genrate' (did you mean runner generate?)"),
 ])
 def test_a_malformed_command_line_is_one_line_too(env, argv, message):
     result = subprocess.run([sys.executable, "-m", "runner.cli", *argv], capture_output=True, text=True,

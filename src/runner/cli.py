@@ -72,9 +72,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def mistyped_command(word: str, commands) -> str | None:
+    """The command `word` looks like a typo of (`runner genrate`), unless a folder or file is
+    called that: `runner WORD` opens the chat on model WORD."""
+    import difflib
+
+    close = difflib.get_close_matches(word, commands, n=1, cutoff=0.75)
+    return close[0] if close and not os.path.exists(word) else None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in all_commands() and argv[0] not in ("-h", "--help", "--version")):
+        if argv and (command := mistyped_command(argv[0], all_commands())):
+            print(f"runner: error: unknown command '{argv[0]}' (did you mean runner {command}?)", file=sys.stderr)
+            return 2
         argv.insert(0, DEFAULT_COMMAND)
     parser = build_parser()
     try:
