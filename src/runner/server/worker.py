@@ -223,7 +223,11 @@ class ModelHost:
             job.post(Text(rest))
         finish = "stop" if stopped else last.finish_reason
         usage = Usage(last.prompt_tokens, last.generation_tokens, last.reused_tokens)
-        job.post(Finished(finish, usage))
+        if finish == "cancelled" and self.state == "closed":   # Ctrl+C: the client is told, not handed a short reply
+            job.post(Failed(ApiError(503, "the server is stopping: the reply was cut short", type="server_error",
+                                     code="shutting_down")))
+        else:
+            job.post(Finished(finish, usage))
         queue_note = f"waited {waited:.2f} s · " if job.behind else ""
         if finish == "cancelled":
             why = "the server is stopping" if self.state == "closed" else "the client went away"
