@@ -33,8 +33,9 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
-from runner.backend import Message, Sampling, checked_prompt
+from runner.backend import LoadProgress, Message, Sampling, checked_prompt
 from runner.errors import RunnerError, UserInputError
 
 EXIT_WATCHDOG = 3     # no progress within the time limit
@@ -463,18 +464,39 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_rank(args, hosts: list[str], watchdog: Watchdog) -> int:
-    import mlx.core as mx
-
-    from runner.backend import LoadProgress
-    from runner.model import load_spec
-    from runner_mlx.convert import launch_fingerprint, mlx_folder
+    from runner_mlx.convert import launch_fingerprint
     from runner_mlx.link import JsonLink
-    from runner_mlx.session import MlxSession, check_wired_limit, describe_quant, where_it_runs
+    from runner_mlx.session import check_wired_limit
 
     is_root = int(os.environ.get("MLX_RANK", "0")) == 0
     chat = None
     if args.serve and is_root:
         chat = ChatServer(JsonLink.connect(args.serve))   # first, so the app sees every stage
+    progress = progress_reporter(watchdog, chat, is_root)
+    group = join_ring(hosts, watchdog, progress, args.rank_timeout)
+    spec, layers, folder = prepare_model(args, hosts, group, watchdog, progress)
+    watchdog.enter("comparing the model with the other hosts", args.load_timeout)
+    progress(LoadProgress("comparing the model with the other hosts", 0, 0))
+    check_same_model(group, launch_fingerprint(Path(spec.path)), hosts)
+    if args.share_bytes:   # on a Mac: warn when this host's share will not sit in wired memory
+        check_wired_limit(int(args.share_bytes.split(",")[group.rank()]))
+    session, share = share_session(args, spec, layers, folder, group, watchdog, progress)
+    memory = report_memory(group, hosts, share)
+
+    if chat is not None:
+        chat.session = session
+        chat.send(ready_message(args, group.size(), memory))
+        requests = chat
+    else:
+        requests = CommandLineRequest(args.request_json, session, args.show_tokens, group.size()) if is_root else None
+    follow_rank_0(group, session, requests, watchdog, args.rank_timeout, is_root)
+    finish(group, watchdog, args.rank_timeout)
+    return 0
+
+
+def progress_reporter(watchdog: Watchdog, chat: ChatServer | None, is_root: bool) -> Callable[[LoadProgress], None]:
+    """What each load stage does: it counts as progress for the watchdog, and rank 0 shows it (to
+    the chat app, or a line per stage on stderr)."""
 
     def progress(event: LoadProgress) -> None:
         watchdog.beat()
@@ -485,28 +507,49 @@ def run_rank(args, hosts: list[str], watchdog: Watchdog) -> int:
             count = f" {event.done}/{event.total} {event.unit}" if event.total else ""
             print(f"runner: {event.stage}{count}", file=sys.stderr, flush=True)
 
+    return progress
+
+
+def join_ring(hosts: list[str], watchdog: Watchdog, progress, rank_timeout: float):
+    """The group of every rank, once mlx's ring is up, with heartbeats exchanged from the start."""
+    import mlx.core as mx
+
     progress(LoadProgress("joining the other hosts", 0, 0))
-    watchdog.enter("joining the ring", args.rank_timeout)
+    watchdog.enter("joining the ring", rank_timeout)
     watchdog.listen(Heartbeat.from_ring(int(os.environ.get("MLX_RANK", "0")), hosts))
     group = mx.distributed.init(backend="ring", strict=True)
     watchdog.joined()
-    rank, size = group.rank(), group.size()
+    return group
+
+
+def prepare_model(args, hosts: list[str], group, watchdog: Watchdog, progress) -> tuple:
+    """(the model's spec, this rank's layers, the mlx folder holding them), converted here if need be."""
+    from runner.model import load_spec
+    from runner_mlx.convert import mlx_folder
 
     watchdog.enter("preparing the model", None)          # a conversion takes as long as it takes
     spec = load_spec(args.model)
-    layers = (0, spec.num_layers)
-    if args.split == "pipeline":
-        ranges = [tuple(int(x) for x in part.split(":")) for part in args.layers.split(",")]
-        if len(ranges) != size:
-            raise UserInputError(f"--layers gives {len(ranges)} ranges for {size} ranks")
-        layers = ranges[rank]
+    layers = rank_layers(args, spec.num_layers, group.rank(), group.size())
     # a host holding only its share converts that share; one holding too little says so here
-    folder = mlx_folder(Path(spec.path), args.quant, progress, layers, holder=host_name(hosts, rank))
-    watchdog.enter("comparing the model with the other hosts", args.load_timeout)
-    progress(LoadProgress("comparing the model with the other hosts", 0, 0))
-    check_same_model(group, launch_fingerprint(Path(spec.path)), hosts)
-    if args.share_bytes:   # on a Mac: warn when this host's share will not sit in wired memory
-        check_wired_limit(int(args.share_bytes.split(",")[rank]))
+    folder = mlx_folder(Path(spec.path), args.quant, progress, layers, holder=host_name(hosts, group.rank()))
+    return spec, layers, folder
+
+
+def rank_layers(args, num_layers: int, rank: int, size: int) -> tuple[int, int]:
+    """The layers this rank holds: its --layers range in a pipeline split, all of them (in part) in a tensor split."""
+    if args.split != "pipeline":
+        return 0, num_layers
+    ranges = [tuple(int(x) for x in part.split(":")) for part in args.layers.split(",")]
+    if len(ranges) != size:
+        raise UserInputError(f"--layers gives {len(ranges)} ranges for {size} ranks")
+    return ranges[rank]
+
+
+def share_session(args, spec, layers: tuple[int, int], folder: Path, group, watchdog: Watchdog, progress) -> tuple:
+    """(the session over this rank's share of the model, that share in words)."""
+    from runner_mlx.session import MlxSession, describe_quant, where_it_runs
+
+    size = group.size()
     watchdog.enter("loading this host's share of the model", args.load_timeout)
     model, tokenizer = load_share(folder, args.split, layers, group, progress)
     share = (f"layers {layers[0]}-{layers[1] - 1}" if args.split == "pipeline"
@@ -515,32 +558,45 @@ def run_rank(args, hosts: list[str], watchdog: Watchdog) -> int:
     if args.kv_bits is not None:
         summary += f", KV cache {args.kv_bits}-bit"
     session = MlxSession(model, tokenizer, spec, args.quant, folder, summary, args.context, kv_bits=args.kv_bits)
+    return session, share
+
+
+def report_memory(group, hosts: list[str], share: str) -> list[list[int]]:
+    """This rank's memory in use on stderr; every rank's [active, peak] memory in KiB."""
+    import mlx.core as mx
+
+    rank = group.rank()
     active = mx.get_active_memory()
     print(f"runner: rank {rank} ({host_name(hosts, rank)}): {share}, {active / 2**30:.2f} GB in use",
           file=sys.stderr, flush=True)
     # every rank's memory, in KiB (int32 holds 2 TiB), for the chat app's plan panel
-    memory = mx.distributed.all_gather(mx.array([[active // 1024, mx.get_peak_memory() // 1024]], dtype=mx.int32),
-                                       group=group, stream=mx.cpu).tolist()
+    return mx.distributed.all_gather(mx.array([[active // 1024, mx.get_peak_memory() // 1024]], dtype=mx.int32),
+                                     group=group, stream=mx.cpu).tolist()
 
-    if chat is not None:
-        chat.session = session
-        chat.send({"ready": {"summary": f"{args.split} split over {size} hosts on {where_it_runs()}, "
-                                        f"{describe_quant(args.quant)}"
-                                        + (f", KV cache {args.kv_bits}-bit" if args.kv_bits is not None else ""),
-                             "memory": [a * 1024 for a, _ in memory], "peak": [p * 1024 for _, p in memory]}})
-        requests = chat
-    else:
-        requests = CommandLineRequest(args.request_json, session, args.show_tokens, size) if is_root else None
+
+def ready_message(args, size: int, memory: list[list[int]]) -> dict:
+    """What the chat app learns once every rank is loaded: the run in words, each rank's memory in bytes."""
+    from runner_mlx.session import describe_quant, where_it_runs
+
+    return {"ready": {"summary": f"{args.split} split over {size} hosts on {where_it_runs()}, "
+                                 f"{describe_quant(args.quant)}"
+                                 + (f", KV cache {args.kv_bits}-bit" if args.kv_bits is not None else ""),
+                      "memory": [a * 1024 for a, _ in memory], "peak": [p * 1024 for _, p in memory]}}
+
+
+def follow_rank_0(group, session, requests, watchdog: Watchdog, rank_timeout: float, is_root: bool) -> None:
+    """Every request rank 0 broadcasts, generated by every rank in step, until rank 0 closes;
+    rank 0 (`requests`: where its requests come from) sends the reply on and says when to stop."""
     while True:
-        watchdog.enter("waiting for rank 0's request", args.rank_timeout)
+        watchdog.enter("waiting for rank 0's request", rank_timeout)
         kind, prompt, sampling = broadcast_request(group, requests.next_request(IDLE_TICK) if is_root else None)
         if kind == CLOSE:
-            break
+            return
         if kind == IDLE:
             if not is_root:   # rank 0 waits as long for a request: both reach the next broadcast together
                 time.sleep(IDLE_TICK)
             continue
-        watchdog.enter("generating", args.rank_timeout)
+        watchdog.enter("generating", rank_timeout)
         cancel = threading.Event()
         for chunk in session.stream_tokens(prompt, sampling, cancel):
             watchdog.beat()
@@ -548,10 +604,15 @@ def run_rank(args, hosts: list[str], watchdog: Watchdog) -> int:
                 requests.send_chunk(chunk)
             if chunk.finish_reason is None and agree_to_stop(group, is_root and requests.stop_wanted()):
                 cancel.set()
-    watchdog.enter("finishing", args.rank_timeout)
+
+
+def finish(group, watchdog: Watchdog, rank_timeout: float) -> None:
+    """A last collective, so that no rank leaves the ring while another still needs it."""
+    import mlx.core as mx
+
+    watchdog.enter("finishing", rank_timeout)
     watchdog.listen(None)       # the others may end first from here on
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))
-    return 0
 
 
 if __name__ == "__main__":
