@@ -649,3 +649,106 @@ def test_the_built_in_models_f16_copy_is_its_cache(hub, own_home):
     result = runner("rm", "HuggingFaceTB/SmolLM2-135M-Instruct", "-y")
     assert result.returncode == 0, result.stderr
     assert not copy.exists()
+
+
+def cut_off_pull(hub, repo_id: str) -> None:
+    """`runner pull repo_id` stopped with Ctrl-C in the middle of its weights."""
+    hub.hold_after["model.safetensors"] = 2_000_000
+    process = subprocess.Popen([str(RUNNER), "pull", repo_id], env=pull_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        assert hub.reached.wait(120), "the pull never reached the weights"
+        os.kill(process.pid, signal.SIGINT)
+        assert process.communicate(timeout=60)[0] is not None and process.returncode == 130
+    finally:
+        hub.release.set()
+        process.kill()
+
+
+def test_list_shows_a_pull_cut_off_and_rm_frees_its_bytes(hub, tmp_path, own_home):
+    """A download cancelled half-way (Ctrl-C, the chat's Cancel) is listed as partial, with the bytes
+    it holds and how to resume, and `runner rm` takes it after asking."""
+    from runner.download import human_size
+    from runner.store import tree_size
+
+    hub.repos["test-org/small"] = Repo(small_repo(tmp_path / "small", weights=3_000_000))
+    cut_off_pull(hub, "test-org/small")
+    repo_folder = snapshot("test-org/small").parents[1]
+    on_disk = tree_size(repo_folder)
+    assert (repo_folder / "blobs").is_dir() and on_disk > 0
+
+    row = next(line for line in runner("list").stdout.splitlines() if line.startswith("test-org/small "))
+    assert row.split()[1:] == ["HF", "cache", *human_size(on_disk).split(), "partial:", "runner", "pull",
+                               "test-org/small", "resumes", "it"]
+    assert listed("test-org/small")["size_bytes"] == on_disk
+
+    declined = subprocess.run([str(RUNNER), "rm", "test-org/small"], input="n\n", capture_output=True, text=True,
+                              env=pull_env(), timeout=60)
+    assert declined.returncode == 1 and "nothing removed" in declined.stderr and repo_folder.exists()
+    accepted = subprocess.run([str(RUNNER), "rm", "test-org/small"], input="y\n", capture_output=True, text=True,
+                              env=pull_env(), timeout=60)
+    assert accepted.returncode == 0, accepted.stderr
+    assert "test-org/small (HF cache, a download not finished)" in accepted.stdout
+    assert accepted.stdout.strip().endswith(f"Remove this ({human_size(on_disk)})? [y/N] removed 1 folder: "
+                                            f"{human_size(on_disk)} freed")
+    assert not repo_folder.exists()
+    assert "test-org/small" not in runner("list").stdout
+
+
+def sharded_small_repo(folder: Path) -> dict[str, Path]:
+    """small_repo's config.json with its weights in two shards and their index."""
+    files = small_repo(folder)
+    files.pop("model.safetensors").unlink()
+    names = {"model.layers.0.w": "model-00001-of-00002.safetensors", "lm_head.weight": "model-00002-of-00002.safetensors"}
+    for tensor, name in names.items():
+        files[name] = safetensors_file(folder / name, {tensor: 1_000_000})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": names}))
+    files["model.safetensors.index.json"] = folder / "model.safetensors.index.json"
+    return files
+
+
+def cut_off_hf_download(hub, names: list[str]) -> None:
+    """huggingface_hub's own client (as `hf download` or transformers use it) fetching `names` in
+    turn, killed in the middle of the last one."""
+    hub.hold_after[names[-1]] = 1_000_000
+    hub.reached.clear()
+    hub.release.clear()
+    script = ("import sys\nfrom huggingface_hub import hf_hub_download\n"
+              "for name in sys.argv[1:]:\n    hf_hub_download('test-org/small', name)\n")
+    process = subprocess.Popen([sys.executable, "-c", script, *names], env=pull_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    try:
+        assert hub.reached.wait(120), "the download never reached the weights"
+    finally:
+        process.kill()
+        process.communicate(timeout=60)
+        hub.release.set()
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["one-file", "sharded"])
+def test_a_download_of_another_tool_cut_off_after_config_is_listed_and_removable(hub, tmp_path, own_home, sharded):
+    """Another tool's download killed while the weights arrive leaves config.json in the snapshot
+    (and the shards before) without runner's marker: listed as partial, not ready; runner pull
+    finishes it; runner rm removes it."""
+    files = sharded_small_repo(tmp_path / "small") if sharded else small_repo(tmp_path / "small", weights=1_000_000)
+    held = "model-00002-of-00002.safetensors" if sharded else "model.safetensors"
+    hub.repos["test-org/small"] = Repo(files)
+    names = [name for name in files if name != held] + [held]    # the others whole, the held file last
+    cut_off_hf_download(hub, names)
+    folder = snapshot("test-org/small")
+    assert (folder / "config.json").is_file() and not (folder / held).exists()
+    assert not (folder / ".runner-pull-incomplete").exists()
+
+    entry = listed("test-org/small")
+    assert entry["state"] == "partial" and entry["size_bytes"] > 0
+    assert "partial: runner pull test-org/small resumes it" in runner("list").stdout
+    pulled = runner("pull", "test-org/small")
+    assert pulled.returncode == 0, pulled.stderr
+    assert listed("test-org/small")["state"] == "ready"
+
+    shutil.rmtree(folder.parents[1])
+    cut_off_hf_download(hub, names)
+    removed = runner("rm", "test-org/small", "--yes")
+    assert removed.returncode == 0, removed.stderr
+    assert "(HF cache, a download not finished)" in removed.stdout
+    assert not folder.parents[1].exists()

@@ -2,7 +2,8 @@
 
 What runner can load is what the model picker offers (`runner.tui.models.find_models`: the
 built-in model, runner's own folder, the Hugging Face cache, `model_dirs` from the config file),
-plus Hugging Face snapshots a `runner pull` has not finished. Beside them are the caches the
+plus Hugging Face snapshots whose download has not finished (a `runner pull` cut off, or
+another tool's download that stopped after config.json). Beside them are the caches the
 backends derive from a model, each kind in `models_dir()/<kind>/` as its backend declares
 (`<Backend>.caches`: MLX conversions, NF4 reload caches, ...); each records the folder it came
 from in a `runner-*.json` file.
@@ -117,16 +118,32 @@ def _inside(path: Path, folder: Path) -> bool:
         return False
 
 
+def weights_missing(snapshot: Path) -> bool:
+    """A snapshot whose config.json arrived and its safetensors weights did not all (a download by
+    another tool cut off: `hf download`, transformers; runner's own pulls leave their marker)."""
+    index = snapshot / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return False      # not an index runner can read: loading it will say so
+        return any(not isinstance(s, str) or not (snapshot / s).is_file() for s in shards)
+    # no weights at all, but pickles: a model runner does not load, not a download cut off
+    return not any(snapshot.glob("*.safetensors")) and not any(snapshot.glob("*.bin"))
+
+
 def _partial_pulls(known: set[str]) -> list[LocalModel]:
-    """HF cache repositories whose only snapshots are runner pulls not finished."""
+    """HF cache repositories whose snapshots are all unfinished: runner pulls cut off (their
+    marker) or other tools' downloads that stopped after config.json."""
     cache = hf_hub_cache()
     models = []
     for repo in sorted(cache.glob("models--*")) if cache.is_dir() else ():
         model_id = repo.name[len("models--"):].replace("--", "/", 1)
         snapshots = [s for s in (repo / "snapshots").glob("*") if s.is_dir()]
-        if model_id.lower() in known or any(snapshot_ready(s) for s in snapshots):
+        if model_id.lower() in known or any(snapshot_ready(s) and not weights_missing(s) for s in snapshots):
             continue
-        partial = [s for s in snapshots if (s / PARTIAL_PULL_MARKER).exists()]
+        partial = sorted((s for s in snapshots if (s / PARTIAL_PULL_MARKER).exists() or snapshot_ready(s)),
+                         key=lambda s: not (s / PARTIAL_PULL_MARKER).exists())   # runner's own pull first
         if partial:
             layers = share_layers(partial[0] / PARTIAL_PULL_MARKER)
             models.append(LocalModel(model_id, "HF cache", partial[0], "share" if layers else "partial", repo,
@@ -174,8 +191,8 @@ def local_models() -> tuple[list[LocalModel], list[DerivedCache], list[str]]:
         if entry.where == "built-in":
             owned = default_model_folder()
             state = "ready" if entry.path is not None else "not imported"
-        elif entry.where == "HF cache":
-            owned, state = entry.path.parents[1], "ready"
+        elif entry.where == "HF cache":   # the picker offers a sharded snapshot with some shards
+            owned, state = entry.path.parents[1], "partial" if weights_missing(entry.path) else "ready"
         elif entry.where == "runner":
             owned, state = entry.path, "ready"
         else:
@@ -243,7 +260,7 @@ def removals(model: str, caches_only: bool = False) -> list[Removal]:
         if not match.owned.exists():
             continue
         hub = match.where == "HF cache"
-        state = {"partial": ", a pull not finished", "share": ", one host's share"}.get(match.state, "")
+        state = {"partial": ", a download not finished", "share": ", one host's share"}.get(match.state, "")
         what = f"{match.name} ({match.where}{state})"
         removal = _checked(match.owned, hf_hub_cache() if hub else models_dir(), what, match.size_bytes)
         result.append(Removal(removal.path, what, removal.size_bytes, match.name if hub else None))
