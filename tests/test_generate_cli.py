@@ -55,6 +55,13 @@ def test_streams_text_to_stdout_and_stats_to_stderr(tiny_llama_dir, capsys):
     assert "4 tokens (length)" in captured.err and "measured" in captured.err
 
 
+def test_a_one_token_reply_says_1_token(tiny_llama_dir, capsys):
+    code = main(["generate", str(tiny_llama_dir), "-p", "Hello", "--quant", "fp32", "--max-tokens", "1"])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "runner: 1 token (" in captured.err and "1 tokens" not in captured.err
+
+
 def test_bad_input_is_one_line_and_exit_2(tiny_llama_dir, tmp_path, capsys):
     base = tmp_path / "base"
     shutil.copytree(tiny_llama_dir, base)

@@ -188,3 +188,14 @@ def test_plan_says_the_longest_context_per_kv_setting(capsys):
     assert main(args + ["--json"]) == 0
     longest = json.loads(capsys.readouterr().out)["longest_context_per_kv_bits"]
     assert longest == {"none": 93184, "8": 131072, "4": 131072}
+
+
+def test_one_layer_and_one_token_are_singular(env, tmp_path):
+    folder = tmp_path / "one-layer"
+    folder.mkdir()
+    config = dict(catalog_config("meta-llama/Llama-3.2-1B-Instruct"), num_hidden_layers=1)
+    (folder / "config.json").write_text(json.dumps(config))
+    result = runner(env, str(folder), "--context", "1")
+    assert result.returncode == 0, result.stderr
+    assert " · 1 layer · " in result.stdout and "Context 1 token x batch 1" in result.stdout
+    assert "1 layers" not in result.stdout and "1 tokens" not in result.stdout

@@ -310,7 +310,7 @@ def placement_summary(model) -> str:
     if not devices:
         return module_device(model)
     if len(set(devices)) == 1:
-        return f"{devices[0]} (all {len(devices)} layers)"
+        return f"{devices[0]} (all {len(devices)} layer{'s' if len(devices) != 1 else ''})"
     runs, start = [], 0
     for index in range(1, len(devices) + 1):
         if index == len(devices) or devices[index] != devices[start]:

@@ -246,7 +246,7 @@ class CudaSession(TokenStreaming):
                 del cache
                 free_memory()
                 raise GenerationError(
-                    f"out of GPU memory after {len(held)} tokens; use a shorter --context or a smaller --quant"
+                    f"out of GPU memory after {len(held)} token{'s' if len(held) != 1 else ''}; use a shorter --context or a smaller --quant"
                 )
         finally:
             self._lock.release()

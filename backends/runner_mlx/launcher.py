@@ -376,7 +376,7 @@ class LaunchPlan:
     kv_bits: int | None = None
 
     def describe(self) -> list[str]:
-        lines = [f"{self.spec.name} ({self.quant}, {self.context} tokens of context) over "
+        lines = [f"{self.spec.name} ({self.quant}, {self.context} token{'s' if self.context != 1 else ''} of context) over "
                  f"{len(self.hosts)} hosts, {self.why}:"]
         return lines + [f"  {share.describe(self.spec.num_layers, self.split)}" for share in self.shares]
 

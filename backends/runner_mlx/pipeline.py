@@ -62,7 +62,7 @@ def drop_other_layers(model: nn.Module, start: int, stop: int) -> None:
     """Forget the layers another rank runs before their weights are read (the model is lazy)."""
     layers = model.model.layers
     if stop > len(layers) or not 0 <= start < stop:
-        raise ValueError(f"layer range {start}-{stop} does not fit a model of {len(layers)} layers")
+        raise ValueError(f"layer range {start}-{stop} does not fit a model of {len(layers)} layer{'s' if len(layers) != 1 else ''}")
     for index in range(len(layers)):
         if not start <= index < stop:
             layers[index] = None

@@ -88,7 +88,7 @@ def checked_prompt(prompt: Sequence[int], context: int, model_max_context: int) 
         raise UserInputError("the prompt is empty")
     if len(prompt) >= context:
         raise UserInputError(
-            f"the prompt is {len(prompt)} tokens but the context is {context}: shorten it or raise "
+            f"the prompt is {len(prompt)} token{'s' if len(prompt) != 1 else ''} but the context is {context}: shorten it or raise "
             f"--context (the model handles up to {model_max_context})"
         )
     return prompt

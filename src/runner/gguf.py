@@ -342,7 +342,7 @@ def spec_from_gguf(path: Path, name: str) -> "ModelSpec":
     layers = _whole(file, f"{a}.block_count", name, "num_hidden_layers")
     blocks = {int(n.split(".")[1]) for n in tensors if n.startswith("blk.") and n.split(".")[1].isdigit()}
     if blocks != set(range(layers)):
-        raise UnsupportedModel(f"{name}: the GGUF metadata says {layers} layers, its tensors hold {len(blocks)}")
+        raise UnsupportedModel(f"{name}: the GGUF metadata says {layers} layer{'s' if layers != 1 else ''}, its tensors hold {len(blocks)}")
     return ModelSpec(
         name=name,
         model_type="mixtral" if experts > 1 else ARCHITECTURES[a],

@@ -444,7 +444,8 @@ def prompt_token_ids(
     if len(ids) <= limit:
         return ids, False
     warn(f"prompt '{prompt.name}' has {len(ids)} tokens, more than the context allows with "
-         f"{max_tokens} reply tokens ({limit}): cut to its first {limit} tokens, no greedy reply")
+         f"{max_tokens} reply token{'s' if max_tokens != 1 else ''} ({limit}): cut to its first {limit} "
+         f"token{'s' if limit != 1 else ''}, no greedy reply")
     return ids[:limit], True
 
 
@@ -454,7 +455,7 @@ def checked_logits(session: "Session", token_ids: "np.ndarray", label: str) -> "
 
     logits = np.asarray(session.logits(token_ids.tolist()), dtype=np.float32)
     if logits.ndim != 2 or logits.shape[0] != len(token_ids):
-        raise RunnerError(f"{label}: logits() returned shape {logits.shape} for {len(token_ids)} tokens")
+        raise RunnerError(f"{label}: logits() returned shape {logits.shape} for {len(token_ids)} token{'s' if len(token_ids) != 1 else ''}")
     return logits
 
 

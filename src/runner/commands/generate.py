@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print()
     print(
-        f"runner: {stats['tokens']} tokens ({stats['finish_reason']}), {stats['tokens_per_s']:.1f} tokens/s, "
+        f"runner: {stats['tokens']} token{'s' if stats['tokens'] != 1 else ''} ({stats['finish_reason']}), {stats['tokens_per_s']:.1f} tokens/s, "
         f"first token after {stats['time_to_first_token_s']:.2f} s; memory {memory_line(memory, choice.plan)}",
         file=sys.stderr,
     )

@@ -225,9 +225,12 @@ class ChatScreen(Screen[None]):
             self.update_status()
 
     def on_turns_left_out(self, message: msg.TurnsLeftOut) -> None:
+        one = message.count == 1
+        turns = "The oldest turn of this conversation no longer fits" if one else \
+            f"The {message.count} oldest turns of this conversation no longer fit"
         self.notify(
-            f"The {message.count} oldest turns of this conversation no longer fit the context of "
-            f"{message.context:,} tokens; they are left out of the prompt (still in the history).",
+            f"{turns} the context of {message.context:,} token{'s' if message.context != 1 else ''}; "
+            f"{'it is' if one else 'they are'} left out of the prompt (still in the history).",
             severity="warning",
         )
 
@@ -238,7 +241,8 @@ class ChatScreen(Screen[None]):
         await self.finish_reply(reply, STOPPED if message.finish_reason == "cancelled" else COMPLETE)
         if message.finish_reason == "length":
             self.notify(
-                f"The reply reached the limit of {self.settings.max_tokens} tokens (Ctrl+S to raise it).",
+                f"The reply reached the limit of {self.settings.max_tokens} token{'s' if self.settings.max_tokens != 1 else ''} "
+                "(Ctrl+S to raise it).",
                 severity="warning",
             )
 
