@@ -233,4 +233,4 @@ def test_rehearse_on_llamacpp_is_one_line(capsys):
     """llama.cpp rehearses nothing (it would need random weights in the file's own types)."""
     assert main(["rehearse", "--backend", "llamacpp"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "runner: error: the llamacpp backend has no scheme for this command (it takes gguf, fp16)"]
+        "runner: error: this command takes none of the llamacpp backend's schemes (gguf, fp16)"]

@@ -113,7 +113,7 @@ def _best_scheme(spec: ModelSpec, machine: "Machine", backend: str, context: int
     order += list(backend_class(backend).quality_order)
     order = [q for q in dict.fromkeys(order) if q in allowed] or list(allowed)
     if not order:   # e.g. `runner rehearse --backend llamacpp`: it rehearses nothing
-        raise UserInputError(f"the {backend} backend has no scheme for this command (it takes {', '.join(backend_quants(backend))})")
+        raise UserInputError(f"this command takes none of the {backend} backend's schemes ({', '.join(backend_quants(backend))})")
     for quant in order:
         if make_plan(spec, machine, quant, context, batch, backend, kv_bits=kv_bits).verdict == FITS:
             return quant, f"you asked for {backend}: {quant} is its best scheme that fits"
