@@ -185,6 +185,8 @@ def test_parse_target():
             parse_target(bad)
     with pytest.raises(UserInputError, match="unknown quant"):
         parse_target("mlx:q3")
+    with pytest.raises(UserInputError, match="unknown backend 'foo'"):     # the backend before the quant
+        parse_target("foo:q3")
 
 
 def test_prompts(tmp_path):

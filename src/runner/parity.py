@@ -39,7 +39,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from runner.backend import Message, Sampling, backend_class
+from runner.backend import Message, Sampling, backend_class, backend_names
 from runner.errors import RunnerError, UserInputError
 from runner.files import parse_json, read_json_object, read_text
 from runner.paths import user_path
@@ -172,6 +172,8 @@ def parse_target(text: str) -> Target:
     if not sep or not backend or not scheme:
         raise UserInputError(f"'{text}': write a backend and a quant as BACKEND:QUANT[,kv8|kv4], "
                              "e.g. cuda:bf16, mlx:q4 or cuda:bf16,kv8")
+    if backend not in backend_names():     # the backend first, as it is written first
+        raise UserInputError(f"'{text}': unknown backend '{backend}' (known: {', '.join(backend_names())})")
     precision_class(scheme)  # unknown quant or KV setting: a clear error before anything loads
     quant, kv_bits = split_scheme(scheme)
     return Target(backend, quant, kv_bits)
