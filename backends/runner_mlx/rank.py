@@ -304,7 +304,8 @@ class CommandLineRequest:
         print(file=sys.stdout, flush=True)
         if self.show_tokens:
             print(f"runner: tokens: {' '.join(map(str, self.tokens))}", file=sys.stderr, flush=True)
-        print(f"runner: {chunk.generation_tokens} tokens, {chunk.generation_tps:.1f} tokens/s over "
+        print(f"runner: {chunk.generation_tokens} token{'s' if chunk.generation_tokens != 1 else ''}, "
+              f"{chunk.generation_tps:.1f} tokens/s over "
               f"{self.size} hosts ({chunk.finish_reason}); prompt {chunk.prompt_tokens} tokens at "
               f"{chunk.prompt_tps:.1f} tokens/s", file=sys.stderr, flush=True)
 
