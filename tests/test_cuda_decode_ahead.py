@@ -94,6 +94,27 @@ def kept(prompt: list[int], chunks) -> int:
     return len(prompt) + len([c for c in chunks if c.token is not None]) - 1
 
 
+def turns_both_ways(pair, messages: list, end_token: int, sampling: Sampling, cancel_after: int):
+    """QUESTIONS as turns of one conversation, each answered by both sessions (a step ahead, in
+    turn): the first stops on `end_token`, the second is cancelled after `cancel_after` chunks.
+    Each turn gives the same chunks both ways and, already at the last chunk, the cache the
+    ordinary order keeps. Yields (prompt, chunks, cached positions at each chunk) per turn."""
+    ahead, in_turn = pair
+    for turn, question in enumerate(QUESTIONS):
+        if turn:
+            messages.append(Message("user", question))
+        for session in pair:
+            session.eos_ids = {end_token} if turn == 0 else set()
+        prompt = ahead.tokenize(messages)
+        cut = cancel_after if turn == 1 else None
+        chunks, seen = streamed(ahead, prompt, sampling, cut)
+        theirs, _ = streamed(in_turn, prompt, sampling, cut)
+        assert record(chunks) == record(theirs), f"turn {turn + 1}"
+        assert seen[-1] == cached(in_turn) == kept(prompt, chunks), f"turn {turn + 1}"
+        yield prompt, chunks, seen
+        messages.append(Message("assistant", "".join(c.text for c in chunks)))
+
+
 def test_the_step_after_a_token_runs_before_the_host_reads_it(pair):
     ahead, in_turn = pair
     prompt = ahead.tokenize([Message("user", QUESTIONS[0])])
@@ -110,29 +131,16 @@ def test_conversation_with_stop_cancel_and_limit_is_the_ordinary_orders(pair):
     """Four turns that reuse the kept cache, ending on an end token, on a cancel and at max_tokens:
     the same chunks, and after each reply the cache holds exactly the ordinary order's positions,
     so the next turn reuses the same prefix and answers the same."""
-    ahead, in_turn = pair
     messages = [Message("user", QUESTIONS[0])]
-    prompt = ahead.tokenize(messages)
+    prompt = pair[0].tokenize(messages)
     probe = [[c.token for c in session.stream_tokens(prompt, Sampling(max_tokens=8))] for session in pair]
     assert probe[0] == probe[1]
     end_token = probe[0][3]        # an id the greedy reply to the first question reaches: turn 1 stops there
     endings, previous = [], []
-    for turn, question in enumerate(QUESTIONS):
-        if turn:
-            messages.append(Message("user", question))
-        for session in pair:
-            session.eos_ids = {end_token} if turn == 0 else set()
-        prompt = ahead.tokenize(messages)
-        cancel_after = 3 if turn == 1 else None
-        chunks, seen = streamed(ahead, prompt, Sampling(max_tokens=7), cancel_after)
-        theirs, _ = streamed(in_turn, prompt, Sampling(max_tokens=7), cancel_after)
-        assert record(chunks) == record(theirs), f"turn {turn + 1}"
-        # already when the last chunk comes out (a caller may stop reading there)
-        assert seen[-1] == cached(in_turn) == kept(prompt, chunks), f"turn {turn + 1}"
+    for prompt, chunks, _seen in turns_both_ways(pair, messages, end_token, Sampling(max_tokens=7), cancel_after=3):
         assert chunks[0].reused_tokens >= len(previous)      # the turn before's prompt, at least
         endings.append(chunks[-1].finish_reason)
         previous = prompt
-        messages.append(Message("assistant", "".join(c.text for c in chunks)))
     assert endings == ["stop", "cancelled", "length", "length"]
 
 

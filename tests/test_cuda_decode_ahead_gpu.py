@@ -11,7 +11,7 @@ import pytest
 from runner.backend import LoadRequest, Message, Sampling, get_backend
 from runner.model import load_spec
 from prefix_helpers import QUESTIONS
-from test_cuda_decode_ahead import cached, kept, record, same_picks_as_multinomial, streamed
+from test_cuda_decode_ahead import same_picks_as_multinomial, turns_both_ways
 from test_prefix_cache_gpu import word_chat_dir  # noqa: F401  (a fixture)
 
 torch = pytest.importorskip("torch")
@@ -39,7 +39,7 @@ def pair(request, word_chat_dir):  # noqa: F811
 @pytest.mark.parametrize("sampling", [Sampling(max_tokens=9), Sampling(temperature=1.2, top_p=0.9, max_tokens=9, seed=3)],
                          ids=["greedy", "sampled"])
 def test_turns_decoded_ahead_are_the_ordinary_orders(pair, sampling):
-    ahead, in_turn = pair
+    ahead = pair[0]
     messages = [Message("system", "Be brief."), Message("user", QUESTIONS[0])]
     prompt = ahead.tokenize(messages)
 
@@ -53,19 +53,8 @@ def test_turns_decoded_ahead_are_the_ordinary_orders(pair, sampling):
     end_token = probe[0][4]           # turn 1 (prefilled as the probe was) stops on it
     start_afresh()
     endings = []
-    for turn, question in enumerate(QUESTIONS):
-        if turn:
-            messages.append(Message("user", question))
-        for session in pair:
-            session.eos_ids = {end_token} if turn == 0 else set()
-        prompt = ahead.tokenize(messages)
-        cancel_after = 4 if turn == 1 else None
-        chunks, seen = streamed(ahead, prompt, sampling, cancel_after)
-        theirs, _ = streamed(in_turn, prompt, sampling, cancel_after)
-        assert record(chunks) == record(theirs), f"turn {turn + 1}"
-        assert seen[-1] == cached(in_turn) == kept(prompt, chunks), f"turn {turn + 1}"
+    for prompt, chunks, seen in turns_both_ways(pair, messages, end_token, sampling, cancel_after=4):
         if len(chunks) > 2:           # token 1's step ran before its chunk came out
             assert seen[0] == len(prompt) + 1
         endings.append(chunks[-1].finish_reason)
-        messages.append(Message("assistant", "".join(c.text for c in chunks)))
     assert endings[0] == "stop" and endings[1] == "cancelled"
