@@ -1,6 +1,7 @@
 """What the fast path's quantized-KV tests share (tests/test_cuda_fast_kv.py on the CPU,
 tests/test_cuda_fast_kv_gpu.py on a GPU): a tiny Llama whose heads are one KV quantization group,
-and greedy decoding through the ordinary loop's quantized cache and through the fast decoder."""
+and greedy decoding through the ordinary loop's quantized cache and through the fast decoder; and
+for the Triton kernels' CPU tests, the check that Triton's interpreter runs them."""
 
 from __future__ import annotations
 
@@ -60,3 +61,18 @@ def fast_greedy(decoder, ids: list[int], steps: int):
         tokens.append(int(logits[-1].argmax()))
         logits.append(decoder.step(tokens[-1]).clone())
     return torch.stack(logits), tokens
+
+
+def skip_unless_interpreted(compiled_tests: str) -> None:
+    """Without a GPU the Triton kernels run in Triton's interpreter (conftest.py sets
+    TRITON_INTERPRET before anything imports Triton); with one, `compiled_tests` test them compiled."""
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip(f"on a GPU the compiled kernels are tested ({compiled_tests})")
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(tl.zeros, InterpretedFunction):
+        pytest.skip("Triton was imported before TRITON_INTERPRET was set: run this file on its own")

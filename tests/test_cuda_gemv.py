@@ -19,18 +19,12 @@ torch = pytest.importorskip("torch")
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-from fast_kv_helpers import fast_greedy  # noqa: E402
+from fast_kv_helpers import fast_greedy, skip_unless_interpreted  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
 def interpreted():
-    if torch.cuda.is_available():
-        pytest.skip("on a GPU the compiled kernel is tested (test_cuda_gemv_gpu.py)")
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(tl.zeros, InterpretedFunction):
-        pytest.skip("Triton was imported before TRITON_INTERPRET was set: run this file on its own")
+    skip_unless_interpreted("test_cuda_gemv_gpu.py")
 
 
 def relative(got, reference) -> float:

@@ -14,6 +14,7 @@ pytestmark = [
 ]
 
 from fast_kv_helpers import fast_greedy  # noqa: E402
+from test_cuda_fast_split_gpu import checkpoint  # noqa: E402,F401  (a fixture)
 
 TIE = 0.25      # logits of 8-32 in bf16 are 0.0625-0.125 apart; two roundings apart is a tie
 
@@ -83,16 +84,11 @@ def test_sweep_chooses_per_shape_and_remembers():
 
 
 @pytest.fixture(scope="module")
-def bf16_model(tmp_path_factory):
-    """A random 4-layer Llama (hidden 512, 8 heads, 2 KV heads) in bf16 on the GPU."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+def bf16_model(checkpoint):  # noqa: F811
+    """test_cuda_fast_split_gpu.py's random 4-layer Llama (hidden 512, 8 heads, 2 KV heads), in bf16 on the GPU."""
+    from transformers import AutoModelForCausalLM
 
-    folder = tmp_path_factory.mktemp("gemv-llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
-                         num_key_value_heads=2, vocab_size=4096, max_position_embeddings=2048, initializer_range=0.05)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(str(folder))
-    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16, device_map="cuda:0").eval()
+    return AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.bfloat16, device_map="cuda:0").eval()
 
 
 def gemv_launches(decoder, steps: int = 3) -> int:

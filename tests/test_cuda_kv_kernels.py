@@ -12,8 +12,6 @@ test_cuda_fast_kv_gpu.py check the compiled kernels in bfloat16 on a GPU."""
 from __future__ import annotations
 
 import importlib.util
-import os
-import sys
 
 import pytest
 
@@ -21,32 +19,13 @@ torch = pytest.importorskip("torch")
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
+from fast_kv_helpers import skip_unless_interpreted  # noqa: E402
 from runner_cuda.kv_cache import dequantize, quantize  # noqa: E402
-
-
-def _import_interpreted() -> None:
-    """Triton and the kernels defined under its interpreter: Triton reads TRITON_INTERPRET as it
-    defines each function (its own tl.zeros too) and again at each launch, so it is set before
-    the first import (before any fixture builds a model: torch may import Triton then) and stays
-    set. Only without a GPU, where no compiled Triton kernel can run anyway."""
-    if "triton" in sys.modules or torch.cuda.is_available():
-        return
-    os.environ["TRITON_INTERPRET"] = "1"
-    importlib.import_module("runner_cuda.fast.kv_kernels")
-
-
-_import_interpreted()
 
 
 @pytest.fixture(scope="module", autouse=True)
 def interpreted():
-    if torch.cuda.is_available():
-        pytest.skip("on a GPU the compiled kernels are tested (test_cuda_attention_gpu.py, test_cuda_fast_kv_gpu.py)")
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(tl.zeros, InterpretedFunction):
-        pytest.skip("Triton was imported before this module could set TRITON_INTERPRET: run this file on its own")
+    skip_unless_interpreted("test_cuda_attention_gpu.py, test_cuda_fast_kv_gpu.py")
 
 
 def quantized_cache(kv_heads, capacity, dim, bits, generator, position):
