@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from runner.errors import UserInputError
+from runner.files import read_json_object
 from runner.model import PARTIAL_PULL_MARKER, hf_cache_repo, hf_hub_cache, snapshot_ready
 from runner.paths import models_dir, user_path
 
@@ -124,10 +125,12 @@ def weights_missing(snapshot: Path) -> bool:
     index = snapshot / "model.safetensors.index.json"
     if index.is_file():
         try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            weight_map = read_json_object(index).get("weight_map")
+        except UserInputError:
             return False      # not an index runner can read: loading it will say so
-        return any(not isinstance(s, str) or not (snapshot / s).is_file() for s in shards)
+        if not isinstance(weight_map, dict):
+            return False
+        return any(not isinstance(s, str) or not (snapshot / s).is_file() for s in set(weight_map.values()))
     # no weights at all, but pickles: a model runner does not load, not a download cut off
     return not any(snapshot.glob("*.safetensors")) and not any(snapshot.glob("*.bin"))
 
