@@ -30,6 +30,7 @@ from runner.choice import options_that_fit, plan_line, refuse_by_plan
 from runner.errors import BackendUnavailable, CorruptWeights, DoesNotFit, LoadError, UserInputError
 from runner.files import TensorEntry, check_model_json, missing_tokenizer, read_json_object, read_safetensors_header
 from runner_cuda import BITSANDBYTES_INSTALL, BITSANDBYTES_QUANTS, CUDA_QUANTS, FP8_INSTALL
+from runner.words import counted
 
 if TYPE_CHECKING:
     import torch
@@ -310,7 +311,7 @@ def placement_summary(model) -> str:
     if not devices:
         return module_device(model)
     if len(set(devices)) == 1:
-        return f"{devices[0]} (all {len(devices)} layer{'s' if len(devices) != 1 else ''})"
+        return f"{devices[0]} (all {counted(len(devices), 'layer')})"
     runs, start = [], 0
     for index in range(1, len(devices) + 1):
         if index == len(devices) or devices[index] != devices[start]:

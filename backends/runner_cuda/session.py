@@ -36,6 +36,7 @@ from runner.prefix_cache import reusable_prefix
 from runner.reply_clock import ReplyClock, reply_chunks
 from runner.templates import chat_token_ids
 from runner_cuda.loading import cuda_allocated, decoder_layers, free_memory, placement_summary, tensor_bytes_by_device
+from runner.words import counted
 
 if TYPE_CHECKING:
     import numpy as np
@@ -152,7 +153,7 @@ class CudaSession(TokenStreaming):
             where += f" on {', '.join(gpus)}"
         else:
             threads = torch.get_num_threads()
-            where += f"; no CUDA GPU: running on the CPU ({threads} thread{'s' if threads != 1 else ''})"
+            where += f"; no CUDA GPU: running on the CPU ({counted(threads, 'thread')})"
         self.kv_bits = kv_bits   # None: the KV cache in the compute dtype; 8 or 4: runner_cuda.kv_cache's
         kv = ""
         if kv_bits is not None:
@@ -246,7 +247,7 @@ class CudaSession(TokenStreaming):
                 del cache
                 free_memory()
                 raise GenerationError(
-                    f"out of GPU memory after {len(held)} token{'s' if len(held) != 1 else ''}; use a shorter --context or a smaller --quant"
+                    f"out of GPU memory after {counted(len(held), 'token')}; use a shorter --context or a smaller --quant"
                 )
         finally:
             self._lock.release()

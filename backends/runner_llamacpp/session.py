@@ -32,6 +32,7 @@ from runner_llamacpp.plan_rules import BATCH   # tokens per llama_decode, as the
 from runner.errors import CorruptWeights, GenerationError, LoadError, UserInputError
 from runner.prefix_cache import reusable_prefix
 from runner.reply_clock import ReplyClock, reply_chunks
+from runner.words import counted
 
 if TYPE_CHECKING:
     import numpy as np
@@ -342,7 +343,7 @@ def describe(llm, request: LoadRequest, offload: int, count: int, stored: str, f
     import llama_cpp
 
     where = offload_words(offload, request.model.num_layers) if offload else \
-        f"CPU, {count} thread{'s' if count != 1 else ''}"
+        f"CPU, {counted(count, 'thread')}"
     kv = f"; KV cache {request.kv_bits}-bit" if request.kv_bits else ""
     weights = f"GGUF as stored: {stored}" if request.quant != "fp16" else \
         f"GGUF ({stored}) as runner's F16 copy: {file.types_in_words()}"

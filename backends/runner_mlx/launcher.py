@@ -35,6 +35,7 @@ from runner.errors import RunnerError, UserInputError
 
 from runner_mlx.rank import EXIT_LOST_PEER, EXIT_SILENT_PEER, EXIT_STOPPED, EXIT_WATCHDOG
 from runner_mlx.split import HostShare, LaunchHost
+from runner.words import counted
 
 if TYPE_CHECKING:
     from runner.budget import Plan
@@ -376,7 +377,7 @@ class LaunchPlan:
     kv_bits: int | None = None
 
     def describe(self) -> list[str]:
-        lines = [f"{self.spec.name} ({self.quant}, {self.context} token{'s' if self.context != 1 else ''} of context) over "
+        lines = [f"{self.spec.name} ({self.quant}, {counted(self.context, 'token')} of context) over "
                  f"{len(self.hosts)} hosts, {self.why}:"]
         return lines + [f"  {share.describe(self.spec.num_layers, self.split)}" for share in self.shares]
 

@@ -19,6 +19,8 @@ import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
+from runner.words import counted
+
 
 class PipelineStage(nn.Module):
     def __init__(self, model: nn.Module, group, start: int, stop: int):
@@ -62,7 +64,7 @@ def drop_other_layers(model: nn.Module, start: int, stop: int) -> None:
     """Forget the layers another rank runs before their weights are read (the model is lazy)."""
     layers = model.model.layers
     if stop > len(layers) or not 0 <= start < stop:
-        raise ValueError(f"layer range {start}-{stop} does not fit a model of {len(layers)} layer{'s' if len(layers) != 1 else ''}")
+        raise ValueError(f"layer range {start}-{stop} does not fit a model of {counted(len(layers), 'layer')}")
     for index in range(len(layers)):
         if not start <= index < stop:
             layers[index] = None

@@ -37,6 +37,7 @@ from typing import Callable
 
 from runner.backend import LoadProgress, Message, Sampling, checked_prompt
 from runner.errors import RunnerError, UserInputError
+from runner.words import counted
 
 EXIT_WATCHDOG = 3     # no progress within the time limit
 EXIT_STOPPED = 4      # stopped by the launcher (another rank failed) or the launcher is gone
@@ -304,7 +305,7 @@ class CommandLineRequest:
         print(file=sys.stdout, flush=True)
         if self.show_tokens:
             print(f"runner: tokens: {' '.join(map(str, self.tokens))}", file=sys.stderr, flush=True)
-        print(f"runner: {chunk.generation_tokens} token{'s' if chunk.generation_tokens != 1 else ''}, "
+        print(f"runner: {counted(chunk.generation_tokens, 'token')}, "
               f"{chunk.generation_tps:.1f} tokens/s over "
               f"{self.size} hosts ({chunk.finish_reason}); prompt {chunk.prompt_tokens} tokens at "
               f"{chunk.prompt_tps:.1f} tokens/s", file=sys.stderr, flush=True)

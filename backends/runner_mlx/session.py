@@ -36,6 +36,7 @@ from runner_mlx import QUANT_BITS, QUANT_DTYPES
 from runner_mlx.convert import (CorruptWeights, check_weights, config_fixes, mlx_folder, notify, read_json,
                                 read_layers)
 from runner_mlx.memory import measured, metal_limits, wired_limit_warning
+from runner.words import counted
 
 
 class MlxSession(TokenStreaming):
@@ -260,7 +261,7 @@ def load_session(request: LoadRequest) -> MlxSession:
     folder = mlx_folder(Path(spec.path), request.quant, request.on_progress)
     warnings = tuple(w for w in [check_wired_limit(needed_bytes(request, folder))] if w)
     model, tokenizer = load_model_folder(folder, request.on_progress)
-    summary = f"mlx on {where_it_runs()}, {describe_quant(request.quant)}, all {spec.num_layers} layer{'s' if spec.num_layers != 1 else ''}"
+    summary = f"mlx on {where_it_runs()}, {describe_quant(request.quant)}, all {counted(spec.num_layers, 'layer')}"
     planned_weights = sum(s.weights_bytes for s in request.plan.placement) if request.plan is not None else 0
     return MlxSession(model, tokenizer, spec, request.quant, folder, summary, request.context,
                       planned_bytes=planned_weights, warnings=warnings, device=plan_device(request),

@@ -19,6 +19,7 @@ from runner.errors import DoesNotFit, UserInputError
 from runner.model import ModelSpec
 
 from runner_mlx import GROUP_SIZE, QUANT_BITS
+from runner.words import counted
 
 PIPELINE_TYPES = ("llama", "mistral", "qwen2")   # the decoder layout runner's pipeline knows
 TENSOR_TYPES = ("llama", "mistral", "qwen2")     # mlx-lm models with shard() that runner checked
@@ -49,7 +50,7 @@ class HostShare:
     def describe(self, num_layers: int, split: str) -> str:
         start, stop = self.layers
         what = (f"layers {start}-{stop - 1} ({stop - start} of {num_layers})" if split == "pipeline"
-                else f"its slice of all {num_layers} layer{'s' if num_layers != 1 else ''}")
+                else f"its slice of all {counted(num_layers, 'layer')}")
         return f"{self.host}: {what}, {size(self.total_bytes)} of {size(self.capacity_bytes)} usable"
 
 
@@ -80,7 +81,7 @@ def pipeline_split_problem(spec: ModelSpec, hosts: int) -> str | None:
     if spec.model_type not in PIPELINE_TYPES:
         return f"runner's pipeline split knows {', '.join(PIPELINE_TYPES)}, not '{spec.model_type}'"
     if spec.num_layers < hosts:
-        return f"{spec.num_layers} layer{'s' if spec.num_layers != 1 else ''} cannot give each of {hosts} hosts one"
+        return f"{counted(spec.num_layers, 'layer')} cannot give each of {hosts} hosts one"
     return None
 
 
@@ -141,7 +142,7 @@ def plan_hosts(spec: ModelSpec, quant: str, context: int, hosts: list[LaunchHost
     capacities = [int(h.ram_bytes * MAC_WORKING_SET_SAFE) for h in hosts]
     if split == "pipeline":
         if all(c <= fixed for c in capacities):
-            raise DoesNotFit(f"{spec.name} ({quant}, {context} token{'s' if context != 1 else ''} of context): the embeddings, head and "
+            raise DoesNotFit(f"{spec.name} ({quant}, {counted(context, 'token')} of context): the embeddings, head and "
                              f"activations alone ({size(fixed)}) fill every host's usable memory "
                              f"({', '.join(size(c) for c in capacities)})")
         per_layer = parts.layer + kv_per_layer
@@ -155,6 +156,6 @@ def plan_hosts(spec: ModelSpec, quant: str, context: int, hosts: list[LaunchHost
         kv = [spec.num_layers * kv_per_layer // len(hosts)] * len(hosts)
     shares = [HostShare(n, r, w, k, overhead, c) for n, r, w, k, c in zip(names, ranges, weights, kv, capacities)]
     if any(s.total_bytes > s.capacity_bytes for s in shares):
-        raise DoesNotFit(f"{spec.name} ({quant}, {context} token{'s' if context != 1 else ''} of context) does not fit these hosts with "
+        raise DoesNotFit(f"{spec.name} ({quant}, {counted(context, 'token')} of context) does not fit these hosts with "
                          f"the {split} split: " + "; ".join(s.describe(spec.num_layers, split) for s in shares))
     return shares

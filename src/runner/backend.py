@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
 
 from runner.errors import BackendUnavailable, UserInputError
+from runner.words import counted
 
 if TYPE_CHECKING:  # numpy is light, but the core does not need it at import time
     import numpy as np
@@ -88,7 +89,7 @@ def checked_prompt(prompt: Sequence[int], context: int, model_max_context: int) 
         raise UserInputError("the prompt is empty")
     if len(prompt) >= context:
         raise UserInputError(
-            f"the prompt is {len(prompt)} token{'s' if len(prompt) != 1 else ''} but the context is {context}: shorten it or raise "
+            f"the prompt is {counted(len(prompt), 'token')} but the context is {context}: shorten it or raise "
             f"--context (the model handles up to {model_max_context})"
         )
     return prompt

@@ -25,6 +25,7 @@ from runner.errors import UserInputError
 from runner.hardware import GB, Host, Machine
 from runner.model import Linear, ModelSpec
 from runner.plan_rules import GPUS, HOSTS, WeightsBreakdown, installed_rules, rules_for
+from runner.words import counted
 
 GGUF = "gguf"   # a GGUF file's tensors as stored (llama.cpp): sized from the file, not by a rule
 
@@ -594,7 +595,7 @@ def _offload_warnings(placement, verdict, roofline, offload_unquantized: str, ma
         hbm = max(g.bandwidth_bytes_per_s for g in machine.gpus) / 1e12
         layers = sum(s.num_layers for s in cpu)
         warnings.append(
-            f"OFFLOAD: {layers} layer{'s' if layers != 1 else ''} ({sum(s.weights_bytes for s in cpu) / GB:.1f} GB) would sit in CPU RAM and "
+            f"OFFLOAD: {counted(layers, 'layer')} ({sum(s.weights_bytes for s in cpu) / GB:.1f} GB) would sit in CPU RAM and "
             f"cross PCIe (~{PCIE_BANDWIDTH / GB:.0f} GB/s, vs {hbm:.1f} TB/s GPU memory) for every token: {speed}. "
             f"runner refuses this unless you pass --allow-offload"
         )
@@ -677,7 +678,7 @@ def recommend(model: ModelSpec, machine: Machine, context: int | None = None, kv
         plan = make_plan(model, machine, quant, asked, 1, backend, kv_bits=kv_bits)
         if plan.verdict == FITS:
             longest = max_context_that_fits(model, machine, quant, backend, kv_bits=kv_bits)
-            reason = f"{why}; fits with {asked:,} token{'s' if asked != 1 else ''} of context (up to {longest:,})"
+            reason = f"{why}; fits with {counted(asked, 'token', ',')} of context (up to {longest:,})"
             return Recommendation(backend, quant, asked, longest, reason, plan)
     # nothing fits in fast memory: the first backend's smallest scheme, with offload if that is possible at all
     backend = candidates[0][0] if candidates else preferred_backend(machine)

@@ -26,6 +26,7 @@ from runner.budget import (
 from runner.plan_rules import rules_for
 from runner.errors import DoesNotFit, ModelNotFound, UserInputError
 from runner.model import DEFAULT_MODEL_ID, ModelSpec, load_spec
+from runner.words import counted
 
 if TYPE_CHECKING:
     from runner.hardware import Machine
@@ -227,7 +228,7 @@ def _gb(n: float) -> str:
 def plan_line(plan: Plan) -> str:
     where = ", ".join(f"{share.device} {_gb(share.total_bytes)}" for share in plan.placement if share.total_bytes)
     return (
-        f"plan for {plan.quant} at {plan.context} token{'s' if plan.context != 1 else ''}: weights {_gb(plan.weights_bytes)} + KV cache "
+        f"plan for {plan.quant} at {counted(plan.context, 'token')}: weights {_gb(plan.weights_bytes)} + KV cache "
         f"{_gb(plan.kv_cache_bytes)} + overhead {_gb(plan.overhead_bytes)} = {_gb(plan.total_bytes)} "
         f"({where + '; ' if where else ''}{plan.verdict})"
     )
@@ -238,7 +239,7 @@ def choice_line(choice: Choice) -> str:
     plan = choice.plan
     shares = ", ".join(f"{s.device} {_gb(s.total_bytes)}" for s in plan.placement if s.total_bytes)
     where = f" ({shares})" if shares else ""
-    return (f"{choice.spec.name} · {choice.backend} · {choice.quant} · {choice.context} token{'s' if choice.context != 1 else ''} of context · "
+    return (f"{choice.spec.name} · {choice.backend} · {choice.quant} · {counted(choice.context, 'token')} of context · "
             f"plan: {_gb(plan.total_bytes)}{where}, {plan.verdict}")
 
 

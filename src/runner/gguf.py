@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import mmap
-import os
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from runner.errors import CorruptWeights, UnsupportedModel, UserInputError
+from runner.words import counted
 
 if TYPE_CHECKING:
     from runner.plan_rules import WeightsBreakdown
@@ -342,7 +342,7 @@ def spec_from_gguf(path: Path, name: str) -> "ModelSpec":
     layers = _whole(file, f"{a}.block_count", name, "num_hidden_layers")
     blocks = {int(n.split(".")[1]) for n in tensors if n.startswith("blk.") and n.split(".")[1].isdigit()}
     if blocks != set(range(layers)):
-        raise UnsupportedModel(f"{name}: the GGUF metadata says {layers} layer{'s' if layers != 1 else ''}, its tensors hold {len(blocks)}")
+        raise UnsupportedModel(f"{name}: the GGUF metadata says {counted(layers, 'layer')}, its tensors hold {len(blocks)}")
     return ModelSpec(
         name=name,
         model_type="mixtral" if experts > 1 else ARCHITECTURES[a],

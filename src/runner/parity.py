@@ -43,6 +43,7 @@ from runner.backend import Message, Sampling, backend_class, backend_names
 from runner.errors import RunnerError, UserInputError
 from runner.files import parse_json, read_json_object, read_text
 from runner.paths import user_path
+from runner.words import counted
 
 if TYPE_CHECKING:
     import numpy as np
@@ -446,8 +447,8 @@ def prompt_token_ids(
     if len(ids) <= limit:
         return ids, False
     warn(f"prompt '{prompt.name}' has {len(ids)} tokens, more than the context allows with "
-         f"{max_tokens} reply token{'s' if max_tokens != 1 else ''} ({limit}): cut to its first {limit} "
-         f"token{'s' if limit != 1 else ''}, no greedy reply")
+         f"{counted(max_tokens, 'reply token')} ({limit}): cut to its first {counted(limit, 'token')}, "
+         "no greedy reply")
     return ids[:limit], True
 
 
@@ -457,7 +458,7 @@ def checked_logits(session: "Session", token_ids: "np.ndarray", label: str) -> "
 
     logits = np.asarray(session.logits(token_ids.tolist()), dtype=np.float32)
     if logits.ndim != 2 or logits.shape[0] != len(token_ids):
-        raise RunnerError(f"{label}: logits() returned shape {logits.shape} for {len(token_ids)} token{'s' if len(token_ids) != 1 else ''}")
+        raise RunnerError(f"{label}: logits() returned shape {logits.shape} for {counted(len(token_ids), 'token')}")
     return logits
 
 

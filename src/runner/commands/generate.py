@@ -18,6 +18,7 @@ import time
 from runner.backend import LoadProgress, Message, Sampling
 from runner.commands.options import add_model_arguments, choose, load_options, refuse_a_share
 from runner.errors import UserInputError
+from runner.words import counted
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -137,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print()
     print(
-        f"runner: {stats['tokens']} token{'s' if stats['tokens'] != 1 else ''} ({stats['finish_reason']}), {stats['tokens_per_s']:.1f} tokens/s, "
+        f"runner: {counted(stats['tokens'], 'token')} ({stats['finish_reason']}), {stats['tokens_per_s']:.1f} tokens/s, "
         f"first token after {stats['time_to_first_token_s']:.2f} s; memory {memory_line(memory, choice.plan)}",
         file=sys.stderr,
     )

@@ -12,6 +12,7 @@ import json
 import sys
 
 from runner.download import human_size
+from runner.words import counted
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,7 +72,7 @@ def _print_table(rows, orphans) -> None:
         print("runner's caches of models that are gone (runner rm FOLDER removes one):")
         for cache in orphans:
             print(f"  {human_size(cache.size_bytes):>9}  {cache.label} of {cache.source}  {cache.path}")
-    print(f"{len(rows)} model{'s' if len(rows) != 1 else ''}, {human_size(total)} on disk; "
+    print(f"{counted(len(rows), 'model')}, {human_size(total)} on disk; "
           "runner rm MODEL removes one (--caches: only runner's caches of it)")
 
 

@@ -14,6 +14,7 @@ import json
 import sys
 
 from runner.commands.options import add_model_arguments, choose, parse_count
+from runner.words import counted
 
 GB = 10**9
 
@@ -111,7 +112,7 @@ def _print_report(model, machine, context, batch, rows, choice, recommendation, 
     params = model.parameter_count()
     experts = f" · {model.num_experts} experts ({model.experts_per_token} active)" if model.num_experts > 1 else ""
     out(f"{model.name}  [{model.source}]\n")
-    out(f"  {params / 1e9:,.2f}B parameters · {model.num_layers} layer{'s' if model.num_layers != 1 else ''} · hidden {model.hidden_size:,} · "
+    out(f"  {params / 1e9:,.2f}B parameters · {counted(model.num_layers, 'layer')} · hidden {model.hidden_size:,} · "
         f"{model.num_heads} heads / {model.num_kv_heads} KV heads · vocab {model.vocab_size:,} · "
         f"max context {model.max_context:,}{experts}\n")
     kind = "hypothetical" if machine.hypothetical else "detected"
@@ -119,7 +120,7 @@ def _print_report(model, machine, context, batch, rows, choice, recommendation, 
     kv_bits = rows[0].kv_bits if rows else None
     kv_format = f"{kv_bits}-bit (quantized, group {budget.KV_GROUP_SIZE})" if kv_bits else "bf16"
     kv_per_token = model.kv_bytes_per_token(budget.kv_dtype_bytes("bf16", kv_bits))
-    out(f"Context {context:,} token{'s' if context != 1 else ''} x batch {batch} · KV cache {int(kv_per_token):,} bytes/token in "
+    out(f"Context {counted(context, 'token', ',')} x batch {batch} · KV cache {int(kv_per_token):,} bytes/token in "
         f"{kv_format} · GB = 10^9 bytes\n\n")
 
     header = f"  {'scheme':<9} {'backend':<7} {'weights':>9} {'KV':>8} {'overhead':>9} {'total':>9}  {'verdict':<13} {'tok/s*':>7}\n"

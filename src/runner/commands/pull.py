@@ -19,6 +19,7 @@ from runner.commands.options import add_model_arguments
 from runner.download import human_size
 from runner.errors import UserInputError
 from runner.model import PARTIAL_PULL_MARKER
+from runner.words import counted
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -95,7 +96,7 @@ def share_line(pull) -> str:
     layers = spec_from_config(pull.config, pull.repo_id, "hub").num_layers
     start, stop = pull.layers
     if stop > layers:
-        raise UserInputError(f"--layers {start}:{stop}: {pull.repo_id} has {layers} layer{'s' if layers != 1 else ''} (0 to {layers - 1})")
+        raise UserInputError(f"--layers {start}:{stop}: {pull.repo_id} has {counted(layers, 'layer')} (0 to {layers - 1})")
     shards = len([f for f in pull.files if f.name.endswith(".safetensors")])
     return (f"{pull.repo_id} · layers {start}-{stop - 1} of {layers}: {shards} of {shards + len(pull.left_out)} "
             f"safetensors files (the embeddings and the head too; the other layers' files stay on the Hub)")

@@ -23,6 +23,7 @@ from runner.backend import LoadProgress, Sampling, Session
 from runner.errors import RunnerError, UserInputError
 from runner.server.api import ApiError, GenerationRequest, Usage
 from runner.server.stops import StopScanner
+from runner.words import counted
 
 
 @dataclass(frozen=True)
@@ -202,8 +203,8 @@ class ModelHost:
         ids = self._prompt_ids(request)
         room = self.context - len(ids)
         if room < 1:
-            raise ApiError(400, f"the prompt is {len(ids)} token{'s' if len(ids) != 1 else ''} but this server's context is "
-                                f"{self.context} token{'s' if self.context != 1 else ''} "
+            raise ApiError(400, f"the prompt is {counted(len(ids), 'token')} but this server's context is "
+                                f"{counted(self.context, 'token')} "
                                 "(prompt and reply together): shorten it, or restart runner serve with a larger --context",
                            param="messages" if request.chat else "prompt", code="context_length_exceeded")
         sampling = Sampling(temperature=request.temperature, top_p=request.top_p,
@@ -230,14 +231,14 @@ class ModelHost:
         else:
             job.post(Finished(finish, usage))
         queue_note = f"waited {waited:.2f} s · " if job.behind else ""
-        tokens = f"{usage.completion_tokens} token{'s' if usage.completion_tokens != 1 else ''}"
+        tokens = f"{counted(usage.completion_tokens, 'token')}"
         if finish == "cancelled":
             why = "the server is stopping" if self.state == "closed" else "the client went away"
             outcome = f"{tokens} (cancelled: {why})"
         else:
             outcome = (f"{tokens} ({finish}) · {last.generation_tps:.1f} tokens/s · "
                        f"first token {last.time_to_first_token:.2f} s")
-        self._log(f"{label} · {queue_note}{usage.prompt_tokens} prompt token{'s' if usage.prompt_tokens != 1 else ''}, {usage.reused_tokens} reused · {outcome}")
+        self._log(f"{label} · {queue_note}{counted(usage.prompt_tokens, 'prompt token')}, {usage.reused_tokens} reused · {outcome}")
 
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
         if request.chat:

@@ -44,6 +44,7 @@ from runner.tui.widgets.history_sidebar import HistorySidebar
 from runner.tui.widgets.plan_panel import PlanPanel
 from runner.tui.widgets.prompt_input import PromptInput
 from runner.tui.widgets.status_line import StatusLine
+from runner.words import counted
 
 HISTORY_WAIT = 1.0   # seconds to wait for queued history writes before reading them back
 
@@ -229,7 +230,7 @@ class ChatScreen(Screen[None]):
         turns = "The oldest turn of this conversation no longer fits" if one else \
             f"The {message.count} oldest turns of this conversation no longer fit"
         self.notify(
-            f"{turns} the context of {message.context:,} token{'s' if message.context != 1 else ''}; "
+            f"{turns} the context of {counted(message.context, 'token', ',')}; "
             f"{'it is' if one else 'they are'} left out of the prompt (still in the history).",
             severity="warning",
         )
@@ -241,7 +242,7 @@ class ChatScreen(Screen[None]):
         await self.finish_reply(reply, STOPPED if message.finish_reason == "cancelled" else COMPLETE)
         if message.finish_reason == "length":
             self.notify(
-                f"The reply reached the limit of {self.settings.max_tokens} token{'s' if self.settings.max_tokens != 1 else ''} "
+                f"The reply reached the limit of {counted(self.settings.max_tokens, 'token')} "
                 "(Ctrl+S to raise it).",
                 severity="warning",
             )

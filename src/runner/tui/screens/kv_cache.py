@@ -21,6 +21,7 @@ from runner.errors import RunnerError
 from runner.tui.loading import ModelChoice
 from runner.tui.widgets.plan_panel import VERDICT_TEXT
 from runner.tui.text import human_bytes
+from runner.words import counted
 
 SETTINGS: tuple[tuple[int | None, str], ...] = ((None, "none"), (8, "8-bit"), (4, "4-bit"))
 
@@ -86,11 +87,11 @@ class KvCacheScreen(ModalScreen[KvPicked | None]):
                 self.app.call_from_thread(self._show, bits, name, Text(str(error), "red"), False)
                 continue
             label, style = VERDICT_TEXT.get(plan.verdict, (plan.verdict, "bold"))
-            cost = Text(f"{human_bytes(plan.kv_cache_bytes)} for {plan.context:,} token{'s' if plan.context != 1 else ''} · {plan.quant} · ")
+            cost = Text(f"{human_bytes(plan.kv_cache_bytes)} for {counted(plan.context, 'token', ',')} · {plan.quant} · ")
             cost.append(label, style)
             cost.append(f" (needs {human_bytes(plan.total_bytes)})", "dim")
             longest = max_context_that_fits(plan.model, plan.machine, plan.quant, plan.backend, kv_bits=bits)
-            cost.append(f" · up to {longest:,} token{'s' if longest != 1 else ''}" if longest else " · no context fits")
+            cost.append(f" · up to {counted(longest, 'token', ',')}" if longest else " · no context fits")
             self.app.call_from_thread(self._show, bits, name, cost, True)
 
     def _show(self, bits: int | None, name: str, cost: Text, possible: bool) -> None:
