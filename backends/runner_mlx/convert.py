@@ -32,6 +32,7 @@ from runner.model import PARTIAL_PULL_MARKER
 from runner.paths import models_dir
 
 from runner_mlx import GROUP_SIZE, MLX_QUANTS, QUANT_BITS, QUANT_DTYPES
+from runner.words import one_line
 
 SOURCE_RECORD = "runner-source.json"
 INDEX = "model.safetensors.index.json"
@@ -171,8 +172,7 @@ def read_layers(folder: Path, layers: tuple[int, int], model_config: dict | None
                 if (layer := LAYER_TENSOR.search(name)) is None or start <= int(layer.group(1)) < stop]
         model.load_weights(kept, strict=True)
     except (ValueError, RuntimeError, OSError) as error:
-        why = " ".join(str(error).split())          # mlx lists the missing tensors a line each
-        why = why if len(why) < 300 else why[:300] + "…"
+        why = one_line(str(error), 301)          # mlx lists the missing tensors a line each
         raise CorruptWeights(f"{folder}: the weights of layers {start}-{stop - 1} (and the embeddings, norm and "
                              f"head) are not all there ({why})") from None
     return model, config
@@ -294,8 +294,7 @@ def convert(source: Path, target: Path, quant: str, fingerprint: str, on_progres
                 except (ValueError, RuntimeError, OSError) as error:
                     if (no_tokenizer := missing_tokenizer(source, str(source))) is not None:
                         raise LoadError(no_tokenizer) from None
-                    said = " ".join(str(error).split())   # mlx-lm names every missing parameter: 14 kB for 271
-                    said = said if len(said) <= 300 else said[:299] + "…"
+                    said = one_line(str(error), 300)   # mlx-lm names every missing parameter: 14 kB for 271
                     raise CorruptWeights(f"{source}: mlx-lm cannot read these weights ({said})") from None
             dtype_name = QUANT_DTYPES.get(quant) or config.get("torch_dtype")
             if dtype_name in ("float16", "bfloat16", "float32"):

@@ -37,6 +37,7 @@ from runner.errors import RunnerError, UserInputError
 from runner.files import parse_json, read_safetensors_header
 from runner.model import PARTIAL_PULL_MARKER
 from runner.paths import user_path
+from runner.words import one_line
 
 if TYPE_CHECKING:
     from runner.choice import Choice
@@ -191,11 +192,6 @@ def _endpoint() -> str:
     return constants.ENDPOINT
 
 
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text if len(text) <= 160 else text[:159] + "…"
-
-
 @contextlib.contextmanager
 def hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
     """huggingface_hub's and the network's exceptions as one line a user can act on."""
@@ -225,7 +221,7 @@ def hub_errors(repo_id: str, revision: str | None = None) -> Iterator[None]:
                                   f"model's licence at {_endpoint()}/{repo_id} if it asks for one") from None
         raise RunnerError(f"{repo_id}: the Hub answered HTTP {status}; try again later") from None
     except httpx2.TransportError as error:
-        raise HubUnreachable(f"cannot reach the Hub at {_endpoint()} ({_one_line(error) or type(error).__name__}): "
+        raise HubUnreachable(f"cannot reach the Hub at {_endpoint()} ({one_line(str(error), 160) or type(error).__name__}): "
                              f"no network? run runner pull {repo_id} again once online") from None
 
 
@@ -592,7 +588,7 @@ def _stream(pull: Pull, remote: RemoteFile, location: str, partial: Path, report
                     out.flush()
                     raise HubUnreachable(
                         f"lost the connection to the Hub while downloading {remote.name} ({human_size(done)} of "
-                        f"{human_size(remote.size)} kept; {_one_line(error) or type(error).__name__}): run runner pull "
+                        f"{human_size(remote.size)} kept; {one_line(str(error), 160) or type(error).__name__}): run runner pull "
                         f"{pull.repo_id} again to resume"
                     ) from None
             if done < remote.size and not received:

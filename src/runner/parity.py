@@ -43,7 +43,7 @@ from runner.backend import Message, Sampling, backend_class, backend_names
 from runner.errors import RunnerError, UserInputError
 from runner.files import parse_json, read_json_object, read_text
 from runner.paths import user_path
-from runner.words import counted
+from runner.words import counted, one_line
 
 if TYPE_CHECKING:
     import numpy as np
@@ -967,11 +967,6 @@ def run_parity(
 # ---- output --------------------------------------------------------------------------------------
 
 
-def _short(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
 def _class_or_unknown(scheme: str) -> str:
     try:
         return precision_class(scheme)
@@ -994,7 +989,7 @@ def format_table(reference: Capture, results: Sequence[PairResult], skipped: Seq
               f"answer to '{answer_prompt}'", "verdict")
     ref_answer = next((p.reply_text for p in reference.prompts if p.name == answer_prompt), "")
     rows = [(reference.label, precision_class(reference.scheme), "", "", "", "", "", "",
-             f"{results[0].ppl_reference:.2f}" if results else "", _short(ref_answer, 40), "reference")]
+             f"{results[0].ppl_reference:.2f}" if results else "", one_line(ref_answer, 40), "reference")]
     for r in results:
         scheme = r.other.partition(":")[2]
         verdict = r.verdict + (": " + "; ".join(r.reasons) if r.reasons else f" ({r.thresholds.describe()})")
@@ -1003,7 +998,7 @@ def format_table(reference: Capture, results: Sequence[PairResult], skipped: Seq
             f"{r.kl_mean:.2e}", f"{r.kl_p99:.2e}", f"{r.kl_max:.2e}", f"{r.top1:.1%}", f"{r.top5:.1%}",
             f"{r.greedy_same}/{r.greedy_prompts} ({sum(r.greedy_matched) / max(1, len(r.greedy_matched)):.1f})",
             f"{r.ppl_other:.2f}",
-            _short(r.answers.get(answer_prompt, ("", ""))[1], 40), verdict,
+            one_line(r.answers.get(answer_prompt, ("", ""))[1], 40), verdict,
         ))
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from runner.errors import UserInputError
+from runner.words import one_line
 
 RENDER_SECONDS = 10.0           # a real template renders a long chat in milliseconds
 MEMORY_LIMIT = 1 << 30          # the child's address space: Python and jinja2 take ~50 MB of it
@@ -46,7 +47,7 @@ def chat_token_ids(tokenizer: Any, messages: Sequence[Any], name: str, *, second
     try:
         template = tokenizer.get_chat_template()
     except ValueError as error:   # no template, or several and none is "default"
-        raise ChatTemplateError(f"{name}: {_one_line(str(error))}") from None
+        raise ChatTemplateError(f"{name}: {one_line(str(error), 300)}") from None
     conversation = [{"role": m.role, "content": m.content} for m in messages]
     variables = {key: value for key, value in tokenizer.special_tokens_map.items() if value is not None}
     text = render(template, conversation, variables, name, seconds=seconds)
@@ -62,11 +63,6 @@ def render(template: str, messages: list[dict], variables: dict, name: str, *, s
     if "error" in reply:
         raise ChatTemplateError(f"{name}: the chat template failed: {reply['error']}")
     return reply["text"]
-
-
-def _one_line(text: str, width: int = 300) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 # ---- the parent's side ------------------------------------------------------------------------
@@ -181,12 +177,12 @@ def _describe(error: Exception) -> str:
     import jinja2
 
     if isinstance(error, jinja2.TemplateSyntaxError):
-        return _one_line(f"syntax error at line {error.lineno}: {error.message}")
+        return one_line(f"syntax error at line {error.lineno}: {error.message}", 300)
     if isinstance(error, jinja2.exceptions.SecurityError):
-        return _one_line(f"the sandbox refused it: {error}")
+        return one_line(f"the sandbox refused it: {error}", 300)
     if isinstance(error, jinja2.TemplateError):
-        return _one_line(str(error) or type(error).__name__)
-    return _one_line(f"{type(error).__name__}: {error}")
+        return one_line(str(error) or type(error).__name__, 300)
+    return one_line(f"{type(error).__name__}: {error}", 300)
 
 
 def _render_request(request: dict, compiled: dict) -> str:
