@@ -552,18 +552,20 @@ def summary() -> None:
     for section, values in RESULTS.items():
         keep = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in values.items() if k not in ("trace", "plan")}
         log(f"{section:28s} {json.dumps(keep, default=str)[:900]}")
-    rows = [(n, RESULTS.get(n, {})) for n in ("llama-bench Q4_0", "runner nf4", "runner nf4 session", "llama-bench BF16",
-                                               "runner bf16", "runner bf16 session")]
+
+    def speed(name: str) -> float | None:       # llama-bench's tok_s, runner's decode_tok_s or a session's tok_s
+        values = RESULTS.get(name, {})
+        return values.get("tok_s", values.get("decode_tok_s"))
+
     log("\nside by side (decode tok/s, fraction of the copy-bandwidth roofline):")
-    for name, values in rows:
-        speed = values.get("tok_s", values.get("decode_tok_s"))
-        if speed:
-            log(f"  {name:18s} {speed:8.1f} tok/s  {values.get('fraction_of_roofline') or 0:6.1%}")
+    for name in ("llama-bench Q4_0", "runner nf4", "runner nf4 session", "llama-bench BF16", "runner bf16",
+                 "runner bf16 session"):
+        if speed(name):
+            log(f"  {name:18s} {speed(name):8.1f} tok/s  {RESULTS[name].get('fraction_of_roofline') or 0:6.1%}")
     for mine, peer in (("runner nf4", "llama-bench Q4_0"), ("runner bf16", "llama-bench BF16"),
                        ("runner nf4 session", "llama-bench Q4_0"), ("runner bf16 session", "llama-bench BF16")):
-        a, b = RESULTS.get(mine, {}).get("decode_tok_s", RESULTS.get(mine, {}).get("tok_s")), RESULTS.get(peer, {}).get("tok_s")
-        if a and b:
-            log(f"  {mine} / {peer}: {a / b:.3f}")
+        if speed(mine) and speed(peer):
+            log(f"  {mine} / {peer}: {speed(mine) / speed(peer):.3f}")
 
 
 if __name__ == "__main__":
