@@ -2,7 +2,7 @@
 
     PYTHONPATH=src:backends python3 bench/cuda_speed.py [--out DIR] [--work /tmp/cuda-speed] [--quick]
                                  [--source checkpoint|memory]
-                                 [--sections kernels,nf4,reload,bf16,cold,rehearse,prefill,decode,position,ahead,fp8,gemv]
+                                 [--sections kernels,nf4,reload,bf16,cold,rehearse,prefill,decode,position,ahead,fp8,gemv,rope]
 
 Writes a Llama-3.1-8B-shaped checkpoint with random BF16 weights (config from runner's catalog),
 then measures, each warm and with the same settings (batch 1, greedy, 256 new tokens, EOS off):
@@ -1188,6 +1188,29 @@ def section_gemv(checkpoint: Path) -> None:
     free()
 
 
+def section_rope() -> None:
+    """A graphed NF4 and BF16 decode step (8B shape, random weights, position 1,024) with RoPE and
+    the cache write in one Triton launch (the default) against the two launches it replaced, same
+    process, graphs replayed back to back."""
+    from runner_cuda.fast.decoder import FastDecoder
+
+    bandwidth = RESULTS["machine"]["copy_bandwidth_gb_s"] * 1e9
+    for quant in ("nf4", "bf16"):
+        model, _ = load(Path("."), quant)
+        per_token = bytes_read_per_token(model)
+        row = {}
+        for label, fused in (("one_launch", True), ("two_launches", False)):
+            decoder = FastDecoder(model, max_len=SESSION_CONTEXT, rope_in_write=fused)
+            decoder.prefill(prompt(1024))
+            row[f"{label}_us"] = min(graph_replay_us(decoder) for _ in range(3))
+            row[f"{label}_fraction_of_roofline"] = per_token / bandwidth / (row[f"{label}_us"] / 1e6)
+            del decoder
+            free()
+        record(f"rope in the write, {quant}", **row, speedup=row["two_launches_us"] / row["one_launch_us"])
+        del model
+        free()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -1240,6 +1263,8 @@ def main() -> None:
     if session_parts:
         seventh_summary()
         ahead_summary()
+    if "rope" in sections:
+        section_rope()
     if "gemv" in sections:
         try:
             section_gemv(checkpoint)

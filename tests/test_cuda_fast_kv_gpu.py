@@ -190,6 +190,14 @@ def test_quantized_write_is_quantize_bit_for_bit(kv_bits):
             assert torch.equal(part[:, :position], old[:, :position]) and torch.equal(part[:, position + 1:], old[:, position + 1:])
 
 
+def test_rope_and_write_is_rope_then_write_at_bit_for_bit():
+    """The compiled kernel as the GPU runs it (the CPU test runs it interpreted): a float32 -> bf16
+    -> float32 round trip written with `.to()` was dropped by the compiler there, not here."""
+    from fast_kv_helpers import check_rope_and_write
+
+    check_rope_and_write("cuda", torch.bfloat16)
+
+
 @pytest.mark.parametrize("kv_bits", [8, 4])
 def test_prefills_dequantized_copy_holds_to_the_plan(kv_bits):
     """A prefill chunk attends over one layer's K and V dequantized (QuantizedLayer.read): what

@@ -96,7 +96,7 @@ class FastDecoder:
     def __init__(self, model, max_len: int, *, use_graphs: bool | None = None, nf4_kernel: str | None = None,
                  compile_ops: bool | None = None, fuse_dense: bool | None = None, prefill_chunk: int = PREFILL_CHUNK,
                  split_at: Sequence[int] = (), split_kv: bool | None = None, kv_bits: int | None = None,
-                 gemv: bool | None = None):
+                 gemv: bool | None = None, rope_in_write: bool | None = None):
         import torch
 
         from runner.budget import KV_BITS, KV_GROUP_SIZE
@@ -137,6 +137,10 @@ class FastDecoder:
         if split_kv is None:
             split_kv = on_cuda and self.dtype in (torch.bfloat16, torch.float16) and attention_takes(self.head_dim)
         self.split_kv = split_kv
+        # with the split-KV kernels (Triton) and a plain bf16 cache, a step's RoPE and cache write are one
+        # launch (kv_kernels.rope_and_write); rope_in_write=False keeps the two (bench ablation)
+        self.rope_in_write = (split_kv and kv_bits is None and self.dtype == torch.bfloat16
+                              and rope_in_write is not False)
         # NF4 decode GEMV: bitsandbytes' own batch-1 kernel (it reads the packed weights and the
         # double-quant state itself), or the Triton kernel of nf4.py in one of its modes
         self.nf4_kernel = nf4_kernel or "cuda"
@@ -387,11 +391,14 @@ class FastDecoder:
         when it is on one device), attending over the first `span` cache positions: its hidden state
         [1, hidden] for the next segment, or the float32 logits from the last. The residual add and
         the next RMSNorm are one fused step, as are RoPE on q and k, and the MLP's SiLU × up (fused
-        by torch.compile on CUDA: ~15 kernels a layer instead of ~45)."""
+        by torch.compile on CUDA: ~15 kernels a layer instead of ~45); with the split-KV kernels,
+        RoPE and the cache write are one Triton launch."""
         import torch
 
         segment = segment or self.segments[0]
         ops = self.ops
+        if self.rope_in_write:
+            from runner_cuda.fast.kv_kernels import rope_and_write
         tables = self.tables[segment.device]
         cos = tables.cos.index_select(0, tables.position)                 # [1, head_dim]
         sin = tables.sin.index_select(0, tables.position)
@@ -414,8 +421,11 @@ class FastDecoder:
                 q, k, v = self.nf4[index]["qkv"](x).split([q_size, kv_size, kv_size], dim=-1)
             else:
                 q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-            q, k = ops.rope(q.view(self.heads, self.head_dim), k.view(self.kv_heads, self.head_dim), cos, sin)
-            cache.write_at(tables.position, k[:, None], v.view(self.kv_heads, 1, self.head_dim))
+            if self.rope_in_write:     # one launch: RoPE on q and k, k and v into the cache
+                q = rope_and_write(q, k, v, cos, sin, cache.keys, cache.values, tables.position)
+            else:
+                q, k = ops.rope(q.view(self.heads, self.head_dim), k.view(self.kv_heads, self.head_dim), cos, sin)
+                cache.write_at(tables.position, k[:, None], v.view(self.kv_heads, 1, self.head_dim))
             # grouped-query attention as `rep` queries per KV head: no K/V repeat
             if self.split_kv:           # reads a quantized cache as stored (no dequantized copy)
                 out = cache.attend(q.reshape(self.kv_heads, rep, self.head_dim), tables.position, span,

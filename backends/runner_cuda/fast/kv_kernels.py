@@ -1,7 +1,8 @@
 """The Triton kernels of the fast decoder's KV cache, in a module of their own because it imports
 Triton (attention.py and static_cache.py import it where a kernel runs): the split-KV decode
-attention over a plain or quantized cache (attention.py says how it works) and the quantized write
-of one step's K and V (static_cache.QuantizedLayer.write_at).
+attention over a plain or quantized cache (attention.py says how it works), the quantized write
+of one step's K and V (static_cache.QuantizedLayer.write_at), and RoPE on a step's q and k with
+its k and v written into a plain cache, in one launch (`rope_and_write`, for the decoder).
 
 A cache's strides come from its capacity (positions per head): Triton knows a power-of-two factor
 of what it is given, so capacity x values per position keeps the loads of codes 16 bytes wide and
@@ -138,3 +139,63 @@ def quantized_write(k_ptr, v_ptr, kc_ptr, ks_ptr, kb_ptr, vc_ptr, vs_ptr, vb_ptr
         quantize_group(k_ptr + head * (GROUPS * GROUP), kc_ptr, ks_ptr, kb_ptr, row, group, GROUPS, BITS, GROUP)
     else:
         quantize_group(v_ptr + head * (GROUPS * GROUP), vc_ptr, vs_ptr, vb_ptr, row, group, GROUPS, BITS, GROUP)
+
+
+@triton.jit
+def round_bf16(x):
+    """float32 x rounded to the nearest bf16 (ties to even), still float32. In integer operations:
+    on the GPU the compiler dropped a float32 -> bf16 -> float32 round trip written with `.to()`."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def rotate(x_ptr, row, cos, sin, dims, DIM: tl.constexpr):
+    """RoPE of one head's row as transformers' Llama applies it in bf16: x * cos and
+    rotate_half(x) * sin each rounded to bf16, then their sum (float32 products and sum, as torch's
+    bf16 operations compute and round them); float32 holding bf16 values, so the store's conversion
+    is exact (the interpreter's truncates)."""
+    HALF: tl.constexpr = DIM // 2
+    x = tl.load(x_ptr + row * DIM + dims).to(tl.float32)
+    partner = tl.load(x_ptr + row * DIM + (dims + HALF) % DIM).to(tl.float32)
+    rotated = tl.where(dims < HALF, -partner, partner)
+    return round_bf16(round_bf16(x * cos) + round_bf16(rotated * sin))
+
+
+@triton.jit
+def rope_write(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, keys_ptr, values_ptr, position_ptr, capacity,
+               HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr):
+    """Program h < HEADS: query head h rotated into q_out; then each KV head's k rotated, and its v,
+    into the cache at the step's position (read on the device: a graphed step writes where it is)."""
+    head = tl.program_id(0)
+    position = tl.load(position_ptr)
+    dims = tl.arange(0, DIM)
+    cos = tl.load(cos_ptr + dims).to(tl.float32)
+    sin = tl.load(sin_ptr + dims).to(tl.float32)
+    if head < HEADS:
+        tl.store(q_out_ptr + head * DIM + dims, rotate(q_ptr, head, cos, sin, dims, DIM))
+    elif head < HEADS + KV_HEADS:
+        kv = head - HEADS
+        tl.store(keys_ptr + (kv * capacity + position) * DIM + dims, rotate(k_ptr, kv, cos, sin, dims, DIM))
+    else:
+        kv = head - HEADS - KV_HEADS
+        tl.store(values_ptr + (kv * capacity + position) * DIM + dims, tl.load(v_ptr + kv * DIM + dims))
+
+
+def rope_and_write(q, k, v, cos, sin, keys, values, position):
+    """A decode step's bf16 q [heads * head_dim] rotated (returned, [heads, head_dim]), and its k
+    rotated and v written into keys and values [kv_heads, capacity, head_dim] at `position` ([1] on
+    the device): what `_rope` on q and k and a PlainLayer's write_at do, in one launch. bf16 only:
+    in float32 the GPU's compiler fuses x * cos + rotated * sin into one FMA, which eager torch
+    rounds twice."""
+    import torch
+
+    if q.dtype != torch.bfloat16:
+        raise ValueError(f"rope_and_write rounds as torch does in bf16, not {q.dtype}")
+    kv_heads, capacity, dim = keys.shape
+    heads = q.numel() // dim
+    q_out = torch.empty(heads, dim, dtype=q.dtype, device=q.device)
+    rope_write[(heads + 2 * kv_heads,)](q.contiguous(), k.contiguous(), v.contiguous(), cos, sin, q_out, keys, values,
+                                        position, capacity, HEADS=heads, KV_HEADS=kv_heads, DIM=dim)
+    return q_out
