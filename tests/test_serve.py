@@ -245,6 +245,28 @@ def test_other_hosts_need_a_key_and_a_taken_port_is_one_line(capsys, monkeypatch
     assert "runner: error: cannot listen on 127.0.0.1" in capsys.readouterr().err
 
 
+def test_a_weak_or_unsendable_api_key_is_one_line(capsys, monkeypatch):
+    monkeypatch.delenv("RUNNER_API_KEY", raising=False)
+    for key, message in [("", "--api-key is empty: a key needs at least 8 characters"),
+                         ("k", "--api-key is only 1 character long: a key needs at least 8 characters"),
+                         ("secret!", "--api-key is only 7 characters long"),
+                         ("two words", "--api-key holds ' ' at character 4: a key is ASCII letters"),
+                         ("tab\tkey-1234", "--api-key holds '\\t' at character 4"),
+                         ("clé-secrète", "--api-key holds '\\xe9' at character 3")]:
+        assert main(["serve", "--api-key", key]) == 2, key
+        error = capsys.readouterr().err
+        assert error.startswith(f"runner: error: {message}") and error.count("\n") == 1, error
+        assert len(key) < 7 or key not in error   # the key itself is never printed
+    monkeypatch.setenv("RUNNER_API_KEY", "short")
+    assert main(["serve"]) == 2
+    assert capsys.readouterr().err.startswith("runner: error: RUNNER_API_KEY is only 5 characters long")
+    # an 8-character key passes, from the option or the environment: the port is the next check
+    for args in (["--api-key", "12345678"], []):
+        monkeypatch.setenv("RUNNER_API_KEY", "abcd-EFG")
+        assert main(["serve", "--host", "0.0.0.0", "--port", "70000", *args]) == 2
+        assert capsys.readouterr().err.startswith("runner: error: --port must be between 0 and 65535")
+
+
 @pytest.mark.slow
 def test_disconnect_cancels_and_a_full_queue_gets_429(http, server):
     """A streams a long reply; B waits in the queue of one; C is refused with 429; A's client

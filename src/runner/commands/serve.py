@@ -19,9 +19,12 @@ from typing import TYPE_CHECKING, Callable
 from runner.commands.options import add_model_arguments, choose, load_options
 from runner.errors import UserInputError
 from runner.server.addresses import is_loopback
+from runner.words import counted
 
 if TYPE_CHECKING:
     from runner.backend import LoadProgress, Session
+
+MIN_KEY_LENGTH = 8
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +38,8 @@ def add_server_arguments(parser: argparse.ArgumentParser, host_flag: str = "--ho
                         help="address to listen on (default 127.0.0.1: this machine only; any other needs --api-key)")
     parser.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080; 0: any free port)")
     parser.add_argument("--api-key", default=None,
-                        help="require 'Authorization: Bearer <key>' on every request (default: $RUNNER_API_KEY, "
+                        help="require 'Authorization: Bearer <key>' on every request; 8 or more ASCII letters, digits or "
+                             "punctuation (default: $RUNNER_API_KEY, "
                              "better: a command line is visible to other users of the machine)")
     parser.add_argument("--queue", type=int, default=16, metavar="N",
                         help="requests that may wait while one is answered; more get 429 (default 16)")
@@ -54,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
 def check_server_arguments(args: argparse.Namespace) -> None:
     """Before anything loads: the address, the key, the queue, and the HTTP stack installed."""
-    args.api_key = args.api_key or os.environ.get("RUNNER_API_KEY") or None
+    args.api_key = api_key(args.api_key)
     check_address(args.listen, args.port, args.api_key)
     if args.queue < 1:
         raise UserInputError(f"--queue must be at least 1, not {args.queue}")
@@ -116,6 +120,26 @@ def serve(args: argparse.Namespace, *, model: str, aliases: set[str], context: i
 
 def log(line: str) -> None:
     print(f"runner: {line}", file=sys.stderr, flush=True)
+
+
+def api_key(given: str | None) -> str | None:
+    """--api-key, else $RUNNER_API_KEY, else None. A key is at least 8 visible ASCII characters: hard
+    to guess, and sent as it is in an HTTP header by every client (no spaces, no control or non-ASCII
+    characters). The key itself is never printed."""
+    name = "--api-key"
+    if given is None:
+        given, name = os.environ.get("RUNNER_API_KEY"), "RUNNER_API_KEY"
+        if given is None:
+            return None
+    if len(given) < MIN_KEY_LENGTH:
+        length = "empty" if not given else f"only {counted(len(given), 'character')} long"
+        raise UserInputError(f"{name} is {length}: a key needs at least {MIN_KEY_LENGTH} characters (a random one: "
+                             "openssl rand -hex 16)")
+    for place, char in enumerate(given, 1):
+        if not "!" <= char <= "~":
+            raise UserInputError(f"{name} holds {ascii(char)} at character {place}: a key is ASCII letters, digits "
+                                 "and punctuation, without spaces")
+    return given
 
 
 def check_address(host: str, port: int, api_key: str | None) -> None:
