@@ -326,6 +326,33 @@ def test_ctrl_c_during_a_stream_ends_it_cleanly(default_model_dir):
     assert "Traceback" not in server.log and "ERROR" not in server.log, server.log
 
 
+@pytest.mark.slow
+def test_ctrl_c_while_a_request_body_arrives_answers_it_at_once(default_model_dir):
+    """A client sends its headers and part of the body it announced, then nothing: Ctrl+C answers it
+    503 and the server ends at once (before, uvicorn waited out its 3 s grace period, then cancelled
+    the request: a 500 and a CancelledError traceback in the log)."""
+    server = ServerProcess()
+    server.wait_for("runner: ready:")
+    address, port = server.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((address, int(port)), timeout=30) as client:
+        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: 100\r\nExpect: 100-continue\r\n\r\n")
+        assert client.recv(1024).startswith(b"HTTP/1.1 100 ")   # the route now waits for the body
+        client.sendall(b'{"messages": [')
+        server.process.send_signal(signal.SIGINT)
+        interrupted = time.monotonic()
+        reply = b""
+        while piece := client.recv(65536):   # until the server closes the connection
+            reply += piece
+        answered = time.monotonic() - interrupted
+    assert server.process.wait(timeout=30) in (0, 130)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ") and json.loads(body)["error"]["code"] == "shutting_down", reply
+    assert answered < 3, answered   # inside uvicorn's grace period
+    server.wait_for(r"runner: 503 POST /v1/chat/completions · the server is stopping: the request's body had not")
+    assert "Traceback" not in server.log and "ERROR" not in server.log, server.log
+
+
 # ---- the pieces, without a server ---------------------------------------------------------------
 
 

@@ -72,6 +72,8 @@ def serve(args: argparse.Namespace, *, model: str, aliases: set[str], context: i
           open_model: Callable[[Callable[[LoadProgress], None]], Session]) -> int:
     """Listen at once, load the model in the background (503 until it is ready), answer until
     Ctrl+C; a model that fails to load stops the server and is raised as its one line."""
+    import asyncio
+
     import uvicorn
 
     from runner.commands.generate import ProgressLine
@@ -96,12 +98,17 @@ def serve(args: argparse.Namespace, *, model: str, aliases: set[str], context: i
 
     host = ModelHost(open_model, context=context, queue_size=args.queue, log=log, on_progress=progress,
                      on_ready=ready, on_failed=failed)
+    stopping = asyncio.Event()
     app = build_app(host, model=model, aliases=aliases, api_key=args.api_key, loopback=is_loopback(args.listen),
-                    log=log)
+                    stopping=stopping, log=log)
+
     class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame) -> None:   # Ctrl+C: replies under way end before uvicorn's grace
-            host.stop()                               # period runs out (then it cancels them: tracebacks)
-            super().handle_exit(sig, frame)
+        async def shutdown(self, sockets=None) -> None:
+            """Ctrl+C, or the model failed: the replies under way and the request bodies still arriving
+            end now, not when uvicorn's grace period runs out (then it cancels them: tracebacks)."""
+            host.stop()
+            stopping.set()
+            await super().shutdown(sockets)
 
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=3)
     server = Server(config)

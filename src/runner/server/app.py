@@ -33,10 +33,10 @@ REUSED_HEADER = "x-runner-reused-prompt-tokens"
 
 
 def build_app(host: ModelHost, *, model: str, aliases: set[str], api_key: str | None, loopback: bool,
-              log: Callable[[str], None], body_limit: int = BODY_LIMIT) -> Starlette:
+              stopping: asyncio.Event, log: Callable[[str], None], body_limit: int = BODY_LIMIT) -> Starlette:
     """`model` is the name /v1/models lists; a request may name it or one of `aliases`. `loopback`:
-    the server listens on a loopback address only."""
-    routes = OpenAiRoutes(host, model, aliases, log, body_limit)
+    the server listens on a loopback address only. `stopping`: set when the server stops."""
+    routes = OpenAiRoutes(host, model, aliases, log, body_limit, stopping)
     app = Starlette(
         routes=[
             Route("/health", routes.health, methods=["GET"]),
@@ -58,13 +58,14 @@ class OpenAiRoutes:
     """The endpoints and error handlers over one `ModelHost`, serving one model under its names."""
 
     def __init__(self, host: ModelHost, model: str, aliases: set[str], log: Callable[[str], None],
-                 body_limit: int) -> None:
+                 body_limit: int, stopping: asyncio.Event) -> None:
         self.host = host
         self.model = model
         self.served = (model, *sorted(aliases - {model}))
         self.created = int(time.time())
         self.log = log
         self.body_limit = body_limit
+        self.stopping = stopping
 
     # ---- the routes ----------------------------------------------------------------------------
 
@@ -86,10 +87,26 @@ class OpenAiRoutes:
         return JSONResponse(self.model_card())
 
     async def chat_completions(self, request: Request) -> Response:
-        return await self.answer(request, parse_chat(await read_json(request, self.body_limit), self.served))
+        return await self.answer(request, parse_chat(await self.body(request), self.served))
 
     async def completions(self, request: Request) -> Response:
-        return await self.answer(request, parse_completion(await read_json(request, self.body_limit), self.served))
+        return await self.answer(request, parse_completion(await self.body(request), self.served))
+
+    async def body(self, request: Request) -> dict:
+        """The request's body as a JSON object (read_json), or 503 at once if the server stops while
+        it is still arriving (uvicorn would wait out its grace period for the rest, then cancel the
+        request: a traceback)."""
+        reading = asyncio.ensure_future(read_json(request, self.body_limit))
+        stopped = asyncio.ensure_future(self.stopping.wait())
+        try:
+            done, _ = await asyncio.wait((reading, stopped), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            reading.cancel()   # no effect once it is done
+            stopped.cancel()
+        if reading in done:
+            return reading.result()
+        raise ApiError(503, "the server is stopping: the request's body had not all arrived", type="server_error",
+                       code="shutting_down")
 
     def model_card(self) -> dict:
         return {"id": self.model, "object": "model", "created": self.created, "owned_by": "runner"}
