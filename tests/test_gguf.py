@@ -186,6 +186,8 @@ HOSTILE = {
     "array of arrays": (gguf_bytes(extra_kv=_string("x") + struct.pack("<IIQ", 9, 9, 1)), "an array of arrays"),
     "unknown value type": (gguf_bytes(extra_kv=_string("x") + struct.pack("<I", 99)), "unknown value type 99"),
     "repeated key": (gguf_bytes(TINY_METADATA + [TINY_METADATA[1]]), "appears twice"),
+    "long key on two lines": (gguf_bytes(extra_kv=_string("note\n" + "k" * 100) + struct.pack("<I", 99)),
+                              "'note " + "k" * 54 + "…' has unknown value type 99"),   # one line, cut at 60
     "unknown ggml type": (gguf_bytes(tensor_type=77), "unknown ggml type 77"),
     "Q4_0 rows of 16": (gguf_bytes(tensors=[TINY_TENSORS[0], ("blk.0.attn_q.weight", (16, 64))], tensor_type=2),
                         "Q4_0 needs rows of whole blocks of 32"),

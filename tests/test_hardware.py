@@ -165,7 +165,8 @@ def test_mac_chip_names_from_sysctl():
     ("cpu,ram=0GB", "'0GB' is not a size runner plans for"),
     ("cpu,ram=" + "9" * 400 + "GB", "is not a size runner plans for"),
     ("a" * 5000, "unknown device 'aaaa"),
-], ids=["count", "size", "cpu-0GB", "mac-0GB", "ram-0", "ram-inf", "name"])
+    ("cpu,ram=12\n XB" + "9" * 80, "ram: '12 XB" + "9" * 54 + "…' is not a size"),   # one line, cut at 60
+], ids=["count", "size", "cpu-0GB", "mac-0GB", "ram-0", "ram-inf", "name", "ram-two-lines"])
 def test_absurd_machine_strings(text, message):
     with pytest.raises(UserInputError, match=re.escape(message)) as caught:
         parse_machine(text)

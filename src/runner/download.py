@@ -178,8 +178,7 @@ def check_repo_id(model: str | None) -> str:
         raise UserInputError(f"{model}: runner pull downloads from the Hugging Face Hub; a local folder "
                              f"loads as it is: runner chat {model}")
     if not REPO_ID.fullmatch(model) or ".." in model or "--" in model:
-        shown = model if len(model) <= 60 else model[:59] + "…"
-        raise UserInputError(f"'{shown}' is not a Hugging Face model id (write it as org/name)")
+        raise UserInputError(f"'{one_line(model, 60)}' is not a Hugging Face model id (write it as org/name)")
     return model
 
 

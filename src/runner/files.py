@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import CorruptWeights, UserInputError
+from runner.words import one_line
 
 JSON_MAX_BYTES = 16 * 1024 * 1024   # configs, indexes, tokenizer configs: kilobytes to a few megabytes
 
@@ -145,7 +146,7 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
     end = 0
     for name, entry in tensors.items():
         if entry.start != end:
-            raise CorruptWeights(f"{path}: not a valid safetensors file (tensor '{_short(name)}' starts at byte "
+            raise CorruptWeights(f"{path}: not a valid safetensors file (tensor '{one_line(name, 80)}' starts at byte "
                                  f"{entry.start}, not where the one before ends, {end})")
         end = entry.stop
     if 8 + length + end != size:
@@ -153,12 +154,8 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
     return SafetensorsHeader(path, raw, tensors, metadata, 8 + length)
 
 
-def _short(name: str) -> str:
-    return name if len(name) <= 80 else name[:79] + "…"
-
-
 def _tensor_entry(path: Path, name: str, entry: Any) -> TensorEntry:
-    where = f"{path}: not a valid safetensors file (tensor '{_short(name)}'"
+    where = f"{path}: not a valid safetensors file (tensor '{one_line(name, 80)}'"
     if not isinstance(entry, dict):
         raise CorruptWeights(f"{where} is {json_kind(entry)}, not an object)")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")

