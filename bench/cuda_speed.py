@@ -574,8 +574,7 @@ def section_kernels() -> None:
     from runner_cuda.fast.nf4_cuda import NF4Gemv, NF4Mma, mma_shape
 
     bandwidth = RESULTS["machine"]["copy_bandwidth_gb_s"] * 1e9
-    choices = [(warps, split, l2_hint) for warps, split in ((8, 8), (8, 4), (8, 2), (8, 1), (4, 4), (4, 1), (16, 16), (16, 8), (16, 4))
-               for l2_hint in (False, True)]
+    choices = ((8, 8), (8, 4), (8, 2), (8, 1), (7, 1), (14, 1), (4, 4), (4, 1), (16, 16), (16, 8), (16, 4))
 
     def nf4_layer(n, k):
         dense = torch.nn.Linear(k, n, bias=False, dtype=torch.bfloat16, device="cuda")
@@ -620,16 +619,16 @@ def section_kernels() -> None:
             rows["mma_rel_diff_vs_simt"] = ((plain - mine).norm() / mine.norm()).item()
             rows["mma_bare_us"] = graph_time_us(lambda i, calls=[NF4Mma(group) for group in weights]: calls[i](x), copies)
             best = None
-            for warps, split, l2_hint in choices:
-                label = f"mma_w{warps}s{split}{'_l2hint' if l2_hint else ''}"
+            for warps, split in choices:
+                label = f"mma_w{warps}s{split}"
                 try:
-                    us = graph_time_us(run_mma(mma_calls(warps=warps, split=split, l2_hint=l2_hint)), copies)
+                    us = graph_time_us(run_mma(mma_calls(warps=warps, split=split)), copies)
                 except Exception as error:  # a shape that does not launch: say so, keep the others
                     rows[f"{label}_error"] = repr(error)[:200]
                     continue
                 rows[f"{label}_us"] = round(us, 2)
                 if best is None or us < best[0]:
-                    best = (us, (warps, split, l2_hint))
+                    best = (us, (warps, split))
             default = mma_shape(weights[0], mode == "glu")
             rows.update(mma_default=default, mma_default_us=graph_time_us(run_mma(mma_calls()), copies),
                         mma_best=best[1], mma_best_us=best[0])

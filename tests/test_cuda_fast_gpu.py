@@ -109,7 +109,7 @@ def test_mma_kernel_matches_reference(shape, nested):
     def relative(a, b):
         return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
-    for warps, split, l2_hint in ((8, None, None), (4, 1, True), (8, 2, False)):
+    for warps, split, l2_hint in ((8, None, None), (4, 1, True), (8, 2, False), (7, 1, None)):
         shape = dict(warps=warps, split=split, l2_hint=l2_hint)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         reference = torch.cat([linear_reference(x, w).float() for w in weights], dim=-1)

@@ -306,8 +306,7 @@ __device__ __forceinline__ Step load_step(const Rows& ra, const Rows& rb, const 
 }
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
-    const unsigned int* __restrict__ pairs, const uint4* __restrict__ x, const uint4* __restrict__ zeros,
-    unsigned short* __restrict__ out, const uint4* __restrict__ norm_weight, double eps,
+    const unsigned int* __restrict__ pairs, const uint4* __restrict__ x, unsigned short* __restrict__ out, const uint4* __restrict__ norm_weight, double eps,
     const uint4* p0, const void* a0, const float* nc0, const float* na0, const float* o0, const unsigned short* b0, int n0,
     const uint4* p1, const void* a1, const float* nc1, const float* na1, const float* o1, const unsigned short* b1, int n1,
     const uint4* p2, const void* a2, const float* nc2, const float* na2, const float* o2, const unsigned short* b2, int n2,
@@ -318,7 +317,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
     float* partial = (float*)(smem + 32768);                          // [WARPS][16]
 #if NORM
     float* reduce = partial + WARPS * 16;                             // [WARPS]
-    uint4* xs = (uint4*)(reduce + 32);                                // [K / 8] the normalized input, then 64 zero bytes
+    uint4* xs = (uint4*)(reduce + 32);                                // [K / 8] the normalized input
 #endif
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -348,7 +347,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
     }
 #endif
     // B operand: column 0 holds the inputs of lanes t = 0, 1 (one quant block), column 1 those of
-    // t = 2, 3 (the next block); the lanes that hold other columns read zeros
+    // t = 2, 3 (the next block); the lanes that hold other columns load nothing (zeros)
     const bool data = g == (t >> 1);
     // the scale this lane looks up: rows g (t < 2) or g + 8, first or second block of the 128
     const bool second = t >> 1;
@@ -360,11 +359,11 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
     Step next;                                                           // the next step's loads, in flight
     if (first < last) next = load_step(ra, rb, sc, t, first);
 
-    for (int e = tid; e < 256; e += WARPS * 32) {                     // the table, one copy per lane: no bank conflicts
-        const unsigned int v = __ldg(pairs + e);
-        uint4* row = (uint4*)(table_bytes + e * 128);
-        #pragma unroll
-        for (int c = 0; c < 8; ++c) row[c] = make_uint4(v, v, v, v);
+    // the table, one copy per lane (entry e: 8 x 16 bytes); a warp's lanes fill 512 consecutive bytes at a
+    // time (filling an entry per lane put all 32 lanes' stores in one bank)
+    for (int u = tid; u < 256 * 8; u += WARPS * 32) {
+        const unsigned int v = __ldg(pairs + u / 8);
+        ((uint4*)table_bytes)[u] = make_uint4(v, v, v, v);
     }
 #if NORM
     {   // x = bf16(weight * bf16(x * rsqrt(mean(x^2) + eps))), as transformers' RMSNorm rounds
@@ -399,13 +398,10 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
             }
             xs[i] = make_uint4(ws[0], ws[1], ws[2], ws[3]);
         }
-        if (tid < 4) xs[K / 8 + tid] = make_uint4(0, 0, 0, 0);
     }
     const uint4* xin = xs;
-    const uint4* zero4 = xs + K / 8;
 #else
     const uint4* xin = x;
-    const uint4* zero4 = zeros;
 #endif
     __syncthreads();
 
@@ -419,10 +415,13 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
 #else
         const float scale = now.scale;
 #endif
-        const uint4* xsrc = data ? xin + (it * 4 + t) * 4 : zero4;
         uint4 xq[4];
         #pragma unroll
-        for (int q = 0; q < 4; ++q) xq[q] = xsrc[q];
+        for (int q = 0; q < 4; ++q) xq[q] = make_uint4(0, 0, 0, 0);
+        if (data) {                        // 8 lanes load (a quarter of the loads' shared-memory or L1 wavefronts)
+            #pragma unroll
+            for (int q = 0; q < 4; ++q) xq[q] = xin[(it * 4 + t) * 4 + q];
+        }
         float c[4] = {0.0f, 0.0f, 0.0f, 0.0f}, d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         #pragma unroll
         for (int s = 0; s < 8; ++s) {      // k16 step s: bytes 2s, 2s + 1 of each lane's 16
@@ -645,8 +644,8 @@ def mma_fits(weights: Sequence[NF4Weight], glu: bool = False, norm=None, x_dtype
 
 def mma_shape(weights: Sequence[NF4Weight], glu: bool) -> tuple[int, int]:
     """(warps per block, warps per 16-row tile), as measured fastest per Llama-8B launch on an H200
-    (bench/cuda_speed.py, bench/RESULTS.md): gate/up 8 and 1, up to 4096 outputs 16 and 8 (long
-    rows too), else 8 and 8; never more warps on a tile than it has steps of 128. Inputs of 8192
+    (bench/cuda_speed.py, bench/RESULTS.md): gate/up 8 and 1, else 8 and 8 (q/k/v, o, and down's
+    long rows); never more warps on a tile than it has steps of 128. Inputs of 8192
     and more (70B, 405B): gate/up, o and down 16 and 4 (bench/split_gpu.py kernels: 405B gate/up
     656 -> 407 us, 70B down 84 -> 60 us; q/k/v stays, its best was within 10 %)."""
     steps = weights[0].in_features // 128
@@ -655,8 +654,6 @@ def mma_shape(weights: Sequence[NF4Weight], glu: bool) -> tuple[int, int]:
         warps, split = 16, 4
     elif glu:
         warps, split = 8, 1
-    elif total <= 4096:
-        warps, split = 16, 8
     else:
         warps, split = 8, 8
     while split > 1 and split > steps:
@@ -709,13 +706,13 @@ class NF4Mma:
         tiles = first.out_features // 8 if glu else self.total // 16
         self.grid = (-(-tiles // (self.warps // self.split)), 1, 1)
         k = first.in_features
-        self.shared = 32768 + self.warps * 64 + (128 + 2 * k + 64 if norm is not None else 0)
+        self.shared = 32768 + self.warps * 64 + (128 + 2 * k if norm is not None else 0)
         self.kernel = mma_compiled(k, first.blocksize, max(first.nested_blocksize, 1), first.nested, self.warps, self.split,
                                    glu, norm is not None, residual, mma_l2_hint(k, self.split) if l2_hint is None else l2_hint)
         if self.shared >= 48 * 1024 and self.kernel._max_shared_mem_bytes < self.shared:
             self.kernel.set_shared_memory_config(self.shared)
         self.pairs = nf4_pairs(first.code)
-        self.zeros = torch.zeros(16, dtype=torch.int32, device=first.packed.device)
+        self.no_norm = torch.zeros(16, dtype=torch.int32, device=first.packed.device)      # the norm argument's stand-in
         self.eps = float(eps)
         self.args = []
         for slot in range(3):          # unused slots repeat the first weight with no rows
@@ -743,7 +740,7 @@ class NF4Mma:
             raise ValueError(f"a residual NF4Mma adds into `out`: a contiguous bf16 tensor of {self.total}")
         if out is None:
             out = torch.empty(self.total, dtype=torch.bfloat16, device=x.device)
-        norm = self.norm if self.norm is not None else self.zeros
+        norm = self.norm if self.norm is not None else self.no_norm
         self.kernel(grid=self.grid, block=(self.warps * 32, 1, 1), shared_mem=self.shared,
-                    args=[self.pairs, flat, self.zeros, out, norm, self.eps, *self.args, self.has_bias])
+                    args=[self.pairs, flat, out, norm, self.eps, *self.args, self.has_bias])
         return out.view(*x.shape[:-1], self.total) if not self.residual else out
