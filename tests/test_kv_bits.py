@@ -138,11 +138,13 @@ def test_cuda_quantized_cache_reuse_answers_as_a_fresh_session(default_model_dir
 def _same_second_turn(load) -> None:
     """Two turns on one session (the second from the kept, quantized cache) against the second
     turn on a fresh session: the same greedy reply; and the first answer is still right."""
-    first_turn = [Message("user", "What is the capital of France?")]
+    # Germany, not France: SmolLM2's "The" leads "L'Étoile" by 0.08 nats for France, and an 8-bit cache
+    # flipped it on AVX2 CPUs (not on AVX-512 ones); Berlin held on both, quantized or not
+    first_turn = [Message("user", "What is the capital of Germany?")]
     session = load()
     try:
         first = "".join(c.text for c in session.stream(first_turn, Sampling(max_tokens=16)))
-        assert "Paris" in first
+        assert "Berlin" in first
         second_turn = first_turn + [Message("assistant", first), Message("user", "And of Italy?")]
         kept = list(session.stream(second_turn, Sampling(max_tokens=16)))
     finally:

@@ -52,10 +52,10 @@ async def test_kv8_reloads_the_model_with_a_quantized_cache_and_says_so(default_
         assert chat.session.kv_bits == 8 and "KV cache 8-bit" in chat.session.device_summary
         assert "fp32 · kv8 · " in str(chat.query_one("#status-model").render())
         assert "KV cache (8-bit) 53.1 MB" in str(chat.query_one("#plan-body").render())
-        await send(pilot, "What is the capital of France?")
+        await send(pilot, "What is the capital of Germany?")     # not France: a near tie (tests/test_kv_bits.py)
         await wait_until(pilot, lambda: chat.query(AssistantMessage)
                          and chat.query(AssistantMessage).last().state == "complete", 60, "the reply")
-        assert "Paris" in chat.query(AssistantMessage).last().content
+        assert "Berlin" in chat.query(AssistantMessage).last().content
 
         # back to the cache unquantized: reloaded, and the status line says nothing of KV
         screen = await open_kv_screen(pilot)
