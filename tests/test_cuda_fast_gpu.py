@@ -93,14 +93,14 @@ def _rms_norm(x, weight, eps):
     return weight * (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
 
 
-@pytest.mark.parametrize("shape", [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (256, 512)])
+@pytest.mark.parametrize("shape", [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (256, 512), (256, 640)])
 @pytest.mark.parametrize("nested", [True, False])
 def test_mma_kernel_matches_reference(shape, nested):
     """The tensor-core kernel: within bf16 rounding of the float32 reference and no further from it
     than bitsandbytes' kernel, every output written; three weights in one launch equal each alone;
     with its RMSNorm, residual add and SiLU x up, the eager computation within bf16 rounding."""
     from runner_cuda.fast.nf4 import linear_reference, nf4_weight_of
-    from runner_cuda.fast.nf4_cuda import NF4Mma
+    from runner_cuda.fast.nf4_cuda import NF4Mma, mma_chunked_scales
 
     n, k = shape
     layers = [cuda_nf4_layer(n + 16 * i, k, nested=nested, bias=n == 256, seed=i) for i in range(3)]
@@ -125,6 +125,9 @@ def test_mma_kernel_matches_reference(shape, nested):
         # with or without the L2 hint
         alone = NF4Mma(weights[1:2], warps=warps, split=together.split, l2_hint=not l2_hint)(x).float()
         assert torch.equal(alone, mine[..., weights[0].out_features:weights[0].out_features + weights[1].out_features])
+        # the scales read 4 steps at a time (nested blocks of 64, K a multiple of 512) or a step at a time: the same bits
+        if mma_chunked_scales(weights):
+            assert torch.equal(NF4Mma(weights, chunked_scales=False, **shape)(x).float(), mine)
 
         norm = (1 + 0.1 * torch.randn(k, device="cuda")).to(torch.bfloat16)
         hidden = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)

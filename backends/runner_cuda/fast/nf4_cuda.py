@@ -211,7 +211,8 @@ MMA_SOURCE = r"""
 // sharing one 16-row tile, each over a slice of K), GLU (tile rows g: gate, g + 8: up of the same output;
 // writes silu(gate) * up), NORM (the input is RMSNorm(x) * norm weight, computed in the prologue),
 // RESIDUAL (out = out + result: the residual stream updated in place), L2_HINT (each weight load also
-// brings the rest of its 256 bytes of the row into L2: the warp's next three steps).
+// brings the rest of its 256 bytes of the row into L2: the warp's next three steps), CHUNKED_SCALES
+// (nested 64-weight blocks, K a multiple of 512: a lane loads its row's 8 code bytes of 4 steps at once).
 #define NIT (K / 128)
 #define TILES (WARPS / SPLIT)
 
@@ -295,7 +296,9 @@ __device__ __forceinline__ Step load_step(const Rows& ra, const Rows& rb, const 
     s.wa = load_weights(ra.packed + it * 4 + t);
     s.wb = load_weights(rb.packed + it * 4 + t);
     const unsigned long long block = sc.block0 + (it * 128u) / BLOCKSIZE;
-#if NESTED
+#if CHUNKED_SCALES
+    s.code = 0; s.scale = 0.0f;                                      // from the lane's Chunk instead
+#elif NESTED
     s.code = __ldg((const unsigned char*)sc.absmax + block);
     s.scale = __ldg(sc.nabs + block / NESTED_BLOCKSIZE);
 #else
@@ -304,6 +307,23 @@ __device__ __forceinline__ Step load_step(const Rows& ra, const Rows& rb, const 
 #endif
     return s;
 }
+
+#if CHUNKED_SCALES
+// the quant-block codes of the lane's row for the 4 steps from (it & ~3): 8 bytes, one aligned load where one
+// byte a step took 16 scattered rows' lines a step; the 8 blocks lie in one nested block of 256, so one scale
+struct Chunk {
+    unsigned long long codes;
+    float nabs;
+};
+
+__device__ __forceinline__ Chunk load_chunk(const Scales& sc, int it) {
+    const unsigned long long block = sc.block0 + 2u * (unsigned int)(it & ~3);
+    Chunk c;
+    c.codes = __ldg((const unsigned long long*)((const unsigned char*)sc.absmax + block));
+    c.nabs = __ldg(sc.nabs + block / NESTED_BLOCKSIZE);
+    return c;
+}
+#endif
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
     const unsigned int* __restrict__ pairs, const uint4* __restrict__ x, unsigned short* __restrict__ out, const uint4* __restrict__ norm_weight, double eps,
@@ -351,13 +371,22 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
     const bool data = g == (t >> 1);
     // the scale this lane looks up: rows g (t < 2) or g + 8, first or second block of the 128
     const bool second = t >> 1;
+#if CHUNKED_SCALES
+    const Scales sc = {second ? rb.absmax : ra.absmax, second ? rb.nabs : ra.nabs, second ? rb.block0 : ra.block0};
+#else
     const Scales sc = {second ? rb.absmax : ra.absmax, second ? rb.nabs : ra.nabs,
                        (second ? rb.block0 : ra.block0) + ((t & 1) * 64u) / BLOCKSIZE};
+#endif
     const float* s_ncode = second ? rb.ncode : ra.ncode;
     const float s_shift = second ? rb.shift : ra.shift;
     const int first = split * NIT / SPLIT, last = (split + 1) * NIT / SPLIT;
     Step next;                                                           // the next step's loads, in flight
     if (first < last) next = load_step(ra, rb, sc, t, first);
+#if CHUNKED_SCALES
+    Chunk chunk, chunk_next;                                             // this chunk of 4 steps, the next one's
+    if (first < last) chunk = chunk_next = load_chunk(sc, first);
+    if ((first | 3) + 1 < last) chunk_next = load_chunk(sc, (first | 3) + 1);
+#endif
 
     // the table, one copy per lane (entry e: 8 x 16 bytes); a warp's lanes fill 512 consecutive bytes at a
     // time (filling an entry per lane put all 32 lanes' stores in one bank)
@@ -410,7 +439,14 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
         const Step now = next;
         if (it + 1 < last) next = load_step(ra, rb, sc, t, it + 1);
         const uint4 wa = now.wa, wb = now.wb;                            // 32 weights of rows g and g + 8
-#if NESTED
+#if CHUNKED_SCALES
+        if ((it & 3) == 0 && it != first) {
+            chunk = chunk_next;
+            if (it + 4 < last) chunk_next = load_chunk(sc, it + 4);
+        }
+        const unsigned int code = (unsigned int)(chunk.codes >> (8 * (2 * (it & 3) + (t & 1)))) & 0xFFu;
+        const float scale = __ldg(s_ncode + code) * chunk.nabs + s_shift;
+#elif NESTED
         const float scale = __ldg(s_ncode + now.code) * now.scale + s_shift;
 #else
         const float scale = now.scale;
@@ -603,15 +639,17 @@ class NF4Gemv:
 
 
 def mma_compiled(k: int, blocksize: int, nested_blocksize: int, nested: bool, warps: int, split: int, glu: bool,
-                 norm: bool, residual: bool, l2_hint: bool):
+                 norm: bool, residual: bool, l2_hint: bool, chunked_scales: bool):
     """The tensor-core kernel for these compile-time choices, compiled once per process and GPU."""
     import torch
 
-    key = ("mma", k, blocksize, nested_blocksize, nested, warps, split, glu, norm, residual, l2_hint, torch.cuda.current_device())
+    key = ("mma", k, blocksize, nested_blocksize, nested, warps, split, glu, norm, residual, l2_hint, chunked_scales,
+           torch.cuda.current_device())
     if key not in _COMPILED:
         options = [f"-DK={k}", f"-DBLOCKSIZE={blocksize}", f"-DNESTED_BLOCKSIZE={nested_blocksize}", f"-DNESTED={int(nested)}",
                    f"-DWARPS={warps}", f"-DSPLIT={split}", f"-DGLU={int(glu)}", f"-DNORM={int(norm)}",
-                   f"-DRESIDUAL={int(residual)}", f"-DL2_HINT={int(l2_hint)}", "-std=c++17"]
+                   f"-DRESIDUAL={int(residual)}", f"-DL2_HINT={int(l2_hint)}", f"-DCHUNKED_SCALES={int(chunked_scales)}",
+                   "-std=c++17"]
         _COMPILED[key] = torch.cuda._compile_kernel(MMA_SOURCE, "nf4_mma", nvcc_options=options)
     return _COMPILED[key]
 
@@ -644,8 +682,9 @@ def mma_fits(weights: Sequence[NF4Weight], glu: bool = False, norm=None, x_dtype
 
 def mma_shape(weights: Sequence[NF4Weight], glu: bool) -> tuple[int, int]:
     """(warps per block, warps per 16-row tile), as measured fastest per Llama-8B launch on an H200
-    (bench/cuda_speed.py, bench/RESULTS.md): gate/up 8 and 1, else 8 and 8 (q/k/v, o, and down's
-    long rows); never more warps on a tile than it has steps of 128. Inputs of 8192
+    (bench/cuda_speed.py, bench/RESULTS.md): gate/up 14 and 1 (128 blocks of 14 tiles fill 132 SMs more
+    evenly than 224 of 8), else 8 and 8 (q/k/v, o, and down's long rows); never more warps on a tile
+    than it has steps of 128. Inputs of 8192
     and more (70B, 405B): gate/up, o and down 16 and 4 (bench/split_gpu.py kernels: 405B gate/up
     656 -> 407 us, 70B down 84 -> 60 us; q/k/v stays, its best was within 10 %)."""
     steps = weights[0].in_features // 128
@@ -653,7 +692,7 @@ def mma_shape(weights: Sequence[NF4Weight], glu: bool) -> tuple[int, int]:
     if weights[0].in_features >= 8192 and total > 4096 and (glu or len(weights) == 1):
         warps, split = 16, 4
     elif glu:
-        warps, split = 8, 1
+        warps, split = 14, 1
     else:
         warps, split = 8, 8
     while split > 1 and split > steps:
@@ -666,6 +705,14 @@ def mma_l2_hint(in_features: int, split: int) -> bool:
     goes on along its rows for 8 steps of 128 or more (faster on an H200 for gate/up and down;
     slower for q/k/v and o, whose warps take 4 steps: bench/RESULTS.md)."""
     return in_features // 128 // split >= 8
+
+
+def mma_chunked_scales(weights: Sequence[NF4Weight]) -> bool:
+    """Whether a lane can load its row's quant-block codes 4 steps at a time (8 aligned bytes): nested
+    blocks of 64 weights, rows of a multiple of 512, the codes 8-byte aligned."""
+    first = weights[0]
+    return (first.nested and first.blocksize == 64 and first.in_features % 512 == 0
+            and all(w.absmax.data_ptr() % 8 == 0 for w in weights))
 
 
 def nf4_pairs(code: "torch.Tensor") -> "torch.Tensor":
@@ -687,13 +734,15 @@ class NF4Mma:
 
     def __init__(self, weights: Sequence[NF4Weight], *, glu: bool = False, norm: "torch.Tensor | None" = None,
                  eps: float = 1e-6, residual: bool = False, warps: int | None = None, split: int | None = None,
-                 l2_hint: bool | None = None):
+                 l2_hint: bool | None = None, chunked_scales: bool | None = None):
         import torch
 
         if not mma_fits(weights, glu, norm):
             raise ValueError("NF4Mma does not take these weights (see mma_fits)")
         if glu and residual:
             raise ValueError("glu and residual do not go together")
+        if chunked_scales and not mma_chunked_scales(weights):
+            raise ValueError("these weights' scales cannot be read 4 steps at a time (see mma_chunked_scales)")
         self.weights = list(weights)
         first = self.weights[0]
         self.glu, self.residual, self.norm = glu, residual, norm
@@ -708,7 +757,8 @@ class NF4Mma:
         k = first.in_features
         self.shared = 32768 + self.warps * 64 + (128 + 2 * k if norm is not None else 0)
         self.kernel = mma_compiled(k, first.blocksize, max(first.nested_blocksize, 1), first.nested, self.warps, self.split,
-                                   glu, norm is not None, residual, mma_l2_hint(k, self.split) if l2_hint is None else l2_hint)
+                                   glu, norm is not None, residual, mma_l2_hint(k, self.split) if l2_hint is None else l2_hint,
+                                   mma_chunked_scales(self.weights) if chunked_scales is None else chunked_scales)
         if self.shared >= 48 * 1024 and self.kernel._max_shared_mem_bytes < self.shared:
             self.kernel.set_shared_memory_config(self.shared)
         self.pairs = nf4_pairs(first.code)
