@@ -151,6 +151,47 @@ def test_mma_kernel_matches_reference(shape, nested):
             assert relative(got, expected) < 1e-2
 
 
+def test_overlapping_launches_in_a_graph_equal_one_after_another():
+    """A layer's MLP half chained as the decoder chains it (o adding into the residual, gate/up reading
+    it through the RMSNorm, down adding into it), three layers in one CUDA graph: launched to overlap
+    the kernel before (Hopper) it gives the same bits as launched one after another. A wait placed
+    after an input read would read the residual before the kernel before it had written it."""
+    from runner_cuda import compat
+    from runner_cuda.fast.nf4 import nf4_weight_of
+    from runner_cuda.fast.nf4_cuda import NF4Mma
+
+    if not compat.overlapping_launches(torch.device("cuda")):
+        pytest.skip("overlapping launches need compute capability 9.0")
+    weight = lambda n, k, seed: nf4_weight_of(cuda_nf4_layer(n, k, seed=seed))
+    o, gate, up, down = weight(4096, 4096, 1), weight(14336, 4096, 2), weight(14336, 4096, 3), weight(4096, 14336, 4)
+    norm = (1 + 0.1 * torch.randn(4096, device="cuda")).to(torch.bfloat16)
+    attention = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    start = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
+
+    def run(overlap):
+        o_add = NF4Mma([o], residual=True, overlap=overlap)
+        glu = NF4Mma([gate, up], glu=True, norm=norm, eps=1e-5, overlap=overlap)
+        down_add = NF4Mma([down], residual=True, overlap=overlap)
+        hidden, between = start.clone(), torch.empty(14336, device="cuda", dtype=torch.bfloat16)
+
+        def layers():
+            for _ in range(3):
+                o_add(attention, out=hidden)
+                glu(hidden, out=between)
+                down_add(between, out=hidden)
+
+        layers()                                           # compiled and warm before the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            layers()
+        hidden.copy_(start)
+        graph.replay()
+        torch.cuda.synchronize()
+        return hidden.clone()
+
+    assert torch.equal(run(True), run(False))
+
+
 @pytest.mark.parametrize("kernel", ["bitsandbytes", "cuda", "cuda-simt", "cuda-bnb-rounding"])
 def test_graph_decoder_greedy_equals_hf_generate(tmp_path, kernel):
     """A small random Llama in NF4: HF generate (bitsandbytes' path) and the fast decoder (CUDA

@@ -10,6 +10,7 @@ and bitsandbytes are imported when a model is loaded (`runner_cuda.loading`).
 Modules:
   loading.py   LoadRequest -> model + tokenizer on the plan's devices; placement and measured bytes
   session.py   CudaSession: chat template, the decode loop (one function), sampling, logits, memory
+  compat.py    the private parts of torch and transformers it relies on (NVRTC kernels, launches)
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ from runner.backend import LoadProgress
 from runner.errors import BackendUnavailable, LoadError, UserInputError
 from runner.rehearsal import (BlockMemory, DeviceMemory, RehearsalResult, architecture_config, check_lengths,
                               plan_fields)
+from runner_cuda import compat
 
 if TYPE_CHECKING:
     import torch
@@ -206,7 +207,7 @@ def materialize_parameter(model, name: str, device: str, dtype, quantizer, gener
     else:
         new = torch.nn.Parameter(value, requires_grad=False)
     del value
-    new._is_hf_initialized = True
+    compat.mark_initialized(new)
     setattr(module, attribute, new)
 
 
@@ -245,7 +246,7 @@ def finish_model(model, quantizer, device_map) -> None:
     if len(set(device_map.values())) > 1:
         from accelerate import dispatch_model
 
-        dispatch_model(model, device_map=device_map, skip_keys=model._skip_keys_device_placement)
+        dispatch_model(model, device_map=device_map, skip_keys=compat.device_placement_skip_keys(model))
     if quantizer is not None:
         model.hf_quantizer = quantizer
         quantizer.postprocess_model(model)

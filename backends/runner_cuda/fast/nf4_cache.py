@@ -29,6 +29,7 @@ from pathlib import Path
 
 from runner.files import read_safetensors_header
 from runner.paths import models_dir
+from runner_cuda import compat
 
 MARKER = "runner-nf4-cache.json"
 QUANTS = ("nf4", "nf4-nodq", "fp4")
@@ -183,10 +184,7 @@ def fill(model, folder: Path, state_dict: dict, quantized: set[str], device: str
     missing = [name for name, param in model.named_parameters() if param.device.type == "meta"]
     if missing:
         raise ValueError(f"{folder}: the cache has no tensor for {', '.join(missing[:3])}")
-    for module in model.modules():
-        for name, buffer in list(module._buffers.items()):
-            if buffer is not None:
-                module._buffers[name] = buffer.to(device)
+    compat.move_buffers(model, device)
     if (Path(folder) / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(str(folder))
     return model.eval()

@@ -1,5 +1,5 @@
-"""Batch-1 NF4 GEMVs in CUDA C++, compiled at run time by NVRTC (`torch.cuda._compile_kernel`,
-which ships with torch's CUDA wheels: no compiler needed on the user's machine). Both read
+"""Batch-1 NF4 GEMVs in CUDA C++, compiled at run time by NVRTC (which ships with torch's CUDA
+wheels: no compiler needed on the user's machine; `runner_cuda.compat`). Both read
 bitsandbytes' packed weights and double-quant state as they are (see `nf4.py` for the layout).
 
 `NF4Mma` (the default) runs on the tensor cores: a warp computes a tile of 16 rows with
@@ -42,6 +42,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
+from runner_cuda import compat
 from runner_cuda.fast.nf4 import NF4Weight
 
 if TYPE_CHECKING:
@@ -212,7 +213,9 @@ MMA_SOURCE = r"""
 // writes silu(gate) * up), NORM (the input is RMSNorm(x) * norm weight, computed in the prologue),
 // RESIDUAL (out = out + result: the residual stream updated in place), L2_HINT (each weight load also
 // brings the rest of its 256 bytes of the row into L2: the warp's next three steps), CHUNKED_SCALES
-// (nested 64-weight blocks, K a multiple of 512: a lane loads its row's 8 code bytes of 4 steps at once).
+// (nested 64-weight blocks, K a multiple of 512: a lane loads its row's 8 code bytes of 4 steps at once),
+// OVERLAP (Hopper: launched to start while the kernel before it finishes; the weights, scales and table
+// are loaded before waiting for that kernel, the input after).
 #define NIT (K / 128)
 #define TILES (WARPS / SPLIT)
 
@@ -394,6 +397,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
         const unsigned int v = __ldg(pairs + u / 8);
         ((uint4*)table_bytes)[u] = make_uint4(v, v, v, v);
     }
+#if OVERLAP
+    asm volatile("griddepcontrol.wait;" ::: "memory");                 // the kernel before: its output is x
+#endif
 #if NORM
     {   // x = bf16(weight * bf16(x * rsqrt(mean(x^2) + eps))), as transformers' RMSNorm rounds
         float sum = 0.0f;
@@ -474,6 +480,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
         acc_a = fmaf(c[0] + d[0], scale, fmaf(c[1] + d[1], s1, acc_a));
         acc_b = fmaf(c[2] + d[2], s2, fmaf(c[3] + d[3], s3, acc_b));
     }
+#if OVERLAP
+    asm volatile("griddepcontrol.launch_dependents;");                  // its weights may start loading
+#endif
     if (!valid) acc_a = acc_b = 0.0f;
     if (t == 0) {
         partial[warp * 16 + g] = acc_a;
@@ -523,9 +532,7 @@ _COMPILED: dict = {}
 
 def available() -> bool:
     """Whether this torch can compile CUDA C++ at run time (NVRTC) and a GPU is there."""
-    import torch
-
-    return torch.cuda.is_available() and hasattr(torch.cuda, "_compile_kernel")
+    return compat.can_compile_kernels()
 
 
 def compiled(rows: int, blocksize: int, nested_blocksize: int, nested: bool, bnb_rounding: bool):
@@ -537,7 +544,7 @@ def compiled(rows: int, blocksize: int, nested_blocksize: int, nested: bool, bnb
     if key not in _COMPILED:
         options = [f"-DROWS={rows}", f"-DBLOCKSIZE={blocksize}", f"-DNESTED_BLOCKSIZE={nested_blocksize}",
                    f"-DNESTED={int(nested)}", f"-DBNB_ROUNDING={int(bnb_rounding)}", "-std=c++17"]
-        _COMPILED[key] = torch.cuda._compile_kernel(SOURCE, "nf4_gemv", nvcc_options=options)
+        _COMPILED[key] = compat.compile_kernel(SOURCE, "nf4_gemv", options)
     return _COMPILED[key]
 
 
@@ -639,18 +646,18 @@ class NF4Gemv:
 
 
 def mma_compiled(k: int, blocksize: int, nested_blocksize: int, nested: bool, warps: int, split: int, glu: bool,
-                 norm: bool, residual: bool, l2_hint: bool, chunked_scales: bool):
+                 norm: bool, residual: bool, l2_hint: bool, chunked_scales: bool, overlap: bool):
     """The tensor-core kernel for these compile-time choices, compiled once per process and GPU."""
     import torch
 
     key = ("mma", k, blocksize, nested_blocksize, nested, warps, split, glu, norm, residual, l2_hint, chunked_scales,
-           torch.cuda.current_device())
+           overlap, torch.cuda.current_device())
     if key not in _COMPILED:
         options = [f"-DK={k}", f"-DBLOCKSIZE={blocksize}", f"-DNESTED_BLOCKSIZE={nested_blocksize}", f"-DNESTED={int(nested)}",
                    f"-DWARPS={warps}", f"-DSPLIT={split}", f"-DGLU={int(glu)}", f"-DNORM={int(norm)}",
                    f"-DRESIDUAL={int(residual)}", f"-DL2_HINT={int(l2_hint)}", f"-DCHUNKED_SCALES={int(chunked_scales)}",
-                   "-std=c++17"]
-        _COMPILED[key] = torch.cuda._compile_kernel(MMA_SOURCE, "nf4_mma", nvcc_options=options)
+                   f"-DOVERLAP={int(overlap)}", "-std=c++17"]
+        _COMPILED[key] = compat.compile_kernel(MMA_SOURCE, "nf4_mma", options)
     return _COMPILED[key]
 
 
@@ -734,7 +741,7 @@ class NF4Mma:
 
     def __init__(self, weights: Sequence[NF4Weight], *, glu: bool = False, norm: "torch.Tensor | None" = None,
                  eps: float = 1e-6, residual: bool = False, warps: int | None = None, split: int | None = None,
-                 l2_hint: bool | None = None, chunked_scales: bool | None = None):
+                 l2_hint: bool | None = None, chunked_scales: bool | None = None, overlap: bool | None = None):
         import torch
 
         if not mma_fits(weights, glu, norm):
@@ -756,11 +763,15 @@ class NF4Mma:
         self.grid = (-(-tiles // (self.warps // self.split)), 1, 1)
         k = first.in_features
         self.shared = 32768 + self.warps * 64 + (128 + 2 * k if norm is not None else 0)
+        can_overlap = compat.overlapping_launches(first.packed.device)
+        if overlap and not can_overlap:
+            raise ValueError("overlapping launches need a GPU of compute capability 9.0 or later")
+        self.overlap = can_overlap if overlap is None else overlap
         self.kernel = mma_compiled(k, first.blocksize, max(first.nested_blocksize, 1), first.nested, self.warps, self.split,
                                    glu, norm is not None, residual, mma_l2_hint(k, self.split) if l2_hint is None else l2_hint,
-                                   mma_chunked_scales(self.weights) if chunked_scales is None else chunked_scales)
-        if self.shared >= 48 * 1024 and self.kernel._max_shared_mem_bytes < self.shared:
-            self.kernel.set_shared_memory_config(self.shared)
+                                   mma_chunked_scales(self.weights) if chunked_scales is None else chunked_scales,
+                                   self.overlap)
+        compat.reserve_shared_memory(self.kernel, self.shared)
         self.pairs = nf4_pairs(first.code)
         self.no_norm = torch.zeros(16, dtype=torch.int32, device=first.packed.device)      # the norm argument's stand-in
         self.eps = float(eps)
@@ -791,6 +802,9 @@ class NF4Mma:
         if out is None:
             out = torch.empty(self.total, dtype=torch.bfloat16, device=x.device)
         norm = self.norm if self.norm is not None else self.no_norm
-        self.kernel(grid=self.grid, block=(self.warps * 32, 1, 1), shared_mem=self.shared,
-                    args=[self.pairs, flat, out, norm, self.eps, *self.args, self.has_bias])
+        args = [self.pairs, flat, out, norm, self.eps, *self.args, self.has_bias]
+        if self.overlap:
+            compat.launch_overlapping(self.kernel, self.grid, (self.warps * 32, 1, 1), args, self.shared)
+        else:
+            self.kernel(grid=self.grid, block=(self.warps * 32, 1, 1), shared_mem=self.shared, args=args)
         return out.view(*x.shape[:-1], self.total) if not self.residual else out
