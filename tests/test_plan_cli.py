@@ -122,6 +122,8 @@ def _write_config(tmp_path, text):
     ([L405, "--context", "10m"], "more than"),
     ([L405, "--batch", "0"], "--batch must be"),
     ([L405, "--batch", "two"], "--batch must be a number like 8192 or 8k, not 'two'"),   # not "of tokens"
+    ([L405, "--batch", "two\nlines"], "not 'two lines'"),           # still one line
+    ([L405, "--machine", "4xZ9000" + "0" * 60], "unknown device 'Z90000000"),
     ([L405, "--machine", "4xZ9000"], "unknown device 'Z9000'"),
     ([L405, "--machine", "/no/machine.toml"], "no such file"),
     ([L405, "--quant", "int3"], "unknown"),

@@ -29,8 +29,8 @@ from runner.backend import LoadProgress, LoadRequest
 from runner.choice import options_that_fit, plan_line, refuse_by_plan
 from runner.errors import BackendUnavailable, CorruptWeights, DoesNotFit, LoadError, UserInputError
 from runner.files import TensorEntry, check_model_json, missing_tokenizer, read_json_object, read_safetensors_header
+from runner.words import counted, one_line
 from runner_cuda import BITSANDBYTES_INSTALL, BITSANDBYTES_QUANTS, CUDA_QUANTS, FP8_INSTALL
-from runner.words import counted
 
 if TYPE_CHECKING:
     import torch
@@ -595,7 +595,7 @@ def prepare_fast_decode(session, request: LoadRequest, report) -> None:
     try:
         fast.attach(session, request.kernel)
     except Exception as error:  # the ordinary loop still works: say so instead of failing
-        session.device_summary += f"; fast decode off ({type(error).__name__}: {str(error)[:80]})"
+        session.device_summary += f"; fast decode off ({type(error).__name__}: {one_line(str(error), 80)})"
 
 def load_weights(weights: str, quantization_config, tensors: dict[str, TensorEntry], *, dtype, device_map, max_memory,
                  attention: str, offload_folder: str | None, request: LoadRequest, cache_device: str | None = None):

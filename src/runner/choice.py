@@ -26,7 +26,7 @@ from runner.budget import (
 from runner.plan_rules import rules_for
 from runner.errors import DoesNotFit, ModelNotFound, UserInputError
 from runner.model import DEFAULT_MODEL_ID, ModelSpec, load_spec
-from runner.words import counted
+from runner.words import counted, one_line
 
 if TYPE_CHECKING:
     from runner.hardware import Machine
@@ -149,7 +149,7 @@ def check_kernel(backend: str, kernel: str | None) -> None:
     kernels = tuple(getattr(backend_class(backend), "kernels", ()))
     if kernel is not None and kernel not in kernels:
         offered = f"it takes {', '.join(kernels)}" if kernels else "it has no kernels to choose from"
-        raise UserInputError(f"--kernel {kernel[:40]}: not a kernel of the {backend} backend; {offered}")
+        raise UserInputError(f"--kernel {one_line(kernel, 40)}: not a kernel of the {backend} backend; {offered}")
 
 
 def refuse_by_plan(plan: Plan, allow_offload: bool) -> None:

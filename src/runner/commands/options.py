@@ -7,6 +7,7 @@ import argparse
 import re
 
 from runner.errors import UserInputError
+from runner.words import one_line
 
 
 class Parser(argparse.ArgumentParser):
@@ -23,7 +24,7 @@ def parse_count(text: str, what: str) -> int:
     """'8192', '8k', '128K', '1m' -> an int; a clear error otherwise."""
     match = re.fullmatch(r"\s*(-?\d{1,12}(?:\.\d{1,6})?)\s*([kKmM]?)\s*", text)
     if not match:
-        raise UserInputError(f"{what} must be a number like 8192 or 8k, not '{text[:40]}'")
+        raise UserInputError(f"{what} must be a number like 8192 or 8k, not '{one_line(text, 40)}'")
     value = float(match.group(1)) * {"": 1, "k": 1024, "m": 1024**2}[match.group(2).lower()]
     if value != int(value):
         raise UserInputError(f"{what} must be a whole number, not '{text}'")
@@ -45,7 +46,7 @@ def known(what: str, names):
     print its usage block too)."""
     def check(text: str) -> str:
         if text not in names():
-            raise UserInputError(f"unknown {what} '{text[:40]}' (known: {', '.join(names())})")
+            raise UserInputError(f"unknown {what} '{one_line(text, 40)}' (known: {', '.join(names())})")
         return text
     return check
 

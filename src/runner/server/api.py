@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from runner.backend import Message
+from runner.words import one_line
 
 MAX_STOPS = 4                # OpenAI's limit
 MAX_STOP_CHARS = 1000
@@ -126,7 +127,7 @@ def _message(item: Any, where: str) -> Message:
         raise ApiError(400, f"'{where}' must be an object with 'role' and 'content'", param=where)
     role = item.get("role")
     if role not in ROLES:
-        raise ApiError(400, f"'{where}.role' must be one of {', '.join(ROLES)}, not {str(role)[:40]!r}",
+        raise ApiError(400, f"'{where}.role' must be one of {', '.join(ROLES)}, not {one_line(str(role), 40)!r}",
                        param=f"{where}.role")
     return Message(ROLES[role], _content(item.get("content"), f"{where}.content"))
 
