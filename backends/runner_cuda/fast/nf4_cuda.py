@@ -582,6 +582,20 @@ def rows_per_warp(weights: Sequence[NF4Weight]) -> int:
     return next(r for r in (4, 2, 1) if r <= wanted and all(w.out_features % r == 0 for w in weights))
 
 
+def weight_arguments(weights: Sequence[NF4Weight]) -> list:
+    """The kernels' three weight slots (packed, absmax, nested code, nested absmax, offset, bias,
+    out_features each); unused slots repeat the first weight with no rows, and a tensor a weight
+    lacks (no double quant, no bias) is stood in for by its absmax."""
+    arguments = []
+    for slot in range(3):
+        w = weights[slot] if slot < len(weights) else weights[0]
+        dummy = w.absmax
+        arguments += [w.packed, w.absmax, w.nested_code if w.nested else dummy, w.nested_absmax if w.nested else dummy,
+                      w.offset if w.nested else dummy, w.bias if w.bias is not None else dummy,
+                      w.out_features if slot < len(weights) else 0]
+    return arguments
+
+
 def one_aligned_row(x: "torch.Tensor", features: int, kernel: str) -> "torch.Tensor":
     """`x` as the one contiguous, 16-byte aligned bf16 row of `features` values the kernels read."""
     import torch
@@ -618,13 +632,7 @@ class NF4Gemv:
         # bitsandbytes' kernel holds the NF4 values in bf16
         code = first.code.float()
         self.code = (code.to(torch.bfloat16).float() if bnb_rounding else code).contiguous()
-        self.args = []
-        for slot in range(3):          # unused slots repeat the first weight with no rows
-            w = self.weights[slot] if slot < len(self.weights) else first
-            dummy = w.absmax
-            self.args += [w.packed, w.absmax, w.nested_code if w.nested else dummy, w.nested_absmax if w.nested else dummy,
-                          w.offset if w.nested else dummy, w.bias if w.bias is not None else dummy,
-                          w.out_features if slot < len(self.weights) else 0]
+        self.args = weight_arguments(self.weights)
         self.tail = [first.in_features, int(first.bias is not None)]
 
     @classmethod
@@ -775,13 +783,7 @@ class NF4Mma:
         self.pairs = nf4_pairs(first.code)
         self.no_norm = torch.zeros(16, dtype=torch.int32, device=first.packed.device)      # the norm argument's stand-in
         self.eps = float(eps)
-        self.args = []
-        for slot in range(3):          # unused slots repeat the first weight with no rows
-            w = self.weights[slot] if slot < len(self.weights) else first
-            dummy = w.absmax
-            self.args += [w.packed, w.absmax, w.nested_code if w.nested else dummy, w.nested_absmax if w.nested else dummy,
-                          w.offset if w.nested else dummy, w.bias if w.bias is not None else dummy,
-                          w.out_features if slot < len(self.weights) else 0]
+        self.args = weight_arguments(self.weights)
         self.has_bias = int(first.bias is not None)
 
     @classmethod
