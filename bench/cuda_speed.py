@@ -566,7 +566,8 @@ def section_kernels() -> None:
     inside CUDA graphs over enough copies of the weights that L2 (50-60 MB) cannot hold them: the
     tensor-core kernel (NF4Mma) as the decoder launches it (q/k/v with the RMSNorm inside, o and down
     adding into the residual, gate/up with the RMSNorm and SiLU x up inside), over its warps x split
-    choices; the SIMT kernel (NF4Gemv) and bitsandbytes on the bare projections."""
+    choices, and at its default shape launched one after another (not overlapping the launch before);
+    the SIMT kernel (NF4Gemv) and bitsandbytes on the bare projections."""
     import bitsandbytes as bnb
     import torch
 
@@ -632,6 +633,8 @@ def section_kernels() -> None:
             default = mma_shape(weights[0], mode == "glu")
             rows.update(mma_default=default, mma_default_us=graph_time_us(run_mma(mma_calls()), copies),
                         mma_best=best[1], mma_best_us=best[0])
+            # the launches overlapping the one before (Hopper's default) against one after another
+            rows["mma_default_not_overlapping_us"] = graph_time_us(run_mma(mma_calls(overlap=False)), copies)
             rows.update(mma_tb_s=nf4_bytes / rows["mma_default_us"] / 1e6,
                         mma_fraction_of_copy_bw=nf4_bytes / (rows["mma_default_us"] / 1e6) / bandwidth,
                         simt_fraction_of_copy_bw=nf4_bytes / (rows["simt_us"] / 1e6) / bandwidth,
