@@ -84,17 +84,25 @@ from runner.tui.screens.settings import ChatSettings
 from tui_helpers import SIZE, chat_screen, send, wait_loaded, wait_until
 
 app = RunnerApp(history_path={history!r}, settings=ChatSettings(max_tokens=400))
+first_shown = []
 
 def on_message(message):
     # each time a chunk arrives: the time and the reply's text on screen until then
     if isinstance(message, ReplyChunk) and chat_screen(app).reply is not None:
+        first_shown[:] = first_shown or [time.monotonic()]
         print(json.dumps([time.monotonic(), chat_screen(app).reply.widget.content]), flush=True)
+
+def streamed_a_while():
+    # past FLUSH_INTERVAL + 0.2 s of reply (what the test holds the file to), however fast the model
+    reply = chat_screen(app).reply
+    return (reply is not None and len(reply.widget.content) > 60 and bool(first_shown)
+            and time.monotonic() - first_shown[0] > FLUSH_INTERVAL + 0.5)
 
 async def main():
     async with app.run_test(size=SIZE, message_hook=on_message) as pilot:
         chat = await wait_loaded(pilot)
         await send(pilot, "Write a long story about a dragon.")
-        await wait_until(pilot, lambda: chat.reply is not None and len(chat.reply.widget.content) > 60, 120)
+        await wait_until(pilot, streamed_a_while, 120)
         print(json.dumps([time.monotonic(), "KILL"]), flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
 
