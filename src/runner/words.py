@@ -7,6 +7,7 @@ def counted(count: int, noun: str, spec: str = "") -> str:
 
 
 def one_line(text: str, width: int) -> str:
-    """`text` with its whitespace runs as single spaces, cut to `width` characters with "…"."""
+    """`text` with its whitespace runs as single spaces, cut to `width` characters with "…" (no
+    space left before it)."""
     text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return text if len(text) <= width else text[: width - 1].rstrip() + "…"

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from runner.errors import RunnerError
 from runner.paths import data_dir
+from runner.words import one_line
 
 FILE_NAME = "history.db"
 BUSY_TIMEOUT = 5.0           # seconds a statement waits for a lock another connection holds
@@ -315,8 +316,7 @@ def state_note(message: StoredMessage) -> str:
 
 def title_from(text: str, limit: int = 48) -> str:
     """A conversation title from its first message: one line, at most `limit` characters."""
-    line = re.sub(r"\s+", " ", text).strip()
-    return line if len(line) <= limit else line[: limit - 1].rstrip() + "…"
+    return one_line(text, limit)
 
 
 def export_file_name(conversation: Conversation) -> str:
