@@ -831,7 +831,7 @@ def _record_meta(meta: Any, path: Path) -> dict:
         if not isinstance(meta.get(key), str) or not meta[key]:
             raise bad(f"'{key}' must be a string")
     if meta["quant"] not in PRECISION_CLASS:
-        raise bad(f"unknown quant {one_line(str(meta['quant']), 40)!r} (known: {', '.join(PRECISION_CLASS)})")
+        raise bad(f"unknown quant {one_line(meta['quant'], 40)!r} (known: {', '.join(PRECISION_CLASS)})")
     kv_bits = meta.get("kv_bits")
     if kv_bits is not None and (type(kv_bits) is not int or kv_bits not in KV_CLASS):
         raise bad(f"'kv_bits' must be null, 8 or 4, not {one_line(str(kv_bits), 40)}")

@@ -280,7 +280,7 @@ struct Step {                    // one step's loads: 32 weights of rows g and g
 struct Scales {                  // where the lane's scales are: row g (t < 2) or g + 8, first or second block of 128
     const void* absmax;
     const float* nabs;
-    unsigned long long block0;
+    unsigned long long block0;   // the lane's first block; with CHUNKED_SCALES its row's (a Chunk holds both)
 };
 
 __device__ __forceinline__ uint4 load_weights(const uint4* address) {
