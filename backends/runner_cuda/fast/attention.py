@@ -79,11 +79,13 @@ def decode_attention(q: "torch.Tensor", keys, values, position: "torch.Tensor", 
     best = torch.empty(kv_heads, splits, rows, dtype=torch.float32, device=q.device)
     total = torch.empty(kv_heads, splits, rows, dtype=torch.float32, device=q.device)
     result = torch.empty_like(q)
-    from runner_cuda.fast.kv_kernels import combine, part
+    from runner_cuda.fast.kv_kernels import combine, overlapping, part
 
+    pdl = overlapping(q.device)
     part[(kv_heads, splits)](q, *codes, scales[0], biases[0], scales[1], biases[1], position, out, best, total,
                              capacity, scale,
                              REP=rep, ROWS=rows, DIM=dim, BLOCK=block, CHUNK=chunk, BITS=bits or 16, GROUP=GROUP,
-                             num_warps=warps, num_stages=stages)
-    combine[(kv_heads, rep)](out, best, total, result, REP=rep, ROWS=rows, DIM=dim, SPLITS=splits)
+                             PDL=pdl, num_warps=warps, num_stages=stages, launch_pdl=pdl)
+    combine[(kv_heads, rep)](out, best, total, result, REP=rep, ROWS=rows, DIM=dim, SPLITS=splits, PDL=pdl,
+                             launch_pdl=pdl)
     return result

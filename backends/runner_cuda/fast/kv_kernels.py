@@ -12,6 +12,24 @@ those of scales and biases one position's pair wide, whatever the capacity.
 import triton
 import triton.language as tl
 
+from runner_cuda import compat
+
+
+def overlapping(device) -> bool:
+    """Whether the decode step's kernels here are launched to overlap the kernel before them
+    (programmatic dependent launch, as NF4Mma's: compat.overlapping_launches): each waits for that
+    kernel's output first thing, then lets the kernel after it start loading its weights."""
+    return device.type == "cuda" and compat.overlapping_launches(device)
+
+
+@triton.jit
+def wait_for_input(PDL: tl.constexpr):
+    """With PDL (the launch overlaps the kernel before): wait for that kernel's output, then let
+    the kernel after this one start."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
 
 @triton.jit
 def load_block(c_ptr, s_ptr, b_ptr, head, positions, visible, capacity,
@@ -43,9 +61,10 @@ def load_block(c_ptr, s_ptr, b_ptr, head, positions, visible, capacity,
 @triton.jit
 def part(q_ptr, k_ptr, v_ptr, ks_ptr, kb_ptr, vs_ptr, vb_ptr, position_ptr, out_ptr, max_ptr, sum_ptr, capacity, scale,
          REP: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
-         BITS: tl.constexpr, GROUP: tl.constexpr):
+         BITS: tl.constexpr, GROUP: tl.constexpr, PDL: tl.constexpr):
     """One part (CHUNK positions) of one KV head: its running maximum, sum of exponentials and
     weighted sum of values, for the combine kernel."""
+    wait_for_input(PDL)
     head = tl.program_id(0)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -79,8 +98,9 @@ def part(q_ptr, k_ptr, v_ptr, ks_ptr, kb_ptr, vs_ptr, vb_ptr, position_ptr, out_
 
 @triton.jit
 def combine(out_ptr, max_ptr, sum_ptr, result_ptr, REP: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr,
-            SPLITS: tl.constexpr):
+            SPLITS: tl.constexpr, PDL: tl.constexpr):
     """The parts of one query head's attention combined: its output row."""
+    wait_for_input(PDL)
     head = tl.program_id(0)
     row = tl.program_id(1)
     parts = tl.arange(0, SPLITS)
@@ -165,9 +185,10 @@ def rotate(x_ptr, row, cos, sin, dims, DIM: tl.constexpr):
 
 @triton.jit
 def rope_write(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, keys_ptr, values_ptr, position_ptr, capacity,
-               HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr):
+               HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, PDL: tl.constexpr):
     """Program h < HEADS: query head h rotated into q_out; then each KV head's k rotated, and its v,
     into the cache at the step's position (read on the device: a graphed step writes where it is)."""
+    wait_for_input(PDL)
     head = tl.program_id(0)
     position = tl.load(position_ptr)
     dims = tl.arange(0, DIM)
@@ -196,6 +217,8 @@ def rope_and_write(q, k, v, cos, sin, keys, values, position):
     kv_heads, capacity, dim = keys.shape
     heads = q.numel() // dim
     q_out = torch.empty(heads, dim, dtype=q.dtype, device=q.device)
+    pdl = overlapping(q.device)
     rope_write[(heads + 2 * kv_heads,)](q.contiguous(), k.contiguous(), v.contiguous(), cos, sin, q_out, keys, values,
-                                        position, capacity, HEADS=heads, KV_HEADS=kv_heads, DIM=dim)
+                                        position, capacity, HEADS=heads, KV_HEADS=kv_heads, DIM=dim, PDL=pdl,
+                                        launch_pdl=pdl)
     return q_out

@@ -215,7 +215,8 @@ MMA_SOURCE = r"""
 // brings the rest of its 256 bytes of the row into L2: the warp's next three steps), CHUNKED_SCALES
 // (nested 64-weight blocks, K a multiple of 512: a lane loads its row's 8 code bytes of 4 steps at once),
 // OVERLAP (Hopper: launched to start while the kernel before it finishes; the weights, scales and table
-// are loaded before waiting for that kernel, the input after).
+// are loaded before waiting for that kernel, the input after), PREFETCH_ALL (a warp's
+// steps, 1, 2, 4 or 8, all loaded before the wait: a short launch's weights stream in while the kernel before runs).
 #define NIT (K / 128)
 #define TILES (WARPS / SPLIT)
 
@@ -311,9 +312,9 @@ __device__ __forceinline__ Step load_step(const Rows& ra, const Rows& rb, const 
     return s;
 }
 
-#if CHUNKED_SCALES
 // the quant-block codes of the lane's row for the 4 steps from (it & ~3): 8 bytes, one aligned load where one
 // byte a step took 16 scattered rows' lines a step; the 8 blocks lie in one nested block of 256, so one scale
+// (CHUNKED_SCALES only)
 struct Chunk {
     unsigned long long codes;
     float nabs;
@@ -326,7 +327,50 @@ __device__ __forceinline__ Chunk load_chunk(const Scales& sc, int it) {
     c.nabs = __ldg(sc.nabs + block / NESTED_BLOCKSIZE);
     return c;
 }
+
+// the float32 scale of the lane's quant block in step `it`
+__device__ __forceinline__ float step_scale(const Step& now, const Chunk& chunk, int it, int t, const float* ncode,
+                                            float shift) {
+#if CHUNKED_SCALES
+    const unsigned int code = (unsigned int)(chunk.codes >> (8 * (2 * (it & 3) + (t & 1)))) & 0xFFu;
+    return __ldg(ncode + code) * chunk.nabs + shift;
+#elif NESTED
+    return __ldg(ncode + now.code) * now.scale + shift;
+#else
+    return now.scale;
 #endif
+}
+
+// one step: the tile's 16 rows times 128 inputs on the tensor cores; row g's sum into acc_a, row g + 8's into
+// acc_b, each block's sum times its scale. B operand: column 0 holds the inputs of lanes t = 0, 1 (one quant
+// block), column 1 those of t = 2, 3 (the next block); the lanes that hold other columns (`data` false)
+// load nothing (zeros)
+__device__ __forceinline__ void accumulate(const Step& now, float scale, const uint4* xin, int it, int t, bool data,
+                                           unsigned int lane_table, float& acc_a, float& acc_b) {
+    const uint4 wa = now.wa, wb = now.wb;                                // 32 weights of rows g and g + 8
+    uint4 xq[4];
+    #pragma unroll
+    for (int q = 0; q < 4; ++q) xq[q] = make_uint4(0, 0, 0, 0);
+    if (data) {                            // 8 lanes load (a quarter of the loads' shared-memory or L1 wavefronts)
+        #pragma unroll
+        for (int q = 0; q < 4; ++q) xq[q] = xin[(it * 4 + t) * 4 + q];
+    }
+    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f}, d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    #pragma unroll
+    for (int s = 0; s < 8; ++s) {          // k16 step s: bytes 2s, 2s + 1 of each lane's 16
+        const unsigned int wA = word_of(wa, s >> 1), wB = word_of(wb, s >> 1);
+        const int p = (s & 1) * 2;
+        const unsigned int xa = (s & 1) ? xq[s >> 1].z : xq[s >> 1].x;
+        const unsigned int xb = (s & 1) ? xq[s >> 1].w : xq[s >> 1].y;
+        mma((s & 1) ? d : c, lut(lane_table, wA, p), lut(lane_table, wB, p), lut(lane_table, wA, p + 1),
+            lut(lane_table, wB, p + 1), xa, xb);
+    }
+    const float s1 = __shfl_down_sync(0xFFFFFFFFu, scale, 1);
+    const float s2 = __shfl_down_sync(0xFFFFFFFFu, scale, 2);
+    const float s3 = __shfl_down_sync(0xFFFFFFFFu, scale, 3);
+    acc_a = fmaf(c[0] + d[0], scale, fmaf(c[1] + d[1], s1, acc_a));
+    acc_b = fmaf(c[2] + d[2], s2, fmaf(c[3] + d[3], s3, acc_b));
+}
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
     const unsigned int* __restrict__ pairs, const uint4* __restrict__ x, unsigned short* __restrict__ out, const uint4* __restrict__ norm_weight, double eps,
@@ -369,9 +413,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
         ra = rows_of(out_row - n0 - n1 + g, p2, a2, nc2, na2, o2); rb = rows_of(out_row - n0 - n1 + g + 8, p2, a2, nc2, na2, o2);
     }
 #endif
-    // B operand: column 0 holds the inputs of lanes t = 0, 1 (one quant block), column 1 those of
-    // t = 2, 3 (the next block); the lanes that hold other columns load nothing (zeros)
-    const bool data = g == (t >> 1);
+    const bool data = g == (t >> 1);                                     // holds a column of B (accumulate)
     // the scale this lane looks up: rows g (t < 2) or g + 8, first or second block of the 128
     const bool second = t >> 1;
 #if CHUNKED_SCALES
@@ -383,12 +425,23 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
     const float* s_ncode = second ? rb.ncode : ra.ncode;
     const float s_shift = second ? rb.shift : ra.shift;
     const int first = split * NIT / SPLIT, last = (split + 1) * NIT / SPLIT;
+#if PREFETCH_ALL
+    Step steps[NIT / SPLIT];                                             // every step of the warp, in flight
+    #pragma unroll
+    for (int i = 0; i < NIT / SPLIT; ++i) steps[i] = load_step(ra, rb, sc, t, first + i);
+    Chunk chunks[(NIT / SPLIT + 3) / 4] = {};                            // 1, 2, 4 or 8 steps from a multiple of them
+#if CHUNKED_SCALES
+    #pragma unroll
+    for (int j = 0; j < (NIT / SPLIT + 3) / 4; ++j) chunks[j] = load_chunk(sc, first + 4 * j);
+#endif
+#else
+    Chunk chunk = {0, 0.0f}, chunk_next = {0, 0.0f};                     // this chunk of 4 steps, the next one's
     Step next;                                                           // the next step's loads, in flight
     if (first < last) next = load_step(ra, rb, sc, t, first);
 #if CHUNKED_SCALES
-    Chunk chunk, chunk_next;                                             // this chunk of 4 steps, the next one's
     if (first < last) chunk = chunk_next = load_chunk(sc, first);
     if ((first | 3) + 1 < last) chunk_next = load_chunk(sc, (first | 3) + 1);
+#endif
 #endif
 
     // the table, one copy per lane (entry e: 8 x 16 bytes); a warp's lanes fill 512 consecutive bytes at a
@@ -441,45 +494,24 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
     __syncthreads();
 
     float acc_a = 0.0f, acc_b = 0.0f;
+#if PREFETCH_ALL
+    #pragma unroll
+    for (int i = 0; i < NIT / SPLIT; ++i)
+        accumulate(steps[i], step_scale(steps[i], chunks[i / 4], first + i, t, s_ncode, s_shift), xin, first + i, t, data,
+                   lane_table, acc_a, acc_b);
+#else
     for (int it = first; it < last; ++it) {
         const Step now = next;
         if (it + 1 < last) next = load_step(ra, rb, sc, t, it + 1);
-        const uint4 wa = now.wa, wb = now.wb;                            // 32 weights of rows g and g + 8
 #if CHUNKED_SCALES
         if ((it & 3) == 0 && it != first) {
             chunk = chunk_next;
             if (it + 4 < last) chunk_next = load_chunk(sc, it + 4);
         }
-        const unsigned int code = (unsigned int)(chunk.codes >> (8 * (2 * (it & 3) + (t & 1)))) & 0xFFu;
-        const float scale = __ldg(s_ncode + code) * chunk.nabs + s_shift;
-#elif NESTED
-        const float scale = __ldg(s_ncode + now.code) * now.scale + s_shift;
-#else
-        const float scale = now.scale;
 #endif
-        uint4 xq[4];
-        #pragma unroll
-        for (int q = 0; q < 4; ++q) xq[q] = make_uint4(0, 0, 0, 0);
-        if (data) {                        // 8 lanes load (a quarter of the loads' shared-memory or L1 wavefronts)
-            #pragma unroll
-            for (int q = 0; q < 4; ++q) xq[q] = xin[(it * 4 + t) * 4 + q];
-        }
-        float c[4] = {0.0f, 0.0f, 0.0f, 0.0f}, d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        #pragma unroll
-        for (int s = 0; s < 8; ++s) {      // k16 step s: bytes 2s, 2s + 1 of each lane's 16
-            const unsigned int wA = word_of(wa, s >> 1), wB = word_of(wb, s >> 1);
-            const int p = (s & 1) * 2;
-            const unsigned int xa = (s & 1) ? xq[s >> 1].z : xq[s >> 1].x;
-            const unsigned int xb = (s & 1) ? xq[s >> 1].w : xq[s >> 1].y;
-            mma((s & 1) ? d : c, lut(lane_table, wA, p), lut(lane_table, wB, p), lut(lane_table, wA, p + 1),
-                lut(lane_table, wB, p + 1), xa, xb);
-        }
-        const float s1 = __shfl_down_sync(0xFFFFFFFFu, scale, 1);
-        const float s2 = __shfl_down_sync(0xFFFFFFFFu, scale, 2);
-        const float s3 = __shfl_down_sync(0xFFFFFFFFu, scale, 3);
-        acc_a = fmaf(c[0] + d[0], scale, fmaf(c[1] + d[1], s1, acc_a));
-        acc_b = fmaf(c[2] + d[2], s2, fmaf(c[3] + d[3], s3, acc_b));
+        accumulate(now, step_scale(now, chunk, it, t, s_ncode, s_shift), xin, it, t, data, lane_table, acc_a, acc_b);
     }
+#endif
 #if OVERLAP
     asm volatile("griddepcontrol.launch_dependents;");                  // its weights may start loading
 #endif
@@ -654,17 +686,17 @@ class NF4Gemv:
 
 
 def mma_compiled(k: int, blocksize: int, nested_blocksize: int, nested: bool, warps: int, split: int, glu: bool,
-                 norm: bool, residual: bool, l2_hint: bool, chunked_scales: bool, overlap: bool):
+                 norm: bool, residual: bool, l2_hint: bool, chunked_scales: bool, overlap: bool, prefetch_all: bool):
     """The tensor-core kernel for these compile-time choices, compiled once per process and GPU."""
     import torch
 
     key = ("mma", k, blocksize, nested_blocksize, nested, warps, split, glu, norm, residual, l2_hint, chunked_scales,
-           overlap, torch.cuda.current_device())
+           overlap, prefetch_all, torch.cuda.current_device())
     if key not in _COMPILED:
         options = [f"-DK={k}", f"-DBLOCKSIZE={blocksize}", f"-DNESTED_BLOCKSIZE={nested_blocksize}", f"-DNESTED={int(nested)}",
                    f"-DWARPS={warps}", f"-DSPLIT={split}", f"-DGLU={int(glu)}", f"-DNORM={int(norm)}",
                    f"-DRESIDUAL={int(residual)}", f"-DL2_HINT={int(l2_hint)}", f"-DCHUNKED_SCALES={int(chunked_scales)}",
-                   f"-DOVERLAP={int(overlap)}", "-std=c++17"]
+                   f"-DOVERLAP={int(overlap)}", f"-DPREFETCH_ALL={int(prefetch_all)}", "-std=c++17"]
         _COMPILED[key] = compat.compile_kernel(MMA_SOURCE, "nf4_mma", options)
     return _COMPILED[key]
 
@@ -696,18 +728,20 @@ def mma_fits(weights: Sequence[NF4Weight], glu: bool = False, norm=None, x_dtype
 
 
 def mma_shape(weights: Sequence[NF4Weight], glu: bool) -> tuple[int, int]:
-    """(warps per block, warps per 16-row tile), as measured fastest per Llama-8B launch on an H200
-    (bench/cuda_speed.py, bench/RESULTS.md): gate/up 14 and 1 (128 blocks of 14 tiles fill 132 SMs more
-    evenly than 224 of 8), else 8 and 8 (q/k/v, o, and down's long rows); never more warps on a tile
-    than it has steps of 128. Inputs of 8192
-    and more (70B, 405B): gate/up, o and down 16 and 4 (bench/split_gpu.py kernels: 405B gate/up
-    656 -> 407 us, 70B down 84 -> 60 us; q/k/v stays, its best was within 10 %)."""
+    """(warps per block, warps per 16-row tile), as measured fastest on an H200 (bench/cuda_speed.py,
+    bench/RESULTS.md). Llama-8B: gate/up 14 and 1 (128 blocks of 14 tiles fill 132 SMs more evenly than
+    224 of 8); o 16 and 8 (in the decode step, with its 4 steps a warp loaded at once: 2,461 -> 2,445 us a
+    token); q/k/v and down's long rows 8 and 8. Inputs of 8192 and more (70B, 405B): gate/up, o and down
+    16 and 4 (bench/split_gpu.py kernels: 405B gate/up 656 -> 407 us, 70B down 84 -> 60 us; q/k/v stays,
+    its best was within 10 %). Never more warps on a tile than it has steps of 128."""
     steps = weights[0].in_features // 128
     total = sum(w.out_features for w in weights)
     if weights[0].in_features >= 8192 and total > 4096 and (glu or len(weights) == 1):
         warps, split = 16, 4
     elif glu:
         warps, split = 14, 1
+    elif len(weights) == 1 and steps <= 32:
+        warps, split = 16, 8
     else:
         warps, split = 8, 8
     while split > 1 and split > steps:
@@ -730,6 +764,17 @@ def mma_chunked_scales(weights: Sequence[NF4Weight]) -> bool:
             and all(w.absmax.data_ptr() % 8 == 0 for w in weights))
 
 
+def mma_can_prefetch_all(in_features: int, split: int) -> bool:
+    """Whether a warp's steps (of 128 inputs) can all be loaded before its loop: 1, 2, 4 or 8 of them."""
+    steps = in_features // 128
+    return steps % split == 0 and steps // split in (1, 2, 4, 8)
+
+
+def mma_prefetch_all(in_features: int, split: int) -> bool:
+    """Whether to load a warp's steps all at once (where it can), as measured on an H200."""
+    return mma_can_prefetch_all(in_features, split)
+
+
 def nf4_pairs(code: "torch.Tensor") -> "torch.Tensor":
     """The 256-entry table of a packed byte's two weights as a bf16 pair: the high nibble's value
     in the low half (element 2i), the low nibble's in the high half (element 2i + 1)."""
@@ -749,7 +794,8 @@ class NF4Mma:
 
     def __init__(self, weights: Sequence[NF4Weight], *, glu: bool = False, norm: "torch.Tensor | None" = None,
                  eps: float = 1e-6, residual: bool = False, warps: int | None = None, split: int | None = None,
-                 l2_hint: bool | None = None, chunked_scales: bool | None = None, overlap: bool | None = None):
+                 l2_hint: bool | None = None, chunked_scales: bool | None = None, overlap: bool | None = None,
+                 prefetch_all: bool | None = None):
         import torch
 
         if not mma_fits(weights, glu, norm):
@@ -775,10 +821,13 @@ class NF4Mma:
         if overlap and not can_overlap:
             raise ValueError("overlapping launches need a GPU of compute capability 9.0 or later")
         self.overlap = can_overlap if overlap is None else overlap
+        if prefetch_all and not mma_can_prefetch_all(k, self.split):
+            raise ValueError(f"a warp's {k // 128 // self.split} steps cannot all be loaded at once (1, 2, 4 or 8 can)")
+        self.prefetch_all = mma_prefetch_all(k, self.split) if prefetch_all is None else prefetch_all
         self.kernel = mma_compiled(k, first.blocksize, max(first.nested_blocksize, 1), first.nested, self.warps, self.split,
                                    glu, norm is not None, residual, mma_l2_hint(k, self.split) if l2_hint is None else l2_hint,
                                    mma_chunked_scales(self.weights) if chunked_scales is None else chunked_scales,
-                                   self.overlap)
+                                   self.overlap, self.prefetch_all)
         compat.reserve_shared_memory(self.kernel, self.shared)
         self.pairs = nf4_pairs(first.code)
         self.no_norm = torch.zeros(16, dtype=torch.int32, device=first.packed.device)      # the norm argument's stand-in
