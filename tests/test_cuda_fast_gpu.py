@@ -100,7 +100,7 @@ def test_mma_kernel_matches_reference(shape, nested):
     than bitsandbytes' kernel, every output written; three weights in one launch equal each alone;
     with its RMSNorm, residual add and SiLU x up, the eager computation within bf16 rounding."""
     from runner_cuda.fast.nf4 import linear_reference, nf4_weight_of
-    from runner_cuda.fast.nf4_cuda import NF4Mma, mma_can_prefetch_all, mma_chunked_scales
+    from runner_cuda.fast.nf4_cuda import NF4Mma, mma_prefetch_all, mma_chunked_scales
 
     n, k = shape
     layers = [cuda_nf4_layer(n + 16 * i, k, nested=nested, bias=n == 256, seed=i) for i in range(3)]
@@ -129,7 +129,7 @@ def test_mma_kernel_matches_reference(shape, nested):
         if mma_chunked_scales(weights):
             assert torch.equal(NF4Mma(weights, chunked_scales=False, **shape)(x).float(), mine)
         # a warp's steps all loaded before its loop, or one ahead: the same bits
-        if mma_can_prefetch_all(k, together.split):
+        if mma_prefetch_all(k, together.split):
             assert torch.equal(NF4Mma(weights, prefetch_all=not together.prefetch_all, **shape)(x).float(), mine)
 
         norm = (1 + 0.1 * torch.randn(k, device="cuda")).to(torch.bfloat16)

@@ -9,7 +9,8 @@ Here each KV head's cache is cut into `splits` parts, one thread block each: it 
 maximum, the sum of exponentials and the weighted sum of values of its part (scores in float32 from
 bf16 products, the probabilities rounded to bf16 for the values' product, as flash attention does),
 and a second small kernel combines the parts. Positions after the step's position (read from a
-device tensor, so the launch can be captured in a CUDA graph) are masked.
+device tensor, so the launch can be captured in a CUDA graph) are masked. On Hopper and later both
+launches overlap the kernel before them (kv_kernels.overlapping).
 
 A quantized cache (`--kv-bits 8|4`, static_cache.QuantizedLayer: codes, and a scale and a bias
 per 64 values) is read as it is stored: each block of codes is dequantized in registers (code x

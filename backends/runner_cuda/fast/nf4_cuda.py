@@ -764,15 +764,12 @@ def mma_chunked_scales(weights: Sequence[NF4Weight]) -> bool:
             and all(w.absmax.data_ptr() % 8 == 0 for w in weights))
 
 
-def mma_can_prefetch_all(in_features: int, split: int) -> bool:
-    """Whether a warp's steps (of 128 inputs) can all be loaded before its loop: 1, 2, 4 or 8 of them."""
+def mma_prefetch_all(in_features: int, split: int) -> bool:
+    """Whether a warp loads all its steps of 128 inputs before its loop (and before its wait, when it
+    overlaps the kernel before): where there are 1, 2, 4 or 8 (the 8B's q/k/v and o: 4; on an H200 the
+    8B's step 2,555 -> 2,466 us, bench/RESULTS.md), else one step ahead."""
     steps = in_features // 128
     return steps % split == 0 and steps // split in (1, 2, 4, 8)
-
-
-def mma_prefetch_all(in_features: int, split: int) -> bool:
-    """Whether to load a warp's steps all at once (where it can), as measured on an H200."""
-    return mma_can_prefetch_all(in_features, split)
 
 
 def nf4_pairs(code: "torch.Tensor") -> "torch.Tensor":
@@ -790,7 +787,11 @@ class NF4Mma:
     """One launch of the tensor-core kernel for one to three NF4 weights (q/k/v side by side),
     or gate/up with `glu`; `norm`: the input is RMSNorm(x) * norm (transformers' rounding);
     `residual`: the call adds its result into `out` (the residual stream) and returns it.
-    Callable inside a CUDA graph capture (the launch goes to the current stream)."""
+    Callable inside a CUDA graph capture (the launch goes to the current stream). On Hopper and
+    later the launch overlaps the kernel before it (`overlap`): its blocks fill their table and
+    issue their weight loads (all of them with `prefetch_all`) while that kernel finishes, and read
+    their input only after it has. The other options are the measured defaults' overrides, for tests
+    and benchmarks."""
 
     def __init__(self, weights: Sequence[NF4Weight], *, glu: bool = False, norm: "torch.Tensor | None" = None,
                  eps: float = 1e-6, residual: bool = False, warps: int | None = None, split: int | None = None,
@@ -821,7 +822,7 @@ class NF4Mma:
         if overlap and not can_overlap:
             raise ValueError("overlapping launches need a GPU of compute capability 9.0 or later")
         self.overlap = can_overlap if overlap is None else overlap
-        if prefetch_all and not mma_can_prefetch_all(k, self.split):
+        if prefetch_all and not mma_prefetch_all(k, self.split):
             raise ValueError(f"a warp's {k // 128 // self.split} steps cannot all be loaded at once (1, 2, 4 or 8 can)")
         self.prefetch_all = mma_prefetch_all(k, self.split) if prefetch_all is None else prefetch_all
         self.kernel = mma_compiled(k, first.blocksize, max(first.nested_blocksize, 1), first.nested, self.warps, self.split,
