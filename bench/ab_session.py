@@ -1,0 +1,98 @@
+"""The 8B session's decode, this tree's runner_cuda against an earlier revision's, on one GPU.
+
+Alternating processes, one a side and round: how bench/RESULTS.md's before/after tables of issue 19
+are made.
+
+    python3 bench/ab_session.py export REV                        # here: REV's runner_cuda into .ab/REV
+    python3 bench/ab_session.py run REV [--rounds 2] [--quant nf4] [--out DIR]    # on the GPU machine
+
+`export` needs git (the GPU machine gets no .git): carry `.ab` there. `run` starts one process per
+side and round, REV first, then the tree, alternated; each measures its own copy bandwidth, loads the
+same checkpoint (cuda_speed.write_checkpoint, written once under /tmp/cuda-speed), and records
+cuda_speed's `ahead` section (128 greedy tokens at position 1,024 a step ahead and in turn, the graph
+replayed back to back, the fraction of the roofline) and which runner_cuda it imported. JSON a side
+and round under --out; the last line compares the best of each side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPORTS = ROOT / ".ab"
+TREE = "tree"
+
+
+def export(revision: str) -> Path:
+    """REV's backends/runner_cuda under .ab/REV/backends (replaced if there)."""
+    folder = EXPORTS / revision
+    subprocess.run(["rm", "-rf", str(folder)], check=True)
+    folder.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "backends/runner_cuda"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder / "backends"
+
+
+def one(side: str, quant: str, out: Path) -> None:
+    """This process's measurement of `side` (a revision exported by `export`, or the tree)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import cuda_speed as cs          # puts the tree's backends first on sys.path: a revision's go before it
+
+    if side != TREE:
+        sys.path.insert(0, str(EXPORTS / side / "backends"))
+    import runner_cuda
+
+    checkpoint = Path("/tmp/cuda-speed/llama-3.1-8b-random")
+    cs.record("machine", copy_bandwidth_gb_s=cs.copy_bandwidth() / 1e9, side=side, runner_cuda=runner_cuda.__file__)
+    if not (checkpoint / "config.json").exists():
+        cs.write_checkpoint(checkpoint)
+    cs.section_session(checkpoint, quant, {"ahead"})
+    out.write_text(json.dumps(cs.RESULTS, indent=2, default=str))
+
+
+def run(revision: str, rounds: int, quant: str, out: Path) -> None:
+    """`rounds` rounds of REV then the tree, each side in a process of its own; the comparison."""
+    if not (EXPORTS / revision / "backends" / "runner_cuda").is_dir():
+        raise SystemExit(f"ab_session: no export of {revision} under .ab (run `export {revision}` where git is)")
+    out.mkdir(parents=True, exist_ok=True)
+    best: dict = {}
+    for round_ in range(1, rounds + 1):
+        for side in (revision, TREE):
+            path = out / f"ab-{side}-{round_}.json"
+            subprocess.run([sys.executable, __file__, "one", side, "--quant", quant, "--out", str(path)], check=True)
+            ahead = json.loads(path.read_text())[f"{quant} session decode ahead at 1024"]
+            rate = max(ahead["tok_s_ahead"])
+            print(f"{side} round {round_}: {rate:.1f} tok/s a step ahead ({ahead['fraction_of_roofline_ahead']:.1%} "
+                  f"of the roofline), graph {ahead['graph_replay_back_to_back_us']:.0f} us a token", flush=True)
+            best[side] = max(best.get(side, 0.0), rate)
+    print(f"tree / {revision}: {best[TREE] / best[revision]:.3f} ({best[revision]:.1f} -> {best[TREE]:.1f} tok/s)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("export").add_argument("revision")
+    for name in ("run", "one"):
+        command = commands.add_parser(name)
+        command.add_argument("side" if name == "one" else "revision")
+        command.add_argument("--quant", default="nf4", choices=("nf4", "bf16"))
+    commands.choices["run"].add_argument("--rounds", type=int, default=2)
+    commands.choices["run"].add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
+    commands.choices["one"].add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    if args.command == "export":
+        print(export(args.revision))
+    elif args.command == "run":
+        run(args.revision, args.rounds, args.quant, args.out)
+    else:
+        one(args.side, args.quant, args.out)
+
+
+if __name__ == "__main__":
+    main()
