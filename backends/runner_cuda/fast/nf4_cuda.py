@@ -765,9 +765,10 @@ def mma_chunked_scales(weights: Sequence[NF4Weight]) -> bool:
 
 
 def mma_prefetch_all(in_features: int, split: int) -> bool:
-    """Whether a warp loads all its steps of 128 inputs before its loop (and before its wait, when it
-    overlaps the kernel before): where there are 1, 2, 4 or 8 (the 8B's q/k/v and o: 4; on an H200 the
-    8B's step 2,555 -> 2,466 us, bench/RESULTS.md), else one step ahead."""
+    """Whether a warp can load all its steps of 128 inputs before its loop: 1, 2, 4 or 8 of them (else
+    one step ahead). NF4Mma does where its launch overlaps the kernel before, so the loads go out
+    before its wait (the 8B's q/k/v and o, 4 steps: on an H200 the step 2,555 -> 2,466 us,
+    bench/RESULTS.md); not overlapping, loading deeper ahead was no faster (ninth session)."""
     steps = in_features // 128
     return steps % split == 0 and steps // split in (1, 2, 4, 8)
 
@@ -824,7 +825,8 @@ class NF4Mma:
         self.overlap = can_overlap if overlap is None else overlap
         if prefetch_all and not mma_prefetch_all(k, self.split):
             raise ValueError(f"a warp's {k // 128 // self.split} steps cannot all be loaded at once (1, 2, 4 or 8 can)")
-        self.prefetch_all = mma_prefetch_all(k, self.split) if prefetch_all is None else prefetch_all
+        self.prefetch_all = ((self.overlap and mma_prefetch_all(k, self.split)) if prefetch_all is None
+                             else prefetch_all)
         self.kernel = mma_compiled(k, first.blocksize, max(first.nested_blocksize, 1), first.nested, self.warps, self.split,
                                    glu, norm is not None, residual, mma_l2_hint(k, self.split) if l2_hint is None else l2_hint,
                                    mma_chunked_scales(self.weights) if chunked_scales is None else chunked_scales,
