@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,7 @@ TREE = "tree"
 def export(revision: str) -> Path:
     """REV's backends/runner_cuda under .ab/REV/backends (replaced if there)."""
     folder = EXPORTS / revision
-    subprocess.run(["rm", "-rf", str(folder)], check=True)
+    shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "backends/runner_cuda"],
                              check=True, capture_output=True).stdout

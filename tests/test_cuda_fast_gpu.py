@@ -100,7 +100,7 @@ def test_mma_kernel_matches_reference(shape, nested):
     than bitsandbytes' kernel, every output written; three weights in one launch equal each alone;
     with its RMSNorm, residual add and SiLU x up, the eager computation within bf16 rounding."""
     from runner_cuda.fast.nf4 import linear_reference, nf4_weight_of
-    from runner_cuda.fast.nf4_cuda import NF4Mma, mma_prefetch_all, mma_chunked_scales
+    from runner_cuda.fast.nf4_cuda import NF4Mma, mma_chunked_scales, mma_prefetch_all
 
     n, k = shape
     layers = [cuda_nf4_layer(n + 16 * i, k, nested=nested, bias=n == 256, seed=i) for i in range(3)]

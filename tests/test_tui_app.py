@@ -93,7 +93,8 @@ def on_message(message):
         print(json.dumps([time.monotonic(), chat_screen(app).reply.widget.content]), flush=True)
 
 def streamed_a_while():
-    # past FLUSH_INTERVAL + 0.2 s of reply (what the test holds the file to), however fast the model
+    # streamed FLUSH_INTERVAL + 0.5 s, so text older than the FLUSH_INTERVAL + 0.2 s the test holds the
+    # file to exists, however fast the model
     reply = chat_screen(app).reply
     return (reply is not None and len(reply.widget.content) > 60 and bool(first_shown)
             and time.monotonic() - first_shown[0] > FLUSH_INTERVAL + 0.5)

@@ -38,10 +38,10 @@ def reserve_shared_memory(kernel, nbytes: int) -> None:
 
 def overlapping_launches(device) -> bool:
     """Whether kernels on `device` may start while the kernel before them finishes (programmatic
-    dependent launch: Hopper, compute capability 9.0, and later)."""
+    dependent launch: a CUDA GPU of compute capability 9.0, Hopper, or later)."""
     import torch
 
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 class _LaunchAttributeValue(ctypes.Union):

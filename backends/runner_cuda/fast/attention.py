@@ -10,7 +10,7 @@ maximum, the sum of exponentials and the weighted sum of values of its part (sco
 bf16 products, the probabilities rounded to bf16 for the values' product, as flash attention does),
 and a second small kernel combines the parts. Positions after the step's position (read from a
 device tensor, so the launch can be captured in a CUDA graph) are masked. On Hopper and later both
-launches overlap the kernel before them (kv_kernels.overlapping).
+launches overlap the kernel before them (compat.overlapping_launches).
 
 A quantized cache (`--kv-bits 8|4`, static_cache.QuantizedLayer: codes, and a scale and a bias
 per 64 values) is read as it is stored: each block of codes is dequantized in registers (code x
@@ -80,9 +80,10 @@ def decode_attention(q: "torch.Tensor", keys, values, position: "torch.Tensor", 
     best = torch.empty(kv_heads, splits, rows, dtype=torch.float32, device=q.device)
     total = torch.empty(kv_heads, splits, rows, dtype=torch.float32, device=q.device)
     result = torch.empty_like(q)
-    from runner_cuda.fast.kv_kernels import combine, overlapping, part
+    from runner_cuda import compat
+    from runner_cuda.fast.kv_kernels import combine, part
 
-    pdl = overlapping(q.device)
+    pdl = compat.overlapping_launches(q.device)
     part[(kv_heads, splits)](q, *codes, scales[0], biases[0], scales[1], biases[1], position, out, best, total,
                              capacity, scale,
                              REP=rep, ROWS=rows, DIM=dim, BLOCK=block, CHUNK=chunk, BITS=bits or 16, GROUP=GROUP,

@@ -15,17 +15,11 @@ import triton.language as tl
 from runner_cuda import compat
 
 
-def overlapping(device) -> bool:
-    """Whether the decode step's kernels here are launched to overlap the kernel before them
-    (programmatic dependent launch, as NF4Mma's: compat.overlapping_launches): each waits for that
-    kernel's output first thing, then lets the kernel after it start loading its weights."""
-    return device.type == "cuda" and compat.overlapping_launches(device)
-
-
 @triton.jit
 def wait_for_input(PDL: tl.constexpr):
-    """With PDL (the launch overlaps the kernel before): wait for that kernel's output, then let
-    the kernel after this one start."""
+    """With PDL (the launch overlaps the kernel before, as NF4Mma's do where
+    compat.overlapping_launches): wait for that kernel's output first thing, then let the kernel
+    after this one start loading its weights."""
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -217,7 +211,7 @@ def rope_and_write(q, k, v, cos, sin, keys, values, position):
     kv_heads, capacity, dim = keys.shape
     heads = q.numel() // dim
     q_out = torch.empty(heads, dim, dtype=q.dtype, device=q.device)
-    pdl = overlapping(q.device)
+    pdl = compat.overlapping_launches(q.device)
     rope_write[(heads + 2 * kv_heads,)](q.contiguous(), k.contiguous(), v.contiguous(), cos, sin, q_out, keys, values,
                                         position, capacity, HEADS=heads, KV_HEADS=kv_heads, DIM=dim, PDL=pdl,
                                         launch_pdl=pdl)
