@@ -100,7 +100,7 @@ def test_mma_kernel_matches_reference(shape, nested):
     than bitsandbytes' kernel, every output written; three weights in one launch equal each alone;
     with its RMSNorm, residual add and SiLU x up, the eager computation within bf16 rounding."""
     from runner_cuda.fast.nf4 import linear_reference, nf4_weight_of
-    from runner_cuda.fast.nf4_cuda import NF4Mma, mma_chunked_scales, mma_prefetch_all
+    from runner_cuda.fast.nf4_cuda import NF4Mma, mma_chunked_scales
 
     n, k = shape
     layers = [cuda_nf4_layer(n + 16 * i, k, nested=nested, bias=n == 256, seed=i) for i in range(3)]
@@ -128,9 +128,9 @@ def test_mma_kernel_matches_reference(shape, nested):
         # the scales read 4 steps at a time (nested blocks of 64, K a multiple of 512) or a step at a time: the same bits
         if mma_chunked_scales(weights):
             assert torch.equal(NF4Mma(weights, chunked_scales=False, **shape)(x).float(), mine)
-        # a warp's steps all loaded before its loop, or one ahead: the same bits
-        if mma_prefetch_all(k, together.split):
-            assert torch.equal(NF4Mma(weights, prefetch_all=not together.prefetch_all, **shape)(x).float(), mine)
+        # a warp's loads one step ahead, or more: the same bits
+        other = 1 if together.ahead > 1 else 8
+        assert torch.equal(NF4Mma(weights, ahead=other, **shape)(x).float(), mine)
 
         norm = (1 + 0.1 * torch.randn(k, device="cuda")).to(torch.bfloat16)
         hidden = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
@@ -171,8 +171,8 @@ def test_overlapping_launches_in_a_graph_equal_one_after_another():
     attention = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     start = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
 
-    def run(overlap, prefetch_all=None):
-        o_add = NF4Mma([o], residual=True, overlap=overlap, prefetch_all=prefetch_all)
+    def run(overlap, ahead=None):
+        o_add = NF4Mma([o], residual=True, overlap=overlap, ahead=ahead)
         glu = NF4Mma([gate, up], glu=True, norm=norm, eps=1e-5, overlap=overlap)
         down_add = NF4Mma([down], residual=True, overlap=overlap)
         hidden, between = start.clone(), torch.empty(14336, device="cuda", dtype=torch.bfloat16)
@@ -192,8 +192,8 @@ def test_overlapping_launches_in_a_graph_equal_one_after_another():
         torch.cuda.synchronize()
         return hidden.clone()
 
-    assert NF4Mma([o], residual=True).prefetch_all        # o's weights all loaded before its wait
-    assert torch.equal(run(True), run(False, prefetch_all=False))
+    assert NF4Mma([o], residual=True).ahead == 4          # o's 4 steps a warp all loaded before its wait
+    assert torch.equal(run(True), run(False, ahead=1))
 
 
 @pytest.mark.parametrize("kernel", ["bitsandbytes", "cuda", "cuda-simt", "cuda-bnb-rounding"])

@@ -215,10 +215,14 @@ MMA_SOURCE = r"""
 // brings the rest of its 256 bytes of the row into L2: the warp's next three steps), CHUNKED_SCALES
 // (nested 64-weight blocks, K a multiple of 512: a lane loads its row's 8 code bytes of 4 steps at once),
 // OVERLAP (Hopper: launched to start while the kernel before it finishes; the weights, scales and table
-// are loaded before waiting for that kernel, the input after), PREFETCH_ALL (a warp's
-// steps, 1, 2, 4 or 8, all loaded before the wait: a short launch's weights stream in while the kernel before runs).
+// are loaded before waiting for that kernel, the input after), AHEAD (1, 2, 4 or 8: the steps whose loads a
+// warp keeps in flight; its first AHEAD are loaded before the wait, so a short launch's weights, all of them
+// with AHEAD = its steps, stream in while the kernel before runs).
 #define NIT (K / 128)
 #define TILES (WARPS / SPLIT)
+#define STEPS ((NIT + SPLIT - 1) / SPLIT)        // a warp's steps (one fewer for some where SPLIT does not divide NIT)
+#define EVEN (NIT % SPLIT == 0)
+static_assert(8 % AHEAD == 0, "the loop, unrolled by 8, keeps its steps in flight in registers");
 
 __device__ __forceinline__ float bf16_to_float(unsigned int bits) { return __uint_as_float(bits << 16); }
 
@@ -245,13 +249,12 @@ __device__ __forceinline__ unsigned int word_of(const uint4& v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-// one bf16 pair (the two weights of one packed byte) from the lane's own copy of the 256-entry table:
-// the byte (one PRMT), times 128 plus the lane's column (one LEA), one shared-memory load
-__device__ __forceinline__ unsigned int lut(unsigned int lane_table, unsigned int w, int b) {
-    unsigned int value;
-    const unsigned int address = lane_table + (__byte_perm(w, 0, 0x4440 + b) << 7);
-    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(value) : "r"(address));
-    return value;
+extern __shared__ __align__(16) unsigned char smem[];      // the table first
+
+// one bf16 pair (the two weights of one packed byte) from the lane's own copy of the 256-entry table at the
+// start of shared memory: the byte (one PRMT), times 128 plus the lane's column (one IMAD), one load
+__device__ __forceinline__ unsigned int lut(unsigned int lane4, unsigned int w, int b) {
+    return *(const unsigned int*)(smem + lane4 + (__byte_perm(w, 0, 0x4440 + b) << 7));
 }
 
 struct Rows {                    // one A-fragment row of the tile: its weight, and where its blocks start
@@ -299,15 +302,15 @@ __device__ __forceinline__ Step load_step(const Rows& ra, const Rows& rb, const 
     Step s;
     s.wa = load_weights(ra.packed + it * 4 + t);
     s.wb = load_weights(rb.packed + it * 4 + t);
-    const unsigned long long block = sc.block0 + (it * 128u) / BLOCKSIZE;
 #if CHUNKED_SCALES
     s.code = 0; s.scale = 0.0f;                                      // from the lane's Chunk instead
 #elif NESTED
+    const unsigned long long block = sc.block0 + (it * 128u) / BLOCKSIZE;
     s.code = __ldg((const unsigned char*)sc.absmax + block);
     s.scale = __ldg(sc.nabs + block / NESTED_BLOCKSIZE);
 #else
     s.code = 0;
-    s.scale = __ldg((const float*)sc.absmax + block);
+    s.scale = __ldg((const float*)sc.absmax + sc.block0 + (it * 128u) / BLOCKSIZE);
 #endif
     return s;
 }
@@ -344,13 +347,10 @@ __device__ __forceinline__ float step_scale(const Step& now, const Chunk& chunk,
 // one step: the tile's 16 rows times 128 inputs on the tensor cores; row g's sum into acc_a, row g + 8's into
 // acc_b, each block's sum times its scale. B operand: column 0 holds the inputs of lanes t = 0, 1 (one quant
 // block), column 1 those of t = 2, 3 (the next block); the lanes that hold other columns (`data` false)
-// load nothing (zeros)
+// load nothing and keep the zeros `xq` starts with
 __device__ __forceinline__ void accumulate(const Step& now, float scale, const uint4* xin, int it, int t, bool data,
-                                           unsigned int lane_table, float& acc_a, float& acc_b) {
+                                           unsigned int lane4, uint4 (&xq)[4], float& acc_a, float& acc_b) {
     const uint4 wa = now.wa, wb = now.wb;                                // 32 weights of rows g and g + 8
-    uint4 xq[4];
-    #pragma unroll
-    for (int q = 0; q < 4; ++q) xq[q] = make_uint4(0, 0, 0, 0);
     if (data) {                            // 8 lanes load (a quarter of the loads' shared-memory or L1 wavefronts)
         #pragma unroll
         for (int q = 0; q < 4; ++q) xq[q] = xin[(it * 4 + t) * 4 + q];
@@ -362,8 +362,7 @@ __device__ __forceinline__ void accumulate(const Step& now, float scale, const u
         const int p = (s & 1) * 2;
         const unsigned int xa = (s & 1) ? xq[s >> 1].z : xq[s >> 1].x;
         const unsigned int xb = (s & 1) ? xq[s >> 1].w : xq[s >> 1].y;
-        mma((s & 1) ? d : c, lut(lane_table, wA, p), lut(lane_table, wB, p), lut(lane_table, wA, p + 1),
-            lut(lane_table, wB, p + 1), xa, xb);
+        mma((s & 1) ? d : c, lut(lane4, wA, p), lut(lane4, wB, p), lut(lane4, wA, p + 1), lut(lane4, wB, p + 1), xa, xb);
     }
     const float s1 = __shfl_down_sync(0xFFFFFFFFu, scale, 1);
     const float s2 = __shfl_down_sync(0xFFFFFFFFu, scale, 2);
@@ -379,7 +378,6 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
     const uint4* p2, const void* a2, const float* nc2, const float* na2, const float* o2, const unsigned short* b2, int n2,
     int has_bias)
 {
-    extern __shared__ __align__(16) unsigned char smem[];
     unsigned char* table_bytes = smem;                                // [256][32] words: entry e, lane l at e*128 + l*4
     float* partial = (float*)(smem + 32768);                          // [WARPS][16]
 #if NORM
@@ -388,7 +386,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
 #endif
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const unsigned int lane_table = (unsigned int)__cvta_generic_to_shared(table_bytes) + lane * 4;
+    const unsigned int lane4 = lane * 4;
 
     // this warp's tile and slice of K, and its first weights and scale, loaded before the table and
     // the input are prepared so that the loads' latency overlaps that work
@@ -424,24 +422,19 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
 #endif
     const float* s_ncode = second ? rb.ncode : ra.ncode;
     const float s_shift = second ? rb.shift : ra.shift;
-    const int first = split * NIT / SPLIT, last = (split + 1) * NIT / SPLIT;
-#if PREFETCH_ALL
-    Step steps[NIT / SPLIT];                                             // every step of the warp, in flight
-    #pragma unroll
-    for (int i = 0; i < NIT / SPLIT; ++i) steps[i] = load_step(ra, rb, sc, t, first + i);
-    Chunk chunks[(NIT / SPLIT + 3) / 4] = {};                            // 1, 2, 4 or 8 steps from a multiple of them
-#if CHUNKED_SCALES
-    #pragma unroll
-    for (int j = 0; j < (NIT / SPLIT + 3) / 4; ++j) chunks[j] = load_chunk(sc, first + 4 * j);
-#endif
+#if EVEN
+    const int first = split * STEPS, last = first + STEPS;
 #else
-    Chunk chunk = {0, 0.0f}, chunk_next = {0, 0.0f};                     // this chunk of 4 steps, the next one's
-    Step next;                                                           // the next step's loads, in flight
-    if (first < last) next = load_step(ra, rb, sc, t, first);
+    const int first = split * NIT / SPLIT, last = (split + 1) * NIT / SPLIT;
+#endif
+    Step ring[AHEAD];                                                    // the next AHEAD steps' loads, in flight
+    #pragma unroll
+    for (int j = 0; j < AHEAD; ++j) if (first + j < last) ring[j] = load_step(ra, rb, sc, t, first + j);
+    Chunk chunk = {0, 0.0f};                                             // this chunk of 4 steps' scales
 #if CHUNKED_SCALES
+    Chunk chunk_next = {0, 0.0f};                                        // the next one's
     if (first < last) chunk = chunk_next = load_chunk(sc, first);
     if ((first | 3) + 1 < last) chunk_next = load_chunk(sc, (first | 3) + 1);
-#endif
 #endif
 
     // the table, one copy per lane (entry e: 8 x 16 bytes); a warp's lanes fill 512 consecutive bytes at a
@@ -494,24 +487,23 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
     __syncthreads();
 
     float acc_a = 0.0f, acc_b = 0.0f;
-#if PREFETCH_ALL
+    uint4 xq[4];                                                         // the B operand: zeros but in `data` lanes
     #pragma unroll
-    for (int i = 0; i < NIT / SPLIT; ++i)
-        accumulate(steps[i], step_scale(steps[i], chunks[i / 4], first + i, t, s_ncode, s_shift), xin, first + i, t, data,
-                   lane_table, acc_a, acc_b);
-#else
-    for (int it = first; it < last; ++it) {
-        const Step now = next;
-        if (it + 1 < last) next = load_step(ra, rb, sc, t, it + 1);
+    for (int q = 0; q < 4; ++q) xq[q] = make_uint4(0, 0, 0, 0);
+    #pragma unroll 8
+    for (int i = 0; i < STEPS; ++i) {
+        const int it = first + i;
+        if (!EVEN && it >= last) break;
+        const Step now = ring[i % AHEAD];
+        if (it + AHEAD < last) ring[i % AHEAD] = load_step(ra, rb, sc, t, it + AHEAD);
 #if CHUNKED_SCALES
         if ((it & 3) == 0 && it != first) {
             chunk = chunk_next;
             if (it + 4 < last) chunk_next = load_chunk(sc, it + 4);
         }
 #endif
-        accumulate(now, step_scale(now, chunk, it, t, s_ncode, s_shift), xin, it, t, data, lane_table, acc_a, acc_b);
+        accumulate(now, step_scale(now, chunk, it, t, s_ncode, s_shift), xin, it, t, data, lane4, xq, acc_a, acc_b);
     }
-#endif
 #if OVERLAP
     asm volatile("griddepcontrol.launch_dependents;");                  // its weights may start loading
 #endif
@@ -686,17 +678,17 @@ class NF4Gemv:
 
 
 def mma_compiled(k: int, blocksize: int, nested_blocksize: int, nested: bool, warps: int, split: int, glu: bool,
-                 norm: bool, residual: bool, l2_hint: bool, chunked_scales: bool, overlap: bool, prefetch_all: bool):
+                 norm: bool, residual: bool, l2_hint: bool, chunked_scales: bool, overlap: bool, ahead: int):
     """The tensor-core kernel for these compile-time choices, compiled once per process and GPU."""
     import torch
 
     key = ("mma", k, blocksize, nested_blocksize, nested, warps, split, glu, norm, residual, l2_hint, chunked_scales,
-           overlap, prefetch_all, torch.cuda.current_device())
+           overlap, ahead, torch.cuda.current_device())
     if key not in _COMPILED:
         options = [f"-DK={k}", f"-DBLOCKSIZE={blocksize}", f"-DNESTED_BLOCKSIZE={nested_blocksize}", f"-DNESTED={int(nested)}",
                    f"-DWARPS={warps}", f"-DSPLIT={split}", f"-DGLU={int(glu)}", f"-DNORM={int(norm)}",
                    f"-DRESIDUAL={int(residual)}", f"-DL2_HINT={int(l2_hint)}", f"-DCHUNKED_SCALES={int(chunked_scales)}",
-                   f"-DOVERLAP={int(overlap)}", f"-DPREFETCH_ALL={int(prefetch_all)}", "-std=c++17"]
+                   f"-DOVERLAP={int(overlap)}", f"-DAHEAD={ahead}", "-std=c++17"]
         _COMPILED[key] = compat.compile_kernel(MMA_SOURCE, "nf4_mma", options)
     return _COMPILED[key]
 
@@ -764,13 +756,15 @@ def mma_chunked_scales(weights: Sequence[NF4Weight]) -> bool:
             and all(w.absmax.data_ptr() % 8 == 0 for w in weights))
 
 
-def mma_prefetch_all(in_features: int, split: int) -> bool:
-    """Whether a warp can load all its steps of 128 inputs before its loop: 1, 2, 4 or 8 of them (else
-    one step ahead). NF4Mma does where its launch overlaps the kernel before, so the loads go out
-    before its wait (the 8B's q/k/v and o, 4 steps: on an H200 the step 2,555 -> 2,466 us,
-    bench/RESULTS.md); not overlapping, loading deeper ahead was no faster (ninth session)."""
+def mma_ahead(in_features: int, split: int, overlap: bool) -> int:
+    """How many steps of 128 inputs a warp keeps loading ahead (1, 2, 4 or 8), as measured on an H200
+    (bench/RESULTS.md): all of them where the launch overlaps the kernel before and they are 1, 2, 4 or
+    8 (the 8B's q/k/v and o: their weights stream in before the wait), else 2 (gate/up and down: 1 was
+    slower; 4 and 8 no faster for gate/up, slower for down, whose blocks then need more registers)."""
     steps = in_features // 128
-    return steps % split == 0 and steps // split in (1, 2, 4, 8)
+    if overlap and steps % split == 0 and steps // split in (1, 2, 4, 8):
+        return steps // split
+    return 2
 
 
 def nf4_pairs(code: "torch.Tensor") -> "torch.Tensor":
@@ -790,14 +784,14 @@ class NF4Mma:
     `residual`: the call adds its result into `out` (the residual stream) and returns it.
     Callable inside a CUDA graph capture (the launch goes to the current stream). On Hopper and
     later the launch overlaps the kernel before it (`overlap`): its blocks fill their table and
-    issue their weight loads (all of them with `prefetch_all`) while that kernel finishes, and read
-    their input only after it has. The other options are the measured defaults' overrides, for tests
+    issue their first `ahead` steps' weight loads while that kernel finishes, and read their input
+    only after it has. The other options are the measured defaults' overrides, for tests
     and benchmarks."""
 
     def __init__(self, weights: Sequence[NF4Weight], *, glu: bool = False, norm: "torch.Tensor | None" = None,
                  eps: float = 1e-6, residual: bool = False, warps: int | None = None, split: int | None = None,
                  l2_hint: bool | None = None, chunked_scales: bool | None = None, overlap: bool | None = None,
-                 prefetch_all: bool | None = None):
+                 ahead: int | None = None):
         import torch
 
         if not mma_fits(weights, glu, norm):
@@ -823,14 +817,14 @@ class NF4Mma:
         if overlap and not can_overlap:
             raise ValueError("overlapping launches need a GPU of compute capability 9.0 or later")
         self.overlap = can_overlap if overlap is None else overlap
-        if prefetch_all and not mma_prefetch_all(k, self.split):
-            raise ValueError(f"a warp's {k // 128 // self.split} steps cannot all be loaded at once (1, 2, 4 or 8 can)")
-        self.prefetch_all = ((self.overlap and mma_prefetch_all(k, self.split)) if prefetch_all is None
-                             else prefetch_all)
+        if ahead not in (None, 1, 2, 4, 8):
+            raise ValueError(f"a warp keeps 1, 2, 4 or 8 steps in flight, not {ahead}")
+        self.ahead = ahead or mma_ahead(k, self.split, self.overlap)
         self.kernel = mma_compiled(k, first.blocksize, max(first.nested_blocksize, 1), first.nested, self.warps, self.split,
-                                   glu, norm is not None, residual, mma_l2_hint(k, self.split) if l2_hint is None else l2_hint,
+                                   glu, norm is not None, residual,
+                                   mma_l2_hint(k, self.split) if l2_hint is None else l2_hint,
                                    mma_chunked_scales(self.weights) if chunked_scales is None else chunked_scales,
-                                   self.overlap, self.prefetch_all)
+                                   self.overlap, self.ahead)
         compat.reserve_shared_memory(self.kernel, self.shared)
         self.pairs = nf4_pairs(first.code)
         self.no_norm = torch.zeros(16, dtype=torch.int32, device=first.packed.device)      # the norm argument's stand-in
