@@ -46,6 +46,32 @@ def test_sampled_picks_are_multinomials_for_the_same_seed():
     same_picks_as_multinomial("cpu")
 
 
+def greedy_equals_argmax(device: str) -> None:
+    """The greedy pick, two reductions where the vocabulary splits into rows, is torch.argmax's: the
+    first of equal largest logits (in one row, in rows apart), a NaN's place, any length."""
+    from runner_cuda.session import greedy
+
+    for count in (4, 49152, 128256, 151936, 8209):        # 8209 is prime: one reduction
+        generator = torch.Generator().manual_seed(count)
+        for case in range(6):
+            logits = torch.randn(count, generator=generator)
+            if case:                                       # ties: the largest value at several places
+                places = torch.randint(0, count, (case + 1,), generator=generator)
+                logits[places] = logits.max() + 1
+            if case == 5:
+                logits[places[0]] = float("nan")
+            logits = logits.to(device)
+            assert greedy(logits).shape == torch.argmax(logits).shape == ()
+            assert int(greedy(logits)) == int(torch.argmax(logits)), (count, case)
+    row_ties = torch.zeros(128256, device=device)
+    row_ties[[700, 600, 1744]] = 5.0                       # rows of 384: 600 and 700 in one, 1,744 in a later one
+    assert int(greedy(row_ties)) == 600
+
+
+def test_greedy_pick_is_torch_argmax():
+    greedy_equals_argmax("cpu")
+
+
 def fast_session(folder, context: int, ahead: bool):
     from runner_cuda.fast import FastSteps
     from runner_cuda.fast.decoder import FastDecoder

@@ -11,7 +11,7 @@ import pytest
 from runner.backend import LoadRequest, Message, Sampling, get_backend
 from runner.model import load_spec
 from prefix_helpers import QUESTIONS
-from test_cuda_decode_ahead import same_picks_as_multinomial, turns_both_ways
+from test_cuda_decode_ahead import greedy_equals_argmax, same_picks_as_multinomial, turns_both_ways
 from test_prefix_cache_gpu import word_chat_dir  # noqa: F401  (a fixture)
 
 torch = pytest.importorskip("torch")
@@ -23,6 +23,10 @@ pytestmark = [
 
 def test_sampled_picks_on_the_gpu_are_multinomials_for_the_same_seed():
     same_picks_as_multinomial("cuda")
+
+
+def test_greedy_pick_on_the_gpu_is_torch_argmax():
+    greedy_equals_argmax("cuda")
 
 
 @pytest.fixture(scope="module", params=["fp32", "nf4"])
