@@ -41,6 +41,9 @@ def runner_home(tmp_path_factory) -> Path:
         os.environ["RUNNER_HOME"] = previous
 
 
+DEFAULT_MODEL_IMPORT_PROGRESS: list = []     # what the session's one import reported (test_default_model.py)
+
+
 @pytest.fixture(scope="session")
 def default_model_dir(runner_home) -> Path:
     """SmolLM2-135M-Instruct imported from the installed GGUF into a safetensors folder
@@ -48,7 +51,7 @@ def default_model_dir(runner_home) -> Path:
     About 20 s the first time in a session; `runner generate` with no model then finds it."""
     from runner.default_model import import_default_model
 
-    return import_default_model()
+    return import_default_model(on_progress=DEFAULT_MODEL_IMPORT_PROGRESS.append)
 
 
 def _smollm2_tokenizer():

@@ -22,6 +22,22 @@ def test_import_writes_a_plain_safetensors_folder(default_model_dir):
     assert [p.name for p in default_model_dir.parent.iterdir() if p.name.startswith(".")] == []
 
 
+def test_the_import_reported_each_stage_to_its_end(default_model_dir):
+    """The session's one import (a fresh RUNNER_HOME) reported the sha256 check, transformers'
+    dequantization tensor by tensor (through runner.compat, not tqdm bars) and the write, in order."""
+    from conftest import DEFAULT_MODEL_IMPORT_PROGRESS as seen
+
+    stages = [p.stage for p in seen]
+    assert list(dict.fromkeys(stages)) == ["checking the default model's sha256", "dequantizing the default model (GGUF Q4_1)",
+                                           "writing the default model as safetensors"]
+    dequantizing = [(p.done, p.total) for p in seen if p.stage.startswith("dequantizing")]
+    assert dequantizing[0] == (0, 0) and dequantizing[-1][0] == dequantizing[-1][1] > 200
+    assert [done for done, _ in dequantizing[1:]] == list(range(1, dequantizing[-1][1] + 1))
+    assert [(p.done, p.total) for p in seen if p.stage.startswith("writing")] == [(0, 1), (1, 1)]
+    hashed = [p for p in seen if p.stage == stages[0]]
+    assert hashed[-1].done == hashed[-1].total > 0                # the whole file
+
+
 def test_import_is_reused_and_the_spec_finds_it(default_model_dir):
     before = (default_model_dir / "model.safetensors").stat().st_mtime_ns
     seen = []

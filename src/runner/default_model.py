@@ -132,33 +132,7 @@ def import_default_model(on_progress: Callable | None = None) -> Path:
 
     source = gguf_file()
     _check_sha256(source, report)
-
-    import torch
-    import transformers.modeling_gguf_pytorch_utils as gguf_utils
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    # transformers walks the GGUF tensors through `tqdm`; route that walk to our progress instead
-    # of its own bar on stderr.
-    def tensors_with_progress(tensors, desc=""):
-        tensors = list(tensors)
-        for index, tensor in enumerate(tensors):
-            yield tensor
-            report("dequantizing the default model (GGUF Q4_1)", index + 1, len(tensors), "tensors")
-
-    original_tqdm = getattr(gguf_utils, "tqdm", None)
-    hf_logging.disable_progress_bar()
-    report("dequantizing the default model (GGUF Q4_1)", 0, 0, "tensors")
-    try:
-        gguf_utils.tqdm = tensors_with_progress
-        model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
-    finally:
-        if original_tqdm is not None:
-            gguf_utils.tqdm = original_tqdm
-        hf_logging.enable_progress_bar()
-
+    model, tokenizer = _dequantize(source, report)
     final = default_model_folder()
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_imports(final.parent)
@@ -166,32 +140,60 @@ def import_default_model(on_progress: Callable | None = None) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        report("writing the default model as safetensors", 0, 1, "files")
-        config = model.config.to_dict()
-        # save_pretrained refuses a model marked GGUF-quantized; what we write is plain float32.
-        config.pop("quantization_config", None)
-        config.pop("_name_or_path", None)
-        config["dtype"] = "float32"
-        config["architectures"] = ["LlamaForCausalLM"]
-        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (staging / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
-        tokenizer.save_pretrained(str(staging))
-        state = model.state_dict()
-        if config.get("tie_word_embeddings"):
-            state.pop("lm_head.weight", None)  # the same tensor as the embeddings
-        state = {name: tensor.contiguous() for name, tensor in state.items()}
-        save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
-        report("writing the default model as safetensors", 1, 1, "files")
-        del model, state
-        sizes = {path.name: path.stat().st_size for path in staging.iterdir() if path.is_file()}
-        (staging / MANIFEST).write_text(json.dumps(sizes, indent=2, sort_keys=True) + "\n")
-        if final.exists():  # another process finished first, or a broken earlier import
-            if imported_folder() is not None:
-                shutil.rmtree(staging, ignore_errors=True)
-                return final
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        _write_folder(staging, model, tokenizer, report)
+        del model
+        return _publish(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _dequantize(source: Path, report: Callable[[str, int, int, str], None]):
+    """The GGUF file as a float32 transformers model and its tokenizer (with the chat template)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from runner import compat
+
+    stage = "dequantizing the default model (GGUF Q4_1)"
+    report(stage, 0, 0, "tensors")
+    with compat.gguf_tensor_progress(lambda done, total: report(stage, done, total, "tensors")):
+        model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+    return model, tokenizer
+
+
+def _write_folder(staging: Path, model, tokenizer, report: Callable[[str, int, int, str], None]) -> None:
+    """config.json, generation_config.json, the tokenizer and model.safetensors into `staging`, then
+    the manifest of their sizes, last."""
+    from safetensors.torch import save_file
+
+    report("writing the default model as safetensors", 0, 1, "files")
+    config = model.config.to_dict()
+    # save_pretrained refuses a model marked GGUF-quantized; what we write is plain float32.
+    config.pop("quantization_config", None)
+    config.pop("_name_or_path", None)
+    config["dtype"] = "float32"
+    config["architectures"] = ["LlamaForCausalLM"]
+    (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (staging / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
+    tokenizer.save_pretrained(str(staging))
+    state = model.state_dict()
+    if config.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)  # the same tensor as the embeddings
+    save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(staging / "model.safetensors"),
+              metadata={"format": "pt"})
+    report("writing the default model as safetensors", 1, 1, "files")
+    sizes = {path.name: path.stat().st_size for path in staging.iterdir() if path.is_file()}
+    (staging / MANIFEST).write_text(json.dumps(sizes, indent=2, sort_keys=True) + "\n")
+
+
+def _publish(staging: Path, final: Path) -> Path:
+    """`staging` renamed to `final`, unless another process finished an intact import there first."""
+    if final.exists():  # another process finished first, or a broken earlier import
+        if imported_folder() is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+            return final
+        shutil.rmtree(final)
+    os.replace(staging, final)
     return final
