@@ -188,14 +188,10 @@ def quant_of_folder(config: dict) -> str | None:
 
 def check_supported(config: dict, folder: Path) -> None:
     """Raise UnsupportedModel when mlx-lm has no implementation of this model_type."""
-    from mlx_lm.utils import _get_classes  # mlx-lm's own lookup, remappings included
+    from runner_mlx.compat import model_classes
 
-    try:
-        _get_classes(config)
-    except (ValueError, KeyError):
-        raise UnsupportedModel(
-            f"{folder}: mlx-lm {mlx_lm_version()} cannot run model_type '{config.get('model_type')}'"
-        ) from None
+    if model_classes(config) is None:
+        raise UnsupportedModel(f"{folder}: mlx-lm {mlx_lm_version()} cannot run model_type '{config.get('model_type')}'")
 
 
 def config_fixes(config: dict) -> dict:

@@ -113,16 +113,16 @@ def build_lazy_model(spec, quant: str):
     """mlx-lm's model class for this config, quantized by mlx-lm's own `quantize_model`.
 
     Nothing is evaluated: every parameter is still an unevaluated graph (mlx is lazy)."""
-    from mlx_lm.utils import _get_classes, quantize_model
+    from mlx_lm.utils import quantize_model
+
+    from runner_mlx.compat import model_classes
+    from runner_mlx.convert import mlx_lm_version
 
     config = model_config(spec)
-    try:
-        model_class, args_class = _get_classes(config)
-    except (ValueError, KeyError):
-        from runner_mlx.convert import mlx_lm_version
-
-        raise UserInputError(f"{spec.name}: mlx-lm {mlx_lm_version()} cannot run model_type "
-                             f"'{config.get('model_type')}'") from None
+    classes = model_classes(config)
+    if classes is None:
+        raise UserInputError(f"{spec.name}: mlx-lm {mlx_lm_version()} cannot run model_type '{config.get('model_type')}'")
+    model_class, args_class = classes
     model = model_class(args_class.from_dict(config))
     if quant in QUANT_BITS:
         with contextlib.redirect_stdout(io.StringIO()):   # mlx-lm prints "[INFO] Quantized ..."
