@@ -1,11 +1,13 @@
-"""The private parts of torch and transformers that runner_cuda relies on, in one place. Checked
-against torch 2.11 (CUDA 13, the GPU image) and 2.13 (CPU), transformers 5.17 and 5.24.
+"""The private parts of torch, transformers and accelerate that runner_cuda relies on, in one place.
+Checked against torch 2.11 (CUDA 13, the GPU image) and 2.13 (CPU), transformers 5.17 and 5.24,
+accelerate 1.15 and 1.16.
 
 - torch: `torch.cuda._compile_kernel` (NVRTC; it returns a `_CudaKernel` with `.func`, a CUfunction,
   and `._max_shared_mem_bytes`) and `torch.cuda._utils._get_gpu_runtime_library` (the loaded
   libcuda, for `cuLaunchKernelEx`); `nn.Module._buffers` (a model's buffers moved in place).
 - transformers: `param._is_hf_initialized` (its loader leaves such parameters alone) and
-  `model._skip_keys_device_placement` (what accelerate's dispatch must not move)."""
+  `model._skip_keys_device_placement` (what accelerate's dispatch must not move).
+- accelerate: `module._hf_hook`, the hook its dispatch attaches (`execution_device`, `offload`)."""
 
 from __future__ import annotations
 
@@ -106,3 +108,9 @@ def move_buffers(model, device) -> None:
         for name, buffer in list(module._buffers.items()):
             if buffer is not None:
                 module._buffers[name] = buffer.to(device)
+
+
+def accelerate_hook(module):
+    """The hook accelerate's dispatch attached to `module` (where it computes, whether its weights
+    are offloaded), or None."""
+    return getattr(module, "_hf_hook", None)

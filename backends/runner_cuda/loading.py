@@ -31,6 +31,7 @@ from runner.errors import BackendUnavailable, CorruptWeights, DoesNotFit, LoadEr
 from runner.files import TensorEntry, check_model_json, missing_tokenizer, read_json_object, read_safetensors_header
 from runner.words import counted, one_line
 from runner_cuda import BITSANDBYTES_INSTALL, BITSANDBYTES_QUANTS, CUDA_QUANTS, FP8_INSTALL
+from runner_cuda import compat
 
 if TYPE_CHECKING:
     import torch
@@ -278,7 +279,7 @@ def decoder_layers(model) -> list:
 
 def module_device(module) -> str:
     """Where a module computes: accelerate's execution device if hooked, else its first parameter's."""
-    hook = getattr(module, "_hf_hook", None)
+    hook = compat.accelerate_hook(module)
     if hook is not None and getattr(hook, "offload", False):
         return "offload"
     for param in module.parameters():
@@ -294,7 +295,7 @@ def offloaded_modules(model) -> list[str]:
     found = []
     gpu_run = torch.cuda.is_available()
     for name, module in model.named_modules():
-        hook = getattr(module, "_hf_hook", None)
+        hook = compat.accelerate_hook(module)
         if hook is not None and getattr(hook, "offload", False):
             found.append(name or "model")
             continue

@@ -35,6 +35,7 @@ from runner.errors import GenerationError, UserInputError
 from runner.prefix_cache import reusable_prefix
 from runner.reply_clock import ReplyClock, reply_chunks
 from runner.templates import chat_token_ids
+from runner_cuda import compat
 from runner_cuda.loading import cuda_allocated, decoder_layers, free_memory, placement_summary, tensor_bytes_by_device
 from runner.words import counted
 
@@ -167,7 +168,7 @@ class CudaSession(TokenStreaming):
         self._cuda_baseline = cuda_baseline
         self._lock = threading.Lock()  # one reply at a time
         embeddings = model.get_input_embeddings()
-        hook = getattr(embeddings, "_hf_hook", None)
+        hook = compat.accelerate_hook(embeddings)
         self.input_device = getattr(hook, "execution_device", None) or embeddings.weight.device
         if torch.device(self.input_device).type == "meta":
             self.input_device = torch.device("cpu")
