@@ -131,6 +131,8 @@ def test_mma_kernel_matches_reference(shape, nested):
         # a warp's loads one step ahead, or more: the same bits
         other = 1 if together.ahead > 1 else 8
         assert torch.equal(NF4Mma(weights, ahead=other, **shape)(x).float(), mine)
+        # ... or copied into shared memory (cp.async) instead of registers: the same bits
+        assert torch.equal(NF4Mma(weights, staged=True, ahead=other, **shape)(x).float(), mine)
 
         norm = (1 + 0.1 * torch.randn(k, device="cuda")).to(torch.bfloat16)
         hidden = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
@@ -171,10 +173,10 @@ def test_overlapping_launches_in_a_graph_equal_one_after_another():
     attention = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     start = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
 
-    def run(overlap, ahead=None):
-        o_add = NF4Mma([o], residual=True, overlap=overlap, ahead=ahead)
-        glu = NF4Mma([gate, up], glu=True, norm=norm, eps=1e-5, overlap=overlap)
-        down_add = NF4Mma([down], residual=True, overlap=overlap)
+    def run(overlap, ahead=None, staged=False):
+        o_add = NF4Mma([o], residual=True, overlap=overlap, ahead=ahead, staged=staged)
+        glu = NF4Mma([gate, up], glu=True, norm=norm, eps=1e-5, overlap=overlap, staged=staged)
+        down_add = NF4Mma([down], residual=True, overlap=overlap, staged=staged)
         hidden, between = start.clone(), torch.empty(14336, device="cuda", dtype=torch.bfloat16)
 
         def layers():
@@ -193,7 +195,9 @@ def test_overlapping_launches_in_a_graph_equal_one_after_another():
         return hidden.clone()
 
     assert NF4Mma([o], residual=True).ahead == 4          # o's 4 steps a warp all loaded before its wait
-    assert torch.equal(run(True), run(False, ahead=1))
+    overlapping = run(True)
+    assert torch.equal(overlapping, run(False, ahead=1))
+    assert torch.equal(overlapping, run(True, staged=True))        # the steps in flight copied to shared memory
 
 
 @pytest.mark.parametrize("kernel", ["bitsandbytes", "cuda", "cuda-simt", "cuda-bnb-rounding"])

@@ -217,12 +217,16 @@ MMA_SOURCE = r"""
 // OVERLAP (Hopper: launched to start while the kernel before it finishes; the weights, scales and table
 // are loaded before waiting for that kernel, the input after), AHEAD (1, 2, 4 or 8: the steps whose loads a
 // warp keeps in flight; its first AHEAD are loaded before the wait, so a short launch's weights, all of them
-// with AHEAD = its steps, stream in while the kernel before runs).
+// with AHEAD = its steps, stream in while the kernel before runs), STAGED (the steps in flight are copied into
+// shared memory by cp.async, a ring of AHEAD + 1 slots a warp, instead of into registers: more bytes in
+// flight for no registers).
 #define NIT (K / 128)
 #define TILES (WARPS / SPLIT)
 #define STEPS ((NIT + SPLIT - 1) / SPLIT)        // a warp's steps (one fewer for some where SPLIT does not divide NIT)
 #define EVEN (NIT % SPLIT == 0)
 static_assert(8 % AHEAD == 0, "the loop, unrolled by 8, keeps its steps in flight in registers");
+#define SLOTS (AHEAD + 1)                         // STAGED: a step is refilled one step after it was read
+#define RING_BYTES (STAGED ? WARPS * SLOTS * 1024 : 0)
 
 __device__ __forceinline__ float bf16_to_float(unsigned int bits) { return __uint_as_float(bits << 16); }
 
@@ -298,10 +302,30 @@ __device__ __forceinline__ uint4 load_weights(const uint4* address) {
 #endif
 }
 
-__device__ __forceinline__ Step load_step(const Rows& ra, const Rows& rb, const Scales& sc, int t, int it) {
+// STAGED: one 16-byte copy from global to shared memory, not through registers
+__device__ __forceinline__ void copy_async(uint4* destination, const uint4* source) {
+    const unsigned int to = (unsigned int)__cvta_generic_to_shared(destination);
+#if L2_HINT
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" :: "r"(to), "l"(source) : "memory");
+#else
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(to), "l"(source) : "memory");
+#endif
+}
+
+// STAGED: the lane's two 16-byte words (rows g and g + 8) of one slot of its warp's ring
+__device__ __forceinline__ uint4* slot_of(uint4* ring, int warp, int slot, int lane) {
+    return ring + ((warp * SLOTS + slot) * 2) * 32 + lane;
+}
+
+__device__ __forceinline__ Step load_step(const Rows& ra, const Rows& rb, const Scales& sc, int t, int it, uint4* slot) {
     Step s;
+#if STAGED
+    copy_async(slot, ra.packed + it * 4 + t);
+    copy_async(slot + 32, rb.packed + it * 4 + t);
+#else
     s.wa = load_weights(ra.packed + it * 4 + t);
     s.wb = load_weights(rb.packed + it * 4 + t);
+#endif
 #if CHUNKED_SCALES
     s.code = 0; s.scale = 0.0f;                                      // from the lane's Chunk instead
 #elif NESTED
@@ -379,7 +403,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
     int has_bias)
 {
     unsigned char* table_bytes = smem;                                // [256][32] words: entry e, lane l at e*128 + l*4
-    float* partial = (float*)(smem + 32768);                          // [WARPS][16]
+    uint4* ring = (uint4*)(smem + 32768);                             // STAGED: [WARPS][SLOTS][2][32] 16-byte words
+    float* partial = (float*)(smem + 32768 + RING_BYTES);             // [WARPS][16]
 #if NORM
     float* reduce = partial + WARPS * 16;                             // [WARPS]
     uint4* xs = (uint4*)(reduce + 32);                                // [K / 8] the normalized input
@@ -427,9 +452,14 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
 #else
     const int first = split * NIT / SPLIT, last = (split + 1) * NIT / SPLIT;
 #endif
-    Step ring[AHEAD];                                                    // the next AHEAD steps' loads, in flight
+    Step ahead[AHEAD];                                                   // the next AHEAD steps' loads, in flight
     #pragma unroll
-    for (int j = 0; j < AHEAD; ++j) if (first + j < last) ring[j] = load_step(ra, rb, sc, t, first + j);
+    for (int j = 0; j < AHEAD; ++j) {
+        if (first + j < last) ahead[j] = load_step(ra, rb, sc, t, first + j, slot_of(ring, warp, j, lane));
+#if STAGED
+        asm volatile("cp.async.commit_group;" ::: "memory");             // one group a step, loaded or not
+#endif
+    }
     Chunk chunk = {0, 0.0f};                                             // this chunk of 4 steps' scales
 #if CHUNKED_SCALES
     Chunk chunk_next = {0, 0.0f};                                        // the next one's
@@ -494,8 +524,18 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
     for (int i = 0; i < STEPS; ++i) {
         const int it = first + i;
         if (!EVEN && it >= last) break;
-        const Step now = ring[i % AHEAD];
-        if (it + AHEAD < last) ring[i % AHEAD] = load_step(ra, rb, sc, t, it + AHEAD);
+        Step now = ahead[i % AHEAD];
+#if STAGED
+        asm volatile("cp.async.wait_group %0;" :: "n"(AHEAD - 1) : "memory");   // step it's copies have landed
+        const uint4* slot = slot_of(ring, warp, i % SLOTS, lane);
+        now.wa = slot[0];
+        now.wb = slot[32];
+        // the slot read a step ago is free: its words went into that step's mma
+        if (it + AHEAD < last) ahead[i % AHEAD] = load_step(ra, rb, sc, t, it + AHEAD, slot_of(ring, warp, (i + AHEAD) % SLOTS, lane));
+        asm volatile("cp.async.commit_group;" ::: "memory");
+#else
+        if (it + AHEAD < last) ahead[i % AHEAD] = load_step(ra, rb, sc, t, it + AHEAD, nullptr);
+#endif
 #if CHUNKED_SCALES
         if ((it & 3) == 0 && it != first) {
             chunk = chunk_next;
@@ -504,6 +544,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
 #endif
         accumulate(now, step_scale(now, chunk, it, t, s_ncode, s_shift), xin, it, t, data, lane4, xq, acc_a, acc_b);
     }
+#if STAGED
+    asm volatile("cp.async.wait_all;" ::: "memory");                     // none left in flight where a warp broke off
+#endif
 #if OVERLAP
     asm volatile("griddepcontrol.launch_dependents;");                  // its weights may start loading
 #endif
@@ -678,17 +721,18 @@ class NF4Gemv:
 
 
 def mma_compiled(k: int, blocksize: int, nested_blocksize: int, nested: bool, warps: int, split: int, glu: bool,
-                 norm: bool, residual: bool, l2_hint: bool, chunked_scales: bool, overlap: bool, ahead: int):
+                 norm: bool, residual: bool, l2_hint: bool, chunked_scales: bool, overlap: bool, ahead: int,
+                 staged: bool):
     """The tensor-core kernel for these compile-time choices, compiled once per process and GPU."""
     import torch
 
     key = ("mma", k, blocksize, nested_blocksize, nested, warps, split, glu, norm, residual, l2_hint, chunked_scales,
-           overlap, ahead, torch.cuda.current_device())
+           overlap, ahead, staged, torch.cuda.current_device())
     if key not in _COMPILED:
         options = [f"-DK={k}", f"-DBLOCKSIZE={blocksize}", f"-DNESTED_BLOCKSIZE={nested_blocksize}", f"-DNESTED={int(nested)}",
                    f"-DWARPS={warps}", f"-DSPLIT={split}", f"-DGLU={int(glu)}", f"-DNORM={int(norm)}",
                    f"-DRESIDUAL={int(residual)}", f"-DL2_HINT={int(l2_hint)}", f"-DCHUNKED_SCALES={int(chunked_scales)}",
-                   f"-DOVERLAP={int(overlap)}", f"-DAHEAD={ahead}", "-std=c++17"]
+                   f"-DOVERLAP={int(overlap)}", f"-DAHEAD={ahead}", f"-DSTAGED={int(staged)}", "-std=c++17"]
         _COMPILED[key] = compat.compile_kernel(MMA_SOURCE, "nf4_mma", options)
     return _COMPILED[key]
 
@@ -767,6 +811,14 @@ def mma_ahead(in_features: int, split: int, overlap: bool) -> int:
     return 2
 
 
+def mma_staged(in_features: int, split: int) -> bool:
+    """Whether a warp's steps in flight are copied into shared memory (cp.async) rather than loaded
+    into registers: where it goes on along its rows for more than 8 steps of 128 (the 8B's gate/up and
+    down: a faster decode step on an H200; q/k/v and o, 4 steps a warp, were no faster: bench/RESULTS.md;
+    up to 8, mma_ahead may load them all before the wait, in registers)."""
+    return in_features // 128 // split > 8
+
+
 def nf4_pairs(code: "torch.Tensor") -> "torch.Tensor":
     """The 256-entry table of a packed byte's two weights as a bf16 pair: the high nibble's value
     in the low half (element 2i), the low nibble's in the high half (element 2i + 1)."""
@@ -785,13 +837,14 @@ class NF4Mma:
     Callable inside a CUDA graph capture (the launch goes to the current stream). On Hopper and
     later the launch overlaps the kernel before it (`overlap`): its blocks fill their table and
     issue their first `ahead` steps' weight loads while that kernel finishes, and read their input
-    only after it has. The other options are the measured defaults' overrides, for tests
+    only after it has. With `staged`, the steps in flight land in shared memory (cp.async) instead of
+    registers (mma_staged: where a warp's rows are long). The other options are the measured defaults' overrides, for tests
     and benchmarks."""
 
     def __init__(self, weights: Sequence[NF4Weight], *, glu: bool = False, norm: "torch.Tensor | None" = None,
                  eps: float = 1e-6, residual: bool = False, warps: int | None = None, split: int | None = None,
                  l2_hint: bool | None = None, chunked_scales: bool | None = None, overlap: bool | None = None,
-                 ahead: int | None = None):
+                 ahead: int | None = None, staged: bool | None = None):
         import torch
 
         if not mma_fits(weights, glu, norm):
@@ -812,7 +865,6 @@ class NF4Mma:
         tiles = first.out_features // 8 if glu else self.total // 16
         self.grid = (-(-tiles // (self.warps // self.split)), 1, 1)
         k = first.in_features
-        self.shared = 32768 + self.warps * 64 + (128 + 2 * k if norm is not None else 0)
         can_overlap = compat.overlapping_launches(first.packed.device)
         if overlap and not can_overlap:
             raise ValueError("overlapping launches need a GPU of compute capability 9.0 or later")
@@ -820,11 +872,14 @@ class NF4Mma:
         if ahead not in (None, 1, 2, 4, 8):
             raise ValueError(f"a warp keeps 1, 2, 4 or 8 steps in flight, not {ahead}")
         self.ahead = ahead or mma_ahead(k, self.split, self.overlap)
+        self.staged = mma_staged(k, self.split) if staged is None else staged
+        ring = self.warps * (self.ahead + 1) * 1024 if self.staged else 0
+        self.shared = 32768 + ring + self.warps * 64 + (128 + 2 * k if norm is not None else 0)
         self.kernel = mma_compiled(k, first.blocksize, max(first.nested_blocksize, 1), first.nested, self.warps, self.split,
                                    glu, norm is not None, residual,
                                    mma_l2_hint(k, self.split) if l2_hint is None else l2_hint,
                                    mma_chunked_scales(self.weights) if chunked_scales is None else chunked_scales,
-                                   self.overlap, self.ahead)
+                                   self.overlap, self.ahead, self.staged)
         compat.reserve_shared_memory(self.kernel, self.shared)
         self.pairs = nf4_pairs(first.code)
         self.no_norm = torch.zeros(16, dtype=torch.int32, device=first.packed.device)      # the norm argument's stand-in
