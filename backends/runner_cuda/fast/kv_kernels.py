@@ -18,11 +18,12 @@ from runner_cuda import compat
 @triton.jit
 def wait_for_input(PDL: tl.constexpr):
     """With PDL (the launch overlaps the kernel before, as NF4Mma's do where
-    compat.overlapping_launches): wait for that kernel's output first thing, then let the kernel
-    after this one start loading its weights."""
+    compat.overlapping_launches): first let the kernel after this one start (an NF4Mma loads its
+    weights, then waits for this kernel to finish; each of these kernels waits for the one before),
+    then wait for the kernel before's output. So o's weights stream in while the attention runs."""
     if PDL:
-        tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
 
 
 @triton.jit
