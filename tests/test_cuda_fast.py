@@ -55,6 +55,23 @@ def test_nf4_weight_of_refuses_other_layers():
     assert nf4_weight_of(fp4) is None
 
 
+def test_mma_stages_its_loads_where_the_rows_are_long_and_the_ring_fits():
+    """NF4Mma copies a warp's steps in flight into shared memory where it goes on for more than 8
+    steps of 128 and the block's shared memory (table, ring, partial sums, normalized input) fits the
+    GPU: on a 99 KB consumer GPU (sm_86/89) the 405B's gate/up keeps its loads in registers."""
+    from runner_cuda.fast.nf4_cuda import mma_shared_bytes, mma_staged
+
+    h200, rtx4090 = 227 * 1024, 99 * 1024
+    assert mma_shared_bytes(4096, 14, norm=True) == 32768 + 14 * 64 + 128 + 2 * 4096
+    assert mma_shared_bytes(4096, 14, norm=True, staged_steps=2) == mma_shared_bytes(4096, 14, norm=True) + 14 * 3 * 1024
+    gate_up_8b = mma_shared_bytes(4096, 14, norm=True, staged_steps=2)
+    assert mma_staged(4096, 1, gate_up_8b, h200) and mma_staged(4096, 1, gate_up_8b, rtx4090)
+    assert not mma_staged(4096, 8, mma_shared_bytes(4096, 8, norm=True, staged_steps=4), h200)     # 4 steps a warp
+    assert not mma_staged(8192, 8, mma_shared_bytes(8192, 8, norm=True, staged_steps=8), h200)     # 8: all before the wait
+    gate_up_405b = mma_shared_bytes(16384, 16, norm=True, staged_steps=2)
+    assert mma_staged(16384, 4, gate_up_405b, h200) and not mma_staged(16384, 4, gate_up_405b, rtx4090)
+
+
 def _prompt(count, vocab, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (count,), generator=generator).tolist()

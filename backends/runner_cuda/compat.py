@@ -38,6 +38,14 @@ def reserve_shared_memory(kernel, nbytes: int) -> None:
         kernel.set_shared_memory_config(nbytes)
 
 
+def max_shared_memory(device) -> int:
+    """The most dynamic shared memory a block may ask for on `device`, as torch's own
+    `set_shared_memory_config` reads it (48 KB where the property is missing)."""
+    import torch
+
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 49152)
+
+
 def overlapping_launches(device) -> bool:
     """Whether kernels on `device` may start while the kernel before them finishes (programmatic
     dependent launch: a CUDA GPU of compute capability 9.0, Hopper, or later)."""

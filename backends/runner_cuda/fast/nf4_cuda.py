@@ -811,12 +811,21 @@ def mma_ahead(in_features: int, split: int, overlap: bool) -> int:
     return 2
 
 
-def mma_staged(in_features: int, split: int) -> bool:
+def mma_shared_bytes(in_features: int, warps: int, norm: bool, staged_steps: int = 0) -> int:
+    """A block's dynamic shared memory: the lookup table (32 KB), with `staged_steps` in flight a ring
+    of that many steps + 1 per warp (1 KB each), the warps' partial sums and, with `norm`, the
+    normalized input."""
+    ring = warps * (staged_steps + 1) * 1024 if staged_steps else 0
+    return 32768 + ring + warps * 64 + (128 + 2 * in_features if norm else 0)
+
+
+def mma_staged(in_features: int, split: int, staged_bytes: int, limit: int) -> bool:
     """Whether a warp's steps in flight are copied into shared memory (cp.async) rather than loaded
-    into registers: where it goes on along its rows for more than 8 steps of 128 (the 8B's gate/up and
-    down: a faster decode step on an H200; q/k/v and o, 4 steps a warp, were no faster: bench/RESULTS.md;
-    up to 8, mma_ahead may load them all before the wait, in registers)."""
-    return in_features // 128 // split > 8
+    into registers: where it goes on along its rows for more than 8 steps of 128 and the ring fits the
+    GPU's shared memory (`staged_bytes` of `limit` a block). The 8B's gate/up and down: a faster decode
+    step on an H200; q/k/v and o, 4 steps a warp, were no faster (bench/RESULTS.md); up to 8,
+    mma_ahead may load them all before the wait, in registers."""
+    return in_features // 128 // split > 8 and staged_bytes <= limit
 
 
 def nf4_pairs(code: "torch.Tensor") -> "torch.Tensor":
@@ -872,9 +881,12 @@ class NF4Mma:
         if ahead not in (None, 1, 2, 4, 8):
             raise ValueError(f"a warp keeps 1, 2, 4 or 8 steps in flight, not {ahead}")
         self.ahead = ahead or mma_ahead(k, self.split, self.overlap)
-        self.staged = mma_staged(k, self.split) if staged is None else staged
-        ring = self.warps * (self.ahead + 1) * 1024 if self.staged else 0
-        self.shared = 32768 + ring + self.warps * 64 + (128 + 2 * k if norm is not None else 0)
+        limit = compat.max_shared_memory(first.packed.device)
+        staged_bytes = mma_shared_bytes(k, self.warps, norm is not None, self.ahead)
+        self.staged = mma_staged(k, self.split, staged_bytes, limit) if staged is None else staged
+        self.shared = staged_bytes if self.staged else mma_shared_bytes(k, self.warps, norm is not None)
+        if self.shared > limit:
+            raise ValueError(f"NF4Mma needs {self.shared:,} bytes of shared memory a block; this GPU has {limit:,}")
         self.kernel = mma_compiled(k, first.blocksize, max(first.nested_blocksize, 1), first.nested, self.warps, self.split,
                                    glu, norm is not None, residual,
                                    mma_l2_hint(k, self.split) if l2_hint is None else l2_hint,
@@ -892,6 +904,9 @@ class NF4Mma:
                     eps: float = 1e-6, residual: bool = False, x_dtype=None) -> "NF4Mma | None":
         """The launch for these weights, or None where the kernel does not apply."""
         if not available() or not mma_fits(weights, glu, norm, x_dtype):
+            return None
+        warps, _ = mma_shape(weights, glu)
+        if mma_shared_bytes(weights[0].in_features, warps, norm is not None) > compat.max_shared_memory(weights[0].packed.device):
             return None
         return cls(weights, glu=glu, norm=norm, eps=eps, residual=residual)
 
