@@ -63,12 +63,13 @@ def test_mma_stages_its_loads_where_the_rows_are_long_and_the_ring_fits():
 
     h200, rtx4090 = 227 * 1024, 99 * 1024
     assert mma_shared_bytes(4096, 14, norm=True) == 32768 + 14 * 64 + 128 + 2 * 4096
-    assert mma_shared_bytes(4096, 14, norm=True, staged_steps=2) == mma_shared_bytes(4096, 14, norm=True) + 14 * 3 * 1024
-    gate_up_8b = mma_shared_bytes(4096, 14, norm=True, staged_steps=2)
+    assert mma_shared_bytes(4096, 14, norm=True, ring_slots=3) == mma_shared_bytes(4096, 14, norm=True) + 14 * 3 * 1024
+    assert mma_shared_bytes(4096, 14, norm=True, wide_table=True) == mma_shared_bytes(4096, 14, norm=True) + 32768
+    gate_up_8b = mma_shared_bytes(4096, 14, norm=True, ring_slots=3)
     assert mma_staged(4096, 1, gate_up_8b, h200) and mma_staged(4096, 1, gate_up_8b, rtx4090)
-    assert not mma_staged(4096, 8, mma_shared_bytes(4096, 8, norm=True, staged_steps=4), h200)     # 4 steps a warp
-    assert not mma_staged(8192, 8, mma_shared_bytes(8192, 8, norm=True, staged_steps=8), h200)     # 8: all before the wait
-    gate_up_405b = mma_shared_bytes(16384, 16, norm=True, staged_steps=2)
+    assert not mma_staged(4096, 8, mma_shared_bytes(4096, 8, norm=True, ring_slots=5), h200)     # 4 steps a warp
+    assert not mma_staged(8192, 8, mma_shared_bytes(8192, 8, norm=True, ring_slots=9), h200)     # 8: all before the wait
+    gate_up_405b = mma_shared_bytes(16384, 16, norm=True, ring_slots=3)
     assert mma_staged(16384, 4, gate_up_405b, h200) and not mma_staged(16384, 4, gate_up_405b, rtx4090)
 
 

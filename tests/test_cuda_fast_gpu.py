@@ -131,8 +131,12 @@ def test_mma_kernel_matches_reference(shape, nested):
         # a warp's loads one step ahead, or more: the same bits
         other = 1 if together.ahead > 1 else 8
         assert torch.equal(NF4Mma(weights, ahead=other, **shape)(x).float(), mine)
-        # ... or copied into shared memory (cp.async) instead of registers: the same bits
+        # ... or copied into shared memory (cp.async) instead of registers, in a ring of any size: the same bits
         assert torch.equal(NF4Mma(weights, staged=True, ahead=other, **shape)(x).float(), mine)
+        assert torch.equal(NF4Mma(weights, staged=True, ahead=2, slots=4, **shape)(x).float(), mine)
+        # the lookups in the 64 KB table (entries 256 bytes apart): the same bits
+        assert torch.equal(NF4Mma(weights, wide_table=True, **shape)(x).float(), mine)
+        assert torch.equal(NF4Mma(weights, wide_table=True, staged=True, ahead=2, slots=4, **shape)(x).float(), mine)
 
         norm = (1 + 0.1 * torch.randn(k, device="cuda")).to(torch.bfloat16)
         hidden = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
@@ -173,10 +177,10 @@ def test_overlapping_launches_in_a_graph_equal_one_after_another():
     attention = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     start = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
 
-    def run(overlap, ahead=None, staged=False):
-        o_add = NF4Mma([o], residual=True, overlap=overlap, ahead=ahead, staged=staged)
-        glu = NF4Mma([gate, up], glu=True, norm=norm, eps=1e-5, overlap=overlap, staged=staged)
-        down_add = NF4Mma([down], residual=True, overlap=overlap, staged=staged)
+    def run(overlap, ahead=None, staged=False, **lean):
+        o_add = NF4Mma([o], residual=True, overlap=overlap, ahead=ahead, staged=staged, **lean)
+        glu = NF4Mma([gate, up], glu=True, norm=norm, eps=1e-5, overlap=overlap, staged=staged, **lean)
+        down_add = NF4Mma([down], residual=True, overlap=overlap, staged=staged, **lean)
         hidden, between = start.clone(), torch.empty(14336, device="cuda", dtype=torch.bfloat16)
 
         def layers():
@@ -198,6 +202,7 @@ def test_overlapping_launches_in_a_graph_equal_one_after_another():
     overlapping = run(True)
     assert torch.equal(overlapping, run(False, ahead=1))
     assert torch.equal(overlapping, run(True, staged=True))        # the steps in flight copied to shared memory
+    assert torch.equal(overlapping, run(True, staged=True, slots=5, wide_table=True))   # 5: more than o's 4 ahead
 
 
 @pytest.mark.parametrize("kernel", ["bitsandbytes", "cuda", "cuda-simt", "cuda-bnb-rounding"])

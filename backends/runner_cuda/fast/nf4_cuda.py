@@ -218,15 +218,17 @@ MMA_SOURCE = r"""
 // are loaded before waiting for that kernel, the input after), AHEAD (1, 2, 4 or 8: the steps whose loads a
 // warp keeps in flight; its first AHEAD are loaded before the wait, so a short launch's weights, all of them
 // with AHEAD = its steps, stream in while the kernel before runs), STAGED (the steps in flight are copied into
-// shared memory by cp.async, a ring of AHEAD + 1 slots a warp, instead of into registers: more bytes in
-// flight for no registers).
+// shared memory by cp.async, a ring of SLOTS > AHEAD steps a warp, instead of into registers: more bytes in
+// flight for no registers; with SLOTS a power of two the unrolled loop's slots are constants), WIDE_TABLE (the
+// lookup table's entries 256 bytes apart, 64 KB: one PRMT makes a lookup's address).
 #define NIT (K / 128)
 #define TILES (WARPS / SPLIT)
 #define STEPS ((NIT + SPLIT - 1) / SPLIT)        // a warp's steps (one fewer for some where SPLIT does not divide NIT)
 #define EVEN (NIT % SPLIT == 0)
 static_assert(8 % AHEAD == 0, "the loop, unrolled by 8, keeps its steps in flight in registers");
-#define SLOTS (AHEAD + 1)                         // STAGED: a step is refilled one step after it was read
+static_assert(!STAGED || SLOTS > AHEAD, "a slot is refilled only after the step it held was read");
 #define RING_BYTES (STAGED ? WARPS * SLOTS * 1024 : 0)
+#define TABLE_BYTES (WIDE_TABLE ? 65536 : 32768)
 
 __device__ __forceinline__ float bf16_to_float(unsigned int bits) { return __uint_as_float(bits << 16); }
 
@@ -256,9 +258,14 @@ __device__ __forceinline__ unsigned int word_of(const uint4& v, int i) {
 extern __shared__ __align__(16) unsigned char smem[];      // the table first
 
 // one bf16 pair (the two weights of one packed byte) from the lane's own copy of the 256-entry table at the
-// start of shared memory: the byte (one PRMT), times 128 plus the lane's column (one IMAD), one load
+// start of shared memory: the byte (one PRMT), times 128 plus the lane's column (one IMAD), one load;
+// WIDE_TABLE: the byte times 256 plus the lane's column in one PRMT (lane4 < 256 fills the low byte)
 __device__ __forceinline__ unsigned int lut(unsigned int lane4, unsigned int w, int b) {
+#if WIDE_TABLE
+    return *(const unsigned int*)(smem + __byte_perm(w, lane4, 0x5504 + (b << 4)));
+#else
     return *(const unsigned int*)(smem + lane4 + (__byte_perm(w, 0, 0x4440 + b) << 7));
+#endif
 }
 
 struct Rows {                    // one A-fragment row of the tile: its weight, and where its blocks start
@@ -402,9 +409,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
     const uint4* p2, const void* a2, const float* nc2, const float* na2, const float* o2, const unsigned short* b2, int n2,
     int has_bias)
 {
-    unsigned char* table_bytes = smem;                                // [256][32] words: entry e, lane l at e*128 + l*4
-    uint4* ring = (uint4*)(smem + 32768);                             // STAGED: [WARPS][SLOTS][2][32] 16-byte words
-    float* partial = (float*)(smem + 32768 + RING_BYTES);             // [WARPS][16]
+    unsigned char* table_bytes = smem;      // [256][32] words: entry e, lane l at e*128 + l*4 (WIDE_TABLE: e*256 + l*4)
+    uint4* ring = (uint4*)(smem + TABLE_BYTES);                       // STAGED: [WARPS][SLOTS][2][32] 16-byte words
+    float* partial = (float*)(smem + TABLE_BYTES + RING_BYTES);       // [WARPS][16]
 #if NORM
     float* reduce = partial + WARPS * 16;                             // [WARPS]
     uint4* xs = (uint4*)(reduce + 32);                                // [K / 8] the normalized input
@@ -471,7 +478,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
     // time (filling an entry per lane put all 32 lanes' stores in one bank)
     for (int u = tid; u < 256 * 8; u += WARPS * 32) {
         const unsigned int v = __ldg(pairs + u / 8);
-        ((uint4*)table_bytes)[u] = make_uint4(v, v, v, v);
+        ((uint4*)table_bytes)[WIDE_TABLE ? (u / 8) * 16 + u % 8 : u] = make_uint4(v, v, v, v);
     }
 #if OVERLAP
     asm volatile("griddepcontrol.wait;" ::: "memory");                 // the kernel before: its output is x
@@ -722,17 +729,18 @@ class NF4Gemv:
 
 def mma_compiled(k: int, blocksize: int, nested_blocksize: int, nested: bool, warps: int, split: int, glu: bool,
                  norm: bool, residual: bool, l2_hint: bool, chunked_scales: bool, overlap: bool, ahead: int,
-                 staged: bool):
+                 staged: bool, slots: int, wide_table: bool):
     """The tensor-core kernel for these compile-time choices, compiled once per process and GPU."""
     import torch
 
     key = ("mma", k, blocksize, nested_blocksize, nested, warps, split, glu, norm, residual, l2_hint, chunked_scales,
-           overlap, ahead, staged, torch.cuda.current_device())
+           overlap, ahead, staged, slots, wide_table, torch.cuda.current_device())
     if key not in _COMPILED:
         options = [f"-DK={k}", f"-DBLOCKSIZE={blocksize}", f"-DNESTED_BLOCKSIZE={nested_blocksize}", f"-DNESTED={int(nested)}",
                    f"-DWARPS={warps}", f"-DSPLIT={split}", f"-DGLU={int(glu)}", f"-DNORM={int(norm)}",
                    f"-DRESIDUAL={int(residual)}", f"-DL2_HINT={int(l2_hint)}", f"-DCHUNKED_SCALES={int(chunked_scales)}",
-                   f"-DOVERLAP={int(overlap)}", f"-DAHEAD={ahead}", f"-DSTAGED={int(staged)}", "-std=c++17"]
+                   f"-DOVERLAP={int(overlap)}", f"-DAHEAD={ahead}", f"-DSTAGED={int(staged)}",
+                   f"-DSLOTS={slots}", f"-DWIDE_TABLE={int(wide_table)}", "-std=c++17"]
         _COMPILED[key] = compat.compile_kernel(MMA_SOURCE, "nf4_mma", options)
     return _COMPILED[key]
 
@@ -811,12 +819,11 @@ def mma_ahead(in_features: int, split: int, overlap: bool) -> int:
     return 2
 
 
-def mma_shared_bytes(in_features: int, warps: int, norm: bool, staged_steps: int = 0) -> int:
-    """A block's dynamic shared memory: the lookup table (32 KB), with `staged_steps` in flight a ring
-    of that many steps + 1 per warp (1 KB each), the warps' partial sums and, with `norm`, the
-    normalized input."""
-    ring = warps * (staged_steps + 1) * 1024 if staged_steps else 0
-    return 32768 + ring + warps * 64 + (128 + 2 * in_features if norm else 0)
+def mma_shared_bytes(in_features: int, warps: int, norm: bool, ring_slots: int = 0, wide_table: bool = False) -> int:
+    """A block's dynamic shared memory: the lookup table (32 KB, or 64 KB `wide`), a ring of
+    `ring_slots` steps per warp for staged loads (1 KB each), the warps' partial sums and, with
+    `norm`, the normalized input."""
+    return (65536 if wide_table else 32768) + warps * ring_slots * 1024 + warps * 64 + (128 + 2 * in_features if norm else 0)
 
 
 def mma_staged(in_features: int, split: int, staged_bytes: int, limit: int) -> bool:
@@ -847,13 +854,16 @@ class NF4Mma:
     later the launch overlaps the kernel before it (`overlap`): its blocks fill their table and
     issue their first `ahead` steps' weight loads while that kernel finishes, and read their input
     only after it has. With `staged`, the steps in flight land in shared memory (cp.async) instead of
-    registers (mma_staged: where a warp's rows are long). The other options are the measured defaults' overrides, for tests
+    registers (mma_staged: where a warp's rows are long), in a ring of `slots` steps (default ahead + 1).
+    `wide_table`: the lookups in a 64 KB table whose addresses take one instruction fewer (measurement
+    option: not yet measured against the default, bench/RESULTS.md). The other options are the measured defaults' overrides, for tests
     and benchmarks."""
 
     def __init__(self, weights: Sequence[NF4Weight], *, glu: bool = False, norm: "torch.Tensor | None" = None,
                  eps: float = 1e-6, residual: bool = False, warps: int | None = None, split: int | None = None,
                  l2_hint: bool | None = None, chunked_scales: bool | None = None, overlap: bool | None = None,
-                 ahead: int | None = None, staged: bool | None = None):
+                 ahead: int | None = None, staged: bool | None = None, slots: int | None = None,
+                 wide_table: bool = False):
         import torch
 
         if not mma_fits(weights, glu, norm):
@@ -881,17 +891,20 @@ class NF4Mma:
         if ahead not in (None, 1, 2, 4, 8):
             raise ValueError(f"a warp keeps 1, 2, 4 or 8 steps in flight, not {ahead}")
         self.ahead = ahead or mma_ahead(k, self.split, self.overlap)
+        if slots is not None and slots <= self.ahead:
+            raise ValueError(f"a ring of {slots} slots cannot hold {self.ahead} steps in flight and the one being read")
+        self.slots, self.wide_table = slots or self.ahead + 1, wide_table
         limit = compat.max_shared_memory(first.packed.device)
-        staged_bytes = mma_shared_bytes(k, self.warps, norm is not None, self.ahead)
+        staged_bytes = mma_shared_bytes(k, self.warps, norm is not None, self.slots, wide_table)
         self.staged = mma_staged(k, self.split, staged_bytes, limit) if staged is None else staged
-        self.shared = staged_bytes if self.staged else mma_shared_bytes(k, self.warps, norm is not None)
+        self.shared = staged_bytes if self.staged else mma_shared_bytes(k, self.warps, norm is not None, 0, wide_table)
         if self.shared > limit:
             raise ValueError(f"NF4Mma needs {self.shared:,} bytes of shared memory a block; this GPU has {limit:,}")
         self.kernel = mma_compiled(k, first.blocksize, max(first.nested_blocksize, 1), first.nested, self.warps, self.split,
                                    glu, norm is not None, residual,
                                    mma_l2_hint(k, self.split) if l2_hint is None else l2_hint,
                                    mma_chunked_scales(self.weights) if chunked_scales is None else chunked_scales,
-                                   self.overlap, self.ahead, self.staged)
+                                   self.overlap, self.ahead, self.staged, self.slots, wide_table)
         compat.reserve_shared_memory(self.kernel, self.shared)
         self.pairs = nf4_pairs(first.code)
         self.no_norm = torch.zeros(16, dtype=torch.int32, device=first.packed.device)      # the norm argument's stand-in
