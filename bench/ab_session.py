@@ -61,10 +61,15 @@ def one(side: str, quant: str, out: Path) -> None:
     out.write_text(json.dumps(cs.RESULTS, indent=2, default=str))
 
 
-def run(revision: str, rounds: int, quant: str, out: Path) -> None:
-    """`rounds` rounds of REV then the tree, each side in a process of its own; the comparison."""
+def exported(revision: str) -> str:
+    """`revision`, once `export` has put its runner_cuda under .ab."""
     if not (EXPORTS / revision / "backends" / "runner_cuda").is_dir():
         raise SystemExit(f"ab_session: no export of {revision} under .ab (run `export {revision}` where git is)")
+    return revision
+
+
+def run(revision: str, rounds: int, quant: str, out: Path) -> None:
+    """`rounds` rounds of REV then the tree, each side in a process of its own; the comparison."""
     out.mkdir(parents=True, exist_ok=True)
     best: dict = {}
     for round_ in range(1, rounds + 1):
@@ -125,11 +130,9 @@ def main() -> None:
     elif args.command == "run" and args.rehearse:
         if args.quant != "nf4":
             raise SystemExit("ab_session: --rehearse compares NF4 decoding")
-        if not (EXPORTS / args.revision / "backends" / "runner_cuda").is_dir():
-            raise SystemExit(f"ab_session: no export of {args.revision} under .ab (run `export {args.revision}` where git is)")
-        rehearse(args.revision, args.rehearse, args.rounds, args.out)
+        rehearse(exported(args.revision), args.rehearse, args.rounds, args.out)
     elif args.command == "run":
-        run(args.revision, args.rounds, args.quant, args.out)
+        run(exported(args.revision), args.rounds, args.quant, args.out)
     else:
         one(args.side, args.quant, args.out)
 

@@ -561,6 +561,18 @@ def graph_time_us(call, copies: int) -> float:
     return times[len(times) // 2]
 
 
+def nf4_layer(n: int, k: int):
+    """A bitsandbytes NF4 (double quant) Linear of random N(0, 0.02) weights, on the GPU."""
+    import bitsandbytes as bnb
+    import torch
+
+    dense = torch.nn.Linear(k, n, bias=False, dtype=torch.bfloat16, device="cuda")
+    torch.nn.init.normal_(dense.weight, std=0.02)
+    layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(dense.weight.data.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True)
+    return layer.cuda()
+
+
 def section_kernels() -> None:
     """runner's NF4 kernels against bitsandbytes' batch-1 kernel, per Llama-8B layer launch, timed
     inside CUDA graphs over enough copies of the weights that L2 (50-60 MB) cannot hold them: the
@@ -568,7 +580,6 @@ def section_kernels() -> None:
     adding into the residual, gate/up with the RMSNorm and SiLU x up inside), over its warps x split
     choices, and at its default shape launched one after another (not overlapping the launch before);
     the SIMT kernel (NF4Gemv) and bitsandbytes on the bare projections."""
-    import bitsandbytes as bnb
     import torch
 
     from runner_cuda.fast.nf4 import dequantize_reference, nf4_weight_of
@@ -576,13 +587,6 @@ def section_kernels() -> None:
 
     bandwidth = RESULTS["machine"]["copy_bandwidth_gb_s"] * 1e9
     choices = ((8, 8), (8, 4), (8, 2), (8, 1), (7, 1), (14, 1), (4, 4), (4, 1), (16, 16), (16, 8), (16, 4))
-
-    def nf4_layer(n, k):
-        dense = torch.nn.Linear(k, n, bias=False, dtype=torch.bfloat16, device="cuda")
-        torch.nn.init.normal_(dense.weight, std=0.02)
-        layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
-        layer.weight = bnb.nn.Params4bit(dense.weight.data.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True)
-        return layer.cuda()
 
     # (name, shapes, NF4Mma options)
     cases = [("qkv", ((4096, 4096), (1024, 4096), (1024, 4096)), "norm"), ("o", ((4096, 4096),), "residual"),

@@ -46,15 +46,9 @@ def named(text: str) -> tuple[str, str]:
 
 def nf4_weight(n: int, k: int):
     """Random N(0, 0.02) weights quantized by bitsandbytes (NF4, double quant), as runner reads them."""
-    import bitsandbytes as bnb
-    import torch
-
     from runner_cuda.fast.nf4 import nf4_weight_of
 
-    dense = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
-    layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
-    layer.weight = bnb.nn.Params4bit(dense.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True)
-    return nf4_weight_of(layer.cuda())
+    return nf4_weight_of(cs.nf4_layer(n, k))
 
 
 def launch_options(mode: str, k: int) -> dict:

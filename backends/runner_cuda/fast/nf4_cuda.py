@@ -749,7 +749,8 @@ def mma_fits(weights: Sequence[NF4Weight], glu: bool = False, norm=None, x_dtype
     """NF4Mma reads these weights: in_features a multiple of 128, quant blocks of a multiple of 64
     weights (nested blocks of 256), out_features a multiple of 16 (of 8 for gate/up with `glu`,
     which takes exactly two weights of one shape), one to three weights with the same input size,
-    blocks and bias, 16-byte aligned, bf16 inputs and bias, and a bf16 norm weight of in_features."""
+    blocks and bias, 16-byte aligned, bf16 inputs and bias, a bf16 norm weight of in_features, and a
+    block's shared memory at the default shape, unstaged, within the GPU's."""
     import torch
 
     first = weights[0]
@@ -768,6 +769,8 @@ def mma_fits(weights: Sequence[NF4Weight], glu: bool = False, norm=None, x_dtype
         and (x_dtype is None or x_dtype == torch.bfloat16)
         and (norm is None or (norm.dtype == torch.bfloat16 and norm.numel() == first.in_features
                               and norm.is_contiguous() and norm.data_ptr() % 16 == 0))
+        and (mma_shared_bytes(first.in_features, mma_shape(weights, glu)[0], norm is not None)
+             <= compat.max_shared_memory(first.packed.device))
     )
 
 
@@ -856,8 +859,8 @@ class NF4Mma:
     only after it has. With `staged`, the steps in flight land in shared memory (cp.async) instead of
     registers (mma_staged: where a warp's rows are long), in a ring of `slots` steps (default ahead + 1).
     `wide_table`: the lookups in a 64 KB table whose addresses take one instruction fewer (measurement
-    option: not yet measured against the default, bench/RESULTS.md). The other options are the measured defaults' overrides, for tests
-    and benchmarks."""
+    option: not yet measured against the default, bench/RESULTS.md). The other options are the
+    measured defaults' overrides, for tests and benchmarks."""
 
     def __init__(self, weights: Sequence[NF4Weight], *, glu: bool = False, norm: "torch.Tensor | None" = None,
                  eps: float = 1e-6, residual: bool = False, warps: int | None = None, split: int | None = None,
@@ -917,9 +920,6 @@ class NF4Mma:
                     eps: float = 1e-6, residual: bool = False, x_dtype=None) -> "NF4Mma | None":
         """The launch for these weights, or None where the kernel does not apply."""
         if not available() or not mma_fits(weights, glu, norm, x_dtype):
-            return None
-        warps, _ = mma_shape(weights, glu)
-        if mma_shared_bytes(weights[0].in_features, warps, norm is not None) > compat.max_shared_memory(weights[0].packed.device):
             return None
         return cls(weights, glu=glu, norm=norm, eps=eps, residual=residual)
 
