@@ -1196,23 +1196,25 @@ def section_gemv(checkpoint: Path) -> None:
 
 def section_rope() -> None:
     """A graphed NF4 and BF16 decode step (8B shape, random weights, position 1,024) with RoPE and
-    the cache write in one Triton launch (the default) against the two launches it replaced, same
-    process, graphs replayed back to back."""
-    from runner_cuda.fast.decoder import FastDecoder
+    the cache write in each of the decoder's places for them (ROPE_PLACES: the attention's launch,
+    the default; one launch of their own; torch's operations apart), same process, graphs replayed
+    back to back."""
+    from runner_cuda.fast.decoder import ROPE_PLACES, FastDecoder
 
     bandwidth = RESULTS["machine"]["copy_bandwidth_gb_s"] * 1e9
     for quant in ("nf4", "bf16"):
         model, _ = load(Path("."), quant)
         per_token = bytes_read_per_token(model)
         row = {}
-        for label, fused in (("one_launch", True), ("two_launches", False)):
-            decoder = FastDecoder(model, max_len=SESSION_CONTEXT, rope_in_write=fused)
+        for place in ROPE_PLACES:
+            decoder = FastDecoder(model, max_len=SESSION_CONTEXT, rope=place)
             decoder.prefill(prompt(1024))
-            row[f"{label}_us"] = min(graph_replay_us(decoder) for _ in range(3))
-            row[f"{label}_fraction_of_roofline"] = per_token / bandwidth / (row[f"{label}_us"] / 1e6)
+            row[f"{place}_us"] = min(graph_replay_us(decoder) for _ in range(3))
+            row[f"{place}_fraction_of_roofline"] = per_token / bandwidth / (row[f"{place}_us"] / 1e6)
             del decoder
             free()
-        record(f"rope in the write, {quant}", **row, speedup=row["two_launches_us"] / row["one_launch_us"])
+        record(f"rope, {quant}", **row, **{f"{place}_speedup": row[f"{place}_us"] / row[f"{ROPE_PLACES[0]}_us"]
+                                           for place in ROPE_PLACES[1:]})
         del model
         free()
 

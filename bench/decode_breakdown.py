@@ -3,7 +3,9 @@
     PYTHONPATH=src:backends python3 bench/decode_breakdown.py [--out DIR] [--position 1024]
 
 The step is captured with one kind of launch left out (each of the four NF4Mma launches of a layer by
-its job, the split-KV attention, its combine launch alone, RoPE with the KV write) and its graph is
+its job, the split-KV attention, its parts' combine alone (its launch, or the last part's work where the
+parts combine themselves), RoPE with the KV write (a launch of its own, or its part of the attention's
+where the decoder puts it there)) and its graph is
 replayed back to back at `--position`; the difference from the whole step is what that kind costs
 there, the overlaps between launches counted (on Hopper each launch overlaps the one before, so a
 profiler's per-kernel times count the overlaps twice). A step with a launch left out computes garbage:
@@ -51,14 +53,15 @@ def leaving_out(kinds: set):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
 
-    def attention(q, keys, values, position, span, scale, bits=None):
+    def attention(q, keys, values, position, span, scale, bits=None, rope=None, arrivals=None):
         if "attention" in kinds:
             return torch.empty_like(q)
+        rope = None if "rope" in kinds else rope          # RoPE and the KV write in the attention's launch
         if "combine" not in kinds:
-            return attend(q, keys, values, position, span, scale, bits)
-        combine, kv_kernels.combine = kv_kernels.combine, NoLaunch()
+            return attend(q, keys, values, position, span, scale, bits, rope, arrivals)
+        combine, kv_kernels.combine = kv_kernels.combine, NoLaunch()     # and no part combines (no arrivals)
         try:
-            return attend(q, keys, values, position, span, scale, bits)
+            return attend(q, keys, values, position, span, scale, bits, rope)
         finally:
             kv_kernels.combine = combine
 

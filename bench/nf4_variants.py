@@ -1,6 +1,6 @@
 """NF4Mma's compile-time choices tried on the 8B shape, in one process on one GPU.
 
-    PYTHONPATH=src:backends python3 bench/nf4_variants.py launches [--case gate_up ...] \\
+    PYTHONPATH=src:backends python3 bench/nf4_variants.py launches [--case gate_up ...] [--model 70b] \\
         --variant st4=staged=True,ahead=4 --variant w28=warps=28,split=2
     PYTHONPATH=src:backends python3 bench/nf4_variants.py session \\
         --policy registers="gate_up:staged=False;down:staged=False" [--policy ...]
@@ -31,6 +31,9 @@ import cuda_speed as cs          # noqa: E402  (puts src and backends on sys.pat
 # a layer's launches: (weights' (out, in) shapes, NF4Mma mode)
 CASES = {"qkv": (((4096, 4096), (1024, 4096), (1024, 4096)), "norm"), "o": (((4096, 4096),), "residual"),
          "gate_up": (((14336, 4096), (14336, 4096)), "glu"), "down": (((4096, 14336),), "residual")}
+# `launches --model 70b`: the 70B's
+CASES_70B = {"qkv": (((8192, 8192), (1024, 8192), (1024, 8192)), "norm"), "o": (((8192, 8192),), "residual"),
+             "gate_up": (((28672, 8192), (28672, 8192)), "glu"), "down": (((8192, 28672),), "residual")}
 
 
 def options(text: str) -> dict:
@@ -59,14 +62,14 @@ def launch_options(mode: str, k: int) -> dict:
             "glu": dict(glu=True, norm=norm, eps=1e-5)}[mode]
 
 
-def time_launches(case: str, variants: list[tuple[str, dict]], bandwidth: float) -> dict:
+def time_launches(case: str, variants: list[tuple[str, dict]], bandwidth: float, cases: dict = CASES) -> dict:
     """µs of one launch of `case` per variant (CUDA graphs over copies of its weights), and whether
     its output is the default's, bit for bit."""
     import torch
 
     from runner_cuda.fast.nf4_cuda import NF4Mma
 
-    shapes, mode = CASES[case]
+    shapes, mode = cases[case]
     k = shapes[0][1]
     copies = max(2, min(8, int(200e6 // sum(n * k // 2 for n, k in shapes))))
     weights = [[nf4_weight(n, k) for n, k in shapes] for _ in range(copies)]
@@ -88,7 +91,8 @@ def time_launches(case: str, variants: list[tuple[str, dict]], bandwidth: float)
         us = cs.graph_time_us(run, copies)
         first = calls[0]
         rows[name] = dict(us=us, of_copy_bandwidth=nbytes / (us / 1e6) / bandwidth, shape=(first.warps, first.split),
-                          ahead=first.ahead, staged=first.staged, shared_bytes=first.shared,
+                          ahead=first.ahead, staged=first.staged, slots=first.slots, wide_table=first.wide_table,
+                          shared_bytes=first.shared,
                           same_bits_as_base=bool(torch.equal(out, reference)))
         cs.log(case, name, json.dumps(rows[name]))
     del weights
@@ -188,6 +192,7 @@ def main() -> None:
     parser.add_argument("what", choices=("launches", "session", "ncu"))
     parser.add_argument("--case", action="append", choices=tuple(CASES), help="launches: these only (default: all four)")
     parser.add_argument("--variant", action="append", default=[], help="launches: NAME=OPTIONS")
+    parser.add_argument("--model", choices=("8b", "70b"), default="8b", help="launches: these shapes")
     parser.add_argument("--policy", action="append", default=[], help="session: NAME=CASE:OPTIONS;CASE:OPTIONS")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
     args = parser.parse_args()
@@ -200,7 +205,7 @@ def main() -> None:
     if args.what == "launches":
         variants = [(name, options(text)) for name, text in map(named, args.variant)]
         for case in args.case or CASES:
-            results[case] = time_launches(case, variants, bandwidth)
+            results[case] = time_launches(case, variants, bandwidth, CASES_70B if args.model == "70b" else CASES)
     else:
         policies = [(name, policy(text)) for name, text in map(named, args.policy)]
         results["session"] = session_rates(policies, bandwidth)

@@ -106,3 +106,36 @@ def check_rope_and_write(device: str, dtype, heads: int = 32, kv_heads: int = 8,
         for tensor, old in zip(layer.tensors, before):
             assert torch.equal(tensor[:, :position], old[:, :position])
             assert torch.equal(tensor[:, position + 1:], old[:, position + 1:])
+
+
+def check_attention_with_rope(device: str, heads: int = 32, kv_heads: int = 8, dim: int = 128, capacity: int = 333):
+    """A PlainLayer's attend with `rope` (q and k as projected; the parts combined in the attention's
+    launch) against the decoder's RoPE, write_at and decode_attention over the rotated q with its
+    combine launch, bit for bit: the output and the whole cache; the arrival counts back to zero."""
+    import torch
+
+    from runner_cuda.fast.attention import decode_attention
+    from runner_cuda.fast.decoder import _rope
+    from runner_cuda.fast.static_cache import PlainLayer
+
+    generator = torch.Generator(device=device).manual_seed(dim + 1)
+    mine, theirs = (PlainLayer(kv_heads, capacity, dim, torch.bfloat16, device) for _ in range(2))
+    for a, b in zip(mine.tensors, theirs.tensors):
+        a.copy_(torch.randn(a.shape, generator=generator, device=device))
+        b.copy_(a)
+    angles = torch.rand(capacity, dim // 2, generator=generator, device=device) * 6.3
+    cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(torch.bfloat16) for f in (torch.cos, torch.sin))
+    rep, scale = heads // kv_heads, dim**-0.5
+    for position, span in ((0, 64), (7, 64), (200, 256), (capacity - 1, capacity)):
+        qkv = (torch.randn(1, (heads + 2 * kv_heads) * dim, generator=generator, device=device) * 2).to(torch.bfloat16)
+        q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+        c, s = cos[position:position + 1], sin[position:position + 1]
+        at = torch.tensor([position], device=device)
+        rotated_q, rotated_k = _rope(q.view(heads, dim), c, s), _rope(k.view(kv_heads, dim), c, s)
+        theirs.write_at(at, rotated_k[:, None], v.view(kv_heads, 1, dim))
+        expected = decode_attention(rotated_q.view(kv_heads, rep, dim), theirs.keys, theirs.values, at, span, scale)
+        got = mine.attend(q.view(kv_heads, rep, dim), at, span, scale, (k, v, c, s))
+        assert torch.equal(got, expected)
+        assert not mine.arrivals.any()
+        for a, b in zip(mine.tensors, theirs.tensors):
+            assert torch.equal(a, b)

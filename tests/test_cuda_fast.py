@@ -73,6 +73,24 @@ def test_mma_stages_its_loads_where_the_rows_are_long_and_the_ring_fits():
     assert mma_staged(16384, 4, gate_up_405b, h200) and not mma_staged(16384, 4, gate_up_405b, rtx4090)
 
 
+def test_nf4_mma_staging_defaults_to_the_wide_table_where_it_fits():
+    """A staged warp's ring holds 4 steps at 2 ahead, else one more than it has in flight; the 64 KB table comes
+    with staging where the block's shared memory still fits: the 8B's gate/up on an H200 (132 KB
+    of 227); on a 99 KB GPU staged with the 32 KB table (83 KB); unstaged launches keep 32 KB."""
+    from runner_cuda.fast.nf4_cuda import mma_slots, mma_staging
+
+    assert [mma_slots(ahead) for ahead in (1, 2, 4, 8)] == [2, 4, 5, 9]
+    h200, rtx4090 = 227 * 1024, 99 * 1024
+    gate_up_8b = dict(in_features=4096, warps=14, split=1, norm=True, slots=4)
+    assert mma_staging(**gate_up_8b, limit=h200, staged=None, wide_table=None) == (True, True)
+    assert mma_staging(**gate_up_8b, limit=rtx4090, staged=None, wide_table=None) == (True, False)
+    assert mma_staging(**gate_up_8b, limit=h200, staged=None, wide_table=False) == (True, False)
+    assert mma_staging(**gate_up_8b, limit=h200, staged=False, wide_table=None) == (False, False)
+    qkv_8b = dict(in_features=4096, warps=8, split=8, norm=True, slots=8)         # 4 steps a warp
+    assert mma_staging(**qkv_8b, limit=h200, staged=None, wide_table=None) == (False, False)
+    assert mma_staging(**qkv_8b, limit=h200, staged=None, wide_table=True) == (False, True)
+
+
 def _prompt(count, vocab, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (count,), generator=generator).tolist()

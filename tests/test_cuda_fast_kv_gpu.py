@@ -198,6 +198,15 @@ def test_rope_and_write_is_rope_then_write_at_bit_for_bit():
     check_rope_and_write("cuda", torch.bfloat16)
 
 
+def test_attention_with_rope_is_rope_write_then_attention_bit_for_bit():
+    """Compiled, at the 8B's shape: the step's own position from the rotated k held in registers,
+    the cache row it wrote equal to write_at's."""
+    from fast_kv_helpers import check_attention_with_rope
+
+    check_attention_with_rope("cuda")
+    check_attention_with_rope("cuda", heads=8, kv_heads=2, dim=64, capacity=1500)
+
+
 def test_overlapping_attention_kernels_give_the_same_logits(monkeypatch):
     """RoPE with the cache write, the split-KV attention and its combine, launched to overlap the
     kernel before them (Hopper; compat.overlapping_launches), give the graphed steps' logits bit for bit as
@@ -210,7 +219,7 @@ def test_overlapping_attention_kernels_give_the_same_logits(monkeypatch):
     model = llama(torch.bfloat16)
     ids = prompt(200, model.config.vocab_size)
     overlapping = decoder(model, None)
-    assert overlapping.use_graphs and overlapping.split_kv and overlapping.rope_in_write
+    assert overlapping.use_graphs and overlapping.split_kv and overlapping.rope == "attention"
     expected, tokens = fast_greedy(overlapping, ids, 64)
     monkeypatch.setattr(compat, "overlapping_launches", lambda device: False)     # (no NF4 kernels in this model)
     got = teacher_forced(decoder(model, None), ids, tokens + [0])

@@ -61,6 +61,8 @@ FIRST_BUCKET = 256
 # projection types whose forward runs inside a CUDA graph (no host synchronisation): plain
 # Linear and bitsandbytes' 4-bit Linear; LLM.int8 and FP8 layers keep the ordinary loop
 GRAPH_SAFE_LINEARS = ("Linear", "Linear4bit", "LinearNF4", "LinearFP4")
+# where a step's RoPE and cache write run: in the split-KV attention's launch, in one of their own, apart
+ROPE_PLACES = ("attention", "write", "apart")
 # The NF4 decode GEMV (LoadRequest.kernel, `--kernel`). "cuda" (default): nf4_cuda.NF4Mma, runner's
 # tensor-core kernel with each layer's RMSNorms, residual adds and SiLU x up inside it, where it takes
 # every projection (else "cuda-simt"); "cuda-simt": nf4_cuda.NF4Gemv, float32 products, q/k/v and
@@ -96,7 +98,7 @@ class FastDecoder:
     def __init__(self, model, max_len: int, *, use_graphs: bool | None = None, nf4_kernel: str | None = None,
                  compile_ops: bool | None = None, fuse_dense: bool | None = None, prefill_chunk: int = PREFILL_CHUNK,
                  split_at: Sequence[int] = (), split_kv: bool | None = None, kv_bits: int | None = None,
-                 gemv: bool | None = None, rope_in_write: bool | None = None):
+                 gemv: bool | None = None, rope: str | None = None):
         import torch
 
         from runner.budget import KV_BITS, KV_GROUP_SIZE
@@ -137,10 +139,13 @@ class FastDecoder:
         if split_kv is None:
             split_kv = on_cuda and self.dtype in (torch.bfloat16, torch.float16) and attention_takes(self.head_dim)
         self.split_kv = split_kv
-        # with the split-KV kernels (Triton) and a plain bf16 cache, a step's RoPE and cache write are one
-        # launch (kv_kernels.rope_and_write); rope_in_write=False keeps the two (bench ablation)
-        self.rope_in_write = (split_kv and kv_bits is None and self.dtype == torch.bfloat16
-                              and rope_in_write is not False)
+        # where a step's RoPE and cache write run (ROPE_PLACES): with the split-KV kernels (Triton) and a
+        # plain bf16 cache, in the attention's launch; the others for bench ablations
+        fits = split_kv and kv_bits is None and self.dtype == torch.bfloat16
+        self.rope = rope or ("attention" if fits else "apart")
+        if self.rope not in ROPE_PLACES or (self.rope != "apart" and not fits):
+            raise ValueError(f"rope {self.rope!r}: one of {', '.join(ROPE_PLACES)}, the first two with split-KV "
+                             "attention over a plain bf16 cache")
         # NF4 decode GEMV: bitsandbytes' own batch-1 kernel (it reads the packed weights and the
         # double-quant state itself), or the Triton kernel of nf4.py in one of its modes
         self.nf4_kernel = nf4_kernel or "cuda"
@@ -397,7 +402,7 @@ class FastDecoder:
 
         segment = segment or self.segments[0]
         ops = self.ops
-        if self.rope_in_write:
+        if self.rope == "write":
             from runner_cuda.fast.kv_kernels import rope_and_write
         tables = self.tables[segment.device]
         cos = tables.cos.index_select(0, tables.position)                 # [1, head_dim]
@@ -421,15 +426,16 @@ class FastDecoder:
                 q, k, v = self.nf4[index]["qkv"](x).split([q_size, kv_size, kv_size], dim=-1)
             else:
                 q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-            if self.rope_in_write:     # one launch: RoPE on q and k, k and v into the cache
+            if self.rope == "write":     # one launch: RoPE on q and k, k and v into the cache
                 q = rope_and_write(q, k, v, cos, sin, cache.keys, cache.values, tables.position)
-            else:
+            elif self.rope == "apart":
                 q, k = ops.rope(q.view(self.heads, self.head_dim), k.view(self.kv_heads, self.head_dim), cos, sin)
                 cache.write_at(tables.position, k[:, None], v.view(self.kv_heads, 1, self.head_dim))
             # grouped-query attention as `rep` queries per KV head: no K/V repeat
             if self.split_kv:           # reads a quantized cache as stored (no dequantized copy)
+                rope = (k, v, cos, sin) if self.rope == "attention" else None     # RoPE and the write in its launch
                 out = cache.attend(q.reshape(self.kv_heads, rep, self.head_dim), tables.position, span,
-                                   self.scaling).view(1, self.heads * self.head_dim)
+                                   self.scaling, rope).view(1, self.heads * self.head_dim)
             else:
                 keys, values = cache.read(span)
                 out = torch.nn.functional.scaled_dot_product_attention(

@@ -55,26 +55,44 @@ def load_block(c_ptr, s_ptr, b_ptr, head, positions, visible, capacity,
 
 @triton.jit
 def part(q_ptr, k_ptr, v_ptr, ks_ptr, kb_ptr, vs_ptr, vb_ptr, position_ptr, out_ptr, max_ptr, sum_ptr, capacity, scale,
+         new_k_ptr, new_v_ptr, cos_ptr, sin_ptr, arrivals_ptr, result_ptr,
          REP: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
-         BITS: tl.constexpr, GROUP: tl.constexpr, PDL: tl.constexpr):
+         BITS: tl.constexpr, GROUP: tl.constexpr, ROPE: tl.constexpr, SPLITS: tl.constexpr, FOLD: tl.constexpr,
+         PDL: tl.constexpr):
     """One part (CHUNK positions) of one KV head: its running maximum, sum of exponentials and
-    weighted sum of values, for the combine kernel."""
+    weighted sum of values, for the combine kernel. With ROPE (a plain cache), q is the step's as
+    projected: RoPE on it here, and on the step's new k, which with its v the part holding the
+    position writes into the cache (what rope_write does) and uses for that position. With FOLD, no
+    combine launch: the head's last part to finish (a count per head, arrivals_ptr, back to 0 after)
+    combines the head's parts into result_ptr."""
     wait_for_input(PDL)
     head = tl.program_id(0)
     split = tl.program_id(1)
-    splits = tl.num_programs(1)
     position = tl.load(position_ptr)
     rows = tl.arange(0, ROWS)
     dims = tl.arange(0, DIM)
-    q = tl.load(q_ptr + (head * REP + rows)[:, None] * DIM + dims[None, :], mask=(rows < REP)[:, None], other=0.0)
+    start = split * CHUNK
+    if ROPE:
+        cos = tl.load(cos_ptr + dims).to(tl.float32)
+        sin = tl.load(sin_ptr + dims).to(tl.float32)
+        q = rotate(q_ptr, (head * REP + rows)[:, None] * DIM, cos, sin, dims[None, :], (rows < REP)[:, None], DIM)
+        q = q.to(q_ptr.dtype.element_ty)
+        new_k = rotate(new_k_ptr, head * DIM, cos, sin, dims, dims < DIM, DIM).to(k_ptr.dtype.element_ty)
+        new_v = tl.load(new_v_ptr + head * DIM + dims)
+        if (position >= start) & (position < start + CHUNK):
+            tl.store(k_ptr + (head * capacity + position) * DIM + dims, new_k)
+            tl.store(v_ptr + (head * capacity + position) * DIM + dims, new_v)
+    else:
+        q = tl.load(q_ptr + (head * REP + rows)[:, None] * DIM + dims[None, :], mask=(rows < REP)[:, None], other=0.0)
     best = tl.full([ROWS], float("-inf"), tl.float32)
     total = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, DIM], tl.float32)
-    start = split * CHUNK
     for offset in range(0, CHUNK, BLOCK):
         positions = start + offset + tl.arange(0, BLOCK)
         visible = positions <= position
         k = load_block(k_ptr, ks_ptr, kb_ptr, head, positions, visible, capacity, DIM, BITS, GROUP)
+        if ROPE:          # the step's own position: its k as rotated here (its store may not be visible yet)
+            k = tl.where((positions == position)[:, None], new_k[None, :], k)
         scores = tl.dot(q, tl.trans(k)) * scale
         scores = tl.where(visible[None, :], scores, float("-inf"))
         new_best = tl.maximum(best, tl.max(scores, 1))
@@ -83,12 +101,20 @@ def part(q_ptr, k_ptr, v_ptr, ks_ptr, kb_ptr, vs_ptr, vb_ptr, position_ptr, out_
         shrink = tl.exp(best - safe)
         total = total * shrink + tl.sum(weights, 1)
         v = load_block(v_ptr, vs_ptr, vb_ptr, head, positions, visible, capacity, DIM, BITS, GROUP)
+        if ROPE:
+            v = tl.where((positions == position)[:, None], new_v[None, :], v)
         acc = acc * shrink[:, None] + tl.dot(weights.to(v.dtype), v)
         best = new_best
-    slot = head * splits + split
+    slot = head * SPLITS + split
     tl.store(out_ptr + (slot * ROWS + rows)[:, None] * DIM + dims[None, :], acc)
     tl.store(max_ptr + slot * ROWS + rows, best)
     tl.store(sum_ptr + slot * ROWS + rows, total)
+    if FOLD:
+        tl.debug_barrier()             # every thread's stores before the count's release (as CUTLASS's semaphore)
+        if tl.atomic_add(arrivals_ptr + head, 1, sem="acq_rel") == SPLITS - 1:
+            tl.store(arrivals_ptr + head, 0)        # all arrived: ready for the next step
+            for row in range(REP):
+                combine_row(out_ptr, max_ptr, sum_ptr, result_ptr, head, row, REP, ROWS, DIM, SPLITS)
 
 
 @triton.jit
@@ -96,16 +122,22 @@ def combine(out_ptr, max_ptr, sum_ptr, result_ptr, REP: tl.constexpr, ROWS: tl.c
             SPLITS: tl.constexpr, PDL: tl.constexpr):
     """The parts of one query head's attention combined: its output row."""
     wait_for_input(PDL)
-    head = tl.program_id(0)
-    row = tl.program_id(1)
+    combine_row(out_ptr, max_ptr, sum_ptr, result_ptr, tl.program_id(0), tl.program_id(1), REP, ROWS, DIM, SPLITS)
+
+
+@triton.jit
+def combine_row(out_ptr, max_ptr, sum_ptr, result_ptr, head, row, REP: tl.constexpr, ROWS: tl.constexpr,
+                DIM: tl.constexpr, SPLITS: tl.constexpr):
+    """Query head head * REP + row's output from its KV head's parts (read from L2: another SM's
+    part may have written them in this launch)."""
     parts = tl.arange(0, SPLITS)
     dims = tl.arange(0, DIM)
     slots = head * SPLITS + parts
-    best = tl.load(max_ptr + slots * ROWS + row)
+    best = tl.load(max_ptr + slots * ROWS + row, cache_modifier=".cg")
     overall = tl.max(best, 0)
     scale = tl.where(best == float("-inf"), 0.0, tl.exp(best - overall))
-    total = tl.sum(tl.load(sum_ptr + slots * ROWS + row) * scale, 0)
-    acc = tl.load(out_ptr + (slots * ROWS + row)[:, None] * DIM + dims[None, :])
+    total = tl.sum(tl.load(sum_ptr + slots * ROWS + row, cache_modifier=".cg") * scale, 0)
+    acc = tl.load(out_ptr + (slots * ROWS + row)[:, None] * DIM + dims[None, :], cache_modifier=".cg")
     value = tl.sum(acc * scale[:, None], 0) / total
     tl.store(result_ptr + (head * REP + row) * DIM + dims, value.to(result_ptr.dtype.element_ty))
 
@@ -166,14 +198,14 @@ def round_bf16(x):
 
 
 @triton.jit
-def rotate(x_ptr, row, cos, sin, dims, DIM: tl.constexpr):
-    """RoPE of one head's row as transformers' Llama applies it in bf16: x * cos and
-    rotate_half(x) * sin each rounded to bf16, then their sum (float32 products and sum, as torch's
-    bf16 operations compute and round them); float32 holding bf16 values, so the store's conversion
-    is exact (the interpreter's truncates)."""
+def rotate(x_ptr, at, cos, sin, dims, mask, DIM: tl.constexpr):
+    """RoPE of heads' rows (starting at offsets `at`; zeros where not `mask`) as transformers' Llama
+    applies it in bf16: x * cos and rotate_half(x) * sin each rounded to bf16, then their sum
+    (float32 products and sum, as torch's bf16 operations compute and round them); float32 holding
+    bf16 values, so the store's conversion is exact (the interpreter's truncates)."""
     HALF: tl.constexpr = DIM // 2
-    x = tl.load(x_ptr + row * DIM + dims).to(tl.float32)
-    partner = tl.load(x_ptr + row * DIM + (dims + HALF) % DIM).to(tl.float32)
+    x = tl.load(x_ptr + at + dims, mask=mask, other=0.0).to(tl.float32)
+    partner = tl.load(x_ptr + at + (dims + HALF) % DIM, mask=mask, other=0.0).to(tl.float32)
     rotated = tl.where(dims < HALF, -partner, partner)
     return round_bf16(round_bf16(x * cos) + round_bf16(rotated * sin))
 
@@ -190,10 +222,10 @@ def rope_write(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, keys_ptr, value
     cos = tl.load(cos_ptr + dims).to(tl.float32)
     sin = tl.load(sin_ptr + dims).to(tl.float32)
     if head < HEADS:
-        tl.store(q_out_ptr + head * DIM + dims, rotate(q_ptr, head, cos, sin, dims, DIM))
+        tl.store(q_out_ptr + head * DIM + dims, rotate(q_ptr, head * DIM, cos, sin, dims, dims < DIM, DIM))
     elif head < HEADS + KV_HEADS:
         kv = head - HEADS
-        tl.store(keys_ptr + (kv * capacity + position) * DIM + dims, rotate(k_ptr, kv, cos, sin, dims, DIM))
+        tl.store(keys_ptr + (kv * capacity + position) * DIM + dims, rotate(k_ptr, kv * DIM, cos, sin, dims, dims < DIM, DIM))
     else:
         kv = head - HEADS - KV_HEADS
         tl.store(values_ptr + (kv * capacity + position) * DIM + dims, tl.load(v_ptr + kv * DIM + dims))

@@ -829,6 +829,29 @@ def mma_shared_bytes(in_features: int, warps: int, norm: bool, ring_slots: int =
     return (65536 if wide_table else 32768) + warps * ring_slots * 1024 + warps * 64 + (128 + 2 * in_features if norm else 0)
 
 
+def mma_slots(ahead: int) -> int:
+    """A staged warp's ring: its `ahead` steps in flight and the one being read, but 4 for 2 ahead (a
+    power of two makes the unrolled loop's slots constants: with the wide table, the 8B's staged
+    gate/up and down were faster at 4 than at 3, bench/RESULTS.md)."""
+    return 4 if ahead == 2 else ahead + 1
+
+
+def mma_staging(in_features: int, warps: int, split: int, norm: bool, slots: int, limit: int,
+                staged: bool | None, wide_table: bool | None) -> tuple[bool, bool]:
+    """(staged, wide_table), each at its default where None: staged where mma_staged says so with
+    either table; the wide table where staged and the block's shared memory still fits `limit`
+    (faster for the 8B's staged gate/up and down on an H200, bench/RESULTS.md)."""
+    def fits(wide: bool) -> bool:
+        return mma_shared_bytes(in_features, warps, norm, slots, wide) <= limit
+
+    if staged is None:
+        staged = any(mma_staged(in_features, split, mma_shared_bytes(in_features, warps, norm, slots, wide), limit)
+                     for wide in ([True, False] if wide_table is None else [wide_table]))
+    if wide_table is None:
+        wide_table = staged and fits(True)
+    return staged, wide_table
+
+
 def mma_staged(in_features: int, split: int, staged_bytes: int, limit: int) -> bool:
     """Whether a warp's steps in flight are copied into shared memory (cp.async) rather than loaded
     into registers: where it goes on along its rows for more than 8 steps of 128 and the ring fits the
@@ -857,16 +880,15 @@ class NF4Mma:
     later the launch overlaps the kernel before it (`overlap`): its blocks fill their table and
     issue their first `ahead` steps' weight loads while that kernel finishes, and read their input
     only after it has. With `staged`, the steps in flight land in shared memory (cp.async) instead of
-    registers (mma_staged: where a warp's rows are long), in a ring of `slots` steps (default ahead + 1).
-    `wide_table`: the lookups in a 64 KB table whose addresses take one instruction fewer (measurement
-    option: not yet measured against the default, bench/RESULTS.md). The other options are the
-    measured defaults' overrides, for tests and benchmarks."""
+    registers (mma_staged: where a warp's rows are long), in a ring of `slots` steps (mma_slots).
+    `wide_table`: the lookups in a 64 KB table whose addresses take one instruction fewer (default: where
+    staged). The other options are the measured defaults' overrides, for tests and benchmarks."""
 
     def __init__(self, weights: Sequence[NF4Weight], *, glu: bool = False, norm: "torch.Tensor | None" = None,
                  eps: float = 1e-6, residual: bool = False, warps: int | None = None, split: int | None = None,
                  l2_hint: bool | None = None, chunked_scales: bool | None = None, overlap: bool | None = None,
                  ahead: int | None = None, staged: bool | None = None, slots: int | None = None,
-                 wide_table: bool = False):
+                 wide_table: bool | None = None):
         import torch
 
         if not mma_fits(weights, glu, norm):
@@ -896,18 +918,18 @@ class NF4Mma:
         self.ahead = ahead or mma_ahead(k, self.split, self.overlap)
         if slots is not None and slots <= self.ahead:
             raise ValueError(f"a ring of {slots} slots cannot hold {self.ahead} steps in flight and the one being read")
-        self.slots, self.wide_table = slots or self.ahead + 1, wide_table
+        self.slots = slots or mma_slots(self.ahead)
         limit = compat.max_shared_memory(first.packed.device)
-        staged_bytes = mma_shared_bytes(k, self.warps, norm is not None, self.slots, wide_table)
-        self.staged = mma_staged(k, self.split, staged_bytes, limit) if staged is None else staged
-        self.shared = staged_bytes if self.staged else mma_shared_bytes(k, self.warps, norm is not None, 0, wide_table)
+        self.staged, self.wide_table = mma_staging(k, self.warps, self.split, norm is not None, self.slots, limit,
+                                                   staged, wide_table)
+        self.shared = mma_shared_bytes(k, self.warps, norm is not None, self.slots if self.staged else 0, self.wide_table)
         if self.shared > limit:
             raise ValueError(f"NF4Mma needs {self.shared:,} bytes of shared memory a block; this GPU has {limit:,}")
         self.kernel = mma_compiled(k, first.blocksize, max(first.nested_blocksize, 1), first.nested, self.warps, self.split,
                                    glu, norm is not None, residual,
                                    mma_l2_hint(k, self.split) if l2_hint is None else l2_hint,
                                    mma_chunked_scales(self.weights) if chunked_scales is None else chunked_scales,
-                                   self.overlap, self.ahead, self.staged, self.slots, wide_table)
+                                   self.overlap, self.ahead, self.staged, self.slots, self.wide_table)
         compat.reserve_shared_memory(self.kernel, self.shared)
         self.pairs = nf4_pairs(first.code)
         self.no_norm = torch.zeros(16, dtype=torch.int32, device=first.packed.device)      # the norm argument's stand-in
