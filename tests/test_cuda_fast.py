@@ -74,12 +74,14 @@ def test_mma_stages_its_loads_where_the_rows_are_long_and_the_ring_fits():
 
 
 def test_nf4_mma_staging_defaults_to_the_wide_table_where_it_fits():
-    """A staged warp's ring holds 4 steps at 2 ahead, else one more than it has in flight; the 64 KB table comes
+    """A staged warp's ring holds one more step than it has in flight, but 4 at 2 ahead for gate/up and
+    8-warp blocks (as measured on an H200); the 64 KB table comes
     with staging where the block's shared memory still fits: the 8B's gate/up on an H200 (132 KB
     of 227); on a 99 KB GPU staged with the 32 KB table (83 KB); unstaged launches keep 32 KB."""
     from runner_cuda.fast.nf4_cuda import mma_slots, mma_staging
 
-    assert [mma_slots(ahead) for ahead in (1, 2, 4, 8)] == [2, 4, 5, 9]
+    assert [mma_slots(ahead, glu=False, warps=16) for ahead in (1, 2, 4, 8)] == [2, 3, 5, 9]
+    assert mma_slots(2, glu=True, warps=14) == mma_slots(2, glu=True, warps=16) == mma_slots(2, glu=False, warps=8) == 4
     h200, rtx4090 = 227 * 1024, 99 * 1024
     gate_up_8b = dict(in_features=4096, warps=14, split=1, norm=True, slots=4)
     assert mma_staging(**gate_up_8b, limit=h200, staged=None, wide_table=None) == (True, True)

@@ -190,17 +190,11 @@ def test_quantized_write_is_quantize_bit_for_bit(kv_bits):
             assert torch.equal(part[:, :position], old[:, :position]) and torch.equal(part[:, position + 1:], old[:, position + 1:])
 
 
-def test_rope_and_write_is_rope_then_write_at_bit_for_bit():
-    """The compiled kernel as the GPU runs it (the CPU test runs it interpreted): a float32 -> bf16
-    -> float32 round trip written with `.to()` was dropped by the compiler there, not here."""
-    from fast_kv_helpers import check_rope_and_write
-
-    check_rope_and_write("cuda", torch.bfloat16)
-
-
 def test_attention_with_rope_is_rope_write_then_attention_bit_for_bit():
-    """Compiled, at the 8B's shape: the step's own position from the rotated k held in registers,
-    the cache row it wrote equal to write_at's."""
+    """Compiled, at the 8B's shape (the CPU test runs it interpreted: a float32 -> bf16 -> float32
+    round trip written with `.to()` was dropped by the GPU's compiler, not the interpreter): the
+    step's own position from the rotated k held in registers, the cache row it wrote equal to
+    write_at's."""
     from fast_kv_helpers import check_attention_with_rope
 
     check_attention_with_rope("cuda")

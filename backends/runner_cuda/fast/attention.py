@@ -51,17 +51,16 @@ def splits_for(span: int, block: int, most: int) -> int:
 
 
 def decode_attention(q: "torch.Tensor", keys, values, position: "torch.Tensor", span: int, scale: float,
-                     bits: int | None = None, rope: "tuple | None" = None,
-                     arrivals: "torch.Tensor | None" = None) -> "torch.Tensor":
+                     bits: int | None = None, rope: "tuple | None" = None) -> "torch.Tensor":
     """Attention of one step's queries q [kv_heads, rep, head_dim] (query head g * rep + r reads
     KV head g) over the first `span` positions of keys and values [kv_heads, capacity, head_dim]
     (with `bits`, each the codes, scales and biases of static_cache.QuantizedLayer), those after
     `position` ([1] int64 on the device) masked; [kv_heads, rep, head_dim] in q's dtype.
     `rope` (k, v, cos, sin), a plain bf16 cache: q and the step's k [kv_heads * head_dim] as
     projected, cos and sin [head_dim] at the position; RoPE on q and k and the write of k and v at
-    `position` done by the attention's launch (what kv_kernels.rope_and_write does, to the bit).
-    `arrivals` (int32 [kv_heads], zeros; left zero after): no combine launch, each head's last part
-    combines its parts (the same numbers)."""
+    `position` done by the attention's launch (what the decoder's _rope and PlainLayer.write_at do,
+    to the bit: bf16 only, as in float32 the GPU's compiler fuses x * cos + rotated * sin into one
+    FMA, which eager torch rounds twice)."""
     import torch
 
     kv_heads, rep, dim = q.shape
@@ -92,15 +91,12 @@ def decode_attention(q: "torch.Tensor", keys, values, position: "torch.Tensor", 
     from runner_cuda.fast.kv_kernels import combine, part
 
     pdl = compat.overlapping_launches(q.device)
-    if arrivals is not None and (arrivals.shape != (kv_heads,) or arrivals.dtype != torch.int32):
-        raise ValueError(f"decode_attention counts arrivals in int32 [{kv_heads}], not {arrivals.dtype} {tuple(arrivals.shape)}")
     new_k, new_v, cos, sin = (t.contiguous() for t in rope) if rope is not None else (q, q, q, q)    # read with ROPE only
     part[(kv_heads, splits)](q, *codes, scales[0], biases[0], scales[1], biases[1], position, out, best, total,
-                             capacity, scale, new_k, new_v, cos, sin, arrivals if arrivals is not None else best, result,
+                             capacity, scale, new_k, new_v, cos, sin,
                              REP=rep, ROWS=rows, DIM=dim, BLOCK=block, CHUNK=chunk, BITS=bits or 16, GROUP=GROUP,
-                             ROPE=rope is not None, SPLITS=splits, FOLD=arrivals is not None, PDL=pdl,
-                             num_warps=warps, num_stages=stages, launch_pdl=pdl)
-    if arrivals is None:
-        combine[(kv_heads, rep)](out, best, total, result, REP=rep, ROWS=rows, DIM=dim, SPLITS=splits, PDL=pdl,
-                                 launch_pdl=pdl)
+                             ROPE=rope is not None, SPLITS=splits, PDL=pdl, num_warps=warps, num_stages=stages,
+                             launch_pdl=pdl)
+    combine[(kv_heads, rep)](out, best, total, result, REP=rep, ROWS=rows, DIM=dim, SPLITS=splits, PDL=pdl,
+                             launch_pdl=pdl)
     return result

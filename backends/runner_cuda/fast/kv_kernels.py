@@ -1,8 +1,8 @@
 """The Triton kernels of the fast decoder's KV cache, in a module of their own because it imports
 Triton (attention.py and static_cache.py import it where a kernel runs): the split-KV decode
-attention over a plain or quantized cache (attention.py says how it works), the quantized write
-of one step's K and V (static_cache.QuantizedLayer.write_at), and RoPE on a step's q and k with
-its k and v written into a plain cache, in one launch (`rope_and_write`, for the decoder).
+attention over a plain or quantized cache (attention.py says how it works; over a plain bf16
+cache it also applies RoPE to the step's q and k and writes its k and v, for the decoder), and the
+quantized write of one step's K and V (static_cache.QuantizedLayer.write_at).
 
 A cache's strides come from its capacity (positions per head): Triton knows a power-of-two factor
 of what it is given, so capacity x values per position keeps the loads of codes 16 bytes wide and
@@ -55,16 +55,13 @@ def load_block(c_ptr, s_ptr, b_ptr, head, positions, visible, capacity,
 
 @triton.jit
 def part(q_ptr, k_ptr, v_ptr, ks_ptr, kb_ptr, vs_ptr, vb_ptr, position_ptr, out_ptr, max_ptr, sum_ptr, capacity, scale,
-         new_k_ptr, new_v_ptr, cos_ptr, sin_ptr, arrivals_ptr, result_ptr,
+         new_k_ptr, new_v_ptr, cos_ptr, sin_ptr,
          REP: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
-         BITS: tl.constexpr, GROUP: tl.constexpr, ROPE: tl.constexpr, SPLITS: tl.constexpr, FOLD: tl.constexpr,
-         PDL: tl.constexpr):
+         BITS: tl.constexpr, GROUP: tl.constexpr, ROPE: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
     """One part (CHUNK positions) of one KV head: its running maximum, sum of exponentials and
     weighted sum of values, for the combine kernel. With ROPE (a plain cache), q is the step's as
     projected: RoPE on it here, and on the step's new k, which with its v the part holding the
-    position writes into the cache (what rope_write does) and uses for that position. With FOLD, no
-    combine launch: the head's last part to finish (a count per head, arrivals_ptr, back to 0 after)
-    combines the head's parts into result_ptr."""
+    position writes into the cache and uses for that position."""
     wait_for_input(PDL)
     head = tl.program_id(0)
     split = tl.program_id(1)
@@ -109,12 +106,6 @@ def part(q_ptr, k_ptr, v_ptr, ks_ptr, kb_ptr, vs_ptr, vb_ptr, position_ptr, out_
     tl.store(out_ptr + (slot * ROWS + rows)[:, None] * DIM + dims[None, :], acc)
     tl.store(max_ptr + slot * ROWS + rows, best)
     tl.store(sum_ptr + slot * ROWS + rows, total)
-    if FOLD:
-        tl.debug_barrier()             # every thread's stores before the count's release (as CUTLASS's semaphore)
-        if tl.atomic_add(arrivals_ptr + head, 1, sem="acq_rel") == SPLITS - 1:
-            tl.store(arrivals_ptr + head, 0)        # all arrived: ready for the next step
-            for row in range(REP):
-                combine_row(out_ptr, max_ptr, sum_ptr, result_ptr, head, row, REP, ROWS, DIM, SPLITS)
 
 
 @triton.jit
@@ -122,22 +113,16 @@ def combine(out_ptr, max_ptr, sum_ptr, result_ptr, REP: tl.constexpr, ROWS: tl.c
             SPLITS: tl.constexpr, PDL: tl.constexpr):
     """The parts of one query head's attention combined: its output row."""
     wait_for_input(PDL)
-    combine_row(out_ptr, max_ptr, sum_ptr, result_ptr, tl.program_id(0), tl.program_id(1), REP, ROWS, DIM, SPLITS)
-
-
-@triton.jit
-def combine_row(out_ptr, max_ptr, sum_ptr, result_ptr, head, row, REP: tl.constexpr, ROWS: tl.constexpr,
-                DIM: tl.constexpr, SPLITS: tl.constexpr):
-    """Query head head * REP + row's output from its KV head's parts (read from L2: another SM's
-    part may have written them in this launch)."""
+    head = tl.program_id(0)
+    row = tl.program_id(1)
     parts = tl.arange(0, SPLITS)
     dims = tl.arange(0, DIM)
     slots = head * SPLITS + parts
-    best = tl.load(max_ptr + slots * ROWS + row, cache_modifier=".cg")
+    best = tl.load(max_ptr + slots * ROWS + row)
     overall = tl.max(best, 0)
     scale = tl.where(best == float("-inf"), 0.0, tl.exp(best - overall))
-    total = tl.sum(tl.load(sum_ptr + slots * ROWS + row, cache_modifier=".cg") * scale, 0)
-    acc = tl.load(out_ptr + (slots * ROWS + row)[:, None] * DIM + dims[None, :], cache_modifier=".cg")
+    total = tl.sum(tl.load(sum_ptr + slots * ROWS + row) * scale, 0)
+    acc = tl.load(out_ptr + (slots * ROWS + row)[:, None] * DIM + dims[None, :])
     value = tl.sum(acc * scale[:, None], 0) / total
     tl.store(result_ptr + (head * REP + row) * DIM + dims, value.to(result_ptr.dtype.element_ty))
 
@@ -208,44 +193,3 @@ def rotate(x_ptr, at, cos, sin, dims, mask, DIM: tl.constexpr):
     partner = tl.load(x_ptr + at + (dims + HALF) % DIM, mask=mask, other=0.0).to(tl.float32)
     rotated = tl.where(dims < HALF, -partner, partner)
     return round_bf16(round_bf16(x * cos) + round_bf16(rotated * sin))
-
-
-@triton.jit
-def rope_write(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, keys_ptr, values_ptr, position_ptr, capacity,
-               HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, PDL: tl.constexpr):
-    """Program h < HEADS: query head h rotated into q_out; then each KV head's k rotated, and its v,
-    into the cache at the step's position (read on the device: a graphed step writes where it is)."""
-    wait_for_input(PDL)
-    head = tl.program_id(0)
-    position = tl.load(position_ptr)
-    dims = tl.arange(0, DIM)
-    cos = tl.load(cos_ptr + dims).to(tl.float32)
-    sin = tl.load(sin_ptr + dims).to(tl.float32)
-    if head < HEADS:
-        tl.store(q_out_ptr + head * DIM + dims, rotate(q_ptr, head * DIM, cos, sin, dims, dims < DIM, DIM))
-    elif head < HEADS + KV_HEADS:
-        kv = head - HEADS
-        tl.store(keys_ptr + (kv * capacity + position) * DIM + dims, rotate(k_ptr, kv * DIM, cos, sin, dims, dims < DIM, DIM))
-    else:
-        kv = head - HEADS - KV_HEADS
-        tl.store(values_ptr + (kv * capacity + position) * DIM + dims, tl.load(v_ptr + kv * DIM + dims))
-
-
-def rope_and_write(q, k, v, cos, sin, keys, values, position):
-    """A decode step's bf16 q [heads * head_dim] rotated (returned, [heads, head_dim]), and its k
-    rotated and v written into keys and values [kv_heads, capacity, head_dim] at `position` ([1] on
-    the device): what `_rope` on q and k and a PlainLayer's write_at do, in one launch. bf16 only:
-    in float32 the GPU's compiler fuses x * cos + rotated * sin into one FMA, which eager torch
-    rounds twice."""
-    import torch
-
-    if q.dtype != torch.bfloat16:
-        raise ValueError(f"rope_and_write rounds as torch does in bf16, not {q.dtype}")
-    kv_heads, capacity, dim = keys.shape
-    heads = q.numel() // dim
-    q_out = torch.empty(heads, dim, dtype=q.dtype, device=q.device)
-    pdl = compat.overlapping_launches(q.device)
-    rope_write[(heads + 2 * kv_heads,)](q.contiguous(), k.contiguous(), v.contiguous(), cos, sin, q_out, keys, values,
-                                        position, capacity, HEADS=heads, KV_HEADS=kv_heads, DIM=dim, PDL=pdl,
-                                        launch_pdl=pdl)
-    return q_out

@@ -829,11 +829,12 @@ def mma_shared_bytes(in_features: int, warps: int, norm: bool, ring_slots: int =
     return (65536 if wide_table else 32768) + warps * ring_slots * 1024 + warps * 64 + (128 + 2 * in_features if norm else 0)
 
 
-def mma_slots(ahead: int) -> int:
-    """A staged warp's ring: its `ahead` steps in flight and the one being read, but 4 for 2 ahead (a
-    power of two makes the unrolled loop's slots constants: with the wide table, the 8B's staged
-    gate/up and down were faster at 4 than at 3, bench/RESULTS.md)."""
-    return 4 if ahead == 2 else ahead + 1
+def mma_slots(ahead: int, glu: bool, warps: int) -> int:
+    """A staged warp's ring: its `ahead` steps in flight and the one being read, but 4 slots for 2
+    ahead (a power of two makes the unrolled loop's slots constants) where that was faster with the
+    wide table on an H200 (bench/RESULTS.md): gate/up (8B and 70B) and blocks of 8 warps (the 8B's
+    down); the 70B's down and o, 16 warps a block, were faster at 3."""
+    return 4 if ahead == 2 and (glu or warps <= 8) else ahead + 1
 
 
 def mma_staging(in_features: int, warps: int, split: int, norm: bool, slots: int, limit: int,
@@ -918,7 +919,7 @@ class NF4Mma:
         self.ahead = ahead or mma_ahead(k, self.split, self.overlap)
         if slots is not None and slots <= self.ahead:
             raise ValueError(f"a ring of {slots} slots cannot hold {self.ahead} steps in flight and the one being read")
-        self.slots = slots or mma_slots(self.ahead)
+        self.slots = slots or mma_slots(self.ahead, glu, self.warps)
         limit = compat.max_shared_memory(first.packed.device)
         self.staged, self.wide_table = mma_staging(k, self.warps, self.split, norm is not None, self.slots, limit,
                                                    staged, wide_table)

@@ -3,7 +3,7 @@
     layer = static_layer(kv_heads, capacity, head_dim, dtype, device, kv_bits, kernels)
     layer.write(start, k, v)              # prefill: k, v [kv_heads, T, head_dim] at start..start+T-1
     layer.write_at(position, k, v)        # a decode step: position a [1] device tensor (graph-safe)
-    out = layer.attend(q, position, span, scale)    # a decode step's split-KV attention (attention.py), one launch
+    out = layer.attend(q, position, span, scale)    # a decode step's split-KV attention (attention.py)
     out = layer.attend(q, position, span, scale, (k, v, cos, sin))   # ... with RoPE and the write (plain bf16)
     keys, values = layer.read(span)       # [kv_heads, span, head_dim] in the compute dtype
     layer.tensors                         # what it holds: its bytes are the plan's (budget.kv_cache_bytes)
@@ -40,7 +40,6 @@ class PlainLayer:
         shape = (kv_heads, capacity, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.arrivals = torch.zeros(kv_heads, dtype=torch.int32, device=device)     # attend's, no combine launch
 
     @property
     def device(self):
@@ -60,7 +59,7 @@ class PlainLayer:
         self.values.index_copy_(1, position, v)
 
     def attend(self, q: "torch.Tensor", position: "torch.Tensor", span: int, scale: float, rope=None) -> "torch.Tensor":
-        return decode_attention(q, self.keys, self.values, position, span, scale, rope=rope, arrivals=self.arrivals)
+        return decode_attention(q, self.keys, self.values, position, span, scale, rope=rope)
 
     def read(self, span: int) -> tuple["torch.Tensor", "torch.Tensor"]:
         return self.keys[:, :span], self.values[:, :span]
@@ -80,7 +79,6 @@ class QuantizedLayer:
                     torch.zeros(kv_heads, capacity, groups, dtype=dtype, device=device)]
 
         self.keys, self.values = parts(), parts()
-        self.arrivals = torch.zeros(kv_heads, dtype=torch.int32, device=device)     # attend's, no combine launch
 
     @property
     def device(self):
@@ -109,7 +107,7 @@ class QuantizedLayer:
                                                 GROUPS=groups, BITS=self.bits, GROUP=KV_GROUP_SIZE)
 
     def attend(self, q: "torch.Tensor", position: "torch.Tensor", span: int, scale: float, rope=None) -> "torch.Tensor":
-        return decode_attention(q, self.keys, self.values, position, span, scale, self.bits, rope, self.arrivals)
+        return decode_attention(q, self.keys, self.values, position, span, scale, self.bits, rope)
 
     def read(self, span: int) -> tuple["torch.Tensor", "torch.Tensor"]:
         """K and V of the first `span` positions dequantized into a new tensor each, KV_READ_BLOCK
