@@ -27,6 +27,17 @@ def wait_for_input(PDL: tl.constexpr):
 
 
 @triton.jit
+def prefetch_rows(ptr, head, start, last, capacity, CHUNK: tl.constexpr, DIM: tl.constexpr, LINE: tl.constexpr):
+    """Ask L2 for a plain cache's rows start .. start + CHUNK - 1 of `head` (LINE values a 128-byte
+    line; rows past `last` fetch row `last` again), keeping nothing in registers."""
+    lines = tl.arange(0, CHUNK * DIM // LINE)
+    rows = tl.minimum(start + lines // (DIM // LINE), last)
+    at = ptr + (head * capacity + rows) * DIM + (lines % (DIM // LINE)) * LINE
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [at], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
 def load_block(c_ptr, s_ptr, b_ptr, head, positions, visible, capacity,
                DIM: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr):
     """[BLOCK, DIM] values of the cache at `positions` of `head`, in the compute dtype (s_ptr's, or
@@ -57,18 +68,29 @@ def load_block(c_ptr, s_ptr, b_ptr, head, positions, visible, capacity,
 def part(q_ptr, k_ptr, v_ptr, ks_ptr, kb_ptr, vs_ptr, vb_ptr, position_ptr, out_ptr, max_ptr, sum_ptr, capacity, scale,
          new_k_ptr, new_v_ptr, cos_ptr, sin_ptr,
          REP: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
-         BITS: tl.constexpr, GROUP: tl.constexpr, ROPE: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
+         BITS: tl.constexpr, GROUP: tl.constexpr, ROPE: tl.constexpr, SPLITS: tl.constexpr, PREFETCH: tl.constexpr,
+         LINE: tl.constexpr, PDL: tl.constexpr):
     """One part (CHUNK positions) of one KV head: its running maximum, sum of exponentials and
     weighted sum of values, for the combine kernel. With ROPE (a plain cache), q is the step's as
     projected: RoPE on it here, and on the step's new k, which with its v the part holding the
-    position writes into the cache and uses for that position."""
-    wait_for_input(PDL)
+    position writes into the cache and uses for that position. With PREFETCH (ROPE and PDL), the
+    part's cache rows are asked of L2 before waiting for the kernel before: no row it reads is that
+    kernel's output (the step's own row comes from registers), nor is the position."""
     head = tl.program_id(0)
     split = tl.program_id(1)
-    position = tl.load(position_ptr)
+    start = split * CHUNK
+    if PREFETCH:
+        tl.extra.cuda.gdc_launch_dependents()
+        position = tl.load(position_ptr)
+        if start <= position:
+            prefetch_rows(k_ptr, head, start, position, capacity, CHUNK, DIM, LINE)
+            prefetch_rows(v_ptr, head, start, position, capacity, CHUNK, DIM, LINE)
+        tl.extra.cuda.gdc_wait()
+    else:
+        wait_for_input(PDL)
+        position = tl.load(position_ptr)
     rows = tl.arange(0, ROWS)
     dims = tl.arange(0, DIM)
-    start = split * CHUNK
     if ROPE:
         cos = tl.load(cos_ptr + dims).to(tl.float32)
         sin = tl.load(sin_ptr + dims).to(tl.float32)
