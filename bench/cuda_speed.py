@@ -561,6 +561,21 @@ def graph_time_us(call, copies: int) -> float:
     return times[len(times) // 2]
 
 
+# a Llama-8B layer's NF4Mma launches: name -> (weights' (out, in) shapes, how it is fused: "norm" q/k/v with
+# the RMSNorm inside, "residual" adding into the residual stream, "glu" gate/up with RMSNorm and SiLU x up)
+LAUNCHES_8B = {"qkv": (((4096, 4096), (1024, 4096), (1024, 4096)), "norm"), "o": (((4096, 4096),), "residual"),
+               "gate_up": (((14336, 4096), (14336, 4096)), "glu"), "down": (((4096, 14336),), "residual")}
+
+
+def fused_options(mode: str, k: int) -> dict:
+    """NF4Mma's keyword arguments for a launch fused as `mode` (LAUNCHES_8B), with a random norm weight."""
+    import torch
+
+    norm = (1 + 0.1 * torch.randn(k, device="cuda")).to(torch.bfloat16)
+    return {"norm": dict(norm=norm, eps=1e-5), "residual": dict(residual=True),
+            "glu": dict(glu=True, norm=norm, eps=1e-5)}[mode]
+
+
 def nf4_layer(n: int, k: int):
     """A bitsandbytes NF4 (double quant) Linear of random N(0, 0.02) weights, on the GPU."""
     import bitsandbytes as bnb
@@ -588,21 +603,17 @@ def section_kernels() -> None:
     bandwidth = RESULTS["machine"]["copy_bandwidth_gb_s"] * 1e9
     choices = ((8, 8), (8, 4), (8, 2), (8, 1), (7, 1), (14, 1), (4, 4), (4, 1), (16, 16), (16, 8), (16, 4))
 
-    # (name, shapes, NF4Mma options)
-    cases = [("qkv", ((4096, 4096), (1024, 4096), (1024, 4096)), "norm"), ("o", ((4096, 4096),), "residual"),
-             ("gate_up", ((14336, 4096), (14336, 4096)), "glu"), ("down", ((4096, 14336),), "residual")]
     layer_us = {"bnb": 0.0, "simt": 0.0, "mma": 0.0, "mma_best": 0.0}
-    for name, shapes, mode in cases:
+    for name, (shapes, mode) in LAUNCHES_8B.items():
         k = shapes[0][1]
         copies = max(1, min(8, int(200e6 // sum(n * k // 2 for n, k in shapes))))
         groups = [[nf4_layer(n, k) for n, k in shapes] for _ in range(copies)]
         weights = [[nf4_weight_of(layer) for layer in group] for group in groups]
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        norm = (1 + 0.1 * torch.randn(k, device="cuda")).to(torch.bfloat16)
         residual = torch.zeros(shapes[0][0], device="cuda", dtype=torch.bfloat16)
         nf4_bytes = sum(w.packed.numel() + w.absmax.numel() for w in weights[0])
         rows = {"copies": copies, "nf4_mb": nf4_bytes / 1e6, "mma_fused": mode}
-        options = {"norm": dict(norm=norm, eps=1e-5), "residual": dict(residual=True), "glu": dict(glu=True, norm=norm, eps=1e-5)}[mode]
+        options = fused_options(mode, k)
 
         def mma_calls(weights=weights, options=options, **shape):
             return [NF4Mma(group, **options, **shape) for group in weights]

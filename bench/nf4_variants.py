@@ -29,9 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cuda_speed as cs          # noqa: E402  (puts src and backends on sys.path)
 
-# a layer's launches: (weights' (out, in) shapes, NF4Mma mode)
-CASES = {"qkv": (((4096, 4096), (1024, 4096), (1024, 4096)), "norm"), "o": (((4096, 4096),), "residual"),
-         "gate_up": (((14336, 4096), (14336, 4096)), "glu"), "down": (((4096, 14336),), "residual")}
+CASES = cs.LAUNCHES_8B
 # `launches --model 70b`: the 70B's
 CASES_70B = {"qkv": (((8192, 8192), (1024, 8192), (1024, 8192)), "norm"), "o": (((8192, 8192),), "residual"),
              "gate_up": (((28672, 8192), (28672, 8192)), "glu"), "down": (((8192, 28672),), "residual")}
@@ -55,14 +53,6 @@ def nf4_weight(n: int, k: int):
     return nf4_weight_of(cs.nf4_layer(n, k))
 
 
-def launch_options(mode: str, k: int) -> dict:
-    import torch
-
-    norm = (1 + 0.1 * torch.randn(k, device="cuda")).to(torch.bfloat16)
-    return {"norm": dict(norm=norm, eps=1e-5), "residual": dict(residual=True),
-            "glu": dict(glu=True, norm=norm, eps=1e-5)}[mode]
-
-
 def time_launches(case: str, variants: list[tuple[str, dict]], bandwidth: float, cases: dict = CASES) -> dict:
     """µs of one launch of `case` per variant (CUDA graphs over copies of its weights), and whether
     its output is the default's, bit for bit."""
@@ -76,7 +66,7 @@ def time_launches(case: str, variants: list[tuple[str, dict]], bandwidth: float,
     weights = [[nf4_weight(n, k) for n, k in shapes] for _ in range(copies)]
     nbytes = sum(w.packed.numel() + w.absmax.numel() for w in weights[0])
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    fixed = launch_options(mode, k)
+    fixed = cs.fused_options(mode, k)
     start = torch.randn(shapes[0][0], device="cuda").to(torch.bfloat16)
     rows, reference = {"copies": copies, "nf4_mb": nbytes / 1e6}, None
     for name, extra in [("base", {})] + variants:
@@ -188,7 +178,7 @@ def default_call(case: str):
     from runner_cuda.fast.nf4_cuda import NF4Mma
 
     shapes, mode = CASES[case]
-    return NF4Mma([nf4_weight(n, k) for n, k in shapes], **launch_options(mode, shapes[0][1]))
+    return NF4Mma([nf4_weight(n, k) for n, k in shapes], **cs.fused_options(mode, shapes[0][1]))
 
 
 def main() -> None:

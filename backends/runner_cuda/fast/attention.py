@@ -99,8 +99,7 @@ def decode_attention(q: "torch.Tensor", keys, values, position: "torch.Tensor", 
                              capacity, scale, new_k, new_v, cos, sin,
                              REP=rep, ROWS=rows, DIM=dim, BLOCK=block, CHUNK=chunk, BITS=bits or 16, GROUP=GROUP,
                              ROPE=rope is not None, SPLITS=splits, PREFETCH=PREFETCH and pdl and rope is not None,
-                             LINE=128 // keys.element_size() if bits is None else 1, PDL=pdl, num_warps=warps,
-                             num_stages=stages, launch_pdl=pdl)
+                             PDL=pdl, num_warps=warps, num_stages=stages, launch_pdl=pdl)
     combine[(kv_heads, rep)](out, best, total, result, REP=rep, ROWS=rows, DIM=dim, SPLITS=splits, PDL=pdl,
                              launch_pdl=pdl)
     return result

@@ -27,9 +27,10 @@ def wait_for_input(PDL: tl.constexpr):
 
 
 @triton.jit
-def prefetch_rows(ptr, head, start, last, capacity, CHUNK: tl.constexpr, DIM: tl.constexpr, LINE: tl.constexpr):
-    """Ask L2 for a plain cache's rows start .. start + CHUNK - 1 of `head` (LINE values a 128-byte
-    line; rows past `last` fetch row `last` again), keeping nothing in registers."""
+def prefetch_rows(ptr, head, start, last, capacity, CHUNK: tl.constexpr, DIM: tl.constexpr):
+    """Ask L2 for a plain cache's rows start .. start + CHUNK - 1 of `head`, a 128-byte line at a time
+    (rows past `last` fetch row `last` again), keeping nothing in registers."""
+    LINE: tl.constexpr = 1024 // ptr.dtype.element_ty.primitive_bitwidth       # values a line
     lines = tl.arange(0, CHUNK * DIM // LINE)
     rows = tl.minimum(start + lines // (DIM // LINE), last)
     at = ptr + (head * capacity + rows) * DIM + (lines % (DIM // LINE)) * LINE
@@ -69,7 +70,7 @@ def part(q_ptr, k_ptr, v_ptr, ks_ptr, kb_ptr, vs_ptr, vb_ptr, position_ptr, out_
          new_k_ptr, new_v_ptr, cos_ptr, sin_ptr,
          REP: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
          BITS: tl.constexpr, GROUP: tl.constexpr, ROPE: tl.constexpr, SPLITS: tl.constexpr, PREFETCH: tl.constexpr,
-         LINE: tl.constexpr, PDL: tl.constexpr):
+         PDL: tl.constexpr):
     """One part (CHUNK positions) of one KV head: its running maximum, sum of exponentials and
     weighted sum of values, for the combine kernel. With ROPE (a plain cache), q is the step's as
     projected: RoPE on it here, and on the step's new k, which with its v the part holding the
@@ -83,8 +84,8 @@ def part(q_ptr, k_ptr, v_ptr, ks_ptr, kb_ptr, vs_ptr, vb_ptr, position_ptr, out_
         tl.extra.cuda.gdc_launch_dependents()
         position = tl.load(position_ptr)
         if start <= position:
-            prefetch_rows(k_ptr, head, start, position, capacity, CHUNK, DIM, LINE)
-            prefetch_rows(v_ptr, head, start, position, capacity, CHUNK, DIM, LINE)
+            prefetch_rows(k_ptr, head, start, position, capacity, CHUNK, DIM)
+            prefetch_rows(v_ptr, head, start, position, capacity, CHUNK, DIM)
         tl.extra.cuda.gdc_wait()
     else:
         wait_for_input(PDL)

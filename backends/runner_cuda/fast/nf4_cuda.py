@@ -842,14 +842,14 @@ def mma_staging(in_features: int, warps: int, split: int, norm: bool, slots: int
     """(staged, wide_table), each at its default where None: staged where mma_staged says so with
     either table; the wide table where staged and the block's shared memory still fits `limit`
     (faster for the 8B's staged gate/up and down on an H200, bench/RESULTS.md)."""
-    def fits(wide: bool) -> bool:
-        return mma_shared_bytes(in_features, warps, norm, slots, wide) <= limit
+    def shared(wide: bool) -> int:
+        return mma_shared_bytes(in_features, warps, norm, slots, wide)
 
     if staged is None:
-        staged = any(mma_staged(in_features, split, mma_shared_bytes(in_features, warps, norm, slots, wide), limit)
+        staged = any(mma_staged(in_features, split, shared(wide), limit)
                      for wide in ([True, False] if wide_table is None else [wide_table]))
     if wide_table is None:
-        wide_table = staged and fits(True)
+        wide_table = staged and shared(True) <= limit
     return staged, wide_table
 
 
