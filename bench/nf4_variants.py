@@ -3,7 +3,7 @@
     PYTHONPATH=src:backends python3 bench/nf4_variants.py launches [--case gate_up ...] [--model 70b] \\
         --variant st4=staged=True,ahead=4 --variant w28=warps=28,split=2
     PYTHONPATH=src:backends python3 bench/nf4_variants.py session \\
-        --policy registers="gate_up:staged=False;down:staged=False" --policy early="attention:prefetch=True"
+        --policy registers="gate_up:staged=False;down:staged=False" --policy write="decoder:rope='write'"
     ncu --set full -k regex:nf4_mma --launch-skip 2 --launch-count 3 python3 bench/nf4_variants.py ncu
 
 `launches`: each of a layer's four launches (q/k/v with its RMSNorm, o adding into the residual,
@@ -11,7 +11,7 @@ gate/up with its RMSNorm and SiLU x up, down adding into the residual) at its de
 with each --variant's NF4Mma options, timed in CUDA graphs over copies of its weights larger than L2,
 its output compared with the default's bit for bit. `session`: the 8B NF4 session decoding a step
 ahead at 1,024 (as bench/ab_session.py measures it) with its launches built at their defaults ("base")
-and then with each --policy's options per launch (and `attention.PREFETCH`), greedy tokens compared
+and then with each --policy's options per launch (and the decoder's), greedy tokens compared
 with the first policy's.
 `ncu`: the 8B's gate/up and down at their defaults, each launched three times, for ncu to pick.
 OPTIONS are NF4Mma's keyword arguments as name=value (Python literals), comma-separated. JSON under --out.
@@ -105,13 +105,13 @@ def launch_kind(call) -> str:
 
 
 def policy(text: str) -> dict:
-    """'gate_up:staged=True;down:ahead=1' -> {'gate_up': {...}, 'down': {...}}; 'attention:prefetch=True'
-    sets attention.PREFETCH for that policy."""
+    """'gate_up:staged=True;down:ahead=1' -> {'gate_up': {...}, 'down': {...}}; "decoder:rope='write'"
+    passes rope='write' to that policy's FastDecoder."""
     table = {}
     for part in filter(None, text.split(";")):
         case, _, rest = part.partition(":")
-        if case not in (*CASES, "attention"):
-            raise SystemExit(f"nf4_variants: {case!r} is not one of {', '.join(CASES)}, attention")
+        if case not in (*CASES, "decoder"):
+            raise SystemExit(f"nf4_variants: {case!r} is not one of {', '.join(CASES)}, decoder")
         table[case] = options(rest)
     return table
 
@@ -121,7 +121,6 @@ def session_rates(policies: list[tuple[str, dict]], bandwidth: float) -> dict:
     from runner import budget
     from runner.backend import Sampling
     from runner.model import load_spec
-    from runner_cuda.fast import attention
     from runner_cuda.fast.decoder import FastDecoder
     from runner_cuda.fast.nf4_cuda import NF4Mma
 
@@ -137,15 +136,14 @@ def session_rates(policies: list[tuple[str, dict]], bandwidth: float) -> dict:
             init(self, weights, **{**kwargs, **extra})
 
         NF4Mma.__init__ = with_policy
-        attention.PREFETCH = table.get("attention", {}).get("prefetch", False)
         try:
-            decoder = FastDecoder(model, max_len=2048)
+            decoder = FastDecoder(model, max_len=2048, **table.get("decoder", {}))
             decoder.warm_up()
             session = cs.session_over(model, decoder, "nf4", spec)
             rates = cs.decode_ahead(session, 1024, repeats=2)
             tokens = [c.token for c in session.stream_tokens(cs.prompt(1024, seed=1024), Sampling(max_tokens=64))]
         finally:
-            NF4Mma.__init__, attention.PREFETCH = init, False
+            NF4Mma.__init__ = init
         first_tokens = first_tokens or tokens
         results[name] = dict(policy=table, **rates, roofline_tok_s=roofline,
                              fraction_of_roofline=max(rates["tok_s_ahead"]) / roofline,

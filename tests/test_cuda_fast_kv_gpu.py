@@ -190,16 +190,12 @@ def test_quantized_write_is_quantize_bit_for_bit(kv_bits):
             assert torch.equal(part[:, :position], old[:, :position]) and torch.equal(part[:, position + 1:], old[:, position + 1:])
 
 
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_attention_with_rope_is_rope_write_then_attention_bit_for_bit(monkeypatch, prefetch):
+def test_attention_with_rope_is_rope_write_then_attention_bit_for_bit():
     """Compiled, at the 8B's shape (the CPU test runs it interpreted: a float32 -> bf16 -> float32
     round trip written with `.to()` was dropped by the GPU's compiler, not the interpreter): the
-    step's own position from the rotated k held in registers, the cache row it wrote equal to
-    write_at's; with the parts' cache rows asked of L2 before the wait (Hopper) or not."""
+    step's own cache row, written by the part holding it, read back by all its threads (its
+    barrier), equal to write_at's."""
     from fast_kv_helpers import check_attention_with_rope
-    from runner_cuda.fast import attention
-
-    monkeypatch.setattr(attention, "PREFETCH", prefetch)
 
     check_attention_with_rope("cuda")
     check_attention_with_rope("cuda", heads=8, kv_heads=2, dim=64, capacity=1500)

@@ -34,9 +34,6 @@ GROUP = 64           # values per scale and bias of a quantized cache (budget.KV
 # pipeline stages, and parts per KV head at long spans (a part has a block of positions at least).
 # kv8/kv4: the fastest of a sweep on an H200 (bench/kv_decode_gpu.py --sweep, bench/RESULTS.md)
 LAUNCH = {None: (64, 4, 3, 64), 8: (128, 4, 3, 64), 4: (128, 4, 3, 64)}
-# With `rope` on Hopper: each part asks L2 for its cache rows before it waits for the kernel before
-# (kv_kernels.part's PREFETCH). A measurement option, off: not yet measured on a GPU (bench/RESULTS.md)
-PREFETCH = False
 
 
 def attention_takes(head_dim: int) -> bool:
@@ -98,8 +95,7 @@ def decode_attention(q: "torch.Tensor", keys, values, position: "torch.Tensor", 
     part[(kv_heads, splits)](q, *codes, scales[0], biases[0], scales[1], biases[1], position, out, best, total,
                              capacity, scale, new_k, new_v, cos, sin,
                              REP=rep, ROWS=rows, DIM=dim, BLOCK=block, CHUNK=chunk, BITS=bits or 16, GROUP=GROUP,
-                             ROPE=rope is not None, SPLITS=splits, PREFETCH=PREFETCH and pdl and rope is not None,
-                             PDL=pdl, num_warps=warps, num_stages=stages, launch_pdl=pdl)
+                             ROPE=rope is not None, SPLITS=splits, PDL=pdl, num_warps=warps, num_stages=stages, launch_pdl=pdl)
     combine[(kv_heads, rep)](out, best, total, result, REP=rep, ROWS=rows, DIM=dim, SPLITS=splits, PDL=pdl,
                              launch_pdl=pdl)
     return result

@@ -61,8 +61,9 @@ FIRST_BUCKET = 256
 # projection types whose forward runs inside a CUDA graph (no host synchronisation): plain
 # Linear and bitsandbytes' 4-bit Linear; LLM.int8 and FP8 layers keep the ordinary loop
 GRAPH_SAFE_LINEARS = ("Linear", "Linear4bit", "LinearNF4", "LinearFP4")
-# where a step's RoPE and cache write run: in the split-KV attention's launch, or apart (torch's operations)
-ROPE_PLACES = ("attention", "apart")
+# where a step's RoPE and cache write run: in the split-KV attention's launch, in one launch of their
+# own before it (kv_kernels.rope_and_write), or apart (torch's operations)
+ROPE_PLACES = ("attention", "write", "apart")
 # The NF4 decode GEMV (LoadRequest.kernel, `--kernel`). "cuda" (default): nf4_cuda.NF4Mma, runner's
 # tensor-core kernel with each layer's RMSNorms, residual adds and SiLU x up inside it, where it takes
 # every projection (else "cuda-simt"); "cuda-simt": nf4_cuda.NF4Gemv, float32 products, q/k/v and
@@ -140,11 +141,12 @@ class FastDecoder:
             split_kv = on_cuda and self.dtype in (torch.bfloat16, torch.float16) and attention_takes(self.head_dim)
         self.split_kv = split_kv
         # where a step's RoPE and cache write run (ROPE_PLACES): with the split-KV kernels (Triton) and a
-        # plain bf16 cache, in the attention's launch; "apart" elsewhere, and for bench ablations
+        # plain bf16 cache, in the attention's launch (or "write": a Triton launch of their own, for bench
+        # ablations); "apart" elsewhere
         fits = split_kv and kv_bits is None and self.dtype == torch.bfloat16
         self.rope = rope or ("attention" if fits else "apart")
         if self.rope not in ROPE_PLACES or (self.rope != "apart" and not fits):
-            raise ValueError(f"rope {self.rope!r}: one of {', '.join(ROPE_PLACES)}, the first with split-KV "
+            raise ValueError(f"rope {self.rope!r}: one of {', '.join(ROPE_PLACES)}, all but 'apart' with split-KV "
                              "attention over a plain bf16 cache")
         # NF4 decode GEMV: bitsandbytes' own batch-1 kernel (it reads the packed weights and the
         # double-quant state itself), or the Triton kernel of nf4.py in one of its modes
@@ -424,7 +426,11 @@ class FastDecoder:
                 q, k, v = self.nf4[index]["qkv"](x).split([q_size, kv_size, kv_size], dim=-1)
             else:
                 q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-            if self.rope == "apart":
+            if self.rope == "write":
+                from runner_cuda.fast.kv_kernels import rope_and_write
+
+                q = rope_and_write(q, k, v, cos, sin, cache.keys, cache.values, tables.position)
+            elif self.rope == "apart":
                 q, k = ops.rope(q.view(self.heads, self.head_dim), k.view(self.kv_heads, self.head_dim), cos, sin)
                 cache.write_at(tables.position, k[:, None], v.view(self.kv_heads, 1, self.head_dim))
             # grouped-query attention as `rep` queries per KV head: no K/V repeat

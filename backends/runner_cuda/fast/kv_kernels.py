@@ -1,8 +1,9 @@
 """The Triton kernels of the fast decoder's KV cache, in a module of their own because it imports
 Triton (attention.py and static_cache.py import it where a kernel runs): the split-KV decode
 attention over a plain or quantized cache (attention.py says how it works; over a plain bf16
-cache it also applies RoPE to the step's q and k and writes its k and v, for the decoder), and the
-quantized write of one step's K and V (static_cache.QuantizedLayer.write_at).
+cache it can also apply RoPE to the step's q and k and write its k and v, for the decoder), the
+quantized write of one step's K and V (static_cache.QuantizedLayer.write_at), and RoPE with the
+plain cache's write in a launch of its own (`rope_and_write`, the decoder's rope="write").
 
 A cache's strides come from its capacity (positions per head): Triton knows a power-of-two factor
 of what it is given, so capacity x values per position keeps the loads of codes 16 bytes wide and
@@ -24,18 +25,6 @@ def wait_for_input(PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-
-
-@triton.jit
-def prefetch_rows(ptr, head, start, last, capacity, CHUNK: tl.constexpr, DIM: tl.constexpr):
-    """Ask L2 for a plain cache's rows start .. start + CHUNK - 1 of `head`, a 128-byte line at a time
-    (rows past `last` fetch row `last` again), keeping nothing in registers."""
-    LINE: tl.constexpr = 1024 // ptr.dtype.element_ty.primitive_bitwidth       # values a line
-    lines = tl.arange(0, CHUNK * DIM // LINE)
-    rows = tl.minimum(start + lines // (DIM // LINE), last)
-    at = ptr + (head * capacity + rows) * DIM + (lines % (DIM // LINE)) * LINE
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [at], dtype=tl.int32,
-                              is_pure=False, pack=1)
 
 
 @triton.jit
@@ -69,27 +58,16 @@ def load_block(c_ptr, s_ptr, b_ptr, head, positions, visible, capacity,
 def part(q_ptr, k_ptr, v_ptr, ks_ptr, kb_ptr, vs_ptr, vb_ptr, position_ptr, out_ptr, max_ptr, sum_ptr, capacity, scale,
          new_k_ptr, new_v_ptr, cos_ptr, sin_ptr,
          REP: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
-         BITS: tl.constexpr, GROUP: tl.constexpr, ROPE: tl.constexpr, SPLITS: tl.constexpr, PREFETCH: tl.constexpr,
-         PDL: tl.constexpr):
+         BITS: tl.constexpr, GROUP: tl.constexpr, ROPE: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
     """One part (CHUNK positions) of one KV head: its running maximum, sum of exponentials and
     weighted sum of values, for the combine kernel. With ROPE (a plain cache), q is the step's as
     projected: RoPE on it here, and on the step's new k, which with its v the part holding the
-    position writes into the cache and uses for that position. With PREFETCH (ROPE and PDL), the
-    part's cache rows are asked of L2 before waiting for the kernel before: no row it reads is that
-    kernel's output (the step's own row comes from registers), nor is the position."""
+    position writes into the cache before reading it back with the other rows."""
     head = tl.program_id(0)
     split = tl.program_id(1)
     start = split * CHUNK
-    if PREFETCH:
-        tl.extra.cuda.gdc_launch_dependents()
-        position = tl.load(position_ptr)
-        if start <= position:
-            prefetch_rows(k_ptr, head, start, position, capacity, CHUNK, DIM)
-            prefetch_rows(v_ptr, head, start, position, capacity, CHUNK, DIM)
-        tl.extra.cuda.gdc_wait()
-    else:
-        wait_for_input(PDL)
-        position = tl.load(position_ptr)
+    wait_for_input(PDL)
+    position = tl.load(position_ptr)
     rows = tl.arange(0, ROWS)
     dims = tl.arange(0, DIM)
     if ROPE:
@@ -97,11 +75,11 @@ def part(q_ptr, k_ptr, v_ptr, ks_ptr, kb_ptr, vs_ptr, vb_ptr, position_ptr, out_
         sin = tl.load(sin_ptr + dims).to(tl.float32)
         q = rotate(q_ptr, (head * REP + rows)[:, None] * DIM, cos, sin, dims[None, :], (rows < REP)[:, None], DIM)
         q = q.to(q_ptr.dtype.element_ty)
-        new_k = rotate(new_k_ptr, head * DIM, cos, sin, dims, dims < DIM, DIM).to(k_ptr.dtype.element_ty)
-        new_v = tl.load(new_v_ptr + head * DIM + dims)
         if (position >= start) & (position < start + CHUNK):
+            new_k = rotate(new_k_ptr, head * DIM, cos, sin, dims, dims < DIM, DIM).to(k_ptr.dtype.element_ty)
             tl.store(k_ptr + (head * capacity + position) * DIM + dims, new_k)
-            tl.store(v_ptr + (head * capacity + position) * DIM + dims, new_v)
+            tl.store(v_ptr + (head * capacity + position) * DIM + dims, tl.load(new_v_ptr + head * DIM + dims))
+            tl.debug_barrier()     # the block's stores seen by all its threads: the loop reads the row back
     else:
         q = tl.load(q_ptr + (head * REP + rows)[:, None] * DIM + dims[None, :], mask=(rows < REP)[:, None], other=0.0)
     best = tl.full([ROWS], float("-inf"), tl.float32)
@@ -111,8 +89,6 @@ def part(q_ptr, k_ptr, v_ptr, ks_ptr, kb_ptr, vs_ptr, vb_ptr, position_ptr, out_
         positions = start + offset + tl.arange(0, BLOCK)
         visible = positions <= position
         k = load_block(k_ptr, ks_ptr, kb_ptr, head, positions, visible, capacity, DIM, BITS, GROUP)
-        if ROPE:          # the step's own position: its k as rotated here (its store may not be visible yet)
-            k = tl.where((positions == position)[:, None], new_k[None, :], k)
         scores = tl.dot(q, tl.trans(k)) * scale
         scores = tl.where(visible[None, :], scores, float("-inf"))
         new_best = tl.maximum(best, tl.max(scores, 1))
@@ -121,8 +97,6 @@ def part(q_ptr, k_ptr, v_ptr, ks_ptr, kb_ptr, vs_ptr, vb_ptr, position_ptr, out_
         shrink = tl.exp(best - safe)
         total = total * shrink + tl.sum(weights, 1)
         v = load_block(v_ptr, vs_ptr, vb_ptr, head, positions, visible, capacity, DIM, BITS, GROUP)
-        if ROPE:
-            v = tl.where((positions == position)[:, None], new_v[None, :], v)
         acc = acc * shrink[:, None] + tl.dot(weights.to(v.dtype), v)
         best = new_best
     slot = head * SPLITS + split
@@ -216,3 +190,43 @@ def rotate(x_ptr, at, cos, sin, dims, mask, DIM: tl.constexpr):
     partner = tl.load(x_ptr + at + (dims + HALF) % DIM, mask=mask, other=0.0).to(tl.float32)
     rotated = tl.where(dims < HALF, -partner, partner)
     return round_bf16(round_bf16(x * cos) + round_bf16(rotated * sin))
+
+
+@triton.jit
+def rope_write(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, keys_ptr, values_ptr, position_ptr, capacity,
+               HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, PDL: tl.constexpr):
+    """Program h < HEADS: query head h rotated into q_out; then each KV head's k rotated, and its v,
+    into the cache at the step's position (read on the device: a graphed step writes where it is)."""
+    wait_for_input(PDL)
+    head = tl.program_id(0)
+    position = tl.load(position_ptr)
+    dims = tl.arange(0, DIM)
+    cos = tl.load(cos_ptr + dims).to(tl.float32)
+    sin = tl.load(sin_ptr + dims).to(tl.float32)
+    if head < HEADS:
+        tl.store(q_out_ptr + head * DIM + dims, rotate(q_ptr, head * DIM, cos, sin, dims, dims < DIM, DIM))
+    elif head < HEADS + KV_HEADS:
+        kv = head - HEADS
+        tl.store(keys_ptr + (kv * capacity + position) * DIM + dims, rotate(k_ptr, kv * DIM, cos, sin, dims, dims < DIM, DIM))
+    else:
+        kv = head - HEADS - KV_HEADS
+        tl.store(values_ptr + (kv * capacity + position) * DIM + dims, tl.load(v_ptr + kv * DIM + dims))
+
+
+def rope_and_write(q, k, v, cos, sin, keys, values, position):
+    """A decode step's bf16 q [heads * head_dim] rotated (returned, [heads, head_dim]), and its k
+    rotated and v written into keys and values [kv_heads, capacity, head_dim] at `position` ([1] on
+    the device): what `_rope` on q and k and a PlainLayer's write_at do, in one launch of its own
+    (the decoder's rope="write"; "attention" does it inside the attention's launch)."""
+    import torch
+
+    if q.dtype != torch.bfloat16:
+        raise ValueError(f"rope_and_write rounds as torch does in bf16, not {q.dtype}")
+    kv_heads, capacity, dim = keys.shape
+    heads = q.numel() // dim
+    q_out = torch.empty(heads, dim, dtype=q.dtype, device=q.device)
+    pdl = compat.overlapping_launches(q.device)
+    rope_write[(heads + 2 * kv_heads,)](q.contiguous(), k.contiguous(), v.contiguous(), cos, sin, q_out, keys, values,
+                                        position, capacity, HEADS=heads, KV_HEADS=kv_heads, DIM=dim, PDL=pdl,
+                                        launch_pdl=pdl)
+    return q_out
