@@ -588,6 +588,13 @@ def nf4_layer(n: int, k: int):
     return layer.cuda()
 
 
+def copies_beyond_l2(shapes) -> int:
+    """How many copies of a launch's NF4 weights (shapes: (out, in) pairs) a timing graph cycles
+    through so that L2 (50-60 MB) cannot hold them: ~200 MB, two at least (never the same copy twice
+    in a row), eight at most."""
+    return max(2, min(8, int(200e6 // sum(n * k // 2 for n, k in shapes))))
+
+
 def section_kernels() -> None:
     """runner's NF4 kernels against bitsandbytes' batch-1 kernel, per Llama-8B layer launch, timed
     inside CUDA graphs over enough copies of the weights that L2 (50-60 MB) cannot hold them: the
@@ -606,7 +613,7 @@ def section_kernels() -> None:
     layer_us = {"bnb": 0.0, "simt": 0.0, "mma": 0.0, "mma_best": 0.0}
     for name, (shapes, mode) in LAUNCHES_8B.items():
         k = shapes[0][1]
-        copies = max(1, min(8, int(200e6 // sum(n * k // 2 for n, k in shapes))))
+        copies = copies_beyond_l2(shapes)
         groups = [[nf4_layer(n, k) for n, k in shapes] for _ in range(copies)]
         weights = [[nf4_weight_of(layer) for layer in group] for group in groups]
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)

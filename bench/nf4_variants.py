@@ -23,6 +23,7 @@ import argparse
 import ast
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -37,7 +38,7 @@ CASES_70B = {"qkv": (((8192, 8192), (1024, 8192), (1024, 8192)), "norm"), "o": (
 
 def options(text: str) -> dict:
     """'staged=True,ahead=4' -> {'staged': True, 'ahead': 4}."""
-    pairs = [item.split("=", 1) for item in text.split(",") if item]
+    pairs = [item.split("=", 1) for item in re.split(r",(?![^()]*\))", text) if item]     # not inside (...)
     return {name.strip(): ast.literal_eval(value.strip()) for name, value in pairs}
 
 
@@ -62,7 +63,7 @@ def time_launches(case: str, variants: list[tuple[str, dict]], bandwidth: float,
 
     shapes, mode = cases[case]
     k = shapes[0][1]
-    copies = max(2, min(8, int(200e6 // sum(n * k // 2 for n, k in shapes))))
+    copies = cs.copies_beyond_l2(shapes)
     weights = [[nf4_weight(n, k) for n, k in shapes] for _ in range(copies)]
     nbytes = sum(w.packed.numel() + w.absmax.numel() for w in weights[0])
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
@@ -106,12 +107,13 @@ def launch_kind(call) -> str:
 
 def policy(text: str) -> dict:
     """'gate_up:staged=True;down:ahead=1' -> {'gate_up': {...}, 'down': {...}}; "decoder:rope='write'"
-    passes rope='write' to that policy's FastDecoder."""
+    passes rope='write' to that policy's FastDecoder; 'attention:launch=(64,4,3,64)' sets the plain
+    cache's attention.LAUNCH (block, warps, stages, most parts) for it."""
     table = {}
     for part in filter(None, text.split(";")):
         case, _, rest = part.partition(":")
-        if case not in (*CASES, "decoder"):
-            raise SystemExit(f"nf4_variants: {case!r} is not one of {', '.join(CASES)}, decoder")
+        if case not in (*CASES, "decoder", "attention"):
+            raise SystemExit(f"nf4_variants: {case!r} is not one of {', '.join(CASES)}, decoder, attention")
         table[case] = options(rest)
     return table
 
@@ -121,6 +123,7 @@ def session_rates(policies: list[tuple[str, dict]], bandwidth: float) -> dict:
     from runner import budget
     from runner.backend import Sampling
     from runner.model import load_spec
+    from runner_cuda.fast import attention
     from runner_cuda.fast.decoder import FastDecoder
     from runner_cuda.fast.nf4_cuda import NF4Mma
 
@@ -129,13 +132,14 @@ def session_rates(policies: list[tuple[str, dict]], bandwidth: float) -> dict:
     spec = load_spec(cs.MODEL_ID)
     kv = budget.kv_cache_bytes(spec, 1024 + cs.AHEAD_TOKENS, 1, "nf4", "cuda")
     roofline = bandwidth / (cs.bytes_read_per_token(model) + kv)
-    init, results, first_tokens = NF4Mma.__init__, {}, None
+    init, launch, results, first_tokens = NF4Mma.__init__, attention.LAUNCH[None], {}, None
     for name, table in [("base", {})] + policies:
         def with_policy(self, weights, table=table, **kwargs):
             extra = table.get(kind_of(weights, kwargs.get("glu", False), kwargs.get("norm")), {})
             init(self, weights, **{**kwargs, **extra})
 
         NF4Mma.__init__ = with_policy
+        attention.LAUNCH[None] = table.get("attention", {}).get("launch", launch)
         try:
             decoder = FastDecoder(model, max_len=2048, **table.get("decoder", {}))
             decoder.warm_up()
@@ -143,7 +147,7 @@ def session_rates(policies: list[tuple[str, dict]], bandwidth: float) -> dict:
             rates = cs.decode_ahead(session, 1024, repeats=2)
             tokens = [c.token for c in session.stream_tokens(cs.prompt(1024, seed=1024), Sampling(max_tokens=64))]
         finally:
-            NF4Mma.__init__ = init
+            NF4Mma.__init__, attention.LAUNCH[None] = init, launch
         first_tokens = first_tokens or tokens
         results[name] = dict(policy=table, **rates, roofline_tok_s=roofline,
                              fraction_of_roofline=max(rates["tok_s_ahead"]) / roofline,
