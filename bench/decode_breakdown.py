@@ -3,8 +3,7 @@
     PYTHONPATH=src:backends python3 bench/decode_breakdown.py [--out DIR] [--position 1024]
 
 The step is captured with one kind of launch left out (each of the four NF4Mma launches of a layer by
-its job, the split-KV attention, its combine launch alone, RoPE with the KV write: its part of the
-attention's launch) and its graph is
+its job, the split-KV attention, its combine launch alone, RoPE with the KV write) and its graph is
 replayed back to back at `--position`; the difference from the whole step is what that kind costs
 there, the overlaps between launches counted (on Hopper each launch overlaps the one before, so a
 profiler's per-kernel times count the overlaps twice). A step with a launch left out computes garbage:
@@ -38,7 +37,7 @@ def leaving_out(kinds: set):
     from runner_cuda.fast import kv_kernels, static_cache
     from runner_cuda.fast.nf4_cuda import NF4Mma
 
-    call, attend = NF4Mma.__call__, static_cache.decode_attention
+    call, attend, rope = NF4Mma.__call__, static_cache.decode_attention, kv_kernels.rope_and_write
     spare: dict = {}
 
     def nf4_call(self, x, out=None):
@@ -52,23 +51,25 @@ def leaving_out(kinds: set):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
 
-    def attention(q, keys, values, position, span, scale, bits=None, rope=None):
+    def attention(q, keys, values, position, span, scale, bits=None):
         if "attention" in kinds:
             return torch.empty_like(q)
-        rope = None if "rope" in kinds else rope          # RoPE and the KV write in the attention's launch
         if "combine" not in kinds:
-            return attend(q, keys, values, position, span, scale, bits, rope)
+            return attend(q, keys, values, position, span, scale, bits)
         combine, kv_kernels.combine = kv_kernels.combine, NoLaunch()
         try:
-            return attend(q, keys, values, position, span, scale, bits, rope)
+            return attend(q, keys, values, position, span, scale, bits)
         finally:
             kv_kernels.combine = combine
 
-    NF4Mma.__call__, static_cache.decode_attention = nf4_call, attention
+    def rope_and_write(q, k, v, cos, sin, keys, values, position):
+        return q.view(-1, keys.shape[-1]) if "rope" in kinds else rope(q, k, v, cos, sin, keys, values, position)
+
+    NF4Mma.__call__, static_cache.decode_attention, kv_kernels.rope_and_write = nf4_call, attention, rope_and_write
     try:
         yield
     finally:
-        NF4Mma.__call__, static_cache.decode_attention = call, attend
+        NF4Mma.__call__, static_cache.decode_attention, kv_kernels.rope_and_write = call, attend, rope
 
 
 def step_us(model, kinds: tuple, position: int) -> float:

@@ -78,33 +78,31 @@ def skip_unless_interpreted(compiled_tests: str) -> None:
         pytest.skip("Triton was imported before TRITON_INTERPRET was set: run this file on its own")
 
 
-def check_attention_with_rope(device: str, heads: int = 32, kv_heads: int = 8, dim: int = 128, capacity: int = 333):
-    """A PlainLayer's attend with `rope` (q and k as projected) against the decoder's RoPE, write_at
-    and decode_attention over the rotated q, bit for bit: the output and the whole cache."""
+def check_rope_and_write(device: str, dtype, heads: int = 32, kv_heads: int = 8, dim: int = 128, capacity: int = 333):
+    """kv_kernels.rope_and_write against what it replaces in a decode step, bit for bit: the
+    decoder's RoPE (transformers' rounding) on q and k, and a PlainLayer's write_at of k and v at a
+    position read on the device; nothing else in the cache written."""
     import torch
 
     from runner_cuda.fast.decoder import _rope
+    from runner_cuda.fast.kv_kernels import rope_and_write
     from runner_cuda.fast.static_cache import PlainLayer
 
-    generator = torch.Generator(device=device).manual_seed(dim + 1)
-    mine, theirs = (PlainLayer(kv_heads, capacity, dim, torch.bfloat16, device) for _ in range(2))
-    for a, b in zip(mine.tensors, theirs.tensors):
-        a.copy_(torch.randn(a.shape, generator=generator, device=device))
-        b.copy_(a)
+    generator = torch.Generator(device=device).manual_seed(dim)
+    layer = PlainLayer(kv_heads, capacity, dim, dtype, device)
+    for tensor in layer.tensors:
+        tensor.copy_(torch.randn(tensor.shape, generator=generator, device=device))
     angles = torch.rand(capacity, dim // 2, generator=generator, device=device) * 6.3
-    cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(torch.bfloat16) for f in (torch.cos, torch.sin))
-    rep, scale = heads // kv_heads, dim**-0.5
-    for position, span in ((0, min(64, capacity)), (7, 64), (200, 256), (capacity - 1, capacity)):
-        if span > capacity:
-            continue
-        qkv = (torch.randn(1, (heads + 2 * kv_heads) * dim, generator=generator, device=device) * 2).to(torch.bfloat16)
+    cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(dtype) for f in (torch.cos, torch.sin))
+    for position in (0, 7, capacity - 1):
+        before = [tensor.clone() for tensor in layer.tensors]
+        qkv = (torch.randn(1, (heads + 2 * kv_heads) * dim, generator=generator, device=device) * 2).to(dtype)
         q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
-        c, s = cos[position:position + 1], sin[position:position + 1]
-        at = torch.tensor([position], device=device)
-        rotated_q, rotated_k = _rope(q.view(heads, dim), c, s), _rope(k.view(kv_heads, dim), c, s)
-        theirs.write_at(at, rotated_k[:, None], v.view(kv_heads, 1, dim))
-        expected = theirs.attend(rotated_q.view(kv_heads, rep, dim), at, span, scale)
-        got = mine.attend(q.view(kv_heads, rep, dim), at, span, scale, (k, v, c, s))
-        assert torch.equal(got, expected)
-        for a, b in zip(mine.tensors, theirs.tensors):
-            assert torch.equal(a, b)
+        c, s = cos[position:position + 1], sin[position:position + 1]      # [1, dim], as a step selects them
+        rotated = rope_and_write(q, k, v, c, s, layer.keys, layer.values, torch.tensor([position], device=device))
+        assert torch.equal(rotated, _rope(q.view(heads, dim), c, s))
+        assert torch.equal(layer.keys[:, position], _rope(k.view(kv_heads, dim), c, s))
+        assert torch.equal(layer.values[:, position], v.view(kv_heads, dim))
+        for tensor, old in zip(layer.tensors, before):
+            assert torch.equal(tensor[:, :position], old[:, :position])
+            assert torch.equal(tensor[:, position + 1:], old[:, position + 1:])

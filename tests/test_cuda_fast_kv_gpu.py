@@ -190,15 +190,12 @@ def test_quantized_write_is_quantize_bit_for_bit(kv_bits):
             assert torch.equal(part[:, :position], old[:, :position]) and torch.equal(part[:, position + 1:], old[:, position + 1:])
 
 
-def test_attention_with_rope_is_rope_write_then_attention_bit_for_bit():
-    """Compiled, at the 8B's shape (the CPU test runs it interpreted: a float32 -> bf16 -> float32
-    round trip written with `.to()` was dropped by the GPU's compiler, not the interpreter): the
-    step's own cache row, written by the part holding it, read back by all its threads (its
-    barrier), equal to write_at's."""
-    from fast_kv_helpers import check_attention_with_rope
+def test_rope_and_write_is_rope_then_write_at_bit_for_bit():
+    """The compiled kernel as the GPU runs it (the CPU test runs it interpreted): a float32 -> bf16
+    -> float32 round trip written with `.to()` was dropped by the compiler there, not here."""
+    from fast_kv_helpers import check_rope_and_write
 
-    check_attention_with_rope("cuda")
-    check_attention_with_rope("cuda", heads=8, kv_heads=2, dim=64, capacity=1500)
+    check_rope_and_write("cuda", torch.bfloat16)
 
 
 def test_overlapping_attention_kernels_give_the_same_logits(monkeypatch):
@@ -213,7 +210,7 @@ def test_overlapping_attention_kernels_give_the_same_logits(monkeypatch):
     model = llama(torch.bfloat16)
     ids = prompt(200, model.config.vocab_size)
     overlapping = decoder(model, None)
-    assert overlapping.use_graphs and overlapping.split_kv and overlapping.rope == "attention"
+    assert overlapping.use_graphs and overlapping.split_kv and overlapping.rope == "write"
     expected, tokens = fast_greedy(overlapping, ids, 64)
     monkeypatch.setattr(compat, "overlapping_launches", lambda device: False)     # (no NF4 kernels in this model)
     got = teacher_forced(decoder(model, None), ids, tokens + [0])

@@ -3,8 +3,8 @@ interpreter (TRITON_INTERPRET=1): the split-KV decode attention reading a quanti
 (kv8, kv4) against a float64 reference on random data, over spans that are and are not multiples
 of its block, for the 8B's grouped-query shape (8 KV heads of 128, 4 query heads each) and a
 head of 64 (one quantization group); the quantized write of a step's K and V against
-runner_cuda.kv_cache.quantize, bit for bit; RoPE with the plain cache's write in the attention's
-launch against what it replaces, bit for bit (alone and in a bf16 decoder); and a decoder using the split-KV
+runner_cuda.kv_cache.quantize, bit for bit; RoPE with the plain cache's write in one launch against
+the two it replaces, bit for bit (alone and in a bf16 decoder); and a decoder using the split-KV
 kernels against the SDPA path.
 
 The interpreter computes in numpy: float16 here (its bfloat16 products and roundings are not the
@@ -103,6 +103,13 @@ def test_quantized_write_is_quantize_bit_for_bit(dtype, bits):
             assert torch.equal(part[:, :position], old[:, :position]) and torch.equal(part[:, position + 1:], old[:, position + 1:])
 
 
+def test_rope_and_write_is_rope_then_write_at_bit_for_bit():
+    from fast_kv_helpers import check_rope_and_write
+
+    check_rope_and_write("cpu", torch.bfloat16)
+    check_rope_and_write("cpu", torch.bfloat16, heads=4, kv_heads=2, dim=64, capacity=9)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kv_bits", [8, 4])
 def test_decoder_with_the_kernels_is_the_sdpa_path(kv_llama_dir, kv_bits):
@@ -132,18 +139,11 @@ def test_decoder_with_the_kernels_is_the_sdpa_path(kv_llama_dir, kv_bits):
     assert ((got - expected).norm() / expected.norm()).item() < 2e-2
 
 
-def test_attention_with_rope_is_rope_write_then_attention_bit_for_bit():
-    from fast_kv_helpers import check_attention_with_rope
-
-    check_attention_with_rope("cpu", heads=8, kv_heads=2, dim=64, capacity=300)
-    check_attention_with_rope("cpu", heads=4, kv_heads=2, dim=64, capacity=9)
-
-
 @pytest.mark.slow
 def test_decoder_gives_the_same_logits_wherever_rope_runs(kv_llama_dir):
-    """A bf16 tiny Llama with a plain cache decoded with RoPE and the cache write in the attention's
-    launch (the default) and apart (both interpreted, split-KV attention): the same logits, bit for bit. (Against SDPA in bf16 the interpreter's attention is not the GPU's:
-    tests/test_cuda_fast_kv_gpu.py.)"""
+    """A bf16 tiny Llama with a plain cache decoded with RoPE and the cache write in one launch (the
+    default) and apart (both interpreted, split-KV attention): the same logits, bit for bit.
+    (Against SDPA in bf16 the interpreter's attention is not the GPU's: tests/test_cuda_fast_kv_gpu.py.)"""
     from transformers import AutoModelForCausalLM
 
     from fast_kv_helpers import fast_greedy, prompt
@@ -154,7 +154,7 @@ def test_decoder_gives_the_same_logits_wherever_rope_runs(kv_llama_dir):
     runs = []
     for place in ROPE_PLACES:
         decoder = FastDecoder(model, max_len=300, use_graphs=False, compile_ops=False, prefill_chunk=32, split_kv=True,
-                              rope=None if place == "attention" else place)
+                              rope=None if place == "write" else place)
         assert decoder.rope == place
         runs.append(fast_greedy(decoder, ids, 12))
     for logits, tokens in runs[1:]:

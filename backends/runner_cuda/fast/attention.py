@@ -51,21 +51,14 @@ def splits_for(span: int, block: int, most: int) -> int:
 
 
 def decode_attention(q: "torch.Tensor", keys, values, position: "torch.Tensor", span: int, scale: float,
-                     bits: int | None = None, rope: "tuple | None" = None) -> "torch.Tensor":
+                     bits: int | None = None) -> "torch.Tensor":
     """Attention of one step's queries q [kv_heads, rep, head_dim] (query head g * rep + r reads
     KV head g) over the first `span` positions of keys and values [kv_heads, capacity, head_dim]
     (with `bits`, each the codes, scales and biases of static_cache.QuantizedLayer), those after
-    `position` ([1] int64 on the device) masked; [kv_heads, rep, head_dim] in q's dtype.
-    `rope` (k, v, cos, sin), a plain bf16 cache: q and the step's k [kv_heads * head_dim] as
-    projected, cos and sin [head_dim] at the position; RoPE on q and k and the write of k and v at
-    `position` done by the attention's launch (what the decoder's _rope and PlainLayer.write_at do,
-    to the bit: bf16 only, as in float32 the GPU's compiler fuses x * cos + rotated * sin into one
-    FMA, which eager torch rounds twice)."""
+    `position` ([1] int64 on the device) masked; [kv_heads, rep, head_dim] in q's dtype."""
     import torch
 
     kv_heads, rep, dim = q.shape
-    if rope is not None and (bits is not None or q.dtype != torch.bfloat16):
-        raise ValueError("decode_attention applies RoPE over a plain bf16 cache only")
     if bits is None:
         codes = scales = biases = (keys, values)          # scales and biases not read
         shapes = {codes: dim}
@@ -91,11 +84,10 @@ def decode_attention(q: "torch.Tensor", keys, values, position: "torch.Tensor", 
     from runner_cuda.fast.kv_kernels import combine, part
 
     pdl = compat.overlapping_launches(q.device)
-    new_k, new_v, cos, sin = (t.contiguous() for t in rope) if rope is not None else (q, q, q, q)    # read with ROPE only
     part[(kv_heads, splits)](q, *codes, scales[0], biases[0], scales[1], biases[1], position, out, best, total,
-                             capacity, scale, new_k, new_v, cos, sin,
+                             capacity, scale,
                              REP=rep, ROWS=rows, DIM=dim, BLOCK=block, CHUNK=chunk, BITS=bits or 16, GROUP=GROUP,
-                             ROPE=rope is not None, SPLITS=splits, PDL=pdl, num_warps=warps, num_stages=stages, launch_pdl=pdl)
+                             PDL=pdl, num_warps=warps, num_stages=stages, launch_pdl=pdl)
     combine[(kv_heads, rep)](out, best, total, result, REP=rep, ROWS=rows, DIM=dim, SPLITS=splits, PDL=pdl,
                              launch_pdl=pdl)
     return result

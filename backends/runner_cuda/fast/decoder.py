@@ -61,9 +61,9 @@ FIRST_BUCKET = 256
 # projection types whose forward runs inside a CUDA graph (no host synchronisation): plain
 # Linear and bitsandbytes' 4-bit Linear; LLM.int8 and FP8 layers keep the ordinary loop
 GRAPH_SAFE_LINEARS = ("Linear", "Linear4bit", "LinearNF4", "LinearFP4")
-# where a step's RoPE and cache write run: in the split-KV attention's launch, in one launch of their
-# own before it (kv_kernels.rope_and_write), or apart (torch's operations)
-ROPE_PLACES = ("attention", "write", "apart")
+# where a step's RoPE and cache write run: in one Triton launch (kv_kernels.rope_and_write), or apart
+# (torch's operations)
+ROPE_PLACES = ("write", "apart")
 # The NF4 decode GEMV (LoadRequest.kernel, `--kernel`). "cuda" (default): nf4_cuda.NF4Mma, runner's
 # tensor-core kernel with each layer's RMSNorms, residual adds and SiLU x up inside it, where it takes
 # every projection (else "cuda-simt"); "cuda-simt": nf4_cuda.NF4Gemv, float32 products, q/k/v and
@@ -141,12 +141,11 @@ class FastDecoder:
             split_kv = on_cuda and self.dtype in (torch.bfloat16, torch.float16) and attention_takes(self.head_dim)
         self.split_kv = split_kv
         # where a step's RoPE and cache write run (ROPE_PLACES): with the split-KV kernels (Triton) and a
-        # plain bf16 cache, in the attention's launch (or "write": a Triton launch of their own, for bench
-        # ablations); "apart" elsewhere
+        # plain bf16 cache, one launch ("write"); "apart" elsewhere, and for bench ablations
         fits = split_kv and kv_bits is None and self.dtype == torch.bfloat16
-        self.rope = rope or ("attention" if fits else "apart")
+        self.rope = rope or ("write" if fits else "apart")
         if self.rope not in ROPE_PLACES or (self.rope != "apart" and not fits):
-            raise ValueError(f"rope {self.rope!r}: one of {', '.join(ROPE_PLACES)}, all but 'apart' with split-KV "
+            raise ValueError(f"rope {self.rope!r}: one of {', '.join(ROPE_PLACES)}, the first with split-KV "
                              "attention over a plain bf16 cache")
         # NF4 decode GEMV: bitsandbytes' own batch-1 kernel (it reads the packed weights and the
         # double-quant state itself), or the Triton kernel of nf4.py in one of its modes
@@ -399,7 +398,7 @@ class FastDecoder:
         [1, hidden] for the next segment, or the float32 logits from the last. The residual add and
         the next RMSNorm are one fused step, as are RoPE on q and k, and the MLP's SiLU × up (fused
         by torch.compile on CUDA: ~15 kernels a layer instead of ~45); with the split-KV kernels over a
-        plain bf16 cache, RoPE and the cache write are done by the attention's launch."""
+        plain bf16 cache, RoPE and the cache write are one Triton launch."""
         import torch
 
         segment = segment or self.segments[0]
@@ -435,9 +434,8 @@ class FastDecoder:
                 cache.write_at(tables.position, k[:, None], v.view(self.kv_heads, 1, self.head_dim))
             # grouped-query attention as `rep` queries per KV head: no K/V repeat
             if self.split_kv:           # reads a quantized cache as stored (no dequantized copy)
-                rope = (k, v, cos, sin) if self.rope == "attention" else None     # RoPE and the write in its launch
                 out = cache.attend(q.reshape(self.kv_heads, rep, self.head_dim), tables.position, span,
-                                   self.scaling, rope).view(1, self.heads * self.head_dim)
+                                   self.scaling).view(1, self.heads * self.head_dim)
             else:
                 keys, values = cache.read(span)
                 out = torch.nn.functional.scaled_dot_product_attention(

@@ -1,9 +1,8 @@
 """The Triton kernels of the fast decoder's KV cache, in a module of their own because it imports
 Triton (attention.py and static_cache.py import it where a kernel runs): the split-KV decode
-attention over a plain or quantized cache (attention.py says how it works; over a plain bf16
-cache it can also apply RoPE to the step's q and k and write its k and v, for the decoder), the
-quantized write of one step's K and V (static_cache.QuantizedLayer.write_at), and RoPE with the
-plain cache's write in a launch of its own (`rope_and_write`, the decoder's rope="write").
+attention over a plain or quantized cache (attention.py says how it works), the quantized write
+of one step's K and V (static_cache.QuantizedLayer.write_at), and RoPE on a step's q and k with
+its k and v written into a plain cache, in one launch (`rope_and_write`, for the decoder).
 
 A cache's strides come from its capacity (positions per head): Triton knows a power-of-two factor
 of what it is given, so capacity x values per position keeps the loads of codes 16 bytes wide and
@@ -56,35 +55,22 @@ def load_block(c_ptr, s_ptr, b_ptr, head, positions, visible, capacity,
 
 @triton.jit
 def part(q_ptr, k_ptr, v_ptr, ks_ptr, kb_ptr, vs_ptr, vb_ptr, position_ptr, out_ptr, max_ptr, sum_ptr, capacity, scale,
-         new_k_ptr, new_v_ptr, cos_ptr, sin_ptr,
          REP: tl.constexpr, ROWS: tl.constexpr, DIM: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
-         BITS: tl.constexpr, GROUP: tl.constexpr, ROPE: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
+         BITS: tl.constexpr, GROUP: tl.constexpr, PDL: tl.constexpr):
     """One part (CHUNK positions) of one KV head: its running maximum, sum of exponentials and
-    weighted sum of values, for the combine kernel. With ROPE (a plain cache), q is the step's as
-    projected: RoPE on it here, and on the step's new k, which with its v the part holding the
-    position writes into the cache before reading it back with the other rows."""
+    weighted sum of values, for the combine kernel."""
+    wait_for_input(PDL)
     head = tl.program_id(0)
     split = tl.program_id(1)
-    start = split * CHUNK
-    wait_for_input(PDL)
+    splits = tl.num_programs(1)
     position = tl.load(position_ptr)
     rows = tl.arange(0, ROWS)
     dims = tl.arange(0, DIM)
-    if ROPE:
-        cos = tl.load(cos_ptr + dims).to(tl.float32)
-        sin = tl.load(sin_ptr + dims).to(tl.float32)
-        q = rotate(q_ptr, (head * REP + rows)[:, None] * DIM, cos, sin, dims[None, :], (rows < REP)[:, None], DIM)
-        q = q.to(q_ptr.dtype.element_ty)
-        if (position >= start) & (position < start + CHUNK):
-            new_k = rotate(new_k_ptr, head * DIM, cos, sin, dims, dims < DIM, DIM).to(k_ptr.dtype.element_ty)
-            tl.store(k_ptr + (head * capacity + position) * DIM + dims, new_k)
-            tl.store(v_ptr + (head * capacity + position) * DIM + dims, tl.load(new_v_ptr + head * DIM + dims))
-            tl.debug_barrier()     # the block's stores seen by all its threads: the loop reads the row back
-    else:
-        q = tl.load(q_ptr + (head * REP + rows)[:, None] * DIM + dims[None, :], mask=(rows < REP)[:, None], other=0.0)
+    q = tl.load(q_ptr + (head * REP + rows)[:, None] * DIM + dims[None, :], mask=(rows < REP)[:, None], other=0.0)
     best = tl.full([ROWS], float("-inf"), tl.float32)
     total = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, DIM], tl.float32)
+    start = split * CHUNK
     for offset in range(0, CHUNK, BLOCK):
         positions = start + offset + tl.arange(0, BLOCK)
         visible = positions <= position
@@ -99,7 +85,7 @@ def part(q_ptr, k_ptr, v_ptr, ks_ptr, kb_ptr, vs_ptr, vb_ptr, position_ptr, out_
         v = load_block(v_ptr, vs_ptr, vb_ptr, head, positions, visible, capacity, DIM, BITS, GROUP)
         acc = acc * shrink[:, None] + tl.dot(weights.to(v.dtype), v)
         best = new_best
-    slot = head * SPLITS + split
+    slot = head * splits + split
     tl.store(out_ptr + (slot * ROWS + rows)[:, None] * DIM + dims[None, :], acc)
     tl.store(max_ptr + slot * ROWS + rows, best)
     tl.store(sum_ptr + slot * ROWS + rows, total)
@@ -180,14 +166,14 @@ def round_bf16(x):
 
 
 @triton.jit
-def rotate(x_ptr, at, cos, sin, dims, mask, DIM: tl.constexpr):
-    """RoPE of heads' rows (starting at offsets `at`; zeros where not `mask`) as transformers' Llama
-    applies it in bf16: x * cos and rotate_half(x) * sin each rounded to bf16, then their sum
-    (float32 products and sum, as torch's bf16 operations compute and round them); float32 holding
-    bf16 values, so the store's conversion is exact (the interpreter's truncates)."""
+def rotate(x_ptr, row, cos, sin, dims, DIM: tl.constexpr):
+    """RoPE of one head's row as transformers' Llama applies it in bf16: x * cos and
+    rotate_half(x) * sin each rounded to bf16, then their sum (float32 products and sum, as torch's
+    bf16 operations compute and round them); float32 holding bf16 values, so the store's conversion
+    is exact (the interpreter's truncates)."""
     HALF: tl.constexpr = DIM // 2
-    x = tl.load(x_ptr + at + dims, mask=mask, other=0.0).to(tl.float32)
-    partner = tl.load(x_ptr + at + (dims + HALF) % DIM, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row * DIM + dims).to(tl.float32)
+    partner = tl.load(x_ptr + row * DIM + (dims + HALF) % DIM).to(tl.float32)
     rotated = tl.where(dims < HALF, -partner, partner)
     return round_bf16(round_bf16(x * cos) + round_bf16(rotated * sin))
 
@@ -204,10 +190,10 @@ def rope_write(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, keys_ptr, value
     cos = tl.load(cos_ptr + dims).to(tl.float32)
     sin = tl.load(sin_ptr + dims).to(tl.float32)
     if head < HEADS:
-        tl.store(q_out_ptr + head * DIM + dims, rotate(q_ptr, head * DIM, cos, sin, dims, dims < DIM, DIM))
+        tl.store(q_out_ptr + head * DIM + dims, rotate(q_ptr, head, cos, sin, dims, DIM))
     elif head < HEADS + KV_HEADS:
         kv = head - HEADS
-        tl.store(keys_ptr + (kv * capacity + position) * DIM + dims, rotate(k_ptr, kv * DIM, cos, sin, dims, dims < DIM, DIM))
+        tl.store(keys_ptr + (kv * capacity + position) * DIM + dims, rotate(k_ptr, kv, cos, sin, dims, DIM))
     else:
         kv = head - HEADS - KV_HEADS
         tl.store(values_ptr + (kv * capacity + position) * DIM + dims, tl.load(v_ptr + kv * DIM + dims))
@@ -216,8 +202,9 @@ def rope_write(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, keys_ptr, value
 def rope_and_write(q, k, v, cos, sin, keys, values, position):
     """A decode step's bf16 q [heads * head_dim] rotated (returned, [heads, head_dim]), and its k
     rotated and v written into keys and values [kv_heads, capacity, head_dim] at `position` ([1] on
-    the device): what `_rope` on q and k and a PlainLayer's write_at do, in one launch of its own
-    (the decoder's rope="write"; "attention" does it inside the attention's launch)."""
+    the device): what `_rope` on q and k and a PlainLayer's write_at do, in one launch. bf16 only:
+    in float32 the GPU's compiler fuses x * cos + rotated * sin into one FMA, which eager torch
+    rounds twice."""
     import torch
 
     if q.dtype != torch.bfloat16:

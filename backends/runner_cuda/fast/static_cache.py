@@ -4,7 +4,6 @@
     layer.write(start, k, v)              # prefill: k, v [kv_heads, T, head_dim] at start..start+T-1
     layer.write_at(position, k, v)        # a decode step: position a [1] device tensor (graph-safe)
     out = layer.attend(q, position, span, scale)    # a decode step's split-KV attention (attention.py)
-    out = layer.attend(q, position, span, scale, (k, v, cos, sin))   # ... with RoPE and the write (plain bf16)
     keys, values = layer.read(span)       # [kv_heads, span, head_dim] in the compute dtype
     layer.tensors                         # what it holds: its bytes are the plan's (budget.kv_cache_bytes)
 
@@ -58,8 +57,8 @@ class PlainLayer:
         self.keys.index_copy_(1, position, k)
         self.values.index_copy_(1, position, v)
 
-    def attend(self, q: "torch.Tensor", position: "torch.Tensor", span: int, scale: float, rope=None) -> "torch.Tensor":
-        return decode_attention(q, self.keys, self.values, position, span, scale, rope=rope)
+    def attend(self, q: "torch.Tensor", position: "torch.Tensor", span: int, scale: float) -> "torch.Tensor":
+        return decode_attention(q, self.keys, self.values, position, span, scale)
 
     def read(self, span: int) -> tuple["torch.Tensor", "torch.Tensor"]:
         return self.keys[:, :span], self.values[:, :span]
@@ -106,8 +105,8 @@ class QuantizedLayer:
         quantized_write[(kv_heads * groups, 2)](k.contiguous(), v.contiguous(), *self.keys, *self.values, position, capacity,
                                                 GROUPS=groups, BITS=self.bits, GROUP=KV_GROUP_SIZE)
 
-    def attend(self, q: "torch.Tensor", position: "torch.Tensor", span: int, scale: float, rope=None) -> "torch.Tensor":
-        return decode_attention(q, self.keys, self.values, position, span, scale, self.bits, rope)
+    def attend(self, q: "torch.Tensor", position: "torch.Tensor", span: int, scale: float) -> "torch.Tensor":
+        return decode_attention(q, self.keys, self.values, position, span, scale, self.bits)
 
     def read(self, span: int) -> tuple["torch.Tensor", "torch.Tensor"]:
         """K and V of the first `span` positions dequantized into a new tensor each, KV_READ_BLOCK
