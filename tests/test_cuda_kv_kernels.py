@@ -110,6 +110,18 @@ def test_rope_and_write_is_rope_then_write_at_bit_for_bit():
     check_rope_and_write("cpu", torch.bfloat16, heads=4, kv_heads=2, dim=64, capacity=9)
 
 
+def test_rope_and_write_prefetches_up_to_two_contiguous_tensors():
+    from runner_cuda.fast.kv_kernels import rope_and_write
+
+    q, k, v = (torch.zeros(n * 64, dtype=torch.bfloat16) for n in (4, 2, 2))
+    cos = sin = torch.ones(1, 64, dtype=torch.bfloat16)
+    keys = values = torch.zeros(2, 8, 64, dtype=torch.bfloat16)
+    weight = torch.zeros(8, 8, dtype=torch.uint8)
+    for bad in ((weight, weight, weight), (weight.t(),)):
+        with pytest.raises(ValueError, match="up to two contiguous"):
+            rope_and_write(q, k, v, cos, sin, keys, values, torch.tensor([0]), bad)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kv_bits", [8, 4])
 def test_decoder_with_the_kernels_is_the_sdpa_path(kv_llama_dir, kv_bits):

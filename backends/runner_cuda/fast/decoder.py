@@ -99,7 +99,7 @@ class FastDecoder:
     def __init__(self, model, max_len: int, *, use_graphs: bool | None = None, nf4_kernel: str | None = None,
                  compile_ops: bool | None = None, fuse_dense: bool | None = None, prefill_chunk: int = PREFILL_CHUNK,
                  split_at: Sequence[int] = (), split_kv: bool | None = None, kv_bits: int | None = None,
-                 gemv: bool | None = None, rope: str | None = None):
+                 gemv: bool | None = None, rope: str | None = None, l2_next: bool = False):
         import torch
 
         from runner.budget import KV_BITS, KV_GROUP_SIZE
@@ -158,6 +158,9 @@ class FastDecoder:
         self.nf4 = self._nf4_calls() if self.nf4_kernel != "bitsandbytes" else None
         if self.nf4 is None:
             self.nf4_kernel = "bitsandbytes"      # what runs: the modules' own kernel
+        # a measurement option, off (not yet run on a GPU, bench/RESULTS.md): the RoPE launch asks L2 for the
+        # o projection's NF4 weights, so that they stream in while the attention runs (Hopper)
+        self.l2_next = l2_next and self.rope == "write" and self.nf4_fused
 
         with torch.no_grad():
             self._allocate(inner.rotary_emb, config)
@@ -377,6 +380,13 @@ class FastDecoder:
             "down": NF4Mma.for_weights([weights["down"]], residual=True, x_dtype=self.dtype),
         }
 
+    def _next_weights(self, index: int) -> tuple:
+        """With l2_next: layer `index`'s o projection's packed weights and quant-block scales."""
+        if not self.l2_next:
+            return ()
+        weight = self.nf4[index]["o"].weights[0]
+        return weight.packed, weight.absmax
+
     def _project(self, index: int, group: str, module, x):
         """o_proj or down_proj of layer `index`: runner's NF4 kernel or BF16 GEMV where it runs, else
         the module."""
@@ -428,7 +438,8 @@ class FastDecoder:
             if self.rope == "write":
                 from runner_cuda.fast.kv_kernels import rope_and_write
 
-                q = rope_and_write(q, k, v, cos, sin, cache.keys, cache.values, tables.position)
+                q = rope_and_write(q, k, v, cos, sin, cache.keys, cache.values, tables.position,
+                                   self._next_weights(index))
             elif self.rope == "apart":
                 q, k = ops.rope(q.view(self.heads, self.head_dim), k.view(self.kv_heads, self.head_dim), cos, sin)
                 cache.write_at(tables.position, k[:, None], v.view(self.kv_heads, 1, self.head_dim))
