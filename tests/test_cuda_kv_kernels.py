@@ -174,6 +174,18 @@ def test_decoder_gives_the_same_logits_wherever_rope_runs(kv_llama_dir):
         assert torch.equal(logits, runs[0][0])
 
 
+def test_decoder_names_the_weights_it_can_ask_l2_for(kv_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    from runner_cuda.fast.decoder import FastDecoder
+
+    model = AutoModelForCausalLM.from_pretrained(str(kv_llama_dir), dtype=torch.bfloat16).eval()
+    with pytest.raises(ValueError, match="l2_next: some of o, qkv, not gate_up"):
+        FastDecoder(model, max_len=64, use_graphs=False, compile_ops=False, l2_next=("gate_up",))
+    # not NF4 weights: nothing asked of L2
+    assert FastDecoder(model, max_len=64, use_graphs=False, compile_ops=False, l2_next=("o", "qkv")).l2_next == ()
+
+
 @pytest.fixture(scope="module")
 def kv_llama_dir(tiny_llama_dir, tmp_path_factory):
     from fast_kv_helpers import write_kv_llama
