@@ -156,13 +156,13 @@ class FastDecoder:
         self.nf4_kernel = nf4_kernel or "cuda"
         if self.nf4_kernel not in NF4_KERNELS:
             raise ValueError(f"nf4 kernel {self.nf4_kernel!r}: one of {', '.join(NF4_KERNELS)}")
-        # per layer, runner's GEMV for q/k/v, o, gate/up and down (one launch per group), where
-        # every layer's projections are NF4 weights the chosen kernel reads; else None
         # a measurement option, off (not yet run on a GPU, bench/RESULTS.md): weights a launch asks L2 for
         # while the launches before it run (L2_NEXT), with NF4Mma's calls
         if not set(l2_next) <= set(L2_NEXT):
             raise ValueError(f"l2_next: some of {', '.join(L2_NEXT)}, not {', '.join(l2_next)}")
         self.l2_next = tuple(l2_next) if all(compat.overlapping_launches(device) for device in self.devices) else ()
+        # per layer, runner's GEMV for q/k/v, o, gate/up and down (one launch per group), where
+        # every layer's projections are NF4 weights the chosen kernel reads; else None
         self.nf4_fused = False     # the calls hold the norms, residual adds and SiLU x up (NF4Mma)
         self.nf4 = self._nf4_calls() if self.nf4_kernel != "bitsandbytes" else None
         if self.nf4 is None:
