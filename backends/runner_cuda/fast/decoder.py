@@ -396,7 +396,7 @@ class FastDecoder:
             "down": NF4Mma.for_weights([weights["down"]], residual=True, x_dtype=self.dtype, l2_next=down_l2_next),
         }
 
-    def _next_weights(self, index: int) -> tuple:
+    def _rope_l2_next(self, index: int) -> tuple:
         """With l2_next "o": layer `index`'s o projection's packed weights and quant-block scales."""
         if "o" not in self.l2_next:
             return ()
@@ -455,7 +455,7 @@ class FastDecoder:
                 from runner_cuda.fast.kv_kernels import rope_and_write
 
                 q = rope_and_write(q, k, v, cos, sin, cache.keys, cache.values, tables.position,
-                                   self._next_weights(index))
+                                   self._rope_l2_next(index))
             elif self.rope == "apart":
                 q, k = ops.rope(q.view(self.heads, self.head_dim), k.view(self.kv_heads, self.head_dim), cos, sin)
                 cache.write_at(tables.position, k[:, None], v.view(self.kv_heads, 1, self.head_dim))

@@ -231,10 +231,12 @@ def rope_and_write(q, k, v, cos, sin, keys, values, position, next_weights: tupl
     (Hopper: asked of L2 by this launch, before it waits for the one before)."""
     import torch
 
+    from runner_cuda.fast.nf4_cuda import l2_prefetchable
+
     if q.dtype != torch.bfloat16:
         raise ValueError(f"rope_and_write rounds as torch does in bf16, not {q.dtype}")
-    if len(next_weights) > 2 or not all(t.is_contiguous() for t in next_weights):
-        raise ValueError("rope_and_write prefetches up to two contiguous tensors")
+    if len(next_weights) > 2 or not all(l2_prefetchable(t, q.device) for t in next_weights):
+        raise ValueError("rope_and_write prefetches up to two contiguous, 16-byte aligned tensors on its GPU")
     kv_heads, capacity, dim = keys.shape
     heads = q.numel() // dim
     q_out = torch.empty(heads, dim, dtype=q.dtype, device=q.device)

@@ -692,6 +692,14 @@ def weight_arguments(weights: Sequence[NF4Weight]) -> list:
     return arguments
 
 
+def l2_prefetchable(tensor: "torch.Tensor", device) -> bool:
+    """Whether a launch on `device` can ask L2 for `tensor` with bulk prefetches (NF4Mma's l2_next,
+    kv_kernels.rope_and_write's next_weights): contiguous, 16-byte aligned, on that GPU."""
+    import torch
+
+    return tensor.device == torch.device(device) and tensor.is_contiguous() and tensor.data_ptr() % 16 == 0
+
+
 def l2_ranges(tensors: Sequence["torch.Tensor"], warps: int, device) -> "torch.Tensor | None":
     """NF4Mma's `next_ranges`: per tensor its address, its bytes and a warp's share of them (a multiple
     of 16), int64 on `device`; None for no tensors."""
@@ -701,7 +709,7 @@ def l2_ranges(tensors: Sequence["torch.Tensor"], warps: int, device) -> "torch.T
         return None
     rows = []
     for tensor in tensors:
-        if tensor.device != torch.device(device) or not tensor.is_contiguous() or tensor.data_ptr() % 16:
+        if not l2_prefetchable(tensor, device):
             raise ValueError("NF4Mma asks L2 for contiguous, 16-byte aligned tensors on its own GPU")
         nbytes = tensor.numel() * tensor.element_size()
         share = -(-nbytes // warps)
