@@ -62,10 +62,8 @@ def leaving_out(kinds: set):
         finally:
             kv_kernels.combine = combine
 
-    def rope_and_write(q, k, v, cos, sin, keys, values, position, next_weights=()):
-        if "rope" in kinds:
-            return q.view(-1, keys.shape[-1])
-        return rope(q, k, v, cos, sin, keys, values, position, next_weights)
+    def rope_and_write(q, k, v, cos, sin, keys, values, position):
+        return q.view(-1, keys.shape[-1]) if "rope" in kinds else rope(q, k, v, cos, sin, keys, values, position)
 
     NF4Mma.__call__, static_cache.decode_attention, kv_kernels.rope_and_write = nf4_call, attention, rope_and_write
     try:

@@ -279,31 +279,6 @@ def test_graph_decoder_prefills_in_chunks_like_one_pass(tmp_path):
     assert chunked_tokens == whole_tokens
 
 
-def test_weights_asked_of_l2_early_change_no_logit(tmp_path):
-    """The decoder's l2_next (the RoPE launch asks L2 for the o projection's weights, down for the
-    next layer's q/k/v; Hopper): the graphed steps' logits bit for bit those without it (a prefetch
-    reads, it writes nothing)."""
-    from runner_cuda import compat
-    from runner_cuda.fast.decoder import FastDecoder
-
-    if not compat.overlapping_launches(torch.device("cuda")):
-        pytest.skip("the prefetches are issued where launches overlap (compute capability 9.0)")
-    model = small_nf4_llama(tmp_path)
-    prompt = torch.randint(0, 4096, (100,), generator=torch.Generator().manual_seed(3)).tolist()
-    runs = []
-    for l2_next in ((), ("o",), ("qkv",), ("o", "qkv")):
-        decoder = FastDecoder(model, max_len=512, l2_next=l2_next)
-        assert decoder.l2_next == l2_next and decoder.use_graphs and decoder.rope == "write" and decoder.nf4_fused
-        assert (decoder.nf4[0]["down"].next_ranges is not None) == ("qkv" in l2_next)
-        logits = [decoder.prefill(prompt).clone()]
-        for _ in range(20):
-            logits.append(decoder.step(int(logits[-1].argmax())).clone())
-        runs.append(torch.stack(logits))
-        del decoder
-    for other in runs[1:]:
-        assert torch.equal(other, runs[0])
-
-
 @pytest.fixture(scope="module")
 def tiny_chat_dir(tmp_path_factory):
     """A small random Llama with a word-level tokenizer and a chat template of its own (the GPU

@@ -110,18 +110,6 @@ def test_rope_and_write_is_rope_then_write_at_bit_for_bit():
     check_rope_and_write("cpu", torch.bfloat16, heads=4, kv_heads=2, dim=64, capacity=9)
 
 
-def test_rope_and_write_prefetches_up_to_two_contiguous_tensors():
-    from runner_cuda.fast.kv_kernels import rope_and_write
-
-    q, k, v = (torch.zeros(n * 64, dtype=torch.bfloat16) for n in (4, 2, 2))
-    cos = sin = torch.ones(1, 64, dtype=torch.bfloat16)
-    keys = values = torch.zeros(2, 8, 64, dtype=torch.bfloat16)
-    weight = torch.zeros(8, 8, dtype=torch.uint8)
-    for bad in ((weight, weight, weight), (weight.t(),)):
-        with pytest.raises(ValueError, match="up to two contiguous"):
-            rope_and_write(q, k, v, cos, sin, keys, values, torch.tensor([0]), bad)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("kv_bits", [8, 4])
 def test_decoder_with_the_kernels_is_the_sdpa_path(kv_llama_dir, kv_bits):
@@ -172,18 +160,6 @@ def test_decoder_gives_the_same_logits_wherever_rope_runs(kv_llama_dir):
     for logits, tokens in runs[1:]:
         assert tokens == runs[0][1]
         assert torch.equal(logits, runs[0][0])
-
-
-def test_decoder_names_the_weights_it_can_ask_l2_for(kv_llama_dir):
-    from transformers import AutoModelForCausalLM
-
-    from runner_cuda.fast.decoder import FastDecoder
-
-    model = AutoModelForCausalLM.from_pretrained(str(kv_llama_dir), dtype=torch.bfloat16).eval()
-    with pytest.raises(ValueError, match="l2_next: some of o, qkv, not gate_up"):
-        FastDecoder(model, max_len=64, use_graphs=False, compile_ops=False, l2_next=("gate_up",))
-    # not NF4 weights: nothing asked of L2
-    assert FastDecoder(model, max_len=64, use_graphs=False, compile_ops=False, l2_next=("o", "qkv")).l2_next == ()
 
 
 @pytest.fixture(scope="module")

@@ -49,7 +49,6 @@ import contextlib
 from typing import TYPE_CHECKING, Sequence
 
 from runner.budget import PREFILL_CHUNK
-from runner_cuda import compat
 from runner_cuda.fast.attention import attention_takes
 from runner_cuda.fast.nf4 import nf4_weight_of
 from runner_cuda.fast.static_cache import static_layer
@@ -65,9 +64,6 @@ GRAPH_SAFE_LINEARS = ("Linear", "Linear4bit", "LinearNF4", "LinearFP4")
 # where a step's RoPE and cache write run: in one Triton launch (kv_kernels.rope_and_write), or apart
 # (torch's operations)
 ROPE_PLACES = ("write", "apart")
-# weights asked of L2 early (FastDecoder's l2_next, Hopper): "o", the layer's o projection by its RoPE launch
-# (during the attention); "qkv", the next layer's q/k/v by the down launch (down reads at about half the bandwidth)
-L2_NEXT = ("o", "qkv")
 # The NF4 decode GEMV (LoadRequest.kernel, `--kernel`). "cuda" (default): nf4_cuda.NF4Mma, runner's
 # tensor-core kernel with each layer's RMSNorms, residual adds and SiLU x up inside it, where it takes
 # every projection (else "cuda-simt"); "cuda-simt": nf4_cuda.NF4Gemv, float32 products, q/k/v and
@@ -103,7 +99,7 @@ class FastDecoder:
     def __init__(self, model, max_len: int, *, use_graphs: bool | None = None, nf4_kernel: str | None = None,
                  compile_ops: bool | None = None, fuse_dense: bool | None = None, prefill_chunk: int = PREFILL_CHUNK,
                  split_at: Sequence[int] = (), split_kv: bool | None = None, kv_bits: int | None = None,
-                 gemv: bool | None = None, rope: str | None = None, l2_next: Sequence[str] = ()):
+                 gemv: bool | None = None, rope: str | None = None):
         import torch
 
         from runner.budget import KV_BITS, KV_GROUP_SIZE
@@ -156,19 +152,12 @@ class FastDecoder:
         self.nf4_kernel = nf4_kernel or "cuda"
         if self.nf4_kernel not in NF4_KERNELS:
             raise ValueError(f"nf4 kernel {self.nf4_kernel!r}: one of {', '.join(NF4_KERNELS)}")
-        # a measurement option, off (not yet run on a GPU, bench/RESULTS.md): weights a launch asks L2 for
-        # while the launches before it run (L2_NEXT), with NF4Mma's calls
-        if not set(l2_next) <= set(L2_NEXT):
-            raise ValueError(f"l2_next: some of {', '.join(L2_NEXT)}, not {', '.join(l2_next)}")
-        self.l2_next = tuple(l2_next) if all(compat.overlapping_launches(device) for device in self.devices) else ()
         # per layer, runner's GEMV for q/k/v, o, gate/up and down (one launch per group), where
         # every layer's projections are NF4 weights the chosen kernel reads; else None
         self.nf4_fused = False     # the calls hold the norms, residual adds and SiLU x up (NF4Mma)
         self.nf4 = self._nf4_calls() if self.nf4_kernel != "bitsandbytes" else None
         if self.nf4 is None:
             self.nf4_kernel = "bitsandbytes"      # what runs: the modules' own kernel
-        self.l2_next = tuple(place for place in self.l2_next
-                             if self.nf4_fused and (place != "o" or self.rope == "write"))
 
         with torch.no_grad():
             self._allocate(inner.rotary_emb, config)
@@ -362,28 +351,20 @@ class FastDecoder:
     def _nf4_fused_calls(self) -> "list[dict] | None":
         """Per layer, NF4Mma calls: "qkv" (RMSNorm inside), "o" and "down" (adding into the residual
         stream), "gate_up" (RMSNorm inside, SiLU(gate) x up out); None where it does not take them all."""
-        layers = [{name: nf4_weight_of(module) for name, module in zip(
-            ("q", "k", "v", "o", "gate", "up", "down"), _projections(layer))} for layer in self.layers]
-        if any(w is None for weights in layers for w in weights.values()):
-            return None
         calls = []
-        for index, (layer, weights) in enumerate(zip(self.layers, layers)):
+        for layer in self.layers:
+            weights = {name: nf4_weight_of(module) for name, module in zip(
+                ("q", "k", "v", "o", "gate", "up", "down"), _projections(layer))}
+            if any(w is None for w in weights.values()):
+                return None
             with _on(_device_of(layer)):       # each kernel is compiled and loaded for its layer's GPU
-                layer_calls = self._nf4_fused_layer(layer, weights, self._down_l2_next(index, layers))
+                layer_calls = self._nf4_fused_layer(layer, weights)
             if any(call is None for call in layer_calls.values()):
                 return None
             calls.append(layer_calls)
         return calls
 
-    def _down_l2_next(self, index: int, layers: list[dict]) -> tuple:
-        """With l2_next "qkv": the next layer's q/k/v packed weights and scales, where it is on this GPU."""
-        if "qkv" not in self.l2_next or index + 1 == len(layers) or (
-                _device_of(self.layers[index + 1]) != _device_of(self.layers[index])):
-            return ()
-        following = layers[index + 1]
-        return tuple(t for name in ("q", "k", "v") for t in (following[name].packed, following[name].absmax))
-
-    def _nf4_fused_layer(self, layer, weights: dict, down_l2_next: tuple = ()) -> dict:
+    def _nf4_fused_layer(self, layer, weights: dict) -> dict:
         from runner_cuda.fast.nf4_cuda import NF4Mma
 
         return {
@@ -393,15 +374,8 @@ class FastDecoder:
             "gate_up": NF4Mma.for_weights([weights["gate"], weights["up"]], glu=True,
                                           norm=layer.post_attention_layernorm.weight,
                                           eps=_norm_eps(layer.post_attention_layernorm), x_dtype=self.dtype),
-            "down": NF4Mma.for_weights([weights["down"]], residual=True, x_dtype=self.dtype, l2_next=down_l2_next),
+            "down": NF4Mma.for_weights([weights["down"]], residual=True, x_dtype=self.dtype),
         }
-
-    def _rope_l2_next(self, index: int) -> tuple:
-        """With l2_next "o": layer `index`'s o projection's packed weights and quant-block scales."""
-        if "o" not in self.l2_next:
-            return ()
-        weight = self.nf4[index]["o"].weights[0]
-        return weight.packed, weight.absmax
 
     def _project(self, index: int, group: str, module, x):
         """o_proj or down_proj of layer `index`: runner's NF4 kernel or BF16 GEMV where it runs, else
@@ -454,8 +428,7 @@ class FastDecoder:
             if self.rope == "write":
                 from runner_cuda.fast.kv_kernels import rope_and_write
 
-                q = rope_and_write(q, k, v, cos, sin, cache.keys, cache.values, tables.position,
-                                   self._rope_l2_next(index))
+                q = rope_and_write(q, k, v, cos, sin, cache.keys, cache.values, tables.position)
             elif self.rope == "apart":
                 q, k = ops.rope(q.view(self.heads, self.head_dim), k.view(self.kv_heads, self.head_dim), cos, sin)
                 cache.write_at(tables.position, k[:, None], v.view(self.kv_heads, 1, self.head_dim))

@@ -179,35 +179,12 @@ def rotate(x_ptr, row, cos, sin, dims, DIM: tl.constexpr):
 
 
 @triton.jit
-def prefetch_l2(ptr, nbytes, program, PROGRAMS: tl.constexpr, THREADS: tl.constexpr):
-    """Ask L2 for this program's share of the `nbytes` from `ptr` (16-byte aligned): one bulk
-    prefetch a thread (Hopper's cp.async.bulk.prefetch.L2; nothing kept in registers), sizes a
-    multiple of 16 (a last few bytes may be left out)."""
-    piece = tl.cdiv(tl.cdiv(nbytes, PROGRAMS * THREADS), 16) * 16
-    starts = (program * THREADS + tl.arange(0, THREADS)).to(tl.int64) * piece
-    sizes = (tl.maximum(tl.minimum(nbytes - starts, piece), 0) // 16 * 16).to(tl.int32)
-    at = ptr.to(tl.pointer_type(tl.uint8)) + starts
-    tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.u32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; }"
-                              "\n\tmov.u32 $0, 0;", "=r,l,r", [at, sizes], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def rope_write(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, keys_ptr, values_ptr, position_ptr, capacity,
-               next0_ptr, next0_bytes, next1_ptr, next1_bytes,
-               HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, PDL: tl.constexpr,
-               L2_NEXT: tl.constexpr, THREADS: tl.constexpr):
+               HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, PDL: tl.constexpr):
     """Program h < HEADS: query head h rotated into q_out; then each KV head's k rotated, and its v,
-    into the cache at the step's position (read on the device: a graphed step writes where it is).
-    With L2_NEXT (Hopper), first the programs ask L2 for the two byte ranges next0, next1 (weights a
-    later launch reads, which no kernel writes), so that they stream in while the attention runs."""
+    into the cache at the step's position (read on the device: a graphed step writes where it is)."""
+    wait_for_input(PDL)
     head = tl.program_id(0)
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-    if L2_NEXT:
-        prefetch_l2(next0_ptr, next0_bytes, head, HEADS + 2 * KV_HEADS, THREADS)
-        prefetch_l2(next1_ptr, next1_bytes, head, HEADS + 2 * KV_HEADS, THREADS)
-    if PDL:
-        tl.extra.cuda.gdc_wait()
     position = tl.load(position_ptr)
     dims = tl.arange(0, DIM)
     cos = tl.load(cos_ptr + dims).to(tl.float32)
@@ -222,28 +199,21 @@ def rope_write(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, keys_ptr, value
         tl.store(values_ptr + (kv * capacity + position) * DIM + dims, tl.load(v_ptr + kv * DIM + dims))
 
 
-def rope_and_write(q, k, v, cos, sin, keys, values, position, next_weights: tuple = ()):
+def rope_and_write(q, k, v, cos, sin, keys, values, position):
     """A decode step's bf16 q [heads * head_dim] rotated (returned, [heads, head_dim]), and its k
     rotated and v written into keys and values [kv_heads, capacity, head_dim] at `position` ([1] on
     the device): what `_rope` on q and k and a PlainLayer's write_at do, in one launch. bf16 only:
     in float32 the GPU's compiler fuses x * cos + rotated * sin into one FMA, which eager torch
-    rounds twice. `next_weights`: up to two contiguous tensors a later launch of the step reads
-    (Hopper: asked of L2 by this launch, before it waits for the one before)."""
+    rounds twice."""
     import torch
-
-    from runner_cuda.fast.nf4_cuda import l2_prefetchable
 
     if q.dtype != torch.bfloat16:
         raise ValueError(f"rope_and_write rounds as torch does in bf16, not {q.dtype}")
-    if len(next_weights) > 2 or not all(l2_prefetchable(t, q.device) for t in next_weights):
-        raise ValueError("rope_and_write prefetches up to two contiguous, 16-byte aligned tensors on its GPU")
     kv_heads, capacity, dim = keys.shape
     heads = q.numel() // dim
     q_out = torch.empty(heads, dim, dtype=q.dtype, device=q.device)
     pdl = compat.overlapping_launches(q.device)
-    ranges = [(t, t.numel() * t.element_size()) for t in next_weights] + [(q_out, 0)] * (2 - len(next_weights))
     rope_write[(heads + 2 * kv_heads,)](q.contiguous(), k.contiguous(), v.contiguous(), cos, sin, q_out, keys, values,
-                                        position, capacity, *ranges[0], *ranges[1], HEADS=heads, KV_HEADS=kv_heads,
-                                        DIM=dim, PDL=pdl, L2_NEXT=pdl and bool(next_weights), THREADS=4 * 32,
-                                        num_warps=4, launch_pdl=pdl)
+                                        position, capacity, HEADS=heads, KV_HEADS=kv_heads, DIM=dim, PDL=pdl,
+                                        launch_pdl=pdl)
     return q_out

@@ -220,9 +220,7 @@ MMA_SOURCE = r"""
 // with AHEAD = its steps, stream in while the kernel before runs), STAGED (the steps in flight are copied into
 // shared memory by cp.async, a ring of SLOTS > AHEAD steps a warp, instead of into registers: more bytes in
 // flight for no registers; with SLOTS a power of two the unrolled loop's slots are constants), WIDE_TABLE (the
-// lookup table's entries 256 bytes apart, 64 KB: one PRMT makes a lookup's address), L2_NEXT (Hopper: the
-// number of (address, bytes, a warp's share) ranges in `next_ranges`, tensors a later launch reads, which the
-// block's warps ask L2 for first, so that they stream in while this launch runs; 0: no such argument).
+// lookup table's entries 256 bytes apart, 64 KB: one PRMT makes a lookup's address).
 #define NIT (K / 128)
 #define TILES (WARPS / SPLIT)
 #define STEPS ((NIT + SPLIT - 1) / SPLIT)        // a warp's steps (one fewer for some where SPLIT does not divide NIT)
@@ -269,19 +267,6 @@ __device__ __forceinline__ unsigned int lut(unsigned int lane4, unsigned int w, 
     return *(const unsigned int*)(smem + lane4 + (__byte_perm(w, 0, 0x4440 + b) << 7));
 #endif
 }
-
-#if L2_NEXT
-// warp `me`'s share of each range asked of L2: one bulk prefetch (addresses and shares multiples of 16 bytes)
-__device__ __forceinline__ void prefetch_next(const unsigned long long* ranges, unsigned long long me) {
-    #pragma unroll
-    for (int r = 0; r < L2_NEXT; ++r) {
-        const unsigned long long address = ranges[3 * r], bytes = ranges[3 * r + 1], piece = ranges[3 * r + 2];
-        const unsigned long long start = me * piece;
-        const unsigned int size = start < bytes ? (unsigned int)((bytes - start < piece ? bytes - start : piece) & ~15ull) : 0u;
-        if (size) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(address + start), "r"(size) : "memory");
-    }
-}
-#endif
 
 struct Rows {                    // one A-fragment row of the tile: its weight, and where its blocks start
     const uint4* packed;         // the row's first 16 bytes
@@ -422,11 +407,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
     const uint4* p0, const void* a0, const float* nc0, const float* na0, const float* o0, const unsigned short* b0, int n0,
     const uint4* p1, const void* a1, const float* nc1, const float* na1, const float* o1, const unsigned short* b1, int n1,
     const uint4* p2, const void* a2, const float* nc2, const float* na2, const float* o2, const unsigned short* b2, int n2,
-    int has_bias
-#if L2_NEXT
-    , const unsigned long long* __restrict__ next_ranges
-#endif
-    )
+    int has_bias)
 {
     unsigned char* table_bytes = smem;      // [256][32] words: entry e, lane l at e*128 + l*4 (WIDE_TABLE: e*256 + l*4)
     uint4* ring = (uint4*)(smem + TABLE_BYTES);                       // STAGED: [WARPS][SLOTS][2][32] 16-byte words
@@ -438,9 +419,6 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
     const unsigned int lane4 = lane * 4;
-#if L2_NEXT
-    if (lane == 0) prefetch_next(next_ranges, blockIdx.x * WARPS + warp);
-#endif
 
     // this warp's tile and slice of K, and its first weights and scale, loaded before the table and
     // the input are prepared so that the loads' latency overlaps that work
@@ -692,31 +670,6 @@ def weight_arguments(weights: Sequence[NF4Weight]) -> list:
     return arguments
 
 
-def l2_prefetchable(tensor: "torch.Tensor", device) -> bool:
-    """Whether a launch on `device` can ask L2 for `tensor` with bulk prefetches (NF4Mma's l2_next,
-    kv_kernels.rope_and_write's next_weights): contiguous, 16-byte aligned, on that GPU."""
-    import torch
-
-    return tensor.device == torch.device(device) and tensor.is_contiguous() and tensor.data_ptr() % 16 == 0
-
-
-def l2_ranges(tensors: Sequence["torch.Tensor"], warps: int, device) -> "torch.Tensor | None":
-    """NF4Mma's `next_ranges`: per tensor its address, its bytes and a warp's share of them (a multiple
-    of 16), int64 on `device`; None for no tensors."""
-    import torch
-
-    if not tensors:
-        return None
-    rows = []
-    for tensor in tensors:
-        if not l2_prefetchable(tensor, device):
-            raise ValueError("NF4Mma asks L2 for contiguous, 16-byte aligned tensors on its own GPU")
-        nbytes = tensor.numel() * tensor.element_size()
-        share = -(-nbytes // warps)
-        rows += [tensor.data_ptr(), nbytes, -(-share // 16) * 16]
-    return torch.tensor(rows, dtype=torch.int64, device=device)
-
-
 def one_aligned_row(x: "torch.Tensor", features: int, kernel: str) -> "torch.Tensor":
     """`x` as the one contiguous, 16-byte aligned bf16 row of `features` values the kernels read."""
     import torch
@@ -776,18 +729,18 @@ class NF4Gemv:
 
 def mma_compiled(k: int, blocksize: int, nested_blocksize: int, nested: bool, warps: int, split: int, glu: bool,
                  norm: bool, residual: bool, l2_hint: bool, chunked_scales: bool, overlap: bool, ahead: int,
-                 staged: bool, slots: int, wide_table: bool, l2_next: int = 0):
+                 staged: bool, slots: int, wide_table: bool):
     """The tensor-core kernel for these compile-time choices, compiled once per process and GPU."""
     import torch
 
     key = ("mma", k, blocksize, nested_blocksize, nested, warps, split, glu, norm, residual, l2_hint, chunked_scales,
-           overlap, ahead, staged, slots, wide_table, l2_next, torch.cuda.current_device())
+           overlap, ahead, staged, slots, wide_table, torch.cuda.current_device())
     if key not in _COMPILED:
         options = [f"-DK={k}", f"-DBLOCKSIZE={blocksize}", f"-DNESTED_BLOCKSIZE={nested_blocksize}", f"-DNESTED={int(nested)}",
                    f"-DWARPS={warps}", f"-DSPLIT={split}", f"-DGLU={int(glu)}", f"-DNORM={int(norm)}",
                    f"-DRESIDUAL={int(residual)}", f"-DL2_HINT={int(l2_hint)}", f"-DCHUNKED_SCALES={int(chunked_scales)}",
                    f"-DOVERLAP={int(overlap)}", f"-DAHEAD={ahead}", f"-DSTAGED={int(staged)}",
-                   f"-DSLOTS={slots}", f"-DWIDE_TABLE={int(wide_table)}", f"-DL2_NEXT={l2_next}", "-std=c++17"]
+                   f"-DSLOTS={slots}", f"-DWIDE_TABLE={int(wide_table)}", "-std=c++17"]
         _COMPILED[key] = compat.compile_kernel(MMA_SOURCE, "nf4_mma", options)
     return _COMPILED[key]
 
@@ -930,15 +883,13 @@ class NF4Mma:
     only after it has. With `staged`, the steps in flight land in shared memory (cp.async) instead of
     registers (mma_staged: where a warp's rows are long), in a ring of `slots` steps (mma_slots).
     `wide_table`: the lookups in a 64 KB table whose addresses take one instruction fewer (default: where
-    staged). `l2_next`: tensors on its GPU (contiguous, 16-byte aligned) that a later launch reads, which
-    the launch asks L2 for first (a measurement option, not yet run on a GPU). The other options are the
-    measured defaults' overrides, for tests and benchmarks."""
+    staged). The other options are the measured defaults' overrides, for tests and benchmarks."""
 
     def __init__(self, weights: Sequence[NF4Weight], *, glu: bool = False, norm: "torch.Tensor | None" = None,
                  eps: float = 1e-6, residual: bool = False, warps: int | None = None, split: int | None = None,
                  l2_hint: bool | None = None, chunked_scales: bool | None = None, overlap: bool | None = None,
                  ahead: int | None = None, staged: bool | None = None, slots: int | None = None,
-                 wide_table: bool | None = None, l2_next: "Sequence[torch.Tensor]" = ()):
+                 wide_table: bool | None = None):
         import torch
 
         if not mma_fits(weights, glu, norm):
@@ -960,8 +911,8 @@ class NF4Mma:
         self.grid = (-(-tiles // (self.warps // self.split)), 1, 1)
         k = first.in_features
         can_overlap = compat.overlapping_launches(first.packed.device)
-        if (overlap or l2_next) and not can_overlap:
-            raise ValueError("overlapping launches and L2 prefetches need a GPU of compute capability 9.0 or later")
+        if overlap and not can_overlap:
+            raise ValueError("overlapping launches need a GPU of compute capability 9.0 or later")
         self.overlap = can_overlap if overlap is None else overlap
         if ahead not in (None, 1, 2, 4, 8):
             raise ValueError(f"a warp keeps 1, 2, 4 or 8 steps in flight, not {ahead}")
@@ -979,9 +930,8 @@ class NF4Mma:
                                    glu, norm is not None, residual,
                                    mma_l2_hint(k, self.split) if l2_hint is None else l2_hint,
                                    mma_chunked_scales(self.weights) if chunked_scales is None else chunked_scales,
-                                   self.overlap, self.ahead, self.staged, self.slots, self.wide_table, len(l2_next))
+                                   self.overlap, self.ahead, self.staged, self.slots, self.wide_table)
         compat.reserve_shared_memory(self.kernel, self.shared)
-        self.next_ranges = l2_ranges(l2_next, self.grid[0] * self.warps, first.packed.device)
         self.pairs = nf4_pairs(first.code)
         self.no_norm = torch.zeros(16, dtype=torch.int32, device=first.packed.device)      # the norm argument's stand-in
         self.eps = float(eps)
@@ -990,12 +940,11 @@ class NF4Mma:
 
     @classmethod
     def for_weights(cls, weights: Sequence[NF4Weight], *, glu: bool = False, norm: "torch.Tensor | None" = None,
-                    eps: float = 1e-6, residual: bool = False, x_dtype=None,
-                    l2_next: "Sequence[torch.Tensor]" = ()) -> "NF4Mma | None":
+                    eps: float = 1e-6, residual: bool = False, x_dtype=None) -> "NF4Mma | None":
         """The launch for these weights, or None where the kernel does not apply."""
         if not available() or not mma_fits(weights, glu, norm, x_dtype):
             return None
-        return cls(weights, glu=glu, norm=norm, eps=eps, residual=residual, l2_next=l2_next)
+        return cls(weights, glu=glu, norm=norm, eps=eps, residual=residual)
 
     def __call__(self, x: "torch.Tensor", out: "torch.Tensor | None" = None) -> "torch.Tensor":
         import torch
@@ -1008,8 +957,6 @@ class NF4Mma:
             out = torch.empty(self.total, dtype=torch.bfloat16, device=x.device)
         norm = self.norm if self.norm is not None else self.no_norm
         args = [self.pairs, flat, out, norm, self.eps, *self.args, self.has_bias]
-        if self.next_ranges is not None:
-            args.append(self.next_ranges)
         if self.overlap:
             compat.launch_overlapping(self.kernel, self.grid, (self.warps * 32, 1, 1), args, self.shared)
         else:
