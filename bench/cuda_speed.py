@@ -428,9 +428,11 @@ def profile_graph(decoder, steps: int = 20, position: int = SHORT_PROMPT) -> dic
 
 def graph_replay_us(decoder, replays: int = 100) -> float:
     """µs a step of the graph for the decoder's next position, replayed back to back: the GPU's
-    time for a token with no host in between."""
+    time for a token with no host in between (each replay at the position after the one before)."""
     import torch
 
+    if decoder.length + replays >= decoder.max_len:
+        raise ValueError(f"{replays} replays from position {decoder.length} pass the cache's {decoder.max_len}")
     graph = decoder._graph(decoder.segments[0], decoder._bucket(decoder.length + 1))
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     begin.record()
@@ -438,6 +440,8 @@ def graph_replay_us(decoder, replays: int = 100) -> float:
         graph.replay()
     end.record()
     end.synchronize()
+    # each replay's pick moved the position on: the next step refills it (revisions before have none)
+    getattr(decoder, "_positions_at", {}).clear()
     return begin.elapsed_time(end) * 1e3 / replays
 
 

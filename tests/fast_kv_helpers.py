@@ -98,8 +98,8 @@ def check_rope_and_write(device: str, dtype, heads: int = 32, kv_heads: int = 8,
         before = [tensor.clone() for tensor in layer.tensors]
         qkv = (torch.randn(1, (heads + 2 * kv_heads) * dim, generator=generator, device=device) * 2).to(dtype)
         q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
-        c, s = cos[position:position + 1], sin[position:position + 1]      # [1, dim], as a step selects them
-        rotated = rope_and_write(q, k, v, c, s, layer.keys, layer.values, torch.tensor([position], device=device))
+        c, s = cos[position:position + 1], sin[position:position + 1]      # [1, dim]: the kernel reads the row
+        rotated = rope_and_write(q, k, v, cos, sin, layer.keys, layer.values, torch.tensor([position], device=device))
         assert torch.equal(rotated, _rope(q.view(heads, dim), c, s))
         assert torch.equal(layer.keys[:, position], _rope(k.view(kv_heads, dim), c, s))
         assert torch.equal(layer.values[:, position], v.view(kv_heads, dim))

@@ -191,6 +191,7 @@ class CudaSession(TokenStreaming):
         self.prefill_chunk = PREFILL_CHUNK   # tokens per forward while reading the prompt (the Plan's)
         self._kept: tuple[object, list[int]] | None = None   # the last reply's cache and the ids in it
         self.step_ahead = False     # feed each token to the next step before reading it (the fast path's loop)
+        self.greedy = greedy        # logits -> the greedy id on their device (a fast path's step picks it itself)
 
     # ---- prompt ---------------------------------------------------------------------------
     def tokenize(self, messages: Sequence[Message]) -> list[int]:
@@ -204,7 +205,7 @@ class CudaSession(TokenStreaming):
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text)["input_ids"])
 
-    # ---- the three steps a fast path replaces ----------------------------------------------
+    # ---- the steps a fast path replaces ------------------------------------------------------
     def new_cache(self):
         from transformers import DynamicCache
 
@@ -229,9 +230,10 @@ class CudaSession(TokenStreaming):
         return logits[0, -1].float()
 
     def use_steps(self, steps) -> None:
-        """Take a fast path's three steps (`runner_cuda.fast.FastSteps`) and decode a step ahead with
-        them; a cache kept by the old ones is dropped."""
+        """Take a fast path's steps (`runner_cuda.fast.FastSteps`: the cache, the forward, the trim and
+        the greedy pick) and decode a step ahead with them; a cache kept by the old ones is dropped."""
         self.new_cache, self.forward_step, self.trim_cache = steps.new_cache, steps.forward_step, steps.trim_cache
+        self.greedy = steps.greedy
         self.step_ahead = True
         self._kept = None
 
@@ -278,15 +280,15 @@ class CudaSession(TokenStreaming):
             self._lock.release()
 
     def _picker(self, sampling: Sampling):
-        """`pick_token` for one reply: logits -> the id on their device; sampled from a generator
-        seeded for the reply, on the lm_head's device."""
+        """`pick_token` for one reply: logits -> the id on their device; greedy by `self.greedy`, else
+        sampled from a generator seeded for the reply, on the lm_head's device."""
         import torch
 
-        generator = None
-        if sampling.temperature > 0:
-            device = self.hf_model.lm_head.weight.device if hasattr(self.hf_model, "lm_head") else self.input_device
-            device = torch.device("cpu") if device.type == "meta" else device
-            generator = torch.Generator(device=device).manual_seed(reply_seed(sampling))
+        if sampling.temperature == 0:
+            return self.greedy
+        device = self.hf_model.lm_head.weight.device if hasattr(self.hf_model, "lm_head") else self.input_device
+        device = torch.device("cpu") if device.type == "meta" else device
+        generator = torch.Generator(device=device).manual_seed(reply_seed(sampling))
         return lambda logits: pick_token(logits, sampling, generator)
 
     def _tokens_in_turn(self, ids: list[int], cache, held: list[int], pick, count: int) -> Iterator[int]:
@@ -423,12 +425,13 @@ class CudaSession(TokenStreaming):
             return
         self.hf_model = None
         self.tokenizer = None
-        # A fast path (runner_cuda.fast.attach) replaces these three methods with bound methods of an
-        # object that holds the static KV cache, the CUDA graphs and views of the weights: drop them,
-        # or the GPU memory stays allocated after close.
+        # A fast path (runner_cuda.fast.attach) replaces these steps with bound methods of an object
+        # that holds the static KV cache, the CUDA graphs and views of the weights: drop them, or the
+        # GPU memory stays allocated after close.
         self._kept = None
         for step in ("new_cache", "forward_step", "trim_cache"):
             self.__dict__.pop(step, None)
+        self.greedy = greedy
         free_memory()
 
 
@@ -439,7 +442,7 @@ class HostId:
     def __init__(self, token: "torch.Tensor") -> None:
         import torch
 
-        self.value = token.to("cpu", non_blocking=True)
+        self.value = token.to("cpu", non_blocking=True, copy=True)     # a copy on a CPU too: the step after may reuse `token`
         self.copied = None
         if token.is_cuda:
             self.copied = torch.cuda.Event()

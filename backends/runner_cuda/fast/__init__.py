@@ -42,12 +42,12 @@ def decoder_for(model, max_len: int, kernel: str | None = None, kv_bits: int | N
 
 
 class FastSteps:
-    """The session's three replaceable steps over a FastDecoder: `new_cache()` starts a reply
-    (the static cache is reused from position 0), `forward_step(ids, cache)` prefills a prompt (or
-    the part of it after a kept prefix) and runs one graphed step per token after it (the token
-    may be the tensor the step before picked on the device: the session feeds it before reading
-    it), `trim_cache(cache, length)` keeps a prefix for the next request (and cuts off a step the
-    session fed ahead of a reply's end)."""
+    """The session's replaceable steps over a FastDecoder: `new_cache()` starts a reply (the
+    static cache is reused from position 0), `forward_step(ids, cache)` prefills a prompt (or the
+    part of it after a kept prefix) and runs one graphed step per token after it (the token may be
+    the tensor the step before picked on the device: the session feeds it before reading it),
+    `trim_cache(cache, length)` keeps a prefix for the next request (and cuts off a step the
+    session fed ahead of a reply's end), `greedy(logits)` the id the step's graph picked."""
 
     def __init__(self, decoder):
         self.decoder = decoder
@@ -65,6 +65,15 @@ class FastSteps:
     def trim_cache(self, cache, length: int) -> bool:
         cache.trim(length)
         return True
+
+    def greedy(self, logits):
+        """The id a step picked on the device (the first largest of its logits, fast/pick.py), where
+        `logits` are that step's: the next step reads it in place. After a prefill, session.greedy's."""
+        if self.decoder.last_pick is not None and logits is self.decoder.logits:
+            return self.decoder.last_pick
+        from runner_cuda.session import greedy
+
+        return greedy(logits)
 
 
 def attach(session, kernel: str | None = None) -> bool:

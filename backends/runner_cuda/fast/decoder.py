@@ -170,6 +170,9 @@ class FastDecoder:
         # (None: F.linear). gemv None: on CUDA each shape's fastest of runner's Triton GEMV and cuBLAS,
         # timed at load; True: the Triton GEMV at its default configuration (tests); False: cuBLAS
         self.gemv = self._gemv_calls(on_cuda if gemv is None else gemv, sweep=gemv is None)
+        # the lm_head in a graphed step: on CUDA (gemv None) the faster of the Triton GEMV and cuBLAS for its
+        # shape, as for the projections; else the module
+        self.head_call = self._head_call() if on_cuda and gemv is None else self.head
         self.length = 0        # positions filled in the cache
         self.pools: dict = {}  # one CUDA graph memory pool per device
 
@@ -185,11 +188,17 @@ class FastDecoder:
         rotary = _device_of(rotary_emb)
         probe = torch.empty(0, dtype=self.dtype, device=rotary)
         cos, sin = rotary_emb(probe, torch.arange(capacity, device=rotary)[None])
-        # per device: RoPE tables [max_len, head_dim], positions, and the step's position (refilled per token)
+        # per device: RoPE tables [max_len, head_dim], positions, and the step's position (filled from the
+        # host where it jumps; the head's device's moved on by each step's pick)
         self.tables = {device: _Tables(cos[0].to(device), sin[0].to(device), torch.arange(capacity, device=device),
                                        torch.zeros(1, dtype=torch.long, device=device)) for device in self.devices}
         # the inputs and output of a graphed step: fixed addresses, refilled per token
         self.token = torch.zeros(1, dtype=torch.long, device=self.device)
+        # the id a step picks greedily (pick.py): the next step's token in place where the head is on its device
+        head_device = _device_of(self.head)
+        self.picked = self.token if head_device == self.device else torch.zeros(1, dtype=torch.long, device=head_device)
+        self.last_pick = None                     # `picked` after a step; None after a prefill
+        self._positions_at: dict = {}             # device -> its step position once the queued work has run
         self.logits = torch.zeros(config.vocab_size, dtype=torch.float32, device=_device_of(self.head))
         for segment, following in zip(self.segments, self.segments[1:]):
             segment.output = torch.zeros(1, config.hidden_size, dtype=self.dtype, device=segment.device)
@@ -230,6 +239,19 @@ class FastDecoder:
         with torch.no_grad():
             return gemv.projections(layers, sweep=sweep, stream_of=_capture_stream)
 
+    def _head_call(self):
+        """The lm_head as a gemv.Projection (its shape's fastest of the Triton GEMV and cuBLAS) where
+        it is a plain BF16/FP16 Linear; else the module."""
+        import torch
+
+        from runner_cuda.fast import gemv
+
+        weight = self.head.weight
+        if type(self.head) is not torch.nn.Linear or type(weight.data) is not torch.Tensor or not gemv.takes(weight, self.dtype):
+            return self.head
+        with torch.no_grad():
+            return gemv.projections([{"head": (weight, self.head.bias)}], sweep=True, stream_of=_capture_stream)[0]["head"]
+
     @property
     def gemv_choice(self) -> "dict[str, str]":
         """Group -> what runs it in layer 0's decode step: "cublas" or the Triton GEMV's configuration."""
@@ -264,6 +286,7 @@ class FastDecoder:
             with _on(self.logits.device):
                 self.logits.copy_(self.head(self.norm(last))[0].float())
         self.length = first + count
+        self.last_pick = None
         return self.logits
 
     def step(self, token: "int | torch.Tensor") -> "torch.Tensor":
@@ -275,12 +298,17 @@ class FastDecoder:
             raise ValueError(f"the cache of {self.max_len} positions is full")
         with torch.no_grad():
             span = self._bucket(self.length + 1)
-            self.token.copy_(torch.as_tensor(token, device=self.device).reshape(1))
-            for tables in self.tables.values():
-                tables.position.fill_(self.length)
-            # every segment's graph before any input is filled: a capture runs its segment on the input
-            # there (writing K/V at this position, as the replay then does again)
-            graphs = [self._graph(segment, span) for segment in self.segments] if self.use_graphs else None
+            token = torch.as_tensor(token, device=self.device).reshape(1)
+            self._feed(token)
+            if self.use_graphs and any(span not in segment.graphs for segment in self.segments):
+                # a capture runs its segment on the inputs there first (writing K/V at this position, as
+                # the replay then does again), and its picks move them on: fed again after
+                token = token.clone()
+                for segment in self.segments:
+                    self._graph(segment, span)
+                self._positions_at.clear()
+                self._feed(token)
+            graphs = [segment.graphs[span] for segment in self.segments] if self.use_graphs else None
             for index, segment in enumerate(self.segments):
                 if segment.input is not None:       # the hidden state from the segment before (another device)
                     segment.input.copy_(self.segments[index - 1].output)
@@ -288,9 +316,21 @@ class FastDecoder:
                     if graphs is not None:
                         graphs[index].replay()
                     else:
-                        segment.output.copy_(self._decode_forward(span, segment))
+                        self._run_segment(span, segment)
+        self._positions_at[self.segments[-1].device] = self.length + 1     # the pick moved it on
         self.length += 1
+        self.last_pick = self.picked
         return self.logits
+
+    def _feed(self, token: "torch.Tensor") -> None:
+        """The step's inputs: the token (unless it is the id the last step picked in place) and each
+        device's position, where it does not hold the cache's length already."""
+        if token.data_ptr() != self.token.data_ptr():
+            self.token.copy_(token)
+        for device, tables in self.tables.items():
+            if self._positions_at.get(device) != self.length:
+                tables.position.fill_(self.length)
+                self._positions_at[device] = self.length
 
     def warm_up(self) -> None:
         """Compile the fused ops and capture the first graph now rather than in the first reply."""
@@ -302,6 +342,7 @@ class FastDecoder:
     def reset(self) -> None:
         """Forget the cached positions (the next call must be `prefill`)."""
         self.length = 0
+        self.last_pick = None
 
     def trim(self, length: int) -> None:
         """Keep the first `length` cached positions: the next token goes at `length`, and the
@@ -309,6 +350,7 @@ class FastDecoder:
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot keep {length} positions of {self.length}")
         self.length = length
+        self.last_pick = None
 
     # ---- the forward ------------------------------------------------------------------------
 
@@ -404,8 +446,9 @@ class FastDecoder:
         segment = segment or self.segments[0]
         ops = self.ops
         tables = self.tables[segment.device]
-        cos = tables.cos.index_select(0, tables.position)                 # [1, head_dim]
-        sin = tables.sin.index_select(0, tables.position)
+        if self.rope == "apart":            # ("write" reads the tables' row at the position itself)
+            cos = tables.cos.index_select(0, tables.position)             # [1, head_dim]
+            sin = tables.sin.index_select(0, tables.position)
         visible = None if self.split_kv else (tables.positions[:span] <= tables.position).view(1, 1, 1, span)
         rep = self.heads // self.kv_heads
         # [1, hidden]; the static input of a later segment is updated in place by the fused NF4 kernels
@@ -428,7 +471,7 @@ class FastDecoder:
             if self.rope == "write":
                 from runner_cuda.fast.kv_kernels import rope_and_write
 
-                q = rope_and_write(q, k, v, cos, sin, cache.keys, cache.values, tables.position)
+                q = rope_and_write(q, k, v, tables.cos, tables.sin, cache.keys, cache.values, tables.position)
             elif self.rope == "apart":
                 q, k = ops.rope(q.view(self.heads, self.head_dim), k.view(self.kv_heads, self.head_dim), cos, sin)
                 cache.write_at(tables.position, k[:, None], v.view(self.kv_heads, 1, self.head_dim))
@@ -467,7 +510,7 @@ class FastDecoder:
             return hidden
         if x is None:
             x = ops.rms_norm(hidden, self.norm.weight, self.eps)
-        return self.head(x)[0].float()
+        return self.head_call(x)[0]
 
     def _prefill_forward(self, ids: "torch.Tensor", start: int = 0) -> "torch.Tensor":
         """Prompt tokens at positions start, start + 1, ... in one pass (bitsandbytes' or torch's own
@@ -536,6 +579,25 @@ class FastDecoder:
             span *= 2
         return min(span, self.max_len)
 
+    def _run_segment(self, span: int, segment: "_Segment") -> None:
+        """`segment`'s part of a decode step into its output; the last segment's ends with the greedy
+        pick (pick.py): the float32 logits, the id into `picked`, its device's position + 1."""
+        import torch
+
+        out = self._decode_forward(span, segment)
+        if not segment.head:
+            segment.output.copy_(out)
+            return
+        position = self.tables[segment.device].position
+        if out.is_cuda:
+            from runner_cuda.fast.pick import greedy_into
+
+            greedy_into(out, self.logits, self.picked, position)
+        else:                   # the same with torch's operations
+            self.logits.copy_(out)
+            self.picked.copy_(torch.argmax(self.logits).reshape(1))
+            position.add_(1)
+
     def _graph(self, segment: "_Segment", span: int):
         """The CUDA graph of `segment`'s part of a decode step over `span` positions, captured on
         first use on its device. The warm-up runs write the current token's K/V at the current
@@ -553,11 +615,11 @@ class FastDecoder:
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
                 for _ in range(2):      # compiles Triton kernels, warms cuBLAS outside the capture
-                    segment.output.copy_(self._decode_forward(span, segment))
+                    self._run_segment(span, segment)
             torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pools[device], stream=side):
-                segment.output.copy_(self._decode_forward(span, segment))
+                self._run_segment(span, segment)
         segment.graphs[span] = graph
         return graph
 

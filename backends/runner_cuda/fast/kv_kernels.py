@@ -182,13 +182,14 @@ def rotate(x_ptr, row, cos, sin, dims, DIM: tl.constexpr):
 def rope_write(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, keys_ptr, values_ptr, position_ptr, capacity,
                HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, PDL: tl.constexpr):
     """Program h < HEADS: query head h rotated into q_out; then each KV head's k rotated, and its v,
-    into the cache at the step's position (read on the device: a graphed step writes where it is)."""
+    into the cache at the step's position (read on the device: a graphed step writes where it is,
+    with the RoPE tables' row there)."""
     wait_for_input(PDL)
     head = tl.program_id(0)
     position = tl.load(position_ptr)
     dims = tl.arange(0, DIM)
-    cos = tl.load(cos_ptr + dims).to(tl.float32)
-    sin = tl.load(sin_ptr + dims).to(tl.float32)
+    cos = tl.load(cos_ptr + position * DIM + dims).to(tl.float32)
+    sin = tl.load(sin_ptr + position * DIM + dims).to(tl.float32)
     if head < HEADS:
         tl.store(q_out_ptr + head * DIM + dims, rotate(q_ptr, head, cos, sin, dims, DIM))
     elif head < HEADS + KV_HEADS:
@@ -202,14 +203,16 @@ def rope_write(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, keys_ptr, value
 def rope_and_write(q, k, v, cos, sin, keys, values, position):
     """A decode step's bf16 q [heads * head_dim] rotated (returned, [heads, head_dim]), and its k
     rotated and v written into keys and values [kv_heads, capacity, head_dim] at `position` ([1] on
-    the device): what `_rope` on q and k and a PlainLayer's write_at do, in one launch. bf16 only:
-    in float32 the GPU's compiler fuses x * cos + rotated * sin into one FMA, which eager torch
-    rounds twice."""
+    the device), by the rows of the RoPE tables cos and sin [capacity, head_dim] there: what `_rope`
+    on q and k and a PlainLayer's write_at do, in one launch. bf16 only: in float32 the GPU's
+    compiler fuses x * cos + rotated * sin into one FMA, which eager torch rounds twice."""
     import torch
 
     if q.dtype != torch.bfloat16:
         raise ValueError(f"rope_and_write rounds as torch does in bf16, not {q.dtype}")
     kv_heads, capacity, dim = keys.shape
+    if any(table.shape != (capacity, dim) or not table.is_contiguous() for table in (cos, sin)):
+        raise ValueError(f"rope_and_write reads contiguous RoPE tables of [{capacity}, {dim}], not {tuple(cos.shape)}")
     heads = q.numel() // dim
     q_out = torch.empty(heads, dim, dtype=q.dtype, device=q.device)
     pdl = compat.overlapping_launches(q.device)
