@@ -1,5 +1,6 @@
 """The greedy pick a graphed decode step ends with (runner_cuda.fast.pick): the float32 logits, the
-first index of the largest as torch.argmax gives it, and the step's position moved on by one. On
+first index of the largest as torch.argmax gives it (also in the host's pinned memory at the step's
+position), and the step's position moved on by one. On
 the CPU the kernels run in Triton's interpreter; on a GPU compiled (and the decoder's graphed steps
 use them: tests/test_cuda_fast_gpu.py, test_cuda_decode_ahead_gpu.py)."""
 
@@ -30,9 +31,13 @@ def picked(out: "torch.Tensor", position: int = 41):
     logits = torch.full((out.numel(),), float("nan"), device=DEVICE)
     token = torch.zeros(1, dtype=torch.long, device=DEVICE)
     at = torch.tensor([position], device=DEVICE)
-    greedy_into(out, logits, token, at)
+    host = torch.full((64,), -1, dtype=torch.long, pin_memory=DEVICE == "cuda")
+    greedy_into(out, logits, token, at, host)
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
     assert torch.equal(logits, out.float())
     assert at.item() == position + 1
+    assert host[position].item() == token.item() and (host == -1).sum().item() == 63    # that slot only
     return token.item()
 
 
@@ -56,6 +61,8 @@ def test_a_largest_value_among_negative_logits_and_rejects_a_bad_buffer():
     out = -torch.rand(128256, generator=torch.Generator().manual_seed(1)).to(DEVICE) - 1.0
     out[128255] = -0.5
     assert picked(out) == 128255
+    one = torch.zeros(1, dtype=torch.long, device=DEVICE)
     with pytest.raises(ValueError, match="float32 logits"):
-        greedy_into(out, torch.zeros(128256, dtype=torch.float16, device=DEVICE),
-                    torch.zeros(1, dtype=torch.long, device=DEVICE), torch.zeros(1, dtype=torch.long, device=DEVICE))
+        greedy_into(out, torch.zeros(128256, dtype=torch.float16, device=DEVICE), one, one, one)
+    with pytest.raises(ValueError, match="int64 pinned host memory"):
+        greedy_into(out, torch.zeros(128256, device=DEVICE), one, one, torch.zeros(8, dtype=torch.int32, device=DEVICE))

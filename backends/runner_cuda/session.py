@@ -192,6 +192,7 @@ class CudaSession(TokenStreaming):
         self._kept: tuple[object, list[int]] | None = None   # the last reply's cache and the ids in it
         self.step_ahead = False     # feed each token to the next step before reading it (the fast path's loop)
         self.greedy = greedy        # logits -> the greedy id on their device (a fast path's step picks it itself)
+        self.host_id = HostId       # an id on the device -> its HostId (a fast path's step writes it to the host)
 
     # ---- prompt ---------------------------------------------------------------------------
     def tokenize(self, messages: Sequence[Message]) -> list[int]:
@@ -230,10 +231,10 @@ class CudaSession(TokenStreaming):
         return logits[0, -1].float()
 
     def use_steps(self, steps) -> None:
-        """Take a fast path's steps (`runner_cuda.fast.FastSteps`: the cache, the forward, the trim and
-        the greedy pick) and decode a step ahead with them; a cache kept by the old ones is dropped."""
+        """Take a fast path's steps (`runner_cuda.fast.FastSteps`: the cache, the forward, the trim, the
+        greedy pick and reading an id on the host) and decode a step ahead with them; a cache kept by the old ones is dropped."""
         self.new_cache, self.forward_step, self.trim_cache = steps.new_cache, steps.forward_step, steps.trim_cache
-        self.greedy = steps.greedy
+        self.greedy, self.host_id = steps.greedy, steps.host_id
         self.step_ahead = True
         self._kept = None
 
@@ -308,7 +309,7 @@ class CudaSession(TokenStreaming):
         ahead = None         # the step fed the id last yielded, before the caller asked for the next
         try:
             for index in range(count):
-                copy = HostId(token)
+                copy = self.host_id(token)
                 if index + 1 < count:
                     ahead = self._run_ahead(token, cache, held, pick)
                 value = copy.read()
@@ -431,18 +432,20 @@ class CudaSession(TokenStreaming):
         self._kept = None
         for step in ("new_cache", "forward_step", "trim_cache"):
             self.__dict__.pop(step, None)
-        self.greedy = greedy
+        self.greedy, self.host_id = greedy, HostId
         free_memory()
 
 
 class HostId:
     """An id on the device, copied to the host behind the work queued before it (pinned memory, an
-    event): `read()` waits for that copy, not for the work queued after it."""
+    event), or `written` there by that work itself: `read()` waits for that work, not for the work
+    queued after it."""
 
-    def __init__(self, token: "torch.Tensor") -> None:
+    def __init__(self, token: "torch.Tensor", written: "torch.Tensor | None" = None) -> None:
         import torch
 
-        self.value = token.to("cpu", non_blocking=True, copy=True)     # a copy on a CPU too: the step after may reuse `token`
+        # a copy on a CPU too: the step after may reuse `token`
+        self.value = token.to("cpu", non_blocking=True, copy=True) if written is None else written
         self.copied = None
         if token.is_cuda:
             self.copied = torch.cuda.Event()

@@ -47,7 +47,8 @@ class FastSteps:
     part of it after a kept prefix) and runs one graphed step per token after it (the token may be
     the tensor the step before picked on the device: the session feeds it before reading it),
     `trim_cache(cache, length)` keeps a prefix for the next request (and cuts off a step the
-    session fed ahead of a reply's end), `greedy(logits)` the id the step's graph picked."""
+    session fed ahead of a reply's end), `greedy(logits)` the id the step's graph picked,
+    `host_id(token)` that id read where the step wrote it in host memory."""
 
     def __init__(self, decoder):
         self.decoder = decoder
@@ -74,6 +75,16 @@ class FastSteps:
         from runner_cuda.session import greedy
 
         return greedy(logits)
+
+    def host_id(self, token):
+        """A session.HostId of the id a step picked, called right after that step: read from the
+        host memory the step wrote it to (no copy between two steps); of any other id, a copy."""
+        from runner_cuda.session import HostId
+
+        decoder = self.decoder
+        if decoder.last_pick is not None and token is decoder.last_pick:
+            return HostId(token, written=decoder.picked_ids[decoder.length - 1])
+        return HostId(token)
 
 
 def attach(session, kernel: str | None = None) -> bool:

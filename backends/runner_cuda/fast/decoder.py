@@ -198,6 +198,8 @@ class FastDecoder:
         head_device = _device_of(self.head)
         self.picked = self.token if head_device == self.device else torch.zeros(1, dtype=torch.long, device=head_device)
         self.last_pick = None                     # `picked` after a step; None after a prefill
+        # each step's id also in host memory at its position (pinned on CUDA: the device writes it there)
+        self.picked_ids = torch.zeros(self.max_len, dtype=torch.long, pin_memory=head_device.type == "cuda")
         self._positions_at: dict = {}             # device -> its step position once the queued work has run
         self.logits = torch.zeros(config.vocab_size, dtype=torch.float32, device=_device_of(self.head))
         for segment, following in zip(self.segments, self.segments[1:]):
@@ -592,10 +594,11 @@ class FastDecoder:
         if out.is_cuda:
             from runner_cuda.fast.pick import greedy_into
 
-            greedy_into(out, self.logits, self.picked, position)
+            greedy_into(out, self.logits, self.picked, position, self.picked_ids)
         else:                   # the same with torch's operations
             self.logits.copy_(out)
             self.picked.copy_(torch.argmax(self.logits).reshape(1))
+            self.picked_ids.index_copy_(0, position, self.picked)
             position.add_(1)
 
     def _graph(self, segment: "_Segment", span: int):
