@@ -15,7 +15,11 @@ batch-1 Triton GEMV (`gemv.py`) where a sweep at load found it faster than cuBLA
 projections of a decode step run runner's own batch-1 kernels (`nf4_cuda.py`, reading bitsandbytes'
 packed weights and double-quant state as they are; q/k/v and gate/up one launch each; by default on
 the tensor cores, with the RMSNorms, residual adds and SiLU x up inside those launches), or
-bitsandbytes' own with `nf4_kernel="bitsandbytes"` (`--kernel bitsandbytes`). Prefill keeps
+bitsandbytes' own with `nf4_kernel="bitsandbytes"` (`--kernel bitsandbytes`). The lm_head runs
+the faster of the Triton GEMV and cuBLAS for its shape. A step ends with its greedy pick
+(`pick.py`): the id where the next step reads its token (fed back in place), in pinned host memory
+at its position, and the position moved on, so that a session decoding greedily a step ahead runs
+graph after graph with nothing in between. Prefill keeps
 bitsandbytes' (or torch's) own path, eagerly, `prefill_chunk` tokens at a time (budget.PREFILL_CHUNK,
 what the Plan counts activations for), the lm_head for the last position only.
 
@@ -29,6 +33,7 @@ that the split runs (and is tested) without several GPUs.
     decoder = FastDecoder(model, max_len=4096)
     logits = decoder.prefill(prompt_ids)          # float32 [vocab], next-token logits
     logits = decoder.step(token_id)               # one token at the next position
+    logits = decoder.step(decoder.last_pick)      # the id it picked greedily, read in place
     decoder.trim(n)                               # keep the first n positions (the next turn's prefix)
     logits = decoder.prefill(more_ids)            # appended after them
 
@@ -306,9 +311,9 @@ class FastDecoder:
                 # a capture runs its segment on the inputs there first (writing K/V at this position, as
                 # the replay then does again), and its picks move them on: fed again after
                 token = token.clone()
+                self._positions_at.clear()
                 for segment in self.segments:
                     self._graph(segment, span)
-                self._positions_at.clear()
                 self._feed(token)
             graphs = [segment.graphs[span] for segment in self.segments] if self.use_graphs else None
             for index, segment in enumerate(self.segments):
