@@ -86,9 +86,10 @@ def part(q_ptr, k_ptr, v_ptr, ks_ptr, kb_ptr, vs_ptr, vb_ptr, position_ptr, out_
         acc = acc * shrink[:, None] + tl.dot(weights.to(v.dtype), v)
         best = new_best
     slot = head * splits + split
-    tl.store(out_ptr + (slot * ROWS + rows)[:, None] * DIM + dims[None, :], acc)
-    tl.store(max_ptr + slot * ROWS + rows, best)
-    tl.store(sum_ptr + slot * ROWS + rows, total)
+    real = rows < REP           # the rows past REP (tl.dot's 16 at least) are not the combine's
+    tl.store(out_ptr + (slot * ROWS + rows)[:, None] * DIM + dims[None, :], acc, mask=real[:, None])
+    tl.store(max_ptr + slot * ROWS + rows, best, mask=real)
+    tl.store(sum_ptr + slot * ROWS + rows, total, mask=real)
 
 
 @triton.jit
