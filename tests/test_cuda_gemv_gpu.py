@@ -139,14 +139,15 @@ def test_graph_decoder_with_the_gemv_follows_cublas(bf16_model):
 
 
 def test_default_decoder_takes_the_sweeps_choice(bf16_model):
-    """Without `gemv`, a CUDA decoder times each group at load and runs the Triton GEMV in its graphs
-    exactly for the groups where it chose a configuration over cuBLAS."""
+    """Without `gemv`, a CUDA decoder times each group (and the lm_head) at load and runs the Triton
+    GEMV in its graphs exactly for the groups where it chose a configuration over cuBLAS."""
     from runner_cuda.fast import gemv
     from runner_cuda.fast.decoder import FastDecoder
 
     decoder = FastDecoder(bf16_model, max_len=600)
     choice = decoder.gemv_choice
-    assert set(choice) == {"qkv", "o", "gate_up", "down"}
+    assert set(choice) == {"qkv", "o", "gate_up", "down", "head"}
     assert set(choice.values()) <= {"cublas", *map(gemv.name_of, gemv.CONFIGS)}
     print("sweep's choice for the 512-wide model:", choice)
-    assert gemv_launches(decoder) == sum(value != "cublas" for value in choice.values()) * len(decoder.layers)
+    per_layer = sum(choice[group] != "cublas" for group in ("qkv", "o", "gate_up", "down"))
+    assert gemv_launches(decoder) == per_layer * len(decoder.layers) + (choice["head"] != "cublas")

@@ -261,10 +261,14 @@ class FastDecoder:
 
     @property
     def gemv_choice(self) -> "dict[str, str]":
-        """Group -> what runs it in layer 0's decode step: "cublas" or the Triton GEMV's configuration."""
-        from runner_cuda.fast.gemv import name_of
+        """Group -> what runs it in layer 0's decode step: "cublas" or the Triton GEMV's configuration;
+        "head" too where the lm_head runs through the sweep's choice."""
+        from runner_cuda.fast.gemv import Projection, name_of
 
-        return {group: name_of(call.config) for group, call in self.gemv[0].items()} if self.gemv else {}
+        choice = {group: name_of(call.config) for group, call in self.gemv[0].items()} if self.gemv else {}
+        if isinstance(self.head_call, Projection):
+            choice["head"] = name_of(self.head_call.config)
+        return choice
 
     # ---- public -------------------------------------------------------------------------------
 
