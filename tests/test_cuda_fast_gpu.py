@@ -257,6 +257,29 @@ def test_graph_decoder_greedy_equals_hf_generate(tmp_path, kernel):
     assert forced_difference < 5e-2 and agreement >= 0.85, (forced_difference, agreement)
 
 
+def test_rope_in_the_qkv_launch_gives_the_same_logits_and_cache(tmp_path):
+    """rope="qkv": q/k/v's NF4Mma tiles hold RoPE's pairs (rows j and j + 32 of a head of 64), rotate
+    them and write k and v into the cache, with no RoPE launch. Against the default (RoPE and the
+    write in a launch of their own), graphed across the 256 -> 512 bucket: the same logits and the
+    same cache, bit for bit."""
+    from runner_cuda.fast.decoder import FastDecoder
+
+    model = small_nf4_llama(tmp_path)
+    prompt = torch.randint(0, 4096, (1, 240), generator=torch.Generator().manual_seed(2)).tolist()[0]
+    runs = []
+    for place in ("write", "qkv"):
+        decoder = FastDecoder(model, max_len=600, rope=place)
+        assert decoder.nf4_fused and decoder.use_graphs and decoder.rope == place
+        logits, steps = decoder.prefill(prompt), []
+        for _ in range(40):
+            steps.append(logits.clone())
+            logits = decoder.step(int(logits.argmax()))
+        runs.append((torch.stack(steps), [tensor[:, :decoder.length].clone() for tensor in decoder.keys + decoder.values]))
+        del decoder
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
 def test_graph_decoder_prefills_in_chunks_like_one_pass(tmp_path):
     """On the GPU a later prefill chunk attends through a boolean mask over the static cache (no
     flash kernel): a 300-token prompt in chunks of 64 gives the one-pass prefill's next-token

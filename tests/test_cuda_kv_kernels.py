@@ -143,16 +143,19 @@ def test_decoder_with_the_kernels_is_the_sdpa_path(kv_llama_dir, kv_bits):
 def test_decoder_gives_the_same_logits_wherever_rope_runs(kv_llama_dir):
     """A bf16 tiny Llama with a plain cache decoded with RoPE and the cache write in one launch (the
     default) and apart (both interpreted, split-KV attention): the same logits, bit for bit.
-    (Against SDPA in bf16 the interpreter's attention is not the GPU's: tests/test_cuda_fast_kv_gpu.py.)"""
+    (Against SDPA in bf16 the interpreter's attention is not the GPU's: tests/test_cuda_fast_kv_gpu.py.)
+    In q/k/v's NF4 launch ("qkv") it needs that CUDA kernel: tests/test_cuda_fast_gpu.py."""
     from transformers import AutoModelForCausalLM
 
     from fast_kv_helpers import fast_greedy, prompt
-    from runner_cuda.fast.decoder import ROPE_PLACES, FastDecoder
+    from runner_cuda.fast.decoder import FastDecoder
 
     model = AutoModelForCausalLM.from_pretrained(str(kv_llama_dir), dtype=torch.bfloat16).eval()
+    with pytest.raises(ValueError, match="fused NF4 kernels"):
+        FastDecoder(model, max_len=300, use_graphs=False, compile_ops=False, split_kv=True, rope="qkv")
     ids = prompt(70, model.config.vocab_size, seed=5)
     runs = []
-    for place in ROPE_PLACES:
+    for place in ("write", "apart"):
         decoder = FastDecoder(model, max_len=300, use_graphs=False, compile_ops=False, prefill_chunk=32, split_kv=True,
                               rope=None if place == "write" else place)
         assert decoder.rope == place

@@ -66,9 +66,9 @@ FIRST_BUCKET = 256
 # projection types whose forward runs inside a CUDA graph (no host synchronisation): plain
 # Linear and bitsandbytes' 4-bit Linear; LLM.int8 and FP8 layers keep the ordinary loop
 GRAPH_SAFE_LINEARS = ("Linear", "Linear4bit", "LinearNF4", "LinearFP4")
-# where a step's RoPE and cache write run: in one Triton launch (kv_kernels.rope_and_write), or apart
-# (torch's operations)
-ROPE_PLACES = ("write", "apart")
+# where a step's RoPE and cache write run: in one Triton launch (kv_kernels.rope_and_write), apart
+# (torch's operations), or in q/k/v's NF4Mma launch (its tiles hold RoPE's pairs; a measurement option)
+ROPE_PLACES = ("write", "apart", "qkv")
 # The NF4 decode GEMV (LoadRequest.kernel, `--kernel`). "cuda" (default): nf4_cuda.NF4Mma, runner's
 # tensor-core kernel with each layer's RMSNorms, residual adds and SiLU x up inside it, where it takes
 # every projection (else "cuda-simt"); "cuda-simt": nf4_cuda.NF4Gemv, float32 products, q/k/v and
@@ -150,7 +150,7 @@ class FastDecoder:
         fits = split_kv and kv_bits is None and self.dtype == torch.bfloat16
         self.rope = rope or ("write" if fits else "apart")
         if self.rope not in ROPE_PLACES or (self.rope != "apart" and not fits):
-            raise ValueError(f"rope {self.rope!r}: one of {', '.join(ROPE_PLACES)}, the first with split-KV "
+            raise ValueError(f"rope {self.rope!r}: one of {', '.join(ROPE_PLACES)}; all but apart with split-KV "
                              "attention over a plain bf16 cache")
         # NF4 decode GEMV: bitsandbytes' own batch-1 kernel (it reads the packed weights and the
         # double-quant state itself), or the Triton kernel of nf4.py in one of its modes
@@ -163,6 +163,8 @@ class FastDecoder:
         self.nf4 = self._nf4_calls() if self.nf4_kernel != "bitsandbytes" else None
         if self.nf4 is None:
             self.nf4_kernel = "bitsandbytes"      # what runs: the modules' own kernel
+        if self.rope == "qkv" and not self.nf4_fused:
+            raise ValueError("rope 'qkv' runs in runner's fused NF4 kernels (NF4Mma), which do not take this model")
 
         with torch.no_grad():
             self._allocate(inner.rotary_emb, config)
@@ -422,7 +424,8 @@ class FastDecoder:
 
         return {
             "qkv": NF4Mma.for_weights([weights["q"], weights["k"], weights["v"]], norm=layer.input_layernorm.weight,
-                                      eps=_norm_eps(layer.input_layernorm), x_dtype=self.dtype),
+                                      eps=_norm_eps(layer.input_layernorm), x_dtype=self.dtype,
+                                      rope=self.head_dim if self.rope == "qkv" else 0),
             "o": NF4Mma.for_weights([weights["o"]], residual=True, x_dtype=self.dtype),
             "gate_up": NF4Mma.for_weights([weights["gate"], weights["up"]], glu=True,
                                           norm=layer.post_attention_layernorm.weight,
@@ -471,7 +474,10 @@ class FastDecoder:
         for index in layers:
             layer, cache = self.layers[index], self.cache[index]
             attn, mlp = layer.self_attn, layer.mlp
-            if fused:
+            if fused and self.rope == "qkv":     # q comes back rotated, k and v are in the cache
+                rope = (tables.cos, tables.sin, tables.position, cache.keys, cache.values)
+                q = self.nf4[index]["qkv"](hidden, rope=rope)[..., :q_size]
+            elif fused:
                 q, k, v = self.nf4[index]["qkv"](hidden).split([q_size, kv_size, kv_size], dim=-1)
             elif self.qkv is not None:
                 q, k, v = self._dense(index, "qkv", x).split([q_size, kv_size, kv_size], dim=-1)

@@ -220,12 +220,22 @@ MMA_SOURCE = r"""
 // with AHEAD = its steps, stream in while the kernel before runs), STAGED (the steps in flight are copied into
 // shared memory by cp.async, a ring of SLOTS > AHEAD steps a warp, instead of into registers: more bytes in
 // flight for no registers; with SLOTS a power of two the unrolled loop's slots are constants), WIDE_TABLE (the
-// lookup table's entries 256 bytes apart, 64 KB: one PRMT makes a lookup's address).
+// lookup table's entries 256 bytes apart, 64 KB: one PRMT makes a lookup's address), ROPE (q, k, v of
+// heads of ROPE_DIM: a q or k tile's rows g and g + 8 are rows j and j + ROPE_DIM / 2 of one head, RoPE's
+// pairs, so the tile rotates them at the step's position (transformers' bf16 rounding) and writes q in
+// its order, k and v into the KV cache at that position: the step's RoPE launch done here).
 #define NIT (K / 128)
 #define TILES (WARPS / SPLIT)
 #define STEPS ((NIT + SPLIT - 1) / SPLIT)        // a warp's steps (one fewer for some where SPLIT does not divide NIT)
 #define EVEN (NIT % SPLIT == 0)
 static_assert(8 % AHEAD == 0, "the loop, unrolled by 8, keeps its steps in flight in registers");
+static_assert(!(ROPE && GLU), "RoPE's pairs are q's and k's rows");
+#if ROPE
+#define ROPE_PARAMS , const unsigned short* __restrict__ rope_cos, const unsigned short* __restrict__ rope_sin, \
+    const long long* __restrict__ position, unsigned short* __restrict__ keys, unsigned short* __restrict__ values, int capacity
+#else
+#define ROPE_PARAMS
+#endif
 static_assert(!STAGED || SLOTS > AHEAD, "a slot is refilled only after the step it held was read");
 #define RING_BYTES (STAGED ? WARPS * SLOTS * 1024 : 0)
 #define TABLE_BYTES (WIDE_TABLE ? 65536 : 32768)
@@ -402,12 +412,50 @@ __device__ __forceinline__ void accumulate(const Step& now, float scale, const u
     acc_b = fmaf(c[2] + d[2], s2, fmaf(c[3] + d[3], s3, acc_b));
 }
 
+#if ROPE
+// One output of a ROPE tile (tile row r of `local`, output row `row`, its sum v before the bias): q and k
+// rotated as transformers' Llama does in bf16 (x * cos and rotate_half(x) * sin each rounded, then their
+// sum; the products and sum unfused), q into `out` in its order, k and v into the cache at the position.
+__device__ __forceinline__ void rope_store(float v, const float* partial, int local, int r, int row, int n0, int n1,
+                                           int has_bias, const unsigned short* b0, const unsigned short* b1,
+                                           const unsigned short* b2, unsigned short* out, const unsigned short* rope_cos,
+                                           const unsigned short* rope_sin, const long long* position,
+                                           unsigned short* keys, unsigned short* values, int capacity) {
+    const long long at = *position;
+    if (row >= n0 + n1) {                                                // v: as it is, into the cache
+        const int local_row = row - n0 - n1, head = local_row / ROPE_DIM;
+        if (has_bias) v += bf16_to_float(b2[local_row]);
+        values[((long long)head * capacity + at) * ROPE_DIM + local_row % ROPE_DIM] = float_to_bf16(v);
+        return;
+    }
+    const bool is_k = row >= n0;
+    const int base = (is_k ? row - n0 : row) - r;                        // the tile's first row in q or k
+    const int head = base / ROPE_DIM, d = (base % ROPE_DIM) / 2 + (r & 7) + (r < 8 ? 0 : ROPE_DIM / 2);
+    float w = 0.0f;                                                      // its pair's sum: the tile's other half
+    #pragma unroll
+    for (int s = 0; s < SPLIT; ++s) w += partial[(local * SPLIT + s) * 16 + (r ^ 8)];
+    if (has_bias) {
+        const unsigned short* bias = is_k ? b1 : b0;
+        const int pair = d < ROPE_DIM / 2 ? d + ROPE_DIM / 2 : d - ROPE_DIM / 2;
+        v += bf16_to_float(bias[head * ROPE_DIM + d]);
+        w += bf16_to_float(bias[head * ROPE_DIM + pair]);
+    }
+    const float x = bf16_to_float(float_to_bf16(v)), partner = bf16_to_float(float_to_bf16(w));
+    const float rotated = d < ROPE_DIM / 2 ? -partner : partner;
+    const float c = bf16_to_float(rope_cos[at * ROPE_DIM + d]), s = bf16_to_float(rope_sin[at * ROPE_DIM + d]);
+    const unsigned int value = float_to_bf16(bf16_to_float(float_to_bf16(__fmul_rn(x, c)))
+                                             + bf16_to_float(float_to_bf16(__fmul_rn(rotated, s))));
+    if (is_k) keys[((long long)head * capacity + at) * ROPE_DIM + d] = value;
+    else out[head * ROPE_DIM + d] = value;
+}
+#endif
+
 extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
     const unsigned int* __restrict__ pairs, const uint4* __restrict__ x, unsigned short* __restrict__ out, const uint4* __restrict__ norm_weight, double eps,
     const uint4* p0, const void* a0, const float* nc0, const float* na0, const float* o0, const unsigned short* b0, int n0,
     const uint4* p1, const void* a1, const float* nc1, const float* na1, const float* o1, const unsigned short* b1, int n1,
     const uint4* p2, const void* a2, const float* nc2, const float* na2, const float* o2, const unsigned short* b2, int n2,
-    int has_bias)
+    int has_bias ROPE_PARAMS)
 {
     unsigned char* table_bytes = smem;      // [256][32] words: entry e, lane l at e*128 + l*4 (WIDE_TABLE: e*256 + l*4)
     uint4* ring = (uint4*)(smem + TABLE_BYTES);                       // STAGED: [WARPS][SLOTS][2][32] 16-byte words
@@ -435,6 +483,14 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
     ra = rows_of(out_row + g, p0, a0, nc0, na0, o0);
     rb = rows_of(out_row + g, p1, a1, nc1, na1, o1);
 #else
+#if ROPE
+    if (out_row < n0 + n1) {        // q or k: rows j and j + ROPE_DIM / 2 of one head
+        const int local = out_row < n0 ? out_row : out_row - n0;
+        const int j = (local / ROPE_DIM) * ROPE_DIM + (local % ROPE_DIM) / 2 + g;
+        if (out_row < n0) { ra = rows_of(j, p0, a0, nc0, na0, o0); rb = rows_of(j + ROPE_DIM / 2, p0, a0, nc0, na0, o0); }
+        else { ra = rows_of(j, p1, a1, nc1, na1, o1); rb = rows_of(j + ROPE_DIM / 2, p1, a1, nc1, na1, o1); }
+    } else
+#endif
     if (out_row < n0) {
         ra = rows_of(out_row + g, p0, a0, nc0, na0, o0); rb = rows_of(out_row + g + 8, p0, a0, nc0, na0, o0);
     } else if (out_row < n0 + n1) {
@@ -586,6 +642,10 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
             float v = 0.0f;
             #pragma unroll
             for (int s = 0; s < SPLIT; ++s) v += partial[(local * SPLIT + s) * 16 + r];
+#if ROPE
+            rope_store(v, partial, local, r, row, n0, n1, has_bias, b0, b1, b2, out, rope_cos, rope_sin, position,
+                       keys, values, capacity);
+#else
             if (has_bias) {
                 const unsigned short* bias = row < n0 ? b0 + row : row < n0 + n1 ? b1 + row - n0 : b2 + row - n0 - n1;
                 v += bf16_to_float(*bias);
@@ -594,6 +654,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
             out[row] = float_to_bf16(bf16_to_float(out[row]) + bf16_to_float(float_to_bf16(v)));
 #else
             out[row] = float_to_bf16(v);
+#endif
 #endif
         }
     }
@@ -729,20 +790,29 @@ class NF4Gemv:
 
 def mma_compiled(k: int, blocksize: int, nested_blocksize: int, nested: bool, warps: int, split: int, glu: bool,
                  norm: bool, residual: bool, l2_hint: bool, chunked_scales: bool, overlap: bool, ahead: int,
-                 staged: bool, slots: int, wide_table: bool):
-    """The tensor-core kernel for these compile-time choices, compiled once per process and GPU."""
+                 staged: bool, slots: int, wide_table: bool, rope: int = 0):
+    """The tensor-core kernel for these compile-time choices (`rope`: the head size, 0 for none),
+    compiled once per process and GPU."""
     import torch
 
     key = ("mma", k, blocksize, nested_blocksize, nested, warps, split, glu, norm, residual, l2_hint, chunked_scales,
-           overlap, ahead, staged, slots, wide_table, torch.cuda.current_device())
+           overlap, ahead, staged, slots, wide_table, rope, torch.cuda.current_device())
     if key not in _COMPILED:
         options = [f"-DK={k}", f"-DBLOCKSIZE={blocksize}", f"-DNESTED_BLOCKSIZE={nested_blocksize}", f"-DNESTED={int(nested)}",
                    f"-DWARPS={warps}", f"-DSPLIT={split}", f"-DGLU={int(glu)}", f"-DNORM={int(norm)}",
                    f"-DRESIDUAL={int(residual)}", f"-DL2_HINT={int(l2_hint)}", f"-DCHUNKED_SCALES={int(chunked_scales)}",
                    f"-DOVERLAP={int(overlap)}", f"-DAHEAD={ahead}", f"-DSTAGED={int(staged)}",
-                   f"-DSLOTS={slots}", f"-DWIDE_TABLE={int(wide_table)}", "-std=c++17"]
+                   f"-DSLOTS={slots}", f"-DWIDE_TABLE={int(wide_table)}", f"-DROPE={int(rope > 0)}",
+                   f"-DROPE_DIM={max(rope, 1)}", "-std=c++17"]
         _COMPILED[key] = compat.compile_kernel(MMA_SOURCE, "nf4_mma", options)
     return _COMPILED[key]
+
+
+def rope_fits(weights: Sequence[NF4Weight], head: int) -> bool:
+    """NF4Mma's RoPE reads q, k and v (three weights) of whole heads of `head` values, k and v of
+    one size, the head a multiple of 16 (a tile's 8 pairs within one head)."""
+    return (len(weights) == 3 and head % 16 == 0 and all(w.out_features % head == 0 for w in weights)
+            and weights[1].out_features == weights[2].out_features)
 
 
 def mma_fits(weights: Sequence[NF4Weight], glu: bool = False, norm=None, x_dtype=None) -> bool:
@@ -889,11 +959,13 @@ class NF4Mma:
                  eps: float = 1e-6, residual: bool = False, warps: int | None = None, split: int | None = None,
                  l2_hint: bool | None = None, chunked_scales: bool | None = None, overlap: bool | None = None,
                  ahead: int | None = None, staged: bool | None = None, slots: int | None = None,
-                 wide_table: bool | None = None):
+                 wide_table: bool | None = None, rope: int = 0):
         import torch
 
         if not mma_fits(weights, glu, norm):
             raise ValueError("NF4Mma does not take these weights (see mma_fits)")
+        if rope and not rope_fits(weights, rope):
+            raise ValueError(f"RoPE in NF4Mma takes q, k and v of whole heads of {rope} (see rope_fits)")
         if glu and residual:
             raise ValueError("glu and residual do not go together")
         if chunked_scales and not mma_chunked_scales(weights):
@@ -930,7 +1002,8 @@ class NF4Mma:
                                    glu, norm is not None, residual,
                                    mma_l2_hint(k, self.split) if l2_hint is None else l2_hint,
                                    mma_chunked_scales(self.weights) if chunked_scales is None else chunked_scales,
-                                   self.overlap, self.ahead, self.staged, self.slots, self.wide_table)
+                                   self.overlap, self.ahead, self.staged, self.slots, self.wide_table, rope)
+        self.rope = rope
         compat.reserve_shared_memory(self.kernel, self.shared)
         self.pairs = nf4_pairs(first.code)
         self.no_norm = torch.zeros(16, dtype=torch.int32, device=first.packed.device)      # the norm argument's stand-in
@@ -940,15 +1013,21 @@ class NF4Mma:
 
     @classmethod
     def for_weights(cls, weights: Sequence[NF4Weight], *, glu: bool = False, norm: "torch.Tensor | None" = None,
-                    eps: float = 1e-6, residual: bool = False, x_dtype=None) -> "NF4Mma | None":
+                    eps: float = 1e-6, residual: bool = False, x_dtype=None, rope: int = 0) -> "NF4Mma | None":
         """The launch for these weights, or None where the kernel does not apply."""
-        if not available() or not mma_fits(weights, glu, norm, x_dtype):
+        if not available() or not mma_fits(weights, glu, norm, x_dtype) or (rope and not rope_fits(weights, rope)):
             return None
-        return cls(weights, glu=glu, norm=norm, eps=eps, residual=residual)
+        return cls(weights, glu=glu, norm=norm, eps=eps, residual=residual, rope=rope)
 
-    def __call__(self, x: "torch.Tensor", out: "torch.Tensor | None" = None) -> "torch.Tensor":
+    def __call__(self, x: "torch.Tensor", out: "torch.Tensor | None" = None, rope: tuple = ()) -> "torch.Tensor":
+        """x [..., in_features] -> [..., outputs]. With `rope` (an NF4Mma made with it): (cos, sin,
+        position, keys, values), the RoPE tables [capacity, head], the step's position ([1] int64) and
+        the layer's plain bf16 cache [kv_heads, capacity, head]: q comes back rotated, k and v go into
+        the cache at the position (their part of the output is not written)."""
         import torch
 
+        if bool(rope) != bool(self.rope):
+            raise ValueError("RoPE's tables, position and cache go with an NF4Mma made with rope, and only there")
         flat = one_aligned_row(x, self.weights[0].in_features, "NF4Mma")
         if self.residual and (out is None or out.numel() != self.total or not out.is_contiguous()
                               or out.dtype != torch.bfloat16):
@@ -956,9 +1035,25 @@ class NF4Mma:
         if out is None:
             out = torch.empty(self.total, dtype=torch.bfloat16, device=x.device)
         norm = self.norm if self.norm is not None else self.no_norm
-        args = [self.pairs, flat, out, norm, self.eps, *self.args, self.has_bias]
+        args = [self.pairs, flat, out, norm, self.eps, *self.args, self.has_bias, *self._rope_arguments(rope)]
         if self.overlap:
             compat.launch_overlapping(self.kernel, self.grid, (self.warps * 32, 1, 1), args, self.shared)
         else:
             self.kernel(grid=self.grid, block=(self.warps * 32, 1, 1), shared_mem=self.shared, args=args)
         return out.view(*x.shape[:-1], self.total) if not self.residual else out
+
+    def _rope_arguments(self, rope: tuple) -> list:
+        """The kernel's RoPE arguments, checked: what it reads and writes at the position."""
+        import torch
+
+        if not rope:
+            return []
+        cos, sin, position, keys, values = rope
+        kv_heads, capacity, head = keys.shape
+        if (head != self.rope or kv_heads * head != self.weights[1].out_features or values.shape != keys.shape
+                or any(t.dtype != torch.bfloat16 or not t.is_contiguous() for t in (cos, sin, keys, values))
+                or cos.shape != (capacity, head) or sin.shape != cos.shape
+                or position.dtype != torch.long or position.numel() != 1):
+            raise ValueError(f"NF4Mma's RoPE takes bf16 tables [capacity, {self.rope}], an int64 position and a "
+                             f"plain bf16 cache of {self.weights[1].out_features // self.rope} KV heads")
+        return [cos, sin, position, keys, values, capacity]
