@@ -46,6 +46,9 @@ if TYPE_CHECKING:
     from runner.budget import Plan
     from runner.model import ModelSpec
 
+# the session's methods a fast path replaces (runner_cuda.fast.FastSteps has each)
+FAST_STEPS = ("new_cache", "forward_step", "trim_cache", "greedy", "host_id")
+
 
 def eos_token_ids(model, tokenizer) -> set[int]:
     """Every id that ends a reply: generation_config.json's list (Llama 3 has three), the
@@ -191,8 +194,6 @@ class CudaSession(TokenStreaming):
         self.prefill_chunk = PREFILL_CHUNK   # tokens per forward while reading the prompt (the Plan's)
         self._kept: tuple[object, list[int]] | None = None   # the last reply's cache and the ids in it
         self.step_ahead = False     # feed each token to the next step before reading it (the fast path's loop)
-        self.greedy = greedy        # logits -> the greedy id on their device (a fast path's step picks it itself)
-        self.host_id = HostId       # an id on the device -> its HostId (a fast path's step writes it to the host)
 
     # ---- prompt ---------------------------------------------------------------------------
     def tokenize(self, messages: Sequence[Message]) -> list[int]:
@@ -230,11 +231,19 @@ class CudaSession(TokenStreaming):
         logits = forward_in_chunks(self.hf_model, input_ids, cache, self.prefill_chunk, self._cache_argument)
         return logits[0, -1].float()
 
+    def greedy(self, logits: "torch.Tensor") -> "torch.Tensor":
+        """The greedy id of `logits`, on their device (a fast path's step has picked it already)."""
+        return greedy(logits)
+
+    def host_id(self, token: "torch.Tensor") -> "HostId":
+        """An id on the device, to read on the host (a fast path's step has written it there)."""
+        return HostId(token)
+
     def use_steps(self, steps) -> None:
-        """Take a fast path's steps (`runner_cuda.fast.FastSteps`: the cache, the forward, the trim, the
-        greedy pick and reading an id on the host) and decode a step ahead with them; a cache kept by the old ones is dropped."""
-        self.new_cache, self.forward_step, self.trim_cache = steps.new_cache, steps.forward_step, steps.trim_cache
-        self.greedy, self.host_id = steps.greedy, steps.host_id
+        """Take a fast path's steps (`runner_cuda.fast.FastSteps`, each of FAST_STEPS) and decode a
+        step ahead with them; a cache kept by the old ones is dropped."""
+        for step in FAST_STEPS:
+            setattr(self, step, getattr(steps, step))
         self.step_ahead = True
         self._kept = None
 
@@ -430,9 +439,8 @@ class CudaSession(TokenStreaming):
         # that holds the static KV cache, the CUDA graphs and views of the weights: drop them, or the
         # GPU memory stays allocated after close.
         self._kept = None
-        for step in ("new_cache", "forward_step", "trim_cache"):
+        for step in FAST_STEPS:
             self.__dict__.pop(step, None)
-        self.greedy, self.host_id = greedy, HostId
         free_memory()
 
 

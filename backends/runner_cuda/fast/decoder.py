@@ -221,8 +221,7 @@ class FastDecoder:
         (None, None) where it does not apply."""
         import torch
 
-        if not wanted or not all(type(m) is torch.nn.Linear and type(m.weight.data) is torch.Tensor
-                                 for layer in self.layers for m in _projections(layer)):
+        if not wanted or not all(_plain_linear(m) for layer in self.layers for m in _projections(layer)):
             return None, None
         with torch.no_grad():
             qkv = [_fuse_rows([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in self.layers]
@@ -256,7 +255,7 @@ class FastDecoder:
         from runner_cuda.fast import gemv
 
         weight = self.head.weight
-        if type(self.head) is not torch.nn.Linear or type(weight.data) is not torch.Tensor or not gemv.takes(weight, self.dtype):
+        if not _plain_linear(self.head) or not gemv.takes(weight, self.dtype):
             return self.head
         with torch.no_grad():
             return gemv.projections([{"head": (weight, self.head.bias)}], sweep=True, stream_of=_capture_stream)[0]["head"]
@@ -451,7 +450,7 @@ class FastDecoder:
     def _decode_forward(self, span: int, segment: "_Segment | None" = None) -> "torch.Tensor":
         """One token at the step's position through `segment` (default: the first; the whole model
         when it is on one device), attending over the first `span` cache positions: its hidden state
-        [1, hidden] for the next segment, or the float32 logits from the last. The residual add and
+        [1, hidden] for the next segment, or the head's output [1, vocab] from the last. The residual add and
         the next RMSNorm are one fused step, as are RoPE on q and k, and the MLP's SiLU × up (fused
         by torch.compile on CUDA: ~15 kernels a layer instead of ~45); with the split-KV kernels over a
         plain bf16 cache, RoPE and the cache write are one Triton launch."""
@@ -717,6 +716,13 @@ def _rope(x, cos, sin):
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def _plain_linear(module) -> bool:
+    """An nn.Linear holding a plain tensor (torchao's FP8 keeps nn.Linear with a tensor subclass)."""
+    import torch
+
+    return type(module) is torch.nn.Linear and type(module.weight.data) is torch.Tensor
 
 
 def _projections(layer):
