@@ -3,8 +3,8 @@
     PYTHONPATH=src:backends python3 bench/decode_breakdown.py [--out DIR] [--position 1024]
 
 The step is captured with one kind of launch left out (each of the four NF4Mma launches of a layer by
-its job, the split-KV attention, its combine launch alone, RoPE with the KV write, the lm_head, the
-greedy pick) and its graph is
+its job, q/k/v's with RoPE and the KV write in it, the split-KV attention, its combine launch alone,
+the lm_head, the greedy pick) and its graph is
 replayed back to back at `--position`; the difference from the whole step is what that kind costs
 there, the overlaps between launches counted (on Hopper each launch overlaps the one before, so a
 profiler's per-kernel times count the overlaps twice). A step with a launch left out computes garbage:
@@ -26,7 +26,7 @@ import cuda_speed as cs          # noqa: E402  (puts src and backends on sys.pat
 from nf4_variants import launch_kind  # noqa: E402
 
 LEFT_OUT = [(), ("gate_up",), ("down",), ("qkv",), ("o",), ("qkv", "o", "gate_up", "down"), ("attention",),
-            ("combine",), ("rope",), ("head",), ("pick",), ()]      # the whole step first and last: the run's drift
+            ("combine",), ("head",), ("pick",), ()]      # the whole step first and last: the run's drift
 
 
 @contextlib.contextmanager
@@ -39,7 +39,7 @@ def leaving_out(kinds: set):
     from runner_cuda.fast.decoder import FastDecoder
     from runner_cuda.fast.nf4_cuda import NF4Mma
 
-    call, attend, rope = NF4Mma.__call__, static_cache.decode_attention, kv_kernels.rope_and_write
+    call, attend = NF4Mma.__call__, static_cache.decode_attention
     head_call, greedy_into = FastDecoder._head_call, pick.greedy_into
     spare: dict = {}
 
@@ -65,14 +65,11 @@ def leaving_out(kinds: set):
         finally:
             kv_kernels.combine = combine
 
-    def rope_and_write(q, k, v, cos, sin, keys, values, position):
-        return q.view(-1, keys.shape[-1]) if "rope" in kinds else rope(q, k, v, cos, sin, keys, values, position)
-
     def no_head(self):       # the head's output: zeros (the pick then takes id 0)
         zeros = torch.zeros(1, self.head.out_features, dtype=self.dtype, device=self.head.weight.device)
         return lambda x: zeros
 
-    NF4Mma.__call__, static_cache.decode_attention, kv_kernels.rope_and_write = nf4_call, attention, rope_and_write
+    NF4Mma.__call__, static_cache.decode_attention = nf4_call, attention
     if "head" in kinds:
         FastDecoder._head_call = no_head
     if "pick" in kinds:      # (the position then stays where the host filled it: timing only)
@@ -80,7 +77,7 @@ def leaving_out(kinds: set):
     try:
         yield
     finally:
-        NF4Mma.__call__, static_cache.decode_attention, kv_kernels.rope_and_write = call, attend, rope
+        NF4Mma.__call__, static_cache.decode_attention = call, attend
         FastDecoder._head_call, pick.greedy_into = head_call, greedy_into
 
 

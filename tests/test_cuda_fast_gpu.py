@@ -258,17 +258,17 @@ def test_graph_decoder_greedy_equals_hf_generate(tmp_path, kernel):
 
 
 def test_rope_in_the_qkv_launch_gives_the_same_logits_and_cache(tmp_path):
-    """rope="qkv": q/k/v's NF4Mma tiles hold RoPE's pairs (rows j and j + 32 of a head of 64), rotate
-    them and write k and v into the cache, with no RoPE launch. Against the default (RoPE and the
-    write in a launch of their own), graphed across the 256 -> 512 bucket: the same logits and the
-    same cache, bit for bit."""
+    """rope="qkv" (the default with the fused NF4 kernels): q/k/v's NF4Mma tiles hold RoPE's pairs (rows
+    j and j + 32 of a head of 64), rotate them and write k and v into the cache, with no RoPE launch.
+    Against rope="write" (RoPE and the write in a launch of their own), graphed across the 256 -> 512
+    bucket: the same logits and the same cache, bit for bit."""
     from runner_cuda.fast.decoder import FastDecoder
 
     model = small_nf4_llama(tmp_path)
     prompt = torch.randint(0, 4096, (1, 240), generator=torch.Generator().manual_seed(2)).tolist()[0]
     runs = []
-    for place in ("write", "qkv"):
-        decoder = FastDecoder(model, max_len=600, rope=place)
+    for asked, place in (("write", "write"), (None, "qkv")):
+        decoder = FastDecoder(model, max_len=600, rope=asked)
         assert decoder.nf4_fused and decoder.use_graphs and decoder.rope == place
         logits, steps = decoder.prefill(prompt), []
         for _ in range(40):

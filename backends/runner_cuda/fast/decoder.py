@@ -67,7 +67,7 @@ FIRST_BUCKET = 256
 # Linear and bitsandbytes' 4-bit Linear; LLM.int8 and FP8 layers keep the ordinary loop
 GRAPH_SAFE_LINEARS = ("Linear", "Linear4bit", "LinearNF4", "LinearFP4")
 # where a step's RoPE and cache write run: in one Triton launch (kv_kernels.rope_and_write), apart
-# (torch's operations), or in q/k/v's NF4Mma launch (its tiles hold RoPE's pairs; a measurement option)
+# (torch's operations), or in q/k/v's NF4Mma launch (its tiles hold RoPE's pairs: no launch of their own)
 ROPE_PLACES = ("write", "apart", "qkv")
 # The NF4 decode GEMV (LoadRequest.kernel, `--kernel`). "cuda" (default): nf4_cuda.NF4Mma, runner's
 # tensor-core kernel with each layer's RMSNorms, residual adds and SiLU x up inside it, where it takes
@@ -146,9 +146,10 @@ class FastDecoder:
             split_kv = on_cuda and self.dtype in (torch.bfloat16, torch.float16) and attention_takes(self.head_dim)
         self.split_kv = split_kv
         # where a step's RoPE and cache write run (ROPE_PLACES): with the split-KV kernels (Triton) and a
-        # plain bf16 cache, one launch ("write"); "apart" elsewhere, and for bench ablations
+        # plain bf16 cache, in q/k/v's fused NF4 launch where it takes them ("qkv"), else in one launch
+        # ("write"); "apart" elsewhere, and for bench ablations
         fits = split_kv and kv_bits is None and self.dtype == torch.bfloat16
-        self.rope = rope or ("write" if fits else "apart")
+        self.rope = rope or ("qkv" if fits else "apart")
         if self.rope not in ROPE_PLACES or (self.rope != "apart" and not fits):
             raise ValueError(f"rope {self.rope!r}: one of {', '.join(ROPE_PLACES)}; all but apart with split-KV "
                              "attention over a plain bf16 cache")
@@ -164,6 +165,8 @@ class FastDecoder:
         if self.nf4 is None:
             self.nf4_kernel = "bitsandbytes"      # what runs: the modules' own kernel
         if self.rope == "qkv" and not self.nf4_fused:
+            self.rope = "write"
+        if rope == "qkv" and self.rope != "qkv":
             raise ValueError("rope 'qkv' runs in runner's fused NF4 kernels (NF4Mma), which do not take this model")
 
         with torch.no_grad():
@@ -419,10 +422,13 @@ class FastDecoder:
         return calls
 
     def _nf4_fused_layer(self, layer, weights: dict) -> dict:
-        from runner_cuda.fast.nf4_cuda import NF4Mma
+        from runner_cuda.fast.nf4_cuda import NF4Mma, rope_fits
 
+        qkv = [weights["q"], weights["k"], weights["v"]]
+        if self.rope == "qkv" and not rope_fits(qkv, self.head_dim):
+            self.rope = "write"        # (the check after the calls refuses it where "qkv" was asked for)
         return {
-            "qkv": NF4Mma.for_weights([weights["q"], weights["k"], weights["v"]], norm=layer.input_layernorm.weight,
+            "qkv": NF4Mma.for_weights(qkv, norm=layer.input_layernorm.weight,
                                       eps=_norm_eps(layer.input_layernorm), x_dtype=self.dtype,
                                       rope=self.head_dim if self.rope == "qkv" else 0),
             "o": NF4Mma.for_weights([weights["o"]], residual=True, x_dtype=self.dtype),
