@@ -81,32 +81,6 @@ def kernels():
     return compat.compile_kernel(SOURCE, "phase_launch", options), compat.compile_kernel(SOURCE, "persistent", options)
 
 
-def graph_us(launch, replays: int = 20) -> float:
-    """Median GPU time of a CUDA graph holding `launch()`'s launches, replayed back to back."""
-    import torch
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        launch()                                    # warm, outside the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=side):
-            launch()
-    torch.cuda.current_stream().wait_stream(side)
-    graph.replay()
-    cs.sync()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000)
-    times.sort()
-    return times[len(times) // 2]
-
-
 def measure(phases: int) -> dict:
     """µs a phase for each way, and whether their final values agree."""
     import torch
@@ -133,7 +107,7 @@ def measure(phases: int) -> dict:
                 else:
                     phase_launch(grid=(blocks, 1, 1), block=(THREADS, 1, 1), args=[values, p, 0])
 
-        results[way] = graph_us(launch) / phases
+        results[way] = cs.graph_time_us(lambda index, launch=launch: launch(), 1) / phases
         finals[way] = values[phases].clone()
         cs.log(f"{way}: {results[way]:.2f} us a phase ({phases} phases, {blocks} blocks of {THREADS} threads)")
     agree = all(torch.equal(finals["plain"], finals[way]) for way in finals)

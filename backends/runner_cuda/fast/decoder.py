@@ -164,8 +164,8 @@ class FastDecoder:
         self.nf4 = self._nf4_calls() if self.nf4_kernel != "bitsandbytes" else None
         if self.nf4 is None:
             self.nf4_kernel = "bitsandbytes"      # what runs: the modules' own kernel
-        if self.rope == "qkv" and not self.nf4_fused:
-            self.rope = "write"
+        if self.rope == "qkv" and not (self.nf4_fused and self.nf4[0]["qkv"].rope):
+            self.rope = "write"       # the fused kernels do not take this model, or not its heads
         if rope == "qkv" and self.rope != "qkv":
             raise ValueError("rope 'qkv' runs in runner's fused NF4 kernels (NF4Mma), which do not take this model")
 
@@ -425,12 +425,10 @@ class FastDecoder:
         from runner_cuda.fast.nf4_cuda import NF4Mma, rope_fits
 
         qkv = [weights["q"], weights["k"], weights["v"]]
-        if self.rope == "qkv" and not rope_fits(qkv, self.head_dim):
-            self.rope = "write"        # (the check after the calls refuses it where "qkv" was asked for)
+        rope = self.head_dim if self.rope == "qkv" and rope_fits(qkv, self.head_dim) else 0
         return {
             "qkv": NF4Mma.for_weights(qkv, norm=layer.input_layernorm.weight,
-                                      eps=_norm_eps(layer.input_layernorm), x_dtype=self.dtype,
-                                      rope=self.head_dim if self.rope == "qkv" else 0),
+                                      eps=_norm_eps(layer.input_layernorm), x_dtype=self.dtype, rope=rope),
             "o": NF4Mma.for_weights([weights["o"]], residual=True, x_dtype=self.dtype),
             "gate_up": NF4Mma.for_weights([weights["gate"], weights["up"]], glu=True,
                                           norm=layer.post_attention_layernorm.weight,
