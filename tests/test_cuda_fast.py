@@ -93,6 +93,30 @@ def test_nf4_mma_staging_defaults_to_the_wide_table_where_it_fits():
     assert mma_staging(**qkv_8b, limit=h200, staged=None, wide_table=True) == (False, True)
 
 
+def test_nf4_mma_copies_a_long_input_into_shared_memory_and_loads_one_step_ahead():
+    """Without RMSNorm (o, down) the input is copied into shared memory where a warp goes on for more
+    than 8 steps (the 8B's down), and then a warp keeps one step in flight; the 8B's o (4 steps a warp,
+    all loaded before the wait) and the wide shapes (70B, 405B) read it from L1; a normalized input is
+    in shared memory already."""
+    from types import SimpleNamespace
+
+    from runner_cuda.fast.nf4_cuda import mma_ahead, mma_shape, mma_x_shared
+
+    def weight(out_features, in_features):
+        return [SimpleNamespace(out_features=out_features, in_features=in_features)]
+
+    down_8b, o_8b, down_70b, o_70b = weight(4096, 14336), weight(4096, 4096), weight(8192, 28672), weight(8192, 8192)
+    assert mma_shape(down_8b, glu=False) == mma_shape(o_8b, glu=False) == (16, 8)
+    assert mma_shape(down_70b, glu=False) == mma_shape(o_70b, glu=False) == (16, 4)
+    assert mma_x_shared(down_8b, 8, norm=False)                  # 14 steps a warp
+    assert not mma_x_shared(o_8b, 8, norm=False)                 # 4
+    assert not mma_x_shared(down_70b, 4, norm=False) and not mma_x_shared(o_70b, 4, norm=False)
+    assert not mma_x_shared(down_8b, 8, norm=True)
+    assert mma_ahead(14336, 8, overlap=True, x_shared=True) == 1
+    assert mma_ahead(14336, 8, overlap=True, x_shared=False) == 2
+    assert mma_ahead(4096, 8, overlap=True, x_shared=False) == 4      # all of o's steps before the wait
+
+
 def _prompt(count, vocab, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (count,), generator=generator).tolist()

@@ -138,6 +138,9 @@ def test_mma_kernel_matches_reference(shape, nested):
         assert torch.equal(NF4Mma(weights, wide_table=not together.wide_table, **shape)(x).float(), mine)
         assert torch.equal(NF4Mma(weights, wide_table=False, staged=True, ahead=2, slots=4, **shape)(x).float(), mine)
         assert torch.equal(NF4Mma(weights, wide_table=True, staged=True, ahead=2, slots=3, **shape)(x).float(), mine)
+        # the input read from shared memory (copied there after the wait) or from L1: the same bits
+        assert torch.equal(NF4Mma(weights, x_shared=not together.x_shared, **shape)(x).float(), mine)
+        assert torch.equal(NF4Mma(weights, x_shared=True, staged=True, ahead=1, **shape)(x).float(), mine)
 
         norm = (1 + 0.1 * torch.randn(k, device="cuda")).to(torch.bfloat16)
         hidden = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
@@ -178,10 +181,10 @@ def test_overlapping_launches_in_a_graph_equal_one_after_another():
     attention = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     start = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
 
-    def run(overlap, ahead=None, staged=False, **lean):
-        o_add = NF4Mma([o], residual=True, overlap=overlap, ahead=ahead, staged=staged, **lean)
+    def run(overlap, ahead=None, staged=False, x_shared=None, **lean):
+        o_add = NF4Mma([o], residual=True, overlap=overlap, ahead=ahead, staged=staged, x_shared=x_shared, **lean)
         glu = NF4Mma([gate, up], glu=True, norm=norm, eps=1e-5, overlap=overlap, staged=staged, **lean)
-        down_add = NF4Mma([down], residual=True, overlap=overlap, staged=staged, **lean)
+        down_add = NF4Mma([down], residual=True, overlap=overlap, staged=staged, x_shared=x_shared, **lean)
         hidden, between = start.clone(), torch.empty(14336, device="cuda", dtype=torch.bfloat16)
 
         def layers():
@@ -204,6 +207,9 @@ def test_overlapping_launches_in_a_graph_equal_one_after_another():
     assert torch.equal(overlapping, run(False, ahead=1))
     assert torch.equal(overlapping, run(True, staged=True))        # the steps in flight copied to shared memory
     assert torch.equal(overlapping, run(True, staged=True, slots=5, wide_table=False))  # 5: more than o's 4 ahead
+    # the input copied into shared memory after the wait: a copy made before it would read the residual early
+    assert torch.equal(overlapping, run(True, staged=True, x_shared=True))
+    assert torch.equal(overlapping, run(False, ahead=1, x_shared=False))
 
 
 @pytest.mark.parametrize("kernel", ["bitsandbytes", "cuda", "cuda-simt", "cuda-bnb-rounding"])

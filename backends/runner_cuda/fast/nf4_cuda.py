@@ -223,7 +223,8 @@ MMA_SOURCE = r"""
 // lookup table's entries 256 bytes apart, 64 KB: one PRMT makes a lookup's address), ROPE (q, k, v of
 // heads of ROPE_DIM: a q or k tile's rows g and g + 8 are rows j and j + ROPE_DIM / 2 of one head, RoPE's
 // pairs, so the tile rotates them at the step's position (transformers' bf16 rounding) and writes q in
-// its order, k and v into the KV cache at that position: the step's RoPE launch done here).
+// its order, k and v into the KV cache at that position: the step's RoPE launch done here), X_SHARED (no
+// NORM: the input copied into shared memory after the wait, so that each step reads it from there, not L1).
 #define NIT (K / 128)
 #define TILES (WARPS / SPLIT)
 #define STEPS ((NIT + SPLIT - 1) / SPLIT)        // a warp's steps (one fewer for some where SPLIT does not divide NIT)
@@ -460,9 +461,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
     unsigned char* table_bytes = smem;      // [256][32] words: entry e, lane l at e*128 + l*4 (WIDE_TABLE: e*256 + l*4)
     uint4* ring = (uint4*)(smem + TABLE_BYTES);                       // STAGED: [WARPS][SLOTS][2][32] 16-byte words
     float* partial = (float*)(smem + TABLE_BYTES + RING_BYTES);       // [WARPS][16]
-#if NORM
+#if NORM || X_SHARED
     float* reduce = partial + WARPS * 16;                             // [WARPS]
-    uint4* xs = (uint4*)(reduce + 32);                                // [K / 8] the normalized input
+    uint4* xs = (uint4*)(reduce + 32);                                // [K / 8] the (normalized) input
 #endif
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, t = lane & 3;
@@ -573,6 +574,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) nf4_mma(
             xs[i] = make_uint4(ws[0], ws[1], ws[2], ws[3]);
         }
     }
+    const uint4* xin = xs;
+#elif X_SHARED
+    for (int i = tid; i < K / 8; i += WARPS * 32) xs[i] = __ldg(x + i);
     const uint4* xin = xs;
 #else
     const uint4* xin = x;
@@ -790,20 +794,20 @@ class NF4Gemv:
 
 def mma_compiled(k: int, blocksize: int, nested_blocksize: int, nested: bool, warps: int, split: int, glu: bool,
                  norm: bool, residual: bool, l2_hint: bool, chunked_scales: bool, overlap: bool, ahead: int,
-                 staged: bool, slots: int, wide_table: bool, rope: int = 0):
+                 staged: bool, slots: int, wide_table: bool, rope: int = 0, x_shared: bool = False):
     """The tensor-core kernel for these compile-time choices (`rope`: the head size, 0 for none),
     compiled once per process and GPU."""
     import torch
 
     key = ("mma", k, blocksize, nested_blocksize, nested, warps, split, glu, norm, residual, l2_hint, chunked_scales,
-           overlap, ahead, staged, slots, wide_table, rope, torch.cuda.current_device())
+           overlap, ahead, staged, slots, wide_table, rope, x_shared, torch.cuda.current_device())
     if key not in _COMPILED:
         options = [f"-DK={k}", f"-DBLOCKSIZE={blocksize}", f"-DNESTED_BLOCKSIZE={nested_blocksize}", f"-DNESTED={int(nested)}",
                    f"-DWARPS={warps}", f"-DSPLIT={split}", f"-DGLU={int(glu)}", f"-DNORM={int(norm)}",
                    f"-DRESIDUAL={int(residual)}", f"-DL2_HINT={int(l2_hint)}", f"-DCHUNKED_SCALES={int(chunked_scales)}",
                    f"-DOVERLAP={int(overlap)}", f"-DAHEAD={ahead}", f"-DSTAGED={int(staged)}",
                    f"-DSLOTS={slots}", f"-DWIDE_TABLE={int(wide_table)}", f"-DROPE={int(rope > 0)}",
-                   f"-DROPE_DIM={max(rope, 1)}", "-std=c++17"]
+                   f"-DROPE_DIM={max(rope, 1)}", f"-DX_SHARED={int(x_shared)}", "-std=c++17"]
         _COMPILED[key] = compat.compile_kernel(MMA_SOURCE, "nf4_mma", options)
     return _COMPILED[key]
 
@@ -847,23 +851,28 @@ def mma_fits(weights: Sequence[NF4Weight], glu: bool = False, norm=None, x_dtype
 def mma_shape(weights: Sequence[NF4Weight], glu: bool) -> tuple[int, int]:
     """(warps per block, warps per 16-row tile), as measured fastest on an H200 (bench/cuda_speed.py,
     bench/RESULTS.md). Llama-8B: gate/up 14 and 1 (128 blocks of 14 tiles fill 132 SMs more evenly than
-    224 of 8); o 16 and 8 (in the decode step, with its 4 steps a warp loaded at once: 2,461 -> 2,445 us a
-    token); q/k/v and down's long rows 8 and 8. Inputs of 8192 and more (70B, 405B): gate/up, o and down
-    16 and 4 (bench/split_gpu.py kernels: 405B gate/up 656 -> 407 us, 70B down 84 -> 60 us; q/k/v stays,
-    its best was within 10 %). Never more warps on a tile than it has steps of 128."""
+    224 of 8); o and down 16 and 8 (o in the decode step, with its 4 steps a warp loaded at once: 2,461 ->
+    2,445 us a token; down with its input in shared memory and one step ahead: 2,031 -> 2,003 us);
+    q/k/v 8 and 8. Inputs of 8192 and more (70B, 405B): gate/up, o and down 16 and 4 (bench/split_gpu.py
+    kernels: 405B gate/up 656 -> 407 us, 70B down 84 -> 60 us; q/k/v stays, its best was within 10 %).
+    Never more warps on a tile than it has steps of 128."""
     steps = weights[0].in_features // 128
-    total = sum(w.out_features for w in weights)
-    if weights[0].in_features >= 8192 and total > 4096 and (glu or len(weights) == 1):
+    if wide_shape(weights) and (glu or len(weights) == 1):
         warps, split = 16, 4
     elif glu:
         warps, split = 14, 1
-    elif len(weights) == 1 and steps <= 32:
+    elif len(weights) == 1:
         warps, split = 16, 8
     else:
         warps, split = 8, 8
     while split > 1 and split > steps:
         split //= 2
     return warps, split
+
+
+def wide_shape(weights: Sequence[NF4Weight]) -> bool:
+    """The 70B's and 405B's launches (8,192 inputs or more, over 4,096 outputs), measured apart from the 8B's."""
+    return weights[0].in_features >= 8192 and sum(w.out_features for w in weights) > 4096
 
 
 def mma_l2_hint(in_features: int, split: int) -> bool:
@@ -881,21 +890,22 @@ def mma_chunked_scales(weights: Sequence[NF4Weight]) -> bool:
             and all(w.absmax.data_ptr() % 8 == 0 for w in weights))
 
 
-def mma_ahead(in_features: int, split: int, overlap: bool) -> int:
+def mma_ahead(in_features: int, split: int, overlap: bool, x_shared: bool = False) -> int:
     """How many steps of 128 inputs a warp keeps loading ahead (1, 2, 4 or 8), as measured on an H200
     (bench/RESULTS.md): all of them where the launch overlaps the kernel before and they are 1, 2, 4 or
-    8 (the 8B's q/k/v and o: their weights stream in before the wait), else 2 (gate/up and down: 1 was
-    slower; 4 and 8 no faster for gate/up, slower for down, whose blocks then need more registers)."""
+    8 (the 8B's q/k/v and o: their weights stream in before the wait); else 1 with the input in shared
+    memory (the 8B's down: the step 2,013 -> 2,003 us a token) and 2 for the others (gate/up: 1 was
+    slower, 4 and 8 no faster)."""
     steps = in_features // 128
     if overlap and steps % split == 0 and steps // split in (1, 2, 4, 8):
         return steps // split
-    return 2
+    return 1 if x_shared else 2
 
 
 def mma_shared_bytes(in_features: int, warps: int, norm: bool, ring_slots: int = 0, wide_table: bool = False) -> int:
     """A block's dynamic shared memory: the lookup table (32 KB, or 64 KB `wide`), a ring of
     `ring_slots` steps per warp for staged loads (1 KB each), the warps' partial sums and, with
-    `norm`, the normalized input."""
+    `norm`, the input (normalized, or copied: x_shared)."""
     return (65536 if wide_table else 32768) + warps * ring_slots * 1024 + warps * 64 + (128 + 2 * in_features if norm else 0)
 
 
@@ -921,6 +931,15 @@ def mma_staging(in_features: int, warps: int, split: int, norm: bool, slots: int
     if wide_table is None:
         wide_table = staged and shared(True) <= limit
     return staged, wide_table
+
+
+def mma_x_shared(weights: Sequence[NF4Weight], split: int, norm: bool) -> bool:
+    """Whether a launch without RMSNorm copies its input into shared memory once, after its wait, for its
+    steps to read from there rather than L1: where a warp goes on along its rows for more than 8 steps,
+    but not in the wide shapes (bench/RESULTS.md, H200: the 8B's down, its session 2,031 -> 2,013 us a
+    token on 16 warps, 2,003 one step ahead; the 8B's o, 4 steps a warp, the same either way; the 70B's o
+    and down were faster alone but its rehearsal 0.99x in one round, so they keep L1)."""
+    return not norm and weights[0].in_features // 128 // split > 8 and not wide_shape(weights)
 
 
 def mma_staged(in_features: int, split: int, staged_bytes: int, limit: int) -> bool:
@@ -953,13 +972,14 @@ class NF4Mma:
     only after it has. With `staged`, the steps in flight land in shared memory (cp.async) instead of
     registers (mma_staged: where a warp's rows are long), in a ring of `slots` steps (mma_slots).
     `wide_table`: the lookups in a 64 KB table whose addresses take one instruction fewer (default: where
-    staged). The other options are the measured defaults' overrides, for tests and benchmarks."""
+    staged); `x_shared`: the input copied into shared memory after the wait (mma_x_shared). The other
+    options are the measured defaults' overrides, for tests and benchmarks."""
 
     def __init__(self, weights: Sequence[NF4Weight], *, glu: bool = False, norm: "torch.Tensor | None" = None,
                  eps: float = 1e-6, residual: bool = False, warps: int | None = None, split: int | None = None,
                  l2_hint: bool | None = None, chunked_scales: bool | None = None, overlap: bool | None = None,
                  ahead: int | None = None, staged: bool | None = None, slots: int | None = None,
-                 wide_table: bool | None = None, rope: int = 0):
+                 wide_table: bool | None = None, rope: int = 0, x_shared: bool | None = None):
         import torch
 
         if not mma_fits(weights, glu, norm):
@@ -988,21 +1008,25 @@ class NF4Mma:
         self.overlap = can_overlap if overlap is None else overlap
         if ahead not in (None, 1, 2, 4, 8):
             raise ValueError(f"a warp keeps 1, 2, 4 or 8 steps in flight, not {ahead}")
-        self.ahead = ahead or mma_ahead(k, self.split, self.overlap)
+        if x_shared and norm is not None:
+            raise ValueError("with `norm` the input is in shared memory already")
+        self.x_shared = mma_x_shared(self.weights, self.split, norm is not None) if x_shared is None else x_shared
+        self.ahead = ahead or mma_ahead(k, self.split, self.overlap, self.x_shared)
         if slots is not None and slots <= self.ahead:
             raise ValueError(f"a ring of {slots} slots cannot hold {self.ahead} steps in flight and the one being read")
         self.slots = slots or mma_slots(self.ahead, glu, self.warps)
         limit = compat.max_shared_memory(first.packed.device)
-        self.staged, self.wide_table = mma_staging(k, self.warps, self.split, norm is not None, self.slots, limit,
+        in_shared = norm is not None or self.x_shared
+        self.staged, self.wide_table = mma_staging(k, self.warps, self.split, in_shared, self.slots, limit,
                                                    staged, wide_table)
-        self.shared = mma_shared_bytes(k, self.warps, norm is not None, self.slots if self.staged else 0, self.wide_table)
+        self.shared = mma_shared_bytes(k, self.warps, in_shared, self.slots if self.staged else 0, self.wide_table)
         if self.shared > limit:
             raise ValueError(f"NF4Mma needs {self.shared:,} bytes of shared memory a block; this GPU has {limit:,}")
         self.kernel = mma_compiled(k, first.blocksize, max(first.nested_blocksize, 1), first.nested, self.warps, self.split,
                                    glu, norm is not None, residual,
                                    mma_l2_hint(k, self.split) if l2_hint is None else l2_hint,
                                    mma_chunked_scales(self.weights) if chunked_scales is None else chunked_scales,
-                                   self.overlap, self.ahead, self.staged, self.slots, self.wide_table, rope)
+                                   self.overlap, self.ahead, self.staged, self.slots, self.wide_table, rope, self.x_shared)
         self.rope = rope
         compat.reserve_shared_memory(self.kernel, self.shared)
         self.pairs = nf4_pairs(first.code)
