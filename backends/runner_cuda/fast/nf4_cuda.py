@@ -1010,12 +1010,15 @@ class NF4Mma:
             raise ValueError(f"a warp keeps 1, 2, 4 or 8 steps in flight, not {ahead}")
         if x_shared and norm is not None:
             raise ValueError("with `norm` the input is in shared memory already")
-        self.x_shared = mma_x_shared(self.weights, self.split, norm is not None) if x_shared is None else x_shared
+        limit = compat.max_shared_memory(first.packed.device)
+        if x_shared is None:               # the rule, where the table and the input fit the GPU's shared memory
+            x_shared = (mma_x_shared(self.weights, self.split, norm is not None)
+                        and mma_shared_bytes(k, self.warps, True) <= limit)
+        self.x_shared = x_shared
         self.ahead = ahead or mma_ahead(k, self.split, self.overlap, self.x_shared)
         if slots is not None and slots <= self.ahead:
             raise ValueError(f"a ring of {slots} slots cannot hold {self.ahead} steps in flight and the one being read")
         self.slots = slots or mma_slots(self.ahead, glu, self.warps)
-        limit = compat.max_shared_memory(first.packed.device)
         in_shared = norm is not None or self.x_shared
         self.staged, self.wide_table = mma_staging(k, self.warps, self.split, in_shared, self.slots, limit,
                                                    staged, wide_table)
